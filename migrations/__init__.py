@@ -1,0 +1,1 @@
+"""Alembic script directories shipped with tenantctl."""

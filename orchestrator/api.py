@@ -1,0 +1,179 @@
+"""The Python API a SaaS application (and the CLI) calls: ``Fleet``.
+
+    fleet = Fleet.from_config()           # tenantctl.toml, $TENANTCTL_CONFIG, --config
+    result = fleet.provision("acme", "eu-central")
+    result.dsn                            # the tenant's connection string, shown once
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from psycopg.conninfo import conninfo_to_dict
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import selectinload
+
+from orchestrator import pgserver, provisioning, tenant_migrations
+from orchestrator.catalog import Catalog
+from orchestrator.config import Config, load_config
+from orchestrator.errors import Conflict, NotFound
+from orchestrator.faults import checkpoint
+from orchestrator.masterkey import MasterKey, load_master_key
+from orchestrator.models import PLACED_STATES, Server, Tenant, TenantCredential, TenantState
+from orchestrator.names import validate_slug
+
+
+def _iso(dt: datetime | None) -> str | None:
+    return dt.astimezone(UTC).isoformat() if dt else None
+
+
+def tenant_json(t: Tenant) -> dict[str, Any]:
+    """Stable keys for `--json` and for API callers."""
+    return {
+        "slug": t.slug, "region": t.region, "server": t.server, "database": t.database,
+        "role": t.login_role, "owner_role": t.owner_role, "state": t.state,
+        "revision": t.revision, "created_at": _iso(t.created_at),
+        "activated_at": _iso(t.activated_at), "cancelled_at": _iso(t.cancelled_at),
+        "hold_until": _iso(t.hold_until), "deleted_at": _iso(t.deleted_at),
+        "purge_after": _iso(t.purge_after), "legal_hold": t.legal_hold,
+        "provisioning_step": t.step, "last_error": t.last_error,
+    }
+
+
+@dataclass
+class ProvisionResult:
+    tenant: dict[str, Any]
+    dsn: str
+    resumed: bool
+    via_template: bool
+
+
+@dataclass
+class ServerInfo:
+    name: str
+    region: str
+    tenants: int
+    capacity: int
+    available: bool
+    template_revision: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class Fleet:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.catalog = Catalog(cfg)
+
+    @classmethod
+    def from_config(cls, path: str | None = None) -> Fleet:
+        return cls(load_config(path))
+
+    def close(self) -> None:
+        self.catalog.dispose()
+
+    @functools.cached_property
+    def master_key(self) -> MasterKey:
+        return load_master_key(self.cfg.master_key)
+
+    @functools.cached_property
+    def head_revision(self) -> str | None:
+        return tenant_migrations.head_revision(self.cfg.tenant_migrations)
+
+    # -- catalog reads ---------------------------------------------------------
+
+    def find_tenant(self, slug: str) -> Tenant | None:
+        with self.catalog.session() as s:
+            return s.scalars(select(Tenant).options(selectinload(Tenant.credential))
+                             .where(Tenant.slug == slug)).one_or_none()
+
+    def get_tenant(self, slug: str) -> Tenant:
+        validate_slug(slug)
+        tenant = self.find_tenant(slug)
+        if tenant is None:
+            raise NotFound(f"no tenant {slug!r}")
+        return tenant
+
+    def tenants(self, region: str | None = None, state: str | None = None) -> list[Tenant]:
+        if region is not None:
+            self.cfg.region(region)
+        if state is not None and state not in TenantState.__members__:
+            raise NotFound(f"unknown state {state!r} (one of: "
+                           f"{', '.join(TenantState.__members__)})")
+        q = select(Tenant).order_by(Tenant.region, Tenant.slug)
+        if region:
+            q = q.where(Tenant.region == region)
+        if state:
+            q = q.where(Tenant.state == state)
+        with self.catalog.session() as s:
+            return list(s.scalars(q))
+
+    def servers(self, region: str | None = None) -> list[ServerInfo]:
+        if region is not None:
+            self.cfg.region(region)
+        with self.catalog.session() as s:
+            counts = dict(s.execute(
+                select(Tenant.server, func.count()).where(Tenant.state.in_(PLACED_STATES))
+                .group_by(Tenant.server)).tuples().all())
+            q = select(Server).order_by(Server.region, Server.name)
+            if region:
+                q = q.where(Server.region == region)
+            return [ServerInfo(sv.name, sv.region, counts.get(sv.name, 0), sv.capacity,
+                               sv.available, sv.template_revision) for sv in s.scalars(q)]
+
+    # -- provisioning ------------------------------------------------------------
+
+    def provision(self, slug: str, region: str) -> ProvisionResult:
+        done = provisioning.provision(self, slug, region)
+        return ProvisionResult(tenant_json(done.tenant),
+                               self.tenant_dsn(done.tenant, done.password),
+                               done.resumed, done.via_template)
+
+    def tenant_dsn(self, tenant: Tenant, password: str) -> str:
+        """What the tenant's application connects with: its login role, its database,
+        the server's address (and TLS mode) from the admin DSN."""
+        admin = conninfo_to_dict(self.cfg.server(tenant.server).admin_dsn)
+        host, port = admin.get("host", "localhost"), admin.get("port", 5432)
+        dsn = f"postgresql://{tenant.login_role}:{password}@{host}:{port}/{tenant.database}"
+        if admin.get("sslmode"):
+            dsn += f"?sslmode={admin['sslmode']}"
+        return dsn
+
+    def credentials(self, slug: str, *, rotate: bool = False) -> str:
+        """The tenant's connection string; with ``rotate``, after changing the password.
+        The new password is stored (wrapped) before the role gets it, so a crash in
+        between leaves a pending password that the next call applies."""
+        tenant = self.get_tenant(slug)
+        if tenant.state not in (TenantState.active, TenantState.suspended,
+                                TenantState.cancelled):
+            raise Conflict(f"tenant {slug!r} is {tenant.state}: it has no usable credentials")
+        cred = tenant.credential
+        assert cred is not None
+        ctx = provisioning.password_context(slug)
+        if rotate:
+            password = provisioning.new_password()
+            with self.catalog.session() as s, s.begin():
+                s.execute(update(TenantCredential)
+                          .where(TenantCredential.tenant_id == tenant.id)
+                          .values(password_wrapped=self.master_key.wrap(password.encode(), ctx),
+                                  master_key_id=self.master_key.key_id, applied_at=None))
+            checkpoint("credentials.stored")
+            pending = True
+        else:
+            password = self.master_key.unwrap(cred.password_wrapped, ctx).decode()
+            pending = cred.applied_at is None
+        if pending:
+            sc = self.cfg.server(tenant.server)
+            with pgserver.connect(sc.admin_dsn, server=sc.name) as conn:
+                pgserver.set_password(conn, tenant.login_role, password)
+            with self.catalog.session() as s, s.begin():
+                s.execute(update(TenantCredential)
+                          .where(TenantCredential.tenant_id == tenant.id)
+                          .values(applied_at=datetime.now(UTC)))
+        self.catalog.audit("tenant.credentials.rotate" if rotate else "tenant.credentials.show",
+                           tenant=slug, region=tenant.region)
+        return self.tenant_dsn(tenant, password)

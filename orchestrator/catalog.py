@@ -1,0 +1,243 @@
+"""Catalog adapter: engine, schema upgrade, config sync, advisory locks, audit."""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from alembic.script import ScriptDirectory
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from sqlalchemy import Connection, Engine, create_engine, select, text
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from orchestrator.config import Config
+from orchestrator.errors import Conflict, ServerUnavailable
+from orchestrator.models import AuditEvent, Region, Server
+
+CATALOG_MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations" / "catalog"
+
+
+def redact(dsn: str) -> str:
+    """A DSN fit for messages: host, port, user and database only."""
+    try:
+        d = conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return "<unparseable dsn>"
+    return f"{d.get('user', '?')}@{d.get('host', 'localhost')}:{d.get('port', 5432)}/" \
+           f"{d.get('dbname', '')}"
+
+
+def server_error(where: str, exc: BaseException) -> ServerUnavailable:
+    """One line from a psycopg/SQLAlchemy connection failure, with no secret in it."""
+    orig = getattr(exc, "orig", None) or exc
+    first = (str(orig).strip().splitlines() or [type(orig).__name__])[0]
+    return ServerUnavailable(f"cannot reach {where}: {first}")
+
+
+def with_dbname(dsn: str, dbname: str) -> str:
+    return make_conninfo(dsn, dbname=dbname)
+
+
+def actor() -> str:
+    who = os.environ.get("TENANTCTL_ACTOR")
+    if who:
+        return who
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = f"uid{os.getuid()}"
+    return f"{user}@{socket.gethostname()}"
+
+
+class Catalog:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.dsn = cfg.catalog_dsn
+        self._engine: Engine | None = None
+        self._sessions: sessionmaker[Session] | None = None
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            dsn = self.dsn
+            # A creator hands libpq the DSN untouched (passfile, sslmode, ...), rather
+            # than round-tripping it through a SQLAlchemy URL.
+            self._engine = create_engine(
+                "postgresql+psycopg://",
+                creator=lambda: psycopg.connect(dsn, connect_timeout=10,
+                                                application_name="tenantctl"),
+                pool_size=10, max_overflow=20,
+            )
+        return self._engine
+
+    def session(self) -> Session:
+        if self._sessions is None:
+            self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        return self._sessions()
+
+    def dispose(self) -> None:
+        if self._engine is not None:
+            self._engine.dispose()
+            self._engine = None
+            self._sessions = None
+
+    # -- schema ------------------------------------------------------------
+
+    def alembic_config(self) -> AlembicConfig:
+        cfg = AlembicConfig()
+        cfg.set_main_option("script_location", str(CATALOG_MIGRATIONS))
+        return cfg
+
+    def head(self) -> str | None:
+        return ScriptDirectory.from_config(self.alembic_config()).get_current_head()
+
+    def current(self) -> str | None:
+        try:
+            with self.engine.connect() as conn:
+                return _alembic_version(conn)
+        except OperationalError as exc:
+            raise server_error(f"the catalog at {redact(self.dsn)}", exc) from None
+
+    def ensure_database(self) -> bool:
+        """Create the catalog database if it is missing (the admin role has CREATEDB).
+        True if created."""
+        dbname = conninfo_to_dict(self.dsn).get("dbname")
+        assert dbname
+        try:
+            with psycopg.connect(with_dbname(self.dsn, "postgres"), autocommit=True,
+                                 connect_timeout=10) as conn:
+                if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s",
+                                (dbname,)).fetchone():
+                    return False
+                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
+                conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(
+                    sql.Identifier(dbname)))
+                return True
+        except psycopg.OperationalError as exc:
+            raise server_error(f"the catalog server at {redact(self.dsn)}", exc) from None
+
+    def upgrade(self) -> tuple[str | None, str | None]:
+        """Bring the catalog schema to head under an advisory lock. Returns (from, to)."""
+        self.ensure_database()
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(text("SELECT pg_advisory_xact_lock(:k)"),
+                             {"k": lock_key("catalog-upgrade")})
+                before = _alembic_version(conn)
+                acfg = self.alembic_config()
+                acfg.attributes["connection"] = conn
+                command.upgrade(acfg, "head")
+                after = _alembic_version(conn)
+        except OperationalError as exc:
+            raise server_error(f"the catalog at {redact(self.dsn)}", exc) from None
+        return before, after
+
+    def require_current(self) -> None:
+        cur, head = self.current(), self.head()
+        if cur != head:
+            raise Conflict(f"the catalog is at revision {cur or 'none'}, not {head}: "
+                           "run `tenantctl catalog upgrade`")
+
+    # -- regions and servers from the config ---------------------------------
+
+    def sync_topology(self) -> list[str]:
+        """Make the catalog's regions and servers match the config. Servers that left
+        the config stay (their tenants still point at them) but take no new tenants."""
+        done: list[str] = []
+        with self.session() as s, s.begin():
+            regions = {r.name: r for r in s.scalars(select(Region))}
+            for rc in self.cfg.regions.values():
+                region = regions.get(rc.name)
+                if region is None:
+                    s.add(Region(name=rc.name, backup_store=rc.backup_store))
+                    done.append(f"region {rc.name}: added")
+                elif region.backup_store != rc.backup_store:
+                    region.backup_store = rc.backup_store
+                    done.append(f"region {rc.name}: backup store changed")
+            s.flush()
+            servers = {sv.name: sv for sv in s.scalars(select(Server))}
+            configured = {sc.name for sc in self.cfg.servers}
+            for sc in self.cfg.servers:
+                sv = servers.get(sc.name)
+                if sv is None:
+                    s.add(Server(name=sc.name, region=sc.region, capacity=sc.capacity,
+                                 available=True))
+                    done.append(f"server {sc.name}: added to {sc.region}")
+                    continue
+                if sv.region != sc.region:
+                    raise Conflict(f"server {sc.name} is in region {sv.region} in the catalog "
+                                   f"but in {sc.region} in {self.cfg.path}; a server never "
+                                   "changes region")
+                if sv.capacity != sc.capacity or not sv.available:
+                    sv.capacity, sv.available = sc.capacity, True
+                    done.append(f"server {sc.name}: capacity {sc.capacity}")
+            for name, sv in servers.items():
+                if name not in configured and sv.available:
+                    sv.available = False
+                    done.append(f"server {name}: not in the config, takes no new tenants")
+        return done
+
+    # -- audit -----------------------------------------------------------------
+
+    def audit(self, action: str, *, tenant: str | None = None, region: str | None = None,
+              outcome: str = "ok", session: Session | None = None, **detail: Any) -> None:
+        event = AuditEvent(actor=actor(), action=action, tenant=tenant, region=region,
+                           outcome=outcome, detail=detail)
+        if session is not None:
+            session.add(event)
+            return
+        with self.session() as s, s.begin():
+            s.add(event)
+
+    # -- locks -------------------------------------------------------------------
+
+    @contextmanager
+    def advisory_lock(self, name: str, *, shared: bool = False, wait: bool = False
+                      ) -> Iterator[bool]:
+        """A session-level advisory lock in the catalog database, held on a dedicated
+        connection for the duration of the block. Yields whether it was acquired
+        (always True with wait=True). Dies with the process, so a crash never
+        leaves it held."""
+        fn = {(False, False): "pg_try_advisory_lock", (True, False): "pg_try_advisory_lock_shared",
+              (False, True): "pg_advisory_lock", (True, True): "pg_advisory_lock_shared"}[
+            (shared, wait)]
+        unlock = "pg_advisory_unlock_shared" if shared else "pg_advisory_unlock"
+        key = lock_key(name)
+        try:
+            conn = self.engine.connect()
+        except OperationalError as exc:
+            raise server_error(f"the catalog at {redact(self.dsn)}", exc) from None
+        try:
+            got = conn.execute(text(f"SELECT {fn}(:k)"), {"k": key}).scalar()
+            conn.commit()
+            try:
+                yield bool(got) if not wait else True
+            finally:
+                if got or wait:
+                    conn.execute(text(f"SELECT {unlock}(:k)"), {"k": key})
+                    conn.commit()
+        finally:
+            conn.close()
+
+
+def lock_key(name: str) -> int:
+    """A stable signed 64-bit advisory lock key for a name."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+
+
+def _alembic_version(conn: Connection) -> str | None:
+    exists = conn.execute(text("SELECT to_regclass('public.alembic_version')")).scalar()
+    if exists is None:
+        return None
+    return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()

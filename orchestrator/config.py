@@ -1,0 +1,275 @@
+"""tenantctl.toml: loading and validation.
+
+The file is found via ``--config``, ``$TENANTCTL_CONFIG`` or ``./tenantctl.toml``.
+Every error names the file, the key and what is wrong, in one line.
+Relative paths in the file are resolved against the file's own directory, so a
+config keeps working whatever the operator's current directory is.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from orchestrator.errors import ConfigError
+
+CONFIG_ENV = "TENANTCTL_CONFIG"
+DEFAULT_CONFIG_NAME = "tenantctl.toml"
+BUILTIN_MIGRATIONS = "builtin"
+
+_REGION_RE = re.compile(r"^[a-z][a-z0-9-]{1,39}$")
+_SERVER_RE = re.compile(r"^[a-z][a-z0-9_-]{1,62}$")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    name: str
+    region: str
+    admin_dsn: str
+    capacity: int
+    # Set only for servers that `tenantctl local` manages (embedded clusters).
+    data_dir: Path | None = None
+    port: int | None = None
+
+
+@dataclass(frozen=True)
+class RegionConfig:
+    name: str
+    backup_store: str
+    servers: tuple[ServerConfig, ...]
+
+
+@dataclass(frozen=True)
+class MasterKeySource:
+    file: Path | None = None
+    env: str | None = None
+
+    def describe(self) -> str:
+        return f"file {self.file}" if self.file else f"env ${self.env}"
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    catalog_dsn: str
+    master_key: MasterKeySource
+    regions: dict[str, RegionConfig]
+    tenant_migrations: Path
+    use_template: bool = True
+    state_dir: Path | None = None
+    pg_bin_dir: Path | None = None
+
+    @property
+    def servers(self) -> list[ServerConfig]:
+        return [s for r in self.regions.values() for s in r.servers]
+
+    def server(self, name: str) -> ServerConfig:
+        for s in self.servers:
+            if s.name == name:
+                return s
+        raise ConfigError(f"{self.path}: no server named {name!r}")
+
+    def region(self, name: str) -> RegionConfig:
+        try:
+            return self.regions[name]
+        except KeyError:
+            known = ", ".join(sorted(self.regions)) or "none"
+            raise ConfigError(f"unknown region {name!r} (known: {known})") from None
+
+
+def builtin_migrations_dir() -> Path:
+    return Path(__file__).resolve().parent.parent / "migrations" / "tenant"
+
+
+def find_config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get(CONFIG_ENV)
+    if env:
+        return Path(env)
+    return Path.cwd() / DEFAULT_CONFIG_NAME
+
+
+def load_config(explicit: str | os.PathLike[str] | None = None) -> Config:
+    path = find_config_path(explicit)
+    if not path.exists():
+        raise ConfigError(
+            f"{path}: config file not found (run `tenantctl init --local`, "
+            f"or pass --config / set ${CONFIG_ENV})"
+        )
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    return parse_config(raw, path.resolve())
+
+
+class _Reader:
+    """Typed access to the raw TOML with errors that name file and key."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def fail(self, key: str, problem: str) -> ConfigError:
+        return ConfigError(f"{self.path}: {key}: {problem}")
+
+    def table(self, raw: dict[str, Any], key: str, name: str, *, required: bool = True
+              ) -> dict[str, Any]:
+        value = raw.get(name)
+        if value is None:
+            if required:
+                raise self.fail(key, "missing table")
+            return {}
+        if not isinstance(value, dict):
+            raise self.fail(key, f"must be a table, got {type(value).__name__}")
+        return value
+
+    def string(self, raw: dict[str, Any], key: str, name: str, *, required: bool = True
+               ) -> str | None:
+        value = raw.get(name)
+        if value is None:
+            if required:
+                raise self.fail(key, "missing")
+            return None
+        if not isinstance(value, str) or not value.strip():
+            raise self.fail(key, "must be a non-empty string")
+        return value
+
+    def integer(self, raw: dict[str, Any], key: str, name: str, *, default: int | None = None,
+                minimum: int = 1) -> int:
+        value = raw.get(name, default)
+        if value is None:
+            raise self.fail(key, "missing")
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(key, f"must be an integer, got {value!r}")
+        if value < minimum:
+            raise self.fail(key, f"must be at least {minimum}, got {value}")
+        return value
+
+    def boolean(self, raw: dict[str, Any], key: str, name: str, default: bool) -> bool:
+        value = raw.get(name, default)
+        if not isinstance(value, bool):
+            raise self.fail(key, f"must be true or false, got {value!r}")
+        return value
+
+    def resolve(self, value: str) -> Path:
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else (self.path.parent / p).resolve()
+
+
+def _check_unknown(r: _Reader, raw: dict[str, Any], prefix: str, allowed: set[str]) -> None:
+    for k in raw:
+        if k not in allowed:
+            where = f"{prefix}.{k}" if prefix else k
+            raise r.fail(where, f"unknown key (expected one of: {', '.join(sorted(allowed))})")
+
+
+def _check_dsn(r: _Reader, key: str, dsn: str) -> None:
+    if not dsn.startswith(("postgresql://", "postgres://")):
+        # key=value DSNs are fine for libpq, but we keep one form so we can redact reliably
+        raise r.fail(key, "must be a postgresql:// URL")
+    if re.match(r"^postgres(?:ql)?://[^/@]*:[^/@]+@", dsn):
+        raise r.fail(
+            key,
+            "must not contain a password; use ?passfile=PATH or the PGPASSWORD environment",
+        )
+
+
+def parse_config(raw: dict[str, Any], path: Path) -> Config:
+    r = _Reader(path)
+    _check_unknown(r, raw, "", {"state_dir", "pg_bin_dir", "catalog", "master_key",
+                                "tenants", "regions"})
+
+    catalog = r.table(raw, "catalog", "catalog")
+    _check_unknown(r, catalog, "catalog", {"dsn"})
+    catalog_dsn = r.string(catalog, "catalog.dsn", "dsn")
+    assert catalog_dsn is not None
+    _check_dsn(r, "catalog.dsn", catalog_dsn)
+
+    mk = r.table(raw, "master_key", "master_key")
+    _check_unknown(r, mk, "master_key", {"file", "env"})
+    if "key" in mk or "value" in mk:
+        raise r.fail("master_key", "the key itself never goes in the config")
+    mk_file = r.string(mk, "master_key.file", "file", required=False)
+    mk_env = r.string(mk, "master_key.env", "env", required=False)
+    if bool(mk_file) == bool(mk_env):
+        raise r.fail("master_key", "set exactly one of `file` or `env`")
+    master_key = MasterKeySource(file=r.resolve(mk_file) if mk_file else None, env=mk_env)
+
+    tenants = r.table(raw, "tenants", "tenants", required=False)
+    _check_unknown(r, tenants, "tenants", {"migrations", "use_template"})
+    migrations = r.string(tenants, "tenants.migrations", "migrations", required=False)
+    if migrations in (None, BUILTIN_MIGRATIONS):
+        migrations_dir = builtin_migrations_dir()
+    else:
+        assert migrations is not None
+        migrations_dir = r.resolve(migrations)
+        if not (migrations_dir / "env.py").is_file():
+            raise r.fail("tenants.migrations",
+                         f"{migrations_dir} is not an Alembic script directory (no env.py)")
+    use_template = r.boolean(tenants, "tenants.use_template", "use_template", True)
+
+    regions_raw = r.table(raw, "regions", "regions")
+    if not regions_raw:
+        raise r.fail("regions", "at least one region is required")
+    regions: dict[str, RegionConfig] = {}
+    seen_servers: set[str] = set()
+    for rname, rraw in regions_raw.items():
+        key = f"regions.{rname}"
+        if not _REGION_RE.match(rname):
+            raise r.fail(key, "region names are lower-case letters, digits and '-'")
+        if not isinstance(rraw, dict):
+            raise r.fail(key, "must be a table")
+        _check_unknown(r, rraw, key, {"backup_store", "servers"})
+        store = r.string(rraw, f"{key}.backup_store", "backup_store")
+        assert store is not None
+        if not store.startswith(("file://", "s3://")):
+            raise r.fail(f"{key}.backup_store", "must be a file:// or s3:// URL")
+        servers_raw = rraw.get("servers")
+        if not isinstance(servers_raw, list) or not servers_raw:
+            raise r.fail(f"{key}.servers", "at least one [[servers]] entry is required")
+        servers: list[ServerConfig] = []
+        for i, sraw in enumerate(servers_raw):
+            skey = f"{key}.servers[{i}]"
+            if not isinstance(sraw, dict):
+                raise r.fail(skey, "must be a table")
+            _check_unknown(r, sraw, skey, {"name", "admin_dsn", "capacity", "data_dir", "port"})
+            sname = r.string(sraw, f"{skey}.name", "name")
+            assert sname is not None
+            if not _SERVER_RE.match(sname):
+                raise r.fail(f"{skey}.name", "lower-case letters, digits, '-' and '_' only")
+            if sname in seen_servers:
+                raise r.fail(f"{skey}.name", f"server {sname!r} is defined twice")
+            seen_servers.add(sname)
+            dsn = r.string(sraw, f"{skey}.admin_dsn", "admin_dsn")
+            assert dsn is not None
+            _check_dsn(r, f"{skey}.admin_dsn", dsn)
+            capacity = r.integer(sraw, f"{skey}.capacity", "capacity", default=500)
+            data_dir = r.string(sraw, f"{skey}.data_dir", "data_dir", required=False)
+            port = sraw.get("port")
+            if data_dir is not None:
+                port = r.integer(sraw, f"{skey}.port", "port", minimum=1024)
+            servers.append(ServerConfig(
+                name=sname, region=rname, admin_dsn=dsn, capacity=capacity,
+                data_dir=r.resolve(data_dir) if data_dir else None, port=port,
+            ))
+        regions[rname] = RegionConfig(name=rname, backup_store=store, servers=tuple(servers))
+
+    state_dir = r.string(raw, "state_dir", "state_dir", required=False)
+    pg_bin_dir = r.string(raw, "pg_bin_dir", "pg_bin_dir", required=False)
+    return Config(
+        path=path,
+        catalog_dsn=catalog_dsn,
+        master_key=master_key,
+        regions=regions,
+        tenant_migrations=migrations_dir,
+        use_template=use_template,
+        state_dir=r.resolve(state_dir) if state_dir else None,
+        pg_bin_dir=r.resolve(pg_bin_dir) if pg_bin_dir else None,
+    )

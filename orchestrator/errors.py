@@ -1,0 +1,42 @@
+"""Expected failures: the CLI prints their message on one line and exits non-zero.
+
+Anything that is not a TenantctlError is a bug and keeps its traceback.
+"""
+
+
+class TenantctlError(Exception):
+    """Base for failures an operator can act on; the message is the whole story."""
+
+    exit_code = 1
+
+
+class ConfigError(TenantctlError):
+    exit_code = 2
+
+
+class InvalidInput(TenantctlError):
+    exit_code = 2
+
+
+class NotFound(TenantctlError):
+    exit_code = 3
+
+
+class Conflict(TenantctlError):
+    """Already exists, or another process is working on the same thing."""
+
+    exit_code = 4
+
+
+class CapacityError(TenantctlError):
+    exit_code = 5
+
+
+class ServerUnavailable(TenantctlError):
+    exit_code = 6
+
+
+class MasterKeyError(TenantctlError):
+    """A missing or wrong master key."""
+
+    exit_code = 7

@@ -1,0 +1,151 @@
+"""The catalog: the orchestrator's own database and single source of truth.
+
+Schema changes go through Alembic revisions in migrations/catalog; the test
+suite checks that these models and the revisions agree.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Identity,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    func,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class TenantState(enum.StrEnum):
+    provisioning = "provisioning"
+    active = "active"
+    suspended = "suspended"
+    cancelled = "cancelled"
+    deleted = "deleted"
+    purged = "purged"
+
+
+# States in which a tenant occupies a place on its server.
+PLACED_STATES = (TenantState.provisioning, TenantState.active, TenantState.suspended,
+                 TenantState.cancelled)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+def _now() -> Any:
+    return mapped_column(DateTime(timezone=True), server_default=func.now(), nullable=False)
+
+
+class Region(Base):
+    __tablename__ = "regions"
+
+    name: Mapped[str] = mapped_column(String(40), primary_key=True)
+    backup_store: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = _now()
+
+    servers: Mapped[list[Server]] = relationship(back_populates="region_row")
+
+
+class Server(Base):
+    __tablename__ = "servers"
+
+    name: Mapped[str] = mapped_column(String(63), primary_key=True)
+    region: Mapped[str] = mapped_column(ForeignKey("regions.name"), index=True)
+    capacity: Mapped[int] = mapped_column(Integer)
+    # false when removed from the config or drained: no new tenants go there
+    available: Mapped[bool] = mapped_column(Boolean, server_default="true")
+    # revision the template database is at; NULL while there is no usable template
+    template_revision: Mapped[str | None] = mapped_column(String(64))
+    template_updated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = _now()
+
+    region_row: Mapped[Region] = relationship(back_populates="servers")
+
+    __table_args__ = (CheckConstraint("capacity > 0", name="capacity_positive"),)
+
+
+class Tenant(Base):
+    __tablename__ = "tenants"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    slug: Mapped[str] = mapped_column(String(40), unique=True)
+    region: Mapped[str] = mapped_column(ForeignKey("regions.name"), index=True)
+    server: Mapped[str] = mapped_column(ForeignKey("servers.name"), index=True)
+    database: Mapped[str] = mapped_column(String(63))
+    login_role: Mapped[str] = mapped_column(String(63))
+    owner_role: Mapped[str] = mapped_column(String(63))
+    state: Mapped[str] = mapped_column(String(20), index=True)
+    # last provisioning step completed; lets a re-run resume after a crash
+    step: Mapped[str | None] = mapped_column(String(40))
+    revision: Mapped[str | None] = mapped_column(String(64))
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = _now()
+    activated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    cancelled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    hold_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    purge_after: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    purged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    legal_hold: Mapped[bool] = mapped_column(Boolean, server_default="false")
+    legal_hold_reason: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now(), onupdate=func.now())
+
+    credential: Mapped[TenantCredential | None] = relationship(
+        back_populates="tenant", cascade="all, delete-orphan")
+
+    __table_args__ = (
+        CheckConstraint(
+            "state IN ('provisioning','active','suspended','cancelled','deleted','purged')",
+            name="state_known"),
+    )
+
+
+class TenantCredential(Base):
+    """The login role's password, wrapped by the master key (never stored in clear)."""
+
+    __tablename__ = "tenant_credentials"
+
+    tenant_id: Mapped[int] = mapped_column(
+        ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
+    password_wrapped: Mapped[str] = mapped_column(Text)
+    master_key_id: Mapped[str] = mapped_column(String(32))
+    # set once the role actually has this password (the catalog is written first)
+    applied_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = _now()
+
+    tenant: Mapped[Tenant] = relationship(back_populates="credential")
+
+
+class AuditEvent(Base):
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    at: Mapped[datetime] = _now()
+    actor: Mapped[str] = mapped_column(String(200))
+    action: Mapped[str] = mapped_column(String(60), index=True)
+    tenant: Mapped[str | None] = mapped_column(String(40), index=True)
+    region: Mapped[str | None] = mapped_column(String(40))
+    outcome: Mapped[str] = mapped_column(String(20), server_default="ok")
+    detail: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default="{}")

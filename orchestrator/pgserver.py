@@ -1,0 +1,222 @@
+"""Postgres server adapter: the statements that create and secure a tenant.
+
+Every function here is idempotent (it checks before it acts), because the
+provisioning state machine may re-run any step after a crash. Identifiers are
+always composed with psycopg.sql.Identifier; passwords reach the server only
+as SCRAM verifiers computed client-side, so the clear text is never in a
+statement, a server log or pg_stat_activity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import psycopg
+from psycopg import sql
+
+from orchestrator.catalog import redact, server_error, with_dbname
+from orchestrator.errors import Conflict
+from orchestrator.names import TEMPLATE_DB, TEMPLATE_OWNER, TenantNames
+
+Ident = sql.Identifier
+DML = sql.SQL("SELECT, INSERT, UPDATE, DELETE")
+SEQ = sql.SQL("USAGE, SELECT, UPDATE")
+
+
+@contextmanager
+def connect(admin_dsn: str, dbname: str | None = None, *, server: str = "",
+            autocommit: bool = True) -> Iterator[psycopg.Connection]:
+    dsn = with_dbname(admin_dsn, dbname) if dbname else admin_dsn
+    try:
+        conn = psycopg.connect(dsn, autocommit=autocommit, connect_timeout=5,
+                               application_name="tenantctl")
+    except psycopg.OperationalError as exc:
+        raise server_error(f"server {server or redact(dsn)}", exc) from None
+    with conn:
+        yield conn
+
+
+def server_version(conn: psycopg.Connection) -> int:
+    return conn.info.server_version
+
+
+def role_exists(conn: psycopg.Connection, role: str) -> bool:
+    return conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone() \
+        is not None
+
+
+def database_owner(conn: psycopg.Connection, dbname: str) -> str | None:
+    row = conn.execute(
+        "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = %s", (dbname,)
+    ).fetchone()
+    return row[0] if row else None
+
+
+def _role_comment(conn: psycopg.Connection, role: str) -> str | None:
+    row = conn.execute(
+        "SELECT shobj_description(oid, 'pg_authid') FROM pg_roles WHERE rolname = %s",
+        (role,)).fetchone()
+    return row[0] if row else None
+
+
+def role_marker(tenant_id: int, slug: str) -> str:
+    """Written as the role's COMMENT in the same transaction that creates it: proof
+    that a role found after a crash is ours and not a stranger's of the same name."""
+    return f"tenantctl tenant {slug} #{tenant_id}"
+
+
+def _grant_membership(conn: psycopg.Connection, role: str) -> None:
+    """Make the admin role a member of ``role`` so it can SET ROLE to it, own objects
+    through it and REASSIGN OWNED. Since Postgres 16 a CREATEROLE creator holds
+    only ADMIN OPTION on roles it creates; INHERIT and SET must be granted."""
+    if server_version(conn) >= 160000:
+        stmt = sql.SQL("GRANT {} TO CURRENT_USER WITH INHERIT TRUE, SET TRUE")
+    else:
+        stmt = sql.SQL("GRANT {} TO CURRENT_USER")
+    conn.execute(stmt.format(Ident(role)))
+
+
+def ensure_roles(conn: psycopg.Connection, names: TenantNames, marker: str) -> None:
+    """The NOLOGIN owner role and the (still NOLOGIN) login role, both marked as ours."""
+    for role in (names.owner_role, names.login_role):
+        if role_exists(conn, role):
+            if _role_comment(conn, role) != marker:
+                raise Conflict(f"role {role!r} already exists on the server and does not "
+                               "belong to this tenant; refusing to adopt it")
+            continue
+        with conn.transaction():
+            conn.execute(sql.SQL(
+                "CREATE ROLE {} NOLOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION "
+                "NOBYPASSRLS NOINHERIT").format(Ident(role)))
+            conn.execute(sql.SQL("COMMENT ON ROLE {} IS {}").format(
+                Ident(role), sql.Literal(marker)))
+    _grant_membership(conn, names.owner_role)
+
+
+def ensure_database(conn: psycopg.Connection, names: TenantNames, *,
+                    template: str | None) -> bool:
+    """CREATE DATABASE owned by the tenant's owner role, cloned from ``template`` (the
+    server's template database at head) or from template0. True if created now.
+
+    CREATE DATABASE cannot run in a transaction and grants CONNECT to PUBLIC; the
+    revoke follows at once and the login role cannot log in before grants are set.
+    """
+    owner = database_owner(conn, names.database)
+    if owner is not None:
+        if owner != names.owner_role:
+            raise Conflict(f"database {names.database!r} already exists, owned by {owner!r}, "
+                           "not by this tenant; refusing to adopt it")
+        return False
+    conn.execute(sql.SQL("CREATE DATABASE {} OWNER {} TEMPLATE {} STRATEGY WAL_LOG")
+                 .format(Ident(names.database), Ident(names.owner_role),
+                         Ident(template or "template0")))
+    revoke_public(conn, names.database)
+    return True
+
+
+def revoke_public(conn: psycopg.Connection, dbname: str) -> None:
+    conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(Ident(dbname)))
+
+
+def reassign_from_template(conn: psycopg.Connection, names: TenantNames) -> None:
+    """Run in a fresh clone: everything the template owner created becomes the
+    tenant owner's. (The template database itself belongs to the admin role, so
+    this never touches a shared object.)"""
+    if not role_exists(conn, TEMPLATE_OWNER):
+        return  # no template was ever built on this server: nothing to take over
+    conn.execute(sql.SQL("REASSIGN OWNED BY {} TO {}").format(
+        Ident(TEMPLATE_OWNER), Ident(names.owner_role)))
+
+
+def secure_tenant_database(conn: psycopg.Connection, names: TenantNames) -> None:
+    """Run in the tenant's own database, in one transaction: lock PUBLIC out, give
+    the login role DML and nothing else.
+
+    The login role owns nothing and holds no grant option, so revoking its write
+    privileges later (a hold) really takes them away.
+    """
+    owner, login = Ident(names.owner_role), Ident(names.login_role)
+    db = Ident(names.database)
+    with conn.transaction():
+        stmts = [
+            sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(db),
+            sql.SQL("GRANT CONNECT, TEMPORARY ON DATABASE {} TO {}").format(db, login),
+            sql.SQL("GRANT CONNECT ON DATABASE {} TO CURRENT_USER").format(db),
+            sql.SQL("REVOKE ALL ON SCHEMA public FROM PUBLIC"),
+            sql.SQL("GRANT USAGE ON SCHEMA public TO {}").format(login),
+            sql.SQL("GRANT {} ON ALL TABLES IN SCHEMA public TO {}").format(DML, login),
+            sql.SQL("GRANT {} ON ALL SEQUENCES IN SCHEMA public TO {}").format(SEQ, login),
+            sql.SQL("ALTER DEFAULT PRIVILEGES FOR ROLE {} IN SCHEMA public "
+                    "GRANT {} ON TABLES TO {}").format(owner, DML, login),
+            sql.SQL("ALTER DEFAULT PRIVILEGES FOR ROLE {} IN SCHEMA public "
+                    "GRANT {} ON SEQUENCES TO {}").format(owner, SEQ, login),
+        ]
+        for stmt in stmts:
+            conn.execute(stmt)
+
+
+def scram_verifier(conn: psycopg.Connection, role: str, password: str) -> str:
+    return conn.pgconn.encrypt_password(
+        password.encode(), role.encode(), b"scram-sha-256").decode()
+
+
+def set_password(conn: psycopg.Connection, role: str, password: str) -> None:
+    """Change the password only; whether the role may log in is left as it is."""
+    verifier = scram_verifier(conn, role, password)
+    conn.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(
+        Ident(role), sql.Literal(verifier)))
+
+
+def enable_login(conn: psycopg.Connection, role: str, password: str) -> None:
+    verifier = scram_verifier(conn, role, password)
+    conn.execute(sql.SQL("ALTER ROLE {} LOGIN PASSWORD {}").format(
+        Ident(role), sql.Literal(verifier)))
+
+
+# -- the per-server template database ---------------------------------------------
+
+
+def ensure_template_owner(conn: psycopg.Connection) -> None:
+    if not role_exists(conn, TEMPLATE_OWNER):
+        conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN NOINHERIT").format(Ident(TEMPLATE_OWNER)))
+    _grant_membership(conn, TEMPLATE_OWNER)
+
+
+def ensure_template_database(conn: psycopg.Connection) -> bool:
+    """The template database exists. True if created now.
+
+    The database itself belongs to the admin role (it toggles ALLOW_CONNECTIONS);
+    everything inside, public schema included, belongs to the template owner role.
+    A clone then hands all of it to the tenant's owner with one REASSIGN OWNED,
+    which never touches the template database itself.
+    """
+    admin = conn.execute("SELECT current_user").fetchone()
+    assert admin is not None
+    owner = database_owner(conn, TEMPLATE_DB)
+    if owner is not None:
+        if owner != admin[0]:
+            raise Conflict(f"database {TEMPLATE_DB!r} exists but is owned by {owner!r}")
+        return False
+    conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(Ident(TEMPLATE_DB)))
+    revoke_public(conn, TEMPLATE_DB)
+    return True
+
+
+def set_template_connections(conn: psycopg.Connection, allow: bool) -> None:
+    """Templates stay closed (datallowconn = false) except during their own upgrade:
+    CREATE DATABASE … TEMPLATE fails while anyone is connected to the template."""
+    conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS {}").format(
+        Ident(TEMPLATE_DB), sql.SQL("true" if allow else "false")))
+    if not allow:
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = %s AND pid <> pg_backend_pid()", (TEMPLATE_DB,))
+
+
+def prepare_template_schema(conn: psycopg.Connection) -> None:
+    """Run in the template: the template owner owns the public schema (so it can
+    create objects there, and a clone's REASSIGN OWNED passes the schema on), and
+    PUBLIC has no access to it in any future clone."""
+    conn.execute(sql.SQL("ALTER SCHEMA public OWNER TO {}").format(Ident(TEMPLATE_OWNER)))
+    conn.execute("REVOKE ALL ON SCHEMA public FROM PUBLIC")

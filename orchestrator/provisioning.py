@@ -1,0 +1,231 @@
+"""Provisioning: a state machine recorded in the catalog, one step at a time.
+
+    registered -> roles -> database -> schema -> privileges -> login -> (active)
+
+The catalog row (with the planned names and the wrapped password) is written
+before anything exists on the server, so nothing can ever be created that the
+catalog does not know of. Each step checks the server before acting, so a
+re-run after a crash at any point finishes the job; the tenant's advisory lock
+keeps two processes from working on the same slug at once.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+import psycopg
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from orchestrator import pgserver, templates, tenant_migrations
+from orchestrator.catalog import server_error, with_dbname
+from orchestrator.errors import Conflict, ServerUnavailable, TenantctlError
+from orchestrator.faults import checkpoint
+from orchestrator.models import PLACED_STATES, Server, Tenant, TenantCredential, TenantState
+from orchestrator.names import TEMPLATE_DB, TenantNames, tenant_names, validate_slug
+from orchestrator.placement import ServerLoad, choose_server
+
+if TYPE_CHECKING:
+    from orchestrator.api import Fleet
+
+STEPS = ("registered", "roles", "database", "schema", "privileges", "login")
+
+
+@dataclass
+class Provisioned:
+    tenant: Tenant
+    password: str
+    resumed: bool
+    via_template: bool
+
+
+def new_password() -> str:
+    return secrets.token_urlsafe(32)  # 32 random bytes
+
+
+def password_context(slug: str) -> str:
+    return f"tenant:{slug}:password"
+
+
+def tenant_lock(slug: str) -> str:
+    return f"tenant:{slug}"
+
+
+def provision(fleet: Fleet, slug: str, region: str) -> Provisioned:
+    validate_slug(slug)
+    fleet.cfg.region(region)  # unknown region: error before anything else
+    master = fleet.master_key  # a missing key fails here, before any change
+    with fleet.catalog.advisory_lock(tenant_lock(slug)) as got:
+        if not got:
+            raise Conflict(f"tenant {slug!r} is being changed by another tenantctl process; "
+                           "try again when it has finished")
+        tenant = fleet.find_tenant(slug)
+        resumed = tenant is not None
+        if tenant is not None:
+            if tenant.state != TenantState.provisioning:
+                raise Conflict(f"tenant {slug!r} already exists ({tenant.state}, region "
+                               f"{tenant.region})")
+            if tenant.region != region:
+                raise Conflict(f"tenant {slug!r} is being provisioned in region "
+                               f"{tenant.region}, not {region}; re-run with --region "
+                               f"{tenant.region} to finish it")
+            password = master.unwrap(tenant.credential.password_wrapped,  # type: ignore[union-attr]
+                                     password_context(slug)).decode()
+        else:
+            password = new_password()
+            tenant = _register(fleet, slug, region, password)
+            checkpoint("provision.registered")
+        via_template = _run_steps(fleet, tenant, password)
+        return Provisioned(fleet.get_tenant(slug), password, resumed, via_template)
+
+
+def _server_loads(session: Session, region: str) -> list[ServerLoad]:
+    # Lock the region's server rows: concurrent placements in one region queue
+    # here, so two of them never take the last place on a server.
+    servers = session.scalars(select(Server).where(Server.region == region)
+                              .order_by(Server.name).with_for_update()).all()
+    counts = dict(session.execute(
+        select(Tenant.server, func.count()).where(Tenant.region == region,
+                                                  Tenant.state.in_(PLACED_STATES))
+        .group_by(Tenant.server)).tuples().all())
+    return [ServerLoad(s.name, counts.get(s.name, 0), s.capacity, s.available)
+            for s in servers]
+
+
+def _register(fleet: Fleet, slug: str, region: str, password: str) -> Tenant:
+    names = tenant_names(slug)
+    with fleet.catalog.session() as s, s.begin():
+        loads = _server_loads(s, region)
+        while True:
+            server = choose_server(region, loads)
+            try:
+                with pgserver.connect(fleet.cfg.server(server).admin_dsn, server=server):
+                    break
+            except ServerUnavailable:
+                # Try the next server of the region; if none is left, say why.
+                loads = [ld if ld.name != server else ServerLoad(
+                    ld.name, ld.tenants, ld.capacity, available=False) for ld in loads]
+                if not any(ld.available and ld.tenants < ld.capacity for ld in loads):
+                    raise
+        tenant = Tenant(slug=slug, region=region, server=server, database=names.database,
+                        login_role=names.login_role, owner_role=names.owner_role,
+                        state=TenantState.provisioning, step="registered")
+        tenant.credential = TenantCredential(
+            password_wrapped=fleet.master_key.wrap(password.encode(), password_context(slug)),
+            master_key_id=fleet.master_key.key_id)
+        s.add(tenant)
+        try:
+            s.flush()
+        except IntegrityError:
+            raise Conflict(f"tenant {slug!r} already exists") from None
+        fleet.catalog.audit("tenant.provision.start", tenant=slug, region=region,
+                            session=s, server=server)
+    return tenant
+
+
+def _record(fleet: Fleet, tenant_id: int, **fields: object) -> None:
+    with fleet.catalog.session() as s, s.begin():
+        s.execute(update(Tenant).where(Tenant.id == tenant_id).values(**fields))
+
+
+def _run_steps(fleet: Fleet, tenant: Tenant, password: str) -> bool:
+    """Carry out the steps after ``tenant.step``. True if the database was cloned
+    from the template."""
+    sc = fleet.cfg.server(tenant.server)
+    names = tenant_names(tenant.slug)
+    marker = pgserver.role_marker(tenant.id, tenant.slug)
+    done = STEPS.index(tenant.step) if tenant.step in STEPS else 0
+    via_template = False
+    current = "registered"
+    try:
+        with pgserver.connect(sc.admin_dsn, server=sc.name) as conn:
+            if done < STEPS.index("roles"):
+                current = "roles"
+                pgserver.ensure_roles(conn, names, marker)
+                checkpoint("provision.roles")
+                _record(fleet, tenant.id, step="roles")
+            if done < STEPS.index("database"):
+                current = "database"
+                via_template = _create_database(fleet, conn, names, sc.name)
+                checkpoint("provision.database")
+                _record(fleet, tenant.id, step="database")
+            if done < STEPS.index("privileges"):
+                revision = _schema_and_privileges(fleet, tenant, sc.admin_dsn, done)
+            else:
+                revision = tenant.revision
+            current = "login"
+            pgserver.enable_login(conn, names.login_role, password)
+            checkpoint("provision.login")
+    except psycopg.Error as exc:
+        msg = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        _record(fleet, tenant.id, last_error=f"{current}: {msg}")
+        fleet.catalog.audit("tenant.provision", tenant=tenant.slug, region=tenant.region,
+                            outcome="failed", step=current, error=msg)
+        raise TenantctlError(
+            f"provisioning {tenant.slug!r} stopped at step {current}: {msg}; "
+            f"re-run `tenantctl tenant create {tenant.slug} --region {tenant.region}` "
+            "to finish") from None
+    now = datetime.now(UTC)
+    with fleet.catalog.session() as s, s.begin():
+        s.execute(update(Tenant).where(Tenant.id == tenant.id).values(
+            state=TenantState.active, step=None, revision=revision, activated_at=now,
+            last_error=None))
+        s.execute(update(TenantCredential).where(TenantCredential.tenant_id == tenant.id)
+                  .values(applied_at=now))
+        fleet.catalog.audit("tenant.provision", tenant=tenant.slug, region=tenant.region,
+                            session=s, server=tenant.server, revision=revision,
+                            via_template=via_template)
+    return via_template
+
+
+def _create_database(fleet: Fleet, conn: psycopg.Connection, names: TenantNames,
+                     server: str) -> bool:
+    head = fleet.head_revision
+    if fleet.cfg.use_template:
+        if templates.template_revision(fleet, server) != head:
+            try:
+                templates.build(fleet, server)
+            except (TenantctlError, psycopg.Error):
+                pass  # no usable template: fall back to migrating an empty database
+        with fleet.catalog.advisory_lock(templates.lock_name(server), shared=True, wait=True):
+            if templates.template_revision(fleet, server) == head:
+                pgserver.ensure_database(conn, names, template=TEMPLATE_DB)
+                return True
+    pgserver.ensure_database(conn, names, template=None)
+    return False
+
+
+def _schema_and_privileges(fleet: Fleet, tenant: Tenant, admin_dsn: str, done: int
+                           ) -> str | None:
+    """In the tenant's database: take the template's objects, migrate to head if
+    needed (as the owner role), then set privileges. One connection, two steps."""
+    names = tenant_names(tenant.slug)
+    dsn = with_dbname(admin_dsn, names.database)
+    try:
+        with tenant_migrations.tenant_connection(dsn) as sconn:
+            if done < STEPS.index("schema"):
+                with sconn.begin():
+                    pconn = sconn.connection.driver_connection
+                    assert isinstance(pconn, psycopg.Connection)
+                    pgserver.reassign_from_template(pconn, names)
+                    revision = tenant_migrations.current_revision(sconn)
+                if revision != fleet.head_revision:
+                    revision = tenant_migrations.migrate(
+                        sconn, fleet.cfg.tenant_migrations, "head", as_role=names.owner_role)
+                checkpoint("provision.schema")
+                _record(fleet, tenant.id, step="schema", revision=revision)
+            else:
+                revision = tenant_migrations.current_revision(sconn)
+                sconn.rollback()
+            pconn = sconn.connection.driver_connection
+            assert isinstance(pconn, psycopg.Connection)
+            pgserver.secure_tenant_database(pconn, names)
+            checkpoint("provision.privileges")
+            _record(fleet, tenant.id, step="privileges")
+            return revision
+    except psycopg.OperationalError as exc:
+        raise server_error(f"database {names.database}", exc) from None
