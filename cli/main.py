@@ -1,0 +1,398 @@
+"""The tenantctl CLI: parses, calls the orchestrator, renders. Nothing else.
+
+Imports of the orchestrator happen inside commands so that `--help` stays fast.
+Expected failures (TenantctlError) become one line on stderr and a non-zero
+exit code; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+
+import typer
+
+if TYPE_CHECKING:
+    from orchestrator.api import Fleet
+    from orchestrator.config import Config
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Database-per-tenant provisioning and operations for PostgreSQL.")
+local_app = typer.Typer(no_args_is_help=True, help="Run the embedded local fleet.")
+catalog_app = typer.Typer(no_args_is_help=True, help="The orchestrator's own database.")
+config_app = typer.Typer(no_args_is_help=True, help="The tenantctl.toml file.")
+region_app = typer.Typer(no_args_is_help=True, help="Regions and their servers.")
+tenant_app = typer.Typer(no_args_is_help=True, help="Tenants: create, inspect, connect.")
+template_app = typer.Typer(no_args_is_help=True, help="Per-server template databases.")
+for sub, name in [(local_app, "local"), (catalog_app, "catalog"), (config_app, "config"),
+                  (region_app, "region"), (tenant_app, "tenant"), (template_app, "template")]:
+    app.add_typer(sub, name=name)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+class State:
+    config_path: str | None = None
+
+
+@app.callback()
+def _root(config: Annotated[str | None, typer.Option(
+        "--config", "-C", help="Config file (default: $TENANTCTL_CONFIG or ./tenantctl.toml)",
+        show_default=False)] = None) -> None:
+    State.config_path = config
+
+
+# -- helpers -----------------------------------------------------------------------
+
+
+def _config() -> Config:
+    from orchestrator.config import load_config
+
+    return load_config(State.config_path)
+
+
+def _fleet() -> Fleet:
+    from orchestrator.api import Fleet
+
+    return Fleet(_config())
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console()
+
+
+def _say(line: str) -> None:
+    _console().print(line, highlight=False)
+
+
+def _table(title: str | None, columns: list[str], rows: list[list[Any]]) -> None:
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for c in columns:
+        table.add_column(c)
+    for r in rows:
+        table.add_row(*["" if v is None else str(v) for v in r])
+    _console().print(table)
+
+
+# -- init / local / catalog / config -------------------------------------------------
+
+
+@app.command()
+def init(
+    local: Annotated[bool, typer.Option("--local", help="Write a config for the embedded "
+                                        "two-region fleet on this machine.")] = False,
+    state_dir: Annotated[Path, typer.Option(help="Where data dirs, keys and backups go.")]
+    = Path(".tenantctl"),
+    force: Annotated[bool, typer.Option(help="Rewrite an existing config (keeps keys).")]
+    = False,
+) -> None:
+    """Write a tenantctl.toml (only --local for now), start it and upgrade the catalog."""
+    from orchestrator import localfleet
+    from orchestrator.config import find_config_path
+    from orchestrator.errors import InvalidInput
+
+    if not local:
+        raise InvalidInput("only `tenantctl init --local` exists; for production write "
+                           "tenantctl.toml yourself (see README) or use ansible/")
+    path = find_config_path(State.config_path)
+    res = localfleet.init_local(path, state_dir, force=force)
+    _say(f"{'wrote' if res.created else 'kept existing'} {res.config_path}")
+    cfg = _config_at(path)
+    for line in localfleet.up(cfg):
+        _say(line)
+    _catalog_upgrade(cfg)
+
+
+def _config_at(path: Path) -> Config:
+    from orchestrator.config import load_config
+
+    return load_config(path)
+
+
+def _catalog_upgrade(cfg: Config) -> dict[str, Any]:
+    from orchestrator.catalog import Catalog
+
+    catalog = Catalog(cfg)
+    try:
+        before, after = catalog.upgrade()
+        changes = catalog.sync_topology()
+    finally:
+        catalog.dispose()
+    return {"from": before, "to": after, "topology": changes}
+
+
+@local_app.command("up")
+def local_up() -> None:
+    """Start the local clusters (initialising them on first use)."""
+    from orchestrator import localfleet
+
+    for line in localfleet.up(_config()):
+        _say(line)
+
+
+@local_app.command("down")
+def local_down() -> None:
+    """Stop the local clusters."""
+    from orchestrator import localfleet
+
+    for line in localfleet.down(_config()):
+        _say(line)
+
+
+@local_app.command("status")
+def local_status(as_json: JsonOpt = False) -> None:
+    """Show whether each local cluster runs."""
+    from orchestrator import localfleet
+
+    rows = localfleet.status(_config())
+    if as_json:
+        _print_json([{"server": r.server, "region": r.region, "port": r.port,
+                      "data_dir": str(r.data_dir), "running": r.running, "pid": r.pid,
+                      "status": r.detail} for r in rows])
+        return
+    _table(None, ["server", "region", "port", "status", "pid", "data dir"],
+           [[r.server, r.region, r.port, r.detail, r.pid, r.data_dir] for r in rows])
+    if not all(r.running for r in rows):
+        raise typer.Exit(3)
+
+
+@catalog_app.command("upgrade")
+def catalog_upgrade(as_json: JsonOpt = False) -> None:
+    """Bring the catalog schema to head and sync regions/servers from the config."""
+    result = _catalog_upgrade(_config())
+    if as_json:
+        _print_json(result)
+        return
+    if result["from"] == result["to"]:
+        _say(f"catalog already at {result['to']}")
+    else:
+        _say(f"catalog upgraded: {result['from'] or 'empty'} -> {result['to']}")
+    for line in result["topology"]:
+        _say(line)
+
+
+@config_app.command("check")
+def config_check(as_json: JsonOpt = False) -> None:
+    """Validate the config file (and that the master key is readable)."""
+    from orchestrator.masterkey import load_master_key
+
+    cfg = _config()
+    key = load_master_key(cfg.master_key)
+    summary = {"path": str(cfg.path), "regions": {
+        r.name: {"backup_store": r.backup_store, "servers": [s.name for s in r.servers]}
+        for r in cfg.regions.values()}, "master_key_id": key.key_id,
+        "tenant_migrations": str(cfg.tenant_migrations)}
+    if as_json:
+        _print_json(summary)
+    else:
+        _say(f"{cfg.path}: ok ({len(cfg.regions)} regions, {len(cfg.servers)} servers, "
+             f"master key {key.key_id})")
+
+
+# -- regions / templates ---------------------------------------------------------------
+
+
+@region_app.command("list")
+def region_list(as_json: JsonOpt = False) -> None:
+    """Regions, their servers, tenants per server and capacity."""
+    fleet = _fleet()
+    try:
+        servers = fleet.servers()
+    finally:
+        fleet.close()
+    if as_json:
+        out: dict[str, Any] = {}
+        for s in servers:
+            region = out.setdefault(s.region, {
+                "region": s.region,
+                "backup_store": fleet.cfg.regions[s.region].backup_store
+                if s.region in fleet.cfg.regions else None, "servers": []})
+            region["servers"].append(s.to_json())
+        _print_json(list(out.values()))
+        return
+    _table(None, ["region", "server", "tenants", "capacity", "accepting", "template"],
+           [[s.region, s.name, s.tenants, s.capacity, "yes" if s.available else "no",
+             s.template_revision or "-"] for s in servers])
+
+
+@template_app.command("build")
+def template_build(server: Annotated[str | None, typer.Option(
+        help="One server (default: every server).")] = None) -> None:
+    """Create or upgrade each server's template database to head."""
+    from orchestrator import templates
+
+    fleet = _fleet()
+    try:
+        names = [server] if server else [s.name for s in fleet.cfg.servers]
+        for name in names:
+            fleet.cfg.server(name)
+            _say(f"{name}: template at {templates.build(fleet, name)}")
+    finally:
+        fleet.close()
+
+
+# -- tenants -----------------------------------------------------------------------------
+
+
+@tenant_app.command("create")
+def tenant_create(
+    slug: str,
+    region: Annotated[str, typer.Option(help="Where the tenant's data lives.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Provision a tenant: dedicated database and roles in REGION. Re-run to finish an
+    interrupted create. Prints the tenant's connection string once."""
+    fleet = _fleet()
+    try:
+        res = fleet.provision(slug, region)
+    finally:
+        fleet.close()
+    if as_json:
+        _print_json({**res.tenant, "dsn": res.dsn, "resumed": res.resumed,
+                     "via_template": res.via_template})
+        return
+    t = res.tenant
+    verb = "finished provisioning" if res.resumed else "created"
+    _say(f"{verb} tenant {t['slug']} in {t['region']} on {t['server']} "
+         f"(revision {t['revision']})")
+    _say("connection string (shown once; `tenantctl tenant credentials` shows it again):")
+    sys.stdout.write(res.dsn + "\n")
+
+
+@tenant_app.command("list")
+def tenant_list(
+    region: Annotated[str | None, typer.Option(help="Only this region.")] = None,
+    state: Annotated[str | None, typer.Option(help="Only this state.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List tenants."""
+    from orchestrator.api import tenant_json
+
+    fleet = _fleet()
+    try:
+        rows = [tenant_json(t) for t in fleet.tenants(region, state)]
+    finally:
+        fleet.close()
+    if as_json:
+        _print_json(rows)
+        return
+    _table(None, ["slug", "region", "server", "state", "revision", "created"],
+           [[r["slug"], r["region"], r["server"], r["state"], r["revision"],
+             (r["created_at"] or "")[:19]] for r in rows])
+
+
+@tenant_app.command("show")
+def tenant_show(slug: str, as_json: JsonOpt = False) -> None:
+    """Everything the catalog knows about one tenant."""
+    from orchestrator.api import tenant_json
+
+    fleet = _fleet()
+    try:
+        data = tenant_json(fleet.get_tenant(slug))
+    finally:
+        fleet.close()
+    if as_json:
+        _print_json(data)
+        return
+    _table(f"tenant {slug}", ["field", "value"], [[k, v] for k, v in data.items()])
+
+
+@tenant_app.command("credentials")
+def tenant_credentials(
+    slug: str,
+    rotate: Annotated[bool, typer.Option(help="Set a new password first.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show the tenant's connection string (audited), or rotate its password."""
+    fleet = _fleet()
+    try:
+        dsn = fleet.credentials(slug, rotate=rotate)
+    finally:
+        fleet.close()
+    if as_json:
+        _print_json({"slug": slug, "dsn": dsn, "rotated": rotate})
+    else:
+        sys.stdout.write(dsn + "\n")
+
+
+@tenant_app.command("psql")
+def tenant_psql(
+    slug: str,
+    owner: Annotated[bool, typer.Option(help="Connect as the owner role (DDL rights).")]
+    = False,
+    command: Annotated[str | None, typer.Option("-c", "--command",
+                                                help="Run one command and exit.")] = None,
+) -> None:
+    """Open psql on the tenant's database as its login role (audited)."""
+    from orchestrator import psql
+
+    fleet = _fleet()
+    try:
+        code = psql.run(fleet, slug, owner=owner, command=command)
+    finally:
+        fleet.close()
+    raise typer.Exit(code)
+
+
+# -- quickstart --------------------------------------------------------------------------
+
+
+@app.command()
+def quickstart(state_dir: Annotated[Path, typer.Option(help="State directory.")]
+               = Path(".tenantctl")) -> None:
+    """Set up the embedded two-region fleet, a demo tenant per region, and show it."""
+    from orchestrator import quickstart as qs
+    from orchestrator.config import find_config_path
+
+    path = find_config_path(State.config_path)
+    for line in qs.run(path, state_dir):
+        _say(line)
+    State.config_path = str(path)
+    region_list()
+    tenant_list()
+    _say(f"\nnext: `tenantctl --config {path} tenant create acme --region eu-central`")
+
+
+# -- entry point -------------------------------------------------------------------------
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    sys.stderr.write(f"error: {message}\n")
+    sys.stdout.flush()
+    raise SystemExit(code)
+
+
+def main() -> None:
+    from orchestrator.errors import TenantctlError
+
+    try:
+        # standalone mode: typer itself handles usage errors, --help and Exit
+        app(prog_name="tenantctl")
+    except TenantctlError as exc:
+        _fail(str(exc), exc.exit_code)
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+    except Exception as exc:
+        # A server or the catalog went away mid-command: say so on one line.
+        import psycopg
+        import sqlalchemy.exc
+
+        if isinstance(exc, sqlalchemy.exc.OperationalError | psycopg.OperationalError):
+            orig = getattr(exc, "orig", None) or exc
+            first = (str(orig).strip().splitlines() or [type(orig).__name__])[0]
+            _fail(f"database unavailable: {first}", 6)
+        raise
+
+
+if __name__ == "__main__":
+    main()
