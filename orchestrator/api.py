@@ -118,7 +118,7 @@ class Fleet:
         with self.catalog.session() as s:
             counts = dict(s.execute(
                 select(Tenant.server, func.count()).where(Tenant.state.in_(PLACED_STATES))
-                .group_by(Tenant.server)).tuples().all())
+                .group_by(Tenant.server)).all())
             q = select(Server).order_by(Server.region, Server.name)
             if region:
                 q = q.where(Server.region == region)

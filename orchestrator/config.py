@@ -171,13 +171,17 @@ def _check_unknown(r: _Reader, raw: dict[str, Any], prefix: str, allowed: set[st
 
 
 def _check_dsn(r: _Reader, key: str, dsn: str) -> None:
-    if not dsn.startswith(("postgresql://", "postgres://")):
-        # key=value DSNs are fine for libpq, but we keep one form so we can redact reliably
-        raise r.fail(key, "must be a postgresql:// URL")
-    if re.match(r"^postgres(?:ql)?://[^/@]*:[^/@]+@", dsn):
+    from psycopg import ProgrammingError
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        params = conninfo_to_dict(dsn)
+    except ProgrammingError:
+        raise r.fail(key, "not a valid libpq connection string or postgresql:// URL") from None
+    if params.get("password"):
         raise r.fail(
             key,
-            "must not contain a password; use ?passfile=PATH or the PGPASSWORD environment",
+            "must not contain a password; use passfile=PATH or the PGPASSWORD environment",
         )
 
 

@@ -91,7 +91,7 @@ def _server_loads(session: Session, region: str) -> list[ServerLoad]:
     counts = dict(session.execute(
         select(Tenant.server, func.count()).where(Tenant.region == region,
                                                   Tenant.state.in_(PLACED_STATES))
-        .group_by(Tenant.server)).tuples().all())
+        .group_by(Tenant.server)).all())
     return [ServerLoad(s.name, counts.get(s.name, 0), s.capacity, s.available)
             for s in servers]
 

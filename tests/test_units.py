@@ -1,0 +1,171 @@
+"""Pure decision functions and parsers: no database needed."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from orchestrator.config import parse_config
+from orchestrator.errors import CapacityError, ConfigError, InvalidInput, MasterKeyError
+from orchestrator.masterkey import MasterKey, load_master_key, write_key_file
+from orchestrator.config import MasterKeySource
+from orchestrator.names import tenant_names, validate_slug
+from orchestrator.placement import ServerLoad, choose_server
+
+# -- placement -------------------------------------------------------------------
+
+
+def test_placement_picks_least_filled_server() -> None:
+    loads = [ServerLoad("a", 5, 10), ServerLoad("b", 3, 10), ServerLoad("c", 4, 10)]
+    assert choose_server("r", loads) == "b"
+
+
+def test_placement_uses_fill_ratio_not_raw_count() -> None:
+    # 40/100 is emptier than 5/10 even though it holds more tenants
+    loads = [ServerLoad("small", 5, 10), ServerLoad("big", 40, 100)]
+    assert choose_server("r", loads) == "big"
+
+
+def test_placement_skips_full_and_unavailable_servers() -> None:
+    loads = [ServerLoad("full", 10, 10), ServerLoad("off", 0, 10, available=False),
+             ServerLoad("ok", 9, 10)]
+    assert choose_server("r", loads) == "ok"
+
+
+def test_placement_ties_break_by_name() -> None:
+    assert choose_server("r", [ServerLoad("b", 1, 10), ServerLoad("a", 1, 10)]) == "a"
+
+
+def test_placement_full_region_is_an_error() -> None:
+    with pytest.raises(CapacityError, match="region 'r' is full \\(20/20"):
+        choose_server("r", [ServerLoad("a", 10, 10), ServerLoad("b", 10, 10)])
+
+
+def test_placement_region_without_servers() -> None:
+    with pytest.raises(CapacityError, match="no servers"):
+        choose_server("r", [])
+
+
+# -- slugs -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [
+    "Acme", "ac'me", 'ac"me', "acme;drop", "ac me", "a" * 41, "ab", "1acme", "_acme",
+    "acme-co", "postgres", "template1", "tenantctl_catalog", "pg_acme", "", "acmé",
+])
+def test_invalid_slugs_are_rejected(bad: str) -> None:
+    with pytest.raises(InvalidInput):
+        validate_slug(bad)
+
+
+@pytest.mark.parametrize("good", ["acme", "acme_co", "a12", "a" * 40])
+def test_valid_slugs(good: str) -> None:
+    assert validate_slug(good) == good
+
+
+def test_owner_and_login_names_never_collide_across_slugs() -> None:
+    # slug "x_owner"'s login role must not be slug "x"'s owner role
+    assert tenant_names("acme").owner_role != tenant_names("acme_owner").login_role
+    assert len(tenant_names("a" * 40).database) <= 63
+
+
+# -- master key ----------------------------------------------------------------------
+
+
+def test_wrap_unwrap_round_trip_and_binding() -> None:
+    key = MasterKey(os.urandom(32))
+    wrapped = key.wrap(b"s3cret", "tenant:a:password")
+    assert "s3cret" not in wrapped
+    assert key.unwrap(wrapped, "tenant:a:password") == b"s3cret"
+    with pytest.raises(MasterKeyError, match="failed authentication"):
+        key.unwrap(wrapped, "tenant:b:password")  # copied onto another row
+    with pytest.raises(MasterKeyError, match="wrapped by master key"):
+        MasterKey(os.urandom(32)).unwrap(wrapped, "tenant:a:password")
+    tampered = wrapped[:-4] + ("AAAA" if not wrapped.endswith("AAAA") else "BBBB")
+    with pytest.raises(MasterKeyError):
+        key.unwrap(tampered, "tenant:a:password")
+
+
+def test_key_repr_hides_material() -> None:
+    key = MasterKey(b"k" * 32)
+    assert "kkkk" not in repr(key)
+
+
+def test_key_file_mode_and_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "master.key"
+    write_key_file(path)
+    assert (path.stat().st_mode & 0o777) == 0o600
+    load_master_key(MasterKeySource(file=path))
+    path.chmod(0o644)
+    with pytest.raises(MasterKeyError, match="readable by others"):
+        load_master_key(MasterKeySource(file=path))
+    with pytest.raises(MasterKeyError, match="does not exist"):
+        load_master_key(MasterKeySource(file=tmp_path / "nope"))
+    monkeypatch.delenv("TCTL_TEST_KEY", raising=False)
+    with pytest.raises(MasterKeyError, match="not set"):
+        load_master_key(MasterKeySource(env="TCTL_TEST_KEY"))
+    monkeypatch.setenv("TCTL_TEST_KEY", "bm90IGEga2V5")
+    with pytest.raises(MasterKeyError, match="must be 32 bytes"):
+        load_master_key(MasterKeySource(env="TCTL_TEST_KEY"))
+
+
+# -- config ----------------------------------------------------------------------------
+
+
+def _raw() -> dict:
+    return {
+        "catalog": {"dsn": "postgresql://admin@db:5432/cat"},
+        "master_key": {"file": "master.key"},
+        "regions": {"eu-central": {
+            "backup_store": "s3://bucket/eu",
+            "servers": [{"name": "eu-1", "admin_dsn": "postgresql://admin@eu1/postgres",
+                         "capacity": 50}],
+        }},
+    }
+
+
+def test_config_parses_and_resolves_relative_paths(tmp_path: Path) -> None:
+    cfg = parse_config(_raw(), tmp_path / "tenantctl.toml")
+    assert cfg.master_key.file == tmp_path / "master.key"
+    assert cfg.region("eu-central").servers[0].capacity == 50
+    assert cfg.tenant_migrations.name == "tenant"
+
+
+@pytest.mark.parametrize("mutate, key, problem", [
+    (lambda r: r.pop("catalog"), "catalog", "missing table"),
+    (lambda r: r["catalog"].pop("dsn"), "catalog.dsn", "missing"),
+    (lambda r: r["catalog"].update(dsn="postgresql://u:pw@h/db"), "catalog.dsn",
+     "must not contain a password"),
+    (lambda r: r["master_key"].update(env="X"), "master_key", "exactly one"),
+    (lambda r: r.update(regions={"EU": r["regions"]["eu-central"]}), "regions.EU",
+     "lower-case"),
+    (lambda r: r["regions"]["eu-central"]["servers"][0].update(capacity="ten"),
+     "regions.eu-central.servers[0].capacity", "must be an integer"),
+    (lambda r: r["regions"]["eu-central"].update(backup_store="ftp://x"),
+     "regions.eu-central.backup_store", "file:// or s3://"),
+    (lambda r: r.update(colour="blue"), "colour", "unknown key"),
+    (lambda r: r["regions"]["eu-central"]["servers"].append(
+        dict(r["regions"]["eu-central"]["servers"][0])),
+     "regions.eu-central.servers[1].name", "defined twice"),
+    (lambda r: r.update(tenants={"migrations": "/nonexistent"}), "tenants.migrations",
+     "not an Alembic script directory"),
+])
+def test_config_errors_name_file_key_and_problem(tmp_path: Path, mutate, key: str,
+                                                 problem: str) -> None:
+    raw = _raw()
+    mutate(raw)
+    path = tmp_path / "tenantctl.toml"
+    with pytest.raises(ConfigError) as err:
+        parse_config(raw, path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: {key}: ")
+    assert problem in message
+    assert "\n" not in message
+
+
+def test_unknown_region_lists_known_ones(tmp_path: Path) -> None:
+    cfg = parse_config(_raw(), tmp_path / "t.toml")
+    with pytest.raises(ConfigError, match="unknown region 'mars' \\(known: eu-central\\)"):
+        cfg.region("mars")
