@@ -79,15 +79,17 @@ def migrate(conn: Connection, script_location: Path, target: str, *, as_role: st
         acfg = alembic_config(script_location)
         acfg.attributes["connection"] = conn
         script = script_directory(script_location)
-        if current is not None and target != "head" and _is_ancestor(script, target, current):
+        if is_downgrade(script, current, target):
             command.downgrade(acfg, target)
         else:
             command.upgrade(acfg, target)
         return current_revision(conn)
 
 
-def _is_ancestor(script: ScriptDirectory, candidate: str, of: str) -> bool:
-    """True when ``candidate`` lies strictly below ``of`` in the history (a downgrade)."""
-    if candidate == of:
+def is_downgrade(script: ScriptDirectory, current: str | None, target: str) -> bool:
+    """True when ``target`` lies strictly below ``current`` in the history."""
+    if current is None or target in ("head", "heads", current):
         return False
-    return any(rev.revision == candidate for rev in script.iterate_revisions(of, "base"))
+    if target == "base":
+        return True
+    return any(rev.revision == target for rev in script.iterate_revisions(current, "base"))
