@@ -112,7 +112,7 @@ class Catalog:
     def ensure_database(self) -> bool:
         """Create the catalog database if it is missing (the admin role has CREATEDB).
         True if created."""
-        dbname = conninfo_to_dict(self.dsn).get("dbname")
+        dbname = str(conninfo_to_dict(self.dsn).get("dbname") or "")
         assert dbname
         try:
             with psycopg.connect(with_dbname(self.dsn, "postgres"), autocommit=True,

@@ -242,7 +242,8 @@ def _check_traversable(path: Path) -> None:
             )
 
 
-def _run_as(cmd: list[str], owner: tuple[int, int] | None, **kw: object) -> subprocess.CompletedProcess[str]:
+def _run_as(cmd: list[str], owner: tuple[int, int] | None,
+            **kw: object) -> subprocess.CompletedProcess[str]:
     extra: dict[str, object] = {}
     if owner is not None:
         extra = {"user": owner[0], "group": owner[1], "extra_groups": []}

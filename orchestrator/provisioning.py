@@ -189,8 +189,11 @@ def _create_database(fleet: Fleet, conn: psycopg.Connection, names: TenantNames,
         if templates.template_revision(fleet, server) != head:
             try:
                 templates.build(fleet, server)
-            except (TenantctlError, psycopg.Error):
-                pass  # no usable template: fall back to migrating an empty database
+            except (TenantctlError, psycopg.Error) as exc:
+                # No usable template: fall back to migrating an empty database, and
+                # leave a trace for `tenantctl template build` / doctor to pick up.
+                fleet.catalog.audit("template.build", outcome="failed", server=server,
+                                    error=str(exc).splitlines()[0] if str(exc) else "")
         with fleet.catalog.advisory_lock(templates.lock_name(server), shared=True, wait=True):
             if templates.template_revision(fleet, server) == head:
                 pgserver.ensure_database(conn, names, template=TEMPLATE_DB)

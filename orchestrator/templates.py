@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import select
 
 from orchestrator import pgserver, tenant_migrations
+from orchestrator.catalog import with_dbname
 from orchestrator.models import Server
 from orchestrator.names import TEMPLATE_DB, TEMPLATE_OWNER
 
@@ -42,10 +43,10 @@ def build(fleet: Fleet, server: str, target: str = "head") -> str | None:
             pgserver.ensure_template_database(conn)
             pgserver.set_template_connections(conn, True)
             try:
-                with pgserver.connect(sc.admin_dsn, TEMPLATE_DB, server=server) as tconn:
-                    with tconn.transaction():
-                        pgserver.prepare_template_schema(tconn)
-                dsn = pgserver.with_dbname(sc.admin_dsn, TEMPLATE_DB)
+                with pgserver.connect(sc.admin_dsn, TEMPLATE_DB, server=server) as tconn, \
+                        tconn.transaction():
+                    pgserver.prepare_template_schema(tconn)
+                dsn = with_dbname(sc.admin_dsn, TEMPLATE_DB)
                 with tenant_migrations.tenant_connection(dsn) as sconn:
                     revision = tenant_migrations.migrate(
                         sconn, fleet.cfg.tenant_migrations, target, as_role=TEMPLATE_OWNER)

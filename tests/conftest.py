@@ -98,7 +98,7 @@ def test_fleet() -> Iterator[PgFleet]:
     else:
         pgpass = state / "pgpass"
         ports = dict(zip(SERVERS, localfleet.free_ports(len(SERVERS), start=56400), strict=True))
-        for server, port in ports.items():
+        for port in ports.values():
             localfleet.ensure_pgpass_entry(pgpass, port, ADMIN_ROLE, uuid.uuid4().hex * 2)
         dsns = {s: f"postgresql://{ADMIN_ROLE}@127.0.0.1:{p}/postgres?passfile={pgpass}"
                 for s, p in ports.items()}

@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.config import parse_config
+from orchestrator.config import MasterKeySource, parse_config
 from orchestrator.errors import CapacityError, ConfigError, InvalidInput, MasterKeyError
 from orchestrator.masterkey import MasterKey, load_master_key, write_key_file
-from orchestrator.config import MasterKeySource
 from orchestrator.names import tenant_names, validate_slug
 from orchestrator.placement import ServerLoad, choose_server
 
