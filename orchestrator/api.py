@@ -8,10 +8,12 @@
 from __future__ import annotations
 
 import functools
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import selectinload
@@ -68,13 +70,19 @@ class Fleet:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.catalog = Catalog(cfg)
+        self._server_conns = pgserver.ConnectionCache()
 
     @classmethod
     def from_config(cls, path: str | None = None) -> Fleet:
         return cls(load_config(path))
 
     def close(self) -> None:
+        self._server_conns.close()
         self.catalog.dispose()
+
+    def server_connection(self, server: str) -> AbstractContextManager[psycopg.Connection]:
+        """An autocommit admin connection to a server's maintenance database."""
+        return self._server_conns.connection(server, self.cfg.server(server).admin_dsn)
 
     @functools.cached_property
     def master_key(self) -> MasterKey:
@@ -167,8 +175,7 @@ class Fleet:
             password = self.master_key.unwrap(cred.password_wrapped, ctx).decode()
             pending = cred.applied_at is None
         if pending:
-            sc = self.cfg.server(tenant.server)
-            with pgserver.connect(sc.admin_dsn, server=sc.name) as conn:
+            with self.server_connection(tenant.server) as conn:
                 pgserver.set_password(conn, tenant.login_role, password)
             with self.catalog.session() as s, s.begin():
                 s.execute(update(TenantCredential)

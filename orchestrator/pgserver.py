@@ -9,6 +9,8 @@ statement, a server log or pg_stat_activity.
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -24,17 +26,73 @@ DML = sql.SQL("SELECT, INSERT, UPDATE, DELETE")
 SEQ = sql.SQL("USAGE, SELECT, UPDATE")
 
 
-@contextmanager
-def connect(admin_dsn: str, dbname: str | None = None, *, server: str = "",
-            autocommit: bool = True) -> Iterator[psycopg.Connection]:
+def open_connection(admin_dsn: str, dbname: str | None = None, *, server: str = "",
+                    autocommit: bool = True) -> psycopg.Connection:
     dsn = with_dbname(admin_dsn, dbname) if dbname else admin_dsn
     try:
-        conn = psycopg.connect(dsn, autocommit=autocommit, connect_timeout=5,
+        return psycopg.connect(dsn, autocommit=autocommit, connect_timeout=5,
                                application_name="tenantctl")
     except psycopg.OperationalError as exc:
         raise server_error(f"server {server or redact(dsn)}", exc) from None
-    with conn:
+
+
+@contextmanager
+def connect(admin_dsn: str, dbname: str | None = None, *, server: str = "",
+            autocommit: bool = True) -> Iterator[psycopg.Connection]:
+    with open_connection(admin_dsn, dbname, server=server, autocommit=autocommit) as conn:
         yield conn
+
+
+class ConnectionCache:
+    """Idle admin connections to each server's maintenance database, reused by one
+    Fleet across operations (a SCRAM handshake costs milliseconds on every
+    provisioning otherwise). Thread-safe; a connection idle for a while is
+    pinged before reuse, so a restarted server costs a reconnect, not an error."""
+
+    PING_AFTER = 30.0
+
+    def __init__(self) -> None:
+        self._idle: dict[str, list[tuple[psycopg.Connection, float]]] = {}
+        self._lock = threading.Lock()
+
+    def _checkout(self, server: str) -> psycopg.Connection | None:
+        while True:
+            with self._lock:
+                idle = self._idle.get(server)
+                if not idle:
+                    return None
+                conn, since = idle.pop()
+            if conn.closed:
+                continue
+            if time.monotonic() - since < self.PING_AFTER:
+                return conn
+            try:
+                conn.execute("SELECT 1")
+                return conn
+            except psycopg.Error:
+                conn.close()
+
+    @contextmanager
+    def connection(self, server: str, admin_dsn: str) -> Iterator[psycopg.Connection]:
+        conn = self._checkout(server) or open_connection(admin_dsn, server=server)
+        reusable = False
+        try:
+            yield conn
+            reusable = (not conn.closed and conn.info.transaction_status
+                        == psycopg.pq.TransactionStatus.IDLE)
+        finally:
+            if reusable:
+                with self._lock:
+                    self._idle.setdefault(server, []).append((conn, time.monotonic()))
+            else:
+                conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, {}
+        for conns in idle.values():
+            for conn, _ in conns:
+                conn.close()
 
 
 def server_version(conn: psycopg.Connection) -> int:
@@ -78,20 +136,20 @@ def _grant_membership(conn: psycopg.Connection, role: str) -> None:
 
 
 def ensure_roles(conn: psycopg.Connection, names: TenantNames, marker: str) -> None:
-    """The NOLOGIN owner role and the (still NOLOGIN) login role, both marked as ours."""
-    for role in (names.owner_role, names.login_role):
-        if role_exists(conn, role):
-            if _role_comment(conn, role) != marker:
-                raise Conflict(f"role {role!r} already exists on the server and does not "
-                               "belong to this tenant; refusing to adopt it")
-            continue
-        with conn.transaction():
+    """The NOLOGIN owner role and the (still NOLOGIN) login role, both marked as ours,
+    created in one transaction (roles are transactional: both or neither)."""
+    with conn.transaction():
+        for role in (names.owner_role, names.login_role):
+            if role_exists(conn, role):
+                if _role_comment(conn, role) != marker:
+                    raise Conflict(f"role {role!r} already exists on the server and does not "
+                                   "belong to this tenant; refusing to adopt it")
+                continue
             conn.execute(sql.SQL(
                 "CREATE ROLE {} NOLOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION "
-                "NOBYPASSRLS NOINHERIT").format(Ident(role)))
-            conn.execute(sql.SQL("COMMENT ON ROLE {} IS {}").format(
-                Ident(role), sql.Literal(marker)))
-    _grant_membership(conn, names.owner_role)
+                "NOBYPASSRLS NOINHERIT; COMMENT ON ROLE {} IS {}").format(
+                    Ident(role), Ident(role), sql.Literal(marker)))
+        _grant_membership(conn, names.owner_role)
 
 
 def ensure_database(conn: psycopg.Connection, names: TenantNames, *,
@@ -130,30 +188,29 @@ def reassign_from_template(conn: psycopg.Connection, names: TenantNames) -> None
 
 
 def secure_tenant_database(conn: psycopg.Connection, names: TenantNames) -> None:
-    """Run in the tenant's own database, in one transaction: lock PUBLIC out, give
-    the login role DML and nothing else.
+    """Run in the tenant's own database (one multi-statement query, so atomic even
+    outside a transaction): lock PUBLIC out, give the login role DML, nothing else.
 
     The login role owns nothing and holds no grant option, so revoking its write
     privileges later (a hold) really takes them away.
     """
     owner, login = Ident(names.owner_role), Ident(names.login_role)
     db = Ident(names.database)
-    with conn.transaction():
-        stmts = [
-            sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(db),
-            sql.SQL("GRANT CONNECT, TEMPORARY ON DATABASE {} TO {}").format(db, login),
-            sql.SQL("GRANT CONNECT ON DATABASE {} TO CURRENT_USER").format(db),
-            sql.SQL("REVOKE ALL ON SCHEMA public FROM PUBLIC"),
-            sql.SQL("GRANT USAGE ON SCHEMA public TO {}").format(login),
-            sql.SQL("GRANT {} ON ALL TABLES IN SCHEMA public TO {}").format(DML, login),
-            sql.SQL("GRANT {} ON ALL SEQUENCES IN SCHEMA public TO {}").format(SEQ, login),
-            sql.SQL("ALTER DEFAULT PRIVILEGES FOR ROLE {} IN SCHEMA public "
-                    "GRANT {} ON TABLES TO {}").format(owner, DML, login),
-            sql.SQL("ALTER DEFAULT PRIVILEGES FOR ROLE {} IN SCHEMA public "
-                    "GRANT {} ON SEQUENCES TO {}").format(owner, SEQ, login),
-        ]
-        # one round trip: these run on every provisioning
-        conn.execute(sql.SQL(";\n").join(stmts))
+    stmts = [
+        sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(db),
+        sql.SQL("GRANT CONNECT, TEMPORARY ON DATABASE {} TO {}").format(db, login),
+        sql.SQL("GRANT CONNECT ON DATABASE {} TO CURRENT_USER").format(db),
+        sql.SQL("REVOKE ALL ON SCHEMA public FROM PUBLIC"),
+        sql.SQL("GRANT USAGE ON SCHEMA public TO {}").format(login),
+        sql.SQL("GRANT {} ON ALL TABLES IN SCHEMA public TO {}").format(DML, login),
+        sql.SQL("GRANT {} ON ALL SEQUENCES IN SCHEMA public TO {}").format(SEQ, login),
+        sql.SQL("ALTER DEFAULT PRIVILEGES FOR ROLE {} IN SCHEMA public "
+                "GRANT {} ON TABLES TO {}").format(owner, DML, login),
+        sql.SQL("ALTER DEFAULT PRIVILEGES FOR ROLE {} IN SCHEMA public "
+                "GRANT {} ON SEQUENCES TO {}").format(owner, SEQ, login),
+    ]
+    # one round trip: these run on every provisioning
+    conn.execute(sql.SQL(";\n").join(stmts))
 
 
 def scram_verifier(conn: psycopg.Connection, role: str, password: str) -> str:

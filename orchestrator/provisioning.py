@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import psycopg
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -103,7 +103,7 @@ def _register(fleet: Fleet, slug: str, region: str, password: str) -> Tenant:
         while True:
             server = choose_server(region, loads)
             try:
-                with pgserver.connect(fleet.cfg.server(server).admin_dsn, server=server):
+                with fleet.server_connection(server):
                     break
             except ServerUnavailable:
                 # Try the next server of the region; if none is left, say why.
@@ -127,34 +127,36 @@ def _register(fleet: Fleet, slug: str, region: str, password: str) -> Tenant:
     return tenant
 
 
-def _record(fleet: Fleet, tenant_id: int, **fields: object) -> None:
+def _progress(fleet: Fleet, tenant_id: int, **fields: object) -> None:
+    """Record a finished step. Without waiting for the WAL flush: a lost progress
+    marker only makes a re-run redo an idempotent step, never skip one."""
     with fleet.catalog.session() as s, s.begin():
+        s.execute(text("SET LOCAL synchronous_commit = off"))
         s.execute(update(Tenant).where(Tenant.id == tenant_id).values(**fields))
 
 
 def _run_steps(fleet: Fleet, tenant: Tenant, password: str) -> bool:
     """Carry out the steps after ``tenant.step``. True if the database was cloned
     from the template."""
-    sc = fleet.cfg.server(tenant.server)
     names = tenant_names(tenant.slug)
-    marker = pgserver.role_marker(tenant.id, tenant.slug)
     done = STEPS.index(tenant.step) if tenant.step in STEPS else 0
     via_template = False
     current = "registered"
     try:
-        with pgserver.connect(sc.admin_dsn, server=sc.name) as conn:
+        with fleet.server_connection(tenant.server) as conn:
             if done < STEPS.index("roles"):
                 current = "roles"
-                pgserver.ensure_roles(conn, names, marker)
+                pgserver.ensure_roles(conn, names, pgserver.role_marker(tenant.id, tenant.slug))
                 checkpoint("provision.roles")
-                _record(fleet, tenant.id, step="roles")
+                _progress(fleet, tenant.id, step="roles")
             if done < STEPS.index("database"):
                 current = "database"
-                via_template = _create_database(fleet, conn, names, sc.name)
+                via_template = _create_database(fleet, conn, names, tenant.server)
                 checkpoint("provision.database")
-                _record(fleet, tenant.id, step="database")
+                _progress(fleet, tenant.id, step="database")
             if done < STEPS.index("privileges"):
-                revision = _schema_and_privileges(fleet, tenant, sc.admin_dsn, done)
+                current = "schema"
+                revision = _schema_and_privileges(fleet, tenant, done)
             else:
                 revision = tenant.revision
             current = "login"
@@ -162,7 +164,7 @@ def _run_steps(fleet: Fleet, tenant: Tenant, password: str) -> bool:
             checkpoint("provision.login")
     except psycopg.Error as exc:
         msg = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        _record(fleet, tenant.id, last_error=f"{current}: {msg}")
+        _progress(fleet, tenant.id, last_error=f"{current}: {msg}")
         fleet.catalog.audit("tenant.provision", tenant=tenant.slug, region=tenant.region,
                             outcome="failed", step=current, error=msg)
         raise TenantctlError(
@@ -184,51 +186,61 @@ def _run_steps(fleet: Fleet, tenant: Tenant, password: str) -> bool:
 
 def _create_database(fleet: Fleet, conn: psycopg.Connection, names: TenantNames,
                      server: str) -> bool:
-    head = fleet.head_revision
+    """Clone the server's template if it is at head (building or upgrading it first
+    if needed); otherwise create an empty database for the migrations to fill."""
     if fleet.cfg.use_template:
-        if templates.template_revision(fleet, server) != head:
-            try:
-                templates.build(fleet, server)
-            except (TenantctlError, psycopg.Error) as exc:
-                # No usable template: fall back to migrating an empty database, and
-                # leave a trace for `tenantctl template build` / doctor to pick up.
-                fleet.catalog.audit("template.build", outcome="failed", server=server,
-                                    error=str(exc).splitlines()[0] if str(exc) else "")
-        with fleet.catalog.advisory_lock(templates.lock_name(server), shared=True, wait=True):
-            if templates.template_revision(fleet, server) == head:
-                pgserver.ensure_database(conn, names, template=TEMPLATE_DB)
-                return True
+        for attempt in range(2):
+            with fleet.catalog.advisory_lock(templates.lock_name(server), shared=True,
+                                             wait=True):
+                if templates.template_revision(fleet, server) == fleet.head_revision:
+                    pgserver.ensure_database(conn, names, template=TEMPLATE_DB)
+                    return True
+            if attempt == 0 and not _try_build_template(fleet, server):
+                break
     pgserver.ensure_database(conn, names, template=None)
     return False
 
 
-def _schema_and_privileges(fleet: Fleet, tenant: Tenant, admin_dsn: str, done: int
-                           ) -> str | None:
-    """In the tenant's database: take the template's objects, migrate to head if
-    needed (as the owner role), then set privileges. One connection, two steps."""
+def _try_build_template(fleet: Fleet, server: str) -> bool:
+    try:
+        templates.build(fleet, server)
+        return True
+    except (TenantctlError, psycopg.Error) as exc:
+        # No usable template: fall back to migrating an empty database, and leave a
+        # trace for `tenantctl template build` to pick up.
+        fleet.catalog.audit("template.build", outcome="failed", server=server,
+                            error=(str(exc).splitlines() or [""])[0])
+        return False
+
+
+def _schema_and_privileges(fleet: Fleet, tenant: Tenant, done: int) -> str | None:
+    """In the tenant's database, on one connection: take over the template's objects,
+    migrate to head if the database is behind (as the owner role), then grant.
+    On the template path all of it is a single transaction."""
     names = tenant_names(tenant.slug)
-    dsn = with_dbname(admin_dsn, names.database)
+    dsn = with_dbname(fleet.cfg.server(tenant.server).admin_dsn, names.database)
+    head = fleet.head_revision
     try:
         with tenant_migrations.tenant_connection(dsn) as sconn:
-            if done < STEPS.index("schema"):
-                with sconn.begin():
-                    pconn = sconn.connection.driver_connection
-                    assert isinstance(pconn, psycopg.Connection)
-                    pgserver.reassign_from_template(pconn, names)
-                    revision = tenant_migrations.current_revision(sconn)
-                if revision != fleet.head_revision:
-                    revision = tenant_migrations.migrate(
-                        sconn, fleet.cfg.tenant_migrations, "head", as_role=names.owner_role)
-                checkpoint("provision.schema")
-                _record(fleet, tenant.id, step="schema", revision=revision)
-            else:
-                revision = tenant_migrations.current_revision(sconn)
-                sconn.rollback()
             pconn = sconn.connection.driver_connection
             assert isinstance(pconn, psycopg.Connection)
-            pgserver.secure_tenant_database(pconn, names)
+            with sconn.begin():
+                if done < STEPS.index("schema"):
+                    pgserver.reassign_from_template(pconn, names)
+                revision = tenant_migrations.current_revision(sconn)
+                granted = revision == head
+                if granted:
+                    pgserver.secure_tenant_database(pconn, names)
+            if revision != head:
+                revision = tenant_migrations.migrate(
+                    sconn, fleet.cfg.tenant_migrations, "head", as_role=names.owner_role)
+            checkpoint("provision.schema")
+            _progress(fleet, tenant.id, step="schema", revision=revision)
+            if not granted:
+                with sconn.begin():
+                    pgserver.secure_tenant_database(pconn, names)
             checkpoint("provision.privileges")
-            _record(fleet, tenant.id, step="privileges")
+            _progress(fleet, tenant.id, step="privileges")
             return revision
     except psycopg.OperationalError as exc:
         raise server_error(f"database {names.database}", exc) from None
