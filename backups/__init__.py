@@ -1,0 +1,1 @@
+"""Backup pipeline (dump, encrypt, store, restore, verify): see the backups issue."""
