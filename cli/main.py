@@ -56,7 +56,13 @@ def _config() -> Config:
 def _fleet() -> Fleet:
     from orchestrator.api import Fleet
 
-    return Fleet(_config())
+    fleet = Fleet(_config())
+    try:
+        fleet.catalog.require_current()  # a clear error instead of "relation does not exist"
+    except BaseException:
+        fleet.close()
+        raise
+    return fleet
 
 
 def _print_json(data: Any) -> None:

@@ -21,7 +21,7 @@ from sqlalchemy.orm import selectinload
 from orchestrator import pgserver, provisioning, tenant_migrations
 from orchestrator.catalog import Catalog
 from orchestrator.config import Config, load_config
-from orchestrator.errors import Conflict, NotFound
+from orchestrator.errors import Conflict, InvalidInput, NotFound
 from orchestrator.faults import checkpoint
 from orchestrator.masterkey import MasterKey, load_master_key
 from orchestrator.models import PLACED_STATES, Server, Tenant, TenantCredential, TenantState
@@ -110,7 +110,7 @@ class Fleet:
         if region is not None:
             self.cfg.region(region)
         if state is not None and state not in TenantState.__members__:
-            raise NotFound(f"unknown state {state!r} (one of: "
+            raise InvalidInput(f"unknown state {state!r} (one of: "
                            f"{', '.join(TenantState.__members__)})")
         q = select(Tenant).order_by(Tenant.region, Tenant.slug)
         if region:

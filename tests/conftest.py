@@ -89,35 +89,37 @@ def test_fleet() -> Iterator[PgFleet]:
     # which must be able to traverse the path (pytest's base dir is 0700).
     state = Path(tempfile.mkdtemp(prefix="tenantctl-test-", dir="/tmp"))
     os.chmod(state, 0o755)
-    write_key_file(state / "master.key")
+    cfg: Config | None = None
     external = os.environ.get(EXTERNAL_DSN_ENV)
-    ports: dict[str, int] = {}
-    if external:
-        dsns = {s: external for s in SERVERS}
-        catalog_dsn = with_dbname(external, f"tenantctl_catalog_{uuid.uuid4().hex[:8]}")
-    else:
-        pgpass = state / "pgpass"
-        ports = dict(zip(SERVERS, localfleet.free_ports(len(SERVERS), start=56400), strict=True))
-        for port in ports.values():
-            localfleet.ensure_pgpass_entry(pgpass, port, ADMIN_ROLE, uuid.uuid4().hex * 2)
-        dsns = {s: f"postgresql://{ADMIN_ROLE}@127.0.0.1:{p}/postgres?passfile={pgpass}"
-                for s, p in ports.items()}
-        catalog_dsn = with_dbname(dsns["eu-central-1"], "tenantctl_catalog")
-    config_path = state / "tenantctl.toml"
-    config_path.write_text(_render(state, dsns, ports, bool(external), catalog_dsn))
-    (state / "notemplate.toml").write_text(
-        _render(state, dsns, ports, bool(external), catalog_dsn, use_template=False))
-    cfg = load_config(config_path)
-    if not external:
-        list(localfleet.up(cfg))
-    catalog = Catalog(cfg)
-    catalog.upgrade()
-    catalog.sync_topology()
-    catalog.dispose()
     try:
+        write_key_file(state / "master.key")
+        ports: dict[str, int] = {}
+        if external:
+            dsns = {s: external for s in SERVERS}
+            catalog_dsn = with_dbname(external, f"tenantctl_catalog_{uuid.uuid4().hex[:8]}")
+        else:
+            pgpass = state / "pgpass"
+            ports = dict(zip(SERVERS, localfleet.free_ports(len(SERVERS), start=56400),
+                             strict=True))
+            for port in ports.values():
+                localfleet.ensure_pgpass_entry(pgpass, port, ADMIN_ROLE, uuid.uuid4().hex * 2)
+            dsns = {s: f"postgresql://{ADMIN_ROLE}@127.0.0.1:{p}/postgres?passfile={pgpass}"
+                    for s, p in ports.items()}
+            catalog_dsn = with_dbname(dsns["eu-central-1"], "tenantctl_catalog")
+        config_path = state / "tenantctl.toml"
+        config_path.write_text(_render(state, dsns, ports, bool(external), catalog_dsn))
+        (state / "notemplate.toml").write_text(
+            _render(state, dsns, ports, bool(external), catalog_dsn, use_template=False))
+        cfg = load_config(config_path)
+        if not external:
+            list(localfleet.up(cfg))
+        catalog = Catalog(cfg)
+        catalog.upgrade()
+        catalog.sync_topology()
+        catalog.dispose()
         yield PgFleet(state, config_path, ports, bool(external))
     finally:
-        if not external:
+        if cfg is not None and not external:
             list(localfleet.down(cfg))
         shutil.rmtree(state, ignore_errors=True)
 

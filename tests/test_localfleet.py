@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -111,3 +112,73 @@ def test_admin_role_cannot_do_superuser_things(workdir: Path) -> None:
             conn.execute("ALTER SYSTEM SET work_mem = '64MB'")
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             conn.execute("CREATE ROLE would_be_root SUPERUSER")
+
+
+def test_init_local_is_idempotent(workdir: Path) -> None:
+    before = (workdir / "tenantctl.toml").read_text()
+    again = _cli(workdir, "init", "--local")
+    assert again.returncode == 0, again.stderr
+    assert "kept existing" in again.stdout and "already running" in again.stdout
+    assert (workdir / "tenantctl.toml").read_text() == before
+
+
+def _usable_by_others(path: Path) -> bool:
+    real = path.resolve()
+    return all(p.stat().st_mode & 0o001 for p in [real, *real.parents])
+
+
+def _python_for_others() -> tuple[str, str] | None:
+    """An interpreter another user can run, and the site-packages to give it.
+    (pyenv's python under /root is not reachable by other users.)"""
+    import site
+    import sysconfig
+
+    purelib = sysconfig.get_paths()["purelib"]
+    if not (_usable_by_others(REPO) and _usable_by_others(Path(purelib))):
+        return None
+    for candidate in (Path(sys.executable), Path(f"/usr/bin/python3.{sys.version_info.minor}")):
+        if candidate.exists() and _usable_by_others(candidate):
+            return str(candidate), os.pathsep.join([purelib, *site.getsitepackages()])
+    return None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="as a normal user every other test covers it")
+def test_local_fleet_as_a_normal_user() -> None:
+    """As root, the suite runs Postgres as the tenantctl_pg system user; this runs
+    the whole CLI as an ordinary user, where Postgres runs as that user."""
+    import pwd
+
+    found = _python_for_others()
+    if found is None:
+        pytest.skip("no Python interpreter and checkout here that another user may run")
+    python, site_packages = found
+    user = "tenantctl_tester"
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/bin/sh", user],
+                       check=True)
+        entry = pwd.getpwnam(user)
+    home = Path(tempfile.mkdtemp(prefix="tenantctl-user-", dir="/tmp"))
+    os.chmod(home, 0o755)
+    os.chown(home, entry.pw_uid, entry.pw_gid)
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(home),
+           "PYTHONPATH": os.pathsep.join([str(REPO), site_packages])}
+
+    def as_user(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([python, "-m", "cli.main", *args], cwd=home, env=env, capture_output=True,
+                              text=True, user=entry.pw_uid, group=entry.pw_gid,
+                              extra_groups=[], timeout=300)
+
+    try:
+        init = as_user("init", "--local")
+        assert init.returncode == 0, init.stderr
+        created = as_user("tenant", "create", "userland", "--region", "ap-south")
+        assert created.returncode == 0, created.stderr
+        with psycopg.connect(created.stdout.strip().splitlines()[-1], connect_timeout=5) as c:
+            assert c.execute("SELECT current_user").fetchone() == ("tenant_userland",)
+        data_dir = home / ".tenantctl" / "pg" / "ap-south-1"
+        assert data_dir.stat().st_uid == entry.pw_uid
+    finally:
+        as_user("local", "down")
+        shutil.rmtree(home, ignore_errors=True)

@@ -1,0 +1,70 @@
+"""CLI behaviour that is not provisioning itself: lookups, validation, catalog state."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+
+from tests.conftest import PgFleet, run_cli
+
+
+def _one_line_error(proc, code: int, needle: str) -> None:  # type: ignore[no-untyped-def]
+    assert proc.returncode == code, (proc.returncode, proc.stderr)
+    assert proc.stderr.startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1
+    assert needle in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_unknown_tenant(test_fleet: PgFleet) -> None:
+    for args in (["tenant", "show", "nosuchtenant"], ["tenant", "credentials", "nosuchtenant"],
+                 ["tenant", "psql", "nosuchtenant", "-c", "select 1"]):
+        _one_line_error(run_cli(test_fleet, *args), 3, "no tenant 'nosuchtenant'")
+
+
+def test_invalid_filters(test_fleet: PgFleet) -> None:
+    _one_line_error(run_cli(test_fleet, "tenant", "list", "--state", "bogus"), 2,
+                    "unknown state 'bogus'")
+    _one_line_error(run_cli(test_fleet, "tenant", "list", "--region", "mars"), 2,
+                    "unknown region 'mars'")
+    _one_line_error(run_cli(test_fleet, "tenant", "show", "Bad;Slug"), 2, "invalid slug")
+
+
+def test_config_check(test_fleet: PgFleet) -> None:
+    proc = run_cli(test_fleet, "config", "check", "--json")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert set(data["regions"]) >= {"eu-central", "ap-south"}
+    assert len(data["master_key_id"]) == 16
+    key = (test_fleet.state_dir / "master.key").read_text().strip()
+    assert key not in proc.stdout
+
+
+def test_missing_config_file(test_fleet: PgFleet, tmp_path: Path) -> None:
+    _one_line_error(run_cli(test_fleet, "tenant", "list", config=tmp_path / "none.toml"), 2,
+                    "config file not found")
+
+
+def test_catalog_not_upgraded(test_fleet: PgFleet, tmp_path: Path) -> None:
+    admin = test_fleet.admin_dsn("eu-central-1")
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute("DROP DATABASE IF EXISTS tenantctl_catalog_empty")
+        conn.execute(sql.SQL("CREATE DATABASE tenantctl_catalog_empty"))
+    cfg = tmp_path / "empty.toml"
+    text = test_fleet.config_path.read_text()
+    cfg.write_text(text.replace("dbname=tenantctl_catalog", "dbname=tenantctl_catalog_empty"))
+    try:
+        _one_line_error(run_cli(test_fleet, "tenant", "list", config=cfg), 4,
+                        "run `tenantctl catalog upgrade`")
+        upgraded = run_cli(test_fleet, "catalog", "upgrade", "--json", config=cfg)
+        assert upgraded.returncode == 0, upgraded.stderr
+        result = json.loads(upgraded.stdout)
+        assert result["from"] is None and result["to"]
+        assert "region eu-central: added" in result["topology"]
+        listed = run_cli(test_fleet, "tenant", "list", "--json", config=cfg)
+        assert listed.returncode == 0 and json.loads(listed.stdout) == []
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute("DROP DATABASE tenantctl_catalog_empty WITH (FORCE)")
