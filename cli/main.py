@@ -234,15 +234,16 @@ def region_list(as_json: JsonOpt = False) -> None:
 @template_app.command("build")
 def template_build(server: Annotated[str | None, typer.Option(
         help="One server (default: every server).")] = None) -> None:
-    """Create or upgrade each server's template database to head."""
+    """Create or upgrade each server's template database to the fleet's target
+    revision (head until a rollout sets it)."""
     from orchestrator import templates
 
     fleet = _fleet()
     try:
         names = [server] if server else [s.name for s in fleet.cfg.servers]
         for name in names:
-            fleet.cfg.server(name)
-            _say(f"{name}: template at {templates.build(fleet, name)}")
+            target = fleet.target_revision(fleet.cfg.server(name).region)
+            _say(f"{name}: template at {templates.build(fleet, name, target)}")
     finally:
         fleet.close()
 

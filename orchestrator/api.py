@@ -15,7 +15,8 @@ from typing import Any
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import selectinload
 
 from orchestrator import pgserver, provisioning, tenant_migrations
@@ -24,8 +25,18 @@ from orchestrator.config import Config, load_config
 from orchestrator.errors import Conflict, InvalidInput, NotFound
 from orchestrator.faults import checkpoint
 from orchestrator.masterkey import MasterKey, load_master_key
-from orchestrator.models import PLACED_STATES, Server, Tenant, TenantCredential, TenantState
+from orchestrator.models import (
+    PLACED_STATES,
+    FleetSetting,
+    Server,
+    Tenant,
+    TenantCredential,
+    TenantState,
+)
+
 from orchestrator.names import validate_slug
+
+TARGET_KEY = "target_revision"
 
 
 def _iso(dt: datetime | None) -> str | None:
@@ -91,6 +102,33 @@ class Fleet:
     @functools.cached_property
     def head_revision(self) -> str | None:
         return tenant_migrations.head_revision(self.cfg.tenant_migrations)
+
+    def target_revision(self, region: str | None = None) -> str | None:
+        """The revision new tenants are created at. A rollout of the whole fleet (or
+        of one region) sets it, so tenants created during or after the rollout end
+        where the fleet is going; until the first rollout it is head."""
+        keys = [TARGET_KEY] + ([f"{TARGET_KEY}:{region}"] if region else [])
+        with self.catalog.session() as s:
+            rows = dict(s.execute(select(FleetSetting.key, FleetSetting.value)
+                                  .where(FleetSetting.key.in_(keys))).all())
+        value = rows.get(f"{TARGET_KEY}:{region}") or rows.get(TARGET_KEY)
+        if value is None:
+            return self.head_revision
+        return None if value == "base" else value
+
+    def set_target_revision(self, revision: str | None, region: str | None = None) -> None:
+        """Whole fleet: set the fleet target and drop region overrides. One region:
+        set that region's override."""
+        value = revision or "base"
+        with self.catalog.session() as s, s.begin():
+            if region is None:
+                s.execute(delete(FleetSetting).where(FleetSetting.key.like(f"{TARGET_KEY}:%")))
+                key = TARGET_KEY
+            else:
+                key = f"{TARGET_KEY}:{region}"
+            stmt = pg_insert(FleetSetting).values(key=key, value=value)
+            s.execute(stmt.on_conflict_do_update(index_elements=[FleetSetting.key],
+                                                 set_={"value": value, "updated_at": func.now()}))
 
     # -- catalog reads ---------------------------------------------------------
 

@@ -17,6 +17,7 @@ from sqlalchemy import (
     DateTime,
     ForeignKey,
     Identity,
+    Index,
     Integer,
     MetaData,
     String,
@@ -107,6 +108,9 @@ class Tenant(Base):
     deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     purge_after: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     purged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # the last migration that failed for this tenant (cleared by a successful one)
+    migration_error: Mapped[str | None] = mapped_column(Text)
+    migrated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     legal_hold: Mapped[bool] = mapped_column(Boolean, server_default="false")
     legal_hold_reason: Mapped[str | None] = mapped_column(Text)
     updated_at: Mapped[datetime] = mapped_column(
@@ -149,3 +153,67 @@ class AuditEvent(Base):
     region: Mapped[str | None] = mapped_column(String(40))
     outcome: Mapped[str] = mapped_column(String(20), server_default="ok")
     detail: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default="{}")
+
+
+class FleetSetting(Base):
+    """Fleet-wide settings the orchestrator itself decides, e.g. the schema revision
+    new tenants are created at (set by rollouts; head when unset)."""
+
+    __tablename__ = "fleet_settings"
+
+    key: Mapped[str] = mapped_column(String(60), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now(), onupdate=func.now())
+
+
+class Rollout(Base):
+    """One fleet-wide migration to a target revision. Several processes may work on
+    the same rollout at once; they claim its tenants row by row."""
+
+    __tablename__ = "rollouts"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    # same command, same key: a re-run attaches to the unfinished rollout
+    key: Mapped[str] = mapped_column(String(64), index=True)
+    target: Mapped[str | None] = mapped_column(String(64))
+    options: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default="{}")
+    status: Mapped[str] = mapped_column(String(20))
+    actor: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = _now()
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        CheckConstraint("status IN ('running','completed','failed','stopped','interrupted')",
+                        name="status_known"),
+    )
+
+
+class RolloutTenant(Base):
+    """A tenant's place and result in a rollout."""
+
+    __tablename__ = "rollout_tenants"
+
+    rollout_id: Mapped[int] = mapped_column(
+        ForeignKey("rollouts.id", ondelete="CASCADE"), primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(
+        ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
+    slug: Mapped[str] = mapped_column(String(40))
+    server: Mapped[str] = mapped_column(String(63))
+    wave: Mapped[int] = mapped_column(Integer)  # 0 = canary
+    seq: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(20), server_default="pending")
+    from_revision: Mapped[str | None] = mapped_column(String(64))
+    to_revision: Mapped[str | None] = mapped_column(String(64))
+    attempts: Mapped[int] = mapped_column(Integer, server_default="0")
+    worker: Mapped[str | None] = mapped_column(String(200))
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    duration_ms: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (
+        CheckConstraint("status IN ('pending','running','ok','skipped','failed')",
+                        name="status_known"),
+        Index("ix_rollout_tenants_claim", "rollout_id", "wave", "status", "seq"),
+    )

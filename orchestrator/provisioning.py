@@ -189,21 +189,22 @@ def _create_database(fleet: Fleet, conn: psycopg.Connection, names: TenantNames,
     """Clone the server's template if it is at head (building or upgrading it first
     if needed); otherwise create an empty database for the migrations to fill."""
     if fleet.cfg.use_template:
+        target = fleet.target_revision(fleet.cfg.server(server).region)
         for attempt in range(2):
             with fleet.catalog.advisory_lock(templates.lock_name(server), shared=True,
                                              wait=True):
-                if templates.template_revision(fleet, server) == fleet.head_revision:
+                if templates.template_revision(fleet, server) == target:
                     pgserver.ensure_database(conn, names, template=TEMPLATE_DB)
                     return True
-            if attempt == 0 and not _try_build_template(fleet, server):
+            if attempt == 0 and not _try_build_template(fleet, server, target):
                 break
     pgserver.ensure_database(conn, names, template=None)
     return False
 
 
-def _try_build_template(fleet: Fleet, server: str) -> bool:
+def _try_build_template(fleet: Fleet, server: str, target: str | None) -> bool:
     try:
-        templates.build(fleet, server)
+        templates.build(fleet, server, target)
         return True
     except (TenantctlError, psycopg.Error) as exc:
         # No usable template: fall back to migrating an empty database, and leave a
@@ -219,7 +220,8 @@ def _schema_and_privileges(fleet: Fleet, tenant: Tenant, done: int) -> str | Non
     On the template path all of it is a single transaction."""
     names = tenant_names(tenant.slug)
     dsn = with_dbname(fleet.cfg.server(tenant.server).admin_dsn, names.database)
-    head = fleet.head_revision
+    # read now, not at the start: a rollout that began meanwhile has moved it
+    target = fleet.target_revision(tenant.region)
     try:
         with tenant_migrations.tenant_connection(dsn) as sconn:
             pconn = sconn.connection.driver_connection
@@ -228,12 +230,13 @@ def _schema_and_privileges(fleet: Fleet, tenant: Tenant, done: int) -> str | Non
                 if done < STEPS.index("schema"):
                     pgserver.reassign_from_template(pconn, names)
                 revision = tenant_migrations.current_revision(sconn)
-                granted = revision == head
+                granted = revision == target
                 if granted:
                     pgserver.secure_tenant_database(pconn, names)
-            if revision != head:
+            if revision != target:
                 revision = tenant_migrations.migrate(
-                    sconn, fleet.cfg.tenant_migrations, "head", as_role=names.owner_role)
+                    sconn, fleet.cfg.tenant_migrations, target or "base",
+                    as_role=names.owner_role)
             checkpoint("provision.schema")
             _progress(fleet, tenant.id, step="schema", revision=revision)
             if not granted:

@@ -33,9 +33,9 @@ def template_revision(fleet: Fleet, server: str) -> str | None:
         return row.template_revision if row else None
 
 
-def build(fleet: Fleet, server: str, target: str = "head") -> str | None:
-    """Create or upgrade the server's template to ``target``; returns its revision.
-    Waits for clones in flight to finish (exclusive lock)."""
+def build(fleet: Fleet, server: str, target: str | None = "head") -> str | None:
+    """Create, upgrade or downgrade the server's template to ``target`` (None: base);
+    returns its revision. Waits for clones in flight to finish (exclusive lock)."""
     sc = fleet.cfg.server(server)
     with fleet.catalog.advisory_lock(lock_name(server), wait=True):
         with pgserver.connect(sc.admin_dsn, server=server) as conn:
@@ -49,7 +49,8 @@ def build(fleet: Fleet, server: str, target: str = "head") -> str | None:
                 dsn = with_dbname(sc.admin_dsn, TEMPLATE_DB)
                 with tenant_migrations.tenant_connection(dsn) as sconn:
                     revision = tenant_migrations.migrate(
-                        sconn, fleet.cfg.tenant_migrations, target, as_role=TEMPLATE_OWNER)
+                        sconn, fleet.cfg.tenant_migrations, target or "base",
+                        as_role=TEMPLATE_OWNER)
             finally:
                 pgserver.set_template_connections(conn, False)
         with fleet.catalog.session() as s, s.begin():

@@ -94,6 +94,7 @@ class Product(Base):
     unit_price: Mapped[Decimal] = mapped_column(_MONEY)
     active: Mapped[bool] = mapped_column(server_default=text("true"))
     created_at: Mapped[datetime] = mapped_column(_TIMESTAMPTZ, server_default=func.now())
+    reorder_level: Mapped[int] = mapped_column(Integer, server_default=text("0"), index=True)
 
     category: Mapped[Category | None] = relationship(back_populates="products")
     stock_levels: Mapped[list[StockLevel]] = relationship(back_populates="product")
@@ -124,6 +125,8 @@ class Warehouse(Base):
 
 class Customer(Base):
     __tablename__ = "customers"
+    # one person, one address: e-mails differing only in case are duplicates
+    __table_args__ = (Index("ix_customers_email_lower", func.lower(text("email")), unique=True),)
 
     id: Mapped[int] = mapped_column(Integer, Identity(), primary_key=True)
     email: Mapped[str] = mapped_column(String(320), unique=True)

@@ -123,7 +123,7 @@ def _assert_converged(fleet: Fleet, test_fleet: PgFleet, slug: str) -> None:
     assert tenant.state == "active" and tenant.step is None
     with connect_as(fleet.credentials(slug)) as conn:
         assert conn.execute("SELECT version_num FROM alembic_version").fetchone() == (
-            fleet.head_revision,)
+            fleet.target_revision(tenant.region),)
         conn.execute("INSERT INTO suppliers (name) VALUES ('s')")
     known = {t.database for t in fleet.tenants()}
     known_roles = known | {t.owner_role for t in fleet.tenants()}
