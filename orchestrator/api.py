@@ -33,7 +33,6 @@ from orchestrator.models import (
     TenantCredential,
     TenantState,
 )
-
 from orchestrator.names import validate_slug
 
 TARGET_KEY = "target_revision"
