@@ -7,15 +7,16 @@ exit code; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
+from cli.common import State, current_config, open_fleet, print_json, say, table
+from cli.migrate import migrate_app
+
 if TYPE_CHECKING:
-    from orchestrator.api import Fleet
     from orchestrator.config import Config
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -30,11 +31,10 @@ for sub, name in [(local_app, "local"), (catalog_app, "catalog"), (config_app, "
                   (region_app, "region"), (tenant_app, "tenant"), (template_app, "template")]:
     app.add_typer(sub, name=name)
 
+
+app.add_typer(migrate_app, name="migrate")
+
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
-
-
-class State:
-    config_path: str | None = None
 
 
 @app.callback()
@@ -42,52 +42,6 @@ def _root(config: Annotated[str | None, typer.Option(
         "--config", "-C", help="Config file (default: $TENANTCTL_CONFIG or ./tenantctl.toml)",
         show_default=False)] = None) -> None:
     State.config_path = config
-
-
-# -- helpers -----------------------------------------------------------------------
-
-
-def _config() -> Config:
-    from orchestrator.config import load_config
-
-    return load_config(State.config_path)
-
-
-def _fleet() -> Fleet:
-    from orchestrator.api import Fleet
-
-    fleet = Fleet(_config())
-    try:
-        fleet.catalog.require_current()  # a clear error instead of "relation does not exist"
-    except BaseException:
-        fleet.close()
-        raise
-    return fleet
-
-
-def _print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
-
-
-def _console() -> Any:
-    from rich.console import Console
-
-    return Console()
-
-
-def _say(line: str) -> None:
-    _console().print(line, highlight=False)
-
-
-def _table(title: str | None, columns: list[str], rows: list[list[Any]]) -> None:
-    from rich.table import Table
-
-    table = Table(title=title, title_justify="left")
-    for c in columns:
-        table.add_column(c)
-    for r in rows:
-        table.add_row(*["" if v is None else str(v) for v in r])
-    _console().print(table)
 
 
 # -- init / local / catalog / config -------------------------------------------------
@@ -112,10 +66,10 @@ def init(
                            "tenantctl.toml yourself (see README) or use ansible/")
     path = find_config_path(State.config_path)
     res = localfleet.init_local(path, state_dir, force=force)
-    _say(f"{'wrote' if res.created else 'kept existing'} {res.config_path}")
+    say(f"{'wrote' if res.created else 'kept existing'} {res.config_path}")
     cfg = _config_at(path)
     for line in localfleet.up(cfg):
-        _say(line)
+        say(line)
     _catalog_upgrade(cfg)
 
 
@@ -142,8 +96,8 @@ def local_up() -> None:
     """Start the local clusters (initialising them on first use)."""
     from orchestrator import localfleet
 
-    for line in localfleet.up(_config()):
-        _say(line)
+    for line in localfleet.up(current_config()):
+        say(line)
 
 
 @local_app.command("down")
@@ -151,8 +105,8 @@ def local_down() -> None:
     """Stop the local clusters."""
     from orchestrator import localfleet
 
-    for line in localfleet.down(_config()):
-        _say(line)
+    for line in localfleet.down(current_config()):
+        say(line)
 
 
 @local_app.command("status")
@@ -160,13 +114,13 @@ def local_status(as_json: JsonOpt = False) -> None:
     """Show whether each local cluster runs."""
     from orchestrator import localfleet
 
-    rows = localfleet.status(_config())
+    rows = localfleet.status(current_config())
     if as_json:
-        _print_json([{"server": r.server, "region": r.region, "port": r.port,
+        print_json([{"server": r.server, "region": r.region, "port": r.port,
                       "data_dir": str(r.data_dir), "running": r.running, "pid": r.pid,
                       "status": r.detail} for r in rows])
         return
-    _table(None, ["server", "region", "port", "status", "pid", "data dir"],
+    table(None, ["server", "region", "port", "status", "pid", "data dir"],
            [[r.server, r.region, r.port, r.detail, r.pid, r.data_dir] for r in rows])
     if not all(r.running for r in rows):
         raise typer.Exit(3)
@@ -175,16 +129,16 @@ def local_status(as_json: JsonOpt = False) -> None:
 @catalog_app.command("upgrade")
 def catalog_upgrade(as_json: JsonOpt = False) -> None:
     """Bring the catalog schema to head and sync regions/servers from the config."""
-    result = _catalog_upgrade(_config())
+    result = _catalog_upgrade(current_config())
     if as_json:
-        _print_json(result)
+        print_json(result)
         return
     if result["from"] == result["to"]:
-        _say(f"catalog already at {result['to']}")
+        say(f"catalog already at {result['to']}")
     else:
-        _say(f"catalog upgraded: {result['from'] or 'empty'} -> {result['to']}")
+        say(f"catalog upgraded: {result['from'] or 'empty'} -> {result['to']}")
     for line in result["topology"]:
-        _say(line)
+        say(line)
 
 
 @config_app.command("check")
@@ -192,16 +146,16 @@ def config_check(as_json: JsonOpt = False) -> None:
     """Validate the config file (and that the master key is readable)."""
     from orchestrator.masterkey import load_master_key
 
-    cfg = _config()
+    cfg = current_config()
     key = load_master_key(cfg.master_key)
     summary = {"path": str(cfg.path), "regions": {
         r.name: {"backup_store": r.backup_store, "servers": [s.name for s in r.servers]}
         for r in cfg.regions.values()}, "master_key_id": key.key_id,
         "tenant_migrations": str(cfg.tenant_migrations)}
     if as_json:
-        _print_json(summary)
+        print_json(summary)
     else:
-        _say(f"{cfg.path}: ok ({len(cfg.regions)} regions, {len(cfg.servers)} servers, "
+        say(f"{cfg.path}: ok ({len(cfg.regions)} regions, {len(cfg.servers)} servers, "
              f"master key {key.key_id})")
 
 
@@ -211,7 +165,7 @@ def config_check(as_json: JsonOpt = False) -> None:
 @region_app.command("list")
 def region_list(as_json: JsonOpt = False) -> None:
     """Regions, their servers, tenants per server and capacity."""
-    fleet = _fleet()
+    fleet = open_fleet()
     try:
         servers = fleet.servers()
     finally:
@@ -224,9 +178,9 @@ def region_list(as_json: JsonOpt = False) -> None:
                 "backup_store": fleet.cfg.regions[s.region].backup_store
                 if s.region in fleet.cfg.regions else None, "servers": []})
             region["servers"].append(s.to_json())
-        _print_json(list(out.values()))
+        print_json(list(out.values()))
         return
-    _table(None, ["region", "server", "tenants", "capacity", "accepting", "template"],
+    table(None, ["region", "server", "tenants", "capacity", "accepting", "template"],
            [[s.region, s.name, s.tenants, s.capacity, "yes" if s.available else "no",
              s.template_revision or "-"] for s in servers])
 
@@ -238,12 +192,12 @@ def template_build(server: Annotated[str | None, typer.Option(
     revision (head until a rollout sets it)."""
     from orchestrator import templates
 
-    fleet = _fleet()
+    fleet = open_fleet()
     try:
         names = [server] if server else [s.name for s in fleet.cfg.servers]
         for name in names:
             target = fleet.target_revision(fleet.cfg.server(name).region)
-            _say(f"{name}: template at {templates.build(fleet, name, target)}")
+            say(f"{name}: template at {templates.build(fleet, name, target)}")
     finally:
         fleet.close()
 
@@ -259,20 +213,20 @@ def tenant_create(
 ) -> None:
     """Provision a tenant: dedicated database and roles in REGION. Re-run to finish an
     interrupted create. Prints the tenant's connection string once."""
-    fleet = _fleet()
+    fleet = open_fleet()
     try:
         res = fleet.provision(slug, region)
     finally:
         fleet.close()
     if as_json:
-        _print_json({**res.tenant, "dsn": res.dsn, "resumed": res.resumed,
+        print_json({**res.tenant, "dsn": res.dsn, "resumed": res.resumed,
                      "via_template": res.via_template})
         return
     t = res.tenant
     verb = "finished provisioning" if res.resumed else "created"
-    _say(f"{verb} tenant {t['slug']} in {t['region']} on {t['server']} "
+    say(f"{verb} tenant {t['slug']} in {t['region']} on {t['server']} "
          f"(revision {t['revision']})")
-    _say("connection string (shown once; `tenantctl tenant credentials` shows it again):")
+    say("connection string (shown once; `tenantctl tenant credentials` shows it again):")
     sys.stdout.write(res.dsn + "\n")
 
 
@@ -285,15 +239,15 @@ def tenant_list(
     """List tenants."""
     from orchestrator.api import tenant_json
 
-    fleet = _fleet()
+    fleet = open_fleet()
     try:
         rows = [tenant_json(t) for t in fleet.tenants(region, state)]
     finally:
         fleet.close()
     if as_json:
-        _print_json(rows)
+        print_json(rows)
         return
-    _table(None, ["slug", "region", "server", "state", "revision", "created"],
+    table(None, ["slug", "region", "server", "state", "revision", "created"],
            [[r["slug"], r["region"], r["server"], r["state"], r["revision"],
              (r["created_at"] or "")[:19]] for r in rows])
 
@@ -303,15 +257,15 @@ def tenant_show(slug: str, as_json: JsonOpt = False) -> None:
     """Everything the catalog knows about one tenant."""
     from orchestrator.api import tenant_json
 
-    fleet = _fleet()
+    fleet = open_fleet()
     try:
         data = tenant_json(fleet.get_tenant(slug))
     finally:
         fleet.close()
     if as_json:
-        _print_json(data)
+        print_json(data)
         return
-    _table(f"tenant {slug}", ["field", "value"], [[k, v] for k, v in data.items()])
+    table(f"tenant {slug}", ["field", "value"], [[k, v] for k, v in data.items()])
 
 
 @tenant_app.command("credentials")
@@ -321,13 +275,13 @@ def tenant_credentials(
     as_json: JsonOpt = False,
 ) -> None:
     """Show the tenant's connection string (audited), or rotate its password."""
-    fleet = _fleet()
+    fleet = open_fleet()
     try:
         dsn = fleet.credentials(slug, rotate=rotate)
     finally:
         fleet.close()
     if as_json:
-        _print_json({"slug": slug, "dsn": dsn, "rotated": rotate})
+        print_json({"slug": slug, "dsn": dsn, "rotated": rotate})
     else:
         sys.stdout.write(dsn + "\n")
 
@@ -343,7 +297,7 @@ def tenant_psql(
     """Open psql on the tenant's database as its login role (audited)."""
     from orchestrator import psql
 
-    fleet = _fleet()
+    fleet = open_fleet()
     try:
         code = psql.run(fleet, slug, owner=owner, command=command)
     finally:
@@ -363,11 +317,11 @@ def quickstart(state_dir: Annotated[Path, typer.Option(help="State directory.")]
 
     path = find_config_path(State.config_path)
     for line in qs.run(path, state_dir):
-        _say(line)
+        say(line)
     State.config_path = str(path)
     region_list()
     tenant_list()
-    _say(f"\nnext: `tenantctl --config {path} tenant create acme --region eu-central`")
+    say(f"\nnext: `tenantctl --config {path} tenant create acme --region eu-central`")
 
 
 # -- entry point -------------------------------------------------------------------------

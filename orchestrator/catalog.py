@@ -21,9 +21,12 @@ from sqlalchemy import Connection, Engine, create_engine, select, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from orchestrator import alembic_threads
 from orchestrator.config import Config
 from orchestrator.errors import Conflict, ServerUnavailable
 from orchestrator.models import AuditEvent, Region, Server
+
+alembic_threads.install()  # before any revision file is imported
 
 CATALOG_MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations" / "catalog"
 

@@ -25,8 +25,10 @@ from psycopg import sql
 from sqlalchemy import Connection, Engine, create_engine, text
 from sqlalchemy.pool import NullPool
 
+from orchestrator import alembic_threads
 from orchestrator.errors import InvalidInput
 
+alembic_threads.install()  # before any revision file is imported
 _target_dsn: ContextVar[str] = ContextVar("tenant_dsn")
 
 

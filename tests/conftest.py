@@ -31,7 +31,7 @@ from orchestrator.masterkey import write_key_file
 from orchestrator.names import ADMIN_ROLE
 
 EXTERNAL_DSN_ENV = "TENANTCTL_TEST_ADMIN_DSN"
-TENANTCTL = [sys.executable, "-m", "cli.main"]
+TENANTCTL = [sys.executable, "-m", "cli"]
 REPO = Path(__file__).resolve().parent.parent
 
 # server name -> region; the down-region server points at a port nobody listens on

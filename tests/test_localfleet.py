@@ -166,7 +166,7 @@ def test_local_fleet_as_a_normal_user() -> None:
            "PYTHONPATH": os.pathsep.join([str(REPO), site_packages])}
 
     def as_user(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([python, "-m", "cli.main", *args], cwd=home, env=env,
+        return subprocess.run([python, "-m", "cli", *args], cwd=home, env=env,
                               capture_output=True, text=True, user=entry.pw_uid,
                               group=entry.pw_gid, extra_groups=[], timeout=300)
 

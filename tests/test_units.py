@@ -12,6 +12,15 @@ from orchestrator.errors import CapacityError, ConfigError, InvalidInput, Master
 from orchestrator.masterkey import MasterKey, load_master_key, write_key_file
 from orchestrator.names import tenant_names, validate_slug
 from orchestrator.placement import ServerLoad, choose_server
+from orchestrator.rollout_plan import (
+    PlanTenant,
+    assign_waves,
+    budget_exceeded,
+    interleave_by_server,
+    parse_budget,
+    parse_timeout,
+    parse_waves,
+)
 
 # -- placement -------------------------------------------------------------------
 
@@ -168,3 +177,62 @@ def test_unknown_region_lists_known_ones(tmp_path: Path) -> None:
     cfg = parse_config(_raw(), tmp_path / "t.toml")
     with pytest.raises(ConfigError, match="unknown region 'mars' \\(known: eu-central\\)"):
         cfg.region("mars")
+
+
+# -- rollout planning ----------------------------------------------------------------
+
+
+
+def _tenants(spec: dict[str, int]) -> list[PlanTenant]:
+    out = []
+    for server, n in spec.items():
+        out += [PlanTenant(len(out) + i, f"{server}_t{i:02d}", "r", server, "0001")
+                for i in range(n)]
+    return out
+
+
+def test_interleave_spreads_over_servers() -> None:
+    order = [t.server for t in interleave_by_server(_tenants({"a": 3, "b": 1, "c": 2}))]
+    assert order == ["a", "b", "c", "a", "c", "a"]
+
+
+def test_waves_are_cumulative_with_canary_first() -> None:
+    waves = assign_waves(_tenants({"a": 50, "b": 50}), 2, parse_waves("1,10%,100%"))
+    assert [len(w) for w in waves] == [2, 1, 9, 88]
+    assert {t.server for t in waves[0]} == {"a", "b"}  # the canary touches both servers
+    flat = [t.tenant_id for w in waves for t in w]
+    assert sorted(flat) == list(range(100)) and len(set(flat)) == 100
+
+
+def test_last_wave_always_takes_the_rest() -> None:
+    assert [len(w) for w in assign_waves(_tenants({"a": 10}), 0, parse_waves("3,5"))] == \
+        [0, 3, 7]
+
+
+def test_empty_plan() -> None:
+    assert assign_waves([], 3, parse_waves("100%")) == [[]]
+
+
+@pytest.mark.parametrize("spec", ["", "0", "x", "10%%", "150%", "-1", "1,,2"])
+def test_bad_waves(spec: str) -> None:
+    with pytest.raises(InvalidInput):
+        parse_waves(spec)
+
+
+def test_budget() -> None:
+    assert parse_budget("3", 100) == 3
+    assert parse_budget("10%", 45) == 4
+    assert parse_budget("0%", 45) == 0
+    assert not budget_exceeded(3, 3) and budget_exceeded(4, 3)
+    for bad in ("-1", "x", "101%"):
+        with pytest.raises(InvalidInput):
+            parse_budget(bad, 10)
+
+
+def test_timeouts() -> None:
+    assert parse_timeout("--lock-timeout", "2s") == "2s"
+    assert parse_timeout("--lock-timeout", "500") == "500ms"
+    assert parse_timeout("--statement-timeout", "5min") == "5min"
+    for bad in ("soon", "1d", "-5s", "5 s; DROP TABLE x"):
+        with pytest.raises(InvalidInput):
+            parse_timeout("--lock-timeout", bad)

@@ -1,0 +1,507 @@
+"""Fleet migrations: one rollout takes every tenant in scope to a target revision,
+canary first, then in waves, within a failure budget.
+
+How it holds together:
+- The rollout and its tenants are catalog rows. Workers (threads here, and any
+  other process running the same command) *claim* tenant rows with
+  ``FOR UPDATE SKIP LOCKED``, so several machines divide the work and no
+  tenant is claimed twice.
+- Each tenant migrates in-process, in its own transaction, as its owner role,
+  under the tenant's advisory lock (the one provisioning takes too), with
+  ``lock_timeout``/``statement_timeout``: a busy table makes the tenant back
+  off and retry instead of queueing the application behind an ALTER.
+- The revision is re-read inside that transaction, so a tenant that is already
+  at the target (a re-run after a crash) is never migrated again.
+- A rollout of the whole fleet (or a region) first moves the fleet's target
+  revision and the servers' templates, so tenants created meanwhile are
+  created at the target; a last sweep catches any created just before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import socket
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+import sqlalchemy.exc
+from alembic.util.exc import CommandError
+from sqlalchemy import func, select, text, update
+
+from orchestrator import templates, tenant_migrations
+from orchestrator.catalog import actor, with_dbname
+from orchestrator.errors import InvalidInput, NotFound
+from orchestrator.faults import checkpoint
+from orchestrator.models import Rollout, RolloutTenant, Server, Tenant, TenantState
+from orchestrator.names import validate_slug
+from orchestrator.provisioning import tenant_lock
+from orchestrator.rollout_plan import (
+    CANARY_WAVE,
+    PlanTenant,
+    assign_waves,
+    parse_budget,
+    parse_timeout,
+    parse_waves,
+)
+
+if TYPE_CHECKING:
+    from orchestrator.api import Fleet
+
+MIGRATABLE = (TenantState.active, TenantState.suspended, TenantState.cancelled)
+RETRYABLE_SQLSTATES = {"55P03", "57014", "40P01"}  # lock timeout, statement timeout, deadlock
+
+
+@dataclass
+class RolloutOptions:
+    to: str = "head"
+    region: str | None = None
+    tenants: list[str] | None = None
+    concurrency: int = 8
+    per_server: int = 4
+    canary: int = 0
+    waves: str = "100%"
+    max_failures: str = "10%"
+    lock_timeout: str = "2s"
+    statement_timeout: str = "5min"
+    retries: int = 3
+    dry_run: bool = False
+
+    @property
+    def whole_scope(self) -> bool:
+        """A fleet or region rollout moves the target new tenants are created at."""
+        return not self.tenants
+
+
+@dataclass
+class TenantResult:
+    slug: str
+    server: str
+    wave: int
+    status: str  # ok | skipped | failed
+    from_revision: str | None
+    to_revision: str | None
+    attempts: int
+    duration_ms: int
+    error: str | None = None
+
+
+@dataclass
+class Event:
+    kind: str  # plan | template | wave | tenant | stop
+    wave: int = 0
+    size: int = 0
+    result: TenantResult | None = None
+    message: str = ""
+
+
+@dataclass
+class RolloutSummary:
+    rollout_id: int | None
+    target: str | None
+    status: str
+    waves: list[list[str]]
+    counts: dict[str, int] = field(default_factory=dict)
+    results: list[TenantResult] = field(default_factory=list)
+    stopped_reason: str | None = None
+    templates: dict[str, str] = field(default_factory=dict)
+    sql: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def exit_code(self) -> int:
+        return {"completed": 0, "dry-run": 0, "failed": 1, "stopped": 8,
+                "interrupted": 130}.get(self.status, 1)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "rollout_id": self.rollout_id, "target": self.target, "status": self.status,
+            "stopped_reason": self.stopped_reason, "counts": self.counts,
+            "waves": self.waves, "templates": self.templates,
+            "results": [asdict(r) for r in self.results],
+            **({"sql": self.sql} if self.sql else {}),
+        }
+
+
+def _first_line(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None) or exc
+    return (str(orig).strip().splitlines() or [type(orig).__name__])[0]
+
+
+def _sqlstate(exc: BaseException) -> str | None:
+    orig = getattr(exc, "orig", None) or exc
+    return getattr(orig, "sqlstate", None)
+
+
+class RolloutRun:
+    def __init__(self, fleet: Fleet, opts: RolloutOptions,
+                 on_event: Callable[[Event], None] | None = None,
+                 stop: threading.Event | None = None) -> None:
+        self.fleet = fleet
+        self.opts = opts
+        self.on_event = on_event or (lambda e: None)
+        self.stop = stop or threading.Event()
+        self.location = fleet.cfg.tenant_migrations
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self.lock_timeout = parse_timeout("--lock-timeout", opts.lock_timeout)
+        self.statement_timeout = parse_timeout("--statement-timeout", opts.statement_timeout)
+        if opts.concurrency < 1 or opts.per_server < 1 or opts.retries < 0 or opts.canary < 0:
+            raise InvalidInput("--concurrency and --per-server must be at least 1, "
+                               "--retries and --canary at least 0")
+        self.wave_steps = parse_waves(opts.waves)
+        self.target = tenant_migrations.resolve_revision(self.location, opts.to)
+        self._claim_lock = threading.Lock()
+        self._inflight: dict[str, int] = {}
+        self._results: list[TenantResult] = []
+        self._results_lock = threading.Lock()
+
+    @property
+    def target_name(self) -> str:
+        return self.target or "base"
+
+    # -- planning ---------------------------------------------------------------
+
+    def scope(self) -> list[PlanTenant]:
+        """Tenants in scope, with their last known revision (pure data from here on)."""
+        opts = self.opts
+        q = select(Tenant).where(Tenant.state.in_(MIGRATABLE))
+        if opts.region:
+            self.fleet.cfg.region(opts.region)
+            q = q.where(Tenant.region == opts.region)
+        if opts.tenants:
+            slugs = [validate_slug(s) for s in opts.tenants]
+            q = q.where(Tenant.slug.in_(slugs))
+        with self.fleet.catalog.session() as s:
+            rows = list(s.scalars(q))
+        if opts.tenants:
+            found = {t.slug for t in rows}
+            missing = [s for s in opts.tenants if s not in found]
+            if missing:
+                raise NotFound(f"no migratable tenant named {', '.join(missing)}")
+        return [PlanTenant(t.id, t.slug, t.region, t.server, t.revision) for t in rows]
+
+    def plan(self) -> list[list[PlanTenant]]:
+        return assign_waves(self.scope(), self.opts.canary, self.wave_steps)
+
+    def key(self) -> str:
+        o = self.opts
+        raw = json.dumps([self.target_name, o.region, sorted(o.tenants or []), o.canary,
+                          o.waves])
+        return hashlib.sha256(raw.encode()).hexdigest()[:32]
+
+    # -- dry run ----------------------------------------------------------------------
+
+    def dry_run(self) -> RolloutSummary:
+        waves = self.plan()
+        sources = sorted({t.revision or "base" for w in waves for t in w
+                          if t.revision != self.target}, key=str)
+        sql = {}
+        for src in sources:
+            current = None if src == "base" else src
+            sql[f"{src} -> {self.target_name}"] = tenant_migrations.offline_sql(
+                self.location, current, self.target_name)
+        return RolloutSummary(None, self.target, "dry-run",
+                              [[t.slug for t in w] for w in waves], sql=sql,
+                              counts={"tenants": sum(len(w) for w in waves)})
+
+    # -- the run ------------------------------------------------------------------------
+
+    def run(self) -> RolloutSummary:
+        if self.opts.dry_run:
+            return self.dry_run()
+        if self.opts.whole_scope:
+            # before planning: tenants created from now on are created at the target
+            self.fleet.set_target_revision(self.target, self.opts.region)
+        waves = self.plan()
+        total = sum(len(w) for w in waves)
+        allowed = parse_budget(self.opts.max_failures, total)
+        rollout_id, created = self._create_or_attach(waves)
+        nonempty = sum(1 for w in waves if w)
+        self.on_event(Event("plan", message=f"rollout {rollout_id} "
+                            f"{'created' if created else 'resumed'}: {total} tenants to "
+                            f"{self.target_name} in {nonempty} wave{'s' * (nonempty != 1)}"))
+        template_report = self._update_templates() if self.opts.whole_scope else {}
+        self._reset_stale(rollout_id)
+
+        stopped: str | None = None
+        wave_numbers = self._waves_of(rollout_id)
+        for wave in wave_numbers:
+            stopped = self._run_wave(rollout_id, wave, allowed)
+            if stopped:
+                break
+        if not stopped and self.opts.whole_scope and not self.stop.is_set():
+            sweep = self._sweep(rollout_id, (max(wave_numbers) + 1) if wave_numbers else 1)
+            if sweep:
+                stopped = self._run_wave(rollout_id, sweep, allowed)
+        if self.stop.is_set() and not stopped:
+            stopped = "interrupted"
+        return self._finish(rollout_id, waves, stopped, template_report)
+
+    def _create_or_attach(self, waves: list[list[PlanTenant]]) -> tuple[int, bool]:
+        key = self.key()
+        with self.fleet.catalog.session() as s, s.begin():
+            s.execute(text("SELECT pg_advisory_xact_lock(hashtext(:k))"),
+                      {"k": f"rollout:{key}"})
+            existing = s.scalars(select(Rollout).where(
+                Rollout.key == key, Rollout.status.in_(("running", "interrupted")))
+                .order_by(Rollout.id.desc()).limit(1)).one_or_none()
+            if existing is not None:
+                existing.status = "running"
+                return existing.id, False
+            rollout = Rollout(key=key, target=self.target_name, status="running",
+                              actor=actor(), options=asdict(self.opts))
+            s.add(rollout)
+            s.flush()
+            seq = 0
+            for wave, members in enumerate(waves):
+                for t in members:
+                    at_target = t.revision == self.target
+                    s.add(RolloutTenant(
+                        rollout_id=rollout.id, tenant_id=t.tenant_id, slug=t.slug,
+                        server=t.server, wave=wave, seq=seq, from_revision=t.revision,
+                        status="skipped" if at_target else "pending",
+                        to_revision=t.revision if at_target else None,
+                        error="already at target" if at_target else None))
+                    seq += 1
+            self.fleet.catalog.audit("rollout.start", session=s, rollout=rollout.id,
+                                     target=self.target_name, tenants=seq,
+                                     options=asdict(self.opts))
+            return rollout.id, True
+
+    def _waves_of(self, rollout_id: int) -> list[int]:
+        with self.fleet.catalog.session() as s:
+            return sorted(s.scalars(select(RolloutTenant.wave).where(
+                RolloutTenant.rollout_id == rollout_id).distinct()))
+
+    def _update_templates(self) -> dict[str, str]:
+        """Bring the in-scope servers' templates to the target. A failure is reported,
+        not fatal: provisioning falls back to migrating an empty database."""
+        report: dict[str, str] = {}
+        servers = [s for s in self.fleet.cfg.servers
+                   if self.opts.region is None or s.region == self.opts.region]
+        for sc in servers:
+            with self.fleet.catalog.session() as s:
+                row = s.get(Server, sc.name)
+                if row is None or (row.template_revision or "base") == self.target_name:
+                    continue
+            try:
+                rev = templates.build(self.fleet, sc.name, self.target_name)
+                report[sc.name] = rev or "base"
+            except Exception as exc:  # noqa: BLE001 - any failure is reported per server
+                report[sc.name] = f"error: {_first_line(exc)}"
+            self.on_event(Event("template", message=f"template on {sc.name}: "
+                                f"{report[sc.name]}"))
+        return report
+
+    def _reset_stale(self, rollout_id: int) -> None:
+        """Rows left 'running' by a process that died: their tenant lock is free."""
+        with self.fleet.catalog.session() as s:
+            rows = s.execute(select(RolloutTenant.tenant_id, RolloutTenant.slug).where(
+                RolloutTenant.rollout_id == rollout_id,
+                RolloutTenant.status == "running")).all()
+        for tenant_id, slug in rows:
+            with self.fleet.catalog.advisory_lock(tenant_lock(slug)) as free:
+                if free:
+                    with self.fleet.catalog.session() as s, s.begin():
+                        s.execute(update(RolloutTenant).where(
+                            RolloutTenant.rollout_id == rollout_id,
+                            RolloutTenant.tenant_id == tenant_id,
+                            RolloutTenant.status == "running").values(status="pending"))
+
+    def _sweep(self, rollout_id: int, wave: int) -> int | None:
+        """Tenants in scope that the plan did not know (created just before the
+        target moved) and that are not at the target: one more wave."""
+        known = select(RolloutTenant.tenant_id).where(RolloutTenant.rollout_id == rollout_id)
+        q = select(Tenant).where(Tenant.state.in_(MIGRATABLE), Tenant.id.not_in(known))
+        if self.opts.region:
+            q = q.where(Tenant.region == self.opts.region)
+        with self.fleet.catalog.session() as s, s.begin():
+            late = [t for t in s.scalars(q) if t.revision != self.target]
+            seq = s.scalar(select(func.coalesce(func.max(RolloutTenant.seq), 0)).where(
+                RolloutTenant.rollout_id == rollout_id)) or 0
+            for i, t in enumerate(late, start=1):
+                s.add(RolloutTenant(rollout_id=rollout_id, tenant_id=t.id, slug=t.slug,
+                                    server=t.server, wave=wave, seq=seq + i,
+                                    from_revision=t.revision))
+        return wave if late else None
+
+    # -- waves and workers -----------------------------------------------------------------
+
+    def _run_wave(self, rollout_id: int, wave: int, allowed: int) -> str | None:
+        size = self._count(rollout_id, wave=wave, status="pending")
+        if size == 0:
+            return None
+        self.on_event(Event("wave", wave=wave, size=size))
+        budget = 0 if wave == CANARY_WAVE else allowed
+        workers = max(1, min(self.opts.concurrency, size))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rollout") as pool:
+            for f in [pool.submit(self._worker, rollout_id, wave, budget)
+                      for _ in range(workers)]:
+                f.result()
+        # other processes may still be finishing tenants of this wave
+        while self._count(rollout_id, wave=wave, status="running") and not self.stop.is_set():
+            time.sleep(0.2)
+        failed = self._count(rollout_id, status="failed")
+        if wave == CANARY_WAVE and self._count(rollout_id, wave=wave, status="failed"):
+            return "canary failed"
+        if failed > allowed:
+            return f"failure budget exceeded ({failed} failed, {allowed} allowed)"
+        if self.stop.is_set():
+            return "interrupted"
+        return None
+
+    def _count(self, rollout_id: int, *, wave: int | None = None,
+               status: str | None = None) -> int:
+        q = select(func.count()).select_from(RolloutTenant).where(
+            RolloutTenant.rollout_id == rollout_id)
+        if wave is not None:
+            q = q.where(RolloutTenant.wave == wave)
+        if status is not None:
+            q = q.where(RolloutTenant.status == status)
+        with self.fleet.catalog.session() as s:
+            return s.scalar(q) or 0
+
+    def _claim(self, rollout_id: int, wave: int, budget: int) -> tuple[int, str, str] | None:
+        with self._claim_lock:
+            full = [srv for srv, n in self._inflight.items() if n >= self.opts.per_server]
+            with self.fleet.catalog.session() as s, s.begin():
+                row = s.execute(text("""
+                    UPDATE rollout_tenants SET status = 'running', worker = :worker,
+                           started_at = now()
+                    WHERE (rollout_id, tenant_id) = (
+                        SELECT rollout_id, tenant_id FROM rollout_tenants
+                        WHERE rollout_id = :rid AND wave = :wave AND status = 'pending'
+                          AND NOT (server = ANY(:full))
+                          AND (SELECT count(*) FROM rollout_tenants
+                               WHERE rollout_id = :rid AND status = 'failed') <= :budget
+                        ORDER BY seq LIMIT 1 FOR UPDATE SKIP LOCKED)
+                    RETURNING tenant_id, slug, server"""),
+                    {"worker": self.worker, "rid": rollout_id, "wave": wave,
+                     "full": full, "budget": budget}).first()
+            if row is None:
+                return None
+            self._inflight[row.server] = self._inflight.get(row.server, 0) + 1
+            return int(row.tenant_id), str(row.slug), str(row.server)
+
+    def _worker(self, rollout_id: int, wave: int, budget: int) -> None:
+        while not self.stop.is_set():
+            claimed = self._claim(rollout_id, wave, budget)
+            if claimed is None:
+                with self._claim_lock:
+                    busy = any(self._inflight.values())
+                if busy and self._count(rollout_id, wave=wave, status="pending"):
+                    time.sleep(0.02)  # what is left sits on servers at their cap
+                    continue
+                return
+            tenant_id, slug, server = claimed
+            try:
+                result = self._migrate_one(rollout_id, tenant_id, slug, server, wave)
+            finally:
+                with self._claim_lock:
+                    self._inflight[server] -= 1
+            self._record(rollout_id, tenant_id, result)
+            self.on_event(Event("tenant", wave=wave, result=result))
+            checkpoint("rollout.tenant_done")
+
+    def _migrate_one(self, rollout_id: int, tenant_id: int, slug: str, server: str,
+                     wave: int) -> TenantResult:
+        started = time.monotonic()
+        with self.fleet.catalog.session() as s:
+            tenant = s.get(Tenant, tenant_id)
+            planned_from = s.scalar(select(RolloutTenant.from_revision).where(
+                RolloutTenant.rollout_id == rollout_id, RolloutTenant.tenant_id == tenant_id))
+
+        def result(status: str, before: str | None, after: str | None, attempts: int,
+                   error: str | None = None) -> TenantResult:
+            return TenantResult(slug, server, wave, status, before, after, attempts,
+                                int((time.monotonic() - started) * 1000), error)
+
+        if tenant is None or tenant.state not in MIGRATABLE:
+            state = tenant.state if tenant else "gone"
+            return result("skipped", planned_from, planned_from, 0, f"tenant is {state}")
+        dsn = with_dbname(self.fleet.cfg.server(server).admin_dsn, tenant.database)
+        last_error = "never started"
+        for attempt in range(1, self.opts.retries + 2):
+            if self.stop.is_set() and attempt > 1:
+                return result("failed", planned_from, planned_from, attempt - 1,
+                              f"interrupted while retrying: {last_error}")
+            with self.fleet.catalog.advisory_lock(tenant_lock(slug)) as got:
+                if got:
+                    try:
+                        with tenant_migrations.tenant_connection(dsn) as conn:
+                            before, after = tenant_migrations.migrate_from(
+                                conn, self.location, self.target_name,
+                                as_role=tenant.owner_role, lock_timeout=self.lock_timeout,
+                                statement_timeout=self.statement_timeout)
+                        # at target already: a re-run after a crash, or done elsewhere
+                        status = "ok" if before != after or planned_from != after else \
+                            "skipped"
+                        return result(status, before if before != after else planned_from,
+                                      after, attempt)
+                    except (sqlalchemy.exc.DBAPIError, psycopg.Error) as exc:
+                        last_error = _first_line(exc)
+                        if _sqlstate(exc) not in RETRYABLE_SQLSTATES:
+                            return result("failed", planned_from, planned_from, attempt,
+                                          last_error)
+                    except CommandError as exc:
+                        return result("failed", planned_from, planned_from, attempt,
+                                      _first_line(exc))
+                else:
+                    last_error = "tenant locked by another operation"
+            if attempt <= self.opts.retries:
+                # exponential backoff with jitter: 0.2 s, 0.4 s, 0.8 s, ...
+                time.sleep(0.2 * 2 ** (attempt - 1) * (0.5 + random.random()))
+        return result("failed", planned_from, planned_from, self.opts.retries + 1,
+                      f"gave up after {self.opts.retries + 1} attempts: {last_error}")
+
+    def _record(self, rollout_id: int, tenant_id: int, r: TenantResult) -> None:
+        now = datetime.now(UTC)
+        with self.fleet.catalog.session() as s, s.begin():
+            s.execute(update(RolloutTenant).where(
+                RolloutTenant.rollout_id == rollout_id, RolloutTenant.tenant_id == tenant_id)
+                .values(status=r.status, from_revision=r.from_revision,
+                        to_revision=r.to_revision, attempts=r.attempts, finished_at=now,
+                        duration_ms=r.duration_ms, error=r.error))
+            if r.status == "failed":
+                s.execute(update(Tenant).where(Tenant.id == tenant_id).values(
+                    migration_error=f"rollout {rollout_id}: {r.error}", migrated_at=now))
+            elif r.status == "ok" or r.to_revision is not None:
+                s.execute(update(Tenant).where(Tenant.id == tenant_id).values(
+                    revision=r.to_revision, migration_error=None, migrated_at=now))
+        with self._results_lock:
+            self._results.append(r)
+
+    def _finish(self, rollout_id: int, waves: list[list[PlanTenant]], stopped: str | None,
+                template_report: dict[str, str]) -> RolloutSummary:
+        with self.fleet.catalog.session() as s, s.begin():
+            counts = dict(s.execute(select(RolloutTenant.status, func.count()).where(
+                RolloutTenant.rollout_id == rollout_id).group_by(RolloutTenant.status)).all())
+            if stopped == "interrupted":
+                status = "interrupted"
+            elif stopped:
+                status = "stopped"
+            elif counts.get("pending") or counts.get("running"):
+                status = "running"  # another process is still at it
+            else:
+                status = "failed" if counts.get("failed") else "completed"
+            s.execute(update(Rollout).where(Rollout.id == rollout_id).values(
+                status=status, finished_at=None if status == "running" else func.now()))
+            self.fleet.catalog.audit("rollout.finish", session=s, rollout=rollout_id,
+                                     status=status, counts=counts, reason=stopped,
+                                     outcome="ok" if status == "completed" else "failed")
+        if status == "running":
+            status = "completed" if not counts.get("failed") else "failed"
+        with self._results_lock:
+            results = sorted(self._results, key=lambda r: (r.wave, r.slug))
+        return RolloutSummary(rollout_id, self.target, status,
+                              [[t.slug for t in w] for w in waves], counts=counts,
+                              results=results,
+                              stopped_reason=None if stopped == "interrupted" else stopped,
+                              templates=template_report)

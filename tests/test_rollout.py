@@ -1,0 +1,338 @@
+"""Fleet migrations against real Postgres: 30 tenants over two regions.
+
+Every test first puts the module's tenants at a known revision (with a rollout
+scoped to them), so tests do not depend on each other's order.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from sqlalchemy import func, select
+
+from orchestrator.api import Fleet
+from orchestrator.catalog import with_dbname
+from orchestrator.models import Rollout, RolloutTenant
+from orchestrator.rollout_plan import PlanTenant, interleave_by_server
+from tests.conftest import TENANTCTL, PgFleet, connect_as, run_cli
+
+OLD = "0004_order_status_idx"
+HEAD = "0006_customer_email_ci"
+N_TENANTS = 30
+
+
+@pytest.fixture(scope="module")
+def tenants(test_fleet: PgFleet) -> Iterator[list[str]]:
+    fleet = Fleet(test_fleet.config())
+    slugs = []
+    try:
+        for i in range(N_TENANTS):
+            slug = f"ro_{i:02d}"
+            if fleet.find_tenant(slug) is None:
+                fleet.provision(slug, "eu-central" if i % 2 else "ap-south")
+            slugs.append(slug)
+        yield slugs
+    finally:
+        fleet.close()
+
+
+def _rollout(test_fleet: PgFleet, *args: str, env: dict[str, str] | None = None
+             ) -> subprocess.CompletedProcess[str]:
+    return run_cli(test_fleet, "migrate", "rollout", *args, env=env)
+
+
+def _reset(test_fleet: PgFleet, slugs: list[str], revision: str) -> None:
+    proc = _rollout(test_fleet, "--tenants", ",".join(slugs), "--to", revision,
+                    "--max-failures", "100%", "--concurrency", "8")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert set(_live(test_fleet, slugs).values()) == {revision}
+
+
+def _live(test_fleet: PgFleet, slugs: list[str]) -> dict[str, str | None]:
+    """Each tenant's revision as its database says (not the catalog)."""
+    fleet = Fleet(test_fleet.config())
+    out = {}
+    try:
+        for slug in slugs:
+            t = fleet.get_tenant(slug)
+            dsn = with_dbname(fleet.cfg.server(t.server).admin_dsn, t.database)
+            with psycopg.connect(dsn) as conn:
+                row = conn.execute("SELECT version_num FROM alembic_version").fetchone()
+                out[slug] = row[0] if row else None
+    finally:
+        fleet.close()
+    return out
+
+
+def _plan_order(fleet: Fleet, slugs: list[str]) -> list[str]:
+    rows = [fleet.get_tenant(s) for s in slugs]
+    return [p.slug for p in interleave_by_server(
+        [PlanTenant(t.id, t.slug, t.region, t.server, t.revision) for t in rows])]
+
+
+def _poison(fleet: Fleet, slug: str, on: bool = True) -> None:
+    """Two customers whose e-mails differ only in case: revision 0006 refuses them."""
+    with connect_as(fleet.credentials(slug), autocommit=True) as conn:
+        if on:
+            conn.execute("INSERT INTO customers (email, name) VALUES "
+                         "('Dup@Example.com', 'a'), ('dup@example.com', 'b')")
+        else:
+            conn.execute("DELETE FROM customers WHERE lower(email) = 'dup@example.com'")
+
+
+def _json(proc: subprocess.CompletedProcess[str]) -> dict:  # type: ignore[type-arg]
+    return json.loads(proc.stdout)
+
+
+def test_downgrade_then_rollout_to_head(test_fleet: PgFleet, tenants: list[str]) -> None:
+    _reset(test_fleet, tenants, HEAD)
+    down = _rollout(test_fleet, "--tenants", ",".join(tenants), "--to", OLD, "--json")
+    assert down.returncode == 0, down.stderr
+    assert _json(down)["counts"] == {"ok": N_TENANTS}
+    assert set(_live(test_fleet, tenants).values()) == {OLD}
+    up = _rollout(test_fleet, "--tenants", ",".join(tenants), "--json")
+    assert up.returncode == 0, up.stderr
+    summary = _json(up)
+    assert summary["status"] == "completed" and summary["counts"] == {"ok": N_TENANTS}
+    assert {r["from_revision"] for r in summary["results"]} == {OLD}
+    assert {r["to_revision"] for r in summary["results"]} == {HEAD}
+    assert set(_live(test_fleet, tenants).values()) == {HEAD}
+    # the same command again: everyone is at the target already
+    again = _rollout(test_fleet, "--tenants", ",".join(tenants), "--json")
+    assert again.returncode == 0 and _json(again)["counts"] == {"skipped": N_TENANTS}
+
+
+def test_poisoned_tenant_fails_alone(fleet: Fleet, test_fleet: PgFleet,
+                                     tenants: list[str]) -> None:
+    _reset(test_fleet, tenants, OLD)
+    poisoned = tenants[7]
+    _poison(fleet, poisoned)
+    try:
+        proc = _rollout(test_fleet, "--tenants", ",".join(tenants), "--max-failures", "3",
+                        "--json")
+        assert proc.returncode == 1, proc.stderr
+        summary = _json(proc)
+        assert summary["status"] == "failed"
+        assert summary["counts"] == {"ok": N_TENANTS - 1, "failed": 1}
+        failed = [r for r in summary["results"] if r["status"] == "failed"]
+        assert [r["slug"] for r in failed] == [poisoned]
+        assert "ix_customers_email_lower" in failed[0]["error"]
+        live = _live(test_fleet, tenants)
+        assert live.pop(poisoned) == OLD  # left exactly where it was
+        assert set(live.values()) == {HEAD}
+        status = run_cli(test_fleet, "migrate", "status", "--json")
+        assert status.returncode == 0, status.stderr
+        report = _json(status)
+        assert poisoned in {f["slug"] for f in report["failed"]}
+        assert poisoned in {b["slug"] for b in report["behind"]}
+        assert {t["revision"] for t in report["templates"]} >= {HEAD}
+    finally:
+        _poison(fleet, poisoned, on=False)
+
+
+def test_failure_budget_stops_the_rollout(fleet: Fleet, test_fleet: PgFleet,
+                                          tenants: list[str]) -> None:
+    _reset(test_fleet, tenants, OLD)
+    first_two = _plan_order(fleet, tenants)[:2]
+    for slug in first_two:
+        _poison(fleet, slug)
+    try:
+        proc = _rollout(test_fleet, "--tenants", ",".join(tenants), "--max-failures", "1",
+                        "--concurrency", "1", "--json")
+        assert proc.returncode == 8, proc.stderr
+        summary = _json(proc)
+        assert summary["status"] == "stopped"
+        assert "failure budget exceeded (2 failed, 1 allowed)" in summary["stopped_reason"]
+        assert summary["counts"]["pending"] == N_TENANTS - 2  # no new tenant launched
+        assert set(_live(test_fleet, tenants).values()) == {OLD}
+    finally:
+        for slug in first_two:
+            _poison(fleet, slug, on=False)
+
+
+def test_canary_failure_stops_before_the_first_wave(fleet: Fleet, test_fleet: PgFleet,
+                                                    tenants: list[str]) -> None:
+    _reset(test_fleet, tenants, OLD)
+    canary = _plan_order(fleet, tenants)[0]
+    _poison(fleet, canary)
+    try:
+        proc = _rollout(test_fleet, "--tenants", ",".join(tenants), "--canary", "1",
+                        "--waves", "1,50%,100%", "--max-failures", "100%", "--json")
+        assert proc.returncode == 8, proc.stderr
+        summary = _json(proc)
+        assert summary["stopped_reason"] == "canary failed"
+        assert summary["waves"][0] == [canary]
+        assert [r["slug"] for r in summary["results"]] == [canary]
+        assert set(_live(test_fleet, tenants).values()) == {OLD}
+    finally:
+        _poison(fleet, canary, on=False)
+
+
+def test_waves_run_in_order(fleet: Fleet, test_fleet: PgFleet, tenants: list[str]) -> None:
+    _reset(test_fleet, tenants, OLD)
+    proc = _rollout(test_fleet, "--tenants", ",".join(tenants), "--canary", "2",
+                    "--waves", "1,10%,100%", "--json")
+    assert proc.returncode == 0, proc.stderr
+    summary = _json(proc)
+    assert [len(w) for w in summary["waves"]] == [2, 1, 2, 25]
+    with fleet.catalog.session() as s:
+        rows = s.execute(select(RolloutTenant.wave, func.min(RolloutTenant.started_at),
+                                func.max(RolloutTenant.finished_at))
+                         .where(RolloutTenant.rollout_id == summary["rollout_id"])
+                         .group_by(RolloutTenant.wave).order_by(RolloutTenant.wave)).all()
+    # every wave starts after the previous one has finished
+    for (_, _, prev_end), (_, start, _) in zip(rows, rows[1:], strict=False):
+        assert start >= prev_end
+
+
+def test_kill_mid_rollout_then_rerun_finishes(fleet: Fleet, test_fleet: PgFleet,
+                                              tenants: list[str]) -> None:
+    _reset(test_fleet, tenants, OLD)
+    args = ["--tenants", ",".join(tenants), "--concurrency", "2", "--json"]
+    killed = _rollout(test_fleet, *args, env={"TENANTCTL_FAULT": "rollout.tenant_done:10"})
+    assert killed.returncode == -9, killed.stderr
+    midway = _live(test_fleet, tenants)
+    assert OLD in midway.values() and HEAD in midway.values()
+    again = _rollout(test_fleet, *args)
+    assert again.returncode == 0, again.stderr
+    summary = _json(again)
+    assert set(_live(test_fleet, tenants).values()) == {HEAD}
+    with fleet.catalog.session() as s:
+        rollout = s.get(Rollout, summary["rollout_id"])
+        assert rollout is not None and rollout.status == "completed"
+        rows = s.scalars(select(RolloutTenant).where(
+            RolloutTenant.rollout_id == rollout.id)).all()
+    # one rollout, resumed: one row per tenant, each migrated from OLD exactly once
+    assert len(rows) == N_TENANTS
+    assert {r.status for r in rows} == {"ok"}
+    assert {r.from_revision for r in rows} == {OLD}
+    # the re-run took only what the first run had not finished; at most the two
+    # in flight at the kill were found already migrated (their commit made it)
+    first_run = {s for s, rev in midway.items() if rev == HEAD}
+    second_run = {r["slug"] for r in summary["results"]}
+    assert first_run | second_run == set(tenants)
+    assert len(first_run & second_run) <= 2
+
+
+def test_two_processes_divide_the_work(test_fleet: PgFleet, tenants: list[str]) -> None:
+    _reset(test_fleet, tenants, OLD)
+    cmd = [*TENANTCTL, "--config", str(test_fleet.config_path), "migrate", "rollout",
+           "--tenants", ",".join(tenants), "--concurrency", "1", "--json"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=180) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    done = [{r["slug"] for r in json.loads(out)["results"] if r["status"] == "ok"}
+            for out, _ in outs]
+    assert done[0].isdisjoint(done[1])  # no tenant migrated by both
+    assert done[0] | done[1] == set(tenants)
+    assert done[0] and done[1]  # both did a share
+    assert json.loads(outs[0][0])["rollout_id"] == json.loads(outs[1][0])["rollout_id"]
+    assert set(_live(test_fleet, tenants).values()) == {HEAD}
+
+
+def test_dry_run_changes_nothing(fleet: Fleet, test_fleet: PgFleet,
+                                 tenants: list[str]) -> None:
+    _reset(test_fleet, tenants, OLD)
+    with fleet.catalog.session() as s:
+        rollouts_before = s.scalar(select(func.count()).select_from(Rollout))
+    target_before = fleet.target_revision()
+    proc = _rollout(test_fleet, "--dry-run", "--canary", "1", "--waves", "50%,100%")
+    assert proc.returncode == 0, proc.stderr
+    assert "canary: " in proc.stdout and "wave 1: " in proc.stdout
+    assert "ALTER TABLE products ADD COLUMN reorder_level" in proc.stdout
+    assert "CREATE UNIQUE INDEX ix_customers_email_lower" in proc.stdout
+    with fleet.catalog.session() as s:
+        assert s.scalar(select(func.count()).select_from(Rollout)) == rollouts_before
+    assert fleet.target_revision() == target_before
+    assert set(_live(test_fleet, tenants).values()) == {OLD}
+
+
+def test_tenant_created_mid_rollout_ends_at_target(fleet: Fleet, test_fleet: PgFleet,
+                                                   tenants: list[str], slug: str) -> None:
+    # the whole fleet to OLD, so new tenants are created at OLD ...
+    down = _rollout(test_fleet, "--to", OLD, "--max-failures", "100%")
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert fleet.target_revision() == OLD
+    # ... then to head, slowly, and a tenant is created while it runs
+    proc = subprocess.Popen(
+        [*TENANTCTL, "--config", str(test_fleet.config_path), "migrate", "rollout",
+         "--concurrency", "1", "--per-server", "1", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        with fleet.catalog.session() as s:
+            started = s.scalar(select(func.count()).select_from(RolloutTenant).join(Rollout)
+                               .where(Rollout.target == HEAD, Rollout.status == "running",
+                                      RolloutTenant.status == "ok"))
+        if started:
+            break
+        time.sleep(0.05)
+    created = fleet.provision(slug, "ap-south")
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, out + err
+    assert json.loads(out)["status"] == "completed"
+    assert created.tenant["revision"] in (OLD, HEAD)
+    assert _live(test_fleet, [slug]) == {slug: HEAD}
+    assert fleet.target_revision() == HEAD
+
+
+def test_locked_table_retries_then_fails_without_blocking(fleet: Fleet, test_fleet: PgFleet,
+                                                          tenants: list[str]) -> None:
+    victim = tenants[3]
+    _reset(test_fleet, [victim], OLD)
+    dsn = fleet.credentials(victim)
+    holder = psycopg.connect(dsn)
+    holder.execute("SELECT count(*) FROM products")  # ACCESS SHARE held: ALTER must wait
+    reads: list[bool] = []
+    stop = threading.Event()
+
+    def app_reads() -> None:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("SET statement_timeout = '5s'")
+            while not stop.is_set():
+                try:
+                    conn.execute("SELECT count(*) FROM products")
+                    reads.append(True)
+                except psycopg.errors.QueryCanceled:
+                    reads.append(False)
+                time.sleep(0.02)
+
+    reader = threading.Thread(target=app_reads)
+    reader.start()
+    try:
+        proc = run_cli(test_fleet, "migrate", "tenant", victim, "--to", HEAD,
+                       "--lock-timeout", "200ms", "--retries", "2", "--json")
+    finally:
+        stop.set()
+        reader.join()
+        holder.close()
+    assert proc.returncode == 1, proc.stderr
+    (result,) = _json(proc)["results"]
+    assert result["status"] == "failed" and result["attempts"] == 3
+    assert "gave up after 3 attempts" in result["error"]
+    assert "lock timeout" in result["error"]
+    assert reads and all(reads)  # the application was never stuck behind the ALTER
+    assert _live(test_fleet, [victim]) == {victim: OLD}
+    # once the lock is gone, the same command succeeds
+    ok = run_cli(test_fleet, "migrate", "tenant", victim, "--to", HEAD)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+
+
+def test_bad_rollout_input(test_fleet: PgFleet, tenants: list[str]) -> None:
+    for args, needle in [(["--to", "nosuchrev"], "unknown revision 'nosuchrev'"),
+                         (["--waves", "ten"], "invalid --waves"),
+                         (["--max-failures", "-1"], "invalid --max-failures"),
+                         (["--lock-timeout", "soon"], "invalid --lock-timeout"),
+                         (["--tenants", "nobody_here"], "no migratable tenant"),
+                         (["--region", "mars"], "unknown region")]:
+        proc = _rollout(test_fleet, *args)
+        assert proc.returncode != 0
+        assert proc.stderr.startswith("error: ") and needle in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
