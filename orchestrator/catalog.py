@@ -218,20 +218,27 @@ class Catalog:
         unlock = "pg_advisory_unlock_shared" if shared else "pg_advisory_unlock"
         key = lock_key(name)
         try:
-            conn = self.engine.connect()
+            pooled = self.engine.raw_connection()
         except OperationalError as exc:
             raise server_error(f"the catalog at {redact(self.dsn)}", exc) from None
+        conn = pooled.driver_connection
+        assert isinstance(conn, psycopg.Connection)
+        # Autocommit on the raw connection: lock and unlock are one round trip each,
+        # with no transaction held open in between.
+        conn.autocommit = True
         try:
-            got = conn.execute(text(f"SELECT {fn}(:k)"), {"k": key}).scalar()
-            conn.commit()
+            row = conn.execute(f"SELECT {fn}(%s)", (key,)).fetchone()  # type: ignore[call-overload]
+            # the waiting variants return void: having returned means we hold it
+            got = True if wait else bool(row and row[0])
             try:
-                yield bool(got) if not wait else True
+                yield got
             finally:
-                if got or wait:
-                    conn.execute(text(f"SELECT {unlock}(:k)"), {"k": key})
-                    conn.commit()
+                if got:
+                    conn.execute(f"SELECT {unlock}(%s)", (key,))  # type: ignore[call-overload]
         finally:
-            conn.close()
+            if not conn.closed:
+                conn.autocommit = False
+            pooled.close()
 
 
 def lock_key(name: str) -> int:

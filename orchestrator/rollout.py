@@ -29,7 +29,6 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -92,6 +91,17 @@ class TenantResult:
     attempts: int
     duration_ms: int
     error: str | None = None
+
+
+@dataclass(frozen=True)
+class Claim:
+    tenant_id: int
+    slug: str
+    server: str
+    planned_from: str | None
+    database: str | None
+    owner_role: str | None
+    state: str | None
 
 
 @dataclass
@@ -368,27 +378,34 @@ class RolloutRun:
         with self.fleet.catalog.session() as s:
             return s.scalar(q) or 0
 
-    def _claim(self, rollout_id: int, wave: int, budget: int) -> tuple[int, str, str] | None:
+    def _claim(self, rollout_id: int, wave: int, budget: int) -> Claim | None:
+        """Take the next pending tenant of the wave (skipping rows other processes
+        hold, and servers at their cap here), unless the failure budget is spent.
+        One round trip, which also brings what the migration needs to know."""
         with self._claim_lock:
             full = [srv for srv, n in self._inflight.items() if n >= self.opts.per_server]
             with self.fleet.catalog.session() as s, s.begin():
                 row = s.execute(text("""
-                    UPDATE rollout_tenants SET status = 'running', worker = :worker,
-                           started_at = now()
-                    WHERE (rollout_id, tenant_id) = (
-                        SELECT rollout_id, tenant_id FROM rollout_tenants
-                        WHERE rollout_id = :rid AND wave = :wave AND status = 'pending'
-                          AND NOT (server = ANY(:full))
-                          AND (SELECT count(*) FROM rollout_tenants
-                               WHERE rollout_id = :rid AND status = 'failed') <= :budget
-                        ORDER BY seq LIMIT 1 FOR UPDATE SKIP LOCKED)
-                    RETURNING tenant_id, slug, server"""),
+                    WITH next AS (
+                        UPDATE rollout_tenants SET status = 'running', worker = :worker,
+                               started_at = now()
+                        WHERE (rollout_id, tenant_id) = (
+                            SELECT rollout_id, tenant_id FROM rollout_tenants
+                            WHERE rollout_id = :rid AND wave = :wave AND status = 'pending'
+                              AND NOT (server = ANY(:full))
+                              AND (SELECT count(*) FROM rollout_tenants
+                                   WHERE rollout_id = :rid AND status = 'failed') <= :budget
+                            ORDER BY seq LIMIT 1 FOR UPDATE SKIP LOCKED)
+                        RETURNING tenant_id, slug, server, from_revision)
+                    SELECT next.*, t.database, t.owner_role, t.state
+                    FROM next LEFT JOIN tenants t ON t.id = next.tenant_id"""),
                     {"worker": self.worker, "rid": rollout_id, "wave": wave,
                      "full": full, "budget": budget}).first()
             if row is None:
                 return None
             self._inflight[row.server] = self._inflight.get(row.server, 0) + 1
-            return int(row.tenant_id), str(row.slug), str(row.server)
+            return Claim(int(row.tenant_id), row.slug, row.server, row.from_revision,
+                         row.database, row.owner_role, row.state)
 
     def _worker(self, rollout_id: int, wave: int, budget: int) -> None:
         while not self.stop.is_set():
@@ -400,33 +417,30 @@ class RolloutRun:
                     time.sleep(0.02)  # what is left sits on servers at their cap
                     continue
                 return
-            tenant_id, slug, server = claimed
             try:
-                result = self._migrate_one(rollout_id, tenant_id, slug, server, wave)
+                result = self._migrate_one(claimed, wave)
             finally:
                 with self._claim_lock:
-                    self._inflight[server] -= 1
-            self._record(rollout_id, tenant_id, result)
+                    self._inflight[claimed.server] -= 1
+            self._record(rollout_id, claimed.tenant_id, result)
             self.on_event(Event("tenant", wave=wave, result=result))
             checkpoint("rollout.tenant_done")
 
-    def _migrate_one(self, rollout_id: int, tenant_id: int, slug: str, server: str,
-                     wave: int) -> TenantResult:
+    def _migrate_one(self, claim: Claim, wave: int) -> TenantResult:
         started = time.monotonic()
-        with self.fleet.catalog.session() as s:
-            tenant = s.get(Tenant, tenant_id)
-            planned_from = s.scalar(select(RolloutTenant.from_revision).where(
-                RolloutTenant.rollout_id == rollout_id, RolloutTenant.tenant_id == tenant_id))
+        slug, server, planned_from = claim.slug, claim.server, claim.planned_from
 
         def result(status: str, before: str | None, after: str | None, attempts: int,
                    error: str | None = None) -> TenantResult:
             return TenantResult(slug, server, wave, status, before, after, attempts,
                                 int((time.monotonic() - started) * 1000), error)
 
-        if tenant is None or tenant.state not in MIGRATABLE:
-            state = tenant.state if tenant else "gone"
-            return result("skipped", planned_from, planned_from, 0, f"tenant is {state}")
-        dsn = with_dbname(self.fleet.cfg.server(server).admin_dsn, tenant.database)
+        if claim.database is None or claim.owner_role is None or \
+                claim.state not in MIGRATABLE:
+            return result("skipped", planned_from, planned_from, 0,
+                          f"tenant is {claim.state or 'gone'}")
+        dsn = with_dbname(self.fleet.cfg.server(server).admin_dsn, claim.database)
+        owner = claim.owner_role
         last_error = "never started"
         for attempt in range(1, self.opts.retries + 2):
             if self.stop.is_set() and attempt > 1:
@@ -438,7 +452,7 @@ class RolloutRun:
                         with tenant_migrations.tenant_connection(dsn) as conn:
                             before, after = tenant_migrations.migrate_from(
                                 conn, self.location, self.target_name,
-                                as_role=tenant.owner_role, lock_timeout=self.lock_timeout,
+                                as_role=owner, lock_timeout=self.lock_timeout,
                                 statement_timeout=self.statement_timeout)
                         # at target already: a re-run after a crash, or done elsewhere
                         status = "ok" if before != after or planned_from != after else \
@@ -462,19 +476,23 @@ class RolloutRun:
                       f"gave up after {self.opts.retries + 1} attempts: {last_error}")
 
     def _record(self, rollout_id: int, tenant_id: int, r: TenantResult) -> None:
-        now = datetime.now(UTC)
+        """The tenant's result and its last known revision, in one round trip."""
+        failed = r.status == "failed"
         with self.fleet.catalog.session() as s, s.begin():
-            s.execute(update(RolloutTenant).where(
-                RolloutTenant.rollout_id == rollout_id, RolloutTenant.tenant_id == tenant_id)
-                .values(status=r.status, from_revision=r.from_revision,
-                        to_revision=r.to_revision, attempts=r.attempts, finished_at=now,
-                        duration_ms=r.duration_ms, error=r.error))
-            if r.status == "failed":
-                s.execute(update(Tenant).where(Tenant.id == tenant_id).values(
-                    migration_error=f"rollout {rollout_id}: {r.error}", migrated_at=now))
-            elif r.status == "ok" or r.to_revision is not None:
-                s.execute(update(Tenant).where(Tenant.id == tenant_id).values(
-                    revision=r.to_revision, migration_error=None, migrated_at=now))
+            s.execute(text("""
+                WITH result AS (
+                    UPDATE rollout_tenants SET status = :status, from_revision = :from_rev,
+                           to_revision = :to_rev, attempts = :attempts, finished_at = now(),
+                           duration_ms = :ms, error = :error
+                    WHERE rollout_id = :rid AND tenant_id = :tid)
+                UPDATE tenants SET migrated_at = now(),
+                       revision = CASE WHEN :failed THEN revision ELSE :to_rev END,
+                       migration_error = CASE WHEN :failed THEN :tenant_error END
+                WHERE id = :tid"""),
+                {"status": r.status, "from_rev": r.from_revision, "to_rev": r.to_revision,
+                 "attempts": r.attempts, "ms": r.duration_ms, "error": r.error,
+                 "rid": rollout_id, "tid": tenant_id, "failed": failed,
+                 "tenant_error": f"rollout {rollout_id}: {r.error}" if failed else None})
         with self._results_lock:
             self._results.append(r)
 

@@ -62,3 +62,22 @@ def test_tenant_revisions_up_down_up_and_match_models(test_fleet: PgFleet) -> No
     finally:
         with psycopg.connect(admin, autocommit=True) as conn:
             conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(db)))
+
+
+def test_advisory_locks_are_released(fleet: Fleet) -> None:
+    """Every variant gives its lock back at the end of the block (a waiting lock
+    returns void, which once read as 'not acquired' and leaked the lock)."""
+    from orchestrator.api import Fleet as FleetCls
+
+    other = FleetCls(fleet.cfg)
+    try:
+        for shared in (False, True):
+            for wait in (False, True):
+                with fleet.catalog.advisory_lock("test:lock", shared=shared, wait=wait) as got:
+                    assert got
+                    with other.catalog.advisory_lock("test:lock") as rival:
+                        assert not rival  # held: an exclusive try fails
+                with other.catalog.advisory_lock("test:lock") as after:
+                    assert after, (shared, wait)
+    finally:
+        other.close()

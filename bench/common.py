@@ -1,0 +1,111 @@
+"""Shared pieces of the benchmark scripts: throwaway embedded clusters, configs,
+statistics. Benchmarks print JSON; they are not tests."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from orchestrator import localfleet  # noqa: E402
+from orchestrator.api import Fleet  # noqa: E402
+from orchestrator.catalog import Catalog  # noqa: E402
+from orchestrator.config import Config, load_config  # noqa: E402
+from orchestrator.masterkey import write_key_file  # noqa: E402
+from orchestrator.names import ADMIN_ROLE, TEMPLATE_DB  # noqa: E402
+
+Server = tuple[str, str, int]  # name, region, port
+
+
+def new_state(data_dir: str) -> Path:
+    state = Path(tempfile.mkdtemp(prefix="tenantctl-bench-", dir=data_dir))
+    os.chmod(state, 0o755)  # as root, the clusters' OS user must traverse it
+    write_key_file(state / "master.key")
+    return state
+
+
+def ports(state: Path, count: int, start: int = 57400) -> list[int]:
+    found = localfleet.free_ports(count, start=start)
+    for port in found:
+        localfleet.ensure_pgpass_entry(state / "pgpass", port, ADMIN_ROLE, os.urandom(24).hex())
+    return found
+
+
+def write_config(state: Path, servers: list[Server], *, migrations: str = "builtin",
+                 use_template: bool = True, local: bool = False, name: str = "bench"
+                 ) -> Path:
+    """A config whose catalog lives on the first server. ``local`` adds the data_dir
+    and port that `tenantctl local up` needs."""
+    pgpass = state / "pgpass"
+    first_port = servers[0][2]
+    lines = [f'state_dir = "{state}"', "[catalog]",
+             f'dsn = "postgresql://{ADMIN_ROLE}@127.0.0.1:{first_port}/tenantctl_catalog'
+             f'?passfile={pgpass}"',
+             "[master_key]", f'file = "{state / "master.key"}"',
+             "[tenants]", f'migrations = "{migrations}"',
+             f"use_template = {'true' if use_template else 'false'}"]
+    for region in dict.fromkeys(r for _, r, _ in servers):
+        lines += [f"[regions.{region}]", f'backup_store = "file://{state / "backups" / region}"']
+        for sname, sregion, port in servers:
+            if sregion != region:
+                continue
+            lines += [f"[[regions.{region}.servers]]", f'name = "{sname}"',
+                      f'admin_dsn = "postgresql://{ADMIN_ROLE}@127.0.0.1:{port}/postgres'
+                      f'?passfile={pgpass}"', "capacity = 100000"]
+            if local:
+                lines += [f'data_dir = "{state / "pg" / sname}"', f"port = {port}"]
+    path = state / f"{name}.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def start(config: Path) -> Config:
+    """Start the clusters of a local config and prepare its catalog."""
+    cfg = load_config(config)
+    list(localfleet.up(cfg))
+    catalog = Catalog(cfg)
+    catalog.upgrade()
+    catalog.sync_topology()
+    catalog.dispose()
+    return cfg
+
+
+def stop(cfg: Config) -> None:
+    list(localfleet.down(cfg))
+
+
+def warm_up(fleet: Fleet, server: str, clones: int = 48) -> None:
+    """Bring a fresh cluster to steady state before timing: on a new VM the first
+    touch of each shared-buffer page is slow (clone times fall from ~250 ms to
+    ~35 ms as the 256 MB buffer pool is first written), which a long-running
+    server never pays again. Clone and drop the template until that is done."""
+    import psycopg
+    from psycopg import sql
+
+    with psycopg.connect(fleet.cfg.server(server).admin_dsn, autocommit=True) as conn:
+        for i in range(clones):
+            conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                sql.Identifier(f"bench_warm_{i}"), sql.Identifier(TEMPLATE_DB)))
+        for i in range(clones):
+            conn.execute(sql.SQL("DROP DATABASE {}").format(sql.Identifier(f"bench_warm_{i}")))
+
+
+def percentile(values: list[float], pct: float) -> float:
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * pct
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def stats(samples: list[float]) -> dict[str, float]:
+    return {"p50_ms": round(statistics.median(samples), 1),
+            "p95_ms": round(percentile(samples, 0.95), 1),
+            "mean_ms": round(statistics.fmean(samples), 1), "n": len(samples)}
+
+
+def alembic_cli() -> str:
+    return str(Path(sys.executable).parent / "alembic")
