@@ -26,6 +26,7 @@ test: lint
 
 bench: $(STAMP)
 	$(BIN)/python bench/provision.py
+	$(BIN)/python bench/rollout.py
 
 clean:
 	-$(BIN)/tenantctl local down
