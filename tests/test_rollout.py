@@ -336,3 +336,35 @@ def test_bad_rollout_input(test_fleet: PgFleet, tenants: list[str]) -> None:
         assert proc.returncode != 0
         assert proc.stderr.startswith("error: ") and needle in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr
+
+
+def test_sigterm_finishes_in_flight_and_resumes(fleet: Fleet, test_fleet: PgFleet,
+                                                tenants: list[str]) -> None:
+    import signal
+
+    _reset(test_fleet, tenants, OLD)
+    cmd = [*TENANTCTL, "--config", str(test_fleet.config_path), "migrate", "rollout",
+           "--tenants", ",".join(tenants), "--concurrency", "1", "--json"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        with fleet.catalog.session() as s:
+            done = s.scalar(select(func.count()).select_from(RolloutTenant).join(Rollout)
+                            .where(Rollout.status == "running", Rollout.target == HEAD,
+                                   RolloutTenant.status == "ok"))
+        if done:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "stopping: no new tenant starts" in err
+    summary = json.loads(out)
+    assert summary["status"] == "interrupted"
+    assert summary["counts"].get("pending", 0) > 0 and "running" not in summary["counts"]
+    live = _live(test_fleet, tenants)
+    assert sum(rev == HEAD for rev in live.values()) == summary["counts"]["ok"]
+    again = _rollout(test_fleet, "--tenants", ",".join(tenants), "--json")
+    assert again.returncode == 0, again.stderr
+    assert _json(again)["rollout_id"] == summary["rollout_id"]  # the same rollout, resumed
+    assert set(_live(test_fleet, tenants).values()) == {HEAD}
