@@ -52,6 +52,8 @@ def tenant_json(t: Tenant) -> dict[str, Any]:
         "hold_until": _iso(t.hold_until), "deleted_at": _iso(t.deleted_at),
         "purge_after": _iso(t.purge_after), "legal_hold": t.legal_hold,
         "provisioning_step": t.step, "last_error": t.last_error,
+        "migration_error": t.migration_error,
+        "migrated_at": _iso(t.migrated_at),
     }
 
 
