@@ -19,7 +19,7 @@ quickstart: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/mypy orchestrator cli tenant_schema bench
+	$(BIN)/mypy orchestrator cli tenant_schema backups bench
 
 test: lint
 	$(BIN)/pytest -q
