@@ -97,7 +97,8 @@ class _FileWriter(ObjectWriter):
         final.parent.mkdir(parents=True, exist_ok=True)
         self.final = final
         self.tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex}.partial")
-        self.f: BinaryIO | None = open(self.tmp, "xb")  # noqa: SIM115 - closed in commit/abort
+        fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self.f: BinaryIO | None = os.fdopen(fd, "wb")
 
     def write(self, b: Any) -> int:
         assert self.f is not None, "writer already closed"

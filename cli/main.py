@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
+from cli.backup import backup_app
 from cli.common import State, current_config, open_fleet, print_json, say, table
 from cli.migrate import migrate_app
 
@@ -33,6 +34,7 @@ for sub, name in [(local_app, "local"), (catalog_app, "catalog"), (config_app, "
 
 
 app.add_typer(migrate_app, name="migrate")
+app.add_typer(backup_app, name="backup")
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 

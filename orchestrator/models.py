@@ -217,3 +217,52 @@ class RolloutTenant(Base):
                         name="status_known"),
         Index("ix_rollout_tenants_claim", "rollout_id", "wave", "status", "seq"),
     )
+
+
+class TenantKey(Base):
+    """A tenant's age key pair. Backups are encrypted to ``recipient`` alone; the
+    identity is stored wrapped by the master key, and destroying it (purge,
+    erasure) makes every copy of every backup of the tenant unreadable."""
+
+    __tablename__ = "tenant_keys"
+
+    tenant_id: Mapped[int] = mapped_column(
+        ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
+    key_id: Mapped[str] = mapped_column(String(16))
+    recipient: Mapped[str] = mapped_column(Text)
+    identity_wrapped: Mapped[str | None] = mapped_column(Text)
+    master_key_id: Mapped[str | None] = mapped_column(String(32))
+    created_at: Mapped[datetime] = _now()
+    destroyed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Backup(Base):
+    """One backup object (and its manifest) in the tenant's region store. Only a
+    completed backup whose manifest and checksum match is ever restorable."""
+
+    __tablename__ = "backups"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"), index=True)
+    slug: Mapped[str] = mapped_column(String(40))
+    region: Mapped[str] = mapped_column(String(40))
+    store_url: Mapped[str] = mapped_column(Text)
+    object_key: Mapped[str] = mapped_column(Text)
+    manifest_key: Mapped[str] = mapped_column(Text)
+    kind: Mapped[str] = mapped_column(String(20), server_default="manual")
+    status: Mapped[str] = mapped_column(String(20), index=True)
+    size: Mapped[int | None] = mapped_column(BigInteger)
+    sha256: Mapped[str | None] = mapped_column(String(64))
+    key_id: Mapped[str | None] = mapped_column(String(16))
+    server_version: Mapped[str | None] = mapped_column(String(40))
+    pg_dump_version: Mapped[str | None] = mapped_column(String(80))
+    revision: Mapped[str | None] = mapped_column(String(64))
+    started_at: Mapped[datetime] = _now()
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    verified_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    error: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (
+        CheckConstraint("status IN ('running','completed','failed','deleted')",
+                        name="status_known"),
+    )

@@ -21,7 +21,7 @@ from sqlalchemy import func, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from orchestrator import pgserver, templates, tenant_migrations
+from orchestrator import keys, pgserver, templates, tenant_migrations
 from orchestrator.catalog import server_error, with_dbname
 from orchestrator.errors import Conflict, ServerUnavailable, TenantctlError
 from orchestrator.faults import checkpoint
@@ -122,6 +122,8 @@ def _register(fleet: Fleet, slug: str, region: str, password: str) -> Tenant:
             s.flush()
         except IntegrityError:
             raise Conflict(f"tenant {slug!r} already exists") from None
+        # the tenant's own backup key, from the first moment the tenant exists
+        s.add(keys.new_key(fleet.master_key, tenant.id, slug))
         fleet.catalog.audit("tenant.provision.start", tenant=slug, region=region,
                             session=s, server=server)
     return tenant

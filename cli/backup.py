@@ -1,0 +1,115 @@
+"""`tenantctl backup …`: encrypted backups in the tenant's own region."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from cli.common import open_fleet, print_json, say, table
+
+backup_app = typer.Typer(no_args_is_help=True, help="Encrypted backups in each region.")
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
+
+
+@backup_app.command("run")
+def run(
+    slug: Annotated[str | None, typer.Argument(help="One tenant.")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Every tenant with a database.")]
+    = False,
+    concurrency: Annotated[int, typer.Option(help="Backups in flight.")] = 4,
+    as_json: JsonOpt = False,
+) -> None:
+    """Dump, encrypt (to the tenant's own key) and upload to the region's store."""
+    from backups import pipeline
+    from orchestrator.errors import InvalidInput
+
+    if bool(slug) == all_:
+        raise InvalidInput("give one tenant, or --all")
+    fleet = open_fleet()
+    try:
+        if slug:
+            results = [pipeline.run_backup(fleet, slug)]
+        else:
+            slugs = [t.slug for t in fleet.tenants() if t.state in pipeline.BACKUPABLE]
+            results = _run_with_progress(fleet, slugs, concurrency, as_json)
+    finally:
+        fleet.close()
+    if as_json:
+        print_json([r.__dict__ for r in results])
+    else:
+        for r in results:
+            detail = f"{r.size} bytes" if r.status == "completed" else r.error
+            say(f"{r.status:9} {r.tenant} backup {r.id or '-'}: {detail}")
+    if any(r.status != "completed" for r in results):
+        raise typer.Exit(1)
+
+
+def _run_with_progress(fleet, slugs, concurrency, as_json):  # type: ignore[no-untyped-def]
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from backups import pipeline
+
+    console = Console(stderr=True)
+    if not console.is_terminal or as_json:
+        return pipeline.run_many(fleet, slugs, concurrency)
+    with Progress(TextColumn("backups"), BarColumn(), TextColumn("{task.completed}/"
+                  "{task.total}"), TimeRemainingColumn(), console=console) as progress:
+        task = progress.add_task("backups", total=len(slugs))
+        return pipeline.run_many(fleet, slugs, concurrency,
+                                 on_done=lambda r: progress.advance(task))
+
+
+@backup_app.command("list")
+def list_(slug: Annotated[str | None, typer.Argument(help="One tenant.")] = None,
+          as_json: JsonOpt = False) -> None:
+    """Backups in the catalog, newest first."""
+    from sqlalchemy import select
+
+    from backups.pipeline import backup_json
+    from orchestrator.models import Backup
+
+    fleet = open_fleet()
+    try:
+        q = select(Backup).order_by(Backup.id.desc())
+        if slug:
+            q = q.where(Backup.tenant_id == fleet.get_tenant(slug).id)
+        with fleet.catalog.session() as s:
+            rows = [backup_json(b) for b in s.scalars(q)]
+    finally:
+        fleet.close()
+    if as_json:
+        print_json(rows)
+        return
+    table(None, ["id", "tenant", "region", "status", "size", "created", "verified"],
+          [[r["id"], r["tenant"], r["region"], r["status"], r["size"],
+            (r["created_at"] or "")[:19], (r["verified_at"] or "")[:19]] for r in rows])
+
+
+@backup_app.command("verify")
+def verify(
+    backup_id: Annotated[int | None, typer.Argument(help="Backup id.")] = None,
+    latest: Annotated[str | None, typer.Option(help="The latest backup of this tenant.")]
+    = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Fetch, check the manifest and checksum, decrypt, and `pg_restore --list`."""
+    from backups import pipeline
+    from orchestrator.errors import InvalidInput
+
+    if (backup_id is None) == (latest is None):
+        raise InvalidInput("give a backup id, or --latest TENANT")
+    fleet = open_fleet()
+    try:
+        target = backup_id if backup_id is not None else \
+            pipeline.latest_backup(fleet, latest or "").id
+        report = pipeline.verify_backup(fleet, target)
+    finally:
+        fleet.close()
+    if as_json:
+        print_json(report)
+    else:
+        say(f"backup {report['id']} of {report['tenant']}: ok ({report['size']} bytes, "
+            f"{report['toc_entries']} archive entries)")

@@ -1,0 +1,127 @@
+"""Encrypted backups against real Postgres, with the file store and with S3 over
+HTTP to moto's server."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from backups import pipeline
+from backups.stores import open_store
+from orchestrator.api import Fleet
+from orchestrator.config import load_config
+from orchestrator.models import Backup
+from tests.conftest import PgFleet, connect_as, run_cli
+from tests.test_stores import moto_endpoint  # noqa: F401 - fixture
+
+SECRET_ROW = "customer-7f3a-do-not-leak@example.com"
+
+
+def _tenant_with_data(fleet: Fleet, slug: str, region: str) -> None:
+    fleet.provision(slug, region)
+    with connect_as(fleet.credentials(slug), autocommit=True) as conn:
+        conn.execute("INSERT INTO customers (email, name) VALUES (%s, 'Secret Person')",
+                     (SECRET_ROW,))
+        conn.execute("INSERT INTO warehouses (code, name) SELECT 'W' || g, 'warehouse ' || g "
+                     "FROM generate_series(1, 500) g")
+
+
+def _object_path(fleet: Fleet, row: Backup) -> Path:
+    root = Path(fleet.cfg.region(row.region).backup_store.removeprefix("file://"))
+    return root / row.object_key
+
+
+def test_backup_run_list_verify(fleet: Fleet, test_fleet: PgFleet, slug: str) -> None:
+    _tenant_with_data(fleet, slug, "ap-south")
+    proc = run_cli(test_fleet, "backup", "run", slug, "--json")
+    assert proc.returncode == 0, proc.stderr
+    (result,) = json.loads(proc.stdout)
+    assert result["status"] == "completed" and result["size"] > 0
+    listed = json.loads(run_cli(test_fleet, "backup", "list", slug, "--json").stdout)
+    assert listed[0]["id"] == result["id"]
+    for key in ("id", "tenant", "status", "size", "created_at"):
+        assert key in listed[0]
+    row = pipeline.get_backup(fleet, result["id"])
+    blob = _object_path(fleet, row).read_bytes()
+    assert blob.startswith(b"age-encryption.org/v1")
+    assert SECRET_ROW.encode() not in blob and b"Secret Person" not in blob
+    assert _object_path(fleet, row).stat().st_mode & 0o777 == 0o600
+    verified = run_cli(test_fleet, "backup", "verify", str(result["id"]), "--json")
+    assert verified.returncode == 0, verified.stderr
+    assert json.loads(verified.stdout)["toc_entries"] > 10
+
+
+def test_backups_stay_in_the_tenant_region(fleet: Fleet, slug: str) -> None:
+    _tenant_with_data(fleet, slug, "eu-central")
+    result = pipeline.run_backup(fleet, slug)
+    row = pipeline.get_backup(fleet, result.id)
+    assert row.region == "eu-central"
+    assert row.store_url == fleet.cfg.region("eu-central").backup_store
+    for region in fleet.cfg.regions:
+        store = open_store(fleet.cfg.region(region).backup_store)
+        found = [o.key for o in store.objects(f"tenants/{slug}/")]
+        assert bool(found) == (region == "eu-central"), (region, found)
+
+
+def test_flipped_byte_fails_verify_cleanly(fleet: Fleet, test_fleet: PgFleet,
+                                           slug: str) -> None:
+    _tenant_with_data(fleet, slug, "ap-south")
+    row = pipeline.get_backup(fleet, pipeline.run_backup(fleet, slug).id)
+    path = _object_path(fleet, row)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    proc = run_cli(test_fleet, "backup", "verify", str(row.id))
+    assert proc.returncode != 0
+    assert proc.stderr.startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1
+    assert "tampered or corrupted" in proc.stderr or "checksum mismatch" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_backup_without_manifest_is_not_restorable(fleet: Fleet, slug: str) -> None:
+    _tenant_with_data(fleet, slug, "ap-south")
+    row = pipeline.get_backup(fleet, pipeline.run_backup(fleet, slug).id)
+    store = open_store(row.store_url)
+    store.delete(row.manifest_key)
+    with pytest.raises(pipeline.BackupError, match="has no manifest"):
+        pipeline.verify_backup(fleet, row.id)
+
+
+def test_failed_dump_leaves_no_object(fleet: Fleet, test_fleet: PgFleet, slug: str) -> None:
+    _tenant_with_data(fleet, slug, "ap-south")
+    proc = run_cli(test_fleet, "backup", "run", slug,
+                   env={"TENANTCTL_FAULT": "backup.dumped", "TENANTCTL_FAULT_MODE": "raise"})
+    assert proc.returncode != 0 and "injected fault" in proc.stderr
+    with fleet.catalog.session() as s:
+        rows = s.scalars(select(Backup).where(Backup.slug == slug)).all()
+    assert [r.status for r in rows] == ["failed"]
+    store = open_store(fleet.cfg.region("ap-south").backup_store)
+    assert list(store.objects(f"tenants/{slug}/")) == []
+    with pytest.raises(pipeline.BackupError, match="is failed, not restorable"):
+        pipeline.verify_backup(fleet, rows[0].id)
+
+
+def test_backup_to_s3(test_fleet: PgFleet, tmp_path: Path, slug: str,
+                      moto_endpoint: str) -> None:  # noqa: F811
+    bucket = "eu-backups"
+    url = f"s3://{bucket}/tenantctl?endpoint_url={moto_endpoint}&region=eu-central-1"
+    text = test_fleet.config_path.read_text()
+    eu_store = f'file://{test_fleet.state_dir / "backups" / "eu-central"}'
+    cfg_path = tmp_path / "s3.toml"
+    cfg_path.write_text(text.replace(eu_store, url, 1))
+    fleet = Fleet(load_config(cfg_path))
+    try:
+        store = open_store(url)
+        store.client.create_bucket(  # type: ignore[attr-defined]
+            Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": "eu-central-1"})
+        _tenant_with_data(fleet, slug, "eu-central")
+        result = pipeline.run_backup(fleet, slug)
+        keys = [o.key for o in store.objects(f"tenants/{slug}/")]
+        assert len(keys) == 2 and any(k.endswith(".manifest.json") for k in keys)
+        assert pipeline.verify_backup(fleet, result.id)["ok"]
+        assert store.pending_uploads() == []  # type: ignore[attr-defined]
+    finally:
+        fleet.close()
