@@ -113,3 +113,29 @@ def verify(
     else:
         say(f"backup {report['id']} of {report['tenant']}: ok ({report['size']} bytes, "
             f"{report['toc_entries']} archive entries)")
+
+
+@backup_app.command("restore")
+def restore(
+    backup_id: Annotated[int, typer.Argument(help="Backup id (see `backup list`).")],
+    as_: Annotated[str, typer.Option("--as", help="Restore as a new tenant with this slug, "
+                                     "in the backup's region.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Restore a backup into a new tenant. The backup is checked whole first; if it
+    is not intact, nothing is created. Prints the new tenant's connection string."""
+    from backups.restore import restore_as
+
+    fleet = open_fleet()
+    try:
+        res = restore_as(fleet, backup_id, as_)
+    finally:
+        fleet.close()
+    if as_json:
+        print_json({**res.tenant, "dsn": res.dsn, "restored_from": backup_id})
+        return
+    t = res.tenant
+    say(f"restored backup {backup_id} as tenant {t['slug']} in {t['region']} on "
+        f"{t['server']} (revision {t['revision']})")
+    say("connection string (shown once):")
+    print(res.dsn)

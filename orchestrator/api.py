@@ -174,8 +174,9 @@ class Fleet:
 
     # -- provisioning ------------------------------------------------------------
 
-    def provision(self, slug: str, region: str) -> ProvisionResult:
-        done = provisioning.provision(self, slug, region)
+    def provision(self, slug: str, region: str, *, restore_from: int | None = None
+                  ) -> ProvisionResult:
+        done = provisioning.provision(self, slug, region, restore_from=restore_from)
         return ProvisionResult(tenant_json(done.tenant),
                                self.tenant_dsn(done.tenant, done.password),
                                done.resumed, done.via_template)

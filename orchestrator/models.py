@@ -108,6 +108,8 @@ class Tenant(Base):
     deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     purge_after: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     purged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # set when the tenant was created from a backup (restore --as) instead of the template
+    restored_from: Mapped[int | None] = mapped_column(BigInteger)
     # the last migration that failed for this tenant (cleared by a successful one)
     migration_error: Mapped[str | None] = mapped_column(Text)
     migrated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -111,7 +111,7 @@ def database_owner(conn: psycopg.Connection, dbname: str) -> str | None:
     return row[0] if row else None
 
 
-def _role_comment(conn: psycopg.Connection, role: str) -> str | None:
+def role_comment(conn: psycopg.Connection, role: str) -> str | None:
     row = conn.execute(
         "SELECT shobj_description(oid, 'pg_authid') FROM pg_roles WHERE rolname = %s",
         (role,)).fetchone()
@@ -141,7 +141,7 @@ def ensure_roles(conn: psycopg.Connection, names: TenantNames, marker: str) -> N
     with conn.transaction():
         for role in (names.owner_role, names.login_role):
             if role_exists(conn, role):
-                if _role_comment(conn, role) != marker:
+                if role_comment(conn, role) != marker:
                     raise Conflict(f"role {role!r} already exists on the server and does not "
                                    "belong to this tenant; refusing to adopt it")
                 continue

@@ -55,7 +55,10 @@ def tenant_lock(slug: str) -> str:
     return f"tenant:{slug}"
 
 
-def provision(fleet: Fleet, slug: str, region: str) -> Provisioned:
+def provision(fleet: Fleet, slug: str, region: str, *, restore_from: int | None = None
+              ) -> Provisioned:
+    """Create (or finish creating) a tenant. With ``restore_from``, its database is
+    filled from that backup instead of the template."""
     validate_slug(slug)
     fleet.cfg.region(region)  # unknown region: error before anything else
     master = fleet.master_key  # a missing key fails here, before any change
@@ -69,6 +72,11 @@ def provision(fleet: Fleet, slug: str, region: str) -> Provisioned:
             if tenant.state != TenantState.provisioning:
                 raise Conflict(f"tenant {slug!r} already exists ({tenant.state}, region "
                                f"{tenant.region})")
+            if tenant.restored_from != restore_from:
+                raise Conflict(f"tenant {slug!r} is being provisioned "
+                               + (f"from backup {tenant.restored_from}"
+                                  if tenant.restored_from else "without a backup")
+                               + "; finish it the same way")
             if tenant.region != region:
                 raise Conflict(f"tenant {slug!r} is being provisioned in region "
                                f"{tenant.region}, not {region}; re-run with --region "
@@ -77,7 +85,7 @@ def provision(fleet: Fleet, slug: str, region: str) -> Provisioned:
                                      password_context(slug)).decode()
         else:
             password = new_password()
-            tenant = _register(fleet, slug, region, password)
+            tenant = _register(fleet, slug, region, password, restore_from)
             checkpoint("provision.registered")
         via_template = _run_steps(fleet, tenant, password)
         return Provisioned(fleet.get_tenant(slug), password, resumed, via_template)
@@ -96,7 +104,8 @@ def _server_loads(session: Session, region: str) -> list[ServerLoad]:
             for s in servers]
 
 
-def _register(fleet: Fleet, slug: str, region: str, password: str) -> Tenant:
+def _register(fleet: Fleet, slug: str, region: str, password: str,
+              restore_from: int | None = None) -> Tenant:
     names = tenant_names(slug)
     with fleet.catalog.session() as s, s.begin():
         loads = _server_loads(s, region)
@@ -113,7 +122,8 @@ def _register(fleet: Fleet, slug: str, region: str, password: str) -> Tenant:
                     raise
         tenant = Tenant(slug=slug, region=region, server=server, database=names.database,
                         login_role=names.login_role, owner_role=names.owner_role,
-                        state=TenantState.provisioning, step="registered")
+                        state=TenantState.provisioning, step="registered",
+                        restored_from=restore_from)
         tenant.credential = TenantCredential(
             password_wrapped=fleet.master_key.wrap(password.encode(), password_context(slug)),
             master_key_id=fleet.master_key.key_id)
@@ -153,7 +163,8 @@ def _run_steps(fleet: Fleet, tenant: Tenant, password: str) -> bool:
                 _progress(fleet, tenant.id, step="roles")
             if done < STEPS.index("database"):
                 current = "database"
-                via_template = _create_database(fleet, conn, names, tenant.server)
+                via_template = _create_database(fleet, conn, names, tenant.server,
+                                                use_template=tenant.restored_from is None)
                 checkpoint("provision.database")
                 _progress(fleet, tenant.id, step="database")
             if done < STEPS.index("privileges"):
@@ -187,10 +198,10 @@ def _run_steps(fleet: Fleet, tenant: Tenant, password: str) -> bool:
 
 
 def _create_database(fleet: Fleet, conn: psycopg.Connection, names: TenantNames,
-                     server: str) -> bool:
+                     server: str, *, use_template: bool = True) -> bool:
     """Clone the server's template if it is at head (building or upgrading it first
     if needed); otherwise create an empty database for the migrations to fill."""
-    if fleet.cfg.use_template:
+    if fleet.cfg.use_template and use_template:
         target = fleet.target_revision(fleet.cfg.server(server).region)
         for attempt in range(2):
             with fleet.catalog.advisory_lock(templates.lock_name(server), shared=True,
@@ -232,9 +243,17 @@ def _schema_and_privileges(fleet: Fleet, tenant: Tenant, done: int) -> str | Non
                 if done < STEPS.index("schema"):
                     pgserver.reassign_from_template(pconn, names)
                 revision = tenant_migrations.current_revision(sconn)
-                granted = revision == target
+                restore = tenant.restored_from is not None and revision is None
+                granted = revision == target and not restore
                 if granted:
                     pgserver.secure_tenant_database(pconn, names)
+            if restore:
+                from backups.restore import restore_into  # backups builds on us, not we on it
+
+                assert tenant.restored_from is not None
+                restore_into(fleet, tenant.restored_from, dsn, names.owner_role)
+                with sconn.begin():
+                    revision = tenant_migrations.current_revision(sconn)
             if revision != target:
                 revision = tenant_migrations.migrate(
                     sconn, fleet.cfg.tenant_migrations, target or "base",

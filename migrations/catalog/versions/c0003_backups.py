@@ -18,6 +18,7 @@ TS = sa.DateTime(timezone=True)
 
 
 def upgrade() -> None:
+    op.add_column("tenants", sa.Column("restored_from", sa.BigInteger(), nullable=True))
     op.create_table(
         "tenant_keys",
         sa.Column("tenant_id", sa.BigInteger(), nullable=False),
@@ -65,3 +66,4 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_table("backups")
     op.drop_table("tenant_keys")
+    op.drop_column("tenants", "restored_from")
