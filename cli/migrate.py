@@ -56,8 +56,9 @@ def rollout(
     to: Annotated[str, typer.Option("--to", help="Target revision, or head.")] = "head",
     region: Annotated[str | None, typer.Option(help="Only this region.")] = None,
     tenants: Annotated[str | None, typer.Option(help="Only these tenants: a,b,c.")] = None,
-    concurrency: Annotated[int, typer.Option(help="Tenants in flight, fleet-wide.")] = 8,
-    per_server: Annotated[int, typer.Option(help="Tenants in flight per server.")] = 4,
+    concurrency: Annotated[int, typer.Option(help="Tenants in flight in this process.")] = 8,
+    per_server: Annotated[int, typer.Option(
+        help="Tenants in flight per server, in this process.")] = 4,
     canary: Annotated[int, typer.Option(help="Migrate N tenants first, alone; stop if "
                                         "any fails.")] = 0,
     waves: Annotated[str, typer.Option(help="Cumulative wave sizes, e.g. 1,10%,100%.")]

@@ -48,8 +48,8 @@ class _ThreadCurrent(types.ModuleType):
             return getattr(stack[-1], attr)
         if attr.startswith("__"):
             return getattr(self._original, attr)
-        raise NameError(f"alembic.{self._kind}.{attr}: no Alembic {self._kind} is active in "
-                        "this thread (call it from inside a migration)")
+        raise AttributeError(f"alembic.{self._kind}.{attr}: no Alembic {self._kind} is "
+                             "active in this thread (call it from inside a migration)")
 
 
 def install() -> None:
@@ -67,10 +67,13 @@ def install() -> None:
 
             def pop(self: Any, _kind: str = kind) -> None:
                 stack = _stack(_kind)
-                if stack and stack[-1] is self:
-                    stack.pop()
-                elif self in stack:
-                    stack.remove(self)
+                if self in stack:
+                    # Alembic's Operations.context has no try/finally: after a failed
+                    # migration its Operations is never popped. Leaving an environment
+                    # drops whatever it left above it (and the op stack with it).
+                    del stack[stack.index(self):]
+                if _kind == "context" and not stack:
+                    _stack("op").clear()
 
             type.__setattr__(cls, "_install_proxy", push)
             type.__setattr__(cls, "_remove_proxy", pop)

@@ -203,24 +203,36 @@ class Fleet:
         assert cred is not None
         ctx = provisioning.password_context(slug)
         if rotate:
-            password = provisioning.new_password()
-            with self.catalog.session() as s, s.begin():
-                s.execute(update(TenantCredential)
-                          .where(TenantCredential.tenant_id == tenant.id)
-                          .values(password_wrapped=self.master_key.wrap(password.encode(), ctx),
-                                  master_key_id=self.master_key.key_id, applied_at=None))
-            checkpoint("credentials.stored")
-            pending = True
-        else:
-            password = self.master_key.unwrap(cred.password_wrapped, ctx).decode()
-            pending = cred.applied_at is None
-        if pending:
+            return self._rotate(tenant, ctx)
+        password = self.master_key.unwrap(cred.password_wrapped, ctx).decode()
+        if cred.applied_at is None:  # a rotation that died half-way: finish it
+            return self._rotate(tenant, ctx, password)
+        self.catalog.audit("tenant.credentials.show", tenant=slug, region=tenant.region)
+        return self.tenant_dsn(tenant, password)
+
+    def _rotate(self, tenant: Tenant, ctx: str, password: str | None = None) -> str:
+        """Store the new password (wrapped) first, then give it to the role, under the
+        tenant's lock so two rotations cannot cross."""
+        slug = tenant.slug
+        with self.catalog.advisory_lock(provisioning.tenant_lock(slug)) as got:
+            if not got:
+                raise Conflict(f"tenant {slug!r} is being changed by another tenantctl "
+                               "process; try again when it has finished")
+            pending = password is not None
+            password = password or provisioning.new_password()
+            if not pending:
+                with self.catalog.session() as s, s.begin():
+                    s.execute(update(TenantCredential)
+                              .where(TenantCredential.tenant_id == tenant.id)
+                              .values(password_wrapped=self.master_key.wrap(
+                                  password.encode(), ctx),
+                                      master_key_id=self.master_key.key_id, applied_at=None))
+                checkpoint("credentials.stored")
             with self.server_connection(tenant.server) as conn:
                 pgserver.set_password(conn, tenant.login_role, password)
             with self.catalog.session() as s, s.begin():
                 s.execute(update(TenantCredential)
                           .where(TenantCredential.tenant_id == tenant.id)
                           .values(applied_at=datetime.now(UTC)))
-        self.catalog.audit("tenant.credentials.rotate" if rotate else "tenant.credentials.show",
-                           tenant=slug, region=tenant.region)
+        self.catalog.audit("tenant.credentials.rotate", tenant=slug, region=tenant.region)
         return self.tenant_dsn(tenant, password)

@@ -80,7 +80,8 @@ class Catalog:
                 "postgresql+psycopg://",
                 creator=lambda: psycopg.connect(dsn, connect_timeout=10,
                                                 application_name="tenantctl"),
-                pool_size=10, max_overflow=20,
+                # a rollout worker holds a lock connection and uses another
+                pool_size=10, max_overflow=140,
             )
         return self._engine
 

@@ -157,20 +157,25 @@ def ensure_database(conn: psycopg.Connection, names: TenantNames, *,
     """CREATE DATABASE owned by the tenant's owner role, cloned from ``template`` (the
     server's template database at head) or from template0. True if created now.
 
-    CREATE DATABASE cannot run in a transaction and grants CONNECT to PUBLIC; the
-    revoke follows at once and the login role cannot log in before grants are set.
+    CREATE DATABASE cannot run in a transaction and grants CONNECT to PUBLIC. So
+    the database is born closed (ALLOW_CONNECTIONS false), PUBLIC is revoked, and
+    only then is it opened: a crash in between leaves it closed, never open to
+    every role on the server. A re-run repeats the revoke and the opening.
     """
     owner = database_owner(conn, names.database)
-    if owner is not None:
-        if owner != names.owner_role:
-            raise Conflict(f"database {names.database!r} already exists, owned by {owner!r}, "
-                           "not by this tenant; refusing to adopt it")
-        return False
-    conn.execute(sql.SQL("CREATE DATABASE {} OWNER {} TEMPLATE {} STRATEGY WAL_LOG")
-                 .format(Ident(names.database), Ident(names.owner_role),
-                         Ident(template or "template0")))
+    created = owner is None
+    if owner is not None and owner != names.owner_role:
+        raise Conflict(f"database {names.database!r} already exists, owned by {owner!r}, "
+                       "not by this tenant; refusing to adopt it")
+    if created:
+        conn.execute(sql.SQL("CREATE DATABASE {} OWNER {} TEMPLATE {} STRATEGY WAL_LOG "
+                             "ALLOW_CONNECTIONS false")
+                     .format(Ident(names.database), Ident(names.owner_role),
+                             Ident(template or "template0")))
     revoke_public(conn, names.database)
-    return True
+    conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(
+        Ident(names.database)))
+    return created
 
 
 def revoke_public(conn: psycopg.Connection, dbname: str) -> None:
@@ -208,6 +213,13 @@ def secure_tenant_database(conn: psycopg.Connection, names: TenantNames) -> None
                 "GRANT {} ON TABLES TO {}").format(owner, DML, login),
         sql.SQL("ALTER DEFAULT PRIVILEGES FOR ROLE {} IN SCHEMA public "
                 "GRANT {} ON SEQUENCES TO {}").format(owner, SEQ, login),
+        # the application may read its schema revision, never set it: a tenant that
+        # wrote alembic_version could make rollouts skip it or fail on it
+        sql.SQL("DO $$ BEGIN IF to_regclass('public.alembic_version') IS NOT NULL THEN "
+                "EXECUTE {}; END IF; END $$").format(sql.Literal(
+                    sql.SQL("REVOKE ALL ON public.alembic_version FROM {}; "
+                            "GRANT SELECT ON public.alembic_version TO {}")
+                    .format(login, login).as_string(None))),
     ]
     # one round trip: these run on every provisioning
     conn.execute(sql.SQL(";\n").join(stmts))

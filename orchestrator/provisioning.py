@@ -17,6 +17,8 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import psycopg
+import sqlalchemy.exc
+from alembic.util.exc import CommandError
 from sqlalchemy import func, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -172,18 +174,30 @@ def _run_steps(fleet: Fleet, tenant: Tenant, password: str) -> bool:
                 revision = _schema_and_privileges(fleet, tenant, done)
             else:
                 revision = tenant.revision
+            # A rollout may have moved the target since the schema step (it cannot
+            # touch this tenant while we hold its lock): catch up before going live.
+            target = fleet.target_revision(tenant.region)
+            if revision != target:
+                current = "schema"
+                revision = _migrate_to(fleet, tenant, target)
             current = "login"
             pgserver.enable_login(conn, names.login_role, password)
             checkpoint("provision.login")
-    except psycopg.Error as exc:
-        msg = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    except Exception as exc:
+        # Every failure is recorded on the tenant and audited, whatever raised it.
+        orig = getattr(exc, "orig", None) or exc
+        msg = (str(orig).strip().splitlines() or [type(orig).__name__])[0]
         _progress(fleet, tenant.id, last_error=f"{current}: {msg}")
         fleet.catalog.audit("tenant.provision", tenant=tenant.slug, region=tenant.region,
                             outcome="failed", step=current, error=msg)
-        raise TenantctlError(
-            f"provisioning {tenant.slug!r} stopped at step {current}: {msg}; "
-            f"re-run `tenantctl tenant create {tenant.slug} --region {tenant.region}` "
-            "to finish") from None
+        if isinstance(exc, TenantctlError):
+            raise
+        if isinstance(exc, psycopg.Error | sqlalchemy.exc.SQLAlchemyError | CommandError):
+            raise TenantctlError(
+                f"provisioning {tenant.slug!r} stopped at step {current}: {msg}; "
+                f"re-run `tenantctl tenant create {tenant.slug} --region {tenant.region}` "
+                "to finish") from None
+        raise
     now = datetime.now(UTC)
     with fleet.catalog.session() as s, s.begin():
         s.execute(update(Tenant).where(Tenant.id == tenant.id).values(
@@ -225,6 +239,14 @@ def _try_build_template(fleet: Fleet, server: str, target: str | None) -> bool:
         fleet.catalog.audit("template.build", outcome="failed", server=server,
                             error=(str(exc).splitlines() or [""])[0])
         return False
+
+
+def _migrate_to(fleet: Fleet, tenant: Tenant, target: str | None) -> str | None:
+    names = tenant_names(tenant.slug)
+    dsn = with_dbname(fleet.cfg.server(tenant.server).admin_dsn, names.database)
+    with tenant_migrations.tenant_connection(dsn) as sconn:
+        return tenant_migrations.migrate(sconn, fleet.cfg.tenant_migrations, target or "base",
+                                         as_role=names.owner_role)
 
 
 def _schema_and_privileges(fleet: Fleet, tenant: Tenant, done: int) -> str | None:

@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 import sqlalchemy.exc
-from alembic.util.exc import CommandError
 from sqlalchemy import func, select, text, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from orchestrator import templates, tenant_migrations
 from orchestrator.catalog import actor, with_dbname
@@ -162,10 +162,14 @@ class RolloutRun:
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.lock_timeout = parse_timeout("--lock-timeout", opts.lock_timeout)
         self.statement_timeout = parse_timeout("--statement-timeout", opts.statement_timeout)
-        if opts.concurrency < 1 or opts.per_server < 1 or opts.retries < 0 or opts.canary < 0:
-            raise InvalidInput("--concurrency and --per-server must be at least 1, "
+        if not 1 <= opts.concurrency <= 64 or opts.per_server < 1 or opts.retries < 0 \
+                or opts.canary < 0:
+            raise InvalidInput("--concurrency must be 1-64, --per-server at least 1, "
                                "--retries and --canary at least 0")
         self.wave_steps = parse_waves(opts.waves)
+        parse_budget(opts.max_failures, 100)  # syntax now; the number needs the plan
+        if opts.region:
+            fleet.cfg.region(opts.region)
         self.target = tenant_migrations.resolve_revision(self.location, opts.to)
         self._claim_lock = threading.Lock()
         self._inflight: dict[str, int] = {}
@@ -226,10 +230,7 @@ class RolloutRun:
     def run(self) -> RolloutSummary:
         if self.opts.dry_run:
             return self.dry_run()
-        if self.opts.whole_scope:
-            # before planning: tenants created from now on are created at the target
-            self.fleet.set_target_revision(self.target, self.opts.region)
-        waves = self.plan()
+        waves = self.plan()  # validates everything before the first write
         total = sum(len(w) for w in waves)
         allowed = parse_budget(self.opts.max_failures, total)
         rollout_id, created = self._create_or_attach(waves)
@@ -237,22 +238,40 @@ class RolloutRun:
         self.on_event(Event("plan", message=f"rollout {rollout_id} "
                             f"{'created' if created else 'resumed'}: {total} tenants to "
                             f"{self.target_name} in {nonempty} wave{'s' * (nonempty != 1)}"))
-        template_report = self._update_templates() if self.opts.whole_scope else {}
-        self._reset_stale(rollout_id)
-
+        template_report: dict[str, str] = {}
         stopped: str | None = None
-        wave_numbers = self._waves_of(rollout_id)
-        for wave in wave_numbers:
-            stopped = self._run_wave(rollout_id, wave, allowed)
-            if stopped:
-                break
-        if not stopped and self.opts.whole_scope and not self.stop.is_set():
-            sweep = self._sweep(rollout_id, (max(wave_numbers) + 1) if wave_numbers else 1)
-            if sweep:
-                stopped = self._run_wave(rollout_id, sweep, allowed)
+        # While this lock is held, this process is alive: others may reap the rows
+        # it has claimed only once it is free (see _reset_stale).
+        with self.fleet.catalog.advisory_lock(self._alive_lock(self.worker), wait=True):
+            self._reset_stale(rollout_id)
+            wave_numbers = self._waves_of(rollout_id)
+            moved = not self.opts.whole_scope
+            for wave in wave_numbers:
+                if wave != CANARY_WAVE and not moved:
+                    template_report = self._move_target()
+                    moved = True
+                stopped = self._run_wave(rollout_id, wave, allowed)
+                if stopped:
+                    break
+            if not stopped and not moved:
+                template_report = self._move_target()
+            if not stopped and self.opts.whole_scope and not self.stop.is_set():
+                sweep = self._sweep(rollout_id, (max(wave_numbers) + 1) if wave_numbers else 1)
+                if sweep:
+                    stopped = self._run_wave(rollout_id, sweep, allowed)
         if self.stop.is_set() and not stopped:
             stopped = "interrupted"
         return self._finish(rollout_id, waves, stopped, template_report)
+
+    def _move_target(self) -> dict[str, str]:
+        """Once the canary has passed: tenants created from now on are created at the
+        target (fleet or region), and the templates follow."""
+        self.fleet.set_target_revision(self.target, self.opts.region)
+        return self._update_templates()
+
+    @staticmethod
+    def _alive_lock(worker: str) -> str:
+        return f"rollout-worker:{worker}"
 
     def _create_or_attach(self, waves: list[list[PlanTenant]]) -> tuple[int, bool]:
         key = self.key()
@@ -311,19 +330,24 @@ class RolloutRun:
         return report
 
     def _reset_stale(self, rollout_id: int) -> None:
-        """Rows left 'running' by a process that died: their tenant lock is free."""
+        """Rows left 'running' by a process that died go back to 'pending'. A worker
+        is dead when its liveness lock is free (held for its whole run, released by
+        Postgres when its session ends)."""
         with self.fleet.catalog.session() as s:
-            rows = s.execute(select(RolloutTenant.tenant_id, RolloutTenant.slug).where(
-                RolloutTenant.rollout_id == rollout_id,
-                RolloutTenant.status == "running")).all()
-        for tenant_id, slug in rows:
-            with self.fleet.catalog.advisory_lock(tenant_lock(slug)) as free:
-                if free:
+            workers = set(s.scalars(select(RolloutTenant.worker).where(
+                RolloutTenant.rollout_id == rollout_id, RolloutTenant.status == "running",
+                RolloutTenant.worker != self.worker).distinct()))
+        for worker in workers:
+            if worker is None:
+                continue
+            with self.fleet.catalog.advisory_lock(self._alive_lock(worker)) as dead:
+                if dead:
                     with self.fleet.catalog.session() as s, s.begin():
                         s.execute(update(RolloutTenant).where(
                             RolloutTenant.rollout_id == rollout_id,
-                            RolloutTenant.tenant_id == tenant_id,
-                            RolloutTenant.status == "running").values(status="pending"))
+                            RolloutTenant.worker == worker,
+                            RolloutTenant.status == "running").values(
+                                status="pending", worker=None))
 
     def _sweep(self, rollout_id: int, wave: int) -> int | None:
         """Tenants in scope that the plan did not know (created just before the
@@ -336,28 +360,33 @@ class RolloutRun:
             late = [t for t in s.scalars(q) if t.revision != self.target]
             seq = s.scalar(select(func.coalesce(func.max(RolloutTenant.seq), 0)).where(
                 RolloutTenant.rollout_id == rollout_id)) or 0
-            for i, t in enumerate(late, start=1):
-                s.add(RolloutTenant(rollout_id=rollout_id, tenant_id=t.id, slug=t.slug,
-                                    server=t.server, wave=wave, seq=seq + i,
-                                    from_revision=t.revision))
+            if late:  # two processes may sweep at once: the first insert wins
+                s.execute(pg_insert(RolloutTenant).values([
+                    {"rollout_id": rollout_id, "tenant_id": t.id, "slug": t.slug,
+                     "server": t.server, "wave": wave, "seq": seq + i,
+                     "from_revision": t.revision}
+                    for i, t in enumerate(late, start=1)]).on_conflict_do_nothing())
         return wave if late else None
 
     # -- waves and workers -----------------------------------------------------------------
 
     def _run_wave(self, rollout_id: int, wave: int, allowed: int) -> str | None:
         size = self._count(rollout_id, wave=wave, status="pending")
-        if size == 0:
-            return None
-        self.on_event(Event("wave", wave=wave, size=size))
         budget = 0 if wave == CANARY_WAVE else allowed
-        workers = max(1, min(self.opts.concurrency, size))
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rollout") as pool:
-            for f in [pool.submit(self._worker, rollout_id, wave, budget)
-                      for _ in range(workers)]:
-                f.result()
-        # other processes may still be finishing tenants of this wave
+        if size:
+            self.on_event(Event("wave", wave=wave, size=size))
+            workers = max(1, min(self.opts.concurrency, size))
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rollout") as pool:
+                for f in [pool.submit(self._worker, rollout_id, wave, budget)
+                          for _ in range(workers)]:
+                    f.result()
+        # Barrier, even when this process found nothing to do: other processes may
+        # still be finishing tenants of this wave; rows of dead ones are reaped.
         while self._count(rollout_id, wave=wave, status="running") and not self.stop.is_set():
             time.sleep(0.2)
+            self._reset_stale(rollout_id)
+            if self._count(rollout_id, wave=wave, status="pending") and not self.stop.is_set():
+                return self._run_wave(rollout_id, wave, allowed)
         failed = self._count(rollout_id, status="failed")
         if wave == CANARY_WAVE and self._count(rollout_id, wave=wave, status="failed"):
             return "canary failed"
@@ -418,34 +447,43 @@ class RolloutRun:
                     continue
                 return
             try:
-                result = self._migrate_one(claimed, wave)
+                result = self._migrate_one(rollout_id, claimed, wave)
+            except Exception as exc:  # noqa: BLE001 - one tenant never stops the others
+                result = TenantResult(claimed.slug, claimed.server, wave, "failed",
+                                      claimed.planned_from, claimed.planned_from, 1, 0,
+                                      f"{type(exc).__name__}: {_first_line(exc)}")
+                self._record(rollout_id, claimed.tenant_id, result)
             finally:
                 with self._claim_lock:
                     self._inflight[claimed.server] -= 1
-            self._record(rollout_id, claimed.tenant_id, result)
             self.on_event(Event("tenant", wave=wave, result=result))
             checkpoint("rollout.tenant_done")
 
-    def _migrate_one(self, claim: Claim, wave: int) -> TenantResult:
+    def _migrate_one(self, rollout_id: int, claim: Claim, wave: int) -> TenantResult:
+        """Migrate one claimed tenant and record the result — under the tenant's lock
+        whenever the tenant was touched, so no other operation's result on the same
+        tenant can land in between."""
         started = time.monotonic()
         slug, server, planned_from = claim.slug, claim.server, claim.planned_from
 
-        def result(status: str, before: str | None, after: str | None, attempts: int,
-                   error: str | None = None) -> TenantResult:
-            return TenantResult(slug, server, wave, status, before, after, attempts,
-                                int((time.monotonic() - started) * 1000), error)
+        def done(status: str, before: str | None, after: str | None, attempts: int,
+                 error: str | None = None) -> TenantResult:
+            r = TenantResult(slug, server, wave, status, before, after, attempts,
+                             int((time.monotonic() - started) * 1000), error)
+            self._record(rollout_id, claim.tenant_id, r)
+            return r
 
         if claim.database is None or claim.owner_role is None or \
                 claim.state not in MIGRATABLE:
-            return result("skipped", planned_from, planned_from, 0,
-                          f"tenant is {claim.state or 'gone'}")
+            return done("skipped", planned_from, planned_from, 0,
+                        f"tenant is {claim.state or 'gone'}")
         dsn = with_dbname(self.fleet.cfg.server(server).admin_dsn, claim.database)
         owner = claim.owner_role
         last_error = "never started"
         for attempt in range(1, self.opts.retries + 2):
             if self.stop.is_set() and attempt > 1:
-                return result("failed", planned_from, planned_from, attempt - 1,
-                              f"interrupted while retrying: {last_error}")
+                # stopped while backing off: not this tenant's failure; a re-run retries
+                return done("pending", planned_from, None, attempt - 1, None)
             with self.fleet.catalog.advisory_lock(tenant_lock(slug)) as got:
                 if got:
                     try:
@@ -457,44 +495,53 @@ class RolloutRun:
                         # at target already: a re-run after a crash, or done elsewhere
                         status = "ok" if before != after or planned_from != after else \
                             "skipped"
-                        return result(status, before if before != after else planned_from,
-                                      after, attempt)
+                        return done(status, before if before != after else planned_from,
+                                    after, attempt)
                     except (sqlalchemy.exc.DBAPIError, psycopg.Error) as exc:
                         last_error = _first_line(exc)
                         if _sqlstate(exc) not in RETRYABLE_SQLSTATES:
-                            return result("failed", planned_from, planned_from, attempt,
-                                          last_error)
-                    except CommandError as exc:
-                        return result("failed", planned_from, planned_from, attempt,
-                                      _first_line(exc))
+                            return done("failed", planned_from, planned_from, attempt,
+                                        last_error)
+                    except Exception as exc:  # noqa: BLE001 - e.g. a bug in a revision file
+                        return done("failed", planned_from, planned_from, attempt,
+                                    f"{type(exc).__name__}: {_first_line(exc)}")
                 else:
                     last_error = "tenant locked by another operation"
             if attempt <= self.opts.retries:
                 # exponential backoff with jitter: 0.2 s, 0.4 s, 0.8 s, ...
                 time.sleep(0.2 * 2 ** (attempt - 1) * (0.5 + random.random()))
-        return result("failed", planned_from, planned_from, self.opts.retries + 1,
-                      f"gave up after {self.opts.retries + 1} attempts: {last_error}")
+        return done("failed", planned_from, planned_from, self.opts.retries + 1,
+                    f"gave up after {self.opts.retries + 1} attempts: {last_error}")
 
     def _record(self, rollout_id: int, tenant_id: int, r: TenantResult) -> None:
-        """The tenant's result and its last known revision, in one round trip."""
+        """The tenant's result and its last known revision, in one round trip. Fenced
+        on this worker still holding the row: if the row was reaped and redone by
+        another process meanwhile, this result is stale and is dropped."""
         failed = r.status == "failed"
+        pending = r.status == "pending"
         with self.fleet.catalog.session() as s, s.begin():
             s.execute(text("""
                 WITH result AS (
                     UPDATE rollout_tenants SET status = :status, from_revision = :from_rev,
-                           to_revision = :to_rev, attempts = :attempts, finished_at = now(),
+                           to_revision = :to_rev, attempts = :attempts,
+                           finished_at = CASE WHEN :pending THEN NULL ELSE now() END,
+                           worker = CASE WHEN :pending THEN NULL ELSE worker END,
                            duration_ms = :ms, error = :error
-                    WHERE rollout_id = :rid AND tenant_id = :tid)
+                    WHERE rollout_id = :rid AND tenant_id = :tid AND status = 'running'
+                      AND worker = :worker
+                    RETURNING tenant_id)
                 UPDATE tenants SET migrated_at = now(),
                        revision = CASE WHEN :failed THEN revision ELSE :to_rev END,
                        migration_error = CASE WHEN :failed THEN :tenant_error END
-                WHERE id = :tid"""),
+                WHERE id IN (SELECT tenant_id FROM result) AND NOT :pending"""),
                 {"status": r.status, "from_rev": r.from_revision, "to_rev": r.to_revision,
                  "attempts": r.attempts, "ms": r.duration_ms, "error": r.error,
-                 "rid": rollout_id, "tid": tenant_id, "failed": failed,
+                 "rid": rollout_id, "tid": tenant_id, "failed": failed, "pending": pending,
+                 "worker": self.worker,
                  "tenant_error": f"rollout {rollout_id}: {r.error}" if failed else None})
-        with self._results_lock:
-            self._results.append(r)
+        if not pending:
+            with self._results_lock:
+                self._results.append(r)
 
     def _finish(self, rollout_id: int, waves: list[list[PlanTenant]], stopped: str | None,
                 template_report: dict[str, str]) -> RolloutSummary:

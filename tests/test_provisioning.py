@@ -89,6 +89,10 @@ def test_tenant_isolation(fleet: Fleet, test_fleet: PgFleet, slug: str) -> None:
                      "CREATE SCHEMA evil"):
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 conn.execute(stmt)
+        # it may read its schema revision but never set it
+        assert conn.execute("SELECT version_num FROM alembic_version").fetchone()
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("UPDATE alembic_version SET version_num = 'forged'")
         # without grant option, Postgres only warns "no privileges were granted"
         conn.execute("GRANT SELECT ON warehouses TO PUBLIC")
         assert conn.execute("SELECT has_table_privilege('public', 'warehouses', 'SELECT')"

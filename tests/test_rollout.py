@@ -325,8 +325,14 @@ def test_locked_table_retries_then_fails_without_blocking(fleet: Fleet, test_fle
     assert ok.returncode == 0, ok.stdout + ok.stderr
 
 
-def test_bad_rollout_input(test_fleet: PgFleet, tenants: list[str]) -> None:
-    for args, needle in [(["--to", "nosuchrev"], "unknown revision 'nosuchrev'"),
+def test_bad_rollout_input(fleet: Fleet, test_fleet: PgFleet, tenants: list[str]) -> None:
+    target = fleet.target_revision()
+    with fleet.catalog.session() as s:
+        rollouts = s.scalar(select(func.count()).select_from(Rollout))
+    for args, needle in [(["--to", OLD, "--max-failures", "10x"], "invalid --max-failures"),
+                         (["--to", OLD, "--region", "mars"], "unknown region"),
+                         (["--concurrency", "0"], "--concurrency must be"),
+                         (["--to", "nosuchrev"], "unknown revision 'nosuchrev'"),
                          (["--waves", "ten"], "invalid --waves"),
                          (["--max-failures", "-1"], "invalid --max-failures"),
                          (["--lock-timeout", "soon"], "invalid --lock-timeout"),
@@ -336,6 +342,10 @@ def test_bad_rollout_input(test_fleet: PgFleet, tenants: list[str]) -> None:
         assert proc.returncode != 0
         assert proc.stderr.startswith("error: ") and needle in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr
+    # bad input changes nothing: no rollout row, the fleet target where it was
+    assert fleet.target_revision() == target
+    with fleet.catalog.session() as s:
+        assert s.scalar(select(func.count()).select_from(Rollout)) == rollouts
 
 
 def test_sigterm_finishes_in_flight_and_resumes(fleet: Fleet, test_fleet: PgFleet,
