@@ -139,3 +139,21 @@ def restore(
         f"{t['server']} (revision {t['revision']})")
     say("connection string (shown once):")
     print(res.dsn)
+
+
+key_app = typer.Typer(no_args_is_help=True, help="Tenant backup keys.")
+backup_app.add_typer(key_app, name="key")
+
+
+@key_app.command("export")
+def key_export(slug: str) -> None:
+    """Break-glass: print the tenant's age identity (audited). With it, the stock
+    `age` tool decrypts the tenant's backups: age -d -i key.txt X.dump.age."""
+    from orchestrator import keys
+
+    fleet = open_fleet()
+    try:
+        text = keys.export_identity(fleet, slug)
+    finally:
+        fleet.close()
+    print(text)

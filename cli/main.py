@@ -15,6 +15,7 @@ import typer
 
 from cli.backup import backup_app
 from cli.common import State, current_config, open_fleet, print_json, say, table
+from cli.keys import keys_app
 from cli.migrate import migrate_app
 
 if TYPE_CHECKING:
@@ -35,6 +36,7 @@ for sub, name in [(local_app, "local"), (catalog_app, "catalog"), (config_app, "
 
 app.add_typer(migrate_app, name="migrate")
 app.add_typer(backup_app, name="backup")
+app.add_typer(keys_app, name="keys")
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 

@@ -51,3 +51,54 @@ def identity(fleet: Fleet, key: TenantKey, slug: str) -> pyrage.x25519.Identity:
                              f"({key.destroyed_at:%Y-%m-%d}); its backups are unreadable")
     text = fleet.master_key.unwrap(key.identity_wrapped, identity_context(slug)).decode()
     return pyrage.x25519.Identity.from_str(text)
+
+
+def export_identity(fleet: Fleet, slug: str) -> str:
+    """Break-glass: the tenant's age identity in clear, for `age -d -i`. Audited."""
+    from orchestrator.errors import NotFound
+
+    tenant = fleet.get_tenant(slug)
+    with fleet.catalog.session() as s:
+        key = s.get(TenantKey, tenant.id)
+    if key is None:
+        raise NotFound(f"tenant {slug!r} has no backup key yet")
+    text = str(identity(fleet, key, slug))
+    fleet.catalog.audit("backup.key.export", tenant=slug, region=tenant.region,
+                        key_id=key.key_id)
+    return text
+
+
+def rotate_master(fleet: Fleet, new: MasterKey) -> dict[str, int]:
+    """Re-wrap every tenant secret (age identities, login passwords) from the
+    configured master key to ``new``, in one transaction: all or nothing. Backups
+    are untouched (they are encrypted to the tenants' keys, not the master key).
+    Values already wrapped by ``new`` (a re-run) are left as they are."""
+    from sqlalchemy import select
+
+    from orchestrator.models import Tenant, TenantCredential
+    from orchestrator.provisioning import password_context
+
+    old = fleet.master_key
+    counts = {"identities": 0, "passwords": 0, "already_rotated": 0}
+    with fleet.catalog.session() as s, s.begin():
+        slugs = dict(s.execute(select(Tenant.id, Tenant.slug)).all())
+        for key in s.scalars(select(TenantKey).where(TenantKey.identity_wrapped.is_not(None))
+                             .with_for_update()):
+            ctx = identity_context(slugs[key.tenant_id])
+            if key.master_key_id == new.key_id:
+                counts["already_rotated"] += 1
+                continue
+            key.identity_wrapped = new.wrap(old.unwrap(key.identity_wrapped or "", ctx), ctx)
+            key.master_key_id = new.key_id
+            counts["identities"] += 1
+        for cred in s.scalars(select(TenantCredential).with_for_update()):
+            ctx = password_context(slugs[cred.tenant_id])
+            if cred.master_key_id == new.key_id:
+                counts["already_rotated"] += 1
+                continue
+            cred.password_wrapped = new.wrap(old.unwrap(cred.password_wrapped, ctx), ctx)
+            cred.master_key_id = new.key_id
+            counts["passwords"] += 1
+        fleet.catalog.audit("keys.rotate_master", session=s, old=old.key_id,
+                            new=new.key_id, counts=counts)
+    return counts

@@ -188,3 +188,89 @@ def test_restore_of_tampered_backup_creates_nothing(fleet: Fleet, test_fleet: Pg
     assert fleet.find_tenant(copy) is None
     dbs, roles = server_objects(test_fleet, "ap-south-1")
     assert f"tenant_{copy}" not in dbs and f"owner_{copy}" not in roles
+
+
+@pytest.mark.skipif(__import__("shutil").which("age") is None,
+                    reason="the stock `age` tool is not installed (.ci/run installs it)")
+def test_stock_age_tool_and_pg_restore_read_a_backup(fleet: Fleet, test_fleet: PgFleet,
+                                                     slug: str, tmp_path: Path) -> None:
+    """The break-glass runbook: export the identity, then age -d | pg_restore."""
+    import subprocess
+
+    from orchestrator.localfleet import pg_tool
+
+    _tenant_with_data(fleet, slug, "ap-south")
+    row = pipeline.get_backup(fleet, pipeline.run_backup(fleet, slug).id)
+    exported = run_cli(test_fleet, "backup", "key", "export", slug)
+    assert exported.returncode == 0, exported.stderr
+    identity = exported.stdout.strip()
+    assert identity.startswith("AGE-SECRET-KEY-1")
+    key_file = tmp_path / "key.txt"
+    key_file.write_text(identity + "\n")
+    key_file.chmod(0o600)
+    age = subprocess.run(["age", "-d", "-i", str(key_file), str(_object_path(fleet, row))],
+                         capture_output=True, check=True)
+    listing = subprocess.run([pg_tool(fleet.cfg, "pg_restore"), "--list"], input=age.stdout,
+                             capture_output=True, check=True)
+    assert b"TABLE DATA public customers" in listing.stdout
+    with fleet.catalog.session() as s:
+        from orchestrator.models import AuditEvent
+
+        assert s.scalars(select(AuditEvent).where(AuditEvent.tenant == slug,
+                                                  AuditEvent.action == "backup.key.export")
+                         ).first() is not None
+
+
+def test_master_key_rotation_keeps_backups_readable(test_fleet: PgFleet, tmp_path: Path,
+                                                     slug: str) -> None:
+    from orchestrator.masterkey import write_key_file
+
+    # A private catalog and master key: rotation re-wraps every tenant of a catalog.
+    old_key = tmp_path / "old.key"
+    old_key.write_bytes((test_fleet.state_dir / "master.key").read_bytes())
+    old_key.chmod(0o600)
+    text = test_fleet.config_path.read_text().replace(
+        str(test_fleet.state_dir / "master.key"), str(old_key)).replace(
+        "dbname=tenantctl_catalog", "dbname=tenantctl_catalog_rotation")
+    old_cfg = tmp_path / "old.toml"
+    old_cfg.write_text(text)
+    assert run_cli(test_fleet, "catalog", "upgrade", config=old_cfg).returncode == 0
+    fleet = Fleet(load_config(old_cfg))
+    try:
+        _tenant_with_data(fleet, slug, "ap-south")
+        backup_id = pipeline.run_backup(fleet, slug).id
+        dsn = fleet.credentials(slug)
+    finally:
+        fleet.close()
+    new_key = tmp_path / "new.key"
+    write_key_file(new_key)
+    proc = run_cli(test_fleet, "keys", "rotate-master", "--new-key-file", str(new_key),
+                   "--json", config=old_cfg)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["identities"] >= 1
+    new_cfg = tmp_path / "new.toml"
+    new_cfg.write_text(text.replace(str(old_key), str(new_key)))
+    fleet = Fleet(load_config(new_cfg))
+    try:
+        assert pipeline.verify_backup(fleet, backup_id)["ok"]
+        assert fleet.credentials(slug) == dsn
+    finally:
+        fleet.close()
+    # the old key no longer opens anything: a clear one-line error
+    stale = run_cli(test_fleet, "backup", "verify", str(backup_id), config=old_cfg)
+    assert stale.returncode == 7 and "wrapped by master key" in stale.stderr
+    _drop_tenant_objects(test_fleet, slug, "ap-south-1")
+
+
+def _drop_tenant_objects(test_fleet: PgFleet, slug: str, server: str) -> None:
+    """Remove a tenant made under a throwaway catalog, so no orphan is left behind."""
+    import psycopg
+    from psycopg import sql
+
+    with psycopg.connect(test_fleet.admin_dsn(server), autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+            sql.Identifier(f"tenant_{slug}")))
+        for role in (f"tenant_{slug}", f"owner_{slug}"):
+            conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+    with psycopg.connect(test_fleet.admin_dsn("eu-central-1"), autocommit=True) as conn:
+        conn.execute("DROP DATABASE IF EXISTS tenantctl_catalog_rotation WITH (FORCE)")

@@ -1,0 +1,55 @@
+"""`tenantctl keys …`: the master key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cli.common import open_fleet, print_json, say
+
+keys_app = typer.Typer(no_args_is_help=True, help="The master key that wraps tenant secrets.")
+
+
+@keys_app.command("generate")
+def generate(path: Annotated[Path, typer.Argument(help="New key file (mode 0600).")]) -> None:
+    """Write a new random master key file; refuses to overwrite one."""
+    from orchestrator.errors import Conflict
+    from orchestrator.masterkey import MasterKeySource, load_master_key, write_key_file
+
+    try:
+        write_key_file(path)
+    except FileExistsError:
+        raise Conflict(f"{path} already exists") from None
+    say(f"wrote {path} (master key {load_master_key(MasterKeySource(file=path)).key_id})")
+
+
+@keys_app.command("rotate-master")
+def rotate_master(
+    new_key_file: Annotated[Path | None, typer.Option(help="The new key's file.")] = None,
+    new_key_env: Annotated[str | None, typer.Option(help="Environment variable holding "
+                                                    "the new key.")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Re-wrap every tenant key and password under a new master key (all or nothing);
+    then point `master_key` in the config at the new key."""
+    from orchestrator import keys
+    from orchestrator.errors import InvalidInput
+    from orchestrator.masterkey import MasterKeySource, load_master_key
+
+    if (new_key_file is None) == (new_key_env is None):
+        raise InvalidInput("give --new-key-file or --new-key-env")
+    new = load_master_key(MasterKeySource(file=new_key_file, env=new_key_env))
+    fleet = open_fleet()
+    try:
+        if new.key_id == fleet.master_key.key_id:
+            raise InvalidInput("the new master key is the one configured now")
+        counts = keys.rotate_master(fleet, new)
+    finally:
+        fleet.close()
+    if as_json:
+        print_json({"new_master_key_id": new.key_id, **counts})
+        return
+    say(f"re-wrapped {counts['identities']} tenant keys and {counts['passwords']} "
+        f"passwords under master key {new.key_id}; now set master_key in the config to it")
