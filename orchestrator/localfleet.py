@@ -288,11 +288,16 @@ def _running_pid(data_dir: Path) -> int | None:
 
 
 def _log_tail(data_dir: Path) -> str:
+    """The line of the server log that explains a failure: the last FATAL or ERROR
+    (e.g. "could not bind IPv4 address"), else the last line."""
     log = data_dir / "server.log"
     try:
         lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
     except OSError:
         return ""
+    for ln in reversed(lines[-30:]):
+        if "FATAL:" in ln or "ERROR:" in ln or "PANIC:" in ln:
+            return ln
     return lines[-1] if lines else ""
 
 

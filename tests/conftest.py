@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -99,7 +100,9 @@ def test_fleet() -> Iterator[PgFleet]:
             catalog_dsn = with_dbname(external, f"tenantctl_catalog_{uuid.uuid4().hex[:8]}")
         else:
             pgpass = state / "pgpass"
-            ports = dict(zip(SERVERS, localfleet.free_ports(len(SERVERS), start=56400),
+            # a random start keeps two test sessions on one machine apart
+            start = 56400 + random.randrange(0, 2000, 10)
+            ports = dict(zip(SERVERS, localfleet.free_ports(len(SERVERS), start=start),
                              strict=True))
             for port in ports.values():
                 localfleet.ensure_pgpass_entry(pgpass, port, ADMIN_ROLE, uuid.uuid4().hex * 2)
