@@ -24,7 +24,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+import psycopg
 import pyrage
+from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 from sqlalchemy import select, update
 
@@ -97,6 +99,7 @@ class _Hashing(io.RawIOBase):
         self.sha.update(b)
         self.size += len(b)
         self.target.write(b)
+        checkpoint("backup.chunk")  # crash tests: die mid-upload
         return len(b)
 
 
@@ -168,11 +171,33 @@ def run_backup(fleet: Fleet, slug: str, *, kind: str = "manual") -> BackupResult
         started = datetime.now(UTC)
 
     dsn = with_dbname(fleet.cfg.server(tenant.server).admin_dsn, tenant.database)
+    # Held while this process works on the backup: a row 'running' whose lock is
+    # free belongs to a dead process (see reap_dead).
+    with fleet.catalog.advisory_lock(_alive(backup_id), wait=True):
+        return _run_locked(fleet, tenant, backup_id, dsn, pg_dump, dump_version, recipient,
+                           key_id, store, object_key, manifest_key, started, kind)
+
+
+def _alive(backup_id: int) -> str:
+    return f"backup:{backup_id}"
+
+
+def _run_locked(fleet: Fleet, tenant: Any, backup_id: int, dsn: str, pg_dump: str,
+                dump_version: str, recipient: str, key_id: str, store: ObjectStore,
+                object_key: str, manifest_key: str, started: datetime, kind: str
+                ) -> BackupResult:
+    slug = tenant.slug
     try:
         with fleet.server_connection(tenant.server) as conn:
             server_version = str(conn.execute("SHOW server_version").fetchone()[0])  # type: ignore[index]
-        size, sha = _dump_encrypt_upload(pg_dump, dsn, dump_version, recipient, store,
-                                         object_key)
+        # One snapshot for the dump and the row counts the restore test checks.
+        with psycopg.connect(dsn, autocommit=False) as snap:
+            snap.read_only = True
+            snap.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+            snapshot_id = str(snap.execute("SELECT pg_export_snapshot()").fetchone()[0])  # type: ignore[index]
+            row_counts = table_row_counts(snap)
+            size, sha = _dump_encrypt_upload(pg_dump, dsn, snapshot_id, recipient, store,
+                                             object_key)
         checkpoint("backup.uploaded")
         finished = datetime.now(UTC)
         manifest = {
@@ -181,6 +206,7 @@ def run_backup(fleet: Fleet, slug: str, *, kind: str = "manual") -> BackupResult
             "server_version": server_version, "pg_dump_version": dump_version,
             "revision": tenant.revision, "key_id": key_id, "object": object_key,
             "size": size, "sha256": sha, "encryption": "age-x25519",
+            "row_counts": row_counts,
             "started_at": started.isoformat(), "finished_at": finished.isoformat(),
         }
         store.put_bytes(manifest_key, json.dumps(manifest, indent=2).encode())
@@ -206,9 +232,22 @@ def _finish(fleet: Fleet, backup_id: int, **values: Any) -> None:
         s.execute(update(Backup).where(Backup.id == backup_id).values(**values))
 
 
-def _dump_encrypt_upload(pg_dump: str, dsn: str, dump_version: str, recipient: str,
+def table_row_counts(conn: psycopg.Connection) -> dict[str, int]:
+    """Rows per table of the public schema, as this connection's snapshot sees them."""
+    tables = [r[0] for r in conn.execute(
+        "SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY 1")]
+    counts = {}
+    for table in tables:
+        row = conn.execute(sql.SQL("SELECT count(*) FROM public.{}").format(
+            sql.Identifier(table))).fetchone()
+        counts[table] = int(row[0]) if row else 0
+    return counts
+
+
+def _dump_encrypt_upload(pg_dump: str, dsn: str, snapshot_id: str, recipient: str,
                          store: ObjectStore, object_key: str) -> tuple[int, str]:
-    argv = [pg_dump, "--format=custom", compression_arg(pg_dump), "--no-owner", "--no-acl"]
+    argv = [pg_dump, "--format=custom", compression_arg(pg_dump), "--no-owner", "--no-acl",
+            f"--snapshot={snapshot_id}"]
     with tempfile.TemporaryFile() as errors, store.writer(object_key) as writer:
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=errors,
                                 env=libpq_env(dsn))
@@ -357,3 +396,121 @@ def run_many(fleet: Fleet, slugs: list[str], concurrency: int,
     with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
         list(pool.map(one, slugs))
     return sorted(results, key=lambda r: r.tenant)
+
+
+def reap_dead(fleet: Fleet) -> int:
+    """Backups left 'running' by a process that died: abort their partial upload
+    (no orphan multipart upload, no partial file), mark them failed."""
+    with fleet.catalog.session() as s:
+        rows = list(s.scalars(select(Backup).where(Backup.status == "running")))
+    reaped = 0
+    for row in rows:
+        with fleet.catalog.advisory_lock(_alive(row.id)) as dead:
+            if not dead:
+                continue
+            store = open_store(row.store_url)
+            if row.object_key:
+                store.abort_uploads(row.object_key)
+                store.delete(row.object_key)
+            if row.manifest_key:
+                store.delete(row.manifest_key)
+            _finish(fleet, row.id, status="failed", error="interrupted: the process died")
+            reaped += 1
+    return reaped
+
+
+def restore_test(fleet: Fleet, backup_id: int) -> dict[str, Any]:
+    """Restore into a scratch database and compare row counts per table with those
+    the manifest recorded from the dump's own snapshot; the scratch database is
+    dropped whatever happens."""
+    row = get_backup(fleet, backup_id)
+    _, manifest = check_restorable(fleet, row)
+    expected = manifest.get("row_counts")
+    if expected is None:
+        raise BackupError(f"backup {row.id} has no row counts in its manifest")
+    tenant = fleet.get_tenant(row.slug)
+    scratch = f"tenantctl_verify_{row.id}"
+    admin = fleet.cfg.server(tenant.server).admin_dsn
+    with fleet.server_connection(tenant.server) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+            sql.Identifier(scratch)))
+        conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(
+            sql.Identifier(scratch)))
+        conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(
+            sql.Identifier(scratch)))
+    try:
+        dsn = with_dbname(admin, scratch)
+        argv = [pg_tool(fleet.cfg, "pg_restore"), "--no-owner", "--no-acl",
+                "--single-transaction", "--exit-on-error", f"--dbname={scratch}"]
+        done = stream_plaintext(fleet, row, argv, libpq_env(dsn))
+        if done.returncode != 0:
+            lines = done.stderr.decode(errors="replace").strip().splitlines()
+            raise BackupError(f"backup {row.id}: test restore failed: "
+                              f"{lines[-1] if lines else done.returncode}")
+        with psycopg.connect(dsn) as check:
+            actual = table_row_counts(check)
+    finally:
+        with fleet.server_connection(tenant.server) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                sql.Identifier(scratch)))
+    mismatched = {t: (expected.get(t), actual.get(t)) for t in set(expected) | set(actual)
+                  if expected.get(t) != actual.get(t)}
+    if mismatched:
+        first = sorted(mismatched)[0]
+        raise BackupError(f"backup {row.id}: restored row counts differ, e.g. {first}: "
+                          f"expected {mismatched[first][0]}, got {mismatched[first][1]}")
+    _finish(fleet, row.id, verified_at=datetime.now(UTC), finished_at=row.finished_at)
+    fleet.catalog.audit("backup.verify", tenant=row.slug, region=row.region, backup=row.id,
+                        restore_test=True)
+    return {"id": row.id, "tenant": row.slug, "ok": True, "tables": len(actual),
+            "rows": sum(actual.values())}
+
+
+def due_tenants(fleet: Fleet, now: datetime | None = None) -> list[str]:
+    """Tenants whose scheduled backup is due (see backups.policy)."""
+    from datetime import timedelta
+
+    from sqlalchemy import func
+
+    from backups.policy import Schedule, is_due
+    from orchestrator.models import Tenant
+
+    now = now or datetime.now(UTC)
+    schedule = Schedule(timedelta(hours=fleet.cfg.backup_interval_hours))
+    with fleet.catalog.session() as s:
+        last = dict(s.execute(select(Backup.tenant_id, func.max(Backup.finished_at))
+                              .where(Backup.status == "completed")
+                              .group_by(Backup.tenant_id)).all())
+        tenants = list(s.scalars(select(Tenant).where(Tenant.state.in_(BACKUPABLE))
+                                 .order_by(Tenant.slug)))
+    return [t.slug for t in tenants if is_due(t.slug, last.get(t.id), now, schedule)]
+
+
+def prune(fleet: Fleet, *, dry_run: bool, now: datetime | None = None) -> list[dict[str, Any]]:
+    """Apply the retention policy to live tenants' completed backups: a report of
+    every backup (keep/prune, why); unless dry_run, delete what is pruned."""
+    from backups.policy import BackupFact, RetentionPolicy, retention
+    from orchestrator.models import Tenant
+
+    now = now or datetime.now(UTC)
+    policy = RetentionPolicy(fleet.cfg.backup_keep_days, fleet.cfg.backup_keep_weeks)
+    with fleet.catalog.session() as s:
+        rows = list(s.scalars(select(Backup).join(Tenant, Tenant.id == Backup.tenant_id)
+                              .where(Backup.status == "completed",
+                                     Tenant.state.in_(BACKUPABLE))))
+    by_id = {b.id: b for b in rows}
+    facts = [BackupFact(b.id, b.slug, b.finished_at or b.started_at) for b in rows]
+    report = []
+    for v in retention(facts, now, policy):
+        report.append({"id": v.backup_id, "tenant": v.tenant,
+                       "action": "keep" if v.keep else "prune", "reason": v.reason})
+        if v.keep or dry_run:
+            continue
+        b = by_id[v.backup_id]
+        store = open_store(b.store_url)
+        store.delete(b.manifest_key)  # first: without it the object is not restorable
+        store.delete(b.object_key)
+        _finish(fleet, b.id, status="deleted", finished_at=b.finished_at)
+        fleet.catalog.audit("backup.prune", tenant=b.slug, region=b.region, backup=b.id,
+                            reason=v.reason)
+    return report

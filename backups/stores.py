@@ -69,6 +69,10 @@ class ObjectStore(ABC):
     @abstractmethod
     def objects(self, prefix: str = "") -> Iterator[ObjectInfo]: ...
 
+    def abort_uploads(self, key: str) -> int:
+        """Clean up an upload of ``key`` left half-done by a dead process."""
+        return 0
+
     def exists(self, key: str) -> bool:
         return any(o.key == key for o in self.objects(key))
 
@@ -146,6 +150,14 @@ class FileStore(ObjectStore):
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
+
+    def abort_uploads(self, key: str) -> int:
+        final = self._path(key)
+        stale = list(final.parent.glob(f".{final.name}.*.partial")) if final.parent.exists() \
+            else []
+        for p in stale:
+            p.unlink(missing_ok=True)
+        return len(stale)
 
     def objects(self, prefix: str = "") -> Iterator[ObjectInfo]:
         if not self.root.exists():
@@ -284,6 +296,18 @@ class S3Store(ObjectStore):
             raise
         except Exception as exc:
             raise self.error("cannot list objects", exc) from None
+
+    def abort_uploads(self, key: str) -> int:
+        """Abort multipart uploads of ``key`` left by a process that died."""
+        full = self._key(key)
+        resp = self.client.list_multipart_uploads(Bucket=self.bucket, Prefix=full)
+        n = 0
+        for u in resp.get("Uploads", []):
+            if u["Key"] == full:
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=full,
+                                                   UploadId=u["UploadId"])
+                n += 1
+        return n
 
     def pending_uploads(self) -> list[str]:
         """Multipart uploads begun and neither completed nor aborted (should be none)."""

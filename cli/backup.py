@@ -18,6 +18,8 @@ def run(
     slug: Annotated[str | None, typer.Argument(help="One tenant.")] = None,
     all_: Annotated[bool, typer.Option("--all", help="Every tenant with a database.")]
     = False,
+    due: Annotated[bool, typer.Option("--due", help="The tenants whose scheduled backup "
+                                      "is due (for cron).")] = False,
     concurrency: Annotated[int, typer.Option(help="Backups in flight.")] = 4,
     as_json: JsonOpt = False,
 ) -> None:
@@ -25,14 +27,16 @@ def run(
     from backups import pipeline
     from orchestrator.errors import InvalidInput
 
-    if bool(slug) == all_:
-        raise InvalidInput("give one tenant, or --all")
+    if sum((bool(slug), all_, due)) != 1:
+        raise InvalidInput("give one tenant, --all or --due")
     fleet = open_fleet()
     try:
+        pipeline.reap_dead(fleet)  # finish off what a crashed run left
         if slug:
             results = [pipeline.run_backup(fleet, slug)]
         else:
-            slugs = [t.slug for t in fleet.tenants() if t.state in pipeline.BACKUPABLE]
+            slugs = pipeline.due_tenants(fleet) if due else \
+                [t.slug for t in fleet.tenants() if t.state in pipeline.BACKUPABLE]
             results = _run_with_progress(fleet, slugs, concurrency, as_json)
     finally:
         fleet.close()
@@ -93,26 +97,71 @@ def verify(
     backup_id: Annotated[int | None, typer.Argument(help="Backup id.")] = None,
     latest: Annotated[str | None, typer.Option(help="The latest backup of this tenant.")]
     = None,
+    all_: Annotated[bool, typer.Option("--all", help="The latest backup of every tenant.")]
+    = False,
+    restore_test: Annotated[bool, typer.Option(help="Also restore into a scratch database "
+                                               "and compare row counts per table.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Fetch, check the manifest and checksum, decrypt, and `pg_restore --list`."""
     from backups import pipeline
-    from orchestrator.errors import InvalidInput
+    from orchestrator.errors import InvalidInput, TenantctlError
 
-    if (backup_id is None) == (latest is None):
-        raise InvalidInput("give a backup id, or --latest TENANT")
+    if sum((backup_id is not None, latest is not None, all_)) != 1:
+        raise InvalidInput("give a backup id, --latest TENANT or --all")
+    fleet = open_fleet()
+    reports: list[dict[str, object]] = []
+    try:
+        if backup_id is not None:
+            targets = [backup_id]
+        elif latest is not None:
+            targets = [pipeline.latest_backup(fleet, latest).id]
+        else:
+            targets = []
+            for t in fleet.tenants():
+                if t.state in pipeline.BACKUPABLE:
+                    try:
+                        targets.append(pipeline.latest_backup(fleet, t.slug).id)
+                    except TenantctlError as exc:
+                        reports.append({"tenant": t.slug, "ok": False, "error": str(exc)})
+        for target in targets:
+            check = pipeline.restore_test if restore_test else pipeline.verify_backup
+            if len(targets) == 1 and not all_:
+                reports.append(check(fleet, target))  # one backup: its error is ours
+                continue
+            try:
+                reports.append(check(fleet, target))
+            except TenantctlError as exc:
+                reports.append({"id": target, "ok": False, "error": str(exc)})
+    finally:
+        fleet.close()
+    if as_json:
+        print_json(reports if all_ else reports[0])
+    else:
+        for r in reports:
+            say(f"backup {r.get('id', '-')} of {r.get('tenant', '?')}: "
+                + ("ok" if r["ok"] else f"FAILED: {r['error']}"))
+    if not all(r["ok"] for r in reports):
+        raise typer.Exit(1)
+
+
+@backup_app.command("prune")
+def prune(dry_run: Annotated[bool, typer.Option(help="Report only.")] = False,
+          as_json: JsonOpt = False) -> None:
+    """Apply the retention policy to active tenants' backups (never the newest one)."""
+    from backups import pipeline
+
     fleet = open_fleet()
     try:
-        target = backup_id if backup_id is not None else \
-            pipeline.latest_backup(fleet, latest or "").id
-        report = pipeline.verify_backup(fleet, target)
+        report = pipeline.prune(fleet, dry_run=dry_run)
     finally:
         fleet.close()
     if as_json:
         print_json(report)
-    else:
-        say(f"backup {report['id']} of {report['tenant']}: ok ({report['size']} bytes, "
-            f"{report['toc_entries']} archive entries)")
+        return
+    table("dry run: nothing deleted" if dry_run else None, ["backup", "tenant", "action",
+                                                           "reason"],
+          [[r["id"], r["tenant"], r["action"], r["reason"]] for r in report])
 
 
 @backup_app.command("restore")

@@ -60,6 +60,9 @@ class Config:
     regions: dict[str, RegionConfig]
     tenant_migrations: Path
     use_template: bool = True
+    backup_interval_hours: int = 24
+    backup_keep_days: int = 7
+    backup_keep_weeks: int = 4
     state_dir: Path | None = None
     pg_bin_dir: Path | None = None
 
@@ -188,7 +191,7 @@ def _check_dsn(r: _Reader, key: str, dsn: str) -> None:
 def parse_config(raw: dict[str, Any], path: Path) -> Config:
     r = _Reader(path)
     _check_unknown(r, raw, "", {"state_dir", "pg_bin_dir", "catalog", "master_key",
-                                "tenants", "regions"})
+                                "tenants", "regions", "backups"})
 
     catalog = r.table(raw, "catalog", "catalog")
     _check_unknown(r, catalog, "catalog", {"dsn"})
@@ -218,6 +221,12 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
             raise r.fail("tenants.migrations",
                          f"{migrations_dir} is not an Alembic script directory (no env.py)")
     use_template = r.boolean(tenants, "tenants.use_template", "use_template", True)
+
+    backups = r.table(raw, "backups", "backups", required=False)
+    _check_unknown(r, backups, "backups", {"interval_hours", "keep_days", "keep_weeks"})
+    interval_hours = r.integer(backups, "backups.interval_hours", "interval_hours", default=24)
+    keep_days = r.integer(backups, "backups.keep_days", "keep_days", default=7)
+    keep_weeks = r.integer(backups, "backups.keep_weeks", "keep_weeks", default=4, minimum=0)
 
     regions_raw = r.table(raw, "regions", "regions")
     if not regions_raw:
@@ -274,6 +283,9 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
         regions=regions,
         tenant_migrations=migrations_dir,
         use_template=use_template,
+        backup_interval_hours=interval_hours,
+        backup_keep_days=keep_days,
+        backup_keep_weeks=keep_weeks,
         state_dir=r.resolve(state_dir) if state_dir else None,
         pg_bin_dir=r.resolve(pg_bin_dir) if pg_bin_dir else None,
     )

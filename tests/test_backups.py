@@ -274,3 +274,61 @@ def _drop_tenant_objects(test_fleet: PgFleet, slug: str, server: str) -> None:
             conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
     with psycopg.connect(test_fleet.admin_dsn("eu-central-1"), autocommit=True) as conn:
         conn.execute("DROP DATABASE IF EXISTS tenantctl_catalog_rotation WITH (FORCE)")
+
+
+def test_restore_test_compares_row_counts(fleet: Fleet, test_fleet: PgFleet, slug: str) -> None:
+    _tenant_with_data(fleet, slug, "ap-south")
+    backup_id = pipeline.run_backup(fleet, slug).id
+    proc = run_cli(test_fleet, "backup", "verify", str(backup_id), "--restore-test", "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["ok"] and report["rows"] >= 501 and report["tables"] >= 10
+    manifest = json.loads(open_store(pipeline.get_backup(fleet, backup_id).store_url)
+                          .get_bytes(pipeline.get_backup(fleet, backup_id).manifest_key))
+    assert manifest["row_counts"]["warehouses"] == 500
+
+
+def test_due_and_prune(fleet: Fleet, test_fleet: PgFleet, slug: str) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import update
+
+    _tenant_with_data(fleet, slug, "ap-south")
+    assert slug in pipeline.due_tenants(fleet)  # never backed up
+    ids = [pipeline.run_backup(fleet, slug).id for _ in range(3)]
+    assert slug not in pipeline.due_tenants(fleet)
+    # age two of them beyond the policy (7 days, and older than 4 weeks)
+    now = datetime.now(UTC)
+    with fleet.catalog.session() as s, s.begin():
+        s.execute(update(Backup).where(Backup.id == ids[0])
+                  .values(finished_at=now - timedelta(days=60)))
+        s.execute(update(Backup).where(Backup.id == ids[1])
+                  .values(finished_at=now - timedelta(days=45)))
+    dry = json.loads(run_cli(test_fleet, "backup", "prune", "--dry-run", "--json").stdout)
+    mine = {r["id"]: r["action"] for r in dry if r["tenant"] == slug}
+    assert mine == {ids[0]: "prune", ids[1]: "prune", ids[2]: "keep"}
+    assert pipeline.get_backup(fleet, ids[0]).status == "completed"  # dry run
+    done = run_cli(test_fleet, "backup", "prune", "--json")
+    assert done.returncode == 0, done.stderr
+    assert [pipeline.get_backup(fleet, i).status for i in ids] == [
+        "deleted", "deleted", "completed"]
+    store = open_store(fleet.cfg.region("ap-south").backup_store)
+    left = [o.key for o in store.objects(f"tenants/{slug}/")]
+    assert len(left) == 2 and all(k.split("/")[-1].startswith(f"{ids[2]:010d}") for k in left)
+
+
+def test_kill_mid_upload_is_reaped(fleet: Fleet, test_fleet: PgFleet, slug: str) -> None:
+    _tenant_with_data(fleet, slug, "ap-south")
+    proc = run_cli(test_fleet, "backup", "run", slug, env={"TENANTCTL_FAULT": "backup.chunk"})
+    assert proc.returncode == -9
+    with fleet.catalog.session() as s:
+        (row,) = s.scalars(select(Backup).where(Backup.slug == slug)).all()
+    assert row.status == "running"
+    store = open_store(row.store_url)
+    root = Path(row.store_url.removeprefix("file://"))
+    assert list(root.glob(f"tenants/{slug}/.*.partial"))  # the crash left a partial file
+    again = run_cli(test_fleet, "backup", "run", slug, "--json")
+    assert again.returncode == 0, again.stderr
+    assert pipeline.get_backup(fleet, row.id).status == "failed"
+    assert not list(root.glob(f"tenants/{slug}/.*.partial"))
+    assert len(list(store.objects(f"tenants/{slug}/"))) == 2  # the new backup and manifest

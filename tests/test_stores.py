@@ -111,3 +111,62 @@ def test_unknown_store_scheme() -> None:
         open_store("ftp://x/y")
     with pytest.raises(ConfigError, match="unknown option"):
         open_store("s3://bucket/p?colour=blue")
+
+
+def _inject(s3: S3Store, operation: str, failures: list[BaseException | int]) -> list[int]:
+    """Make the next calls of an S3 operation fail: an int is an HTTP status the
+    fake server answers, an exception is raised as if the connection broke."""
+    from botocore.awsrequest import AWSResponse
+
+    calls = [0]
+
+    class _Raw:
+        def stream(self, **_: object) -> Iterator[bytes]:
+            yield b""
+
+    def handler(request: object, **_: object) -> AWSResponse | None:
+        calls[0] += 1
+        if not failures:
+            return None
+        failure = failures.pop(0)
+        if isinstance(failure, int):
+            return AWSResponse(getattr(request, "url", ""), failure, {}, _Raw())
+        raise failure
+
+    s3.client.meta.events.register(f"before-send.s3.{operation}", handler)
+    return calls
+
+
+def test_s3_retries_5xx_and_resets_then_succeeds(moto_endpoint: str) -> None:
+    from botocore.exceptions import ConnectionClosedError
+
+    bucket = f"b{os.urandom(4).hex()}"
+    s3 = open_store(f"s3://{bucket}?endpoint_url={moto_endpoint}&region=eu-central-1")
+    assert isinstance(s3, S3Store)
+    s3.client.create_bucket(Bucket=bucket,
+                            CreateBucketConfiguration={"LocationConstraint": "eu-central-1"})
+    calls = _inject(s3, "UploadPart",
+                    [500, ConnectionClosedError(endpoint_url=moto_endpoint), 503])
+    with s3.writer("tenants/acme/3.dump.age") as w:
+        for chunk in _chunks(PART_SIZE + 1000):
+            w.write(chunk)
+        w.commit()
+    assert calls[0] >= 5  # three failures retried, then both parts went through
+    assert [o.size for o in s3.objects("tenants/")] == [PART_SIZE + 1000]
+    assert s3.pending_uploads() == []
+
+
+def test_s3_persistent_failure_is_clean(moto_endpoint: str) -> None:
+    bucket = f"b{os.urandom(4).hex()}"
+    s3 = open_store(f"s3://{bucket}?endpoint_url={moto_endpoint}&region=eu-central-1")
+    assert isinstance(s3, S3Store)
+    s3.client.create_bucket(Bucket=bucket,
+                            CreateBucketConfiguration={"LocationConstraint": "eu-central-1"})
+    _inject(s3, "CompleteMultipartUpload", [500] * 50)
+    with pytest.raises(StoreError, match="upload of .* failed"), \
+            s3.writer("tenants/acme/4.dump.age") as w:
+        for chunk in _chunks(PART_SIZE + 1000):
+            w.write(chunk)
+        w.commit()
+    assert list(s3.objects()) == []
+    assert s3.pending_uploads() == []  # the multipart upload was aborted

@@ -236,3 +236,52 @@ def test_timeouts() -> None:
     for bad in ("soon", "1d", "-5s", "5 s; DROP TABLE x"):
         with pytest.raises(InvalidInput):
             parse_timeout("--lock-timeout", bad)
+
+
+# -- backup schedules and retention ---------------------------------------------------
+
+from datetime import UTC, datetime, timedelta  # noqa: E402
+
+from backups.policy import (  # noqa: E402
+    BackupFact,
+    RetentionPolicy,
+    Schedule,
+    is_due,
+    last_slot,
+    retention,
+    slot_offset,
+)
+
+NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
+
+
+def test_slots_spread_tenants_over_the_day() -> None:
+    hours = {slot_offset(f"tenant_{i}", timedelta(days=1)).seconds // 3600
+             for i in range(2000)}
+    assert len(hours) == 24  # every hour of the day gets some tenants
+    assert slot_offset("acme", timedelta(days=1)) == slot_offset("acme", timedelta(days=1))
+
+
+def test_due_after_the_last_slot_only() -> None:
+    sched = Schedule()
+    slot = last_slot("acme", NOW, sched)
+    assert NOW - timedelta(days=1) < slot <= NOW
+    assert is_due("acme", None, NOW, sched)
+    assert is_due("acme", slot - timedelta(seconds=1), NOW, sched)
+    assert not is_due("acme", slot + timedelta(seconds=1), NOW, sched)
+
+
+def test_retention_keeps_recent_weekly_and_the_newest() -> None:
+    days = [0, 1, 3, 6, 8, 9, 15, 22, 29, 40, 60]
+    facts = [BackupFact(i, "acme", NOW - timedelta(days=d, hours=1))
+             for i, d in enumerate(days)]
+    verdicts = {v.backup_id: v for v in retention(facts, NOW, RetentionPolicy())}
+    kept = sorted(days[i] for i, v in verdicts.items() if v.keep)
+    assert kept == [0, 1, 3, 6, 8, 15, 22]  # 7 days, then the newest of weeks 2, 3, 4
+    assert all(v.reason for v in verdicts.values())
+
+
+def test_retention_never_drops_the_last_backup() -> None:
+    old = [BackupFact(1, "acme", NOW - timedelta(days=400))]
+    (verdict,) = retention(old, NOW, RetentionPolicy(keep_days=1, keep_weeks=0))
+    assert verdict.keep and "floor" in verdict.reason

@@ -1,0 +1,90 @@
+"""Backup schedules and retention: pure functions over plain data, `now` passed in.
+
+Schedules: every tenant is backed up once per interval (default daily), at an
+offset derived from its slug, so 10,000 tenants spread over the day instead of
+all dumping at midnight.
+
+Retention (Barman-style report): every completed backup is marked keep or
+prune, with the reason. Default: all backups of the last 7 days, plus the
+newest of each of the last 4 weeks. A floor overrides everything: the newest
+completed backup of a tenant is always kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+
+@dataclass(frozen=True)
+class Schedule:
+    interval: timedelta = timedelta(days=1)
+
+
+@dataclass(frozen=True)
+class RetentionPolicy:
+    keep_days: int = 7
+    keep_weeks: int = 4
+
+
+@dataclass(frozen=True)
+class BackupFact:
+    id: int
+    tenant: str
+    finished_at: datetime
+
+
+@dataclass(frozen=True)
+class Verdict:
+    backup_id: int
+    tenant: str
+    keep: bool
+    reason: str
+
+
+def slot_offset(slug: str, interval: timedelta) -> timedelta:
+    """Where in each interval this tenant's backup falls: stable, spread evenly."""
+    seconds = int(interval.total_seconds())
+    h = int.from_bytes(hashlib.sha256(slug.encode()).digest()[:8], "big")
+    return timedelta(seconds=h % seconds)
+
+
+def last_slot(slug: str, now: datetime, schedule: Schedule) -> datetime:
+    """The most recent scheduled moment for this tenant at or before ``now``."""
+    epoch = datetime(2000, 1, 1, tzinfo=now.tzinfo)
+    interval = schedule.interval
+    offset = slot_offset(slug, interval)
+    periods = (now - epoch - offset) // interval
+    return epoch + offset + periods * interval
+
+
+def is_due(slug: str, last_backup: datetime | None, now: datetime,
+           schedule: Schedule) -> bool:
+    """Due when no completed backup exists since the tenant's last scheduled slot."""
+    return last_backup is None or last_backup < last_slot(slug, now, schedule)
+
+
+def retention(backups: list[BackupFact], now: datetime, policy: RetentionPolicy
+              ) -> list[Verdict]:
+    """Keep or prune each completed backup of live tenants (one report for all)."""
+    by_tenant: dict[str, list[BackupFact]] = {}
+    for b in backups:
+        by_tenant.setdefault(b.tenant, []).append(b)
+    out: list[Verdict] = []
+    for tenant, items in sorted(by_tenant.items()):
+        items.sort(key=lambda b: b.finished_at, reverse=True)
+        weekly_kept: set[int] = set()
+        for b in items:
+            age = now - b.finished_at
+            week = int(age.total_seconds() // (7 * 86400))
+            if b is items[0]:
+                out.append(Verdict(b.id, tenant, True, "newest backup (floor)"))
+            elif age <= timedelta(days=policy.keep_days):
+                out.append(Verdict(b.id, tenant, True, f"within {policy.keep_days} days"))
+            elif week < policy.keep_weeks and week not in weekly_kept:
+                weekly_kept.add(week)
+                out.append(Verdict(b.id, tenant, True, f"newest of week {week + 1}"))
+            else:
+                out.append(Verdict(b.id, tenant, False, "beyond the retention policy"))
+    return out
