@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated
 
 import typer
@@ -167,19 +168,40 @@ def prune(dry_run: Annotated[bool, typer.Option(help="Report only.")] = False,
 @backup_app.command("restore")
 def restore(
     backup_id: Annotated[int, typer.Argument(help="Backup id (see `backup list`).")],
-    as_: Annotated[str, typer.Option("--as", help="Restore as a new tenant with this slug, "
-                                     "in the backup's region.")],
+    as_: Annotated[str | None, typer.Option("--as", help="Restore as a new tenant with "
+                                            "this slug, in the backup's region.")] = None,
+    in_place: Annotated[bool, typer.Option(help="Replace the tenant's database (its "
+                                           "sessions are ended).")] = False,
+    yes: Annotated[bool, typer.Option("--yes", help="Confirm --in-place.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Restore a backup into a new tenant. The backup is checked whole first; if it
-    is not intact, nothing is created. Prints the new tenant's connection string."""
-    from backups.restore import restore_as
+    """Restore a backup, as a new tenant (--as) or over its tenant (--in-place --yes).
+    The backup is checked whole first; if it is not intact, nothing changes."""
+    from backups.restore import restore_as, restore_in_place
+    from orchestrator.errors import InvalidInput
 
+    if (as_ is None) == (not in_place):
+        raise InvalidInput("give --as NEW_SLUG, or --in-place --yes")
+    if in_place and not yes:
+        if not sys.stdin.isatty():
+            raise InvalidInput("--in-place replaces the tenant's data: add --yes")
+        typer.confirm(f"replace the database of backup {backup_id}'s tenant with it?",
+                      abort=True)
     fleet = open_fleet()
     try:
-        res = restore_as(fleet, backup_id, as_)
+        if in_place:
+            report = restore_in_place(fleet, backup_id)
+        else:
+            res = restore_as(fleet, backup_id, as_ or "")
     finally:
         fleet.close()
+    if in_place:
+        if as_json:
+            print_json(report)
+        else:
+            say(f"restored backup {backup_id} in place over tenant {report['tenant']} "
+                f"(revision {report['revision']})")
+        return
     if as_json:
         print_json({**res.tenant, "dsn": res.dsn, "restored_from": backup_id})
         return

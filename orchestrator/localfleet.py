@@ -391,6 +391,10 @@ def _bootstrap_admin(cfg: Config, server: ServerConfig, is_catalog_host: bool) -
             "{} ROLE {} LOGIN CREATEDB CREATEROLE NOSUPERUSER NOREPLICATION NOBYPASSRLS "
             "PASSWORD {}").format(sql.SQL(verb), sql.Identifier(ADMIN_ROLE),
                                   sql.Literal(verifier)))
+        # Ending a tenant's sessions (in-place restore, holds, DROP … FORCE) needs
+        # pg_signal_backend: it cannot signal superusers, only ordinary roles.
+        conn.execute(sql.SQL("GRANT pg_signal_backend TO {}").format(
+            sql.Identifier(ADMIN_ROLE)))
         # Nobody but the admin connects to the maintenance databases.
         conn.execute("REVOKE CONNECT ON DATABASE postgres FROM PUBLIC")
         conn.execute(sql.SQL("GRANT CONNECT ON DATABASE postgres TO {}").format(

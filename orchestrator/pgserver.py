@@ -192,7 +192,8 @@ def reassign_from_template(conn: psycopg.Connection, names: TenantNames) -> None
         Ident(TEMPLATE_OWNER), Ident(names.owner_role)))
 
 
-def secure_tenant_database(conn: psycopg.Connection, names: TenantNames) -> None:
+def secure_tenant_database(conn: psycopg.Connection, names: TenantNames,
+                           dbname: str | None = None) -> None:
     """Run in the tenant's own database (one multi-statement query, so atomic even
     outside a transaction): lock PUBLIC out, give the login role DML, nothing else.
 
@@ -200,7 +201,9 @@ def secure_tenant_database(conn: psycopg.Connection, names: TenantNames) -> None
     privileges later (a hold) really takes them away.
     """
     owner, login = Ident(names.owner_role), Ident(names.login_role)
-    db = Ident(names.database)
+    # database-level grants belong to the database object: a side copy about to be
+    # renamed into place needs its own
+    db = Ident(dbname or names.database)
     stmts = [
         sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(db),
         sql.SQL("GRANT CONNECT, TEMPORARY ON DATABASE {} TO {}").format(db, login),

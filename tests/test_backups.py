@@ -332,3 +332,44 @@ def test_kill_mid_upload_is_reaped(fleet: Fleet, test_fleet: PgFleet, slug: str)
     assert pipeline.get_backup(fleet, row.id).status == "failed"
     assert not list(root.glob(f"tenants/{slug}/.*.partial"))
     assert len(list(store.objects(f"tenants/{slug}/"))) == 2  # the new backup and manifest
+
+
+def test_restore_in_place(fleet: Fleet, test_fleet: PgFleet, slug: str) -> None:
+    import psycopg
+
+    _tenant_with_data(fleet, slug, "ap-south")
+    before = _rows(fleet, slug)
+    good = pipeline.run_backup(fleet, slug).id
+    dsn = fleet.credentials(slug)
+    with connect_as(dsn, autocommit=True) as conn:
+        conn.execute("DELETE FROM warehouses WHERE code <> 'W1'")
+        conn.execute("INSERT INTO suppliers (name) VALUES ('after the backup')")
+    changed = _rows(fleet, slug)
+    assert changed != before
+    # a tampered backup of the changed state: refused, the live database untouched
+    bad = pipeline.get_backup(fleet, pipeline.run_backup(fleet, slug).id)
+    path = _object_path(fleet, bad)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3] ^= 0x04
+    path.write_bytes(bytes(data))
+    refused = run_cli(test_fleet, "backup", "restore", str(bad.id), "--in-place", "--yes")
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert _rows(fleet, slug) == changed
+    no_yes = run_cli(test_fleet, "backup", "restore", str(good), "--in-place")
+    assert no_yes.returncode == 2 and "--yes" in no_yes.stderr
+    # the good one: an open application session is ended, the data is back
+    session = psycopg.connect(dsn, autocommit=True)
+    proc = run_cli(test_fleet, "backup", "restore", str(good), "--in-place", "--yes", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["in_place"] is True
+    assert _rows(fleet, slug) == before
+    with pytest.raises(psycopg.OperationalError):
+        session.execute("SELECT 1")
+    session.close()
+    with connect_as(dsn, autocommit=True) as conn:  # same credentials, same rights
+        conn.execute("INSERT INTO suppliers (name) VALUES ('after restore')")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("DROP TABLE suppliers")
+    dbs, _ = __import__("tests.conftest", fromlist=["server_objects"]).server_objects(
+        test_fleet, "ap-south-1")
+    assert f"tenant_{slug}__r" not in dbs and f"tenant_{slug}__old" not in dbs
