@@ -13,16 +13,34 @@ keys_app = typer.Typer(no_args_is_help=True, help="The master key that wraps ten
 
 
 @keys_app.command("generate")
-def generate(path: Annotated[Path, typer.Argument(help="New key file (mode 0600).")]) -> None:
-    """Write a new random master key file; refuses to overwrite one."""
+def generate(
+    path: Annotated[Path, typer.Argument(help="New key file (mode 0600).")],
+    kms_key_id: Annotated[str | None, typer.Option(
+        help="Make the master key a KMS data key: PATH then holds only its encrypted "
+             "form, decrypted by KMS at each start.")] = None,
+    kms_region: Annotated[str | None, typer.Option()] = None,
+    kms_endpoint_url: Annotated[str | None, typer.Option()] = None,
+) -> None:
+    """Write a new master key file (random, or a KMS data key); never overwrites."""
     from orchestrator.errors import Conflict
-    from orchestrator.masterkey import MasterKeySource, load_master_key, write_key_file
+    from orchestrator.masterkey import (
+        MasterKeySource,
+        load_master_key,
+        write_key_file,
+        write_kms_data_key,
+    )
 
     try:
-        write_key_file(path)
+        if kms_key_id:
+            source = MasterKeySource(kms_key_id=kms_key_id, kms_data_key_file=path,
+                                     kms_region=kms_region, kms_endpoint_url=kms_endpoint_url)
+            write_kms_data_key(source, path)
+        else:
+            source = MasterKeySource(file=path)
+            write_key_file(path)
     except FileExistsError:
         raise Conflict(f"{path} already exists") from None
-    say(f"wrote {path} (master key {load_master_key(MasterKeySource(file=path)).key_id})")
+    say(f"wrote {path} (master key {load_master_key(source).key_id})")
 
 
 @keys_app.command("rotate-master")

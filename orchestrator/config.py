@@ -45,11 +45,16 @@ class RegionConfig:
 
 @dataclass(frozen=True)
 class MasterKeySource:
+    """Exactly one of: a key file, an environment variable, or an AWS KMS key whose
+    encrypted data key sits in ``kms_data_key_file`` (envelope encryption: the
+    master key exists in clear only in this process's memory)."""
+
     file: Path | None = None
     env: str | None = None
-
-    def describe(self) -> str:
-        return f"file {self.file}" if self.file else f"env ${self.env}"
+    kms_key_id: str | None = None
+    kms_data_key_file: Path | None = None
+    kms_region: str | None = None
+    kms_endpoint_url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -200,14 +205,23 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
     _check_dsn(r, "catalog.dsn", catalog_dsn)
 
     mk = r.table(raw, "master_key", "master_key")
-    _check_unknown(r, mk, "master_key", {"file", "env"})
     if "key" in mk or "value" in mk:
         raise r.fail("master_key", "the key itself never goes in the config")
+    _check_unknown(r, mk, "master_key", {"file", "env", "kms_key_id", "kms_data_key_file",
+                                         "kms_region", "kms_endpoint_url"})
     mk_file = r.string(mk, "master_key.file", "file", required=False)
     mk_env = r.string(mk, "master_key.env", "env", required=False)
-    if bool(mk_file) == bool(mk_env):
-        raise r.fail("master_key", "set exactly one of `file` or `env`")
-    master_key = MasterKeySource(file=r.resolve(mk_file) if mk_file else None, env=mk_env)
+    kms = r.string(mk, "master_key.kms_key_id", "kms_key_id", required=False)
+    if sum(map(bool, (mk_file, mk_env, kms))) != 1:
+        raise r.fail("master_key", "set exactly one of `file`, `env` or `kms_key_id`")
+    kms_blob = r.string(mk, "master_key.kms_data_key_file", "kms_data_key_file",
+                        required=bool(kms))
+    master_key = MasterKeySource(
+        file=r.resolve(mk_file) if mk_file else None, env=mk_env, kms_key_id=kms,
+        kms_data_key_file=r.resolve(kms_blob) if kms_blob else None,
+        kms_region=r.string(mk, "master_key.kms_region", "kms_region", required=False),
+        kms_endpoint_url=r.string(mk, "master_key.kms_endpoint_url", "kms_endpoint_url",
+                                  required=False))
 
     tenants = r.table(raw, "tenants", "tenants", required=False)
     _check_unknown(r, tenants, "tenants", {"migrations", "use_template"})

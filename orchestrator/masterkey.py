@@ -19,6 +19,7 @@ import secrets
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -87,7 +88,51 @@ def _decode(text: str, where: str) -> MasterKey:
     return MasterKey(key)
 
 
+def _kms_client(source: MasterKeySource) -> Any:
+    import boto3
+
+    return boto3.client("kms", region_name=source.kms_region,
+                        endpoint_url=source.kms_endpoint_url)
+
+
+def write_kms_data_key(source: MasterKeySource, path: Path) -> None:
+    """Have KMS make a new 256-bit data key; keep only its encrypted form (0600)."""
+    try:
+        blob = _kms_client(source).generate_data_key(
+            KeyId=source.kms_key_id, KeySpec="AES_256")["CiphertextBlob"]
+    except Exception as exc:
+        raise MasterKeyError(f"KMS could not make a data key with {source.kms_key_id}: "
+                             f"{(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(base64.b64encode(blob).decode() + "\n")
+
+
+def _load_kms(source: MasterKeySource) -> MasterKey:
+    assert source.kms_data_key_file is not None
+    try:
+        blob = base64.b64decode(source.kms_data_key_file.read_text().strip(), validate=True)
+    except FileNotFoundError:
+        raise MasterKeyError(f"KMS data key file {source.kms_data_key_file} does not "
+                             "exist") from None
+    except (binascii.Error, ValueError):
+        raise MasterKeyError(f"KMS data key file {source.kms_data_key_file} is not "
+                             "base64") from None
+    try:
+        plain = _kms_client(source).decrypt(CiphertextBlob=blob,
+                                            KeyId=source.kms_key_id)["Plaintext"]
+    except Exception as exc:
+        raise MasterKeyError(f"KMS could not decrypt the master key with "
+                             f"{source.kms_key_id}: "
+                             f"{(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
+    if len(plain) != KEY_BYTES:
+        raise MasterKeyError(f"KMS data key must be {KEY_BYTES} bytes, got {len(plain)}")
+    return MasterKey(plain)
+
+
 def load_master_key(source: MasterKeySource) -> MasterKey:
+    if source.kms_key_id:
+        return _load_kms(source)
     if source.env:
         text = os.environ.get(source.env)
         if not text:

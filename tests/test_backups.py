@@ -373,3 +373,33 @@ def test_restore_in_place(fleet: Fleet, test_fleet: PgFleet, slug: str) -> None:
     dbs, _ = __import__("tests.conftest", fromlist=["server_objects"]).server_objects(
         test_fleet, "ap-south-1")
     assert f"tenant_{slug}__r" not in dbs and f"tenant_{slug}__old" not in dbs
+
+
+def test_master_key_from_kms(test_fleet: PgFleet, tmp_path: Path, slug: str,
+                             moto_endpoint: str) -> None:  # noqa: F811
+    import boto3
+
+    kms = boto3.client("kms", region_name="eu-central-1", endpoint_url=moto_endpoint)
+    key_id = kms.create_key(Description="tenantctl master")["KeyMetadata"]["KeyId"]
+    blob = tmp_path / "master.key.kms"
+    made = run_cli(test_fleet, "keys", "generate", str(blob), "--kms-key-id", key_id,
+                   "--kms-region", "eu-central-1", "--kms-endpoint-url", moto_endpoint)
+    assert made.returncode == 0, made.stderr
+    assert blob.stat().st_mode & 0o777 == 0o600
+    text = test_fleet.config_path.read_text().replace(
+        f'file = "{test_fleet.state_dir / "master.key"}"',
+        f'kms_key_id = "{key_id}"\nkms_data_key_file = "{blob}"\n'
+        f'kms_region = "eu-central-1"\nkms_endpoint_url = "{moto_endpoint}"')
+    cfg = tmp_path / "kms.toml"
+    cfg.write_text(text)
+    checked = run_cli(test_fleet, "config", "check", config=cfg)
+    assert checked.returncode == 0, checked.stderr
+    fleet = Fleet(load_config(cfg))
+    try:
+        _tenant_with_data(fleet, slug, "ap-south")
+        assert pipeline.verify_backup(fleet, pipeline.run_backup(fleet, slug).id)["ok"]
+    finally:
+        fleet.close()
+    blob.unlink()
+    missing = run_cli(test_fleet, "config", "check", config=cfg)
+    assert missing.returncode == 7 and "does not exist" in missing.stderr
