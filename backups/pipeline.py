@@ -27,13 +27,12 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import psycopg
 import pyrage
 from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict
 from sqlalchemy import select, update
 
 from backups.stores import ObjectStore, ObjectWriter, open_store
-from orchestrator import keys
+from orchestrator import keys, pgserver
 from orchestrator.catalog import with_dbname
-from orchestrator.errors import Conflict, NotFound, TenantctlError
+from orchestrator.errors import Conflict, NotFound, TenantctlError, first_line
 from orchestrator.faults import checkpoint
 from orchestrator.localfleet import pg_tool
 from orchestrator.models import Backup, TenantKey, TenantState
@@ -70,18 +69,7 @@ def backup_json(b: Backup) -> dict[str, Any]:
             "error": b.error}
 
 
-def libpq_env(dsn: str) -> dict[str, str]:
-    """Connection settings for pg_dump/pg_restore as environment variables."""
-    params = conninfo_to_dict(dsn)
-    names = {"host": "PGHOST", "port": "PGPORT", "user": "PGUSER", "dbname": "PGDATABASE",
-             "passfile": "PGPASSFILE", "sslmode": "PGSSLMODE", "password": "PGPASSWORD"}
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    for key, var in names.items():
-        if params.get(key):
-            env[var] = str(params[key])
-    if "PGPASSWORD" in os.environ and "PGPASSWORD" not in env:
-        env["PGPASSWORD"] = os.environ["PGPASSWORD"]
-    return env
+libpq_env = pgserver.libpq_env  # re-exported: restores use it too
 
 
 class _Hashing(io.RawIOBase):
@@ -136,6 +124,7 @@ def compression_arg(pg_dump: str) -> str:
     return "--compress=6"
 
 
+@functools.cache
 def _tool_version(tool: str) -> str:
     return subprocess.run([tool, "--version"], capture_output=True, text=True,
                           check=True).stdout.strip()
@@ -212,7 +201,7 @@ def _run_locked(fleet: Fleet, tenant: Any, backup_id: int, dsn: str, pg_dump: st
         store.put_bytes(manifest_key, json.dumps(manifest, indent=2).encode())
         checkpoint("backup.manifest")
     except Exception as exc:
-        error = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        error = first_line(exc)
         _finish(fleet, backup_id, status="failed", error=error)
         fleet.catalog.audit("backup.run", tenant=slug, region=tenant.region,
                             outcome="failed", backup=backup_id, error=error)

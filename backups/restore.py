@@ -12,10 +12,13 @@ from typing import TYPE_CHECKING
 import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
+from sqlalchemy import update
 
 from backups import pipeline
 from orchestrator import pgserver
-from orchestrator.errors import Conflict, TenantctlError
+from orchestrator.catalog import with_dbname
+from orchestrator.errors import Conflict, TenantctlError, first_line
+from orchestrator.faults import checkpoint
 from orchestrator.localfleet import pg_tool
 from orchestrator.models import Tenant, TenantState
 from orchestrator.names import tenant_names, validate_slug
@@ -92,11 +95,6 @@ def restore_in_place(fleet: Fleet, backup_id: int) -> dict[str, object]:
     is checked whole, restored into a side database and secured; only then are
     the two swapped by renaming, in one transaction. On any error before the
     swap, the live database is untouched (and open)."""
-    from psycopg import sql as psql
-
-    from orchestrator.catalog import with_dbname
-    from orchestrator.faults import checkpoint
-
     row = pipeline.get_backup(fleet, backup_id)
     tenant = fleet.get_tenant(row.slug)
     if tenant.state not in pipeline.BACKUPABLE:
@@ -105,7 +103,7 @@ def restore_in_place(fleet: Fleet, backup_id: int) -> dict[str, object]:
     names = tenant_names(row.slug)
     live, side, old = names.database, f"{names.database}__r", f"{names.database}__old"
     admin = fleet.cfg.server(tenant.server).admin_dsn
-    ident = psql.Identifier
+    ident = sql.Identifier
     with fleet.catalog.advisory_lock(tenant_lock(row.slug)) as got:
         if not got:
             raise Conflict(f"tenant {row.slug!r} is being changed by another tenantctl "
@@ -113,15 +111,15 @@ def restore_in_place(fleet: Fleet, backup_id: int) -> dict[str, object]:
         with fleet.server_connection(tenant.server) as conn:
             # leftovers of a run that died: a side copy, a closed live database
             for leftover in (side, old):
-                conn.execute(psql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
                     ident(leftover)))
-            conn.execute(psql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(
+            conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(
                 ident(live)))
-            conn.execute(psql.SQL("CREATE DATABASE {} OWNER {} TEMPLATE template0 "
+            conn.execute(sql.SQL("CREATE DATABASE {} OWNER {} TEMPLATE template0 "
                                   "ALLOW_CONNECTIONS false").format(
                 ident(side), ident(names.owner_role)))
             pgserver.revoke_public(conn, side)
-            conn.execute(psql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(
+            conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(
                 ident(side)))
         try:
             restore_into(fleet, backup_id, with_dbname(admin, side), names.owner_role)
@@ -131,32 +129,30 @@ def restore_in_place(fleet: Fleet, backup_id: int) -> dict[str, object]:
                     "SELECT version_num FROM alembic_version").fetchone()
             checkpoint("restore.ready")
             with fleet.server_connection(tenant.server) as conn:
-                conn.execute(psql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false")
+                conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false")
                              .format(ident(live)))
                 conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                              "WHERE datname = %s AND pid <> pg_backend_pid()", (live,))
                 with conn.transaction():
-                    conn.execute(psql.SQL("ALTER DATABASE {} RENAME TO {}").format(
+                    conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
                         ident(live), ident(old)))
-                    conn.execute(psql.SQL("ALTER DATABASE {} RENAME TO {}").format(
+                    conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
                         ident(side), ident(live)))
                 checkpoint("restore.swapped")
-                conn.execute(psql.SQL("DROP DATABASE {} WITH (FORCE)").format(ident(old)))
+                conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(ident(old)))
         except BaseException as exc:
             with fleet.server_connection(tenant.server) as conn:
                 if pgserver.database_owner(conn, live) is not None:
-                    conn.execute(psql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true")
+                    conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true")
                                  .format(ident(live)))
-                conn.execute(psql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
                     ident(side)))
             if isinstance(exc, psycopg.Error):
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
                 raise pipeline.BackupError(f"in-place restore of {row.slug!r} failed, the "
-                                           f"live database is untouched: {first}") from None
+                                           f"live database is untouched: "
+                                           f"{first_line(exc)}") from None
             raise
     revision = rev_row[0] if rev_row else None
-    from sqlalchemy import update
-
     with fleet.catalog.session() as s, s.begin():
         s.execute(update(Tenant).where(Tenant.id == tenant.id).values(revision=revision))
         fleet.catalog.audit("backup.restore", session=s, tenant=row.slug, region=row.region,

@@ -20,7 +20,7 @@ from types import TracebackType
 from typing import Any, BinaryIO
 from urllib.parse import parse_qs, urlparse
 
-from orchestrator.errors import ConfigError, TenantctlError
+from orchestrator.errors import ConfigError, TenantctlError, first_line
 
 
 class StoreError(TenantctlError):
@@ -261,8 +261,7 @@ class S3Store(ObjectStore):
         return self._client
 
     def error(self, what: str, exc: BaseException) -> StoreError:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        return StoreError(f"{self.url}: {what}: {first}")
+        return StoreError(f"{self.url}: {what}: {first_line(exc)}")
 
     def _key(self, key: str) -> str:
         _check_key(key)

@@ -338,7 +338,7 @@ def _fail(message: str, code: int) -> NoReturn:
 
 
 def main() -> None:
-    from orchestrator.errors import TenantctlError
+    from orchestrator.errors import TenantctlError, first_line
 
     try:
         # standalone mode: typer itself handles usage errors, --help and Exit
@@ -353,9 +353,7 @@ def main() -> None:
         import sqlalchemy.exc
 
         if isinstance(exc, sqlalchemy.exc.OperationalError | psycopg.OperationalError):
-            orig = getattr(exc, "orig", None) or exc
-            first = (str(orig).strip().splitlines() or [type(orig).__name__])[0]
-            _fail(f"database unavailable: {first}", 6)
+            _fail(f"database unavailable: {first_line(exc)}", 6)
         raise
 
 

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from orchestrator import alembic_threads
 from orchestrator.config import Config
-from orchestrator.errors import Conflict, ServerUnavailable
+from orchestrator.errors import Conflict, ServerUnavailable, first_line
 from orchestrator.models import AuditEvent, Region, Server
 
 alembic_threads.install()  # before any revision file is imported
@@ -43,9 +43,7 @@ def redact(dsn: str) -> str:
 
 def server_error(where: str, exc: BaseException) -> ServerUnavailable:
     """One line from a psycopg/SQLAlchemy connection failure, with no secret in it."""
-    orig = getattr(exc, "orig", None) or exc
-    first = (str(orig).strip().splitlines() or [type(orig).__name__])[0]
-    return ServerUnavailable(f"cannot reach {where}: {first}")
+    return ServerUnavailable(f"cannot reach {where}: {first_line(exc)}")
 
 
 def with_dbname(dsn: str, dbname: str) -> str:

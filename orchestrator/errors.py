@@ -4,6 +4,13 @@ Anything that is not a TenantctlError is a bug and keeps its traceback.
 """
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an error (of the driver's own error when SQLAlchemy wraps
+    one): what goes into one-line messages and the catalog, never a DETAIL/SQL dump."""
+    orig = getattr(exc, "orig", None) or exc
+    return (str(orig).strip().splitlines() or [type(orig).__name__])[0]
+
+
 class TenantctlError(Exception):
     """Base for failures an operator can act on; the message is the whole story."""
 

@@ -22,7 +22,6 @@ import shutil
 import socket
 import stat
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -471,13 +470,3 @@ def status(cfg: Config) -> list[ClusterStatus]:
         out.append(ClusterStatus(server.name, server.region, server.port, server.data_dir,
                                  pid is not None, pid, detail))
     return out
-
-
-def wait_ready(port: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise ServerUnavailable(f"nothing listens on 127.0.0.1:{port}")

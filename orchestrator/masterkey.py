@@ -25,7 +25,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from orchestrator.config import MasterKeySource
-from orchestrator.errors import MasterKeyError
+from orchestrator.errors import MasterKeyError, first_line
 
 KEY_BYTES = 32
 
@@ -102,7 +102,7 @@ def write_kms_data_key(source: MasterKeySource, path: Path) -> None:
             KeyId=source.kms_key_id, KeySpec="AES_256")["CiphertextBlob"]
     except Exception as exc:
         raise MasterKeyError(f"KMS could not make a data key with {source.kms_key_id}: "
-                             f"{(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
+                             f"{first_line(exc)}") from None
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(base64.b64encode(blob).decode() + "\n")
@@ -124,7 +124,7 @@ def _load_kms(source: MasterKeySource) -> MasterKey:
     except Exception as exc:
         raise MasterKeyError(f"KMS could not decrypt the master key with "
                              f"{source.kms_key_id}: "
-                             f"{(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
+                             f"{first_line(exc)}") from None
     if len(plain) != KEY_BYTES:
         raise MasterKeyError(f"KMS data key must be {KEY_BYTES} bytes, got {len(plain)}")
     return MasterKey(plain)

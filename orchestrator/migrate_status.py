@@ -17,6 +17,7 @@ import psycopg
 from sqlalchemy import select, update
 
 from orchestrator.catalog import with_dbname
+from orchestrator.errors import first_line
 from orchestrator.models import Server, Tenant
 from orchestrator.rollout import MIGRATABLE
 
@@ -55,7 +56,7 @@ def _read(fleet: Fleet, t: Tenant, gates: dict[str, threading.Semaphore]
                 row = conn.execute(READ_VERSION).fetchone()
                 return (row[0] if row else None), None
         except psycopg.Error as exc:
-            return None, (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            return None, first_line(exc)
 
 
 def fleet_status(fleet: Fleet, region: str | None = None, *, concurrency: int = 16,

@@ -9,6 +9,7 @@ statement, a server log or pg_stat_activity.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from contextlib import contextmanager
 
 import psycopg
 from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
 
 from orchestrator.catalog import redact, server_error, with_dbname
 from orchestrator.errors import Conflict
@@ -24,6 +26,26 @@ from orchestrator.names import TEMPLATE_DB, TEMPLATE_OWNER, TenantNames
 Ident = sql.Identifier
 DML = sql.SQL("SELECT, INSERT, UPDATE, DELETE")
 SEQ = sql.SQL("USAGE, SELECT, UPDATE")
+
+
+LIBPQ_ENV = {"host": "PGHOST", "port": "PGPORT", "user": "PGUSER", "dbname": "PGDATABASE",
+             "passfile": "PGPASSFILE", "sslmode": "PGSSLMODE", "sslrootcert": "PGSSLROOTCERT",
+             "password": "PGPASSWORD"}
+
+
+def libpq_env(dsn: str) -> dict[str, str]:
+    """A DSN as libpq environment variables, for the client tools we run (psql,
+    pg_dump, pg_restore): secrets travel in the environment, never in argv. Any PG*
+    variable of our own environment is dropped, except a PGPASSWORD the operator
+    gave when the DSN names none."""
+    params = conninfo_to_dict(dsn) if dsn else {}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    for key, var in LIBPQ_ENV.items():
+        if params.get(key):
+            env[var] = str(params[key])
+    if "PGPASSWORD" in os.environ and "PGPASSWORD" not in env:
+        env["PGPASSWORD"] = os.environ["PGPASSWORD"]
+    return env
 
 
 def open_connection(admin_dsn: str, dbname: str | None = None, *, server: str = "",

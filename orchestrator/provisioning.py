@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 
 from orchestrator import keys, pgserver, templates, tenant_migrations
 from orchestrator.catalog import server_error, with_dbname
-from orchestrator.errors import Conflict, ServerUnavailable, TenantctlError
+from orchestrator.errors import Conflict, ServerUnavailable, TenantctlError, first_line
 from orchestrator.faults import checkpoint
 from orchestrator.models import PLACED_STATES, Server, Tenant, TenantCredential, TenantState
 from orchestrator.names import TEMPLATE_DB, TenantNames, tenant_names, validate_slug
@@ -185,8 +185,7 @@ def _run_steps(fleet: Fleet, tenant: Tenant, password: str) -> bool:
             checkpoint("provision.login")
     except Exception as exc:
         # Every failure is recorded on the tenant and audited, whatever raised it.
-        orig = getattr(exc, "orig", None) or exc
-        msg = (str(orig).strip().splitlines() or [type(orig).__name__])[0]
+        msg = first_line(exc)
         _progress(fleet, tenant.id, last_error=f"{current}: {msg}")
         fleet.catalog.audit("tenant.provision", tenant=tenant.slug, region=tenant.region,
                             outcome="failed", step=current, error=msg)
@@ -237,7 +236,7 @@ def _try_build_template(fleet: Fleet, server: str, target: str | None) -> bool:
         # No usable template: fall back to migrating an empty database, and leave a
         # trace for `tenantctl template build` to pick up.
         fleet.catalog.audit("template.build", outcome="failed", server=server,
-                            error=(str(exc).splitlines() or [""])[0])
+                            error=first_line(exc))
         return False
 
 

@@ -8,40 +8,27 @@ owner password exists to leak.
 
 from __future__ import annotations
 
-import os
 import subprocess
 from typing import TYPE_CHECKING
 
-from psycopg.conninfo import conninfo_to_dict
-
-from orchestrator import provisioning
+from orchestrator import pgserver, provisioning
+from orchestrator.catalog import with_dbname
 from orchestrator.errors import Conflict
 from orchestrator.localfleet import pg_tool
-from orchestrator.models import TenantState
+from orchestrator.models import Tenant, TenantState
 
 if TYPE_CHECKING:
     from orchestrator.api import Fleet
 
-LIBPQ_ENV = {"host": "PGHOST", "port": "PGPORT", "sslmode": "PGSSLMODE",
-             "passfile": "PGPASSFILE", "sslrootcert": "PGSSLROOTCERT"}
-
-
-def psql_env(fleet: Fleet, slug: str, *, owner: bool) -> dict[str, str]:
-    tenant = fleet.get_tenant(slug)
+def psql_env(fleet: Fleet, tenant: Tenant, *, owner: bool) -> dict[str, str]:
+    slug = tenant.slug
     if tenant.state not in (TenantState.active, TenantState.suspended, TenantState.cancelled):
         raise Conflict(f"tenant {slug!r} is {tenant.state}: its database is not available")
-    admin = conninfo_to_dict(fleet.cfg.server(tenant.server).admin_dsn)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    for key, var in LIBPQ_ENV.items():
-        if admin.get(key):
-            env[var] = str(admin[key])
-    env["PGDATABASE"] = tenant.database
+    env = pgserver.libpq_env(with_dbname(fleet.cfg.server(tenant.server).admin_dsn,
+                                         tenant.database))
     env["PGAPPNAME"] = "tenantctl-psql"
-    if owner:
-        env["PGUSER"] = str(admin.get("user") or "")
+    if owner:  # the admin role, switched to the NOLOGIN owner at session start
         env["PGOPTIONS"] = f"-c role={tenant.owner_role}"
-        if "PGPASSWORD" in os.environ:
-            env["PGPASSWORD"] = os.environ["PGPASSWORD"]
     else:
         cred = tenant.credential
         assert cred is not None
@@ -53,8 +40,8 @@ def psql_env(fleet: Fleet, slug: str, *, owner: bool) -> dict[str, str]:
 
 
 def run(fleet: Fleet, slug: str, *, owner: bool, command: str | None) -> int:
-    env = psql_env(fleet, slug, owner=owner)
     tenant = fleet.get_tenant(slug)
+    env = psql_env(fleet, tenant, owner=owner)
     fleet.catalog.audit("tenant.psql", tenant=slug, region=tenant.region,
                         role="owner" if owner else "login",
                         command=command if command is not None else "(interactive)")

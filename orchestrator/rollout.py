@@ -38,7 +38,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from orchestrator import templates, tenant_migrations
 from orchestrator.catalog import actor, with_dbname
-from orchestrator.errors import InvalidInput, NotFound
+from orchestrator.errors import InvalidInput, NotFound, first_line
 from orchestrator.faults import checkpoint
 from orchestrator.models import Rollout, RolloutTenant, Server, Tenant, TenantState
 from orchestrator.names import validate_slug
@@ -138,11 +138,6 @@ class RolloutSummary:
             "results": [asdict(r) for r in self.results],
             **({"sql": self.sql} if self.sql else {}),
         }
-
-
-def _first_line(exc: BaseException) -> str:
-    orig = getattr(exc, "orig", None) or exc
-    return (str(orig).strip().splitlines() or [type(orig).__name__])[0]
 
 
 def _sqlstate(exc: BaseException) -> str | None:
@@ -324,7 +319,7 @@ class RolloutRun:
                 rev = templates.build(self.fleet, sc.name, self.target_name)
                 report[sc.name] = rev or "base"
             except Exception as exc:  # noqa: BLE001 - any failure is reported per server
-                report[sc.name] = f"error: {_first_line(exc)}"
+                report[sc.name] = f"error: {first_line(exc)}"
             self.on_event(Event("template", message=f"template on {sc.name}: "
                                 f"{report[sc.name]}"))
         return report
@@ -451,7 +446,7 @@ class RolloutRun:
             except Exception as exc:  # noqa: BLE001 - one tenant never stops the others
                 result = TenantResult(claimed.slug, claimed.server, wave, "failed",
                                       claimed.planned_from, claimed.planned_from, 1, 0,
-                                      f"{type(exc).__name__}: {_first_line(exc)}")
+                                      f"{type(exc).__name__}: {first_line(exc)}")
                 self._record(rollout_id, claimed.tenant_id, result)
             finally:
                 with self._claim_lock:
@@ -498,13 +493,13 @@ class RolloutRun:
                         return done(status, before if before != after else planned_from,
                                     after, attempt)
                     except (sqlalchemy.exc.DBAPIError, psycopg.Error) as exc:
-                        last_error = _first_line(exc)
+                        last_error = first_line(exc)
                         if _sqlstate(exc) not in RETRYABLE_SQLSTATES:
                             return done("failed", planned_from, planned_from, attempt,
                                         last_error)
                     except Exception as exc:  # noqa: BLE001 - e.g. a bug in a revision file
                         return done("failed", planned_from, planned_from, attempt,
-                                    f"{type(exc).__name__}: {_first_line(exc)}")
+                                    f"{type(exc).__name__}: {first_line(exc)}")
                 else:
                     last_error = "tenant locked by another operation"
             if attempt <= self.opts.retries:
