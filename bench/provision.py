@@ -35,18 +35,23 @@ from orchestrator.api import Fleet  # noqa: E402
 from orchestrator.config import Config, load_config  # noqa: E402
 
 
-def measure(config: Path, prefix: str, n: int) -> dict[str, float]:
-    fleet = Fleet(load_config(config))
+def measure(configs: dict[str, Path], prefix: str, n: int) -> dict[str, dict[str, float]]:
+    """Time the paths alternately, tenant by tenant, so disk and background noise
+    fall on every path alike."""
+    fleets = {name: Fleet(load_config(cfg)) for name, cfg in configs.items()}
+    samples: dict[str, list[float]] = {name: [] for name in fleets}
     try:
-        fleet.provision(f"{prefix}_warm", "bench")  # connections, imports, caches
-        samples = []
+        for name, fleet in fleets.items():  # connections, imports, caches
+            fleet.provision(f"{prefix}_{name[0]}_warm", "bench")
         for i in range(n):
-            t0 = time.perf_counter()
-            fleet.provision(f"{prefix}_{i}", "bench")
-            samples.append((time.perf_counter() - t0) * 1000)
+            for name, fleet in fleets.items():
+                t0 = time.perf_counter()
+                fleet.provision(f"{prefix}_{name[0]}_{i}", "bench")
+                samples[name].append((time.perf_counter() - t0) * 1000)
     finally:
-        fleet.close()
-    return common.stats(samples)
+        for fleet in fleets.values():
+            fleet.close()
+    return {name: common.stats(s) for name, s in samples.items()}
 
 
 def measure_cli(admin_dsn: str, ini: Path, prefix: str, n: int) -> dict[str, float]:
@@ -107,8 +112,9 @@ def main() -> None:
             admin_dsn = fleet.cfg.server(server).admin_dsn
             fleet.close()
             ini = cli_copy(source, state / f"cli-{label}")
-            tmpl = measure(tmpl_cfg, f"{label[:5]}_t", args.tenants)
-            naive = measure(naive_cfg, f"{label[:5]}_n", args.tenants)
+            timed = measure({"template": tmpl_cfg, "naive": naive_cfg}, label[:5],
+                            args.tenants)
+            tmpl, naive = timed["template"], timed["naive"]
             cli = measure_cli(admin_dsn, ini, f"{label[:5]}_c", args.tenants)
             results[label] = {
                 "revisions": revisions, "template_build_ms": round(build_ms, 1),
