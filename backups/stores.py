@@ -21,6 +21,7 @@ from typing import Any, BinaryIO
 from urllib.parse import parse_qs, urlparse
 
 from orchestrator.errors import ConfigError, TenantctlError, first_line
+from orchestrator.faults import checkpoint
 
 
 class StoreError(TenantctlError):
@@ -201,6 +202,7 @@ class _S3Writer(ObjectWriter):
         resp = s3.upload_part(Bucket=self.store.bucket, Key=self.key, PartNumber=number,
                               UploadId=self.upload_id, Body=data)
         self.parts.append({"PartNumber": number, "ETag": resp["ETag"]})
+        checkpoint("s3.part")  # crash tests: die with a multipart upload open
 
     def commit(self) -> None:
         s3 = self.store.client

@@ -45,9 +45,15 @@ def generate(
 
 @keys_app.command("rotate-master")
 def rotate_master(
-    new_key_file: Annotated[Path | None, typer.Option(help="The new key's file.")] = None,
+    new_key_file: Annotated[Path | None, typer.Option(
+        help="The new key's file (with --new-kms-key-id: its KMS-encrypted data key, "
+             "as written by `keys generate --kms-key-id`).")] = None,
     new_key_env: Annotated[str | None, typer.Option(help="Environment variable holding "
                                                     "the new key.")] = None,
+    new_kms_key_id: Annotated[str | None, typer.Option(
+        help="Rotate to a KMS-envelope master key: KMS decrypts --new-key-file.")] = None,
+    new_kms_region: Annotated[str | None, typer.Option()] = None,
+    new_kms_endpoint_url: Annotated[str | None, typer.Option()] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Re-wrap every tenant key and password under a new master key (all or nothing);
@@ -58,7 +64,15 @@ def rotate_master(
 
     if (new_key_file is None) == (new_key_env is None):
         raise InvalidInput("give --new-key-file or --new-key-env")
-    new = load_master_key(MasterKeySource(file=new_key_file, env=new_key_env))
+    if new_kms_key_id and new_key_file is None:
+        raise InvalidInput("--new-kms-key-id needs --new-key-file (the encrypted data key)")
+    if new_kms_key_id:
+        source = MasterKeySource(kms_key_id=new_kms_key_id, kms_data_key_file=new_key_file,
+                                 kms_region=new_kms_region,
+                                 kms_endpoint_url=new_kms_endpoint_url)
+    else:
+        source = MasterKeySource(file=new_key_file, env=new_key_env)
+    new = load_master_key(source)
     fleet = open_fleet()
     try:
         if new.key_id == fleet.master_key.key_id:

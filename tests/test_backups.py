@@ -127,6 +127,43 @@ def test_backup_to_s3(test_fleet: PgFleet, tmp_path: Path, slug: str,
         fleet.close()
 
 
+def test_kill_mid_s3_upload_leaves_no_orphan_upload(test_fleet: PgFleet, tmp_path: Path,
+                                                   slug: str,
+                                                   moto_endpoint: str) -> None:  # noqa: F811
+    bucket = "eu-backups-kill"
+    url = f"s3://{bucket}/tenantctl?endpoint_url={moto_endpoint}&region=eu-central-1"
+    eu_store = f'file://{test_fleet.state_dir / "backups" / "eu-central"}'
+    cfg_path = tmp_path / "s3.toml"
+    cfg_path.write_text(test_fleet.config_path.read_text().replace(eu_store, url, 1))
+    store = open_store(url)
+    store.client.create_bucket(  # type: ignore[attr-defined]
+        Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": "eu-central-1"})
+    fleet = Fleet(load_config(cfg_path))
+    try:
+        _tenant_with_data(fleet, slug, "eu-central")
+        with connect_as(fleet.credentials(slug), autocommit=True) as conn:
+            # ~25 MB of poorly compressible text: the dump spans several 8 MiB parts
+            conn.execute("INSERT INTO customers (email, name) SELECT md5(g::text) || '@x.test',"
+                         " md5(random()::text) || md5(random()::text) || md5(random()::text)"
+                         " FROM generate_series(1, 200000) g")
+        killed = run_cli(test_fleet, "backup", "run", slug, config=cfg_path,
+                         env={"TENANTCTL_FAULT": "s3.part"})
+        assert killed.returncode == -9
+        assert len(store.pending_uploads()) == 1  # type: ignore[attr-defined]
+        with fleet.catalog.session() as s:
+            (row,) = s.scalars(select(Backup).where(Backup.slug == slug)).all()
+        assert row.status == "running"
+        again = run_cli(test_fleet, "backup", "run", slug, "--json", config=cfg_path)
+        assert again.returncode == 0, again.stderr
+        assert pipeline.get_backup(fleet, row.id).status == "failed"
+        assert store.pending_uploads() == []  # type: ignore[attr-defined]
+        keys = [o.key for o in store.objects(f"tenants/{slug}/")]
+        assert len(keys) == 2 and not any(k.startswith(f"tenants/{slug}/{row.id:010d}")
+                                          for k in keys)
+    finally:
+        fleet.close()
+
+
 def _rows(fleet: Fleet, slug: str) -> dict[str, list[tuple]]:  # type: ignore[type-arg]
     """Every table's rows, in a stable order, read as the admin role."""
     from psycopg import sql
@@ -221,8 +258,10 @@ def test_stock_age_tool_and_pg_restore_read_a_backup(fleet: Fleet, test_fleet: P
                          ).first() is not None
 
 
+@pytest.mark.parametrize("target", ["file", "kms"])
 def test_master_key_rotation_keeps_backups_readable(test_fleet: PgFleet, tmp_path: Path,
-                                                     slug: str) -> None:
+                                                     slug: str, target: str,
+                                                     request: pytest.FixtureRequest) -> None:
     from orchestrator.masterkey import write_key_file
 
     # A private catalog and master key: rotation re-wraps every tenant of a catalog.
@@ -243,13 +282,30 @@ def test_master_key_rotation_keeps_backups_readable(test_fleet: PgFleet, tmp_pat
     finally:
         fleet.close()
     new_key = tmp_path / "new.key"
-    write_key_file(new_key)
+    new_cfg = tmp_path / "new.toml"
+    if target == "file":
+        write_key_file(new_key)
+        kms_args: list[str] = []
+        new_cfg.write_text(text.replace(str(old_key), str(new_key)))
+    else:  # from a key file to a KMS envelope key, the usual move to production
+        import boto3
+
+        endpoint = request.getfixturevalue("moto_endpoint")
+        kms = boto3.client("kms", region_name="eu-central-1", endpoint_url=endpoint)
+        key_id = kms.create_key(Description="tenantctl master")["KeyMetadata"]["KeyId"]
+        kms_args = ["--new-kms-key-id", key_id, "--new-kms-region", "eu-central-1",
+                    "--new-kms-endpoint-url", endpoint]
+        made = run_cli(test_fleet, "keys", "generate", str(new_key), "--kms-key-id", key_id,
+                       "--kms-region", "eu-central-1", "--kms-endpoint-url", endpoint)
+        assert made.returncode == 0, made.stderr
+        new_cfg.write_text(text.replace(
+            f'file = "{old_key}"',
+            f'kms_key_id = "{key_id}"\nkms_data_key_file = "{new_key}"\n'
+            f'kms_region = "eu-central-1"\nkms_endpoint_url = "{endpoint}"'))
     proc = run_cli(test_fleet, "keys", "rotate-master", "--new-key-file", str(new_key),
-                   "--json", config=old_cfg)
+                   *kms_args, "--json", config=old_cfg)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["identities"] >= 1
-    new_cfg = tmp_path / "new.toml"
-    new_cfg.write_text(text.replace(str(old_key), str(new_key)))
     fleet = Fleet(load_config(new_cfg))
     try:
         assert pipeline.verify_backup(fleet, backup_id)["ok"]
