@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from orchestrator.api import Fleet
 
 BACKUPABLE = (TenantState.active, TenantState.suspended, TenantState.cancelled)
+PRUNABLE = (TenantState.active, TenantState.suspended)
 CHUNK = 1 << 20
 
 
@@ -475,31 +476,58 @@ def due_tenants(fleet: Fleet, now: datetime | None = None) -> list[str]:
     return [t.slug for t in tenants if is_due(t.slug, last.get(t.id), now, schedule)]
 
 
-def prune(fleet: Fleet, *, dry_run: bool, now: datetime | None = None) -> list[dict[str, Any]]:
-    """Apply the retention policy to live tenants' completed backups: a report of
-    every backup (keep/prune, why); unless dry_run, delete what is pruned."""
-    from backups.policy import BackupFact, RetentionPolicy, retention
+def prune_facts(fleet: Fleet, now: datetime, policy: Any) -> list[Any]:
+    """The completed backups the policy could prune: those of live tenants (not
+    cancelled: a hold keeps every backup until the purge; not under legal hold) older than keep_days, plus each such tenant's newest
+    backup, which decides the floor. Backups inside keep_days are kept whatever
+    happens and are not read, so the cost follows the old backups, not the fleet."""
+    from datetime import timedelta
+
+    from backups.policy import BackupFact
     from orchestrator.models import Tenant
+
+    cutoff = now - timedelta(days=policy.keep_days)
+    with fleet.catalog.session() as s:
+        old = (select(Backup.id, Backup.slug, Backup.finished_at, Backup.tenant_id)
+               .join(Tenant, Tenant.id == Backup.tenant_id)
+               .where(Backup.status == "completed", Backup.finished_at < cutoff,
+                      Tenant.state.in_(PRUNABLE), Tenant.legal_hold.is_(False))
+               .subquery())
+        rows = list(s.execute(select(old.c.id, old.c.slug, old.c.finished_at)))
+        rows += s.execute(
+            select(Backup.id, Backup.slug, Backup.finished_at)
+            .distinct(Backup.tenant_id)
+            .where(Backup.status == "completed",
+                   Backup.tenant_id.in_(select(old.c.tenant_id)))
+            .order_by(Backup.tenant_id, Backup.finished_at.desc()))
+    return [BackupFact(i, slug, at) for i, slug, at in {r[0]: r for r in rows}.values()]
+
+
+def delete_backup(fleet: Fleet, backup_id: int, *, reason: str) -> None:
+    """Remove one backup from its store (manifest first: without it the object is
+    no longer offered for restore), then mark it deleted. Idempotent."""
+    b = get_backup(fleet, backup_id)
+    if b.status == "deleted":
+        return
+    store = open_store(b.store_url)
+    store.delete(b.manifest_key)
+    store.delete(b.object_key)
+    _finish(fleet, b.id, status="deleted", finished_at=b.finished_at)
+    fleet.catalog.audit("backup.prune", tenant=b.slug, region=b.region, backup=b.id,
+                        reason=reason)
+
+
+def prune(fleet: Fleet, *, dry_run: bool, now: datetime | None = None) -> list[dict[str, Any]]:
+    """Apply the retention policy to live tenants' backups: a report of every backup
+    it had to judge (keep/prune, why); unless dry_run, delete what is pruned."""
+    from backups.policy import RetentionPolicy, retention
 
     now = now or datetime.now(UTC)
     policy = RetentionPolicy(fleet.cfg.backup_keep_days, fleet.cfg.backup_keep_weeks)
-    with fleet.catalog.session() as s:
-        rows = list(s.scalars(select(Backup).join(Tenant, Tenant.id == Backup.tenant_id)
-                              .where(Backup.status == "completed",
-                                     Tenant.state.in_(BACKUPABLE))))
-    by_id = {b.id: b for b in rows}
-    facts = [BackupFact(b.id, b.slug, b.finished_at or b.started_at) for b in rows]
     report = []
-    for v in retention(facts, now, policy):
+    for v in retention(prune_facts(fleet, now, policy), now, policy):
         report.append({"id": v.backup_id, "tenant": v.tenant,
                        "action": "keep" if v.keep else "prune", "reason": v.reason})
-        if v.keep or dry_run:
-            continue
-        b = by_id[v.backup_id]
-        store = open_store(b.store_url)
-        store.delete(b.manifest_key)  # first: without it the object is not restorable
-        store.delete(b.object_key)
-        _finish(fleet, b.id, status="deleted", finished_at=b.finished_at)
-        fleet.catalog.audit("backup.prune", tenant=b.slug, region=b.region, backup=b.id,
-                            reason=v.reason)
+        if not v.keep and not dry_run:
+            delete_backup(fleet, v.backup_id, reason=v.reason)
     return report

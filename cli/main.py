@@ -16,7 +16,9 @@ import typer
 from cli.backup import backup_app
 from cli.common import State, current_config, open_fleet, print_json, say, table
 from cli.keys import keys_app
+from cli.lifecycle import audit_app, register_tenant_commands, retention_app
 from cli.migrate import migrate_app
+from cli.scheduler import scheduler_app
 
 if TYPE_CHECKING:
     from orchestrator.config import Config
@@ -37,6 +39,10 @@ for sub, name in [(local_app, "local"), (catalog_app, "catalog"), (config_app, "
 app.add_typer(migrate_app, name="migrate")
 app.add_typer(backup_app, name="backup")
 app.add_typer(keys_app, name="keys")
+app.add_typer(retention_app, name="retention")
+app.add_typer(audit_app, name="audit")
+app.add_typer(scheduler_app, name="scheduler")
+register_tenant_commands(tenant_app)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
@@ -44,8 +50,15 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a t
 @app.callback()
 def _root(config: Annotated[str | None, typer.Option(
         "--config", "-C", help="Config file (default: $TENANTCTL_CONFIG or ./tenantctl.toml)",
-        show_default=False)] = None) -> None:
+        show_default=False)] = None,
+        actor: Annotated[str | None, typer.Option(
+            "--actor", help="Who is acting, for the audit log (default: $TENANTCTL_ACTOR, "
+            "else OS user@host).", show_default=False)] = None) -> None:
+    import os
+
     State.config_path = config
+    if actor:
+        os.environ["TENANTCTL_ACTOR"] = actor  # read by orchestrator.catalog.actor()
 
 
 # -- init / local / catalog / config -------------------------------------------------

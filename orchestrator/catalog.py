@@ -194,8 +194,10 @@ class Catalog:
 
     def audit(self, action: str, *, tenant: str | None = None, region: str | None = None,
               outcome: str = "ok", session: Session | None = None, **detail: Any) -> None:
+        from orchestrator.audit import redact
+
         event = AuditEvent(actor=actor(), action=action, tenant=tenant, region=region,
-                           outcome=outcome, detail=detail)
+                           outcome=outcome, detail=redact(detail))
         if session is not None:
             session.add(event)
             return

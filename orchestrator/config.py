@@ -8,6 +8,7 @@ config keeps working whatever the operator's current directory is.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import tomllib
@@ -58,6 +59,25 @@ class MasterKeySource:
 
 
 @dataclass(frozen=True)
+class LifecycleConfig:
+    """The promises of the privacy policy, in days."""
+
+    hold_days: int = 30  # exportable, read-only, after cancellation
+    purge_days: int = 90  # backups kept after deletion
+    audit_days: int = 365  # audit records kept
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """How often `tenantctl scheduler run` runs each job, in minutes."""
+
+    backups_minutes: int = 15
+    retention_minutes: int = 10
+    prune_minutes: int = 60
+    audit_purge_minutes: int = 1440
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     catalog_dsn: str
@@ -68,6 +88,8 @@ class Config:
     backup_interval_hours: int = 24
     backup_keep_days: int = 7
     backup_keep_weeks: int = 4
+    lifecycle: LifecycleConfig = LifecycleConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
     state_dir: Path | None = None
     pg_bin_dir: Path | None = None
 
@@ -196,7 +218,8 @@ def _check_dsn(r: _Reader, key: str, dsn: str) -> None:
 def parse_config(raw: dict[str, Any], path: Path) -> Config:
     r = _Reader(path)
     _check_unknown(r, raw, "", {"state_dir", "pg_bin_dir", "catalog", "master_key",
-                                "tenants", "regions", "backups"})
+                                "tenants", "regions", "backups", "lifecycle",
+                                "scheduler"})
 
     catalog = r.table(raw, "catalog", "catalog")
     _check_unknown(r, catalog, "catalog", {"dsn"})
@@ -241,6 +264,19 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
     interval_hours = r.integer(backups, "backups.interval_hours", "interval_hours", default=24)
     keep_days = r.integer(backups, "backups.keep_days", "keep_days", default=7)
     keep_weeks = r.integer(backups, "backups.keep_weeks", "keep_weeks", default=4, minimum=0)
+
+    lc = r.table(raw, "lifecycle", "lifecycle", required=False)
+    _check_unknown(r, lc, "lifecycle", {"hold_days", "purge_days", "audit_days"})
+    lifecycle = LifecycleConfig(
+        hold_days=r.integer(lc, "lifecycle.hold_days", "hold_days", default=30),
+        purge_days=r.integer(lc, "lifecycle.purge_days", "purge_days", default=90),
+        audit_days=r.integer(lc, "lifecycle.audit_days", "audit_days", default=365))
+    sch = r.table(raw, "scheduler", "scheduler", required=False)
+    jobs = {f.name: f.default for f in dataclasses.fields(SchedulerConfig)}
+    _check_unknown(r, sch, "scheduler", set(jobs))
+    scheduler = SchedulerConfig(**{
+        name: r.integer(sch, f"scheduler.{name}", name, default=int(default))  # type: ignore[arg-type]
+        for name, default in jobs.items()})
 
     regions_raw = r.table(raw, "regions", "regions")
     if not regions_raw:
@@ -300,6 +336,8 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
         backup_interval_hours=interval_hours,
         backup_keep_days=keep_days,
         backup_keep_weeks=keep_weeks,
+        lifecycle=lifecycle,
+        scheduler=scheduler,
         state_dir=r.resolve(state_dir) if state_dir else None,
         pg_bin_dir=r.resolve(pg_bin_dir) if pg_bin_dir else None,
     )

@@ -23,6 +23,7 @@ from sqlalchemy import (
     String,
     Text,
     func,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -115,6 +116,9 @@ class Tenant(Base):
     migrated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     legal_hold: Mapped[bool] = mapped_column(Boolean, server_default="false")
     legal_hold_reason: Mapped[str | None] = mapped_column(Text)
+    suspended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # the verified backup a deletion rests on (kept until the purge)
+    final_backup_id: Mapped[int | None] = mapped_column(BigInteger)
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now(), onupdate=func.now())
 
@@ -125,6 +129,11 @@ class Tenant(Base):
         CheckConstraint(
             "state IN ('provisioning','active','suspended','cancelled','deleted','purged')",
             name="state_known"),
+        # retention planning reads only the due rows, whatever the fleet's size
+        Index("ix_tenants_hold_due", "hold_until",
+              postgresql_where=text("state = 'cancelled'")),
+        Index("ix_tenants_purge_due", "purge_after",
+              postgresql_where=text("state = 'deleted'")),
     )
 
 
@@ -148,7 +157,8 @@ class AuditEvent(Base):
     __tablename__ = "audit_log"
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
-    at: Mapped[datetime] = _now()
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now(),
+                                         nullable=False, index=True)
     actor: Mapped[str] = mapped_column(String(200))
     action: Mapped[str] = mapped_column(String(60), index=True)
     tenant: Mapped[str | None] = mapped_column(String(40), index=True)
@@ -267,4 +277,6 @@ class Backup(Base):
     __table_args__ = (
         CheckConstraint("status IN ('running','completed','failed','deleted')",
                         name="status_known"),
+        Index("ix_backups_tenant_finished", "tenant_id", "finished_at",
+              postgresql_where=text("status = 'completed'")),
     )

@@ -250,6 +250,43 @@ def secure_tenant_database(conn: psycopg.Connection, names: TenantNames,
     conn.execute(sql.SQL(";\n").join(stmts))
 
 
+def restrict_to_reads(conn: psycopg.Connection, names: TenantNames) -> None:
+    """Run in the tenant's database: the login role keeps SELECT and loses every
+    write, on existing tables and on those a migration creates later. Open
+    sessions feel it at their next statement. `secure_tenant_database` undoes it."""
+    owner, login = Ident(names.owner_role), Ident(names.login_role)
+    conn.execute(sql.SQL(";\n").join([
+        sql.SQL("REVOKE INSERT, UPDATE, DELETE, TRUNCATE, REFERENCES, TRIGGER "
+                "ON ALL TABLES IN SCHEMA public FROM {}").format(login),
+        sql.SQL("REVOKE USAGE, UPDATE ON ALL SEQUENCES IN SCHEMA public FROM {}").format(login),
+        sql.SQL("ALTER DEFAULT PRIVILEGES FOR ROLE {} IN SCHEMA public "
+                "REVOKE INSERT, UPDATE, DELETE ON TABLES FROM {}").format(owner, login),
+        sql.SQL("ALTER DEFAULT PRIVILEGES FOR ROLE {} IN SCHEMA public "
+                "REVOKE USAGE, UPDATE ON SEQUENCES FROM {}").format(owner, login),
+    ]))
+
+
+def set_login(conn: psycopg.Connection, role: str, allowed: bool) -> None:
+    """LOGIN or NOLOGIN; taking it away also ends the role's open sessions (NOLOGIN
+    alone only stops new ones)."""
+    conn.execute(sql.SQL("ALTER ROLE {} " + ("LOGIN" if allowed else "NOLOGIN")).format(
+        Ident(role)))
+    if not allowed:
+        terminate_sessions(conn, role=role)
+
+
+def terminate_sessions(conn: psycopg.Connection, *, role: str | None = None,
+                       database: str | None = None) -> int:
+    """End the sessions of a role, or in a database (the admin role holds
+    pg_signal_backend for this)."""
+    column = "usename" if role is not None else "datname"
+    rows = conn.execute(
+        sql.SQL("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE {} = %s AND pid <> pg_backend_pid()").format(Ident(column)),
+        (role if role is not None else database,)).fetchall()
+    return len(rows)
+
+
 def scram_verifier(conn: psycopg.Connection, role: str, password: str) -> str:
     return conn.pgconn.encrypt_password(
         password.encode(), role.encode(), b"scram-sha-256").decode()

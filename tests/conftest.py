@@ -165,3 +165,32 @@ def server_objects(test_fleet: PgFleet, server: str) -> tuple[set[str], set[str]
             "SELECT rolname FROM pg_roles WHERE rolname LIKE 'tenant\\_%' "
             "OR rolname LIKE 'owner\\_%'")}
     return dbs, roles
+
+
+@dataclass
+class OwnCatalog:
+    config_path: Path
+    fleet: Fleet
+
+
+@pytest.fixture
+def own_catalog(test_fleet: PgFleet, tmp_path: Path) -> Iterator[OwnCatalog]:
+    """The test fleet's servers behind a catalog of the test's own: fleet-wide
+    commands (retention with a clock far ahead) then see only this test's
+    tenants, never those other tests left behind."""
+    name = f"tenantctl_catalog_{uuid.uuid4().hex[:8]}"
+    path = tmp_path / "own.toml"
+    path.write_text(test_fleet.config_path.read_text().replace(
+        "dbname=tenantctl_catalog", f"dbname={name}"))
+    cfg = load_config(path)
+    catalog = Catalog(cfg)
+    catalog.upgrade()
+    catalog.sync_topology()
+    catalog.dispose()
+    fleet = Fleet(cfg)
+    try:
+        yield OwnCatalog(path, fleet)
+    finally:
+        fleet.close()
+        with psycopg.connect(test_fleet.admin_dsn("eu-central-1"), autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

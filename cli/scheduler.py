@@ -1,0 +1,68 @@
+"""`tenantctl scheduler …`: the daemon that runs due backups and retention."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from cli.common import open_fleet
+
+scheduler_app = typer.Typer(no_args_is_help=True,
+                            help="The scheduler daemon: due backups, retention, pruning.")
+
+
+@scheduler_app.command("run")
+def run(
+    metrics_port: Annotated[int | None, typer.Option(
+        help="Serve Prometheus metrics on this port (GET /metrics; 0: any free port, "
+        "logged in the `started` line).", show_default=False)] = None,
+    metrics_host: Annotated[str, typer.Option(help="Address the metrics endpoint "
+                                              "binds to.")] = "127.0.0.1",
+    standby_poll: Annotated[float, typer.Option(
+        help="Seconds between a standby's attempts to take the lead.")] = 10.0,
+    interval_seconds: Annotated[float | None, typer.Option(
+        help="Run every job this often instead of the intervals of the config's "
+        "scheduler table (tests, drills).", show_default=False)] = None,
+    backup_concurrency: Annotated[int, typer.Option(help="Backups in flight.")] = 2,
+    jobs: Annotated[str | None, typer.Option(
+        help="Only these jobs: a comma-separated subset of backups,retention,prune,"
+        "audit_purge (default: all).", show_default=False)] = None,
+) -> None:
+    """Run due backups, retention (deletions and purges), backup pruning and the audit
+    purge on the intervals of the config's scheduler table, each once at start.
+    Several instances may run: one leads (a catalog advisory lock), the others wait
+    as standbys and take over when it dies. JSON log lines on stdout; SIGTERM stops
+    it cleanly (exit 0)."""
+    from orchestrator import scheduler as sch
+    from orchestrator.errors import InvalidInput
+
+    if standby_poll <= 0 or standby_poll > 60:
+        raise InvalidInput("--standby-poll must be between 0 and 60 seconds")
+    if interval_seconds is not None and interval_seconds <= 0:
+        raise InvalidInput("--interval-seconds must be positive")
+    if backup_concurrency < 1:
+        raise InvalidInput("--backup-concurrency must be at least 1")
+    if metrics_port is not None and not 0 <= metrics_port <= 65535:
+        raise InvalidInput("--metrics-port must be between 0 and 65535")
+    selected = sch.parse_jobs(jobs)
+
+    fleet = open_fleet()
+    server = None
+    try:
+        options = sch.SchedulerOptions(
+            intervals=sch.job_intervals(fleet.cfg.scheduler, interval_seconds, selected),
+            standby_poll=standby_poll, heartbeat=min(2.0, standby_poll),
+            backup_concurrency=backup_concurrency)
+        log = sch.JsonLog(instance=sch.instance_name())
+        metrics = sch.Metrics(selected)
+        if metrics_port is not None:
+            server = sch.MetricsServer(metrics_host, metrics_port,
+                                       lambda: sch.render_metrics(metrics.snapshot()))
+        daemon = sch.SchedulerDaemon(fleet, options, log, metrics, server)
+        daemon.install_signal_handlers()
+        daemon.run()
+    finally:
+        if server is not None:
+            server.stop()
+        fleet.close()

@@ -1,0 +1,63 @@
+"""Reading the audit log, and keeping secrets out of it."""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import select
+
+from orchestrator import clock
+from orchestrator.models import AuditEvent
+
+if TYPE_CHECKING:
+    from orchestrator.api import Fleet
+
+_SECRET_KEY = re.compile(r"password|passwd|secret|identity|private|token|credential",
+                         re.IGNORECASE)
+_DSN_PASSWORD = re.compile(r"(://[^:/@\s]+:)[^@\s]+@|(password=)\S+", re.IGNORECASE)
+_RELATIVE = re.compile(r"^(\d+)([dhm])$")
+
+
+def redact(detail: dict[str, Any]) -> dict[str, Any]:
+    """Audit parameters with anything secret-looking replaced: values under a
+    secret-sounding key, and passwords inside connection strings."""
+    out: dict[str, Any] = {}
+    for key, value in detail.items():
+        if _SECRET_KEY.search(key):
+            out[key] = "[redacted]"
+        elif isinstance(value, dict):
+            out[key] = redact(value)
+        elif isinstance(value, str):
+            out[key] = _DSN_PASSWORD.sub(
+                lambda m: f"{m.group(1)}[redacted]@" if m.group(1) else
+                f"{m.group(2)}[redacted]", value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_since(text: str) -> Any:
+    m = _RELATIVE.match(text.strip())
+    if m:
+        n, unit = int(m.group(1)), m.group(2)
+        delta = {"d": timedelta(days=n), "h": timedelta(hours=n), "m": timedelta(minutes=n)}
+        return clock.utcnow() - delta[unit]
+    return clock.parse_instant(text, "--since")
+
+
+def events(fleet: Fleet, *, tenant: str | None = None, since: str | None = None,
+           action: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
+    q = select(AuditEvent).order_by(AuditEvent.at.desc(), AuditEvent.id.desc()).limit(limit)
+    if tenant:
+        q = q.where(AuditEvent.tenant == tenant)
+    if since:
+        q = q.where(AuditEvent.at >= parse_since(since))
+    if action:
+        q = q.where(AuditEvent.action.startswith(action, autoescape=True))
+    with fleet.catalog.session() as s:
+        rows = list(s.scalars(q))
+    return [{"id": e.id, "at": e.at.isoformat(), "actor": e.actor, "action": e.action,
+             "tenant": e.tenant, "region": e.region, "outcome": e.outcome,
+             "detail": e.detail} for e in rows]

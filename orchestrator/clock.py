@@ -1,0 +1,42 @@
+"""The one place that says what time it is. Tests (and an operator rehearsing a
+plan) may inject a time with `--now`, but a time in the future only plans: it
+acts only when the environment explicitly allows it, so nobody deletes or
+purges early by accident."""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime, timedelta
+
+from orchestrator.errors import InvalidInput
+
+ALLOW_ENV = "TENANTCTL_ALLOW_CLOCK_OVERRIDE"
+# clocks of two hosts differ a little; a minute ahead is not "the future"
+SKEW = timedelta(minutes=1)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def parse_instant(text: str, what: str = "--now") -> datetime:
+    """ISO-8601; a time without a zone is taken as UTC."""
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise InvalidInput(f"{what} {text!r} is not an ISO-8601 time "
+                           "(e.g. 2026-12-24T08:00:00Z)") from None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def effective_now(override: str | None, *, acting: bool) -> datetime:
+    """The time to plan and act at. A future override is refused when the caller
+    is about to act, unless $TENANTCTL_ALLOW_CLOCK_OVERRIDE=1."""
+    real = utcnow()
+    if override is None:
+        return real
+    now = parse_instant(override)
+    if acting and now > real + SKEW and os.environ.get(ALLOW_ENV) != "1":
+        raise InvalidInput(f"--now {now.isoformat()} is in the future: it may only plan "
+                           f"(--dry-run); set {ALLOW_ENV}=1 to act at it (tests only)")
+    return now

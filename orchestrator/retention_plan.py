@@ -1,0 +1,81 @@
+"""What retention must do now: a pure function of catalog facts and the time.
+
+    plan(due_tenants, prune_verdicts, expired_audit_rows, now) -> [Action, ...]
+
+The facts handed in are only the rows that may be due (the catalog query
+reads them through partial indexes), so planning costs what is due, not the
+size of the fleet. The rules below are the promises of the privacy policy:
+a database is deleted once its hold has ended, never before; the backups of
+a deleted tenant are purged once purge_after has passed, never before; a
+legal hold blocks both, whatever the dates say.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from backups.policy import Verdict
+
+DELETE, PURGE, PRUNE, AUDIT, BLOCKED = "delete", "purge", "prune", "audit_purge", "blocked"
+ORDER = {DELETE: 0, PURGE: 1, PRUNE: 2, AUDIT: 3, BLOCKED: 4}
+
+
+@dataclass(frozen=True)
+class TenantFact:
+    slug: str
+    state: str
+    hold_until: datetime | None
+    purge_after: datetime | None
+    legal_hold: bool
+    legal_hold_reason: str | None
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: str
+    tenant: str | None
+    due_at: datetime | None
+    detail: str
+    backup_id: int | None = None
+    count: int = 0
+
+    def describe(self) -> str:
+        who = f" {self.tenant}" if self.tenant else ""
+        return f"{self.kind}{who}: {self.detail}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"action": self.kind, "tenant": self.tenant, "detail": self.detail,
+                "due_at": self.due_at.isoformat() if self.due_at else None,
+                "backup_id": self.backup_id, "count": self.count or None}
+
+
+def tenant_action(t: TenantFact, now: datetime) -> Action | None:
+    """The timed transition due for one tenant, if any (a blocked one when a legal
+    hold stops it)."""
+    if t.state == "cancelled" and t.hold_until is not None and t.hold_until <= now:
+        kind, due, what = DELETE, t.hold_until, "hold ended: final backup, drop database and role"
+    elif t.state == "deleted" and t.purge_after is not None and t.purge_after <= now:
+        kind, due, what = PURGE, t.purge_after, "purge due: delete every backup, destroy key"
+    else:
+        return None
+    if t.legal_hold:
+        return Action(BLOCKED, t.slug, due,
+                      f"{kind} blocked by legal hold: {t.legal_hold_reason or 'no reason given'}")
+    return Action(kind, t.slug, due, what)
+
+
+def plan(tenants: Iterable[TenantFact], verdicts: Iterable[Verdict], expired_audit: int,
+         audit_cutoff: datetime, now: datetime) -> list[Action]:
+    actions = [a for t in tenants if (a := tenant_action(t, now)) is not None]
+    actions += [Action(PRUNE, v.tenant, None, f"backup {v.backup_id}: {v.reason}",
+                       backup_id=v.backup_id) for v in verdicts if not v.keep]
+    if expired_audit:
+        actions.append(Action(AUDIT, None, audit_cutoff,
+                              f"{expired_audit} audit records older than "
+                              f"{audit_cutoff.date().isoformat()}", count=expired_audit))
+    # deletions first (they are the promise with a date), oldest due first
+    return sorted(actions, key=lambda a: (ORDER[a.kind], a.due_at or now, a.tenant or "",
+                                          a.backup_id or 0))

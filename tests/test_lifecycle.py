@@ -1,0 +1,295 @@
+"""The privacy-policy promises, on a real fleet with an injected clock: 30 days to
+export after cancellation, then deleted; backups purged within 90 days of
+deletion; never a day early; a legal hold stops both; a crash anywhere is
+finished by the next run; two runs at once act once."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import uuid
+import zipfile
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from sqlalchemy import func, select
+
+from backups import pipeline
+from backups.stores import open_store
+from orchestrator.models import AuditEvent, Backup, TenantKey
+from tests.conftest import TENANTCTL, OwnCatalog, PgFleet, connect_as, run_cli, server_objects
+
+ACT = {"TENANTCTL_ALLOW_CLOCK_OVERRIDE": "1"}
+
+
+def cli(test_fleet: PgFleet, own: OwnCatalog, *args: str, env: dict[str, str] | None = None
+        ) -> subprocess.CompletedProcess[str]:
+    return run_cli(test_fleet, *args, config=own.config_path, env=env)
+
+
+def cli_json(test_fleet: PgFleet, own: OwnCatalog, *args: str,
+             env: dict[str, str] | None = None) -> Any:
+    proc = cli(test_fleet, own, *args, "--json", env=env)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def retention(test_fleet: PgFleet, own: OwnCatalog, at: datetime, *extra: str) -> Any:
+    return cli_json(test_fleet, own, "retention", "run", "--now", at.isoformat(), *extra,
+                    env=ACT)
+
+
+def show(test_fleet: PgFleet, own: OwnCatalog, slug: str) -> Any:
+    return cli_json(test_fleet, own, "tenant", "show", slug)
+
+
+def mine(report: Any, slug: str) -> list[str]:
+    return [a["action"] for a in report["plan"] if a["tenant"] == slug]
+
+
+def _make(own: OwnCatalog, slug: str) -> str:
+    own.fleet.provision(slug, "ap-south")
+    dsn = own.fleet.credentials(slug)
+    with connect_as(dsn, autocommit=True) as conn:
+        conn.execute("INSERT INTO customers (email, name) VALUES ('ana@example.com', 'Ana "
+                     "Émilie, \"quoted\"')")
+    return dsn
+
+
+def _objects(own: OwnCatalog, slug: str) -> list[str]:
+    store = open_store(own.fleet.cfg.region("ap-south").backup_store)
+    return [o.key for o in store.objects(f"tenants/{slug}/")]
+
+
+def test_whole_timeline(test_fleet: PgFleet, own_catalog: OwnCatalog, slug: str,
+                        tmp_path: Path) -> None:
+    own = own_catalog
+    dsn = _make(own, slug)
+
+    cancelled = cli_json(test_fleet, own, "tenant", "cancel", slug, "--yes")
+    assert cancelled["state"] == "cancelled" and cancelled["backup_id"]
+    with connect_as(dsn, autocommit=True) as conn:  # reads work, writes fail
+        assert conn.execute("SELECT count(*) FROM customers").fetchone() == (1,)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("INSERT INTO customers (email, name) VALUES ('b@x.io', 'B')")
+    out = tmp_path / "export.zip"
+    exported = cli_json(test_fleet, own, "tenant", "export", slug, "--format", "csv",
+                        "--output", str(out))
+    with zipfile.ZipFile(out) as zf:
+        text = zf.read("customers.csv").decode("utf-8")
+        assert "email" in text.splitlines()[0] and "Ana Émilie" in text
+        assert "alembic_version.csv" not in zf.namelist()
+    assert exported["tables"] >= 10
+    sql_out = tmp_path / "export.sql"
+    cli_json(test_fleet, own, "tenant", "export", slug, "--format", "sql", "--output",
+             str(sql_out))
+    assert "CREATE TABLE public.customers" in sql_out.read_text()
+
+    t0 = datetime.fromisoformat(show(test_fleet, own, slug)["cancelled_at"])
+    assert mine(retention(test_fleet, own, t0 + timedelta(days=29)), slug) == []
+    assert show(test_fleet, own, slug)["state"] == "cancelled"
+
+    assert cli_json(test_fleet, own, "tenant", "reactivate", slug)["state"] == "active"
+    with connect_as(dsn, autocommit=True) as conn:
+        conn.execute("INSERT INTO customers (email, name) VALUES ('c@x.io', 'C')")
+    cli_json(test_fleet, own, "tenant", "cancel", slug, "--yes")
+    t1 = datetime.fromisoformat(show(test_fleet, own, slug)["cancelled_at"])
+    assert show(test_fleet, own, slug)["hold_until"] == (t1 + timedelta(days=30)).isoformat()
+
+    # day 31, under legal hold: blocked, shown with its reason
+    cli_json(test_fleet, own, "tenant", "legal-hold", slug, "--on", "--reason", "case 42")
+    blocked = retention(test_fleet, own, t1 + timedelta(days=31))
+    assert [(a["action"], "case 42" in a["detail"]) for a in blocked["plan"]
+            if a["tenant"] == slug] == [("blocked", True)]
+    assert f"tenant_{slug}" in server_objects(test_fleet, "ap-south-1")[0]
+    cli_json(test_fleet, own, "tenant", "legal-hold", slug, "--off", "--reason", "closed")
+
+    # day 31: database and role gone, a verified final backup exists
+    day31 = t1 + timedelta(days=31)
+    done = retention(test_fleet, own, day31)
+    assert mine(done, slug) == ["delete"] and done["failed"] == 0
+    dbs, roles = server_objects(test_fleet, "ap-south-1")
+    assert f"tenant_{slug}" not in dbs and f"tenant_{slug}" not in roles \
+        and f"owner_{slug}" not in roles
+    shown = show(test_fleet, own, slug)
+    assert shown["state"] == "deleted"
+    assert shown["purge_after"] == (day31 + timedelta(days=90)).isoformat()
+    final = pipeline.get_backup(own.fleet, own.fleet.get_tenant(slug).final_backup_id or 0)
+    assert final.status == "completed" and final.verified_at is not None
+    with pytest.raises(psycopg.OperationalError):
+        connect_as(dsn).close()
+    objects = _objects(own, slug)
+    assert len(objects) >= 6  # three backups (two cancels, final), each with its manifest
+
+    # day 89 after deletion: every backup still there
+    assert mine(retention(test_fleet, own, day31 + timedelta(days=89)), slug) == []
+    assert _objects(own, slug) == objects
+    # legal hold blocks the purge as well
+    cli_json(test_fleet, own, "tenant", "legal-hold", slug, "--on", "--reason", "audit")
+    assert mine(retention(test_fleet, own, day31 + timedelta(days=91)), slug) == ["blocked"]
+    assert _objects(own, slug) == objects
+    cli_json(test_fleet, own, "tenant", "legal-hold", slug, "--off", "--reason", "done")
+
+    # day 91: every object gone, key destroyed, tombstone only
+    assert mine(retention(test_fleet, own, day31 + timedelta(days=91)), slug) == ["purge"]
+    assert _objects(own, slug) == []
+    shown = show(test_fleet, own, slug)
+    assert shown["state"] == "purged"
+    with own.fleet.catalog.session() as s:
+        key = s.get(TenantKey, own.fleet.get_tenant(slug).id)
+    assert key is not None and key.identity_wrapped is None and key.destroyed_at is not None
+    assert own.fleet.get_tenant(slug).credential is None
+    restore = cli(test_fleet, own, "backup", "restore", str(final.id), "--as", f"{slug}_r")
+    assert restore.returncode != 0 and "not restorable" in restore.stderr
+    assert "Traceback" not in restore.stderr and len(restore.stderr.strip().splitlines()) == 1
+    verify = cli(test_fleet, own, "backup", "verify", str(cancelled["backup_id"]))
+    assert verify.returncode != 0 and "not restorable" in verify.stderr
+    # each step is in the audit log, with who did it
+    actions = [e["action"] for e in cli_json(test_fleet, own, "audit", "list", "--tenant",
+                                              slug)]
+    for expected in ("tenant.cancel", "tenant.reactivate", "tenant.legal_hold.on",
+                     "tenant.export", "tenant.delete", "tenant.purge"):
+        assert expected in actions
+
+
+def test_reactivate_after_hold_and_bad_transitions(test_fleet: PgFleet,
+                                                   own_catalog: OwnCatalog, slug: str) -> None:
+    from sqlalchemy import update
+
+    from orchestrator.models import Tenant
+
+    own = own_catalog
+    _make(own, slug)
+    again = cli(test_fleet, own, "tenant", "reactivate", slug)
+    assert again.returncode == 4 and "is active" in again.stderr
+    assert cli(test_fleet, own, "tenant", "cancel", slug).returncode == 2  # no tty, no --yes
+    assert show(test_fleet, own, slug)["state"] == "active"
+    cli_json(test_fleet, own, "tenant", "cancel", slug, "--yes")
+    with own.fleet.catalog.session() as s, s.begin():  # the hold is over
+        s.execute(update(Tenant).where(Tenant.slug == slug)
+                  .values(hold_until=func.now() - timedelta(minutes=1)))
+    late = cli(test_fleet, own, "tenant", "reactivate", slug)
+    assert late.returncode == 4 and "can no longer be reactivated" in late.stderr
+    assert show(test_fleet, own, slug)["state"] == "cancelled"
+    status = cli(test_fleet, own, "retention", "status", "--json",
+                 "--now", (datetime.now().astimezone() + timedelta(hours=2)).isoformat())
+    assert status.returncode == 11  # overdue: monitoring alerts
+    assert json.loads(status.stdout)["overdue"]["deletions"][0]["tenant"] == slug
+
+
+def test_suspend_blocks_connections_and_resume(test_fleet: PgFleet, own_catalog: OwnCatalog,
+                                               slug: str) -> None:
+    own = own_catalog
+    dsn = _make(own, slug)
+    session = connect_as(dsn, autocommit=True)
+    try:
+        assert cli_json(test_fleet, own, "tenant", "suspend", slug)["state"] == "suspended"
+        with pytest.raises(psycopg.OperationalError):  # the open session was ended
+            session.execute("SELECT 1")
+    finally:
+        session.close()
+    with pytest.raises(psycopg.OperationalError):
+        connect_as(dsn).close()
+    assert show(test_fleet, own, slug)["state"] == "suspended"
+    assert cli_json(test_fleet, own, "tenant", "resume", slug)["state"] == "active"
+    with connect_as(dsn, autocommit=True) as conn:
+        conn.execute("INSERT INTO customers (email, name) VALUES ('d@x.io', 'D')")
+
+
+def test_future_now_only_plans(test_fleet: PgFleet, own_catalog: OwnCatalog) -> None:
+    future = (datetime.now().astimezone() + timedelta(days=40)).isoformat()
+    refused = cli(test_fleet, own_catalog, "retention", "run", "--now", future)
+    assert refused.returncode == 2 and "in the future" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    planned = cli(test_fleet, own_catalog, "retention", "run", "--now", future, "--dry-run",
+                  "--json")
+    assert planned.returncode == 0, planned.stderr
+    bad = cli(test_fleet, own_catalog, "retention", "run", "--now", "next tuesday")
+    assert bad.returncode == 2 and "ISO-8601" in bad.stderr
+
+
+DELETE_STEPS = ["retention.final_backup", "retention.dropped_database",
+                "retention.dropped_roles"]
+PURGE_STEPS = ["retention.backups_deleted", "retention.key_destroyed"]
+
+
+@pytest.mark.parametrize("step", DELETE_STEPS + PURGE_STEPS)
+def test_crash_between_steps_converges(test_fleet: PgFleet, own_catalog: OwnCatalog,
+                                       slug: str, step: str) -> None:
+    own = own_catalog
+    _make(own, slug)
+    cli_json(test_fleet, own, "tenant", "cancel", slug, "--yes")
+    hold_until = datetime.fromisoformat(show(test_fleet, own, slug)["hold_until"])
+    day31 = hold_until + timedelta(days=1)
+    at = day31
+    if step in PURGE_STEPS:
+        retention(test_fleet, own, day31, "--only", "delete")
+        at = day31 + timedelta(days=91)
+    crashed = cli(test_fleet, own, "retention", "run", "--now", at.isoformat(),
+                  env={**ACT, "TENANTCTL_FAULT": step})
+    assert crashed.returncode == -9
+    finished = retention(test_fleet, own, at)
+    assert finished["failed"] == 0
+    if step in DELETE_STEPS:
+        assert show(test_fleet, own, slug)["state"] == "deleted"
+        dbs, roles = server_objects(test_fleet, "ap-south-1")
+        assert f"tenant_{slug}" not in dbs and f"owner_{slug}" not in roles
+        final = own.fleet.get_tenant(slug).final_backup_id
+        assert final is not None and pipeline.get_backup(own.fleet, final).verified_at
+        # one final backup, even though the first run died after taking it
+        with own.fleet.catalog.session() as s:
+            finals = s.scalar(select(func.count()).select_from(Backup).where(
+                Backup.slug == slug, Backup.kind == "final"))
+        assert finals == 1
+    else:
+        assert show(test_fleet, own, slug)["state"] == "purged"
+        assert _objects(own, slug) == []
+        with own.fleet.catalog.session() as s:
+            key = s.get(TenantKey, own.fleet.get_tenant(slug).id)
+        assert key is not None and key.identity_wrapped is None
+
+
+def test_two_concurrent_runs_act_once(test_fleet: PgFleet, own_catalog: OwnCatalog) -> None:
+    own = own_catalog
+    slugs = [f"cc{uuid.uuid4().hex[:8]}" for _ in range(2)]
+    for s in slugs:
+        _make(own, s)
+        cli_json(test_fleet, own, "tenant", "cancel", s, "--yes")
+    at = datetime.fromisoformat(show(test_fleet, own, slugs[0])["hold_until"]) \
+        + timedelta(days=1)
+    argv = [*TENANTCTL, "--config", str(own.config_path), "retention", "run", "--now",
+            at.isoformat(), "--json"]
+    import os
+
+    env = {**os.environ, **ACT}
+    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env) for _ in range(2)]
+    outs = [p.communicate(timeout=180) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1] for o in outs]
+    with own.fleet.catalog.session() as s:
+        for slug in slugs:
+            n = s.scalar(select(func.count()).select_from(AuditEvent).where(
+                AuditEvent.tenant == slug, AuditEvent.action == "tenant.delete"))
+            assert n == 1
+            assert own.fleet.get_tenant(slug).state == "deleted"
+
+
+def test_audit_redacts_secrets_and_records_actor(test_fleet: PgFleet,
+                                                 own_catalog: OwnCatalog, slug: str) -> None:
+    from orchestrator.audit import redact
+
+    assert redact({"password": "hunter2", "dsn": "postgresql://u:hunter2@h/db",
+                   "conninfo": "host=h password=hunter2 dbname=x", "n": 3}) == {
+        "password": "[redacted]", "dsn": "postgresql://u:[redacted]@h/db",
+        "conninfo": "host=h password=[redacted] dbname=x", "n": 3}
+    own = own_catalog
+    _make(own, slug)
+    proc = cli(test_fleet, own, "--actor", "ops-jane", "tenant", "suspend", slug)
+    assert proc.returncode == 0, proc.stderr
+    events = cli_json(test_fleet, own, "audit", "list", "--tenant", slug, "--since", "1h")
+    assert events[0]["action"] == "tenant.suspend" and events[0]["actor"] == "ops-jane"
+    rows = cli_json(test_fleet, own, "audit", "list", "--since", "1d")
+    assert any(r["action"] == "tenant.provision.start" and r["tenant"] == slug for r in rows)
