@@ -478,10 +478,13 @@ def due_tenants(fleet: Fleet, now: datetime | None = None) -> list[str]:
 
 def prune_facts(fleet: Fleet, now: datetime, policy: Any) -> list[Any]:
     """The completed backups the policy could prune: those of live tenants (not
-    cancelled: a hold keeps every backup until the purge; not under legal hold) older than keep_days, plus each such tenant's newest
-    backup, which decides the floor. Backups inside keep_days are kept whatever
+    cancelled: a hold keeps every backup until the purge; not under legal hold)
+    older than keep_days, plus each such tenant's newest backup, which decides
+    the floor. Backups inside keep_days are kept whatever
     happens and are not read, so the cost follows the old backups, not the fleet."""
     from datetime import timedelta
+
+    from sqlalchemy import func
 
     from backups.policy import BackupFact
     from orchestrator.models import Tenant
@@ -494,13 +497,51 @@ def prune_facts(fleet: Fleet, now: datetime, policy: Any) -> list[Any]:
                       Tenant.state.in_(PRUNABLE), Tenant.legal_hold.is_(False))
                .subquery())
         rows = list(s.execute(select(old.c.id, old.c.slug, old.c.finished_at)))
-        rows += s.execute(
-            select(Backup.id, Backup.slug, Backup.finished_at)
-            .distinct(Backup.tenant_id)
-            .where(Backup.status == "completed",
-                   Backup.tenant_id.in_(select(old.c.tenant_id)))
-            .order_by(Backup.tenant_id, Backup.finished_at.desc()))
+        ranked = (select(Backup.id, Backup.slug, Backup.finished_at,
+                         func.row_number().over(partition_by=Backup.tenant_id,
+                                                order_by=Backup.finished_at.desc()).label("n"))
+                  .where(Backup.status == "completed",
+                         Backup.tenant_id.in_(select(old.c.tenant_id)))
+                  .subquery())
+        rows += s.execute(select(ranked.c.id, ranked.c.slug, ranked.c.finished_at)
+                          .where(ranked.c.n == 1))
     return [BackupFact(i, slug, at) for i, slug, at in {r[0]: r for r in rows}.values()]
+
+
+_PRUNE_SQL = """
+WITH old AS (  -- past keep_days, with a newer backup (so not the floor)
+    SELECT b.id, b.slug, b.tenant_id, b.finished_at,
+           floor(extract(epoch FROM (%(now)s - b.finished_at)) / 604800)::int AS week
+    FROM backups b JOIN tenants t ON t.id = b.tenant_id
+    WHERE b.status = 'completed' AND b.finished_at < %(cutoff)s
+      AND t.state = ANY(%(states)s) AND NOT t.legal_hold
+      AND EXISTS (SELECT 1 FROM backups n WHERE n.tenant_id = b.tenant_id
+                  AND n.status = 'completed' AND n.finished_at > b.finished_at)
+), ranked AS (
+    SELECT old.*, row_number() OVER (PARTITION BY tenant_id, week
+                                     ORDER BY finished_at DESC) AS nth
+    FROM old
+)
+SELECT id, slug FROM ranked WHERE NOT (week < %(weeks)s AND nth = 1) ORDER BY slug, id
+"""
+
+
+def prune_candidates(fleet: Fleet, now: datetime, policy: Any) -> list[Any]:
+    """The backups ``backups.policy.retention`` would prune, computed in the catalog
+    (same rules; a test holds the two equal) so that planning ships only what
+    is to be pruned, not every old backup of the fleet."""
+    from datetime import timedelta
+
+    from backups.policy import Verdict
+
+    params = {"now": now, "cutoff": now - timedelta(days=policy.keep_days),
+              "states": [str(s) for s in PRUNABLE], "weeks": policy.keep_weeks}
+    with fleet.catalog.engine.connect() as conn:
+        raw = conn.connection.driver_connection
+        assert isinstance(raw, psycopg.Connection)
+        rows = raw.execute(_PRUNE_SQL, params).fetchall()
+        conn.rollback()
+    return [Verdict(i, slug, False, "beyond the retention policy") for i, slug in rows]
 
 
 def delete_backup(fleet: Fleet, backup_id: int, *, reason: str) -> None:

@@ -23,7 +23,7 @@ from psycopg import sql
 from sqlalchemy import delete, func, select, update
 
 from backups import pipeline
-from backups.policy import RetentionPolicy, retention
+from backups.policy import RetentionPolicy
 from backups.stores import open_store
 from orchestrator import pgserver
 from orchestrator.errors import Conflict, TenantctlError, first_line
@@ -84,7 +84,7 @@ def make_plan(fleet: Fleet, now: datetime, jobs: tuple[str, ...] = JOBS) -> list
     verdicts = []
     if "prune" in jobs:
         policy = RetentionPolicy(fleet.cfg.backup_keep_days, fleet.cfg.backup_keep_weeks)
-        verdicts = retention(pipeline.prune_facts(fleet, now, policy), now, policy)
+        verdicts = pipeline.prune_candidates(fleet, now, policy)
     audit_cutoff = now - timedelta(days=lc.audit_days)
     expired = 0
     if "audit" in jobs:

@@ -293,3 +293,46 @@ def test_audit_redacts_secrets_and_records_actor(test_fleet: PgFleet,
     assert events[0]["action"] == "tenant.suspend" and events[0]["actor"] == "ops-jane"
     rows = cli_json(test_fleet, own, "audit", "list", "--since", "1d")
     assert any(r["action"] == "tenant.provision.start" and r["tenant"] == slug for r in rows)
+
+
+def test_prune_in_sql_matches_the_policy(own_catalog: OwnCatalog) -> None:
+    """Retention planning prunes with a query; backups.policy.retention is the rule.
+    Random fleets of backups: both must choose the same backups."""
+    import random
+    from datetime import UTC
+
+    from backups.policy import BackupFact, RetentionPolicy, retention
+
+    rng = random.Random(7)
+    fleet = own_catalog.fleet
+    now = datetime.now(UTC)
+    states = ["active", "active", "suspended", "cancelled"]
+    with psycopg.connect(fleet.cfg.catalog_dsn, autocommit=True) as conn:
+        server = conn.execute("SELECT name FROM servers WHERE region = 'ap-south'").fetchone()
+        assert server is not None
+        for i in range(40):
+            state, hold = rng.choice(states), rng.random() < 0.1
+            row = conn.execute(
+                "INSERT INTO tenants (slug, region, server, database, login_role, owner_role,"
+                " state, legal_hold) VALUES (%s, 'ap-south', %s, 'x', 'x', 'x', %s, %s) "
+                "RETURNING id", (f"syn{i}", server[0], state, hold)).fetchone()
+            assert row is not None
+            for _ in range(rng.randrange(0, 16)):
+                age = timedelta(hours=rng.uniform(0, 60 * 24))
+                conn.execute(
+                    "INSERT INTO backups (tenant_id, slug, region, store_url, object_key, "
+                    "manifest_key, status, started_at, finished_at) VALUES "
+                    "(%s, %s, 'ap-south', 'file:///x', 'o', 'm', %s, %s, %s)",
+                    (row[0], f"syn{i}", rng.choice(["completed"] * 5 + ["failed"]),
+                     now - age, now - age))
+        facts = [BackupFact(*r) for r in conn.execute(
+            "SELECT b.id, b.slug, b.finished_at FROM backups b JOIN tenants t "
+            "ON t.id = b.tenant_id WHERE b.status = 'completed' AND NOT t.legal_hold "
+            "AND t.state IN ('active', 'suspended')")]
+    for policy in (RetentionPolicy(7, 4), RetentionPolicy(3, 2), RetentionPolicy(1, 0)):
+        expected = {v.backup_id for v in retention(facts, now, policy) if not v.keep}
+        got = {v.backup_id for v in pipeline.prune_candidates(fleet, now, policy)}
+        assert got == expected and expected
+        narrowed = {v.backup_id for v in retention(pipeline.prune_facts(fleet, now, policy),
+                                                   now, policy) if not v.keep}
+        assert narrowed == expected
