@@ -285,3 +285,49 @@ def test_retention_never_drops_the_last_backup() -> None:
     old = [BackupFact(1, "acme", NOW - timedelta(days=400))]
     (verdict,) = retention(old, NOW, RetentionPolicy(keep_days=1, keep_weeks=0))
     assert verdict.keep and "floor" in verdict.reason
+
+
+def test_retention_plan_never_early_and_legal_hold_blocks() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from backups.policy import Verdict
+    from orchestrator.retention_plan import TenantFact, plan, tenant_action
+
+    now = datetime(2026, 12, 1, tzinfo=UTC)
+    second = timedelta(seconds=1)
+
+    def fact(state: str, hold: datetime | None = None, purge: datetime | None = None,
+             legal: bool = False) -> TenantFact:
+        return TenantFact("t", state, hold, purge, legal, "case 7" if legal else None)
+
+    assert tenant_action(fact("cancelled", hold=now + second), now) is None  # a second early
+    delete = tenant_action(fact("cancelled", hold=now), now)
+    assert delete is not None and delete.kind == "delete"
+    assert tenant_action(fact("deleted", purge=now + second), now) is None
+    purge = tenant_action(fact("deleted", purge=now - second), now)
+    assert purge is not None and purge.kind == "purge"
+    blocked = tenant_action(fact("deleted", purge=now - second, legal=True), now)
+    assert blocked is not None and blocked.kind == "blocked" and "case 7" in blocked.detail
+    for state in ("active", "suspended", "provisioning", "purged"):
+        assert tenant_action(fact(state, now - second, now - second), now) is None
+    actions = plan([fact("deleted", purge=now - second),
+                    TenantFact("a", "cancelled", now - timedelta(days=2), None, False, None)],
+                   [Verdict(9, "b", False, "old"), Verdict(8, "b", True, "kept")], 3,
+                   now - timedelta(days=365), now)
+    assert [a.kind for a in actions] == ["delete", "purge", "prune", "audit_purge"]
+    assert actions[2].backup_id == 9 and actions[3].count == 3
+
+
+def test_lifecycle_transitions() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from orchestrator.lifecycle import transition_error
+
+    now = datetime(2026, 12, 1, tzinfo=UTC)
+    assert transition_error("cancel", "active", None, now) is None
+    assert transition_error("cancel", "suspended", None, now) is None
+    assert "is deleted" in (transition_error("cancel", "deleted", None, now) or "")
+    assert transition_error("reactivate", "cancelled", now + timedelta(days=1), now) is None
+    assert "no longer" in (transition_error("reactivate", "cancelled", now, now) or "")
+    assert transition_error("suspend", "cancelled", None, now) is not None
+    assert transition_error("resume", "active", None, now) is not None
