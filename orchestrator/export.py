@@ -23,6 +23,7 @@ from psycopg import sql
 
 from orchestrator.catalog import with_dbname
 from orchestrator.errors import Conflict, InvalidInput, TenantctlError
+from orchestrator.lifecycle import audited
 from orchestrator.localfleet import pg_tool
 from orchestrator.models import TenantState
 from orchestrator.pgserver import libpq_env
@@ -38,6 +39,7 @@ class ExportError(TenantctlError):
     exit_code = 10
 
 
+@audited("export")
 def export(fleet: Fleet, slug: str, fmt: str, output: Path, *, force: bool = False
            ) -> dict[str, Any]:
     if fmt not in FORMATS:

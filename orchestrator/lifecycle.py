@@ -10,9 +10,12 @@ finished by running the same command again.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import update
 
@@ -26,6 +29,7 @@ if TYPE_CHECKING:
     from orchestrator.api import Fleet
 
 S = TenantState
+F = TypeVar("F", bound=Callable[..., Any])
 # action → states it may start from
 ALLOWED: dict[str, tuple[str, ...]] = {
     "cancel": (S.active, S.suspended),
@@ -80,6 +84,23 @@ def _set(fleet: Fleet, tenant: Tenant, action: str, audit: dict[str, Any] | None
                             region=tenant.region, **{**detail, **(audit or {})})
 
 
+def audited(action: str) -> Callable[[F], F]:
+    """Refusals are audited too (outcome refused, with the reason): the log shows
+    who tried what, not only what succeeded."""
+    def wrap(fn: F) -> F:
+        @functools.wraps(fn)
+        def inner(fleet: Fleet, slug: str, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(fleet, slug, *args, **kwargs)
+            except TenantctlError as exc:
+                with contextlib.suppress(Exception):  # the catalog may be what failed
+                    fleet.catalog.audit(f"tenant.{action}", tenant=slug, outcome="refused",
+                                        error=first_line(exc))
+                raise
+        return inner  # type: ignore[return-value]
+    return wrap
+
+
 class _TenantLock:
     def __init__(self, fleet: Fleet, slug: str) -> None:
         self.cm = fleet.catalog.advisory_lock(tenant_lock(slug))
@@ -95,6 +116,7 @@ class _TenantLock:
         self.cm.__exit__(None, None, None)
 
 
+@audited("cancel")
 def cancel(fleet: Fleet, slug: str, *, now: datetime | None = None,
            backup: bool = True) -> TransitionResult:
     """Start the hold: writes stop at once (reads and export go on), the database
@@ -123,6 +145,7 @@ def cancel(fleet: Fleet, slug: str, *, now: datetime | None = None,
     return result
 
 
+@audited("reactivate")
 def reactivate(fleet: Fleet, slug: str, *, now: datetime | None = None) -> TransitionResult:
     now = now or clock.utcnow()
     with _TenantLock(fleet, slug):
@@ -137,6 +160,7 @@ def reactivate(fleet: Fleet, slug: str, *, now: datetime | None = None) -> Trans
     return TransitionResult(slug, "reactivate", S.active)
 
 
+@audited("suspend")
 def suspend(fleet: Fleet, slug: str) -> TransitionResult:
     """Block every connection of the tenant's role (e.g. an unpaid invoice); no hold
     starts, nothing is deleted."""
@@ -148,6 +172,7 @@ def suspend(fleet: Fleet, slug: str) -> TransitionResult:
     return TransitionResult(slug, "suspend", S.suspended)
 
 
+@audited("resume")
 def resume(fleet: Fleet, slug: str) -> TransitionResult:
     with _TenantLock(fleet, slug):
         tenant = _locked_tenant(fleet, slug, "resume", clock.utcnow())
@@ -157,6 +182,7 @@ def resume(fleet: Fleet, slug: str) -> TransitionResult:
     return TransitionResult(slug, "resume", S.active)
 
 
+@audited("legal_hold")
 def legal_hold(fleet: Fleet, slug: str, *, on: bool, reason: str) -> dict[str, Any]:
     """A legal hold blocks deletion and purge, whatever the dates say, until lifted."""
     reason = reason.strip()

@@ -174,6 +174,10 @@ def test_reactivate_after_hold_and_bad_transitions(test_fleet: PgFleet,
     late = cli(test_fleet, own, "tenant", "reactivate", slug)
     assert late.returncode == 4 and "can no longer be reactivated" in late.stderr
     assert show(test_fleet, own, slug)["state"] == "cancelled"
+    refused = [e for e in cli_json(test_fleet, own, "audit", "list", "--tenant", slug)
+               if e["action"] == "tenant.reactivate"]
+    assert [e["outcome"] for e in refused] == ["refused", "refused"]
+    assert "no longer be reactivated" in refused[0]["detail"]["error"]
     status = cli(test_fleet, own, "retention", "status", "--json",
                  "--now", (datetime.now().astimezone() + timedelta(hours=2)).isoformat())
     assert status.returncode == 11  # overdue: monitoring alerts
