@@ -126,6 +126,38 @@ def register_tenant_commands(tenant_app: typer.Typer) -> None:  # noqa: C901 - o
         else:
             say(f"tenant {slug}: legal hold {'on' if on else 'off'} ({reason})")
 
+    @tenant_app.command("erase")
+    def erase(
+        slug: str,
+        reason: Annotated[str, typer.Option(help="The request being honoured (audited).")]
+        = "",
+        yes: Annotated[bool, typer.Option("--yes", help="Do not ask.")] = False,
+        as_json: JsonOpt = False,
+    ) -> None:
+        """Erasure on request: no hold. Destroys the tenant's key at once (every backup
+        copy becomes unreadable), drops its database and role, deletes its backups."""
+        from orchestrator import clock, retention
+        from orchestrator.errors import InvalidInput
+
+        if not reason.strip():
+            raise InvalidInput("--reason is required (it is audited)")
+        if not yes:
+            _confirm(f"Erase tenant {slug!r} now, with every backup? This cannot be undone.",
+                     False)
+            typed = typer.prompt("Type the tenant's slug to confirm")
+            if typed != slug:
+                raise InvalidInput("the slug typed does not match: nothing erased")
+        fleet = open_fleet()
+        try:
+            res = retention.erase_tenant(fleet, slug, reason, clock.utcnow())
+        finally:
+            fleet.close()
+        if as_json:
+            print_json(res)
+        else:
+            say(f"tenant {slug} erased: key destroyed, database and role dropped, "
+                f"{res['objects_deleted']} backup objects deleted")
+
     @tenant_app.command("export")
     def export(
         slug: str,

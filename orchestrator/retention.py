@@ -26,7 +26,7 @@ from backups import pipeline
 from backups.policy import RetentionPolicy
 from backups.stores import open_store
 from orchestrator import pgserver
-from orchestrator.errors import Conflict, TenantctlError, first_line
+from orchestrator.errors import Conflict, InvalidInput, TenantctlError, first_line
 from orchestrator.faults import checkpoint
 from orchestrator.models import (
     AuditEvent,
@@ -205,19 +205,7 @@ def delete_tenant(fleet: Fleet, slug: str, now: datetime) -> tuple[str, str]:
             return "blocked", f"legal hold: {tenant.legal_hold_reason}"
         backup_id = _verified_final_backup(fleet, tenant)
         checkpoint("retention.final_backup")
-        names = tenant_names(slug)
-        marker = pgserver.role_marker(tenant.id, slug)
-        with fleet.server_connection(tenant.server) as conn:
-            # only a database that is ours (owned by the tenant's owner role)
-            if pgserver.database_owner(conn, names.database) == names.owner_role:
-                pgserver.set_login(conn, names.login_role, False)
-                conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(
-                    sql.Identifier(names.database)))
-            checkpoint("retention.dropped_database")
-            for role in (names.login_role, names.owner_role):
-                if pgserver.role_exists(conn, role) and \
-                        pgserver.role_comment(conn, role) == marker:
-                    conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+        _drop_database_and_roles(fleet, tenant, "retention")
         checkpoint("retention.dropped_roles")
         purge_after = now + timedelta(days=fleet.cfg.lifecycle.purge_days)
         with fleet.catalog.session() as s, s.begin():
@@ -229,6 +217,69 @@ def delete_tenant(fleet: Fleet, slug: str, now: datetime) -> tuple[str, str]:
                                 final_backup=backup_id, purge_after=purge_after.isoformat())
     return "done", f"database and role dropped; final backup {backup_id}; " \
                    f"purge after {purge_after.date().isoformat()}"
+
+
+def _drop_database_and_roles(fleet: Fleet, tenant: Tenant, step: str) -> None:
+    """End the role's sessions, drop the database (only if it is ours: owned by the
+    tenant's owner role) and the roles (only if they carry our marker)."""
+    names = tenant_names(tenant.slug)  # from the slug, not from a catalog column
+    marker = pgserver.role_marker(tenant.id, tenant.slug)
+    with fleet.server_connection(tenant.server) as conn:
+        if pgserver.database_owner(conn, names.database) == names.owner_role:
+            if pgserver.role_exists(conn, names.login_role):
+                pgserver.set_login(conn, names.login_role, False)
+            conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(
+                sql.Identifier(names.database)))
+        checkpoint(f"{step}.dropped_database")
+        for role in (names.login_role, names.owner_role):
+            if pgserver.role_exists(conn, role) and \
+                    pgserver.role_comment(conn, role) == marker:
+                conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+ERASABLE = (TenantState.active, TenantState.suspended, TenantState.cancelled,
+            TenantState.deleted)
+
+
+def erase_tenant(fleet: Fleet, slug: str, reason: str, now: datetime) -> dict[str, Any]:
+    """Erasure on request: no hold. The key is destroyed first, so from that moment
+    every backup copy anywhere is unreadable; then sessions, database and roles
+    go, then the objects. A crash anywhere: running erase again (or retention,
+    which sees a deleted tenant whose purge is due now) finishes it."""
+    reason = reason.strip()
+    if not reason:
+        raise InvalidInput("--reason is required (it is audited)")
+    with _Held(fleet, slug):
+        tenant = fleet.get_tenant(slug)
+        if tenant.state == TenantState.purged:
+            raise Conflict(f"tenant {slug!r} is already purged")
+        if tenant.state not in ERASABLE:
+            raise Conflict(f"tenant {slug!r} is {tenant.state}: finish or abandon its "
+                           "provisioning first")
+        if tenant.legal_hold:
+            raise Conflict(f"tenant {slug!r} is under legal hold "
+                           f"({tenant.legal_hold_reason}): erasure refused")
+        with fleet.catalog.session() as s, s.begin():
+            s.execute(update(TenantKey).where(TenantKey.tenant_id == tenant.id).values(
+                identity_wrapped=None, master_key_id=None, destroyed_at=now))
+            s.execute(delete(TenantCredential).where(TenantCredential.tenant_id == tenant.id))
+            fleet.catalog.audit("tenant.erase.key_destroyed", session=s, tenant=slug,
+                                region=tenant.region, reason=reason)
+        checkpoint("erase.key_destroyed")
+        _drop_database_and_roles(fleet, tenant, "erase")
+        with fleet.catalog.session() as s, s.begin():
+            s.execute(update(Tenant).where(Tenant.id == tenant.id).values(
+                state=TenantState.deleted, deleted_at=tenant.deleted_at or now,
+                purge_after=now))
+        checkpoint("erase.dropped")
+        removed = _delete_all_backups(fleet, tenant)
+        with fleet.catalog.session() as s, s.begin():
+            s.execute(update(Tenant).where(Tenant.id == tenant.id).values(
+                state=TenantState.purged, purged_at=now))
+            fleet.catalog.audit("tenant.erase", session=s, tenant=slug, region=tenant.region,
+                                reason=reason, objects_deleted=removed)
+    return {"tenant": slug, "state": TenantState.purged.value, "objects_deleted": removed,
+            "reason": reason}
 
 
 def _verified_final_backup(fleet: Fleet, tenant: Tenant) -> int:

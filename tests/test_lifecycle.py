@@ -340,3 +340,33 @@ def test_prune_in_sql_matches_the_policy(own_catalog: OwnCatalog) -> None:
         narrowed = {v.backup_id for v in retention(pipeline.prune_facts(fleet, now, policy),
                                                    now, policy) if not v.keep}
         assert narrowed == expected
+
+
+def test_erase_on_request(test_fleet: PgFleet, own_catalog: OwnCatalog, slug: str) -> None:
+    own = own_catalog
+    _make(own, slug)
+    backup_id = pipeline.run_backup(own.fleet, slug).id
+    assert _objects(own, slug)
+    cli_json(test_fleet, own, "tenant", "legal-hold", slug, "--on", "--reason", "subpoena")
+    refused = cli(test_fleet, own, "tenant", "erase", slug, "--reason", "GDPR art. 17", "--yes")
+    assert refused.returncode == 4 and "legal hold" in refused.stderr
+    assert f"tenant_{slug}" in server_objects(test_fleet, "ap-south-1")[0]
+    cli_json(test_fleet, own, "tenant", "legal-hold", slug, "--off", "--reason", "lifted")
+    assert cli(test_fleet, own, "tenant", "erase", slug, "--yes").returncode == 2  # no reason
+    crashed = cli(test_fleet, own, "tenant", "erase", slug, "--reason", "GDPR art. 17",
+                  "--yes", env={"TENANTCTL_FAULT": "erase.key_destroyed"})
+    assert crashed.returncode == -9
+    # from the moment the key is gone, no backup can be read, even before the rest
+    unreadable = cli(test_fleet, own, "backup", "verify", str(backup_id))
+    assert unreadable.returncode == 7 and "was destroyed" in unreadable.stderr
+    done = cli_json(test_fleet, own, "tenant", "erase", slug, "--reason", "GDPR art. 17",
+                    "--yes")
+    assert done["state"] == "purged"
+    assert _objects(own, slug) == []
+    dbs, roles = server_objects(test_fleet, "ap-south-1")
+    assert f"tenant_{slug}" not in dbs and f"owner_{slug}" not in roles
+    restore = cli(test_fleet, own, "backup", "restore", str(backup_id), "--as", f"{slug}_r")
+    assert restore.returncode != 0 and "Traceback" not in restore.stderr
+    events = cli_json(test_fleet, own, "audit", "list", "--tenant", slug, "--action",
+                      "tenant.erase")
+    assert any(e["detail"].get("reason") == "GDPR art. 17" for e in events)
