@@ -366,7 +366,7 @@ def verify_backup(fleet: Fleet, backup_id: int) -> dict[str, Any]:
 
 
 def run_many(fleet: Fleet, slugs: list[str], concurrency: int,
-             on_done: Any = None) -> list[BackupResult]:
+             on_done: Any = None, kind: str = "manual") -> list[BackupResult]:
     """Back up many tenants; one tenant's failure never stops the others."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -375,7 +375,7 @@ def run_many(fleet: Fleet, slugs: list[str], concurrency: int,
 
     def one(slug: str) -> None:
         try:
-            r = run_backup(fleet, slug)
+            r = run_backup(fleet, slug, kind=kind)
         except TenantctlError as exc:
             r = BackupResult(0, slug, "failed", None, None, str(exc))
         with lock:

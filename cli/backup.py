@@ -38,7 +38,8 @@ def run(
         else:
             slugs = pipeline.due_tenants(fleet) if due else \
                 [t.slug for t in fleet.tenants() if t.state in pipeline.BACKUPABLE]
-            results = _run_with_progress(fleet, slugs, concurrency, as_json)
+            results = _run_with_progress(fleet, slugs, concurrency, as_json,
+                                         "scheduled" if due else "manual")
     finally:
         fleet.close()
     if as_json:
@@ -51,7 +52,7 @@ def run(
         raise typer.Exit(1)
 
 
-def _run_with_progress(fleet, slugs, concurrency, as_json):  # type: ignore[no-untyped-def]
+def _run_with_progress(fleet, slugs, concurrency, as_json, kind):  # type: ignore[no-untyped-def]
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -59,12 +60,12 @@ def _run_with_progress(fleet, slugs, concurrency, as_json):  # type: ignore[no-u
 
     console = Console(stderr=True)
     if not console.is_terminal or as_json:
-        return pipeline.run_many(fleet, slugs, concurrency)
+        return pipeline.run_many(fleet, slugs, concurrency, kind=kind)
     with Progress(TextColumn("backups"), BarColumn(), TextColumn("{task.completed}/"
                   "{task.total}"), TimeRemainingColumn(), console=console) as progress:
         task = progress.add_task("backups", total=len(slugs))
         return pipeline.run_many(fleet, slugs, concurrency,
-                                 on_done=lambda r: progress.advance(task))
+                                 on_done=lambda r: progress.advance(task), kind=kind)
 
 
 @backup_app.command("list")
