@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
+from cli.access import access_app
 from cli.backup import backup_app
 from cli.common import State, current_config, open_fleet, print_json, say, table
 from cli.keys import keys_app
@@ -42,6 +43,7 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(retention_app, name="retention")
 app.add_typer(audit_app, name="audit")
 app.add_typer(scheduler_app, name="scheduler")
+app.add_typer(access_app, name="access")
 register_tenant_commands(tenant_app)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]

@@ -280,3 +280,31 @@ class Backup(Base):
         Index("ix_backups_tenant_finished", "tenant_id", "finished_at",
               postgresql_where=text("status = 'completed'")),
     )
+
+
+class SupportGrant(Base):
+    """Time-limited access of a named person to one tenant's database, through a
+    temporary login role whose password expires (VALID UNTIL) with the grant."""
+
+    __tablename__ = "support_grants"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(
+        ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    slug: Mapped[str] = mapped_column(String(40))
+    server: Mapped[str] = mapped_column(String(63))
+    role_name: Mapped[str] = mapped_column(String(63))
+    grantee: Mapped[str] = mapped_column(String(200))
+    reason: Mapped[str] = mapped_column(Text)
+    read_only: Mapped[bool] = mapped_column(Boolean, server_default="true")
+    actor: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = _now()
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # the role is gone from the server (revoked, expired, or its tenant deleted)
+    dropped_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        Index("ix_support_grants_live", "expires_at",
+              postgresql_where=text("dropped_at IS NULL")),
+    )

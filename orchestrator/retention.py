@@ -42,9 +42,11 @@ from orchestrator.retention_plan import (
     AUDIT,
     BLOCKED,
     DELETE,
+    EXPIRE_GRANT,
     PRUNE,
     PURGE,
     Action,
+    GrantFact,
     TenantFact,
     plan,
 )
@@ -53,9 +55,9 @@ if TYPE_CHECKING:
     from orchestrator.api import Fleet
 
 LOCK = "retention"
-JOBS = ("delete", "purge", "prune", "audit")
+JOBS = ("delete", "purge", "prune", "audit", "access")
 _JOB_OF = {DELETE: "delete", PURGE: "purge", PRUNE: "prune", AUDIT: "audit",
-           BLOCKED: "delete"}
+           BLOCKED: "delete", EXPIRE_GRANT: "access"}
 OVERDUE_AFTER = timedelta(hours=1)
 
 
@@ -91,7 +93,13 @@ def make_plan(fleet: Fleet, now: datetime, jobs: tuple[str, ...] = JOBS) -> list
         with fleet.catalog.session() as s:
             expired = s.scalar(select(func.count()).select_from(AuditEvent)
                                .where(AuditEvent.at < audit_cutoff)) or 0
-    return [a for a in plan(tenants, verdicts, expired, audit_cutoff, now)
+    grants = []
+    if "access" in jobs:
+        from orchestrator import access
+
+        grants = [GrantFact(g.id, g.slug, g.grantee, g.expires_at)
+                  for g in access.expired(fleet, now)]
+    return [a for a in plan(tenants, verdicts, expired, audit_cutoff, now, grants)
             if _JOB_OF[a.kind] in jobs]
 
 
@@ -167,6 +175,11 @@ def _execute(fleet: Fleet, action: Action, now: datetime) -> StepResult:
             return StepResult(action, "done", f"backup {action.backup_id} pruned")
         if action.kind == AUDIT:
             return StepResult(action, "done", purge_audit(fleet, now))
+        if action.kind == EXPIRE_GRANT:
+            from orchestrator import access
+
+            assert action.grant_id is not None
+            return StepResult(action, "done", access.expire(fleet, action.grant_id))
         raise AssertionError(action.kind)
     except TenantctlError as exc:
         fleet.catalog.audit(f"retention.{action.kind}", tenant=action.tenant,
@@ -235,6 +248,9 @@ def _drop_database_and_roles(fleet: Fleet, tenant: Tenant, step: str) -> None:
             if pgserver.role_exists(conn, role) and \
                     pgserver.role_comment(conn, role) == marker:
                 conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+    from orchestrator import access
+
+    access.drop_tenant_grants(fleet, tenant.id)  # support access never outlives its tenant
 
 
 ERASABLE = (TenantState.active, TenantState.suspended, TenantState.cancelled,

@@ -20,7 +20,8 @@ from typing import Any
 from backups.policy import Verdict
 
 DELETE, PURGE, PRUNE, AUDIT, BLOCKED = "delete", "purge", "prune", "audit_purge", "blocked"
-ORDER = {DELETE: 0, PURGE: 1, PRUNE: 2, AUDIT: 3, BLOCKED: 4}
+EXPIRE_GRANT = "expire_grant"
+ORDER = {EXPIRE_GRANT: -1, DELETE: 0, PURGE: 1, PRUNE: 2, AUDIT: 3, BLOCKED: 4}
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class Action:
     due_at: datetime | None
     detail: str
     backup_id: int | None = None
+    grant_id: int | None = None
     count: int = 0
 
     def describe(self) -> str:
@@ -49,7 +51,8 @@ class Action:
     def to_json(self) -> dict[str, Any]:
         return {"action": self.kind, "tenant": self.tenant, "detail": self.detail,
                 "due_at": self.due_at.isoformat() if self.due_at else None,
-                "backup_id": self.backup_id, "count": self.count or None}
+                "backup_id": self.backup_id, "grant_id": self.grant_id,
+                "count": self.count or None}
 
 
 def tenant_action(t: TenantFact, now: datetime) -> Action | None:
@@ -67,9 +70,22 @@ def tenant_action(t: TenantFact, now: datetime) -> Action | None:
     return Action(kind, t.slug, due, what)
 
 
+@dataclass(frozen=True)
+class GrantFact:
+    id: int
+    tenant: str
+    grantee: str
+    expires_at: datetime
+
+
 def plan(tenants: Iterable[TenantFact], verdicts: Iterable[Verdict], expired_audit: int,
-         audit_cutoff: datetime, now: datetime) -> list[Action]:
-    actions = [a for t in tenants if (a := tenant_action(t, now)) is not None]
+         audit_cutoff: datetime, now: datetime, grants: Iterable[GrantFact] = ()
+         ) -> list[Action]:
+    # support access that outlived its TTL goes first (it is a live door)
+    actions = [Action(EXPIRE_GRANT, g.tenant, g.expires_at,
+                      f"support grant {g.id} of {g.grantee} expired", grant_id=g.id)
+               for g in grants if g.expires_at <= now]
+    actions += [a for t in tenants if (a := tenant_action(t, now)) is not None]
     actions += [Action(PRUNE, v.tenant, None, f"backup {v.backup_id}: {v.reason}",
                        backup_id=v.backup_id) for v in verdicts if not v.keep]
     if expired_audit:
@@ -78,4 +94,4 @@ def plan(tenants: Iterable[TenantFact], verdicts: Iterable[Verdict], expired_aud
                               f"{audit_cutoff.date().isoformat()}", count=expired_audit))
     # deletions first (they are the promise with a date), oldest due first
     return sorted(actions, key=lambda a: (ORDER[a.kind], a.due_at or now, a.tenant or "",
-                                          a.backup_id or 0))
+                                          a.backup_id or a.grant_id or 0))

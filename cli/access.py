@@ -1,0 +1,87 @@
+"""`tenantctl access …`: time-limited support access to one tenant's database."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from cli.common import open_fleet, print_json, say, table
+
+access_app = typer.Typer(no_args_is_help=True,
+                         help="Time-limited, audited support access to a tenant's data.")
+
+
+@access_app.command("grant")
+def grant(
+    slug: str,
+    to: Annotated[str, typer.Option("--to", help="Who gets access (audited).")],
+    ttl: Annotated[str, typer.Option(help="How long: e.g. 30m, 2h, 1d (at most 7d).")],
+    reason: Annotated[str, typer.Option(help="The approval / ticket (audited).")],
+    read_only: Annotated[bool, typer.Option("--read-only/--read-write",
+                                            help="Read-only unless said otherwise.")] = True,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Create a temporary login role for SLUG's database; prints its connection
+    string once (the password expires with the grant and is not stored)."""
+    from orchestrator import access
+
+    delta = access.parse_ttl(ttl)
+    fleet = open_fleet()
+    try:
+        res = access.grant(fleet, slug, to=to, ttl=delta, reason=reason, read_only=read_only)
+    finally:
+        fleet.close()
+    if as_json:
+        print_json(res)
+        return
+    say(f"grant {res['id']}: {res['to']} may {'read' if read_only else 'read and write'} "
+        f"{slug} until {res['expires_at']}")
+    say("connection string (shown once):")
+    sys.stdout.write(res["dsn"] + "\n")
+
+
+@access_app.command("list")
+def list_(
+    all_: Annotated[bool, typer.Option("--all", help="Include ended grants.")] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Support grants (live ones, or all)."""
+    from orchestrator import access
+
+    fleet = open_fleet()
+    try:
+        rows = access.grants(fleet, include_ended=all_)
+    finally:
+        fleet.close()
+    if as_json:
+        print_json(rows)
+        return
+    table(None, ["id", "tenant", "to", "mode", "expires", "status", "reason"],
+          [[r["id"], r["tenant"], r["to"], "read-only" if r["read_only"] else "read-write",
+            r["expires_at"][:19], r["status"], r["reason"]] for r in rows])
+
+
+@access_app.command("revoke")
+def revoke(
+    grant_id: Annotated[int | None, typer.Argument(help="The grant's id.")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Every live grant (breach "
+                                       "response).")] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """End a grant now: sessions ended, role dropped."""
+    from orchestrator import access
+    from orchestrator.errors import InvalidInput
+
+    if (grant_id is None) == (not all_):
+        raise InvalidInput("give a grant id or --all")
+    fleet = open_fleet()
+    try:
+        ended = access.revoke(fleet, None if all_ else grant_id)
+    finally:
+        fleet.close()
+    if as_json:
+        print_json({"revoked": ended})
+    else:
+        say(f"revoked {len(ended)} grant(s)" + (f": {ended}" if ended else ""))

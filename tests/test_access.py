@@ -1,0 +1,127 @@
+"""Time-limited support access: one tenant's data, for a while, audited."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from tests.conftest import OwnCatalog, PgFleet, connect_as, run_cli
+
+
+def cli_json(test_fleet: PgFleet, own: OwnCatalog, *args: str) -> object:
+    proc = run_cli(test_fleet, *args, "--json", config=own.config_path)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def _tenant(own: OwnCatalog, slug: str) -> str:
+    own.fleet.provision(slug, "ap-south")
+    dsn = own.fleet.credentials(slug)
+    with connect_as(dsn, autocommit=True) as conn:
+        conn.execute("INSERT INTO customers (email, name) VALUES ('x@y.z', 'Xavier')")
+    return dsn
+
+
+def test_read_only_grant_sees_one_tenant_then_revoke(test_fleet: PgFleet,
+                                                     own_catalog: OwnCatalog,
+                                                     slug: str) -> None:
+    own = own_catalog
+    _tenant(own, slug)
+    _tenant(own, f"{slug}_other")
+    g = cli_json(test_fleet, own, "access", "grant", slug, "--to", "sam@support",
+                 "--ttl", "2h", "--reason", "ticket 123")
+    assert isinstance(g, dict) and g["read_only"] and g["status"] == "active"
+    session = connect_as(g["dsn"], autocommit=True)
+    try:
+        assert session.execute("SELECT name FROM customers").fetchall() == [("Xavier",)]
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+            session.execute("INSERT INTO customers (email, name) VALUES ('a@b.c', 'A')")
+        session.execute("SET default_transaction_read_only = off")  # no way around it
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            session.execute("INSERT INTO customers (email, name) VALUES ('a@b.c', 'A')")
+        info = conninfo_to_dict(g["dsn"])
+        for db in (f"tenant_{slug}_other", "postgres", "tenantctl_template"):
+            with pytest.raises(psycopg.OperationalError):
+                psycopg.connect(make_conninfo(g["dsn"], dbname=db), connect_timeout=5).close()
+        assert info["user"] == f"tenantctl_support_{g['id']}"
+        listed = cli_json(test_fleet, own, "access", "list")
+        assert isinstance(listed, list) and [r["id"] for r in listed] == [g["id"]]
+        assert "dsn" not in listed[0]
+        assert cli_json(test_fleet, own, "access", "revoke", str(g["id"])) == {
+            "revoked": [g["id"]]}
+        with pytest.raises(psycopg.OperationalError):  # the open session was ended
+            session.execute("SELECT 1")
+    finally:
+        session.close()
+    with pytest.raises(psycopg.OperationalError):
+        connect_as(g["dsn"]).close()
+    with psycopg.connect(test_fleet.admin_dsn("ap-south-1")) as admin:
+        assert admin.execute("SELECT 1 FROM pg_roles WHERE rolname = %s",
+                             (f"tenantctl_support_{g['id']}",)).fetchone() is None
+    again = run_cli(test_fleet, "access", "revoke", str(g["id"]), config=own.config_path)
+    assert again.returncode == 4 and "already ended" in again.stderr
+    events = cli_json(test_fleet, own, "audit", "list", "--action", "access.")
+    assert isinstance(events, list)
+    assert {e["action"] for e in events} >= {"access.grant", "access.revoke"}
+    granted = next(e for e in events if e["action"] == "access.grant")
+    assert granted["detail"]["reason"] == "ticket 123" and granted["detail"]["to"] == \
+        "sam@support"
+    assert conninfo_to_dict(g["dsn"])["password"] not in json.dumps(events)
+
+
+def test_grant_expires_by_itself_and_is_dropped(test_fleet: PgFleet, own_catalog: OwnCatalog,
+                                                slug: str) -> None:
+    own = own_catalog
+    _tenant(own, slug)
+    rw = cli_json(test_fleet, own, "access", "grant", slug, "--to", "dev", "--ttl", "3s",
+                  "--reason", "incident 9", "--read-write")
+    assert isinstance(rw, dict)
+    with connect_as(rw["dsn"], autocommit=True) as conn:
+        conn.execute("INSERT INTO customers (email, name) VALUES ('fix@y.z', 'Fixed')")
+    time.sleep(4)
+    # VALID UNTIL: the password is dead even though nothing ran
+    with pytest.raises(psycopg.OperationalError):
+        connect_as(rw["dsn"]).close()
+    done = run_cli(test_fleet, "retention", "run", "--only", "access", "--json",
+                   config=own.config_path)
+    assert done.returncode == 0, done.stderr
+    assert [a["action"] for a in json.loads(done.stdout)["plan"]] == ["expire_grant"]
+    ended = cli_json(test_fleet, own, "access", "list", "--all")
+    assert isinstance(ended, list) and ended[0]["status"] == "dropped"
+    assert cli_json(test_fleet, own, "access", "list") == []
+
+
+def test_grant_never_outlives_its_tenant(test_fleet: PgFleet, own_catalog: OwnCatalog,
+                                         slug: str) -> None:
+    own = own_catalog
+    _tenant(own, slug)
+    g = cli_json(test_fleet, own, "access", "grant", slug, "--to", "sam", "--ttl", "1d",
+                 "--reason", "migration help")
+    assert isinstance(g, dict)
+    erased = run_cli(test_fleet, "tenant", "erase", slug, "--reason", "request", "--yes",
+                     config=own.config_path)
+    assert erased.returncode == 0, erased.stderr
+    with psycopg.connect(test_fleet.admin_dsn("ap-south-1")) as admin:
+        assert admin.execute("SELECT 1 FROM pg_roles WHERE rolname = %s",
+                             (g["role"],)).fetchone() is None
+    assert cli_json(test_fleet, own, "access", "list") == []
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ttl", "8d"], "at most 7 days"), (["--ttl", "soon"], "use a number"),
+    (["--ttl", "1h", "--reason", " "], "--reason is required"),
+])
+def test_bad_grants_change_nothing(test_fleet: PgFleet, own_catalog: OwnCatalog, slug: str,
+                                   args: list[str], message: str) -> None:
+    own = own_catalog
+    own.fleet.provision(slug, "ap-south")
+    full = ["access", "grant", slug, "--to", "sam", *args]
+    if "--reason" not in args:
+        full += ["--reason", "r"]
+    proc = run_cli(test_fleet, *full, config=own.config_path)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert cli_json(test_fleet, own, "access", "list", "--all") == []
