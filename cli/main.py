@@ -289,20 +289,83 @@ def tenant_show(slug: str, as_json: JsonOpt = False) -> None:
 
 @tenant_app.command("credentials")
 def tenant_credentials(
-    slug: str,
+    slug: Annotated[str | None, typer.Argument(show_default=False)] = None,
     rotate: Annotated[bool, typer.Option(help="Set a new password first.")] = False,
+    all_: Annotated[bool, typer.Option("--all", help="With --rotate: every tenant "
+                                       "(breach response).")] = False,
+    region: Annotated[str | None, typer.Option(help="With --all: only this region.")]
+    = None,
+    concurrency: Annotated[int, typer.Option(min=1, help="With --all.")] = 4,
+    kill_sessions: Annotated[bool, typer.Option(help="End sessions opened with the old "
+                                                "password.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Show the tenant's connection string (audited), or rotate its password."""
+    """Show the tenant's connection string (audited), or rotate its password; with
+    --rotate --all, every tenant's (the report never contains the passwords)."""
+    from orchestrator.errors import InvalidInput
+
+    if all_:
+        if slug or not rotate:
+            raise InvalidInput("--all goes with --rotate and no slug")
+        _rotate_all(region, concurrency, kill_sessions, as_json)
+        return
+    if not slug:
+        raise InvalidInput("give a tenant, or --rotate --all")
     fleet = open_fleet()
     try:
         dsn = fleet.credentials(slug, rotate=rotate)
+        if kill_sessions and rotate:
+            from orchestrator import pgserver
+
+            t = fleet.get_tenant(slug)
+            with fleet.server_connection(t.server) as conn:
+                pgserver.terminate_sessions(conn, role=t.login_role)
     finally:
         fleet.close()
     if as_json:
         print_json({"slug": slug, "dsn": dsn, "rotated": rotate})
     else:
         sys.stdout.write(dsn + "\n")
+
+
+def _rotate_all(region: str | None, concurrency: int, kill_sessions: bool,
+                as_json: bool) -> None:
+    import time
+
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn
+
+    from orchestrator import breach
+
+    fleet = open_fleet()
+    t0 = time.perf_counter()
+    try:
+        console = Console(stderr=True)
+        if console.is_terminal and not as_json:
+            with Progress(TextColumn("rotating"), BarColumn(), TextColumn(
+                    "{task.completed}/{task.total}"), console=console) as progress:
+                total = sum(t.state in breach.ROTATABLE for t in fleet.tenants(region))
+                task = progress.add_task("rotate", total=total)
+                results = breach.rotate_all(fleet, region=region, concurrency=concurrency,
+                                            kill_sessions=kill_sessions,
+                                            on_done=lambda r: progress.advance(task))
+        else:
+            results = breach.rotate_all(fleet, region=region, concurrency=concurrency,
+                                        kill_sessions=kill_sessions)
+    finally:
+        fleet.close()
+    failed = [r for r in results if not r.ok]
+    elapsed = round(time.perf_counter() - t0, 2)
+    if as_json:
+        print_json({"rotated": len(results) - len(failed), "failed": len(failed),
+                    "seconds": elapsed, "tenants": [r.to_json() for r in results]})
+    else:
+        for r in failed:
+            say(f"failed  {r.tenant}: {r.error}")
+        say(f"rotated {len(results) - len(failed)} tenant passwords in {elapsed}s"
+            + (f", {len(failed)} failed (re-run to retry them)" if failed else ""))
+    if failed:
+        raise typer.Exit(1)
 
 
 @tenant_app.command("psql")

@@ -125,3 +125,36 @@ def test_bad_grants_change_nothing(test_fleet: PgFleet, own_catalog: OwnCatalog,
     proc = run_cli(test_fleet, *full, config=own.config_path)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     assert cli_json(test_fleet, own, "access", "list", "--all") == []
+
+
+def test_fleet_wide_rotation_reports_failures_and_converges(
+        test_fleet: PgFleet, own_catalog: OwnCatalog, slug: str) -> None:
+    own = own_catalog
+    slugs = [f"{slug}_{i}" for i in range(3)]
+    old = {s: _tenant(own, s) for s in slugs}
+    session = connect_as(old[slugs[0]], autocommit=True)
+    # the second tenant's rotation fails after its new password is stored
+    proc = run_cli(test_fleet, "tenant", "credentials", "--rotate", "--all", "--concurrency",
+                   "1", "--kill-sessions", "--json", config=own.config_path,
+                   env={"TENANTCTL_FAULT": "credentials.stored:2",
+                        "TENANTCTL_FAULT_MODE": "raise"})
+    assert proc.returncode == 1
+    report = json.loads(proc.stdout)
+    assert report["rotated"] == 2 and report["failed"] == 1
+    failed = [t["tenant"] for t in report["tenants"] if not t["ok"]]
+    assert failed == [slugs[1]]
+    assert all(conninfo_to_dict(d)["password"] not in proc.stdout for d in old.values())
+    with pytest.raises(psycopg.OperationalError):  # --kill-sessions ended it
+        session.execute("SELECT 1")
+    session.close()
+    for s in (slugs[0], slugs[2]):
+        with pytest.raises(psycopg.OperationalError):
+            connect_as(old[s]).close()
+        connect_as(own.fleet.credentials(s)).close()
+    again = run_cli(test_fleet, "tenant", "credentials", "--rotate", "--all", "--json",
+                    config=own.config_path)
+    assert again.returncode == 0, again.stderr
+    for s in slugs:
+        with pytest.raises(psycopg.OperationalError):
+            connect_as(old[s]).close()
+        connect_as(own.fleet.credentials(s)).close()
