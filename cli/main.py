@@ -415,6 +415,36 @@ def _fail(message: str, code: int) -> NoReturn:
     raise SystemExit(code)
 
 
+@app.command()
+def report(
+    html: Annotated[Path | None, typer.Option("--html", help="Also write a self-contained "
+                                              "HTML page here.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Check the fleet against the promises of the privacy policy: isolation, region,
+    backups, timeliness, audit. Exit 12 when any promise is broken."""
+    from orchestrator import report as rep
+
+    fleet = open_fleet()
+    try:
+        data = rep.build(fleet)
+    finally:
+        fleet.close()
+    if html is not None:
+        html.write_text(rep.render_html(data), encoding="utf-8")
+    if as_json:
+        print_json(data)
+    else:
+        for p in data["promises"]:
+            say(f"{'PASS' if p['ok'] else 'FAIL'}  {p['title']}")
+            for line in p["evidence"]:
+                say(f"      {line}")
+            for line in p["offenders"][:20]:
+                say(f"    ! {line}")
+    if not data["ok"]:
+        raise typer.Exit(12)
+
+
 def main() -> None:
     from orchestrator.errors import TenantctlError, first_line
 

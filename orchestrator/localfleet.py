@@ -396,6 +396,7 @@ def _bootstrap_admin(cfg: Config, server: ServerConfig, is_catalog_host: bool) -
             sql.Identifier(ADMIN_ROLE)))
         # Nobody but the admin connects to the maintenance databases.
         conn.execute("REVOKE CONNECT ON DATABASE postgres FROM PUBLIC")
+        conn.execute("REVOKE CONNECT ON DATABASE template1 FROM PUBLIC")  # it allows them
         conn.execute(sql.SQL("GRANT CONNECT ON DATABASE postgres TO {}").format(
             sql.Identifier(ADMIN_ROLE)))
         if is_catalog_host:

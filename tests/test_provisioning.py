@@ -67,7 +67,7 @@ def test_tenant_isolation(fleet: Fleet, test_fleet: PgFleet, slug: str) -> None:
     # A's role cannot reach B's database, the catalog, the template or postgres,
     # wherever they live
     for server in ("eu-central-1", "eu-central-2"):
-        for db in (b.tenant["database"], CATALOG_DB, TEMPLATE_DB, "postgres"):
+        for db in (b.tenant["database"], CATALOG_DB, TEMPLATE_DB, "postgres", "template1"):
             target = psycopg.conninfo.make_conninfo(
                 test_fleet.admin_dsn(server), user=a_info["user"],
                 password=a_info["password"], dbname=db, passfile="")
