@@ -158,3 +158,40 @@ def test_fleet_wide_rotation_reports_failures_and_converges(
         with pytest.raises(psycopg.OperationalError):
             connect_as(old[s]).close()
         connect_as(own.fleet.credentials(s)).close()
+
+
+def test_breach_drill_times_every_step(test_fleet: PgFleet, own_catalog: OwnCatalog,
+                                       slug: str, tmp_path: object) -> None:
+    from pathlib import Path
+
+    from orchestrator.api import Fleet
+    from orchestrator.config import load_config
+    from orchestrator.masterkey import write_key_file
+
+    own = own_catalog
+    old = _tenant(own, slug)
+    g = cli_json(test_fleet, own, "access", "grant", slug, "--to", "sam", "--ttl", "1h",
+                 "--reason", "r")
+    assert isinstance(g, dict)
+    new_key = Path(str(tmp_path)) / "new.key"
+    write_key_file(new_key)
+    report = cli_json(test_fleet, own, "breach", "drill", "--new-key-file", str(new_key))
+    assert isinstance(report, dict)
+    assert [s["step"] for s in report["steps"]] == [
+        "rotate tenant passwords", "revoke support grants", "re-wrap under the new master key"]
+    assert all(isinstance(s["seconds"], float) for s in report["steps"])
+    assert [s["done"] for s in report["steps"]][:2] == [1, 1]
+    with pytest.raises(psycopg.OperationalError):
+        connect_as(old).close()
+    with pytest.raises(psycopg.OperationalError):
+        connect_as(g["dsn"]).close()
+    text = own.config_path.read_text()
+    old_key = str(test_fleet.state_dir / "master.key")
+    assert old_key in text
+    new_cfg = Path(str(tmp_path)) / "new.toml"
+    new_cfg.write_text(text.replace(old_key, str(new_key)))
+    fleet = Fleet(load_config(new_cfg))
+    try:
+        connect_as(fleet.credentials(slug)).close()
+    finally:
+        fleet.close()
