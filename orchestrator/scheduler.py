@@ -57,7 +57,7 @@ if TYPE_CHECKING:
 JOBS = ("backups", "retention", "prune", "audit_purge")
 # what each retention-family job asks orchestrator.retention.run to do
 RETENTION_KINDS: dict[str, tuple[str, ...]] = {
-    "retention": ("delete", "purge"), "prune": ("prune",), "audit_purge": ("audit",)}
+    "retention": ("access", "delete", "purge"), "prune": ("prune",), "audit_purge": ("audit",)}
 LEADER_LOCK = "scheduler-leader"
 OUTCOMES = ("ok", "partial", "failed", "skipped", "interrupted")
 FAILED_OUTCOMES = ("partial", "failed")
