@@ -191,6 +191,29 @@ def own_catalog(test_fleet: PgFleet, tmp_path: Path) -> Iterator[OwnCatalog]:
     try:
         yield OwnCatalog(path, fleet)
     finally:
+        _drop_own_tenants(fleet)
         fleet.close()
         with psycopg.connect(test_fleet.admin_dsn("eu-central-1"), autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _drop_own_tenants(fleet: Fleet) -> None:
+    """What a private catalog's tenants left on the shared servers: the shared
+    catalog would see them as orphans."""
+    from psycopg import sql
+
+    from orchestrator.models import SupportGrant, Tenant
+
+    with fleet.catalog.session() as s:
+        tenants = [(t.slug, t.server) for t in s.query(Tenant)]
+        grants = [(g.role_name, g.server) for g in s.query(SupportGrant)]
+    for slug, server in tenants:
+        with psycopg.connect(fleet.cfg.server(server).admin_dsn, autocommit=True) as conn:
+            for db in (f"tenant_{slug}", f"tenant_{slug}__r", f"tenant_{slug}__old"):
+                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                    sql.Identifier(db)))
+            for role in (f"tenant_{slug}", f"owner_{slug}"):
+                conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+    for role, server in grants:
+        with psycopg.connect(fleet.cfg.server(server).admin_dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
