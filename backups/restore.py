@@ -22,7 +22,7 @@ from orchestrator.faults import checkpoint
 from orchestrator.localfleet import pg_tool
 from orchestrator.models import Tenant, TenantState
 from orchestrator.names import tenant_names, validate_slug
-from orchestrator.provisioning import tenant_lock
+from orchestrator.provisioning import holding_tenant, tenant_lock
 
 if TYPE_CHECKING:
     from orchestrator.api import Fleet, ProvisionResult
@@ -104,10 +104,7 @@ def restore_in_place(fleet: Fleet, backup_id: int) -> dict[str, object]:
     live, side, old = names.database, f"{names.database}__r", f"{names.database}__old"
     admin = fleet.cfg.server(tenant.server).admin_dsn
     ident = sql.Identifier
-    with fleet.catalog.advisory_lock(tenant_lock(row.slug)) as got:
-        if not got:
-            raise Conflict(f"tenant {row.slug!r} is being changed by another tenantctl "
-                           "process; try again when it has finished")
+    with holding_tenant(fleet, row.slug):
         with fleet.server_connection(tenant.server) as conn:
             # leftovers of a run that died: a side copy, a closed live database
             for leftover in (side, old):

@@ -216,10 +216,7 @@ class Fleet:
         """Store the new password (wrapped) first, then give it to the role, under the
         tenant's lock so two rotations cannot cross."""
         slug = tenant.slug
-        with self.catalog.advisory_lock(provisioning.tenant_lock(slug)) as got:
-            if not got:
-                raise Conflict(f"tenant {slug!r} is being changed by another tenantctl "
-                               "process; try again when it has finished")
+        with provisioning.holding_tenant(self, slug):
             pending = password is not None
             password = password or provisioning.new_password()
             if not pending:

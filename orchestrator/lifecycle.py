@@ -23,7 +23,7 @@ from orchestrator import clock, pgserver
 from orchestrator.errors import Conflict, InvalidInput, TenantctlError, first_line
 from orchestrator.models import Tenant, TenantState
 from orchestrator.names import tenant_names
-from orchestrator.provisioning import tenant_lock
+from orchestrator.provisioning import holding_tenant
 
 if TYPE_CHECKING:
     from orchestrator.api import Fleet
@@ -101,21 +101,6 @@ def audited(action: str) -> Callable[[F], F]:
     return wrap
 
 
-class _TenantLock:
-    def __init__(self, fleet: Fleet, slug: str) -> None:
-        self.cm = fleet.catalog.advisory_lock(tenant_lock(slug))
-        self.slug = slug
-
-    def __enter__(self) -> None:
-        if not self.cm.__enter__():
-            self.cm.__exit__(None, None, None)
-            raise Conflict(f"tenant {self.slug!r} is being changed by another tenantctl "
-                           "process; try again when it has finished")
-
-    def __exit__(self, *exc: object) -> None:
-        self.cm.__exit__(None, None, None)
-
-
 @audited("cancel")
 def cancel(fleet: Fleet, slug: str, *, now: datetime | None = None,
            backup: bool = True) -> TransitionResult:
@@ -123,7 +108,7 @@ def cancel(fleet: Fleet, slug: str, *, now: datetime | None = None,
     stays where it is until the hold ends; then a backup of the final data."""
     now = now or clock.utcnow()
     hold_until = now + timedelta(days=fleet.cfg.lifecycle.hold_days)
-    with _TenantLock(fleet, slug):
+    with holding_tenant(fleet, slug):
         tenant = _locked_tenant(fleet, slug, "cancel", now)
         names = tenant_names(slug)
         admin = fleet.cfg.server(tenant.server).admin_dsn
@@ -148,7 +133,7 @@ def cancel(fleet: Fleet, slug: str, *, now: datetime | None = None,
 @audited("reactivate")
 def reactivate(fleet: Fleet, slug: str, *, now: datetime | None = None) -> TransitionResult:
     now = now or clock.utcnow()
-    with _TenantLock(fleet, slug):
+    with holding_tenant(fleet, slug):
         tenant = _locked_tenant(fleet, slug, "reactivate", now)
         names = tenant_names(slug)
         admin = fleet.cfg.server(tenant.server).admin_dsn
@@ -164,7 +149,7 @@ def reactivate(fleet: Fleet, slug: str, *, now: datetime | None = None) -> Trans
 def suspend(fleet: Fleet, slug: str) -> TransitionResult:
     """Block every connection of the tenant's role (e.g. an unpaid invoice); no hold
     starts, nothing is deleted."""
-    with _TenantLock(fleet, slug):
+    with holding_tenant(fleet, slug):
         tenant = _locked_tenant(fleet, slug, "suspend", clock.utcnow())
         with fleet.server_connection(tenant.server) as conn:
             pgserver.set_login(conn, tenant.login_role, False)
@@ -174,7 +159,7 @@ def suspend(fleet: Fleet, slug: str) -> TransitionResult:
 
 @audited("resume")
 def resume(fleet: Fleet, slug: str) -> TransitionResult:
-    with _TenantLock(fleet, slug):
+    with holding_tenant(fleet, slug):
         tenant = _locked_tenant(fleet, slug, "resume", clock.utcnow())
         with fleet.server_connection(tenant.server) as conn:
             pgserver.set_login(conn, tenant.login_role, True)
@@ -191,7 +176,7 @@ def legal_hold(fleet: Fleet, slug: str, *, on: bool, reason: str) -> dict[str, A
     tenant = fleet.get_tenant(slug)
     if tenant.state == S.purged:
         raise Conflict(f"tenant {slug!r} is purged: nothing is left to hold")
-    with _TenantLock(fleet, slug):
+    with holding_tenant(fleet, slug):
         _set(fleet, tenant, "legal_hold." + ("on" if on else "off"), {"reason": reason},
              legal_hold=on, legal_hold_reason=reason if on else None)
     return {"tenant": slug, "legal_hold": on, "reason": reason}

@@ -12,6 +12,8 @@ keeps two processes from working on the same slug at once.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -57,6 +59,17 @@ def tenant_lock(slug: str) -> str:
     return f"tenant:{slug}"
 
 
+@contextmanager
+def holding_tenant(fleet: Fleet, slug: str) -> Iterator[None]:
+    """The tenant's lock, taken by every command that changes the tenant; if another
+    process holds it, a Conflict at once rather than a wait."""
+    with fleet.catalog.advisory_lock(tenant_lock(slug)) as got:
+        if not got:
+            raise Conflict(f"tenant {slug!r} is being changed by another tenantctl process; "
+                           "try again when it has finished")
+        yield
+
+
 def provision(fleet: Fleet, slug: str, region: str, *, restore_from: int | None = None
               ) -> Provisioned:
     """Create (or finish creating) a tenant. With ``restore_from``, its database is
@@ -64,10 +77,7 @@ def provision(fleet: Fleet, slug: str, region: str, *, restore_from: int | None 
     validate_slug(slug)
     fleet.cfg.region(region)  # unknown region: error before anything else
     master = fleet.master_key  # a missing key fails here, before any change
-    with fleet.catalog.advisory_lock(tenant_lock(slug)) as got:
-        if not got:
-            raise Conflict(f"tenant {slug!r} is being changed by another tenantctl process; "
-                           "try again when it has finished")
+    with holding_tenant(fleet, slug):
         tenant = fleet.find_tenant(slug)
         resumed = tenant is not None
         if tenant is not None:

@@ -37,7 +37,7 @@ from orchestrator.models import (
     TenantState,
 )
 from orchestrator.names import tenant_names
-from orchestrator.provisioning import tenant_lock
+from orchestrator.provisioning import holding_tenant
 from orchestrator.retention_plan import (
     AUDIT,
     BLOCKED,
@@ -187,27 +187,10 @@ def _execute(fleet: Fleet, action: Action, now: datetime) -> StepResult:
         return StepResult(action, "failed", first_line(exc))
 
 
-class _Held:
-    """The tenant's lock, as every other command that changes a tenant takes it."""
-
-    def __init__(self, fleet: Fleet, slug: str) -> None:
-        self.cm = fleet.catalog.advisory_lock(tenant_lock(slug))
-        self.slug = slug
-
-    def __enter__(self) -> None:
-        if not self.cm.__enter__():
-            self.cm.__exit__(None, None, None)
-            raise Conflict(f"tenant {self.slug!r} is being changed by another process; "
-                           "the next run will retry")
-
-    def __exit__(self, *exc: object) -> None:
-        self.cm.__exit__(None, None, None)
-
-
 def delete_tenant(fleet: Fleet, slug: str, now: datetime) -> tuple[str, str]:
     """Hold ended → verified final backup → database and roles dropped → deleted.
     Every check is made again under the tenant's lock: the plan may be stale."""
-    with _Held(fleet, slug):
+    with holding_tenant(fleet, slug):
         tenant = fleet.get_tenant(slug)
         if tenant.state == TenantState.deleted:
             return "skipped", "already deleted"
@@ -265,7 +248,7 @@ def erase_tenant(fleet: Fleet, slug: str, reason: str, now: datetime) -> dict[st
     reason = reason.strip()
     if not reason:
         raise InvalidInput("--reason is required (it is audited)")
-    with _Held(fleet, slug):
+    with holding_tenant(fleet, slug):
         tenant = fleet.get_tenant(slug)
         if tenant.state == TenantState.purged:
             raise Conflict(f"tenant {slug!r} is already purged")
@@ -316,7 +299,7 @@ def _verified_final_backup(fleet: Fleet, tenant: Tenant) -> int:
 
 def purge_tenant(fleet: Fleet, slug: str, now: datetime) -> tuple[str, str]:
     """purge_after passed → every backup object gone → key destroyed → purged."""
-    with _Held(fleet, slug):
+    with holding_tenant(fleet, slug):
         tenant = fleet.get_tenant(slug)
         if tenant.state == TenantState.purged:
             return "skipped", "already purged"
