@@ -111,6 +111,20 @@ def test_grant_never_outlives_its_tenant(test_fleet: PgFleet, own_catalog: OwnCa
     assert cli_json(test_fleet, own, "access", "list") == []
 
 
+def test_revoke_all(test_fleet: PgFleet, own_catalog: OwnCatalog, slug: str) -> None:
+    own = own_catalog
+    _tenant(own, slug)
+    made = [cli_json(test_fleet, own, "access", "grant", slug, "--to", who, "--ttl", "1h",
+                     "--reason", "r") for who in ("a", "b")]
+    revoked = cli_json(test_fleet, own, "access", "revoke", "--all")
+    assert revoked == {"revoked": [g["id"] for g in made]}  # type: ignore[index]
+    for g in made:
+        with pytest.raises(psycopg.OperationalError):
+            connect_as(g["dsn"]).close()  # type: ignore[index]
+    assert cli_json(test_fleet, own, "access", "list") == []
+    assert run_cli(test_fleet, "access", "revoke", config=own.config_path).returncode == 2
+
+
 @pytest.mark.parametrize("args, message", [
     (["--ttl", "8d"], "at most 7 days"), (["--ttl", "soon"], "use a number"),
     (["--ttl", "1h", "--reason", " "], "--reason is required"),

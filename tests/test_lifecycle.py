@@ -370,3 +370,55 @@ def test_erase_on_request(test_fleet: PgFleet, own_catalog: OwnCatalog, slug: st
     events = cli_json(test_fleet, own, "audit", "list", "--tenant", slug, "--action",
                       "tenant.erase")
     assert any(e["detail"].get("reason") == "GDPR art. 17" for e in events)
+
+
+def test_retention_prunes_and_purges_old_audit(test_fleet: PgFleet, own_catalog: OwnCatalog,
+                                               slug: str) -> None:
+    from datetime import UTC
+
+    from sqlalchemy import update
+
+    own = own_catalog
+    _make(own, slug)
+    ids = [pipeline.run_backup(own.fleet, slug).id for _ in range(3)]
+    now = datetime.now(UTC)
+    with own.fleet.catalog.session() as s, s.begin():
+        s.execute(update(Backup).where(Backup.id == ids[0])
+                  .values(finished_at=now - timedelta(days=60)))
+        s.add(AuditEvent(actor="old", action="tenant.old", tenant=slug,
+                         at=now - timedelta(days=400)))
+    report = cli_json(test_fleet, own, "retention", "run", "--only", "prune", "--only",
+                      "audit")
+    assert [(r["action"], r["outcome"]) for r in report["results"]] == [
+        ("prune", "done"), ("audit_purge", "done")]
+    assert [pipeline.get_backup(own.fleet, i).status for i in ids] == [
+        "deleted", "completed", "completed"]
+    with own.fleet.catalog.session() as s:
+        assert s.scalar(select(func.count()).select_from(AuditEvent)
+                        .where(AuditEvent.actor == "old")) == 0
+    assert len(_objects(own, slug)) == 4  # two backups left, each with its manifest
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["tenant", "cancel", "nosuchtenant", "--yes"], 3, "nosuchtenant"),
+    (["tenant", "legal-hold", "{slug}", "--reason", "x"], 2, "--on or --off"),
+    (["tenant", "legal-hold", "{slug}", "--on"], 2, "--reason is required"),
+    (["tenant", "export", "{slug}", "--format", "xml", "--output", "{tmp}/x"], 2, "sql or csv"),
+    (["tenant", "export", "{slug}", "--format", "sql", "--output", "{tmp}/no/x.sql"], 2,
+     "does not exist"),
+    (["retention", "run", "--only", "everything"], 2, "unknown job"),
+    (["audit", "list", "--since", "last week"], 2, "ISO-8601"),
+    (["tenant", "erase", "{slug}", "--reason", "r"], 2, "--yes"),
+])
+def test_lifecycle_bad_input_changes_nothing(test_fleet: PgFleet, own_catalog: OwnCatalog,
+                                             slug: str, tmp_path: Path, args: list[str],
+                                             code: int, message: str) -> None:
+    own = own_catalog
+    own.fleet.provision(slug, "ap-south")
+    argv = [a.format(slug=slug, tmp=tmp_path) for a in args]
+    proc = cli(test_fleet, own, *argv)
+    assert proc.returncode == code and message in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    shown = show(test_fleet, own, slug)
+    assert shown["state"] == "active" and not shown["legal_hold"]
+    assert list(tmp_path.iterdir()) in ([], [tmp_path / "own.toml"])
