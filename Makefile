@@ -27,6 +27,8 @@ test: lint
 bench: $(STAMP)
 	$(BIN)/python bench/provision.py
 	$(BIN)/python bench/rollout.py
+	$(BIN)/python bench/backup.py
+	$(BIN)/python bench/retention.py
 
 clean:
 	-$(BIN)/tenantctl local down

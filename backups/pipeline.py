@@ -21,21 +21,22 @@ import subprocess
 import tempfile
 import threading
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import IO, TYPE_CHECKING, Any, BinaryIO
 
 import psycopg
 import pyrage
 from psycopg import sql
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 
+from backups.policy import BackupFact, RetentionPolicy, Schedule, Verdict, is_due, retention
 from backups.stores import ObjectStore, ObjectWriter, open_store
 from orchestrator import keys, pgserver
 from orchestrator.catalog import with_dbname
 from orchestrator.errors import Conflict, NotFound, TenantctlError, first_line
 from orchestrator.faults import checkpoint
 from orchestrator.localfleet import pg_tool
-from orchestrator.models import Backup, TenantKey, TenantState
+from orchestrator.models import Backup, Tenant, TenantKey, TenantState
 
 if TYPE_CHECKING:
     from orchestrator.api import Fleet
@@ -487,13 +488,6 @@ def restore_test(fleet: Fleet, backup_id: int) -> dict[str, Any]:
 
 def due_tenants(fleet: Fleet, now: datetime | None = None) -> list[str]:
     """Tenants whose scheduled backup is due (see backups.policy)."""
-    from datetime import timedelta
-
-    from sqlalchemy import func
-
-    from backups.policy import Schedule, is_due
-    from orchestrator.models import Tenant
-
     now = now or datetime.now(UTC)
     schedule = Schedule(timedelta(hours=fleet.cfg.backup_interval_hours))
     with fleet.catalog.session() as s:
@@ -511,13 +505,6 @@ def prune_facts(fleet: Fleet, now: datetime, policy: Any) -> list[Any]:
     older than keep_days, plus each such tenant's newest backup, which decides
     the floor. Backups inside keep_days are kept whatever
     happens and are not read, so the cost follows the old backups, not the fleet."""
-    from datetime import timedelta
-
-    from sqlalchemy import func
-
-    from backups.policy import BackupFact
-    from orchestrator.models import Tenant
-
     cutoff = now - timedelta(days=policy.keep_days)
     with fleet.catalog.session() as s:
         old = (select(Backup.id, Backup.slug, Backup.finished_at, Backup.tenant_id)
@@ -559,10 +546,6 @@ def prune_candidates(fleet: Fleet, now: datetime, policy: Any) -> list[Any]:
     """The backups ``backups.policy.retention`` would prune, computed in the catalog
     (same rules; a test holds the two equal) so that planning ships only what
     is to be pruned, not every old backup of the fleet."""
-    from datetime import timedelta
-
-    from backups.policy import Verdict
-
     params = {"now": now, "cutoff": now - timedelta(days=policy.keep_days),
               "states": [str(s) for s in PRUNABLE], "weeks": policy.keep_weeks}
     with fleet.catalog.engine.connect() as conn:
@@ -590,8 +573,6 @@ def delete_backup(fleet: Fleet, backup_id: int, *, reason: str) -> None:
 def prune(fleet: Fleet, *, dry_run: bool, now: datetime | None = None) -> list[dict[str, Any]]:
     """Apply the retention policy to live tenants' backups: a report of every backup
     it had to judge (keep/prune, why); unless dry_run, delete what is pruned."""
-    from backups.policy import RetentionPolicy, retention
-
     now = now or datetime.now(UTC)
     policy = RetentionPolicy(fleet.cfg.backup_keep_days, fleet.cfg.backup_keep_weeks)
     report = []

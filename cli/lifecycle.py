@@ -44,6 +44,18 @@ def _print_transition(res: Any, as_json: bool) -> None:
         say(f"backup {res.backup_id} taken")
 
 
+def _transition(action: str, slug: str, as_json: bool) -> None:
+    """reactivate / suspend / resume: the same shape, one orchestrator call each."""
+    from orchestrator import lifecycle
+
+    fleet = open_fleet()
+    try:
+        res = getattr(lifecycle, action)(fleet, slug)
+    finally:
+        fleet.close()
+    _print_transition(res, as_json)
+
+
 def register_tenant_commands(tenant_app: typer.Typer) -> None:  # noqa: C901 - one per command
     @tenant_app.command("cancel")
     def cancel(slug: str, yes: Annotated[bool, typer.Option("--yes", help="Do not ask.")]
@@ -69,38 +81,17 @@ def register_tenant_commands(tenant_app: typer.Typer) -> None:  # noqa: C901 - o
     @tenant_app.command("reactivate")
     def reactivate(slug: str, as_json: JsonOpt = False) -> None:
         """Undo a cancellation during the hold: active again, writes allowed."""
-        from orchestrator import lifecycle
-
-        fleet = open_fleet()
-        try:
-            res = lifecycle.reactivate(fleet, slug)
-        finally:
-            fleet.close()
-        _print_transition(res, as_json)
+        _transition("reactivate", slug, as_json)
 
     @tenant_app.command("suspend")
     def suspend(slug: str, as_json: JsonOpt = False) -> None:
         """Block the tenant's connections (open sessions are ended); no hold starts."""
-        from orchestrator import lifecycle
-
-        fleet = open_fleet()
-        try:
-            res = lifecycle.suspend(fleet, slug)
-        finally:
-            fleet.close()
-        _print_transition(res, as_json)
+        _transition("suspend", slug, as_json)
 
     @tenant_app.command("resume")
     def resume(slug: str, as_json: JsonOpt = False) -> None:
         """Allow a suspended tenant's connections again."""
-        from orchestrator import lifecycle
-
-        fleet = open_fleet()
-        try:
-            res = lifecycle.resume(fleet, slug)
-        finally:
-            fleet.close()
-        _print_transition(res, as_json)
+        _transition("resume", slug, as_json)
 
     @tenant_app.command("legal-hold")
     def legal_hold(

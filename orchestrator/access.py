@@ -17,7 +17,6 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict
 from sqlalchemy import select, update
 
 from orchestrator import clock, pgserver
@@ -28,7 +27,6 @@ from orchestrator.provisioning import new_password
 
 if TYPE_CHECKING:
     from orchestrator.api import Fleet
-    from orchestrator.models import Tenant
 
 MAX_TTL = timedelta(days=7)
 GRANTABLE = (TenantState.active, TenantState.suspended, TenantState.cancelled)
@@ -116,13 +114,7 @@ def grant(fleet: Fleet, slug: str, *, to: str, ttl: timedelta, reason: str,
         row = s.get(SupportGrant, grant_id)
         assert row is not None
         data = grant_json(row, now)
-    return {**data, "dsn": _dsn(fleet, tenant, role, password)}
-
-
-def _dsn(fleet: Fleet, tenant: Tenant, role: str, password: str) -> str:
-    admin = conninfo_to_dict(fleet.cfg.server(tenant.server).admin_dsn)
-    host, port = admin.get("host", "localhost"), admin.get("port", 5432)
-    return f"postgresql://{role}:{password}@{host}:{port}/{tenant.database}"
+    return {**data, "dsn": fleet.tenant_dsn(tenant, password, role)}
 
 
 def grants(fleet: Fleet, *, include_ended: bool = False) -> list[dict[str, Any]]:

@@ -183,12 +183,14 @@ class Fleet:
                                self.tenant_dsn(done.tenant, done.password),
                                done.resumed, done.via_template)
 
-    def tenant_dsn(self, tenant: Tenant, password: str) -> str:
-        """What the tenant's application connects with: its login role, its database,
-        the server's address (and TLS mode) from the admin DSN."""
+    def tenant_dsn(self, tenant: Tenant, password: str, role: str | None = None) -> str:
+        """What the tenant's application connects with: its login role (or ``role``,
+        e.g. a support grant's), its database, the server's address (and TLS mode)
+        from the admin DSN."""
         admin = conninfo_to_dict(self.cfg.server(tenant.server).admin_dsn)
         host, port = admin.get("host", "localhost"), admin.get("port", 5432)
-        dsn = f"postgresql://{tenant.login_role}:{password}@{host}:{port}/{tenant.database}"
+        user = role or tenant.login_role
+        dsn = f"postgresql://{user}:{password}@{host}:{port}/{tenant.database}"
         if admin.get("sslmode"):
             dsn += f"?sslmode={admin['sslmode']}"
         return dsn

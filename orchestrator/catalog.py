@@ -22,6 +22,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from orchestrator import alembic_threads
+from orchestrator.audit import redact as redact_detail
 from orchestrator.config import Config
 from orchestrator.errors import Conflict, ServerUnavailable, first_line
 from orchestrator.models import AuditEvent, Region, Server
@@ -194,10 +195,8 @@ class Catalog:
 
     def audit(self, action: str, *, tenant: str | None = None, region: str | None = None,
               outcome: str = "ok", session: Session | None = None, **detail: Any) -> None:
-        from orchestrator.audit import redact
-
         event = AuditEvent(actor=actor(), action=action, tenant=tenant, region=region,
-                           outcome=outcome, detail=redact(detail))
+                           outcome=outcome, detail=redact_detail(detail))
         if session is not None:
             session.add(event)
             return

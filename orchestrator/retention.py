@@ -49,6 +49,7 @@ from orchestrator.retention_plan import (
     GrantFact,
     TenantFact,
     plan,
+    tenant_action,
 )
 
 if TYPE_CHECKING:
@@ -187,6 +188,27 @@ def _execute(fleet: Fleet, action: Action, now: datetime) -> StepResult:
         return StepResult(action, "failed", first_line(exc))
 
 
+def _recheck(tenant: Tenant, kind: str, now: datetime) -> tuple[str, str] | None:
+    """Under the tenant's lock, ask the planner's own rule again (the plan may be
+    stale): None when ``kind`` is still due, else the outcome to report."""
+    action = tenant_action(TenantFact(tenant.slug, tenant.state, tenant.hold_until,
+                                      tenant.purge_after, tenant.legal_hold,
+                                      tenant.legal_hold_reason), now)
+    if action is not None and action.kind == BLOCKED:
+        return "blocked", action.detail
+    if action is None or action.kind != kind:
+        return "skipped", f"no longer due (state {tenant.state})"
+    return None
+
+
+def _destroy_key(s: Any, tenant: Tenant, now: datetime) -> None:
+    """Crypto-shredding: the wrapped identity and the password go; the public half
+    stays (it names which key the old backups were written to)."""
+    s.execute(update(TenantKey).where(TenantKey.tenant_id == tenant.id).values(
+        identity_wrapped=None, master_key_id=None, destroyed_at=now))
+    s.execute(delete(TenantCredential).where(TenantCredential.tenant_id == tenant.id))
+
+
 def delete_tenant(fleet: Fleet, slug: str, now: datetime) -> tuple[str, str]:
     """Hold ended → verified final backup → database and roles dropped → deleted.
     Every check is made again under the tenant's lock: the plan may be stale."""
@@ -194,11 +216,8 @@ def delete_tenant(fleet: Fleet, slug: str, now: datetime) -> tuple[str, str]:
         tenant = fleet.get_tenant(slug)
         if tenant.state == TenantState.deleted:
             return "skipped", "already deleted"
-        if tenant.state != TenantState.cancelled or tenant.hold_until is None \
-                or tenant.hold_until > now:
-            return "skipped", f"no longer due (state {tenant.state})"
-        if tenant.legal_hold:
-            return "blocked", f"legal hold: {tenant.legal_hold_reason}"
+        if (stale := _recheck(tenant, DELETE, now)) is not None:
+            return stale
         backup_id = _verified_final_backup(fleet, tenant)
         checkpoint("retention.final_backup")
         _drop_database_and_roles(fleet, tenant, "retention")
@@ -259,9 +278,7 @@ def erase_tenant(fleet: Fleet, slug: str, reason: str, now: datetime) -> dict[st
             raise Conflict(f"tenant {slug!r} is under legal hold "
                            f"({tenant.legal_hold_reason}): erasure refused")
         with fleet.catalog.session() as s, s.begin():
-            s.execute(update(TenantKey).where(TenantKey.tenant_id == tenant.id).values(
-                identity_wrapped=None, master_key_id=None, destroyed_at=now))
-            s.execute(delete(TenantCredential).where(TenantCredential.tenant_id == tenant.id))
+            _destroy_key(s, tenant, now)
             fleet.catalog.audit("tenant.erase.key_destroyed", session=s, tenant=slug,
                                 region=tenant.region, reason=reason)
         checkpoint("erase.key_destroyed")
@@ -303,18 +320,13 @@ def purge_tenant(fleet: Fleet, slug: str, now: datetime) -> tuple[str, str]:
         tenant = fleet.get_tenant(slug)
         if tenant.state == TenantState.purged:
             return "skipped", "already purged"
-        if tenant.state != TenantState.deleted or tenant.purge_after is None \
-                or tenant.purge_after > now:
-            return "skipped", f"no longer due (state {tenant.state})"
-        if tenant.legal_hold:
-            return "blocked", f"legal hold: {tenant.legal_hold_reason}"
+        if (stale := _recheck(tenant, PURGE, now)) is not None:
+            return stale
         removed = _delete_all_backups(fleet, tenant)
         checkpoint("retention.backups_deleted")
         with fleet.catalog.session() as s, s.begin():
-            s.execute(update(TenantKey).where(TenantKey.tenant_id == tenant.id).values(
-                identity_wrapped=None, master_key_id=None, destroyed_at=now))
+            _destroy_key(s, tenant, now)
             checkpoint("retention.key_destroyed")  # a kill here rolls the txn back
-            s.execute(delete(TenantCredential).where(TenantCredential.tenant_id == tenant.id))
             s.execute(update(Tenant).where(Tenant.id == tenant.id).values(
                 state=TenantState.purged, purged_at=now))
             fleet.catalog.audit("tenant.purge", session=s, tenant=slug, region=tenant.region,
