@@ -22,7 +22,7 @@ from sqlalchemy.orm import selectinload
 from orchestrator import pgserver, provisioning, tenant_migrations
 from orchestrator.catalog import Catalog
 from orchestrator.config import Config, load_config
-from orchestrator.errors import Conflict, InvalidInput, NotFound
+from orchestrator.errors import CatalogIntegrityError, Conflict, InvalidInput, NotFound
 from orchestrator.faults import checkpoint
 from orchestrator.masterkey import MasterKey, load_master_key
 from orchestrator.models import (
@@ -33,13 +33,23 @@ from orchestrator.models import (
     TenantCredential,
     TenantState,
 )
-from orchestrator.names import validate_slug
+from orchestrator.names import catalog_mismatch, validate_slug
 
 TARGET_KEY = "target_revision"
 
 
 def _iso(dt: datetime | None) -> str | None:
     return dt.astimezone(UTC).isoformat() if dt else None
+
+
+def check_integrity(t: Tenant) -> None:
+    """Every operation on one tenant loads it through `get_tenant`, so a row whose
+    names point at another tenant's objects is stopped here, before any server
+    is touched."""
+    why = catalog_mismatch(t.slug, t.database, t.login_role, t.owner_role)
+    if why is not None:
+        raise CatalogIntegrityError(f"catalog row of tenant {t.slug!r} is inconsistent: "
+                                    f"{why}; refusing to act on it (see `tenantctl doctor`)")
 
 
 def tenant_json(t: Tenant) -> dict[str, Any]:
@@ -145,6 +155,7 @@ class Fleet:
         tenant = self.find_tenant(slug)
         if tenant is None:
             raise NotFound(f"no tenant {slug!r}")
+        check_integrity(tenant)
         return tenant
 
     def tenants(self, region: str | None = None, state: str | None = None) -> list[Tenant]:

@@ -47,3 +47,10 @@ class MasterKeyError(TenantctlError):
     """A missing or wrong master key."""
 
     exit_code = 7
+
+
+class CatalogIntegrityError(TenantctlError):
+    """A catalog row contradicts itself (e.g. a tenant's database named after another
+    tenant): refused before anything touches a server. `tenantctl doctor` lists them."""
+
+    exit_code = 13

@@ -52,3 +52,19 @@ def tenant_names(slug: str) -> TenantNames:
         login_role=f"tenant_{slug}",
         owner_role=f"owner_{slug}",
     )
+
+
+def catalog_mismatch(slug: str, database: str, login_role: str, owner_role: str) -> str | None:
+    """Why a catalog row's object names are not the ones its slug derives, if they
+    are not: a tampered or corrupted row, which must never steer a drop, a dump or
+    a restore onto another tenant's database."""
+    try:
+        want = tenant_names(slug)
+    except InvalidInput:
+        return f"slug {slug!r} is not a valid slug"
+    for what, have, expected in (("database", database, want.database),
+                                 ("login role", login_role, want.login_role),
+                                 ("owner role", owner_role, want.owner_role)):
+        if have != expected:
+            return f"its {what} is {have!r}, not {expected!r}"
+    return None

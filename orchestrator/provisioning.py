@@ -81,6 +81,9 @@ def provision(fleet: Fleet, slug: str, region: str, *, restore_from: int | None 
         tenant = fleet.find_tenant(slug)
         resumed = tenant is not None
         if tenant is not None:
+            from orchestrator.api import check_integrity
+
+            check_integrity(tenant)
             if tenant.state != TenantState.provisioning:
                 raise Conflict(f"tenant {slug!r} already exists ({tenant.state}, region "
                                f"{tenant.region})")

@@ -41,7 +41,7 @@ from orchestrator.catalog import actor, with_dbname
 from orchestrator.errors import InvalidInput, NotFound, first_line
 from orchestrator.faults import checkpoint
 from orchestrator.models import Rollout, RolloutTenant, Server, Tenant, TenantState
-from orchestrator.names import validate_slug
+from orchestrator.names import catalog_mismatch, validate_slug
 from orchestrator.provisioning import tenant_lock
 from orchestrator.rollout_plan import (
     CANARY_WAVE,
@@ -472,6 +472,11 @@ class RolloutRun:
                 claim.state not in MIGRATABLE:
             return done("skipped", planned_from, planned_from, 0,
                         f"tenant is {claim.state or 'gone'}")
+        # the claim carries no login role: only the names a migration uses are checked
+        if (why := catalog_mismatch(slug, claim.database, f"tenant_{slug}",
+                                    claim.owner_role)) is not None:
+            return done("failed", planned_from, planned_from, 0,
+                        f"catalog row inconsistent: {why}; not touched")
         dsn = with_dbname(self.fleet.cfg.server(server).admin_dsn, claim.database)
         owner = claim.owner_role
         last_error = "never started"
