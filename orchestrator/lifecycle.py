@@ -21,6 +21,7 @@ from sqlalchemy import update
 
 from orchestrator import clock, pgserver
 from orchestrator.errors import Conflict, InvalidInput, TenantctlError, first_line
+from orchestrator.faults import checkpoint
 from orchestrator.models import Tenant, TenantState
 from orchestrator.names import tenant_names
 from orchestrator.provisioning import holding_tenant
@@ -109,16 +110,28 @@ def cancel(fleet: Fleet, slug: str, *, now: datetime | None = None,
     now = now or clock.utcnow()
     hold_until = now + timedelta(days=fleet.cfg.lifecycle.hold_days)
     with holding_tenant(fleet, slug):
-        tenant = _locked_tenant(fleet, slug, "cancel", now)
-        names = tenant_names(slug)
-        admin = fleet.cfg.server(tenant.server).admin_dsn
-        with pgserver.connect(admin, tenant.database, server=tenant.server) as conn:
-            pgserver.restrict_to_reads(conn, names)
-        with fleet.server_connection(tenant.server) as conn:
-            pgserver.set_login(conn, names.login_role, True)  # a suspended one may export
-        _set(fleet, tenant, "cancel", state=S.cancelled, cancelled_at=now,
-             hold_until=hold_until, suspended_at=None)
+        tenant = fleet.get_tenant(slug)
+        # Cancelling again during the hold finishes what a crashed run left undone
+        # (its backup) instead of failing: the command is idempotent.
+        again = tenant.state == S.cancelled and tenant.hold_until is not None \
+            and now < tenant.hold_until
+        if not again:
+            tenant = _locked_tenant(fleet, slug, "cancel", now)
+            names = tenant_names(slug)
+            admin = fleet.cfg.server(tenant.server).admin_dsn
+            with pgserver.connect(admin, tenant.database, server=tenant.server) as conn:
+                pgserver.restrict_to_reads(conn, names)
+            checkpoint("cancel.restricted")
+            with fleet.server_connection(tenant.server) as conn:
+                pgserver.set_login(conn, names.login_role, True)  # a suspended one may export
+            _set(fleet, tenant, "cancel", state=S.cancelled, cancelled_at=now,
+                 hold_until=hold_until, suspended_at=None)
+            checkpoint("cancel.state")
+        else:
+            hold_until = tenant.hold_until  # type: ignore[assignment]
     result = TransitionResult(slug, "cancel", S.cancelled, hold_until)
+    if again and _backed_up_since(fleet, tenant.id, tenant.cancelled_at):
+        return result
     if backup:
         from backups import pipeline
 
@@ -128,6 +141,17 @@ def cancel(fleet: Fleet, slug: str, *, now: datetime | None = None,
             # the cancellation stands; deletion takes its own verified backup anyway
             result.backup_error = first_line(exc)
     return result
+
+
+def _backed_up_since(fleet: Fleet, tenant_id: int, since: datetime | None) -> bool:
+    from sqlalchemy import select
+
+    from orchestrator.models import Backup
+
+    with fleet.catalog.session() as s:
+        return s.scalar(select(Backup.id).where(
+            Backup.tenant_id == tenant_id, Backup.status == "completed",
+            Backup.started_at >= since).limit(1)) is not None
 
 
 @audited("reactivate")
