@@ -16,6 +16,7 @@ import typer
 from cli.access import access_app
 from cli.backup import backup_app
 from cli.common import State, current_config, open_fleet, print_json, say, table
+from cli.doctor import doctor
 from cli.keys import breach_app, keys_app
 from cli.lifecycle import audit_app, register_tenant_commands, retention_app
 from cli.migrate import migrate_app
@@ -46,6 +47,7 @@ app.add_typer(scheduler_app, name="scheduler")
 app.add_typer(access_app, name="access")
 app.add_typer(breach_app, name="breach")
 register_tenant_commands(tenant_app)
+app.command()(doctor)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
