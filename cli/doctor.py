@@ -31,7 +31,6 @@ def doctor(
 
     fleet = open_fleet()
     try:
-        findings = doc.run(fleet, region)
         fixes: list[doc.FixResult] = []
         if fix:
             interactive = sys.stdin.isatty() and not as_json
@@ -48,9 +47,8 @@ def doctor(
                 if not as_json:
                     say(f"{r.outcome:>7}  {r.finding.subject}: {r.detail}")
 
-            fixes = doc.repair(fleet, findings, confirm, progress)
-            if fixes:
-                findings = doc.run(fleet, region)
+            fixes = doc.repair(fleet, region, confirm, progress)
+        findings = doc.run(fleet, region)
     finally:
         fleet.close()
     if as_json:

@@ -31,7 +31,7 @@ from psycopg.conninfo import conninfo_to_dict
 from sqlalchemy import select, update
 
 from orchestrator import clock
-from orchestrator.errors import TenantctlError, first_line
+from orchestrator.errors import Conflict, InvalidInput, TenantctlError, first_line
 from orchestrator.models import (
     PLACED_STATES,
     Backup,
@@ -40,7 +40,7 @@ from orchestrator.models import (
     Tenant,
     TenantState,
 )
-from orchestrator.names import catalog_mismatch
+from orchestrator.names import TenantNames, catalog_mismatch, tenant_names
 from orchestrator.retention_plan import DELETE, PURGE, TenantFact, tenant_action
 
 if TYPE_CHECKING:
@@ -292,10 +292,22 @@ def _known_objects(f: Facts) -> dict[str, tuple[set[str], set[str]]]:
     for t in f.tenants:
         if t.state not in PLACED_STATES or t.server not in f.server_cluster:
             continue
+        # from the slug, not the row's columns: a tampered row must not turn its
+        # tenant's real database into an "orphan" that --fix would drop
+        names = _names(t.slug)
+        if names is None:
+            continue
         dbs, roles = known[f.server_cluster[t.server]]
-        dbs.add(t.database)
-        roles.update((t.login_role, t.owner_role))
+        dbs.add(names.database)
+        roles.update((names.login_role, names.owner_role))
     return known
+
+
+def _names(slug: str) -> TenantNames | None:
+    try:
+        return tenant_names(slug)
+    except InvalidInput:
+        return None
 
 
 def check_orphans(f: Facts) -> Iterator[Finding]:
@@ -338,10 +350,11 @@ def check_privileges(f: Facts) -> Iterator[Finding]:
     """A tenant's role reaches its own database and nothing else; PUBLIC reaches no
     tenant database; no tenant role holds a server-wide power."""
     own: dict[str, str] = {}
-    placed = [t for t in f.tenants if t.state in PLACED_STATES]
-    for t in placed:
-        own[t.login_role] = own[t.owner_role] = t.database
-    tenant_dbs = {t.database for t in placed}
+    for t in f.tenants:
+        names = _names(t.slug)
+        if t.state in PLACED_STATES and names is not None:
+            own[names.login_role] = own[names.owner_role] = names.database
+    tenant_dbs = set(own.values())
     for _cid, c in sorted(f.clusters.items()):
         if not c.reachable:
             continue
@@ -481,7 +494,9 @@ def check_revisions(f: Facts) -> Iterator[Finding]:
     if not f.use_template:
         return
     for name, (_region, _cap, template) in sorted(f.servers.items()):
-        if _cluster(f, name) is not None and f.head is not None and template != f.head:
+        # no template yet is fine: the first provisioning on the server builds it
+        if _cluster(f, name) is not None and template is not None and f.head is not None \
+                and template != f.head:
             yield _f(WARNING, "template-behind-head", name,
                      f"template at {template or 'none'}, head is {f.head}",
                      f"tenantctl template build --server {name} (tenantctl doctor --fix)",
@@ -660,10 +675,22 @@ class FixResult:
         return {**self.finding.to_json(), "outcome": self.outcome, "detail": self.detail}
 
 
-def repair(fleet: Fleet, findings: list[Finding], confirm: Callable[[Finding], bool],
+def repair(fleet: Fleet, region: str | None, confirm: Callable[[Finding], bool],
            on_result: Callable[[FixResult], None] | None = None) -> list[FixResult]:
-    """Carry out every automatic fix, destructive ones only when ``confirm`` agrees.
-    One failure never stops the others; fixes that act fleet-wide run once."""
+    """Diagnose, then carry out every automatic fix, destructive ones only when
+    ``confirm`` agrees; one failure never stops the others. Under a fleet-wide
+    lock, and diagnosed under it, so two concurrent runs repair each thing once."""
+    with fleet.catalog.advisory_lock(FIX_LOCK) as got:
+        if not got:
+            raise Conflict("another `tenantctl doctor --fix` is running; let it finish")
+        return _repair(fleet, run(fleet, region), confirm, on_result)
+
+
+FIX_LOCK = "doctor:fix"
+
+
+def _repair(fleet: Fleet, findings: list[Finding], confirm: Callable[[Finding], bool],
+            on_result: Callable[[FixResult], None] | None) -> list[FixResult]:
     results: list[FixResult] = []
     once: set[str] = set()
     for finding in findings:
@@ -674,7 +701,8 @@ def repair(fleet: Fleet, findings: list[Finding], confirm: Callable[[Finding], b
                 continue
             once.add(finding.fix)
         if finding.destructive and not confirm(finding):
-            result = FixResult(finding, "skipped", "not confirmed")
+            result = FixResult(finding, "skipped", "not confirmed (destructive: confirm "
+                               "at the prompt, or pass --yes)")
         else:
             try:
                 detail = FIXES[finding.fix](fleet, finding)

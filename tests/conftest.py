@@ -217,3 +217,35 @@ def _drop_own_tenants(fleet: Fleet) -> None:
     for role, server in grants:
         with psycopg.connect(fleet.cfg.server(server).admin_dsn, autocommit=True) as conn:
             conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+
+
+@dataclass
+class CleanFleet:
+    config_path: Path
+
+    def fleet(self) -> Fleet:
+        return Fleet(load_config(self.config_path))
+
+
+@pytest.fixture(scope="session")
+def clean_fleet() -> Iterator[CleanFleet]:
+    """A two-region embedded fleet of its own (eu-central, ap-south; one cluster
+    each), exactly as `tenantctl init --local` + `local up` make it, for `doctor`
+    and the crash suite: only what those tests make lives there, and each leaves
+    it healthy, so `doctor` must find nothing between them."""
+    state = Path(tempfile.mkdtemp(prefix="tenantctl-clean-", dir="/tmp"))
+    os.chmod(state, 0o755)
+    cfg: Config | None = None
+    try:
+        res = localfleet.init_local(state / "tenantctl.toml", state)
+        cfg = load_config(res.config_path)
+        list(localfleet.up(cfg))
+        catalog = Catalog(cfg)
+        catalog.upgrade()
+        catalog.sync_topology()
+        catalog.dispose()
+        yield CleanFleet(res.config_path)
+    finally:
+        if cfg is not None:
+            list(localfleet.down(cfg))
+        shutil.rmtree(state, ignore_errors=True)
