@@ -1,0 +1,323 @@
+"""ansible/: ansible-lint (production profile) and a syntax check; a real run of
+the postgres_server role on this machine (connection=local), twice, then
+tenantctl provisioning on the cluster it made; the orchestrator role's
+tenantctl.toml rendered from the example inventory and checked by tenantctl.
+
+The real run needs root and Debian's PostgreSQL packages (pg_createcluster);
+it skips, saying why, without them. Its cluster (own name, spare port) is
+stopped and dropped afterwards whatever happens.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+import tomllib
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+import pytest
+import yaml
+
+from orchestrator import localfleet
+from orchestrator.catalog import with_dbname
+from orchestrator.masterkey import write_key_file
+from orchestrator.names import ADMIN_ROLE
+from tests.conftest import REPO, TENANTCTL, PgFleet, connect_as
+
+ANSIBLE_DIR = REPO / "ansible"
+EXAMPLE_INVENTORY = ANSIBLE_DIR / "inventory" / "example"
+BIN = Path(sys.executable).parent
+RECAP = re.compile(r"^(\S+)\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)",
+                   re.MULTILINE)
+
+
+def _tool(name: str) -> str:
+    path = BIN / name
+    if not path.exists():
+        pytest.fail(f"{path} missing: `pip install -e '.[dev]'` installs ansible-core and "
+                    "ansible-lint")
+    return str(path)
+
+
+def _env(tmp: Path) -> dict[str, str]:
+    home = tmp / "ansible-home"
+    return {**os.environ,
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            "ANSIBLE_CONFIG": str(ANSIBLE_DIR / "ansible.cfg"),
+            "ANSIBLE_HOME": str(home), "ANSIBLE_LOCAL_TEMP": str(home / "tmp"),
+            "ANSIBLE_REMOTE_TMP": str(home / "remote-tmp"),
+            "ANSIBLE_NOCOLOR": "1", "ANSIBLE_FORCE_COLOR": "0", "NO_COLOR": "1",
+            "ANSIBLE_DEPRECATION_WARNINGS": "0"}
+
+
+def _private_json(path: Path, data: dict[str, object]) -> Path:
+    """Extra vars with secrets: a 0600 file, never argv."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f)
+    return path
+
+
+def _playbook(tmp: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([_tool("ansible-playbook"), *args], cwd=ANSIBLE_DIR,
+                          env=_env(tmp), capture_output=True, text=True, timeout=timeout)
+
+
+def _tenantctl(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*TENANTCTL, "--config", str(config), *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+
+
+def _recap(res: subprocess.CompletedProcess[str]) -> dict[str, dict[str, int]]:
+    assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]
+    out = {m[1]: {"ok": int(m[2]), "changed": int(m[3]), "unreachable": int(m[4]),
+                  "failed": int(m[5])} for m in RECAP.finditer(res.stdout)}
+    assert out, res.stdout[-3000:]
+    return out
+
+
+# -- lint and syntax ----------------------------------------------------------------
+
+
+def test_ansible_lint_production_profile(tmp_path: Path) -> None:
+    res = subprocess.run([_tool("ansible-lint"), "--offline", "--profile", "production",
+                          "--nocolor"], cwd=ANSIBLE_DIR, env=_env(tmp_path),
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]
+    assert "Profile 'production' was required, and it passed" in res.stdout + res.stderr
+
+
+def test_site_playbook_syntax(tmp_path: Path) -> None:
+    res = _playbook(tmp_path, "-i", str(EXAMPLE_INVENTORY), "--syntax-check", "site.yml")
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+# -- the orchestrator role, rendered from the example inventory ----------------------
+
+
+def test_orchestrator_role_renders_a_config_tenantctl_accepts(tmp_path: Path) -> None:
+    """The whole role on this machine against the example inventory, with the
+    switches that keep it off the system (no package, user, pip install,
+    catalog or scheduler) and its files under tmp_path."""
+    etc, state = tmp_path / "etc", tmp_path / "state"
+    master_key = base64.b64encode(secrets.token_bytes(32)).decode()
+    admin_password = secrets.token_urlsafe(24)
+    extra = _private_json(tmp_path / "vars.json", {
+        "ansible_connection": "local", "ansible_python_interpreter": sys.executable,
+        "ansible_become": False,
+        "vault_tenantctl_admin_password": admin_password,
+        "vault_tenantctl_master_key": master_key,
+        "orchestrator_etc_dir": str(etc), "orchestrator_state_dir": str(state),
+        "orchestrator_user": "root", "orchestrator_group": "root",
+        "orchestrator_manage_user": False, "orchestrator_install": False,
+        "orchestrator_install_packages": False, "orchestrator_catalog_upgrade": False,
+        "orchestrator_manage_scheduler": False,
+        "orchestrator_bin": str(BIN / "tenantctl"),  # validates each new tenantctl.toml
+    })
+    args = ("-i", str(EXAMPLE_INVENTORY), "-e", f"@{extra}", "--limit", "orchestrator",
+            "site.yml")
+    first = _playbook(tmp_path, *args)
+    assert _recap(first)["ops-1.internal"]["changed"] > 0
+    assert _recap(_playbook(tmp_path, *args))["ops-1.internal"]["changed"] == 0
+
+    config = etc / "tenantctl.toml"
+    res = _tenantctl(config, "config", "check", "--json")
+    assert res.returncode == 0, res.stderr
+    inventory = yaml.safe_load((EXAMPLE_INVENTORY / "hosts.yml").read_text())["all"]["children"]
+    expected = {}
+    for group in inventory["postgres_servers"]["children"]:
+        region = inventory[group]["vars"]["tenantctl_region"]
+        expected[region] = {
+            "backup_store": inventory[group]["vars"]["tenantctl_backup_store"],
+            "servers": [h["tenantctl_server_name"] for h in inventory[group]["hosts"].values()]}
+    assert json.loads(res.stdout)["regions"] == expected
+
+    raw = tomllib.loads(config.read_text())
+    eu1 = raw["regions"]["eu-central"]["servers"][0]
+    assert eu1["capacity"] == 800
+    assert eu1["admin_dsn"] == (f"postgresql://{ADMIN_ROLE}@10.10.1.11:5432/postgres"
+                                f"?passfile={etc}/pgpass&sslmode=require")
+    assert raw["catalog"]["dsn"].startswith(f"postgresql://{ADMIN_ROLE}@10.10.1.11:5432/"
+                                            "tenantctl_catalog?")
+    assert raw["master_key"] == {"file": str(etc / "master.key")}
+    assert (etc / "master.key").read_text().strip() == master_key
+    for secret in ("master.key", "pgpass"):
+        assert (etc / secret).stat().st_mode & 0o777 == 0o600
+    assert f"10.20.1.11:5432:*:{ADMIN_ROLE}:{admin_password}" in (etc / "pgpass").read_text()
+    for out in (first.stdout + first.stderr, config.read_text()):
+        assert admin_password not in out and master_key not in out
+
+
+# -- the postgres_server role, for real ---------------------------------------------
+
+
+@dataclass
+class AnsibleCluster:
+    version: str
+    name: str
+    port: int
+    admin_password: str
+    memtotal_mb: int
+    runs: list[tuple[int, str]]  # (changed, output) of each playbook run
+
+
+def _installed_version() -> str | None:
+    versions = sorted((p.parent.parent.name for p in
+                       Path("/usr/lib/postgresql").glob("*/bin/postgres")), key=int)
+    return versions[-1] if versions else None
+
+
+@pytest.fixture
+def ansible_cluster(tmp_path: Path) -> Iterator[AnsibleCluster]:
+    """Runs site.yml twice against this machine, with a region group holding one
+    local host; yields the cluster; stops and drops it whatever happened."""
+    if os.geteuid() != 0:
+        pytest.skip("the postgres_server role's real run needs root (packages, clusters)")
+    missing = [t for t in ("apt-get", "dpkg-query", "pg_createcluster", "pg_ctlcluster",
+                           "pg_dropcluster", "su") if shutil.which(t) is None]
+    version = _installed_version()
+    if missing or version is None:
+        pytest.skip(f"needs Debian's PostgreSQL packages and apt (missing: "
+                    f"{', '.join(missing) or 'a /usr/lib/postgresql/*/bin/postgres'})")
+    name = f"tctl_ansible_{uuid.uuid4().hex[:8]}"
+    port = localfleet.free_ports(1, start=57000 + secrets.randbelow(500) * 10)[0]
+    cluster = AnsibleCluster(version, name, port, secrets.token_urlsafe(24),
+                             _memtotal_mb(), [])
+    python = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
+    inventory = {"all": {"children": {
+        "postgres_servers": {"children": {"region_ansible_test": None}},
+        "region_ansible_test": {
+            "vars": {"tenantctl_region": "ansible-test",
+                     "tenantctl_backup_store": f"file://{tmp_path / 'backups'}"},
+            "hosts": {"ansible-test-1": {
+                "ansible_connection": "local", "ansible_python_interpreter": python,
+                "ansible_become_method": "su",  # root, and no sudo here
+                "tenantctl_server_name": "ansible-test-1",
+                "tenantctl_server_address": "127.0.0.1",
+                "tenantctl_server_capacity": 10,
+                "postgres_server_version": version,
+                "postgres_server_cluster": name,
+                "postgres_server_port": port,
+                "postgres_server_listen_addresses": "127.0.0.1",
+                "postgres_server_shared_buffers_ratio": 0.01,
+                "postgres_server_max_connections": 100,
+            }}}}}}
+    (tmp_path / "inventory.yml").write_text(yaml.safe_dump(inventory))
+    extra = _private_json(tmp_path / "secrets.json",
+                          {"tenantctl_admin_password": cluster.admin_password})
+    args = ("-i", str(tmp_path / "inventory.yml"), "-e", f"@{extra}", "site.yml")
+    try:
+        for _ in range(2):
+            res = _playbook(tmp_path, *args)
+            recap = _recap(res)["ansible-test-1"]
+            assert recap["failed"] == 0 and recap["unreachable"] == 0
+            cluster.runs.append((recap["changed"], res.stdout + res.stderr))
+        yield cluster
+    finally:
+        subprocess.run(["pg_dropcluster", "--stop", version, name], capture_output=True,
+                       timeout=120)
+        # pg_dropcluster removes only the files it made (not conf.d/, the certificate)
+        shutil.rmtree(f"/etc/postgresql/{version}/{name}", ignore_errors=True)
+        shutil.rmtree(f"/var/lib/postgresql/{version}/{name}", ignore_errors=True)
+
+
+def _memtotal_mb() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) // 1024
+    raise AssertionError("no MemTotal in /proc/meminfo")
+
+
+def test_postgres_server_role_real_run(ansible_cluster: AnsibleCluster, test_fleet: PgFleet,
+                                       tmp_path: Path) -> None:
+    cluster = ansible_cluster
+    (first_changed, _), (second_changed, second) = cluster.runs
+    assert first_changed > 0
+    assert second_changed == 0, second[-6000:]  # idempotent: a second run changes nothing
+    for _, out in cluster.runs:
+        assert cluster.admin_password not in out
+
+    # The server as Ansible left it.
+    conf_dir = Path(f"/etc/postgresql/{cluster.version}/{cluster.name}")
+    hba = [line.split() for line in (conf_dir / "pg_hba.conf").read_text().splitlines()
+           if line.strip() and not line.startswith("#")]
+    assert all(rule[-1] != "trust" for rule in hba)
+    assert ["local", "all", "postgres", "peer"] in hba
+    assert ["hostssl", "sameuser", "all", "127.0.0.1/32", "scram-sha-256"] in hba
+    assert ["hostssl", "all", ADMIN_ROLE, "127.0.0.1/32", "scram-sha-256"] in hba
+    assert {rule[-1] for rule in hba} <= {"peer", "scram-sha-256", "reject"}
+
+    # tenantctl: a config of the test's own, whose new region's one server is the
+    # Ansible-made cluster; the catalog in a private database of the test fleet.
+    pgpass = tmp_path / "pgpass"
+    localfleet.ensure_pgpass_entry(pgpass, cluster.port, ADMIN_ROLE, cluster.admin_password)
+    admin_dsn = (f"postgresql://{ADMIN_ROLE}@127.0.0.1:{cluster.port}/postgres"
+                 f"?passfile={pgpass}&sslmode=require")
+    catalog_db = f"tenantctl_catalog_{uuid.uuid4().hex[:8]}"
+    write_key_file(tmp_path / "master.key")
+    config = tmp_path / "tenantctl.toml"
+    config.write_text("\n".join([
+        "[catalog]", f'dsn = "{with_dbname(test_fleet.admin_dsn("eu-central-1"), catalog_db)}"',
+        "[master_key]", f'file = "{tmp_path / "master.key"}"',
+        "[regions.ansible-test]", f'backup_store = "file://{tmp_path / "backups"}"',
+        "[[regions.ansible-test.servers]]", 'name = "ansible-test-1"',
+        f'admin_dsn = "{admin_dsn}"', "capacity = 10", ""]))
+    try:
+        res = _tenantctl(config, "catalog", "upgrade", "--json")
+        assert res.returncode == 0, res.stderr
+        assert "server ansible-test-1: added to ansible-test" in json.loads(res.stdout)["topology"]
+
+        dsns = {}
+        for slug in ("ans_alpha", "ans_beta"):
+            res = _tenantctl(config, "tenant", "create", slug, "--region", "ansible-test",
+                             "--json")
+            assert res.returncode == 0, res.stderr
+            created = json.loads(res.stdout)
+            assert created["server"] == "ansible-test-1" and created["state"] == "active"
+            dsns[slug] = created["dsn"]
+
+        # A tenant reaches its own database, over TLS ...
+        with connect_as(dsns["ans_alpha"]) as conn:
+            user, db, ssl = conn.execute(
+                "SELECT current_user, current_database(), ssl FROM pg_stat_ssl "
+                "WHERE pid = pg_backend_pid()").fetchone()  # type: ignore[misc]
+            assert (user, db, ssl) == ("tenant_ans_alpha", "tenant_ans_alpha", True)
+            conn.execute("INSERT INTO products (sku, name, unit_price) "
+                         "VALUES ('a-1', 'widget', 1)")
+        # ... and no other: not another tenant's, not the maintenance databases.
+        for other in ("tenant_ans_beta", "postgres", "template1", "tenantctl_template"):
+            with pytest.raises(psycopg.OperationalError):
+                connect_as(with_dbname(dsns["ans_alpha"], other)).close()
+        # Not without TLS either, even to its own database.
+        with pytest.raises(psycopg.OperationalError, match="no encryption"):
+            connect_as(dsns["ans_alpha"].replace("sslmode=require", "sslmode=disable")).close()
+
+        # The admin role: CREATEDB and CREATEROLE, not a superuser; the tuning applied.
+        with connect_as(admin_dsn, autocommit=True) as conn:
+            row = conn.execute(
+                "SELECT rolsuper, rolcreatedb, rolcreaterole, rolreplication, rolbypassrls "
+                "FROM pg_roles WHERE rolname = current_user").fetchone()
+            assert row == (False, True, True, False, False)
+            settings = dict(conn.execute(
+                "SELECT name, setting FROM pg_settings WHERE name IN ('shared_buffers', "
+                "'max_connections', 'autovacuum_naptime', 'password_encryption', 'ssl', "
+                "'port')").fetchall())
+        expected_mb = max(min(int(cluster.memtotal_mb * 0.01), 16384), 128)
+        assert int(settings["shared_buffers"]) * 8 // 1024 == expected_mb  # 8 kB pages
+        assert settings["max_connections"] == "100"
+        assert settings["autovacuum_naptime"] == "300"
+        assert settings["password_encryption"] == "scram-sha-256"
+        assert settings["ssl"] == "on" and settings["port"] == str(cluster.port)
+    finally:
+        with psycopg.connect(test_fleet.admin_dsn("eu-central-1"), autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{catalog_db}" WITH (FORCE)')
