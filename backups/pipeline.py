@@ -143,6 +143,7 @@ def run_backup(fleet: Fleet, slug: str, *, kind: str = "manual") -> BackupResult
     tenant = fleet.get_tenant(slug)
     if tenant.state not in BACKUPABLE:
         raise Conflict(f"tenant {slug!r} is {tenant.state}: nothing to back up")
+    reap_dead(fleet, slug)  # whatever command comes next finishes off a crashed one
     store = _store_for(fleet, tenant.region)  # the tenant's own region, never another
     pg_dump = pg_tool(fleet.cfg, "pg_dump")
     dump_version = _tool_version(pg_dump)
@@ -405,7 +406,8 @@ def run_many(fleet: Fleet, slugs: list[str], concurrency: int,
 
     def one(slug: str) -> None:
         try:
-            r = run_backup(fleet, slug, kind=kind)
+            r = run_due_backup(fleet, slug) if kind == "scheduled" else \
+                run_backup(fleet, slug, kind=kind)
         except TenantctlError as exc:
             r = BackupResult(0, slug, "failed", None, None, str(exc))
         with lock:
@@ -418,11 +420,14 @@ def run_many(fleet: Fleet, slugs: list[str], concurrency: int,
     return sorted(results, key=lambda r: r.tenant)
 
 
-def reap_dead(fleet: Fleet) -> int:
+def reap_dead(fleet: Fleet, slug: str | None = None) -> int:
     """Backups left 'running' by a process that died: abort their partial upload
     (no orphan multipart upload, no partial file), mark them failed."""
+    q = select(Backup).where(Backup.status == "running")
+    if slug is not None:
+        q = q.where(Backup.slug == slug)
     with fleet.catalog.session() as s:
-        rows = list(s.scalars(select(Backup).where(Backup.status == "running")))
+        rows = list(s.scalars(q))
     reaped = 0
     for row in rows:
         with fleet.catalog.advisory_lock(_alive(row.id)) as dead:
@@ -484,6 +489,24 @@ def restore_test(fleet: Fleet, backup_id: int) -> dict[str, Any]:
                         restore_test=True)
     return {"id": row.id, "tenant": row.slug, "ok": True, "tables": len(actual),
             "rows": sum(actual.values())}
+
+
+def run_due_backup(fleet: Fleet, slug: str, now: datetime | None = None) -> BackupResult:
+    """A scheduled backup, at most once per slot: two schedulers or two overlapping
+    `backup run --due` that found the same tenant due back it up once. The slot
+    is checked again under a per-tenant lock; whoever comes second skips."""
+    now = now or datetime.now(UTC)
+    schedule = Schedule(timedelta(hours=fleet.cfg.backup_interval_hours))
+    with fleet.catalog.advisory_lock(f"backup-due:{slug}") as got:
+        if not got:
+            return BackupResult(0, slug, "skipped", None, None,
+                                "another process is backing it up")
+        with fleet.catalog.session() as s:
+            last = s.scalar(select(func.max(Backup.finished_at)).where(
+                Backup.slug == slug, Backup.status == "completed"))
+        if not is_due(slug, last, now, schedule):
+            return BackupResult(0, slug, "skipped", None, None, "no longer due")
+        return run_backup(fleet, slug, kind="scheduled")
 
 
 def due_tenants(fleet: Fleet, now: datetime | None = None) -> list[str]:

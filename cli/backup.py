@@ -48,7 +48,7 @@ def run(
         for r in results:
             detail = f"{r.size} bytes" if r.status == "completed" else r.error
             say(f"{r.status:9} {r.tenant} backup {r.id or '-'}: {detail}")
-    if any(r.status != "completed" for r in results):
+    if any(r.status not in ("completed", "skipped") for r in results):
         raise typer.Exit(1)
 
 

@@ -452,8 +452,7 @@ def backups_job(fleet: Fleet, halt: threading.Event, concurrency: int,
             status = "not_started"
         else:
             try:
-                pipeline.run_backup(fleet, slug, kind="scheduled")
-                status = "completed"
+                status = pipeline.run_due_backup(fleet, slug).status
             except TenantChanged as exc:  # e.g. deleted since it was found due
                 status = "skipped"
                 log.info("backup_skipped", tenant=slug, reason=first_line(exc))
