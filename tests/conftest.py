@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -249,3 +250,22 @@ def clean_fleet() -> Iterator[CleanFleet]:
         if cfg is not None:
             list(localfleet.down(cfg))
         shutil.rmtree(state, ignore_errors=True)
+
+
+def problems(findings: list[Any]) -> list[tuple[str, str]]:
+    """`doctor` findings that matter (warnings and errors), as (code, subject)."""
+    return [(x.code, x.subject) for x in findings if x.severity != "info"]
+
+
+@pytest.fixture
+def healthy(clean_fleet: CleanFleet) -> Iterator[Fleet]:
+    """The clean fleet, checked healthy before the test and again after it: each
+    test repairs (or converges) what it broke — that is what it tests."""
+    from orchestrator import doctor
+
+    fleet = clean_fleet.fleet()
+    assert problems(doctor.run(fleet)) == []
+    yield fleet
+    left = problems(doctor.run(fleet))
+    fleet.close()
+    assert left == [], f"the test left the fleet unhealthy: {left}"

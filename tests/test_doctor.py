@@ -10,18 +10,16 @@ import json
 import os
 import subprocess
 import uuid
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
 import psycopg
 import pyrage
-import pytest
 from psycopg import sql
 from sqlalchemy import update
 
 from backups.pipeline import run_backup
-from orchestrator import access, clock, doctor, lifecycle
+from orchestrator import access, clock, lifecycle
 from orchestrator.api import Fleet
 from orchestrator.catalog import with_dbname
 from orchestrator.models import Backup, Server, SupportGrant, Tenant
@@ -35,10 +33,6 @@ def cli(clean: CleanFleet, *args: str, env: dict[str, str] | None = None
                           env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL)
 
 
-def problems(findings: list[doctor.Finding]) -> list[tuple[str, str]]:
-    return [(x.code, x.subject) for x in findings if x.severity != doctor.INFO]
-
-
 def report(clean: CleanFleet, *args: str) -> tuple[int, dict]:
     proc = cli(clean, "doctor", "--json", *args)
     assert "Traceback" not in proc.stderr, proc.stderr
@@ -47,18 +41,6 @@ def report(clean: CleanFleet, *args: str) -> tuple[int, dict]:
 
 def codes(data: dict) -> set[tuple[str, str]]:
     return {(x["code"], x["subject"]) for x in data["findings"] if x["severity"] != "info"}
-
-
-@pytest.fixture
-def healthy(clean_fleet: CleanFleet) -> Iterator[Fleet]:
-    """The clean fleet, checked healthy before the test and again after it: each
-    test repairs what it broke (that is what it tests)."""
-    fleet = clean_fleet.fleet()
-    assert problems(doctor.run(fleet)) == []
-    yield fleet
-    left = problems(doctor.run(fleet))
-    fleet.close()
-    assert left == [], f"the test left the fleet unhealthy: {left}"
 
 
 def new_slug(prefix: str = "d") -> str:
