@@ -11,6 +11,8 @@ stopped and dropped afterwards whatever happens.
 from __future__ import annotations
 
 import base64
+import getpass
+import grp
 import json
 import os
 import re
@@ -118,7 +120,8 @@ def test_orchestrator_role_renders_a_config_tenantctl_accepts(tmp_path: Path) ->
         "vault_tenantctl_admin_password": admin_password,
         "vault_tenantctl_master_key": master_key,
         "orchestrator_etc_dir": str(etc), "orchestrator_state_dir": str(state),
-        "orchestrator_user": "root", "orchestrator_group": "root",
+        "orchestrator_user": getpass.getuser(),
+        "orchestrator_group": grp.getgrgid(os.getgid()).gr_name,
         "orchestrator_manage_user": False, "orchestrator_install": False,
         "orchestrator_install_packages": False, "orchestrator_catalog_upgrade": False,
         "orchestrator_manage_scheduler": False,
