@@ -1,0 +1,280 @@
+"""A 1,000-tenant fleet, end to end: how the orchestrator holds up at scale.
+
+    python bench/fleet.py [--tenants 1000] [--data-dir /tmp] [--keep]
+
+Builds a fleet of real tenant databases over two embedded clusters (regions
+eu-central and ap-south), then times, each as its own orchestrator process
+whose peak RSS (VmHWM) and connections per server (sampled every 50 ms from
+pg_stat_activity; nothing else uses these clusters) are recorded:
+
+- provisioning: tenants/min through the Python API at concurrency 1 (a
+  sample) and 8 (the rest); baseline: the naive way, one `tenantctl tenant
+  create` process per tenant (a sample);
+- `tenantctl migrate status`;
+- `tenantctl migrate rollout` of one revision (0005 → 0006) over every tenant;
+- `tenantctl backup run --all`;
+- `tenantctl doctor`;
+- `tenantctl --help` start-up.
+
+Targets (issue 7): provisioning ≥ 600/min at concurrency 8, rollout ≤ 15 s,
+migrate status ≤ 3 s, doctor ≤ 10 s, RSS ≤ 300 MB, tenant-database
+connections never above the command's per-server cap, --help ≤ 300 ms.
+Prints JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import common  # noqa: E402
+
+OLD, HEAD = "0005_reorder_level", "0006_customer_email_ci"
+TENANTCTL = [sys.executable, "-m", "cli"]
+REPO = Path(__file__).resolve().parent.parent
+COUNT_SQL = """
+SELECT count(*), count(*) FILTER (WHERE datname LIKE 'tenant\\_%%')
+FROM pg_stat_activity WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()
+"""
+
+
+@dataclass
+class Sample:
+    peak_rss_mb: float = 0.0
+    max_connections: dict[str, int] = field(default_factory=dict)
+    max_tenant_db_connections: dict[str, int] = field(default_factory=dict)
+
+
+class Monitor:
+    """Samples a process's peak RSS and every server's client connections."""
+
+    def __init__(self, admin_dsns: dict[str, str]) -> None:
+        import psycopg
+
+        self.conns = {name: psycopg.connect(dsn, autocommit=True)
+                      for name, dsn in admin_dsns.items()}
+        self.sample = Sample()
+        self._stop = threading.Event()
+        self._pid: int | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self, pid: int) -> None:
+        self._pid, self.sample = pid, Sample()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> Sample:
+        self._poll()
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        return self.sample
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.05):
+            self._poll()
+
+    def _poll(self) -> None:
+        try:
+            status = Path(f"/proc/{self._pid}/status").read_text()
+            hwm = next(int(line.split()[1]) for line in status.splitlines()
+                       if line.startswith("VmHWM:"))
+            self.sample.peak_rss_mb = max(self.sample.peak_rss_mb, round(hwm / 1024, 1))
+        except (OSError, StopIteration):
+            pass  # it has exited
+        for name, conn in self.conns.items():
+            row = conn.execute(COUNT_SQL).fetchone()
+            assert row is not None
+            s = self.sample
+            s.max_connections[name] = max(s.max_connections.get(name, 0), int(row[0]))
+            s.max_tenant_db_connections[name] = max(
+                s.max_tenant_db_connections.get(name, 0), int(row[1]))
+
+    def close(self) -> None:
+        for conn in self.conns.values():
+            conn.close()
+
+
+def measured(monitor: Monitor, argv: list[str], env: dict[str, str] | None = None
+             ) -> tuple[float, Sample, subprocess.CompletedProcess[str]]:
+    started = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=REPO, env={**os.environ, **(env or {})})
+    monitor.start(proc.pid)
+    out, err = proc.communicate()
+    elapsed = time.perf_counter() - started
+    sample = monitor.stop()
+    done = subprocess.CompletedProcess(argv, proc.returncode, out, err)
+    if proc.returncode not in (0,):
+        sys.stderr.write(f"{argv[3:6]} exited {proc.returncode}: {err[-2000:]}\n")
+    return elapsed, sample, done
+
+
+def cli(config: Path, *args: str) -> list[str]:
+    return [*TENANTCTL, "--config", str(config), *args]
+
+
+def result(elapsed: float, sample: Sample, **extra: Any) -> dict[str, Any]:
+    return {"seconds": round(elapsed, 2), "peak_rss_mb": sample.peak_rss_mb,
+            "max_connections_per_server": sample.max_connections,
+            "max_tenant_db_connections_per_server": sample.max_tenant_db_connections,
+            **extra}
+
+
+# -- the provisioning worker (its own process, so its RSS is its own) ------------------
+
+
+def provision_worker(config: Path, slugs: list[str], concurrency: int) -> None:
+    from orchestrator.api import Fleet
+    from orchestrator.config import load_config
+
+    fleet = Fleet(load_config(config))
+    regions = ["eu-central", "ap-south"]
+    failures: list[str] = []
+
+    def one(i_slug: tuple[int, str]) -> None:
+        i, slug = i_slug
+        try:
+            fleet.provision(slug, regions[i % 2])
+        except Exception as exc:  # noqa: BLE001 - counted, reported
+            failures.append(f"{slug}: {exc}")
+
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        list(pool.map(one, enumerate(slugs)))
+    fleet.close()
+    print(json.dumps({"failures": failures[:5], "failed": len(failures)}))
+
+
+def provision(monitor: Monitor, config: Path, slugs: list[str], concurrency: int
+              ) -> dict[str, Any]:
+    argv = [sys.executable, __file__, "_provision", str(config), str(concurrency), *slugs]
+    elapsed, sample, done = measured(monitor, argv)
+    out = json.loads(done.stdout or "{}")
+    return result(elapsed, sample, tenants=len(slugs), concurrency=concurrency,
+                  per_min=round(len(slugs) / elapsed * 60, 1), failed=out.get("failed"))
+
+
+def naive_provision(config: Path, slugs: list[str]) -> dict[str, Any]:
+    started = time.perf_counter()
+    for i, slug in enumerate(slugs):
+        subprocess.run(cli(config, "tenant", "create", slug, "--region",
+                           ["eu-central", "ap-south"][i % 2], "--json"),
+                       check=True, capture_output=True, cwd=REPO)
+    elapsed = time.perf_counter() - started
+    return {"tenants": len(slugs), "seconds": round(elapsed, 2),
+            "per_min": round(len(slugs) / elapsed * 60, 1),
+            "how": "one `tenantctl tenant create` process per tenant, one after another"}
+
+
+def help_startup(samples: int = 7) -> dict[str, Any]:
+    times = []
+    for _ in range(samples):
+        started = time.perf_counter()
+        subprocess.run([*TENANTCTL, "--help"], check=True, capture_output=True, cwd=REPO)
+        times.append((time.perf_counter() - started) * 1000)
+    started = time.perf_counter()
+    for _ in range(samples):
+        subprocess.run([sys.executable, "-c", "pass"], check=True, capture_output=True)
+    bare = (time.perf_counter() - started) * 1000 / samples
+    return {"median_ms": round(statistics.median(times), 1), "python_alone_ms": round(bare, 1),
+            "target_ms": 300, "met": statistics.median(times) <= 300}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--tenants", type=int, default=1000)
+    ap.add_argument("--sample", type=int, default=60, help="tenants provisioned at "
+                    "concurrency 1 (and half as many the naive way)")
+    ap.add_argument("--data-dir", default="/tmp")
+    ap.add_argument("--keep", action="store_true", help="leave the clusters running")
+    args = ap.parse_args()
+
+    from orchestrator import templates
+    from orchestrator.api import Fleet
+
+    state = common.new_state(args.data_dir)
+    p1, p2 = common.ports(state, 2)
+    config = common.write_config(state, [("eu-central-1", "eu-central", p1),
+                                         ("ap-south-1", "ap-south", p2)], local=True)
+    cfg = common.start(config)
+    out: dict[str, Any] = {"tenants": args.tenants, "servers": 2, "cores": os.cpu_count()}
+    monitor = None
+    try:
+        fleet = Fleet(cfg)
+        fleet.set_target_revision(OLD)
+        for sc in cfg.servers:
+            templates.build(fleet, sc.name, OLD)
+            common.warm_up(fleet, sc.name, clones=24)
+        fleet.close()
+        monitor = Monitor({sc.name: sc.admin_dsn for sc in cfg.servers})
+        slugs = [f"t{i:05d}" for i in range(args.tenants)]
+        naive_n = max(2, args.sample // 2)
+        c1 = provision(monitor, config, slugs[:args.sample], 1)
+        c8 = provision(monitor, config, slugs[args.sample:args.tenants - naive_n], 8)
+        naive = naive_provision(config, slugs[args.tenants - naive_n:])
+        out["provision"] = {"concurrency_1": c1, "concurrency_8": c8, "naive_cli": naive,
+                            "ratio_c8_to_naive": round(c8["per_min"] / naive["per_min"], 1),
+                            "target_per_min": 600, "met": c8["per_min"] >= 600}
+
+        elapsed, sample, done = measured(monitor, cli(config, "migrate", "status", "--json"))
+        behind = len(json.loads(done.stdout)["behind"])
+        out["migrate_status"] = result(elapsed, sample, behind=behind, per_server_cap=8,
+                                       target_s=3, met=elapsed <= 3)
+
+        elapsed, sample, done = measured(monitor, cli(
+            config, "migrate", "rollout", "--to", HEAD, "--concurrency", "16",
+            "--per-server", "8", "--json"))
+        out["rollout"] = result(elapsed, sample, to=HEAD, exit=done.returncode,
+                                per_server_cap=8, target_s=15, met=elapsed <= 15
+                                and done.returncode == 0,
+                                tenants_per_s=round(args.tenants / elapsed, 1))
+
+        elapsed, sample, done = measured(monitor, cli(
+            config, "backup", "run", "--all", "--concurrency", "8", "--json"))
+        completed = sum(r["status"] == "completed" for r in json.loads(done.stdout or "[]"))
+        out["backup_all"] = result(elapsed, sample, completed=completed, concurrency=8,
+                                   per_s=round(completed / elapsed, 1))
+
+        elapsed, sample, done = measured(monitor, cli(config, "doctor", "--json"))
+        report = json.loads(done.stdout or "{}")
+        out["doctor"] = result(elapsed, sample, exit=done.returncode,
+                               findings=len(report.get("findings", [])),
+                               target_s=10, met=elapsed <= 10)
+        out["help"] = help_startup()
+        out["peak_rss_mb_max"] = max(v["peak_rss_mb"] for v in (
+            c1, c8, out["migrate_status"], out["rollout"], out["backup_all"], out["doctor"]))
+        out["rss_met"] = out["peak_rss_mb_max"] <= 300
+        out["caps_met"] = (
+            max(out["rollout"]["max_tenant_db_connections_per_server"].values()) <= 8
+            and max(out["migrate_status"]["max_tenant_db_connections_per_server"].values())
+            <= 8)
+    finally:
+        if monitor is not None:
+            monitor.close()
+        if not args.keep:
+            common.stop(cfg)
+            shutil.rmtree(state, ignore_errors=True)
+        else:
+            out["config"] = str(config)
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "_provision":
+        provision_worker(Path(sys.argv[2]), sys.argv[4:], int(sys.argv[3]))
+    else:
+        main()
