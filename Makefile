@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/rollout.py
 	$(BIN)/python bench/backup.py
 	$(BIN)/python bench/retention.py
+	$(BIN)/python bench/fleet.py
 
 clean:
 	-$(BIN)/tenantctl local down
