@@ -121,7 +121,10 @@ def compression_arg(pg_dump: str) -> str:
             [pg_dump, f"--compress={spec}", "--schema-only", "-f", os.devnull,
              "--dbname=host=127.0.0.1 port=1 connect_timeout=1"],
             capture_output=True, text=True, env={"PATH": os.environ.get("PATH", "")})
-        if "does not support compression" not in probe.stderr:
+        # accepted = it got as far as connecting; pg_dump 16+ says "does not support
+        # compression", 15 and older "invalid value" for a method they do not know
+        if not any(refusal in probe.stderr for refusal in
+                   ("does not support compression", "invalid value", "invalid compression")):
             return f"--compress={spec}"
     return "--compress=6"
 

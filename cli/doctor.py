@@ -55,14 +55,15 @@ def doctor(
         print_json({"ok": not doc.has_errors(findings),
                     "findings": [x.to_json() for x in findings],
                     "fixes": [r.to_json() for r in fixes]})
-    elif not findings:
-        say("healthy: catalog, servers and stores agree")
     else:
         for x in findings:
             say(f"{x.severity.upper():<7} {x.code}  {x.subject}: {x.message}")
             say(f"        -> {x.remedy}")
         counts = {s: sum(x.severity == s for x in findings) for s in (doc.ERROR, doc.WARNING)}
-        say(f"{counts[doc.ERROR]} error(s), {counts[doc.WARNING]} warning(s)"
-            + ("" if fix else "; `tenantctl doctor --fix` repairs those marked fixable"))
+        if not any(counts.values()):
+            say("healthy: catalog, servers and stores agree")
+        else:
+            say(f"{counts[doc.ERROR]} error(s), {counts[doc.WARNING]} warning(s)"
+                + ("" if fix else "; `tenantctl doctor --fix` repairs those it can"))
     if doc.has_errors(findings):
         raise typer.Exit(EXIT_ERRORS)

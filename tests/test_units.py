@@ -331,3 +331,14 @@ def test_lifecycle_transitions() -> None:
     assert "no longer" in (transition_error("reactivate", "cancelled", now, now) or "")
     assert transition_error("suspend", "cancelled", None, now) is not None
     assert transition_error("resume", "active", None, now) is not None
+
+
+@pytest.mark.parametrize("pg_dump", ["/usr/lib/postgresql/15/bin/pg_dump"])
+def test_compression_probe_understands_an_older_pg_dump(pg_dump: str) -> None:
+    """pg_dump 15 refuses an unknown method with "invalid value", not with "does not
+    support compression": the probe once took that for zstd support."""
+    from backups.pipeline import compression_arg
+
+    if not Path(pg_dump).exists():
+        pytest.skip(f"{pg_dump} is not installed")
+    assert compression_arg(pg_dump) == "--compress=6"
