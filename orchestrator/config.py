@@ -22,8 +22,9 @@ CONFIG_ENV = "TENANTCTL_CONFIG"
 DEFAULT_CONFIG_NAME = "tenantctl.toml"
 BUILTIN_MIGRATIONS = "builtin"
 
-_REGION_RE = re.compile(r"^[a-z][a-z0-9-]{1,39}$")
-_SERVER_RE = re.compile(r"^[a-z][a-z0-9_-]{1,62}$")
+# always fullmatch: `$` would let a trailing newline through
+_REGION_RE = re.compile(r"[a-z][a-z0-9-]{1,39}", re.ASCII)
+_SERVER_RE = re.compile(r"[a-z][a-z0-9_-]{1,62}", re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -285,7 +286,7 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
     seen_servers: set[str] = set()
     for rname, rraw in regions_raw.items():
         key = f"regions.{rname}"
-        if not _REGION_RE.match(rname):
+        if not _REGION_RE.fullmatch(rname):
             raise r.fail(key, "region names are lower-case letters, digits and '-'")
         if not isinstance(rraw, dict):
             raise r.fail(key, "must be a table")
@@ -305,7 +306,7 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
             _check_unknown(r, sraw, skey, {"name", "admin_dsn", "capacity", "data_dir", "port"})
             sname = r.string(sraw, f"{skey}.name", "name")
             assert sname is not None
-            if not _SERVER_RE.match(sname):
+            if not _SERVER_RE.fullmatch(sname):
                 raise r.fail(f"{skey}.name", "lower-case letters, digits, '-' and '_' only")
             if sname in seen_servers:
                 raise r.fail(f"{skey}.name", f"server {sname!r} is defined twice")

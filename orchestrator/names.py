@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from orchestrator.errors import InvalidInput
 
-SLUG_RE = re.compile(r"^[a-z][a-z0-9_]{2,39}$")
+SLUG_RE = re.compile(r"[a-z][a-z0-9_]{2,39}", re.ASCII)  # always fullmatch: `$` allows "\n"
 CATALOG_DB = "tenantctl_catalog"
 TEMPLATE_DB = "tenantctl_template"
 TEMPLATE_OWNER = "tenantctl_template_owner"
@@ -28,7 +28,7 @@ RESERVED_PREFIXES = ("pg_", "tenantctl")
 
 def validate_slug(slug: str) -> str:
     shown = slug if len(slug) <= 60 and slug.isprintable() else repr(slug[:60]) + "…"
-    if not SLUG_RE.match(slug):
+    if not SLUG_RE.fullmatch(slug):
         raise InvalidInput(
             f"invalid slug {shown!r}: use 3-40 lower-case letters, digits or '_', "
             "starting with a letter"

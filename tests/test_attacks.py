@@ -1,0 +1,319 @@
+"""Attack and bad-input suite, part 1: arbitrary strings (hypothesis) fed to every
+place where user input reaches SQL, a path or an object key — slugs, `restore --as`
+names, region and server names, backup store URLs and the object keys built under
+them, export paths, and the option values that end up in SQL or in date
+arithmetic. Each input either succeeds with a safe name or fails with a one-line
+error, and nothing is created outside what it should.
+
+The properties run mostly in-process against the pure validators and the Python
+API (fast); a handful of CLI runs check the shape the operator sees: one line on
+stderr, a non-zero exit, no traceback, nothing changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import stat
+import subprocess
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import select
+
+from backups import pipeline
+from backups.restore import restore_as
+from backups.stores import FileStore, S3Store, _check_key
+from orchestrator import access, clock, keys, lifecycle, psql, retention
+from orchestrator.api import Fleet
+from orchestrator.errors import InvalidInput, TenantctlError
+from orchestrator.export import export
+from orchestrator.models import Tenant
+from orchestrator.names import (
+    ADMIN_ROLE,
+    CATALOG_DB,
+    TEMPLATE_DB,
+    TEMPLATE_OWNER,
+    tenant_names,
+    validate_slug,
+)
+from tests.conftest import PgFleet, connect_as
+
+ALL_SERVERS = ("eu-central-1", "eu-central-2", "ap-south-1")
+NAMEDATALEN = 63  # Postgres silently truncates longer identifiers: two tenants could meet
+# The oracle: what a slug must look like, restated independently of orchestrator.names
+# (ASCII only, the whole string — a trailing newline included).
+SLUG_ORACLE = re.compile(r"[a-z][a-z0-9_]{2,39}", re.ASCII)
+REGION_ORACLE = re.compile(r"[a-z][a-z0-9-]{1,39}", re.ASCII)
+SERVER_ORACLE = re.compile(r"[a-z][a-z0-9_-]{1,62}", re.ASCII)
+SAFE_IDENT = re.compile(r"[a-z][a-z0-9_]*", re.ASCII)
+SERVER_WIDE = {"postgres", "template0", "template1", CATALOG_DB, TEMPLATE_DB, TEMPLATE_OWNER,
+               ADMIN_ROLE}
+
+PURE = settings(max_examples=400, deadline=None, database=None)
+LIVE = settings(max_examples=40, deadline=None, database=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                       HealthCheck.too_slow, HealthCheck.filter_too_much])
+
+NASTY = [
+    "acme\n", "acme\r\n", "acme\n; DROP DATABASE postgres", "acme\x00", "acme\u2028",
+    "\u0430cme", "\uff41\uff43\uff4d\uff45", "ACME", "acme ", " acme", "acme;", "acme'--",
+    'ac"me', "ac/me", "../acme", "acme/..", "..", ".", "", "tenantctl_catalog", "pg_acme",
+    "tenantctl_x", "postgres", "template1", "a" * 41, "ab", "a\tbc", "acme%00", "acme\\",
+    "ac$me", "acme\x1b[31m", "acme_\u0131", "ac\u00e9me", "acme)", "acme*", "[/acme]",
+    "x'; DROP DATABASE tenantctl_catalog; --", "\udcff" "acme",
+]
+valid_slug = st.from_regex(r"\A[a-z][a-z0-9_]{2,39}\Z")
+# a valid slug with one character too many: where a lax check lets things through
+near_valid = st.builds(
+    lambda s, c, where: {"end": s + c, "start": c + s, "mid": s[:2] + c + s[2:]}[where],
+    valid_slug,
+    st.one_of(st.sampled_from(["\n", "\r", "\x00", "'", '"', ";", "/", " ", "\u2028", "\t",
+                               "\\", ".", "-", "A"]), st.characters()),
+    st.sampled_from(["end", "start", "mid"]))
+hostile = st.one_of(st.sampled_from(NASTY), st.text(max_size=60), near_valid, valid_slug)
+
+
+def one_line(exc: BaseException, *needles: str) -> str:
+    """What the CLI would print after `error: `: one printable line (user input in
+    it is escaped), naming the problem."""
+    assert isinstance(exc, TenantctlError), repr(exc)
+    msg = str(exc)
+    assert msg.strip(), repr(exc)
+    assert len(msg.splitlines()) == 1 and msg.isprintable(), repr(msg)
+    for needle in needles:
+        assert needle in msg, msg
+    return msg
+
+
+def clean_cli_failure(proc: subprocess.CompletedProcess[str], code: int | None = None,
+                      *needles: str) -> None:
+    assert proc.returncode not in (0, None), (proc.returncode, proc.stdout, proc.stderr)
+    if code is not None:
+        assert proc.returncode == code, (proc.returncode, proc.stderr)
+    err = proc.stderr.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1, err
+    assert "Traceback" not in proc.stderr + proc.stdout
+    for needle in needles:
+        assert needle in err, err
+
+
+def squeeze(text: str) -> str:
+    """Text without whitespace: rich wraps long lines at the console width."""
+    return "".join(text.split())
+
+
+def everything_on_servers(test_fleet: PgFleet) -> dict[str, tuple[frozenset[str], ...]]:
+    """Every database and every role of every server: an injected statement could
+    create anything, not only tenant-looking names."""
+    out = {}
+    for server in ALL_SERVERS:
+        with psycopg.connect(test_fleet.admin_dsn(server), autocommit=True) as conn:
+            dbs = frozenset(r[0] for r in conn.execute("SELECT datname FROM pg_database"))
+            roles = frozenset(r[0] for r in conn.execute("SELECT rolname FROM pg_roles"))
+        out[server] = (dbs, roles)
+    return out
+
+
+def catalog_slugs(fleet: Fleet) -> set[str]:
+    with fleet.catalog.session() as s:
+        return set(s.scalars(select(Tenant.slug)))
+
+
+# -- slugs --------------------------------------------------------------------------------
+
+
+@settings(PURE, max_examples=1000)
+@given(hostile)
+@example("a" * 40)
+def test_a_slug_is_accepted_only_if_every_name_made_from_it_is_safe(slug: str) -> None:
+    try:
+        accepted = validate_slug(slug)
+    except InvalidInput as exc:
+        one_line(exc, "invalid slug")
+        assert not SLUG_ORACLE.fullmatch(slug) or slug in SERVER_WIDE or \
+            slug.startswith(("pg_", "tenantctl"))
+        return
+    assert accepted == slug and SLUG_ORACLE.fullmatch(slug), repr(slug)
+    names = tenant_names(slug)
+    # every derived server object: live, side copy and old copy of an in-place
+    # restore, login and owner roles
+    derived = [names.database, f"{names.database}__r", f"{names.database}__old",
+               names.login_role, names.owner_role]
+    for name in derived:
+        assert SAFE_IDENT.fullmatch(name) and len(name.encode()) <= NAMEDATALEN, name
+        assert name not in SERVER_WIDE and not name.startswith(("pg_", "tenantctl")), name
+    # a tenant's owner role is never any tenant's login role, nor the reverse
+    assert names.owner_role.startswith("owner_") and names.login_role.startswith("tenant_")
+    # its backup objects stay under its own prefix, in any store
+    key = f"tenants/{slug}/0000000001-20260101T000000Z.dump.age"
+    assert _check_key(key) == key
+    root = "/srv/store"
+    path = os.path.normpath(FileStore("file://" + root, Path(root))._path(key))
+    assert path.startswith(f"{root}/tenants/{slug}/")
+
+
+def _entry_points(fleet: Fleet, tmp: Path) -> dict[str, Callable[[str], Any]]:
+    """Every API call that takes a tenant slug from its caller."""
+    now = clock.utcnow()
+    return {
+        "get_tenant": fleet.get_tenant,
+        "credentials": fleet.credentials,
+        "rotate": lambda s: fleet.credentials(s, rotate=True),
+        "backup": lambda s: pipeline.run_backup(fleet, s),
+        "latest_backup": lambda s: pipeline.latest_backup(fleet, s),
+        "export": lambda s: export(fleet, s, "csv", tmp / "out.zip"),
+        "psql": lambda s: psql.run(fleet, s, owner=False, command="SELECT 1"),
+        "cancel": lambda s: lifecycle.cancel(fleet, s),
+        "suspend": lambda s: lifecycle.suspend(fleet, s),
+        "resume": lambda s: lifecycle.resume(fleet, s),
+        "reactivate": lambda s: lifecycle.reactivate(fleet, s),
+        "legal_hold": lambda s: lifecycle.legal_hold(fleet, s, on=True, reason="r"),
+        "erase": lambda s: retention.erase_tenant(fleet, s, "request 1", now),
+        "grant": lambda s: access.grant(fleet, s, to="sam", ttl=timedelta(hours=1),
+                                        reason="ticket"),
+        "key_export": lambda s: keys.export_identity(fleet, s),
+        "restore_as": lambda s: restore_as(fleet, -1, s),  # no such backup, ever
+    }
+
+
+# -- restore --as ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def backed_up(test_fleet: PgFleet) -> Iterator[tuple[str, int]]:
+    """One tenant of the shared catalog with data and a completed backup."""
+    fleet = Fleet(test_fleet.config())
+    slug = f"atk{uuid.uuid4().hex[:8]}"
+    try:
+        fleet.provision(slug, "ap-south")
+        with connect_as(fleet.credentials(slug), autocommit=True) as conn:
+            conn.execute("INSERT INTO customers (email, name) VALUES ('a@b.c', 'Ann')")
+        yield slug, pipeline.run_backup(fleet, slug).id
+    finally:
+        fleet.close()
+
+
+# -- region and server names ------------------------------------------------------------------
+
+
+def _raw(region: str = "eu-central", server: str = "eu-1",
+         stores: dict[str, str] | None = None) -> dict[str, Any]:
+    stores = stores or {region: "s3://bucket/eu"}
+    return {
+        "catalog": {"dsn": "postgresql://tenantctl_admin@cat/tenantctl_catalog"},
+        "master_key": {"file": "master.key"},
+        "regions": {name: {"backup_store": url, "servers": [
+            {"name": f"{server}" if i == 0 else f"{name}-srv",
+             "admin_dsn": "postgresql://tenantctl_admin@pg/postgres"}]}
+            for i, (name, url) in enumerate(stores.items())},
+    }
+
+
+names_strategy = st.one_of(
+    st.sampled_from(["eu\n", "eu-central\n", "EU", "eu_central", "eu central", "e", "eu.c",
+                     "../eu", "eu/x", "eu-" + "x" * 60, "eu\u2028x", "\u0435u", "eu\x00"]),
+    st.text(max_size=40), st.from_regex(r"[a-z][a-z0-9_-]{1,62}"))
+
+
+# -- backup stores and object keys ------------------------------------------------------------
+
+
+segment = st.sampled_from(["a", "b", "eu", "tenants", "acme", ".", "..", "", "%2e%2e", "x;y",
+                           "a b", "\u00e9", "\n", "a#b"])
+store_path = st.lists(segment, max_size=4).map("/".join)
+file_url = st.builds(lambda host, p: f"file://{host}/{p}",
+                     st.sampled_from(["", "", "localhost", "backups", "u:pw@h"]), store_path)
+s3_url = st.builds(lambda bucket, p, q: f"s3://{bucket}/{p}{q}",
+                   st.sampled_from(["bkt", "bkt", "other", "B!", "", "k:s@bkt", "a"]),
+                   store_path,
+                   st.sampled_from(["", "", "?region=eu-central-1",
+                                    "?endpoint_url=http://127.0.0.1:9", "?colour=blue",
+                                    "#frag"]))
+store_url = st.one_of(file_url, s3_url, st.text(max_size=30))
+
+
+def _key_space(store: Any) -> tuple[str, ...]:
+    """Where a store's objects live, as a path: the directory, or service/bucket/prefix."""
+    if isinstance(store, FileStore):
+        return ("file", *[p for p in str(store.root).split("/") if p])
+    assert isinstance(store, S3Store)
+    return ("s3", store.endpoint_url or "", store.bucket,
+            *[p for p in store.prefix.split("/") if p])
+
+
+# -- export paths ---------------------------------------------------------------------------
+
+
+def _tree(root: Path) -> dict[str, tuple[str, ...]]:
+    out: dict[str, tuple[str, ...]] = {}
+    for dirpath, dirs, files in os.walk(root):
+        for name in dirs + files:
+            p = os.path.join(dirpath, name)
+            st_ = os.lstat(p)
+            if stat.S_ISLNK(st_.st_mode):
+                out[p] = ("link", os.readlink(p))
+            elif stat.S_ISDIR(st_.st_mode):
+                out[p] = ("dir",)
+            else:
+                out[p] = ("file", hashlib.sha256(Path(p).read_bytes()).hexdigest())
+    return out
+
+
+@pytest.fixture(scope="module")
+def exportable(test_fleet: PgFleet) -> Iterator[str]:
+    fleet = Fleet(test_fleet.config())
+    slug = f"exp{uuid.uuid4().hex[:8]}"
+    try:
+        fleet.provision(slug, "eu-central")
+        with connect_as(fleet.credentials(slug), autocommit=True) as conn:
+            conn.execute("INSERT INTO customers (email, name) VALUES ('a@b.c', 'Ann')")
+        yield slug
+    finally:
+        fleet.close()
+
+
+export_names = st.one_of(
+    st.sampled_from(["x.zip", "existing.zip", "sub", "sub/", "link", "dangling", ".", "..",
+                     "", "sub/x.zip", "nosuchdir/x.zip", "../x.zip", "../../../x.zip",
+                     "a\nb.zip", "[/x].zip", "x" * 255, "x" * 250, "x" * 256, "x\x00y",
+                     "\udcff.zip", ".x.zip.abc.partial", " ", "-", "--force", "link/x",
+                     "\x1b[31mred", "sub/../x.zip"]),
+    st.text(max_size=30), st.text(alphabet="ab./\n", max_size=12))
+
+
+# -- option values that reach SQL or date arithmetic -------------------------------------------
+
+
+values = st.one_of(st.text(max_size=30),
+                   st.from_regex(r"\A[0-9\u0660-\u0669]{1,25}(ms|s|min|h|m|d)?\Z"),
+                   st.sampled_from(["99999999999999999999d", "999999999d", "3000000d",
+                                    "99999999999s", "2147483648ms", "2147483647ms", "1e400%",
+                                    "nan%", "0001-01-01T00:00:00+01:00",
+                                    "9999-12-31T23:59:59-01:00", "\u0661\u0662s", "1\n"]))
+
+
+@pytest.fixture(scope="module")
+def pg(test_fleet: PgFleet) -> Iterator[psycopg.Connection]:
+    with psycopg.connect(test_fleet.admin_dsn("eu-central-1")) as conn:
+        yield conn
+
+
+# -- free text stored in the catalog: reasons, names, filters, the actor ------------------------
+
+
+free_text = st.one_of(st.text(max_size=40),
+                      st.sampled_from(["a\x00b", "\udcff", "\ud800x", "two\nlines", "[/x]",
+                                       "\u00e9t\u00e9", "  ", "'; DROP TABLE tenants; --"]))
+
+
+# -- the CLI: one line, exit code, nothing changed ---------------------------------------------
+
