@@ -11,10 +11,24 @@ def first_line(exc: BaseException) -> str:
     return (str(orig).strip().splitlines() or [type(orig).__name__])[0]
 
 
+def printable(text: str) -> str:
+    """``text`` on one printable line: anything else (a newline, an escape code, a
+    byte that was not UTF-8) shown escaped, as Python would write it."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode()
+                   for c in text)
+
+
 class TenantctlError(Exception):
     """Base for failures an operator can act on; the message is the whole story."""
 
     exit_code = 1
+
+    def __str__(self) -> str:
+        # Messages quote user input (a path, a config key, a name): whatever that
+        # holds, the message stays one printable line — no newline, no escape code.
+        return printable(super().__str__())
 
 
 class ConfigError(TenantctlError):

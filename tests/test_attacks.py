@@ -34,7 +34,8 @@ from backups.restore import restore_as
 from backups.stores import FileStore, S3Store, _check_key
 from orchestrator import access, clock, keys, lifecycle, psql, retention
 from orchestrator.api import Fleet
-from orchestrator.errors import InvalidInput, TenantctlError
+from orchestrator.config import parse_config
+from orchestrator.errors import ConfigError, InvalidInput, TenantctlError
 from orchestrator.export import export
 from orchestrator.models import Tenant
 from orchestrator.names import (
@@ -222,6 +223,29 @@ names_strategy = st.one_of(
     st.sampled_from(["eu\n", "eu-central\n", "EU", "eu_central", "eu central", "e", "eu.c",
                      "../eu", "eu/x", "eu-" + "x" * 60, "eu\u2028x", "\u0435u", "eu\x00"]),
     st.text(max_size=40), st.from_regex(r"[a-z][a-z0-9_-]{1,62}"))
+
+
+@PURE
+@given(names_strategy)
+@example("eu-central\n")
+def test_region_and_server_names_in_the_config(name: str) -> None:
+    path = Path("/etc/tenantctl/tenantctl.toml")
+    try:
+        cfg = parse_config(_raw(region=name, stores={name: "s3://bucket/eu"}), path)
+    except ConfigError as exc:
+        one_line(exc, str(path))
+        assert not REGION_ORACLE.fullmatch(name)
+    else:
+        assert REGION_ORACLE.fullmatch(name), repr(name)
+        assert cfg.region(name).name == name
+    try:
+        cfg = parse_config(_raw(server=name), path)
+    except ConfigError as exc:
+        one_line(exc, str(path))
+        assert not SERVER_ORACLE.fullmatch(name)
+    else:
+        assert SERVER_ORACLE.fullmatch(name), repr(name)
+        assert cfg.server(name).name == name
 
 
 # -- backup stores and object keys ------------------------------------------------------------
