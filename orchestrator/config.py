@@ -216,6 +216,39 @@ def _check_dsn(r: _Reader, key: str, dsn: str) -> None:
         )
 
 
+_BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", re.ASCII)
+_S3_OPTIONS = {"endpoint_url", "region"}
+
+
+def _store_location(r: _Reader, key: str, url: str) -> tuple[str, ...]:
+    """Where a backup store keeps its objects — (file, dirs…) or (s3, endpoint, bucket,
+    prefix parts…) — refusing any URL that is not plainly one directory or one
+    bucket prefix (a store opens exactly where the URL says, or not at all)."""
+    from urllib.parse import parse_qs, urlparse
+
+    if not url.startswith(("file://", "s3://")):
+        raise r.fail(key, "must be a file:// or s3:// URL")
+    parsed = urlparse(url)
+    parts = parsed.path.strip("/").split("/") if parsed.path.strip("/") else []
+    if not url.isprintable() or parsed.params or parsed.fragment or \
+            any(p in ("", ".", "..") for p in parts):
+        raise r.fail(key, "the path must be plain: no '.', '..' or empty segments, "
+                     "no ';', '#' or control characters")
+    if parsed.scheme == "file":
+        if parsed.netloc not in ("", "localhost") or parsed.query:
+            raise r.fail(key, "use file:///absolute/path (no host, no options)")
+        return ("file", *parts)
+    if not _BUCKET_RE.fullmatch(parsed.netloc):
+        raise r.fail(key, "s3://BUCKET/prefix needs a bucket name (and no credentials: "
+                     "they come from the AWS environment)")
+    options = parse_qs(parsed.query, keep_blank_values=True)
+    unknown = sorted(set(options) - _S3_OPTIONS)
+    if unknown:
+        raise r.fail(key, f"unknown option(s) {', '.join(unknown)} (known: endpoint_url, "
+                     "region)")
+    return ("s3", options.get("endpoint_url", [""])[-1], parsed.netloc, *parts)
+
+
 def parse_config(raw: dict[str, Any], path: Path) -> Config:
     r = _Reader(path)
     _check_unknown(r, raw, "", {"state_dir", "pg_bin_dir", "catalog", "master_key",
@@ -284,6 +317,7 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
         raise r.fail("regions", "at least one region is required")
     regions: dict[str, RegionConfig] = {}
     seen_servers: set[str] = set()
+    store_locations: dict[str, tuple[str, ...]] = {}
     for rname, rraw in regions_raw.items():
         key = f"regions.{rname}"
         if not _REGION_RE.fullmatch(rname):
@@ -293,8 +327,13 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
         _check_unknown(r, rraw, key, {"backup_store", "servers"})
         store = r.string(rraw, f"{key}.backup_store", "backup_store")
         assert store is not None
-        if not store.startswith(("file://", "s3://")):
-            raise r.fail(f"{key}.backup_store", "must be a file:// or s3:// URL")
+        where = _store_location(r, f"{key}.backup_store", store)
+        for other, other_where in store_locations.items():
+            shorter = min(len(where), len(other_where))
+            if where[:shorter] == other_where[:shorter]:
+                raise r.fail(f"{key}.backup_store", f"overlaps the store of region {other}: "
+                             "each region needs a store of its own")
+        store_locations[rname] = where
         servers_raw = rraw.get("servers")
         if not isinstance(servers_raw, list) or not servers_raw:
             raise r.fail(f"{key}.servers", "at least one [[servers]] entry is required")

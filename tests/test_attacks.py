@@ -31,7 +31,7 @@ from sqlalchemy import select
 
 from backups import pipeline
 from backups.restore import restore_as
-from backups.stores import FileStore, S3Store, _check_key
+from backups.stores import FileStore, S3Store, StoreError, _check_key, open_store
 from orchestrator import access, clock, keys, lifecycle, psql, retention
 from orchestrator.api import Fleet
 from orchestrator.config import parse_config
@@ -272,6 +272,60 @@ def _key_space(store: Any) -> tuple[str, ...]:
     assert isinstance(store, S3Store)
     return ("s3", store.endpoint_url or "", store.bucket,
             *[p for p in store.prefix.split("/") if p])
+
+
+@PURE
+@given(store_url, store_url)
+@example("file:///srv/backups/eu", "file:///srv/backups/eu/tenants/acme")
+@example("s3://bkt/eu", "s3://bkt/eu/tenants/acme")
+@example("s3://bkt/eu", "s3://bkt/eu")
+@example("file://backups/eu", "file:///srv/ap")
+@example("file:///srv/eu/../ap", "file:///srv/ap")
+@example("s3://bkt/eu?colour=blue", "file:///srv/ap")
+def test_backup_store_urls_give_each_region_a_key_space_of_its_own(a: str, b: str) -> None:
+    """A store URL the config accepts opens, keeps every key of every tenant under
+    its own directory or prefix, and shares no key with another region's store: a
+    purge of tenant `acme` in one region deletes `tenants/acme/…` of its own store,
+    never a whole other region's store nested under that prefix."""
+    try:
+        cfg = parse_config(_raw(stores={"eu": a, "ap": b}), Path("/etc/t.toml"))
+    except ConfigError as exc:
+        one_line(exc)
+        return
+    spaces = {}
+    for region in ("eu", "ap"):
+        store = open_store(cfg.region(region).backup_store)  # the config said it is fine
+        space = _key_space(store)
+        assert ".." not in space and "." not in space, space
+        key = "tenants/acme/0000000001-20260101T000000Z.dump.age"
+        if isinstance(store, FileStore):
+            assert store.root.is_absolute()
+            full = os.path.normpath(store._path(key))
+            assert full == os.path.join(os.path.normpath(store.root), key)
+        else:
+            assert isinstance(store, S3Store)
+            full = store._key(key)
+            assert full == "/".join([*space[3:], key])
+        spaces[region] = space
+    eu, ap = spaces["eu"], spaces["ap"]
+    shorter = min(len(eu), len(ap))
+    assert eu[:shorter] != ap[:shorter], f"the stores overlap: {a!r} and {b!r}"
+
+
+@PURE
+@given(st.one_of(st.text(max_size=40), st.lists(segment, max_size=5).map("/".join)))
+def test_object_keys_never_leave_the_store(key: str) -> None:
+    root = "/srv/store"
+    try:
+        _check_key(key)
+    except StoreError as exc:
+        one_line(exc, "invalid object key")
+        return
+    full = os.path.normpath(os.path.join(root, key))
+    assert full.startswith(root + "/"), key
+    s3 = S3Store("s3://bkt/pre")
+    assert s3._key(key) == f"pre/{key}"
+    assert not {".", "..", ""} & set(s3._key(key).split("/"))
 
 
 # -- export paths ---------------------------------------------------------------------------
