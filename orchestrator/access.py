@@ -38,7 +38,10 @@ def parse_ttl(text: str) -> timedelta:
     m = _TTL.match(text.strip())
     if not m:
         raise InvalidInput(f"--ttl {text!r}: use a number and s, m, h or d (e.g. 2h)")
-    ttl = timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
+    try:
+        ttl = timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
+    except OverflowError:  # beyond timedelta's range: far more than MAX_TTL anyway
+        ttl = timedelta.max
     if ttl <= timedelta(0) or ttl > MAX_TTL:
         raise InvalidInput(f"--ttl must be more than 0 and at most {MAX_TTL.days} days")
     return ttl

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select
 
 from orchestrator import clock
+from orchestrator.errors import InvalidInput
 from orchestrator.models import AuditEvent
 
 if TYPE_CHECKING:
@@ -42,8 +43,11 @@ def parse_since(text: str) -> Any:
     m = _RELATIVE.match(text.strip())
     if m:
         n, unit = int(m.group(1)), m.group(2)
-        delta = {"d": timedelta(days=n), "h": timedelta(hours=n), "m": timedelta(minutes=n)}
-        return clock.utcnow() - delta[unit]
+        try:
+            return clock.utcnow() - timedelta(**{{"d": "days", "h": "hours",
+                                                  "m": "minutes"}[unit]: n})
+        except OverflowError:
+            raise InvalidInput(f"--since {text!r} reaches back before year 1") from None
     return clock.parse_instant(text, "--since")
 
 

@@ -26,7 +26,10 @@ def parse_instant(text: str, what: str = "--now") -> datetime:
     except ValueError:
         raise InvalidInput(f"{what} {text!r} is not an ISO-8601 time "
                            "(e.g. 2026-12-24T08:00:00Z)") from None
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    try:
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00 is in year 0 in UTC
+        raise InvalidInput(f"{what} {text!r} is out of range") from None
 
 
 def effective_now(override: str | None, *, acting: bool) -> datetime:

@@ -19,7 +19,7 @@ import stat
 import subprocess
 import uuid
 from collections.abc import Callable, Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from sqlalchemy import select
 from backups import pipeline
 from backups.restore import restore_as
 from backups.stores import FileStore, S3Store, StoreError, _check_key, open_store
-from orchestrator import access, clock, keys, lifecycle, psql, retention
+from orchestrator import access, audit, clock, keys, lifecycle, psql, retention
 from orchestrator.api import Fleet
 from orchestrator.config import parse_config
 from orchestrator.errors import ConfigError, InvalidInput, TenantctlError
@@ -46,6 +46,7 @@ from orchestrator.names import (
     tenant_names,
     validate_slug,
 )
+from orchestrator.rollout_plan import parse_budget, parse_timeout, parse_waves
 from tests.conftest import PgFleet, connect_as
 
 ALL_SERVERS = ("eu-central-1", "eu-central-2", "ap-south-1")
@@ -379,10 +380,57 @@ values = st.one_of(st.text(max_size=30),
                                     "9999-12-31T23:59:59-01:00", "\u0661\u0662s", "1\n"]))
 
 
+@PURE
+@given(values)
+@example("99999999999999999999d")
+@example("0001-01-01T00:00:00+01:00")
+def test_option_parsers_return_or_refuse_in_one_line(text: str) -> None:
+    parsers: list[Callable[[str], Any]] = [
+        access.parse_ttl, audit.parse_since, clock.parse_instant, parse_waves,
+        lambda s: parse_budget(s, 100), lambda s: parse_timeout("--lock-timeout", s),
+        lambda s: clock.effective_now(s, acting=False)]
+    for parse in parsers:
+        try:
+            value = parse(text)
+        except InvalidInput as exc:
+            one_line(exc)
+            continue
+        if isinstance(value, timedelta):  # a TTL: positive, at most a week
+            assert timedelta(0) < value <= access.MAX_TTL
+        if isinstance(value, datetime):
+            assert value.tzinfo is not None and value.utcoffset() == timedelta(0)
+
+
 @pytest.fixture(scope="module")
 def pg(test_fleet: PgFleet) -> Iterator[psycopg.Connection]:
     with psycopg.connect(test_fleet.admin_dsn("eu-central-1")) as conn:
         yield conn
+
+
+def test_timeouts_accepted_are_timeouts_postgres_accepts(pg: psycopg.Connection) -> None:
+    @settings(PURE, max_examples=150)
+    @given(values)
+    @example("99999999999s")
+    @example("\u0661\u0662s")
+    @example("08")
+    @example("010s")
+    def attack(text: str) -> None:
+        try:
+            value = parse_timeout("--lock-timeout", text)
+        except InvalidInput as exc:
+            one_line(exc)
+            return
+        with pg.transaction():
+            pg.execute("SELECT set_config('lock_timeout', %s, true)", (value,))
+            row = pg.execute("SELECT setting::bigint FROM pg_settings "
+                             "WHERE name = 'lock_timeout'").fetchone()
+        # and it means what the operator wrote (not, say, "010" read as octal)
+        meant = re.fullmatch(r"\s*([0-9]+)\s*(ms|s|min|h)?\s*", text, re.ASCII)
+        assert meant and row is not None, (text, value)
+        factor = {"ms": 1, "s": 1000, "min": 60_000, "h": 3_600_000}[meant.group(2) or "ms"]
+        assert row[0] == int(meant.group(1)) * factor, (text, value, row)
+
+    attack()
 
 
 # -- free text stored in the catalog: reasons, names, filters, the actor ------------------------
