@@ -49,13 +49,20 @@ def export(fleet: Fleet, slug: str, fmt: str, output: Path, *, force: bool = Fal
         raise Conflict(f"tenant {slug!r} is {tenant.state}: its database is gone, nothing "
                        "to export")
     output = output.expanduser().absolute()
-    if output.exists() and not force:
-        raise Conflict(f"{output} already exists (use --force to replace it)")
-    if not output.parent.is_dir():
-        raise InvalidInput(f"directory {output.parent} does not exist")
     dsn = with_dbname(fleet.cfg.server(tenant.server).admin_dsn, tenant.database)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".partial",
-                                    dir=output.parent)
+    try:  # OSError: a name too long, a permission; ValueError: a NUL byte, not encodable
+        if output.is_dir():  # --force would not help: a directory is never replaced
+            raise InvalidInput(f"{output} is a directory")
+        if output.exists() and not force:
+            raise Conflict(f"{output} already exists (use --force to replace it)")
+        if not output.parent.is_dir():
+            raise InvalidInput(f"directory {output.parent} does not exist")
+        # the temporary name stays short: a long (valid) output name must still fit
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name[:64]}.", suffix=".partial",
+                                        dir=output.parent)
+    except (OSError, ValueError) as exc:
+        raise InvalidInput(f"cannot write {output}: {getattr(exc, 'strerror', None) or exc}"
+                           ) from None
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as out:
@@ -63,9 +70,11 @@ def export(fleet: Fleet, slug: str, fmt: str, output: Path, *, force: bool = Fal
             out.flush()
             os.fsync(out.fileno())
         tmp.replace(output)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        if isinstance(exc, OSError):  # a full disk, a name too long for the rename, …
+            raise ExportError(f"cannot write {output}: {exc.strerror or exc}") from None
         raise
     size = output.stat().st_size
     fleet.catalog.audit("tenant.export", tenant=slug, region=tenant.region, format=fmt,

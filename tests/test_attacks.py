@@ -15,9 +15,11 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import stat
 import subprocess
 import uuid
+import zipfile
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -367,6 +369,53 @@ export_names = st.one_of(
                      "\udcff.zip", ".x.zip.abc.partial", " ", "-", "--force", "link/x",
                      "\x1b[31mred", "sub/../x.zip"]),
     st.text(max_size=30), st.text(alphabet="ab./\n", max_size=12))
+
+
+def test_export_writes_only_the_named_file(fleet: Fleet, exportable: str,
+                                           tmp_path: Path) -> None:
+    """Whatever the --output: the named file appears (complete: a valid zip), or one
+    line explains why not — and nothing else in the tree changes: no temporary file
+    left, nothing written through a symlink, no directory replaced."""
+    root = tmp_path / "tree"
+    base = root / "a" / "b" / "base"
+
+    def reset() -> None:
+        shutil.rmtree(root, ignore_errors=True)
+        (base / "sub").mkdir(parents=True)
+        (root / "outside").mkdir()
+        (root / "outside" / "victim.txt").write_text("do not touch")
+        (base / "existing.zip").write_bytes(b"old")
+        (base / "link").symlink_to(root / "outside" / "victim.txt")
+        (base / "dangling").symlink_to(root / "outside" / "nothing")
+
+    @LIVE
+    @given(export_names, st.booleans())
+    @example("x" * 255, False)
+    @example("x" * 256, False)
+    @example("sub", True)
+    @example("..", True)
+    @example("link", True)
+    @example("a\nb.zip", False)
+    def attack(name: str, force: bool) -> None:
+        reset()
+        expected = os.path.normpath(os.path.join(base, name))
+        if not expected.startswith(f"{root}/"):
+            return  # the operator named a file outside this test's tree
+        before = _tree(root)
+        try:
+            res = export(fleet, exportable, "csv", base / name, force=force)
+        except TenantctlError as exc:
+            one_line(exc)
+            assert _tree(root) == before
+            return
+        after = _tree(root)
+        assert os.path.normpath(res["output"]) == expected
+        changed = {p for p in before.keys() | after.keys() if before.get(p) != after.get(p)}
+        assert changed == {expected}, changed
+        assert after[expected][0] == "file" and zipfile.is_zipfile(expected)
+        assert (root / "outside" / "victim.txt").read_text() == "do not touch"
+
+    attack()
 
 
 # -- option values that reach SQL or date arithmetic -------------------------------------------
