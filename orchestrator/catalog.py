@@ -242,8 +242,10 @@ class Catalog:
 
 
 def lock_key(name: str) -> int:
-    """A stable signed 64-bit advisory lock key for a name."""
-    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+    """A stable signed 64-bit advisory lock key for a name. Any name: a lock may be
+    taken before the name is validated (an unencodable one is then refused there)."""
+    raw = name.encode("utf-8", "surrogatepass")  # the same bytes for every valid name
+    return int.from_bytes(hashlib.sha256(raw).digest()[:8], "big", signed=True)
 
 
 def _alembic_version(conn: Connection) -> str | None:

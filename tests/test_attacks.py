@@ -37,7 +37,7 @@ from backups.stores import FileStore, S3Store, StoreError, _check_key, open_stor
 from orchestrator import access, audit, clock, keys, lifecycle, psql, retention
 from orchestrator.api import Fleet
 from orchestrator.config import parse_config
-from orchestrator.errors import ConfigError, InvalidInput, TenantctlError
+from orchestrator.errors import ConfigError, InvalidInput, NotFound, TenantctlError
 from orchestrator.export import export
 from orchestrator.models import Tenant
 from orchestrator.names import (
@@ -187,6 +187,40 @@ def _entry_points(fleet: Fleet, tmp: Path) -> dict[str, Callable[[str], Any]]:
         "key_export": lambda s: keys.export_identity(fleet, s),
         "restore_as": lambda s: restore_as(fleet, -1, s),  # no such backup, ever
     }
+
+
+def test_every_api_entry_point_refuses_a_hostile_slug_and_changes_nothing(
+        fleet: Fleet, test_fleet: PgFleet, tmp_path: Path) -> None:
+    calls = _entry_points(fleet, tmp_path)
+    known = catalog_slugs(fleet)
+    before = everything_on_servers(test_fleet)
+
+    @LIVE
+    @given(hostile)
+    @example("acme\n")
+    @example("x'; DROP DATABASE tenantctl_catalog; --")
+    def attack(slug: str) -> None:
+        if slug in known:  # an existing tenant's name is not an attack
+            return
+        try:
+            validate_slug(slug)
+            expected: type[TenantctlError] = NotFound  # valid, but no such tenant (backup)
+        except InvalidInput:
+            expected = InvalidInput  # refused as such, before any lookup
+        for name, call in calls.items():
+            with pytest.raises(TenantctlError) as err:
+                call(slug)
+            assert type(err.value) is expected, (name, err.value)
+            one_line(err.value)
+        if not SLUG_ORACLE.fullmatch(slug):
+            with pytest.raises(InvalidInput) as err:
+                fleet.provision(slug, "eu-central")
+            one_line(err.value, "invalid slug")
+
+    attack()
+    assert everything_on_servers(test_fleet) == before
+    assert catalog_slugs(fleet) == known
+    assert list(tmp_path.iterdir()) == []
 
 
 # -- restore --as ---------------------------------------------------------------------------
