@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select
 
 from orchestrator import clock
-from orchestrator.errors import InvalidInput
+from orchestrator.errors import InvalidInput, printable
 from orchestrator.models import AuditEvent
 
 if TYPE_CHECKING:
@@ -19,6 +19,24 @@ _SECRET_KEY = re.compile(r"password|passwd|secret|identity|private|token|credent
                          re.IGNORECASE)
 _DSN_PASSWORD = re.compile(r"(://[^:/@\s]+:)[^@\s]+@|(password=)\S+", re.IGNORECASE)
 _RELATIVE = re.compile(r"^(\d+)([dhm])$")
+
+
+def storable(value: str, what: str) -> str:
+    """Free text bound for the catalog (a reason, a name, a filter): Postgres text
+    holds no NUL byte and only valid UTF-8 (argv bytes that are not UTF-8 reach
+    Python as lone surrogates). Refused in one line, before anything changes."""
+    if "\x00" in value or not _encodable(value):
+        raise InvalidInput(f"{what} {printable(value)!r} is not storable text "
+                           "(NUL byte or invalid UTF-8)")
+    return value
+
+
+def _encodable(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def redact(detail: dict[str, Any]) -> dict[str, Any]:
@@ -55,11 +73,12 @@ def events(fleet: Fleet, *, tenant: str | None = None, since: str | None = None,
            action: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
     q = select(AuditEvent).order_by(AuditEvent.at.desc(), AuditEvent.id.desc()).limit(limit)
     if tenant:
-        q = q.where(AuditEvent.tenant == tenant)
+        q = q.where(AuditEvent.tenant == storable(tenant, "--tenant"))
     if since:
         q = q.where(AuditEvent.at >= parse_since(since))
     if action:
-        q = q.where(AuditEvent.action.startswith(action, autoescape=True))
+        q = q.where(AuditEvent.action.startswith(storable(action, "--action"),
+                                                 autoescape=True))
     with fleet.catalog.session() as s:
         rows = list(s.scalars(q))
     return [{"id": e.id, "at": e.at.isoformat(), "actor": e.actor, "action": e.action,

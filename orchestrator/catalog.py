@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from orchestrator import alembic_threads
 from orchestrator.audit import redact as redact_detail
 from orchestrator.config import Config
-from orchestrator.errors import Conflict, ServerUnavailable, first_line
+from orchestrator.errors import Conflict, ServerUnavailable, first_line, printable
 from orchestrator.models import AuditEvent, Region, Server
 
 alembic_threads.install()  # before any revision file is imported
@@ -53,13 +53,15 @@ def with_dbname(dsn: str, dbname: str) -> str:
 
 def actor() -> str:
     who = os.environ.get("TENANTCTL_ACTOR")
-    if who:
-        return who
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):
-        user = f"uid{os.getuid()}"
-    return f"{user}@{socket.gethostname()}"
+    if not who:
+        try:
+            user = getpass.getuser()
+        except (KeyError, OSError):
+            user = f"uid{os.getuid()}"
+        who = f"{user}@{socket.gethostname()}"
+    # recorded after the action: a name the catalog cannot store (not UTF-8, a NUL)
+    # must not fail the audit record of something already done
+    return printable(who)
 
 
 class Catalog:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from sqlalchemy import update
 
 from orchestrator import clock, pgserver
+from orchestrator.audit import storable
 from orchestrator.errors import Conflict, InvalidInput, TenantctlError, first_line
 from orchestrator.faults import checkpoint
 from orchestrator.models import Tenant, TenantState
@@ -194,7 +195,7 @@ def resume(fleet: Fleet, slug: str) -> TransitionResult:
 @audited("legal_hold")
 def legal_hold(fleet: Fleet, slug: str, *, on: bool, reason: str) -> dict[str, Any]:
     """A legal hold blocks deletion and purge, whatever the dates say, until lifted."""
-    reason = reason.strip()
+    reason = storable(reason, "--reason").strip()
     if not reason:
         raise InvalidInput("--reason is required: say why (it is audited)")
     tenant = fleet.get_tenant(slug)

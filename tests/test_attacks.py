@@ -49,7 +49,7 @@ from orchestrator.names import (
     validate_slug,
 )
 from orchestrator.rollout_plan import parse_budget, parse_timeout, parse_waves
-from tests.conftest import PgFleet, connect_as
+from tests.conftest import PgFleet, connect_as, run_cli
 
 ALL_SERVERS = ("eu-central-1", "eu-central-2", "ap-south-1")
 NAMEDATALEN = 63  # Postgres silently truncates longer identifiers: two tenants could meet
@@ -522,6 +522,74 @@ def test_timeouts_accepted_are_timeouts_postgres_accepts(pg: psycopg.Connection)
 free_text = st.one_of(st.text(max_size=40),
                       st.sampled_from(["a\x00b", "\udcff", "\ud800x", "two\nlines", "[/x]",
                                        "\u00e9t\u00e9", "  ", "'; DROP TABLE tenants; --"]))
+
+
+def test_free_text_is_stored_as_given_or_refused(fleet: Fleet, exportable: str,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reason, a grantee, an audit filter or the actor's name: stored exactly as
+    given, or refused in one line before anything changes (Postgres text holds no
+    NUL byte and only UTF-8; argv bytes that are not UTF-8 arrive as surrogates)."""
+    from orchestrator.models import AuditEvent
+
+    @LIVE
+    @given(free_text)
+    @example("a\x00b")
+    @example("\udcff")
+    def attack(text: str) -> None:
+        held = fleet.get_tenant(exportable)
+        try:
+            lifecycle.legal_hold(fleet, exportable, on=True, reason=text)
+        except TenantctlError as exc:
+            one_line(exc, "--reason")
+            after = fleet.get_tenant(exportable)
+            assert (after.legal_hold, after.legal_hold_reason) == (held.legal_hold,
+                                                                   held.legal_hold_reason)
+        else:
+            assert fleet.get_tenant(exportable).legal_hold_reason == text.strip()
+            lifecycle.legal_hold(fleet, exportable, on=False, reason="test")
+        for kwargs in ({"tenant": text}, {"action": text}):
+            try:
+                audit.events(fleet, limit=1, **kwargs)
+            except TenantctlError as exc:
+                one_line(exc)
+        # the actor is recorded after the action: whatever it is, the record is written
+        try:
+            if "\x00" in text:
+                raise ValueError("an environment variable holds no NUL")
+            os.fsencode(text)
+        except ValueError:
+            return  # not something the environment can hold
+        monkeypatch.setenv("TENANTCTL_ACTOR", text)
+        fleet.catalog.audit("test.actor", tenant=exportable, marker=text.isprintable())
+        monkeypatch.delenv("TENANTCTL_ACTOR")
+        with fleet.catalog.session() as s:
+            last = s.scalars(select(AuditEvent).order_by(AuditEvent.id.desc()).limit(1)).one()
+        assert last.action == "test.actor" and last.actor.isprintable()
+        if text.strip() and text.isprintable():
+            assert last.actor == text
+
+    attack()
+
+
+def test_bytes_that_are_not_utf8_on_the_command_line(fleet: Fleet, test_fleet: PgFleet,
+                                                     exportable: str) -> None:
+    from orchestrator.models import AuditEvent
+
+    # argv byte 0xff reaches Python as '\udcff'
+    proc = run_cli(test_fleet, "tenant", "legal-hold", exportable, "--on", "--reason",
+                   "case \udcff")
+    clean_cli_failure(proc, 2, "--reason")
+    assert not fleet.get_tenant(exportable).legal_hold
+    proc = run_cli(test_fleet, "--actor", "ops-\udcff", "tenant", "legal-hold", exportable,
+                   "--on", "--reason", "case 7")
+    try:
+        assert proc.returncode == 0, proc.stderr
+        with fleet.catalog.session() as s:
+            last = s.scalars(select(AuditEvent).where(AuditEvent.tenant == exportable)
+                             .order_by(AuditEvent.id.desc()).limit(1)).one()
+        assert (last.action, last.actor) == ("tenant.legal_hold.on", "ops-\\udcff")
+    finally:
+        lifecycle.legal_hold(fleet, exportable, on=False, reason="test over")
 
 
 # -- the CLI: one line, exit code, nothing changed ---------------------------------------------
