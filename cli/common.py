@@ -40,7 +40,9 @@ def print_json(data: Any) -> None:
 def console() -> Any:
     from rich.console import Console
 
-    return Console()
+    # what we print holds user input (paths, reasons, names): shown as typed, never
+    # read as rich markup (a "[/x]" in a path would crash after the work was done)
+    return Console(markup=False)
 
 
 def say(line: str) -> None:

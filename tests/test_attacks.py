@@ -594,3 +594,25 @@ def test_bytes_that_are_not_utf8_on_the_command_line(fleet: Fleet, test_fleet: P
 
 # -- the CLI: one line, exit code, nothing changed ---------------------------------------------
 
+
+def test_user_text_is_printed_never_interpreted(fleet: Fleet, test_fleet: PgFleet,
+                                                exportable: str, tmp_path: Path) -> None:
+    """Output lines and tables show what the operator typed as it is: text that looks
+    like terminal markup is neither a crash after the work is done nor a style."""
+    target = tmp_path / "[bold]out[red].sql"
+    proc = run_cli(test_fleet, "tenant", "export", exportable, "--format", "sql",
+                   "--output", str(target))
+    assert proc.returncode == 0, proc.stderr
+    assert squeeze(str(target)) in squeeze(proc.stdout) and target.stat().st_size > 0
+    reason = "[/x] case [bold]42"
+    proc = run_cli(test_fleet, "tenant", "legal-hold", exportable, "--on", "--reason", reason)
+    try:
+        assert proc.returncode == 0, proc.stderr
+        assert squeeze(reason) in squeeze(proc.stdout)
+        listed = run_cli(test_fleet, "audit", "list", "--tenant", exportable,
+                         "--action", "tenant.legal")
+        assert listed.returncode == 0, listed.stderr
+        assert "[/x]" in listed.stdout and "[bold]" in listed.stdout
+    finally:
+        lifecycle.legal_hold(fleet, exportable, on=False, reason="test over")
+
