@@ -41,7 +41,9 @@ def _encodable(value: str) -> bool:
 
 def redact(detail: dict[str, Any]) -> dict[str, Any]:
     """Audit parameters with anything secret-looking replaced: values under a
-    secret-sounding key, and passwords inside connection strings."""
+    secret-sounding key, and passwords inside connection strings. Text the
+    catalog cannot store (a path that is not UTF-8) is kept escaped: the record
+    of something already done must not fail."""
     out: dict[str, Any] = {}
     for key, value in detail.items():
         if _SECRET_KEY.search(key):
@@ -49,9 +51,11 @@ def redact(detail: dict[str, Any]) -> dict[str, Any]:
         elif isinstance(value, dict):
             out[key] = redact(value)
         elif isinstance(value, str):
-            out[key] = _DSN_PASSWORD.sub(
+            value = _DSN_PASSWORD.sub(
                 lambda m: f"{m.group(1)}[redacted]@" if m.group(1) else
                 f"{m.group(2)}[redacted]", value)
+            out[key] = value if "\x00" not in value and _encodable(value) \
+                else printable(value)
         else:
             out[key] = value
     return out

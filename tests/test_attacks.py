@@ -49,7 +49,7 @@ from orchestrator.names import (
     validate_slug,
 )
 from orchestrator.rollout_plan import parse_budget, parse_timeout, parse_waves
-from tests.conftest import PgFleet, connect_as, run_cli
+from tests.conftest import REPO, TENANTCTL, PgFleet, connect_as, run_cli
 
 ALL_SERVERS = ("eu-central-1", "eu-central-2", "ap-south-1")
 NAMEDATALEN = 63  # Postgres silently truncates longer identifiers: two tenants could meet
@@ -426,6 +426,7 @@ def test_export_writes_only_the_named_file(fleet: Fleet, exportable: str,
     @given(export_names, st.booleans())
     @example("x" * 255, False)
     @example("x" * 256, False)
+    @example("\udcff.zip", False)  # a name that is not UTF-8: a valid file name
     @example("sub", True)
     @example("..", True)
     @example("link", True)
@@ -604,6 +605,14 @@ def test_user_text_is_printed_never_interpreted(fleet: Fleet, test_fleet: PgFlee
                    "--output", str(target))
     assert proc.returncode == 0, proc.stderr
     assert squeeze(str(target)) in squeeze(proc.stdout) and target.stat().st_size > 0
+    # a file name that is not UTF-8 (byte 0xff): written, reported, audited
+    odd = tmp_path / "out-\udcff.sql"
+    proc = subprocess.run(
+        [*TENANTCTL, "--config", str(test_fleet.config_path), "tenant", "export", exportable,
+         "--format", "sql", "--output", str(odd)], capture_output=True, text=True,
+        errors="surrogateescape", cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert odd.stat().st_size > 0 and str(odd) in squeeze(proc.stdout)
     reason = "[/x] case [bold]42"
     proc = run_cli(test_fleet, "tenant", "legal-hold", exportable, "--on", "--reason", reason)
     try:
