@@ -451,9 +451,25 @@ def report(
 def main() -> None:
     from orchestrator.errors import TenantctlError, first_line
 
+    try:  # typer ≥ 0.22 carries its own copy of click
+        from typer._click import exceptions as click_errors
+    except ImportError:  # pragma: no cover - older typer
+        from click import exceptions as click_errors  # type: ignore[no-redef]
+
     try:
-        # standalone mode: typer itself handles usage errors, --help and Exit
-        app(prog_name="tenantctl")
+        # Not standalone: click's usage errors (a value it cannot parse) become one
+        # `error:` line with exit 2, like every other bad input.
+        code = app(prog_name="tenantctl", standalone_mode=False)
+        if isinstance(code, int) and code:
+            raise SystemExit(code)
+    except click_errors.NoArgsIsHelpError as exc:
+        sys.stdout.write((exc.ctx.get_help() if exc.ctx else "") + "\n")
+        raise SystemExit(2) from None
+    except click_errors.UsageError as exc:
+        where = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx else ""
+        _fail(exc.format_message().replace("\n", " ") + where, 2)
+    except typer.Abort:
+        _fail("aborted", 1)
     except TenantctlError as exc:
         _fail(str(exc), exc.exit_code)
     except KeyboardInterrupt:

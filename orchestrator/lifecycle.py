@@ -131,7 +131,7 @@ def cancel(fleet: Fleet, slug: str, *, now: datetime | None = None,
         else:
             hold_until = tenant.hold_until  # type: ignore[assignment]
     result = TransitionResult(slug, "cancel", S.cancelled, hold_until)
-    if again and _backed_up_since(fleet, tenant.id, tenant.cancelled_at):
+    if again and _backed_up_since(fleet, tenant, tenant.cancelled_at):
         return result
     if backup:
         from backups import pipeline
@@ -144,14 +144,18 @@ def cancel(fleet: Fleet, slug: str, *, now: datetime | None = None,
     return result
 
 
-def _backed_up_since(fleet: Fleet, tenant_id: int, since: datetime | None) -> bool:
+def _backed_up_since(fleet: Fleet, tenant: Tenant, since: datetime | None) -> bool:
+    """A backup since the cancellation, done or being done by a live process (one a
+    dead process left running is reaped first): a second cancel takes none."""
     from sqlalchemy import select
 
+    from backups.pipeline import reap_dead
     from orchestrator.models import Backup
 
+    reap_dead(fleet, tenant.slug)
     with fleet.catalog.session() as s:
         return s.scalar(select(Backup.id).where(
-            Backup.tenant_id == tenant_id, Backup.status == "completed",
+            Backup.tenant_id == tenant.id, Backup.status.in_(("completed", "running")),
             Backup.started_at >= since).limit(1)) is not None
 
 

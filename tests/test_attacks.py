@@ -766,9 +766,6 @@ def test_user_text_is_printed_never_interpreted(fleet: Fleet, test_fleet: PgFlee
         lifecycle.legal_hold(fleet, exportable, on=False, reason="test over")
 
 
-@pytest.mark.xfail(strict=True, reason="cli/main.py runs typer in standalone mode: a value "
-                   "click cannot parse (a non-integer backup id, --concurrency 0) is "
-                   "reported as a multi-line usage box, not one `error:` line")
 def test_unparseable_option_values_are_one_line_errors(test_fleet: PgFleet) -> None:
     for args in (["backup", "restore", "abc", "--as", "x_copy"],
                  ["backup", "run", "--all", "--concurrency", "many"]):
