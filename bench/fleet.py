@@ -170,12 +170,16 @@ def provision(monitor: Monitor, config: Path, slugs: list[str], concurrency: int
 
 def naive_provision(config: Path, slugs: list[str]) -> dict[str, Any]:
     started = time.perf_counter()
+    errors = []
     for i, slug in enumerate(slugs):
-        subprocess.run(cli(config, "tenant", "create", slug, "--region",
-                           ["eu-central", "ap-south"][i % 2], "--json"),
-                       check=True, capture_output=True, cwd=REPO)
+        done = subprocess.run(cli(config, "tenant", "create", slug, "--region",
+                                  ["eu-central", "ap-south"][i % 2], "--json"),
+                              capture_output=True, text=True, cwd=REPO)
+        if done.returncode != 0:
+            errors.append(done.stderr.strip()[-300:])
     elapsed = time.perf_counter() - started
-    return {"tenants": len(slugs), "seconds": round(elapsed, 2),
+    return {"tenants": len(slugs), "failed": len(errors), "errors": errors[:3],
+            "seconds": round(elapsed, 2),
             "per_min": round(len(slugs) / elapsed * 60, 1),
             "how": "one `tenantctl tenant create` process per tenant, one after another"}
 
