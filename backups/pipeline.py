@@ -191,7 +191,7 @@ def _run_locked(fleet: Fleet, tenant: Any, backup_id: int, dsn: str, pg_dump: st
             snap.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
             snapshot_id = str(snap.execute("SELECT pg_export_snapshot()").fetchone()[0])  # type: ignore[index]
             row_counts = table_row_counts(snap)
-            size, sha = _dump_encrypt_upload(pg_dump, dsn, snapshot_id, recipient, store,
+            size, sha = dump_encrypt_upload(pg_dump, dsn, snapshot_id, recipient, store,
                                              object_key)
         checkpoint("backup.uploaded")
         finished = datetime.now(UTC)
@@ -239,10 +239,13 @@ def table_row_counts(conn: psycopg.Connection) -> dict[str, int]:
     return counts
 
 
-def _dump_encrypt_upload(pg_dump: str, dsn: str, snapshot_id: str, recipient: str,
-                         store: ObjectStore, object_key: str) -> tuple[int, str]:
-    argv = [pg_dump, "--format=custom", compression_arg(pg_dump), "--no-owner", "--no-acl",
-            f"--snapshot={snapshot_id}"]
+def dump_encrypt_upload(pg_dump: str, dsn: str, snapshot_id: str | None, recipient: str,
+                        store: ObjectStore, object_key: str) -> tuple[int, str]:
+    """pg_dump → age (to ``recipient``) → the store, streamed; (size, sha256) of the
+    encrypted object, committed only once pg_dump has succeeded."""
+    argv = [pg_dump, "--format=custom", compression_arg(pg_dump), "--no-owner", "--no-acl"]
+    if snapshot_id is not None:
+        argv.append(f"--snapshot={snapshot_id}")
     with tempfile.TemporaryFile() as errors, store.writer(object_key) as writer:
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=errors,
                                 env=libpq_env(dsn))

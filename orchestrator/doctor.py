@@ -16,7 +16,6 @@ Three parts, as everywhere in tenantctl:
 
 from __future__ import annotations
 
-import io
 import json
 import re
 from collections import defaultdict
@@ -832,44 +831,24 @@ def _fix_drop_orphan_database(fleet: Fleet, x: Finding) -> str:
 
 
 def dump_orphan(fleet: Fleet, server: str, database: str, region: str) -> str:
-    import subprocess
-    import tempfile
-
     import pyrage
 
-    from backups.pipeline import CHUNK, _Hashing, compression_arg
+    from backups.pipeline import dump_encrypt_upload
     from backups.stores import open_store
     from orchestrator.catalog import with_dbname
     from orchestrator.localfleet import pg_tool
-    from orchestrator.pgserver import libpq_env
 
     store = open_store(fleet.cfg.region(region).backup_store)
     identity = pyrage.x25519.Identity.generate()
     stamp = clock.utcnow().strftime("%Y%m%dT%H%M%SZ")
     base = f"{ORPHAN_PREFIX}{server}/{database}-{stamp}"
-    pg_dump = pg_tool(fleet.cfg, "pg_dump")
     dsn = with_dbname(fleet.cfg.server(server).admin_dsn, database)
-    with tempfile.TemporaryFile() as errors, store.writer(f"{base}.dump.age") as writer:
-        proc = subprocess.Popen([pg_dump, "--format=custom", compression_arg(pg_dump),
-                                 "--no-owner", "--no-acl"], stdout=subprocess.PIPE,
-                                stderr=errors, env=libpq_env(dsn))
-        assert proc.stdout is not None
-        sink = _Hashing(writer)
-        try:
-            pyrage.encrypt_io(io.BufferedReader(proc.stdout, CHUNK),  # type: ignore[type-var,arg-type]
-                              sink, [identity.to_public()])  # type: ignore[arg-type]
-        finally:
-            proc.stdout.close()
-        if proc.wait() != 0:
-            errors.seek(0)
-            lines = errors.read().decode(errors="replace").strip().splitlines()
-            raise TenantctlError(f"pg_dump of orphan {database} failed: "
-                                 f"{lines[-1] if lines else proc.returncode}")
-        writer.commit()
+    size, sha = dump_encrypt_upload(pg_tool(fleet.cfg, "pg_dump"), dsn, None,
+                                    str(identity.to_public()), store, f"{base}.dump.age")
     wrapped = fleet.master_key.wrap(str(identity).encode(), f"orphan:{base}")
     store.put_bytes(f"{base}.manifest.json", json.dumps({
         "format": "tenantctl-orphan/1", "server": server, "database": database,
-        "region": region, "size": sink.size, "sha256": sink.sha.hexdigest(),
+        "region": region, "size": size, "sha256": sha,
         "identity_wrapped": wrapped, "master_key_id": fleet.master_key.key_id,
         "taken_at": stamp}, indent=2).encode())
     return f"{base}.dump.age"

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -179,8 +180,15 @@ def own_catalog(test_fleet: PgFleet, tmp_path: Path) -> Iterator[OwnCatalog]:
     """The test fleet's servers behind a catalog of the test's own: fleet-wide
     commands (retention with a clock far ahead) then see only this test's
     tenants, never those other tests left behind."""
+    with private_catalog(test_fleet, tmp_path / "own.toml") as own:
+        yield own
+
+
+@contextmanager
+def private_catalog(test_fleet: PgFleet, path: Path) -> Iterator[OwnCatalog]:
+    """A config at ``path``: the test fleet's servers behind a new catalog database.
+    Afterwards its tenants' objects and the catalog database are dropped."""
     name = f"tenantctl_catalog_{uuid.uuid4().hex[:8]}"
-    path = tmp_path / "own.toml"
     path.write_text(test_fleet.config_path.read_text().replace(
         "dbname=tenantctl_catalog", f"dbname={name}"))
     cfg = load_config(path)

@@ -23,10 +23,8 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from orchestrator.api import Fleet
-from orchestrator.catalog import Catalog
-from orchestrator.config import load_config
 from orchestrator.names import CATALOG_DB, TEMPLATE_DB
-from tests.conftest import PgFleet, _drop_own_tenants, connect_as
+from tests.conftest import PgFleet, connect_as, private_catalog
 
 ALL_SERVERS = ("eu-central-1", "eu-central-2", "ap-south-1")
 DENIED = psycopg.errors.InsufficientPrivilege
@@ -56,31 +54,16 @@ def scene(test_fleet: PgFleet, tmp_path_factory: pytest.TempPathFactory) -> Iter
     # A catalog of this module's own: placement then starts from empty servers and
     # alternates eu-central-1, eu-central-2, eu-central-1 (ties go by name), so the
     # attacker and its neighbour both land on the server that holds the catalogs.
-    name = f"tenantctl_catalog_{uuid.uuid4().hex[:8]}"
-    path = tmp_path_factory.mktemp("isolation") / "own.toml"
-    path.write_text(test_fleet.config_path.read_text().replace(
-        "dbname=tenantctl_catalog", f"dbname={name}"))
-    cfg = load_config(path)
-    catalog = Catalog(cfg)
-    catalog.upgrade()
-    catalog.sync_topology()
-    catalog.dispose()
-    fleet = Fleet(cfg)
     tag = uuid.uuid4().hex[:6]
     secret = f"victim-secret-{uuid.uuid4().hex}"
-    try:
+    with private_catalog(test_fleet, tmp_path_factory.mktemp("isolation") / "own.toml") as own:
+        fleet = own.fleet
         made = [_tenant(fleet, f"iso{tag}_{i}", "eu-central", secret) for i in range(3)]
         assert [t["server"] for t in made] == ["eu-central-1", "eu-central-2", "eu-central-1"]
         faraway = _tenant(fleet, f"iso{tag}_far", "ap-south", secret)
         with connect_as(made[0]["dsn"], autocommit=True) as conn:
             conn.execute("DELETE FROM customers")  # the attacker holds no secret itself
         yield Scene(fleet, made[0], made[2], faraway, secret)
-    finally:
-        _drop_own_tenants(fleet)
-        fleet.close()
-        with psycopg.connect(test_fleet.admin_dsn("eu-central-1"), autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                sql.Identifier(name)))
 
 
 @pytest.fixture
