@@ -91,6 +91,16 @@ class Catalog:
             self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         return self._sessions()
 
+    def direct(self, application_name: str = "tenantctl") -> psycopg.Connection:
+        """A connection of its own, outside the pool, in autocommit: for a worker that
+        runs a few statements per item for as long as it lives (its statements get
+        prepared; nothing is checked in and out per item)."""
+        try:
+            return psycopg.connect(self.dsn, autocommit=True, connect_timeout=10,
+                                   application_name=application_name)
+        except psycopg.OperationalError as exc:
+            raise server_error(f"the catalog at {redact(self.dsn)}", exc) from None
+
     def dispose(self) -> None:
         if self._engine is not None:
             self._engine.dispose()
@@ -248,6 +258,14 @@ def lock_key(name: str) -> int:
     taken before the name is validated (an unencodable one is then refused there)."""
     raw = name.encode("utf-8", "surrogatepass")  # the same bytes for every valid name
     return int.from_bytes(hashlib.sha256(raw).digest()[:8], "big", signed=True)
+
+
+def lock_key_sql(name_expr: str) -> str:
+    """``lock_key`` computed by Postgres from a SQL text expression (a column, say), so
+    that one statement can claim a row and lock what it names. ``name_expr`` is SQL
+    written by us, never user input."""
+    return (f"('x' || left(encode(sha256(convert_to({name_expr}, 'UTF8')), 'hex'), 16))"
+            "::bit(64)::bigint")
 
 
 def _alembic_version(conn: Connection) -> str | None:

@@ -37,7 +37,7 @@ from sqlalchemy import func, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from orchestrator import templates, tenant_migrations
-from orchestrator.catalog import actor, with_dbname
+from orchestrator.catalog import actor, lock_key, lock_key_sql, with_dbname
 from orchestrator.errors import InvalidInput, NotFound, first_line
 from orchestrator.faults import checkpoint
 from orchestrator.models import Rollout, RolloutTenant, Server, Tenant, TenantState
@@ -57,6 +57,42 @@ if TYPE_CHECKING:
 
 MIGRATABLE = (TenantState.active, TenantState.suspended, TenantState.cancelled)
 RETRYABLE_SQLSTATES = {"55P03", "57014", "40P01"}  # lock timeout, statement timeout, deadlock
+
+# Claim the next pending row of a wave and try the claimed tenant's lock, in one
+# statement on the worker's own connection (autocommit: the row update commits at
+# once; the session-level lock stays until unlocked or the connection dies).
+CLAIM_SQL = f"""
+    WITH next AS (
+        UPDATE rollout_tenants SET status = 'running', worker = %(worker)s,
+               started_at = now()
+        WHERE (rollout_id, tenant_id) = (
+            SELECT rollout_id, tenant_id FROM rollout_tenants
+            WHERE rollout_id = %(rid)s AND wave = %(wave)s AND status = 'pending'
+              AND NOT (server = ANY(%(full)s::text[]))
+              AND (SELECT count(*) FROM rollout_tenants
+                   WHERE rollout_id = %(rid)s AND status = 'failed') <= %(budget)s
+            ORDER BY seq LIMIT 1 FOR UPDATE SKIP LOCKED)
+        RETURNING tenant_id, slug, server, from_revision)
+    SELECT next.tenant_id, next.slug, next.server, next.from_revision,
+           t.database, t.owner_role, t.state,
+           pg_try_advisory_lock({lock_key_sql("'tenant:' || next.slug")})
+    FROM next LEFT JOIN tenants t ON t.id = next.tenant_id"""
+
+# A tenant's result, and its last known revision when it has one.
+RECORD_SQL = """
+    WITH result AS (
+        UPDATE rollout_tenants SET status = %(status)s, from_revision = %(from_rev)s,
+               to_revision = %(to_rev)s, attempts = %(attempts)s,
+               finished_at = CASE WHEN %(pending)s THEN NULL ELSE now() END,
+               worker = CASE WHEN %(pending)s THEN NULL ELSE worker END,
+               duration_ms = %(ms)s, error = %(error)s
+        WHERE rollout_id = %(rid)s AND tenant_id = %(tid)s AND status = 'running'
+          AND worker = %(worker)s
+        RETURNING tenant_id)
+    UPDATE tenants SET migrated_at = now(),
+           revision = CASE WHEN %(failed)s THEN revision ELSE %(to_rev)s END,
+           migration_error = CASE WHEN %(failed)s THEN %(tenant_error)s END
+    WHERE id IN (SELECT tenant_id FROM result) AND NOT %(pending)s"""
 
 
 @dataclass
@@ -102,6 +138,7 @@ class Claim:
     database: str | None
     owner_role: str | None
     state: str | None
+    locked: bool = False  # the claim got the tenant's lock
 
 
 @dataclass
@@ -402,62 +439,57 @@ class RolloutRun:
         with self.fleet.catalog.session() as s:
             return s.scalar(q) or 0
 
-    def _claim(self, rollout_id: int, wave: int, budget: int) -> Claim | None:
+    def _claim(self, conn: psycopg.Connection, rollout_id: int, wave: int, budget: int
+               ) -> Claim | None:
         """Take the next pending tenant of the wave (skipping rows other processes
-        hold, and servers at their cap here), unless the failure budget is spent.
-        One round trip, which also brings what the migration needs to know."""
+        hold, and servers at their cap here), unless the failure budget is spent, and
+        try the tenant's lock. One round trip, which also brings what the migration
+        needs to know."""
         with self._claim_lock:
             full = [srv for srv, n in self._inflight.items() if n >= self.opts.per_server]
-            with self.fleet.catalog.session() as s, s.begin():
-                row = s.execute(text("""
-                    WITH next AS (
-                        UPDATE rollout_tenants SET status = 'running', worker = :worker,
-                               started_at = now()
-                        WHERE (rollout_id, tenant_id) = (
-                            SELECT rollout_id, tenant_id FROM rollout_tenants
-                            WHERE rollout_id = :rid AND wave = :wave AND status = 'pending'
-                              AND NOT (server = ANY(:full))
-                              AND (SELECT count(*) FROM rollout_tenants
-                                   WHERE rollout_id = :rid AND status = 'failed') <= :budget
-                            ORDER BY seq LIMIT 1 FOR UPDATE SKIP LOCKED)
-                        RETURNING tenant_id, slug, server, from_revision)
-                    SELECT next.*, t.database, t.owner_role, t.state
-                    FROM next LEFT JOIN tenants t ON t.id = next.tenant_id"""),
-                    {"worker": self.worker, "rid": rollout_id, "wave": wave,
-                     "full": full, "budget": budget}).first()
+            row = conn.execute(CLAIM_SQL, {"worker": self.worker, "rid": rollout_id,
+                                           "wave": wave, "full": full,
+                                           "budget": budget}).fetchone()
             if row is None:
                 return None
-            self._inflight[row.server] = self._inflight.get(row.server, 0) + 1
-            return Claim(int(row.tenant_id), row.slug, row.server, row.from_revision,
-                         row.database, row.owner_role, row.state)
+            tenant_id, slug, server, planned_from, database, owner_role, state, locked = row
+            self._inflight[server] = self._inflight.get(server, 0) + 1
+            return Claim(int(tenant_id), slug, server, planned_from, database, owner_role,
+                         state, bool(locked))
 
     def _worker(self, rollout_id: int, wave: int, budget: int) -> None:
-        while not self.stop.is_set():
-            claimed = self._claim(rollout_id, wave, budget)
-            if claimed is None:
-                with self._claim_lock:
-                    busy = any(self._inflight.values())
-                if busy and self._count(rollout_id, wave=wave, status="pending"):
-                    time.sleep(0.02)  # what is left sits on servers at their cap
-                    continue
-                return
-            try:
-                result = self._migrate_one(rollout_id, claimed, wave)
-            except Exception as exc:  # noqa: BLE001 - one tenant never stops the others
-                result = TenantResult(claimed.slug, claimed.server, wave, "failed",
-                                      claimed.planned_from, claimed.planned_from, 1, 0,
-                                      f"{type(exc).__name__}: {first_line(exc)}")
-                self._record(rollout_id, claimed.tenant_id, result)
-            finally:
-                with self._claim_lock:
-                    self._inflight[claimed.server] -= 1
-            self.on_event(Event("tenant", wave=wave, result=result))
-            checkpoint("rollout.tenant_done")
+        # One catalog connection per worker for its whole life: claims, tenant locks
+        # and results go over it (a crash drops it, and with it the locks).
+        with self.fleet.catalog.direct("tenantctl-rollout") as conn:
+            while not self.stop.is_set():
+                claimed = self._claim(conn, rollout_id, wave, budget)
+                if claimed is None:
+                    with self._claim_lock:
+                        busy = any(self._inflight.values())
+                    if busy and self._count(rollout_id, wave=wave, status="pending"):
+                        time.sleep(0.02)  # what is left sits on servers at their cap
+                        continue
+                    return
+                try:
+                    result = self._migrate_one(conn, rollout_id, claimed, wave)
+                except Exception as exc:  # noqa: BLE001 - one tenant never stops the others
+                    result = TenantResult(claimed.slug, claimed.server, wave, "failed",
+                                          claimed.planned_from, claimed.planned_from, 1, 0,
+                                          f"{type(exc).__name__}: {first_line(exc)}")
+                    self._record(conn, rollout_id, claimed.tenant_id, result)
+                finally:
+                    with self._claim_lock:
+                        self._inflight[claimed.server] -= 1
+                    if not conn.closed:  # every path, whatever happened: never keep it
+                        conn.execute("SELECT pg_advisory_unlock_all()")
+                self.on_event(Event("tenant", wave=wave, result=result))
+                checkpoint("rollout.tenant_done")
 
-    def _migrate_one(self, rollout_id: int, claim: Claim, wave: int) -> TenantResult:
+    def _migrate_one(self, conn: psycopg.Connection, rollout_id: int, claim: Claim,
+                     wave: int) -> TenantResult:
         """Migrate one claimed tenant and record the result — under the tenant's lock
         whenever the tenant was touched, so no other operation's result on the same
-        tenant can land in between."""
+        tenant can land in between. The claim tried the lock already."""
         started = time.monotonic()
         slug, server, planned_from = claim.slug, claim.server, claim.planned_from
 
@@ -465,7 +497,7 @@ class RolloutRun:
                  error: str | None = None) -> TenantResult:
             r = TenantResult(slug, server, wave, status, before, after, attempts,
                              int((time.monotonic() - started) * 1000), error)
-            self._record(rollout_id, claim.tenant_id, r)
+            self._record(conn, rollout_id, claim.tenant_id, r)
             return r
 
         if claim.database is None or claim.owner_role is None or \
@@ -479,66 +511,58 @@ class RolloutRun:
                         f"catalog row inconsistent: {why}; not touched")
         dsn = with_dbname(self.fleet.cfg.server(server).admin_dsn, claim.database)
         owner = claim.owner_role
+        key = lock_key(tenant_lock(slug))
         last_error = "never started"
+        locked = claim.locked
         for attempt in range(1, self.opts.retries + 2):
             if self.stop.is_set() and attempt > 1:
                 # stopped while backing off: not this tenant's failure; a re-run retries
                 return done("pending", planned_from, None, attempt - 1, None)
-            with self.fleet.catalog.advisory_lock(tenant_lock(slug)) as got:
-                if got:
-                    try:
-                        with tenant_migrations.tenant_connection(dsn) as conn:
-                            before, after = tenant_migrations.migrate_from(
-                                conn, self.location, self.target_name,
-                                as_role=owner, lock_timeout=self.lock_timeout,
-                                statement_timeout=self.statement_timeout)
-                        # at target already: a re-run after a crash, or done elsewhere
-                        status = "ok" if before != after or planned_from != after else \
-                            "skipped"
-                        return done(status, before if before != after else planned_from,
-                                    after, attempt)
-                    except (sqlalchemy.exc.DBAPIError, psycopg.Error) as exc:
-                        last_error = first_line(exc)
-                        if _sqlstate(exc) not in RETRYABLE_SQLSTATES:
-                            return done("failed", planned_from, planned_from, attempt,
-                                        last_error)
-                    except Exception as exc:  # noqa: BLE001 - e.g. a bug in a revision file
+            if attempt > 1:
+                locked = bool(conn.execute("SELECT pg_try_advisory_lock(%s)",
+                                           (key,)).fetchone()[0])  # type: ignore[index]
+            if locked:
+                try:
+                    with tenant_migrations.tenant_connection(dsn) as tconn:
+                        before, after = tenant_migrations.migrate_from(
+                            tconn, self.location, self.target_name,
+                            as_role=owner, lock_timeout=self.lock_timeout,
+                            statement_timeout=self.statement_timeout)
+                    # at target already: a re-run after a crash, or done elsewhere
+                    status = "ok" if before != after or planned_from != after else \
+                        "skipped"
+                    return done(status, before if before != after else planned_from,
+                                after, attempt)
+                except (sqlalchemy.exc.DBAPIError, psycopg.Error) as exc:
+                    last_error = first_line(exc)
+                    if _sqlstate(exc) not in RETRYABLE_SQLSTATES:
                         return done("failed", planned_from, planned_from, attempt,
-                                    f"{type(exc).__name__}: {first_line(exc)}")
-                else:
-                    last_error = "tenant locked by another operation"
+                                    last_error)
+                except Exception as exc:  # noqa: BLE001 - e.g. a bug in a revision file
+                    return done("failed", planned_from, planned_from, attempt,
+                                f"{type(exc).__name__}: {first_line(exc)}")
+                conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
+            else:
+                last_error = "tenant locked by another operation"
             if attempt <= self.opts.retries:
                 # exponential backoff with jitter: 0.2 s, 0.4 s, 0.8 s, ...
                 time.sleep(0.2 * 2 ** (attempt - 1) * (0.5 + random.random()))
         return done("failed", planned_from, planned_from, self.opts.retries + 1,
                     f"gave up after {self.opts.retries + 1} attempts: {last_error}")
 
-    def _record(self, rollout_id: int, tenant_id: int, r: TenantResult) -> None:
+    def _record(self, conn: psycopg.Connection, rollout_id: int, tenant_id: int,
+                r: TenantResult) -> None:
         """The tenant's result and its last known revision, in one round trip. Fenced
         on this worker still holding the row: if the row was reaped and redone by
         another process meanwhile, this result is stale and is dropped."""
         failed = r.status == "failed"
         pending = r.status == "pending"
-        with self.fleet.catalog.session() as s, s.begin():
-            s.execute(text("""
-                WITH result AS (
-                    UPDATE rollout_tenants SET status = :status, from_revision = :from_rev,
-                           to_revision = :to_rev, attempts = :attempts,
-                           finished_at = CASE WHEN :pending THEN NULL ELSE now() END,
-                           worker = CASE WHEN :pending THEN NULL ELSE worker END,
-                           duration_ms = :ms, error = :error
-                    WHERE rollout_id = :rid AND tenant_id = :tid AND status = 'running'
-                      AND worker = :worker
-                    RETURNING tenant_id)
-                UPDATE tenants SET migrated_at = now(),
-                       revision = CASE WHEN :failed THEN revision ELSE :to_rev END,
-                       migration_error = CASE WHEN :failed THEN :tenant_error END
-                WHERE id IN (SELECT tenant_id FROM result) AND NOT :pending"""),
-                {"status": r.status, "from_rev": r.from_revision, "to_rev": r.to_revision,
-                 "attempts": r.attempts, "ms": r.duration_ms, "error": r.error,
-                 "rid": rollout_id, "tid": tenant_id, "failed": failed, "pending": pending,
-                 "worker": self.worker,
-                 "tenant_error": f"rollout {rollout_id}: {r.error}" if failed else None})
+        conn.execute(RECORD_SQL, {
+            "status": r.status, "from_rev": r.from_revision, "to_rev": r.to_revision,
+            "attempts": r.attempts, "ms": r.duration_ms, "error": r.error,
+            "rid": rollout_id, "tid": tenant_id, "failed": failed, "pending": pending,
+            "worker": self.worker,
+            "tenant_error": f"rollout {rollout_id}: {r.error}" if failed else None})
         if not pending:
             with self._results_lock:
                 self._results.append(r)

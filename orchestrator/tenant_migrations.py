@@ -10,25 +10,55 @@ from __future__ import annotations
 
 import functools
 import io
+import threading
+import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
+from types import CodeType
 from typing import Any
 
 import psycopg
 from alembic.config import Config as AlembicConfig
+from alembic.ddl.postgresql import PostgresqlImpl
 from alembic.runtime.environment import EnvironmentContext
 from alembic.script import ScriptDirectory
 from alembic.util.exc import CommandError
-from psycopg import sql
-from sqlalchemy import Connection, Engine, create_engine, text
+from sqlalchemy import Connection, Engine, Table, create_engine, text
 from sqlalchemy.pool import NullPool
 
 from orchestrator import alembic_threads
 from orchestrator.errors import InvalidInput
 
 alembic_threads.install()  # before any revision file is imported
+
+
+class _PostgresqlImpl(PostgresqlImpl):
+    """Alembic's Postgres dialect support, building the version table's ``Table``
+    once per (name, schema, pk) rather than once per migration context (Alembic's
+    documented ``version_table_impl`` hook): a rollout opens a context per tenant,
+    and one shared Table also lets SQLAlchemy reuse the compiled version-table
+    statements. Registering it replaces Alembic's impl for "postgresql"."""
+
+    __dialect__ = "postgresql"
+    _version_tables: dict[tuple[str, str | None, bool], Table] = {}
+    _version_tables_lock = threading.Lock()
+
+    def version_table_impl(self, *, version_table: str, version_table_schema: str | None,
+                           version_table_pk: bool, **kw: Any) -> Table:
+        if kw:  # a hook argument from a newer Alembic: build it the normal way
+            return super().version_table_impl(
+                version_table=version_table, version_table_schema=version_table_schema,
+                version_table_pk=version_table_pk, **kw)
+        key = (version_table, version_table_schema, version_table_pk)
+        with self._version_tables_lock:
+            table = self._version_tables.get(key)
+            if table is None:
+                table = self._version_tables[key] = super().version_table_impl(
+                    version_table=version_table, version_table_schema=version_table_schema,
+                    version_table_pk=version_table_pk)
+            return table
 _target_dsn: ContextVar[str] = ContextVar("tenant_dsn")
 
 
@@ -104,38 +134,73 @@ def migrate(conn: Connection, script_location: Path, target: str, *, as_role: st
 def migrate_from(conn: Connection, script_location: Path, target: str, *, as_role: str,
                  lock_timeout: str | None = None, statement_timeout: str | None = None
                  ) -> tuple[str | None, str | None]:
-    """Like ``migrate``; returns (revision before, revision after)."""
+    """Like ``migrate``; returns (revision before, revision after).
+
+    Alembic reads the revision the database is at anyway: we take "before" from
+    what it found rather than asking the database a second time (a rollout runs
+    this once per tenant, so every round trip and every Python frame counts)."""
     script = script_directory(script_location)
     with conn.begin():
-        settings = [sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(as_role))]
-        if lock_timeout:
-            settings.append(sql.SQL("SET LOCAL lock_timeout = {}").format(
-                sql.Literal(lock_timeout)))
-        if statement_timeout:
-            settings.append(sql.SQL("SET LOCAL statement_timeout = {}").format(
-                sql.Literal(statement_timeout)))
-        conn.exec_driver_sql(sql.SQL("; ").join(settings).as_string(None))
-        before = current_revision(conn)
-        if before != target and not (target == "head" and before == script.get_current_head()):
-            _run(conn, script, script_location, before, target)
-        return before, current_revision(conn)
+        # set_config(..., true) is SET LOCAL; the names are constants, the values
+        # (the role too) travel as parameters, never as SQL text.
+        settings = {"role": as_role, "lock_timeout": lock_timeout,
+                    "statement_timeout": statement_timeout}
+        given = [(name, value) for name, value in settings.items() if value]
+        conn.exec_driver_sql(
+            "SELECT " + ", ".join(f"set_config('{name}', %s, true)" for name, _ in given),
+            tuple(value for _, value in given))
+        found: list[str | None] = []
+        _run(conn, script, script_location, target, found)
+        if not found:  # env.py never asked for the migrations to run
+            before = after = current_revision(conn)
+        else:
+            before = found[0]
+            # Alembic has created alembic_version if it was missing
+            after = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+        return before, after
 
 
-def _run(conn: Connection, script: ScriptDirectory, location: Path, current: str | None,
-         target: str) -> None:
+def _run(conn: Connection, script: ScriptDirectory, location: Path, target: str,
+         found: list[str | None]) -> None:
     """What alembic's command.upgrade/downgrade do, with the parsed script directory
-    reused (command.* re-reads every revision file on each call)."""
+    and the compiled env.py reused (command.* re-reads every revision file on each
+    call). ``found`` receives the revision the database was at."""
     acfg = alembic_config(location)
     acfg.attributes["connection"] = conn
-    down = is_downgrade(script, current, target)
 
-    def step(rev: Any, context: Any) -> Any:
-        if down:
-            return script._downgrade_revs(target, rev)
-        return script._upgrade_revs(target, rev)
+    def step(heads: Any, context: Any) -> Any:
+        current = heads[0] if heads else None
+        found.append(current)
+        if _is_downgrade(location, current, target):
+            return script._downgrade_revs(target, heads)
+        return script._upgrade_revs(target, heads)
 
     with EnvironmentContext(acfg, script, fn=step, destination_rev=target):
+        _run_env(script)
+
+
+@functools.lru_cache(maxsize=8)
+def _env_code(path: Path) -> CodeType | None:
+    return compile(path.read_bytes(), str(path), "exec", dont_inherit=True) \
+        if path.is_file() else None
+
+
+def _run_env(script: ScriptDirectory) -> None:
+    """``ScriptDirectory.run_env()`` — a fresh module executing env.py — without
+    compiling env.py again for every tenant."""
+    path = Path(script.dir) / "env.py"
+    code = _env_code(path)
+    if code is None:  # e.g. a sourceless env.pyc: let Alembic find and load it
         script.run_env()
+        return
+    module = types.ModuleType("env_py")
+    module.__file__ = str(path)
+    exec(code, module.__dict__)  # noqa: S102 - the operator's own env.py, as Alembic does
+
+
+@functools.lru_cache(maxsize=256)
+def _is_downgrade(location: Path, current: str | None, target: str) -> bool:
+    return is_downgrade(script_directory(location), current, target)
 
 
 def is_downgrade(script: ScriptDirectory, current: str | None, target: str) -> bool:

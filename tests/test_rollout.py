@@ -14,11 +14,14 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sqlalchemy import func, select
 
 from orchestrator.api import Fleet
-from orchestrator.catalog import with_dbname
+from orchestrator.catalog import lock_key, lock_key_sql, with_dbname
 from orchestrator.models import Rollout, RolloutTenant
+from orchestrator.provisioning import tenant_lock
 from orchestrator.rollout_plan import PlanTenant, interleave_by_server
 from tests.conftest import TENANTCTL, PgFleet, connect_as, run_cli
 
@@ -323,6 +326,38 @@ def test_locked_table_retries_then_fails_without_blocking(fleet: Fleet, test_fle
     # once the lock is gone, the same command succeeds
     ok = run_cli(test_fleet, "migrate", "tenant", victim, "--to", HEAD)
     assert ok.returncode == 0, ok.stdout + ok.stderr
+
+
+def test_tenant_held_by_another_operation_is_retried_then_fails(
+        fleet: Fleet, test_fleet: PgFleet, tenants: list[str]) -> None:
+    """The claim tries the tenant's lock in SQL (lock_key_sql): it must be the very
+    lock provisioning, backups and restores take (lock_key in Python)."""
+    victim = tenants[5]
+    _reset(test_fleet, [victim], OLD)
+    with fleet.catalog.advisory_lock(tenant_lock(victim)) as got:
+        assert got
+        proc = run_cli(test_fleet, "migrate", "tenant", victim, "--to", HEAD,
+                       "--retries", "1", "--json")
+    assert proc.returncode == 1, proc.stderr
+    (result,) = _json(proc)["results"]
+    assert result["status"] == "failed" and result["attempts"] == 2
+    assert "tenant locked by another operation" in result["error"]
+    assert _live(test_fleet, [victim]) == {victim: OLD}
+    ok = run_cli(test_fleet, "migrate", "tenant", victim, "--to", HEAD)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert _live(test_fleet, [victim]) == {victim: HEAD}
+    # and the rollout let go of it: another operation can take it at once
+    with fleet.catalog.advisory_lock(tenant_lock(victim)) as got:
+        assert got
+
+
+@given(st.text(alphabet=st.characters(blacklist_categories=("Cs",),
+                                      blacklist_characters="\x00"), max_size=60))
+@settings(max_examples=60, deadline=None)
+def test_lock_key_sql_is_lock_key(test_fleet: PgFleet, name: str) -> None:
+    with psycopg.connect(test_fleet.config().catalog_dsn) as conn:
+        row = conn.execute("SELECT " + lock_key_sql("%s"), (name,)).fetchone()
+    assert row is not None and row[0] == lock_key(name)
 
 
 def test_bad_rollout_input(fleet: Fleet, test_fleet: PgFleet, tenants: list[str]) -> None:
