@@ -27,7 +27,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -274,19 +274,27 @@ class RolloutRun:
         stopped: str | None = None
         # While this lock is held, this process is alive: others may reap the rows
         # it has claimed only once it is free (see _reset_stale).
-        with self.fleet.catalog.advisory_lock(self._alive_lock(self.worker), wait=True):
+        templates_done: Future[dict[str, str]] | None = None
+        with self.fleet.catalog.advisory_lock(self._alive_lock(self.worker), wait=True), \
+                ThreadPoolExecutor(max_workers=1, thread_name_prefix="templates") as bg:
             self._reset_stale(rollout_id)
             wave_numbers = self._waves_of(rollout_id)
             moved = not self.opts.whole_scope
             for wave in wave_numbers:
                 if wave != CANARY_WAVE and not moved:
-                    template_report = self._move_target()
+                    # From here on new tenants are created at the target. The templates
+                    # follow while the wave runs (provisioning meanwhile waits for, or
+                    # builds, an up-to-date template: it never clones a stale one).
+                    self.fleet.set_target_revision(self.target, self.opts.region)
+                    templates_done = bg.submit(self._update_templates)
                     moved = True
                 stopped = self._run_wave(rollout_id, wave, allowed)
                 if stopped:
                     break
             if not stopped and not moved:
                 template_report = self._move_target()
+            if templates_done is not None:
+                template_report = templates_done.result()
             if not stopped and self.opts.whole_scope and not self.stop.is_set():
                 sweep = self._sweep(rollout_id, (max(wave_numbers) + 1) if wave_numbers else 1)
                 if sweep:
@@ -320,17 +328,17 @@ class RolloutRun:
                               actor=actor(), options=asdict(self.opts))
             s.add(rollout)
             s.flush()
-            seq = 0
-            for wave, members in enumerate(waves):
-                for t in members:
-                    at_target = t.revision == self.target
-                    s.add(RolloutTenant(
-                        rollout_id=rollout.id, tenant_id=t.tenant_id, slug=t.slug,
-                        server=t.server, wave=wave, seq=seq, from_revision=t.revision,
-                        status="skipped" if at_target else "pending",
-                        to_revision=t.revision if at_target else None,
-                        error="already at target" if at_target else None))
-                    seq += 1
+            rows = [{"rollout_id": rollout.id, "tenant_id": t.tenant_id, "slug": t.slug,
+                     "server": t.server, "wave": wave, "from_revision": t.revision,
+                     "status": "skipped" if t.revision == self.target else "pending",
+                     "to_revision": t.revision if t.revision == self.target else None,
+                     "error": "already at target" if t.revision == self.target else None}
+                    for wave, members in enumerate(waves) for t in members]
+            for seq, row in enumerate(rows):
+                row["seq"] = seq
+            if rows:  # one multi-row INSERT, not a unit of work per tenant
+                s.execute(pg_insert(RolloutTenant), rows)
+            seq = len(rows)
             self.fleet.catalog.audit("rollout.start", session=s, rollout=rollout.id,
                                      target=self.target_name, tenants=seq,
                                      options=asdict(self.opts))
@@ -523,11 +531,11 @@ class RolloutRun:
                                            (key,)).fetchone()[0])  # type: ignore[index]
             if locked:
                 try:
-                    with tenant_migrations.tenant_connection(dsn) as tconn:
+                    with tenant_migrations.tenant_connection(
+                            dsn, role=owner, lock_timeout=self.lock_timeout,
+                            statement_timeout=self.statement_timeout) as tconn:
                         before, after = tenant_migrations.migrate_from(
-                            tconn, self.location, self.target_name,
-                            as_role=owner, lock_timeout=self.lock_timeout,
-                            statement_timeout=self.statement_timeout)
+                            tconn, self.location, self.target_name, as_role=None)
                     # at target already: a re-run after a crash, or done elsewhere
                     status = "ok" if before != after or planned_from != after else \
                         "skipped"

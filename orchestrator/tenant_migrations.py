@@ -25,6 +25,7 @@ from alembic.ddl.postgresql import PostgresqlImpl
 from alembic.runtime.environment import EnvironmentContext
 from alembic.script import ScriptDirectory
 from alembic.util.exc import CommandError
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from sqlalchemy import Connection, Engine, Table, create_engine, text
 from sqlalchemy.pool import NullPool
 
@@ -106,8 +107,26 @@ def _engine() -> Engine:
     return create_engine("postgresql+psycopg://", creator=_connect, poolclass=NullPool)
 
 
+def session_options(dsn: str, settings: dict[str, str]) -> str:
+    """``dsn`` with ``settings`` applied at session start (libpq ``options``, after any
+    the DSN has). A fresh backend pays about a millisecond of server CPU for its
+    first statement; settings in the startup packet cost nothing extra."""
+    given = {name: value for name, value in settings.items() if value}
+    if not given:
+        return dsn
+    escaped = " ".join(f"-c {name}=" + value.replace("\\", "\\\\").replace(" ", "\\ ")
+                       for name, value in given.items())
+    before = conninfo_to_dict(dsn).get("options")
+    return make_conninfo(dsn, options=f"{before} {escaped}" if before else escaped)
+
+
 @contextmanager
-def tenant_connection(dsn: str) -> Iterator[Connection]:
+def tenant_connection(dsn: str, *, role: str | None = None, lock_timeout: str | None = None,
+                      statement_timeout: str | None = None) -> Iterator[Connection]:
+    """A connection to one tenant database; with ``role`` and timeouts, its session
+    starts as that role with them (for ``migrate(..., as_role=None)``)."""
+    dsn = session_options(dsn, {"role": role or "", "lock_timeout": lock_timeout or "",
+                                "statement_timeout": statement_timeout or ""})
     token = _target_dsn.set(dsn)
     try:
         with _engine().connect() as conn:
@@ -122,7 +141,7 @@ def current_revision(conn: Connection) -> str | None:
     return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
 
 
-def migrate(conn: Connection, script_location: Path, target: str, *, as_role: str,
+def migrate(conn: Connection, script_location: Path, target: str, *, as_role: str | None,
             lock_timeout: str | None = None, statement_timeout: str | None = None
             ) -> str | None:
     """Upgrade (or downgrade) the database behind ``conn`` to ``target`` as
@@ -131,7 +150,7 @@ def migrate(conn: Connection, script_location: Path, target: str, *, as_role: st
                         lock_timeout=lock_timeout, statement_timeout=statement_timeout)[1]
 
 
-def migrate_from(conn: Connection, script_location: Path, target: str, *, as_role: str,
+def migrate_from(conn: Connection, script_location: Path, target: str, *, as_role: str | None,
                  lock_timeout: str | None = None, statement_timeout: str | None = None
                  ) -> tuple[str | None, str | None]:
     """Like ``migrate``; returns (revision before, revision after).
@@ -142,22 +161,23 @@ def migrate_from(conn: Connection, script_location: Path, target: str, *, as_rol
     script = script_directory(script_location)
     with conn.begin():
         # set_config(..., true) is SET LOCAL; the names are constants, the values
-        # (the role too) travel as parameters, never as SQL text.
+        # (the role too) travel as parameters, never as SQL text. as_role=None: the
+        # session already runs as the owner (tenant_connection(role=...)).
         settings = {"role": as_role, "lock_timeout": lock_timeout,
                     "statement_timeout": statement_timeout}
         given = [(name, value) for name, value in settings.items() if value]
-        conn.exec_driver_sql(
-            "SELECT " + ", ".join(f"set_config('{name}', %s, true)" for name, _ in given),
-            tuple(value for _, value in given))
+        if given:
+            conn.exec_driver_sql(
+                "SELECT " + ", ".join(f"set_config('{name}', %s, true)" for name, _ in given),
+                tuple(value for _, value in given))
         found: list[str | None] = []
         _run(conn, script, script_location, target, found)
         if not found:  # env.py never asked for the migrations to run
             before = after = current_revision(conn)
-        else:
-            before = found[0]
-            # Alembic has created alembic_version if it was missing
-            after = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
-        return before, after
+            return before, after
+        # Alembic ran every step to the target and moved the version with them (or
+        # raised, and the transaction rolls back): the target is where it stands.
+        return found[0], resolve_revision(script_location, target)
 
 
 def _run(conn: Connection, script: ScriptDirectory, location: Path, target: str,

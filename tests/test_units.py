@@ -342,3 +342,18 @@ def test_compression_probe_understands_an_older_pg_dump(pg_dump: str) -> None:
     if not Path(pg_dump).exists():
         pytest.skip(f"{pg_dump} is not installed")
     assert compression_arg(pg_dump) == "--compress=6"
+
+
+def test_session_options_are_escaped_and_keep_the_dsns_own() -> None:
+    from psycopg.conninfo import conninfo_to_dict
+
+    from orchestrator.tenant_migrations import session_options
+
+    dsn = "host=h dbname=d options='-c search_path=app'"
+    got = conninfo_to_dict(session_options(dsn, {"role": "owner_acme", "lock_timeout": "2s",
+                                                 "statement_timeout": ""}))
+    assert got["options"] == "-c search_path=app -c role=owner_acme -c lock_timeout=2s"
+    assert got["host"] == "h" and got["dbname"] == "d"
+    odd = conninfo_to_dict(session_options("dbname=d", {"application_name": "a b\\c"}))
+    assert odd["options"] == "-c application_name=a\\ b\\\\c"
+    assert session_options("dbname=d", {"role": ""}) == "dbname=d"
