@@ -36,8 +36,8 @@ def ports(state: Path, count: int, start: int = 57400) -> list[int]:
 
 
 def write_config(state: Path, servers: list[Server], *, migrations: str = "builtin",
-                 use_template: bool = True, local: bool = False, name: str = "bench"
-                 ) -> Path:
+                 use_template: bool = True, local: bool = False, name: str = "bench",
+                 spare_databases: int = 0) -> Path:
     """A config whose catalog lives on the first server. ``local`` adds the data_dir
     and port that `tenantctl local up` needs."""
     pgpass = state / "pgpass"
@@ -47,7 +47,8 @@ def write_config(state: Path, servers: list[Server], *, migrations: str = "built
              f'?passfile={pgpass}"',
              "[master_key]", f'file = "{state / "master.key"}"',
              "[tenants]", f'migrations = "{migrations}"',
-             f"use_template = {'true' if use_template else 'false'}"]
+             f"use_template = {'true' if use_template else 'false'}",
+             f"spare_databases = {spare_databases}"]
     for region in dict.fromkeys(r for _, r, _ in servers):
         lines += [f"[regions.{region}]", f'backup_store = "file://{state / "backups" / region}"']
         for sname, sregion, port in servers:

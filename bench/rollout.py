@@ -5,7 +5,8 @@
 Builds a fleet over two embedded clusters (two regions), every tenant at
 0004 with a few thousand products, then rolls 0005_reorder_level out (a
 column with a default plus an index on products) with `RolloutRun` at
-concurrency 1, 4 and 16, rolling back between runs (not timed). The
+concurrency 1, 4, 8 and 16 (each the median of --repeat runs), rolling back
+between runs (not timed). The
 baseline is what a typical operator script does, a shell loop running the
 stock `alembic upgrade` command once per tenant, timed on a sample of tenants
 (it is a rate, and the whole fleet would take minutes). Prints JSON.
@@ -15,12 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -102,7 +106,9 @@ def main() -> None:
     ap.add_argument("--tenants", type=int, default=500)
     ap.add_argument("--rows", type=int, default=3000)
     ap.add_argument("--baseline-sample", type=int, default=50)
-    ap.add_argument("--concurrency", default="1,4,16")
+    ap.add_argument("--concurrency", default="1,4,8,16",
+                    help="the issue asks for 1, 4 and 16; 8 is where 2 cores peak")
+    ap.add_argument("--repeat", type=int, default=3, help="timed runs per concurrency")
     ap.add_argument("--data-dir", default="/tmp")
     args = ap.parse_args()
 
@@ -120,13 +126,24 @@ def main() -> None:
         t0 = time.perf_counter()
         slugs = provision_fleet(fleet, args.tenants)
         out["setup_provision_s"] = round(time.perf_counter() - t0, 1)
-        runs = {}
+        # Steady state before timing: the setup just wrote ~5 GB of new databases,
+        # which the kernel would otherwise write back during the first timed runs
+        # (a fleet provisioned over weeks has no such backlog), and one untimed
+        # round trip warms the servers' caches.
+        os.sync()
+        timed_rollout(fleet, NEW, 8)
+        timed_rollout(fleet, OLD, 8)
+        runs: dict[str, dict[str, Any]] = {}
         for c in (int(x) for x in args.concurrency.split(",")):
-            elapsed, counts = timed_rollout(fleet, NEW, c)
-            runs[f"concurrency_{c}"] = {"seconds": round(elapsed, 2), "counts": counts,
-                                        "tenants_per_s": round(args.tenants / elapsed, 1)}
-            print(f"concurrency {c}: {args.tenants / elapsed:.1f} tenants/s", file=sys.stderr)
-            timed_rollout(fleet, OLD, 16)  # back, untimed
+            rates: list[float] = []
+            counts: dict[str, int] = {}
+            for _ in range(args.repeat):  # the median of a few runs: this VM is noisy
+                elapsed, counts = timed_rollout(fleet, NEW, c)
+                rates.append(round(args.tenants / elapsed, 1))
+                timed_rollout(fleet, OLD, 8)  # back, untimed
+            runs[f"concurrency_{c}"] = {"tenants_per_s": statistics.median(rates),
+                                        "runs_tenants_per_s": rates, "counts": counts}
+            print(f"concurrency {c}: {rates} tenants/s", file=sys.stderr)
         out["rollout"] = runs
         sample = slugs[: args.baseline_sample]
         seconds = baseline(fleet, sample, state)

@@ -211,8 +211,9 @@ def region_list(as_json: JsonOpt = False) -> None:
 def template_build(server: Annotated[str | None, typer.Option(
         help="One server (default: every server).")] = None) -> None:
     """Create or upgrade each server's template database to the fleet's target
-    revision (head until a rollout sets it)."""
-    from orchestrator import templates
+    revision (head until a rollout sets it), then fill its pool of spare clones
+    (tenants.spare_databases)."""
+    from orchestrator import spares, templates
 
     fleet = open_fleet()
     try:
@@ -220,6 +221,8 @@ def template_build(server: Annotated[str | None, typer.Option(
         for name in names:
             target = fleet.target_revision(fleet.cfg.server(name).region)
             say(f"{name}: template at {templates.build(fleet, name, target)}")
+            if fleet.cfg.spare_databases:
+                say(f"{name}: {spares.fill(fleet, name)} spare database(s) made")
     finally:
         fleet.close()
 

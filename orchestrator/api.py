@@ -8,6 +8,8 @@
 from __future__ import annotations
 
 import functools
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -95,14 +97,49 @@ class Fleet:
         self.cfg = cfg
         self.catalog = Catalog(cfg)
         self._server_conns = pgserver.ConnectionCache()
+        self._refills: ThreadPoolExecutor | None = None
+        self._refilling: set[str] = set()
+        self._refill_lock = threading.Lock()
 
     @classmethod
     def from_config(cls, path: str | None = None) -> Fleet:
         return cls(load_config(path))
 
+    def wait_for_refills(self) -> None:
+        """Return once the spare refills scheduled so far have finished."""
+        with self._refill_lock:
+            pool, self._refills = self._refills, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+
     def close(self) -> None:
+        self.wait_for_refills()  # let spare refills in flight finish
         self._server_conns.close()
         self.catalog.dispose()
+
+    def refill_spares(self, server: str) -> None:
+        """Top the server's spare pool up in the background (off the sign-up's path);
+        ``close()`` waits for it. A failure only leaves the pool short: the next
+        sign-up clones on demand and the scheduler's next fill tries again."""
+        with self._refill_lock:
+            if server in self._refilling:
+                return
+            self._refilling.add(server)
+            if self._refills is None:
+                self._refills = ThreadPoolExecutor(max_workers=1,
+                                                   thread_name_prefix="spares")
+            self._refills.submit(self._refill, server)
+
+    def _refill(self, server: str) -> None:
+        from orchestrator import spares
+
+        try:
+            spares.fill(self, server)
+        except Exception:  # noqa: BLE001, S110 - see refill_spares
+            pass
+        finally:
+            with self._refill_lock:
+                self._refilling.discard(server)
 
     def server_connection(self, server: str) -> AbstractContextManager[psycopg.Connection]:
         """An autocommit admin connection to a server's maintenance database."""

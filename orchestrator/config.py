@@ -86,6 +86,7 @@ class Config:
     regions: dict[str, RegionConfig]
     tenant_migrations: Path
     use_template: bool = True
+    spare_databases: int = 0
     backup_interval_hours: int = 24
     backup_keep_days: int = 7
     backup_keep_weeks: int = 4
@@ -281,7 +282,7 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
                                   required=False))
 
     tenants = r.table(raw, "tenants", "tenants", required=False)
-    _check_unknown(r, tenants, "tenants", {"migrations", "use_template"})
+    _check_unknown(r, tenants, "tenants", {"migrations", "use_template", "spare_databases"})
     migrations = r.string(tenants, "tenants.migrations", "migrations", required=False)
     if migrations in (None, BUILTIN_MIGRATIONS):
         migrations_dir = builtin_migrations_dir()
@@ -292,6 +293,10 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
             raise r.fail("tenants.migrations",
                          f"{migrations_dir} is not an Alembic script directory (no env.py)")
     use_template = r.boolean(tenants, "tenants.use_template", "use_template", True)
+    spare_databases = r.integer(tenants, "tenants.spare_databases", "spare_databases",
+                                default=0, minimum=0)
+    if spare_databases > 100:
+        raise r.fail("tenants.spare_databases", "at most 100 spares per server")
 
     backups = r.table(raw, "backups", "backups", required=False)
     _check_unknown(r, backups, "backups", {"interval_hours", "keep_days", "keep_weeks"})
@@ -373,6 +378,7 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
         regions=regions,
         tenant_migrations=migrations_dir,
         use_template=use_template,
+        spare_databases=spare_databases,
         backup_interval_hours=interval_hours,
         backup_keep_days=keep_days,
         backup_keep_weeks=keep_weeks,

@@ -25,7 +25,7 @@ from sqlalchemy import func, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from orchestrator import keys, pgserver, templates, tenant_migrations
+from orchestrator import keys, pgserver, spares, templates, tenant_migrations
 from orchestrator.catalog import server_error, with_dbname
 from orchestrator.errors import Conflict, ServerUnavailable, TenantctlError, first_line
 from orchestrator.faults import checkpoint
@@ -233,6 +233,11 @@ def _create_database(fleet: Fleet, conn: psycopg.Connection, names: TenantNames,
             with fleet.catalog.advisory_lock(templates.lock_name(server), shared=True,
                                              wait=True):
                 if templates.template_revision(fleet, server) == target:
+                    if fleet.cfg.spare_databases and \
+                            pgserver.database_owner(conn, names.database) is None and \
+                            spares.claim(conn, names, target):
+                        checkpoint("provision.spare")
+                        fleet.refill_spares(server)
                     pgserver.ensure_database(conn, names, template=TEMPLATE_DB)
                     return True
             if attempt == 0 and not _try_build_template(fleet, server, target):

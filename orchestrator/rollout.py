@@ -36,7 +36,7 @@ import sqlalchemy.exc
 from sqlalchemy import func, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-from orchestrator import templates, tenant_migrations
+from orchestrator import spares, templates, tenant_migrations
 from orchestrator.catalog import actor, lock_key, lock_key_sql, with_dbname
 from orchestrator.errors import InvalidInput, NotFound, first_line
 from orchestrator.faults import checkpoint
@@ -363,6 +363,8 @@ class RolloutRun:
             try:
                 rev = templates.build(self.fleet, sc.name, self.target_name)
                 report[sc.name] = rev or "base"
+                if self.fleet.cfg.spare_databases:  # spares of the old revision go
+                    spares.fill(self.fleet, sc.name)
             except Exception as exc:  # noqa: BLE001 - any failure is reported per server
                 report[sc.name] = f"error: {first_line(exc)}"
             self.on_event(Event("template", message=f"template on {sc.name}: "
@@ -469,6 +471,10 @@ class RolloutRun:
         # One catalog connection per worker for its whole life: claims, tenant locks
         # and results go over it (a crash drops it, and with it the locks).
         with self.fleet.catalog.direct("tenantctl-rollout") as conn:
+            # Claims and results need no WAL flush of their own: a catalog crash can
+            # lose only the last few, and a re-run redoes them (a lost claim is a
+            # pending row again; a tenant whose result was lost is found at target).
+            conn.execute("SET synchronous_commit = off")
             while not self.stop.is_set():
                 claimed = self._claim(conn, rollout_id, wave, budget)
                 if claimed is None:

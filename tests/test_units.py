@@ -159,6 +159,10 @@ def test_config_parses_and_resolves_relative_paths(tmp_path: Path) -> None:
      "regions.eu-central.servers[1].name", "defined twice"),
     (lambda r: r.update(tenants={"migrations": "/nonexistent"}), "tenants.migrations",
      "not an Alembic script directory"),
+    (lambda r: r.update(tenants={"spare_databases": -1}), "tenants.spare_databases",
+     "at least 0"),
+    (lambda r: r.update(tenants={"spare_databases": 101}), "tenants.spare_databases",
+     "at most 100"),
 ])
 def test_config_errors_name_file_key_and_problem(tmp_path: Path, mutate, key: str,
                                                  problem: str) -> None:

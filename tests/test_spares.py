@@ -1,0 +1,134 @@
+"""Spare databases (tenants.spare_databases): pre-made clones of a server's template
+that provisioning renames into place. On the clean fleet, so `doctor` checks that
+spares are never taken for orphans and that nothing is left behind."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from orchestrator import doctor, spares, templates
+from orchestrator.api import Fleet
+from orchestrator.config import load_config
+from tests.conftest import CleanFleet, problems
+from tests.test_doctor import cli, new_slug
+
+SERVER, REGION = "eu-central-1", "eu-central"
+
+
+def _oids(fleet: Fleet) -> dict[str, int]:
+    """The server's spares and tenant databases by name → OID (a rename keeps the OID)."""
+    with psycopg.connect(fleet.cfg.server(SERVER).admin_dsn, autocommit=True) as conn:
+        return {r[0]: r[1] for r in conn.execute(
+            "SELECT datname, oid::int FROM pg_database "
+            "WHERE datname LIKE 'tenantctl\\_spare\\_%' OR datname LIKE 'tenant\\_%'")}
+
+
+def _spares(fleet: Fleet) -> dict[str, int]:
+    return {n: o for n, o in _oids(fleet).items() if n.startswith(spares.SPARE_PREFIX)}
+
+
+@pytest.fixture
+def pooled(healthy: Fleet) -> Iterator[Fleet]:
+    """The clean fleet with two spares per server; the pool is emptied afterwards."""
+    fleet = Fleet(dataclasses.replace(healthy.cfg, spare_databases=2))
+    try:
+        for sc in fleet.cfg.servers:  # spares are made only from an up-to-date template
+            templates.build(fleet, sc.name, fleet.target_revision(sc.region))
+            spares.fill(fleet, sc.name)
+        assert len(_spares(fleet)) == 2
+        yield fleet
+    finally:
+        fleet.close()
+        for sc in fleet.cfg.servers:
+            spares.fill(fleet, sc.name, want=0)
+        assert _spares(fleet) == {}
+        fleet.catalog.dispose()
+
+
+def test_a_sign_up_takes_a_spare_and_the_pool_refills(pooled: Fleet) -> None:
+    before = _spares(pooled)
+    assert len(before) == 2
+    assert all(n.startswith(spares.spare_prefix(pooled.target_revision(REGION)))
+               for n in before)
+    slug = new_slug("sp")
+    pooled.provision(slug, REGION)
+    t = pooled.get_tenant(slug)
+    # the tenant's database IS one of the spares, renamed (same OID), not a new clone
+    assert _oids(pooled)[t.database] in before.values()
+    assert len(_spares(pooled)) == 1
+    pooled.close()  # waits for the refill it scheduled
+    assert len(_spares(pooled)) == 2
+    # and it is a tenant database like any other: the owner owns its schema, the
+    # login role works, PUBLIC cannot connect, it is at the target
+    with psycopg.connect(pooled.credentials(slug)) as conn:
+        conn.execute("INSERT INTO categories (name) VALUES ('x')")
+        assert conn.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'public' "
+                            "AND tableowner <> %s", (t.owner_role,)).fetchone() == (0,)
+        assert conn.execute("SELECT has_database_privilege('public', current_database(), "
+                            "'CONNECT')").fetchone() == (False,)
+    assert t.revision == pooled.target_revision(REGION)
+    assert problems(doctor.run(pooled)) == []
+
+
+def test_spares_of_another_revision_are_never_used_and_get_dropped(pooled: Fleet) -> None:
+    with psycopg.connect(pooled.cfg.server(SERVER).admin_dsn, autocommit=True) as conn:
+        for name in list(_spares(pooled)):  # as if cloned from an older template
+            conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
+                sql.Identifier(name), sql.Identifier(
+                    spares.spare_prefix("0001_old") + name[-8:])))
+    stale = _spares(pooled)
+    slug = new_slug("sp")
+    pooled.provision(slug, REGION)
+    assert _oids(pooled)[pooled.get_tenant(slug).database] not in stale.values()
+    assert spares.fill(pooled, SERVER) == 2
+    assert set(_spares(pooled).values()).isdisjoint(stale.values())
+
+
+def test_killed_while_taking_a_spare_then_rerun(pooled: Fleet, clean_fleet: CleanFleet,
+                                                tmp_path: Path) -> None:
+    config = tmp_path / "tenantctl.toml"
+    config.write_text(clean_fleet.config_path.read_text().replace(
+        "[tenants]\n", "[tenants]\nspare_databases = 2\n", 1))
+    assert load_config(config).spare_databases == 2
+    own = CleanFleet(config)
+    slug = new_slug("sp")
+    killed = cli(own, "tenant", "create", slug, "--region", REGION,
+                 env={"TENANTCTL_FAULT": "provision.spare"})
+    assert killed.returncode == -9, killed.stderr
+    again = cli(own, "tenant", "create", slug, "--region", REGION)
+    assert again.returncode == 0, again.stdout + again.stderr
+    with psycopg.connect(pooled.credentials(slug)) as conn:
+        assert conn.execute("SELECT count(*) FROM products").fetchone() == (0,)
+    assert problems(doctor.run(pooled)) == []
+
+
+def test_racing_sign_ups_share_out_the_last_spare(pooled: Fleet) -> None:
+    import threading
+
+    spares.fill(pooled, SERVER, want=1)
+    slugs = [new_slug("sp") for _ in range(3)]
+    errors: list[BaseException] = []
+
+    def sign_up(s: str) -> None:
+        fleet = Fleet(pooled.cfg)
+        try:
+            fleet.provision(s, REGION)
+        except BaseException as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+        finally:
+            fleet.close()
+
+    threads = [threading.Thread(target=sign_up, args=(s,)) for s in slugs]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert errors == []
+    for s in slugs:
+        assert pooled.get_tenant(s).state == "active"
