@@ -120,7 +120,7 @@ class Fleet:
     def refill_spares(self, server: str) -> None:
         """Top the server's spare pool up in the background (off the sign-up's path);
         ``close()`` waits for it. A failure only leaves the pool short: the next
-        sign-up clones on demand and the scheduler's next fill tries again."""
+        sign-up clones on demand, and its refill (or `template build`) tries again."""
         with self._refill_lock:
             if server in self._refilling:
                 return

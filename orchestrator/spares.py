@@ -85,8 +85,9 @@ def fill(fleet: Fleet, server: str, want: int | None = None) -> int:
             current = revision == fleet.target_revision(sc.region) and \
                 pgserver.database_owner(conn, TEMPLATE_DB) is not None
             keep = spare_prefix(revision) if current else None
-            fresh = [s for s in list_spares(conn) if keep and s.startswith(keep)]
-            for spare in list_spares(conn):
+            found = list_spares(conn)
+            fresh = [s for s in found if keep and s.startswith(keep)]
+            for spare in found:
                 if spare not in fresh[:want]:  # another revision, or more than wanted
                     conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(Ident(spare)))
             if keep is None:
@@ -101,16 +102,3 @@ def fill(fleet: Fleet, server: str, want: int | None = None) -> int:
                 made += 1
             return made
 
-
-def fill_all(fleet: Fleet, region: str | None = None) -> dict[str, int | str]:
-    """``fill`` every server (of a region); a server that fails is reported, not fatal."""
-    from orchestrator.errors import first_line
-
-    report: dict[str, int | str] = {}
-    for sc in fleet.cfg.servers:
-        if region is None or sc.region == region:
-            try:
-                report[sc.name] = fill(fleet, sc.name)
-            except Exception as exc:  # noqa: BLE001 - one server never stops the others
-                report[sc.name] = f"error: {first_line(exc)}"
-    return report

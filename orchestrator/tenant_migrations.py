@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
-from types import CodeType
 from typing import Any
 
 import psycopg
@@ -60,6 +59,8 @@ class _PostgresqlImpl(PostgresqlImpl):
                     version_table=version_table, version_table_schema=version_table_schema,
                     version_table_pk=version_table_pk)
             return table
+
+
 _target_dsn: ContextVar[str] = ContextVar("tenant_dsn")
 
 
@@ -107,11 +108,11 @@ def _engine() -> Engine:
     return create_engine("postgresql+psycopg://", creator=_connect, poolclass=NullPool)
 
 
-def session_options(dsn: str, settings: dict[str, str]) -> str:
+def session_options(dsn: str, settings: dict[str, str | None]) -> str:
     """``dsn`` with ``settings`` applied at session start (libpq ``options``, after any
     the DSN has). A fresh backend pays about a millisecond of server CPU for its
     first statement; settings in the startup packet cost nothing extra."""
-    given = {name: value for name, value in settings.items() if value}
+    given = {name: value for name, value in settings.items() if value}  # None/"": unset
     if not given:
         return dsn
     escaped = " ".join(f"-c {name}=" + value.replace("\\", "\\\\").replace(" ", "\\ ")
@@ -125,8 +126,8 @@ def tenant_connection(dsn: str, *, role: str | None = None, lock_timeout: str | 
                       statement_timeout: str | None = None) -> Iterator[Connection]:
     """A connection to one tenant database; with ``role`` and timeouts, its session
     starts as that role with them (for ``migrate(..., as_role=None)``)."""
-    dsn = session_options(dsn, {"role": role or "", "lock_timeout": lock_timeout or "",
-                                "statement_timeout": statement_timeout or ""})
+    dsn = session_options(dsn, {"role": role, "lock_timeout": lock_timeout,
+                                "statement_timeout": statement_timeout})
     token = _target_dsn.set(dsn)
     try:
         with _engine().connect() as conn:
@@ -200,7 +201,7 @@ def _run(conn: Connection, script: ScriptDirectory, location: Path, target: str,
 
 
 @functools.lru_cache(maxsize=8)
-def _env_code(path: Path) -> CodeType | None:
+def _env_code(path: Path) -> types.CodeType | None:
     return compile(path.read_bytes(), str(path), "exec", dont_inherit=True) \
         if path.is_file() else None
 

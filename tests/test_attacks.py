@@ -274,14 +274,19 @@ def test_provisioning_arbitrary_slugs_creates_exactly_the_tenant_objects(
 def backed_up(test_fleet: PgFleet) -> Iterator[tuple[str, int]]:
     """One tenant of the shared catalog with data and a completed backup."""
     fleet = Fleet(test_fleet.config())
-    slug = f"atk{uuid.uuid4().hex[:8]}"
     try:
-        fleet.provision(slug, "ap-south")
-        with connect_as(fleet.credentials(slug), autocommit=True) as conn:
-            conn.execute("INSERT INTO customers (email, name) VALUES ('a@b.c', 'Ann')")
+        slug = _tenant_with_a_customer(fleet, "atk", "ap-south")
         yield slug, pipeline.run_backup(fleet, slug).id
     finally:
         fleet.close()
+
+
+def _tenant_with_a_customer(fleet: Fleet, prefix: str, region: str) -> str:
+    slug = f"{prefix}{uuid.uuid4().hex[:8]}"
+    fleet.provision(slug, region)
+    with connect_as(fleet.credentials(slug), autocommit=True) as conn:
+        conn.execute("INSERT INTO customers (email, name) VALUES ('a@b.c', 'Ann')")
+    return slug
 
 
 def test_restore_as_refuses_hostile_names_before_reading_the_backup(
@@ -495,12 +500,8 @@ def _tree(root: Path) -> dict[str, tuple[str, ...]]:
 @pytest.fixture(scope="module")
 def exportable(test_fleet: PgFleet) -> Iterator[str]:
     fleet = Fleet(test_fleet.config())
-    slug = f"exp{uuid.uuid4().hex[:8]}"
     try:
-        fleet.provision(slug, "eu-central")
-        with connect_as(fleet.credentials(slug), autocommit=True) as conn:
-            conn.execute("INSERT INTO customers (email, name) VALUES ('a@b.c', 'Ann')")
-        yield slug
+        yield _tenant_with_a_customer(fleet, "exp", "eu-central")
     finally:
         fleet.close()
 
