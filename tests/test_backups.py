@@ -400,6 +400,24 @@ def test_due_and_prune(fleet: Fleet, test_fleet: PgFleet, slug: str) -> None:
     assert len(left) == 2 and all(k.split("/")[-1].startswith(f"{ids[2]:010d}") for k in left)
 
 
+def test_a_due_backup_runs_once_per_slot(fleet: Fleet, slug: str) -> None:
+    """What `backup run --due` does per tenant when two runs overlap: whoever holds
+    the tenant's due-lock backs up; the other skips, and a run that arrives after
+    the backup finds the slot taken and skips too."""
+    fleet.provision(slug, "ap-south")
+    with fleet.catalog.advisory_lock(f"backup-due:{slug}") as got:
+        assert got
+        held = pipeline.run_due_backup(fleet, slug)
+    assert (held.status, held.id) == ("skipped", 0)
+    assert "another process" in (held.error or "")
+    first = pipeline.run_due_backup(fleet, slug)
+    assert first.status == "completed" and first.id
+    late = pipeline.run_due_backup(fleet, slug)
+    assert (late.status, late.error) == ("skipped", "no longer due")
+    with fleet.catalog.session() as s:
+        assert list(s.scalars(select(Backup.id).where(Backup.slug == slug))) == [first.id]
+
+
 def test_kill_mid_upload_is_reaped(fleet: Fleet, test_fleet: PgFleet, slug: str) -> None:
     _tenant_with_data(fleet, slug, "ap-south")
     proc = run_cli(test_fleet, "backup", "run", slug, env={"TENANTCTL_FAULT": "backup.chunk"})

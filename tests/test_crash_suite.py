@@ -265,7 +265,9 @@ def test_two_due_backup_runs_back_up_each_tenant_once(clean_fleet: CleanFleet,
     results = both(clean_fleet, "backup", "run", "--due", "--json")
     assert [r.returncode for r in results] == [0, 0], [r.stderr for r in results]
     mine = [x for r in results for x in json.loads(r.stdout) if x["tenant"] == slug]
-    assert sorted(x["status"] for x in mine) == ["completed", "skipped"]
+    # The second run skips it (it found it due while the first held it) or never
+    # lists it (the first had finished when it looked): either way, one backup.
+    assert sorted(x["status"] for x in mine) in (["completed"], ["completed", "skipped"])
     with healthy.catalog.session() as s:
         assert s.scalar(select(func.count()).select_from(Backup).where(
             Backup.slug == slug, Backup.status == "completed")) == 1
