@@ -477,7 +477,7 @@ def check_store(f: Facts) -> Iterator[Finding]:
 
 
 def check_revisions(f: Facts) -> Iterator[Finding]:
-    from orchestrator.rollout import MIGRATABLE
+    from orchestrator.models import MIGRATABLE
 
     for t in f.tenants:
         if t.state not in MIGRATABLE:

@@ -3,31 +3,36 @@
 Each tenant's ``alembic_version`` is read concurrently (bounded per server, one
 short connection per tenant), and the catalog's last known revision is
 refreshed from what was read.
+
+The reads go through libpq directly (``psycopg.pq``): its blocking connect and
+query run without the GIL, while a ``psycopg.Connection`` spends about 0.7 ms of
+Python per connect. At 1,000 tenants that is most of the client's CPU, on a
+machine whose cores the servers need for the connections themselves.
 """
 
 from __future__ import annotations
 
+import select as io_select
 import threading
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import psycopg
+from psycopg import pq
+from psycopg.conninfo import make_conninfo
 from sqlalchemy import select, update
 
-from orchestrator.catalog import with_dbname
-from orchestrator.errors import first_line
-from orchestrator.models import Server, Tenant
-from orchestrator.rollout import MIGRATABLE
+from orchestrator.models import MIGRATABLE, Server, Tenant
 
 if TYPE_CHECKING:
     from orchestrator.api import Fleet
 
-READ_VERSION = """
-SELECT CASE WHEN to_regclass('public.alembic_version') IS NULL THEN NULL
-            ELSE (SELECT version_num FROM public.alembic_version) END
-"""
+# No alembic_version table (a database at base) is an error, not a NULL: probing
+# for the table first costs every read a catalog lookup.
+READ_VERSION = b"SELECT version_num FROM public.alembic_version"
+UNDEFINED_TABLE = b"42P01"
 
 
 @dataclass
@@ -45,18 +50,45 @@ class StatusReport:
         return dict(self.__dict__)
 
 
-def _read(fleet: Fleet, t: Tenant, gates: dict[str, threading.Semaphore]
-          ) -> tuple[str | None, str | None]:
-    """(revision, error) of one tenant database."""
-    dsn = with_dbname(fleet.cfg.server(t.server).admin_dsn, t.database)
-    with gates[t.server]:
-        try:
-            with psycopg.connect(dsn, connect_timeout=5, autocommit=True,
-                                 application_name="tenantctl-status") as conn:
-                row = conn.execute(READ_VERSION).fetchone()
-                return (row[0] if row else None), None
-        except psycopg.Error as exc:
-            return None, first_line(exc)
+def _connect(conninfo: str, timeout: float) -> pq.abc.PGconn:
+    """libpq's non-blocking connect, waiting in select() (which releases the GIL,
+    where PQconnectdb holds it). libpq ignores connect_timeout in this mode."""
+    pgconn = pq.PGconn.connect_start(conninfo.encode())
+    deadline = time.monotonic() + timeout
+    status = pq.PollingStatus.WRITING
+    while status not in (pq.PollingStatus.OK, pq.PollingStatus.FAILED):
+        fd, left = pgconn.socket, deadline - time.monotonic()
+        ready = io_select.select(*(([fd], [], []) if status == pq.PollingStatus.READING
+                                else ([], [fd], [])), max(left, 0))
+        if not any(ready):
+            pgconn.finish()
+            raise TimeoutError(f"connection timed out after {timeout:g} s")
+        status = pq.PollingStatus(pgconn.connect_poll())
+    return pgconn
+
+
+def read_version(conninfo: str, timeout: float = 5) -> tuple[str | None, str | None]:
+    """(revision, error) of one tenant database; revision None means base."""
+    try:
+        pgconn = _connect(conninfo, timeout)
+    except (TimeoutError, OSError) as exc:
+        return None, str(exc)
+    try:
+        if pgconn.status != pq.ConnStatus.OK:
+            return None, _message(pgconn) or "could not connect"
+        res = pgconn.exec_(READ_VERSION)
+        if res.status == pq.ExecStatus.TUPLES_OK:
+            value = res.get_value(0, 0) if res.ntuples else None
+            return (value.decode() if value is not None else None), None
+        if res.error_field(pq.DiagnosticField.SQLSTATE) == UNDEFINED_TABLE:
+            return None, None
+        return None, _message(res) or "could not read alembic_version"
+    finally:
+        pgconn.finish()
+
+
+def _message(obj: pq.abc.PGconn | pq.abc.PGresult) -> str:
+    return pq.error_message(obj).strip().splitlines()[0] if pq.error_message(obj) else ""
 
 
 def fleet_status(fleet: Fleet, region: str | None = None, *, concurrency: int = 16,
@@ -70,8 +102,15 @@ def fleet_status(fleet: Fleet, region: str | None = None, *, concurrency: int = 
         tenants = list(s.scalars(q))
         servers = list(s.scalars(select(Server).order_by(Server.region, Server.name)))
     gates = {sc.name: threading.Semaphore(per_server) for sc in fleet.cfg.servers}
+
+    def read(t: Tenant) -> tuple[str | None, str | None]:
+        conninfo = make_conninfo(fleet.cfg.server(t.server).admin_dsn, dbname=t.database,
+                                 application_name="tenantctl-status")
+        with gates[t.server]:
+            return read_version(conninfo)
+
     with ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(tenants)))) as pool:
-        reads = list(pool.map(lambda t: _read(fleet, t, gates), tenants))
+        reads = list(pool.map(read, tenants))
 
     head = fleet.head_revision
     report = StatusReport(head=head, target=fleet.target_revision(region),

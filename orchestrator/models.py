@@ -47,6 +47,8 @@ class TenantState(enum.StrEnum):
 
 
 # States in which a tenant occupies a place on its server.
+# the states whose database a rollout migrates and `migrate status` reads
+MIGRATABLE = (TenantState.active, TenantState.suspended, TenantState.cancelled)
 PLACED_STATES = (TenantState.provisioning, TenantState.active, TenantState.suspended,
                  TenantState.cancelled)
 

@@ -40,7 +40,7 @@ from orchestrator import spares, templates, tenant_migrations
 from orchestrator.catalog import actor, lock_key, lock_key_sql, with_dbname
 from orchestrator.errors import InvalidInput, NotFound, first_line
 from orchestrator.faults import checkpoint
-from orchestrator.models import Rollout, RolloutTenant, Server, Tenant, TenantState
+from orchestrator.models import MIGRATABLE, Rollout, RolloutTenant, Server, Tenant
 from orchestrator.names import catalog_mismatch, validate_slug
 from orchestrator.provisioning import tenant_lock
 from orchestrator.rollout_plan import (
@@ -55,7 +55,6 @@ from orchestrator.rollout_plan import (
 if TYPE_CHECKING:
     from orchestrator.api import Fleet
 
-MIGRATABLE = (TenantState.active, TenantState.suspended, TenantState.cancelled)
 RETRYABLE_SQLSTATES = {"55P03", "57014", "40P01"}  # lock timeout, statement timeout, deadlock
 
 # Claim the next pending row of a wave and try the claimed tenant's lock, in one

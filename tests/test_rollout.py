@@ -16,6 +16,7 @@ import psycopg
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from psycopg import sql
 from sqlalchemy import func, select
 
 from orchestrator.api import Fleet
@@ -413,3 +414,58 @@ def test_sigterm_finishes_in_flight_and_resumes(fleet: Fleet, test_fleet: PgFlee
     assert again.returncode == 0, again.stderr
     assert _json(again)["rollout_id"] == summary["rollout_id"]  # the same rollout, resumed
     assert set(_live(test_fleet, tenants).values()) == {HEAD}
+
+
+# -- migrate status's reader --------------------------------------------------------
+
+
+def test_status_reader_says_base_unreachable_and_timeout(fleet: Fleet, slug: str) -> None:
+    """read_version is libpq driven by hand: base (no alembic_version), a server
+    that refuses, and one that accepts and never answers each give one clear line."""
+    import socket
+
+    from psycopg.conninfo import make_conninfo
+
+    from orchestrator.migrate_status import read_version
+    from tests.conftest import _closed_port
+
+    admin_dsn = fleet.cfg.server("ap-south-1").admin_dsn
+    base = sql.Identifier(f"{slug}_base")
+    with fleet.server_connection("ap-south-1") as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(base))
+    try:
+        assert read_version(make_conninfo(admin_dsn, dbname=f"{slug}_base")) == (None, None)
+    finally:
+        with fleet.server_connection("ap-south-1") as conn:
+            conn.execute(sql.SQL("DROP DATABASE {}").format(base))
+    revision, error = read_version(make_conninfo(admin_dsn, port=_closed_port()))
+    assert revision is None and error and "\n" not in error and "refused" in error
+    with socket.socket() as silent:  # accepts, then says nothing
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        started = time.monotonic()
+        revision, error = read_version(
+            make_conninfo(admin_dsn, port=silent.getsockname()[1]), timeout=0.5)
+        assert (revision, error) == (None, "connection timed out after 0.5 s")
+        assert time.monotonic() - started < 5
+
+
+def test_admin_reads_versions_through_direct_grants(tenants: list[str],
+                                                    test_fleet: PgFleet) -> None:
+    """The admin holds USAGE on public and SELECT on alembic_version in its own name,
+    so a status read never walks its memberships (one per tenant on the server)."""
+    fleet = Fleet(test_fleet.config())
+    try:
+        t = fleet.get_tenant(tenants[0])
+        dsn = with_dbname(fleet.cfg.server(t.server).admin_dsn, t.database)
+        with psycopg.connect(dsn) as conn:
+            acls = conn.execute(
+                "SELECT (SELECT nspacl::text[] FROM pg_namespace WHERE nspname = 'public'),"
+                " (SELECT relacl::text[] FROM pg_class"
+                "  WHERE oid = 'public.alembic_version'::regclass), current_user").fetchone()
+    finally:
+        fleet.close()
+    assert acls is not None
+    schema_acl, table_acl, admin = acls
+    assert any(a.startswith(f"{admin}=U/") for a in schema_acl), schema_acl
+    assert any(a.startswith(f"{admin}=r/") for a in table_acl), table_acl
