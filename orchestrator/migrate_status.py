@@ -110,11 +110,12 @@ def fleet_status(fleet: Fleet, region: str | None = None, *, concurrency: int = 
             return read_version(conninfo)
 
     with ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(tenants)))) as pool:
-        reads = list(pool.map(read, tenants))
-
-    head = fleet.head_revision
-    report = StatusReport(head=head, target=fleet.target_revision(region),
-                          tenants=len(tenants), revisions={})
+        pending = pool.map(read, tenants)
+        # while the reads run: head (Alembic reads the migration scripts) and target
+        head = fleet.head_revision
+        report = StatusReport(head=head, target=fleet.target_revision(region),
+                              tenants=len(tenants), revisions={})
+        reads = list(pending)
     counts: Counter[str] = Counter()
     changed: list[tuple[int, str | None]] = []
     for t, (revision, error) in zip(tenants, reads, strict=True):
