@@ -240,10 +240,14 @@ def main() -> None:
         os.sync()
         out["settle_s"] = round(time.perf_counter() - settle_started, 1)
 
+        # Twice: the first read of each database after the bulk provisioning pulls
+        # its catalog pages back into shared buffers; a second run finds them there.
         elapsed, sample, done = measured(monitor, cli(config, "migrate", "status", "--json"))
+        again, _, _ = measured(monitor, cli(config, "migrate", "status", "--json"))
         behind = len(json.loads(done.stdout)["behind"])
         out["migrate_status"] = result(elapsed, sample, behind=behind, per_server_cap=8,
-                                       target_s=3, met=elapsed <= 3)
+                                       second_run_s=round(again, 2), target_s=3,
+                                       met=elapsed <= 3)
 
         # the CLI's defaults: 8 in flight, 4 per server (on 2 cores more only queue)
         elapsed, sample, done = measured(monitor, cli(
