@@ -88,7 +88,7 @@ def read_version(conninfo: str, timeout: float = 5) -> tuple[str | None, str | N
 
 
 def _message(obj: pq.abc.PGconn | pq.abc.PGresult) -> str:
-    return pq.error_message(obj).strip().splitlines()[0] if pq.error_message(obj) else ""
+    return (pq.error_message(obj).strip().splitlines() or [""])[0]
 
 
 def fleet_status(fleet: Fleet, region: str | None = None, *, concurrency: int = 16,

@@ -278,20 +278,14 @@ class RolloutRun:
                 ThreadPoolExecutor(max_workers=1, thread_name_prefix="templates") as bg:
             self._reset_stale(rollout_id)
             wave_numbers = self._waves_of(rollout_id)
-            moved = not self.opts.whole_scope
             for wave in wave_numbers:
-                if wave != CANARY_WAVE and not moved:
-                    # From here on new tenants are created at the target. The templates
-                    # follow while the wave runs (provisioning meanwhile waits for, or
-                    # builds, an up-to-date template: it never clones a stale one).
-                    self.fleet.set_target_revision(self.target, self.opts.region)
-                    templates_done = bg.submit(self._update_templates)
-                    moved = True
+                if wave != CANARY_WAVE and templates_done is None and self.opts.whole_scope:
+                    templates_done = self._move_target(bg)
                 stopped = self._run_wave(rollout_id, wave, allowed)
                 if stopped:
                     break
-            if not stopped and not moved:
-                template_report = self._move_target()
+            if not stopped and templates_done is None and self.opts.whole_scope:
+                templates_done = self._move_target(bg)
             if templates_done is not None:
                 template_report = templates_done.result()
             if not stopped and self.opts.whole_scope and not self.stop.is_set():
@@ -302,11 +296,13 @@ class RolloutRun:
             stopped = "interrupted"
         return self._finish(rollout_id, waves, stopped, template_report)
 
-    def _move_target(self) -> dict[str, str]:
+    def _move_target(self, bg: ThreadPoolExecutor) -> Future[dict[str, str]]:
         """Once the canary has passed: tenants created from now on are created at the
-        target (fleet or region), and the templates follow."""
+        target (fleet or region), and the templates follow in the background while
+        the waves run (provisioning meanwhile waits for, or builds, an up-to-date
+        template: it never clones a stale one)."""
         self.fleet.set_target_revision(self.target, self.opts.region)
-        return self._update_templates()
+        return bg.submit(self._update_templates)
 
     @staticmethod
     def _alive_lock(worker: str) -> str:

@@ -86,14 +86,14 @@ def fill(fleet: Fleet, server: str, want: int | None = None) -> int:
                 pgserver.database_owner(conn, TEMPLATE_DB) is not None
             keep = spare_prefix(revision) if current else None
             found = list_spares(conn)
-            fresh = [s for s in found if keep and s.startswith(keep)]
+            kept = [s for s in found if keep and s.startswith(keep)][:want]
             for spare in found:
-                if spare not in fresh[:want]:  # another revision, or more than wanted
+                if spare not in kept:  # another revision, or more than wanted
                     conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(Ident(spare)))
             if keep is None:
                 return 0
             made = 0
-            for _ in range(want - len(fresh[:want])):
+            for _ in range(want - len(kept)):
                 spare = keep + secrets.token_hex(4)
                 conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {} STRATEGY WAL_LOG "
                                      "ALLOW_CONNECTIONS false").format(

@@ -174,8 +174,8 @@ def migrate_from(conn: Connection, script_location: Path, target: str, *, as_rol
         found: list[str | None] = []
         _run(conn, script, script_location, target, found)
         if not found:  # env.py never asked for the migrations to run
-            before = after = current_revision(conn)
-            return before, after
+            revision = current_revision(conn)
+            return revision, revision
         # Alembic ran every step to the target and moved the version with them (or
         # raised, and the transaction rolls back): the target is where it stands.
         return found[0], resolve_revision(script_location, target)
