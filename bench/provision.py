@@ -9,9 +9,10 @@ Prints one JSON document with three paths per history:
   database, grants, login), in-process;
 - naive_inprocess: the same call with `use_template = false`, so the schema
   comes from running the migrations in-process on an empty database;
-- template_path_spare_pool: the same with `tenants.spare_databases = 2`, the
-  tenant's database renamed from a pre-made clone (refilled, untimed, between
-  sign-ups);
+- template_path_spare_pool: the same with `tenants.spare_databases = 2` (what
+  `init --local` writes): the tenant's database and roles are a spare tenant,
+  cloned, taken over and granted ahead of demand, renamed into place (the pool
+  is refilled, untimed, between sign-ups);
 - naive_cli: the literal baseline, `CREATE DATABASE` then the stock
   `alembic upgrade head` command per tenant (no roles, no grants: cheaper
   than what we do, so the ratio against it is conservative).

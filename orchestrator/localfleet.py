@@ -141,6 +141,7 @@ def render_local_config(state_dir: Path, ports: dict[str, int], capacity: int = 
         "[tenants]",
         'migrations = "builtin"   # or the path of your application\'s Alembic directory',
         "use_template = true",
+        "spare_databases = 2      # sign-ups made ahead per server: a sign-up is a rename",
     ]
     for region in LOCAL_REGIONS:
         server = f"{region}-1"

@@ -7,6 +7,10 @@ before anything exists on the server, so nothing can ever be created that the
 catalog does not know of. Each step checks the server before acting, so a
 re-run after a crash at any point finishes the job; the tenant's advisory lock
 keeps two processes from working on the same slug at once.
+
+With a pool of spares (``orchestrator.spares``) the roles, database, schema and
+privileges steps are one server transaction that renames a spare into the
+tenant's names; the row then goes from registered straight to privileges.
 """
 
 from __future__ import annotations
@@ -167,13 +171,24 @@ def _run_steps(fleet: Fleet, tenant: Tenant, password: str) -> bool:
     from the template."""
     names = tenant_names(tenant.slug)
     done = STEPS.index(tenant.step) if tenant.step in STEPS else 0
+    revision = tenant.revision
     via_template = False
     current = "registered"
+    marker = pgserver.role_marker(tenant.id, tenant.slug)
     try:
         with fleet.server_connection(tenant.server) as conn:
+            if done < STEPS.index("roles") and _uses_spares(fleet, tenant):
+                current = "roles"
+                target = fleet.target_revision(tenant.region)
+                claimed = spares.claim(conn, names, marker, target)
+                fleet.refill_spares(tenant.server)  # one taken, or the pool found short
+                if claimed:  # roles, database, schema and grants, all at once
+                    checkpoint("provision.spare")
+                    _progress(fleet, tenant.id, step="privileges", revision=target)
+                    done, revision, via_template = STEPS.index("privileges"), target, True
             if done < STEPS.index("roles"):
                 current = "roles"
-                pgserver.ensure_roles(conn, names, pgserver.role_marker(tenant.id, tenant.slug))
+                pgserver.ensure_roles(conn, names, marker)
                 checkpoint("provision.roles")
                 _progress(fleet, tenant.id, step="roles")
             if done < STEPS.index("database"):
@@ -185,8 +200,6 @@ def _run_steps(fleet: Fleet, tenant: Tenant, password: str) -> bool:
             if done < STEPS.index("privileges"):
                 current = "schema"
                 revision = _schema_and_privileges(fleet, tenant, done)
-            else:
-                revision = tenant.revision
             # A rollout may have moved the target since the schema step (it cannot
             # touch this tenant while we hold its lock): catch up before going live.
             target = fleet.target_revision(tenant.region)
@@ -223,6 +236,12 @@ def _run_steps(fleet: Fleet, tenant: Tenant, password: str) -> bool:
     return via_template
 
 
+def _uses_spares(fleet: Fleet, tenant: Tenant) -> bool:
+    # a restore needs an empty database, not a copy of the template
+    return fleet.cfg.use_template and fleet.cfg.spare_databases > 0 and \
+        tenant.restored_from is None
+
+
 def _create_database(fleet: Fleet, conn: psycopg.Connection, names: TenantNames,
                      server: str, *, use_template: bool = True) -> bool:
     """Clone the server's template if it is at head (building or upgrading it first
@@ -233,11 +252,6 @@ def _create_database(fleet: Fleet, conn: psycopg.Connection, names: TenantNames,
             with fleet.catalog.advisory_lock(templates.lock_name(server), shared=True,
                                              wait=True):
                 if templates.template_revision(fleet, server) == target:
-                    if fleet.cfg.spare_databases and \
-                            pgserver.database_owner(conn, names.database) is None and \
-                            spares.claim(conn, names, target):
-                        checkpoint("provision.spare")
-                        fleet.refill_spares(server)
                     pgserver.ensure_database(conn, names, template=TEMPLATE_DB)
                     return True
             if attempt == 0 and not _try_build_template(fleet, server, target):

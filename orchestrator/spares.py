@@ -1,37 +1,48 @@
-"""Spare databases: clones of a server's template made ahead of demand.
+"""Spare tenants: a server's next sign-ups, made ahead of demand.
 
-``CREATE DATABASE … TEMPLATE`` creates every relation file of the new database,
-and on a busy file system that is most of a sign-up's latency. With
-``tenants.spare_databases = N`` each server keeps N closed clones of its
-template; provisioning renames one into place and hands it to the tenant's
-owner role in one transaction (no file is touched), and the pool is topped up
-afterwards, off the sign-up's path.
+A sign-up that clones the template then takes the clone over (REASSIGN OWNED,
+grants, default privileges) spends most of its time writing relation files and
+connecting to the new database. With ``tenants.spare_databases = N`` each
+server keeps N spares that are already all of that except for their names: a
+clone of the template with its own owner role (which owns the database and,
+after REASSIGN OWNED, everything in it) and its own NOLOGIN login role holding
+the tenant grants. Taking one is a single transaction of renames — database,
+owner role, login role — plus the tenant's role markers and opening the
+database. Ownership, grants and default privileges refer to OIDs, so they
+survive the renames; a crash leaves either the spare or the tenant's objects.
+The pool is topped up afterwards, off the sign-up's path.
 
-A spare's name carries a tag of the template revision it was cloned at, so a
-spare is only ever used while the template is still at that revision; spares
-of an older revision are dropped when the pool is next filled. Spares are
-closed (ALLOW_CONNECTIONS false), owned by the admin role, with PUBLIC
-revoked, and hold nothing but the template's contents: dropping one loses
-nothing. They live outside the tenant name space (``tenant_*``), so they are
-never mistaken for a tenant's database or an orphan.
+A spare's database name carries a tag of the template revision it was cloned
+at (``tenantctl_spare_<tag>_<id>``; its roles are ``tenantctl_spare_<id>_owner``
+and ``_login``), so it is only taken by a sign-up whose target is that
+revision; spares of other revisions are dropped when the pool is next filled.
+A spare is closed (ALLOW_CONNECTIONS false) and counts only once its database
+carries the ready comment, written last: a fill that died half-way leaves
+something the next fill drops. Spares hold nothing but the template's
+contents, and their names are outside the tenant name space (``tenant_*``,
+``owner_*``), so they are never mistaken for a tenant or an orphan.
 """
 
 from __future__ import annotations
 
 import hashlib
 import secrets
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import psycopg
 from psycopg import sql
 
 from orchestrator import pgserver, templates
+from orchestrator.faults import checkpoint
 from orchestrator.names import TEMPLATE_DB, TenantNames
 
 if TYPE_CHECKING:
     from orchestrator.api import Fleet
 
 SPARE_PREFIX = "tenantctl_spare_"
+READY = "tenantctl spare: ready"
+ROLE_MARKER = "tenantctl spare"
 Ident = sql.Identifier
 
 
@@ -43,36 +54,120 @@ def spare_prefix(revision: str | None) -> str:
     return f"{SPARE_PREFIX}{revision_tag(revision)}_"
 
 
-def list_spares(conn: psycopg.Connection) -> list[str]:
-    rows = conn.execute("SELECT datname FROM pg_database WHERE starts_with(datname, %s) "
-                        "ORDER BY datname", (SPARE_PREFIX,)).fetchall()
-    return [r[0] for r in rows]
+@dataclass(frozen=True)
+class Spare:
+    database: str
+    ready: bool = False
+
+    @property
+    def id(self) -> str:
+        return self.database.rsplit("_", 1)[-1]
+
+    @property
+    def names(self) -> TenantNames:
+        """Its own database and roles, shaped like a tenant's."""
+        return TenantNames(database=self.database,
+                           login_role=f"{SPARE_PREFIX}{self.id}_login",
+                           owner_role=f"{SPARE_PREFIX}{self.id}_owner")
 
 
-def claim(conn: psycopg.Connection, names: TenantNames, revision: str | None) -> bool:
-    """Make a spare cloned at ``revision`` the tenant's database, owned by its owner
-    role, PUBLIC revoked — one transaction, so a crash leaves either a spare or the
-    tenant's (still closed) database. The caller holds the template's shared lock
-    and has checked the template is at ``revision``. False if none is left."""
+def list_spares(conn: psycopg.Connection) -> list[Spare]:
+    rows = conn.execute(
+        "SELECT datname, shobj_description(oid, 'pg_database') = %s AND NOT datallowconn "
+        "FROM pg_database WHERE starts_with(datname, %s) ORDER BY datname",
+        (READY, SPARE_PREFIX)).fetchall()
+    return [Spare(name, bool(ready)) for name, ready in rows]
+
+
+def claim(conn: psycopg.Connection, names: TenantNames, marker: str,
+          revision: str | None) -> bool:
+    """Turn a ready spare cloned at ``revision`` into the tenant's database and roles,
+    marked with ``marker``, in one transaction. False if there is none to take, or
+    if any of the tenant's names is already in use on the server (then the caller's
+    ordinary steps adopt the tenant's own objects or refuse a stranger's)."""
+    taken = conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = %s) "
+        "OR EXISTS (SELECT 1 FROM pg_roles WHERE rolname IN (%s, %s))",
+        (names.database, names.owner_role, names.login_role)).fetchone()
+    if taken is None or taken[0]:
+        return False
     prefix = spare_prefix(revision)
-    for spare in (s for s in list_spares(conn) if s.startswith(prefix)):
+    for spare in list_spares(conn):
+        if not (spare.ready and spare.database.startswith(prefix)):
+            continue
+        own = spare.names
         try:
             with conn.transaction():
-                conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
-                    Ident(spare), Ident(names.database)))
-                conn.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(
-                    Ident(names.database), Ident(names.owner_role)))
-                pgserver.revoke_public(conn, names.database)
+                conn.execute(sql.SQL(";\n").join([
+                    sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
+                        Ident(own.database), Ident(names.database)),
+                    sql.SQL("ALTER ROLE {} RENAME TO {}").format(
+                        Ident(own.owner_role), Ident(names.owner_role)),
+                    sql.SQL("ALTER ROLE {} RENAME TO {}").format(
+                        Ident(own.login_role), Ident(names.login_role)),
+                    sql.SQL("COMMENT ON ROLE {} IS {}").format(
+                        Ident(names.owner_role), sql.Literal(marker)),
+                    sql.SQL("COMMENT ON ROLE {} IS {}").format(
+                        Ident(names.login_role), sql.Literal(marker)),
+                    sql.SQL("COMMENT ON DATABASE {} IS NULL").format(Ident(names.database)),
+                    sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(
+                        Ident(names.database)),
+                ]))
             return True
-        except (psycopg.errors.InvalidCatalogName, psycopg.errors.ObjectInUse):
-            continue  # taken by another sign-up meanwhile, or somebody is in it
+        except (psycopg.errors.InvalidCatalogName, psycopg.errors.UndefinedObject,
+                psycopg.errors.ObjectInUse):
+            continue  # taken by another sign-up meanwhile, broken, or somebody is in it
+        except (psycopg.errors.DuplicateDatabase, psycopg.errors.DuplicateObject):
+            return False  # one of the tenant's names appeared meanwhile
     return False
 
 
+def _make(conn: psycopg.Connection, admin_dsn: str, server: str, spare: Spare) -> None:
+    """Build a spare the way provisioning builds a tenant (roles, clone, take-over,
+    grants), then close it and mark it ready."""
+    own = spare.names
+    pgserver.ensure_roles(conn, own, ROLE_MARKER)
+    checkpoint("spare.roles")
+    pgserver.ensure_database(conn, own, template=TEMPLATE_DB)
+    checkpoint("spare.cloned")
+    # this connection also leaves the database's relcache init file behind, so the
+    # tenant's first connection does not have to build it
+    with pgserver.connect(admin_dsn, own.database, server=server) as sconn, \
+            sconn.transaction():
+        pgserver.reassign_from_template(sconn, own)
+        pgserver.secure_tenant_database(sconn, own)
+    with conn.transaction():
+        conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false; "
+                             "COMMENT ON DATABASE {} IS {}").format(
+                                 Ident(own.database), Ident(own.database), sql.Literal(READY)))
+
+
+def _drop(conn: psycopg.Connection, spare: Spare) -> None:
+    own = spare.names
+    conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(Ident(own.database)))
+    _drop_roles(conn, own)
+
+
+def _drop_roles(conn: psycopg.Connection, own: TenantNames) -> None:
+    # the roles own nothing outside their (dropped) database
+    conn.execute(sql.SQL("DROP ROLE IF EXISTS {}, {}").format(
+        Ident(own.owner_role), Ident(own.login_role)))
+
+
+def _stray_role_ids(conn: psycopg.Connection, keep: set[str]) -> set[str]:
+    """Ids of spare roles with no spare database left (a fill that died between
+    making the roles and the clone)."""
+    rows = conn.execute("SELECT rolname FROM pg_roles WHERE starts_with(rolname, %s)",
+                        (SPARE_PREFIX,)).fetchall()
+    ids = {r[0][len(SPARE_PREFIX):].rsplit("_", 1)[0] for r in rows}
+    return ids - keep
+
+
 def fill(fleet: Fleet, server: str, want: int | None = None) -> int:
-    """Top the server's pool up to ``want`` (default: the configured size) spares
-    at the template's current revision, dropping spares of any other revision.
-    Only while the template is at the region's target; returns how many were made."""
+    """Top the server's pool up to ``want`` (default: the configured size) ready
+    spares at the template's current revision, dropping spares of any other
+    revision, half-built ones and any beyond ``want``. Only while the template is at
+    the region's target; returns how many were made."""
     want = fleet.cfg.spare_databases if want is None else want
     sc = fleet.cfg.server(server)
     with fleet.catalog.advisory_lock(f"spares:{server}") as mine:
@@ -86,19 +181,14 @@ def fill(fleet: Fleet, server: str, want: int | None = None) -> int:
                 pgserver.database_owner(conn, TEMPLATE_DB) is not None
             keep = spare_prefix(revision) if current else None
             found = list_spares(conn)
-            kept = [s for s in found if keep and s.startswith(keep)][:want]
+            kept = [s for s in found if keep and s.ready and s.database.startswith(keep)][:want]
             for spare in found:
-                if spare not in kept:  # another revision, or more than wanted
-                    conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(Ident(spare)))
+                if spare not in kept:
+                    _drop(conn, spare)
+            for stray in _stray_role_ids(conn, {s.id for s in found}):
+                _drop_roles(conn, Spare(f"{SPARE_PREFIX}{stray}").names)
             if keep is None:
                 return 0
-            made = 0
             for _ in range(want - len(kept)):
-                spare = keep + secrets.token_hex(4)
-                conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {} STRATEGY WAL_LOG "
-                                     "ALLOW_CONNECTIONS false").format(
-                                         Ident(spare), Ident(TEMPLATE_DB)))
-                pgserver.revoke_public(conn, spare)
-                made += 1
-            return made
-
+                _make(conn, sc.admin_dsn, server, Spare(keep + secrets.token_hex(4)))
+            return want - len(kept)

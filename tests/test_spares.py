@@ -1,5 +1,6 @@
-"""Spare databases (tenants.spare_databases): pre-made clones of a server's template
-that provisioning renames into place. On the clean fleet, so `doctor` checks that
+"""Spare tenants (tenants.spare_databases): clones of a server's template with their
+own owner and login roles, taken over and granted ahead of demand, that
+provisioning renames into place. On the clean fleet, so `doctor` checks that
 spares are never taken for orphans and that nothing is left behind."""
 
 from __future__ import annotations
@@ -11,10 +12,13 @@ from pathlib import Path
 import psycopg
 import pytest
 from psycopg import sql
+from psycopg.conninfo import make_conninfo
 
-from orchestrator import doctor, spares, templates
+from orchestrator import doctor, pgserver, spares, templates
 from orchestrator.api import Fleet
 from orchestrator.config import load_config
+from orchestrator.faults import InjectedFault
+from orchestrator.names import tenant_names
 from tests.conftest import CleanFleet, problems
 from tests.test_doctor import cli, new_slug
 
@@ -31,6 +35,15 @@ def _oids(fleet: Fleet) -> dict[str, int]:
 
 def _spares(fleet: Fleet) -> dict[str, int]:
     return {n: o for n, o in _oids(fleet).items() if n.startswith(spares.SPARE_PREFIX)}
+
+
+def _roles(fleet: Fleet, *names: str) -> dict[str, int]:
+    """Roles by name → OID: the given ones, and every spare's."""
+    with psycopg.connect(fleet.cfg.server(SERVER).admin_dsn, autocommit=True) as conn:
+        return {r[0]: r[1] for r in conn.execute(
+            "SELECT rolname, oid::int FROM pg_roles "
+            "WHERE starts_with(rolname, %s) OR rolname = ANY(%s)",
+            (spares.SPARE_PREFIX, list(names)))}
 
 
 @pytest.fixture
@@ -56,25 +69,71 @@ def test_a_sign_up_takes_a_spare_and_the_pool_refills(pooled: Fleet) -> None:
     assert len(before) == 2
     assert all(n.startswith(spares.spare_prefix(pooled.target_revision(REGION)))
                for n in before)
+    spare_roles = _roles(pooled)
+    assert len(spare_roles) == 4  # an owner and a login role per spare
     slug = new_slug("sp")
     pooled.provision(slug, REGION)
     t = pooled.get_tenant(slug)
-    # the tenant's database IS one of the spares, renamed (same OID), not a new clone
-    assert _oids(pooled)[t.database] in before.values()
-    # that spare is gone (the background refill may already have made a new one)
-    assert len(set(before) - set(_spares(pooled))) == 1
+    assert t.step is None and t.state == "active"
+    # the tenant's database and roles ARE one spare's, renamed (same OIDs): nothing
+    # was cloned, taken over or granted on the sign-up's path
+    taken = next(s for s, oid in before.items() if oid == _oids(pooled)[t.database])
+    own = spares.Spare(taken).names
+    roles = _roles(pooled, t.owner_role, t.login_role)
+    assert roles[t.owner_role] == spare_roles[own.owner_role]
+    assert roles[t.login_role] == spare_roles[own.login_role]
+    assert own.owner_role not in roles and own.login_role not in roles
     pooled.close()  # waits for the refill it scheduled
-    assert len(_spares(pooled)) == 2
-    # and it is a tenant database like any other: the owner owns its schema, the
-    # login role works, PUBLIC cannot connect, it is at the target
+    assert len(_spares(pooled)) == 2 and len(_roles(pooled)) == 4
+    # and it is a tenant like any other: marked as its own, the owner owns its
+    # schema, the login role has DML and nothing more, PUBLIC cannot connect
+    with psycopg.connect(pooled.cfg.server(SERVER).admin_dsn, autocommit=True) as conn:
+        marker = pgserver.role_marker(t.id, slug)
+        assert pgserver.role_comment(conn, t.owner_role) == marker
+        assert pgserver.role_comment(conn, t.login_role) == marker
+        assert pgserver.database_owner(conn, t.database) == t.owner_role
     with psycopg.connect(pooled.credentials(slug)) as conn:
         conn.execute("INSERT INTO categories (name) VALUES ('x')")
         assert conn.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'public' "
                             "AND tableowner <> %s", (t.owner_role,)).fetchone() == (0,)
         assert conn.execute("SELECT has_database_privilege('public', current_database(), "
                             "'CONNECT')").fetchone() == (False,)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("CREATE TABLE mine (id int)")
+        conn.rollback()
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("UPDATE alembic_version SET version_num = 'x'")
     assert t.revision == pooled.target_revision(REGION)
     assert problems(doctor.run(pooled)) == []
+
+
+def test_a_sign_up_that_finds_the_pool_empty_refills_it(pooled: Fleet) -> None:
+    spares.fill(pooled, SERVER, want=0)
+    slug = new_slug("sp")
+    pooled.provision(slug, REGION)  # clones on demand
+    assert _oids(pooled)[pooled.get_tenant(slug).database] not in _spares(pooled).values()
+    pooled.close()
+    assert len(_spares(pooled)) == 2
+
+
+@pytest.mark.parametrize("step", ["spare.roles", "spare.cloned"])
+def test_a_fill_that_died_half_way_is_never_taken_and_is_cleared(
+        pooled: Fleet, step: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    spares.fill(pooled, SERVER, want=0)
+    monkeypatch.setenv("TENANTCTL_FAULT", step)
+    monkeypatch.setenv("TENANTCTL_FAULT_MODE", "raise")
+    with pytest.raises(InjectedFault):
+        spares.fill(pooled, SERVER)
+    monkeypatch.delenv("TENANTCTL_FAULT")
+    half = _spares(pooled)
+    assert len(half) == (1 if step == "spare.cloned" else 0)
+    assert len(_roles(pooled)) == 2
+    with psycopg.connect(pooled.cfg.server(SERVER).admin_dsn, autocommit=True) as conn:
+        assert not spares.claim(conn, tenant_names(new_slug("sp")), "x",
+                                pooled.target_revision(REGION))
+    assert spares.fill(pooled, SERVER) == 2
+    assert set(_spares(pooled).values()).isdisjoint(half.values())
+    assert len(_roles(pooled)) == 4  # the half-built spare's roles went with it
 
 
 def test_spares_of_another_revision_are_never_used_and_get_dropped(pooled: Fleet) -> None:
@@ -84,11 +143,15 @@ def test_spares_of_another_revision_are_never_used_and_get_dropped(pooled: Fleet
                 sql.Identifier(name), sql.Identifier(
                     spares.spare_prefix("0001_old") + name[-8:])))
     stale = _spares(pooled)
+    stale_roles = _roles(pooled)
     slug = new_slug("sp")
     pooled.provision(slug, REGION)
     assert _oids(pooled)[pooled.get_tenant(slug).database] not in stale.values()
-    assert spares.fill(pooled, SERVER) == 2
+    pooled.wait_for_refills()
+    spares.fill(pooled, SERVER)
+    assert len(_spares(pooled)) == 2
     assert set(_spares(pooled).values()).isdisjoint(stale.values())
+    assert set(_roles(pooled).values()).isdisjoint(stale_roles.values())
 
 
 def test_killed_while_taking_a_spare_then_rerun(pooled: Fleet, clean_fleet: CleanFleet,
@@ -133,3 +196,10 @@ def test_racing_sign_ups_share_out_the_last_spare(pooled: Fleet) -> None:
     assert errors == []
     for s in slugs:
         assert pooled.get_tenant(s).state == "active"
+    # one of them got the spare; each login role reaches its own database only
+    for s in slugs:
+        for other in slugs:
+            if other != s:
+                dsn = make_conninfo(pooled.credentials(s), dbname=f"tenant_{other}")
+                with pytest.raises(psycopg.OperationalError, match="permission denied"):
+                    psycopg.connect(dsn).close()
