@@ -180,9 +180,7 @@ def _run_steps(fleet: Fleet, tenant: Tenant, password: str) -> bool:
             if done < STEPS.index("roles") and _uses_spares(fleet, tenant):
                 current = "roles"
                 target = fleet.target_revision(tenant.region)
-                claimed = spares.claim(conn, names, marker, target)
-                fleet.refill_spares(tenant.server)  # one taken, or the pool found short
-                if claimed:  # roles, database, schema and grants, all at once
+                if spares.claim(conn, names, marker, target):  # roles to privileges at once
                     checkpoint("provision.spare")
                     _progress(fleet, tenant.id, step="privileges", revision=target)
                     done, revision, via_template = STEPS.index("privileges"), target, True
@@ -233,6 +231,10 @@ def _run_steps(fleet: Fleet, tenant: Tenant, password: str) -> bool:
         fleet.catalog.audit("tenant.provision", tenant=tenant.slug, region=tenant.region,
                             session=s, server=tenant.server, revision=revision,
                             via_template=via_template)
+    if _uses_spares(fleet, tenant):
+        # one spare taken, or the pool found short: top it up, off the sign-up's path
+        # (and after it, when this sign-up had to build the template first)
+        fleet.refill_spares(tenant.server)
     return via_template
 
 

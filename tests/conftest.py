@@ -241,12 +241,18 @@ def clean_fleet() -> Iterator[CleanFleet]:
     """A two-region embedded fleet of its own (eu-central, ap-south; one cluster
     each), exactly as `tenantctl init --local` + `local up` make it, for `doctor`
     and the crash suite: only what those tests make lives there, and each leaves
-    it healthy, so `doctor` must find nothing between them."""
+    it healthy, so `doctor` must find nothing between them. Without the spare pool
+    `init --local` turns on, so that a sign-up goes through every provisioning
+    step (tests/test_spares.py turns it on for its own)."""
     state = Path(tempfile.mkdtemp(prefix="tenantctl-clean-", dir="/tmp"))
     os.chmod(state, 0o755)
     cfg: Config | None = None
     try:
         res = localfleet.init_local(state / "tenantctl.toml", state)
+        text = res.config_path.read_text()
+        assert "\nspare_databases = 2 " in text
+        res.config_path.write_text(text.replace("\nspare_databases = 2 ",
+                                                "\nspare_databases = 0 ", 1))
         cfg = load_config(res.config_path)
         list(localfleet.up(cfg))
         catalog = Catalog(cfg)

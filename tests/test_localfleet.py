@@ -17,6 +17,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from orchestrator import spares
 from orchestrator.config import load_config
 from tests.conftest import REPO, TENANTCTL
 
@@ -55,6 +56,12 @@ def test_quickstart_from_nothing_and_again(workdir: Path) -> None:
     assert pgpass.stat().st_mode & 0o777 == 0o600
     passwords = [line.rsplit(":", 1)[1] for line in pgpass.read_text().splitlines()]
     assert passwords and all(len(p) >= 32 and p not in config_text for p in passwords)
+
+    cfg = load_config(workdir / "tenantctl.toml")
+    assert cfg.spare_databases == 2
+    for sc in cfg.servers:  # each demo sign-up found its pool empty and filled it
+        with psycopg.connect(sc.admin_dsn) as conn:
+            assert [s.ready for s in spares.list_spares(conn)] == [True, True]
 
     second = _cli(workdir, "quickstart")
     assert second.returncode == 0, second.stderr

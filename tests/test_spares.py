@@ -158,7 +158,7 @@ def test_killed_while_taking_a_spare_then_rerun(pooled: Fleet, clean_fleet: Clea
                                                 tmp_path: Path) -> None:
     config = tmp_path / "tenantctl.toml"
     config.write_text(clean_fleet.config_path.read_text().replace(
-        "[tenants]\n", "[tenants]\nspare_databases = 2\n", 1))
+        "\nspare_databases = 0 ", "\nspare_databases = 2 ", 1))
     assert load_config(config).spare_databases == 2
     own = CleanFleet(config)
     slug = new_slug("sp")
