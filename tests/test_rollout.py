@@ -420,13 +420,14 @@ def test_sigterm_finishes_in_flight_and_resumes(fleet: Fleet, test_fleet: PgFlee
 
 
 def test_status_reader_says_base_unreachable_and_timeout(fleet: Fleet, slug: str) -> None:
-    """read_version is libpq driven by hand: base (no alembic_version), a server
-    that refuses, and one that accepts and never answers each give one clear line."""
+    """The status reader is libpq driven by hand: base (no alembic_version), a server
+    that refuses, and one that accepts and never answers each give one clear line,
+    alone or among other reads."""
     import socket
 
     from psycopg.conninfo import make_conninfo
 
-    from orchestrator.migrate_status import read_version
+    from orchestrator.migrate_status import read_version, read_versions
     from tests.conftest import _closed_port
 
     admin_dsn = fleet.cfg.server("ap-south-1").admin_dsn
@@ -434,7 +435,15 @@ def test_status_reader_says_base_unreachable_and_timeout(fleet: Fleet, slug: str
     with fleet.server_connection("ap-south-1") as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(base))
     try:
-        assert read_version(make_conninfo(admin_dsn, dbname=f"{slug}_base")) == (None, None)
+        at_base = make_conninfo(admin_dsn, dbname=f"{slug}_base")
+        assert read_version(at_base) == (None, None)
+        # many at once, one selector: answers come back in the jobs' order, each its own
+        refused = make_conninfo(admin_dsn, port=_closed_port())
+        reads = read_versions([("ap", at_base), ("down", refused), ("ap", at_base),
+                               ("ap", make_conninfo(admin_dsn, dbname="postgres"))],
+                              concurrency=2, per_server=1)
+        assert reads[0] == reads[2] == reads[3] == (None, None)
+        assert reads[1][0] is None and "refused" in (reads[1][1] or "")
     finally:
         with fleet.server_connection("ap-south-1") as conn:
             conn.execute(sql.SQL("DROP DATABASE {}").format(base))
