@@ -152,6 +152,8 @@ def main() -> None:
                 for r in results.values()),
             f"spare_pool_speedup_vs_naive_cli_at_{args.revisions}_revisions_ge_10":
                 synth["spare_pool_speedup_p50_vs_naive_cli"] >= 10,  # type: ignore[operator]
+            f"spare_pool_speedup_vs_naive_inprocess_at_{args.revisions}_revisions_ge_10":
+                synth["spare_pool_speedup_p50_vs_naive_inprocess"] >= 10,  # type: ignore[operator]
         }
     finally:
         for cfg in started:
