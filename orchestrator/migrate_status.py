@@ -114,10 +114,13 @@ def read_versions(jobs: Sequence[tuple[str, str]], *, concurrency: int = 16,
             r = _Read(i, server, pq.PGconn.connect_start(jobs[i][1].encode()),
                       time.monotonic() + timeout)
             active.add(r)
-            if r.pgconn.status == pq.ConnStatus.BAD:
-                finish(r, (None, _message(r.pgconn) or "could not connect"))
-            else:
-                watch(r, reading=False)
+            try:
+                if r.pgconn.status == pq.ConnStatus.BAD:
+                    finish(r, (None, _message(r.pgconn) or "could not connect"))
+                else:
+                    watch(r, reading=False)
+            except psycopg.Error as exc:  # no socket to wait on
+                finish(r, (None, _message(r.pgconn) or str(exc).strip() or "could not connect"))
 
     def step(r: _Read) -> None:
         if not r.querying:
