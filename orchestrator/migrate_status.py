@@ -144,13 +144,6 @@ def read_versions(jobs: Sequence[tuple[str, str]], *, concurrency: int = 16,
 
     start_more()
     while active:
-        now = time.monotonic()
-        for r in [r for r in active if r.deadline <= now]:
-            finish(r, (None, f"{'no answer' if r.querying else 'connection timed out'} "
-                             f"after {timeout:g} s"))
-        start_more()
-        if not active:
-            break
         wait = min(r.deadline for r in active) - time.monotonic()
         for key, _ in sel.select(max(wait, 0)):
             r = key.data
@@ -158,9 +151,15 @@ def read_versions(jobs: Sequence[tuple[str, str]], *, concurrency: int = 16,
                 step(r)
             except psycopg.Error as exc:  # the connection broke under libpq
                 finish(r, (None, _message(r.pgconn) or str(exc).strip() or "read failed"))
+        now = time.monotonic()
+        for r in [r for r in active if r.deadline <= now]:
+            finish(r, (None, f"{'no answer' if r.querying else 'connection timed out'} "
+                             f"after {timeout:g} s"))
         start_more()
     sel.close()
-    return [r if r is not None else (None, "not read") for r in results]
+    done = [r for r in results if r is not None]
+    assert len(done) == len(jobs)  # the loop ends only when every job has finished
+    return done
 
 
 def _version(res: pq.abc.PGresult | None) -> Result:

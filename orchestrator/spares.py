@@ -145,22 +145,15 @@ def _make(conn: psycopg.Connection, admin_dsn: str, server: str, spare: Spare) -
 def _drop(conn: psycopg.Connection, spare: Spare) -> None:
     own = spare.names
     conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(Ident(own.database)))
-    _drop_roles(conn, own)
-
-
-def _drop_roles(conn: psycopg.Connection, own: TenantNames) -> None:
     # the roles own nothing outside their (dropped) database
     conn.execute(sql.SQL("DROP ROLE IF EXISTS {}, {}").format(
         Ident(own.owner_role), Ident(own.login_role)))
 
 
-def _stray_role_ids(conn: psycopg.Connection, keep: set[str]) -> set[str]:
-    """Ids of spare roles with no spare database left (a fill that died between
-    making the roles and the clone)."""
+def _spare_roles(conn: psycopg.Connection) -> list[str]:
     rows = conn.execute("SELECT rolname FROM pg_roles WHERE starts_with(rolname, %s)",
                         (SPARE_PREFIX,)).fetchall()
-    ids = {r[0][len(SPARE_PREFIX):].rsplit("_", 1)[0] for r in rows}
-    return ids - keep
+    return [r[0] for r in rows]
 
 
 def fill(fleet: Fleet, server: str, want: int | None = None) -> int:
@@ -185,8 +178,10 @@ def fill(fleet: Fleet, server: str, want: int | None = None) -> int:
             for spare in found:
                 if spare not in kept:
                     _drop(conn, spare)
-            for stray in _stray_role_ids(conn, {s.id for s in found}):
-                _drop_roles(conn, Spare(f"{SPARE_PREFIX}{stray}").names)
+            ours = {role for s in found for role in (s.names.owner_role, s.names.login_role)}
+            for role in _spare_roles(conn):
+                if role not in ours:  # a fill died between making the roles and the clone
+                    conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(Ident(role)))
             if keep is None:
                 return 0
             for _ in range(want - len(kept)):
