@@ -22,20 +22,26 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tab
 
 @migrate_app.command("status")
 def status(region: Annotated[str | None, typer.Option(help="Only this region.")] = None,
+           live: Annotated[bool, typer.Option(
+               "--live", help="Connect to every tenant database and read its "
+               "alembic_version, instead of the revision each database is marked "
+               "with on its server; rewrite any mark that disagrees.")] = False,
            as_json: JsonOpt = False) -> None:
     """How many tenants sit at each revision, who is behind, who failed and why,
-    and each server's template revision (read live from every tenant)."""
+    and each server's template revision."""
     from orchestrator.migrate_status import fleet_status
 
     fleet = open_fleet()
     try:
-        report = fleet_status(fleet, region)
+        report = fleet_status(fleet, region, live=live)
     finally:
         fleet.close()
     if as_json:
         print_json(report.to_json())
         return
-    say(f"head {report.head}, fleet target {report.target}, {report.tenants} tenants")
+    say(f"head {report.head}, fleet target {report.target}, {report.tenants} tenants "
+        f"({report.sources.get('mark', 0)} from their marks, "
+        f"{report.sources.get('live', 0)} read live)")
     table("revisions", ["revision", "tenants"],
              [[rev, n] for rev, n in report.revisions.items()])
     if report.behind:
@@ -47,6 +53,10 @@ def status(region: Annotated[str | None, typer.Option(help="Only this region.")]
     if report.unreachable:
         table("unreachable", ["tenant", "server", "error"],
                  [[u["slug"], u["server"], u["error"]] for u in report.unreachable])
+    if report.remarked:
+        table("revision marks rewritten", ["tenant", "server", "was", "now"],
+              [[r["slug"], r["server"], r["mark"] or "-",
+                r.get("revision") or r.get("error") or "base"] for r in report.remarked])
     table("templates", ["server", "region", "revision"],
              [[t["server"], t["region"], t["revision"] or "-"] for t in report.templates])
 

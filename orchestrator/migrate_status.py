@@ -1,8 +1,12 @@
-"""`tenantctl migrate status`: where every tenant's schema stands, read live.
+"""`tenantctl migrate status`: where every tenant's schema stands.
 
-Each tenant's ``alembic_version`` is read concurrently (bounded per server, one
-short connection per tenant), and the catalog's last known revision is
-refreshed from what was read.
+Each tenant's revision comes from the mark its database carries on its server
+(``revision_marks``: written with every change tenantctl makes to
+``alembic_version``, in the same transaction), read with one connection per
+server. A tenant without a mark, and every tenant with ``live=True``, has its
+``alembic_version`` read live, concurrently (bounded per server, one short
+connection per tenant); a live read that finds the mark missing or wrong has it
+rewritten. The catalog's last known revision is refreshed from what was read.
 
 The reads go through libpq directly (``psycopg.pq``), all of them driven from
 one thread by a selector (``read_versions``): a ``psycopg.Connection`` spends
@@ -26,6 +30,8 @@ from psycopg import pq
 from psycopg.conninfo import make_conninfo
 from sqlalchemy import select, update
 
+from orchestrator import pgserver, revision_marks
+from orchestrator.errors import TenantctlError, first_line
 from orchestrator.models import MIGRATABLE, Server, Tenant
 
 if TYPE_CHECKING:
@@ -47,6 +53,9 @@ class StatusReport:
     failed: list[dict[str, Any]] = field(default_factory=list)
     unreachable: list[dict[str, Any]] = field(default_factory=list)
     templates: list[dict[str, Any]] = field(default_factory=list)
+    # how each revision was learnt: from the database's mark, or by connecting to it
+    sources: dict[str, int] = field(default_factory=dict)
+    remarked: list[dict[str, Any]] = field(default_factory=list)  # marks rewritten
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -186,8 +195,76 @@ def _with_dbname(base: str, dbname: str) -> str:
     return base + " dbname='" + dbname.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def fleet_status(fleet: Fleet, region: str | None = None, *, concurrency: int = 16,
-                 per_server: int = 8) -> StatusReport:
+def _marked(fleet: Fleet, tenants: Sequence[Tenant]) -> dict[tuple[str, str], str | None]:
+    """(server, database) → revision, for every tenant database marked on a server
+    that answered; one connection per server, all at once. A server that does not
+    answer is left to the live reads, which report it per tenant."""
+    by_server: dict[str, list[str]] = {}
+    for t in tenants:
+        by_server.setdefault(t.server, []).append(t.database)
+
+    def read(server: str) -> dict[tuple[str, str], str | None]:
+        try:
+            with pgserver.connect(fleet.cfg.server(server).admin_dsn, server=server) as conn:
+                marks = revision_marks.published(conn, by_server[server])
+        except (TenantctlError, psycopg.Error):
+            return {}
+        return {(server, db): revision for db, revision in marks.items()}
+
+    found: dict[tuple[str, str], str | None] = {}
+    if by_server:
+        with ThreadPoolExecutor(max_workers=len(by_server)) as pool:
+            for marks in pool.map(read, by_server):
+                found.update(marks)
+    return found
+
+
+def read_revisions(fleet: Fleet, tenants: Sequence[Tenant], *, live: bool = False,
+                   concurrency: int = 16, per_server: int = 8
+                   ) -> tuple[list[Result], dict[str, int], list[dict[str, Any]]]:
+    """Each tenant's (revision, error), in order; how many came from each source (its
+    database's mark, or a live read: every one with ``live``); and the marks a live
+    read found missing or wrong, rewritten."""
+    marks = _marked(fleet, tenants)
+    keys = [(t.server, t.database) for t in tenants]
+    to_read = list(range(len(tenants))) if live else \
+        [i for i, key in enumerate(keys) if key not in marks]
+    bases = {sc.name: make_conninfo(sc.admin_dsn, application_name="tenantctl-status")
+             for sc in fleet.cfg.servers}
+    reads = read_versions([(keys[i][0], _with_dbname(bases[keys[i][0]], keys[i][1]))
+                           for i in to_read],
+                          concurrency=concurrency, per_server=per_server)
+    results: list[Result] = [(marks.get(key), None) for key in keys]
+    for i, result in zip(to_read, reads, strict=True):
+        results[i] = result
+    stale = [i for i in to_read if results[i][1] is None
+             and (keys[i] not in marks or marks[keys[i]] != results[i][0])]
+    remarked = _remark(fleet, [tenants[i] for i in stale], [marks.get(keys[i]) for i in stale])
+    return results, {"mark": len(tenants) - len(to_read), "live": len(to_read)}, remarked
+
+
+def _remark(fleet: Fleet, tenants: Sequence[Tenant], was: Sequence[str | None]
+            ) -> list[dict[str, Any]]:
+    """Rewrite the mark of each of ``tenants`` from its database (few: tenants from
+    before marks, or a mark changed by hand)."""
+    def one(t: Tenant, old: str | None) -> dict[str, Any]:
+        out: dict[str, Any] = {"slug": t.slug, "server": t.server, "mark": old}
+        try:
+            with pgserver.connect(fleet.cfg.server(t.server).admin_dsn, t.database,
+                                  server=t.server) as conn:
+                out["revision"] = revision_marks.republish(conn)
+        except (TenantctlError, psycopg.Error) as exc:
+            out["error"] = first_line(exc)
+        return out
+
+    if not tenants:
+        return []
+    with ThreadPoolExecutor(max_workers=min(8, len(tenants))) as pool:
+        return list(pool.map(one, tenants, was))
+
+
+def fleet_status(fleet: Fleet, region: str | None = None, *, live: bool = False,
+                 concurrency: int = 16, per_server: int = 8) -> StatusReport:
     if region is not None:
         fleet.cfg.region(region)
     q = select(Tenant).where(Tenant.state.in_(MIGRATABLE)).order_by(Tenant.slug)
@@ -196,17 +273,14 @@ def fleet_status(fleet: Fleet, region: str | None = None, *, concurrency: int = 
     with fleet.catalog.session() as s:
         tenants = list(s.scalars(q))
         servers = list(s.scalars(select(Server).order_by(Server.region, Server.name)))
-    bases = {sc.name: make_conninfo(sc.admin_dsn, application_name="tenantctl-status")
-             for sc in fleet.cfg.servers}
-    jobs = [(t.server, _with_dbname(bases[t.server], t.database)) for t in tenants]
     with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(read_versions, jobs, concurrency=concurrency,
-                              per_server=per_server)
+        pending = pool.submit(read_revisions, fleet, tenants, live=live,
+                              concurrency=concurrency, per_server=per_server)
         # while the reads run: head (Alembic reads the migration scripts) and target
         head = fleet.head_revision
         report = StatusReport(head=head, target=fleet.target_revision(region),
                               tenants=len(tenants), revisions={})
-        reads = pending.result()
+        reads, report.sources, report.remarked = pending.result()
     counts: Counter[str] = Counter()
     changed: list[tuple[int, str | None]] = []
     for t, (revision, error) in zip(tenants, reads, strict=True):

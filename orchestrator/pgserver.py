@@ -19,6 +19,7 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
+from orchestrator import revision_marks
 from orchestrator.catalog import redact, server_error, with_dbname
 from orchestrator.errors import Conflict
 from orchestrator.names import TEMPLATE_DB, TEMPLATE_OWNER, TenantNames
@@ -243,14 +244,20 @@ def secure_tenant_database(conn: psycopg.Connection, names: TenantNames,
                 "GRANT {} ON TABLES TO {}").format(owner, DML, login),
         sql.SQL("ALTER DEFAULT PRIVILEGES FOR ROLE {} IN SCHEMA public "
                 "GRANT {} ON SEQUENCES TO {}").format(owner, SEQ, login),
-        # the application may read its schema revision, never set it: a tenant that
-        # wrote alembic_version could make rollouts skip it or fail on it
-        sql.SQL("DO $$ BEGIN IF to_regclass('public.alembic_version') IS NOT NULL THEN "
-                "EXECUTE {}; END IF; END $$").format(sql.Literal(
-                    sql.SQL("REVOKE ALL ON public.alembic_version FROM {}; "
-                            "GRANT SELECT ON public.alembic_version TO {}; "
-                            "GRANT SELECT ON public.alembic_version TO CURRENT_USER")
-                    .format(login, login).as_string(None))),
+        # The application may read its schema revision, never set it: a tenant that
+        # wrote alembic_version could make rollouts skip it or fail on it. Then the
+        # revision the database is at is published as its mark (revision_marks).
+        sql.SQL("DO $$ DECLARE rev text; BEGIN "
+                "IF to_regclass('public.alembic_version') IS NOT NULL THEN EXECUTE {}; "
+                "SELECT version_num INTO rev FROM public.alembic_version LIMIT 1; END IF; "
+                "EXECUTE format('COMMENT ON DATABASE %I IS %L', current_database(), "
+                "{} || coalesce(rev, {})); END $$").format(
+                    sql.Literal(
+                        sql.SQL("REVOKE ALL ON public.alembic_version FROM {}; "
+                                "GRANT SELECT ON public.alembic_version TO {}; "
+                                "GRANT SELECT ON public.alembic_version TO CURRENT_USER")
+                        .format(login, login).as_string(None)),
+                    sql.Literal(revision_marks.PREFIX), sql.Literal(revision_marks.BASE)),
     ]
     # one round trip: these run on every provisioning
     conn.execute(sql.SQL(";\n").join(stmts))

@@ -16,11 +16,13 @@ A spare's database name carries a tag of the template revision it was cloned
 at (``tenantctl_spare_<tag>_<id>``; its roles are ``tenantctl_spare_<id>_owner``
 and ``_login``), so it is only taken by a sign-up whose target is that
 revision; spares of other revisions are dropped when the pool is next filled.
-A spare is closed (ALLOW_CONNECTIONS false) and counts only once its database
-carries the ready comment, written last: a fill that died half-way leaves
-something the next fill drops. Spares hold nothing but the template's
-contents, and their names are outside the tenant name space (``tenant_*``,
-``owner_*``), so they are never mistaken for a tenant or an orphan.
+A spare counts as ready once it carries the revision mark of what it holds
+(written with its grants, see revision_marks) and is closed (ALLOW_CONNECTIONS
+false, last): a fill that died half-way leaves something the next fill drops.
+Taking a spare keeps the mark, which is the tenant's from then on. Spares hold
+nothing but the template's contents, and their names are outside the tenant
+name space (``tenant_*``, ``owner_*``), so they are never mistaken for a tenant
+or an orphan.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from typing import TYPE_CHECKING
 import psycopg
 from psycopg import sql
 
-from orchestrator import pgserver, templates
+from orchestrator import pgserver, revision_marks, templates
 from orchestrator.faults import checkpoint
 from orchestrator.names import TEMPLATE_DB, TenantNames
 
@@ -41,7 +43,6 @@ if TYPE_CHECKING:
     from orchestrator.api import Fleet
 
 SPARE_PREFIX = "tenantctl_spare_"
-READY = "tenantctl spare: ready"
 ROLE_MARKER = "tenantctl spare"
 Ident = sql.Identifier
 
@@ -58,6 +59,7 @@ def spare_prefix(revision: str | None) -> str:
 class Spare:
     database: str
     ready: bool = False
+    revision: str | None = None  # as marked; None: base or unmarked
 
     @property
     def id(self) -> str:
@@ -73,10 +75,14 @@ class Spare:
 
 def list_spares(conn: psycopg.Connection) -> list[Spare]:
     rows = conn.execute(
-        "SELECT datname, shobj_description(oid, 'pg_database') = %s AND NOT datallowconn "
+        "SELECT datname, shobj_description(oid, 'pg_database'), datallowconn "
         "FROM pg_database WHERE starts_with(datname, %s) ORDER BY datname",
-        (READY, SPARE_PREFIX)).fetchall()
-    return [Spare(name, bool(ready)) for name, ready in rows]
+        (SPARE_PREFIX,)).fetchall()
+    spares = []
+    for name, comment, open_ in rows:
+        marked, revision = revision_marks.parse(comment)
+        spares.append(Spare(name, marked and not open_, revision))
+    return spares
 
 
 def claim(conn: psycopg.Connection, names: TenantNames, marker: str,
@@ -93,7 +99,8 @@ def claim(conn: psycopg.Connection, names: TenantNames, marker: str,
         return False
     prefix = spare_prefix(revision)
     for spare in list_spares(conn):
-        if not (spare.ready and spare.database.startswith(prefix)):
+        if not (spare.ready and spare.revision == revision
+                and spare.database.startswith(prefix)):
             continue
         own = spare.names
         try:
@@ -109,7 +116,6 @@ def claim(conn: psycopg.Connection, names: TenantNames, marker: str,
                         Ident(names.owner_role), sql.Literal(marker)),
                     sql.SQL("COMMENT ON ROLE {} IS {}").format(
                         Ident(names.login_role), sql.Literal(marker)),
-                    sql.SQL("COMMENT ON DATABASE {} IS NULL").format(Ident(names.database)),
                     sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(
                         Ident(names.database)),
                 ]))
@@ -124,7 +130,7 @@ def claim(conn: psycopg.Connection, names: TenantNames, marker: str,
 
 def _make(conn: psycopg.Connection, admin_dsn: str, server: str, spare: Spare) -> None:
     """Build a spare the way provisioning builds a tenant (roles, clone, take-over,
-    grants), then close it and mark it ready."""
+    grants and revision mark), then close it: that makes it ready."""
     own = spare.names
     pgserver.ensure_roles(conn, own, ROLE_MARKER)
     checkpoint("spare.roles")
@@ -136,10 +142,8 @@ def _make(conn: psycopg.Connection, admin_dsn: str, server: str, spare: Spare) -
             sconn.transaction():
         pgserver.reassign_from_template(sconn, own)
         pgserver.secure_tenant_database(sconn, own)
-    with conn.transaction():
-        conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false; "
-                             "COMMENT ON DATABASE {} IS {}").format(
-                                 Ident(own.database), Ident(own.database), sql.Literal(READY)))
+    conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false").format(
+        Ident(own.database)))
 
 
 def _drop(conn: psycopg.Connection, spare: Spare) -> None:
@@ -174,7 +178,8 @@ def fill(fleet: Fleet, server: str, want: int | None = None) -> int:
                 pgserver.database_owner(conn, TEMPLATE_DB) is not None
             keep = spare_prefix(revision) if current else None
             found = list_spares(conn)
-            kept = [s for s in found if keep and s.ready and s.database.startswith(keep)][:want]
+            kept = [s for s in found if keep and s.ready and s.revision == revision
+                    and s.database.startswith(keep)][:want]
             for spare in found:
                 if spare not in kept:
                     _drop(conn, spare)

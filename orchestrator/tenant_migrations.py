@@ -28,7 +28,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from sqlalchemy import Connection, Engine, Table, create_engine, text
 from sqlalchemy.pool import NullPool
 
-from orchestrator import alembic_threads
+from orchestrator import alembic_threads, revision_marks
 from orchestrator.errors import InvalidInput
 
 alembic_threads.install()  # before any revision file is imported
@@ -174,11 +174,15 @@ def migrate_from(conn: Connection, script_location: Path, target: str, *, as_rol
         found: list[str | None] = []
         _run(conn, script, script_location, target, found)
         if not found:  # env.py never asked for the migrations to run
-            revision = current_revision(conn)
-            return revision, revision
-        # Alembic ran every step to the target and moved the version with them (or
-        # raised, and the transaction rolls back): the target is where it stands.
-        return found[0], resolve_revision(script_location, target)
+            before = after = current_revision(conn)
+        else:
+            # Alembic ran every step to the target and moved the version with them
+            # (or raised, and the transaction rolls back): the target is where it is.
+            before, after = found[0], resolve_revision(script_location, target)
+        pconn = conn.connection.driver_connection
+        assert isinstance(pconn, psycopg.Connection)
+        revision_marks.publish(pconn, after)  # commits with the migration or not at all
+        return before, after
 
 
 def _run(conn: Connection, script: ScriptDirectory, location: Path, target: str,

@@ -26,7 +26,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from orchestrator import localfleet
+from orchestrator import localfleet, revision_marks
 from orchestrator.api import Fleet
 from orchestrator.catalog import Catalog, with_dbname
 from orchestrator.config import Config, load_config
@@ -156,6 +156,21 @@ def run_cli(test_fleet: PgFleet, *args: str, config: Path | None = None,
 
 def connect_as(dsn: str, **kw: object) -> psycopg.Connection:
     return psycopg.connect(dsn, connect_timeout=5, **kw)  # type: ignore[arg-type]
+
+
+def mark_and_version(fleet: Fleet, slug: str) -> tuple[str | None, str | None]:
+    """(the revision a tenant's database is marked with on its server, the
+    alembic_version the database itself holds); None is base. Fails if unmarked."""
+    t = fleet.get_tenant(slug)
+    admin = fleet.cfg.server(t.server).admin_dsn
+    with psycopg.connect(admin) as conn:
+        marks = revision_marks.published(conn, [t.database])
+    assert t.database in marks, f"{t.database} carries no revision mark"
+    with psycopg.connect(with_dbname(admin, t.database)) as conn:
+        table = conn.execute("SELECT to_regclass('public.alembic_version')").fetchone()
+        row = conn.execute("SELECT version_num FROM alembic_version").fetchone() \
+            if table and table[0] else None
+    return marks[t.database], row[0] if row else None
 
 
 def server_objects(test_fleet: PgFleet, server: str) -> tuple[set[str], set[str]]:

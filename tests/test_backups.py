@@ -14,7 +14,7 @@ from backups.stores import open_store
 from orchestrator.api import Fleet
 from orchestrator.config import load_config
 from orchestrator.models import Backup
-from tests.conftest import PgFleet, connect_as, run_cli
+from tests.conftest import PgFleet, connect_as, mark_and_version, run_cli
 from tests.test_stores import moto_endpoint  # noqa: F401 - fixture
 
 SECRET_ROW = "customer-7f3a-do-not-leak@example.com"
@@ -233,6 +233,7 @@ def test_restore_as_new_tenant_round_trip(fleet: Fleet, test_fleet: PgFleet,
 
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             conn.execute("DROP TABLE warehouses")
+    assert mark_and_version(fleet, copy) == (restored["revision"],) * 2
 
 
 def test_restore_of_tampered_backup_creates_nothing(fleet: Fleet, test_fleet: PgFleet,
@@ -474,6 +475,9 @@ def test_restore_in_place(fleet: Fleet, test_fleet: PgFleet, slug: str) -> None:
     dbs, _ = __import__("tests.conftest", fromlist=["server_objects"]).server_objects(
         test_fleet, "ap-south-1")
     assert f"tenant_{slug}__r" not in dbs and f"tenant_{slug}__old" not in dbs
+    # the restored database (renamed into place) carries the mark of what it holds
+    revision = fleet.get_tenant(slug).revision
+    assert revision is not None and mark_and_version(fleet, slug) == (revision, revision)
 
 
 def test_master_key_from_kms(test_fleet: PgFleet, tmp_path: Path, slug: str,

@@ -11,7 +11,7 @@ from orchestrator.api import Fleet
 from orchestrator.config import load_config
 from orchestrator.models import AuditEvent, TenantCredential
 from orchestrator.names import CATALOG_DB, TEMPLATE_DB
-from tests.conftest import PgFleet, connect_as, run_cli
+from tests.conftest import PgFleet, connect_as, mark_and_version, run_cli
 
 
 def test_provision_in_each_region(fleet: Fleet, slug: str) -> None:
@@ -142,6 +142,8 @@ def test_naive_path_gives_the_same_result(test_fleet: PgFleet, slug: str) -> Non
         fleet.close()
     assert res.via_template is False
     assert res.tenant["revision"] == fleet.target_revision("ap-south")
+    # migrated from an empty database: marked with what the migration reached
+    assert mark_and_version(fleet, slug) == (res.tenant["revision"],) * 2
     with connect_as(res.dsn, autocommit=True) as conn:
         conn.execute("INSERT INTO customers (email, name) VALUES ('a@b.c', 'A')")
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
@@ -155,6 +157,8 @@ def test_template_path_is_used_and_template_stays_closed(fleet: Fleet, test_flee
                                                          slug: str) -> None:
     res = fleet.provision(slug, "eu-central")
     assert res.via_template is True
+    # a clone carries no comment of its template's: the take-over marks it
+    assert mark_and_version(fleet, slug) == (res.tenant["revision"],) * 2
     with psycopg.connect(test_fleet.admin_dsn(res.tenant["server"])) as conn:
         row = conn.execute("SELECT datallowconn, pg_get_userbyid(datdba) FROM pg_database "
                            "WHERE datname = %s", (TEMPLATE_DB,)).fetchone()
@@ -194,7 +198,8 @@ def test_psql_as_login_and_owner(fleet: Fleet, test_fleet: PgFleet, slug: str) -
     assert ins.returncode == 0, ins.stderr
     with fleet.catalog.session() as s:
         actions = s.scalars(select(AuditEvent.detail).where(
-            AuditEvent.tenant == slug, AuditEvent.action == "tenant.psql")).all()
+            AuditEvent.tenant == slug, AuditEvent.action == "tenant.psql")
+            .order_by(AuditEvent.id)).all()  # without ORDER BY, any order may come back
     assert [d["role"] for d in actions] == ["login", "login", "owner", "login"]
 
 

@@ -19,12 +19,13 @@ from hypothesis import strategies as st
 from psycopg import sql
 from sqlalchemy import func, select
 
+from orchestrator import revision_marks
 from orchestrator.api import Fleet
 from orchestrator.catalog import lock_key, lock_key_sql, with_dbname
 from orchestrator.models import Rollout, RolloutTenant
 from orchestrator.provisioning import tenant_lock
 from orchestrator.rollout_plan import PlanTenant, interleave_by_server
-from tests.conftest import TENANTCTL, PgFleet, connect_as, run_cli
+from tests.conftest import TENANTCTL, PgFleet, connect_as, mark_and_version, run_cli
 
 OLD = "0004_order_status_idx"
 HEAD = "0006_customer_email_ci"
@@ -130,6 +131,8 @@ def test_poisoned_tenant_fails_alone(fleet: Fleet, test_fleet: PgFleet,
         live = _live(test_fleet, tenants)
         assert live.pop(poisoned) == OLD  # left exactly where it was
         assert set(live.values()) == {HEAD}
+        # its mark was rolled back with its migration
+        assert mark_and_version(fleet, poisoned) == (OLD, OLD)
         status = run_cli(test_fleet, "migrate", "status", "--json")
         assert status.returncode == 0, status.stderr
         report = _json(status)
@@ -478,3 +481,57 @@ def test_admin_reads_versions_through_direct_grants(tenants: list[str],
     schema_acl, table_acl, admin = acls
     assert any(a.startswith(f"{admin}=U/") for a in schema_acl), schema_acl
     assert any(a.startswith(f"{admin}=r/") for a in table_acl), table_acl
+
+
+# -- migrate status's sources: each database's mark, or a live read ------------------
+
+
+def _status(test_fleet: PgFleet, *args: str) -> dict:  # type: ignore[type-arg]
+    proc = run_cli(test_fleet, "migrate", "status", "--json", *args)
+    assert proc.returncode == 0, proc.stderr
+    return _json(proc)
+
+
+def _same_answer(a: dict, b: dict) -> bool:  # type: ignore[type-arg]
+    return all(a[k] == b[k] for k in ("tenants", "revisions", "behind", "failed",
+                                      "unreachable"))
+
+
+def test_status_from_marks_is_what_every_database_says(fleet: Fleet, test_fleet: PgFleet,
+                                                       tenants: list[str]) -> None:
+    """Every tenant database in the test fleet (provisioned, restored, rolled up and
+    down by the tests so far) is marked with the revision it holds: status from the
+    marks and status reading every database agree. A tenant without a mark is read
+    live and marked again; a mark set wrong by hand is what --live exists to catch,
+    and it rewrites it."""
+    _reset(test_fleet, tenants, OLD)
+    for slug in tenants:
+        assert mark_and_version(fleet, slug) == (OLD, OLD)
+    marked, live = _status(test_fleet), _status(test_fleet, "--live")
+    assert _same_answer(marked, live)
+    assert marked["sources"] == {"mark": marked["tenants"], "live": 0}
+    assert live["sources"] == {"mark": 0, "live": live["tenants"]}
+    assert marked["revisions"][OLD] >= N_TENANTS
+    assert marked["remarked"] == live["remarked"] == []
+
+    first, second = (fleet.get_tenant(s) for s in tenants[:2])
+    with psycopg.connect(fleet.cfg.server(first.server).admin_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("COMMENT ON DATABASE {} IS NULL").format(
+            sql.Identifier(first.database)))
+    with psycopg.connect(fleet.cfg.server(second.server).admin_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(
+            sql.Identifier(second.database), sql.Literal(revision_marks.mark(HEAD))))
+    marked = _status(test_fleet)
+    assert marked["sources"] == {"mark": marked["tenants"] - 1, "live": 1}
+    behind = {b["slug"]: b["revision"] for b in marked["behind"]}
+    assert behind[first.slug] == OLD  # unmarked: read from the database itself ...
+    assert marked["remarked"] == [{"slug": first.slug, "server": first.server,
+                                   "mark": None, "revision": OLD}]
+    assert mark_and_version(fleet, first.slug) == (OLD, OLD)  # ... and marked again
+    assert second.slug not in behind  # the mark says HEAD ...
+    live = _status(test_fleet, "--live")
+    assert {b["slug"]: b["revision"] for b in live["behind"]}[second.slug] == OLD  # ... no
+    assert live["remarked"] == [{"slug": second.slug, "server": second.server,
+                                 "mark": HEAD, "revision": OLD}]
+    assert mark_and_version(fleet, second.slug) == (OLD, OLD)
+    assert _same_answer(_status(test_fleet), _status(test_fleet, "--live"))

@@ -19,7 +19,7 @@ from orchestrator.api import Fleet
 from orchestrator.config import load_config
 from orchestrator.faults import InjectedFault
 from orchestrator.names import tenant_names
-from tests.conftest import CleanFleet, problems
+from tests.conftest import CleanFleet, mark_and_version, problems
 from tests.test_doctor import cli, new_slug
 
 SERVER, REGION = "eu-central-1", "eu-central"
@@ -104,6 +104,8 @@ def test_a_sign_up_takes_a_spare_and_the_pool_refills(pooled: Fleet) -> None:
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             conn.execute("UPDATE alembic_version SET version_num = 'x'")
     assert t.revision == pooled.target_revision(REGION)
+    # the spare's revision mark, written when it was built, is the tenant's now
+    assert mark_and_version(pooled, slug) == (t.revision, t.revision)
     assert problems(doctor.run(pooled)) == []
 
 

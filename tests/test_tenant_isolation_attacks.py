@@ -22,6 +22,7 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from orchestrator import revision_marks
 from orchestrator.api import Fleet
 from orchestrator.names import CATALOG_DB, TEMPLATE_DB
 from tests.conftest import PgFleet, connect_as, private_catalog
@@ -205,6 +206,11 @@ def test_no_database_no_role_no_escalation(attacker: psycopg.Connection, scene: 
         "must be owner of database")
     denied(attacker, sql.SQL("ALTER DATABASE {} SET search_path = evil").format(
         ident(scene.attacker["database"])).as_string(attacker), "must be owner of database")
+    # nor fake the schema revision its database is marked with (what status reads)
+    for database in (scene.attacker["database"], scene.neighbour["database"]):
+        denied(attacker, sql.SQL("COMMENT ON DATABASE {} IS {}").format(
+            ident(database), sql.Literal(revision_marks.mark("0001_fake")))
+            .as_string(attacker), "must be owner of database")
     denied(attacker, "CREATE SCHEMA evil")
     denied(attacker, "CREATE FUNCTION public.evil() RETURNS int LANGUAGE sql AS 'SELECT 1'")
     denied(attacker, "CREATE TABLE public.evil (id int)")
