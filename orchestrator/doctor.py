@@ -101,6 +101,7 @@ class Database:
     owner: str
     allow_connections: bool
     connect: frozenset[str]  # grantees of CONNECT; "PUBLIC" for everybody
+    comment: str | None = None  # a tenant database's carries its revision mark
 
 
 @dataclass(frozen=True)
@@ -490,6 +491,7 @@ def check_revisions(f: Facts) -> Iterator[Finding]:
             yield _f(WARNING, "tenant-behind-head", t.slug,
                      f"at {t.revision or 'base'}, head is {f.head}",
                      "tenantctl migrate rollout --to head")
+        yield from _check_mark(f, t)
     if not f.use_template:
         return
     for name, (_region, _cap, template) in sorted(f.servers.items()):
@@ -529,7 +531,8 @@ SELECT d.datname, pg_get_userbyid(d.datdba), d.datallowconn,
        coalesce((SELECT array_agg(CASE WHEN a.grantee = 0 THEN 'PUBLIC'
                                        ELSE pg_get_userbyid(a.grantee) END)
                  FROM aclexplode(coalesce(d.datacl, acldefault('d', d.datdba))) a
-                 WHERE a.privilege_type = 'CONNECT'), '{}')
+                 WHERE a.privilege_type = 'CONNECT'), '{}'),
+       shobj_description(d.oid, 'pg_database')
 FROM pg_database d WHERE NOT d.datistemplate
 """
 ROLES = r"""
@@ -552,11 +555,33 @@ def cluster_id(admin_dsn: str) -> str:
     return f"{d.get('hostaddr') or d.get('host') or 'local'}:{d.get('port') or 5432}"
 
 
+def _check_mark(f: Facts, t: TenantRow) -> Iterator[Finding]:
+    """The revision its database is marked with (what `migrate status` reads) is the
+    catalog's: both are written with every migration, so a difference means one of
+    them was changed behind tenantctl's back, or a step it took was lost."""
+    from orchestrator import revision_marks
+
+    cluster = _cluster(f, t.server)
+    db = cluster.databases.get(t.database) if cluster is not None else None
+    if db is None or t.busy:
+        return  # a missing database is check_tenant_objects' finding
+    marked, revision = revision_marks.parse(db.comment)
+    if not marked:
+        yield _f(INFO, "revision-unmarked", t.slug,
+                 "its database carries no revision mark: migrate status reads it live",
+                 "tenantctl migrate status (marks it)")
+    elif revision != t.revision:
+        yield _f(WARNING, "revision-mark-differs", t.slug,
+                 f"its database is marked {revision or 'base'}, the catalog says "
+                 f"{t.revision or 'base'}",
+                 "tenantctl migrate status --live (reads the database, corrects both)")
+
+
 def _read_cluster(fleet: Fleet, server: str, facts: ClusterFacts) -> None:
     try:
         with fleet.server_connection(server) as conn:
-            for name, owner, allow, connect in conn.execute(DATABASES):
-                facts.databases[name] = Database(owner, allow, frozenset(connect))
+            for name, owner, allow, connect, comment in conn.execute(DATABASES):
+                facts.databases[name] = Database(owner, allow, frozenset(connect), comment)
             for name, su, cdb, crole, bypass, repl, comment, member_of in conn.execute(ROLES):
                 facts.roles[name] = Role(su, cdb, crole, bypass, repl, comment,
                                          frozenset(member_of))

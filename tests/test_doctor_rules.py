@@ -3,8 +3,10 @@ a database, on the cases that are easy to get wrong."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
+from orchestrator import revision_marks
 from orchestrator.doctor import (
     ClusterFacts,
     Database,
@@ -35,7 +37,8 @@ def cluster_with(*tenants: TenantRow, servers: list[str] | None = None) -> Clust
     for t in tenants:
         slug = t.slug
         c.databases[f"tenant_{slug}"] = Database(f"owner_{slug}", True,
-                                                 frozenset({f"tenant_{slug}"}))
+                                                 frozenset({f"tenant_{slug}"}),
+                                                 revision_marks.mark(t.revision))
         for role in (f"tenant_{slug}", f"owner_{slug}"):
             c.roles[role] = Role(False, False, False, False, False,
                                  role_marker(t.id, slug), frozenset())
@@ -86,12 +89,12 @@ def test_support_role_may_reach_only_the_database_of_its_grant() -> None:
     c = cluster_with(a, b)
     c.roles["tenantctl_support_7"] = Role(False, False, False, False, False, None,
                                           frozenset())
-    c.databases["tenant_alpha"] = Database("owner_alpha", True, frozenset(
+    c.databases["tenant_alpha"] = replace(c.databases["tenant_alpha"], connect=frozenset(
         {"tenant_alpha", "tenantctl_support_7"}))
     f = facts([a, b], {"h:1": c}, {"s1": "h:1"})
     f.grants = {"tenantctl_support_7": ("tenant_alpha", NOW + timedelta(hours=1))}
     assert codes(f) == set()
-    c.databases["tenant_beta"] = Database("owner_beta", True, frozenset(
+    c.databases["tenant_beta"] = replace(c.databases["tenant_beta"], connect=frozenset(
         {"tenant_beta", "tenantctl_support_7"}))
     assert codes(f) == {("role-reaches-other-database", "s1/tenantctl_support_7")}
     f.grants = {}
@@ -103,3 +106,17 @@ def test_unreachable_cluster_hides_nothing_else_and_reports_itself() -> None:
     c = ClusterFacts(servers=["s1"], reachable=False, error="connection refused")
     found = codes(facts([a], {"h:1": c}, {"s1": "h:1"}))
     assert found == {("server-unreachable", "s1")}
+
+
+def test_a_revision_mark_that_differs_from_the_catalog_or_is_missing() -> None:
+    same, moved, bare, busy = (tenant(1, "same"), tenant(2, "moved"), tenant(3, "bare"),
+                               tenant(4, "busy", busy=True))
+    c = cluster_with(same, moved, bare, busy)
+    c.databases["tenant_moved"] = replace(c.databases["tenant_moved"],
+                                          comment=revision_marks.mark("r1"))
+    c.databases["tenant_bare"] = replace(c.databases["tenant_bare"], comment=None)
+    c.databases["tenant_busy"] = replace(c.databases["tenant_busy"], comment=None)
+    found = diagnose(facts([same, moved, bare, busy], {"h:1": c}, {"s1": "h:1"}))
+    by_code = {(x.code, x.subject): x.severity for x in found}
+    assert by_code == {("revision-mark-differs", "moved"): "warning",
+                       ("revision-unmarked", "bare"): "info"}

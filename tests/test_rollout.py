@@ -10,6 +10,7 @@ import json
 import subprocess
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 
 import psycopg
@@ -535,3 +536,35 @@ def test_status_from_marks_is_what_every_database_says(fleet: Fleet, test_fleet:
                                  "mark": HEAD, "revision": OLD}]
     assert mark_and_version(fleet, second.slug) == (OLD, OLD)
     assert _same_answer(_status(test_fleet), _status(test_fleet, "--live"))
+
+
+def test_a_mark_rewritten_during_a_migration_waits_for_it(test_fleet: PgFleet) -> None:
+    """republish takes the database's comment before it reads alembic_version: a
+    migration that has written its mark but not committed holds that lock, so the
+    rewrite waits and then marks what the migration left, never the old revision."""
+    admin = test_fleet.admin_dsn("eu-central-1")
+    scratch = f"marks_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(scratch)))
+    try:
+        with psycopg.connect(with_dbname(admin, scratch), autocommit=True) as migration, \
+                psycopg.connect(with_dbname(admin, scratch), autocommit=True) as status:
+            migration.execute("CREATE TABLE public.alembic_version (version_num text)")
+            migration.execute("INSERT INTO public.alembic_version VALUES ('v1')")
+            with migration.transaction():
+                migration.execute("UPDATE public.alembic_version SET version_num = 'v2'")
+                revision_marks.publish(migration, "v2")
+                got: list[str | None] = []
+                rewrite = threading.Thread(
+                    target=lambda: got.append(revision_marks.republish(status)))
+                rewrite.start()
+                rewrite.join(1.0)
+                assert rewrite.is_alive()  # waiting on the migration's lock
+            rewrite.join(10)
+            assert got == ["v2"]
+            with psycopg.connect(admin) as conn:
+                assert revision_marks.published(conn, [scratch]) == {scratch: "v2"}
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                sql.Identifier(scratch)))
