@@ -55,7 +55,7 @@ def status(region: Annotated[str | None, typer.Option(help="Only this region.")]
                  [[u["slug"], u["server"], u["error"]] for u in report.unreachable])
     if report.remarked:
         table("revision marks rewritten", ["tenant", "server", "was", "now"],
-              [[r["slug"], r["server"], r["mark"] or "-",
+              [[r["slug"], r["server"], (r["mark"] or "base") if r["marked"] else "-",
                 r.get("revision") or r.get("error") or "base"] for r in report.remarked])
     table("templates", ["server", "region", "revision"],
              [[t["server"], t["region"], t["revision"] or "-"] for t in report.templates])

@@ -626,6 +626,31 @@ def _locked_elsewhere(fleet: Fleet, names: list[str]) -> set[str]:
     return {n for k, n in keys.items() if k & 0xFFFF_FFFF_FFFF_FFFF in held_keys}
 
 
+def _settle_marks(fleet: Fleet, tenants: list[Tenant], clusters: dict[str, ClusterFacts],
+                  server_cluster: dict[str, str]) -> tuple[dict[int, str | None], set[str]]:
+    """For tenants whose database's mark differs from the catalog row read before the
+    servers: the catalog's revision now (a rollout may have moved both meanwhile),
+    and the locks of those a migration holds right now (marked, not yet recorded)."""
+    from orchestrator import revision_marks
+    from orchestrator.models import MIGRATABLE
+    from orchestrator.provisioning import tenant_lock
+
+    differ = []
+    for t in tenants:
+        c = clusters.get(server_cluster.get(t.server, ""))
+        db = c.databases.get(t.database) if c is not None else None
+        if t.state in MIGRATABLE and db is not None:
+            marked, revision = revision_marks.parse(db.comment)
+            if marked and revision != t.revision:
+                differ.append(t)
+    if not differ:
+        return {}, set()
+    with fleet.catalog.session() as s:
+        now = dict(s.execute(select(Tenant.id, Tenant.revision)
+                             .where(Tenant.id.in_([t.id for t in differ]))).tuples().all())
+    return now, _locked_elsewhere(fleet, [tenant_lock(t.slug) for t in differ])
+
+
 def gather(fleet: Fleet, region: str | None = None, now: datetime | None = None) -> Facts:
     from backups.pipeline import _alive
     from orchestrator.access import role_name
@@ -670,11 +695,14 @@ def gather(fleet: Fleet, region: str | None = None, now: datetime | None = None)
         jobs.append(lambda st=st: _read_store(st.url, st))  # type: ignore[misc]
     with ThreadPoolExecutor(max_workers=max(1, min(8, len(jobs)))) as pool:
         list(pool.map(lambda job: job(), jobs))
+    revisions, migrating = _settle_marks(fleet, tenants, clusters, server_cluster)
+    busy |= migrating
     return Facts(
         now=now, head=fleet.head_revision, use_template=cfg.use_template,
         backup_interval=timedelta(hours=cfg.backup_interval_hours),
         tenants=[TenantRow(t.id, t.slug, t.region, t.server, t.database, t.login_role,
-                           t.owner_role, t.state, t.revision, t.migration_error,
+                           t.owner_role, t.state, revisions.get(t.id, t.revision),
+                           t.migration_error,
                            t.legal_hold, t.legal_hold_reason, t.hold_until, t.purge_after,
                            t.activated_at, t.created_at,
                            busy=tenant_lock(t.slug) in busy) for t in tenants],

@@ -239,16 +239,18 @@ def read_revisions(fleet: Fleet, tenants: Sequence[Tenant], *, live: bool = Fals
         results[i] = result
     stale = [i for i in to_read if results[i][1] is None
              and (keys[i] not in marks or marks[keys[i]] != results[i][0])]
-    remarked = _remark(fleet, [tenants[i] for i in stale], [marks.get(keys[i]) for i in stale])
+    remarked = _remark(fleet, [tenants[i] for i in stale],
+                       [(keys[i] in marks, marks.get(keys[i])) for i in stale])
     return results, {"mark": len(tenants) - len(to_read), "live": len(to_read)}, remarked
 
 
-def _remark(fleet: Fleet, tenants: Sequence[Tenant], was: Sequence[str | None]
-            ) -> list[dict[str, Any]]:
+def _remark(fleet: Fleet, tenants: Sequence[Tenant],
+            was: Sequence[tuple[bool, str | None]]) -> list[dict[str, Any]]:
     """Rewrite the mark of each of ``tenants`` from its database (few: tenants from
-    before marks, or a mark changed by hand)."""
-    def one(t: Tenant, old: str | None) -> dict[str, Any]:
-        out: dict[str, Any] = {"slug": t.slug, "server": t.server, "mark": old}
+    before marks, or a mark changed by hand); ``was``: (marked, revision) before."""
+    def one(t: Tenant, old: tuple[bool, str | None]) -> dict[str, Any]:
+        out: dict[str, Any] = {"slug": t.slug, "server": t.server, "marked": old[0],
+                               "mark": old[1]}
         try:
             with pgserver.connect(fleet.cfg.server(t.server).admin_dsn, t.database,
                                   server=t.server) as conn:

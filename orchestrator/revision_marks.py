@@ -57,7 +57,12 @@ def republish(conn: psycopg.Connection) -> str | None:
     written its mark holds it, so this waits for that migration to commit and then
     reads what it left; one that has not yet written its mark writes it after us."""
     with conn.transaction():
-        conn.execute(sql.SQL("COMMENT ON DATABASE {} IS NULL").format(
+        # Read committed: the read after the wait must see what committed meanwhile.
+        # A lock timeout: a migration that altered alembic_version itself would wait
+        # on us while we wait on it.
+        conn.execute(sql.SQL("SET TRANSACTION ISOLATION LEVEL READ COMMITTED; "
+                             "SET LOCAL lock_timeout = '5s'; "
+                             "COMMENT ON DATABASE {} IS NULL").format(
             sql.Identifier(conn.info.dbname)))
         row = conn.execute("SELECT to_regclass('public.alembic_version') IS NOT NULL"
                            ).fetchone()

@@ -82,6 +82,12 @@ def test_grant_expires_by_itself_and_is_dropped(test_fleet: PgFleet, own_catalog
     assert isinstance(rw, dict)
     with connect_as(rw["dsn"], autocommit=True) as conn:
         conn.execute("INSERT INTO customers (email, name) VALUES ('fix@y.z', 'Fixed')")
+        # but not the schema revision: tenantctl moves it, with the database's mark
+        assert conn.execute("SELECT count(*) FROM alembic_version").fetchone() == (1,)
+        for statement in ("UPDATE alembic_version SET version_num = 'x'",
+                          "DELETE FROM alembic_version"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(statement)
     time.sleep(4)
     # VALID UNTIL: the password is dead even though nothing ran
     with pytest.raises(psycopg.OperationalError):

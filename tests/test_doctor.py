@@ -281,3 +281,29 @@ def test_unreachable_server_full_server_and_region_scope(
         cat = Catalog(load_config(clean_fleet.config_path))
         cat.sync_topology()  # capacity from the config again; gone-1 unavailable
         cat.dispose()
+
+
+def test_a_revision_mark_that_differs_is_found_unless_a_migration_holds_the_tenant(
+        clean_fleet: CleanFleet, healthy: Fleet) -> None:
+    """The mark `migrate status` reads must be the catalog's revision: one changed
+    behind tenantctl's back is a warning whose remedy works. A tenant whose lock
+    is held (a rollout between writing its mark and recording it) is not judged."""
+    from orchestrator import revision_marks
+    from orchestrator.provisioning import tenant_lock
+
+    slug = healthy.provision(new_slug(), "eu-central").tenant["slug"]
+    t = healthy.get_tenant(slug)
+    with admin(healthy, t.server) as conn:
+        conn.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(
+            sql.Identifier(t.database), sql.Literal(revision_marks.mark("0001_elsewhere"))))
+    rc, data = report(clean_fleet)
+    finding = next(x for x in data["findings"] if x["code"] == "revision-mark-differs")
+    assert (finding["subject"], finding["severity"]) == (slug, "warning")
+    assert "0001_elsewhere" in finding["message"] and "--live" in finding["remedy"]
+    with healthy.catalog.advisory_lock(tenant_lock(slug)) as held:
+        assert held
+        assert ("revision-mark-differs", slug) not in codes(report(clean_fleet)[1])
+    live = cli(clean_fleet, "migrate", "status", "--live", "--json")
+    assert live.returncode == 0, live.stderr
+    assert [r["slug"] for r in json.loads(live.stdout)["remarked"]] == [slug]
+    # `healthy` then asserts doctor finds nothing anywhere

@@ -527,13 +527,13 @@ def test_status_from_marks_is_what_every_database_says(fleet: Fleet, test_fleet:
     behind = {b["slug"]: b["revision"] for b in marked["behind"]}
     assert behind[first.slug] == OLD  # unmarked: read from the database itself ...
     assert marked["remarked"] == [{"slug": first.slug, "server": first.server,
-                                   "mark": None, "revision": OLD}]
+                                   "marked": False, "mark": None, "revision": OLD}]
     assert mark_and_version(fleet, first.slug) == (OLD, OLD)  # ... and marked again
     assert second.slug not in behind  # the mark says HEAD ...
     live = _status(test_fleet, "--live")
     assert {b["slug"]: b["revision"] for b in live["behind"]}[second.slug] == OLD  # ... no
     assert live["remarked"] == [{"slug": second.slug, "server": second.server,
-                                 "mark": HEAD, "revision": OLD}]
+                                 "marked": True, "mark": HEAD, "revision": OLD}]
     assert mark_and_version(fleet, second.slug) == (OLD, OLD)
     assert _same_answer(_status(test_fleet), _status(test_fleet, "--live"))
 
