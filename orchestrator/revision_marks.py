@@ -82,9 +82,4 @@ def published(conn: psycopg.Connection, databases: Iterable[str]) -> dict[str, s
         "AND c.classoid = 'pg_database'::regclass "
         "WHERE d.datname = ANY(%s) AND starts_with(c.description, %s)",
         (list(databases), PREFIX)).fetchall()
-    found: dict[str, str | None] = {}
-    for database, comment in rows:
-        is_mark, revision = parse(comment)
-        if is_mark:
-            found[database] = revision
-    return found
+    return {database: parse(comment)[1] for database, comment in rows}
