@@ -112,11 +112,9 @@ def grant(fleet: Fleet, slug: str, *, to: str, ttl: timedelta, reason: str,
                                  "public TO {}").format(ident))
             # the schema revision is tenantctl's to move (with the database's mark),
             # not support's: a hand edit would leave the mark, and status, wrong
-            stmts.append(sql.SQL(
-                "DO $$ BEGIN IF to_regclass('public.alembic_version') IS NOT NULL THEN "
-                "EXECUTE {}; END IF; END $$").format(sql.Literal(
-                    sql.SQL("REVOKE INSERT, UPDATE, DELETE ON public.alembic_version "
-                            "FROM {}").format(ident).as_string(None))))
+            stmts.append(pgserver.on_alembic_version(sql.SQL(
+                "REVOKE INSERT, UPDATE, DELETE ON public.alembic_version FROM {}")
+                .format(ident)))
         conn.execute(sql.SQL(";\n").join(stmts))
     fleet.catalog.audit("access.grant", tenant=slug, region=tenant.region, grant=grant_id,
                         to=to, reason=reason, read_only=read_only,

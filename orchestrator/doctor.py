@@ -29,7 +29,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 from sqlalchemy import select, update
 
-from orchestrator import clock
+from orchestrator import clock, revision_marks
 from orchestrator.errors import Conflict, InvalidInput, TenantctlError, first_line
 from orchestrator.models import (
     PLACED_STATES,
@@ -555,17 +555,20 @@ def cluster_id(admin_dsn: str) -> str:
     return f"{d.get('hostaddr') or d.get('host') or 'local'}:{d.get('port') or 5432}"
 
 
+def _mark(cluster: ClusterFacts | None, database: str) -> tuple[bool, str | None] | None:
+    """(marked, revision) of a database on the cluster; None if it is not there."""
+    db = cluster.databases.get(database) if cluster is not None else None
+    return None if db is None else revision_marks.parse(db.comment)
+
+
 def _check_mark(f: Facts, t: TenantRow) -> Iterator[Finding]:
     """The revision its database is marked with (what `migrate status` reads) is the
     catalog's: both are written with every migration, so a difference means one of
     them was changed behind tenantctl's back, or a step it took was lost."""
-    from orchestrator import revision_marks
-
-    cluster = _cluster(f, t.server)
-    db = cluster.databases.get(t.database) if cluster is not None else None
-    if db is None or t.busy:
+    found = _mark(_cluster(f, t.server), t.database)
+    if found is None or t.busy:
         return  # a missing database is check_tenant_objects' finding
-    marked, revision = revision_marks.parse(db.comment)
+    marked, revision = found
     if not marked:
         yield _f(INFO, "revision-unmarked", t.slug,
                  "its database carries no revision mark: migrate status reads it live",
@@ -631,18 +634,15 @@ def _settle_marks(fleet: Fleet, tenants: list[Tenant], clusters: dict[str, Clust
     """For tenants whose database's mark differs from the catalog row read before the
     servers: the catalog's revision now (a rollout may have moved both meanwhile),
     and the locks of those a migration holds right now (marked, not yet recorded)."""
-    from orchestrator import revision_marks
     from orchestrator.models import MIGRATABLE
     from orchestrator.provisioning import tenant_lock
 
-    differ = []
-    for t in tenants:
-        c = clusters.get(server_cluster.get(t.server, ""))
-        db = c.databases.get(t.database) if c is not None else None
-        if t.state in MIGRATABLE and db is not None:
-            marked, revision = revision_marks.parse(db.comment)
-            if marked and revision != t.revision:
-                differ.append(t)
+    def differs(t: Tenant) -> bool:
+        found = _mark(clusters.get(server_cluster.get(t.server, "")), t.database)
+        return t.state in MIGRATABLE and found is not None and found[0] \
+            and found[1] != t.revision
+
+    differ = [t for t in tenants if differs(t)]
     if not differ:
         return {}, set()
     with fleet.catalog.session() as s:

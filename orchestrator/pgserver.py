@@ -215,6 +215,13 @@ def reassign_from_template(conn: psycopg.Connection, names: TenantNames) -> None
         Ident(TEMPLATE_OWNER), Ident(names.owner_role)))
 
 
+def on_alembic_version(stmt: sql.Composable) -> sql.Composed:
+    """``stmt`` as one statement that runs it only in a database that has an
+    alembic_version table (no round trip to ask first)."""
+    return sql.SQL("DO $$ BEGIN IF to_regclass('public.alembic_version') IS NOT NULL "
+                   "THEN EXECUTE {}; END IF; END $$").format(sql.Literal(stmt.as_string(None)))
+
+
 def secure_tenant_database(conn: psycopg.Connection, names: TenantNames,
                            dbname: str | None = None) -> None:
     """Run in the tenant's own database (one multi-statement query, so atomic even
@@ -244,20 +251,13 @@ def secure_tenant_database(conn: psycopg.Connection, names: TenantNames,
                 "GRANT {} ON TABLES TO {}").format(owner, DML, login),
         sql.SQL("ALTER DEFAULT PRIVILEGES FOR ROLE {} IN SCHEMA public "
                 "GRANT {} ON SEQUENCES TO {}").format(owner, SEQ, login),
-        # The application may read its schema revision, never set it: a tenant that
-        # wrote alembic_version could make rollouts skip it or fail on it. Then the
-        # revision the database is at is published as its mark (revision_marks).
-        sql.SQL("DO $$ DECLARE rev text; BEGIN "
-                "IF to_regclass('public.alembic_version') IS NOT NULL THEN EXECUTE {}; "
-                "SELECT version_num INTO rev FROM public.alembic_version LIMIT 1; END IF; "
-                "EXECUTE format('COMMENT ON DATABASE %I IS %L', current_database(), "
-                "{} || coalesce(rev, {})); END $$").format(
-                    sql.Literal(
-                        sql.SQL("REVOKE ALL ON public.alembic_version FROM {}; "
-                                "GRANT SELECT ON public.alembic_version TO {}; "
-                                "GRANT SELECT ON public.alembic_version TO CURRENT_USER")
-                        .format(login, login).as_string(None)),
-                    sql.Literal(revision_marks.PREFIX), sql.Literal(revision_marks.BASE)),
+        # the application may read its schema revision, never set it: a tenant that
+        # wrote alembic_version could make rollouts skip it or fail on it
+        on_alembic_version(sql.SQL("REVOKE ALL ON public.alembic_version FROM {}; "
+                                   "GRANT SELECT ON public.alembic_version TO {}; "
+                                   "GRANT SELECT ON public.alembic_version TO CURRENT_USER")
+                           .format(login, login)),
+        revision_marks.PUBLISH_CURRENT,  # the revision the database is at, as its mark
     ]
     # one round trip: these run on every provisioning
     conn.execute(sql.SQL(";\n").join(stmts))

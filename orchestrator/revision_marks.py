@@ -50,6 +50,16 @@ def publish(conn: psycopg.Connection, revision: str | None) -> None:
         sql.Identifier(conn.info.dbname), sql.Literal(mark(revision))))
 
 
+# One statement run inside a database: mark it with what its alembic_version says
+# now (base when it has none). secure_tenant_database runs it with its grants.
+PUBLISH_CURRENT = sql.SQL(
+    "DO $$ DECLARE rev text; BEGIN "
+    "IF to_regclass('public.alembic_version') IS NOT NULL THEN "
+    "SELECT version_num INTO rev FROM public.alembic_version LIMIT 1; END IF; "
+    "EXECUTE format('COMMENT ON DATABASE %I IS %L', current_database(), "
+    "{} || coalesce(rev, {})); END $$").format(sql.Literal(PREFIX), sql.Literal(BASE))
+
+
 def republish(conn: psycopg.Connection) -> str | None:
     """Mark the database ``conn`` is connected to with what its alembic_version says
     now; returns that revision. For a mark found missing or wrong (`migrate status
@@ -64,13 +74,10 @@ def republish(conn: psycopg.Connection) -> str | None:
                              "SET LOCAL lock_timeout = '5s'; "
                              "COMMENT ON DATABASE {} IS NULL").format(
             sql.Identifier(conn.info.dbname)))
-        row = conn.execute("SELECT to_regclass('public.alembic_version') IS NOT NULL"
-                           ).fetchone()
-        found = conn.execute("SELECT version_num FROM public.alembic_version LIMIT 1"
-                             ).fetchone() if row and row[0] else None
-        revision = found[0] if found else None
-        publish(conn, revision)
-    return revision
+        conn.execute(PUBLISH_CURRENT)
+        row = conn.execute("SELECT shobj_description(oid, 'pg_database') FROM pg_database "
+                           "WHERE datname = current_database()").fetchone()
+    return parse(row[0] if row else None)[1]
 
 
 def published(conn: psycopg.Connection, databases: Iterable[str]) -> dict[str, str | None]:
