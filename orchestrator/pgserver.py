@@ -327,9 +327,13 @@ def cluster_identity(conn: psycopg.Connection) -> str:
     another's), and the template database, its spares and its locks are the
     cluster's. Its system identifier (set by initdb; any role may read it unless an
     operator revoked pg_control_system), else the address the server reports."""
+    query = "SELECT system_identifier FROM pg_control_system()"
     try:
-        with conn.transaction():  # a savepoint inside a transaction: a refusal spoils nothing
-            row = conn.execute("SELECT system_identifier FROM pg_control_system()").fetchone()
+        if conn.autocommit:  # one round trip
+            row = conn.execute(query).fetchone()
+        else:
+            with conn.transaction():  # a savepoint: a refusal spoils no transaction
+                row = conn.execute(query).fetchone()
         if row is not None and row[0] is not None:
             return f"sysid:{row[0]}"
     except psycopg.errors.InsufficientPrivilege:

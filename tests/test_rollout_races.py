@@ -123,6 +123,18 @@ def _until(condition: Callable[[], bool], what: str) -> None:
 # -- item: sign-up during a template upgrade on a shared cluster -------------------------
 
 
+def test_entries_naming_one_cluster_share_its_identity(fleet: Fleet) -> None:
+    ids = {}
+    for server in ("tiny-1", "ap-south-1", "eu-central-1"):
+        with fleet.server_connection(server) as conn:
+            ids[server] = pgserver.cluster_identity(conn)
+    assert ids["tiny-1"] == ids["ap-south-1"]
+    assert ids["ap-south-1"].startswith("sysid:")  # the admin may read it
+    external = fleet.cfg.server("eu-central-1").admin_dsn == \
+        fleet.cfg.server("ap-south-1").admin_dsn
+    assert (ids["eu-central-1"] == ids["ap-south-1"]) is external
+
+
 def test_signup_waits_for_a_template_upgrade_through_another_entry_of_its_cluster(
         own: OwnCatalog, slug: str, monkeypatch: pytest.MonkeyPatch) -> None:
     fleet = own.fleet
