@@ -15,6 +15,10 @@ How it holds together:
 - A rollout of the whole fleet (or a region) first moves the fleet's target
   revision and the servers' templates, so tenants created meanwhile are
   created at the target; a last sweep catches any created just before.
+- One target at a time: each process running a rollout holds that rollout's
+  running lock (shared, in the catalog) from its registration to its final
+  status; a rollout to another target is refused while any such lock is held,
+  and a rollout whose processes died (their locks went with them) blocks nothing.
 """
 
 from __future__ import annotations
