@@ -321,6 +321,30 @@ def enable_login(conn: psycopg.Connection, role: str, password: str) -> None:
 # -- the per-server template database ---------------------------------------------
 
 
+def cluster_identity(conn: psycopg.Connection) -> str:
+    """The cluster ``conn`` reached, the same whichever server entry or address led
+    there: two entries of the config may name one cluster (a small region sharing
+    another's), and the template database, its spares and its locks are the
+    cluster's. Its system identifier (set by initdb; any role may read it unless an
+    operator revoked pg_control_system), else the address the server reports."""
+    query = "SELECT system_identifier FROM pg_control_system()"
+    try:
+        if conn.autocommit:  # one round trip
+            row = conn.execute(query).fetchone()
+        else:
+            with conn.transaction():  # a savepoint: a refusal spoils no transaction
+                row = conn.execute(query).fetchone()
+        if row is not None and row[0] is not None:
+            return f"sysid:{row[0]}"
+    except psycopg.errors.InsufficientPrivilege:
+        pass
+    row = conn.execute("SELECT inet_server_addr()::text, inet_server_port()").fetchone()
+    host, port = (row[0], row[1]) if row is not None and row[0] is not None else \
+        (conn.info.host, conn.info.port)
+    return f"addr:{host}:{port}"
+
+
+
 def ensure_template_owner(conn: psycopg.Connection) -> None:
     if not role_exists(conn, TEMPLATE_OWNER):
         conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN NOINHERIT").format(Ident(TEMPLATE_OWNER)))
@@ -356,6 +380,13 @@ def set_template_connections(conn: psycopg.Connection, allow: bool) -> None:
         conn.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
             "WHERE datname = %s AND pid <> pg_backend_pid()", (TEMPLATE_DB,))
+
+
+def template_open(conn: psycopg.Connection) -> bool:
+    """The template accepts connections (a build is under way, or one died)."""
+    row = conn.execute("SELECT datallowconn FROM pg_database WHERE datname = %s",
+                       (TEMPLATE_DB,)).fetchone()
+    return bool(row and row[0])
 
 
 def prepare_template_schema(conn: psycopg.Connection) -> None:

@@ -250,10 +250,11 @@ def _create_database(fleet: Fleet, conn: psycopg.Connection, names: TenantNames,
     if needed); otherwise create an empty database for the migrations to fill."""
     if fleet.cfg.use_template and use_template:
         target = fleet.target_revision(fleet.cfg.server(server).region)
+        # the template is the cluster's, shared by every server entry that names it
+        lock = templates.lock_name(pgserver.cluster_identity(conn))
         for attempt in range(2):
-            with fleet.catalog.advisory_lock(templates.lock_name(server), shared=True,
-                                             wait=True):
-                if templates.template_revision(fleet, server) == target:
+            with fleet.catalog.advisory_lock(lock, shared=True, wait=True):
+                if templates.at_revision(conn, target):
                     pgserver.ensure_database(conn, names, template=TEMPLATE_DB)
                     return True
             if attempt == 0 and not _try_build_template(fleet, server, target):
@@ -266,7 +267,8 @@ def _try_build_template(fleet: Fleet, server: str, target: str | None) -> bool:
     try:
         templates.build(fleet, server, target)
         return True
-    except (TenantctlError, psycopg.Error) as exc:
+    except (TenantctlError, psycopg.Error, sqlalchemy.exc.SQLAlchemyError,
+            CommandError) as exc:
         # No usable template: fall back to migrating an empty database, and leave a
         # trace for `tenantctl template build` to pick up.
         fleet.catalog.audit("template.build", outcome="failed", server=server,
