@@ -258,6 +258,8 @@ def dump_encrypt_upload(pg_dump: str, dsn: str, snapshot_id: str | None, recipie
         except BaseException:
             proc.kill()
             proc.wait()
+            if writer.error is not None:  # the store failed (e.g. full): say so, exit 9
+                raise writer.error from None
             raise
         finally:
             proc.stdout.close()
