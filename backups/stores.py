@@ -31,6 +31,10 @@ class StoreError(TenantctlError):
     exit_code = 9
 
 
+class ObjectMissing(StoreError):
+    """The store answered: there is no such object (not: the store failed)."""
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     key: str
@@ -194,7 +198,7 @@ class FileStore(ObjectStore):
         try:
             return open(self._path(key), "rb")  # noqa: SIM115 - the caller closes it
         except FileNotFoundError:
-            raise StoreError(f"{self.url}: object {key} is missing") from None
+            raise ObjectMissing(f"{self.url}: object {key} is missing") from None
         except OSError as exc:  # e.g. the store's root is a file
             raise StoreError(f"{self.url}: cannot read {key}: {exc.strerror}") from None
 
@@ -350,6 +354,9 @@ class S3Store(ObjectStore):
         try:
             body = self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
         except Exception as exc:
+            code = getattr(exc, "response", {}).get("Error", {}).get("Code")
+            if code in ("NoSuchKey", "404"):
+                raise ObjectMissing(f"{self.url}: object {key} is missing") from None
             raise self.error(f"cannot read {key}", exc) from None
         return body  # type: ignore[no-any-return]
 

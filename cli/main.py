@@ -462,7 +462,14 @@ def report(
 
 
 def main() -> None:
+    import logging
+
     from orchestrator.errors import TenantctlError, first_line
+
+    # When the catalog goes away mid-command, SQLAlchemy's pool logs a traceback for
+    # every connection it fails to reset; the command itself ends with one `error:`
+    # line (below). A configured handler (the scheduler's JSON log) still gets them.
+    logging.getLogger("sqlalchemy.pool").addHandler(logging.NullHandler())
 
     try:  # typer ≥ 0.22 carries its own copy of click
         from typer._click import exceptions as click_errors
