@@ -76,7 +76,8 @@ def test_a_store_that_refuses_writes_is_a_store_failure_and_leaves_no_partial_fi
     assert run_backup(fleet, slug).status == "completed"
 
 
-def test_doctor_reports_and_removes_stale_unfinished_uploads(fleet: Fleet, slug: str) -> None:
+def test_doctor_reports_and_removes_stale_unfinished_uploads(healthy: Fleet, slug: str) -> None:
+    fleet = healthy  # the clean fleet: its doctor finds nothing else to repair
     tenant = fleet.provision(slug, "ap-south").tenant
     folder = _store_root(fleet, "ap-south") / "tenants" / slug
     folder.mkdir(parents=True, exist_ok=True)
@@ -92,8 +93,8 @@ def test_doctor_reports_and_removes_stale_unfinished_uploads(fleet: Fleet, slug:
         assert f"ap-south:tenants/{slug}/{stale.name}" in subjects
         assert not any(fresh.name in s for s in subjects)  # it may be a live writer's
         results = doctor.repair(fleet, "ap-south", confirm=lambda x: False)
-        assert any(r.finding.code == "unfinished-upload" and r.outcome == "fixed"
-                   for r in results)
+        assert [(r.finding.code, r.outcome) for r in results] == [
+            ("unfinished-upload", "fixed")]
         assert not stale.exists() and fresh.exists()
         assert not [x for x in doctor.run(fleet, "ap-south") if x.code == "unfinished-upload"
                     and slug in x.subject]
