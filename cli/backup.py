@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from cli.common import open_fleet, print_json, say, table
+from cli.common import ID_MAX, open_fleet, print_json, say, table
 
 backup_app = typer.Typer(no_args_is_help=True, help="Encrypted backups in each region.")
 
@@ -96,7 +96,8 @@ def list_(slug: Annotated[str | None, typer.Argument(help="One tenant.")] = None
 
 @backup_app.command("verify")
 def verify(
-    backup_id: Annotated[int | None, typer.Argument(help="Backup id.")] = None,
+    backup_id: Annotated[int | None, typer.Argument(help="Backup id.", min=1, max=ID_MAX)
+                         ] = None,
     latest: Annotated[str | None, typer.Option(help="The latest backup of this tenant.")]
     = None,
     all_: Annotated[bool, typer.Option("--all", help="The latest backup of every tenant.")]
@@ -168,7 +169,8 @@ def prune(dry_run: Annotated[bool, typer.Option(help="Report only.")] = False,
 
 @backup_app.command("restore")
 def restore(
-    backup_id: Annotated[int, typer.Argument(help="Backup id (see `backup list`).")],
+    backup_id: Annotated[int, typer.Argument(help="Backup id (see `backup list`).", min=1,
+                                             max=ID_MAX)],
     as_: Annotated[str | None, typer.Option("--as", help="Restore as a new tenant with "
                                             "this slug, in the backup's region.")] = None,
     in_place: Annotated[bool, typer.Option(help="Replace the tenant's database (its "

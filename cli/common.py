@@ -11,6 +11,10 @@ if TYPE_CHECKING:
     from orchestrator.config import Config
 
 
+# catalog ids are bigints: a larger number is refused as bad input (exit 2), not sent
+ID_MAX = 2**63 - 1
+
+
 class State:
     config_path: str | None = None
 

@@ -23,6 +23,7 @@ from cli.migrate import migrate_app
 from cli.scheduler import scheduler_app
 
 if TYPE_CHECKING:
+    from orchestrator.api import ProvisionResult
     from orchestrator.config import Config
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -240,9 +241,18 @@ def tenant_create(
     interrupted create. Prints the tenant's connection string once."""
     fleet = open_fleet()
     try:
-        res = fleet.provision(slug, region)
+        # the output first, then the spare pool's refill: a refill (or a crash in it)
+        # never stands between the sign-up and its connection string
+        with fleet.refills_held():
+            res = fleet.provision(slug, region, shown=False)
+            _show_created(res, as_json)
+            sys.stdout.flush()
+            fleet.credentials_shown(slug)  # until here, a re-run shows it again
     finally:
         fleet.close()
+
+
+def _show_created(res: ProvisionResult, as_json: bool) -> None:
     if as_json:
         print_json({**res.tenant, "dsn": res.dsn, "resumed": res.resumed,
                      "via_template": res.via_template})
@@ -452,7 +462,14 @@ def report(
 
 
 def main() -> None:
+    import logging
+
     from orchestrator.errors import TenantctlError, first_line
+
+    # When the catalog goes away mid-command, SQLAlchemy's pool logs a traceback for
+    # every connection it fails to reset; the command itself ends with one `error:`
+    # line (below). A configured handler (the scheduler's JSON log) still gets them.
+    logging.getLogger("sqlalchemy.pool").addHandler(logging.NullHandler())
 
     try:  # typer ≥ 0.22 carries its own copy of click
         from typer._click import exceptions as click_errors

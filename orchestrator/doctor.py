@@ -32,11 +32,13 @@ from sqlalchemy import select, update
 from orchestrator import clock, revision_marks
 from orchestrator.errors import Conflict, InvalidInput, TenantctlError, first_line
 from orchestrator.models import (
+    CANCELLING,
     PLACED_STATES,
     Backup,
     Server,
     SupportGrant,
     Tenant,
+    TenantKey,
     TenantState,
 )
 from orchestrator.names import TenantNames, catalog_mismatch, tenant_names
@@ -80,6 +82,8 @@ class TenantRow:
     activated_at: datetime | None
     created_at: datetime
     busy: bool = False  # another process holds its lock (provisioning in flight)
+    step: str | None = None  # a step in flight (provisioning, or lifecycle.CANCELLING)
+    key_destroyed: bool = False  # an erasure destroyed its key
 
 
 @dataclass(frozen=True)
@@ -133,6 +137,8 @@ class StoreFacts:
     url: str
     keys: set[str] | None = None  # None: the store could not be listed
     error: str | None = None
+    # uploads neither committed nor aborted: (name, the object it was to be, since)
+    unfinished: list[tuple[str, str, datetime]] = field(default_factory=list)
 
 
 @dataclass
@@ -187,7 +193,7 @@ def diagnose(f: Facts) -> list[Finding]:
     out: list[Finding] = []
     for check in (check_catalog_rows, check_servers, check_tenant_objects, check_orphans,
                   check_privileges, check_backups, check_store, check_revisions,
-                  check_retention):
+                  check_retention, check_transitions):
         out.extend(check(f))
     return sorted(out, key=lambda x: (SEVERITY_ORDER[x.severity], x.code, x.subject))
 
@@ -462,6 +468,16 @@ def check_store(f: Facts) -> Iterator[Finding]:
                          "an object no completed backup in the catalog knows",
                          "tenantctl doctor --fix (deletes it, after asking)",
                          fix="delete_object", destructive=True, region=region, key=key)
+    writing = {b.object_key for b in f.backups if b.status == "running" and b.alive}
+    for region, st in sorted(f.stores.items()):
+        for name, key, since in st.unfinished:
+            if key not in writing and f.now - since > STUCK_BACKUP:
+                yield _f(WARNING, "unfinished-upload", f"{region}:{name}",
+                         f"an upload of {key} left unfinished since "
+                         f"{since.isoformat(timespec='minutes')} (a writer that failed or "
+                         "was killed): hidden from listings, it takes space",
+                         "tenantctl doctor --fix (removes it)", fix="discard_upload",
+                         region=region, name=name)
     for b in f.backups:
         home_store = f.stores.get(b.region)
         if b.status != "completed" or home_store is None or home_store.keys is None:
@@ -522,6 +538,26 @@ def check_retention(f: Facts) -> Iterator[Finding]:
                      f"support access past its end ({expires.isoformat(timespec='minutes')})",
                      "tenantctl retention run --only access (tenantctl doctor --fix)",
                      fix="expire_grants")
+
+
+def check_transitions(f: Facts) -> Iterator[Finding]:
+    """Lifecycle transitions that a crash stopped half-way, with no process on them."""
+    for t in f.tenants:
+        if t.busy or t.state not in LIVE:
+            continue
+        if t.key_destroyed:
+            yield _f(ERROR, "erase-unfinished", t.slug,
+                     f"an erasure destroyed its key and stopped: it is still {t.state}, "
+                     "its backups unreadable, it has no credentials",
+                     f"tenantctl tenant erase {t.slug} --reason … (finishes it; tenantctl "
+                     "doctor --fix, after asking)", fix="finish_erase", destructive=True,
+                     slug=t.slug)
+        elif t.step == CANCELLING and t.state != TenantState.cancelled:
+            yield _f(ERROR, "cancel-unfinished", t.slug,
+                     f"a cancellation stopped half-way: every write is refused, but it is "
+                     f"still {t.state} and no hold has started",
+                     f"tenantctl tenant cancel {t.slug} --yes (finishes it; tenantctl "
+                     "tenant reactivate afterwards gives the writes back)")
 
 
 # -- gathering ------------------------------------------------------------------------
@@ -604,6 +640,7 @@ def _read_store(url: str, facts: StoreFacts) -> None:
         store = open_store(url)
         facts.keys = {o.key for o in store.objects("tenants/")}
         facts.keys |= {o.key for o in store.objects(ORPHAN_PREFIX)}
+        facts.unfinished = [(u.name, u.key, u.started_at) for u in store.unfinished()]
     except TenantctlError as exc:
         facts.error = first_line(exc)
     except Exception as exc:  # noqa: BLE001 - e.g. botocore errors
@@ -668,6 +705,8 @@ def gather(fleet: Fleet, region: str | None = None, now: datetime | None = None)
             tq, bq, sq = (tq.where(Tenant.region == region), bq.where(Backup.region == region),
                           sq.where(Server.region == region))
         tenants = list(s.scalars(tq))
+        destroyed = set(s.scalars(select(TenantKey.tenant_id).where(
+            TenantKey.destroyed_at.is_not(None))))
         backups = list(s.scalars(bq))
         servers = {sv.name: (sv.region, sv.capacity, sv.template_revision)
                    for sv in s.scalars(sq) if sv.available}
@@ -684,7 +723,9 @@ def gather(fleet: Fleet, region: str | None = None, now: datetime | None = None)
         clusters.setdefault(cid, ClusterFacts(servers=[])).servers.append(n)
     stores = {r.name: StoreFacts(r.name, r.backup_store) for r in cfg.regions.values()
               if region is None or r.name == region}
-    provisioning = [t.slug for t in tenants if t.state == TenantState.provisioning]
+    # tenants a step may be working on right now: is a process holding their lock?
+    provisioning = [t.slug for t in tenants if t.state == TenantState.provisioning
+                    or (t.state in LIVE and (t.step is not None or t.id in destroyed))]
     running = [b.id for b in backups if b.status == "running"]
     busy = _locked_elsewhere(fleet, [tenant_lock(x) for x in provisioning]
                              + [_alive(x) for x in running])
@@ -705,7 +746,8 @@ def gather(fleet: Fleet, region: str | None = None, now: datetime | None = None)
                            t.migration_error,
                            t.legal_hold, t.legal_hold_reason, t.hold_until, t.purge_after,
                            t.activated_at, t.created_at,
-                           busy=tenant_lock(t.slug) in busy) for t in tenants],
+                           busy=tenant_lock(t.slug) in busy, step=t.step,
+                           key_destroyed=t.id in destroyed) for t in tenants],
         backups=[BackupRow(b.id, b.tenant_id, b.slug, b.region, b.object_key, b.manifest_key,
                            b.status, b.started_at, b.finished_at, alive=_alive(b.id) in busy)
                  for b in backups],
@@ -783,7 +825,8 @@ def _admin_exec(fleet: Fleet, server: str, stmt: sql.Composed) -> None:
 
 
 def _fix_provision(fleet: Fleet, x: Finding) -> str:
-    fleet.provision(x.arg("slug"), x.arg("region"))
+    # shown to nobody yet: a re-run of the tenant's create shows its connection string
+    fleet.provision(x.arg("slug"), x.arg("region"), shown=False)
     return "provisioning finished"
 
 
@@ -856,11 +899,27 @@ def _fix_retention(fleet: Fleet, x: Finding) -> str:
     return detail
 
 
+def _fix_finish_erase(fleet: Fleet, x: Finding) -> str:
+    from orchestrator import retention
+
+    retention.erase_tenant(fleet, x.arg("slug"), "finishing an interrupted erasure "
+                           "(doctor --fix)", clock.utcnow())
+    return "erasure finished"
+
+
 def _fix_delete_object(fleet: Fleet, x: Finding) -> str:
     from backups.stores import open_store
 
     open_store(fleet.cfg.region(x.arg("region")).backup_store).delete(x.arg("key"))
     return "object deleted"
+
+
+def _fix_discard_upload(fleet: Fleet, x: Finding) -> str:
+    from backups.stores import open_store
+
+    open_store(fleet.cfg.region(x.arg("region")).backup_store).discard_unfinished(
+        x.arg("name"))
+    return "unfinished upload removed"
 
 
 def _fix_drop_orphan_role(fleet: Fleet, x: Finding) -> str:
@@ -914,7 +973,8 @@ FIXES: dict[str, Callable[[Fleet, Finding], str]] = {
     "revoke_membership": _fix_revoke_membership, "build_template": _fix_template,
     "expire_grants": _fix_expire_grants, DELETE: _fix_retention, PURGE: _fix_retention,
     "delete_object": _fix_delete_object, "drop_orphan_role": _fix_drop_orphan_role,
-    "drop_orphan_database": _fix_drop_orphan_database,
+    "drop_orphan_database": _fix_drop_orphan_database, "discard_upload": _fix_discard_upload,
+    "finish_erase": _fix_finish_erase,
 }
 ONCE = {"reap_backups", "expire_grants"}
 

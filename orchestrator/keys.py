@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import pyrage
 from sqlalchemy.orm import Session
 
-from orchestrator.errors import MasterKeyError
+from orchestrator.errors import Conflict, MasterKeyError
 from orchestrator.masterkey import MasterKey
 from orchestrator.models import TenantKey
 
@@ -36,13 +36,23 @@ def new_key(master: MasterKey, tenant_id: int, slug: str) -> TenantKey:
 
 
 def ensure_key(fleet: Fleet, session: Session, tenant_id: int, slug: str) -> TenantKey:
-    """The tenant's key, made now if the tenant predates keys."""
+    """The tenant's key, made now if the tenant predates keys. A destroyed key is
+    refused: nothing is encrypted to a key whose identity is gone."""
     key = session.get(TenantKey, tenant_id)
+    if key is not None and key.destroyed_at is not None:
+        raise Conflict(key_destroyed(slug, key))
     if key is None:
         key = new_key(fleet.master_key, tenant_id, slug)
         session.add(key)
         session.flush()
     return key
+
+
+def key_destroyed(slug: str, key: TenantKey) -> str:
+    """The one-line refusal for a tenant whose key an unfinished erasure destroyed."""
+    return (f"the key of tenant {slug!r} was destroyed ({key.destroyed_at:%Y-%m-%d}) by an "
+            f"erasure that did not finish: re-run `tenantctl tenant erase {slug} --reason "
+            "…` to finish it")
 
 
 def identity(fleet: Fleet, key: TenantKey, slug: str) -> pyrage.x25519.Identity:

@@ -33,7 +33,14 @@ from orchestrator import keys, pgserver, spares, templates, tenant_migrations
 from orchestrator.catalog import server_error, with_dbname
 from orchestrator.errors import Conflict, ServerUnavailable, TenantctlError, first_line
 from orchestrator.faults import checkpoint
-from orchestrator.models import PLACED_STATES, Server, Tenant, TenantCredential, TenantState
+from orchestrator.models import (
+    PLACED_STATES,
+    UNSHOWN,
+    Server,
+    Tenant,
+    TenantCredential,
+    TenantState,
+)
 from orchestrator.names import TEMPLATE_DB, TenantNames, tenant_names, validate_slug
 from orchestrator.placement import ServerLoad, choose_server
 
@@ -88,6 +95,14 @@ def provision(fleet: Fleet, slug: str, region: str, *, restore_from: int | None 
             from orchestrator.api import check_integrity
 
             check_integrity(tenant)
+            if _unshown(tenant, region, restore_from):
+                # it went live, but its connection string never reached anybody
+                # (the process died before its output): show it now
+                password = master.unwrap(tenant.credential.password_wrapped,  # type: ignore[union-attr]
+                                         password_context(slug)).decode()
+                fleet.catalog.audit("tenant.credentials.show", tenant=slug,
+                                    region=tenant.region, via="tenant create")
+                return Provisioned(tenant, password, True, False)
             if tenant.state != TenantState.provisioning:
                 raise Conflict(f"tenant {slug!r} already exists ({tenant.state}, region "
                                f"{tenant.region})")
@@ -108,6 +123,12 @@ def provision(fleet: Fleet, slug: str, region: str, *, restore_from: int | None 
             checkpoint("provision.registered")
         via_template = _run_steps(fleet, tenant, password)
         return Provisioned(fleet.get_tenant(slug), password, resumed, via_template)
+
+
+def _unshown(tenant: Tenant, region: str, restore_from: int | None) -> bool:
+    return tenant.state == TenantState.active and tenant.step == UNSHOWN \
+        and tenant.credential is not None and tenant.region == region \
+        and tenant.restored_from == restore_from
 
 
 def _server_loads(session: Session, region: str) -> list[ServerLoad]:
@@ -224,13 +245,14 @@ def _run_steps(fleet: Fleet, tenant: Tenant, password: str) -> bool:
     now = datetime.now(UTC)
     with fleet.catalog.session() as s, s.begin():
         s.execute(update(Tenant).where(Tenant.id == tenant.id).values(
-            state=TenantState.active, step=None, revision=revision, activated_at=now,
+            state=TenantState.active, step=UNSHOWN, revision=revision, activated_at=now,
             last_error=None))
         s.execute(update(TenantCredential).where(TenantCredential.tenant_id == tenant.id)
                   .values(applied_at=now))
         fleet.catalog.audit("tenant.provision", tenant=tenant.slug, region=tenant.region,
                             session=s, server=tenant.server, revision=revision,
                             via_template=via_template)
+    checkpoint("provision.active")
     if _uses_spares(fleet, tenant):
         # one spare taken, or the pool found short: top it up, off the sign-up's path
         # (and after it, when this sign-up had to build the template first)
