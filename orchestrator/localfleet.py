@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from orchestrator.childenv import child_env
 from orchestrator.config import Config, ServerConfig
 from orchestrator.errors import ConfigError, ServerUnavailable, TenantctlError
 from orchestrator.masterkey import write_key_file
@@ -225,7 +226,7 @@ def _os_user() -> tuple[int, int] | None:
         subprocess.run(
             ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
              PG_OS_USER],
-            check=True, capture_output=True,
+            check=True, capture_output=True, env=child_env(),
         )
         entry = pwd.getpwnam(PG_OS_USER)
     return entry.pw_uid, entry.pw_gid
@@ -247,8 +248,7 @@ def _run_as(cmd: list[str], owner: tuple[int, int] | None,
     extra: dict[str, object] = {}
     if owner is not None:
         extra = {"user": owner[0], "group": owner[1], "extra_groups": []}
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    env["LC_ALL"] = "C.UTF-8" if Path("/usr/lib/locale/C.utf8").exists() else "C"
+    env = child_env({"LC_ALL": "C.UTF-8" if Path("/usr/lib/locale/C.utf8").exists() else "C"})
     return subprocess.run(cmd, env=env, cwd="/", capture_output=True, text=True,
                           **extra, **kw)  # type: ignore[call-overload,no-any-return]
 
