@@ -165,20 +165,42 @@ def catalog_upgrade(as_json: JsonOpt = False) -> None:
 
 @config_app.command("check")
 def config_check(as_json: JsonOpt = False) -> None:
-    """Validate the config file (and that the master key is readable)."""
+    """Validate the config file, that the master key is readable and (when the
+    catalog can be reached) that it is the fleet's. Exit 7 for a key that is not."""
+    from orchestrator import keys
+    from orchestrator.catalog import Catalog
     from orchestrator.masterkey import load_master_key
 
     cfg = current_config()
     key = load_master_key(cfg.master_key)
+    catalog = Catalog(cfg)
+    try:
+        view = keys.catalog_view(catalog)
+    finally:
+        catalog.dispose()
+    mixed = None
+    if isinstance(view, str):
+        catalog_note = f"catalog not read ({view}): master key not compared with it"
+    else:
+        recorded, wrapped = view
+        fleets = keys.fleet_key_elsewhere(key.key_id, recorded, wrapped)
+        if fleets is not None:
+            raise keys.not_the_fleets_key(key.key_id, fleets)
+        mixed = keys.mixed_key_ids(wrapped)
+        catalog_note = "the fleet's master key" if recorded or wrapped else \
+            "the catalog has no secret yet"
     summary = {"path": str(cfg.path), "regions": {
         r.name: {"backup_store": r.backup_store, "servers": [s.name for s in r.servers]}
         for r in cfg.regions.values()}, "master_key_id": key.key_id,
+        "master_key": catalog_note, "mixed_master_keys": mixed,
         "tenant_migrations": str(cfg.tenant_migrations)}
     if as_json:
         print_json(summary)
     else:
         say(f"{cfg.path}: ok ({len(cfg.regions)} regions, {len(cfg.servers)} servers, "
-             f"master key {key.key_id})")
+             f"master key {key.key_id}: {catalog_note})")
+    if mixed is not None:
+        sys.stderr.write(f"warning: {mixed} (see `tenantctl doctor`)\n")
 
 
 # -- regions / templates ---------------------------------------------------------------

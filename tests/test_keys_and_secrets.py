@@ -4,18 +4,23 @@ break-glass key export, and a server that is not this fleet's."""
 
 from __future__ import annotations
 
+import json
 import os
-import re
 import shlex
 import stat
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from psycopg.conninfo import conninfo_to_dict
+from sqlalchemy import delete
 
-from orchestrator import localfleet, pgserver
+from orchestrator import keys, localfleet, pgserver
 from orchestrator.childenv import ALLOWED, ALLOWED_PREFIXES, child_env
+from orchestrator.config import MasterKeySource
+from orchestrator.masterkey import load_master_key, write_key_file
+from orchestrator.models import TenantKey
 from tests.conftest import OwnCatalog, PgFleet, run_cli
 
 KEY_ENV = "TENANTCTL_MASTER_KEY"
@@ -146,3 +151,121 @@ def test_pg_dump_gets_the_allow_list(test_fleet: PgFleet, env_keyed: EnvKeyed,
         assert KEY_ENV not in env and "AWS_SECRET_ACCESS_KEY" not in env
         assert all(_allowed(k) for k in env), sorted(env)
         assert env_keyed.key not in "\n".join(env.values())
+
+
+# -- a master key that is not the fleet's ---------------------------------------------
+
+
+def test_fleet_key_elsewhere_decides_from_record_then_secrets() -> None:
+    assert keys.fleet_key_elsewhere("a", "a", {"b": 3}) is None  # recorded wins
+    assert keys.fleet_key_elsewhere("a", "b", {}) == "b"
+    assert keys.fleet_key_elsewhere("a", None, {}) is None  # a fresh catalog adopts
+    assert keys.fleet_key_elsewhere("a", None, {"a": 1, "b": 5}) is None
+    assert keys.fleet_key_elsewhere("a", None, {"b": 5, "c": 1}) == "b"
+    assert keys.mixed_key_ids({"a": 2}) is None
+    assert "a (2), b (1)" in str(keys.mixed_key_ids({"b": 1, "a": 2}))
+
+
+def _one_line_error(proc: subprocess.CompletedProcess[str], code: int, *words: str) -> None:
+    assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
+    assert proc.stderr.startswith("error: ") and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    for w in words:
+        assert w in proc.stderr, proc.stderr
+
+
+def _stray_config(own: OwnCatalog, test_fleet: PgFleet, tmp_path: Path) -> tuple[Path, Path]:
+    stray = tmp_path / "stray.key"
+    write_key_file(stray)
+    config = tmp_path / "stray.toml"
+    config.write_text(own.config_path.read_text().replace(
+        str(test_fleet.state_dir / "master.key"), str(stray)))
+    return config, stray
+
+
+def test_a_stray_master_key_wraps_nothing(test_fleet: PgFleet, own_catalog: OwnCatalog,
+                                          tmp_path: Path, slug: str) -> None:
+    own = own_catalog
+    fleet_key = own.fleet.master_key.key_id
+    with own.fleet.catalog.session() as s:
+        assert keys.catalog_key_id(s) is None  # a fresh catalog has adopted no key yet
+    dsn = own.fleet.provision(slug, "eu-central").dsn
+    with own.fleet.catalog.session() as s:
+        assert keys.catalog_key_id(s) == fleet_key  # the first wrap adopted it
+    stray_cfg, stray = _stray_config(own, test_fleet, tmp_path)
+    stray_id = load_master_key(MasterKeySource(file=stray)).key_id
+
+    _one_line_error(run_cli(test_fleet, "config", "check", config=stray_cfg), 7,
+                    stray_id, fleet_key, "not this fleet's")
+    ok = run_cli(test_fleet, "config", "check", config=own.config_path)
+    assert ok.returncode == 0 and "the fleet's master key" in ok.stdout, ok.stderr
+    # every write that would wrap a secret under the stray key is refused, unchanged
+    _one_line_error(run_cli(test_fleet, "tenant", "create", f"{slug}_x", "--region",
+                            "eu-central", config=stray_cfg), 7, "not this fleet's")
+    assert own.fleet.find_tenant(f"{slug}_x") is None
+    _one_line_error(run_cli(test_fleet, "tenant", "credentials", slug, "--rotate",
+                            config=stray_cfg), 7, "not this fleet's")
+    assert own.fleet.credentials(slug) == dsn
+    tenant = own.fleet.get_tenant(slug)
+    with own.fleet.catalog.session() as s, s.begin():  # a tenant that predates keys
+        s.execute(delete(TenantKey).where(TenantKey.tenant_id == tenant.id))
+    _one_line_error(run_cli(test_fleet, "backup", "run", slug, config=stray_cfg), 7,
+                    "not this fleet's")
+    with own.fleet.catalog.session() as s:
+        assert s.get(TenantKey, tenant.id) is None
+        assert keys.wrapped_key_ids(s) == {fleet_key: 1}
+    # doctor says so too, and the right key still works
+    found = run_cli(test_fleet, "doctor", "--json", config=stray_cfg)
+    codes = {x["code"] for x in json.loads(found.stdout)["findings"]}
+    assert found.returncode == 14 and "master-key-not-fleets" in codes, found.stdout
+    assert run_cli(test_fleet, "backup", "run", slug, config=own.config_path).returncode == 0
+
+
+def test_mixed_key_ids_are_reported_and_the_remedy_works(
+        test_fleet: PgFleet, own_catalog: OwnCatalog, tmp_path: Path, slug: str) -> None:
+    own = own_catalog
+    fleet_key = own.fleet.master_key.key_id
+    own.fleet.provision(slug, "eu-central")
+    own.fleet.provision(f"{slug}_b", "eu-central")
+    stray_cfg, stray = _stray_config(own, test_fleet, tmp_path)
+    stray_key = load_master_key(MasterKeySource(file=stray))
+    # what an older tenantctl let happen: one secret wrapped under the stray key
+    b = own.fleet.get_tenant(f"{slug}_b")
+    with own.fleet.catalog.session() as s, s.begin():
+        s.execute(delete(TenantKey).where(TenantKey.tenant_id == b.id))
+        s.add(keys.new_key(stray_key, b.id, b.slug))
+    check = run_cli(test_fleet, "config", "check", config=own.config_path)
+    assert check.returncode == 0, check.stderr
+    assert "warning: stored secrets are wrapped by 2 master keys" in check.stderr
+    assert f"{fleet_key} (3)" in check.stderr and f"{stray_key.key_id} (1)" in check.stderr
+    found = run_cli(test_fleet, "doctor", "--json", config=own.config_path)
+    mixed = [x for x in json.loads(found.stdout)["findings"] if x["code"] == "master-key-mixed"]
+    assert found.returncode == 14 and mixed, found.stdout
+    # the remedy doctor gives: the stray key configured for one rotate to the fleet's
+    fixed = run_cli(test_fleet, "keys", "rotate-master", "--new-key-file",
+                    str(test_fleet.state_dir / "master.key"), "--json", config=stray_cfg)
+    assert fixed.returncode == 0, fixed.stderr
+    assert json.loads(fixed.stdout)["identities"] == 1
+    with own.fleet.catalog.session() as s:
+        assert keys.wrapped_key_ids(s) == {fleet_key: 4}
+        assert keys.catalog_key_id(s) == fleet_key
+    after = run_cli(test_fleet, "doctor", "--json", config=own.config_path)
+    assert not {x["code"] for x in json.loads(after.stdout)["findings"]
+                if x["code"].startswith("master-key")}, after.stdout
+
+
+def test_rotate_master_makes_the_new_key_the_fleets(
+        test_fleet: PgFleet, own_catalog: OwnCatalog, tmp_path: Path, slug: str) -> None:
+    own = own_catalog
+    own.fleet.provision(slug, "eu-central")
+    new_cfg, new = _stray_config(own, test_fleet, tmp_path)
+    new_id = load_master_key(MasterKeySource(file=new)).key_id
+    rotated = run_cli(test_fleet, "keys", "rotate-master", "--new-key-file", str(new),
+                      config=own.config_path)
+    assert rotated.returncode == 0, rotated.stderr
+    # the old key is now the stray one: it wraps nothing more
+    _one_line_error(run_cli(test_fleet, "tenant", "create", f"{slug}_x", "--region",
+                            "eu-central", config=own.config_path), 7, new_id)
+    made = run_cli(test_fleet, "tenant", "create", f"{slug}_y", "--region", "eu-central",
+                   config=new_cfg)
+    assert made.returncode == 0, made.stderr
