@@ -46,15 +46,20 @@ def console() -> Any:
 
 
 def say(line: str) -> None:
-    console().print(line, highlight=False)
+    # stored text (a reason, a name) may hold a terminal escape: shown escaped
+    from orchestrator.errors import printable
+
+    console().print("\n".join(printable(x) for x in line.split("\n")), highlight=False)
 
 
 def table(title: str | None, columns: list[str], rows: list[list[Any]]) -> None:
     from rich.table import Table
 
+    from orchestrator.errors import printable
+
     table = Table(title=title, title_justify="left")
     for c in columns:
         table.add_column(c)
     for r in rows:
-        table.add_row(*["" if v is None else str(v) for v in r])
+        table.add_row(*["" if v is None else printable(str(v)) for v in r])
     console().print(table)
