@@ -339,3 +339,38 @@ def test_reason_is_bounded_printable_and_shown_escaped(
     with own.fleet.catalog.session() as s, s.begin():
         s.execute(update(Tenant).where(Tenant.slug == slug)
                   .values(legal_hold=False, legal_hold_reason=None))
+
+
+# -- the break-glass key export --------------------------------------------------------
+
+
+def test_key_export_output_is_created_private(test_fleet: PgFleet, own_catalog: OwnCatalog,
+                                              tmp_path: Path, slug: str) -> None:
+    own = own_catalog
+    own.fleet.provision(slug, "eu-central")
+    cfg = own.config_path
+    path = tmp_path / "key.txt"
+    made = run_cli(test_fleet, "backup", "key", "export", slug, "--output", str(path),
+                   config=cfg)
+    assert made.returncode == 0, made.stderr
+    text = path.read_text()
+    assert text.startswith("AGE-SECRET-KEY-1") and text.strip() not in made.stdout
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    # never overwritten by accident: one line, exit 4, the file as it was
+    path.write_text("keep me\n")
+    path.chmod(0o644)
+    _one_line_error(run_cli(test_fleet, "backup", "key", "export", slug, "--output",
+                            str(path), config=cfg), 4, "--force")
+    assert path.read_text() == "keep me\n"
+    # --force replaces it, and the old (wide) mode does not carry over
+    forced = run_cli(test_fleet, "backup", "key", "export", slug, "--output", str(path),
+                     "--force", config=cfg)
+    assert forced.returncode == 0, forced.stderr
+    assert path.read_text() == text and stat.S_IMODE(path.stat().st_mode) == 0o600
+    # - is stdout; an unknown tenant leaves no file behind
+    assert run_cli(test_fleet, "backup", "key", "export", slug, "--output", "-",
+                   config=cfg).stdout == text
+    missing = tmp_path / "none.txt"
+    assert run_cli(test_fleet, "backup", "key", "export", "nosuchtenant", "--output",
+                   str(missing), config=cfg).returncode == 3
+    assert not missing.exists()
