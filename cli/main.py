@@ -102,12 +102,14 @@ def _config_at(path: Path) -> Config:
 
 
 def _catalog_upgrade(cfg: Config) -> dict[str, Any]:
+    from orchestrator import fleet_identity
     from orchestrator.catalog import Catalog
 
     catalog = Catalog(cfg)
     try:
         before, after = catalog.upgrade()
         changes = catalog.sync_topology()
+        changes += fleet_identity.ensure(cfg, catalog)
     finally:
         catalog.dispose()
     return {"from": before, "to": after, "topology": changes}
@@ -166,9 +168,11 @@ def catalog_upgrade(as_json: JsonOpt = False) -> None:
 @config_app.command("check")
 def config_check(as_json: JsonOpt = False) -> None:
     """Validate the config file, that the master key is readable and (when the
-    catalog can be reached) that it is the fleet's. Exit 7 for a key that is not."""
-    from orchestrator import keys
+    catalog can be reached) that it is the fleet's (exit 7 if not), and that no
+    configured server is another fleet's (exit 6)."""
+    from orchestrator import fleet_identity, keys
     from orchestrator.catalog import Catalog
+    from orchestrator.errors import ServerUnavailable
     from orchestrator.masterkey import load_master_key
 
     cfg = current_config()
@@ -176,8 +180,12 @@ def config_check(as_json: JsonOpt = False) -> None:
     catalog = Catalog(cfg)
     try:
         view = keys.catalog_view(catalog)
+        foreign = [] if isinstance(view, str) else \
+            fleet_identity.problems(cfg, catalog.fleet_id())
     finally:
         catalog.dispose()
+    if foreign:
+        raise ServerUnavailable(foreign[0])
     mixed = None
     if isinstance(view, str):
         catalog_note = f"catalog not read ({view}): master key not compared with it"
@@ -473,6 +481,28 @@ def report(
         raise typer.Exit(12)
 
 
+def _explained(exc: BaseException) -> str:
+    """A refused password at an address where this fleet's embedded cluster is not
+    running: said as what it is, another server at that address."""
+    from orchestrator.catalog import AUTH_FAILED
+    from orchestrator.errors import ServerUnavailable, TenantctlError
+
+    m = AUTH_FAILED.search(str(exc))
+    if not isinstance(exc, ServerUnavailable) or m is None:
+        return str(exc)
+    from orchestrator import localfleet
+
+    try:
+        why = localfleet.not_ours_at(current_config(), int(m.group(2)))
+    except TenantctlError:
+        why = None
+    if why is None:
+        return str(exc)
+    return (f"the server at {m.group(1)}:{m.group(2)} is not this fleet's server ({why}; "
+            "another PostgreSQL answers there): `tenantctl local up` starts this fleet's "
+            "clusters, `tenantctl local status` shows them")
+
+
 def main() -> None:
     from orchestrator.errors import TenantctlError, first_line
 
@@ -496,7 +526,7 @@ def main() -> None:
     except typer.Abort:
         _fail("aborted", 1)
     except TenantctlError as exc:
-        _fail(str(exc), exc.exit_code)
+        _fail(_explained(exc), exc.exit_code)
     except KeyboardInterrupt:
         _fail("interrupted", 130)
     except Exception as exc:

@@ -29,7 +29,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 from sqlalchemy import select, update
 
-from orchestrator import clock, keys, revision_marks
+from orchestrator import clock, keys, pgserver, revision_marks
 from orchestrator.errors import Conflict, InvalidInput, MasterKeyError, TenantctlError, first_line
 from orchestrator.keys import fleet_key_elsewhere, mixed_key_ids
 from orchestrator.models import (
@@ -126,6 +126,7 @@ class ClusterFacts:
     roles: dict[str, Role] = field(default_factory=dict)
     connections: int = 0
     max_connections: int = 0
+    fleet_mark: str | None = None  # the fleet id the server is marked with
 
 
 @dataclass
@@ -156,6 +157,7 @@ class Facts:
     key_error: str | None = None
     catalog_key_id: str | None = None
     wrapped_key_ids: dict[str, int] = field(default_factory=dict)
+    fleet_id: str | None = None  # the catalog's fleet identity (None: not made yet)
 
 
 # -- findings -------------------------------------------------------------------------
@@ -194,7 +196,7 @@ def diagnose(f: Facts) -> list[Finding]:
     out: list[Finding] = []
     for check in (check_catalog_rows, check_servers, check_tenant_objects, check_orphans,
                   check_privileges, check_backups, check_store, check_revisions,
-                  check_retention, check_master_key):
+                  check_retention, check_master_key, check_fleet_identity):
         out.extend(check(f))
     return sorted(out, key=lambda x: (SEVERITY_ORDER[x.severity], x.code, x.subject))
 
@@ -244,6 +246,26 @@ def check_master_key(f: Facts) -> Iterator[Finding]:
                  f"with [master_key] pointing at the stray key ({', '.join(strays)}) for "
                  "one command, run `tenantctl keys rotate-master --new-key-file <the "
                  f"fleet's key {fleets or f.master_key_id}>`: it re-wraps only the strays")
+
+
+def check_fleet_identity(f: Facts) -> Iterator[Finding]:
+    """Each server carries this fleet's mark: one marked by another fleet is another
+    cluster at its address (two local fleets on one machine, a recycled host)."""
+    if f.fleet_id is None:  # made by `catalog upgrade`; nothing to compare with before
+        return
+    for cluster in f.clusters.values():
+        names = ", ".join(cluster.servers)
+        if not cluster.reachable:
+            continue
+        if cluster.fleet_mark is None:
+            yield _f(INFO, "server-unmarked", names, "carries no fleet mark yet",
+                     "tenantctl catalog upgrade (marks it as this fleet's)")
+        elif cluster.fleet_mark != f.fleet_id:
+            yield _f(ERROR, "server-not-this-fleets", names,
+                     f"the server at its address is not this fleet's server (it is "
+                     f"marked as fleet {cluster.fleet_mark}, this is fleet {f.fleet_id})",
+                     "check its admin_dsn and port in tenantctl.toml "
+                     "(`tenantctl local status` for the embedded fleet)")
 
 
 def check_servers(f: Facts) -> Iterator[Finding]:
@@ -622,6 +644,7 @@ def _read_cluster(fleet: Fleet, server: str, facts: ClusterFacts) -> None:
             row = conn.execute(CONNECTIONS).fetchone()
             if row:
                 facts.connections, facts.max_connections = int(row[0]), int(row[1])
+            facts.fleet_mark = pgserver.server_fleet_id(conn)
     except TenantctlError as exc:
         facts.reachable, facts.error = False, first_line(exc)
     except Exception as exc:  # noqa: BLE001 - a server error is a finding, not a crash
@@ -749,7 +772,8 @@ def gather(fleet: Fleet, region: str | None = None, now: datetime | None = None)
         servers=servers, server_cluster=server_cluster, clusters=clusters, stores=stores,
         grants={role_name(gid): (db, exp) for gid, exp, db in grant_rows},
         scoped_region=region, master_key_id=configured_key, key_error=key_error,
-        catalog_key_id=recorded_key, wrapped_key_ids=wrapped)
+        catalog_key_id=recorded_key, wrapped_key_ids=wrapped,
+        fleet_id=fleet.catalog.fleet_id())
 
 
 # -- repairing ------------------------------------------------------------------------

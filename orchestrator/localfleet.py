@@ -287,6 +287,25 @@ def _running_pid(data_dir: Path) -> int | None:
     return pid if _pid_alive_postgres(pid) else None
 
 
+def not_ours_at(cfg: Config, port: int) -> str | None:
+    """Why whatever answers at ``port`` on this machine cannot be the embedded
+    cluster this fleet configures there (it is not running, or listens elsewhere),
+    or None when that cannot be told (no embedded cluster there, or it runs)."""
+    for sc in cfg.servers:
+        if sc.data_dir is None or sc.port != port:
+            continue
+        if _running_pid(sc.data_dir) is None:
+            return f"this fleet's cluster for it, in {sc.data_dir}, is not running"
+        try:  # postmaster.pid: pid, data dir, start time, port, ...
+            listening = int((sc.data_dir / "postmaster.pid").read_text().splitlines()[3])
+        except (OSError, ValueError, IndexError):
+            return None
+        if listening != port:
+            return f"this fleet's cluster for it, in {sc.data_dir}, listens on {listening}"
+        return None
+    return None
+
+
 def _log_tail(data_dir: Path) -> str:
     """The line of the server log that explains a failure: the last FATAL or ERROR
     (e.g. "could not bind IPv4 address"), else the last line."""

@@ -165,6 +165,34 @@ def role_comment(conn: psycopg.Connection, role: str) -> str | None:
     return row[0] if row else None
 
 
+# -- the fleet's mark on a server ----------------------------------------------------
+
+FLEET_ROLE = "tenantctl_fleet"  # NOLOGIN; its COMMENT names the fleet the server is of
+_FLEET_MARK = "tenantctl fleet "
+
+
+def server_fleet_id(conn: psycopg.Connection) -> str | None:
+    """The id of the fleet this server belongs to, as its mark says (None: unmarked).
+    Readable by any role: a shared catalog."""
+    comment = role_comment(conn, FLEET_ROLE)
+    return comment.removeprefix(_FLEET_MARK) if comment and \
+        comment.startswith(_FLEET_MARK) else None
+
+
+def mark_fleet(conn: psycopg.Connection, fleet_id: str) -> str:
+    """Mark an unmarked server as this fleet's: a NOLOGIN role whose comment holds
+    the fleet id (a CREATEROLE admin may comment on a role it created). Returns
+    the id the server carries afterwards (another's, if it was marked already)."""
+    try:
+        with conn.transaction():
+            if not role_exists(conn, FLEET_ROLE):
+                conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN; COMMENT ON ROLE {} IS {}").format(
+                    Ident(FLEET_ROLE), Ident(FLEET_ROLE), sql.Literal(_FLEET_MARK + fleet_id)))
+    except psycopg.errors.DuplicateObject:
+        pass  # marked by a concurrent run: read what it wrote
+    return server_fleet_id(conn) or fleet_id
+
+
 def role_marker(tenant_id: int, slug: str) -> str:
     """Written as the role's COMMENT in the same transaction that creates it: proof
     that a role found after a crash is ours and not a stranger's of the same name."""

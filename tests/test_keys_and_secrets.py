@@ -12,6 +12,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 from sqlalchemy import delete, select, update
@@ -20,7 +21,7 @@ from orchestrator import audit, keys, localfleet, pgserver
 from orchestrator.childenv import ALLOWED, ALLOWED_PREFIXES, child_env
 from orchestrator.config import MasterKeySource
 from orchestrator.masterkey import load_master_key, write_key_file
-from orchestrator.models import AuditEvent, Tenant, TenantKey
+from orchestrator.models import AuditEvent, FleetSetting, Tenant, TenantKey
 from tests.conftest import OwnCatalog, PgFleet, run_cli
 
 KEY_ENV = "TENANTCTL_MASTER_KEY"
@@ -374,3 +375,64 @@ def test_key_export_output_is_created_private(test_fleet: PgFleet, own_catalog: 
     assert run_cli(test_fleet, "backup", "key", "export", "nosuchtenant", "--output",
                    str(missing), config=cfg).returncode == 3
     assert not missing.exists()
+
+
+# -- a server that is not this fleet's ----------------------------------------------
+
+
+def test_servers_carry_the_fleet_identity(test_fleet: PgFleet, own_catalog: OwnCatalog) -> None:
+    own = own_catalog
+    up = run_cli(test_fleet, "catalog", "upgrade", config=own.config_path)
+    assert up.returncode == 0, up.stderr
+    fleet_id = own.fleet.catalog.fleet_id()
+    assert fleet_id
+    for server in ("eu-central-1", "eu-central-2", "ap-south-1"):
+        with psycopg.connect(test_fleet.admin_dsn(server)) as conn:
+            assert pgserver.server_fleet_id(conn) == fleet_id
+    ok = run_cli(test_fleet, "config", "check", config=own.config_path)
+    assert ok.returncode == 0, ok.stderr
+    # the same servers seen by a catalog of another fleet: not its servers
+    with own.fleet.catalog.session() as s, s.begin():
+        s.execute(update(FleetSetting).where(FleetSetting.key == "fleet_id")
+                  .values(value="0123456789abcdef"))
+    try:
+        _one_line_error(run_cli(test_fleet, "config", "check", config=own.config_path), 6,
+                        "not this fleet's server", fleet_id, "0123456789abcdef")
+        found = run_cli(test_fleet, "doctor", "--json", config=own.config_path)
+        bad = {x["subject"] for x in json.loads(found.stdout)["findings"]
+               if x["code"] == "server-not-this-fleets"}
+        assert found.returncode == 14 and "eu-central-1" in " ".join(bad), found.stdout
+    finally:
+        with own.fleet.catalog.session() as s, s.begin():
+            s.execute(update(FleetSetting).where(FleetSetting.key == "fleet_id")
+                      .values(value=fleet_id))
+    again = run_cli(test_fleet, "doctor", "--json", config=own.config_path)
+    assert "server-not-this-fleets" not in again.stdout
+
+
+def test_refused_password_where_our_cluster_is_not_running(
+        test_fleet: PgFleet, tmp_path: Path) -> None:
+    """Another cluster took the port of this fleet's (stopped) embedded cluster: the
+    error says so instead of only "password authentication failed"."""
+    if test_fleet.external:
+        pytest.skip("needs the embedded clusters")
+    port = test_fleet.ports["eu-central-1"]
+    wrong = tmp_path / "pgpass"
+    localfleet.ensure_pgpass_entry(wrong, port, "tenantctl_admin", "not-the-password-0123")
+    wrong.chmod(0o600)
+    text = test_fleet.config_path.read_text().replace(
+        str(test_fleet.state_dir / "pgpass"), str(wrong)).replace(
+        str(test_fleet.state_dir / "pg" / "eu-central-1"), str(tmp_path / "not-running"))
+    config = tmp_path / "other.toml"
+    config.write_text(text)
+    _one_line_error(run_cli(test_fleet, "tenant", "list", config=config), 6,
+                    f"the server at 127.0.0.1:{port} is not this fleet's server",
+                    "not running")
+    # where it cannot be told (the cluster there is ours and runs): today's message
+    # and a hint
+    text2 = test_fleet.config_path.read_text().replace(
+        str(test_fleet.state_dir / "pgpass"), str(wrong))
+    config2 = tmp_path / "wrongpw.toml"
+    config2.write_text(text2)
+    _one_line_error(run_cli(test_fleet, "tenant", "list", config=config2), 6,
+                    "password authentication failed", "not this fleet's server")
