@@ -33,6 +33,7 @@ from backups.policy import BackupFact, RetentionPolicy, Schedule, Verdict, is_du
 from backups.stores import ObjectMissing, ObjectStore, ObjectWriter, open_store
 from orchestrator import keys, pgserver
 from orchestrator.catalog import with_dbname
+from orchestrator.childenv import child_env
 from orchestrator.errors import Conflict, NotFound, TenantctlError, first_line
 from orchestrator.faults import checkpoint
 from orchestrator.localfleet import pg_tool
@@ -132,7 +133,7 @@ def compression_arg(pg_dump: str) -> str:
 @functools.cache
 def _tool_version(tool: str) -> str:
     return subprocess.run([tool, "--version"], capture_output=True, text=True,
-                          check=True).stdout.strip()
+                          check=True, env=child_env()).stdout.strip()
 
 
 def _store_for(fleet: Fleet, region: str) -> ObjectStore:

@@ -312,11 +312,11 @@ class Fleet:
             password = password or provisioning.new_password()
             if not pending:
                 with self.catalog.session() as s, s.begin():
+                    master = keys.writing_key(self, s)
                     s.execute(update(TenantCredential)
                               .where(TenantCredential.tenant_id == tenant.id)
-                              .values(password_wrapped=self.master_key.wrap(
-                                  password.encode(), ctx),
-                                      master_key_id=self.master_key.key_id, applied_at=None))
+                              .values(password_wrapped=master.wrap(password.encode(), ctx),
+                                      master_key_id=master.key_id, applied_at=None))
                 checkpoint("credentials.stored")
             with self.server_connection(tenant.server) as conn:
                 pgserver.set_password(conn, tenant.login_role, password)

@@ -29,8 +29,9 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 from sqlalchemy import select, update
 
-from orchestrator import clock, revision_marks
-from orchestrator.errors import Conflict, InvalidInput, TenantctlError, first_line
+from orchestrator import clock, keys, pgserver, revision_marks
+from orchestrator.errors import Conflict, InvalidInput, MasterKeyError, TenantctlError, first_line
+from orchestrator.keys import fleet_key_elsewhere, mixed_key_ids
 from orchestrator.models import (
     CANCELLING,
     PLACED_STATES,
@@ -129,6 +130,7 @@ class ClusterFacts:
     roles: dict[str, Role] = field(default_factory=dict)
     connections: int = 0
     max_connections: int = 0
+    fleet_mark: str | None = None  # the fleet id the server is marked with
 
 
 @dataclass
@@ -155,6 +157,13 @@ class Facts:
     stores: dict[str, StoreFacts]
     grants: dict[str, tuple[str, datetime]]  # live support role -> (tenant db, expires)
     scoped_region: str | None = None
+    # the master key: configured id (None: unreadable, then key_error), the id the
+    # catalog records as the fleet's, and stored secrets per wrapping key id
+    master_key_id: str | None = None
+    key_error: str | None = None
+    catalog_key_id: str | None = None
+    wrapped_key_ids: dict[str, int] = field(default_factory=dict)
+    fleet_id: str | None = None  # the catalog's fleet identity (None: not made yet)
 
 
 # -- findings -------------------------------------------------------------------------
@@ -193,7 +202,8 @@ def diagnose(f: Facts) -> list[Finding]:
     out: list[Finding] = []
     for check in (check_catalog_rows, check_servers, check_tenant_objects, check_orphans,
                   check_privileges, check_backups, check_store, check_revisions,
-                  check_retention, check_transitions):
+                  check_retention, check_transitions, check_master_key,
+                  check_fleet_identity):
         out.extend(check(f))
     return sorted(out, key=lambda x: (SEVERITY_ORDER[x.severity], x.code, x.subject))
 
@@ -219,6 +229,50 @@ def check_catalog_rows(f: Facts) -> Iterator[Finding]:
                      f"placed on {t.server}, a server of {server[0]}, but its region is "
                      f"{t.region}", "move it back with a backup and `tenantctl backup "
                      "restore --as` in its region; correct the row by hand")
+
+
+def check_master_key(f: Facts) -> Iterator[Finding]:
+    """The configured master key is the fleet's, and every stored secret is wrapped
+    by that one key (else `keys rotate-master` refuses the whole fleet)."""
+    if f.master_key_id is None:
+        if f.key_error is not None:
+            yield _f(ERROR, "master-key-unavailable", "master key",
+                     f"the configured master key cannot be loaded: {f.key_error}",
+                     "fix [master_key] in tenantctl.toml (`tenantctl config check`)")
+        return
+    fleets = fleet_key_elsewhere(f.master_key_id, f.catalog_key_id, f.wrapped_key_ids)
+    if fleets is not None:
+        yield _f(ERROR, "master-key-not-fleets", "master key",
+                 f"the configured master key {f.master_key_id} is not this fleet's "
+                 f"({fleets}): every command that wraps a secret refuses",
+                 f"point [master_key] in tenantctl.toml at the fleet's key {fleets}")
+    mixed = mixed_key_ids(f.wrapped_key_ids)
+    if mixed is not None:
+        strays = sorted(k for k in f.wrapped_key_ids if k != (fleets or f.master_key_id))
+        yield _f(ERROR, "master-key-mixed", "master key", mixed,
+                 f"with [master_key] pointing at the stray key ({', '.join(strays)}) for "
+                 "one command, run `tenantctl keys rotate-master --new-key-file <the "
+                 f"fleet's key {fleets or f.master_key_id}>`: it re-wraps only the strays")
+
+
+def check_fleet_identity(f: Facts) -> Iterator[Finding]:
+    """Each server carries this fleet's mark: one marked by another fleet is another
+    cluster at its address (two local fleets on one machine, a recycled host)."""
+    if f.fleet_id is None:  # made by `catalog upgrade`; nothing to compare with before
+        return
+    for cluster in f.clusters.values():
+        names = ", ".join(cluster.servers)
+        if not cluster.reachable:
+            continue
+        if cluster.fleet_mark is None:
+            yield _f(INFO, "server-unmarked", names, "carries no fleet mark yet",
+                     "tenantctl catalog upgrade (marks it as this fleet's)")
+        elif cluster.fleet_mark != f.fleet_id:
+            yield _f(ERROR, "server-not-this-fleets", names,
+                     f"the server at its address is not this fleet's server (it is "
+                     f"marked as fleet {cluster.fleet_mark}, this is fleet {f.fleet_id})",
+                     "check its admin_dsn and port in tenantctl.toml "
+                     "(`tenantctl local status` for the embedded fleet)")
 
 
 def check_servers(f: Facts) -> Iterator[Finding]:
@@ -627,6 +681,7 @@ def _read_cluster(fleet: Fleet, server: str, facts: ClusterFacts) -> None:
             row = conn.execute(CONNECTIONS).fetchone()
             if row:
                 facts.connections, facts.max_connections = int(row[0]), int(row[1])
+            facts.fleet_mark = pgserver.server_fleet_id(conn)
     except TenantctlError as exc:
         facts.reachable, facts.error = False, first_line(exc)
     except Exception as exc:  # noqa: BLE001 - a server error is a finding, not a crash
@@ -714,6 +769,12 @@ def gather(fleet: Fleet, region: str | None = None, now: datetime | None = None)
             select(SupportGrant.id, SupportGrant.expires_at, Tenant.database)
             .join(Tenant, Tenant.id == SupportGrant.tenant_id)
             .where(SupportGrant.dropped_at.is_(None))))
+        recorded_key, wrapped = keys.catalog_key_id(s), keys.wrapped_key_ids(s)
+    try:
+        configured_key: str | None = fleet.master_key.key_id
+        key_error = None
+    except MasterKeyError as exc:
+        configured_key, key_error = None, str(exc)
     # the configured servers are the truth for where to look (the catalog follows it)
     configured = {sc.name: sc for sc in cfg.servers if region is None or sc.region == region}
     servers = {n: v for n, v in servers.items() if n in configured}
@@ -753,7 +814,9 @@ def gather(fleet: Fleet, region: str | None = None, now: datetime | None = None)
                  for b in backups],
         servers=servers, server_cluster=server_cluster, clusters=clusters, stores=stores,
         grants={role_name(gid): (db, exp) for gid, exp, db in grant_rows},
-        scoped_region=region)
+        scoped_region=region, master_key_id=configured_key, key_error=key_error,
+        catalog_key_id=recorded_key, wrapped_key_ids=wrapped,
+        fleet_id=fleet.catalog.fleet_id())
 
 
 # -- repairing ------------------------------------------------------------------------
@@ -955,13 +1018,15 @@ def dump_orphan(fleet: Fleet, server: str, database: str, region: str) -> str:
     stamp = clock.utcnow().strftime("%Y%m%dT%H%M%SZ")
     base = f"{ORPHAN_PREFIX}{server}/{database}-{stamp}"
     dsn = with_dbname(fleet.cfg.server(server).admin_dsn, database)
+    with fleet.catalog.session() as s, s.begin():
+        master = keys.writing_key(fleet, s)  # before anything is dumped
     size, sha = dump_encrypt_upload(pg_tool(fleet.cfg, "pg_dump"), dsn, None,
                                     str(identity.to_public()), store, f"{base}.dump.age")
-    wrapped = fleet.master_key.wrap(str(identity).encode(), f"orphan:{base}")
+    wrapped = master.wrap(str(identity).encode(), f"orphan:{base}")
     store.put_bytes(f"{base}.manifest.json", json.dumps({
         "format": "tenantctl-orphan/1", "server": server, "database": database,
         "region": region, "size": size, "sha256": sha,
-        "identity_wrapped": wrapped, "master_key_id": fleet.master_key.key_id,
+        "identity_wrapped": wrapped, "master_key_id": master.key_id,
         "taken_at": stamp}, indent=2).encode())
     return f"{base}.dump.age"
 

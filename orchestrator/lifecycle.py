@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from sqlalchemy import update
 
 from orchestrator import clock, pgserver
-from orchestrator.audit import storable
+from orchestrator.audit import reason_text
 from orchestrator.errors import Conflict, InvalidInput, TenantctlError, first_line
 from orchestrator.faults import checkpoint
 from orchestrator.models import CANCELLING, Tenant, TenantState
@@ -202,7 +202,7 @@ def resume(fleet: Fleet, slug: str) -> TransitionResult:
 @audited("legal_hold")
 def legal_hold(fleet: Fleet, slug: str, *, on: bool, reason: str) -> dict[str, Any]:
     """A legal hold blocks deletion and purge, whatever the dates say, until lifted."""
-    reason = storable(reason, "--reason").strip()
+    reason = reason_text(reason)
     if not reason:
         raise InvalidInput("--reason is required: say why (it is audited)")
     tenant = fleet.get_tenant(slug)

@@ -164,16 +164,17 @@ def _register(fleet: Fleet, slug: str, region: str, password: str,
                         login_role=names.login_role, owner_role=names.owner_role,
                         state=TenantState.provisioning, step="registered",
                         restored_from=restore_from)
+        master = keys.writing_key(fleet, s)  # a stray key: refused, nothing written
         tenant.credential = TenantCredential(
-            password_wrapped=fleet.master_key.wrap(password.encode(), password_context(slug)),
-            master_key_id=fleet.master_key.key_id)
+            password_wrapped=master.wrap(password.encode(), password_context(slug)),
+            master_key_id=master.key_id)
         s.add(tenant)
         try:
             s.flush()
         except IntegrityError:
             raise Conflict(f"tenant {slug!r} already exists") from None
         # the tenant's own backup key, from the first moment the tenant exists
-        s.add(keys.new_key(fleet.master_key, tenant.id, slug))
+        s.add(keys.new_key(master, tenant.id, slug))
         fleet.catalog.audit("tenant.provision.start", tenant=slug, region=region,
                             session=s, server=server)
     return tenant
