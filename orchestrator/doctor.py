@@ -134,6 +134,7 @@ class ClusterFacts:
     version: int = 0  # server_version_num; 0: not read
     admin: str = ""
     reserved_connections: int = 0
+    superuser_reserved: int = 0
     reserve_pending: bool = False  # set, waiting for a restart
     admin_reserved: bool = False  # the admin holds pg_use_reserved_connections
     admin_bounds_temp: bool = True  # the admin may set temp_file_limit on roles
@@ -242,11 +243,14 @@ def check_servers(f: Facts) -> Iterator[Finding]:
             yield _f(ERROR, "server-unreachable", names, f"cannot connect: {cluster.error}",
                      "check the server and the admin DSN in tenantctl.toml "
                      "(`tenantctl local status` for the embedded fleet)")
-        elif cluster.max_connections and \
-                cluster.connections >= 0.9 * cluster.max_connections:
+        elif cluster.max_connections and cluster.connections >= 0.9 * (
+                cluster.max_connections - cluster.reserved_connections
+                - cluster.superuser_reserved):
             yield _f(WARNING, "server-connections", names,
                      f"{cluster.connections} of max_connections {cluster.max_connections} "
-                     "in use", "raise max_connections or put a pooler in front")
+                     f"in use ({cluster.reserved_connections + cluster.superuser_reserved} "
+                     "of them reserved)", "raise max_connections or put a pooler in front; "
+                     "see which roles hold them in pg_stat_activity")
         if cluster.reachable:
             yield from _check_reserve(f, cluster, names)
     for name, (_region, capacity, _tpl) in sorted(f.servers.items()):
@@ -655,6 +659,7 @@ SELECT current_setting('server_version_num')::int, current_user,
                  WHERE name = 'reserved_connections'), 0),
        coalesce((SELECT pending_restart FROM pg_settings
                  WHERE name = 'reserved_connections'), false),
+       current_setting('superuser_reserved_connections')::int,
        CASE WHEN to_regrole('pg_use_reserved_connections') IS NULL THEN false
             ELSE pg_has_role(to_regrole('pg_use_reserved_connections'), 'USAGE') END
 """
@@ -702,7 +707,8 @@ def _read_cluster(fleet: Fleet, server: str, facts: ClusterFacts) -> None:
             reserve = conn.execute(RESERVE).fetchone()
             if reserve:
                 (facts.version, facts.admin, facts.reserved_connections,
-                 facts.reserve_pending, facts.admin_reserved) = reserve
+                 facts.reserve_pending, facts.superuser_reserved,
+                 facts.admin_reserved) = reserve
             facts.admin_bounds_temp = pgserver.can_set_parameter(conn, "temp_file_limit")
             row = conn.execute(CONNECTIONS).fetchone()
             if row:
