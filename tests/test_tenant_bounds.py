@@ -251,7 +251,8 @@ def test_doctor_fix_bounds_a_tenant_made_before_the_bounds(healthy: Fleet, slug:
     tenant = fleet.get_tenant(slug)
     admin = fleet.cfg.server(tenant.server).admin_dsn
     with psycopg.connect(admin, autocommit=True) as conn:  # as every role was made before
-        conn.execute(f"ALTER ROLE {tenant.login_role} CONNECTION LIMIT -1 RESET ALL")
+        conn.execute(f"ALTER ROLE {tenant.login_role} CONNECTION LIMIT -1")
+        conn.execute(f"ALTER ROLE {tenant.login_role} RESET ALL")
     found = [x for x in doctor.run(fleet) if x.subject == slug]
     assert [x.code for x in found] == ["role-bounds-differ"]
     assert "connection limit -1" in found[0].message
