@@ -26,7 +26,7 @@ import psycopg
 import pytest
 
 from backups import pipeline
-from orchestrator import doctor, lifecycle, localfleet, report
+from orchestrator import doctor, lifecycle, localfleet, report, spares
 from orchestrator.api import Fleet
 from orchestrator.catalog import Catalog, with_dbname
 from orchestrator.config import TenantBounds, load_config, parse_config
@@ -161,6 +161,32 @@ def test_a_new_tenant_is_bounded_and_cannot_lift_its_hard_bounds(
         assert role_row(admin, tenant.owner_role)[1] == set()
     finally:
         fleet.close()
+
+
+def test_a_tenant_made_from_a_spare_is_bounded(own_catalog: OwnCatalog, slug: str,
+                                               tmp_path: Path) -> None:
+    """A spare's roles are made ahead, under other names: the bounds come with the
+    tenant's login step, whichever way its roles were made."""
+    fleet = with_tenants_options(own_catalog.config_path, tmp_path / "spares.toml",
+                                 spare_databases=1, connection_limit=9)
+    server = ""
+    try:
+        fleet.provision(slug, "ap-south")
+        server = fleet.get_tenant(slug).server
+        fleet.wait_for_refills()
+        spares.fill(fleet, server)
+        admin = fleet.cfg.server(server).admin_dsn
+        with psycopg.connect(admin, autocommit=True) as conn:
+            (spare,) = [x for x in spares.list_spares(conn) if x.ready]
+        fleet.provision(slug + "_s", "ap-south")
+        tenant = fleet.get_tenant(slug + "_s")
+        with psycopg.connect(admin, autocommit=True) as conn:
+            assert spare.database not in {x.database for x in spares.list_spares(conn)}
+        assert role_row(admin, tenant.login_role) == (9, configured(fleet.cfg.bounds))
+    finally:
+        fleet.close()  # waits for the refill
+        if server:
+            spares.fill(fleet, server, want=0)  # none left behind on the shared servers
 
 
 def test_the_hold_takes_temporary_tables_away_until_reactivation(
