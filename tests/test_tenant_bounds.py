@@ -15,6 +15,7 @@ Medium 11), tried through the tenant's own connection string on real clusters.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -311,6 +312,17 @@ def small_fleet() -> Iterator[SmallFleet]:
         text = text[:text.index("\n[regions.ap-south]")] + "\n"
         text = text.replace("\nspare_databases = 2 ", "\nconnection_limit = 100\n"
                             "spare_databases = 0 ", 1)
+        # a port away from the ones `init --local` starts from (other local fleets)
+        (old,) = [s.port for s in load_config(res.config_path).servers if s.region ==
+                  "eu-central"]
+        assert old is not None
+        port = localfleet.free_ports(1, start=58000 + random.randrange(0, 1000, 10))[0]
+        text = text.replace(f":{old}/", f":{port}/").replace(f"port = {old}\n",
+                                                              f"port = {port}\n")
+        pgpass = state / "pgpass"
+        password = localfleet.read_pgpass_password(pgpass, old, ADMIN_ROLE)
+        assert password is not None
+        localfleet.ensure_pgpass_entry(pgpass, port, ADMIN_ROLE, password)
         res.config_path.write_text(text)
         cfg = load_config(res.config_path)
         (server,) = cfg.servers
