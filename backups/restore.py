@@ -123,7 +123,7 @@ def restore_in_place(fleet: Fleet, backup_id: int) -> dict[str, object]:
             with pgserver.connect(admin, side, server=tenant.server) as sconn:
                 pgserver.secure_tenant_database(sconn, names, side)
                 if tenant.state == TenantState.cancelled:  # still on hold: no writes
-                    pgserver.restrict_to_reads(sconn, names)
+                    pgserver.restrict_to_reads(sconn, names, side)
                 rev_row = sconn.execute(
                     "SELECT version_num FROM alembic_version").fetchone()
             checkpoint("restore.ready")

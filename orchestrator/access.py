@@ -93,9 +93,10 @@ def grant(fleet: Fleet, slug: str, *, to: str, ttl: timedelta, reason: str,
     ident, db = sql.Identifier(role), sql.Identifier(tenant.database)
     with fleet.server_connection(tenant.server) as conn:
         verifier = pgserver.scram_verifier(conn, role, password)
-        conn.execute(sql.SQL("CREATE ROLE {} LOGIN NOINHERIT CONNECTION LIMIT 5 PASSWORD {} "
-                             "VALID UNTIL {}").format(ident, sql.Literal(verifier),
-                                                      sql.Literal(expires.isoformat())))
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN NOINHERIT CONNECTION LIMIT {} PASSWORD {} "
+                             "VALID UNTIL {}").format(
+            ident, sql.Literal(fleet.cfg.bounds.support_connection_limit),
+            sql.Literal(verifier), sql.Literal(expires.isoformat())))
         conn.execute(sql.SQL("COMMENT ON ROLE {} IS {}").format(
             ident, sql.Literal(_marker(grant_id, slug))))
         if read_only:

@@ -74,6 +74,36 @@ class LifecycleConfig:
     audit_days: int = 365  # audit records kept
 
 
+_DURATION_RE = re.compile(r"(0|[1-9][0-9]{0,8}(ms|s|min|h|d))", re.ASCII)
+_SIZE_RE = re.compile(r"(-1|[1-9][0-9]{0,8}(kB|MB|GB|TB))", re.ASCII)
+_UNITS = {"ms": 1, "s": 1000, "min": 60_000, "h": 3_600_000, "d": 86_400_000,
+          "kB": 1, "MB": 1024, "GB": 1024**2, "TB": 1024**3}
+
+
+@dataclass(frozen=True)
+class TenantBounds:
+    """What one tenant's login role may take of its server, applied at provisioning
+    and re-applied by `doctor --fix`. ``connection_limit`` and ``temp_file_limit``
+    are hard (a tenant cannot change them); the others are its sessions' defaults,
+    which a session may SET otherwise. Values are Postgres setting strings, stored
+    verbatim in pg_db_role_setting (that is how doctor compares them)."""
+
+    connection_limit: int = 20
+    support_connection_limit: int = 5
+    statement_timeout: str = "5min"
+    idle_in_transaction_session_timeout: str = "5min"
+    temp_file_limit: str = "1GB"
+    work_mem: str = "16MB"
+
+    @property
+    def role_settings(self) -> dict[str, str]:
+        """The login role's settings (ALTER ROLE … SET), by parameter name."""
+        return {"statement_timeout": self.statement_timeout,
+                "idle_in_transaction_session_timeout":
+                    self.idle_in_transaction_session_timeout,
+                "temp_file_limit": self.temp_file_limit, "work_mem": self.work_mem}
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     """How often `tenantctl scheduler run` runs each job, in minutes."""
@@ -98,6 +128,7 @@ class Config:
     backup_keep_weeks: int = 4
     lifecycle: LifecycleConfig = LifecycleConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
+    bounds: TenantBounds = TenantBounds()
     state_dir: Path | None = None
     pg_bin_dir: Path | None = None
 
@@ -261,6 +292,32 @@ def _store_location(r: _Reader, key: str, url: str) -> tuple[str, ...]:
     return ("s3", options.get("endpoint_url", [""])[-1], parsed.netloc, *parts)
 
 
+def _bounds(r: _Reader, tenants: dict[str, Any]) -> TenantBounds:
+    d = TenantBounds()
+    values: dict[str, Any] = {}
+    for name in ("connection_limit", "support_connection_limit"):
+        values[name] = r.integer(tenants, f"tenants.{name}", name,
+                                 default=getattr(d, name))
+        if values[name] > 10000:
+            raise r.fail(f"tenants.{name}", "at most 10000 connections")
+    for name, pattern, example in (
+            ("statement_timeout", _DURATION_RE, "'5min' (ms, s, min, h, d; 0: none)"),
+            ("idle_in_transaction_session_timeout", _DURATION_RE,
+             "'5min' (ms, s, min, h, d; 0: none)"),
+            ("temp_file_limit", _SIZE_RE, "'1GB' (kB, MB, GB, TB; -1: none)"),
+            ("work_mem", _SIZE_RE, "'16MB' (kB, MB, GB, TB)")):
+        value = tenants.get(name, getattr(d, name))
+        m = pattern.fullmatch(value) if isinstance(value, str) else None
+        if m is None or (name == "work_mem" and value == "-1"):
+            raise r.fail(f"tenants.{name}", f"must be a string like {example}, got {value!r}")
+        # in the setting's base unit (ms, kB): Postgres's own range for these
+        base = int(value.removesuffix(m.group(2) or "")) * _UNITS.get(m.group(2) or "", 1)
+        if base > 2147483647 or (name == "work_mem" and base < 64):
+            raise r.fail(f"tenants.{name}", f"{value!r} is out of Postgres's range for it")
+        values[name] = value
+    return TenantBounds(**values)
+
+
 def parse_config(raw: dict[str, Any], path: Path) -> Config:
     r = _Reader(path)
     _check_unknown(r, raw, "", {"state_dir", "pg_bin_dir", "catalog", "master_key",
@@ -293,7 +350,8 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
                                   required=False))
 
     tenants = r.table(raw, "tenants", "tenants", required=False)
-    _check_unknown(r, tenants, "tenants", {"migrations", "use_template", "spare_databases"})
+    _check_unknown(r, tenants, "tenants", {"migrations", "use_template", "spare_databases",
+                                           *(f.name for f in dataclasses.fields(TenantBounds))})
     migrations = r.string(tenants, "tenants.migrations", "migrations", required=False)
     if migrations in (None, BUILTIN_MIGRATIONS):
         migrations_dir = builtin_migrations_dir()
@@ -308,6 +366,8 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
                                 default=0, minimum=0)
     if spare_databases > 100:
         raise r.fail("tenants.spare_databases", "at most 100 spares per server")
+
+    bounds = _bounds(r, tenants)
 
     backups = r.table(raw, "backups", "backups", required=False)
     _check_unknown(r, backups, "backups", {"interval_hours", "keep_days", "keep_weeks"})
@@ -402,6 +462,7 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
         backup_keep_weeks=keep_weeks,
         lifecycle=lifecycle,
         scheduler=scheduler,
+        bounds=bounds,
         state_dir=r.resolve(state_dir) if state_dir else None,
         pg_bin_dir=r.resolve(pg_bin_dir) if pg_bin_dir else None,
     )

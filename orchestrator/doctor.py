@@ -28,8 +28,10 @@ from typing import TYPE_CHECKING, Any
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 from sqlalchemy import select, update
+from sqlalchemy.orm import selectinload
 
 from orchestrator import clock, keys, pgserver, revision_marks
+from orchestrator.config import TenantBounds
 from orchestrator.errors import Conflict, InvalidInput, MasterKeyError, TenantctlError, first_line
 from orchestrator.keys import fleet_key_elsewhere, mixed_key_ids
 from orchestrator.models import (
@@ -118,6 +120,10 @@ class Role:
     replication: bool
     comment: str | None
     member_of: frozenset[str]
+    # None: not read (then not judged). Settings as pg_db_role_setting stores them,
+    # "name=value"; those set for one database only as "@database:name=value".
+    connection_limit: int | None = None
+    settings: frozenset[str] | None = None
 
 
 @dataclass
@@ -131,6 +137,13 @@ class ClusterFacts:
     connections: int = 0
     max_connections: int = 0
     fleet_mark: str | None = None  # the fleet id the server is marked with
+    version: int = 0  # server_version_num; 0: not read
+    admin: str = ""
+    reserved_connections: int = 0
+    superuser_reserved: int = 0
+    reserve_pending: bool = False  # set, waiting for a restart
+    admin_reserved: bool = False  # the admin holds pg_use_reserved_connections
+    admin_bounds_temp: bool = True  # the admin may set temp_file_limit on roles
 
 
 @dataclass
@@ -164,6 +177,10 @@ class Facts:
     catalog_key_id: str | None = None
     wrapped_key_ids: dict[str, int] = field(default_factory=dict)
     fleet_id: str | None = None  # the catalog's fleet identity (None: not made yet)
+    bounds: TenantBounds = TenantBounds()
+    # tenants whose stored password no longer logs in (the role's was changed)
+    dead_logins: frozenset[str] = frozenset()
+    logins_unchecked: str | None = None  # why the stored passwords were not tried
 
 
 # -- findings -------------------------------------------------------------------------
@@ -201,8 +218,8 @@ def _f(severity: str, code: str, subject: str, message: str, remedy: str,
 def diagnose(f: Facts) -> list[Finding]:
     out: list[Finding] = []
     for check in (check_catalog_rows, check_servers, check_tenant_objects, check_orphans,
-                  check_privileges, check_backups, check_store, check_revisions,
-                  check_retention, check_transitions, check_master_key,
+                  check_privileges, check_role_bounds, check_backups, check_store,
+                  check_revisions, check_retention, check_transitions, check_master_key,
                   check_fleet_identity):
         out.extend(check(f))
     return sorted(out, key=lambda x: (SEVERITY_ORDER[x.severity], x.code, x.subject))
@@ -286,17 +303,101 @@ def check_servers(f: Facts) -> Iterator[Finding]:
             yield _f(ERROR, "server-unreachable", names, f"cannot connect: {cluster.error}",
                      "check the server and the admin DSN in tenantctl.toml "
                      "(`tenantctl local status` for the embedded fleet)")
-        elif cluster.max_connections and \
-                cluster.connections >= 0.9 * cluster.max_connections:
+        elif cluster.max_connections and cluster.connections >= 0.9 * (
+                cluster.max_connections - cluster.reserved_connections
+                - cluster.superuser_reserved):
             yield _f(WARNING, "server-connections", names,
                      f"{cluster.connections} of max_connections {cluster.max_connections} "
-                     "in use", "raise max_connections or put a pooler in front")
+                     f"in use ({cluster.reserved_connections + cluster.superuser_reserved} "
+                     "of them reserved)", "raise max_connections or put a pooler in front; "
+                     "see which roles hold them in pg_stat_activity")
+        if cluster.reachable:
+            yield from _check_reserve(f, cluster, names)
     for name, (_region, capacity, _tpl) in sorted(f.servers.items()):
         if placed[name] > capacity:
             yield _f(WARNING, "server-over-capacity", name,
                      f"{placed[name]} tenants on a server of capacity {capacity}",
                      f"raise regions.*.servers '{name}' capacity in tenantctl.toml or add "
                      "a server to the region")
+
+
+RESERVE_REMEDY = ("as a superuser: ALTER SYSTEM SET reserved_connections = 10, restart the "
+                  "server, and GRANT pg_use_reserved_connections TO {admin} (`tenantctl "
+                  "local up` does this for the embedded fleet; the Ansible role too)")
+
+
+def _check_reserve(f: Facts, c: ClusterFacts, names: str) -> Iterator[Finding]:
+    """Connections kept for the admin, so tenants that fill the server cannot lock
+    tenantctl out (suspend, doctor, the catalog on a shared server); the admin's
+    right to store the hard temp-file bound on tenant roles."""
+    if not c.version:
+        return
+    if c.version < 160000:
+        yield _f(WARNING, "server-reserve-missing", names,
+                 "Postgres < 16 reserves no connections for a non-superuser admin: tenants "
+                 "that fill max_connections lock tenantctl out",
+                 "upgrade to Postgres 16 or later; until then keep connection_limit × "
+                 "tenants below max_connections - superuser_reserved_connections, or put a "
+                 "pooler in front of tenants")
+    elif c.reserved_connections == 0 or not c.admin_reserved:
+        missing = [what for what, ok in (
+            ("reserved_connections is 0" + (" until the next restart"
+                                            if c.reserve_pending else ""),
+             c.reserved_connections > 0),
+            (f"{c.admin or 'the admin'} lacks pg_use_reserved_connections",
+             c.admin_reserved)) if not ok]
+        yield _f(WARNING, "server-reserve-missing", names,
+                 f"no connections reserved for the admin ({'; '.join(missing)}): tenants "
+                 "that fill max_connections lock tenantctl out",
+                 "restart the server (tenantctl local down, then up)"
+                 if c.reserve_pending and c.admin_reserved
+                 else RESERVE_REMEDY.format(admin=c.admin or "<admin role>"))
+    if not c.admin_bounds_temp and f.bounds.temp_file_limit != "-1":
+        yield _f(WARNING, "server-temp-file-limit-unbounded", names,
+                 f"{c.admin or 'the admin'} may not set temp_file_limit (superuser-only): "
+                 "tenants' temporary files are unbounded here",
+                 f"as a superuser: GRANT SET ON PARAMETER temp_file_limit TO "
+                 f"{c.admin or '<admin role>'} (Postgres >= 15), then tenantctl doctor --fix")
+
+
+def expected_settings(f: Facts, c: ClusterFacts) -> frozenset[str]:
+    return frozenset(f"{k}={v}" for k, v in f.bounds.role_settings.items()
+                     if c.admin_bounds_temp or k not in pgserver.SUSET_SETTINGS)
+
+
+def check_role_bounds(f: Facts) -> Iterator[Finding]:
+    """A tenant's login role has the configured CONNECTION LIMIT and exactly the
+    configured role settings (a tenant may change its own settings and password;
+    tenantctl puts them back), and still logs in with the password tenantctl holds."""
+    for t in f.tenants:
+        c = _cluster(f, t.server)
+        if c is None or t.state not in LIVE or t.busy or _names(t.slug) is None:
+            continue
+        if t.slug in f.dead_logins:
+            yield _f(ERROR, "login-password-changed", t.slug,
+                     f"{t.login_role} no longer logs in with the password tenantctl holds "
+                     "(changed with ALTER ROLE … PASSWORD?): its connection string is dead",
+                     "tenantctl doctor --fix (gives the role its stored password back)",
+                     fix="reapply_password", slug=t.slug)
+        r = c.roles.get(t.login_role)
+        if r is None or r.connection_limit is None or r.settings is None:
+            continue
+        wrong = []
+        if r.connection_limit != f.bounds.connection_limit:
+            wrong.append(f"connection limit {r.connection_limit} (want "
+                         f"{f.bounds.connection_limit})")
+        want, have = expected_settings(f, c), r.settings
+        if not c.admin_bounds_temp:  # what the admin may not set, it does not judge
+            have = frozenset(x for x in have if x.split("=", 1)[0].rsplit(":", 1)[-1]
+                             not in pgserver.SUSET_SETTINGS)
+        if have != want:
+            extra, missing = sorted(have - want), sorted(want - have)
+            wrong += [f"has {x}" for x in extra] + [f"lacks {x}" for x in missing]
+        if wrong:
+            yield _f(WARNING, "role-bounds-differ", t.slug,
+                     f"{t.login_role}: {', '.join(wrong)}",
+                     "tenantctl doctor --fix (re-applies the configured bounds)",
+                     fix="bound_role", server=t.server, role=t.login_role, slug=t.slug)
 
 
 def _cluster(f: Facts, server: str) -> ClusterFacts | None:
@@ -629,14 +730,34 @@ ROLES = r"""
 SELECT r.rolname, r.rolsuper, r.rolcreatedb, r.rolcreaterole, r.rolbypassrls,
        r.rolreplication, shobj_description(r.oid, 'pg_authid'),
        coalesce((SELECT array_agg(pg_get_userbyid(m.roleid)) FROM pg_auth_members m
-                 WHERE m.member = r.oid), '{}')
+                 WHERE m.member = r.oid), '{}'),
+       r.rolconnlimit,
+       coalesce((SELECT array_agg(CASE WHEN s.setdatabase = 0 THEN c
+                                       ELSE '@' || coalesce(d.datname, s.setdatabase::text)
+                                            || ':' || c END)
+                 FROM pg_db_role_setting s CROSS JOIN unnest(s.setconfig) c
+                 LEFT JOIN pg_database d ON d.oid = s.setdatabase
+                 WHERE s.setrole = r.oid), '{}')
 FROM pg_roles r
 WHERE r.rolname LIKE 'tenant\_%' OR r.rolname LIKE 'owner\_%'
    OR r.rolname LIKE 'tenantctl\_support\_%'
 """
+# other roles' sessions show no backend_type to the admin (no pg_read_all_stats),
+# but do show their database: a tenant's flood is counted too
 CONNECTIONS = """
-SELECT count(*) FILTER (WHERE backend_type = 'client backend'),
+SELECT count(*) FILTER (WHERE backend_type = 'client backend'
+                        OR (backend_type IS NULL AND datid IS NOT NULL)),
        current_setting('max_connections')::int FROM pg_stat_activity
+"""
+RESERVE = """
+SELECT current_setting('server_version_num')::int, current_user,
+       coalesce((SELECT setting::int FROM pg_settings
+                 WHERE name = 'reserved_connections'), 0),
+       coalesce((SELECT pending_restart FROM pg_settings
+                 WHERE name = 'reserved_connections'), false),
+       current_setting('superuser_reserved_connections')::int,
+       CASE WHEN to_regrole('pg_use_reserved_connections') IS NULL THEN false
+            ELSE pg_has_role(to_regrole('pg_use_reserved_connections'), 'USAGE') END
 """
 
 
@@ -675,9 +796,16 @@ def _read_cluster(fleet: Fleet, server: str, facts: ClusterFacts) -> None:
         with fleet.server_connection(server) as conn:
             for name, owner, allow, connect, comment in conn.execute(DATABASES):
                 facts.databases[name] = Database(owner, allow, frozenset(connect), comment)
-            for name, su, cdb, crole, bypass, repl, comment, member_of in conn.execute(ROLES):
+            for (name, su, cdb, crole, bypass, repl, comment, member_of, limit,
+                 settings) in conn.execute(ROLES):
                 facts.roles[name] = Role(su, cdb, crole, bypass, repl, comment,
-                                         frozenset(member_of))
+                                         frozenset(member_of), limit, frozenset(settings))
+            reserve = conn.execute(RESERVE).fetchone()
+            if reserve:
+                (facts.version, facts.admin, facts.reserved_connections,
+                 facts.reserve_pending, facts.superuser_reserved,
+                 facts.admin_reserved) = reserve
+            facts.admin_bounds_temp = pgserver.can_set_parameter(conn, "temp_file_limit")
             row = conn.execute(CONNECTIONS).fetchone()
             if row:
                 facts.connections, facts.max_connections = int(row[0]), int(row[1])
@@ -743,6 +871,42 @@ def _settle_marks(fleet: Fleet, tenants: list[Tenant], clusters: dict[str, Clust
     return now, _locked_elsewhere(fleet, [tenant_lock(t.slug) for t in differ])
 
 
+def _probe_logins(fleet: Fleet, tenants: list[Tenant], clusters: dict[str, ClusterFacts],
+                  server_cluster: dict[str, str]) -> tuple[set[str], str | None]:
+    """Log in as each tenant that may log in, with the password tenantctl holds for it
+    (a tenant may change its own role's password): the slugs the server refused on
+    the password, and why none were tried if so. Any other refusal (server full, the
+    role at its connection limit) proves nothing and is not reported here."""
+    from orchestrator.provisioning import password_context
+
+    def may_log_in(t: Tenant) -> bool:
+        c = clusters.get(server_cluster.get(t.server, ""))
+        role = c.roles.get(t.login_role) if c is not None and c.reachable else None
+        cred = t.credential
+        return t.state in (TenantState.active, TenantState.cancelled) and role is not None \
+            and cred is not None and cred.applied_at is not None \
+            and _names(t.slug) is not None
+    candidates = [t for t in tenants if may_log_in(t)]
+    if not candidates:
+        return set(), None
+    try:
+        master = fleet.master_key
+    except TenantctlError as exc:
+        return set(), first_line(exc)
+    dsns = {}
+    for t in candidates:
+        assert t.credential is not None
+        try:
+            password = master.unwrap(t.credential.password_wrapped,
+                                     password_context(t.slug)).decode()
+        except TenantctlError:
+            continue  # a key problem: not this check's to report
+        dsns[t.slug] = fleet.tenant_dsn(t, password)
+    with ThreadPoolExecutor(max_workers=max(1, min(8, len(dsns)))) as pool:
+        works = dict(zip(dsns, pool.map(pgserver.role_works, dsns.values()), strict=True))
+    return {slug for slug, ok in works.items() if ok is False}, None
+
+
 def gather(fleet: Fleet, region: str | None = None, now: datetime | None = None) -> Facts:
     from backups.pipeline import _alive
     from orchestrator.access import role_name
@@ -753,7 +917,7 @@ def gather(fleet: Fleet, region: str | None = None, now: datetime | None = None)
         cfg.region(region)
     now = now or clock.utcnow()
     with fleet.catalog.session() as s:
-        tq = select(Tenant)
+        tq = select(Tenant).options(selectinload(Tenant.credential))
         bq = select(Backup).where(Backup.status.in_(("completed", "running")))
         sq = select(Server)
         if region is not None:
@@ -799,6 +963,9 @@ def gather(fleet: Fleet, region: str | None = None, now: datetime | None = None)
         list(pool.map(lambda job: job(), jobs))
     revisions, migrating = _settle_marks(fleet, tenants, clusters, server_cluster)
     busy |= migrating
+    dead, unchecked = _probe_logins(fleet, [t for t in tenants
+                                            if tenant_lock(t.slug) not in busy],
+                                    clusters, server_cluster)
     return Facts(
         now=now, head=fleet.head_revision, use_template=cfg.use_template,
         backup_interval=timedelta(hours=cfg.backup_interval_hours),
@@ -816,7 +983,8 @@ def gather(fleet: Fleet, region: str | None = None, now: datetime | None = None)
         grants={role_name(gid): (db, exp) for gid, exp, db in grant_rows},
         scoped_region=region, master_key_id=configured_key, key_error=key_error,
         catalog_key_id=recorded_key, wrapped_key_ids=wrapped,
-        fleet_id=fleet.catalog.fleet_id())
+        fleet_id=fleet.catalog.fleet_id(), bounds=cfg.bounds, dead_logins=frozenset(dead),
+        logins_unchecked=unchecked)
 
 
 # -- repairing ------------------------------------------------------------------------
@@ -985,6 +1153,34 @@ def _fix_discard_upload(fleet: Fleet, x: Finding) -> str:
     return "unfinished upload removed"
 
 
+def _fix_bound_role(fleet: Fleet, x: Finding) -> str:
+    bounds = fleet.cfg.bounds
+    with fleet.server_connection(x.arg("server")) as conn:
+        settings = pgserver.settable(conn, bounds.role_settings)
+        pgserver.bound_role(conn, x.arg("role"), bounds.connection_limit, settings)
+    return f"connection limit {bounds.connection_limit}, settings " + \
+        ", ".join(f"{k}={v}" for k, v in sorted(settings.items()))
+
+
+def _fix_reapply_password(fleet: Fleet, x: Finding) -> str:
+    """The stored password, as a fresh verifier, under the tenant's lock (a rotation
+    cannot cross it); a rotation left pending is `tenant credentials`' to finish."""
+    from orchestrator.provisioning import holding_tenant, password_context
+
+    slug = x.arg("slug")
+    with holding_tenant(fleet, slug):
+        tenant = fleet.get_tenant(slug)
+        cred = tenant.credential
+        if cred is None or cred.applied_at is None:
+            raise Conflict(f"a password rotation of {slug!r} is pending: run "
+                           f"`tenantctl tenant credentials {slug}` to finish it")
+        password = fleet.master_key.unwrap(cred.password_wrapped,
+                                           password_context(slug)).decode()
+        with fleet.server_connection(tenant.server) as conn:
+            pgserver.set_password(conn, tenant.login_role, password)
+    return "stored password re-applied"
+
+
 def _fix_drop_orphan_role(fleet: Fleet, x: Finding) -> str:
     role = sql.Identifier(x.arg("role"))
     # DROP ROLE refuses while the role owns anything or holds privileges somewhere
@@ -1039,7 +1235,8 @@ FIXES: dict[str, Callable[[Fleet, Finding], str]] = {
     "expire_grants": _fix_expire_grants, DELETE: _fix_retention, PURGE: _fix_retention,
     "delete_object": _fix_delete_object, "drop_orphan_role": _fix_drop_orphan_role,
     "drop_orphan_database": _fix_drop_orphan_database, "discard_upload": _fix_discard_upload,
-    "finish_erase": _fix_finish_erase,
+    "finish_erase": _fix_finish_erase, "bound_role": _fix_bound_role,
+    "reapply_password": _fix_reapply_password,
 }
 ONCE = {"reap_backups", "expire_grants"}
 

@@ -356,6 +356,9 @@ def _initdb(cfg: Config, server: ServerConfig, owner: tuple[int, int] | None) ->
             f"port = {server.port}\n"
             "unix_socket_directories = ''\n"
             "max_connections = 300\n"
+            # for the admin (pg_use_reserved_connections), Postgres >= 16: tenants
+            # that fill the server cannot lock tenantctl out (suspend, doctor)
+            f"reserved_connections = {RESERVED_CONNECTIONS}\n"
             "password_encryption = 'scram-sha-256'\n"
             "log_min_messages = warning\n"
             # Many small databases, cloned often. A local cluster has no replica and
@@ -386,8 +389,11 @@ def _start(cfg: Config, server: ServerConfig, owner: tuple[int, int] | None) -> 
         raise ServerUnavailable(f"could not start {server.name}: {tail}")
 
 
-def _bootstrap_admin(cfg: Config, server: ServerConfig, is_catalog_host: bool) -> None:
-    """Create the non-superuser admin role (and the catalog database) if missing."""
+def _bootstrap_admin(cfg: Config, server: ServerConfig, is_catalog_host: bool) -> bool:
+    """Create the non-superuser admin role (and the catalog database) if missing,
+    with its reserved connections and the right to bound tenants' temp files. True
+    when the reserve was just configured (a cluster made before it existed) and
+    takes effect at the next restart."""
     import psycopg
     from psycopg import sql
 
@@ -420,6 +426,23 @@ def _bootstrap_admin(cfg: Config, server: ServerConfig, is_catalog_host: bool) -
         # pg_signal_backend: it cannot signal superusers, only ordinary roles.
         conn.execute(sql.SQL("GRANT pg_signal_backend TO {}").format(
             sql.Identifier(ADMIN_ROLE)))
+        restart = False
+        if conn.info.server_version >= 160000:
+            # connection slots kept for the admin when tenants fill the server
+            conn.execute(sql.SQL("GRANT pg_use_reserved_connections TO {}").format(
+                sql.Identifier(ADMIN_ROLE)))
+            row = conn.execute("SELECT setting::int, pending_restart FROM pg_settings "
+                               "WHERE name = 'reserved_connections'").fetchone()
+            if row is not None and row[0] == 0:
+                if not row[1]:
+                    conn.execute(sql.SQL("ALTER SYSTEM SET reserved_connections = {}")
+                                 .format(sql.Literal(RESERVED_CONNECTIONS)))
+                restart = True
+        if conn.info.server_version >= 150000:
+            # temp_file_limit is superuser-only (a hard bound on a tenant's role):
+            # the admin may set it on tenant roles only with this
+            conn.execute(sql.SQL("GRANT SET ON PARAMETER temp_file_limit TO {}").format(
+                sql.Identifier(ADMIN_ROLE)))
         # Nobody but the admin connects to the maintenance databases.
         conn.execute("REVOKE CONNECT ON DATABASE postgres FROM PUBLIC")
         conn.execute("REVOKE CONNECT ON DATABASE template1 FROM PUBLIC")  # it allows them
@@ -433,9 +456,11 @@ def _bootstrap_admin(cfg: Config, server: ServerConfig, is_catalog_host: bool) -
                     sql.Identifier(CATALOG_DB), sql.Identifier(ADMIN_ROLE)))
             conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(
                 sql.Identifier(CATALOG_DB)))
+    return restart
 
 
 ADMIN_SCRAM_ITERATIONS = 256
+RESERVED_CONNECTIONS = 10
 
 
 def _catalog_port(cfg: Config) -> int | None:
@@ -460,14 +485,34 @@ def up(cfg: Config) -> Iterator[str]:
         if not (server.data_dir / "PG_VERSION").exists():
             _initdb(cfg, server, owner)
             yield f"{server.name}: initialised {server.data_dir}"
-        if _running_pid(server.data_dir) is None:
+        started = _running_pid(server.data_dir) is None
+        if started:
             if clear_stale_pidfile(server.data_dir):
                 yield f"{server.name}: removed stale postmaster.pid"
             _start(cfg, server, owner)
             yield f"{server.name}: started on 127.0.0.1:{server.port}"
         else:
             yield f"{server.name}: already running on 127.0.0.1:{server.port}"
-        _bootstrap_admin(cfg, server, is_catalog_host=server.port == catalog_port)
+        if _bootstrap_admin(cfg, server, is_catalog_host=server.port == catalog_port):
+            # a cluster made before the admin had a reserve: it needs a restart, done
+            # here only if this command just started it (nobody is using it yet)
+            if started:
+                _stop(cfg, server, owner)
+                _start(cfg, server, owner)
+                yield f"{server.name}: restarted to reserve {RESERVED_CONNECTIONS} " \
+                      "connections for the admin"
+            else:
+                yield f"{server.name}: {RESERVED_CONNECTIONS} connections reserved for the " \
+                      "admin from the next restart (tenantctl local down, then up)"
+
+
+def _stop(cfg: Config, server: ServerConfig, owner: tuple[int, int] | None) -> None:
+    assert server.data_dir is not None
+    res = _run_as([pg_tool(cfg, "pg_ctl"), "-D", str(server.data_dir), "-m", "fast",
+                   "-w", "-t", "60", "stop"], owner)
+    if res.returncode != 0:
+        raise TenantctlError(f"could not stop {server.name}: "
+                             f"{res.stderr.strip() or _log_tail(server.data_dir)}")
 
 
 def down(cfg: Config) -> Iterator[str]:
@@ -478,11 +523,7 @@ def down(cfg: Config) -> Iterator[str]:
             clear_stale_pidfile(server.data_dir)
             yield f"{server.name}: not running"
             continue
-        res = _run_as([pg_tool(cfg, "pg_ctl"), "-D", str(server.data_dir), "-m", "fast",
-                       "-w", "-t", "60", "stop"], owner)
-        if res.returncode != 0:
-            raise TenantctlError(f"could not stop {server.name}: "
-                                 f"{res.stderr.strip() or _log_tail(server.data_dir)}")
+        _stop(cfg, server, owner)
         yield f"{server.name}: stopped"
 
 

@@ -315,20 +315,84 @@ def secure_tenant_database(conn: psycopg.Connection, names: TenantNames,
     conn.execute(sql.SQL(";\n").join(stmts))
 
 
-def restrict_to_reads(conn: psycopg.Connection, names: TenantNames) -> None:
+def restrict_to_reads(conn: psycopg.Connection, names: TenantNames,
+                      dbname: str | None = None) -> None:
     """Run in the tenant's database: the login role keeps SELECT and loses every
-    write, on existing tables and on those a migration creates later. Open
-    sessions feel it at their next statement. `secure_tenant_database` undoes it."""
+    write, on existing tables and on those a migration creates later, and its
+    temporary tables. Open sessions feel it at their next statement.
+    `secure_tenant_database` undoes it."""
     owner, login = Ident(names.owner_role), Ident(names.login_role)
     conn.execute(sql.SQL(";\n").join([
         sql.SQL("REVOKE INSERT, UPDATE, DELETE, TRUNCATE, REFERENCES, TRIGGER "
                 "ON ALL TABLES IN SCHEMA public FROM {}").format(login),
         sql.SQL("REVOKE USAGE, UPDATE ON ALL SEQUENCES IN SCHEMA public FROM {}").format(login),
+        # temporary tables are writes too (and disk): gone for the hold, regranted by
+        # secure_tenant_database
+        sql.SQL("REVOKE TEMPORARY ON DATABASE {} FROM {}").format(
+            Ident(dbname or names.database), login),
         sql.SQL("ALTER DEFAULT PRIVILEGES FOR ROLE {} IN SCHEMA public "
                 "REVOKE INSERT, UPDATE, DELETE ON TABLES FROM {}").format(owner, login),
         sql.SQL("ALTER DEFAULT PRIVILEGES FOR ROLE {} IN SCHEMA public "
                 "REVOKE USAGE, UPDATE ON SEQUENCES FROM {}").format(owner, login),
     ]))
+
+
+# Role settings a session cannot SET itself (PGC_SUSET): a bound, not a default. The
+# admin (not a superuser) may store them for a role only with SET on the parameter,
+# granted by a superuser (Postgres >= 15): without it they are left out, and doctor says so.
+SUSET_SETTINGS = frozenset({"temp_file_limit"})
+
+
+def can_set_parameter(conn: psycopg.Connection, name: str) -> bool:
+    if server_version(conn) >= 150000:
+        stmt = "SELECT has_parameter_privilege(%s, 'SET')"
+        row = conn.execute(stmt, (name,)).fetchone()
+    else:
+        row = conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user"
+                           ).fetchone()
+    return bool(row and row[0])
+
+
+def settable(conn: psycopg.Connection, settings: dict[str, str]) -> dict[str, str]:
+    """The part of ``settings`` the admin may store on a role."""
+    return {k: v for k, v in settings.items()
+            if k not in SUSET_SETTINGS or can_set_parameter(conn, k)}
+
+
+def bound_role(conn: psycopg.Connection, role: str, connection_limit: int,
+               settings: dict[str, str]) -> None:
+    """The role's CONNECTION LIMIT, and exactly ``settings`` as its role settings
+    (every other one it carries, in any database, reset), in one transaction. Call
+    with what ``settable`` left of the configured settings."""
+    ident = Ident(role)
+    per_db = [r[0] for r in conn.execute(
+        "SELECT d.datname FROM pg_db_role_setting s JOIN pg_database d ON "
+        "d.oid = s.setdatabase WHERE s.setrole = (SELECT oid FROM pg_roles WHERE "
+        "rolname = %s)", (role,))]
+    stmts = [sql.SQL("ALTER ROLE {} CONNECTION LIMIT {}").format(
+                 ident, sql.Literal(connection_limit)),
+             sql.SQL("ALTER ROLE {} RESET ALL").format(ident)]
+    stmts += [sql.SQL("ALTER ROLE {} IN DATABASE {} RESET ALL").format(ident, Ident(db))
+              for db in per_db]
+    stmts += [sql.SQL("ALTER ROLE {} SET {} = {}").format(ident, Ident(name),
+                                                          sql.Literal(value))
+              for name, value in sorted(settings.items())]
+    conn.execute(sql.SQL(";\n").join(stmts))
+
+
+def role_works(dsn: str) -> bool | None:
+    """Whether a login with this connection string works: True, False when the
+    server refuses the password, None when it cannot tell (server full, the role's
+    connection limit reached, NOLOGIN, the server unreachable)."""
+    try:
+        psycopg.connect(dsn, connect_timeout=5, application_name="tenantctl").close()
+        return True
+    except psycopg.OperationalError as exc:
+        state = getattr(exc, "sqlstate", None)
+        if state == "28P01" or (state is None and "password authentication failed"
+                                in str(exc)):
+            return False
+        return None
 
 
 def set_login(conn: psycopg.Connection, role: str, allowed: bool) -> None:

@@ -227,6 +227,11 @@ def _run_steps(fleet: Fleet, tenant: Tenant, password: str) -> bool:
                 current = "schema"
                 revision = _migrate_to(fleet, tenant, target)
             current = "login"
+            # bounded before it can log in, whichever way its roles were made (a
+            # claimed spare's too)
+            bounds = fleet.cfg.bounds
+            pgserver.bound_role(conn, names.login_role, bounds.connection_limit,
+                                pgserver.settable(conn, bounds.role_settings))
             pgserver.enable_login(conn, names.login_role, password)
             checkpoint("provision.login")
     except Exception as exc:

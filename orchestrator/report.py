@@ -67,9 +67,13 @@ def check_isolation(fleet: Fleet, tenants: list[Tenant]) -> Promise:
     for server, group in sorted(by_server.items()):
         try:
             with fleet.server_connection(server) as conn:
-                dbs = {r[0]: r[1] for r in conn.execute(
-                    "SELECT datname, has_database_privilege('public', datname, 'CONNECT') "
-                    "FROM pg_database WHERE datallowconn OR datname LIKE 'tenant%%'")}
+                rows = conn.execute(
+                    "SELECT datname, has_database_privilege('public', datname, 'CONNECT'), "
+                    "datallowconn FROM pg_database WHERE datallowconn OR datname LIKE "
+                    "'tenant%%'").fetchall()
+                dbs = {r[0]: r[1] for r in rows}
+                # a closed database refuses everyone before asking for the privilege
+                open_dbs = [r[0] for r in rows if r[2]]
                 roles = {r[0]: r[1:] for r in conn.execute(
                     "SELECT rolname, rolsuper, rolcreatedb, rolcreaterole, rolbypassrls "
                     "FROM pg_roles WHERE rolname = ANY(%s)", ([t.login_role for t in group],))}
@@ -96,8 +100,12 @@ def check_isolation(fleet: Fleet, tenants: list[Tenant]) -> Promise:
         except TenantctlError as exc:
             offenders[f"server {server}"] = first_line(exc)
             continue
-        sampled += _live_probe(fleet, group[0], [d for d in dbs if d != group[0].database][:3],
-                               offenders)
+        # a tenant that may log in (a suspended one may not: its refusals prove nothing)
+        prober = next((t for t in group if t.state != TenantState.suspended), None)
+        if prober is not None:
+            sampled += _live_probe(fleet, prober,
+                                   [d for d in open_dbs if d != prober.database][:3],
+                                   offenders)
     return Promise("isolation", "Every tenant in its own database; its role reaches no other; "
                    "PUBLIC revoked", not offenders,
                    [f"{len(live)} live tenants on {len(by_server)} servers",
@@ -109,20 +117,34 @@ def check_isolation(fleet: Fleet, tenants: list[Tenant]) -> Promise:
 
 def _live_probe(fleet: Fleet, tenant: Tenant, others: list[str],
                 offenders: dict[str, str]) -> int:
-    """Connect as the tenant's own role to other databases: every attempt must fail."""
+    """Connect as the tenant's own role to other databases: every attempt must be
+    refused for want of the privilege. First prove the credentials log in to its own
+    database: a refusal for a wrong password (or a full server) says nothing about
+    isolation. Returns the number of refusals that count."""
     try:
         dsn = fleet.credentials(tenant.slug)
     except TenantctlError:
         return 0
-    tried = 0
+    try:
+        psycopg.connect(dsn, connect_timeout=5).close()
+    except psycopg.OperationalError as exc:
+        offenders[tenant.slug] = ("live probe: cannot log in to its own database with the "
+                                  f"credentials tenantctl holds ({first_line(exc)}); "
+                                  "nothing proven (tenantctl doctor)")
+        return 0
+    refused = 0
     for db in others:
-        tried += 1
         try:
             psycopg.connect(make_conninfo(dsn, dbname=db), connect_timeout=5).close()
-        except psycopg.OperationalError:
+        except psycopg.OperationalError as exc:
+            if "permission denied for database" in str(exc):
+                refused += 1
+            else:
+                offenders[tenant.slug] = f"live probe: refused by {db} for another reason " \
+                    f"than privilege ({first_line(exc)}); nothing proven"
             continue
         offenders[tenant.slug] = f"live probe: its role connected to {db}"
-    return tried
+    return refused
 
 
 # -- 2. region -----------------------------------------------------------------------

@@ -321,6 +321,22 @@ def test_postgres_server_role_real_run(ansible_cluster: AnsibleCluster, test_fle
         assert settings["autovacuum_naptime"] == "300"
         assert settings["password_encryption"] == "scram-sha-256"
         assert settings["ssl"] == "on" and settings["port"] == str(cluster.port)
+        # The admin bounds tenants' temp files (temp_file_limit is superuser-only) and,
+        # from 16 on, has connections of its own that tenants cannot take.
+        with connect_as(admin_dsn, autocommit=True) as conn:
+            version = conn.info.server_version
+            assert conn.execute("SELECT has_parameter_privilege('temp_file_limit', 'SET')"
+                                ).fetchone() == (True,)
+            if version >= 160000:
+                assert conn.execute(
+                    "SELECT current_setting('reserved_connections')::int, "
+                    "pg_has_role('pg_use_reserved_connections', 'USAGE')").fetchone() == (10, True)
+        with connect_as(dsns["ans_alpha"]) as conn:
+            assert conn.execute("SHOW temp_file_limit").fetchone() == ("1GB",)
+        res = _tenantctl(config, "doctor", "--json")
+        reserve = [x for x in json.loads(res.stdout)["findings"]
+                   if x["code"] == "server-reserve-missing"]
+        assert (reserve == []) == (version >= 160000), reserve
     finally:
         with psycopg.connect(test_fleet.admin_dsn("eu-central-1"), autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{catalog_db}" WITH (FORCE)')
