@@ -123,13 +123,6 @@ class Catalog:
         """The revision this code expects the catalog at (``CATALOG_HEAD``)."""
         return CATALOG_HEAD
 
-    def script_head(self) -> str | None:
-        """The head of migrations/catalog as Alembic reads it (slow: imports Alembic
-        and every revision file)."""
-        from alembic.script import ScriptDirectory  # start-up: see CATALOG_HEAD
-
-        return ScriptDirectory.from_config(self.alembic_config()).get_current_head()
-
     def current(self) -> str | None:
         try:
             with self.engine.connect() as conn:
