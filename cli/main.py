@@ -7,7 +7,9 @@ exit code; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
@@ -25,6 +27,54 @@ from cli.scheduler import scheduler_app
 if TYPE_CHECKING:
     from orchestrator.api import ProvisionResult
     from orchestrator.config import Config
+
+
+def _plain_params() -> None:
+    """Recent typer coerces each parameter of the command it runs through a pydantic
+    TypeAdapter built on first use: importing pydantic and building the adapters cost
+    every command ~0.15 s before it starts. A ``str`` or ``bool`` parameter without a
+    parser whose value already has exactly that type (argv, defaults) needs no
+    coercion: it is returned as is, and any other value goes to typer's own coercion.
+    A typer without these internals (older, or changed) is left alone;
+    tests/test_cli.py notices that."""
+    try:
+        from dataclasses import dataclass
+
+        from typer import core as typer_core
+        from typer._coercion import RuntimeParam, TypeDescriptor
+    except ImportError:
+        return
+    original = getattr(typer_core, "build_runtime_param", None)
+    if original is None or getattr(original, "plain", False):
+        return  # absent, or already ours
+    build: Callable[[TypeDescriptor], Any] = original
+
+    @dataclass(frozen=True)
+    class Plain(RuntimeParam):
+        descriptor: TypeDescriptor
+
+        def _coerce_value(self, value: Any, param: Any, ctx: Any) -> Any:
+            if type(value) is self.annotation:
+                return value
+            return build(self.descriptor)._coerce_value(value, param=param, ctx=ctx)
+
+    def build_runtime_param(descriptor: TypeDescriptor) -> Any:
+        if descriptor.annotation in (str, bool) and descriptor.file_annotation is None \
+                and descriptor.parameter_info.parser is None:
+            return Plain(parameter_info=descriptor.parameter_info,
+                         annotation=descriptor.annotation, descriptor=descriptor)
+        return build(descriptor)
+
+    build_runtime_param.plain = True  # type: ignore[attr-defined]
+    typer_core.build_runtime_param = build_runtime_param  # type: ignore[attr-defined]
+
+
+_plain_params()
+if "TYPER_USE_RICH" not in os.environ:
+    # `--help` in click's plain layout: typer's rich layout imports rich, markdown-it
+    # and pygments first (half of the ~0.25 s a `--help` took). TYPER_USE_RICH=1 (typer's
+    # own switch) brings it back. Our tables and messages still use rich.
+    typer.core.HAS_RICH = False
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Database-per-tenant provisioning and operations for PostgreSQL.")
@@ -60,8 +110,6 @@ def _root(config: Annotated[str | None, typer.Option(
         actor: Annotated[str | None, typer.Option(
             "--actor", help="Who is acting, for the audit log (default: $TENANTCTL_ACTOR, "
             "else OS user@host).", show_default=False)] = None) -> None:
-    import os
-
     State.config_path = config
     if actor:
         os.environ["TENANTCTL_ACTOR"] = actor  # read by orchestrator.catalog.actor()

@@ -23,7 +23,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import selectinload
 
-from orchestrator import keys, pgserver, provisioning, tenant_migrations
+from orchestrator import keys, pgserver, revision_files
 from orchestrator.catalog import Catalog
 from orchestrator.config import Config, load_config
 from orchestrator.errors import CatalogIntegrityError, Conflict, InvalidInput, NotFound
@@ -171,7 +171,13 @@ class Fleet:
 
     @functools.cached_property
     def head_revision(self) -> str | None:
-        return tenant_migrations.head_revision(self.cfg.tenant_migrations)
+        try:
+            return revision_files.head(self.cfg.tenant_migrations)
+        except revision_files.Undecided:
+            # start-up: Alembic (~0.5 s to import) only when the files do not say
+            from orchestrator import tenant_migrations
+
+            return tenant_migrations.head_revision(self.cfg.tenant_migrations)
 
     def target_revision(self, region: str | None = None) -> str | None:
         """The revision new tenants are created at. A rollout of the whole fleet (or
@@ -249,6 +255,9 @@ class Fleet:
         """Create (or finish creating) a tenant; the result carries its connection
         string. With ``shown=False`` the caller calls ``credentials_shown`` once the
         string has reached its reader; until then a re-run returns it again."""
+        # start-up: provisioning brings Alembic (~0.5 s); read commands never need it
+        from orchestrator import provisioning
+
         done = provisioning.provision(self, slug, region, restore_from=restore_from)
         result = ProvisionResult(tenant_json(done.tenant),
                                  self.tenant_dsn(done.tenant, done.password),
@@ -291,6 +300,8 @@ class Fleet:
             raise Conflict(keys.key_destroyed(slug, key) if key is not None
                            and key.destroyed_at is not None
                            else f"tenant {slug!r} has no stored password")
+        from orchestrator import provisioning  # start-up: see provision()
+
         ctx = provisioning.password_context(slug)
         if rotate:
             return self._rotate(tenant, ctx)
@@ -306,6 +317,8 @@ class Fleet:
     def _rotate(self, tenant: Tenant, ctx: str, password: str | None = None) -> str:
         """Store the new password (wrapped) first, then give it to the role, under the
         tenant's lock so two rotations cannot cross."""
+        from orchestrator import provisioning  # start-up: see provision()
+
         slug = tenant.slug
         with provisioning.holding_tenant(self, slug):
             pending = password is not None

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import psycopg
 from psycopg import sql
 
-from tests.conftest import PgFleet, run_cli
+from tests.conftest import REPO, PgFleet, run_cli
 
 
 def _one_line_error(proc, code: int, needle: str) -> None:  # type: ignore[no-untyped-def]
@@ -68,3 +71,45 @@ def test_catalog_not_upgraded(test_fleet: PgFleet, tmp_path: Path) -> None:
     finally:
         with psycopg.connect(admin, autocommit=True) as conn:
             conn.execute("DROP DATABASE tenantctl_catalog_empty WITH (FORCE)")
+
+
+# What a read command imports: Alembic (~0.5 s), pydantic (typer's coercion, ~0.15 s) and
+# typer's rich help layout are start-up costs that reading the catalog does not need.
+_IMPORTS_AFTER = """
+import json, sys
+from cli.main import main
+out, sys.argv = sys.argv[1], ["tenantctl", *sys.argv[2:]]
+try:
+    main()
+except SystemExit:
+    pass
+with open(out, "w") as f:
+    json.dump(sorted({m.split(".")[0] for m in sys.modules}), f)
+"""
+
+
+def _imported(test_fleet: PgFleet, tmp_path: Path, *args: str) -> set[str]:
+    out = tmp_path / "modules.json"
+    env = {k: v for k, v in os.environ.items() if k != "TYPER_USE_RICH"}
+    proc = subprocess.run([sys.executable, "-c", _IMPORTS_AFTER, str(out), *args],
+                          capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return set(json.loads(out.read_text()))
+
+
+def test_read_commands_import_no_alembic_nor_pydantic(test_fleet: PgFleet,
+                                                      tmp_path: Path) -> None:
+    cfg = str(test_fleet.config_path)
+    for args in (["tenant", "list", "--json"], ["tenant", "show", "nosuchtenant", "--json"],
+                 ["region", "list", "--json"], ["backup", "list", "--json"],
+                 ["migrate", "status", "--json"]):
+        modules = _imported(test_fleet, tmp_path, "--config", cfg, *args)
+        assert "sqlalchemy" in modules, args  # the command did reach the catalog
+        assert not modules & {"alembic", "pydantic", "pydantic_core"}, args
+
+
+def test_help_imports_neither_rich_nor_the_orchestrator(test_fleet: PgFleet,
+                                                        tmp_path: Path) -> None:
+    for args in (["--help"], ["tenant", "--help"], ["tenant", "list", "--help"]):
+        modules = _imported(test_fleet, tmp_path, *args)
+        assert not modules & {"rich", "pydantic", "sqlalchemy", "psycopg", "alembic"}, args

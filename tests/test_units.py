@@ -361,3 +361,77 @@ def test_session_options_are_escaped_and_keep_the_dsns_own() -> None:
     odd = conninfo_to_dict(session_options("dbname=d", {"application_name": "a b\\c"}))
     assert odd["options"] == "-c application_name=a\\ b\\\\c"
     assert session_options("dbname=d", {"role": ""}) == "dbname=d"
+
+
+# -- heads without Alembic ---------------------------------------------------------
+
+
+def _alembic_head(location: Path) -> str | None:
+    from alembic.config import Config as AlembicConfig
+    from alembic.script import ScriptDirectory
+
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(location))
+    return ScriptDirectory.from_config(cfg).get_current_head()
+
+
+def test_catalog_head_constant_is_the_head_of_the_catalog_migrations() -> None:
+    from orchestrator.catalog import CATALOG_HEAD, CATALOG_MIGRATIONS
+
+    # a new catalog revision must move CATALOG_HEAD with it: every command compares
+    # the catalog's alembic_version with it
+    assert _alembic_head(CATALOG_MIGRATIONS) == CATALOG_HEAD
+
+
+def _rev(versions: Path, name: str, revision: str, down: object, annotated: bool = False
+         ) -> None:
+    ann = ": str" if annotated else ""
+    (versions / f"{name}.py").write_text(
+        f'"""{name}"""\nfrom alembic import op\n\nrevision{ann} = {revision!r}\n'
+        f"down_revision = {down!r}\n\n\ndef upgrade() -> None:\n    pass\n")
+
+
+def test_revision_files_head_agrees_with_alembic(tmp_path: Path) -> None:
+    from bench.synthetic_history import write_history
+    from orchestrator import revision_files
+
+    repo = Path(__file__).resolve().parent.parent
+    for location in (repo / "migrations" / "tenant", repo / "migrations" / "catalog",
+                     write_history(tmp_path / "synthetic", 30)):
+        assert revision_files.head(location) == _alembic_head(location), location
+    merged = tmp_path / "merged"
+    versions = merged / "versions"
+    versions.mkdir(parents=True)
+    (versions / "__init__.py").write_text("revision = 'not a revision'\n")  # Alembic skips it
+    _rev(versions, "a", "a1", None, annotated=True)
+    _rev(versions, "b", "b1", "a1")
+    _rev(versions, "c", "c1", "a1")
+    _rev(versions, "m", "m1", ("b1", "c1"))
+    assert revision_files.head(merged) == _alembic_head(merged) == "m1"
+    empty = tmp_path / "empty"
+    (empty / "versions").mkdir(parents=True)
+    assert revision_files.head(empty) is None
+
+
+def test_revision_files_undecided_leaves_it_to_alembic(tmp_path: Path) -> None:
+    from orchestrator import revision_files
+
+    def case(name: str, files: dict[str, str]) -> Path:
+        (tmp_path / name / "versions").mkdir(parents=True)
+        for file, text in files.items():
+            (tmp_path / name / "versions" / file).write_text(text)
+        return tmp_path / name
+
+    base = 'revision = "a1"\ndown_revision = None\n'
+    for location in (
+        tmp_path / "missing",
+        case("computed", {"a.py": 'revision = "a" + "1"\ndown_revision = None\n'}),
+        case("no_down", {"a.py": 'revision = "a1"\n'}),
+        case("twice", {"a.py": base + 'revision = "a2"\n'}),
+        case("two_heads", {"a.py": base, "b.py": 'revision = "b1"\ndown_revision = "a1"\n',
+                           "c.py": 'revision = "c1"\ndown_revision = "a1"\n'}),
+        case("dangling", {"a.py": 'revision = "a1"\ndown_revision = "gone"\n'}),
+        case("broken", {"a.py": "revision = (\n"}),
+    ):
+        with pytest.raises(revision_files.Undecided):
+            revision_files.head(location)
