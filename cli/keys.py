@@ -122,10 +122,12 @@ def drill(
                       "done": sum(r.ok for r in results),
                       "failed": [r.tenant for r in results if not r.ok]})
         t0 = time.perf_counter()
-        revoked = access.revoke(fleet, None)
+        # one grant that cannot be revoked is reported; the master key is re-wrapped
+        revoked = access.revoke_all(fleet)
         steps.append({"step": "revoke support grants",
-                      "seconds": round(time.perf_counter() - t0, 2), "done": len(revoked),
-                      "failed": []})
+                      "seconds": round(time.perf_counter() - t0, 2),
+                      "done": len(revoked.revoked), "failed": sorted(revoked.failed),
+                      "errors": {str(k): v for k, v in revoked.failed.items()}})
         t0 = time.perf_counter()
         counts = keys.rotate_master(fleet, new)
         steps.append({"step": "re-wrap under the new master key",
