@@ -52,7 +52,7 @@ def test_read_only_grant_sees_one_tenant_then_revoke(test_fleet: PgFleet,
         assert isinstance(listed, list) and [r["id"] for r in listed] == [g["id"]]
         assert "dsn" not in listed[0]
         assert cli_json(test_fleet, own, "access", "revoke", str(g["id"])) == {
-            "revoked": [g["id"]]}
+            "revoked": [g["id"]], "failed": []}
         with pytest.raises(psycopg.OperationalError):  # the open session was ended
             session.execute("SELECT 1")
     finally:
