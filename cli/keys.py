@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -142,6 +143,9 @@ def drill(
         for st in steps:
             say(f"{st['step']}: {st['done']} in {st['seconds']}s"
                 + (f", failed: {st['failed']}" if st["failed"] else ""))
+            errors: dict[str, str] = st.get("errors") or {}  # type: ignore[assignment]
+            for what, why in errors.items():
+                sys.stderr.write(f"error: {st['step']}: {what}: {why}\n")
         say(f"now set master_key in the config to {new_key_file} ({new.key_id})")
     if any(st["failed"] for st in steps):
         raise typer.Exit(1)

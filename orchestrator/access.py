@@ -195,7 +195,12 @@ def revoke(fleet: Fleet, grant_id: int | None = None) -> list[int]:
     if grant_id is not None:
         _end(fleet, rows[0], "revoke", revoked=True)
         return [grant_id]
-    return revoke_all(fleet).revoked
+    res = revoke_all(fleet)
+    if res.failed:
+        gid, why = next(iter(res.failed.items()))
+        raise TenantctlError(f"{len(res.failed)} support grant(s) not revoked (the others "
+                             f"are), e.g. {gid}: {why}")
+    return res.revoked
 
 
 @dataclass
