@@ -30,9 +30,10 @@ from psycopg import sql
 from sqlalchemy import func, select, update
 
 from backups.policy import BackupFact, RetentionPolicy, Schedule, Verdict, is_due, retention
-from backups.stores import ObjectStore, ObjectWriter, open_store
+from backups.stores import ObjectMissing, ObjectStore, ObjectWriter, open_store
 from orchestrator import keys, pgserver
 from orchestrator.catalog import with_dbname
+from orchestrator.childenv import child_env
 from orchestrator.errors import Conflict, NotFound, TenantctlError, first_line
 from orchestrator.faults import checkpoint
 from orchestrator.localfleet import pg_tool
@@ -134,7 +135,7 @@ def compression_arg(pg_dump: str) -> str:
 @functools.cache
 def _tool_version(tool: str) -> str:
     return subprocess.run([tool, "--version"], capture_output=True, text=True,
-                          check=True).stdout.strip()
+                          check=True, env=child_env()).stdout.strip()
 
 
 def _store_for(fleet: Fleet, region: str) -> ObjectStore:
@@ -291,6 +292,8 @@ def dump_encrypt_upload(pg_dump: str, dsn: str, snapshot_id: str | None, recipie
         except BaseException:
             proc.kill()
             proc.wait()
+            if writer.error is not None:  # the store failed (e.g. full): say so, exit 9
+                raise writer.error from None
             raise
         finally:
             proc.stdout.close()
@@ -337,7 +340,7 @@ def check_restorable(fleet: Fleet, row: Backup) -> tuple[ObjectStore, dict[str, 
                           f"{row.region} store {store.url}")
     try:
         manifest = json.loads(store.get_bytes(row.manifest_key))
-    except TenantctlError:
+    except ObjectMissing:  # (a store that fails is a StoreError: exit 9)
         raise BackupError(f"backup {row.id} has no manifest: not restorable") from None
     except ValueError:
         raise BackupError(f"backup {row.id}: manifest is not valid JSON") from None

@@ -9,12 +9,15 @@ behind — no object, no partial file, no orphan multipart upload.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import re
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO
@@ -28,14 +31,32 @@ class StoreError(TenantctlError):
     exit_code = 9
 
 
+class ObjectMissing(StoreError):
+    """The store answered: there is no such object (not: the store failed)."""
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     key: str
     size: int
 
 
+@dataclass(frozen=True)
+class Unfinished:
+    """An upload begun and neither committed nor aborted: a partial file, or an open
+    multipart upload. ``name`` is what ``discard_unfinished`` takes; ``key`` the
+    object it was to become."""
+    name: str
+    key: str
+    started_at: datetime
+
+
 class ObjectWriter(io.RawIOBase):
     """A write-only stream that becomes an object on commit()."""
+
+    # the store's own failure, kept: a caller that streams through a library which
+    # re-wraps exceptions (pyrage does) re-raises this one (exit 9, not 10)
+    error: StoreError | None = None
 
     def writable(self) -> bool:
         return True
@@ -74,6 +95,14 @@ class ObjectStore(ABC):
         """Clean up an upload of ``key`` left half-done by a dead process."""
         return 0
 
+    def unfinished(self) -> Iterator[Unfinished]:
+        """Uploads left neither committed nor aborted (doctor reports the old ones)."""
+        return iter(())
+
+    def discard_unfinished(self, name: str) -> None:
+        """Remove one of ``unfinished()``."""
+        raise StoreError(f"{self.url}: no unfinished upload {name!r}")
+
     def exists(self, key: str) -> bool:
         return any(o.key == key for o in self.objects(key))
 
@@ -98,24 +127,37 @@ def _check_key(key: str) -> str:
 
 
 class _FileWriter(ObjectWriter):
-    def __init__(self, final: Path) -> None:
+    def __init__(self, final: Path, what: str) -> None:
         final.parent.mkdir(parents=True, exist_ok=True)
         self.final = final
+        self.what = what  # "<store url>: <key>", for errors
         self.tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex}.partial")
         fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         self.f: BinaryIO | None = os.fdopen(fd, "wb")
 
+    def _failed(self, exc: OSError) -> StoreError:
+        """A write that failed (a full disk, a quota): nothing is left behind."""
+        self.abort()
+        self.error = StoreError(f"cannot write {self.what}: {exc.strerror or exc}")
+        return self.error
+
     def write(self, b: Any) -> int:
         assert self.f is not None, "writer already closed"
-        return self.f.write(b)
+        try:
+            return self.f.write(b)
+        except OSError as exc:
+            raise self._failed(exc) from None
 
     def commit(self) -> None:
         assert self.f is not None
-        self.f.flush()
-        os.fsync(self.f.fileno())
-        self.f.close()
-        self.f = None
-        os.replace(self.tmp, self.final)
+        try:
+            self.f.flush()
+            os.fsync(self.f.fileno())
+            self.f.close()
+            self.f = None
+            os.replace(self.tmp, self.final)
+        except OSError as exc:
+            raise self._failed(exc) from None
         dir_fd = os.open(self.final.parent, os.O_RDONLY)
         try:
             os.fsync(dir_fd)  # the rename itself survives a crash
@@ -123,10 +165,19 @@ class _FileWriter(ObjectWriter):
             os.close(dir_fd)
 
     def abort(self) -> None:
-        if self.f is not None:
-            self.f.close()
-            self.f = None
-        self.tmp.unlink(missing_ok=True)
+        """Always removes the partial file, even when closing fails (closing flushes
+        the buffer, which fails again on a full disk)."""
+        f, self.f = self.f, None
+        try:
+            if f is not None:
+                with contextlib.suppress(OSError):
+                    f.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+
+# what _FileWriter writes before the rename: ".<object name>.<32 hex>.partial"
+PARTIAL = re.compile(r"\..+\.[0-9a-f]{32}\.partial")
 
 
 class FileStore(ObjectStore):
@@ -139,7 +190,7 @@ class FileStore(ObjectStore):
 
     def writer(self, key: str) -> ObjectWriter:
         try:
-            return _FileWriter(self._path(key))
+            return _FileWriter(self._path(key), f"{self.url}: {key}")
         except OSError as exc:
             raise StoreError(f"{self.url}: cannot write {key}: {exc.strerror}") from None
 
@@ -147,10 +198,15 @@ class FileStore(ObjectStore):
         try:
             return open(self._path(key), "rb")  # noqa: SIM115 - the caller closes it
         except FileNotFoundError:
-            raise StoreError(f"{self.url}: object {key} is missing") from None
+            raise ObjectMissing(f"{self.url}: object {key} is missing") from None
+        except OSError as exc:  # e.g. the store's root is a file
+            raise StoreError(f"{self.url}: cannot read {key}: {exc.strerror}") from None
 
     def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        try:
+            self._path(key).unlink(missing_ok=True)
+        except OSError as exc:
+            raise StoreError(f"{self.url}: cannot delete {key}: {exc.strerror}") from None
 
     def abort_uploads(self, key: str) -> int:
         final = self._path(key)
@@ -159,6 +215,24 @@ class FileStore(ObjectStore):
         for p in stale:
             p.unlink(missing_ok=True)
         return len(stale)
+
+    def unfinished(self) -> Iterator[Unfinished]:
+        if not self.root.is_dir():
+            return
+        for dirpath, _dirs, files in os.walk(self.root):
+            for name in sorted(files):
+                if PARTIAL.fullmatch(name):
+                    path = Path(dirpath) / name
+                    with contextlib.suppress(FileNotFoundError):  # committed meanwhile
+                        started = datetime.fromtimestamp(path.stat().st_mtime, UTC)
+                        yield Unfinished(path.relative_to(self.root).as_posix(),
+                                         path.with_name(name[1:-41]).relative_to(
+                                             self.root).as_posix(), started)
+
+    def discard_unfinished(self, name: str) -> None:
+        if not PARTIAL.fullmatch(name.rsplit("/", 1)[-1]):
+            raise StoreError(f"{self.url}: {name!r} is not a partial upload")
+        self.delete(name)
 
     def objects(self, prefix: str = "") -> Iterator[ObjectInfo]:
         if not self.root.exists():
@@ -199,8 +273,12 @@ class _S3Writer(ObjectWriter):
             self.upload_id = s3.create_multipart_upload(
                 Bucket=self.store.bucket, Key=self.key)["UploadId"]
         number = len(self.parts) + 1
-        resp = s3.upload_part(Bucket=self.store.bucket, Key=self.key, PartNumber=number,
-                              UploadId=self.upload_id, Body=data)
+        try:
+            resp = s3.upload_part(Bucket=self.store.bucket, Key=self.key, PartNumber=number,
+                                  UploadId=self.upload_id, Body=data)
+        except Exception as exc:
+            self.error = self.store.error(f"upload of {self.key} failed", exc)
+            raise self.error from None
         self.parts.append({"PartNumber": number, "ETag": resp["ETag"]})
         checkpoint("s3.part")  # crash tests: die with a multipart upload open
 
@@ -276,6 +354,9 @@ class S3Store(ObjectStore):
         try:
             body = self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
         except Exception as exc:
+            code = getattr(exc, "response", {}).get("Error", {}).get("Code")
+            if code in ("NoSuchKey", "404"):
+                raise ObjectMissing(f"{self.url}: object {key} is missing") from None
             raise self.error(f"cannot read {key}", exc) from None
         return body  # type: ignore[no-any-return]
 
@@ -309,6 +390,18 @@ class S3Store(ObjectStore):
                                                    UploadId=u["UploadId"])
                 n += 1
         return n
+
+    def unfinished(self) -> Iterator[Unfinished]:
+        strip = f"{self.prefix}/" if self.prefix else ""
+        try:
+            resp = self.client.list_multipart_uploads(Bucket=self.bucket, Prefix=strip)
+        except Exception as exc:
+            raise self.error("cannot list uploads", exc) from None
+        for u in resp.get("Uploads", []):
+            yield Unfinished(u["Key"][len(strip):], u["Key"][len(strip):], u["Initiated"])
+
+    def discard_unfinished(self, name: str) -> None:
+        self.abort_uploads(name)
 
     def pending_uploads(self) -> list[str]:
         """Multipart uploads begun and neither completed nor aborted (should be none)."""

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from cli.common import open_fleet, print_json, say, table
+from cli.common import ID_MAX, open_fleet, print_json, say, table
 
 access_app = typer.Typer(no_args_is_help=True,
                          help="Time-limited, audited support access to a tenant's data.")
@@ -65,7 +65,8 @@ def list_(
 
 @access_app.command("revoke")
 def revoke(
-    grant_id: Annotated[int | None, typer.Argument(help="The grant's id.")] = None,
+    grant_id: Annotated[int | None, typer.Argument(help="The grant's id.", min=1,
+                                                                 max=ID_MAX)] = None,
     all_: Annotated[bool, typer.Option("--all", help="Every live grant (breach "
                                        "response).")] = False,
     as_json: Annotated[bool, typer.Option("--json")] = False,

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from cli.common import open_fleet, print_json, say, table
+from cli.common import ID_MAX, open_fleet, print_json, say, table
 
 backup_app = typer.Typer(no_args_is_help=True, help="Encrypted backups in each region.")
 
@@ -96,7 +96,8 @@ def list_(slug: Annotated[str | None, typer.Argument(help="One tenant.")] = None
 
 @backup_app.command("verify")
 def verify(
-    backup_id: Annotated[int | None, typer.Argument(help="Backup id.")] = None,
+    backup_id: Annotated[int | None, typer.Argument(help="Backup id.", min=1, max=ID_MAX)
+                         ] = None,
     latest: Annotated[str | None, typer.Option(help="The latest backup of this tenant.")]
     = None,
     all_: Annotated[bool, typer.Option("--all", help="The latest backup of every tenant.")]
@@ -168,7 +169,8 @@ def prune(dry_run: Annotated[bool, typer.Option(help="Report only.")] = False,
 
 @backup_app.command("restore")
 def restore(
-    backup_id: Annotated[int, typer.Argument(help="Backup id (see `backup list`).")],
+    backup_id: Annotated[int, typer.Argument(help="Backup id (see `backup list`).", min=1,
+                                             max=ID_MAX)],
     as_: Annotated[str | None, typer.Option("--as", help="Restore as a new tenant with "
                                             "this slug, in the backup's region.")] = None,
     in_place: Annotated[bool, typer.Option(help="Replace the tenant's database (its "
@@ -218,14 +220,38 @@ backup_app.add_typer(key_app, name="key")
 
 
 @key_app.command("export")
-def key_export(slug: str) -> None:
-    """Break-glass: print the tenant's age identity (audited). With it, the stock
-    `age` tool decrypts the tenant's backups: age -d -i key.txt X.dump.age."""
-    from orchestrator import keys
+def key_export(
+    slug: str,
+    output: Annotated[str, typer.Option("--output", "-o", help="Write it to this new "
+                                        "file (mode 0600); - is stdout.")] = "-",
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing "
+                                        "--output file.")] = False,
+) -> None:
+    """Break-glass: the tenant's age identity (audited), on stdout or into a new
+    0600 file. With it, the stock `age` tool decrypts the tenant's backups:
+    age -d -i key.txt X.dump.age."""
+    from pathlib import Path
 
+    from orchestrator import keys
+    from orchestrator.masterkey import create_private_file
+
+    path = None if output == "-" else Path(output)
     fleet = open_fleet()
     try:
-        text = keys.export_identity(fleet, slug)
+        # the file first: an existing one is refused before anything is exported
+        out = None if path is None else create_private_file(path, force=force)
+        try:
+            text = keys.export_identity(fleet, slug)
+        except BaseException:
+            if out is not None and path is not None:
+                out.close()
+                path.unlink()
+            raise
     finally:
         fleet.close()
-    print(text)
+    if out is None:
+        print(text)
+        return
+    with out:
+        out.write(text + "\n")
+    say(f"wrote the key of tenant {slug} to {path} (mode 0600)")

@@ -11,6 +11,10 @@ if TYPE_CHECKING:
     from orchestrator.config import Config
 
 
+# catalog ids are bigints: a larger number is refused as bad input (exit 2), not sent
+ID_MAX = 2**63 - 1
+
+
 class State:
     config_path: str | None = None
 
@@ -45,8 +49,21 @@ def console() -> Any:
     return Console(markup=False)
 
 
+def no_controls(text: str) -> str:
+    """``text`` with control and format characters (an escape sequence that sets the
+    terminal title or clears the screen, a BEL, a bidi override) shown escaped, as
+    Python would write them; anything else, a path's odd byte included, as it is."""
+    if text.isprintable():
+        return text
+    import unicodedata
+
+    return "".join(c.encode("unicode_escape").decode()
+                   if unicodedata.category(c) in ("Cc", "Cf") else c for c in text)
+
+
 def say(line: str) -> None:
-    console().print(line, highlight=False)
+    # stored text (a reason, a name) may hold a terminal escape: shown escaped
+    console().print("\n".join(no_controls(x) for x in line.split("\n")), highlight=False)
 
 
 def table(title: str | None, columns: list[str], rows: list[list[Any]]) -> None:
@@ -56,5 +73,5 @@ def table(title: str | None, columns: list[str], rows: list[list[Any]]) -> None:
     for c in columns:
         table.add_column(c)
     for r in rows:
-        table.add_row(*["" if v is None else str(v) for v in r])
+        table.add_row(*["" if v is None else no_controls(str(v)) for v in r])
     console().print(table)

@@ -128,10 +128,10 @@ def register_tenant_commands(tenant_app: typer.Typer) -> None:  # noqa: C901 - o
         """Erasure on request: no hold. Destroys the tenant's key at once (every backup
         copy becomes unreadable), drops its database and role, deletes its backups."""
         from orchestrator import clock, retention
-        from orchestrator.audit import storable
+        from orchestrator.audit import reason_text
         from orchestrator.errors import InvalidInput
 
-        if not storable(reason, "--reason").strip():
+        if not reason_text(reason):
             raise InvalidInput("--reason is required (it is audited)")
         if not yes:
             _confirm(f"Erase tenant {slug!r} now, with every backup? This cannot be undone.",

@@ -23,6 +23,7 @@ from cli.migrate import migrate_app
 from cli.scheduler import scheduler_app
 
 if TYPE_CHECKING:
+    from orchestrator.api import ProvisionResult
     from orchestrator.config import Config
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -102,12 +103,14 @@ def _config_at(path: Path) -> Config:
 
 
 def _catalog_upgrade(cfg: Config) -> dict[str, Any]:
+    from orchestrator import fleet_identity
     from orchestrator.catalog import Catalog
 
     catalog = Catalog(cfg)
     try:
         before, after = catalog.upgrade()
         changes = catalog.sync_topology()
+        changes += fleet_identity.ensure(cfg, catalog)
     finally:
         catalog.dispose()
     return {"from": before, "to": after, "topology": changes}
@@ -165,20 +168,48 @@ def catalog_upgrade(as_json: JsonOpt = False) -> None:
 
 @config_app.command("check")
 def config_check(as_json: JsonOpt = False) -> None:
-    """Validate the config file (and that the master key is readable)."""
+    """Validate the config file, that the master key is readable and (when the
+    catalog can be reached) that it is the fleet's (exit 7 if not), and that no
+    configured server is another fleet's (exit 6)."""
+    from orchestrator import fleet_identity, keys
+    from orchestrator.catalog import Catalog
+    from orchestrator.errors import ServerUnavailable
     from orchestrator.masterkey import load_master_key
 
     cfg = current_config()
     key = load_master_key(cfg.master_key)
+    catalog = Catalog(cfg)
+    try:
+        view = keys.catalog_view(catalog)
+        foreign = [] if isinstance(view, str) else \
+            fleet_identity.problems(cfg, catalog.fleet_id())
+    finally:
+        catalog.dispose()
+    if foreign:
+        raise ServerUnavailable(foreign[0])
+    mixed = None
+    if isinstance(view, str):
+        catalog_note = f"catalog not read ({view}): master key not compared with it"
+    else:
+        recorded, wrapped = view
+        fleets = keys.fleet_key_elsewhere(key.key_id, recorded, wrapped)
+        if fleets is not None:
+            raise keys.not_the_fleets_key(key.key_id, fleets)
+        mixed = keys.mixed_key_ids(wrapped)
+        catalog_note = "the fleet's master key" if recorded or wrapped else \
+            "the catalog has no secret yet"
     summary = {"path": str(cfg.path), "regions": {
         r.name: {"backup_store": r.backup_store, "servers": [s.name for s in r.servers]}
         for r in cfg.regions.values()}, "master_key_id": key.key_id,
+        "master_key": catalog_note, "mixed_master_keys": mixed,
         "tenant_migrations": str(cfg.tenant_migrations)}
     if as_json:
         print_json(summary)
     else:
         say(f"{cfg.path}: ok ({len(cfg.regions)} regions, {len(cfg.servers)} servers, "
-             f"master key {key.key_id})")
+             f"master key {key.key_id}: {catalog_note})")
+    if mixed is not None:
+        sys.stderr.write(f"warning: {mixed} (see `tenantctl doctor`)\n")
 
 
 # -- regions / templates ---------------------------------------------------------------
@@ -240,9 +271,18 @@ def tenant_create(
     interrupted create. Prints the tenant's connection string once."""
     fleet = open_fleet()
     try:
-        res = fleet.provision(slug, region)
+        # the output first, then the spare pool's refill: a refill (or a crash in it)
+        # never stands between the sign-up and its connection string
+        with fleet.refills_held():
+            res = fleet.provision(slug, region, shown=False)
+            _show_created(res, as_json)
+            sys.stdout.flush()
+            fleet.credentials_shown(slug)  # until here, a re-run shows it again
     finally:
         fleet.close()
+
+
+def _show_created(res: ProvisionResult, as_json: bool) -> None:
     if as_json:
         print_json({**res.tenant, "dsn": res.dsn, "resumed": res.resumed,
                      "via_template": res.via_template})
@@ -451,8 +491,37 @@ def report(
         raise typer.Exit(12)
 
 
+def _explained(exc: BaseException) -> str:
+    """A refused password at an address where this fleet's embedded cluster is not
+    running: said as what it is, another server at that address."""
+    from orchestrator.catalog import AUTH_FAILED
+    from orchestrator.errors import ServerUnavailable, TenantctlError
+
+    m = AUTH_FAILED.search(str(exc))
+    if not isinstance(exc, ServerUnavailable) or m is None:
+        return str(exc)
+    from orchestrator import localfleet
+
+    try:
+        why = localfleet.not_ours_at(current_config(), int(m.group(2)))
+    except TenantctlError:
+        why = None
+    if why is None:
+        return str(exc)
+    return (f"the server at {m.group(1)}:{m.group(2)} is not this fleet's server ({why}; "
+            "another PostgreSQL answers there): `tenantctl local up` starts this fleet's "
+            "clusters, `tenantctl local status` shows them")
+
+
 def main() -> None:
+    import logging
+
     from orchestrator.errors import TenantctlError, first_line
+
+    # When the catalog goes away mid-command, SQLAlchemy's pool logs a traceback for
+    # every connection it fails to reset; the command itself ends with one `error:`
+    # line (below). A configured handler (the scheduler's JSON log) still gets them.
+    logging.getLogger("sqlalchemy.pool").addHandler(logging.NullHandler())
 
     try:  # typer ≥ 0.22 carries its own copy of click
         from typer._click import exceptions as click_errors
@@ -474,7 +543,7 @@ def main() -> None:
     except typer.Abort:
         _fail("aborted", 1)
     except TenantctlError as exc:
-        _fail(str(exc), exc.exit_code)
+        _fail(_explained(exc), exc.exit_code)
     except KeyboardInterrupt:
         _fail("interrupted", 130)
     except Exception as exc:

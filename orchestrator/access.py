@@ -22,7 +22,7 @@ from psycopg import sql
 from sqlalchemy import select, update
 
 from orchestrator import clock, pgserver
-from orchestrator.audit import storable
+from orchestrator.audit import reason_text
 from orchestrator.catalog import actor
 from orchestrator.errors import Conflict, InvalidInput, NotFound, TenantctlError, first_line
 from orchestrator.models import SupportGrant, TenantState
@@ -72,7 +72,7 @@ def grant_json(g: SupportGrant, now: datetime | None = None) -> dict[str, Any]:
 def grant(fleet: Fleet, slug: str, *, to: str, ttl: timedelta, reason: str,
           read_only: bool = True) -> dict[str, Any]:
     """Create the grant; returns it with the connection string (shown once)."""
-    to, reason = to.strip(), storable(reason, "--reason").strip()
+    to, reason = to.strip(), reason_text(reason)
     if not to or len(to) > 200 or not to.isprintable():
         raise InvalidInput("--to must name the person (printable, at most 200 characters)")
     if not reason:

@@ -7,8 +7,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -21,7 +23,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import selectinload
 
-from orchestrator import pgserver, provisioning, tenant_migrations
+from orchestrator import keys, pgserver, provisioning, tenant_migrations
 from orchestrator.catalog import Catalog
 from orchestrator.config import Config, load_config
 from orchestrator.errors import CatalogIntegrityError, Conflict, InvalidInput, NotFound
@@ -29,10 +31,12 @@ from orchestrator.faults import checkpoint
 from orchestrator.masterkey import MasterKey, load_master_key
 from orchestrator.models import (
     PLACED_STATES,
+    UNSHOWN,
     FleetSetting,
     Server,
     Tenant,
     TenantCredential,
+    TenantKey,
     TenantState,
 )
 from orchestrator.names import catalog_mismatch, validate_slug
@@ -100,6 +104,7 @@ class Fleet:
         self._refills: ThreadPoolExecutor | None = None
         self._refilling: set[str] = set()
         self._refill_lock = threading.Lock()
+        self._held: list[str] | None = None  # see refills_held
 
     @classmethod
     def from_config(cls, path: str | None = None) -> Fleet:
@@ -117,10 +122,25 @@ class Fleet:
         self._server_conns.close()
         self.catalog.dispose()
 
+    @contextlib.contextmanager
+    def refills_held(self) -> Iterator[None]:
+        """Spare refills asked for inside start only when it ends: e.g. after a
+        sign-up's output, which a refill (or a crash in one) must never hold up."""
+        self._held = []
+        try:
+            yield
+        finally:
+            held, self._held = self._held, None
+            for server in dict.fromkeys(held):
+                self.refill_spares(server)
+
     def refill_spares(self, server: str) -> None:
         """Top the server's spare pool up in the background (off the sign-up's path);
         ``close()`` waits for it. A failure only leaves the pool short: the next
         sign-up clones on demand, and its refill (or `template build`) tries again."""
+        if self._held is not None:
+            self._held.append(server)
+            return
         with self._refill_lock:
             if server in self._refilling:
                 return
@@ -224,12 +244,25 @@ class Fleet:
 
     # -- provisioning ------------------------------------------------------------
 
-    def provision(self, slug: str, region: str, *, restore_from: int | None = None
-                  ) -> ProvisionResult:
+    def provision(self, slug: str, region: str, *, restore_from: int | None = None,
+                  shown: bool = True) -> ProvisionResult:
+        """Create (or finish creating) a tenant; the result carries its connection
+        string. With ``shown=False`` the caller calls ``credentials_shown`` once the
+        string has reached its reader; until then a re-run returns it again."""
         done = provisioning.provision(self, slug, region, restore_from=restore_from)
-        return ProvisionResult(tenant_json(done.tenant),
-                               self.tenant_dsn(done.tenant, done.password),
-                               done.resumed, done.via_template)
+        result = ProvisionResult(tenant_json(done.tenant),
+                                 self.tenant_dsn(done.tenant, done.password),
+                                 done.resumed, done.via_template)
+        if shown:
+            self.credentials_shown(slug)
+        return result
+
+    def credentials_shown(self, slug: str) -> None:
+        """The tenant's connection string reached its reader: a re-run of its create
+        now says "already exists" (`tenant credentials` shows it again)."""
+        with self.catalog.session() as s, s.begin():
+            s.execute(update(Tenant).where(Tenant.slug == slug, Tenant.step == UNSHOWN)
+                      .values(step=None))
 
     def tenant_dsn(self, tenant: Tenant, password: str, role: str | None = None) -> str:
         """What the tenant's application connects with: its login role (or ``role``,
@@ -252,7 +285,12 @@ class Fleet:
                                 TenantState.cancelled):
             raise Conflict(f"tenant {slug!r} is {tenant.state}: it has no usable credentials")
         cred = tenant.credential
-        assert cred is not None
+        if cred is None:  # only an erasure removes it, with the key, before the database
+            with self.catalog.session() as s:
+                key = s.get(TenantKey, tenant.id)
+            raise Conflict(keys.key_destroyed(slug, key) if key is not None
+                           and key.destroyed_at is not None
+                           else f"tenant {slug!r} has no stored password")
         ctx = provisioning.password_context(slug)
         if rotate:
             return self._rotate(tenant, ctx)
@@ -260,7 +298,10 @@ class Fleet:
         if cred.applied_at is None:  # a rotation that died half-way: finish it
             return self._rotate(tenant, ctx, password)
         self.catalog.audit("tenant.credentials.show", tenant=slug, region=tenant.region)
-        return self.tenant_dsn(tenant, password)
+        dsn = self.tenant_dsn(tenant, password)
+        if tenant.step == UNSHOWN:
+            self.credentials_shown(slug)
+        return dsn
 
     def _rotate(self, tenant: Tenant, ctx: str, password: str | None = None) -> str:
         """Store the new password (wrapped) first, then give it to the role, under the
@@ -271,11 +312,11 @@ class Fleet:
             password = password or provisioning.new_password()
             if not pending:
                 with self.catalog.session() as s, s.begin():
+                    master = keys.writing_key(self, s)
                     s.execute(update(TenantCredential)
                               .where(TenantCredential.tenant_id == tenant.id)
-                              .values(password_wrapped=self.master_key.wrap(
-                                  password.encode(), ctx),
-                                      master_key_id=self.master_key.key_id, applied_at=None))
+                              .values(password_wrapped=master.wrap(password.encode(), ctx),
+                                      master_key_id=master.key_id, applied_at=None))
                 checkpoint("credentials.stored")
             with self.server_connection(tenant.server) as conn:
                 pgserver.set_password(conn, tenant.login_role, password)

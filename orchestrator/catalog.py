@@ -5,6 +5,7 @@ from __future__ import annotations
 import getpass
 import hashlib
 import os
+import re
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,6 +19,7 @@ from alembic.script import ScriptDirectory
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from sqlalchemy import Connection, Engine, create_engine, select, text
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -25,10 +27,11 @@ from orchestrator import alembic_threads
 from orchestrator.audit import redact as redact_detail
 from orchestrator.config import Config
 from orchestrator.errors import Conflict, ServerUnavailable, first_line, printable
-from orchestrator.models import AuditEvent, Region, Server
+from orchestrator.models import AuditEvent, FleetSetting, Region, Server
 
 alembic_threads.install()  # before any revision file is imported
 
+FLEET_ID = "fleet_id"  # fleet_settings key of the fleet's identity
 CATALOG_MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations" / "catalog"
 
 
@@ -42,9 +45,19 @@ def redact(dsn: str) -> str:
            f"{d.get('dbname', '')}"
 
 
+AUTH_FAILED = re.compile(r'server at "([^"]+)", port (\d+) failed: FATAL:\s+password '
+                         r"authentication failed")
+
+
 def server_error(where: str, exc: BaseException) -> ServerUnavailable:
-    """One line from a psycopg/SQLAlchemy connection failure, with no secret in it."""
-    return ServerUnavailable(f"cannot reach {where}: {first_line(exc)}")
+    """One line from a psycopg/SQLAlchemy connection failure, with no secret in it.
+    A refused password is often another cluster at the address (two local fleets on
+    one machine): said as a hint (the CLI says more for an embedded cluster)."""
+    line = first_line(exc)
+    if AUTH_FAILED.search(line):
+        line += ("; if another PostgreSQL now listens at that address, it is not this "
+                 "fleet's server (`tenantctl local status`, `tenantctl doctor`)")
+    return ServerUnavailable(f"cannot reach {where}: {line}")
 
 
 def with_dbname(dsn: str, dbname: str) -> str:
@@ -202,6 +215,23 @@ class Catalog:
                     sv.available = False
                     done.append(f"server {name}: not in the config, takes no new tenants")
         return done
+
+    # -- the fleet's identity ---------------------------------------------------
+
+    def fleet_id(self) -> str | None:
+        """The fleet's random id, made once (None: not made yet). Each server carries
+        it as a mark (pgserver.mark_fleet), so a server that is not this fleet's —
+        another cluster now at its address — can be told apart."""
+        with self.session() as s:
+            return s.scalar(select(FleetSetting.value).where(FleetSetting.key == FLEET_ID))
+
+    def adopt_fleet_id(self, candidate: str) -> str:
+        """Record ``candidate`` as the fleet's id unless one is recorded; the id kept."""
+        with self.session() as s, s.begin():
+            s.execute(pg_insert(FleetSetting).values(key=FLEET_ID, value=candidate)
+                      .on_conflict_do_nothing())
+            return str(s.scalar(select(FleetSetting.value)
+                                .where(FleetSetting.key == FLEET_ID)))
 
     # -- audit -----------------------------------------------------------------
 

@@ -13,6 +13,9 @@ from orchestrator.errors import InvalidInput
 ALLOW_ENV = "TENANTCTL_ALLOW_CLOCK_OVERRIDE"
 # clocks of two hosts differ a little; a minute ahead is not "the future"
 SKEW = timedelta(minutes=1)
+# what --now may say: dates computed from it with the configured periods (at most
+# config.MAX_DAYS each way) stay representable
+NOW_RANGE = (datetime(1970, 1, 1, tzinfo=UTC), datetime(9000, 1, 1, tzinfo=UTC))
 
 
 def utcnow() -> datetime:
@@ -39,6 +42,9 @@ def effective_now(override: str | None, *, acting: bool) -> datetime:
     if override is None:
         return real
     now = parse_instant(override)
+    if not NOW_RANGE[0] <= now < NOW_RANGE[1]:
+        raise InvalidInput(f"--now {override!r} is out of range (from "
+                           f"{NOW_RANGE[0].year} to before {NOW_RANGE[1].year})")
     if acting and now > real + SKEW and os.environ.get(ALLOW_ENV) != "1":
         raise InvalidInput(f"--now {now.isoformat()} is in the future: it may only plan "
                            f"(--dry-run); set {ALLOW_ENV}=1 to act at it (tests only)")

@@ -59,6 +59,12 @@ class MasterKeySource:
     kms_endpoint_url: str | None = None
 
 
+# Periods (days, hours, weeks, minutes) are at most a century: dates computed from
+# them (a hold's end, a purge date) must stay representable, whatever --now says
+# within clock.NOW_RANGE.
+MAX_DAYS = 36500
+
+
 @dataclass(frozen=True)
 class LifecycleConfig:
     """The promises of the privacy policy, in days."""
@@ -137,6 +143,9 @@ def load_config(explicit: str | os.PathLike[str] | None = None) -> Config:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start} cannot be read)"
+                          ) from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
     return parse_config(raw, path.resolve())
@@ -174,7 +183,7 @@ class _Reader:
         return value
 
     def integer(self, raw: dict[str, Any], key: str, name: str, *, default: int | None = None,
-                minimum: int = 1) -> int:
+                minimum: int = 1, maximum: int | None = None) -> int:
         value = raw.get(name, default)
         if value is None:
             raise self.fail(key, "missing")
@@ -182,6 +191,8 @@ class _Reader:
             raise self.fail(key, f"must be an integer, got {value!r}")
         if value < minimum:
             raise self.fail(key, f"must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise self.fail(key, f"must be at most {maximum}, got {value}")
         return value
 
     def boolean(self, raw: dict[str, Any], key: str, name: str, default: bool) -> bool:
@@ -300,21 +311,28 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
 
     backups = r.table(raw, "backups", "backups", required=False)
     _check_unknown(r, backups, "backups", {"interval_hours", "keep_days", "keep_weeks"})
-    interval_hours = r.integer(backups, "backups.interval_hours", "interval_hours", default=24)
-    keep_days = r.integer(backups, "backups.keep_days", "keep_days", default=7)
-    keep_weeks = r.integer(backups, "backups.keep_weeks", "keep_weeks", default=4, minimum=0)
+    interval_hours = r.integer(backups, "backups.interval_hours", "interval_hours", default=24,
+                               maximum=MAX_DAYS * 24)
+    keep_days = r.integer(backups, "backups.keep_days", "keep_days", default=7,
+                          maximum=MAX_DAYS)
+    keep_weeks = r.integer(backups, "backups.keep_weeks", "keep_weeks", default=4, minimum=0,
+                           maximum=MAX_DAYS // 7)
 
     lc = r.table(raw, "lifecycle", "lifecycle", required=False)
     _check_unknown(r, lc, "lifecycle", {"hold_days", "purge_days", "audit_days"})
     lifecycle = LifecycleConfig(
-        hold_days=r.integer(lc, "lifecycle.hold_days", "hold_days", default=30),
-        purge_days=r.integer(lc, "lifecycle.purge_days", "purge_days", default=90),
-        audit_days=r.integer(lc, "lifecycle.audit_days", "audit_days", default=365))
+        hold_days=r.integer(lc, "lifecycle.hold_days", "hold_days", default=30,
+                            maximum=MAX_DAYS),
+        purge_days=r.integer(lc, "lifecycle.purge_days", "purge_days", default=90,
+                             maximum=MAX_DAYS),
+        audit_days=r.integer(lc, "lifecycle.audit_days", "audit_days", default=365,
+                             maximum=MAX_DAYS))
     sch = r.table(raw, "scheduler", "scheduler", required=False)
     jobs = {f.name: f.default for f in dataclasses.fields(SchedulerConfig)}
     _check_unknown(r, sch, "scheduler", set(jobs))
     scheduler = SchedulerConfig(**{
-        name: r.integer(sch, f"scheduler.{name}", name, default=int(default))  # type: ignore[arg-type]
+        name: r.integer(sch, f"scheduler.{name}", name, default=int(default),  # type: ignore[arg-type]
+                        maximum=MAX_DAYS * 24 * 60)
         for name, default in jobs.items()})
 
     regions_raw = r.table(raw, "regions", "regions")

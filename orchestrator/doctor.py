@@ -29,14 +29,17 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 from sqlalchemy import select, update
 
-from orchestrator import clock, revision_marks
-from orchestrator.errors import Conflict, InvalidInput, TenantctlError, first_line
+from orchestrator import clock, keys, pgserver, revision_marks
+from orchestrator.errors import Conflict, InvalidInput, MasterKeyError, TenantctlError, first_line
+from orchestrator.keys import fleet_key_elsewhere, mixed_key_ids
 from orchestrator.models import (
+    CANCELLING,
     PLACED_STATES,
     Backup,
     Server,
     SupportGrant,
     Tenant,
+    TenantKey,
     TenantState,
 )
 from orchestrator.names import TenantNames, catalog_mismatch, tenant_names
@@ -80,6 +83,8 @@ class TenantRow:
     activated_at: datetime | None
     created_at: datetime
     busy: bool = False  # another process holds its lock (provisioning in flight)
+    step: str | None = None  # a step in flight (provisioning, or lifecycle.CANCELLING)
+    key_destroyed: bool = False  # an erasure destroyed its key
 
 
 @dataclass(frozen=True)
@@ -127,6 +132,7 @@ class ClusterFacts:
     roles: dict[str, Role] = field(default_factory=dict)
     connections: int = 0
     max_connections: int = 0
+    fleet_mark: str | None = None  # the fleet id the server is marked with
     # database -> owner role -> how many large objects it owns there
     large_objects: dict[str, dict[str, int]] = field(default_factory=dict)
 
@@ -137,6 +143,8 @@ class StoreFacts:
     url: str
     keys: set[str] | None = None  # None: the store could not be listed
     error: str | None = None
+    # uploads neither committed nor aborted: (name, the object it was to be, since)
+    unfinished: list[tuple[str, str, datetime]] = field(default_factory=list)
 
 
 @dataclass
@@ -153,6 +161,13 @@ class Facts:
     stores: dict[str, StoreFacts]
     grants: dict[str, tuple[str, datetime]]  # live support role -> (tenant db, expires)
     scoped_region: str | None = None
+    # the master key: configured id (None: unreadable, then key_error), the id the
+    # catalog records as the fleet's, and stored secrets per wrapping key id
+    master_key_id: str | None = None
+    key_error: str | None = None
+    catalog_key_id: str | None = None
+    wrapped_key_ids: dict[str, int] = field(default_factory=dict)
+    fleet_id: str | None = None  # the catalog's fleet identity (None: not made yet)
     grant_ids: dict[str, tuple[int, bool]] = field(default_factory=dict)  # -> (id, read-only)
 
 
@@ -192,7 +207,8 @@ def diagnose(f: Facts) -> list[Finding]:
     out: list[Finding] = []
     for check in (check_catalog_rows, check_servers, check_tenant_objects, check_orphans,
                   check_privileges, check_large_objects, check_backups, check_store,
-                  check_revisions, check_retention, check_grants):
+                  check_revisions, check_retention, check_transitions, check_master_key,
+                  check_fleet_identity, check_grants):
         out.extend(check(f))
     return sorted(out, key=lambda x: (SEVERITY_ORDER[x.severity], x.code, x.subject))
 
@@ -218,6 +234,50 @@ def check_catalog_rows(f: Facts) -> Iterator[Finding]:
                      f"placed on {t.server}, a server of {server[0]}, but its region is "
                      f"{t.region}", "move it back with a backup and `tenantctl backup "
                      "restore --as` in its region; correct the row by hand")
+
+
+def check_master_key(f: Facts) -> Iterator[Finding]:
+    """The configured master key is the fleet's, and every stored secret is wrapped
+    by that one key (else `keys rotate-master` refuses the whole fleet)."""
+    if f.master_key_id is None:
+        if f.key_error is not None:
+            yield _f(ERROR, "master-key-unavailable", "master key",
+                     f"the configured master key cannot be loaded: {f.key_error}",
+                     "fix [master_key] in tenantctl.toml (`tenantctl config check`)")
+        return
+    fleets = fleet_key_elsewhere(f.master_key_id, f.catalog_key_id, f.wrapped_key_ids)
+    if fleets is not None:
+        yield _f(ERROR, "master-key-not-fleets", "master key",
+                 f"the configured master key {f.master_key_id} is not this fleet's "
+                 f"({fleets}): every command that wraps a secret refuses",
+                 f"point [master_key] in tenantctl.toml at the fleet's key {fleets}")
+    mixed = mixed_key_ids(f.wrapped_key_ids)
+    if mixed is not None:
+        strays = sorted(k for k in f.wrapped_key_ids if k != (fleets or f.master_key_id))
+        yield _f(ERROR, "master-key-mixed", "master key", mixed,
+                 f"with [master_key] pointing at the stray key ({', '.join(strays)}) for "
+                 "one command, run `tenantctl keys rotate-master --new-key-file <the "
+                 f"fleet's key {fleets or f.master_key_id}>`: it re-wraps only the strays")
+
+
+def check_fleet_identity(f: Facts) -> Iterator[Finding]:
+    """Each server carries this fleet's mark: one marked by another fleet is another
+    cluster at its address (two local fleets on one machine, a recycled host)."""
+    if f.fleet_id is None:  # made by `catalog upgrade`; nothing to compare with before
+        return
+    for cluster in f.clusters.values():
+        names = ", ".join(cluster.servers)
+        if not cluster.reachable:
+            continue
+        if cluster.fleet_mark is None:
+            yield _f(INFO, "server-unmarked", names, "carries no fleet mark yet",
+                     "tenantctl catalog upgrade (marks it as this fleet's)")
+        elif cluster.fleet_mark != f.fleet_id:
+            yield _f(ERROR, "server-not-this-fleets", names,
+                     f"the server at its address is not this fleet's server (it is "
+                     f"marked as fleet {cluster.fleet_mark}, this is fleet {f.fleet_id})",
+                     "check its admin_dsn and port in tenantctl.toml "
+                     "(`tenantctl local status` for the embedded fleet)")
 
 
 def check_servers(f: Facts) -> Iterator[Finding]:
@@ -527,6 +587,16 @@ def check_store(f: Facts) -> Iterator[Finding]:
                          "an object no completed backup in the catalog knows",
                          "tenantctl doctor --fix (deletes it, after asking)",
                          fix="delete_object", destructive=True, region=region, key=key)
+    writing = {b.object_key for b in f.backups if b.status == "running" and b.alive}
+    for region, st in sorted(f.stores.items()):
+        for name, key, since in st.unfinished:
+            if key not in writing and f.now - since > STUCK_BACKUP:
+                yield _f(WARNING, "unfinished-upload", f"{region}:{name}",
+                         f"an upload of {key} left unfinished since "
+                         f"{since.isoformat(timespec='minutes')} (a writer that failed or "
+                         "was killed): hidden from listings, it takes space",
+                         "tenantctl doctor --fix (removes it)", fix="discard_upload",
+                         region=region, name=name)
     for b in f.backups:
         home_store = f.stores.get(b.region)
         if b.status != "completed" or home_store is None or home_store.keys is None:
@@ -587,6 +657,26 @@ def check_retention(f: Facts) -> Iterator[Finding]:
                      f"support access past its end ({expires.isoformat(timespec='minutes')})",
                      "tenantctl retention run --only access (tenantctl doctor --fix)",
                      fix="expire_grants")
+
+
+def check_transitions(f: Facts) -> Iterator[Finding]:
+    """Lifecycle transitions that a crash stopped half-way, with no process on them."""
+    for t in f.tenants:
+        if t.busy or t.state not in LIVE:
+            continue
+        if t.key_destroyed:
+            yield _f(ERROR, "erase-unfinished", t.slug,
+                     f"an erasure destroyed its key and stopped: it is still {t.state}, "
+                     "its backups unreadable, it has no credentials",
+                     f"tenantctl tenant erase {t.slug} --reason … (finishes it; tenantctl "
+                     "doctor --fix, after asking)", fix="finish_erase", destructive=True,
+                     slug=t.slug)
+        elif t.step == CANCELLING and t.state != TenantState.cancelled:
+            yield _f(ERROR, "cancel-unfinished", t.slug,
+                     f"a cancellation stopped half-way: every write is refused, but it is "
+                     f"still {t.state} and no hold has started",
+                     f"tenantctl tenant cancel {t.slug} --yes (finishes it; tenantctl "
+                     "tenant reactivate afterwards gives the writes back)")
 
 
 # -- gathering ------------------------------------------------------------------------
@@ -670,6 +760,7 @@ def _read_cluster(fleet: Fleet, server: str, facts: ClusterFacts) -> None:
             row = conn.execute(CONNECTIONS).fetchone()
             if row:
                 facts.connections, facts.max_connections = int(row[0]), int(row[1])
+            facts.fleet_mark = pgserver.server_fleet_id(conn)
     except TenantctlError as exc:
         facts.reachable, facts.error = False, first_line(exc)
     except Exception as exc:  # noqa: BLE001 - a server error is a finding, not a crash
@@ -683,6 +774,7 @@ def _read_store(url: str, facts: StoreFacts) -> None:
         store = open_store(url)
         facts.keys = {o.key for o in store.objects("tenants/")}
         facts.keys |= {o.key for o in store.objects(ORPHAN_PREFIX)}
+        facts.unfinished = [(u.name, u.key, u.started_at) for u in store.unfinished()]
     except TenantctlError as exc:
         facts.error = first_line(exc)
     except Exception as exc:  # noqa: BLE001 - e.g. botocore errors
@@ -747,6 +839,8 @@ def gather(fleet: Fleet, region: str | None = None, now: datetime | None = None)
             tq, bq, sq = (tq.where(Tenant.region == region), bq.where(Backup.region == region),
                           sq.where(Server.region == region))
         tenants = list(s.scalars(tq))
+        destroyed = set(s.scalars(select(TenantKey.tenant_id).where(
+            TenantKey.destroyed_at.is_not(None))))
         backups = list(s.scalars(bq))
         servers = {sv.name: (sv.region, sv.capacity, sv.template_revision)
                    for sv in s.scalars(sq) if sv.available}
@@ -755,6 +849,12 @@ def gather(fleet: Fleet, region: str | None = None, now: datetime | None = None)
                    SupportGrant.read_only)
             .join(Tenant, Tenant.id == SupportGrant.tenant_id)
             .where(SupportGrant.dropped_at.is_(None))))
+        recorded_key, wrapped = keys.catalog_key_id(s), keys.wrapped_key_ids(s)
+    try:
+        configured_key: str | None = fleet.master_key.key_id
+        key_error = None
+    except MasterKeyError as exc:
+        configured_key, key_error = None, str(exc)
     # the configured servers are the truth for where to look (the catalog follows it)
     configured = {sc.name: sc for sc in cfg.servers if region is None or sc.region == region}
     servers = {n: v for n, v in servers.items() if n in configured}
@@ -764,7 +864,9 @@ def gather(fleet: Fleet, region: str | None = None, now: datetime | None = None)
         clusters.setdefault(cid, ClusterFacts(servers=[])).servers.append(n)
     stores = {r.name: StoreFacts(r.name, r.backup_store) for r in cfg.regions.values()
               if region is None or r.name == region}
-    provisioning = [t.slug for t in tenants if t.state == TenantState.provisioning]
+    # tenants a step may be working on right now: is a process holding their lock?
+    provisioning = [t.slug for t in tenants if t.state == TenantState.provisioning
+                    or (t.state in LIVE and (t.step is not None or t.id in destroyed))]
     running = [b.id for b in backups if b.status == "running"]
     busy = _locked_elsewhere(fleet, [tenant_lock(x) for x in provisioning]
                              + [_alive(x) for x in running])
@@ -785,13 +887,16 @@ def gather(fleet: Fleet, region: str | None = None, now: datetime | None = None)
                            t.migration_error,
                            t.legal_hold, t.legal_hold_reason, t.hold_until, t.purge_after,
                            t.activated_at, t.created_at,
-                           busy=tenant_lock(t.slug) in busy) for t in tenants],
+                           busy=tenant_lock(t.slug) in busy, step=t.step,
+                           key_destroyed=t.id in destroyed) for t in tenants],
         backups=[BackupRow(b.id, b.tenant_id, b.slug, b.region, b.object_key, b.manifest_key,
                            b.status, b.started_at, b.finished_at, alive=_alive(b.id) in busy)
                  for b in backups],
         servers=servers, server_cluster=server_cluster, clusters=clusters, stores=stores,
         grants={role_name(gid): (db, exp) for gid, exp, db, _ro in grant_rows},
-        scoped_region=region,
+        scoped_region=region, master_key_id=configured_key, key_error=key_error,
+        catalog_key_id=recorded_key, wrapped_key_ids=wrapped,
+        fleet_id=fleet.catalog.fleet_id(),
         grant_ids={role_name(gid): (gid, ro) for gid, _exp, _db, ro in grant_rows})
 
 
@@ -864,7 +969,8 @@ def _admin_exec(fleet: Fleet, server: str, stmt: sql.Composed) -> None:
 
 
 def _fix_provision(fleet: Fleet, x: Finding) -> str:
-    fleet.provision(x.arg("slug"), x.arg("region"))
+    # shown to nobody yet: a re-run of the tenant's create shows its connection string
+    fleet.provision(x.arg("slug"), x.arg("region"), shown=False)
     return "provisioning finished"
 
 
@@ -954,11 +1060,27 @@ def _fix_retention(fleet: Fleet, x: Finding) -> str:
     return detail
 
 
+def _fix_finish_erase(fleet: Fleet, x: Finding) -> str:
+    from orchestrator import retention
+
+    retention.erase_tenant(fleet, x.arg("slug"), "finishing an interrupted erasure "
+                           "(doctor --fix)", clock.utcnow())
+    return "erasure finished"
+
+
 def _fix_delete_object(fleet: Fleet, x: Finding) -> str:
     from backups.stores import open_store
 
     open_store(fleet.cfg.region(x.arg("region")).backup_store).delete(x.arg("key"))
     return "object deleted"
+
+
+def _fix_discard_upload(fleet: Fleet, x: Finding) -> str:
+    from backups.stores import open_store
+
+    open_store(fleet.cfg.region(x.arg("region")).backup_store).discard_unfinished(
+        x.arg("name"))
+    return "unfinished upload removed"
 
 
 def _fix_drop_orphan_role(fleet: Fleet, x: Finding) -> str:
@@ -1004,13 +1126,15 @@ def dump_orphan(fleet: Fleet, server: str, database: str, region: str) -> str:
     stamp = clock.utcnow().strftime("%Y%m%dT%H%M%SZ")
     base = f"{ORPHAN_PREFIX}{server}/{database}-{stamp}"
     dsn = with_dbname(fleet.cfg.server(server).admin_dsn, database)
+    with fleet.catalog.session() as s, s.begin():
+        master = keys.writing_key(fleet, s)  # before anything is dumped
     size, sha = dump_encrypt_upload(pg_tool(fleet.cfg, "pg_dump"), dsn, None,
                                     str(identity.to_public()), store, f"{base}.dump.age")
-    wrapped = fleet.master_key.wrap(str(identity).encode(), f"orphan:{base}")
+    wrapped = master.wrap(str(identity).encode(), f"orphan:{base}")
     store.put_bytes(f"{base}.manifest.json", json.dumps({
         "format": "tenantctl-orphan/1", "server": server, "database": database,
         "region": region, "size": size, "sha256": sha,
-        "identity_wrapped": wrapped, "master_key_id": fleet.master_key.key_id,
+        "identity_wrapped": wrapped, "master_key_id": master.key_id,
         "taken_at": stamp}, indent=2).encode())
     return f"{base}.dump.age"
 
@@ -1022,7 +1146,8 @@ FIXES: dict[str, Callable[[Fleet, Finding], str]] = {
     "revoke_membership": _fix_revoke_membership, "build_template": _fix_template,
     "expire_grants": _fix_expire_grants, DELETE: _fix_retention, PURGE: _fix_retention,
     "delete_object": _fix_delete_object, "drop_orphan_role": _fix_drop_orphan_role,
-    "drop_orphan_database": _fix_drop_orphan_database,
+    "drop_orphan_database": _fix_drop_orphan_database, "discard_upload": _fix_discard_upload,
+    "finish_erase": _fix_finish_erase,
     "grant_membership": _fix_grant_membership, "hold_large_objects": _fix_hold_large_objects,
 }
 ONCE = {"reap_backups", "expire_grants"}

@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from sqlalchemy import update
 
 from orchestrator import clock, pgserver
-from orchestrator.audit import storable
+from orchestrator.audit import reason_text
 from orchestrator.errors import Conflict, InvalidInput, TenantctlError, first_line
 from orchestrator.faults import checkpoint
-from orchestrator.models import Tenant, TenantState
+from orchestrator.models import CANCELLING, Tenant, TenantState
 from orchestrator.names import tenant_names
 from orchestrator.provisioning import holding_tenant
 
@@ -118,6 +118,9 @@ def cancel(fleet: Fleet, slug: str, *, now: datetime | None = None,
             and now < tenant.hold_until
         if not again:
             tenant = _locked_tenant(fleet, slug, "cancel", now)
+            with fleet.catalog.session() as s, s.begin():
+                s.execute(update(Tenant).where(Tenant.id == tenant.id).values(
+                    step=CANCELLING))
             names = tenant_names(slug)
             admin = fleet.cfg.server(tenant.server).admin_dsn
             with pgserver.connect(admin, tenant.database, server=tenant.server) as conn:
@@ -126,7 +129,7 @@ def cancel(fleet: Fleet, slug: str, *, now: datetime | None = None,
             with fleet.server_connection(tenant.server) as conn:
                 pgserver.set_login(conn, names.login_role, True)  # a suspended one may export
             _set(fleet, tenant, "cancel", state=S.cancelled, cancelled_at=now,
-                 hold_until=hold_until, suspended_at=None)
+                 hold_until=hold_until, suspended_at=None, step=None)
             checkpoint("cancel.state")
         else:
             hold_until = tenant.hold_until  # type: ignore[assignment]
@@ -199,7 +202,7 @@ def resume(fleet: Fleet, slug: str) -> TransitionResult:
 @audited("legal_hold")
 def legal_hold(fleet: Fleet, slug: str, *, on: bool, reason: str) -> dict[str, Any]:
     """A legal hold blocks deletion and purge, whatever the dates say, until lifted."""
-    reason = storable(reason, "--reason").strip()
+    reason = reason_text(reason)
     if not reason:
         raise InvalidInput("--reason is required: say why (it is audited)")
     tenant = fleet.get_tenant(slug)

@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from orchestrator.childenv import child_env
 from orchestrator.config import Config, ServerConfig
 from orchestrator.errors import ConfigError, ServerUnavailable, TenantctlError
 from orchestrator.masterkey import write_key_file
@@ -225,7 +226,7 @@ def _os_user() -> tuple[int, int] | None:
         subprocess.run(
             ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
              PG_OS_USER],
-            check=True, capture_output=True,
+            check=True, capture_output=True, env=child_env(),
         )
         entry = pwd.getpwnam(PG_OS_USER)
     return entry.pw_uid, entry.pw_gid
@@ -247,8 +248,7 @@ def _run_as(cmd: list[str], owner: tuple[int, int] | None,
     extra: dict[str, object] = {}
     if owner is not None:
         extra = {"user": owner[0], "group": owner[1], "extra_groups": []}
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    env["LC_ALL"] = "C.UTF-8" if Path("/usr/lib/locale/C.utf8").exists() else "C"
+    env = child_env({"LC_ALL": "C.UTF-8" if Path("/usr/lib/locale/C.utf8").exists() else "C"})
     return subprocess.run(cmd, env=env, cwd="/", capture_output=True, text=True,
                           **extra, **kw)  # type: ignore[call-overload,no-any-return]
 
@@ -285,6 +285,25 @@ def _running_pid(data_dir: Path) -> int | None:
     except (OSError, ValueError, IndexError):
         return None
     return pid if _pid_alive_postgres(pid) else None
+
+
+def not_ours_at(cfg: Config, port: int) -> str | None:
+    """Why whatever answers at ``port`` on this machine cannot be the embedded
+    cluster this fleet configures there (it is not running, or listens elsewhere),
+    or None when that cannot be told (no embedded cluster there, or it runs)."""
+    for sc in cfg.servers:
+        if sc.data_dir is None or sc.port != port:
+            continue
+        if _running_pid(sc.data_dir) is None:
+            return f"this fleet's cluster for it, in {sc.data_dir}, is not running"
+        try:  # postmaster.pid: pid, data dir, start time, port, ...
+            listening = int((sc.data_dir / "postmaster.pid").read_text().splitlines()[3])
+        except (OSError, ValueError, IndexError):
+            return None
+        if listening != port:
+            return f"this fleet's cluster for it, in {sc.data_dir}, listens on {listening}"
+        return None
+    return None
 
 
 def _log_tail(data_dir: Path) -> str:

@@ -19,13 +19,13 @@ import secrets
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from orchestrator.config import MasterKeySource
-from orchestrator.errors import MasterKeyError, first_line
+from orchestrator.errors import Conflict, InvalidInput, MasterKeyError, first_line
 
 KEY_BYTES = 32
 
@@ -76,6 +76,21 @@ def write_key_file(path: Path) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(generate_key_text())
+
+
+def create_private_file(path: Path, *, force: bool = False) -> TextIO:
+    """A new file only its owner can read (created with mode 0600, never widened
+    for a moment): for a secret written out. An existing file is refused unless
+    ``force``, which replaces it (unlinked first: its old mode does not carry over)."""
+    try:
+        if force and (path.is_symlink() or path.exists()):
+            path.unlink()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise Conflict(f"{path} already exists; --force replaces it") from None
+    except OSError as exc:
+        raise InvalidInput(f"cannot create {path}: {exc.strerror}") from None
+    return os.fdopen(fd, "w")
 
 
 def _decode(text: str, where: str) -> MasterKey:

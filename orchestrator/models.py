@@ -46,6 +46,14 @@ class TenantState(enum.StrEnum):
     purged = "purged"
 
 
+# Tenant.step of an active or suspended tenant while a cancellation is under way: set
+# before its writes are taken away, cleared with the state change (doctor reports one
+# that a crash stopped half-way).
+CANCELLING = "cancel"
+# Tenant.step of an active tenant whose connection string ("shown once") has not been
+# handed out yet: a re-run of its `tenant create` shows it instead of "already exists".
+UNSHOWN = "unshown"
+
 # States in which a tenant occupies a place on its server.
 # the states whose database a rollout migrates and `migrate status` reads
 MIGRATABLE = (TenantState.active, TenantState.suspended, TenantState.cancelled)
@@ -100,7 +108,8 @@ class Tenant(Base):
     login_role: Mapped[str] = mapped_column(String(63))
     owner_role: Mapped[str] = mapped_column(String(63))
     state: Mapped[str] = mapped_column(String(20), index=True)
-    # last provisioning step completed; lets a re-run resume after a crash
+    # last provisioning step completed; lets a re-run resume after a crash (of a live
+    # tenant: CANCELLING or UNSHOWN, else NULL)
     step: Mapped[str | None] = mapped_column(String(40))
     revision: Mapped[str | None] = mapped_column(String(64))
     last_error: Mapped[str | None] = mapped_column(Text)

@@ -10,6 +10,7 @@ statement, a server log or pg_stat_activity.
 from __future__ import annotations
 
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from orchestrator import revision_marks
 from orchestrator.catalog import redact, server_error, with_dbname
+from orchestrator.childenv import child_env
 from orchestrator.errors import Conflict
 from orchestrator.names import TEMPLATE_DB, TEMPLATE_OWNER, TenantNames
 
@@ -35,18 +37,40 @@ LIBPQ_ENV = {"host": "PGHOST", "port": "PGPORT", "user": "PGUSER", "dbname": "PG
 
 
 def libpq_env(dsn: str) -> dict[str, str]:
-    """A DSN as libpq environment variables, for the client tools we run (psql,
-    pg_dump, pg_restore): secrets travel in the environment, never in argv. Any PG*
-    variable of our own environment is dropped, except a PGPASSWORD the operator
-    gave when the DSN names none."""
+    """The whole environment of a client tool we run (psql, pg_dump, pg_restore):
+    the allow-list of `childenv.child_env` plus the DSN as libpq variables (secrets
+    travel in the environment, never in argv). Any PG* variable of our own
+    environment is dropped, except a PGPASSWORD the operator gave when the DSN
+    names none."""
     params = conninfo_to_dict(dsn) if dsn else {}
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    for key, var in LIBPQ_ENV.items():
-        if params.get(key):
-            env[var] = str(params[key])
-    if "PGPASSWORD" in os.environ and "PGPASSWORD" not in env:
-        env["PGPASSWORD"] = os.environ["PGPASSWORD"]
-    return env
+    pg = {var: str(params[key]) for key, var in LIBPQ_ENV.items() if params.get(key)}
+    if "PGPASSWORD" in os.environ and "PGPASSWORD" not in pg:
+        pg["PGPASSWORD"] = os.environ["PGPASSWORD"]
+    return child_env(pg)
+
+
+def _passfile_field(value: str) -> str:
+    return value.replace("\\", "\\\\").replace(":", "\\:")
+
+
+@contextmanager
+def passfile_env(env: dict[str, str]) -> Iterator[dict[str, str]]:
+    """``env`` with its PGPASSWORD moved into a passfile of its own (mode 0600,
+    removed afterwards): for a child that runs what a person types (psql's ``\\!``
+    shows its environment), the password is then not in that environment."""
+    password = env.get("PGPASSWORD")
+    if password is None:
+        yield env
+        return
+    fd, path = tempfile.mkstemp(prefix="tenantctl-pgpass-")  # 0600
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(f"*:*:*:*:{_passfile_field(password)}\n")
+        out = {k: v for k, v in env.items() if k != "PGPASSWORD"}
+        out["PGPASSFILE"] = path
+        yield out
+    finally:
+        os.unlink(path)
 
 
 def open_connection(admin_dsn: str, dbname: str | None = None, *, server: str = "",
@@ -139,6 +163,34 @@ def role_comment(conn: psycopg.Connection, role: str) -> str | None:
         "SELECT shobj_description(oid, 'pg_authid') FROM pg_roles WHERE rolname = %s",
         (role,)).fetchone()
     return row[0] if row else None
+
+
+# -- the fleet's mark on a server ----------------------------------------------------
+
+FLEET_ROLE = "tenantctl_fleet"  # NOLOGIN; its COMMENT names the fleet the server is of
+_FLEET_MARK = "tenantctl fleet "
+
+
+def server_fleet_id(conn: psycopg.Connection) -> str | None:
+    """The id of the fleet this server belongs to, as its mark says (None: unmarked).
+    Readable by any role: a shared catalog."""
+    comment = role_comment(conn, FLEET_ROLE)
+    return comment.removeprefix(_FLEET_MARK) if comment and \
+        comment.startswith(_FLEET_MARK) else None
+
+
+def mark_fleet(conn: psycopg.Connection, fleet_id: str) -> str:
+    """Mark an unmarked server as this fleet's: a NOLOGIN role whose comment holds
+    the fleet id (a CREATEROLE admin may comment on a role it created). Returns
+    the id the server carries afterwards (another's, if it was marked already)."""
+    try:
+        with conn.transaction():
+            if not role_exists(conn, FLEET_ROLE):
+                conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN; COMMENT ON ROLE {} IS {}").format(
+                    Ident(FLEET_ROLE), Ident(FLEET_ROLE), sql.Literal(_FLEET_MARK + fleet_id)))
+    except psycopg.errors.DuplicateObject:
+        pass  # marked by a concurrent run: read what it wrote
+    return server_fleet_id(conn) or fleet_id
 
 
 def role_marker(tenant_id: int, slug: str) -> str:
@@ -435,6 +487,30 @@ def enable_login(conn: psycopg.Connection, role: str, password: str) -> None:
 # -- the per-server template database ---------------------------------------------
 
 
+def cluster_identity(conn: psycopg.Connection) -> str:
+    """The cluster ``conn`` reached, the same whichever server entry or address led
+    there: two entries of the config may name one cluster (a small region sharing
+    another's), and the template database, its spares and its locks are the
+    cluster's. Its system identifier (set by initdb; any role may read it unless an
+    operator revoked pg_control_system), else the address the server reports."""
+    query = "SELECT system_identifier FROM pg_control_system()"
+    try:
+        if conn.autocommit:  # one round trip
+            row = conn.execute(query).fetchone()
+        else:
+            with conn.transaction():  # a savepoint: a refusal spoils no transaction
+                row = conn.execute(query).fetchone()
+        if row is not None and row[0] is not None:
+            return f"sysid:{row[0]}"
+    except psycopg.errors.InsufficientPrivilege:
+        pass
+    row = conn.execute("SELECT inet_server_addr()::text, inet_server_port()").fetchone()
+    host, port = (row[0], row[1]) if row is not None and row[0] is not None else \
+        (conn.info.host, conn.info.port)
+    return f"addr:{host}:{port}"
+
+
+
 def ensure_template_owner(conn: psycopg.Connection) -> None:
     if not role_exists(conn, TEMPLATE_OWNER):
         conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN NOINHERIT").format(Ident(TEMPLATE_OWNER)))
@@ -470,6 +546,13 @@ def set_template_connections(conn: psycopg.Connection, allow: bool) -> None:
         conn.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
             "WHERE datname = %s AND pid <> pg_backend_pid()", (TEMPLATE_DB,))
+
+
+def template_open(conn: psycopg.Connection) -> bool:
+    """The template accepts connections (a build is under way, or one died)."""
+    row = conn.execute("SELECT datallowconn FROM pg_database WHERE datname = %s",
+                       (TEMPLATE_DB,)).fetchone()
+    return bool(row and row[0])
 
 
 def prepare_template_schema(conn: psycopg.Connection) -> None:

@@ -33,7 +33,14 @@ from orchestrator import keys, pgserver, spares, templates, tenant_migrations
 from orchestrator.catalog import server_error, with_dbname
 from orchestrator.errors import Conflict, ServerUnavailable, TenantctlError, first_line
 from orchestrator.faults import checkpoint
-from orchestrator.models import PLACED_STATES, Server, Tenant, TenantCredential, TenantState
+from orchestrator.models import (
+    PLACED_STATES,
+    UNSHOWN,
+    Server,
+    Tenant,
+    TenantCredential,
+    TenantState,
+)
 from orchestrator.names import TEMPLATE_DB, TenantNames, tenant_names, validate_slug
 from orchestrator.placement import ServerLoad, choose_server
 
@@ -88,6 +95,14 @@ def provision(fleet: Fleet, slug: str, region: str, *, restore_from: int | None 
             from orchestrator.api import check_integrity
 
             check_integrity(tenant)
+            if _unshown(tenant, region, restore_from):
+                # it went live, but its connection string never reached anybody
+                # (the process died before its output): show it now
+                password = master.unwrap(tenant.credential.password_wrapped,  # type: ignore[union-attr]
+                                         password_context(slug)).decode()
+                fleet.catalog.audit("tenant.credentials.show", tenant=slug,
+                                    region=tenant.region, via="tenant create")
+                return Provisioned(tenant, password, True, False)
             if tenant.state != TenantState.provisioning:
                 raise Conflict(f"tenant {slug!r} already exists ({tenant.state}, region "
                                f"{tenant.region})")
@@ -108,6 +123,12 @@ def provision(fleet: Fleet, slug: str, region: str, *, restore_from: int | None 
             checkpoint("provision.registered")
         via_template = _run_steps(fleet, tenant, password)
         return Provisioned(fleet.get_tenant(slug), password, resumed, via_template)
+
+
+def _unshown(tenant: Tenant, region: str, restore_from: int | None) -> bool:
+    return tenant.state == TenantState.active and tenant.step == UNSHOWN \
+        and tenant.credential is not None and tenant.region == region \
+        and tenant.restored_from == restore_from
 
 
 def _server_loads(session: Session, region: str) -> list[ServerLoad]:
@@ -143,16 +164,17 @@ def _register(fleet: Fleet, slug: str, region: str, password: str,
                         login_role=names.login_role, owner_role=names.owner_role,
                         state=TenantState.provisioning, step="registered",
                         restored_from=restore_from)
+        master = keys.writing_key(fleet, s)  # a stray key: refused, nothing written
         tenant.credential = TenantCredential(
-            password_wrapped=fleet.master_key.wrap(password.encode(), password_context(slug)),
-            master_key_id=fleet.master_key.key_id)
+            password_wrapped=master.wrap(password.encode(), password_context(slug)),
+            master_key_id=master.key_id)
         s.add(tenant)
         try:
             s.flush()
         except IntegrityError:
             raise Conflict(f"tenant {slug!r} already exists") from None
         # the tenant's own backup key, from the first moment the tenant exists
-        s.add(keys.new_key(fleet.master_key, tenant.id, slug))
+        s.add(keys.new_key(master, tenant.id, slug))
         fleet.catalog.audit("tenant.provision.start", tenant=slug, region=region,
                             session=s, server=server)
     return tenant
@@ -224,13 +246,14 @@ def _run_steps(fleet: Fleet, tenant: Tenant, password: str) -> bool:
     now = datetime.now(UTC)
     with fleet.catalog.session() as s, s.begin():
         s.execute(update(Tenant).where(Tenant.id == tenant.id).values(
-            state=TenantState.active, step=None, revision=revision, activated_at=now,
+            state=TenantState.active, step=UNSHOWN, revision=revision, activated_at=now,
             last_error=None))
         s.execute(update(TenantCredential).where(TenantCredential.tenant_id == tenant.id)
                   .values(applied_at=now))
         fleet.catalog.audit("tenant.provision", tenant=tenant.slug, region=tenant.region,
                             session=s, server=tenant.server, revision=revision,
                             via_template=via_template)
+    checkpoint("provision.active")
     if _uses_spares(fleet, tenant):
         # one spare taken, or the pool found short: top it up, off the sign-up's path
         # (and after it, when this sign-up had to build the template first)
@@ -250,10 +273,11 @@ def _create_database(fleet: Fleet, conn: psycopg.Connection, names: TenantNames,
     if needed); otherwise create an empty database for the migrations to fill."""
     if fleet.cfg.use_template and use_template:
         target = fleet.target_revision(fleet.cfg.server(server).region)
+        # the template is the cluster's, shared by every server entry that names it
+        lock = templates.lock_name(pgserver.cluster_identity(conn))
         for attempt in range(2):
-            with fleet.catalog.advisory_lock(templates.lock_name(server), shared=True,
-                                             wait=True):
-                if templates.template_revision(fleet, server) == target:
+            with fleet.catalog.advisory_lock(lock, shared=True, wait=True):
+                if templates.at_revision(conn, target):
                     pgserver.ensure_database(conn, names, template=TEMPLATE_DB)
                     return True
             if attempt == 0 and not _try_build_template(fleet, server, target):
@@ -266,7 +290,8 @@ def _try_build_template(fleet: Fleet, server: str, target: str | None) -> bool:
     try:
         templates.build(fleet, server, target)
         return True
-    except (TenantctlError, psycopg.Error) as exc:
+    except (TenantctlError, psycopg.Error, sqlalchemy.exc.SQLAlchemyError,
+            CommandError) as exc:
         # No usable template: fall back to migrating an empty database, and leave a
         # trace for `tenantctl template build` to pick up.
         fleet.catalog.audit("template.build", outcome="failed", server=server,

@@ -1,9 +1,10 @@
 """`tenantctl tenant psql`: psql on one tenant's database, audited.
 
-The password reaches psql through its environment (PGPASSWORD) or the admin's
-passfile, never argv. ``--owner`` connects as the admin role and switches to the
-tenant's NOLOGIN owner role at session start (PGOPTIONS ``-c role=…``), so no
-owner password exists to leak.
+The password reaches psql through a passfile of its own (0600, removed when psql
+ends) or the admin's passfile, never argv nor psql's environment (which ``\\!``
+shows); that environment is the allow-list of `childenv.child_env`. ``--owner``
+connects as the admin role and switches to the tenant's NOLOGIN owner role at
+session start (PGOPTIONS ``-c role=…``), so no owner password exists to leak.
 """
 
 from __future__ import annotations
@@ -48,4 +49,5 @@ def run(fleet: Fleet, slug: str, *, owner: bool, command: str | None) -> int:
     argv = [pg_tool(fleet.cfg, "psql"), "-X", "-v", "ON_ERROR_STOP=1"]
     if command is not None:
         argv += ["-c", command]
-    return subprocess.run(argv, env=env, check=False).returncode
+    with pgserver.passfile_env(env) as env:
+        return subprocess.run(argv, env=env, check=False).returncode

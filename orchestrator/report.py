@@ -174,18 +174,19 @@ def check_backups(fleet: Fleet, tenants: list[Tenant], backups: list[Backup],
                 b.tenant_id not in latest or b.finished_at > latest[b.tenant_id].finished_at):  # type: ignore[operator]
             latest[b.tenant_id] = b
     offenders: dict[str, str] = {}
-    oldest: timedelta | None = None
+    oldest: timedelta | None = None  # over the tenants that have a completed backup
     active = [t for t in tenants if t.state == TenantState.active]
+    never = sum(t.id not in latest for t in active)
     for t in active:
         found = latest.get(t.id)
         since = (found.finished_at if found else None) or t.activated_at or t.created_at
         age = now - since
-        oldest = age if oldest is None or age > oldest else oldest
         if found is None:
             if age > interval + GRACE:
                 offenders[t.slug] = f"no backup since it became active {_ago(age)}"
             continue
         b = found
+        oldest = age if oldest is None or age > oldest else oldest
         if age > interval + GRACE:
             offenders[t.slug] = f"latest backup {b.id} is {_ago(age)} old"
         keys = listed.get(t.region, set())
@@ -197,7 +198,10 @@ def check_backups(fleet: Fleet, tenants: list[Tenant], backups: list[Backup],
                    "its schedule", not offenders,
                    [f"{len(active)} active tenants, schedule every "
                     f"{fleet.cfg.backup_interval_hours} h",
-                    f"age of the oldest latest backup: {_ago(oldest) if oldest else 'n/a'}",
+                    f"age of the oldest latest backup: {_ago(oldest)}" if oldest is not None
+                    else "no active tenant has a completed backup yet",
+                    *([f"{never} active tenant(s) without a completed backup yet"]
+                      if never and oldest is not None else []),
                     "every backup is age-encrypted to its tenant's own key"],
                    _fail(offenders))
 

@@ -26,6 +26,7 @@ from backups import pipeline
 from backups.policy import RetentionPolicy
 from backups.stores import open_store
 from orchestrator import pgserver
+from orchestrator.audit import reason_text
 from orchestrator.errors import Conflict, InvalidInput, TenantctlError, first_line
 from orchestrator.faults import checkpoint
 from orchestrator.models import (
@@ -271,7 +272,7 @@ def erase_tenant(fleet: Fleet, slug: str, reason: str, now: datetime) -> dict[st
     every backup copy anywhere is unreadable; then sessions, database and roles
     go, then the objects. A crash anywhere: running erase again (or retention,
     which sees a deleted tenant whose purge is due now) finishes it."""
-    reason = reason.strip()
+    reason = reason_text(reason)
     if not reason:
         raise InvalidInput("--reason is required (it is audited)")
     with holding_tenant(fleet, slug):

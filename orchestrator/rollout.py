@@ -15,6 +15,10 @@ How it holds together:
 - A rollout of the whole fleet (or a region) first moves the fleet's target
   revision and the servers' templates, so tenants created meanwhile are
   created at the target; a last sweep catches any created just before.
+- One target at a time: each process running a rollout holds that rollout's
+  running lock (shared, in the catalog) from its registration to its final
+  status; a rollout to another target is refused while any such lock is held,
+  and a rollout whose processes died (their locks went with them) blocks nothing.
 """
 
 from __future__ import annotations
@@ -26,8 +30,9 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -35,12 +40,13 @@ import psycopg
 import sqlalchemy.exc
 from sqlalchemy import func, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.orm import Session
 
 from orchestrator import spares, templates, tenant_migrations
 from orchestrator.catalog import actor, lock_key, lock_key_sql, with_dbname
-from orchestrator.errors import InvalidInput, NotFound, first_line
+from orchestrator.errors import Conflict, InvalidInput, NotFound, first_line
 from orchestrator.faults import checkpoint
-from orchestrator.models import MIGRATABLE, Rollout, RolloutTenant, Server, Tenant
+from orchestrator.models import MIGRATABLE, Rollout, RolloutTenant, Tenant
 from orchestrator.names import catalog_mismatch, validate_slug
 from orchestrator.provisioning import tenant_lock
 from orchestrator.rollout_plan import (
@@ -206,6 +212,8 @@ class RolloutRun:
         self._inflight: dict[str, int] = {}
         self._results: list[TenantResult] = []
         self._results_lock = threading.Lock()
+        # this rollout's liveness lock, from its registration to its final status
+        self._running = ExitStack()
 
     @property
     def target_name(self) -> str:
@@ -261,6 +269,12 @@ class RolloutRun:
     def run(self) -> RolloutSummary:
         if self.opts.dry_run:
             return self.dry_run()
+        try:
+            return self._run()
+        finally:
+            self._running.close()
+
+    def _run(self) -> RolloutSummary:
         waves = self.plan()  # validates everything before the first write
         total = sum(len(w) for w in waves)
         allowed = parse_budget(self.opts.max_failures, total)
@@ -308,21 +322,57 @@ class RolloutRun:
     def _alive_lock(worker: str) -> str:
         return f"rollout-worker:{worker}"
 
+    @staticmethod
+    def _running_lock(rollout_id: int) -> str:
+        return f"rollout-running:{rollout_id}"
+
+    @contextmanager
+    def _hold_running(self, rollout_id: int) -> Iterator[None]:
+        """Held (shared: several processes may work on one rollout) by every process
+        running the rollout, for as long as it does; Postgres drops it with the
+        process's session, so a rollout whose processes died holds nothing."""
+        with self.fleet.catalog.advisory_lock(self._running_lock(rollout_id), shared=True,
+                                              wait=True):
+            yield
+
+    def _refuse_other_target(self, s: Session) -> None:
+        """One fleet target at a time: a rollout to another target that some process
+        is still running (it holds its running lock) refuses this one; one whose
+        processes are all gone (a crash, a kill) does not count, whatever its row
+        says. Two rollouts to the same target may run at once (the same command
+        attaches to the same rollout; another scope converges on the same revision)."""
+        others = s.execute(select(Rollout.id, Rollout.target, Rollout.actor).where(
+            Rollout.status.in_(("running", "interrupted")),
+            Rollout.target != self.target_name).order_by(Rollout.id)).all()
+        for rollout_id, target, who in others:
+            # free: nobody runs it (held until this transaction ends, so nobody can
+            # start running it meanwhile either)
+            free = s.scalar(text("SELECT pg_try_advisory_xact_lock(:k)"),
+                            {"k": lock_key(self._running_lock(rollout_id))})
+            if not free:
+                raise Conflict(f"rollout {rollout_id} to {target} (started by {who}) is "
+                               f"still running; one target at a time: let it finish or "
+                               f"stop it before a rollout to {self.target_name}")
+
     def _create_or_attach(self, waves: list[list[PlanTenant]]) -> tuple[int, bool]:
         key = self.key()
         with self.fleet.catalog.session() as s, s.begin():
-            s.execute(text("SELECT pg_advisory_xact_lock(hashtext(:k))"),
-                      {"k": f"rollout:{key}"})
+            # One registration at a time, fleet-wide: the check for a rollout to
+            # another target and this one's running lock are then one step.
+            s.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": lock_key("rollout:start")})
+            self._refuse_other_target(s)
             existing = s.scalars(select(Rollout).where(
                 Rollout.key == key, Rollout.status.in_(("running", "interrupted")))
                 .order_by(Rollout.id.desc()).limit(1)).one_or_none()
             if existing is not None:
                 existing.status = "running"
+                self._running.enter_context(self._hold_running(existing.id))
                 return existing.id, False
             rollout = Rollout(key=key, target=self.target_name, status="running",
                               actor=actor(), options=asdict(self.opts))
             s.add(rollout)
             s.flush()
+            self._running.enter_context(self._hold_running(rollout.id))
             rows = [{"rollout_id": rollout.id, "tenant_id": t.tenant_id, "slug": t.slug,
                      "server": t.server, "wave": wave, "from_revision": t.revision,
                      "status": "skipped" if t.revision == self.target else "pending",
@@ -351,11 +401,9 @@ class RolloutRun:
         servers = [s for s in self.fleet.cfg.servers
                    if self.opts.region is None or s.region == self.opts.region]
         for sc in servers:
-            with self.fleet.catalog.session() as s:
-                row = s.get(Server, sc.name)
-                if row is None or (row.template_revision or "base") == self.target_name:
-                    continue
             try:
+                # a template already at the target (entries sharing a cluster share
+                # it) is left alone by build, which reads it on the cluster
                 rev = templates.build(self.fleet, sc.name, self.target_name)
                 report[sc.name] = rev or "base"
                 if self.fleet.cfg.spare_databases:  # spares of the old revision go

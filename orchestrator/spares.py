@@ -166,31 +166,34 @@ def fill(fleet: Fleet, server: str, want: int | None = None) -> int:
     """Top the server's pool up to ``want`` (default: the configured size) ready
     spares at the template's current revision, dropping spares of any other
     revision, half-built ones and any beyond ``want``. Only while the template is at
-    the region's target; returns how many were made."""
+    the region's target; returns how many were made. The pool, like the template it
+    is cloned from, is the cluster's: server entries naming one cluster share it,
+    and its lock."""
     want = fleet.cfg.spare_databases if want is None else want
     sc = fleet.cfg.server(server)
-    with fleet.catalog.advisory_lock(f"spares:{server}") as mine:
-        if not mine:
-            return 0  # another process is filling this pool right now
-        with fleet.catalog.advisory_lock(templates.lock_name(server), shared=True,
-                                         wait=True), \
-                pgserver.connect(sc.admin_dsn, server=server) as conn:
-            revision = templates.template_revision(fleet, server)
-            current = revision == fleet.target_revision(sc.region) and \
-                pgserver.database_owner(conn, TEMPLATE_DB) is not None
-            keep = spare_prefix(revision) if current else None
-            found = list_spares(conn)
-            kept = [s for s in found if keep and s.ready and s.revision == revision
-                    and s.database.startswith(keep)][:want]
-            for spare in found:
-                if spare not in kept:
-                    _drop(conn, spare)
-            ours = {role for s in found for role in (s.names.owner_role, s.names.login_role)}
-            for role in _spare_roles(conn):
-                if role not in ours:  # a fill died between making the roles and the clone
-                    conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(Ident(role)))
-            if keep is None:
-                return 0
-            for _ in range(want - len(kept)):
-                _make(conn, sc.admin_dsn, server, Spare(keep + secrets.token_hex(4)))
-            return want - len(kept)
+    with pgserver.connect(sc.admin_dsn, server=server) as conn:
+        cluster = pgserver.cluster_identity(conn)
+        with fleet.catalog.advisory_lock(f"spares:{cluster}") as mine:
+            if not mine:
+                return 0  # another process is filling this pool right now
+            with fleet.catalog.advisory_lock(templates.lock_name(cluster), shared=True,
+                                             wait=True):
+                revision = fleet.target_revision(sc.region)
+                keep = spare_prefix(revision) if templates.at_revision(conn, revision) \
+                    else None
+                found = list_spares(conn)
+                kept = [s for s in found if keep and s.ready and s.revision == revision
+                        and s.database.startswith(keep)][:want]
+                for spare in found:
+                    if spare not in kept:
+                        _drop(conn, spare)
+                ours = {role for s in found
+                        for role in (s.names.owner_role, s.names.login_role)}
+                for role in _spare_roles(conn):
+                    if role not in ours:  # a fill died between making the roles and the clone
+                        conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(Ident(role)))
+                if keep is None:
+                    return 0
+                for _ in range(want - len(kept)):
+                    _make(conn, sc.admin_dsn, server, Spare(keep + secrets.token_hex(4)))
+                return want - len(kept)

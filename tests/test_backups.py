@@ -14,7 +14,7 @@ from backups.stores import open_store
 from orchestrator.api import Fleet
 from orchestrator.config import load_config
 from orchestrator.models import Backup
-from tests.conftest import PgFleet, connect_as, mark_and_version, run_cli
+from tests.conftest import OwnCatalog, PgFleet, connect_as, mark_and_version, run_cli
 from tests.test_stores import moto_endpoint  # noqa: F401 - fixture
 
 SECRET_ROW = "customer-7f3a-do-not-leak@example.com"
@@ -481,7 +481,8 @@ def test_restore_in_place(fleet: Fleet, test_fleet: PgFleet, slug: str) -> None:
 
 
 def test_master_key_from_kms(test_fleet: PgFleet, tmp_path: Path, slug: str,
-                             moto_endpoint: str) -> None:  # noqa: F811
+                             moto_endpoint: str,  # noqa: F811
+                             own_catalog: OwnCatalog) -> None:
     import boto3
 
     kms = boto3.client("kms", region_name="eu-central-1", endpoint_url=moto_endpoint)
@@ -491,7 +492,9 @@ def test_master_key_from_kms(test_fleet: PgFleet, tmp_path: Path, slug: str,
                    "--kms-region", "eu-central-1", "--kms-endpoint-url", moto_endpoint)
     assert made.returncode == 0, made.stderr
     assert blob.stat().st_mode & 0o777 == 0o600
-    text = test_fleet.config_path.read_text().replace(
+    # a catalog of its own: the shared one's secrets are wrapped by another master
+    # key, which a KMS key is not (writes under it would be refused)
+    text = own_catalog.config_path.read_text().replace(
         f'file = "{test_fleet.state_dir / "master.key"}"',
         f'kms_key_id = "{key_id}"\nkms_data_key_file = "{blob}"\n'
         f'kms_region = "eu-central-1"\nkms_endpoint_url = "{moto_endpoint}"')

@@ -1,7 +1,7 @@
 """The whole system under SIGKILL and under concurrency, on a fleet of its own.
 
 For every named step of provision, restore (as a new tenant and in place),
-backup, rollout, cancel, deletion and purge: the real CLI is killed there
+backup, rollout, cancel, deletion, purge and erasure: the real CLI is killed there
 (TENANTCTL_FAULT=<step>, a SIGKILL: no cleanup runs), the same command is run
 again and must succeed, and `doctor` must then find nothing wrong anywhere —
 no orphan database, role or object, no backup left running, no tenant behind.
@@ -141,7 +141,24 @@ def cancel(fleet: Fleet) -> Scenario:
             assert conn.execute("SELECT count(*) FROM customers").fetchone() is not None
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 conn.execute("INSERT INTO customers (name, email) VALUES ('x', 'x@x.org')")
-    return Scenario(["tenant", "cancel", slug, "--yes"], check)
+    return Scenario(["tenant", "cancel", slug, "--yes"], check, ctx={"slug": slug})
+
+
+def erase(fleet: Fleet) -> Scenario:
+    slug = fleet.provision(new_slug(), "eu-central").tenant["slug"]
+    run_backup(fleet, slug)
+
+    def check(fleet: Fleet) -> None:
+        t = fleet.get_tenant(slug)
+        assert t.state == "purged"
+        with fleet.server_connection(t.server) as conn:
+            assert conn.execute("SELECT 1 FROM pg_database WHERE datname = %s",
+                                (t.database,)).fetchone() is None
+        with fleet.catalog.session() as s:
+            assert s.scalar(select(func.count()).select_from(Backup).where(
+                Backup.slug == slug, Backup.status != "deleted")) == 0
+    return Scenario(["tenant", "erase", slug, "--reason", "crash suite", "--yes"], check,
+                    ctx={"slug": slug})
 
 
 def _cancelled(fleet: Fleet) -> str:
@@ -191,7 +208,11 @@ CASES: list[tuple[Callable[[Fleet], Scenario], str]] = [
     *[(delete, s) for s in ("backup.manifest", "retention.final_backup",
                             "retention.dropped_database", "retention.dropped_roles")],
     *[(purge, s) for s in ("retention.backups_deleted", "retention.key_destroyed")],
+    *[(erase, s) for s in ("erase.key_destroyed", "erase.dropped")],
 ]
+# what doctor says while a step is left half-done (and no process is on it)
+FOUND_AFTER_KILL = {"cancel.restricted": "cancel-unfinished",
+                    "erase.key_destroyed": "erase-unfinished"}
 
 
 @pytest.mark.slow
@@ -208,6 +229,9 @@ def test_kill_then_rerun_converges_and_doctor_finds_nothing(
         # while it stays half-done, doctor says so and how to finish it
         assert ("provisioning-unfinished", scenario.ctx["slug"]) in \
             problems(doctor.run(healthy))
+    if step in FOUND_AFTER_KILL:
+        assert problems(doctor.run(healthy)) == [(FOUND_AFTER_KILL[step],
+                                                  scenario.ctx["slug"])]
     again = cli(clean_fleet, *scenario.args, env=scenario.env)
     assert again.returncode == 0, (step, again.stdout[-800:], again.stderr[-800:])
     scenario.check(healthy)
