@@ -38,6 +38,8 @@ from orchestrator.errors import Conflict, NotFound, TenantctlError, first_line
 from orchestrator.faults import checkpoint
 from orchestrator.localfleet import pg_tool
 from orchestrator.models import Backup, Tenant, TenantKey, TenantState
+from orchestrator.names import tenant_names
+from orchestrator.provisioning import tenant_lock
 
 if TYPE_CHECKING:
     from orchestrator.api import Fleet
@@ -148,6 +150,8 @@ def run_backup(fleet: Fleet, slug: str, *, kind: str = "manual") -> BackupResult
     if tenant.state not in BACKUPABLE:
         raise Conflict(f"tenant {slug!r} is {tenant.state}: nothing to back up")
     reap_dead(fleet, slug)  # whatever command comes next finishes off a crashed one
+    if tenant.state == TenantState.cancelled:
+        hold_large_objects(fleet, slug)
     store = _store_for(fleet, tenant.region)  # the tenant's own region, never another
     pg_dump = pg_tool(fleet.cfg, "pg_dump")
     dump_version = _tool_version(pg_dump)
@@ -174,6 +178,24 @@ def run_backup(fleet: Fleet, slug: str, *, kind: str = "manual") -> BackupResult
                            key_id, store, object_key, manifest_key, started, kind)
 
 
+def hold_large_objects(fleet: Fleet, slug: str) -> None:
+    """During the hold, large objects the login role made since it began (creating
+    one needs no privilege) become read-only like the rest. Under the tenant's lock
+    and only if it is still cancelled (a reactivation meanwhile wins); skipped when
+    another process holds the lock (the next backup does it)."""
+    with fleet.catalog.advisory_lock(tenant_lock(slug)) as got:
+        tenant = fleet.get_tenant(slug)
+        if not got or tenant.state != TenantState.cancelled:
+            return
+        try:
+            with pgserver.connect(fleet.cfg.server(tenant.server).admin_dsn,
+                                  tenant_names(slug).database, server=tenant.server) as conn:
+                pgserver.restrict_large_objects(conn, tenant_names(slug))
+        except psycopg.Error as exc:
+            raise BackupError(f"backup of {slug!r}: taking over its large objects failed: "
+                              f"{first_line(exc)}") from None
+
+
 def _alive(backup_id: int) -> str:
     return f"backup:{backup_id}"
 
@@ -192,6 +214,7 @@ def _run_locked(fleet: Fleet, tenant: Any, backup_id: int, dsn: str, pg_dump: st
             snap.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
             snapshot_id = str(snap.execute("SELECT pg_export_snapshot()").fetchone()[0])  # type: ignore[index]
             row_counts = table_row_counts(snap)
+            large_objects = large_objects_digest(snap)
             size, sha = dump_encrypt_upload(pg_dump, dsn, snapshot_id, recipient, store,
                                              object_key)
         checkpoint("backup.uploaded")
@@ -202,7 +225,7 @@ def _run_locked(fleet: Fleet, tenant: Any, backup_id: int, dsn: str, pg_dump: st
             "server_version": server_version, "pg_dump_version": dump_version,
             "revision": tenant.revision, "key_id": key_id, "object": object_key,
             "size": size, "sha256": sha, "encryption": "age-x25519",
-            "row_counts": row_counts,
+            "row_counts": row_counts, "large_objects": large_objects,
             "started_at": started.isoformat(), "finished_at": finished.isoformat(),
         }
         store.put_bytes(manifest_key, json.dumps(manifest, indent=2).encode())
@@ -238,6 +261,16 @@ def table_row_counts(conn: psycopg.Connection) -> dict[str, int]:
             sql.Identifier(table))).fetchone()
         counts[table] = int(row[0]) if row else 0
     return counts
+
+
+def large_objects_digest(conn: psycopg.Connection) -> dict[str, Any]:
+    """How many large objects this connection's snapshot sees, and a digest of their
+    content (by oid): what a restore must bring back."""
+    row = conn.execute("SELECT count(*), coalesce(md5(string_agg(m.oid::text || ':' || "
+                       "md5(lo_get(m.oid)), ',' ORDER BY m.oid)), '') "
+                       "FROM pg_largeobject_metadata m").fetchone()
+    assert row is not None
+    return {"count": int(row[0]), "md5": row[1]}
 
 
 def dump_encrypt_upload(pg_dump: str, dsn: str, snapshot_id: str | None, recipient: str,
@@ -483,10 +516,16 @@ def restore_test(fleet: Fleet, backup_id: int) -> dict[str, Any]:
                               f"{lines[-1] if lines else done.returncode}")
         with psycopg.connect(dsn) as check:
             actual = table_row_counts(check)
+            restored_los = large_objects_digest(check)
     finally:
         with fleet.server_connection(tenant.server) as conn:
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
                 sql.Identifier(scratch)))
+    if manifest.get("large_objects") not in (None, restored_los):
+        raise BackupError(f"backup {row.id}: restored large objects differ: expected "
+                          f"{manifest['large_objects']['count']} (md5 "
+                          f"{manifest['large_objects']['md5'] or '-'}), got "
+                          f"{restored_los['count']} (md5 {restored_los['md5'] or '-'})")
     mismatched = {t: (expected.get(t), actual.get(t)) for t in set(expected) | set(actual)
                   if expected.get(t) != actual.get(t)}
     if mismatched:
@@ -497,7 +536,7 @@ def restore_test(fleet: Fleet, backup_id: int) -> dict[str, Any]:
     fleet.catalog.audit("backup.verify", tenant=row.slug, region=row.region, backup=row.id,
                         restore_test=True)
     return {"id": row.id, "tenant": row.slug, "ok": True, "tables": len(actual),
-            "rows": sum(actual.values())}
+            "rows": sum(actual.values()), "large_objects": restored_los["count"]}
 
 
 def run_due_backup(fleet: Fleet, slug: str, now: datetime | None = None) -> BackupResult:

@@ -79,10 +79,19 @@ def revoke(
         raise InvalidInput("give a grant id or --all")
     fleet = open_fleet()
     try:
-        ended = access.revoke(fleet, None if all_ else grant_id)
+        if all_:
+            res = access.revoke_all(fleet)
+            ended, failed = res.revoked, res.failed
+        else:
+            ended, failed = access.revoke(fleet, grant_id), {}
     finally:
         fleet.close()
     if as_json:
-        print_json({"revoked": ended})
+        print_json({"revoked": ended, "failed": [{"id": k, "error": v}
+                                                 for k, v in failed.items()]})
     else:
         say(f"revoked {len(ended)} grant(s)" + (f": {ended}" if ended else ""))
+        for gid, why in failed.items():
+            sys.stderr.write(f"error: grant {gid} not revoked: {why}\n")
+    if failed:
+        raise typer.Exit(1)  # the others are revoked; re-run to retry these

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -122,10 +123,12 @@ def drill(
                       "done": sum(r.ok for r in results),
                       "failed": [r.tenant for r in results if not r.ok]})
         t0 = time.perf_counter()
-        revoked = access.revoke(fleet, None)
+        # one grant that cannot be revoked is reported; the master key is re-wrapped
+        revoked = access.revoke_all(fleet)
         steps.append({"step": "revoke support grants",
-                      "seconds": round(time.perf_counter() - t0, 2), "done": len(revoked),
-                      "failed": []})
+                      "seconds": round(time.perf_counter() - t0, 2),
+                      "done": len(revoked.revoked), "failed": sorted(revoked.failed),
+                      "errors": {str(k): v for k, v in revoked.failed.items()}})
         t0 = time.perf_counter()
         counts = keys.rotate_master(fleet, new)
         steps.append({"step": "re-wrap under the new master key",
@@ -140,6 +143,9 @@ def drill(
         for st in steps:
             say(f"{st['step']}: {st['done']} in {st['seconds']}s"
                 + (f", failed: {st['failed']}" if st["failed"] else ""))
+            errors: dict[str, str] = st.get("errors") or {}  # type: ignore[assignment]
+            for what, why in errors.items():
+                sys.stderr.write(f"error: {st['step']}: {what}: {why}\n")
         say(f"now set master_key in the config to {new_key_file} ({new.key_id})")
     if any(st["failed"] for st in steps):
         raise typer.Exit(1)

@@ -171,6 +171,9 @@ def register_tenant_commands(tenant_app: typer.Typer) -> None:  # noqa: C901 - o
             print_json(res)
         else:
             say(f"exported {slug} to {res['output']} ({res['size']} bytes)")
+            if res["not_included"].get("large_objects"):
+                say(f"not included: {res['not_included']['large_objects']} large "
+                    "object(s) (CSV has no form for them; --format sql includes them)")
 
 
 @retention_app.command("run")

@@ -13,16 +13,18 @@ tenant drops its grants with it. The password is shown once and never stored.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+import psycopg
 from psycopg import sql
 from sqlalchemy import select, update
 
 from orchestrator import clock, pgserver
 from orchestrator.audit import reason_text
 from orchestrator.catalog import actor
-from orchestrator.errors import Conflict, InvalidInput, NotFound
+from orchestrator.errors import Conflict, InvalidInput, NotFound, TenantctlError, first_line
 from orchestrator.models import SupportGrant, TenantState
 from orchestrator.provisioning import new_password
 
@@ -78,6 +80,10 @@ def grant(fleet: Fleet, slug: str, *, to: str, ttl: timedelta, reason: str,
     tenant = fleet.get_tenant(slug)
     if tenant.state not in GRANTABLE:
         raise Conflict(f"tenant {slug!r} is {tenant.state}: it has no database to grant")
+    if not read_only and tenant.state != TenantState.active:
+        # a hold (or a suspension) keeps the data as it was: nobody writes to it
+        raise Conflict(f"tenant {slug!r} is {tenant.state}: write access needs an active "
+                       "tenant (read-only access is allowed)")
     now = clock.utcnow()
     expires = now + ttl
     # the catalog row first: if we die before the role exists, expiry cleans up
@@ -99,9 +105,9 @@ def grant(fleet: Fleet, slug: str, *, to: str, ttl: timedelta, reason: str,
             sql.Literal(verifier), sql.Literal(expires.isoformat())))
         conn.execute(sql.SQL("COMMENT ON ROLE {} IS {}").format(
             ident, sql.Literal(_marker(grant_id, slug))))
-        if read_only:
-            conn.execute(sql.SQL("ALTER ROLE {} SET default_transaction_read_only = on")
-                         .format(ident))
+        for name, value in settings(read_only).items():
+            conn.execute(sql.SQL("ALTER ROLE {} SET {} = {}").format(
+                ident, sql.Identifier(name), sql.Literal(value)))
         conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(db, ident))
     admin = fleet.cfg.server(tenant.server).admin_dsn
     tables = sql.SQL("SELECT" if read_only else "SELECT, INSERT, UPDATE, DELETE")
@@ -135,30 +141,32 @@ def grants(fleet: Fleet, *, include_ended: bool = False) -> list[dict[str, Any]]
         return [grant_json(g) for g in s.scalars(q)]
 
 
-def drop_role(fleet: Fleet, g: SupportGrant, *, database_exists: bool = True) -> None:
-    """End the role's sessions, take its privileges back, drop it. Idempotent."""
-    tenant_db = f"tenant_{g.slug}"
+def settings(read_only: bool) -> dict[str, str]:
+    """The role settings a support role gets; any other (the role may ALTER ROLE its
+    own settings) is tampering, and ends the grant (see ``tampered``)."""
+    return {"default_transaction_read_only": "on"} if read_only else {}
+
+
+def drop_role(fleet: Fleet, g: SupportGrant) -> None:
+    """End the role's sessions first (whatever fails after), then what it owns goes to
+    the tenant's owner role, its privileges go, and the role. Idempotent; the one
+    way tenantctl drops a support role."""
     ident = sql.Identifier(g.role_name)
-    with fleet.server_connection(g.server) as conn:
-        if not pgserver.role_exists(conn, g.role_name):
-            return
-        if pgserver.role_comment(conn, g.role_name) != _marker(g.id, g.slug):
-            raise Conflict(f"role {g.role_name} on {g.server} is not grant {g.id}'s: "
-                           "left alone")
-        conn.execute(sql.SQL("ALTER ROLE {} NOLOGIN").format(ident))
-        pgserver.terminate_sessions(conn, role=g.role_name)
-        exists = database_exists and pgserver.database_owner(conn, tenant_db) is not None
-    if exists:
-        admin = fleet.cfg.server(g.server).admin_dsn
-        with pgserver.connect(admin, tenant_db, server=g.server) as conn:
-            conn.execute(sql.SQL(";\n").join([
-                sql.SQL("REVOKE ALL ON ALL TABLES IN SCHEMA public FROM {}").format(ident),
-                sql.SQL("REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM {}").format(ident),
-                sql.SQL("REVOKE ALL ON SCHEMA public FROM {}").format(ident),
-                sql.SQL("REVOKE ALL ON DATABASE {} FROM {}").format(
-                    sql.Identifier(tenant_db), ident)]))
-    with fleet.server_connection(g.server) as conn:
-        conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(ident))
+    try:
+        with fleet.server_connection(g.server) as conn:
+            if not pgserver.role_exists(conn, g.role_name):
+                return
+            if pgserver.role_comment(conn, g.role_name) != _marker(g.id, g.slug):
+                raise Conflict(f"role {g.role_name} on {g.server} is not grant {g.id}'s: "
+                               "left alone")
+            conn.execute(sql.SQL("ALTER ROLE {} NOLOGIN").format(ident))
+            pgserver.terminate_sessions(conn, role=g.role_name)
+            pgserver.wait_sessions_gone(conn, g.role_name)
+            pgserver.drop_role_everywhere(conn, fleet.cfg.server(g.server).admin_dsn,
+                                          g.role_name, server=g.server)
+    except psycopg.Error as exc:
+        raise TenantctlError(f"support grant {g.id}: dropping {g.role_name} on {g.server} "
+                             f"failed: {first_line(exc)}") from None
 
 
 def _end(fleet: Fleet, g: SupportGrant, why: str, *, revoked: bool) -> None:
@@ -185,9 +193,42 @@ def revoke(fleet: Fleet, grant_id: int | None = None) -> list[int]:
             if s.get(SupportGrant, grant_id) is None:
                 raise NotFound(f"no support grant {grant_id}")
         raise Conflict(f"support grant {grant_id} has already ended")
+    if grant_id is not None:
+        _end(fleet, rows[0], "revoke", revoked=True)
+        return [grant_id]
+    res = revoke_all(fleet)
+    if res.failed:
+        gid, why = next(iter(res.failed.items()))
+        raise TenantctlError(f"{len(res.failed)} support grant(s) not revoked (the others "
+                             f"are), e.g. {gid}: {why}")
+    return res.revoked
+
+
+@dataclass
+class RevokeAll:
+    revoked: list[int] = field(default_factory=list)
+    failed: dict[int, str] = field(default_factory=dict)  # grant id -> why
+
+
+def revoke_all(fleet: Fleet) -> RevokeAll:
+    """Every live grant (breach response): one grant's failure is reported, the
+    others are revoked all the same."""
+    with fleet.catalog.session() as s:
+        rows = list(s.scalars(select(SupportGrant).where(SupportGrant.dropped_at.is_(None))
+                              .order_by(SupportGrant.id)))
+    result = RevokeAll()
     for g in rows:
-        _end(fleet, g, "revoke", revoked=True)
-    return [g.id for g in rows]
+        try:
+            _end(fleet, g, "revoke", revoked=True)
+            result.revoked.append(g.id)
+        except TenantctlError as exc:
+            result.failed[g.id] = first_line(exc)
+    return result
+
+
+def live(fleet: Fleet) -> list[SupportGrant]:
+    with fleet.catalog.session() as s:
+        return list(s.scalars(select(SupportGrant).where(SupportGrant.dropped_at.is_(None))))
 
 
 def expired(fleet: Fleet, now: datetime) -> list[SupportGrant]:
@@ -196,13 +237,54 @@ def expired(fleet: Fleet, now: datetime) -> list[SupportGrant]:
             SupportGrant.dropped_at.is_(None), SupportGrant.expires_at <= now)))
 
 
-def expire(fleet: Fleet, grant_id: int) -> str:
+def expire(fleet: Fleet, grant_id: int, *, tampered: str | None = None) -> str:
+    """End an expired grant, or (``tampered``: why) one whose role was changed."""
     with fleet.catalog.session() as s:
         g = s.get(SupportGrant, grant_id)
     if g is None or g.dropped_at is not None:
         return "already ended"
-    _end(fleet, g, "expire", revoked=False)
-    return f"role {g.role_name} of {g.grantee} dropped"
+    _end(fleet, g, "tampered" if tampered else "expire", revoked=bool(tampered))
+    return f"role {g.role_name} of {g.grantee} dropped" + (
+        f" (tampered with: {tampered})" if tampered else "")
+
+
+def tampered(fleet: Fleet) -> dict[int, str]:
+    """Live grants whose role changed its own settings (a role may ALTER ROLE its own
+    settings and password; only its settings can be seen by a non-superuser): grant
+    id -> what changed. A server that cannot be read is skipped (doctor reports it)."""
+    rows = live(fleet)
+    by_server: dict[str, list[SupportGrant]] = {}
+    for g in rows:
+        by_server.setdefault(g.server, []).append(g)
+    found: dict[int, str] = {}
+    for server, grants_here in by_server.items():
+        try:
+            with fleet.server_connection(server) as conn:
+                config: dict[str, list[str]] = dict(conn.execute(
+                    "SELECT r.rolname, coalesce(r.rolconfig, '{}') || coalesce("
+                    "(SELECT array_agg(c) FROM pg_db_role_setting s, unnest(s.setconfig) c "
+                    "WHERE s.setrole = r.oid AND s.setdatabase <> 0), '{}') "
+                    "FROM pg_roles r WHERE r.rolname = ANY(%s)",
+                    ([g.role_name for g in grants_here],)).fetchall())
+        except (TenantctlError, psycopg.Error):
+            continue
+        for g in grants_here:
+            why = settings_changed(config.get(g.role_name), g.read_only)
+            if why is not None:
+                found[g.id] = why
+    return found
+
+
+def settings_changed(config: list[str] | None, read_only: bool) -> str | None:
+    """What differs between a support role's settings (pg_roles.rolconfig) and those
+    its grant gave it; None when nothing does (or the role is gone)."""
+    if config is None:
+        return None
+    want = {f"{k}={v}" for k, v in settings(read_only).items()}
+    extra, missing = sorted(set(config) - want), sorted(want - set(config))
+    if not extra and not missing:
+        return None
+    return "; ".join([*(f"set {c}" for c in extra), *(f"removed {c}" for c in missing)])
 
 
 def drop_tenant_grants(fleet: Fleet, tenant_id: int) -> None:
@@ -211,7 +293,7 @@ def drop_tenant_grants(fleet: Fleet, tenant_id: int) -> None:
         rows = list(s.scalars(select(SupportGrant).where(
             SupportGrant.tenant_id == tenant_id, SupportGrant.dropped_at.is_(None))))
     for g in rows:
-        drop_role(fleet, g, database_exists=False)
+        drop_role(fleet, g)
         with fleet.catalog.session() as s, s.begin():
             s.execute(update(SupportGrant).where(SupportGrant.id == g.id)
                       .values(dropped_at=clock.utcnow()))

@@ -124,6 +124,7 @@ class Role:
     # "name=value"; those set for one database only as "@database:name=value".
     connection_limit: int | None = None
     settings: frozenset[str] | None = None
+    admin_reads: bool = True  # the admin has its privileges (reads what it owns)
 
 
 @dataclass
@@ -144,6 +145,8 @@ class ClusterFacts:
     reserve_pending: bool = False  # set, waiting for a restart
     admin_reserved: bool = False  # the admin holds pg_use_reserved_connections
     admin_bounds_temp: bool = True  # the admin may set temp_file_limit on roles
+    # database -> owner role -> how many large objects it owns there
+    large_objects: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -181,6 +184,7 @@ class Facts:
     # tenants whose stored password no longer logs in (the role's was changed)
     dead_logins: frozenset[str] = frozenset()
     logins_unchecked: str | None = None  # why the stored passwords were not tried
+    grant_ids: dict[str, tuple[int, bool]] = field(default_factory=dict)  # -> (id, read-only)
 
 
 # -- findings -------------------------------------------------------------------------
@@ -218,9 +222,9 @@ def _f(severity: str, code: str, subject: str, message: str, remedy: str,
 def diagnose(f: Facts) -> list[Finding]:
     out: list[Finding] = []
     for check in (check_catalog_rows, check_servers, check_tenant_objects, check_orphans,
-                  check_privileges, check_role_bounds, check_backups, check_store,
-                  check_revisions, check_retention, check_transitions, check_master_key,
-                  check_fleet_identity):
+                  check_privileges, check_role_bounds, check_large_objects, check_backups,
+                  check_store, check_revisions, check_retention, check_transitions,
+                  check_master_key, check_fleet_identity, check_grants):
         out.extend(check(f))
     return sorted(out, key=lambda x: (SEVERITY_ORDER[x.severity], x.code, x.subject))
 
@@ -561,6 +565,68 @@ def check_privileges(f: Facts) -> Iterator[Finding]:
                          fix="revoke_membership", server=server, role=name, parent=parent)
 
 
+def check_large_objects(f: Facts) -> Iterator[Finding]:
+    """Backups dump as the admin, which reads the large objects of the roles it has
+    the privileges of: the tenant's owner and login roles. Anybody else's (a
+    support role's) make every backup fail; the hold makes the login role's
+    read-only."""
+    for t in f.tenants:
+        c = _cluster(f, t.server)
+        names = _names(t.slug)
+        if c is None or t.state not in LIVE or names is None:
+            continue
+        owners = c.large_objects.get(names.database, {})
+        login = c.roles.get(names.login_role)
+        if login is not None and not login.admin_reads:
+            n = owners.get(names.login_role, 0)
+            yield _f(ERROR if n else WARNING, "admin-membership-missing", t.slug,
+                     f"the admin role lacks the privileges of {names.login_role}, so it "
+                     "cannot read (back up) large objects that role owns"
+                     + (f": {n} now, every backup fails" if n else ""),
+                     f"GRANT {names.login_role} TO <admin> WITH INHERIT TRUE, SET TRUE "
+                     "(tenantctl doctor --fix)", fix="grant_membership", server=t.server,
+                     role=names.login_role)
+        for owner, n in sorted(owners.items()):
+            if owner in (names.login_role, names.owner_role):
+                continue
+            grant = f.grant_ids.get(owner)
+            remedy = (f"tenantctl access revoke {grant[0]} (what it owns goes to "
+                      f"{names.owner_role})" if grant is not None else
+                      f"tenantctl doctor --fix drops the orphan role {owner} (what it owns "
+                      f"goes to {names.owner_role})" if SUPPORT_ROLE.match(owner) else
+                      f"ALTER LARGE OBJECT … OWNER TO {names.owner_role}, as a member of "
+                      f"{owner}")
+            yield _f(ERROR, "large-objects-unreadable", t.slug,
+                     f"{n} large object(s) in {names.database} owned by {owner}, which the "
+                     "backup role cannot read: every backup of it fails", remedy)
+        n = owners.get(names.login_role, 0)
+        if t.state == TenantState.cancelled and n:
+            yield _f(WARNING, "large-objects-writable", t.slug,
+                     f"{n} large object(s) its login role made during the hold, still "
+                     "writable by it", f"tenantctl backup run {t.slug} takes them over "
+                     "(tenantctl doctor --fix)", fix="hold_large_objects", slug=t.slug)
+
+
+def check_grants(f: Facts) -> Iterator[Finding]:
+    """A support role may ALTER ROLE its own settings: one that did is tampered with,
+    and its grant ends."""
+    from orchestrator.access import settings_changed
+
+    for _cid, c in sorted(f.clusters.items()):
+        if not c.reachable:
+            continue
+        for name, r in sorted(c.roles.items()):
+            grant = f.grant_ids.get(name)
+            if grant is None or r.settings is None:
+                continue
+            why = settings_changed(sorted(r.settings), grant[1])
+            if why is not None:
+                yield _f(ERROR, "grant-tampered", name,
+                         f"support grant {grant[0]}: its role changed its own settings ({why})",
+                         "tenantctl retention run --only access ends it (tenantctl doctor "
+                         "--fix)", fix="expire_grants")
+
+
 def check_backups(f: Facts) -> Iterator[Finding]:
     latest: dict[int, BackupRow] = {}
     for b in f.backups:
@@ -737,10 +803,18 @@ SELECT r.rolname, r.rolsuper, r.rolcreatedb, r.rolcreaterole, r.rolbypassrls,
                                             || ':' || c END)
                  FROM pg_db_role_setting s CROSS JOIN unnest(s.setconfig) c
                  LEFT JOIN pg_database d ON d.oid = s.setdatabase
-                 WHERE s.setrole = r.oid), '{}')
+                 WHERE s.setrole = r.oid), '{}'),
+       pg_has_role(r.oid, 'USAGE')
 FROM pg_roles r
 WHERE r.rolname LIKE 'tenant\_%' OR r.rolname LIKE 'owner\_%'
    OR r.rolname LIKE 'tenantctl\_support\_%'
+"""
+# large objects per database and owner, for the whole cluster from one shared catalog
+LARGE_OBJECTS = """
+SELECT d.datname, pg_get_userbyid(s.refobjid), count(*)
+FROM pg_shdepend s JOIN pg_database d ON d.oid = s.dbid
+WHERE s.classid = 'pg_largeobject'::regclass AND s.deptype = 'o'
+GROUP BY 1, 2
 """
 # other roles' sessions show no backend_type to the admin (no pg_read_all_stats),
 # but do show their database: a tenant's flood is counted too
@@ -797,15 +871,18 @@ def _read_cluster(fleet: Fleet, server: str, facts: ClusterFacts) -> None:
             for name, owner, allow, connect, comment in conn.execute(DATABASES):
                 facts.databases[name] = Database(owner, allow, frozenset(connect), comment)
             for (name, su, cdb, crole, bypass, repl, comment, member_of, limit,
-                 settings) in conn.execute(ROLES):
+                 settings, reads) in conn.execute(ROLES):
                 facts.roles[name] = Role(su, cdb, crole, bypass, repl, comment,
-                                         frozenset(member_of), limit, frozenset(settings))
+                                         frozenset(member_of), limit, frozenset(settings),
+                                         reads)
             reserve = conn.execute(RESERVE).fetchone()
             if reserve:
                 (facts.version, facts.admin, facts.reserved_connections,
                  facts.reserve_pending, facts.superuser_reserved,
                  facts.admin_reserved) = reserve
             facts.admin_bounds_temp = pgserver.can_set_parameter(conn, "temp_file_limit")
+            for dbname, owner, n in conn.execute(LARGE_OBJECTS):
+                facts.large_objects.setdefault(dbname, {})[owner] = int(n)
             row = conn.execute(CONNECTIONS).fetchone()
             if row:
                 facts.connections, facts.max_connections = int(row[0]), int(row[1])
@@ -930,7 +1007,8 @@ def gather(fleet: Fleet, region: str | None = None, now: datetime | None = None)
         servers = {sv.name: (sv.region, sv.capacity, sv.template_revision)
                    for sv in s.scalars(sq) if sv.available}
         grant_rows = list(s.execute(
-            select(SupportGrant.id, SupportGrant.expires_at, Tenant.database)
+            select(SupportGrant.id, SupportGrant.expires_at, Tenant.database,
+                   SupportGrant.read_only)
             .join(Tenant, Tenant.id == SupportGrant.tenant_id)
             .where(SupportGrant.dropped_at.is_(None))))
         recorded_key, wrapped = keys.catalog_key_id(s), keys.wrapped_key_ids(s)
@@ -980,11 +1058,12 @@ def gather(fleet: Fleet, region: str | None = None, now: datetime | None = None)
                            b.status, b.started_at, b.finished_at, alive=_alive(b.id) in busy)
                  for b in backups],
         servers=servers, server_cluster=server_cluster, clusters=clusters, stores=stores,
-        grants={role_name(gid): (db, exp) for gid, exp, db in grant_rows},
+        grants={role_name(gid): (db, exp) for gid, exp, db, _ro in grant_rows},
         scoped_region=region, master_key_id=configured_key, key_error=key_error,
         catalog_key_id=recorded_key, wrapped_key_ids=wrapped,
         fleet_id=fleet.catalog.fleet_id(), bounds=cfg.bounds, dead_logins=frozenset(dead),
-        logins_unchecked=unchecked)
+        logins_unchecked=unchecked,
+        grant_ids={role_name(gid): (gid, ro) for gid, _exp, _db, ro in grant_rows})
 
 
 # -- repairing ------------------------------------------------------------------------
@@ -1117,7 +1196,24 @@ def _fix_expire_grants(fleet: Fleet, x: Finding) -> str:
     from orchestrator import access
 
     ended = [access.expire(fleet, g.id) for g in access.expired(fleet, clock.utcnow())]
+    ended += [access.expire(fleet, gid, tampered=why)
+              for gid, why in access.tampered(fleet).items()]
     return f"{len(ended)} support grant(s) ended"
+
+
+def _fix_grant_membership(fleet: Fleet, x: Finding) -> str:
+    from orchestrator import pgserver
+
+    with fleet.server_connection(x.arg("server")) as conn:
+        conn.execute(pgserver.membership_grant(conn, x.arg("role")))
+    return "membership granted"
+
+
+def _fix_hold_large_objects(fleet: Fleet, x: Finding) -> str:
+    from backups.pipeline import hold_large_objects
+
+    hold_large_objects(fleet, x.arg("slug"))
+    return "large objects taken over (read-only for the login role)"
 
 
 def _fix_retention(fleet: Fleet, x: Finding) -> str:
@@ -1182,7 +1278,17 @@ def _fix_reapply_password(fleet: Fleet, x: Finding) -> str:
 
 
 def _fix_drop_orphan_role(fleet: Fleet, x: Finding) -> str:
+    from orchestrator import pgserver
+
     role = sql.Identifier(x.arg("role"))
+    if SUPPORT_ROLE.match(x.arg("role")):  # what it made goes to the database's owner
+        server = x.arg("server")
+        with fleet.server_connection(server) as conn:
+            pgserver.set_login(conn, x.arg("role"), False)
+            pgserver.wait_sessions_gone(conn, x.arg("role"))
+            pgserver.drop_role_everywhere(conn, fleet.cfg.server(server).admin_dsn,
+                                          x.arg("role"), server=server)
+        return "role dropped (what it owned handed to the database's owner)"
     # DROP ROLE refuses while the role owns anything or holds privileges somewhere
     # else than this database: then the remedy stays manual, nothing is forced.
     _admin_exec(fleet, x.arg("server"), sql.SQL("DROP ROLE {}").format(role))
@@ -1237,6 +1343,7 @@ FIXES: dict[str, Callable[[Fleet, Finding], str]] = {
     "drop_orphan_database": _fix_drop_orphan_database, "discard_upload": _fix_discard_upload,
     "finish_erase": _fix_finish_erase, "bound_role": _fix_bound_role,
     "reapply_password": _fix_reapply_password,
+    "grant_membership": _fix_grant_membership, "hold_large_objects": _fix_hold_large_objects,
 }
 ONCE = {"reap_backups", "expire_grants"}
 

@@ -5,7 +5,9 @@ only when complete, so a failed export never leaves a truncated file behind.
 
 - sql: a plain `pg_dump` script (no owners, no grants: it loads anywhere);
 - csv: a zip with one UTF-8 CSV per table, header row first, all tables read
-  in one snapshot.
+  in one snapshot. Large objects have no CSV form: the zip then carries
+  NOT_INCLUDED.txt saying how many were left out (the sql format has them), and
+  the result says so (``not_included``).
 """
 
 from __future__ import annotations
@@ -66,7 +68,8 @@ def export(fleet: Fleet, slug: str, fmt: str, output: Path, *, force: bool = Fal
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as out:
-            tables = (_sql(fleet, dsn, out) if fmt == "sql" else _csv(dsn, out))
+            tables, left_out = (_sql(fleet, dsn, out), {}) if fmt == "sql" \
+                else _csv(dsn, out)
             out.flush()
             os.fsync(out.fileno())
         tmp.replace(output)
@@ -78,9 +81,9 @@ def export(fleet: Fleet, slug: str, fmt: str, output: Path, *, force: bool = Fal
         raise
     size = output.stat().st_size
     fleet.catalog.audit("tenant.export", tenant=slug, region=tenant.region, format=fmt,
-                        output=str(output), size=size)
+                        output=str(output), size=size, not_included=left_out or None)
     return {"tenant": slug, "format": fmt, "output": str(output), "size": size,
-            "tables": tables}
+            "tables": tables, "not_included": left_out}
 
 
 def _sql(fleet: Fleet, dsn: str, out: Any) -> int | None:
@@ -94,13 +97,19 @@ def _sql(fleet: Fleet, dsn: str, out: Any) -> int | None:
     return None
 
 
-def _csv(dsn: str, out: Any) -> int:
+NOT_INCLUDED = "NOT_INCLUDED.txt"
+
+
+def _csv(dsn: str, out: Any) -> tuple[int, dict[str, int]]:
+    """(tables written, what the CSV form cannot hold: {"large_objects": n})."""
     with psycopg.connect(dsn) as conn:
         conn.read_only = True
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ  # one snapshot
         tables = [r[0] for r in conn.execute(
             "SELECT tablename FROM pg_tables WHERE schemaname = 'public' "
             "AND tablename <> 'alembic_version' ORDER BY 1")]
+        row = conn.execute("SELECT count(*) FROM pg_largeobject_metadata").fetchone()
+        left_out = {"large_objects": int(row[0])} if row and row[0] else {}
         with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as zf:
             for table in tables:
                 with zf.open(f"{table}.csv", "w", force_zip64=True) as entry, \
@@ -109,4 +118,8 @@ def _csv(dsn: str, out: Any) -> int:
                             "ENCODING 'UTF8')").format(sql.Identifier(table))) as copy:
                     for chunk in copy:
                         entry.write(chunk)
-    return len(tables)
+            if left_out:
+                zf.writestr(NOT_INCLUDED, f"{left_out['large_objects']} large object(s) "
+                            "are not included: CSV has no form for them. "
+                            "`tenantctl tenant export --format sql` includes them.\n")
+    return len(tables), left_out

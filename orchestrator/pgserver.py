@@ -199,15 +199,20 @@ def role_marker(tenant_id: int, slug: str) -> str:
     return f"tenantctl tenant {slug} #{tenant_id}"
 
 
-def _grant_membership(conn: psycopg.Connection, role: str) -> None:
-    """Make the admin role a member of ``role`` so it can SET ROLE to it, own objects
-    through it and REASSIGN OWNED. Since Postgres 16 a CREATEROLE creator holds
-    only ADMIN OPTION on roles it creates; INHERIT and SET must be granted."""
+def membership_grant(conn: psycopg.Connection, role: str) -> sql.Composed:
+    """The statement that makes the admin role a member of ``role`` so it can SET ROLE
+    to it, own objects through it, read what it owns and REASSIGN OWNED. Since
+    Postgres 16 a CREATEROLE creator holds only ADMIN OPTION on roles it creates;
+    INHERIT and SET must be granted."""
     if server_version(conn) >= 160000:
         stmt = sql.SQL("GRANT {} TO CURRENT_USER WITH INHERIT TRUE, SET TRUE")
     else:
         stmt = sql.SQL("GRANT {} TO CURRENT_USER")
-    conn.execute(stmt.format(Ident(role)))
+    return stmt.format(Ident(role))
+
+
+def _grant_membership(conn: psycopg.Connection, role: str) -> None:
+    conn.execute(membership_grant(conn, role))
 
 
 def ensure_roles(conn: psycopg.Connection, names: TenantNames, marker: str) -> None:
@@ -225,6 +230,9 @@ def ensure_roles(conn: psycopg.Connection, names: TenantNames, marker: str) -> N
                 "NOBYPASSRLS NOINHERIT; COMMENT ON ROLE {} IS {}").format(
                     Ident(role), Ident(role), sql.Literal(marker)))
         _grant_membership(conn, names.owner_role)
+        # the login role may own large objects (creating one needs no privilege):
+        # the admin, which dumps the database, must be able to read them
+        _grant_membership(conn, names.login_role)
 
 
 def ensure_database(conn: psycopg.Connection, names: TenantNames, *,
@@ -310,19 +318,77 @@ def secure_tenant_database(conn: psycopg.Connection, names: TenantNames,
                                    "GRANT SELECT ON public.alembic_version TO CURRENT_USER")
                            .format(login, login)),
         revision_marks.PUBLISH_CURRENT,  # the revision the database is at, as its mark
+        large_objects_to_login(conn, names),  # after a hold, or restored as the owner's
     ]
     # one round trip: these run on every provisioning
     conn.execute(sql.SQL(";\n").join(stmts))
 
 
+# -- large objects ------------------------------------------------------------------
+#
+# Creating a large object needs no privilege in Postgres and a non-superuser cannot
+# take EXECUTE on lo_* away, so a tenant's login role (or a support role) may own
+# some. The model: the application's large objects belong to its login role; the
+# admin, which dumps the database, is a member of the login role (INHERIT), so it
+# reads them. The hold takes them over (owner role, SELECT for the login role);
+# `secure_tenant_database` hands them back, restored ones included (pg_restore
+# --role makes them the owner role's).
+
+_ROLE_OID = "(SELECT oid FROM pg_roles WHERE rolname = {})"
+
+
+def _do(body: sql.Composable) -> sql.Composed:
+    return sql.SQL("DO {}").format(sql.Literal(body.as_string(None)))
+
+
+def large_objects_to_login(conn: psycopg.Connection, names: TenantNames) -> sql.Composed:
+    """The statement (run in the tenant's database) that gives the login role back the
+    large objects the owner role holds; nothing to do costs one index probe."""
+    owner, login = sql.Literal(names.owner_role), sql.Literal(names.login_role)
+    return _do(sql.SQL(
+        "DECLARE o oid; BEGIN "
+        "IF EXISTS (SELECT FROM pg_largeobject_metadata WHERE lomowner = " + _ROLE_OID + ") "
+        "THEN EXECUTE {}; "
+        "FOR o IN SELECT oid FROM pg_largeobject_metadata WHERE lomowner = " + _ROLE_OID +
+        " LOOP EXECUTE format('ALTER LARGE OBJECT %s OWNER TO %I', o, {}); END LOOP; "
+        "END IF; END").format(owner, sql.Literal(membership_grant(conn, names.login_role)
+                                                 .as_string(None)), owner, login))
+
+
+def large_objects_read_only(conn: psycopg.Connection, names: TenantNames) -> sql.Composed:
+    """The statement (run in the tenant's database) that makes every large object of
+    the tenant's roles the owner role's, readable but not writable (nor unlinkable)
+    by the login role: the hold's share of large objects."""
+    owner, login = sql.Literal(names.owner_role), sql.Literal(names.login_role)
+    return _do(sql.SQL(
+        "DECLARE o oid; BEGIN "
+        "IF EXISTS (SELECT FROM pg_largeobject_metadata WHERE lomowner = " + _ROLE_OID + ") "
+        "THEN EXECUTE {}; END IF; "
+        "FOR o IN SELECT oid FROM pg_largeobject_metadata WHERE lomowner IN ("
+        + _ROLE_OID + ", " + _ROLE_OID + ") LOOP "
+        "EXECUTE format('ALTER LARGE OBJECT %s OWNER TO %I', o, {}); "
+        "EXECUTE format('REVOKE ALL ON LARGE OBJECT %s FROM %I', o, {}); "
+        "EXECUTE format('GRANT SELECT ON LARGE OBJECT %s TO %I', o, {}); "
+        "END LOOP; END").format(login, sql.Literal(membership_grant(conn, names.login_role)
+                                                   .as_string(None)),
+                                login, owner, owner, login, login))
+
+
+def restrict_large_objects(conn: psycopg.Connection, names: TenantNames) -> None:
+    """Run in the tenant's database during the hold: large objects made since the hold
+    began (creating one needs no privilege) become read-only like the rest."""
+    conn.execute(large_objects_read_only(conn, names))
+
+
 def restrict_to_reads(conn: psycopg.Connection, names: TenantNames,
                       dbname: str | None = None) -> None:
     """Run in the tenant's database: the login role keeps SELECT and loses every
-    write, on existing tables and on those a migration creates later, and its
-    temporary tables. Open sessions feel it at their next statement.
+    write, on existing tables and on those a migration creates later, on its large
+    objects and its temporary tables. Open sessions feel it at their next statement.
     `secure_tenant_database` undoes it."""
     owner, login = Ident(names.owner_role), Ident(names.login_role)
     conn.execute(sql.SQL(";\n").join([
+        large_objects_read_only(conn, names),
         sql.SQL("REVOKE INSERT, UPDATE, DELETE, TRUNCATE, REFERENCES, TRIGGER "
                 "ON ALL TABLES IN SCHEMA public FROM {}").format(login),
         sql.SQL("REVOKE USAGE, UPDATE ON ALL SEQUENCES IN SCHEMA public FROM {}").format(login),
@@ -414,6 +480,53 @@ def terminate_sessions(conn: psycopg.Connection, *, role: str | None = None,
                 "WHERE {} = %s AND pid <> pg_backend_pid()").format(Ident(column)),
         (role if role is not None else database,)).fetchall()
     return len(rows)
+
+
+def wait_sessions_gone(conn: psycopg.Connection, role: str, timeout: float = 5.0) -> bool:
+    """After terminating a role's sessions: wait (at most ``timeout`` seconds) until
+    they are gone, so the temporary objects they owned are gone too."""
+    deadline = time.monotonic() + timeout
+    while conn.execute("SELECT 1 FROM pg_stat_activity WHERE usename = %s "
+                       "AND pid <> pg_backend_pid() LIMIT 1", (role,)).fetchone():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+# databases where a role owns objects or holds privileges: one shared catalog says
+# it for the whole cluster; the admin may hand what it owns to the database's owner
+# when it has that owner's privileges (a tenant database: the tenant's owner role)
+_ROLE_DATABASES = """
+SELECT DISTINCT d.datname, pg_get_userbyid(d.datdba), pg_has_role(d.datdba, 'USAGE')
+FROM pg_shdepend s JOIN pg_database d ON d.oid = s.dbid
+WHERE s.refclassid = 'pg_authid'::regclass
+  AND s.refobjid = (SELECT oid FROM pg_roles WHERE rolname = %s)
+ORDER BY 1
+"""
+
+
+def drop_role_everywhere(conn: psycopg.Connection, admin_dsn: str, role: str, *,
+                         server: str = "") -> None:
+    """Drop a role that may own things (a support role that made a large object):
+    in every database where it owns objects or holds privileges, REASSIGN OWNED
+    BY it TO that database's owner (what it made in a tenant's database stays the
+    tenant's), then DROP OWNED BY it (what is left, and its privileges); then
+    DROP ROLE. Call it once the role's sessions are ended. Idempotent."""
+    if not role_exists(conn, role):
+        return
+    ident = Ident(role)
+    conn.execute(membership_grant(conn, role))  # REASSIGN/DROP OWNED need its privileges
+    for dbname, heir, may_act_as_heir in conn.execute(_ROLE_DATABASES, (role,)).fetchall():
+        stmts = []
+        if may_act_as_heir and heir != role:
+            stmts.append(sql.SQL("REASSIGN OWNED BY {} TO {}").format(ident, Ident(heir)))
+        stmts.append(sql.SQL("DROP OWNED BY {}").format(ident))
+        with connect(admin_dsn, dbname, server=server) as dconn:
+            dconn.execute(sql.SQL(";\n").join(stmts))
+    # privileges on shared objects (CONNECT on its database), and this database's
+    conn.execute(sql.SQL("DROP OWNED BY {}").format(ident))
+    conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(ident))
 
 
 def scram_verifier(conn: psycopg.Connection, role: str, password: str) -> str:

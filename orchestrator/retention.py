@@ -101,6 +101,11 @@ def make_plan(fleet: Fleet, now: datetime, jobs: tuple[str, ...] = JOBS) -> list
 
         grants = [GrantFact(g.id, g.slug, g.grantee, g.expires_at)
                   for g in access.expired(fleet, now)]
+        # a role that changed its own settings ends now, whatever its TTL says
+        if (changed := access.tampered(fleet)):
+            grants = [g for g in grants if g.id not in changed]
+            grants += [GrantFact(g.id, g.slug, g.grantee, g.expires_at, changed[g.id])
+                       for g in access.live(fleet) if g.id in changed]
     return [a for a in plan(tenants, verdicts, expired, audit_cutoff, now, grants)
             if _JOB_OF[a.kind] in jobs]
 
@@ -181,7 +186,9 @@ def _execute(fleet: Fleet, action: Action, now: datetime) -> StepResult:
             from orchestrator import access
 
             assert action.grant_id is not None
-            return StepResult(action, "done", access.expire(fleet, action.grant_id))
+            why = action.detail.partition("tampered with: ")[2] or None
+            return StepResult(action, "done", access.expire(fleet, action.grant_id,
+                                                            tampered=why))
         raise AssertionError(action.kind)
     except TenantctlError as exc:
         fleet.catalog.audit(f"retention.{action.kind}", tenant=action.tenant,

@@ -76,6 +76,7 @@ class GrantFact:
     tenant: str
     grantee: str
     expires_at: datetime
+    tampered: str | None = None  # what its role changed about itself, if anything
 
 
 def plan(tenants: Iterable[TenantFact], verdicts: Iterable[Verdict], expired_audit: int,
@@ -84,7 +85,10 @@ def plan(tenants: Iterable[TenantFact], verdicts: Iterable[Verdict], expired_aud
     # support access that outlived its TTL goes first (it is a live door)
     actions = [Action(EXPIRE_GRANT, g.tenant, g.expires_at,
                       f"support grant {g.id} of {g.grantee} expired", grant_id=g.id)
-               for g in grants if g.expires_at <= now]
+               for g in grants if g.expires_at <= now and not g.tampered]
+    actions += [Action(EXPIRE_GRANT, g.tenant, now,
+                       f"support grant {g.id} of {g.grantee} tampered with: {g.tampered}",
+                       grant_id=g.id) for g in grants if g.tampered]
     actions += [a for t in tenants if (a := tenant_action(t, now)) is not None]
     actions += [Action(PRUNE, v.tenant, None, f"backup {v.backup_id}: {v.reason}",
                        backup_id=v.backup_id) for v in verdicts if not v.keep]

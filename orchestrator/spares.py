@@ -118,6 +118,8 @@ def claim(conn: psycopg.Connection, names: TenantNames, marker: str,
                         Ident(names.login_role), sql.Literal(marker)),
                     sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(
                         Ident(names.database)),
+                    # a spare made before the admin joined login roles (large objects)
+                    pgserver.membership_grant(conn, names.login_role),
                 ]))
             return True
         except (psycopg.errors.InvalidCatalogName, psycopg.errors.UndefinedObject,

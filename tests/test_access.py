@@ -52,7 +52,7 @@ def test_read_only_grant_sees_one_tenant_then_revoke(test_fleet: PgFleet,
         assert isinstance(listed, list) and [r["id"] for r in listed] == [g["id"]]
         assert "dsn" not in listed[0]
         assert cli_json(test_fleet, own, "access", "revoke", str(g["id"])) == {
-            "revoked": [g["id"]]}
+            "revoked": [g["id"]], "failed": []}
         with pytest.raises(psycopg.OperationalError):  # the open session was ended
             session.execute("SELECT 1")
     finally:
@@ -123,7 +123,7 @@ def test_revoke_all(test_fleet: PgFleet, own_catalog: OwnCatalog, slug: str) -> 
     made = [cli_json(test_fleet, own, "access", "grant", slug, "--to", who, "--ttl", "1h",
                      "--reason", "r") for who in ("a", "b")]
     revoked = cli_json(test_fleet, own, "access", "revoke", "--all")
-    assert revoked == {"revoked": [g["id"] for g in made]}  # type: ignore[index]
+    assert revoked == {"revoked": [g["id"] for g in made], "failed": []}  # type: ignore[index]
     for g in made:
         with pytest.raises(psycopg.OperationalError):
             connect_as(g["dsn"]).close()  # type: ignore[index]
