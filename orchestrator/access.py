@@ -104,7 +104,8 @@ def grant(fleet: Fleet, slug: str, *, to: str, ttl: timedelta, reason: str,
         conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(db, ident))
     admin = fleet.cfg.server(tenant.server).admin_dsn
     tables = sql.SQL("SELECT" if read_only else "SELECT, INSERT, UPDATE, DELETE")
-    with pgserver.connect(admin, tenant.database, server=tenant.server) as conn:
+    with pgserver.connect(admin, tenant.database, server=tenant.server,
+                          lock_timeout=fleet.cfg.lock_timeout) as conn:
         stmts = [sql.SQL("GRANT USAGE ON SCHEMA public TO {}").format(ident),
                  sql.SQL("GRANT {} ON ALL TABLES IN SCHEMA public TO {}").format(tables, ident)]
         if not read_only:
@@ -149,7 +150,8 @@ def drop_role(fleet: Fleet, g: SupportGrant, *, database_exists: bool = True) ->
         exists = database_exists and pgserver.database_owner(conn, tenant_db) is not None
     if exists:
         admin = fleet.cfg.server(g.server).admin_dsn
-        with pgserver.connect(admin, tenant_db, server=g.server) as conn:
+        with pgserver.connect(admin, tenant_db, server=g.server,
+                              lock_timeout=fleet.cfg.lock_timeout) as conn:
             conn.execute(sql.SQL(";\n").join([
                 sql.SQL("REVOKE ALL ON ALL TABLES IN SCHEMA public FROM {}").format(ident),
                 sql.SQL("REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM {}").format(ident),

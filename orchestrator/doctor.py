@@ -897,7 +897,8 @@ def dump_orphan(fleet: Fleet, server: str, database: str, region: str) -> str:
     base = f"{ORPHAN_PREFIX}{server}/{database}-{stamp}"
     dsn = with_dbname(fleet.cfg.server(server).admin_dsn, database)
     size, sha = dump_encrypt_upload(pg_tool(fleet.cfg, "pg_dump"), dsn, None,
-                                    str(identity.to_public()), store, f"{base}.dump.age")
+                                    str(identity.to_public()), store, f"{base}.dump.age",
+                                    lock_wait=fleet.cfg.lock_timeout)
     wrapped = fleet.master_key.wrap(str(identity).encode(), f"orphan:{base}")
     store.put_bytes(f"{base}.manifest.json", json.dumps({
         "format": "tenantctl-orphan/1", "server": server, "database": database,

@@ -49,20 +49,39 @@ def libpq_env(dsn: str) -> dict[str, str]:
     return env
 
 
+def tool_error(stderr: str) -> str | None:
+    """The line that says what went wrong in a client tool's (pg_dump's) stderr: its
+    last `error:` line (a `detail:` with the whole query may follow it). pg_dump
+    bounds its wait for table locks (--lock-wait-timeout) with a statement timeout
+    on its LOCK TABLE: that one is said as what it is."""
+    lines = stderr.strip().splitlines()
+    if "statement timeout" in stderr and "Query was: LOCK TABLE" in stderr:
+        return "could not obtain lock on the tables within --lock-wait-timeout"
+    errors = [ln for ln in lines if " error: " in ln or ln.startswith("error: ")]
+    return (errors or lines)[-1] if lines else None
+
+
 def open_connection(admin_dsn: str, dbname: str | None = None, *, server: str = "",
-                    autocommit: bool = True) -> psycopg.Connection:
+                    autocommit: bool = True, lock_timeout: str | None = None
+                    ) -> psycopg.Connection:
+    """An admin connection; with ``lock_timeout`` (a Postgres duration) no statement
+    of it waits longer than that for a lock: give it on every connection that
+    touches a tenant's objects, which a tenant's transaction may hold locked."""
     dsn = with_dbname(admin_dsn, dbname) if dbname else admin_dsn
+    extra = {"options": f"-c lock_timeout={lock_timeout}"} if lock_timeout else {}
     try:
         return psycopg.connect(dsn, autocommit=autocommit, connect_timeout=5,
-                               application_name="tenantctl")
+                               application_name="tenantctl", **extra)  # type: ignore[arg-type]
     except psycopg.OperationalError as exc:
         raise server_error(f"server {server or redact(dsn)}", exc) from None
 
 
 @contextmanager
 def connect(admin_dsn: str, dbname: str | None = None, *, server: str = "",
-            autocommit: bool = True) -> Iterator[psycopg.Connection]:
-    with open_connection(admin_dsn, dbname, server=server, autocommit=autocommit) as conn:
+            autocommit: bool = True, lock_timeout: str | None = None
+            ) -> Iterator[psycopg.Connection]:
+    with open_connection(admin_dsn, dbname, server=server, autocommit=autocommit,
+                         lock_timeout=lock_timeout) as conn:
         yield conn
 
 
@@ -289,15 +308,52 @@ def set_login(conn: psycopg.Connection, role: str, allowed: bool) -> None:
 
 
 def terminate_sessions(conn: psycopg.Connection, *, role: str | None = None,
-                       database: str | None = None) -> int:
-    """End the sessions of a role, or in a database (the admin role holds
-    pg_signal_backend for this)."""
-    column = "usename" if role is not None else "datname"
+                       database: str | None = None, wait: bool = False) -> int:
+    """End the sessions of a role, in a database, or of a role in a database (the
+    admin role holds pg_signal_backend for this). With ``wait``, until they are
+    gone, their locks released (a few seconds at most; Postgres ≥ 14)."""
+    where = [sql.SQL("{} = %s").format(Ident(column)) for column, value in
+             (("usename", role), ("datname", database)) if value is not None]
+    assert where, "a role, a database or both"
     rows = conn.execute(
-        sql.SQL("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE {} = %s AND pid <> pg_backend_pid()").format(Ident(column)),
-        (role if role is not None else database,)).fetchall()
+        sql.SQL("SELECT {} FROM pg_stat_activity WHERE {} AND pid <> pg_backend_pid()")
+        .format(_terminate(conn, wait), sql.SQL(" AND ").join(where)),
+        [v for v in (role, database) if v is not None]).fetchall()
     return len(rows)
+
+
+def terminate_other_sessions(conn: psycopg.Connection, database: str) -> int:
+    """End every session in ``database`` but the admin role's own (tenantctl's): the
+    tenant's, a support role's, whoever may hold a lock there; and wait until they
+    are gone (a few seconds at most; Postgres ≥ 14)."""
+    rows = conn.execute(
+        sql.SQL("SELECT {} FROM pg_stat_activity WHERE datname = %s "
+                "AND usename <> current_user AND pid <> pg_backend_pid()")
+        .format(_terminate(conn, True)), (database,)).fetchall()
+    return len(rows)
+
+
+def _terminate(conn: psycopg.Connection, wait: bool) -> sql.Composable:
+    if wait and server_version(conn) >= 140000:
+        return sql.SQL("pg_terminate_backend(pid, 5000)")  # bounded: a warning, not a hang
+    return sql.SQL("pg_terminate_backend(pid)")
+
+
+def lock_holders(conn: psycopg.Connection, database: str) -> list[str]:
+    """Who holds a lock in ``database`` that blocks readers (an ACCESS EXCLUSIVE lock
+    on a relation, granted, in another session): one line each — pid, role, state
+    and since when — for the error of a wait that timed out."""
+    rows = conn.execute(
+        "SELECT DISTINCT a.pid, a.usename, a.state, coalesce(a.xact_start, a.backend_start) "
+        "FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+        "JOIN pg_database d ON d.oid = l.database "
+        "WHERE d.datname = %s AND l.granted AND l.locktype = 'relation' "
+        "AND l.mode = 'AccessExclusiveLock' AND l.pid <> pg_backend_pid() "
+        "ORDER BY 1", (database,)).fetchall()
+    return [f"pid {pid} (role {role}, {state} since {since.isoformat(timespec='seconds')})"
+            if state and since else
+            f"pid {pid} (role {role}; its state is hidden: grant pg_read_all_stats to the "
+            "admin role)" for pid, role, state, since in rows]
 
 
 def scram_verifier(conn: psycopg.Connection, role: str, password: str) -> str:
