@@ -174,7 +174,8 @@ def reactivate(fleet: Fleet, slug: str, *, now: datetime | None = None) -> Trans
         tenant = _locked_tenant(fleet, slug, "reactivate", now)
         names = tenant_names(slug)
         admin = fleet.cfg.server(tenant.server).admin_dsn
-        with pgserver.connect(admin, tenant.database, server=tenant.server) as conn:
+        with pgserver.connect(admin, tenant.database, server=tenant.server,
+                              lock_timeout=fleet.cfg.lock_timeout) as conn:
             pgserver.secure_tenant_database(conn, names)  # gives the writes back
         with fleet.server_connection(tenant.server) as conn:
             pgserver.set_login(conn, names.login_role, True)

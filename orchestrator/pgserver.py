@@ -21,7 +21,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from orchestrator import revision_marks
 from orchestrator.catalog import redact, server_error, with_dbname
-from orchestrator.errors import Conflict
+from orchestrator.errors import Conflict, first_line
 from orchestrator.names import TEMPLATE_DB, TEMPLATE_OWNER, TenantNames
 
 Ident = sql.Identifier
@@ -82,7 +82,17 @@ def connect(admin_dsn: str, dbname: str | None = None, *, server: str = "",
             ) -> Iterator[psycopg.Connection]:
     with open_connection(admin_dsn, dbname, server=server, autocommit=autocommit,
                          lock_timeout=lock_timeout) as conn:
-        yield conn
+        try:
+            yield conn
+        except psycopg.errors.LockNotAvailable as exc:
+            if not lock_timeout or not dbname:
+                raise
+            # a wait that reached lock_timeout: a Conflict (exit 4) naming the holder
+            if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                conn.rollback()
+            holders = ", ".join(lock_holders(conn, dbname)) or "a session that has gone since"
+            raise Conflict(f"database {dbname}: {first_line(exc)} after {lock_timeout} "
+                           f"(tenants.lock_wait_seconds); locked by {holders}") from None
 
 
 class ConnectionCache:
