@@ -208,15 +208,18 @@ def _run_locked(fleet: Fleet, tenant: Any, backup_id: int, dsn: str, pg_dump: st
     try:
         with fleet.server_connection(tenant.server) as conn:
             server_version = str(conn.execute("SHOW server_version").fetchone()[0])  # type: ignore[index]
-        # One snapshot for the dump and the row counts the restore test checks.
-        with psycopg.connect(dsn, autocommit=False) as snap:
+        # One snapshot for the dump and the row counts the restore test checks. Every
+        # lock wait is bounded (counts and pg_dump alike): a tenant's transaction
+        # holding a table locked fails this backup instead of hanging it.
+        wait = fleet.cfg.lock_timeout
+        with psycopg.connect(dsn, autocommit=False, options=f"-c lock_timeout={wait}") as snap:
             snap.read_only = True
             snap.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
             snapshot_id = str(snap.execute("SELECT pg_export_snapshot()").fetchone()[0])  # type: ignore[index]
             row_counts = table_row_counts(snap)
             large_objects = large_objects_digest(snap)
             size, sha = dump_encrypt_upload(pg_dump, dsn, snapshot_id, recipient, store,
-                                             object_key)
+                                             object_key, lock_wait=wait)
         checkpoint("backup.uploaded")
         finished = datetime.now(UTC)
         manifest = {
@@ -232,10 +235,12 @@ def _run_locked(fleet: Fleet, tenant: Any, backup_id: int, dsn: str, pg_dump: st
         checkpoint("backup.manifest")
     except Exception as exc:
         error = first_line(exc)
+        if is_lock_timeout(error):
+            error += lock_holders_text(fleet, tenant.server, tenant.database)
         _finish(fleet, backup_id, status="failed", error=error)
         fleet.catalog.audit("backup.run", tenant=slug, region=tenant.region,
                             outcome="failed", backup=backup_id, error=error)
-        if isinstance(exc, TenantctlError):
+        if isinstance(exc, TenantctlError) and not is_lock_timeout(error):
             raise
         raise BackupError(f"backup of {slug!r} failed: {error}") from None
     _finish(fleet, backup_id, status="completed", size=size, sha256=sha,
@@ -243,6 +248,29 @@ def _run_locked(fleet: Fleet, tenant: Any, backup_id: int, dsn: str, pg_dump: st
     fleet.catalog.audit("backup.run", tenant=slug, region=tenant.region, backup=backup_id,
                         size=size, kind=kind)
     return BackupResult(backup_id, slug, "completed", size, sha)
+
+
+_LOCK_TIMEOUTS = ("canceling statement due to lock timeout", "could not obtain lock")
+
+
+def is_lock_timeout(error: str) -> bool:
+    """Whether an error (ours, the driver's or pg_dump's last line) is a lock wait
+    that reached tenants.lock_wait_seconds."""
+    return any(text in error for text in _LOCK_TIMEOUTS)
+
+
+def lock_holders_text(fleet: Fleet, server: str, database: str) -> str:
+    """'; locked by pid … (role …, idle in transaction since …)': who holds the lock
+    a wait in ``database`` timed out on, read as the admin, for the error."""
+    try:
+        with fleet.server_connection(server) as conn:
+            holders = pgserver.lock_holders(conn, database)
+    except (psycopg.Error, TenantctlError) as exc:
+        return f"; the lock holder could not be read: {first_line(exc)}"
+    if not holders:
+        return "; the lock holder has gone since"
+    return f" after {fleet.cfg.lock_wait_seconds}s (tenants.lock_wait_seconds); " \
+        f"locked by {', '.join(holders)}"
 
 
 def _finish(fleet: Fleet, backup_id: int, **values: Any) -> None:
@@ -274,10 +302,14 @@ def large_objects_digest(conn: psycopg.Connection) -> dict[str, Any]:
 
 
 def dump_encrypt_upload(pg_dump: str, dsn: str, snapshot_id: str | None, recipient: str,
-                        store: ObjectStore, object_key: str) -> tuple[int, str]:
+                        store: ObjectStore, object_key: str, *, lock_wait: str | None = None
+                        ) -> tuple[int, str]:
     """pg_dump → age (to ``recipient``) → the store, streamed; (size, sha256) of the
-    encrypted object, committed only once pg_dump has succeeded."""
+    encrypted object, committed only once pg_dump has succeeded. ``lock_wait``
+    bounds pg_dump's wait for its table locks (a Postgres duration)."""
     argv = [pg_dump, "--format=custom", compression_arg(pg_dump), "--no-owner", "--no-acl"]
+    if lock_wait is not None:
+        argv.append(f"--lock-wait-timeout={lock_wait}")
     if snapshot_id is not None:
         argv.append(f"--snapshot={snapshot_id}")
     with tempfile.TemporaryFile() as errors, store.writer(object_key) as writer:
@@ -299,8 +331,8 @@ def dump_encrypt_upload(pg_dump: str, dsn: str, snapshot_id: str | None, recipie
             proc.stdout.close()
         if proc.wait() != 0:
             errors.seek(0)
-            lines = errors.read().decode(errors="replace").strip().splitlines()
-            raise BackupError(f"pg_dump failed: {lines[-1] if lines else proc.returncode}")
+            said = pgserver.tool_error(errors.read().decode(errors="replace"))
+            raise BackupError(f"pg_dump failed: {said or proc.returncode}")
         checkpoint("backup.dumped")
         writer.commit()
     return sink.size, sink.sha.hexdigest()
@@ -450,8 +482,9 @@ def run_many(fleet: Fleet, slugs: list[str], concurrency: int,
         try:
             r = run_due_backup(fleet, slug) if kind == "scheduled" else \
                 run_backup(fleet, slug, kind=kind)
-        except TenantctlError as exc:
-            r = BackupResult(0, slug, "failed", None, None, str(exc))
+        except Exception as exc:  # noqa: BLE001 - one tenant's failure is its own step's
+            r = BackupResult(0, slug, "failed", None, None,
+                             str(exc) if isinstance(exc, TenantctlError) else first_line(exc))
         with lock:
             results.append(r)
         if on_done is not None:

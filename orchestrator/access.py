@@ -111,7 +111,8 @@ def grant(fleet: Fleet, slug: str, *, to: str, ttl: timedelta, reason: str,
         conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(db, ident))
     admin = fleet.cfg.server(tenant.server).admin_dsn
     tables = sql.SQL("SELECT" if read_only else "SELECT, INSERT, UPDATE, DELETE")
-    with pgserver.connect(admin, tenant.database, server=tenant.server) as conn:
+    with pgserver.connect(admin, tenant.database, server=tenant.server,
+                          lock_timeout=fleet.cfg.lock_timeout) as conn:
         stmts = [sql.SQL("GRANT USAGE ON SCHEMA public TO {}").format(ident),
                  sql.SQL("GRANT {} ON ALL TABLES IN SCHEMA public TO {}").format(tables, ident)]
         if not read_only:
@@ -160,10 +161,10 @@ def drop_role(fleet: Fleet, g: SupportGrant) -> None:
                 raise Conflict(f"role {g.role_name} on {g.server} is not grant {g.id}'s: "
                                "left alone")
             conn.execute(sql.SQL("ALTER ROLE {} NOLOGIN").format(ident))
-            pgserver.terminate_sessions(conn, role=g.role_name)
-            pgserver.wait_sessions_gone(conn, g.role_name)
+            pgserver.terminate_sessions(conn, role=g.role_name, wait=True)
             pgserver.drop_role_everywhere(conn, fleet.cfg.server(g.server).admin_dsn,
-                                          g.role_name, server=g.server)
+                                          g.role_name, server=g.server,
+                                          lock_timeout=fleet.cfg.lock_timeout)
     except psycopg.Error as exc:
         raise TenantctlError(f"support grant {g.id}: dropping {g.role_name} on {g.server} "
                              f"failed: {first_line(exc)}") from None

@@ -123,6 +123,10 @@ class Config:
     tenant_migrations: Path
     use_template: bool = True
     spare_databases: int = 0
+    # how long tenantctl waits for a lock on a tenant's objects (a backup's dump and
+    # row counts, an export, grants) before that tenant's step fails, in seconds: a
+    # tenant's transaction holding a lock must not hang a command or a fleet run
+    lock_wait_seconds: int = 5
     backup_interval_hours: int = 24
     backup_keep_days: int = 7
     backup_keep_weeks: int = 4
@@ -148,6 +152,12 @@ class Config:
         except KeyError:
             known = ", ".join(sorted(self.regions)) or "none"
             raise ConfigError(f"unknown region {name!r} (known: {known})") from None
+
+    @property
+    def lock_timeout(self) -> str:
+        """lock_wait_seconds as a Postgres duration (SET lock_timeout, pg_dump
+        --lock-wait-timeout)."""
+        return f"{self.lock_wait_seconds}s"
 
 
 def builtin_migrations_dir() -> Path:
@@ -351,6 +361,7 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
 
     tenants = r.table(raw, "tenants", "tenants", required=False)
     _check_unknown(r, tenants, "tenants", {"migrations", "use_template", "spare_databases",
+                                           "lock_wait_seconds",
                                            *(f.name for f in dataclasses.fields(TenantBounds))})
     migrations = r.string(tenants, "tenants.migrations", "migrations", required=False)
     if migrations in (None, BUILTIN_MIGRATIONS):
@@ -366,6 +377,10 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
                                 default=0, minimum=0)
     if spare_databases > 100:
         raise r.fail("tenants.spare_databases", "at most 100 spares per server")
+    lock_wait_seconds = r.integer(tenants, "tenants.lock_wait_seconds", "lock_wait_seconds",
+                                  default=5)
+    if lock_wait_seconds > 3600:
+        raise r.fail("tenants.lock_wait_seconds", "at most 3600 (an hour)")
 
     bounds = _bounds(r, tenants)
 
@@ -457,6 +472,7 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
         tenant_migrations=migrations_dir,
         use_template=use_template,
         spare_databases=spare_databases,
+        lock_wait_seconds=lock_wait_seconds,
         backup_interval_hours=interval_hours,
         backup_keep_days=keep_days,
         backup_keep_weeks=keep_weeks,

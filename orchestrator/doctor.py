@@ -1285,9 +1285,10 @@ def _fix_drop_orphan_role(fleet: Fleet, x: Finding) -> str:
         server = x.arg("server")
         with fleet.server_connection(server) as conn:
             pgserver.set_login(conn, x.arg("role"), False)
-            pgserver.wait_sessions_gone(conn, x.arg("role"))
+            pgserver.terminate_sessions(conn, role=x.arg("role"), wait=True)
             pgserver.drop_role_everywhere(conn, fleet.cfg.server(server).admin_dsn,
-                                          x.arg("role"), server=server)
+                                          x.arg("role"), server=server,
+                                          lock_timeout=fleet.cfg.lock_timeout)
         return "role dropped (what it owned handed to the database's owner)"
     # DROP ROLE refuses while the role owns anything or holds privileges somewhere
     # else than this database: then the remedy stays manual, nothing is forced.
@@ -1323,7 +1324,8 @@ def dump_orphan(fleet: Fleet, server: str, database: str, region: str) -> str:
     with fleet.catalog.session() as s, s.begin():
         master = keys.writing_key(fleet, s)  # before anything is dumped
     size, sha = dump_encrypt_upload(pg_tool(fleet.cfg, "pg_dump"), dsn, None,
-                                    str(identity.to_public()), store, f"{base}.dump.age")
+                                    str(identity.to_public()), store, f"{base}.dump.age",
+                                    lock_wait=fleet.cfg.lock_timeout)
     wrapped = master.wrap(str(identity).encode(), f"orphan:{base}")
     store.put_bytes(f"{base}.manifest.json", json.dumps({
         "format": "tenantctl-orphan/1", "server": server, "database": database,

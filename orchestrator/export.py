@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 from psycopg import sql
 
+from orchestrator import pgserver
 from orchestrator.catalog import with_dbname
-from orchestrator.errors import Conflict, InvalidInput, TenantctlError
+from orchestrator.errors import Conflict, InvalidInput, TenantctlError, first_line
 from orchestrator.lifecycle import audited
 from orchestrator.localfleet import pg_tool
 from orchestrator.models import TenantState
@@ -69,7 +70,7 @@ def export(fleet: Fleet, slug: str, fmt: str, output: Path, *, force: bool = Fal
     try:
         with os.fdopen(fd, "wb") as out:
             tables, left_out = (_sql(fleet, dsn, out), {}) if fmt == "sql" \
-                else _csv(dsn, out)
+                else _csv(dsn, out, fleet.cfg.lock_timeout)
             out.flush()
             os.fsync(out.fileno())
         tmp.replace(output)
@@ -78,6 +79,14 @@ def export(fleet: Fleet, slug: str, fmt: str, output: Path, *, force: bool = Fal
             tmp.unlink()
         if isinstance(exc, OSError):  # a full disk, a name too long for the rename, …
             raise ExportError(f"cannot write {output}: {exc.strerror or exc}") from None
+        if isinstance(exc, psycopg.errors.LockNotAvailable) or \
+                isinstance(exc, ExportError) and "could not obtain lock" in str(exc):
+            # a wait that reached tenants.lock_wait_seconds: say who holds the lock
+            with fleet.server_connection(tenant.server) as conn:
+                holders = pgserver.lock_holders(conn, tenant.database)
+            raise ExportError(f"export of {slug!r} failed: {first_line(exc)}; locked by "
+                              f"{', '.join(holders) or 'a session that has gone since'}"
+                              ) from None
         raise
     size = output.stat().st_size
     fleet.catalog.audit("tenant.export", tenant=slug, region=tenant.region, format=fmt,
@@ -87,22 +96,23 @@ def export(fleet: Fleet, slug: str, fmt: str, output: Path, *, force: bool = Fal
 
 
 def _sql(fleet: Fleet, dsn: str, out: Any) -> int | None:
-    argv = [pg_tool(fleet.cfg, "pg_dump"), "--format=plain", "--no-owner", "--no-acl"]
+    argv = [pg_tool(fleet.cfg, "pg_dump"), "--format=plain", "--no-owner", "--no-acl",
+            f"--lock-wait-timeout={fleet.cfg.lock_timeout}"]  # a locked table: fail, not hang
     with tempfile.TemporaryFile() as err:
         done = subprocess.run(argv, stdout=out, stderr=err, env=libpq_env(dsn))
         if done.returncode != 0:
             err.seek(0)
-            lines = err.read().decode(errors="replace").strip().splitlines()
-            raise ExportError(f"pg_dump failed: {lines[-1] if lines else done.returncode}")
+            said = pgserver.tool_error(err.read().decode(errors="replace"))
+            raise ExportError(f"pg_dump failed: {said or done.returncode}")
     return None
 
 
 NOT_INCLUDED = "NOT_INCLUDED.txt"
 
 
-def _csv(dsn: str, out: Any) -> tuple[int, dict[str, int]]:
+def _csv(dsn: str, out: Any, lock_wait: str) -> tuple[int, dict[str, int]]:
     """(tables written, what the CSV form cannot hold: {"large_objects": n})."""
-    with psycopg.connect(dsn) as conn:
+    with psycopg.connect(dsn, options=f"-c lock_timeout={lock_wait}") as conn:
         conn.read_only = True
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ  # one snapshot
         tables = [r[0] for r in conn.execute(

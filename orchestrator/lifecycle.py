@@ -123,7 +123,8 @@ def cancel(fleet: Fleet, slug: str, *, now: datetime | None = None,
                     step=CANCELLING))
             names = tenant_names(slug)
             admin = fleet.cfg.server(tenant.server).admin_dsn
-            with pgserver.connect(admin, tenant.database, server=tenant.server) as conn:
+            with pgserver.connect(admin, tenant.database, server=tenant.server,
+                                  lock_timeout=fleet.cfg.lock_timeout) as conn:
                 pgserver.restrict_to_reads(conn, names)
             checkpoint("cancel.restricted")
             with fleet.server_connection(tenant.server) as conn:
@@ -133,6 +134,13 @@ def cancel(fleet: Fleet, slug: str, *, now: datetime | None = None,
             checkpoint("cancel.state")
         else:
             hold_until = tenant.hold_until  # type: ignore[assignment]
+        # Sessions opened before the hold may still hold locks (an idle transaction
+        # that would block the backup) or writes about to commit: end them. A new
+        # session can only read now, and reading blocks no backup.
+        held = tenant_names(slug)
+        with fleet.server_connection(tenant.server) as conn:
+            pgserver.terminate_sessions(conn, role=held.login_role, database=held.database,
+                                        wait=True)
     result = TransitionResult(slug, "cancel", S.cancelled, hold_until)
     if again and _backed_up_since(fleet, tenant, tenant.cancelled_at):
         return result
@@ -169,7 +177,8 @@ def reactivate(fleet: Fleet, slug: str, *, now: datetime | None = None) -> Trans
         tenant = _locked_tenant(fleet, slug, "reactivate", now)
         names = tenant_names(slug)
         admin = fleet.cfg.server(tenant.server).admin_dsn
-        with pgserver.connect(admin, tenant.database, server=tenant.server) as conn:
+        with pgserver.connect(admin, tenant.database, server=tenant.server,
+                              lock_timeout=fleet.cfg.lock_timeout) as conn:
             pgserver.secure_tenant_database(conn, names)  # gives the writes back
         with fleet.server_connection(tenant.server) as conn:
             pgserver.set_login(conn, names.login_role, True)

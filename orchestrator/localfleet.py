@@ -443,6 +443,10 @@ def _bootstrap_admin(cfg: Config, server: ServerConfig, is_catalog_host: bool) -
             # the admin may set it on tenant roles only with this
             conn.execute(sql.SQL("GRANT SET ON PARAMETER temp_file_limit TO {}").format(
                 sql.Identifier(ADMIN_ROLE)))
+        # A wait that timed out names who holds the lock (state, since when):
+        # pg_stat_activity shows other roles' sessions only to pg_read_all_stats.
+        conn.execute(sql.SQL("GRANT pg_read_all_stats TO {}").format(
+            sql.Identifier(ADMIN_ROLE)))
         # Nobody but the admin connects to the maintenance databases.
         conn.execute("REVOKE CONNECT ON DATABASE postgres FROM PUBLIC")
         conn.execute("REVOKE CONNECT ON DATABASE template1 FROM PUBLIC")  # it allows them

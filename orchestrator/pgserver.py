@@ -23,7 +23,7 @@ from psycopg.conninfo import conninfo_to_dict
 from orchestrator import revision_marks
 from orchestrator.catalog import redact, server_error, with_dbname
 from orchestrator.childenv import child_env
-from orchestrator.errors import Conflict
+from orchestrator.errors import Conflict, first_line
 from orchestrator.names import TEMPLATE_DB, TEMPLATE_OWNER, TenantNames
 
 Ident = sql.Identifier
@@ -73,21 +73,50 @@ def passfile_env(env: dict[str, str]) -> Iterator[dict[str, str]]:
         os.unlink(path)
 
 
+def tool_error(stderr: str) -> str | None:
+    """The line that says what went wrong in a client tool's (pg_dump's) stderr: its
+    last `error:` line (a `detail:` with the whole query may follow it). pg_dump
+    bounds its wait for table locks (--lock-wait-timeout) with a statement timeout
+    on its LOCK TABLE: that one is said as what it is."""
+    lines = stderr.strip().splitlines()
+    if "statement timeout" in stderr and "Query was: LOCK TABLE" in stderr:
+        return "could not obtain lock on the tables within --lock-wait-timeout"
+    errors = [ln for ln in lines if " error: " in ln or ln.startswith("error: ")]
+    return (errors or lines)[-1] if lines else None
+
+
 def open_connection(admin_dsn: str, dbname: str | None = None, *, server: str = "",
-                    autocommit: bool = True) -> psycopg.Connection:
+                    autocommit: bool = True, lock_timeout: str | None = None
+                    ) -> psycopg.Connection:
+    """An admin connection; with ``lock_timeout`` (a Postgres duration) no statement
+    of it waits longer than that for a lock: give it on every connection that
+    touches a tenant's objects, which a tenant's transaction may hold locked."""
     dsn = with_dbname(admin_dsn, dbname) if dbname else admin_dsn
+    extra = {"options": f"-c lock_timeout={lock_timeout}"} if lock_timeout else {}
     try:
         return psycopg.connect(dsn, autocommit=autocommit, connect_timeout=5,
-                               application_name="tenantctl")
+                               application_name="tenantctl", **extra)  # type: ignore[arg-type]
     except psycopg.OperationalError as exc:
         raise server_error(f"server {server or redact(dsn)}", exc) from None
 
 
 @contextmanager
 def connect(admin_dsn: str, dbname: str | None = None, *, server: str = "",
-            autocommit: bool = True) -> Iterator[psycopg.Connection]:
-    with open_connection(admin_dsn, dbname, server=server, autocommit=autocommit) as conn:
-        yield conn
+            autocommit: bool = True, lock_timeout: str | None = None
+            ) -> Iterator[psycopg.Connection]:
+    with open_connection(admin_dsn, dbname, server=server, autocommit=autocommit,
+                         lock_timeout=lock_timeout) as conn:
+        try:
+            yield conn
+        except psycopg.errors.LockNotAvailable as exc:
+            if not lock_timeout or not dbname:
+                raise
+            # a wait that reached lock_timeout: a Conflict (exit 4) naming the holder
+            if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                conn.rollback()
+            holders = ", ".join(lock_holders(conn, dbname)) or "a session that has gone since"
+            raise Conflict(f"database {dbname}: {first_line(exc)} after {lock_timeout} "
+                           f"(tenants.lock_wait_seconds); locked by {holders}") from None
 
 
 class ConnectionCache:
@@ -471,27 +500,18 @@ def set_login(conn: psycopg.Connection, role: str, allowed: bool) -> None:
 
 
 def terminate_sessions(conn: psycopg.Connection, *, role: str | None = None,
-                       database: str | None = None) -> int:
-    """End the sessions of a role, or in a database (the admin role holds
-    pg_signal_backend for this)."""
-    column = "usename" if role is not None else "datname"
+                       database: str | None = None, wait: bool = False) -> int:
+    """End the sessions of a role, in a database, or of a role in a database (the
+    admin role holds pg_signal_backend for this). With ``wait``, until they are
+    gone, their locks released (a few seconds at most; Postgres ≥ 14)."""
+    where = [sql.SQL("{} = %s").format(Ident(column)) for column, value in
+             (("usename", role), ("datname", database)) if value is not None]
+    assert where, "a role, a database or both"
     rows = conn.execute(
-        sql.SQL("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE {} = %s AND pid <> pg_backend_pid()").format(Ident(column)),
-        (role if role is not None else database,)).fetchall()
+        sql.SQL("SELECT {} FROM pg_stat_activity WHERE {} AND pid <> pg_backend_pid()")
+        .format(_terminate(conn, wait), sql.SQL(" AND ").join(where)),
+        [v for v in (role, database) if v is not None]).fetchall()
     return len(rows)
-
-
-def wait_sessions_gone(conn: psycopg.Connection, role: str, timeout: float = 5.0) -> bool:
-    """After terminating a role's sessions: wait (at most ``timeout`` seconds) until
-    they are gone, so the temporary objects they owned are gone too."""
-    deadline = time.monotonic() + timeout
-    while conn.execute("SELECT 1 FROM pg_stat_activity WHERE usename = %s "
-                       "AND pid <> pg_backend_pid() LIMIT 1", (role,)).fetchone():
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 # databases where a role owns objects or holds privileges: one shared catalog says
@@ -507,12 +527,13 @@ ORDER BY 1
 
 
 def drop_role_everywhere(conn: psycopg.Connection, admin_dsn: str, role: str, *,
-                         server: str = "") -> None:
+                         server: str = "", lock_timeout: str | None = None) -> None:
     """Drop a role that may own things (a support role that made a large object):
     in every database where it owns objects or holds privileges, REASSIGN OWNED
     BY it TO that database's owner (what it made in a tenant's database stays the
     tenant's), then DROP OWNED BY it (what is left, and its privileges); then
-    DROP ROLE. Call it once the role's sessions are ended. Idempotent."""
+    DROP ROLE. Call it once the role's sessions are ended (terminate_sessions with
+    ``wait``). Idempotent."""
     if not role_exists(conn, role):
         return
     ident = Ident(role)
@@ -522,11 +543,45 @@ def drop_role_everywhere(conn: psycopg.Connection, admin_dsn: str, role: str, *,
         if may_act_as_heir and heir != role:
             stmts.append(sql.SQL("REASSIGN OWNED BY {} TO {}").format(ident, Ident(heir)))
         stmts.append(sql.SQL("DROP OWNED BY {}").format(ident))
-        with connect(admin_dsn, dbname, server=server) as dconn:
+        with connect(admin_dsn, dbname, server=server, lock_timeout=lock_timeout) as dconn:
             dconn.execute(sql.SQL(";\n").join(stmts))
     # privileges on shared objects (CONNECT on its database), and this database's
     conn.execute(sql.SQL("DROP OWNED BY {}").format(ident))
     conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(ident))
+
+
+def terminate_other_sessions(conn: psycopg.Connection, database: str) -> int:
+    """End every session in ``database`` but the admin role's own (tenantctl's): the
+    tenant's, a support role's, whoever may hold a lock there; and wait until they
+    are gone (a few seconds at most; Postgres ≥ 14)."""
+    rows = conn.execute(
+        sql.SQL("SELECT {} FROM pg_stat_activity WHERE datname = %s "
+                "AND usename <> current_user AND pid <> pg_backend_pid()")
+        .format(_terminate(conn, True)), (database,)).fetchall()
+    return len(rows)
+
+
+def _terminate(conn: psycopg.Connection, wait: bool) -> sql.Composable:
+    if wait and server_version(conn) >= 140000:
+        return sql.SQL("pg_terminate_backend(pid, 5000)")  # bounded: a warning, not a hang
+    return sql.SQL("pg_terminate_backend(pid)")
+
+
+def lock_holders(conn: psycopg.Connection, database: str) -> list[str]:
+    """Who holds a lock in ``database`` that blocks readers (an ACCESS EXCLUSIVE lock
+    on a relation, granted, in another session): one line each — pid, role, state
+    and since when — for the error of a wait that timed out."""
+    rows = conn.execute(
+        "SELECT DISTINCT a.pid, a.usename, a.state, coalesce(a.xact_start, a.backend_start) "
+        "FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+        "JOIN pg_database d ON d.oid = l.database "
+        "WHERE d.datname = %s AND l.granted AND l.locktype = 'relation' "
+        "AND l.mode = 'AccessExclusiveLock' AND l.pid <> pg_backend_pid() "
+        "ORDER BY 1", (database,)).fetchall()
+    return [f"pid {pid} (role {role}, {state} since {since.isoformat(timespec='seconds')})"
+            if state and since else
+            f"pid {pid} (role {role}; its state is hidden: grant pg_read_all_stats to the "
+            "admin role)" for pid, role, state, since in rows]
 
 
 def scram_verifier(conn: psycopg.Connection, role: str, password: str) -> str:

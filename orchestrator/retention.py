@@ -14,6 +14,7 @@ Purging a deleted tenant once purge_after has passed:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -190,10 +191,13 @@ def _execute(fleet: Fleet, action: Action, now: datetime) -> StepResult:
             return StepResult(action, "done", access.expire(fleet, action.grant_id,
                                                             tampered=why))
         raise AssertionError(action.kind)
-    except TenantctlError as exc:
-        fleet.catalog.audit(f"retention.{action.kind}", tenant=action.tenant,
-                            outcome="failed", error=first_line(exc))
-        return StepResult(action, "failed", first_line(exc))
+    except Exception as exc:  # noqa: BLE001 - one step's failure never ends the run
+        error = first_line(exc) if isinstance(exc, TenantctlError) else \
+            f"unexpected {type(exc).__name__}: {first_line(exc)}"
+        with contextlib.suppress(Exception):  # the catalog may be what failed
+            fleet.catalog.audit(f"retention.{action.kind}", tenant=action.tenant,
+                                outcome="failed", error=error)
+        return StepResult(action, "failed", error)
 
 
 def _recheck(tenant: Tenant, kind: str, now: datetime) -> tuple[str, str] | None:
@@ -226,6 +230,12 @@ def delete_tenant(fleet: Fleet, slug: str, now: datetime) -> tuple[str, str]:
             return "skipped", "already deleted"
         if (stale := _recheck(tenant, DELETE, now)) is not None:
             return stale
+        # It is being deleted: end every session in it first (a transaction holding
+        # a lock would block the final backup; the login role can only read, so a
+        # session opened since cannot block it again), and the backup's own lock
+        # waits are bounded: a failure is this step's, with who held the lock.
+        with fleet.server_connection(tenant.server) as conn:
+            pgserver.terminate_other_sessions(conn, tenant_names(slug).database)
         backup_id = _verified_final_backup(fleet, tenant)
         checkpoint("retention.final_backup")
         _drop_database_and_roles(fleet, tenant, "retention")

@@ -163,6 +163,12 @@ def test_config_parses_and_resolves_relative_paths(tmp_path: Path) -> None:
      "at least 0"),
     (lambda r: r.update(tenants={"spare_databases": 101}), "tenants.spare_databases",
      "at most 100"),
+    (lambda r: r.update(tenants={"lock_wait_seconds": 0}), "tenants.lock_wait_seconds",
+     "at least 1"),
+    (lambda r: r.update(tenants={"lock_wait_seconds": "5s"}), "tenants.lock_wait_seconds",
+     "must be an integer"),
+    (lambda r: r.update(tenants={"lock_wait_seconds": 99999999999}),
+     "tenants.lock_wait_seconds", "at most 3600"),
 ])
 def test_config_errors_name_file_key_and_problem(tmp_path: Path, mutate, key: str,
                                                  problem: str) -> None:
@@ -175,6 +181,13 @@ def test_config_errors_name_file_key_and_problem(tmp_path: Path, mutate, key: st
     assert message.startswith(f"{path}: {key}: ")
     assert problem in message
     assert "\n" not in message
+
+
+def test_lock_wait_defaults_to_a_few_seconds(tmp_path: Path) -> None:
+    assert parse_config(_raw(), tmp_path / "t.toml").lock_timeout == "5s"
+    raw = _raw()
+    raw["tenants"] = {"lock_wait_seconds": 2}
+    assert parse_config(raw, tmp_path / "t.toml").lock_timeout == "2s"
 
 
 def test_unknown_region_lists_known_ones(tmp_path: Path) -> None:
