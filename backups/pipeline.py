@@ -38,8 +38,7 @@ from orchestrator.errors import Conflict, NotFound, TenantctlError, first_line
 from orchestrator.faults import checkpoint
 from orchestrator.localfleet import pg_tool
 from orchestrator.models import Backup, Tenant, TenantKey, TenantState
-from orchestrator.names import tenant_names
-from orchestrator.provisioning import tenant_lock
+from orchestrator.names import tenant_lock, tenant_names
 
 if TYPE_CHECKING:
     from orchestrator.api import Fleet
@@ -477,12 +476,19 @@ def run_many(fleet: Fleet, slugs: list[str], concurrency: int,
 
     results: list[BackupResult] = []
     lock = threading.Lock()
+    catalog_gone = threading.Event()
 
     def one(slug: str) -> None:
+        if catalog_gone.is_set():
+            return
         try:
             r = run_due_backup(fleet, slug) if kind == "scheduled" else \
                 run_backup(fleet, slug, kind=kind)
         except Exception as exc:  # noqa: BLE001 - one tenant's failure is its own step's
+            if not _catalog_answers(fleet):
+                # nothing can be recorded without the catalog: the run ends, one error
+                catalog_gone.set()
+                raise
             r = BackupResult(0, slug, "failed", None, None,
                              str(exc) if isinstance(exc, TenantctlError) else first_line(exc))
         with lock:
@@ -493,6 +499,14 @@ def run_many(fleet: Fleet, slugs: list[str], concurrency: int,
     with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
         list(pool.map(one, slugs))
     return sorted(results, key=lambda r: r.tenant)
+
+
+def _catalog_answers(fleet: Fleet) -> bool:
+    try:
+        fleet.catalog.current()
+        return True
+    except Exception:  # noqa: BLE001 - whatever it is, the catalog did not answer
+        return False
 
 
 def reap_dead(fleet: Fleet, slug: str | None = None) -> int:

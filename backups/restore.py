@@ -21,8 +21,8 @@ from orchestrator.errors import Conflict, TenantctlError, first_line
 from orchestrator.faults import checkpoint
 from orchestrator.localfleet import pg_tool
 from orchestrator.models import Tenant, TenantState
-from orchestrator.names import tenant_names, validate_slug
-from orchestrator.provisioning import holding_tenant, tenant_lock
+from orchestrator.names import tenant_lock, tenant_names, validate_slug
+from orchestrator.provisioning import holding_tenant
 
 if TYPE_CHECKING:
     from orchestrator.api import Fleet, ProvisionResult

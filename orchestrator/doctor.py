@@ -44,7 +44,7 @@ from orchestrator.models import (
     TenantKey,
     TenantState,
 )
-from orchestrator.names import TenantNames, catalog_mismatch, tenant_names
+from orchestrator.names import TenantNames, catalog_mismatch, tenant_lock, tenant_names
 from orchestrator.retention_plan import DELETE, PURGE, TenantFact, tenant_action
 
 if TYPE_CHECKING:
@@ -932,8 +932,6 @@ def _settle_marks(fleet: Fleet, tenants: list[Tenant], clusters: dict[str, Clust
     servers: the catalog's revision now (a rollout may have moved both meanwhile),
     and the locks of those a migration holds right now (marked, not yet recorded)."""
     from orchestrator.models import MIGRATABLE
-    from orchestrator.provisioning import tenant_lock
-
     def differs(t: Tenant) -> bool:
         found = _mark(clusters.get(server_cluster.get(t.server, "")), t.database)
         return t.state in MIGRATABLE and found is not None and found[0] \
@@ -987,8 +985,6 @@ def _probe_logins(fleet: Fleet, tenants: list[Tenant], clusters: dict[str, Clust
 def gather(fleet: Fleet, region: str | None = None, now: datetime | None = None) -> Facts:
     from backups.pipeline import _alive
     from orchestrator.access import role_name
-    from orchestrator.provisioning import tenant_lock
-
     cfg = fleet.cfg
     if region is not None:
         cfg.region(region)

@@ -33,6 +33,7 @@ from sqlalchemy import select, update
 from orchestrator import pgserver, revision_marks
 from orchestrator.errors import TenantctlError, first_line
 from orchestrator.models import MIGRATABLE, Server, Tenant
+from orchestrator.names import TEMPLATE_DB
 
 if TYPE_CHECKING:
     from orchestrator.api import Fleet
@@ -195,11 +196,14 @@ def _with_dbname(base: str, dbname: str) -> str:
     return base + " dbname='" + dbname.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def _marked(fleet: Fleet, tenants: Sequence[Tenant]) -> dict[tuple[str, str], str | None]:
+def _marked(fleet: Fleet, tenants: Sequence[Tenant], servers: Sequence[str] = ()
+            ) -> dict[tuple[str, str], str | None]:
     """(server, database) → revision, for every tenant database marked on a server
-    that answered; one connection per server, all at once. A server that does not
-    answer is left to the live reads, which report it per tenant."""
-    by_server: dict[str, list[str]] = {}
+    that answered, and each of ``servers``' template (the template is the cluster's:
+    its mark, not a catalog row, says its revision); one connection per server, all
+    at once. A server that does not answer is left to the live reads, which report
+    it per tenant."""
+    by_server: dict[str, list[str]] = {server: [TEMPLATE_DB] for server in servers}
     for t in tenants:
         by_server.setdefault(t.server, []).append(t.database)
 
@@ -220,12 +224,19 @@ def _marked(fleet: Fleet, tenants: Sequence[Tenant]) -> dict[tuple[str, str], st
 
 
 def read_revisions(fleet: Fleet, tenants: Sequence[Tenant], *, live: bool = False,
-                   concurrency: int = 16, per_server: int = 8
+                   concurrency: int = 16, per_server: int = 8,
+                   templates: dict[str, str | None] | None = None
                    ) -> tuple[list[Result], dict[str, int], list[dict[str, Any]]]:
     """Each tenant's (revision, error), in order; how many came from each source (its
     database's mark, or a live read: every one with ``live``); and the marks a live
-    read found missing or wrong, rewritten."""
-    marks = _marked(fleet, tenants)
+    read found missing or wrong, rewritten. ``templates``, if given, gets the
+    revision of each of its servers' template (absent: none, or not answering)."""
+    wanted = list(templates) if templates is not None else []
+    marks = _marked(fleet, tenants, wanted)
+    if templates is not None:
+        templates.clear()
+        templates.update({server: marks[(server, TEMPLATE_DB)] for server in wanted
+                          if (server, TEMPLATE_DB) in marks})
     keys = [(t.server, t.database) for t in tenants]
     to_read = list(range(len(tenants))) if live else \
         [i for i, key in enumerate(keys) if key not in marks]
@@ -275,9 +286,12 @@ def fleet_status(fleet: Fleet, region: str | None = None, *, live: bool = False,
     with fleet.catalog.session() as s:
         tenants = list(s.scalars(q))
         servers = list(s.scalars(select(Server).order_by(Server.region, Server.name)))
+    servers = [sv for sv in servers if region is None or sv.region == region]
+    templates: dict[str, str | None] = dict.fromkeys(sv.name for sv in servers)
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(read_revisions, fleet, tenants, live=live,
-                              concurrency=concurrency, per_server=per_server)
+                              concurrency=concurrency, per_server=per_server,
+                              templates=templates)
         # while the reads run: head (Alembic reads the migration scripts) and target
         head = fleet.head_revision
         report = StatusReport(head=head, target=fleet.target_revision(region),
@@ -301,8 +315,7 @@ def fleet_status(fleet: Fleet, region: str | None = None, *, live: bool = False,
                                   "at": t.migrated_at.isoformat() if t.migrated_at else None})
     report.revisions = dict(sorted(counts.items()))
     report.templates = [{"server": sv.name, "region": sv.region,
-                         "revision": sv.template_revision} for sv in servers
-                        if region is None or sv.region == region]
+                         "revision": templates.get(sv.name)} for sv in servers]
     if changed:
         with fleet.catalog.session() as s, s.begin():
             for tenant_id, revision in changed:

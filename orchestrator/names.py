@@ -68,3 +68,8 @@ def catalog_mismatch(slug: str, database: str, login_role: str, owner_role: str)
         if have != expected:
             return f"its {what} is {have!r}, not {expected!r}"
     return None
+
+
+def tenant_lock(slug: str) -> str:
+    """The catalog advisory lock every command that changes the tenant holds."""
+    return f"tenant:{slug}"

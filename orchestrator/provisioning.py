@@ -41,7 +41,7 @@ from orchestrator.models import (
     TenantCredential,
     TenantState,
 )
-from orchestrator.names import TEMPLATE_DB, TenantNames, tenant_names, validate_slug
+from orchestrator.names import TEMPLATE_DB, TenantNames, tenant_lock, tenant_names, validate_slug
 from orchestrator.placement import ServerLoad, choose_server
 
 if TYPE_CHECKING:
@@ -64,10 +64,6 @@ def new_password() -> str:
 
 def password_context(slug: str) -> str:
     return f"tenant:{slug}:password"
-
-
-def tenant_lock(slug: str) -> str:
-    return f"tenant:{slug}"
 
 
 @contextmanager

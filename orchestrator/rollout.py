@@ -47,8 +47,7 @@ from orchestrator.catalog import actor, lock_key, lock_key_sql, with_dbname
 from orchestrator.errors import Conflict, InvalidInput, NotFound, first_line
 from orchestrator.faults import checkpoint
 from orchestrator.models import MIGRATABLE, Rollout, RolloutTenant, Tenant
-from orchestrator.names import catalog_mismatch, validate_slug
-from orchestrator.provisioning import tenant_lock
+from orchestrator.names import catalog_mismatch, tenant_lock, validate_slug
 from orchestrator.rollout_plan import (
     CANARY_WAVE,
     PlanTenant,

@@ -289,7 +289,7 @@ def test_a_revision_mark_that_differs_is_found_unless_a_migration_holds_the_tena
     behind tenantctl's back is a warning whose remedy works. A tenant whose lock
     is held (a rollout between writing its mark and recording it) is not judged."""
     from orchestrator import revision_marks
-    from orchestrator.provisioning import tenant_lock
+    from orchestrator.names import tenant_lock
 
     slug = healthy.provision(new_slug(), "eu-central").tenant["slug"]
     t = healthy.get_tenant(slug)

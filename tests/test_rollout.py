@@ -24,7 +24,7 @@ from orchestrator import revision_marks
 from orchestrator.api import Fleet
 from orchestrator.catalog import lock_key, lock_key_sql, with_dbname
 from orchestrator.models import Rollout, RolloutTenant
-from orchestrator.provisioning import tenant_lock
+from orchestrator.names import tenant_lock
 from orchestrator.rollout_plan import PlanTenant, interleave_by_server
 from tests.conftest import TENANTCTL, PgFleet, connect_as, mark_and_version, run_cli
 
