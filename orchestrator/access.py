@@ -105,6 +105,9 @@ def grant(fleet: Fleet, slug: str, *, to: str, ttl: timedelta, reason: str,
             sql.Literal(verifier), sql.Literal(expires.isoformat())))
         conn.execute(sql.SQL("COMMENT ON ROLE {} IS {}").format(
             ident, sql.Literal(_marker(grant_id, slug))))
+        # the admin reads what the role may make (a large object needs no privilege),
+        # so backups of the tenant still dump everything while the grant lasts
+        conn.execute(pgserver.membership_grant(conn, role))
         for name, value in settings(read_only).items():
             conn.execute(sql.SQL("ALTER ROLE {} SET {} = {}").format(
                 ident, sql.Identifier(name), sql.Literal(value)))
@@ -286,6 +289,18 @@ def settings_changed(config: list[str] | None, read_only: bool) -> str | None:
     if not extra and not missing:
         return None
     return "; ".join([*(f"set {c}" for c in extra), *(f"removed {c}" for c in missing)])
+
+
+def end_write_grants(fleet: Fleet, tenant_id: int) -> list[int]:
+    """The tenant's hold began: its read-write grants end (the data stays as it was
+    at cancellation); read-only ones go on."""
+    with fleet.catalog.session() as s:
+        rows = list(s.scalars(select(SupportGrant).where(
+            SupportGrant.tenant_id == tenant_id, SupportGrant.dropped_at.is_(None),
+            SupportGrant.read_only.is_(False))))
+    for g in rows:
+        _end(fleet, g, "hold", revoked=True)
+    return [g.id for g in rows]
 
 
 def drop_tenant_grants(fleet: Fleet, tenant_id: int) -> None:

@@ -567,9 +567,9 @@ def check_privileges(f: Facts) -> Iterator[Finding]:
 
 def check_large_objects(f: Facts) -> Iterator[Finding]:
     """Backups dump as the admin, which reads the large objects of the roles it has
-    the privileges of: the tenant's owner and login roles. Anybody else's (a
-    support role's) make every backup fail; the hold makes the login role's
-    read-only."""
+    the privileges of: the tenant's owner and login roles, and support roles (granted
+    to it at `access grant`). Anybody else's make every backup fail; the hold makes
+    the login role's read-only."""
     for t in f.tenants:
         c = _cluster(f, t.server)
         names = _names(t.slug)
@@ -587,7 +587,9 @@ def check_large_objects(f: Facts) -> Iterator[Finding]:
                      "(tenantctl doctor --fix)", fix="grant_membership", server=t.server,
                      role=names.login_role)
         for owner, n in sorted(owners.items()):
-            if owner in (names.login_role, names.owner_role):
+            role = c.roles.get(owner)
+            if owner in (names.login_role, names.owner_role) or (
+                    role is not None and role.admin_reads):  # e.g. a support role
                 continue
             grant = f.grant_ids.get(owner)
             remedy = (f"tenantctl access revoke {grant[0]} (what it owns goes to "

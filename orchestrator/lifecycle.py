@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import update
 
-from orchestrator import clock, pgserver
+from orchestrator import access, clock, pgserver
 from orchestrator.audit import reason_text
 from orchestrator.errors import Conflict, InvalidInput, TenantctlError, first_line
 from orchestrator.faults import checkpoint
@@ -141,6 +141,8 @@ def cancel(fleet: Fleet, slug: str, *, now: datetime | None = None,
         with fleet.server_connection(tenant.server) as conn:
             pgserver.terminate_sessions(conn, role=held.login_role, database=held.database,
                                         wait=True)
+        # a support role allowed to write (granted while active) would write on
+        access.end_write_grants(fleet, tenant.id)
     result = TransitionResult(slug, "cancel", S.cancelled, hold_until)
     if again and _backed_up_since(fleet, tenant, tenant.cancelled_at):
         return result

@@ -106,6 +106,14 @@ def test_a_support_roles_large_object_does_not_stop_retention(
     fleet.provision(slug, REGION)
     g = _support_dsn(fleet, slug)
     oid = _make_lo(str(g["dsn"]), b"support notes", read_write=True)
+    # the admin has the support role's privileges: backups still dump everything
+    assert "large-objects-unreadable" not in _codes(fleet, slug)
+    assert pipeline.restore_test(fleet, pipeline.run_backup(fleet, slug).id
+                                 )["large_objects"] == 1
+    # a grant made before the admin joined support roles: flagged, and backups fail
+    with psycopg.connect(test_fleet.admin_dsn(SERVER), autocommit=True) as admin:
+        admin.execute(sql.SQL("REVOKE {} FROM CURRENT_USER").format(
+            sql.Identifier(str(g["role"]))))
     found = _codes(fleet, slug)["large-objects-unreadable"]
     assert f"access revoke {g['id']}" in found.remedy
     with pytest.raises(pipeline.BackupError, match="permission denied"):
@@ -208,6 +216,26 @@ def test_read_write_access_needs_an_active_tenant(test_fleet: PgFleet,
     assert g["read_only"]
     with connect_as(g["dsn"], autocommit=True) as conn:
         assert conn.execute("SELECT count(*) FROM customers").fetchone() == (0,)
+
+
+def test_cancel_ends_read_write_grants_and_keeps_read_only_ones(
+        test_fleet: PgFleet, own_catalog: OwnCatalog, slug: str) -> None:
+    fleet = own_catalog.fleet
+    fleet.provision(slug, REGION)
+    writer = _support_dsn(fleet, slug, read_only=False)
+    reader = _support_dsn(fleet, slug)
+    with connect_as(str(writer["dsn"]), autocommit=True) as conn:  # it can write now
+        conn.execute("INSERT INTO customers (name, email) VALUES ('a', 'a@x')")
+    lifecycle.cancel(fleet, slug, backup=False)
+    # the hold keeps the data as it was: the writer's role is gone, the reader reads
+    assert not _role_exists(test_fleet, str(writer["role"]))
+    with connect_as(str(reader["dsn"]), autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM customers").fetchone() == (1,)
+    ended = {g["id"]: g["status"] for g in access.grants(fleet, include_ended=True)}
+    assert ended == {writer["id"]: "revoked", reader["id"]: "active"}
+    with own_catalog.fleet.catalog.session() as s:
+        held = list(s.scalars(select(AuditEvent).where(AuditEvent.action == "access.hold")))
+    assert [(e.tenant, e.detail["grant"]) for e in held] == [(slug, writer["id"])]
 
 
 def test_csv_export_says_it_leaves_large_objects_out(test_fleet: PgFleet,
