@@ -49,6 +49,7 @@ from orchestrator.catalog import lock_key, redact
 from orchestrator.clock import utcnow
 from orchestrator.config import SchedulerConfig
 from orchestrator.errors import Conflict, InvalidInput, first_line
+from orchestrator.models import SupportGrant
 
 if TYPE_CHECKING:
     from orchestrator.api import Fleet
@@ -516,6 +517,9 @@ class SchedulerOptions:
     heartbeat: float = 2.0  # the leader checks its lock this often
     backup_concurrency: int = 2
     metrics_refresh: float = 15.0  # catalog gauges re-read this often (and after jobs)
+    # a support grant past its expiry brings the retention job (which ends it and its
+    # sessions) forward: VALID UNTIL only stops new logins
+    grant_poll: float = 15.0
 
 
 @dataclass
@@ -547,6 +551,7 @@ class SchedulerDaemon:
         self._closing = threading.Event()
         self._refresh_now = threading.Event()
         self._retention_mutex = threading.Lock()  # the retention jobs share one catalog lock
+        self._retention_started: datetime | None = None  # the last retention job's start
         self._running: set[str] = set()
         self._running_lock = threading.Lock()
         self._signals = 0
@@ -639,8 +644,12 @@ class SchedulerDaemon:
         term.scheduler.start()
         self.metrics.set_leader(True)
         self.log.info("leader", jobs=sorted(self.options.intervals))
+        polled = time.monotonic()
         try:
             while self._sleep(self.options.heartbeat):
+                if time.monotonic() - polled >= self.options.grant_poll:
+                    polled = time.monotonic()
+                    self._expire_grants_on_time(term)
                 if not self.lock.alive():
                     # Never two leaders: stop at once, whatever is in flight stops
                     # at its next tenant/step (and holds its job lock until then).
@@ -656,6 +665,28 @@ class SchedulerDaemon:
             self.metrics.set_leader(False)
             if term.scheduler.running:
                 term.scheduler.shutdown(wait=False)
+
+    def _expire_grants_on_time(self, term: _Term) -> None:
+        """A live support grant whose expiry has passed: run the retention job now
+        rather than at its next interval (it ends the grant and its open sessions)."""
+        job = term.scheduler.get_job("retention")
+        if job is None or job.next_run_time is None or "retention" in self._running_jobs():
+            return
+        now = utcnow()
+        if job.next_run_time <= now:
+            return  # due anyway
+        try:
+            with self.fleet.catalog.session() as s:
+                due = s.scalar(select(func.min(SupportGrant.expires_at)).where(
+                    SupportGrant.dropped_at.is_(None)))
+        except Exception as exc:  # noqa: BLE001 - the next poll tries again
+            self.log.warning("grant_poll_failed", error=first_line(exc))
+            return
+        started = self._retention_started
+        # once per expiry: a grant the last run could not end waits for the interval
+        if due is not None and due <= now and (started is None or due > started):
+            self.log.info("grant_expired", action="retention job brought forward")
+            term.scheduler.modify_job("retention", next_run_time=now)
 
     def _running_jobs(self) -> list[str]:
         with self._running_lock:
@@ -693,6 +724,8 @@ class SchedulerDaemon:
         """Run one job under its catalog lock; never raises. Logs one `job` line and
         records metrics."""
         started = time.monotonic()
+        if job == "retention":
+            self._retention_started = utcnow()
         with self._running_lock:
             self._running.add(job)
         try:
