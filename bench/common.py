@@ -64,6 +64,16 @@ def write_config(state: Path, servers: list[Server], *, migrations: str = "built
     return path
 
 
+def two_region_fleet(data_dir: str) -> tuple[Path, Path, Config]:
+    """A new state dir with the quickstart's shape (eu-central-1, ap-south-1) started
+    locally: (state dir, config path, config)."""
+    state = new_state(data_dir)
+    p1, p2 = ports(state, 2)
+    config = write_config(state, [("eu-central-1", "eu-central", p1),
+                                  ("ap-south-1", "ap-south", p2)], local=True)
+    return state, config, start(config)
+
+
 def start(config: Path) -> Config:
     """Start the clusters of a local config and prepare its catalog."""
     cfg = load_config(config)

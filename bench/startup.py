@@ -92,11 +92,7 @@ def main() -> None:
 
     from orchestrator.api import Fleet
 
-    state = common.new_state(args.data_dir)
-    p1, p2 = common.ports(state, 2)
-    config = common.write_config(state, [("eu-central-1", "eu-central", p1),
-                                         ("ap-south-1", "ap-south", p2)], local=True)
-    cfg = common.start(config)
+    state, config, cfg = common.two_region_fleet(args.data_dir)
     out: dict[str, Any] = {
         "tenants": args.tenants, "runs": args.runs, "cores": os.cpu_count(),
         "bytecode_cache": not sys.flags.dont_write_bytecode,
