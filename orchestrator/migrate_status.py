@@ -223,20 +223,19 @@ def _marked(fleet: Fleet, tenants: Sequence[Tenant], servers: Sequence[str] = ()
     return found
 
 
+Revisions = tuple[list[Result], dict[str, int], list[dict[str, Any]], dict[str, str | None]]
+
+
 def read_revisions(fleet: Fleet, tenants: Sequence[Tenant], *, live: bool = False,
                    concurrency: int = 16, per_server: int = 8,
-                   templates: dict[str, str | None] | None = None
-                   ) -> tuple[list[Result], dict[str, int], list[dict[str, Any]]]:
+                   template_servers: Sequence[str] = ()) -> Revisions:
     """Each tenant's (revision, error), in order; how many came from each source (its
-    database's mark, or a live read: every one with ``live``); and the marks a live
-    read found missing or wrong, rewritten. ``templates``, if given, gets the
-    revision of each of its servers' template (absent: none, or not answering)."""
-    wanted = list(templates) if templates is not None else []
-    marks = _marked(fleet, tenants, wanted)
-    if templates is not None:
-        templates.clear()
-        templates.update({server: marks[(server, TEMPLATE_DB)] for server in wanted
-                          if (server, TEMPLATE_DB) in marks})
+    database's mark, or a live read: every one with ``live``); the marks a live read
+    found missing or wrong, rewritten; and the revision of the template of each of
+    ``template_servers`` (absent: none, or the server did not answer)."""
+    marks = _marked(fleet, tenants, template_servers)
+    templates = {server: marks[(server, TEMPLATE_DB)] for server in template_servers
+                 if (server, TEMPLATE_DB) in marks}
     keys = [(t.server, t.database) for t in tenants]
     to_read = list(range(len(tenants))) if live else \
         [i for i, key in enumerate(keys) if key not in marks]
@@ -252,7 +251,8 @@ def read_revisions(fleet: Fleet, tenants: Sequence[Tenant], *, live: bool = Fals
              and (keys[i] not in marks or marks[keys[i]] != results[i][0])]
     remarked = _remark(fleet, [tenants[i] for i in stale],
                        [(keys[i] in marks, marks.get(keys[i])) for i in stale])
-    return results, {"mark": len(tenants) - len(to_read), "live": len(to_read)}, remarked
+    return (results, {"mark": len(tenants) - len(to_read), "live": len(to_read)}, remarked,
+            templates)
 
 
 def _remark(fleet: Fleet, tenants: Sequence[Tenant],
@@ -287,16 +287,15 @@ def fleet_status(fleet: Fleet, region: str | None = None, *, live: bool = False,
         tenants = list(s.scalars(q))
         servers = list(s.scalars(select(Server).order_by(Server.region, Server.name)))
     servers = [sv for sv in servers if region is None or sv.region == region]
-    templates: dict[str, str | None] = dict.fromkeys(sv.name for sv in servers)
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(read_revisions, fleet, tenants, live=live,
                               concurrency=concurrency, per_server=per_server,
-                              templates=templates)
+                              template_servers=[sv.name for sv in servers])
         # while the reads run: head (Alembic reads the migration scripts) and target
         head = fleet.head_revision
         report = StatusReport(head=head, target=fleet.target_revision(region),
                               tenants=len(tenants), revisions={})
-        reads, report.sources, report.remarked = pending.result()
+        reads, report.sources, report.remarked, templates = pending.result()
     counts: Counter[str] = Counter()
     changed: list[tuple[int, str | None]] = []
     for t, (revision, error) in zip(tenants, reads, strict=True):
