@@ -14,15 +14,15 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 from sqlalchemy import update
 
-from backups import pipeline
-from orchestrator import pgserver
-from orchestrator.catalog import with_dbname
-from orchestrator.errors import Conflict, TenantctlError, first_line
-from orchestrator.faults import checkpoint
-from orchestrator.localfleet import pg_tool
-from orchestrator.models import Tenant, TenantState
-from orchestrator.names import tenant_lock, tenant_names, validate_slug
-from orchestrator.provisioning import holding_tenant
+from backups import service as pipeline
+from orchestrator.adapters.catalog.db import with_dbname
+from orchestrator.adapters.catalog.models import Tenant, TenantState
+from orchestrator.adapters.faults import checkpoint
+from orchestrator.adapters.postgres import admin as pgserver
+from orchestrator.devfleet.localfleet import pg_tool
+from orchestrator.domain.errors import Conflict, TenantctlError, first_line
+from orchestrator.domain.names import tenant_lock, tenant_names, validate_slug
+from orchestrator.services.provisioning import holding_tenant
 
 if TYPE_CHECKING:
     from orchestrator.api import Fleet, ProvisionResult

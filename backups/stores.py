@@ -23,8 +23,8 @@ from types import TracebackType
 from typing import Any, BinaryIO
 from urllib.parse import parse_qs, urlparse
 
-from orchestrator.errors import ConfigError, TenantctlError, first_line
-from orchestrator.faults import checkpoint
+from orchestrator.adapters.faults import checkpoint
+from orchestrator.domain.errors import ConfigError, TenantctlError, first_line
 
 
 class StoreError(TenantctlError):

@@ -54,14 +54,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import psycopg  # noqa: E402
 from psycopg import sql  # noqa: E402
 
-from backups.pipeline import compression_arg, libpq_env  # noqa: E402
+from backups.service import compression_arg, libpq_env  # noqa: E402
 from bench import common  # noqa: E402
+from orchestrator.adapters.catalog.db import with_dbname  # noqa: E402
+from orchestrator.adapters.catalog.models import Tenant  # noqa: E402
 from orchestrator.api import Fleet  # noqa: E402
-from orchestrator.catalog import with_dbname  # noqa: E402
 from orchestrator.config import Config, load_config  # noqa: E402
-from orchestrator.localfleet import pg_tool  # noqa: E402
-from orchestrator.models import Tenant  # noqa: E402
-from orchestrator.names import tenant_names  # noqa: E402
+from orchestrator.devfleet.localfleet import pg_tool  # noqa: E402
+from orchestrator.domain.names import tenant_names  # noqa: E402
 
 REGION, SERVER = "eu-central", "bench-eu"
 BIG = "big"
@@ -343,7 +343,7 @@ import sys
 sys.path.insert(0, sys.argv[1])
 from backups.restore import restore_into
 from orchestrator.api import Fleet
-from orchestrator.catalog import with_dbname
+from orchestrator.adapters.catalog.db import with_dbname
 from orchestrator.config import load_config
 fleet = Fleet(load_config(sys.argv[2]))
 try:
@@ -360,7 +360,7 @@ def bench_restore(fleet: Fleet, cfg: Config, state: Path, size: int, backup_id: 
     """Raw pg_restore from a file; `backup restore --as` (the operator's command);
     and its data path alone, `restore_into` (decrypt streamed into pg_restore) in
     a process of its own, into a database made the way provisioning makes it."""
-    from backups import pipeline
+    from backups import service as pipeline
 
     pg_dump, pg_restore = pg_tool(cfg, "pg_dump"), pg_tool(cfg, "pg_restore")
     dump_file = state / "big.dump"  # plaintext, the benchmark's own: the raw baseline

@@ -11,12 +11,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from orchestrator import localfleet  # noqa: E402
+from orchestrator.adapters.catalog.db import Catalog  # noqa: E402
+from orchestrator.adapters.crypto.masterkey import write_key_file  # noqa: E402
 from orchestrator.api import Fleet  # noqa: E402
-from orchestrator.catalog import Catalog  # noqa: E402
 from orchestrator.config import Config, load_config  # noqa: E402
-from orchestrator.masterkey import write_key_file  # noqa: E402
-from orchestrator.names import ADMIN_ROLE, TEMPLATE_DB  # noqa: E402
+from orchestrator.devfleet import localfleet  # noqa: E402
+from orchestrator.domain.names import ADMIN_ROLE, TEMPLATE_DB  # noqa: E402
 
 Server = tuple[str, str, int]  # name, region, port
 

@@ -208,8 +208,8 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="leave the clusters running")
     args = ap.parse_args()
 
-    from orchestrator import templates
     from orchestrator.api import Fleet
+    from orchestrator.services import templates
 
     state, config, cfg = common.two_region_fleet(args.data_dir)
     out: dict[str, Any] = {"tenants": args.tenants, "servers": 2, "cores": os.cpu_count()}

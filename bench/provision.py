@@ -34,9 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import common  # noqa: E402
 from bench.synthetic_history import cli_copy, write_history  # noqa: E402
-from orchestrator import templates  # noqa: E402
 from orchestrator.api import Fleet  # noqa: E402
 from orchestrator.config import Config, load_config  # noqa: E402
+from orchestrator.services import templates  # noqa: E402
 
 
 def measure(configs: dict[str, Path], prefix: str, n: int) -> dict[str, dict[str, float]]:

@@ -32,9 +32,9 @@ import psycopg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import common  # noqa: E402
-from orchestrator import retention  # noqa: E402
 from orchestrator.api import Fleet  # noqa: E402
 from orchestrator.config import load_config  # noqa: E402
+from orchestrator.services import retention  # noqa: E402
 
 FILL = """
 INSERT INTO tenants (slug, region, server, database, login_role, owner_role, state,
@@ -144,7 +144,7 @@ def main() -> None:
         small_path = state / "small.toml"
         small_path.write_text(cfg_path.read_text().replace(
             "/tenantctl_catalog?", "/tenantctl_catalog_small?"))
-        from orchestrator.catalog import Catalog
+        from orchestrator.adapters.catalog.db import Catalog
 
         small = Catalog(load_config(small_path))
         small.upgrade()

@@ -30,12 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import common  # noqa: E402
 from bench.synthetic_history import cli_copy  # noqa: E402
-from orchestrator import pgserver, templates  # noqa: E402
+from orchestrator.adapters.catalog.db import with_dbname  # noqa: E402
+from orchestrator.adapters.postgres import admin as pgserver
 from orchestrator.api import Fleet  # noqa: E402
-from orchestrator.catalog import with_dbname  # noqa: E402
 from orchestrator.config import Config, load_config  # noqa: E402
-from orchestrator.names import TEMPLATE_DB, TEMPLATE_OWNER  # noqa: E402
-from orchestrator.rollout import RolloutOptions, RolloutRun  # noqa: E402
+from orchestrator.domain.names import TEMPLATE_DB, TEMPLATE_OWNER  # noqa: E402
+from orchestrator.services import templates  # noqa: E402
+from orchestrator.services.rollout import RolloutOptions, RolloutRun  # noqa: E402
 
 OLD, NEW = "0004_order_status_idx", "0005_reorder_level"
 

@@ -25,7 +25,7 @@ def grant(
 ) -> None:
     """Create a temporary login role for SLUG's database; prints its connection
     string once (the password expires with the grant and is not stored)."""
-    from orchestrator import access
+    from orchestrator.services import access
 
     delta = access.parse_ttl(ttl)
     fleet = open_fleet()
@@ -48,7 +48,7 @@ def list_(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Support grants (live ones, or all)."""
-    from orchestrator import access
+    from orchestrator.services import access
 
     fleet = open_fleet()
     try:
@@ -72,8 +72,8 @@ def revoke(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """End a grant now: sessions ended, role dropped."""
-    from orchestrator import access
-    from orchestrator.errors import InvalidInput
+    from orchestrator.domain.errors import InvalidInput
+    from orchestrator.services import access
 
     if (grant_id is None) == (not all_):
         raise InvalidInput("give a grant id or --all")

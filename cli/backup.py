@@ -25,8 +25,8 @@ def run(
     as_json: JsonOpt = False,
 ) -> None:
     """Dump, encrypt (to the tenant's own key) and upload to the region's store."""
-    from backups import pipeline
-    from orchestrator.errors import InvalidInput
+    from backups import service as pipeline
+    from orchestrator.domain.errors import InvalidInput
 
     if sum((bool(slug), all_, due)) != 1:
         raise InvalidInput("give one tenant, --all or --due")
@@ -56,7 +56,7 @@ def _run_with_progress(fleet, slugs, concurrency, as_json, kind):  # type: ignor
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from backups import pipeline
+    from backups import service as pipeline
 
     console = Console(stderr=True)
     if not console.is_terminal or as_json:
@@ -74,8 +74,8 @@ def list_(slug: Annotated[str | None, typer.Argument(help="One tenant.")] = None
     """Backups in the catalog, newest first."""
     from sqlalchemy import select
 
-    from backups.pipeline import backup_json
-    from orchestrator.models import Backup
+    from backups.service import backup_json
+    from orchestrator.adapters.catalog.models import Backup
 
     fleet = open_fleet()
     try:
@@ -107,8 +107,8 @@ def verify(
     as_json: JsonOpt = False,
 ) -> None:
     """Fetch, check the manifest and checksum, decrypt, and `pg_restore --list`."""
-    from backups import pipeline
-    from orchestrator.errors import InvalidInput, TenantctlError
+    from backups import service as pipeline
+    from orchestrator.domain.errors import InvalidInput, TenantctlError
 
     if sum((backup_id is not None, latest is not None, all_)) != 1:
         raise InvalidInput("give a backup id, --latest TENANT or --all")
@@ -152,7 +152,7 @@ def verify(
 def prune(dry_run: Annotated[bool, typer.Option(help="Report only.")] = False,
           as_json: JsonOpt = False) -> None:
     """Apply the retention policy to active tenants' backups (never the newest one)."""
-    from backups import pipeline
+    from backups import service as pipeline
 
     fleet = open_fleet()
     try:
@@ -181,7 +181,7 @@ def restore(
     """Restore a backup, as a new tenant (--as) or over its tenant (--in-place --yes).
     The backup is checked whole first; if it is not intact, nothing changes."""
     from backups.restore import restore_as, restore_in_place
-    from orchestrator.errors import InvalidInput
+    from orchestrator.domain.errors import InvalidInput
 
     if (as_ is None) == (not in_place):
         raise InvalidInput("give --as NEW_SLUG, or --in-place --yes")
@@ -232,8 +232,8 @@ def key_export(
     age -d -i key.txt X.dump.age."""
     from pathlib import Path
 
-    from orchestrator import keys
-    from orchestrator.masterkey import create_private_file
+    from orchestrator.adapters.crypto import tenant_keys as keys
+    from orchestrator.adapters.crypto.masterkey import create_private_file
 
     path = None if output == "-" else Path(output)
     fleet = open_fleet()

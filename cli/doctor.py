@@ -10,7 +10,7 @@ import typer
 from cli.common import open_fleet, print_json, say
 
 if TYPE_CHECKING:
-    from orchestrator.doctor import Finding
+    from orchestrator.services.doctor import Finding
 
 EXIT_ERRORS = 14  # something at error severity remains
 
@@ -27,7 +27,7 @@ def doctor(
     """Compare the catalog with every server and store: orphans, missing objects,
     privileges, backups, revisions, overdue retention, unreachable or full servers.
     Exit 14 when anything at error severity is found (after --fix: remains)."""
-    from orchestrator import doctor as doc
+    from orchestrator.services import doctor as doc
 
     fleet = open_fleet()
     try:

@@ -23,13 +23,13 @@ def generate(
     kms_endpoint_url: Annotated[str | None, typer.Option()] = None,
 ) -> None:
     """Write a new master key file (random, or a KMS data key); never overwrites."""
-    from orchestrator.errors import Conflict
-    from orchestrator.masterkey import (
+    from orchestrator.adapters.crypto.masterkey import (
         MasterKeySource,
         load_master_key,
         write_key_file,
         write_kms_data_key,
     )
+    from orchestrator.domain.errors import Conflict
 
     try:
         if kms_key_id:
@@ -59,9 +59,9 @@ def rotate_master(
 ) -> None:
     """Re-wrap every tenant key and password under a new master key (all or nothing);
     then point `master_key` in the config at the new key."""
-    from orchestrator import keys
-    from orchestrator.errors import InvalidInput
-    from orchestrator.masterkey import MasterKeySource, load_master_key
+    from orchestrator.adapters.crypto import tenant_keys as keys
+    from orchestrator.adapters.crypto.masterkey import MasterKeySource, load_master_key
+    from orchestrator.domain.errors import InvalidInput
 
     if (new_key_file is None) == (new_key_env is None):
         raise InvalidInput("give --new-key-file or --new-key-env")
@@ -105,9 +105,10 @@ def drill(
     new master key. Then point `master_key` in the config at the new key."""
     import time
 
-    from orchestrator import access, breach, keys
-    from orchestrator.errors import InvalidInput
-    from orchestrator.masterkey import MasterKeySource, load_master_key
+    from orchestrator.adapters.crypto import tenant_keys as keys
+    from orchestrator.adapters.crypto.masterkey import MasterKeySource, load_master_key
+    from orchestrator.domain.errors import InvalidInput
+    from orchestrator.services import access, breach
 
     new = load_master_key(MasterKeySource(file=new_key_file))
     fleet = open_fleet()

@@ -22,7 +22,7 @@ audit_app = typer.Typer(no_args_is_help=True, help="Who did what, when.")
 
 
 def _confirm(question: str, yes: bool) -> None:
-    from orchestrator.errors import InvalidInput
+    from orchestrator.domain.errors import InvalidInput
 
     if yes:
         return
@@ -46,7 +46,7 @@ def _print_transition(res: Any, as_json: bool) -> None:
 
 def _transition(action: str, slug: str, as_json: bool) -> None:
     """reactivate / suspend / resume: the same shape, one orchestrator call each."""
-    from orchestrator import lifecycle
+    from orchestrator.services import lifecycle
 
     fleet = open_fleet()
     try:
@@ -62,8 +62,8 @@ def register_tenant_commands(tenant_app: typer.Typer) -> None:  # noqa: C901 - o
                = False, as_json: JsonOpt = False) -> None:
         """Cancel: writes stop now, data stays readable and exportable for the hold
         (30 days by default), then retention deletes the database. Takes a backup."""
-        from backups.pipeline import BackupError
-        from orchestrator import lifecycle
+        from backups.service import BackupError
+        from orchestrator.services import lifecycle
 
         fleet = open_fleet()
         try:
@@ -102,8 +102,8 @@ def register_tenant_commands(tenant_app: typer.Typer) -> None:  # noqa: C901 - o
         as_json: JsonOpt = False,
     ) -> None:
         """Block deletion and purge of a tenant, whatever the dates, until lifted."""
-        from orchestrator import lifecycle
-        from orchestrator.errors import InvalidInput
+        from orchestrator.domain.errors import InvalidInput
+        from orchestrator.services import lifecycle
 
         if on is None:
             raise InvalidInput("say --on or --off")
@@ -127,9 +127,10 @@ def register_tenant_commands(tenant_app: typer.Typer) -> None:  # noqa: C901 - o
     ) -> None:
         """Erasure on request: no hold. Destroys the tenant's key at once (every backup
         copy becomes unreadable), drops its database and role, deletes its backups."""
-        from orchestrator import clock, retention
-        from orchestrator.audit import reason_text
-        from orchestrator.errors import InvalidInput
+        from orchestrator.adapters import clock
+        from orchestrator.adapters.catalog.audit import reason_text
+        from orchestrator.domain.errors import InvalidInput
+        from orchestrator.services import retention
 
         if not reason_text(reason):
             raise InvalidInput("--reason is required (it is audited)")
@@ -160,7 +161,7 @@ def register_tenant_commands(tenant_app: typer.Typer) -> None:  # noqa: C901 - o
         as_json: JsonOpt = False,
     ) -> None:
         """Export a tenant's data (active, suspended, or cancelled and in its hold)."""
-        from orchestrator.export import export as do_export
+        from orchestrator.services.export import export as do_export
 
         fleet = open_fleet()
         try:
@@ -187,8 +188,9 @@ def retention_run(
 ) -> None:
     """Carry out what is due: deletions after the hold, backup purges after
     purge_after, pruning, audit purge. For cron: never prompts, safe to re-run."""
-    from orchestrator import clock, retention
-    from orchestrator.errors import InvalidInput
+    from orchestrator.adapters import clock
+    from orchestrator.domain.errors import InvalidInput
+    from orchestrator.services import retention
 
     jobs = tuple(only) if only else retention.JOBS
     unknown = set(jobs) - set(retention.JOBS)
@@ -228,7 +230,8 @@ def retention_run(
 def retention_status(now: NowOpt = None, as_json: JsonOpt = False) -> None:
     """Tenants per state, the next deletions and purges, and anything overdue (exit 11
     when something is overdue, for monitoring)."""
-    from orchestrator import clock, retention
+    from orchestrator.adapters import clock
+    from orchestrator.services import retention
 
     at = clock.effective_now(now, acting=False)
     fleet = open_fleet()
@@ -266,7 +269,7 @@ def audit_list(
     as_json: JsonOpt = False,
 ) -> None:
     """The audit log, newest first."""
-    from orchestrator import audit
+    from orchestrator.adapters.catalog import audit
 
     fleet = open_fleet()
     try:

@@ -128,9 +128,9 @@ def init(
     = False,
 ) -> None:
     """Write a tenantctl.toml (only --local for now), start it and upgrade the catalog."""
-    from orchestrator import localfleet
     from orchestrator.config import find_config_path
-    from orchestrator.errors import InvalidInput
+    from orchestrator.devfleet import localfleet
+    from orchestrator.domain.errors import InvalidInput
 
     if not local:
         raise InvalidInput("only `tenantctl init --local` exists; for production write "
@@ -151,8 +151,8 @@ def _config_at(path: Path) -> Config:
 
 
 def _catalog_upgrade(cfg: Config) -> dict[str, Any]:
-    from orchestrator import fleet_identity
-    from orchestrator.catalog import Catalog
+    from orchestrator.adapters.catalog.db import Catalog
+    from orchestrator.adapters.postgres import fleet_identity
 
     catalog = Catalog(cfg)
     try:
@@ -167,7 +167,7 @@ def _catalog_upgrade(cfg: Config) -> dict[str, Any]:
 @local_app.command("up")
 def local_up() -> None:
     """Start the local clusters (initialising them on first use)."""
-    from orchestrator import localfleet
+    from orchestrator.devfleet import localfleet
 
     for line in localfleet.up(current_config()):
         say(line)
@@ -176,7 +176,7 @@ def local_up() -> None:
 @local_app.command("down")
 def local_down() -> None:
     """Stop the local clusters."""
-    from orchestrator import localfleet
+    from orchestrator.devfleet import localfleet
 
     for line in localfleet.down(current_config()):
         say(line)
@@ -185,7 +185,7 @@ def local_down() -> None:
 @local_app.command("status")
 def local_status(as_json: JsonOpt = False) -> None:
     """Show whether each local cluster runs."""
-    from orchestrator import localfleet
+    from orchestrator.devfleet import localfleet
 
     rows = localfleet.status(current_config())
     if as_json:
@@ -219,10 +219,11 @@ def config_check(as_json: JsonOpt = False) -> None:
     """Validate the config file, that the master key is readable and (when the
     catalog can be reached) that it is the fleet's (exit 7 if not), and that no
     configured server is another fleet's (exit 6)."""
-    from orchestrator import fleet_identity, keys
-    from orchestrator.catalog import Catalog
-    from orchestrator.errors import ServerUnavailable
-    from orchestrator.masterkey import load_master_key
+    from orchestrator.adapters.catalog.db import Catalog
+    from orchestrator.adapters.crypto import tenant_keys as keys
+    from orchestrator.adapters.crypto.masterkey import load_master_key
+    from orchestrator.adapters.postgres import fleet_identity
+    from orchestrator.domain.errors import ServerUnavailable
 
     cfg = current_config()
     key = load_master_key(cfg.master_key)
@@ -292,7 +293,7 @@ def template_build(server: Annotated[str | None, typer.Option(
     """Create or upgrade each server's template database to the fleet's target
     revision (head until a rollout sets it), then fill its pool of spare clones
     (tenants.spare_databases)."""
-    from orchestrator import spares, templates
+    from orchestrator.services import spares, templates
 
     fleet = open_fleet()
     try:
@@ -396,7 +397,7 @@ def tenant_credentials(
 ) -> None:
     """Show the tenant's connection string (audited), or rotate its password; with
     --rotate --all, every tenant's (the report never contains the passwords)."""
-    from orchestrator.errors import InvalidInput
+    from orchestrator.domain.errors import InvalidInput
 
     if all_:
         if slug or not rotate:
@@ -409,7 +410,7 @@ def tenant_credentials(
     try:
         dsn = fleet.credentials(slug, rotate=rotate)
         if kill_sessions and rotate:
-            from orchestrator import pgserver
+            from orchestrator.adapters.postgres import admin as pgserver
 
             t = fleet.get_tenant(slug)
             with fleet.server_connection(t.server) as conn:
@@ -429,7 +430,7 @@ def _rotate_all(region: str | None, concurrency: int, kill_sessions: bool,
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn
 
-    from orchestrator import breach
+    from orchestrator.services import breach
 
     fleet = open_fleet()
     t0 = time.perf_counter()
@@ -471,7 +472,7 @@ def tenant_psql(
                                                 help="Run one command and exit.")] = None,
 ) -> None:
     """Open psql on the tenant's database as its login role (audited)."""
-    from orchestrator import psql
+    from orchestrator.services import psql
 
     fleet = open_fleet()
     try:
@@ -488,8 +489,8 @@ def tenant_psql(
 def quickstart(state_dir: Annotated[Path, typer.Option(help="State directory.")]
                = Path(".tenantctl")) -> None:
     """Set up the embedded two-region fleet, a demo tenant per region, and show it."""
-    from orchestrator import quickstart as qs
     from orchestrator.config import find_config_path
+    from orchestrator.devfleet import quickstart as qs
 
     path = find_config_path(State.config_path)
     for line in qs.run(path, state_dir):
@@ -517,7 +518,7 @@ def report(
 ) -> None:
     """Check the fleet against the promises of the privacy policy: isolation, region,
     backups, timeliness, audit. Exit 12 when any promise is broken."""
-    from orchestrator import report as rep
+    from orchestrator.services import report as rep
 
     fleet = open_fleet()
     try:
@@ -542,13 +543,13 @@ def report(
 def _explained(exc: BaseException) -> str:
     """A refused password at an address where this fleet's embedded cluster is not
     running: said as what it is, another server at that address."""
-    from orchestrator.catalog import AUTH_FAILED
-    from orchestrator.errors import ServerUnavailable, TenantctlError
+    from orchestrator.adapters.catalog.db import AUTH_FAILED
+    from orchestrator.domain.errors import ServerUnavailable, TenantctlError
 
     m = AUTH_FAILED.search(str(exc))
     if not isinstance(exc, ServerUnavailable) or m is None:
         return str(exc)
-    from orchestrator import localfleet
+    from orchestrator.devfleet import localfleet
 
     try:
         why = localfleet.not_ours_at(current_config(), int(m.group(2)))
@@ -564,7 +565,7 @@ def _explained(exc: BaseException) -> str:
 def main() -> None:
     import logging
 
-    from orchestrator.errors import TenantctlError, first_line
+    from orchestrator.domain.errors import TenantctlError, first_line
 
     # When the catalog goes away mid-command, SQLAlchemy's pool logs a traceback for
     # every connection it fails to reset; the command itself ends with one `error:`

@@ -12,7 +12,7 @@ import typer
 from cli.common import open_fleet, print_json, say, table
 
 if TYPE_CHECKING:
-    from orchestrator.rollout import Event, RolloutOptions, RolloutSummary
+    from orchestrator.services.rollout import Event, RolloutOptions, RolloutSummary
 
 migrate_app = typer.Typer(no_args_is_help=True,
                           help="Tenant schema migrations across the fleet.")
@@ -29,7 +29,7 @@ def status(region: Annotated[str | None, typer.Option(help="Only this region.")]
            as_json: JsonOpt = False) -> None:
     """How many tenants sit at each revision, who is behind, who failed and why,
     and each server's template revision."""
-    from orchestrator.migrate_status import fleet_status
+    from orchestrator.services.migrate_status import fleet_status
 
     fleet = open_fleet()
     try:
@@ -87,7 +87,7 @@ def rollout(
     """Migrate every tenant in scope to a revision: canary, waves, failure budget.
     Re-running the same command resumes it; on several machines at once, they
     divide the work."""
-    from orchestrator.rollout import RolloutOptions
+    from orchestrator.services.rollout import RolloutOptions
 
     opts = RolloutOptions(
         to=to, region=region, tenants=[t for t in (tenants or "").split(",") if t] or None,
@@ -108,7 +108,7 @@ def tenant(
     as_json: JsonOpt = False,
 ) -> None:
     """Migrate one tenant (same machinery as a rollout; the fleet target is unchanged)."""
-    from orchestrator.rollout import RolloutOptions
+    from orchestrator.services.rollout import RolloutOptions
 
     opts = RolloutOptions(to=to, tenants=[slug], concurrency=1, per_server=1,
                           max_failures="100%", lock_timeout=lock_timeout,
@@ -118,7 +118,7 @@ def tenant(
 
 
 def _run(opts: RolloutOptions, as_json: bool) -> None:
-    from orchestrator.rollout import RolloutRun
+    from orchestrator.services.rollout import RolloutRun
 
     stop = threading.Event()
     renderer = _Renderer(as_json)

@@ -34,8 +34,8 @@ def run(
     Several instances may run: one leads (a catalog advisory lock), the others wait
     as standbys and take over when it dies. JSON log lines on stdout; SIGTERM stops
     it cleanly (exit 0)."""
-    from orchestrator import scheduler as sch
-    from orchestrator.errors import InvalidInput
+    from orchestrator.daemon import scheduler as sch
+    from orchestrator.domain.errors import InvalidInput
 
     if standby_poll <= 0 or standby_poll > 60:
         raise InvalidInput("--standby-poll must be between 0 and 60 seconds")

@@ -23,13 +23,8 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import selectinload
 
-from orchestrator import keys, pgserver, revision_files
-from orchestrator.catalog import Catalog
-from orchestrator.config import Config, load_config
-from orchestrator.errors import CatalogIntegrityError, Conflict, InvalidInput, NotFound
-from orchestrator.faults import checkpoint
-from orchestrator.masterkey import MasterKey, load_master_key
-from orchestrator.models import (
+from orchestrator.adapters.catalog.db import Catalog
+from orchestrator.adapters.catalog.models import (
     PLACED_STATES,
     UNSHOWN,
     FleetSetting,
@@ -39,7 +34,14 @@ from orchestrator.models import (
     TenantKey,
     TenantState,
 )
-from orchestrator.names import catalog_mismatch, validate_slug
+from orchestrator.adapters.crypto import tenant_keys as keys
+from orchestrator.adapters.crypto.masterkey import MasterKey, load_master_key
+from orchestrator.adapters.faults import checkpoint
+from orchestrator.adapters.postgres import admin as pgserver
+from orchestrator.adapters.postgres import revision_files
+from orchestrator.config import Config, load_config
+from orchestrator.domain.errors import CatalogIntegrityError, Conflict, InvalidInput, NotFound
+from orchestrator.domain.names import catalog_mismatch, validate_slug
 
 TARGET_KEY = "target_revision"
 
@@ -151,7 +153,7 @@ class Fleet:
             self._refills.submit(self._refill, server)
 
     def _refill(self, server: str) -> None:
-        from orchestrator import spares
+        from orchestrator.services import spares
 
         try:
             spares.fill(self, server)
@@ -175,7 +177,7 @@ class Fleet:
             return revision_files.head(self.cfg.tenant_migrations)
         except revision_files.Undecided:
             # start-up: Alembic (~0.5 s to import) only when the files do not say
-            from orchestrator import tenant_migrations
+            from orchestrator.adapters.postgres import alembic_runner as tenant_migrations
 
             return tenant_migrations.head_revision(self.cfg.tenant_migrations)
 
@@ -256,7 +258,7 @@ class Fleet:
         string. With ``shown=False`` the caller calls ``credentials_shown`` once the
         string has reached its reader; until then a re-run returns it again."""
         # start-up: provisioning brings Alembic (~0.5 s); read commands never need it
-        from orchestrator import provisioning
+        from orchestrator.services import provisioning
 
         done = provisioning.provision(self, slug, region, restore_from=restore_from)
         result = ProvisionResult(tenant_json(done.tenant),
@@ -300,7 +302,7 @@ class Fleet:
             raise Conflict(keys.key_destroyed(slug, key) if key is not None
                            and key.destroyed_at is not None
                            else f"tenant {slug!r} has no stored password")
-        from orchestrator import provisioning  # start-up: see provision()
+        from orchestrator.services import provisioning  # start-up: see provision()
 
         ctx = provisioning.password_context(slug)
         if rotate:
@@ -317,7 +319,7 @@ class Fleet:
     def _rotate(self, tenant: Tenant, ctx: str, password: str | None = None) -> str:
         """Store the new password (wrapped) first, then give it to the role, under the
         tenant's lock so two rotations cannot cross."""
-        from orchestrator import provisioning  # start-up: see provision()
+        from orchestrator.services import provisioning  # start-up: see provision()
 
         slug = tenant.slug
         with provisioning.holding_tenant(self, slug):

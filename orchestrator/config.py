@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator.errors import ConfigError
+from orchestrator.domain.errors import ConfigError
 
 CONFIG_ENV = "TENANTCTL_CONFIG"
 DEFAULT_CONFIG_NAME = "tenantctl.toml"

@@ -26,12 +26,13 @@ from typing import Any
 import psycopg
 import pytest
 
-from orchestrator import localfleet, revision_marks
+from orchestrator.adapters.catalog.db import Catalog, with_dbname
+from orchestrator.adapters.crypto.masterkey import write_key_file
+from orchestrator.adapters.postgres import revision_marks
 from orchestrator.api import Fleet
-from orchestrator.catalog import Catalog, with_dbname
 from orchestrator.config import Config, load_config
-from orchestrator.masterkey import write_key_file
-from orchestrator.names import ADMIN_ROLE
+from orchestrator.devfleet import localfleet
+from orchestrator.domain.names import ADMIN_ROLE
 
 EXTERNAL_DSN_ENV = "TENANTCTL_TEST_ADMIN_DSN"
 TENANTCTL = [sys.executable, "-m", "cli"]
@@ -226,7 +227,7 @@ def _drop_own_tenants(fleet: Fleet) -> None:
     catalog would see them as orphans."""
     from psycopg import sql
 
-    from orchestrator.models import SupportGrant, Tenant
+    from orchestrator.adapters.catalog.models import SupportGrant, Tenant
 
     with fleet.catalog.session() as s:
         tenants = [(t.slug, t.server) for t in s.query(Tenant)]
@@ -290,7 +291,7 @@ def problems(findings: list[Any]) -> list[tuple[str, str]]:
 def healthy(clean_fleet: CleanFleet) -> Iterator[Fleet]:
     """The clean fleet, checked healthy before the test and again after it: each
     test repairs (or converges) what it broke — that is what it tests."""
-    from orchestrator import doctor
+    from orchestrator.services import doctor
 
     fleet = clean_fleet.fleet()
     assert problems(doctor.run(fleet)) == []

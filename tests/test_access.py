@@ -184,9 +184,9 @@ def test_breach_drill_times_every_step(test_fleet: PgFleet, own_catalog: OwnCata
                                        slug: str, tmp_path: object) -> None:
     from pathlib import Path
 
+    from orchestrator.adapters.crypto.masterkey import write_key_file
     from orchestrator.api import Fleet
     from orchestrator.config import load_config
-    from orchestrator.masterkey import write_key_file
 
     own = own_catalog
     old = _tenant(own, slug)

@@ -30,10 +30,10 @@ import psycopg
 import pytest
 import yaml
 
-from orchestrator import localfleet
-from orchestrator.catalog import with_dbname
-from orchestrator.masterkey import write_key_file
-from orchestrator.names import ADMIN_ROLE
+from orchestrator.adapters.catalog.db import with_dbname
+from orchestrator.adapters.crypto.masterkey import write_key_file
+from orchestrator.devfleet import localfleet
+from orchestrator.domain.names import ADMIN_ROLE
 from tests.conftest import REPO, TENANTCTL, PgFleet, connect_as
 
 ANSIBLE_DIR = REPO / "ansible"

@@ -31,16 +31,17 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select
 
-from backups import pipeline
+from backups import service as pipeline
 from backups.restore import restore_as
 from backups.stores import FileStore, S3Store, StoreError, _check_key, open_store
-from orchestrator import access, audit, clock, keys, lifecycle, psql, retention
+from orchestrator.adapters import clock
+from orchestrator.adapters.catalog import audit
+from orchestrator.adapters.catalog.models import Tenant
+from orchestrator.adapters.crypto import tenant_keys as keys
 from orchestrator.api import Fleet
 from orchestrator.config import parse_config
-from orchestrator.errors import ConfigError, InvalidInput, NotFound, TenantctlError
-from orchestrator.export import export
-from orchestrator.models import Tenant
-from orchestrator.names import (
+from orchestrator.domain.errors import ConfigError, InvalidInput, NotFound, TenantctlError
+from orchestrator.domain.names import (
     ADMIN_ROLE,
     CATALOG_DB,
     TEMPLATE_DB,
@@ -48,7 +49,9 @@ from orchestrator.names import (
     tenant_names,
     validate_slug,
 )
-from orchestrator.rollout_plan import parse_budget, parse_timeout, parse_waves
+from orchestrator.domain.rollout_plan import parse_budget, parse_timeout, parse_waves
+from orchestrator.services import access, lifecycle, psql, retention
+from orchestrator.services.export import export
 from tests.conftest import REPO, TENANTCTL, OwnCatalog, PgFleet, connect_as, run_cli
 
 ALL_SERVERS = ("eu-central-1", "eu-central-2", "ap-south-1")
@@ -378,7 +381,7 @@ def test_region_and_server_names_in_the_config(name: str) -> None:
 
 
 def test_hostile_region_names_through_the_api(fleet: Fleet, slug: str) -> None:
-    from orchestrator import breach, migrate_status
+    from orchestrator.services import breach, migrate_status
 
     @LIVE
     @given(names_strategy)
@@ -640,7 +643,7 @@ def test_free_text_is_stored_as_given_or_refused(fleet: Fleet, exportable: str,
     """A reason, a grantee, an audit filter or the actor's name: stored exactly as
     given, or refused in one line before anything changes (Postgres text holds no
     NUL byte and only UTF-8; argv bytes that are not UTF-8 arrive as surrogates)."""
-    from orchestrator.models import AuditEvent
+    from orchestrator.adapters.catalog.models import AuditEvent
 
     @LIVE
     @given(free_text)
@@ -684,7 +687,7 @@ def test_free_text_is_stored_as_given_or_refused(fleet: Fleet, exportable: str,
 
 def test_bytes_that_are_not_utf8_on_the_command_line(fleet: Fleet, test_fleet: PgFleet,
                                                      exportable: str) -> None:
-    from orchestrator.models import AuditEvent
+    from orchestrator.adapters.catalog.models import AuditEvent
 
     # argv byte 0xff reaches Python as '\udcff'
     proc = run_cli(test_fleet, "tenant", "legal-hold", exportable, "--on", "--reason",

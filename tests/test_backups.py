@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from backups import pipeline
+from backups import service as pipeline
 from backups.stores import open_store
+from orchestrator.adapters.catalog.models import Backup
 from orchestrator.api import Fleet
 from orchestrator.config import load_config
-from orchestrator.models import Backup
 from tests.conftest import OwnCatalog, PgFleet, connect_as, mark_and_version, run_cli
 from tests.test_stores import moto_endpoint  # noqa: F401 - fixture
 
@@ -195,7 +195,7 @@ def _rows(fleet: Fleet, slug: str) -> dict[str, list[tuple]]:  # type: ignore[ty
     """Every table's rows, in a stable order, read as the admin role."""
     from psycopg import sql
 
-    from orchestrator.catalog import with_dbname
+    from orchestrator.adapters.catalog.db import with_dbname
 
     t = fleet.get_tenant(slug)
     out = {}
@@ -262,7 +262,7 @@ def test_stock_age_tool_and_pg_restore_read_a_backup(fleet: Fleet, test_fleet: P
     """The break-glass runbook: export the identity, then age -d | pg_restore."""
     import subprocess
 
-    from orchestrator.localfleet import pg_tool
+    from orchestrator.devfleet.localfleet import pg_tool
 
     _tenant_with_data(fleet, slug, "ap-south")
     row = pipeline.get_backup(fleet, pipeline.run_backup(fleet, slug).id)
@@ -279,7 +279,7 @@ def test_stock_age_tool_and_pg_restore_read_a_backup(fleet: Fleet, test_fleet: P
                              capture_output=True, check=True)
     assert b"TABLE DATA public customers" in listing.stdout
     with fleet.catalog.session() as s:
-        from orchestrator.models import AuditEvent
+        from orchestrator.adapters.catalog.models import AuditEvent
 
         assert s.scalars(select(AuditEvent).where(AuditEvent.tenant == slug,
                                                   AuditEvent.action == "backup.key.export")
@@ -290,7 +290,7 @@ def test_stock_age_tool_and_pg_restore_read_a_backup(fleet: Fleet, test_fleet: P
 def test_master_key_rotation_keeps_backups_readable(test_fleet: PgFleet, tmp_path: Path,
                                                      slug: str, target: str,
                                                      request: pytest.FixtureRequest) -> None:
-    from orchestrator.masterkey import write_key_file
+    from orchestrator.adapters.crypto.masterkey import write_key_file
 
     # A private catalog and master key: rotation re-wraps every tenant of a catalog.
     old_key = tmp_path / "old.key"

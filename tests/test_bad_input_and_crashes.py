@@ -9,9 +9,9 @@ import psycopg
 import pytest
 from sqlalchemy import func, select
 
+from orchestrator.adapters.catalog.models import AuditEvent, Tenant
 from orchestrator.api import Fleet
-from orchestrator.models import AuditEvent, Tenant
-from orchestrator.provisioning import STEPS
+from orchestrator.services.provisioning import STEPS
 from tests.conftest import TENANTCTL, PgFleet, connect_as, run_cli, server_objects
 
 ALL_SERVERS = ("eu-central-1", "eu-central-2", "ap-south-1")

@@ -23,11 +23,12 @@ import pytest
 from psycopg import sql
 from sqlalchemy import func, select
 
-from backups.pipeline import run_backup
-from orchestrator import clock, doctor, lifecycle, retention
+from backups.service import run_backup
+from orchestrator.adapters import clock
+from orchestrator.adapters.catalog.db import with_dbname
+from orchestrator.adapters.catalog.models import AuditEvent, Backup
 from orchestrator.api import Fleet
-from orchestrator.catalog import with_dbname
-from orchestrator.models import AuditEvent, Backup
+from orchestrator.services import doctor, lifecycle, retention
 from tests.conftest import REPO, TENANTCTL, CleanFleet, problems
 from tests.test_doctor import cli
 
@@ -115,7 +116,7 @@ def rollout(fleet: Fleet) -> Scenario:
     slugs = [fleet.provision(new_slug(), r).tenant["slug"] for r in ("eu-central", "ap-south")]
     for slug in slugs:
         # a single-tenant migration keeps the fleet's target where it is
-        from orchestrator.rollout import RolloutOptions, RolloutRun
+        from orchestrator.services.rollout import RolloutOptions, RolloutRun
 
         RolloutRun(fleet, RolloutOptions(to=OLD_REVISION, tenants=[slug], concurrency=1,
                                          per_server=1, max_failures="100%")).run()

@@ -18,11 +18,12 @@ import pyrage
 from psycopg import sql
 from sqlalchemy import update
 
-from backups.pipeline import run_backup
-from orchestrator import access, clock, lifecycle
+from backups.service import run_backup
+from orchestrator.adapters import clock
+from orchestrator.adapters.catalog.db import with_dbname
+from orchestrator.adapters.catalog.models import Backup, Server, SupportGrant, Tenant
 from orchestrator.api import Fleet
-from orchestrator.catalog import with_dbname
-from orchestrator.models import Backup, Server, SupportGrant, Tenant
+from orchestrator.services import access, lifecycle
 from tests.conftest import REPO, TENANTCTL, CleanFleet
 
 
@@ -248,9 +249,9 @@ def test_tampered_catalog_row_is_refused_before_anything_is_touched(
 
 def test_unreachable_server_full_server_and_region_scope(
         clean_fleet: CleanFleet, healthy: Fleet, tmp_path: Path) -> None:
-    from orchestrator import localfleet
-    from orchestrator.catalog import Catalog
+    from orchestrator.adapters.catalog.db import Catalog
     from orchestrator.config import load_config
+    from orchestrator.devfleet import localfleet
 
     port = localfleet.free_ports(1, start=59800)[0]
     broken = tmp_path / "broken.toml"
@@ -288,8 +289,8 @@ def test_a_revision_mark_that_differs_is_found_unless_a_migration_holds_the_tena
     """The mark `migrate status` reads must be the catalog's revision: one changed
     behind tenantctl's back is a warning whose remedy works. A tenant whose lock
     is held (a rollout between writing its mark and recording it) is not judged."""
-    from orchestrator import revision_marks
-    from orchestrator.names import tenant_lock
+    from orchestrator.adapters.postgres import revision_marks
+    from orchestrator.domain.names import tenant_lock
 
     slug = healthy.provision(new_slug(), "eu-central").tenant["slug"]
     t = healthy.get_tenant(slug)

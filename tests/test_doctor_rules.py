@@ -6,8 +6,9 @@ from __future__ import annotations
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
-from orchestrator import revision_marks
-from orchestrator.doctor import (
+from orchestrator.adapters.postgres import revision_marks
+from orchestrator.adapters.postgres.admin import role_marker
+from orchestrator.services.doctor import (
     ClusterFacts,
     Database,
     Facts,
@@ -16,7 +17,6 @@ from orchestrator.doctor import (
     TenantRow,
     diagnose,
 )
-from orchestrator.pgserver import role_marker
 
 NOW = datetime(2026, 11, 23, 12, tzinfo=UTC)
 

@@ -12,8 +12,8 @@ from datetime import timedelta
 
 import psycopg
 
-from orchestrator import access
-from orchestrator.scheduler import JsonLog, SchedulerDaemon, SchedulerOptions
+from orchestrator.daemon.scheduler import JsonLog, SchedulerDaemon, SchedulerOptions
+from orchestrator.services import access
 from tests.conftest import OwnCatalog, connect_as
 
 

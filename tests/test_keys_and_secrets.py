@@ -17,11 +17,14 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict
 from sqlalchemy import delete, select, update
 
-from orchestrator import audit, keys, localfleet, pgserver
-from orchestrator.childenv import ALLOWED, ALLOWED_PREFIXES, child_env
+from orchestrator.adapters.catalog import audit
+from orchestrator.adapters.catalog.models import AuditEvent, FleetSetting, Tenant, TenantKey
+from orchestrator.adapters.crypto import tenant_keys as keys
+from orchestrator.adapters.crypto.masterkey import load_master_key, write_key_file
+from orchestrator.adapters.postgres import admin as pgserver
+from orchestrator.adapters.postgres.childenv import ALLOWED, ALLOWED_PREFIXES, child_env
 from orchestrator.config import MasterKeySource
-from orchestrator.masterkey import load_master_key, write_key_file
-from orchestrator.models import AuditEvent, FleetSetting, Tenant, TenantKey
+from orchestrator.devfleet import localfleet
 from tests.conftest import OwnCatalog, PgFleet, run_cli
 
 KEY_ENV = "TENANTCTL_MASTER_KEY"

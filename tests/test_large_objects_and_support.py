@@ -15,12 +15,14 @@ import pytest
 from psycopg import sql
 from sqlalchemy import select
 
-from backups import pipeline, restore
-from orchestrator import access, clock, doctor, lifecycle, retention
+from backups import restore
+from backups import service as pipeline
+from orchestrator.adapters import clock
+from orchestrator.adapters.catalog.models import AuditEvent
+from orchestrator.adapters.crypto.masterkey import write_key_file
 from orchestrator.api import Fleet
-from orchestrator.masterkey import write_key_file
-from orchestrator.models import AuditEvent
-from orchestrator.names import tenant_names
+from orchestrator.domain.names import tenant_names
+from orchestrator.services import access, doctor, lifecycle, retention
 from tests.conftest import OwnCatalog, PgFleet, connect_as, run_cli
 
 REGION, SERVER = "ap-south", "ap-south-1"

@@ -17,9 +17,9 @@ import psycopg
 import pytest
 from sqlalchemy import func, select
 
-from backups import pipeline
+from backups import service as pipeline
 from backups.stores import open_store
-from orchestrator.models import AuditEvent, Backup, TenantKey
+from orchestrator.adapters.catalog.models import AuditEvent, Backup, TenantKey
 from tests.conftest import TENANTCTL, OwnCatalog, PgFleet, connect_as, run_cli, server_objects
 
 ACT = {"TENANTCTL_ALLOW_CLOCK_OVERRIDE": "1"}
@@ -159,7 +159,7 @@ def test_reactivate_after_hold_and_bad_transitions(test_fleet: PgFleet,
                                                    own_catalog: OwnCatalog, slug: str) -> None:
     from sqlalchemy import update
 
-    from orchestrator.models import Tenant
+    from orchestrator.adapters.catalog.models import Tenant
 
     own = own_catalog
     _make(own, slug)
@@ -283,7 +283,7 @@ def test_two_concurrent_runs_act_once(test_fleet: PgFleet, own_catalog: OwnCatal
 
 def test_audit_redacts_secrets_and_records_actor(test_fleet: PgFleet,
                                                  own_catalog: OwnCatalog, slug: str) -> None:
-    from orchestrator.audit import redact
+    from orchestrator.adapters.catalog.audit import redact
 
     assert redact({"password": "hunter2", "dsn": "postgresql://u:hunter2@h/db",
                    "conninfo": "host=h password=hunter2 dbname=x", "n": 3}) == {

@@ -17,8 +17,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from orchestrator import spares
 from orchestrator.config import load_config
+from orchestrator.services import spares
 from tests.conftest import REPO, TENANTCTL
 
 

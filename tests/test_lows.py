@@ -17,12 +17,12 @@ import psycopg
 from psycopg import sql
 from sqlalchemy import func, select
 
-from backups.pipeline import run_backup
-from orchestrator import doctor, lifecycle, report, retention, spares
+from backups.service import run_backup
+from orchestrator.adapters.catalog.db import Catalog, with_dbname
+from orchestrator.adapters.catalog.models import Backup, Tenant
 from orchestrator.api import Fleet
-from orchestrator.catalog import Catalog, with_dbname
 from orchestrator.config import load_config
-from orchestrator.models import Backup, Tenant
+from orchestrator.services import doctor, lifecycle, report, retention, spares
 from tests.conftest import REPO, TENANTCTL, OwnCatalog, PgFleet, connect_as, run_cli
 
 

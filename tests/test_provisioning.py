@@ -7,10 +7,10 @@ import pytest
 from psycopg import sql
 from sqlalchemy import select
 
+from orchestrator.adapters.catalog.models import AuditEvent, TenantCredential
 from orchestrator.api import Fleet
 from orchestrator.config import load_config
-from orchestrator.models import AuditEvent, TenantCredential
-from orchestrator.names import CATALOG_DB, TEMPLATE_DB
+from orchestrator.domain.names import CATALOG_DB, TEMPLATE_DB
 from tests.conftest import PgFleet, connect_as, mark_and_version, run_cli
 
 

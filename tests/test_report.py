@@ -15,8 +15,8 @@ import pytest
 from psycopg import sql
 from sqlalchemy import func, update
 
-from backups import pipeline
-from orchestrator.models import Tenant
+from backups import service as pipeline
+from orchestrator.adapters.catalog.models import Tenant
 from tests.conftest import OwnCatalog, PgFleet, run_cli
 
 
@@ -92,7 +92,7 @@ def test_report_passes_then_names_each_broken_promise(test_fleet: PgFleet,
 
 
 def test_report_html_renders_in_headless_chromium(tmp_path: Path) -> None:
-    from orchestrator.report import render_html
+    from orchestrator.services.report import render_html
 
     page = tmp_path / "report.html"
     page.write_text(render_html({"generated_at": "2026-11-23T00:00:00+00:00", "ok": False,

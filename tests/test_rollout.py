@@ -20,12 +20,12 @@ from hypothesis import strategies as st
 from psycopg import sql
 from sqlalchemy import func, select
 
-from orchestrator import revision_marks
+from orchestrator.adapters.catalog.db import lock_key, lock_key_sql, with_dbname
+from orchestrator.adapters.catalog.models import Rollout, RolloutTenant
+from orchestrator.adapters.postgres import revision_marks
 from orchestrator.api import Fleet
-from orchestrator.catalog import lock_key, lock_key_sql, with_dbname
-from orchestrator.models import Rollout, RolloutTenant
-from orchestrator.names import tenant_lock
-from orchestrator.rollout_plan import PlanTenant, interleave_by_server
+from orchestrator.domain.names import tenant_lock
+from orchestrator.domain.rollout_plan import PlanTenant, interleave_by_server
 from tests.conftest import TENANTCTL, PgFleet, connect_as, mark_and_version, run_cli
 
 OLD = "0004_order_status_idx"
@@ -431,7 +431,7 @@ def test_status_reader_says_base_unreachable_and_timeout(fleet: Fleet, slug: str
 
     from psycopg.conninfo import make_conninfo
 
-    from orchestrator.migrate_status import read_version, read_versions
+    from orchestrator.services.migrate_status import read_version, read_versions
     from tests.conftest import _closed_port
 
     admin_dsn = fleet.cfg.server("ap-south-1").admin_dsn

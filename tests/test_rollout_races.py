@@ -19,11 +19,14 @@ import psycopg
 import pytest
 from sqlalchemy import select
 
-from orchestrator import pgserver, revision_marks, templates, tenant_migrations
+from orchestrator.adapters.catalog.models import Rollout
+from orchestrator.adapters.postgres import admin as pgserver
+from orchestrator.adapters.postgres import alembic_runner as tenant_migrations
+from orchestrator.adapters.postgres import revision_marks
 from orchestrator.api import Fleet
-from orchestrator.models import Rollout
-from orchestrator.names import TEMPLATE_DB
-from orchestrator.rollout import Event, RolloutOptions, RolloutRun
+from orchestrator.domain.names import TEMPLATE_DB
+from orchestrator.services import templates
+from orchestrator.services.rollout import Event, RolloutOptions, RolloutRun
 from tests.conftest import TENANTCTL, OwnCatalog, PgFleet, mark_and_version, run_cli
 
 OLD = "0004_order_status_idx"

@@ -22,11 +22,11 @@ import psycopg
 import pytest
 from sqlalchemy import select
 
+from orchestrator.adapters.catalog.db import lock_key
+from orchestrator.adapters.catalog.models import Backup
 from orchestrator.api import Fleet
-from orchestrator.catalog import lock_key
 from orchestrator.config import SchedulerConfig
-from orchestrator.models import Backup
-from orchestrator.scheduler import (
+from orchestrator.daemon.scheduler import (
     LEADER_LOCK,
     FleetGauges,
     JobStats,
@@ -297,7 +297,7 @@ def test_one_tenant_failing_never_stops_the_job_or_the_daemon(
 def test_jobs_stop_between_tenants_once_halted(fleet: Fleet, slug: str) -> None:
     """What SIGTERM and a lost lock do to a job in flight: no new tenant/step
     starts (in-process, against the real catalog)."""
-    from orchestrator.scheduler import JsonLog, backups_job, retention_job
+    from orchestrator.daemon.scheduler import JsonLog, backups_job, retention_job
 
     fleet.provision(slug, "eu-central")
     halt = threading.Event()
@@ -319,14 +319,14 @@ def test_catalog_down_standby_waits_and_metrics_still_answer(test_fleet: PgFleet
     import dataclasses
     import io
 
-    from orchestrator import localfleet
-    from orchestrator.catalog import with_dbname
-    from orchestrator.scheduler import (
+    from orchestrator.adapters.catalog.db import with_dbname
+    from orchestrator.daemon.scheduler import (
         JsonLog,
         MetricsServer,
         SchedulerDaemon,
         SchedulerOptions,
     )
+    from orchestrator.devfleet import localfleet
 
     port = localfleet.free_ports(1, start=59800)[0]
     cfg = dataclasses.replace(test_fleet.config(), catalog_dsn=with_dbname(
@@ -452,7 +452,7 @@ def test_intervals_and_job_selection() -> None:
     assert job_intervals(sc, 2, ("prune",)) == {"prune": 2.0}
     assert parse_jobs(None) == ("backups", "retention", "prune", "audit_purge")
     assert parse_jobs("prune, backups,prune") == ("prune", "backups")
-    from orchestrator.errors import InvalidInput
+    from orchestrator.domain.errors import InvalidInput
 
     with pytest.raises(InvalidInput, match="unknown job x"):
         parse_jobs("backups,x")

@@ -12,10 +12,10 @@ from psycopg import sql
 from sqlalchemy import create_engine, inspect
 from sqlalchemy.pool import NullPool
 
-from orchestrator import tenant_migrations
+from orchestrator.adapters.catalog.db import with_dbname
+from orchestrator.adapters.catalog.models import Base
+from orchestrator.adapters.postgres import alembic_runner as tenant_migrations
 from orchestrator.api import Fleet
-from orchestrator.catalog import with_dbname
-from orchestrator.models import Base
 from tenant_schema.models import metadata as tenant_metadata
 from tests.conftest import PgFleet
 

@@ -36,9 +36,10 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict
 from sqlalchemy import select
 
-from orchestrator import keys, localfleet
-from orchestrator.masterkey import write_key_file
-from orchestrator.models import AuditEvent
+from orchestrator.adapters.catalog.models import AuditEvent
+from orchestrator.adapters.crypto import tenant_keys as keys
+from orchestrator.adapters.crypto.masterkey import write_key_file
+from orchestrator.devfleet import localfleet
 from tests.conftest import REPO, OwnCatalog, PgFleet, connect_as, run_cli
 
 

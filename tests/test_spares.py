@@ -14,11 +14,12 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from orchestrator import doctor, pgserver, spares, templates
+from orchestrator.adapters.faults import InjectedFault
+from orchestrator.adapters.postgres import admin as pgserver
 from orchestrator.api import Fleet
 from orchestrator.config import load_config
-from orchestrator.faults import InjectedFault
-from orchestrator.names import tenant_names
+from orchestrator.domain.names import tenant_names
+from orchestrator.services import doctor, spares, templates
 from tests.conftest import CleanFleet, mark_and_version, problems
 from tests.test_doctor import cli, new_slug
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from backups.stores import PART_SIZE, FileStore, ObjectStore, S3Store, StoreError, open_store
-from orchestrator import localfleet
+from orchestrator.devfleet import localfleet
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,7 @@ def test_keys_cannot_escape_the_store(tmp_path: Path, key: str) -> None:
 
 
 def test_unknown_store_scheme() -> None:
-    from orchestrator.errors import ConfigError
+    from orchestrator.domain.errors import ConfigError
 
     with pytest.raises(ConfigError):
         open_store("ftp://x/y")

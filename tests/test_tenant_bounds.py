@@ -26,13 +26,14 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from backups import pipeline
-from orchestrator import doctor, lifecycle, localfleet, report, spares
+from backups import service as pipeline
+from orchestrator.adapters.catalog.db import Catalog, with_dbname
 from orchestrator.api import Fleet
-from orchestrator.catalog import Catalog, with_dbname
 from orchestrator.config import TenantBounds, load_config, parse_config
-from orchestrator.errors import ConfigError
-from orchestrator.names import ADMIN_ROLE
+from orchestrator.devfleet import localfleet
+from orchestrator.domain.errors import ConfigError
+from orchestrator.domain.names import ADMIN_ROLE
+from orchestrator.services import doctor, lifecycle, report, spares
 from tests.conftest import OwnCatalog, connect_as
 
 DEFAULTS = TenantBounds()

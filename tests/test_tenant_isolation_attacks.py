@@ -22,9 +22,9 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from orchestrator import revision_marks
+from orchestrator.adapters.postgres import revision_marks
 from orchestrator.api import Fleet
-from orchestrator.names import CATALOG_DB, TEMPLATE_DB
+from orchestrator.domain.names import CATALOG_DB, TEMPLATE_DB
 from tests.conftest import PgFleet, connect_as, private_catalog
 
 ALL_SERVERS = ("eu-central-1", "eu-central-2", "ap-south-1")

@@ -24,12 +24,13 @@ import psycopg
 import pytest
 from sqlalchemy import select
 
-from backups import pipeline
-from orchestrator import lifecycle, retention, scheduler
+from backups import service as pipeline
+from orchestrator.adapters.catalog.db import with_dbname
+from orchestrator.adapters.catalog.models import Backup
 from orchestrator.api import Fleet
-from orchestrator.catalog import with_dbname
 from orchestrator.config import load_config
-from orchestrator.models import Backup
+from orchestrator.daemon import scheduler
+from orchestrator.services import lifecycle, retention
 from tests.conftest import PgFleet, connect_as, private_catalog, run_cli
 
 ACT = {"TENANTCTL_ALLOW_CLOCK_OVERRIDE": "1"}

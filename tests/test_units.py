@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.adapters.crypto.masterkey import MasterKey, load_master_key, write_key_file
 from orchestrator.config import MasterKeySource, parse_config
-from orchestrator.errors import CapacityError, ConfigError, InvalidInput, MasterKeyError
-from orchestrator.masterkey import MasterKey, load_master_key, write_key_file
-from orchestrator.names import tenant_names, validate_slug
-from orchestrator.placement import ServerLoad, choose_server
-from orchestrator.rollout_plan import (
+from orchestrator.domain.errors import CapacityError, ConfigError, InvalidInput, MasterKeyError
+from orchestrator.domain.names import tenant_names, validate_slug
+from orchestrator.domain.placement import ServerLoad, choose_server
+from orchestrator.domain.rollout_plan import (
     PlanTenant,
     assign_waves,
     budget_exceeded,
@@ -308,7 +308,7 @@ def test_retention_plan_never_early_and_legal_hold_blocks() -> None:
     from datetime import UTC, datetime, timedelta
 
     from backups.policy import Verdict
-    from orchestrator.retention_plan import TenantFact, plan, tenant_action
+    from orchestrator.domain.retention_plan import TenantFact, plan, tenant_action
 
     now = datetime(2026, 12, 1, tzinfo=UTC)
     second = timedelta(seconds=1)
@@ -338,7 +338,7 @@ def test_retention_plan_never_early_and_legal_hold_blocks() -> None:
 def test_lifecycle_transitions() -> None:
     from datetime import UTC, datetime, timedelta
 
-    from orchestrator.lifecycle import transition_error
+    from orchestrator.services.lifecycle import transition_error
 
     now = datetime(2026, 12, 1, tzinfo=UTC)
     assert transition_error("cancel", "active", None, now) is None
@@ -354,7 +354,7 @@ def test_lifecycle_transitions() -> None:
 def test_compression_probe_understands_an_older_pg_dump(pg_dump: str) -> None:
     """pg_dump 15 refuses an unknown method with "invalid value", not with "does not
     support compression": the probe once took that for zstd support."""
-    from backups.pipeline import compression_arg
+    from backups.service import compression_arg
 
     if not Path(pg_dump).exists():
         pytest.skip(f"{pg_dump} is not installed")
@@ -364,7 +364,7 @@ def test_compression_probe_understands_an_older_pg_dump(pg_dump: str) -> None:
 def test_session_options_are_escaped_and_keep_the_dsns_own() -> None:
     from psycopg.conninfo import conninfo_to_dict
 
-    from orchestrator.tenant_migrations import session_options
+    from orchestrator.adapters.postgres.alembic_runner import session_options
 
     dsn = "host=h dbname=d options='-c search_path=app'"
     got = conninfo_to_dict(session_options(dsn, {"role": "owner_acme", "lock_timeout": "2s",
@@ -389,7 +389,7 @@ def _alembic_head(location: Path) -> str | None:
 
 
 def test_catalog_head_constant_is_the_head_of_the_catalog_migrations() -> None:
-    from orchestrator.catalog import CATALOG_HEAD, CATALOG_MIGRATIONS
+    from orchestrator.adapters.catalog.db import CATALOG_HEAD, CATALOG_MIGRATIONS
 
     # a new catalog revision must move CATALOG_HEAD with it: every command compares
     # the catalog's alembic_version with it
@@ -406,7 +406,7 @@ def _rev(versions: Path, name: str, revision: str, down: object, annotated: bool
 
 def test_revision_files_head_agrees_with_alembic(tmp_path: Path) -> None:
     from bench.synthetic_history import write_history
-    from orchestrator import revision_files
+    from orchestrator.adapters.postgres import revision_files
 
     repo = Path(__file__).resolve().parent.parent
     for location in (repo / "migrations" / "tenant", repo / "migrations" / "catalog",
@@ -427,7 +427,7 @@ def test_revision_files_head_agrees_with_alembic(tmp_path: Path) -> None:
 
 
 def test_revision_files_undecided_leaves_it_to_alembic(tmp_path: Path) -> None:
-    from orchestrator import revision_files
+    from orchestrator.adapters.postgres import revision_files
 
     def case(name: str, files: dict[str, str]) -> Path:
         (tmp_path / name / "versions").mkdir(parents=True)

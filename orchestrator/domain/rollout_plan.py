@@ -1,0 +1,124 @@
+"""Rollout planning: pure functions over plain data. Which tenants go in which
+wave, in which order, and when the failure budget is spent."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from orchestrator.domain.errors import InvalidInput
+
+CANARY_WAVE = 0
+_TIMEOUT_RE = re.compile(r"([0-9]+)\s*(ms|s|min|h)?", re.ASCII)
+_TIMEOUT_MS = {"ms": 1, "s": 1000, "min": 60_000, "h": 3_600_000}
+_MAX_TIMEOUT_MS = 2**31 - 1  # Postgres keeps lock/statement timeouts as int milliseconds
+
+
+@dataclass(frozen=True)
+class PlanTenant:
+    tenant_id: int
+    slug: str
+    region: str
+    server: str
+    revision: str | None
+
+
+@dataclass(frozen=True)
+class WaveStep:
+    """One entry of ``--waves``: a cumulative count or a cumulative percentage."""
+
+    count: int | None = None
+    percent: float | None = None
+
+    def cumulative(self, total: int) -> int:
+        if self.count is not None:
+            return min(self.count, total)
+        assert self.percent is not None
+        return min(total, math.ceil(total * self.percent / 100))
+
+
+def parse_waves(spec: str) -> list[WaveStep]:
+    """``"1,10%,100%"`` → wave 1 has one tenant, wave 2 brings the total to 10 %,
+    wave 3 to everything. The last wave always reaches 100 %."""
+    steps: list[WaveStep] = []
+    for part in (p.strip() for p in spec.split(",")):
+        try:
+            if part.endswith("%"):
+                pct = float(part[:-1])
+                if not 0 < pct <= 100:
+                    raise ValueError
+                steps.append(WaveStep(percent=pct))
+            else:
+                n = int(part)
+                if n < 1:
+                    raise ValueError
+                steps.append(WaveStep(count=n))
+        except ValueError:
+            raise InvalidInput(f"invalid --waves {spec!r}: use counts and percentages, "
+                               "e.g. 1,10%,100%") from None
+    return steps
+
+
+def parse_budget(spec: str, total: int) -> int:
+    """``--max-failures``: ``N`` tenants or ``P%`` of the rollout. Returns the number
+    of failures allowed; one more stops the rollout."""
+    try:
+        if spec.endswith("%"):
+            pct = float(spec[:-1])
+            if not 0 <= pct <= 100:
+                raise ValueError
+            return math.floor(total * pct / 100)
+        n = int(spec)
+        if n < 0:
+            raise ValueError
+        return n
+    except ValueError:
+        raise InvalidInput(f"invalid --max-failures {spec!r}: use N or P%") from None
+
+
+def parse_timeout(name: str, spec: str) -> str:
+    """A Postgres duration we pass to SET lock_timeout / statement_timeout."""
+    m = _TIMEOUT_RE.fullmatch(spec.strip())
+    if not m:
+        raise InvalidInput(f"invalid {name} {spec!r}: use e.g. 500ms, 2s, 5min")
+    value, unit = int(m.group(1)), m.group(2) or "ms"
+    if value * _TIMEOUT_MS[unit] > _MAX_TIMEOUT_MS:  # refused by every tenant
+        raise InvalidInput(f"invalid {name} {spec!r}: at most {_MAX_TIMEOUT_MS}ms (24 days)")
+    return f"{value}{unit}"  # Postgres reads "010" as octal: no leading zeros
+
+
+def interleave_by_server(tenants: Sequence[PlanTenant]) -> list[PlanTenant]:
+    """Order tenants round-robin over their servers (each server's tenants by slug),
+    so every wave — the canary first — spreads over as many servers as it can,
+    and per-server caps do not serialise a wave."""
+    by_server: dict[str, list[PlanTenant]] = {}
+    for t in sorted(tenants, key=lambda t: (t.server, t.slug)):
+        by_server.setdefault(t.server, []).append(t)
+    queues = [by_server[s] for s in sorted(by_server)]
+    longest = max((len(q) for q in queues), default=0)
+    return [q[i] for i in range(longest) for q in queues if i < len(q)]
+
+
+def assign_waves(tenants: Sequence[PlanTenant], canary: int, waves: Sequence[WaveStep]
+                 ) -> list[list[PlanTenant]]:
+    """Split the ordered tenants into [canary, wave 1, wave 2, ...]. The canary
+    (possibly empty) comes first; wave sizes are cumulative over the rest."""
+    ordered = interleave_by_server(tenants)
+    canary = max(0, min(canary, len(ordered)))
+    out: list[list[PlanTenant]] = [ordered[:canary]]
+    rest = ordered[canary:]
+    done = 0
+    for i, step in enumerate(waves):
+        upto = len(rest) if i == len(waves) - 1 else step.cumulative(len(rest))
+        if upto > done:
+            out.append(rest[done:upto])
+            done = upto
+    if done < len(rest):
+        out.append(rest[done:])
+    return out
+
+
+def budget_exceeded(failures: int, allowed: int) -> bool:
+    return failures > allowed

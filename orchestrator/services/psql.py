@@ -1,0 +1,54 @@
+"""`tenantctl tenant psql`: psql on one tenant's database, audited.
+
+The password reaches psql through a passfile of its own (0600, removed when psql
+ends) or the admin's passfile, never argv nor psql's environment (which ``\\!``
+shows); that environment is the allow-list of `childenv.child_env`. ``--owner``
+connects as the admin role and switches to the tenant's NOLOGIN owner role at
+session start (PGOPTIONS ``-c role=…``), so no owner password exists to leak.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from typing import TYPE_CHECKING
+
+from orchestrator.adapters.catalog.db import with_dbname
+from orchestrator.adapters.catalog.models import Tenant, TenantState
+from orchestrator.adapters.postgres import admin as pgserver
+from orchestrator.devfleet.localfleet import pg_tool
+from orchestrator.domain.errors import Conflict
+from orchestrator.services import provisioning
+
+if TYPE_CHECKING:
+    from orchestrator.api import Fleet
+
+def psql_env(fleet: Fleet, tenant: Tenant, *, owner: bool) -> dict[str, str]:
+    slug = tenant.slug
+    if tenant.state not in (TenantState.active, TenantState.suspended, TenantState.cancelled):
+        raise Conflict(f"tenant {slug!r} is {tenant.state}: its database is not available")
+    env = pgserver.libpq_env(with_dbname(fleet.cfg.server(tenant.server).admin_dsn,
+                                         tenant.database))
+    env["PGAPPNAME"] = "tenantctl-psql"
+    if owner:  # the admin role, switched to the NOLOGIN owner at session start
+        env["PGOPTIONS"] = f"-c role={tenant.owner_role}"
+    else:
+        cred = tenant.credential
+        assert cred is not None
+        env.pop("PGPASSFILE", None)
+        env["PGUSER"] = tenant.login_role
+        env["PGPASSWORD"] = fleet.master_key.unwrap(
+            cred.password_wrapped, provisioning.password_context(slug)).decode()
+    return env
+
+
+def run(fleet: Fleet, slug: str, *, owner: bool, command: str | None) -> int:
+    tenant = fleet.get_tenant(slug)
+    env = psql_env(fleet, tenant, owner=owner)
+    fleet.catalog.audit("tenant.psql", tenant=slug, region=tenant.region,
+                        role="owner" if owner else "login",
+                        command=command if command is not None else "(interactive)")
+    argv = [pg_tool(fleet.cfg, "psql"), "-X", "-v", "ON_ERROR_STOP=1"]
+    if command is not None:
+        argv += ["-c", command]
+    with pgserver.passfile_env(env) as env:
+        return subprocess.run(argv, env=env, check=False).returncode
