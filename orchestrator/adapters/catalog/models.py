@@ -6,7 +6,6 @@ suite checks that these models and the revisions agree.
 
 from __future__ import annotations
 
-import enum
 from datetime import datetime
 from typing import Any
 
@@ -28,6 +27,14 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from orchestrator.domain.states import (  # noqa: F401 - re-exported for the catalog's users
+    CANCELLING,
+    MIGRATABLE,
+    PLACED_STATES,
+    UNSHOWN,
+    TenantState,
+)
+
 NAMING = {
     "ix": "ix_%(column_0_label)s",
     "uq": "uq_%(table_name)s_%(column_0_name)s",
@@ -35,30 +42,6 @@ NAMING = {
     "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
 }
-
-
-class TenantState(enum.StrEnum):
-    provisioning = "provisioning"
-    active = "active"
-    suspended = "suspended"
-    cancelled = "cancelled"
-    deleted = "deleted"
-    purged = "purged"
-
-
-# Tenant.step of an active or suspended tenant while a cancellation is under way: set
-# before its writes are taken away, cleared with the state change (doctor reports one
-# that a crash stopped half-way).
-CANCELLING = "cancel"
-# Tenant.step of an active tenant whose connection string ("shown once") has not been
-# handed out yet: a re-run of its `tenant create` shows it instead of "already exists".
-UNSHOWN = "unshown"
-
-# States in which a tenant occupies a place on its server.
-# the states whose database a rollout migrates and `migrate status` reads
-MIGRATABLE = (TenantState.active, TenantState.suspended, TenantState.cancelled)
-PLACED_STATES = (TenantState.provisioning, TenantState.active, TenantState.suspended,
-                 TenantState.cancelled)
 
 
 class Base(DeclarativeBase):
