@@ -52,7 +52,7 @@ from orchestrator.config import SchedulerConfig
 from orchestrator.domain.errors import Conflict, InvalidInput, first_line
 
 if TYPE_CHECKING:
-    from orchestrator.api import Fleet
+    from orchestrator.bootstrap import Deps
     from orchestrator.services.retention import StepResult
 
 JOBS = ("backups", "retention", "prune", "audit_purge")
@@ -269,7 +269,7 @@ class Metrics:
             return MetricsSnapshot(self._leader, self._up, self._fleet, dict(self._jobs))
 
 
-def read_fleet_gauges(fleet: Fleet, now: datetime) -> FleetGauges:
+def read_fleet_gauges(fleet: Deps, now: datetime) -> FleetGauges:
     """A few aggregate queries on the catalog."""
     from backups.service import BACKUPABLE
     from orchestrator.adapters.catalog.models import Backup, Tenant
@@ -434,7 +434,7 @@ class _Interrupted(Exception):
     """Raised between retention steps when the job must stop (SIGTERM, lost lead)."""
 
 
-def backups_job(fleet: Fleet, halt: threading.Event, concurrency: int,
+def backups_job(fleet: Deps, halt: threading.Event, concurrency: int,
                 log: JsonLog) -> JobOutcome:
     """Reap backups a dead process left running, then back up every due tenant,
     `concurrency` at a time. One tenant's failure never stops the others; once
@@ -475,7 +475,7 @@ def backups_job(fleet: Fleet, halt: threading.Event, concurrency: int,
     return JobOutcome(outcome, result, errors[0] if errors else None)
 
 
-def retention_job(fleet: Fleet, kinds: tuple[str, ...], halt: threading.Event,
+def retention_job(fleet: Deps, kinds: tuple[str, ...], halt: threading.Event,
                   log: JsonLog, job: str = "retention") -> JobOutcome:
     """orchestrator.services.retention.run for some of its jobs; stops between steps when
     `halt` is set (each step is idempotent: the next run finishes the rest)."""
@@ -538,7 +538,7 @@ class SchedulerDaemon:
     """Standby until it holds the leader lock, lead until it loses it or is told
     to stop; `stop()` (or a signal, see install_signal_handlers) ends `run()`."""
 
-    def __init__(self, fleet: Fleet, options: SchedulerOptions, log: JsonLog,
+    def __init__(self, fleet: Deps, options: SchedulerOptions, log: JsonLog,
                  metrics: Metrics | None = None, metrics_server: MetricsServer | None = None,
                  lock: LeaderLock | None = None) -> None:
         self.fleet = fleet

@@ -59,7 +59,7 @@ from orchestrator.domain.rollout_plan import (
 from orchestrator.services import spares, templates
 
 if TYPE_CHECKING:
-    from orchestrator.api import Fleet
+    from orchestrator.bootstrap import Deps
 
 RETRYABLE_SQLSTATES = {"55P03", "57014", "40P01"}  # lock timeout, statement timeout, deadlock
 
@@ -188,7 +188,7 @@ def _sqlstate(exc: BaseException) -> str | None:
 
 
 class RolloutRun:
-    def __init__(self, fleet: Fleet, opts: RolloutOptions,
+    def __init__(self, fleet: Deps, opts: RolloutOptions,
                  on_event: Callable[[Event], None] | None = None,
                  stop: threading.Event | None = None) -> None:
         self.fleet = fleet

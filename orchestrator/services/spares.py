@@ -42,7 +42,7 @@ from orchestrator.domain.names import TEMPLATE_DB, TenantNames
 from orchestrator.services import templates
 
 if TYPE_CHECKING:
-    from orchestrator.api import Fleet
+    from orchestrator.bootstrap import Deps
 
 SPARE_PREFIX = "tenantctl_spare_"
 ROLE_MARKER = "tenantctl spare"
@@ -164,7 +164,7 @@ def _spare_roles(conn: psycopg.Connection) -> list[str]:
     return [r[0] for r in rows]
 
 
-def fill(fleet: Fleet, server: str, want: int | None = None) -> int:
+def fill(fleet: Deps, server: str, want: int | None = None) -> int:
     """Top the server's pool up to ``want`` (default: the configured size) ready
     spares at the template's current revision, dropping spares of any other
     revision, half-built ones and any beyond ``want``. Only while the template is at
