@@ -21,6 +21,8 @@ from orchestrator.config import load_config
 from orchestrator.services import spares
 from tests.conftest import REPO, TENANTCTL
 
+pytestmark = pytest.mark.pg  # every test here starts clusters of its own
+
 
 @pytest.fixture(scope="module")
 def workdir() -> Iterator[Path]:
