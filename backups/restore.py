@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import psycopg
-from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 from sqlalchemy import update
 
@@ -56,21 +55,9 @@ def restore_in_place(fleet: Deps, backup_id: int) -> dict[str, object]:
     names = tenant_names(row.slug)
     live, side, old = names.database, f"{names.database}__r", f"{names.database}__old"
     admin = fleet.cfg.server(tenant.server).admin_dsn
-    ident = sql.Identifier
     with holding_tenant(fleet.catalog, row.slug):
         with fleet.server_connection(tenant.server) as conn:
-            # leftovers of a run that died: a side copy, a closed live database
-            for leftover in (side, old):
-                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                    ident(leftover)))
-            conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(
-                ident(live)))
-            conn.execute(sql.SQL("CREATE DATABASE {} OWNER {} TEMPLATE template0 "
-                                  "ALLOW_CONNECTIONS false").format(
-                ident(side), ident(names.owner_role)))
-            pgserver.revoke_public(conn, side)
-            conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(
-                ident(side)))
+            pgserver.make_side_database(conn, names, side, leftovers=(side, old))
         try:
             restore_into(fleet, backup_id, with_dbname(admin, side), names.owner_role)
             with pgserver.connect(admin, side, server=tenant.server) as sconn:
@@ -81,24 +68,14 @@ def restore_in_place(fleet: Deps, backup_id: int) -> dict[str, object]:
                     "SELECT version_num FROM alembic_version").fetchone()
             checkpoint("restore.ready")
             with fleet.server_connection(tenant.server) as conn:
-                conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false")
-                             .format(ident(live)))
-                conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                             "WHERE datname = %s AND pid <> pg_backend_pid()", (live,))
-                with conn.transaction():
-                    conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
-                        ident(live), ident(old)))
-                    conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
-                        ident(side), ident(live)))
+                pgserver.swap_in(conn, live, side, old)
                 checkpoint("restore.swapped")
-                conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(ident(old)))
+                pgserver.drop_database(conn, old)
         except BaseException as exc:
             with fleet.server_connection(tenant.server) as conn:
                 if pgserver.database_owner(conn, live) is not None:
-                    conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true")
-                                 .format(ident(live)))
-                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                    ident(side)))
+                    pgserver.set_connections(conn, live, True)
+                pgserver.drop_database(conn, side, if_exists=True)
             if isinstance(exc, psycopg.Error):
                 raise pipeline.BackupError(f"in-place restore of {row.slug!r} failed, the "
                                            f"live database is untouched: "

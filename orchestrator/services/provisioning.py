@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 import sqlalchemy.exc
 from alembic.util.exc import CommandError
-from psycopg import sql
 from sqlalchemy import func, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -169,13 +168,7 @@ def abandon(fleet: Deps, slug: str, backup_id: int) -> None:
         names = tenant_names(slug)
         marker = pgserver.role_marker(tenant.id, slug)
         with fleet.server_connection(tenant.server) as conn:
-            if pgserver.database_owner(conn, names.database) == names.owner_role:
-                conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(
-                    sql.Identifier(names.database)))
-            for role in (names.login_role, names.owner_role):
-                if pgserver.role_exists(conn, role) and \
-                        pgserver.role_comment(conn, role) == marker:
-                    conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+            pgserver.drop_marked_tenant(conn, names, marker)
         with fleet.catalog.session() as s, s.begin():
             row = s.get(Tenant, tenant.id)
             if row is not None:
