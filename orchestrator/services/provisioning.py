@@ -43,6 +43,7 @@ from orchestrator.adapters.crypto.tenant_keys import new_password
 from orchestrator.adapters.faults import checkpoint
 from orchestrator.adapters.postgres import admin as pgserver
 from orchestrator.adapters.postgres import alembic_runner as tenant_migrations
+from orchestrator.adapters.postgres import spare_pool
 from orchestrator.domain.errors import Conflict, ServerUnavailable, TenantctlError, first_line
 from orchestrator.domain.names import (
     TEMPLATE_DB,
@@ -55,7 +56,7 @@ from orchestrator.domain.names import (
 )
 from orchestrator.domain.placement import ServerLoad, choose_server
 from orchestrator.domain.views import tenant_json
-from orchestrator.services import spares, templates
+from orchestrator.services import templates
 
 if TYPE_CHECKING:
     from orchestrator.bootstrap import Deps
@@ -254,7 +255,7 @@ def _run_steps(fleet: Deps, tenant: Tenant, password: str) -> bool:
             if done < STEPS.index("roles") and _uses_spares(fleet, tenant):
                 current = "roles"
                 target = fleet.target_revision(tenant.region)
-                if spares.claim(conn, names, marker, target):  # roles to privileges at once
+                if spare_pool.claim(conn, names, marker, target):  # roles to privileges at once
                     checkpoint("provision.spare")
                     _progress(fleet, tenant.id, step="privileges", revision=target)
                     done, revision, via_template = STEPS.index("privileges"), target, True
