@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from psycopg import sql
 from sqlalchemy import delete, func, select, update
 
 from backups import service as pipeline
@@ -261,13 +260,9 @@ def _drop_database_and_roles(fleet: Deps, tenant: Tenant, step: str) -> None:
         if pgserver.database_owner(conn, names.database) == names.owner_role:
             if pgserver.role_exists(conn, names.login_role):
                 pgserver.set_login(conn, names.login_role, False)
-            conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(
-                sql.Identifier(names.database)))
+            pgserver.drop_database(conn, names.database)
         checkpoint(f"{step}.dropped_database")
-        for role in (names.login_role, names.owner_role):
-            if pgserver.role_exists(conn, role) and \
-                    pgserver.role_comment(conn, role) == marker:
-                conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+        pgserver.drop_marked_roles(conn, names, marker)
     from orchestrator.services import access
 
     access.drop_tenant_grants(fleet, tenant.id)  # support access never outlives its tenant

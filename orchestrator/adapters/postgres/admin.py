@@ -310,6 +310,11 @@ def drop_marked_tenant(conn: psycopg.Connection, names: TenantNames, marker: str
     it, and its roles only if they carry ``marker`` (ours, for this tenant)."""
     if database_owner(conn, names.database) == names.owner_role:
         drop_database(conn, names.database)
+    drop_marked_roles(conn, names, marker)
+
+
+def drop_marked_roles(conn: psycopg.Connection, names: TenantNames, marker: str) -> None:
+    """The tenant's login and owner roles, each only if it carries ``marker``."""
     for role in (names.login_role, names.owner_role):
         if role_exists(conn, role) and role_comment(conn, role) == marker:
             conn.execute(sql.SQL("DROP ROLE {}").format(Ident(role)))
