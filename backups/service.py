@@ -701,3 +701,29 @@ def prune(fleet: Deps, *, dry_run: bool, now: datetime | None = None) -> list[di
         if not v.keep and not dry_run:
             delete_backup(fleet, v.backup_id, reason=v.reason)
     return report
+
+
+class PipelineJobs:
+    """``orchestrator.ports.BackupJobs``: this module's entry points, as lifecycle and
+    retention call them (each looked up when called: tests may patch one)."""
+
+    def __init__(self, fleet: Deps) -> None:
+        self._fleet = fleet
+
+    def run(self, slug: str, *, kind: str, now: datetime | None = None) -> int:
+        return run_backup(self._fleet, slug, kind=kind).id
+
+    def verify(self, backup_id: int, now: datetime | None = None) -> None:
+        verify_backup(self._fleet, backup_id)
+
+    def get(self, backup_id: int) -> Backup:
+        return get_backup(self._fleet, backup_id)
+
+    def delete(self, backup_id: int, *, reason: str) -> None:
+        delete_backup(self._fleet, backup_id, reason=reason)
+
+    def reap_dead(self, slug: str, now: datetime | None = None) -> int:
+        return reap_dead(self._fleet, slug)
+
+    def prune_candidates(self, now: datetime, policy: RetentionPolicy) -> list[Verdict]:
+        return prune_candidates(self._fleet, now, policy)
