@@ -251,7 +251,8 @@ class Deps:
             s.execute(update(Tenant).where(Tenant.slug == slug, Tenant.step == UNSHOWN)
                       .values(step=None))
 
-    def tenant_dsn(self, tenant: Tenant, password: str, role: str | None = None) -> str:
+    def tenant_dsn(self, tenant: ports.TenantRecord, password: str, role: str | None = None
+                   ) -> str:
         """What the tenant's application connects with: its login role (or ``role``,
         e.g. a support grant's), its database, the server's address (and TLS mode)
         from the admin DSN."""

@@ -17,16 +17,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from sqlalchemy import update
-
-from orchestrator.adapters import clock
 from orchestrator.adapters.catalog.audit import reason_text
 from orchestrator.adapters.catalog.locks import holding_tenant
-from orchestrator.adapters.catalog.models import CANCELLING, Tenant, TenantState
 from orchestrator.adapters.faults import checkpoint
-from orchestrator.adapters.postgres import admin as pgserver
 from orchestrator.domain.errors import Conflict, InvalidInput, TenantctlError, first_line
 from orchestrator.domain.names import tenant_names
+from orchestrator.domain.states import CANCELLING, TenantState
+from orchestrator.ports import TenantRecord
 from orchestrator.services import access
 
 if TYPE_CHECKING:
@@ -70,22 +67,22 @@ class TransitionResult:
                 "backup_id": self.backup_id, "backup_error": self.backup_error}
 
 
-def _locked_tenant(fleet: Deps, slug: str, action: str, now: datetime) -> Tenant:
-    tenant = fleet.get_tenant(slug)
+def _locked_tenant(fleet: Deps, slug: str, action: str, now: datetime) -> TenantRecord:
+    tenant = fleet.records.tenants.get(slug)
     why = transition_error(action, tenant.state, tenant.hold_until, now)
     if why is not None:
         raise Conflict(f"tenant {slug!r} {why}")
     return tenant
 
 
-def _set(fleet: Deps, tenant: Tenant, action: str, audit: dict[str, Any] | None = None,
+def _set(fleet: Deps, tenant: TenantRecord, action: str, audit: dict[str, Any] | None = None,
          **values: Any) -> None:
-    with fleet.catalog.session() as s, s.begin():
-        s.execute(update(Tenant).where(Tenant.id == tenant.id).values(**values))
+    with fleet.records.transaction() as tx:
+        tx.update_tenant(tenant.id, **values)
         detail = {k: (v.isoformat() if isinstance(v, datetime) else v)
                   for k, v in values.items()}
-        fleet.catalog.audit(f"tenant.{action}", session=s, tenant=tenant.slug,
-                            region=tenant.region, **{**detail, **(audit or {})})
+        tx.audit(f"tenant.{action}", tenant=tenant.slug, region=tenant.region,
+                 **{**detail, **(audit or {})})
 
 
 def audited(action: str) -> Callable[[F], F]:
@@ -98,7 +95,7 @@ def audited(action: str) -> Callable[[F], F]:
                 return fn(fleet, slug, *args, **kwargs)
             except TenantctlError as exc:
                 with contextlib.suppress(Exception):  # the catalog may be what failed
-                    fleet.catalog.audit(f"tenant.{action}", tenant=slug, outcome="refused",
+                    fleet.records.audit(f"tenant.{action}", tenant=slug, outcome="refused",
                                         error=first_line(exc))
                 raise
         return inner  # type: ignore[return-value]
@@ -110,27 +107,23 @@ def cancel(fleet: Deps, slug: str, *, now: datetime | None = None,
            backup: bool = True) -> TransitionResult:
     """Start the hold: writes stop at once (reads and export go on), the database
     stays where it is until the hold ends; then a backup of the final data."""
-    now = now or clock.utcnow()
+    now = now or fleet.clock.now()
     hold_until = now + timedelta(days=fleet.cfg.lifecycle.hold_days)
-    with holding_tenant(fleet.catalog, slug):
-        tenant = fleet.get_tenant(slug)
+    with holding_tenant(fleet.records, slug):
+        tenant = fleet.records.tenants.get(slug)
         # Cancelling again during the hold finishes what a crashed run left undone
         # (its backup) instead of failing: the command is idempotent.
         again = tenant.state == S.cancelled and tenant.hold_until is not None \
             and now < tenant.hold_until
         if not again:
             tenant = _locked_tenant(fleet, slug, "cancel", now)
-            with fleet.catalog.session() as s, s.begin():
-                s.execute(update(Tenant).where(Tenant.id == tenant.id).values(
-                    step=CANCELLING))
+            with fleet.records.transaction() as tx:
+                tx.update_tenant(tenant.id, step=CANCELLING)
             names = tenant_names(slug)
-            admin = fleet.cfg.server(tenant.server).admin_dsn
-            with pgserver.connect(admin, tenant.database, server=tenant.server,
-                                  lock_timeout=fleet.cfg.lock_timeout) as conn:
-                pgserver.restrict_to_reads(conn, names)
+            fleet.admin.restrict_to_reads(tenant.server, names)
             checkpoint("cancel.restricted")
-            with fleet.server_connection(tenant.server) as conn:
-                pgserver.set_login(conn, names.login_role, True)  # a suspended one may export
+            # a suspended one may export
+            fleet.admin.set_login(tenant.server, names.login_role, True)
             _set(fleet, tenant, "cancel", state=S.cancelled, cancelled_at=now,
                  hold_until=hold_until, suspended_at=None, step=None)
             checkpoint("cancel.state")
@@ -140,52 +133,37 @@ def cancel(fleet: Deps, slug: str, *, now: datetime | None = None,
         # that would block the backup) or writes about to commit: end them. A new
         # session can only read now, and reading blocks no backup.
         held = tenant_names(slug)
-        with fleet.server_connection(tenant.server) as conn:
-            pgserver.terminate_sessions(conn, role=held.login_role, database=held.database,
-                                        wait=True)
+        fleet.admin.terminate_sessions(tenant.server, role=held.login_role,
+                                       database=held.database, wait=True)
         # a support role allowed to write (granted while active) would write on
         access.end_write_grants(fleet, tenant.id)
     result = TransitionResult(slug, "cancel", S.cancelled, hold_until)
     if again and _backed_up_since(fleet, tenant, tenant.cancelled_at):
         return result
     if backup:
-        from backups import service as pipeline
-
         try:
-            result.backup_id = pipeline.run_backup(fleet, slug, kind="cancel").id
+            result.backup_id = fleet.backup_jobs.run(slug, kind="cancel")
         except TenantctlError as exc:
             # the cancellation stands; deletion takes its own verified backup anyway
             result.backup_error = first_line(exc)
     return result
 
 
-def _backed_up_since(fleet: Deps, tenant: Tenant, since: datetime | None) -> bool:
+def _backed_up_since(fleet: Deps, tenant: TenantRecord, since: datetime | None) -> bool:
     """A backup since the cancellation, done or being done by a live process (one a
     dead process left running is reaped first): a second cancel takes none."""
-    from sqlalchemy import select
-
-    from backups.service import reap_dead
-    from orchestrator.adapters.catalog.models import Backup
-
-    reap_dead(fleet, tenant.slug)
-    with fleet.catalog.session() as s:
-        return s.scalar(select(Backup.id).where(
-            Backup.tenant_id == tenant.id, Backup.status.in_(("completed", "running")),
-            Backup.started_at >= since).limit(1)) is not None
+    fleet.backup_jobs.reap_dead(tenant.slug)
+    return fleet.records.backups.any_since(tenant.id, since, ("completed", "running"))
 
 
 @audited("reactivate")
 def reactivate(fleet: Deps, slug: str, *, now: datetime | None = None) -> TransitionResult:
-    now = now or clock.utcnow()
-    with holding_tenant(fleet.catalog, slug):
+    now = now or fleet.clock.now()
+    with holding_tenant(fleet.records, slug):
         tenant = _locked_tenant(fleet, slug, "reactivate", now)
         names = tenant_names(slug)
-        admin = fleet.cfg.server(tenant.server).admin_dsn
-        with pgserver.connect(admin, tenant.database, server=tenant.server,
-                              lock_timeout=fleet.cfg.lock_timeout) as conn:
-            pgserver.secure_tenant_database(conn, names)  # gives the writes back
-        with fleet.server_connection(tenant.server) as conn:
-            pgserver.set_login(conn, names.login_role, True)
+        fleet.admin.secure_tenant_database(tenant.server, names)  # gives the writes back
+        fleet.admin.set_login(tenant.server, names.login_role, True)
         _set(fleet, tenant, "reactivate", state=S.active, cancelled_at=None, hold_until=None)
     return TransitionResult(slug, "reactivate", S.active)
 
@@ -194,20 +172,19 @@ def reactivate(fleet: Deps, slug: str, *, now: datetime | None = None) -> Transi
 def suspend(fleet: Deps, slug: str) -> TransitionResult:
     """Block every connection of the tenant's role (e.g. an unpaid invoice); no hold
     starts, nothing is deleted."""
-    with holding_tenant(fleet.catalog, slug):
-        tenant = _locked_tenant(fleet, slug, "suspend", clock.utcnow())
-        with fleet.server_connection(tenant.server) as conn:
-            pgserver.set_login(conn, tenant.login_role, False)
-        _set(fleet, tenant, "suspend", state=S.suspended, suspended_at=clock.utcnow())
+    now = fleet.clock.now()
+    with holding_tenant(fleet.records, slug):
+        tenant = _locked_tenant(fleet, slug, "suspend", now)
+        fleet.admin.set_login(tenant.server, tenant.login_role, False)
+        _set(fleet, tenant, "suspend", state=S.suspended, suspended_at=now)
     return TransitionResult(slug, "suspend", S.suspended)
 
 
 @audited("resume")
 def resume(fleet: Deps, slug: str) -> TransitionResult:
-    with holding_tenant(fleet.catalog, slug):
-        tenant = _locked_tenant(fleet, slug, "resume", clock.utcnow())
-        with fleet.server_connection(tenant.server) as conn:
-            pgserver.set_login(conn, tenant.login_role, True)
+    with holding_tenant(fleet.records, slug):
+        tenant = _locked_tenant(fleet, slug, "resume", fleet.clock.now())
+        fleet.admin.set_login(tenant.server, tenant.login_role, True)
         _set(fleet, tenant, "resume", state=S.active, suspended_at=None)
     return TransitionResult(slug, "resume", S.active)
 
@@ -218,10 +195,10 @@ def legal_hold(fleet: Deps, slug: str, *, on: bool, reason: str) -> dict[str, An
     reason = reason_text(reason)
     if not reason:
         raise InvalidInput("--reason is required: say why (it is audited)")
-    tenant = fleet.get_tenant(slug)
+    tenant = fleet.records.tenants.get(slug)
     if tenant.state == S.purged:
         raise Conflict(f"tenant {slug!r} is purged: nothing is left to hold")
-    with holding_tenant(fleet.catalog, slug):
+    with holding_tenant(fleet.records, slug):
         _set(fleet, tenant, "legal_hold." + ("on" if on else "off"), {"reason": reason},
              legal_hold=on, legal_hold_reason=reason if on else None)
     return {"tenant": slug, "legal_hold": on, "reason": reason}
