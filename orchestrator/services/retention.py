@@ -53,6 +53,7 @@ from orchestrator.domain.retention_plan import (
     plan,
     tenant_action,
 )
+from orchestrator.services import access
 
 if TYPE_CHECKING:
     from orchestrator.bootstrap import Deps
@@ -98,8 +99,6 @@ def make_plan(fleet: Deps, now: datetime, jobs: tuple[str, ...] = JOBS) -> list[
                                .where(AuditEvent.at < audit_cutoff)) or 0
     grants = []
     if "access" in jobs:
-        from orchestrator.services import access
-
         grants = [GrantFact(g.id, g.slug, g.grantee, g.expires_at)
                   for g in access.expired(fleet, now)]
         # a role that changed its own settings ends now, whatever its TTL says
@@ -184,8 +183,6 @@ def _execute(fleet: Deps, action: Action, now: datetime) -> StepResult:
         if action.kind == AUDIT:
             return StepResult(action, "done", purge_audit(fleet, now))
         if action.kind == EXPIRE_GRANT:
-            from orchestrator.services import access
-
             assert action.grant_id is not None
             why = action.detail.partition("tampered with: ")[2] or None
             return StepResult(action, "done", access.expire(fleet, action.grant_id,
@@ -268,7 +265,6 @@ def _drop_database_and_roles(fleet: Deps, tenant: Tenant, step: str) -> None:
             if pgserver.role_exists(conn, role) and \
                     pgserver.role_comment(conn, role) == marker:
                 conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
-    from orchestrator.services import access
 
     access.drop_tenant_grants(fleet, tenant.id)  # support access never outlives its tenant
 
