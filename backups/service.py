@@ -20,6 +20,7 @@ import os
 import subprocess
 import tempfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import IO, TYPE_CHECKING, Any, BinaryIO
@@ -473,8 +474,6 @@ def verify_backup(fleet: Deps, backup_id: int) -> dict[str, Any]:
 def run_many(fleet: Deps, slugs: list[str], concurrency: int,
              on_done: Any = None, kind: str = "manual") -> list[BackupResult]:
     """Back up many tenants; one tenant's failure never stops the others."""
-    from concurrent.futures import ThreadPoolExecutor
-
     results: list[BackupResult] = []
     lock = threading.Lock()
     catalog_gone = threading.Event()

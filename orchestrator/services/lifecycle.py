@@ -17,12 +17,14 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from sqlalchemy import update
+from sqlalchemy import select, update
 
+from backups import service as pipeline
+from backups.service import reap_dead
 from orchestrator.adapters import clock
 from orchestrator.adapters.catalog.audit import reason_text
 from orchestrator.adapters.catalog.locks import holding_tenant
-from orchestrator.adapters.catalog.models import CANCELLING, Tenant, TenantState
+from orchestrator.adapters.catalog.models import CANCELLING, Backup, Tenant, TenantState
 from orchestrator.adapters.faults import checkpoint
 from orchestrator.adapters.postgres import admin as pgserver
 from orchestrator.domain.errors import Conflict, InvalidInput, TenantctlError, first_line
@@ -149,8 +151,6 @@ def cancel(fleet: Deps, slug: str, *, now: datetime | None = None,
     if again and _backed_up_since(fleet, tenant, tenant.cancelled_at):
         return result
     if backup:
-        from backups import service as pipeline
-
         try:
             result.backup_id = pipeline.run_backup(fleet, slug, kind="cancel").id
         except TenantctlError as exc:
@@ -162,11 +162,6 @@ def cancel(fleet: Deps, slug: str, *, now: datetime | None = None,
 def _backed_up_since(fleet: Deps, tenant: Tenant, since: datetime | None) -> bool:
     """A backup since the cancellation, done or being done by a live process (one a
     dead process left running is reaped first): a second cancel takes none."""
-    from sqlalchemy import select
-
-    from backups.service import reap_dead
-    from orchestrator.adapters.catalog.models import Backup
-
     reap_dead(fleet, tenant.slug)
     with fleet.catalog.session() as s:
         return s.scalar(select(Backup.id).where(

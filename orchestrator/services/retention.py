@@ -52,6 +52,7 @@ from orchestrator.domain.retention_plan import (
     plan,
     tenant_action,
 )
+from orchestrator.services import access
 
 if TYPE_CHECKING:
     from orchestrator.bootstrap import Deps
@@ -97,8 +98,6 @@ def make_plan(fleet: Deps, now: datetime, jobs: tuple[str, ...] = JOBS) -> list[
                                .where(AuditEvent.at < audit_cutoff)) or 0
     grants = []
     if "access" in jobs:
-        from orchestrator.services import access
-
         grants = [GrantFact(g.id, g.slug, g.grantee, g.expires_at)
                   for g in access.expired(fleet, now)]
         # a role that changed its own settings ends now, whatever its TTL says
@@ -183,8 +182,6 @@ def _execute(fleet: Deps, action: Action, now: datetime) -> StepResult:
         if action.kind == AUDIT:
             return StepResult(action, "done", purge_audit(fleet, now))
         if action.kind == EXPIRE_GRANT:
-            from orchestrator.services import access
-
             assert action.grant_id is not None
             why = action.detail.partition("tampered with: ")[2] or None
             return StepResult(action, "done", access.expire(fleet, action.grant_id,
@@ -263,7 +260,6 @@ def _drop_database_and_roles(fleet: Deps, tenant: Tenant, step: str) -> None:
             pgserver.drop_database(conn, names.database)
         checkpoint(f"{step}.dropped_database")
         pgserver.drop_marked_roles(conn, names, marker)
-    from orchestrator.services import access
 
     access.drop_tenant_grants(fleet, tenant.id)  # support access never outlives its tenant
 
