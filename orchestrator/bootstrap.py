@@ -19,6 +19,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import selectinload
 
+from orchestrator.adapters import clock
 from orchestrator.adapters.catalog.db import Catalog
 from orchestrator.adapters.catalog.models import (
     PLACED_STATES,
@@ -167,8 +168,9 @@ class Deps:
             else:
                 key = f"{TARGET_KEY}:{region}"
             stmt = pg_insert(FleetSetting).values(key=key, value=value)
-            s.execute(stmt.on_conflict_do_update(index_elements=[FleetSetting.key],
-                                                 set_={"value": value, "updated_at": func.now()}))
+            s.execute(stmt.on_conflict_do_update(
+                index_elements=[FleetSetting.key],
+                set_={"value": value, "updated_at": clock.utcnow()}))
 
     # -- catalog reads ---------------------------------------------------------
 

@@ -107,7 +107,7 @@ class JsonLog:
         self._lock = threading.Lock()
 
     def emit(self, level: str, event: str, **fields: Any) -> None:
-        record = {"ts": datetime.now(UTC).isoformat(timespec="milliseconds"),
+        record = {"ts": utcnow().isoformat(timespec="milliseconds"),
                   "level": level, "event": event, **self.context, **fields}
         line = json.dumps(record, default=str, separators=(",", ":")) + "\n"
         stream = self.stream or sys.stdout
@@ -259,7 +259,7 @@ class Metrics:
             self._jobs[job] = replace(
                 s, runs=s.runs + 1, failures=s.failures + (outcome in FAILED_OUTCOMES),
                 last_duration=duration, last_outcome=outcome,
-                last_success=(at or time.time()) if outcome == "ok" else s.last_success)
+                last_success=(at or utcnow().timestamp()) if outcome == "ok" else s.last_success)
 
     def set_fleet(self, gauges: FleetGauges) -> None:
         with self._lock:
@@ -563,7 +563,7 @@ class SchedulerDaemon:
         def handler(signum: int, frame: Any) -> None:
             self._signals += 1
             if self._signals > 1:
-                os.write(1, (json.dumps({"ts": datetime.now(UTC).isoformat(), "level": "error",
+                os.write(1, (json.dumps({"ts": utcnow().isoformat(), "level": "error",
                                          "event": "forced_stop", "signal": signum}) + "\n")
                          .encode())
                 os._exit(1)
@@ -690,7 +690,7 @@ class SchedulerDaemon:
         return BackgroundScheduler(timezone=UTC, daemon=True)
 
     def _add_jobs(self, term: _Term) -> None:
-        now = datetime.now(UTC)
+        now = utcnow()
         for job, seconds in self.options.intervals.items():
             term.scheduler.add_job(
                 self.run_job, IntervalTrigger(seconds=seconds, timezone=UTC), args=(job, term.halt),

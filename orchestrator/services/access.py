@@ -174,9 +174,10 @@ def drop_role(fleet: Deps, g: SupportGrant) -> None:
                              f"failed: {first_line(exc)}") from None
 
 
-def _end(fleet: Deps, g: SupportGrant, why: str, *, revoked: bool) -> None:
+def _end(fleet: Deps, g: SupportGrant, why: str, *, revoked: bool,
+         now: datetime | None = None) -> None:
     drop_role(fleet, g)
-    now = clock.utcnow()
+    now = now or clock.utcnow()
     values: dict[str, Any] = {"dropped_at": now}
     if revoked:
         values["revoked_at"] = now
@@ -242,13 +243,15 @@ def expired(fleet: Deps, now: datetime) -> list[SupportGrant]:
             SupportGrant.dropped_at.is_(None), SupportGrant.expires_at <= now)))
 
 
-def expire(fleet: Deps, grant_id: int, *, tampered: str | None = None) -> str:
-    """End an expired grant, or (``tampered``: why) one whose role was changed."""
+def expire(fleet: Deps, grant_id: int, *, tampered: str | None = None,
+           now: datetime | None = None) -> str:
+    """End an expired grant, or (``tampered``: why) one whose role was changed; at
+    ``now`` when a retention run ends it."""
     with fleet.catalog.session() as s:
         g = s.get(SupportGrant, grant_id)
     if g is None or g.dropped_at is not None:
         return "already ended"
-    _end(fleet, g, "tampered" if tampered else "expire", revoked=bool(tampered))
+    _end(fleet, g, "tampered" if tampered else "expire", revoked=bool(tampered), now=now)
     return f"role {g.role_name} of {g.grantee} dropped" + (
         f" (tampered with: {tampered})" if tampered else "")
 
@@ -304,8 +307,9 @@ def end_write_grants(fleet: Deps, tenant_id: int) -> list[int]:
     return [g.id for g in rows]
 
 
-def drop_tenant_grants(fleet: Deps, tenant_id: int) -> None:
-    """The tenant is going: its grants go with it (called with the database gone)."""
+def drop_tenant_grants(fleet: Deps, tenant_id: int, now: datetime | None = None) -> None:
+    """The tenant is going: its grants go with it (called with the database gone),
+    dropped at ``now`` (the retention run's or the erasure's)."""
     with fleet.catalog.session() as s:
         rows = list(s.scalars(select(SupportGrant).where(
             SupportGrant.tenant_id == tenant_id, SupportGrant.dropped_at.is_(None))))
@@ -313,4 +317,4 @@ def drop_tenant_grants(fleet: Deps, tenant_id: int) -> None:
         drop_role(fleet, g)
         with fleet.catalog.session() as s, s.begin():
             s.execute(update(SupportGrant).where(SupportGrant.id == g.id)
-                      .values(dropped_at=clock.utcnow()))
+                      .values(dropped_at=now or clock.utcnow()))
