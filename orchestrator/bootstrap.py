@@ -21,6 +21,7 @@ from sqlalchemy.orm import selectinload
 
 from backups.stores import open_store
 from orchestrator import ports
+from orchestrator.adapters import clock
 from orchestrator.adapters.catalog.db import Catalog
 from orchestrator.adapters.catalog.models import (
     PLACED_STATES,
@@ -199,8 +200,9 @@ class Deps:
             else:
                 key = f"{TARGET_KEY}:{region}"
             stmt = pg_insert(FleetSetting).values(key=key, value=value)
-            s.execute(stmt.on_conflict_do_update(index_elements=[FleetSetting.key],
-                                                 set_={"value": value, "updated_at": func.now()}))
+            s.execute(stmt.on_conflict_do_update(
+                index_elements=[FleetSetting.key],
+                set_={"value": value, "updated_at": clock.utcnow()}))
 
     # -- catalog reads ---------------------------------------------------------
 

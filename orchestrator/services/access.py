@@ -130,9 +130,10 @@ def drop_role(fleet: Deps, g: GrantRecord) -> None:
                              f"failed: {first_line(exc)}") from None
 
 
-def _end(fleet: Deps, g: GrantRecord, why: str, *, revoked: bool) -> None:
+def _end(fleet: Deps, g: GrantRecord, why: str, *, revoked: bool,
+         now: datetime | None = None) -> None:
     drop_role(fleet, g)
-    now = fleet.clock.now()
+    now = now or fleet.clock.now()
     values: dict[str, Any] = {"dropped_at": now}
     if revoked:
         values["revoked_at"] = now
@@ -186,12 +187,14 @@ def expired(fleet: Deps, now: datetime) -> list[GrantRecord]:
     return fleet.records.grants.live(expired_at=now)
 
 
-def expire(fleet: Deps, grant_id: int, *, tampered: str | None = None) -> str:
-    """End an expired grant, or (``tampered``: why) one whose role was changed."""
+def expire(fleet: Deps, grant_id: int, *, tampered: str | None = None,
+           now: datetime | None = None) -> str:
+    """End an expired grant, or (``tampered``: why) one whose role was changed; at
+    ``now`` when a retention run ends it."""
     g = fleet.records.grants.get(grant_id)
     if g is None or g.dropped_at is not None:
         return "already ended"
-    _end(fleet, g, "tampered" if tampered else "expire", revoked=bool(tampered))
+    _end(fleet, g, "tampered" if tampered else "expire", revoked=bool(tampered), now=now)
     return f"role {g.role_name} of {g.grantee} dropped" + (
         f" (tampered with: {tampered})" if tampered else "")
 
@@ -238,9 +241,10 @@ def end_write_grants(fleet: Deps, tenant_id: int) -> list[int]:
     return [g.id for g in rows]
 
 
-def drop_tenant_grants(fleet: Deps, tenant_id: int) -> None:
-    """The tenant is going: its grants go with it (called with the database gone)."""
+def drop_tenant_grants(fleet: Deps, tenant_id: int, now: datetime | None = None) -> None:
+    """The tenant is going: its grants go with it (called with the database gone),
+    dropped at ``now`` (the retention run's or the erasure's)."""
     for g in fleet.records.grants.live(tenant_id=tenant_id):
         drop_role(fleet, g)
         with fleet.records.transaction() as tx:
-            tx.update_grant(g.id, dropped_at=fleet.clock.now())
+            tx.update_grant(g.id, dropped_at=now or fleet.clock.now())

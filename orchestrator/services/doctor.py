@@ -25,14 +25,20 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+import pyrage
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 from sqlalchemy.orm import selectinload
 
+from backups.service import _alive, dump_encrypt_upload, hold_large_objects, reap_dead, run_backup
+from backups.stores import open_store
 from orchestrator.adapters import clock
+from orchestrator.adapters.catalog.db import lock_key, with_dbname
+from orchestrator.adapters.catalog.locks import holding_tenant
 from orchestrator.adapters.catalog.models import (
     CANCELLING,
+    MIGRATABLE,
     PLACED_STATES,
     Backup,
     Server,
@@ -45,7 +51,9 @@ from orchestrator.adapters.crypto import tenant_keys as keys
 from orchestrator.adapters.crypto.tenant_keys import fleet_key_elsewhere, mixed_key_ids
 from orchestrator.adapters.postgres import admin as pgserver
 from orchestrator.adapters.postgres import revision_marks
+from orchestrator.adapters.postgres.admin import role_marker
 from orchestrator.config import TenantBounds
+from orchestrator.devfleet.localfleet import pg_tool
 from orchestrator.domain.errors import (
     Conflict,
     InvalidInput,
@@ -53,9 +61,16 @@ from orchestrator.domain.errors import (
     TenantctlError,
     first_line,
 )
-from orchestrator.domain.names import TenantNames, catalog_mismatch, tenant_lock, tenant_names
+from orchestrator.domain.names import (
+    TenantNames,
+    catalog_mismatch,
+    password_context,
+    tenant_lock,
+    tenant_names,
+)
 from orchestrator.domain.retention_plan import DELETE, PURGE, TenantFact, tenant_action
-from orchestrator.services import provisioning
+from orchestrator.services import access, provisioning, retention, templates
+from orchestrator.services.access import role_name, settings_changed
 
 if TYPE_CHECKING:
     from orchestrator.bootstrap import Deps
@@ -421,8 +436,6 @@ def _cluster(f: Facts, server: str) -> ClusterFacts | None:
 
 def check_tenant_objects(f: Facts) -> Iterator[Finding]:
     """Each placed tenant's database and roles exist, are ours, and nobody else's."""
-    from orchestrator.adapters.postgres.admin import role_marker
-
     for t in f.tenants:
         c = _cluster(f, t.server)
         if c is None or catalog_mismatch(t.slug, t.database, t.login_role, t.owner_role):
@@ -622,8 +635,6 @@ def check_large_objects(f: Facts) -> Iterator[Finding]:
 def check_grants(f: Facts) -> Iterator[Finding]:
     """A support role may ALTER ROLE its own settings: one that did is tampered with,
     and its grant ends."""
-    from orchestrator.services.access import settings_changed
-
     for _cid, c in sorted(f.clusters.items()):
         if not c.reachable:
             continue
@@ -727,8 +738,6 @@ def check_store(f: Facts) -> Iterator[Finding]:
 
 
 def check_revisions(f: Facts) -> Iterator[Finding]:
-    from orchestrator.adapters.catalog.models import MIGRATABLE
-
     for t in f.tenants:
         if t.state not in MIGRATABLE:
             continue
@@ -906,8 +915,6 @@ def _read_cluster(fleet: Deps, server: str, facts: ClusterFacts) -> None:
 
 
 def _read_store(url: str, facts: StoreFacts) -> None:
-    from backups.stores import open_store
-
     try:
         store = open_store(url)
         facts.keys = {o.key for o in store.objects("tenants/")}
@@ -923,9 +930,6 @@ def _locked_elsewhere(fleet: Deps, names: list[str]) -> set[str]:
     """Which of these advisory locks another session holds right now (one query)."""
     if not names:
         return set()
-    from sqlalchemy import text
-
-    from orchestrator.adapters.catalog.db import lock_key
 
     keys = {lock_key(n): n for n in names}
     with fleet.catalog.session() as s:
@@ -943,7 +947,6 @@ def _settle_marks(fleet: Deps, tenants: list[Tenant], clusters: dict[str, Cluste
     """For tenants whose database's mark differs from the catalog row read before the
     servers: the catalog's revision now (a rollout may have moved both meanwhile),
     and the locks of those a migration holds right now (marked, not yet recorded)."""
-    from orchestrator.adapters.catalog.models import MIGRATABLE
     def differs(t: Tenant) -> bool:
         found = _mark(clusters.get(server_cluster.get(t.server, "")), t.database)
         return t.state in MIGRATABLE and found is not None and found[0] \
@@ -964,8 +967,6 @@ def _probe_logins(fleet: Deps, tenants: list[Tenant], clusters: dict[str, Cluste
     (a tenant may change its own role's password): the slugs the server refused on
     the password, and why none were tried if so. Any other refusal (server full, the
     role at its connection limit) proves nothing and is not reported here."""
-    from orchestrator.domain.names import password_context
-
     def may_log_in(t: Tenant) -> bool:
         c = clusters.get(server_cluster.get(t.server, ""))
         role = c.roles.get(t.login_role) if c is not None and c.reachable else None
@@ -995,8 +996,6 @@ def _probe_logins(fleet: Deps, tenants: list[Tenant], clusters: dict[str, Cluste
 
 
 def gather(fleet: Deps, region: str | None = None, now: datetime | None = None) -> Facts:
-    from backups.service import _alive
-    from orchestrator.services.access import role_name
     cfg = fleet.cfg
     if region is not None:
         cfg.region(region)
@@ -1149,14 +1148,10 @@ def _fix_provision(fleet: Deps, x: Finding) -> str:
 
 
 def _fix_backup(fleet: Deps, x: Finding) -> str:
-    from backups.service import run_backup
-
     return f"backup {run_backup(fleet, x.arg('slug'), kind='doctor').id} taken"
 
 
 def _fix_reap(fleet: Deps, x: Finding) -> str:
-    from backups.service import reap_dead
-
     return f"{reap_dead(fleet)} interrupted backup(s) marked failed"
 
 
@@ -1195,14 +1190,10 @@ def _fix_revoke_membership(fleet: Deps, x: Finding) -> str:
 
 
 def _fix_template(fleet: Deps, x: Finding) -> str:
-    from orchestrator.services import templates
-
     return f"template at {templates.build(fleet, x.arg('server'))}"
 
 
 def _fix_expire_grants(fleet: Deps, x: Finding) -> str:
-    from orchestrator.services import access
-
     ended = [access.expire(fleet, g.id) for g in access.expired(fleet, clock.utcnow())]
     ended += [access.expire(fleet, gid, tampered=why)
               for gid, why in access.tampered(fleet).items()]
@@ -1210,23 +1201,17 @@ def _fix_expire_grants(fleet: Deps, x: Finding) -> str:
 
 
 def _fix_grant_membership(fleet: Deps, x: Finding) -> str:
-    from orchestrator.adapters.postgres import admin as pgserver
-
     with fleet.server_connection(x.arg("server")) as conn:
         conn.execute(pgserver.membership_grant(conn, x.arg("role")))
     return "membership granted"
 
 
 def _fix_hold_large_objects(fleet: Deps, x: Finding) -> str:
-    from backups.service import hold_large_objects
-
     hold_large_objects(fleet, x.arg("slug"))
     return "large objects taken over (read-only for the login role)"
 
 
 def _fix_retention(fleet: Deps, x: Finding) -> str:
-    from orchestrator.services import retention
-
     step = retention.delete_tenant if x.fix == DELETE else retention.purge_tenant
     outcome, detail = step(fleet, x.arg("slug"), clock.utcnow())
     if outcome != "done":
@@ -1235,23 +1220,17 @@ def _fix_retention(fleet: Deps, x: Finding) -> str:
 
 
 def _fix_finish_erase(fleet: Deps, x: Finding) -> str:
-    from orchestrator.services import retention
-
     retention.erase_tenant(fleet, x.arg("slug"), "finishing an interrupted erasure "
                            "(doctor --fix)", clock.utcnow())
     return "erasure finished"
 
 
 def _fix_delete_object(fleet: Deps, x: Finding) -> str:
-    from backups.stores import open_store
-
     open_store(fleet.cfg.region(x.arg("region")).backup_store).delete(x.arg("key"))
     return "object deleted"
 
 
 def _fix_discard_upload(fleet: Deps, x: Finding) -> str:
-    from backups.stores import open_store
-
     open_store(fleet.cfg.region(x.arg("region")).backup_store).discard_unfinished(
         x.arg("name"))
     return "unfinished upload removed"
@@ -1269,9 +1248,6 @@ def _fix_bound_role(fleet: Deps, x: Finding) -> str:
 def _fix_reapply_password(fleet: Deps, x: Finding) -> str:
     """The stored password, as a fresh verifier, under the tenant's lock (a rotation
     cannot cross it); a rotation left pending is `tenant credentials`' to finish."""
-    from orchestrator.adapters.catalog.locks import holding_tenant
-    from orchestrator.domain.names import password_context
-
     slug = x.arg("slug")
     with holding_tenant(fleet.catalog, slug):
         tenant = fleet.get_tenant(slug)
@@ -1287,8 +1263,6 @@ def _fix_reapply_password(fleet: Deps, x: Finding) -> str:
 
 
 def _fix_drop_orphan_role(fleet: Deps, x: Finding) -> str:
-    from orchestrator.adapters.postgres import admin as pgserver
-
     role = sql.Identifier(x.arg("role"))
     if SUPPORT_ROLE.match(x.arg("role")):  # what it made goes to the database's owner
         server = x.arg("server")
@@ -1318,13 +1292,6 @@ def _fix_drop_orphan_database(fleet: Deps, x: Finding) -> str:
 
 
 def dump_orphan(fleet: Deps, server: str, database: str, region: str) -> str:
-    import pyrage
-
-    from backups.service import dump_encrypt_upload
-    from backups.stores import open_store
-    from orchestrator.adapters.catalog.db import with_dbname
-    from orchestrator.devfleet.localfleet import pg_tool
-
     store = open_store(fleet.cfg.region(region).backup_store)
     identity = pyrage.x25519.Identity.generate()
     stamp = clock.utcnow().strftime("%Y%m%dT%H%M%SZ")

@@ -16,7 +16,6 @@ tenant's names; the row then goes from registered straight to privileges.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -28,6 +27,7 @@ from sqlalchemy.orm import Session
 
 from backups import service as pipeline
 from backups.restore import restore_into
+from orchestrator.adapters import clock
 from orchestrator.adapters.catalog.db import server_error, with_dbname
 from orchestrator.adapters.catalog.locks import holding_tenant
 from orchestrator.adapters.catalog.models import (
@@ -301,7 +301,7 @@ def _run_steps(fleet: Deps, tenant: Tenant, password: str) -> bool:
                 f"re-run `tenantctl tenant create {tenant.slug} --region {tenant.region}` "
                 "to finish") from None
         raise
-    now = datetime.now(UTC)
+    now = clock.utcnow()
     with fleet.catalog.session() as s, s.begin():
         s.execute(update(Tenant).where(Tenant.id == tenant.id).values(
             state=TenantState.active, step=UNSHOWN, revision=revision, activated_at=now,

@@ -52,6 +52,7 @@ from orchestrator.domain.retention_plan import (
     plan,
     tenant_action,
 )
+from orchestrator.services import access
 
 if TYPE_CHECKING:
     from orchestrator.bootstrap import Deps
@@ -97,8 +98,6 @@ def make_plan(fleet: Deps, now: datetime, jobs: tuple[str, ...] = JOBS) -> list[
                                .where(AuditEvent.at < audit_cutoff)) or 0
     grants = []
     if "access" in jobs:
-        from orchestrator.services import access
-
         grants = [GrantFact(g.id, g.slug, g.grantee, g.expires_at)
                   for g in access.expired(fleet, now)]
         # a role that changed its own settings ends now, whatever its TTL says
@@ -183,12 +182,10 @@ def _execute(fleet: Deps, action: Action, now: datetime) -> StepResult:
         if action.kind == AUDIT:
             return StepResult(action, "done", purge_audit(fleet, now))
         if action.kind == EXPIRE_GRANT:
-            from orchestrator.services import access
-
             assert action.grant_id is not None
             why = action.detail.partition("tampered with: ")[2] or None
             return StepResult(action, "done", access.expire(fleet, action.grant_id,
-                                                            tampered=why))
+                                                            tampered=why, now=now))
         raise AssertionError(action.kind)
     except Exception as exc:  # noqa: BLE001 - one step's failure never ends the run
         error = first_line(exc) if isinstance(exc, TenantctlError) else \
@@ -235,9 +232,9 @@ def delete_tenant(fleet: Deps, slug: str, now: datetime) -> tuple[str, str]:
         # waits are bounded: a failure is this step's, with who held the lock.
         with fleet.server_connection(tenant.server) as conn:
             pgserver.terminate_other_sessions(conn, tenant_names(slug).database)
-        backup_id = _verified_final_backup(fleet, tenant)
+        backup_id = _verified_final_backup(fleet, tenant, now)
         checkpoint("retention.final_backup")
-        _drop_database_and_roles(fleet, tenant, "retention")
+        _drop_database_and_roles(fleet, tenant, "retention", now)
         checkpoint("retention.dropped_roles")
         purge_after = now + timedelta(days=fleet.cfg.lifecycle.purge_days)
         with fleet.catalog.session() as s, s.begin():
@@ -251,7 +248,7 @@ def delete_tenant(fleet: Deps, slug: str, now: datetime) -> tuple[str, str]:
                    f"purge after {purge_after.date().isoformat()}"
 
 
-def _drop_database_and_roles(fleet: Deps, tenant: Tenant, step: str) -> None:
+def _drop_database_and_roles(fleet: Deps, tenant: Tenant, step: str, now: datetime) -> None:
     """End the role's sessions, drop the database (only if it is ours: owned by the
     tenant's owner role) and the roles (only if they carry our marker)."""
     names = tenant_names(tenant.slug)  # from the slug, not from a catalog column
@@ -263,9 +260,8 @@ def _drop_database_and_roles(fleet: Deps, tenant: Tenant, step: str) -> None:
             pgserver.drop_database(conn, names.database)
         checkpoint(f"{step}.dropped_database")
         pgserver.drop_marked_roles(conn, names, marker)
-    from orchestrator.services import access
 
-    access.drop_tenant_grants(fleet, tenant.id)  # support access never outlives its tenant
+    access.drop_tenant_grants(fleet, tenant.id, now)  # support access never outlives its tenant
 
 
 ERASABLE = (TenantState.active, TenantState.suspended, TenantState.cancelled,
@@ -295,7 +291,7 @@ def erase_tenant(fleet: Deps, slug: str, reason: str, now: datetime) -> dict[str
             fleet.catalog.audit("tenant.erase.key_destroyed", session=s, tenant=slug,
                                 region=tenant.region, reason=reason)
         checkpoint("erase.key_destroyed")
-        _drop_database_and_roles(fleet, tenant, "erase")
+        _drop_database_and_roles(fleet, tenant, "erase", now)
         with fleet.catalog.session() as s, s.begin():
             s.execute(update(Tenant).where(Tenant.id == tenant.id).values(
                 state=TenantState.deleted, deleted_at=tenant.deleted_at or now,
@@ -311,19 +307,19 @@ def erase_tenant(fleet: Deps, slug: str, reason: str, now: datetime) -> dict[str
             "reason": reason}
 
 
-def _verified_final_backup(fleet: Deps, tenant: Tenant) -> int:
+def _verified_final_backup(fleet: Deps, tenant: Tenant, now: datetime) -> int:
     """The backup the deletion rests on: taken after writes stopped (the hold), and
-    verified (checksum, decryption, archive listing). A re-run after a crash
-    reuses it."""
+    verified (checksum, decryption, archive listing), stamped with the run's
+    ``now``. A re-run after a crash reuses it."""
     if tenant.final_backup_id is not None:
         row = pipeline.get_backup(fleet, tenant.final_backup_id)
         if row.status == "completed" and row.verified_at is not None:
             return row.id
-    backup_id = pipeline.run_backup(fleet, tenant.slug, kind="final").id
+    backup_id = pipeline.run_backup(fleet, tenant.slug, kind="final", now=now).id
     with fleet.catalog.session() as s, s.begin():
         s.execute(update(Tenant).where(Tenant.id == tenant.id)
                   .values(final_backup_id=backup_id))
-    pipeline.verify_backup(fleet, backup_id)
+    pipeline.verify_backup(fleet, backup_id, now)
     return backup_id
 
 

@@ -19,13 +19,13 @@ it to its own (correct, but a migration each time the other region signs up).
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from sqlalchemy import update
 
+from orchestrator.adapters import clock
 from orchestrator.adapters.catalog.db import with_dbname
 from orchestrator.adapters.catalog.models import Server
 from orchestrator.adapters.postgres import admin as pgserver
@@ -79,7 +79,7 @@ def build(fleet: Deps, server: str, target: str | None = "head") -> str | None:
                if _address(s.admin_dsn) == _address(sc.admin_dsn)]
     with fleet.catalog.session() as s, s.begin():
         s.execute(update(Server).where(Server.name.in_(sorted({server, *sharing}))).values(
-            template_revision=revision, template_updated_at=datetime.now(UTC)))
+            template_revision=revision, template_updated_at=clock.utcnow()))
     fleet.catalog.audit("template.build", region=sc.region, server=server, revision=revision)
     return revision
 
