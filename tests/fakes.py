@@ -278,7 +278,7 @@ class FakeCatalog:
     every audit write fail (a catalog gone away)."""
 
     def __init__(self, clock: FakeClock) -> None:
-        self.clock = clock  # the catalog's own now() (created_at, audit_log.at)
+        self.clock = clock  # the catalog's own now() (created_at, audit_log.at), not --now
         self.t = _Tables()
         self.ids = itertools.count(1)
         self.held: set[str] = set()  # advisory locks held (by anyone)
@@ -601,7 +601,7 @@ class World:
     def __init__(self, cfg: Config | None = None) -> None:
         self.cfg = cfg or fake_config()
         self.clock = FakeClock()
-        self.catalog = FakeCatalog(self.clock)
+        self.catalog = FakeCatalog(FakeClock(T0))
         self.admin = FakeServerAdmin()
         self.stores = FakeStores()
         self.jobs = FakeBackupJobs(self.catalog, self.stores, self.cfg, self.clock)

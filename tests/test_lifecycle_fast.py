@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import timedelta
+from typing import Any
 
 import pytest
 
@@ -52,7 +53,7 @@ def crash_at(monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
 
 def in_state(world: World, slug: str, state: str) -> None:
     """A tenant in ``state`` as the lifecycle leaves it, its dates ``NOW``-relative."""
-    values: dict[str, object] = {"state": state}
+    values: dict[str, Any] = {"state": state}
     if state == "suspended":
         values["suspended_at"] = NOW - timedelta(days=1)
     if state == "cancelled":
