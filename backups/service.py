@@ -63,17 +63,6 @@ class BackupResult:
     error: str | None = None
 
 
-def backup_json(b: Backup) -> dict[str, Any]:
-    return {"id": b.id, "tenant": b.slug, "region": b.region, "status": b.status,
-            "kind": b.kind, "size": b.size, "sha256": b.sha256, "key_id": b.key_id,
-            "revision": b.revision, "server_version": b.server_version,
-            "store": b.store_url, "object": b.object_key,
-            "created_at": b.started_at.isoformat() if b.started_at else None,
-            "finished_at": b.finished_at.isoformat() if b.finished_at else None,
-            "verified_at": b.verified_at.isoformat() if b.verified_at else None,
-            "error": b.error}
-
-
 libpq_env = pgserver.libpq_env  # re-exported: restores use it too
 
 

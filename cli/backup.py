@@ -74,8 +74,8 @@ def list_(slug: Annotated[str | None, typer.Argument(help="One tenant.")] = None
     """Backups in the catalog, newest first."""
     from sqlalchemy import select
 
-    from backups.service import backup_json
     from orchestrator.adapters.catalog.models import Backup
+    from orchestrator.domain.views import backup_json
 
     fleet = open_fleet()
     try:

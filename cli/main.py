@@ -543,7 +543,7 @@ def report(
 def _explained(exc: BaseException) -> str:
     """A refused password at an address where this fleet's embedded cluster is not
     running: said as what it is, another server at that address."""
-    from orchestrator.adapters.catalog.db import AUTH_FAILED
+    from orchestrator.adapters.postgres.libpq import AUTH_FAILED
     from orchestrator.domain.errors import ServerUnavailable, TenantctlError
 
     m = AUTH_FAILED.search(str(exc))

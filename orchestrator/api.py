@@ -34,47 +34,18 @@ from orchestrator.adapters.catalog.models import (
     TenantKey,
     TenantState,
 )
+from orchestrator.adapters.catalog.reads import TARGET_KEY
 from orchestrator.adapters.crypto import tenant_keys as keys
 from orchestrator.adapters.crypto.masterkey import MasterKey, load_master_key
 from orchestrator.adapters.faults import checkpoint
 from orchestrator.adapters.postgres import admin as pgserver
 from orchestrator.adapters.postgres import revision_files
 from orchestrator.config import Config, load_config
-from orchestrator.domain.errors import CatalogIntegrityError, Conflict, InvalidInput, NotFound
-from orchestrator.domain.names import catalog_mismatch, validate_slug
+from orchestrator.domain.errors import Conflict, InvalidInput, NotFound
+from orchestrator.domain.names import check_integrity, validate_slug
+from orchestrator.domain.views import tenant_json
 
-TARGET_KEY = "target_revision"
-
-
-def _iso(dt: datetime | None) -> str | None:
-    return dt.astimezone(UTC).isoformat() if dt else None
-
-
-def check_integrity(t: Tenant) -> None:
-    """Every operation on one tenant loads it through `get_tenant`, so a row whose
-    names point at another tenant's objects is stopped here, before any server
-    is touched."""
-    why = catalog_mismatch(t.slug, t.database, t.login_role, t.owner_role)
-    if why is not None:
-        raise CatalogIntegrityError(f"catalog row of tenant {t.slug!r} is inconsistent: "
-                                    f"{why}; refusing to act on it (see `tenantctl doctor`)")
-
-
-def tenant_json(t: Tenant) -> dict[str, Any]:
-    """Stable keys for `--json` and for API callers."""
-    return {
-        "slug": t.slug, "region": t.region, "server": t.server, "database": t.database,
-        "role": t.login_role, "owner_role": t.owner_role, "state": t.state,
-        "revision": t.revision, "created_at": _iso(t.created_at),
-        "activated_at": _iso(t.activated_at), "cancelled_at": _iso(t.cancelled_at),
-        "hold_until": _iso(t.hold_until), "deleted_at": _iso(t.deleted_at),
-        "purge_after": _iso(t.purge_after), "purged_at": _iso(t.purged_at),
-        "suspended_at": _iso(t.suspended_at), "legal_hold": t.legal_hold,
-        "legal_hold_reason": t.legal_hold_reason, "final_backup_id": t.final_backup_id,
-        "provisioning_step": t.step, "last_error": t.last_error,
-        "migration_error": t.migration_error,
-        "migrated_at": _iso(t.migrated_at),
-    }
+__all__ = ["TARGET_KEY", "Fleet", "ServerInfo", "check_integrity", "tenant_json"]
 
 
 @dataclass
@@ -173,13 +144,7 @@ class Fleet:
 
     @functools.cached_property
     def head_revision(self) -> str | None:
-        try:
-            return revision_files.head(self.cfg.tenant_migrations)
-        except revision_files.Undecided:
-            # start-up: Alembic (~0.5 s to import) only when the files do not say
-            from orchestrator.adapters.postgres import alembic_runner as tenant_migrations
-
-            return tenant_migrations.head_revision(self.cfg.tenant_migrations)
+        return revision_files.head_revision(self.cfg.tenant_migrations)
 
     def target_revision(self, region: str | None = None) -> str | None:
         """The revision new tenants are created at. A rollout of the whole fleet (or
