@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from cli.common import ID_MAX, open_fleet, print_json, say, table
+from cli.common import ID_MAX, open_fleet, open_reads, print_json, say, table
 
 backup_app = typer.Typer(no_args_is_help=True, help="Encrypted backups in each region.")
 
@@ -72,20 +72,14 @@ def _run_with_progress(fleet, slugs, concurrency, as_json, kind):  # type: ignor
 def list_(slug: Annotated[str | None, typer.Argument(help="One tenant.")] = None,
           as_json: JsonOpt = False) -> None:
     """Backups in the catalog, newest first."""
-    from sqlalchemy import select
-
-    from orchestrator.adapters.catalog.models import Backup
     from orchestrator.domain.views import backup_json
 
-    fleet = open_fleet()
+    reads = open_reads()
     try:
-        q = select(Backup).order_by(Backup.id.desc())
-        if slug:
-            q = q.where(Backup.tenant_id == fleet.get_tenant(slug).id)
-        with fleet.catalog.session() as s:
-            rows = [backup_json(b) for b in s.scalars(q)]
+        tenant_id = reads.get_tenant(slug).id if slug else None
+        rows = [backup_json(b) for b in reads.backups(tenant_id)]
     finally:
-        fleet.close()
+        reads.close()
     if as_json:
         print_json(rows)
         return

@@ -17,7 +17,7 @@ import typer
 
 from cli.access import access_app
 from cli.backup import backup_app
-from cli.common import State, current_config, open_fleet, print_json, say, table
+from cli.common import State, current_config, open_fleet, open_reads, print_json, say, table
 from cli.doctor import doctor
 from cli.keys import breach_app, keys_app
 from cli.lifecycle import audit_app, register_tenant_commands, retention_app
@@ -267,18 +267,18 @@ def config_check(as_json: JsonOpt = False) -> None:
 @region_app.command("list")
 def region_list(as_json: JsonOpt = False) -> None:
     """Regions, their servers, tenants per server and capacity."""
-    fleet = open_fleet()
+    reads = open_reads()
     try:
-        servers = fleet.servers()
+        servers = reads.servers()
     finally:
-        fleet.close()
+        reads.close()
     if as_json:
         out: dict[str, Any] = {}
         for s in servers:
             region = out.setdefault(s.region, {
                 "region": s.region,
-                "backup_store": fleet.cfg.regions[s.region].backup_store
-                if s.region in fleet.cfg.regions else None, "servers": []})
+                "backup_store": reads.cfg.regions[s.region].backup_store
+                if s.region in reads.cfg.regions else None, "servers": []})
             region["servers"].append(s.to_json())
         print_json(list(out.values()))
         return
@@ -351,13 +351,13 @@ def tenant_list(
     as_json: JsonOpt = False,
 ) -> None:
     """List tenants."""
-    from orchestrator.api import tenant_json
+    from orchestrator.domain.views import tenant_json
 
-    fleet = open_fleet()
+    reads = open_reads()
     try:
-        rows = [tenant_json(t) for t in fleet.tenants(region, state)]
+        rows = [tenant_json(t) for t in reads.tenants(region, state)]
     finally:
-        fleet.close()
+        reads.close()
     if as_json:
         print_json(rows)
         return
@@ -369,13 +369,13 @@ def tenant_list(
 @tenant_app.command("show")
 def tenant_show(slug: str, as_json: JsonOpt = False) -> None:
     """Everything the catalog knows about one tenant."""
-    from orchestrator.api import tenant_json
+    from orchestrator.domain.views import tenant_json
 
-    fleet = open_fleet()
+    reads = open_reads()
     try:
-        data = tenant_json(fleet.get_tenant(slug))
+        data = tenant_json(reads.get_tenant(slug))
     finally:
-        fleet.close()
+        reads.close()
     if as_json:
         print_json(data)
         return
@@ -598,9 +598,11 @@ def main() -> None:
     except Exception as exc:
         # A server or the catalog went away mid-command: say so on one line.
         import psycopg
-        import sqlalchemy.exc
 
-        if isinstance(exc, sqlalchemy.exc.OperationalError | psycopg.OperationalError):
+        # SQLAlchemy's error only if SQLAlchemy ran: a read command never imports it
+        orm = sys.modules.get("sqlalchemy.exc")
+        if isinstance(exc, psycopg.OperationalError) or (
+                orm is not None and isinstance(exc, orm.OperationalError)):
             _fail(f"database unavailable: {first_line(exc)}", 6)
         raise
 
