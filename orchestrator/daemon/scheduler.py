@@ -28,6 +28,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
@@ -45,14 +46,18 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 from sqlalchemy import func, select
 
+from backups import service as pipeline
+from backups.service import BACKUPABLE
 from orchestrator.adapters.catalog.db import lock_key, redact
-from orchestrator.adapters.catalog.models import SupportGrant
+from orchestrator.adapters.catalog.models import Backup, SupportGrant, Tenant
 from orchestrator.adapters.clock import utcnow
 from orchestrator.config import SchedulerConfig
 from orchestrator.domain.errors import Conflict, InvalidInput, first_line
+from orchestrator.domain.errors import Conflict as TenantChanged
+from orchestrator.services import retention
 
 if TYPE_CHECKING:
-    from orchestrator.api import Fleet
+    from orchestrator.bootstrap import Deps
     from orchestrator.services.retention import StepResult
 
 JOBS = ("backups", "retention", "prune", "audit_purge")
@@ -102,7 +107,7 @@ class JsonLog:
         self._lock = threading.Lock()
 
     def emit(self, level: str, event: str, **fields: Any) -> None:
-        record = {"ts": datetime.now(UTC).isoformat(timespec="milliseconds"),
+        record = {"ts": utcnow().isoformat(timespec="milliseconds"),
                   "level": level, "event": event, **self.context, **fields}
         line = json.dumps(record, default=str, separators=(",", ":")) + "\n"
         stream = self.stream or sys.stdout
@@ -254,7 +259,7 @@ class Metrics:
             self._jobs[job] = replace(
                 s, runs=s.runs + 1, failures=s.failures + (outcome in FAILED_OUTCOMES),
                 last_duration=duration, last_outcome=outcome,
-                last_success=(at or time.time()) if outcome == "ok" else s.last_success)
+                last_success=(at or utcnow().timestamp()) if outcome == "ok" else s.last_success)
 
     def set_fleet(self, gauges: FleetGauges) -> None:
         with self._lock:
@@ -269,12 +274,8 @@ class Metrics:
             return MetricsSnapshot(self._leader, self._up, self._fleet, dict(self._jobs))
 
 
-def read_fleet_gauges(fleet: Fleet, now: datetime) -> FleetGauges:
+def read_fleet_gauges(fleet: Deps, now: datetime) -> FleetGauges:
     """A few aggregate queries on the catalog."""
-    from backups.service import BACKUPABLE
-    from orchestrator.adapters.catalog.models import Backup, Tenant
-    from orchestrator.services import retention
-
     st = retention.status(fleet, now, limit=1)
     last = (select(Backup.tenant_id, func.max(Backup.finished_at).label("at"))
             .where(Backup.status == "completed").group_by(Backup.tenant_id).subquery())
@@ -434,14 +435,11 @@ class _Interrupted(Exception):
     """Raised between retention steps when the job must stop (SIGTERM, lost lead)."""
 
 
-def backups_job(fleet: Fleet, halt: threading.Event, concurrency: int,
+def backups_job(fleet: Deps, halt: threading.Event, concurrency: int,
                 log: JsonLog) -> JobOutcome:
     """Reap backups a dead process left running, then back up every due tenant,
     `concurrency` at a time. One tenant's failure never stops the others; once
     `halt` is set no new backup starts (those in flight finish)."""
-    from backups import service as pipeline
-    from orchestrator.domain.errors import Conflict as TenantChanged
-
     reaped = pipeline.reap_dead(fleet)
     slugs = pipeline.due_tenants(fleet)
     counts: Counter[str] = Counter()
@@ -475,12 +473,10 @@ def backups_job(fleet: Fleet, halt: threading.Event, concurrency: int,
     return JobOutcome(outcome, result, errors[0] if errors else None)
 
 
-def retention_job(fleet: Fleet, kinds: tuple[str, ...], halt: threading.Event,
+def retention_job(fleet: Deps, kinds: tuple[str, ...], halt: threading.Event,
                   log: JsonLog, job: str = "retention") -> JobOutcome:
     """orchestrator.services.retention.run for some of its jobs; stops between steps when
     `halt` is set (each step is idempotent: the next run finishes the rest)."""
-    from orchestrator.services import retention
-
     counts: Counter[str] = Counter()
 
     def on_step(r: StepResult) -> None:
@@ -538,7 +534,7 @@ class SchedulerDaemon:
     """Standby until it holds the leader lock, lead until it loses it or is told
     to stop; `stop()` (or a signal, see install_signal_handlers) ends `run()`."""
 
-    def __init__(self, fleet: Fleet, options: SchedulerOptions, log: JsonLog,
+    def __init__(self, fleet: Deps, options: SchedulerOptions, log: JsonLog,
                  metrics: Metrics | None = None, metrics_server: MetricsServer | None = None,
                  lock: LeaderLock | None = None) -> None:
         self.fleet = fleet
@@ -564,12 +560,10 @@ class SchedulerDaemon:
     def install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT: stop cleanly. A second one: exit now (the next run
         reaps what is left)."""
-        import signal
-
         def handler(signum: int, frame: Any) -> None:
             self._signals += 1
             if self._signals > 1:
-                os.write(1, (json.dumps({"ts": datetime.now(UTC).isoformat(), "level": "error",
+                os.write(1, (json.dumps({"ts": utcnow().isoformat(), "level": "error",
                                          "event": "forced_stop", "signal": signum}) + "\n")
                          .encode())
                 os._exit(1)
@@ -696,7 +690,7 @@ class SchedulerDaemon:
         return BackgroundScheduler(timezone=UTC, daemon=True)
 
     def _add_jobs(self, term: _Term) -> None:
-        now = datetime.now(UTC)
+        now = utcnow()
         for job, seconds in self.options.intervals.items():
             term.scheduler.add_job(
                 self.run_job, IntervalTrigger(seconds=seconds, timezone=UTC), args=(job, term.halt),

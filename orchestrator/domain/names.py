@@ -84,3 +84,9 @@ def check_integrity(t: Any) -> None:
     if why is not None:
         raise CatalogIntegrityError(f"catalog row of tenant {t.slug!r} is inconsistent: "
                                     f"{why}; refusing to act on it (see `tenantctl doctor`)")
+
+
+def password_context(slug: str) -> str:
+    """What a tenant's wrapped password is bound to: unwrapping it under another
+    tenant's name fails."""
+    return f"tenant:{slug}:password"

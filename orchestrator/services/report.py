@@ -28,9 +28,10 @@ from orchestrator.adapters.catalog.models import (
     TenantState,
 )
 from orchestrator.domain.errors import TenantctlError, first_line
+from orchestrator.services import credentials
 
 if TYPE_CHECKING:
-    from orchestrator.api import Fleet
+    from orchestrator.bootstrap import Deps
 
 LIVE = (TenantState.active, TenantState.suspended, TenantState.cancelled)
 GRACE = timedelta(hours=1)
@@ -64,7 +65,7 @@ def _fail(offenders: dict[str, str]) -> list[str]:
 # -- 1. isolation -------------------------------------------------------------------
 
 
-def check_isolation(fleet: Fleet, tenants: list[Tenant]) -> Promise:
+def check_isolation(fleet: Deps, tenants: list[Tenant]) -> Promise:
     offenders: dict[str, str] = {}
     live = [t for t in tenants if t.state in LIVE]
     by_server: dict[str, list[Tenant]] = {}
@@ -122,14 +123,14 @@ def check_isolation(fleet: Fleet, tenants: list[Tenant]) -> Promise:
                    _fail(offenders))
 
 
-def _live_probe(fleet: Fleet, tenant: Tenant, others: list[str],
+def _live_probe(fleet: Deps, tenant: Tenant, others: list[str],
                 offenders: dict[str, str]) -> int:
     """Connect as the tenant's own role to other databases: every attempt must be
     refused for want of the privilege. First prove the credentials log in to its own
     database: a refusal for a wrong password (or a full server) says nothing about
     isolation. Returns the number of refusals that count."""
     try:
-        dsn = fleet.credentials(tenant.slug)
+        dsn = credentials.credentials(fleet, tenant.slug)
     except TenantctlError:
         return 0
     try:
@@ -157,7 +158,7 @@ def _live_probe(fleet: Fleet, tenant: Tenant, others: list[str],
 # -- 2. region -----------------------------------------------------------------------
 
 
-def check_region(fleet: Fleet, tenants: list[Tenant], backups: list[Backup],
+def check_region(fleet: Deps, tenants: list[Tenant], backups: list[Backup],
                  server_region: dict[str, str]) -> tuple[Promise, dict[str, set[str]]]:
     """Also returns what each region's store holds, for the backup check."""
     offenders: dict[str, str] = {}
@@ -194,7 +195,7 @@ def check_region(fleet: Fleet, tenants: list[Tenant], backups: list[Backup],
 # -- 3. backups -----------------------------------------------------------------------
 
 
-def check_backups(fleet: Fleet, tenants: list[Tenant], backups: list[Backup],
+def check_backups(fleet: Deps, tenants: list[Tenant], backups: list[Backup],
                   listed: dict[str, set[str]], now: datetime) -> Promise:
     interval = timedelta(hours=fleet.cfg.backup_interval_hours)
     latest: dict[int, Backup] = {}
@@ -270,7 +271,7 @@ def check_timeliness(tenants: list[Tenant], grants: list[SupportGrant], now: dat
 # -- 5. audit -------------------------------------------------------------------------
 
 
-def check_audit(fleet: Fleet, tenants: list[Tenant], now: datetime) -> Promise:
+def check_audit(fleet: Deps, tenants: list[Tenant], now: datetime) -> Promise:
     with fleet.catalog.session() as s:
         seen = {(r[0], r[1]) for r in s.execute(
             select(AuditEvent.tenant, AuditEvent.action).where(
@@ -297,7 +298,7 @@ def check_audit(fleet: Fleet, tenants: list[Tenant], now: datetime) -> Promise:
 # -- the report -----------------------------------------------------------------------
 
 
-def build(fleet: Fleet, now: datetime | None = None) -> dict[str, Any]:
+def build(fleet: Deps, now: datetime | None = None) -> dict[str, Any]:
     now = now or clock.utcnow()
     with fleet.catalog.session() as s:
         tenants = list(s.scalars(select(Tenant).order_by(Tenant.slug)))
