@@ -21,6 +21,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import class_row
 
+from orchestrator.adapters import clock
 from orchestrator.adapters.postgres.libpq import redact, server_error
 from orchestrator.config import Config
 from orchestrator.domain.errors import Conflict, InvalidInput, NotFound
@@ -212,8 +213,9 @@ class CatalogReads:
         transaction (``updated_at`` moves, as with every ORM update of a tenant)."""
         conn = self._connection()
         with conn.transaction(), conn.cursor() as cur:
-            cur.executemany("UPDATE tenants SET revision = %s, updated_at = now() "
-                            "WHERE id = %s", [(rev, tid) for tid, rev in changed])
+            at = clock.utcnow()
+            cur.executemany("UPDATE tenants SET revision = %s, updated_at = %s "
+                            "WHERE id = %s", [(rev, at, tid) for tid, rev in changed])
 
     # -- servers, backups, settings ------------------------------------------------
 
