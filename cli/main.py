@@ -112,7 +112,7 @@ def _root(config: Annotated[str | None, typer.Option(
             "else OS user@host).", show_default=False)] = None) -> None:
     State.config_path = config
     if actor:
-        os.environ["TENANTCTL_ACTOR"] = actor  # read by orchestrator.catalog.actor()
+        os.environ["TENANTCTL_ACTOR"] = actor  # read by orchestrator.adapters.catalog.db.actor()
 
 
 # -- init / local / catalog / config -------------------------------------------------

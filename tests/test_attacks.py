@@ -55,7 +55,7 @@ from tests.conftest import REPO, TENANTCTL, OwnCatalog, PgFleet, connect_as, run
 
 ALL_SERVERS = ("eu-central-1", "eu-central-2", "ap-south-1")
 NAMEDATALEN = 63  # Postgres silently truncates longer identifiers: two tenants could meet
-# The oracle: what a slug must look like, restated independently of orchestrator.names
+# The oracle: what a slug must look like, restated independently of orchestrator.domain.names
 # (ASCII only, the whole string — a trailing newline included).
 SLUG_ORACLE = re.compile(r"[a-z][a-z0-9_]{2,39}", re.ASCII)
 REGION_ORACLE = re.compile(r"[a-z][a-z0-9-]{1,39}", re.ASCII)

@@ -61,7 +61,7 @@ if TYPE_CHECKING:
     from orchestrator.services.retention import StepResult
 
 JOBS = ("backups", "retention", "prune", "audit_purge")
-# what each retention-family job asks orchestrator.retention.run to do
+# what each retention-family job asks orchestrator.services.retention.run to do
 RETENTION_KINDS: dict[str, tuple[str, ...]] = {
     "retention": ("access", "delete", "purge"), "prune": ("prune",), "audit_purge": ("audit",)}
 LEADER_LOCK = "scheduler-leader"
