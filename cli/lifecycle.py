@@ -261,7 +261,8 @@ def retention_status(now: NowOpt = None, as_json: JsonOpt = False) -> None:
 @audit_app.command("list")
 def audit_list(
     tenant: Annotated[str | None, typer.Option(help="Only this tenant.")] = None,
-    since: Annotated[str | None, typer.Option(help="ISO-8601 time, or e.g. 7d / 12h.")]
+    since: Annotated[str | None, typer.Option(
+        help="ISO-8601 time, today, yesterday, or e.g. 7d / 12h.")]
     = None,
     action: Annotated[str | None, typer.Option(help="Only actions starting with this.")]
     = None,
@@ -269,11 +270,14 @@ def audit_list(
     as_json: JsonOpt = False,
 ) -> None:
     """The audit log, newest first."""
+    from orchestrator.adapters import clock
     from orchestrator.adapters.catalog import audit
+    from orchestrator.domain.durations import parse_since
 
+    start = parse_since(since, clock.utcnow(), "--since") if since else None
     fleet = open_fleet()
     try:
-        rows = audit.events(fleet, tenant=tenant, since=since, action=action, limit=limit)
+        rows = audit.events(fleet, tenant=tenant, since=start, action=action, limit=limit)
     finally:
         fleet.close()
     if as_json:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import re
-from datetime import timedelta
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 
-from orchestrator.adapters import clock
 from orchestrator.adapters.catalog.models import AuditEvent
 from orchestrator.domain.errors import InvalidInput, printable
 
@@ -33,7 +32,6 @@ _SECRET_TEXT = (
     (re.compile(r"\bmd5[0-9a-f]{32}\b"), "md5[redacted]"),
 )
 MAX_REASON = 500  # characters of a --reason (one line of plain text)
-_RELATIVE = re.compile(r"^(\d+)([dhm])$")
 
 
 def redact_text(value: str) -> str:
@@ -99,25 +97,13 @@ def redact(detail: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def parse_since(text: str) -> Any:
-    m = _RELATIVE.match(text.strip())
-    if m:
-        n, unit = int(m.group(1)), m.group(2)
-        try:
-            return clock.utcnow() - timedelta(**{{"d": "days", "h": "hours",
-                                                  "m": "minutes"}[unit]: n})
-        except OverflowError:
-            raise InvalidInput(f"--since {text!r} reaches back before year 1") from None
-    return clock.parse_instant(text, "--since")
-
-
-def events(fleet: Fleet, *, tenant: str | None = None, since: str | None = None,
+def events(fleet: Fleet, *, tenant: str | None = None, since: datetime | None = None,
            action: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
     q = select(AuditEvent).order_by(AuditEvent.at.desc(), AuditEvent.id.desc()).limit(limit)
     if tenant:
         q = q.where(AuditEvent.tenant == storable(tenant, "--tenant"))
     if since:
-        q = q.where(AuditEvent.at >= parse_since(since))
+        q = q.where(AuditEvent.at >= since)
     if action:
         q = q.where(AuditEvent.action.startswith(storable(action, "--action"),
                                                  autoescape=True))
