@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from cli.common import open_fleet, print_json, say, table
+from orchestrator.domain.errors import ExitCode
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 NowOpt = Annotated[str | None, typer.Option(
@@ -29,7 +30,7 @@ def _confirm(question: str, yes: bool) -> None:
     if not sys.stdin.isatty():
         raise InvalidInput(f"{question} — confirm with --yes (no terminal to ask on)")
     if not typer.confirm(question, default=False):
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.FAILED)
 
 
 def _print_transition(res: Any, as_json: bool) -> None:
@@ -255,7 +256,7 @@ def retention_status(now: NowOpt = None, as_json: JsonOpt = False) -> None:
                 for r in rows:
                     sys.stderr.write(f"overdue {kind[:-1]}: {r['tenant']} was due "
                                      f"{r['due_at']}\n")
-        raise typer.Exit(retention.RetentionError.exit_code)
+        raise typer.Exit(ExitCode.RETENTION)
 
 
 @audit_app.command("list")

@@ -37,7 +37,7 @@ from orchestrator.adapters.catalog.models import (
 )
 from orchestrator.adapters.faults import checkpoint
 from orchestrator.adapters.postgres import admin as pgserver
-from orchestrator.domain.errors import Conflict, InvalidInput, TenantctlError, first_line
+from orchestrator.domain.errors import Conflict, ExitCode, InvalidInput, TenantctlError, first_line
 from orchestrator.domain.names import tenant_names
 from orchestrator.domain.retention_plan import (
     AUDIT,
@@ -65,7 +65,7 @@ OVERDUE_AFTER = timedelta(hours=1)
 
 
 class RetentionError(TenantctlError):
-    exit_code = 11
+    exit_code = ExitCode.RETENTION
 
 
 # -- reading the facts ---------------------------------------------------------------

@@ -47,7 +47,7 @@ from orchestrator.adapters.catalog.models import MIGRATABLE, Rollout, RolloutTen
 from orchestrator.adapters.faults import checkpoint
 from orchestrator.adapters.postgres import alembic_runner as tenant_migrations
 from orchestrator.domain.durations import parse_pg_duration
-from orchestrator.domain.errors import Conflict, InvalidInput, NotFound, first_line
+from orchestrator.domain.errors import Conflict, ExitCode, InvalidInput, NotFound, first_line
 from orchestrator.domain.names import catalog_mismatch, tenant_lock, validate_slug
 from orchestrator.domain.rollout_plan import (
     CANARY_WAVE,
@@ -168,9 +168,10 @@ class RolloutSummary:
     sql: dict[str, str] = field(default_factory=dict)
 
     @property
-    def exit_code(self) -> int:
-        return {"completed": 0, "dry-run": 0, "failed": 1, "stopped": 8,
-                "interrupted": 130}.get(self.status, 1)
+    def exit_code(self) -> ExitCode:
+        return {"completed": ExitCode.OK, "dry-run": ExitCode.OK, "failed": ExitCode.FAILED,
+                "stopped": ExitCode.ROLLOUT_STOPPED, "interrupted": ExitCode.INTERRUPTED
+                }.get(self.status, ExitCode.FAILED)
 
     def to_json(self) -> dict[str, Any]:
         return {
