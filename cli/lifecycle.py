@@ -184,20 +184,16 @@ def retention_run(
     = False,
     now: NowOpt = None,
     only: Annotated[list[str] | None, typer.Option(
-        help="Only these jobs: delete, purge, prune, audit (repeatable).")] = None,
+        help="Only these jobs: delete, purge, prune, audit, access (repeatable).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Carry out what is due: deletions after the hold, backup purges after
     purge_after, pruning, audit purge. For cron: never prompts, safe to re-run."""
     from orchestrator.adapters import clock
-    from orchestrator.domain.errors import InvalidInput
+    from orchestrator.domain.jobs import STEPS, parse_steps
     from orchestrator.services import retention
 
-    jobs = tuple(only) if only else retention.JOBS
-    unknown = set(jobs) - set(retention.JOBS)
-    if unknown:
-        raise InvalidInput(f"unknown job {sorted(unknown)[0]!r}: use "
-                           + ", ".join(retention.JOBS))
+    jobs = parse_steps(only) if only else STEPS
     at = clock.effective_now(now, acting=not dry_run)
     fleet = open_fleet()
 
