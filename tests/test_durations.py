@@ -60,6 +60,13 @@ def test_ranges_overflow_and_the_message_names_the_field() -> None:
         parse_duration("0h", "ttl", positive=True)
     with pytest.raises(BadDuration, match=r"^invalid f '99999999999999999999d': is out of range$"):
         parse_duration("99999999999999999999d", "f")
+    huge = "9" * 5000 + "s"  # more digits than int() reads: still a range error
+    with pytest.raises(BadDuration, match="must be more than 0 and at most 7 days"):
+        parse_duration(huge, "ttl", positive=True, at_most=week)
+    with pytest.raises(BadDuration, match="must be at most 2147483647ms"):
+        parse_pg_duration(huge, "--lock-timeout")
+    with pytest.raises(BadDuration, match="reaches back before year 1"):
+        parse_since(huge, NOW, "--since")
     assert [describe(d) for d in (week, timedelta(hours=36), timedelta(minutes=1),
                                   timedelta(seconds=90), timedelta(milliseconds=1500))] == \
         ["7 days", "36 hours", "1 minute", "90 seconds", "1500ms"]

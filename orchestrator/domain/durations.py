@@ -76,7 +76,10 @@ def parse(text: str, what: str, *, bare_ms: bool = False) -> Duration:
     if m is None or (unit is not None and unit not in UNIT_MS) or (unit is None and not bare_ms):
         raise BadDuration(what, text, USAGE + ("; a bare number is milliseconds"
                                                if bare_ms else ""))
-    return Duration(int(m.group(1)), unit)
+    digits = m.group(1).lstrip("0") or "0"
+    # far beyond every field's range (and beyond what int() reads: 4300 digits): the
+    # caller refuses it with its own range message
+    return Duration(int(digits) if len(digits) <= 40 else 10**40, unit)
 
 
 def parse_duration(text: str, what: str, *, at_most: timedelta | None = None,
