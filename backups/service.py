@@ -40,7 +40,7 @@ from orchestrator.adapters.faults import checkpoint
 from orchestrator.adapters.postgres import admin as pgserver
 from orchestrator.adapters.postgres.childenv import child_env
 from orchestrator.devfleet.localfleet import pg_tool
-from orchestrator.domain.errors import Conflict, NotFound, TenantctlError, first_line
+from orchestrator.domain.errors import Conflict, ExitCode, NotFound, TenantctlError, first_line
 from orchestrator.domain.names import tenant_lock, tenant_names
 
 if TYPE_CHECKING:
@@ -52,7 +52,7 @@ CHUNK = 1 << 20
 
 
 class BackupError(TenantctlError):
-    exit_code = 10
+    exit_code = ExitCode.DUMP_OR_RESTORE
 
 
 @dataclass

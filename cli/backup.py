@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from cli.common import ID_MAX, open_fleet, open_reads, print_json, say, table
+from orchestrator.domain.errors import ExitCode
 
 backup_app = typer.Typer(no_args_is_help=True, help="Encrypted backups in each region.")
 
@@ -49,7 +50,7 @@ def run(
             detail = f"{r.size} bytes" if r.status == "completed" else r.error
             say(f"{r.status:9} {r.tenant} backup {r.id or '-'}: {detail}")
     if any(r.status not in ("completed", "skipped") for r in results):
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.FAILED)
 
 
 def _run_with_progress(fleet, slugs, concurrency, as_json, kind):  # type: ignore[no-untyped-def]
@@ -139,7 +140,7 @@ def verify(
             say(f"backup {r.get('id', '-')} of {r.get('tenant', '?')}: "
                 + ("ok" if r["ok"] else f"FAILED: {r['error']}"))
     if not all(r["ok"] for r in reports):
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.FAILED)
 
 
 @backup_app.command("prune")

@@ -1,6 +1,7 @@
 """The tenantctl CLI: parses, calls the orchestrator, renders. Nothing else.
 
-Imports of the orchestrator happen inside commands so that `--help` stays fast.
+Imports of the orchestrator happen inside commands so that `--help` stays fast
+(but for the exit-code table, orchestrator.domain.errors: pure and small).
 Expected failures (TenantctlError) become one line on stderr and a non-zero
 exit code; anything else is a bug and keeps its traceback.
 """
@@ -23,6 +24,7 @@ from cli.keys import breach_app, keys_app
 from cli.lifecycle import audit_app, register_tenant_commands, retention_app
 from cli.migrate import migrate_app
 from cli.scheduler import scheduler_app
+from orchestrator.domain.errors import ExitCode
 
 if TYPE_CHECKING:
     from orchestrator.api import ProvisionResult
@@ -196,7 +198,7 @@ def local_status(as_json: JsonOpt = False) -> None:
     table(None, ["server", "region", "port", "status", "pid", "data dir"],
            [[r.server, r.region, r.port, r.detail, r.pid, r.data_dir] for r in rows])
     if not all(r.running for r in rows):
-        raise typer.Exit(3)
+        raise typer.Exit(ExitCode.NOT_FOUND)
 
 
 @catalog_app.command("upgrade")
@@ -460,7 +462,7 @@ def _rotate_all(region: str | None, concurrency: int, kill_sessions: bool,
         say(f"rotated {len(results) - len(failed)} tenant passwords in {elapsed}s"
             + (f", {len(failed)} failed (re-run to retry them)" if failed else ""))
     if failed:
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.FAILED)
 
 
 @tenant_app.command("psql")
@@ -479,7 +481,7 @@ def tenant_psql(
         code = psql.run(fleet, slug, owner=owner, command=command)
     finally:
         fleet.close()
-    raise typer.Exit(code)
+    raise typer.Exit(code)  # psql's own exit status, passed through
 
 
 # -- quickstart --------------------------------------------------------------------------
@@ -537,7 +539,7 @@ def report(
             for line in p["offenders"][:20]:
                 say(f"    ! {line}")
     if not data["ok"]:
-        raise typer.Exit(12)
+        raise typer.Exit(ExitCode.PROMISE_BROKEN)
 
 
 def _explained(exc: BaseException) -> str:
@@ -582,19 +584,19 @@ def main() -> None:
         # `error:` line with exit 2, like every other bad input.
         code = app(prog_name="tenantctl", standalone_mode=False)
         if isinstance(code, int) and code:
-            raise SystemExit(code)
+            raise SystemExit(code)  # a typer.Exit: an ExitCode, or psql's own status
     except click_errors.NoArgsIsHelpError as exc:
         sys.stdout.write((exc.ctx.get_help() if exc.ctx else "") + "\n")
-        raise SystemExit(2) from None
+        raise SystemExit(ExitCode.INVALID) from None
     except click_errors.UsageError as exc:
         where = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx else ""
-        _fail(exc.format_message().replace("\n", " ") + where, 2)
+        _fail(exc.format_message().replace("\n", " ") + where, ExitCode.INVALID)
     except typer.Abort:
-        _fail("aborted", 1)
+        _fail("aborted", ExitCode.FAILED)
     except TenantctlError as exc:
         _fail(_explained(exc), exc.exit_code)
     except KeyboardInterrupt:
-        _fail("interrupted", 130)
+        _fail("interrupted", ExitCode.INTERRUPTED)
     except Exception as exc:
         # A server or the catalog went away mid-command: say so on one line.
         import psycopg
@@ -603,7 +605,7 @@ def main() -> None:
         orm = sys.modules.get("sqlalchemy.exc")
         if isinstance(exc, psycopg.OperationalError) or (
                 orm is not None and isinstance(exc, orm.OperationalError)):
-            _fail(f"database unavailable: {first_line(exc)}", 6)
+            _fail(f"database unavailable: {first_line(exc)}", ExitCode.UNAVAILABLE)
         raise
 
 
