@@ -8,12 +8,10 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from cli.common import open_fleet, print_json, say
+from orchestrator.domain.errors import ExitCode
 
 if TYPE_CHECKING:
     from orchestrator.services.doctor import Finding
-
-EXIT_ERRORS = 14  # something at error severity remains
-
 
 def doctor(
     region: Annotated[str | None, typer.Option(help="Only this region's servers, "
@@ -66,4 +64,4 @@ def doctor(
             say(f"{counts[doc.ERROR]} error(s), {counts[doc.WARNING]} warning(s)"
                 + ("" if fix else "; `tenantctl doctor --fix` repairs those it can"))
     if doc.has_errors(findings):
-        raise typer.Exit(EXIT_ERRORS)
+        raise typer.Exit(ExitCode.DOCTOR_ERRORS)  # something at error severity remains

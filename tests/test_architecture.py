@@ -190,7 +190,7 @@ FUNCTION_IMPORTS_ALLOWED: dict[tuple[str, str, str], str] = {
         "as Fleet.provision",
     ("orchestrator/api.py", "Fleet.pipeline_jobs", "backups.service.PipelineJobs"):
         "the backup pipeline (pyrage, pg tools) only for commands that back up",
-    ("orchestrator/bootstrap.py", "Deps.head_revision",
+    ("orchestrator/adapters/postgres/revision_files.py", "head_revision",
      "orchestrator.adapters.postgres.alembic_runner"):
         "Alembic only when the revision files do not say",
     ("orchestrator/adapters/catalog/db.py", "Catalog.alembic_config", "alembic.config.Config"):

@@ -15,7 +15,7 @@ Purging a deleted tenant once purge_after has passed:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -25,7 +25,8 @@ from orchestrator.adapters.catalog.audit import reason_text
 from orchestrator.adapters.catalog.locks import holding_tenant
 from orchestrator.adapters.faults import checkpoint
 from orchestrator.adapters.postgres.admin import role_marker
-from orchestrator.domain.errors import Conflict, InvalidInput, TenantctlError, first_line
+from orchestrator.domain.errors import Conflict, ExitCode, InvalidInput, TenantctlError, first_line
+from orchestrator.domain.jobs import STEPS, Job, parse_steps
 from orchestrator.domain.names import tenant_names
 from orchestrator.domain.retention_plan import (
     AUDIT,
@@ -38,6 +39,7 @@ from orchestrator.domain.retention_plan import (
     GrantFact,
     TenantFact,
     plan,
+    step_of,
     tenant_action,
 )
 from orchestrator.domain.states import TenantState
@@ -48,15 +50,13 @@ if TYPE_CHECKING:
     from orchestrator.bootstrap import Deps
 
 LOCK = "retention"
-JOBS = ("delete", "purge", "prune", "audit", "access")
-_JOB_OF = {DELETE: "delete", PURGE: "purge", PRUNE: "prune", AUDIT: "audit",
-           BLOCKED: "delete", EXPIRE_GRANT: "access"}
+JOBS = STEPS  # every step of a run (orchestrator.domain.jobs)
 OVERDUE_AFTER = timedelta(hours=1)
 AUDIT_BATCH = 10_000
 
 
 class RetentionError(TenantctlError):
-    exit_code = 11
+    exit_code = ExitCode.RETENTION
 
 
 # -- reading the facts ---------------------------------------------------------------
@@ -72,19 +72,21 @@ def _fact(t: TenantRecord) -> TenantFact:
                       t.legal_hold_reason)
 
 
-def make_plan(fleet: Deps, now: datetime, jobs: tuple[str, ...] = JOBS) -> list[Action]:
+def make_plan(fleet: Deps, now: datetime, jobs: Iterable[str] = JOBS) -> list[Action]:
+    """The plan for these steps (Job members, or `--only` spellings)."""
+    jobs = parse_steps(jobs)
     lc = fleet.cfg.lifecycle
-    tenants = due_tenant_facts(fleet, now) if {"delete", "purge"} & set(jobs) else []
+    tenants = due_tenant_facts(fleet, now) if {Job.delete, Job.purge} & set(jobs) else []
     verdicts = []
-    if "prune" in jobs:
+    if Job.prune in jobs:
         policy = RetentionPolicy(fleet.cfg.backup_keep_days, fleet.cfg.backup_keep_weeks)
         verdicts = fleet.backup_jobs.prune_candidates(now, policy)
     audit_cutoff = now - timedelta(days=lc.audit_days)
     expired = 0
-    if "audit" in jobs:
+    if Job.audit_purge in jobs:
         expired = fleet.records.audit_count_before(audit_cutoff)
     grants = []
-    if "access" in jobs:
+    if Job.expire_grant in jobs:
         grants = [GrantFact(g.id, g.slug, g.grantee, g.expires_at)
                   for g in access.expired(fleet, now)]
         # a role that changed its own settings ends now, whatever its TTL says
@@ -93,7 +95,7 @@ def make_plan(fleet: Deps, now: datetime, jobs: tuple[str, ...] = JOBS) -> list[
             grants += [GrantFact(g.id, g.slug, g.grantee, g.expires_at, changed[g.id])
                        for g in access.live(fleet) if g.id in changed]
     return [a for a in plan(tenants, verdicts, expired, audit_cutoff, now, grants)
-            if _JOB_OF[a.kind] in jobs]
+            if step_of(a.kind) in jobs]
 
 
 # -- carrying it out -----------------------------------------------------------------
@@ -128,7 +130,7 @@ class RunReport:
                 "failed": len(self.failed)}
 
 
-def run(fleet: Deps, now: datetime, *, dry_run: bool, jobs: tuple[str, ...] = JOBS,
+def run(fleet: Deps, now: datetime, *, dry_run: bool, jobs: Iterable[str] = JOBS,
         on_plan: Callable[[list[Action]], None] | None = None,
         on_step: Callable[[StepResult], None] | None = None) -> RunReport:
     """Plan, report the plan, then (unless dry_run) do it. Two concurrent runs never
