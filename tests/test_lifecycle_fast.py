@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from orchestrator.adapters import faults
+from orchestrator.adapters.catalog.audit import redact
 from orchestrator.domain.errors import Conflict, InvalidInput, NotFound
 from orchestrator.domain.names import tenant_lock
 from orchestrator.domain.states import CANCELLING
@@ -296,3 +297,13 @@ def test_a_purged_tenant_has_nothing_left_to_hold(world: World) -> None:
     with pytest.raises(Conflict, match="nothing is left to hold"):
         lifecycle.legal_hold(world.deps, "acme", on=True, reason="late")
     assert not world.catalog.row("acme").legal_hold
+
+
+# -- the audit log -------------------------------------------------------------------
+
+
+def test_audit_details_are_redacted() -> None:
+    assert redact({"password": "hunter2", "dsn": "postgresql://u:hunter2@h/db",
+                   "conninfo": "host=h password=hunter2 dbname=x", "n": 3}) == {
+        "password": "[redacted]", "dsn": "postgresql://u:[redacted]@h/db",
+        "conninfo": "host=h password=[redacted] dbname=x", "n": 3}
