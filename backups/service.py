@@ -40,12 +40,11 @@ from orchestrator.adapters.postgres.childenv import child_env
 from orchestrator.devfleet.localfleet import pg_tool
 from orchestrator.domain.errors import Conflict, NotFound, TenantctlError, first_line
 from orchestrator.domain.names import tenant_lock, tenant_names
+from orchestrator.domain.states import HAS_DATABASE, PRUNABLE
 
 if TYPE_CHECKING:
     from orchestrator.api import Fleet
 
-BACKUPABLE = (TenantState.active, TenantState.suspended, TenantState.cancelled)
-PRUNABLE = (TenantState.active, TenantState.suspended)
 CHUNK = 1 << 20
 
 
@@ -147,7 +146,7 @@ def run_backup(fleet: Fleet, slug: str, *, kind: str = "manual") -> BackupResult
     row becomes completed. On any failure the partial object is aborted and the
     row says failed, with the reason."""
     tenant = fleet.get_tenant(slug)
-    if tenant.state not in BACKUPABLE:
+    if tenant.state not in HAS_DATABASE:
         raise Conflict(f"tenant {slug!r} is {tenant.state}: nothing to back up")
     reap_dead(fleet, slug)  # whatever command comes next finishes off a crashed one
     if tenant.state == TenantState.cancelled:
@@ -613,7 +612,7 @@ def due_tenants(fleet: Fleet, now: datetime | None = None) -> list[str]:
         last = dict(s.execute(select(Backup.tenant_id, func.max(Backup.finished_at))
                               .where(Backup.status == "completed")
                               .group_by(Backup.tenant_id)).all())
-        tenants = list(s.scalars(select(Tenant).where(Tenant.state.in_(BACKUPABLE))
+        tenants = list(s.scalars(select(Tenant).where(Tenant.state.in_(HAS_DATABASE))
                                  .order_by(Tenant.slug)))
     return [t.slug for t in tenants if is_due(t.slug, last.get(t.id), now, schedule)]
 

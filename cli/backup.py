@@ -27,6 +27,7 @@ def run(
     """Dump, encrypt (to the tenant's own key) and upload to the region's store."""
     from backups import service as pipeline
     from orchestrator.domain.errors import InvalidInput
+    from orchestrator.domain.states import HAS_DATABASE
 
     if sum((bool(slug), all_, due)) != 1:
         raise InvalidInput("give one tenant, --all or --due")
@@ -37,7 +38,7 @@ def run(
             results = [pipeline.run_backup(fleet, slug)]
         else:
             slugs = pipeline.due_tenants(fleet) if due else \
-                [t.slug for t in fleet.tenants() if t.state in pipeline.BACKUPABLE]
+                [t.slug for t in fleet.tenants() if t.state in HAS_DATABASE]
             results = _run_with_progress(fleet, slugs, concurrency, as_json,
                                          "scheduled" if due else "manual")
     finally:
@@ -109,6 +110,7 @@ def verify(
     """Fetch, check the manifest and checksum, decrypt, and `pg_restore --list`."""
     from backups import service as pipeline
     from orchestrator.domain.errors import InvalidInput, TenantctlError
+    from orchestrator.domain.states import HAS_DATABASE
 
     if sum((backup_id is not None, latest is not None, all_)) != 1:
         raise InvalidInput("give a backup id, --latest TENANT or --all")
@@ -122,7 +124,7 @@ def verify(
         else:
             targets = []
             for t in fleet.tenants():
-                if t.state in pipeline.BACKUPABLE:
+                if t.state in HAS_DATABASE:
                     try:
                         targets.append(pipeline.latest_backup(fleet, t.slug).id)
                     except TenantctlError as exc:

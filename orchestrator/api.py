@@ -42,6 +42,7 @@ from orchestrator.adapters.postgres import revision_files
 from orchestrator.config import Config, load_config
 from orchestrator.domain.errors import CatalogIntegrityError, Conflict, InvalidInput, NotFound
 from orchestrator.domain.names import catalog_mismatch, validate_slug
+from orchestrator.domain.states import HAS_DATABASE
 
 TARGET_KEY = "target_revision"
 
@@ -292,8 +293,7 @@ class Fleet:
         The new password is stored (wrapped) before the role gets it, so a crash in
         between leaves a pending password that the next call applies."""
         tenant = self.get_tenant(slug)
-        if tenant.state not in (TenantState.active, TenantState.suspended,
-                                TenantState.cancelled):
+        if tenant.state not in HAS_DATABASE:
             raise Conflict(f"tenant {slug!r} is {tenant.state}: it has no usable credentials")
         cred = tenant.credential
         if cred is None:  # only an erasure removes it, with the key, before the database

@@ -271,8 +271,8 @@ class Metrics:
 
 def read_fleet_gauges(fleet: Fleet, now: datetime) -> FleetGauges:
     """A few aggregate queries on the catalog."""
-    from backups.service import BACKUPABLE
     from orchestrator.adapters.catalog.models import Backup, Tenant
+    from orchestrator.domain.states import HAS_DATABASE
     from orchestrator.services import retention
 
     st = retention.status(fleet, now, limit=1)
@@ -282,7 +282,7 @@ def read_fleet_gauges(fleet: Fleet, now: datetime) -> FleetGauges:
     with fleet.catalog.session() as s:
         rows = s.execute(select(Tenant.region, since)
                          .outerjoin(last, last.c.tenant_id == Tenant.id)
-                         .where(Tenant.state.in_(BACKUPABLE))
+                         .where(Tenant.state.in_(HAS_DATABASE))
                          .group_by(Tenant.region)).all()
     ages = {region: max(0.0, (now - at).total_seconds()) for region, at in rows if at}
     return FleetGauges(tenants=dict(st["states"]), oldest_backup_age=ages,

@@ -27,13 +27,13 @@ from orchestrator.adapters.catalog.db import actor
 from orchestrator.adapters.catalog.models import SupportGrant, TenantState
 from orchestrator.adapters.postgres import admin as pgserver
 from orchestrator.domain.errors import Conflict, InvalidInput, NotFound, TenantctlError, first_line
+from orchestrator.domain.states import HAS_DATABASE
 from orchestrator.services.provisioning import new_password
 
 if TYPE_CHECKING:
     from orchestrator.api import Fleet
 
 MAX_TTL = timedelta(days=7)
-GRANTABLE = (TenantState.active, TenantState.suspended, TenantState.cancelled)
 _TTL = re.compile(r"^(\d+)([smhd])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 
@@ -79,7 +79,7 @@ def grant(fleet: Fleet, slug: str, *, to: str, ttl: timedelta, reason: str,
     if not reason:
         raise InvalidInput("--reason is required (it is audited)")
     tenant = fleet.get_tenant(slug)
-    if tenant.state not in GRANTABLE:
+    if tenant.state not in HAS_DATABASE:
         raise Conflict(f"tenant {slug!r} is {tenant.state}: it has no database to grant")
     if not read_only and tenant.state != TenantState.active:
         # a hold (or a suspension) keeps the data as it was: nobody writes to it

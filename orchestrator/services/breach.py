@@ -10,14 +10,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from orchestrator.adapters.catalog.models import TenantState
 from orchestrator.adapters.postgres import admin as pgserver
 from orchestrator.domain.errors import TenantctlError, first_line
+from orchestrator.domain.states import HAS_DATABASE
 
 if TYPE_CHECKING:
     from orchestrator.api import Fleet
-
-ROTATABLE = (TenantState.active, TenantState.suspended, TenantState.cancelled)
 
 
 @dataclass
@@ -41,7 +39,7 @@ def rotate_all(fleet: Fleet, *, region: str | None = None, concurrency: int = 4,
     applies. With kill_sessions, sessions opened with the old password end."""
     if region is not None:
         fleet.cfg.region(region)  # unknown region: one-line error, nothing done
-    tenants = [t for t in fleet.tenants(region) if t.state in ROTATABLE]
+    tenants = [t for t in fleet.tenants(region) if t.state in HAS_DATABASE]
     results: list[RotationResult] = []
     lock = threading.Lock()
 

@@ -55,6 +55,7 @@ from orchestrator.domain.errors import (
 )
 from orchestrator.domain.names import TenantNames, catalog_mismatch, tenant_lock, tenant_names
 from orchestrator.domain.retention_plan import DELETE, PURGE, TenantFact, tenant_action
+from orchestrator.domain.states import HAS_DATABASE
 
 if TYPE_CHECKING:
     from orchestrator.api import Fleet
@@ -63,7 +64,6 @@ ERROR, WARNING, INFO = "error", "warning", "info"
 SEVERITY_ORDER = {ERROR: 0, WARNING: 1, INFO: 2}
 GRACE = timedelta(hours=1)  # a scheduler tick late is not yet a problem
 STUCK_BACKUP = timedelta(hours=6)
-LIVE = (TenantState.active, TenantState.suspended, TenantState.cancelled)
 # what a tenant's objects on a server look like; anything else is not ours to judge
 TENANT_DB = re.compile(r"^tenant_[a-z][a-z0-9_]*$")
 TENANT_ROLE = re.compile(r"^(tenant|owner)_[a-z][a-z0-9_]*$")
@@ -384,7 +384,7 @@ def check_role_bounds(f: Facts) -> Iterator[Finding]:
     tenantctl puts them back), and still logs in with the password tenantctl holds."""
     for t in f.tenants:
         c = _cluster(f, t.server)
-        if c is None or t.state not in LIVE or t.busy or _names(t.slug) is None:
+        if c is None or t.state not in HAS_DATABASE or t.busy or _names(t.slug) is None:
             continue
         if t.slug in f.dead_logins:
             yield _f(ERROR, "login-password-changed", t.slug,
@@ -433,7 +433,7 @@ def check_tenant_objects(f: Facts) -> Iterator[Finding]:
                          f"tenantctl tenant create {t.slug} --region {t.region}",
                          fix="provision", slug=t.slug, region=t.region)
             continue
-        if t.state not in LIVE:
+        if t.state not in HAS_DATABASE:
             continue
         db = c.databases.get(t.database)
         if db is None:
@@ -582,7 +582,7 @@ def check_large_objects(f: Facts) -> Iterator[Finding]:
     for t in f.tenants:
         c = _cluster(f, t.server)
         names = _names(t.slug)
-        if c is None or t.state not in LIVE or names is None:
+        if c is None or t.state not in HAS_DATABASE or names is None:
             continue
         owners = c.large_objects.get(names.database, {})
         login = c.roles.get(names.login_role)
@@ -717,7 +717,7 @@ def check_store(f: Facts) -> Iterator[Finding]:
         missing = [k for k in (b.object_key, b.manifest_key) if k not in home_store.keys]
         if missing:
             what = "object" if b.object_key in missing else "manifest"
-            live = tenant_state.get(b.tenant_id) in LIVE
+            live = tenant_state.get(b.tenant_id) in HAS_DATABASE
             yield _f(ERROR, "backup-missing-object", f"backup {b.id}",
                      f"of {b.slug}: its {what} is gone from the {b.region} store",
                      "tenantctl doctor --fix (marks it failed"
@@ -726,10 +726,8 @@ def check_store(f: Facts) -> Iterator[Finding]:
 
 
 def check_revisions(f: Facts) -> Iterator[Finding]:
-    from orchestrator.adapters.catalog.models import MIGRATABLE
-
     for t in f.tenants:
-        if t.state not in MIGRATABLE:
+        if t.state not in HAS_DATABASE:
             continue
         if t.migration_error:
             yield _f(ERROR, "migration-failed", t.slug,
@@ -775,7 +773,7 @@ def check_retention(f: Facts) -> Iterator[Finding]:
 def check_transitions(f: Facts) -> Iterator[Finding]:
     """Lifecycle transitions that a crash stopped half-way, with no process on them."""
     for t in f.tenants:
-        if t.busy or t.state not in LIVE:
+        if t.busy or t.state not in HAS_DATABASE:
             continue
         if t.key_destroyed:
             yield _f(ERROR, "erase-unfinished", t.slug,
@@ -942,10 +940,9 @@ def _settle_marks(fleet: Fleet, tenants: list[Tenant], clusters: dict[str, Clust
     """For tenants whose database's mark differs from the catalog row read before the
     servers: the catalog's revision now (a rollout may have moved both meanwhile),
     and the locks of those a migration holds right now (marked, not yet recorded)."""
-    from orchestrator.adapters.catalog.models import MIGRATABLE
     def differs(t: Tenant) -> bool:
         found = _mark(clusters.get(server_cluster.get(t.server, "")), t.database)
-        return t.state in MIGRATABLE and found is not None and found[0] \
+        return t.state in HAS_DATABASE and found is not None and found[0] \
             and found[1] != t.revision
 
     differ = [t for t in tenants if differs(t)]
@@ -1035,7 +1032,7 @@ def gather(fleet: Fleet, region: str | None = None, now: datetime | None = None)
               if region is None or r.name == region}
     # tenants a step may be working on right now: is a process holding their lock?
     provisioning = [t.slug for t in tenants if t.state == TenantState.provisioning
-                    or (t.state in LIVE and (t.step is not None or t.id in destroyed))]
+                    or (t.state in HAS_DATABASE and (t.step is not None or t.id in destroyed))]
     running = [b.id for b in backups if b.status == "running"]
     busy = _locked_elsewhere(fleet, [tenant_lock(x) for x in provisioning]
                              + [_alive(x) for x in running])

@@ -30,11 +30,12 @@ from psycopg import pq
 from psycopg.conninfo import make_conninfo
 from sqlalchemy import select, update
 
-from orchestrator.adapters.catalog.models import MIGRATABLE, Server, Tenant
+from orchestrator.adapters.catalog.models import Server, Tenant
 from orchestrator.adapters.postgres import admin as pgserver
 from orchestrator.adapters.postgres import revision_marks
 from orchestrator.domain.errors import TenantctlError, first_line
 from orchestrator.domain.names import TEMPLATE_DB
+from orchestrator.domain.states import HAS_DATABASE
 
 if TYPE_CHECKING:
     from orchestrator.api import Fleet
@@ -281,7 +282,7 @@ def fleet_status(fleet: Fleet, region: str | None = None, *, live: bool = False,
                  concurrency: int = 16, per_server: int = 8) -> StatusReport:
     if region is not None:
         fleet.cfg.region(region)
-    q = select(Tenant).where(Tenant.state.in_(MIGRATABLE)).order_by(Tenant.slug)
+    q = select(Tenant).where(Tenant.state.in_(HAS_DATABASE)).order_by(Tenant.slug)
     if region:
         q = q.where(Tenant.region == region)
     with fleet.catalog.session() as s:

@@ -28,11 +28,11 @@ from orchestrator.adapters.catalog.models import (
     TenantState,
 )
 from orchestrator.domain.errors import TenantctlError, first_line
+from orchestrator.domain.states import HAS_DATABASE
 
 if TYPE_CHECKING:
     from orchestrator.api import Fleet
 
-LIVE = (TenantState.active, TenantState.suspended, TenantState.cancelled)
 GRACE = timedelta(hours=1)
 # the audit action that must exist for a tenant in each state
 STATE_AUDIT = {
@@ -66,7 +66,7 @@ def _fail(offenders: dict[str, str]) -> list[str]:
 
 def check_isolation(fleet: Fleet, tenants: list[Tenant]) -> Promise:
     offenders: dict[str, str] = {}
-    live = [t for t in tenants if t.state in LIVE]
+    live = [t for t in tenants if t.state in HAS_DATABASE]
     by_server: dict[str, list[Tenant]] = {}
     for t in live:
         by_server.setdefault(t.server, []).append(t)
@@ -163,7 +163,7 @@ def check_region(fleet: Fleet, tenants: list[Tenant], backups: list[Backup],
     offenders: dict[str, str] = {}
     region_of = {t.slug: t.region for t in tenants}
     for t in tenants:
-        if t.state in LIVE and server_region.get(t.server) != t.region:
+        if t.state in HAS_DATABASE and server_region.get(t.server) != t.region:
             offenders[t.slug] = f"database on {t.server} outside {t.region}"
     stores = {name: rc.backup_store for name, rc in fleet.cfg.regions.items()}
     listed: dict[str, set[str]] = {}
@@ -184,8 +184,8 @@ def check_region(fleet: Fleet, tenants: list[Tenant], backups: list[Backup],
             offenders[b.slug] = f"backup {b.id} recorded outside its region's store"
     return Promise("region", "Every tenant's data and backups only in its chosen region",
                    not offenders,
-                   [f"{sum(t.state in LIVE for t in tenants)} databases on servers of their "
-                    "region", f"{sum(map(len, listed.values()))} objects listed in "
+                   [f"{sum(t.state in HAS_DATABASE for t in tenants)} databases on servers "
+                    "of their region", f"{sum(map(len, listed.values()))} objects listed in "
                     f"{len(stores)} region stores",
                     f"{sum(b.status == 'completed' for b in backups)} completed backups "
                     "recorded in their region's store"], _fail(offenders)), listed  # type: ignore[return-value]

@@ -37,7 +37,8 @@ from orchestrator.adapters.catalog.models import (
 )
 from orchestrator.adapters.faults import checkpoint
 from orchestrator.adapters.postgres import admin as pgserver
-from orchestrator.domain.errors import Conflict, InvalidInput, TenantctlError, first_line
+from orchestrator.domain import states
+from orchestrator.domain.errors import InvalidInput, TenantctlError, first_line
 from orchestrator.domain.names import tenant_names
 from orchestrator.domain.retention_plan import (
     AUDIT,
@@ -52,6 +53,7 @@ from orchestrator.domain.retention_plan import (
     plan,
     tenant_action,
 )
+from orchestrator.domain.states import Op
 from orchestrator.services.provisioning import holding_tenant
 
 if TYPE_CHECKING:
@@ -75,11 +77,11 @@ def due_tenant_facts(fleet: Fleet, now: datetime) -> list[TenantFact]:
     """Only tenants whose hold or purge date has passed (partial indexes)."""
     cols = (Tenant.slug, Tenant.state, Tenant.hold_until, Tenant.purge_after,
             Tenant.legal_hold, Tenant.legal_hold_reason)
+    rows: list[Any] = []
     with fleet.catalog.session() as s:
-        rows = list(s.execute(select(*cols).where(
-            Tenant.state == TenantState.cancelled, Tenant.hold_until <= now)))
-        rows += s.execute(select(*cols).where(
-            Tenant.state == TenantState.deleted, Tenant.purge_after <= now))
+        for t in states.TIMED.values():  # the graph's timed transitions, due by now
+            rows += s.execute(select(*cols).where(Tenant.state == t.source,
+                                                  getattr(Tenant, t.due) <= now))
     return [TenantFact(*r) for r in rows]
 
 
@@ -243,7 +245,7 @@ def delete_tenant(fleet: Fleet, slug: str, now: datetime) -> tuple[str, str]:
         purge_after = now + timedelta(days=fleet.cfg.lifecycle.purge_days)
         with fleet.catalog.session() as s, s.begin():
             s.execute(update(Tenant).where(Tenant.id == tenant.id).values(
-                state=TenantState.deleted, deleted_at=now, purge_after=purge_after,
+                state=states.target(Op.delete), deleted_at=now, purge_after=purge_after,
                 final_backup_id=backup_id))
             s.execute(delete(TenantCredential).where(TenantCredential.tenant_id == tenant.id))
             fleet.catalog.audit("tenant.delete", session=s, tenant=slug, region=tenant.region,
@@ -273,10 +275,6 @@ def _drop_database_and_roles(fleet: Fleet, tenant: Tenant, step: str) -> None:
     access.drop_tenant_grants(fleet, tenant.id)  # support access never outlives its tenant
 
 
-ERASABLE = (TenantState.active, TenantState.suspended, TenantState.cancelled,
-            TenantState.deleted)
-
-
 def erase_tenant(fleet: Fleet, slug: str, reason: str, now: datetime) -> dict[str, Any]:
     """Erasure on request: no hold. The key is destroyed first, so from that moment
     every backup copy anywhere is unreadable; then sessions, database and roles
@@ -287,14 +285,8 @@ def erase_tenant(fleet: Fleet, slug: str, reason: str, now: datetime) -> dict[st
         raise InvalidInput("--reason is required (it is audited)")
     with holding_tenant(fleet, slug):
         tenant = fleet.get_tenant(slug)
-        if tenant.state == TenantState.purged:
-            raise Conflict(f"tenant {slug!r} is already purged")
-        if tenant.state not in ERASABLE:
-            raise Conflict(f"tenant {slug!r} is {tenant.state}: finish or abandon its "
-                           "provisioning first")
-        if tenant.legal_hold:
-            raise Conflict(f"tenant {slug!r} is under legal hold "
-                           f"({tenant.legal_hold_reason}): erasure refused")
+        states.check(slug, Op.erase, tenant.state, legal_hold=tenant.legal_hold,
+                     legal_hold_reason=tenant.legal_hold_reason)
         with fleet.catalog.session() as s, s.begin():
             _destroy_key(s, tenant, now)
             fleet.catalog.audit("tenant.erase.key_destroyed", session=s, tenant=slug,
@@ -309,10 +301,10 @@ def erase_tenant(fleet: Fleet, slug: str, reason: str, now: datetime) -> dict[st
         removed = _delete_all_backups(fleet, tenant)
         with fleet.catalog.session() as s, s.begin():
             s.execute(update(Tenant).where(Tenant.id == tenant.id).values(
-                state=TenantState.purged, purged_at=now))
+                state=states.target(Op.erase), purged_at=now))
             fleet.catalog.audit("tenant.erase", session=s, tenant=slug, region=tenant.region,
                                 reason=reason, objects_deleted=removed)
-    return {"tenant": slug, "state": TenantState.purged.value, "objects_deleted": removed,
+    return {"tenant": slug, "state": states.target(Op.erase).value, "objects_deleted": removed,
             "reason": reason}
 
 
@@ -346,7 +338,7 @@ def purge_tenant(fleet: Fleet, slug: str, now: datetime) -> tuple[str, str]:
             _destroy_key(s, tenant, now)
             checkpoint("retention.key_destroyed")  # a kill here rolls the txn back
             s.execute(update(Tenant).where(Tenant.id == tenant.id).values(
-                state=TenantState.purged, purged_at=now))
+                state=states.target(Op.purge), purged_at=now))
             fleet.catalog.audit("tenant.purge", session=s, tenant=slug, region=tenant.region,
                                 objects_deleted=removed)
     return "done", f"{removed} backup objects deleted, key destroyed"

@@ -43,7 +43,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
 from orchestrator.adapters.catalog.db import actor, lock_key, lock_key_sql, with_dbname
-from orchestrator.adapters.catalog.models import MIGRATABLE, Rollout, RolloutTenant, Tenant
+from orchestrator.adapters.catalog.models import Rollout, RolloutTenant, Tenant
 from orchestrator.adapters.faults import checkpoint
 from orchestrator.adapters.postgres import alembic_runner as tenant_migrations
 from orchestrator.domain.errors import Conflict, InvalidInput, NotFound, first_line
@@ -56,6 +56,7 @@ from orchestrator.domain.rollout_plan import (
     parse_timeout,
     parse_waves,
 )
+from orchestrator.domain.states import HAS_DATABASE
 from orchestrator.services import spares, templates
 
 if TYPE_CHECKING:
@@ -224,7 +225,7 @@ class RolloutRun:
     def scope(self) -> list[PlanTenant]:
         """Tenants in scope, with their last known revision (pure data from here on)."""
         opts = self.opts
-        q = select(Tenant).where(Tenant.state.in_(MIGRATABLE))
+        q = select(Tenant).where(Tenant.state.in_(HAS_DATABASE))
         if opts.region:
             self.fleet.cfg.region(opts.region)
             q = q.where(Tenant.region == opts.region)
@@ -438,7 +439,7 @@ class RolloutRun:
         """Tenants in scope that the plan did not know (created just before the
         target moved) and that are not at the target: one more wave."""
         known = select(RolloutTenant.tenant_id).where(RolloutTenant.rollout_id == rollout_id)
-        q = select(Tenant).where(Tenant.state.in_(MIGRATABLE), Tenant.id.not_in(known))
+        q = select(Tenant).where(Tenant.state.in_(HAS_DATABASE), Tenant.id.not_in(known))
         if self.opts.region:
             q = q.where(Tenant.region == self.opts.region)
         with self.fleet.catalog.session() as s, s.begin():
@@ -558,7 +559,7 @@ class RolloutRun:
             return r
 
         if claim.database is None or claim.owner_role is None or \
-                claim.state not in MIGRATABLE:
+                claim.state not in HAS_DATABASE:
             return done("skipped", planned_from, planned_from, 0,
                         f"tenant is {claim.state or 'gone'}")
         # the claim carries no login role: only the names a migration uses are checked

@@ -29,7 +29,6 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from orchestrator.domain.states import (  # noqa: F401 - re-exported for the catalog's users
     CANCELLING,
-    MIGRATABLE,
     PLACED_STATES,
     UNSHOWN,
     TenantState,

@@ -1,0 +1,121 @@
+"""The domain's one definition of each lifecycle rule, checked without a database:
+the state graph, "has a database", the statuses, "overdue", the latest backup's
+age, the prune decisions and the rollout's stop rule."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from orchestrator.domain import states
+from orchestrator.domain.errors import Conflict
+from orchestrator.domain.states import (
+    HAS_DATABASE,
+    OPERATOR,
+    PLACED_STATES,
+    PRUNABLE,
+    TIMED,
+    Op,
+    TenantState,
+    due_transition,
+    refusal,
+)
+
+NOW = datetime(2026, 12, 1, 12, tzinfo=UTC)
+S = TenantState
+ALL = tuple(S)
+
+# -- the state graph ---------------------------------------------------------------------
+
+# what each operator transition allows, written out by hand (as the services did before)
+ALLOWED_FROM = {
+    Op.cancel: {S.active, S.suspended},
+    Op.reactivate: {S.cancelled},
+    Op.suspend: {S.active},
+    Op.resume: {S.suspended},
+    Op.legal_hold: {S.provisioning, S.active, S.suspended, S.cancelled, S.deleted},
+    Op.erase: {S.active, S.suspended, S.cancelled, S.deleted},
+}
+LEADS_TO = {Op.cancel: S.cancelled, Op.reactivate: S.active, Op.suspend: S.suspended,
+            Op.resume: S.active, Op.erase: S.purged, Op.delete: S.deleted,
+            Op.purge: S.purged}
+
+
+@pytest.mark.parametrize("op", list(ALLOWED_FROM))
+@pytest.mark.parametrize("state", ALL)
+def test_every_operator_transition_is_allowed_or_refused_as_before(op: Op, state: S) -> None:
+    why = refusal(op, state, now=NOW)
+    assert (why is None) == (state in ALLOWED_FROM[op]), why
+
+
+def test_the_graph_has_no_other_operator_transition() -> None:
+    assert set(OPERATOR) == set(ALLOWED_FROM)
+    assert set(TIMED) == {Op.delete, Op.purge}
+
+
+@pytest.mark.parametrize("op", list(LEADS_TO))
+def test_targets(op: Op) -> None:
+    assert states.target(op) == LEADS_TO[op]
+
+
+def test_legal_hold_leaves_the_state_as_it_is() -> None:
+    assert OPERATOR[Op.legal_hold].target is None
+    with pytest.raises(AssertionError):
+        states.target(Op.legal_hold)
+
+
+def test_refusals_say_what_the_services_said() -> None:
+    assert refusal(Op.cancel, "deleted") == "is deleted; cancel needs it active or suspended"
+    assert refusal(Op.suspend, "cancelled") == "is cancelled; suspend needs it active"
+    assert refusal(Op.resume, "active") == "is active; resume needs it suspended"
+    assert refusal(Op.reactivate, "active") == "is active; reactivate needs it cancelled"
+    assert refusal(Op.legal_hold, "purged") == "is purged: nothing is left to hold"
+    assert refusal(Op.erase, "purged") == "is already purged"
+    assert refusal(Op.erase, "provisioning") == \
+        "is provisioning: finish or abandon its provisioning first"
+    assert refusal(Op.erase, "active", legal_hold=True, legal_hold_reason="court") == \
+        "is under legal hold (court): erasure refused"
+    ended = refusal(Op.reactivate, "cancelled", now=NOW, hold_until=NOW)
+    assert ended == (f"its hold ended at {NOW.isoformat()}; it can no longer be "
+                     "reactivated (its database is due for deletion)")
+    assert refusal(Op.reactivate, "cancelled", now=NOW,
+                   hold_until=NOW + timedelta(microseconds=1)) is None
+
+
+def test_check_raises_conflict_naming_the_tenant() -> None:
+    with pytest.raises(Conflict, match=r"^tenant 'acme' is deleted; cancel needs it "):
+        states.check("acme", Op.cancel, "deleted")
+    states.check("acme", Op.erase, "deleted")  # finishing a deletion early is allowed
+
+
+def test_a_cancel_during_the_hold_is_a_retry() -> None:
+    assert states.cancel_retry("cancelled", NOW + timedelta(days=1), NOW)
+    assert not states.cancel_retry("cancelled", NOW, NOW)  # the hold has ended
+    assert not states.cancel_retry("cancelled", None, NOW)
+    assert not states.cancel_retry("active", NOW + timedelta(days=1), NOW)
+
+
+def test_timed_transitions_are_due_at_their_date_never_before() -> None:
+    second = timedelta(seconds=1)
+    assert due_transition("cancelled", NOW, None, NOW) == (Op.delete, NOW)
+    assert due_transition("cancelled", NOW + second, None, NOW) is None
+    assert due_transition("deleted", None, NOW - second, NOW) == (Op.purge, NOW - second)
+    assert due_transition("deleted", None, NOW + second, NOW) is None
+    for state in ("provisioning", "active", "suspended", "purged"):
+        assert due_transition(state, NOW - second, NOW - second, NOW) is None
+    # a cancelled tenant's purge date is not its due date, nor a deleted one's hold
+    assert due_transition("cancelled", None, NOW - second, NOW) is None
+    assert due_transition("deleted", NOW - second, None, NOW) is None
+
+
+# -- "has a database" and the other sets ----------------------------------------------------
+
+
+def test_has_database() -> None:
+    assert set(HAS_DATABASE) == {S.active, S.suspended, S.cancelled}
+    # a tenant with a database has a place on a server; a hold keeps every backup
+    assert set(HAS_DATABASE) < set(PLACED_STATES)
+    assert set(PRUNABLE) == set(HAS_DATABASE) - {S.cancelled}
+    # the graph agrees: what erase, delete and purge take away is exactly a database
+    assert set(HAS_DATABASE) == {s for s in ALL if refusal(Op.erase, s) is None} - {S.deleted}
