@@ -41,6 +41,7 @@ from orchestrator.devfleet.localfleet import pg_tool
 from orchestrator.domain.errors import Conflict, NotFound, TenantctlError, first_line
 from orchestrator.domain.names import tenant_lock, tenant_names
 from orchestrator.domain.states import HAS_DATABASE, PRUNABLE
+from orchestrator.domain.statuses import BACKUP_SKIPPED, BackupStatus
 
 if TYPE_CHECKING:
     from orchestrator.api import Fleet
@@ -159,7 +160,7 @@ def run_backup(fleet: Fleet, slug: str, *, kind: str = "manual") -> BackupResult
         recipient, key_id = key.recipient, key.key_id
         row = Backup(tenant_id=tenant.id, slug=slug, region=tenant.region,
                      store_url=store.url, object_key="", manifest_key="", kind=kind,
-                     status="running", key_id=key_id, revision=tenant.revision,
+                     status=BackupStatus.running, key_id=key_id, revision=tenant.revision,
                      pg_dump_version=dump_version)
         s.add(row)
         s.flush()
@@ -236,17 +237,17 @@ def _run_locked(fleet: Fleet, tenant: Any, backup_id: int, dsn: str, pg_dump: st
         error = first_line(exc)
         if is_lock_timeout(error):
             error += lock_holders_text(fleet, tenant.server, tenant.database)
-        _finish(fleet, backup_id, status="failed", error=error)
+        _finish(fleet, backup_id, status=BackupStatus.failed, error=error)
         fleet.catalog.audit("backup.run", tenant=slug, region=tenant.region,
                             outcome="failed", backup=backup_id, error=error)
         if isinstance(exc, TenantctlError) and not is_lock_timeout(error):
             raise
         raise BackupError(f"backup of {slug!r} failed: {error}") from None
-    _finish(fleet, backup_id, status="completed", size=size, sha256=sha,
+    _finish(fleet, backup_id, status=BackupStatus.completed, size=size, sha256=sha,
             server_version=server_version, finished_at=finished)
     fleet.catalog.audit("backup.run", tenant=slug, region=tenant.region, backup=backup_id,
                         size=size, kind=kind)
-    return BackupResult(backup_id, slug, "completed", size, sha)
+    return BackupResult(backup_id, slug, BackupStatus.completed, size, sha)
 
 
 _LOCK_TIMEOUTS = ("canceling statement due to lock timeout", "could not obtain lock")
@@ -352,7 +353,7 @@ def latest_backup(fleet: Fleet, slug: str) -> Backup:
     tenant = fleet.get_tenant(slug)
     with fleet.catalog.session() as s:
         row = s.scalars(select(Backup).where(Backup.tenant_id == tenant.id,
-                                             Backup.status == "completed")
+                                             Backup.status == BackupStatus.completed)
                         .order_by(Backup.id.desc()).limit(1)).one_or_none()
     if row is None:
         raise NotFound(f"tenant {slug!r} has no completed backup")
@@ -363,7 +364,7 @@ def check_restorable(fleet: Fleet, row: Backup) -> tuple[ObjectStore, dict[str, 
     """A backup is offered for restore only if the catalog says completed, the
     manifest exists and agrees with the catalog, and it sits in the store of the
     tenant's region."""
-    if row.status != "completed":
+    if row.status != BackupStatus.completed:
         raise BackupError(f"backup {row.id} is {row.status}, not restorable")
     store = _store_for(fleet, row.region)
     if store.url != row.store_url:
@@ -489,7 +490,7 @@ def run_many(fleet: Fleet, slugs: list[str], concurrency: int,
                 # nothing can be recorded without the catalog: the run ends, one error
                 catalog_gone.set()
                 raise
-            r = BackupResult(0, slug, "failed", None, None,
+            r = BackupResult(0, slug, BackupStatus.failed, None, None,
                              str(exc) if isinstance(exc, TenantctlError) else first_line(exc))
         with lock:
             results.append(r)
@@ -512,7 +513,7 @@ def _catalog_answers(fleet: Fleet) -> bool:
 def reap_dead(fleet: Fleet, slug: str | None = None) -> int:
     """Backups left 'running' by a process that died: abort their partial upload
     (no orphan multipart upload, no partial file), mark them failed."""
-    q = select(Backup).where(Backup.status == "running")
+    q = select(Backup).where(Backup.status == BackupStatus.running)
     if slug is not None:
         q = q.where(Backup.slug == slug)
     with fleet.catalog.session() as s:
@@ -528,7 +529,8 @@ def reap_dead(fleet: Fleet, slug: str | None = None) -> int:
                 store.delete(row.object_key)
             if row.manifest_key:
                 store.delete(row.manifest_key)
-            _finish(fleet, row.id, status="failed", error="interrupted: the process died")
+            _finish(fleet, row.id, status=BackupStatus.failed,
+                    error="interrupted: the process died")
             reaped += 1
     return reaped
 
@@ -594,13 +596,13 @@ def run_due_backup(fleet: Fleet, slug: str, now: datetime | None = None) -> Back
     schedule = Schedule(timedelta(hours=fleet.cfg.backup_interval_hours))
     with fleet.catalog.advisory_lock(f"backup-due:{slug}") as got:
         if not got:
-            return BackupResult(0, slug, "skipped", None, None,
+            return BackupResult(0, slug, BACKUP_SKIPPED, None, None,
                                 "another process is backing it up")
         with fleet.catalog.session() as s:
             last = s.scalar(select(func.max(Backup.finished_at)).where(
-                Backup.slug == slug, Backup.status == "completed"))
+                Backup.slug == slug, Backup.status == BackupStatus.completed))
         if not is_due(slug, last, now, schedule):
-            return BackupResult(0, slug, "skipped", None, None, "no longer due")
+            return BackupResult(0, slug, BACKUP_SKIPPED, None, None, "no longer due")
         return run_backup(fleet, slug, kind="scheduled")
 
 
@@ -610,7 +612,7 @@ def due_tenants(fleet: Fleet, now: datetime | None = None) -> list[str]:
     schedule = Schedule(timedelta(hours=fleet.cfg.backup_interval_hours))
     with fleet.catalog.session() as s:
         last = dict(s.execute(select(Backup.tenant_id, func.max(Backup.finished_at))
-                              .where(Backup.status == "completed")
+                              .where(Backup.status == BackupStatus.completed)
                               .group_by(Backup.tenant_id)).all())
         tenants = list(s.scalars(select(Tenant).where(Tenant.state.in_(HAS_DATABASE))
                                  .order_by(Tenant.slug)))
@@ -627,14 +629,14 @@ def prune_facts(fleet: Fleet, now: datetime, policy: Any) -> list[Any]:
     with fleet.catalog.session() as s:
         old = (select(Backup.id, Backup.slug, Backup.finished_at, Backup.tenant_id)
                .join(Tenant, Tenant.id == Backup.tenant_id)
-               .where(Backup.status == "completed", Backup.finished_at < cutoff,
+               .where(Backup.status == BackupStatus.completed, Backup.finished_at < cutoff,
                       Tenant.state.in_(PRUNABLE), Tenant.legal_hold.is_(False))
                .subquery())
         rows = list(s.execute(select(old.c.id, old.c.slug, old.c.finished_at)))
         ranked = (select(Backup.id, Backup.slug, Backup.finished_at,
                          func.row_number().over(partition_by=Backup.tenant_id,
                                                 order_by=Backup.finished_at.desc()).label("n"))
-                  .where(Backup.status == "completed",
+                  .where(Backup.status == BackupStatus.completed,
                          Backup.tenant_id.in_(select(old.c.tenant_id)))
                   .subquery())
         rows += s.execute(select(ranked.c.id, ranked.c.slug, ranked.c.finished_at)
@@ -678,12 +680,12 @@ def delete_backup(fleet: Fleet, backup_id: int, *, reason: str) -> None:
     """Remove one backup from its store (manifest first: without it the object is
     no longer offered for restore), then mark it deleted. Idempotent."""
     b = get_backup(fleet, backup_id)
-    if b.status == "deleted":
+    if b.status == BackupStatus.deleted:
         return
     store = open_store(b.store_url)
     store.delete(b.manifest_key)
     store.delete(b.object_key)
-    _finish(fleet, b.id, status="deleted", finished_at=b.finished_at)
+    _finish(fleet, b.id, status=BackupStatus.deleted, finished_at=b.finished_at)
     fleet.catalog.audit("backup.prune", tenant=b.slug, region=b.region, backup=b.id,
                         reason=reason)
 

@@ -28,6 +28,7 @@ def run(
     from backups import service as pipeline
     from orchestrator.domain.errors import InvalidInput
     from orchestrator.domain.states import HAS_DATABASE
+    from orchestrator.domain.statuses import BACKUP_SKIPPED, BackupStatus
 
     if sum((bool(slug), all_, due)) != 1:
         raise InvalidInput("give one tenant, --all or --due")
@@ -47,9 +48,9 @@ def run(
         print_json([r.__dict__ for r in results])
     else:
         for r in results:
-            detail = f"{r.size} bytes" if r.status == "completed" else r.error
+            detail = f"{r.size} bytes" if r.status == BackupStatus.completed else r.error
             say(f"{r.status:9} {r.tenant} backup {r.id or '-'}: {detail}")
-    if any(r.status not in ("completed", "skipped") for r in results):
+    if any(r.status not in (BackupStatus.completed, BACKUP_SKIPPED) for r in results):
         raise typer.Exit(1)
 
 

@@ -4,12 +4,23 @@ age, the prune decisions and the rollout's stop rule."""
 
 from __future__ import annotations
 
+import enum
+import json
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
+from sqlalchemy import CheckConstraint
 
 from orchestrator.domain import states
 from orchestrator.domain.errors import Conflict
+from orchestrator.domain.rollout_plan import (
+    CANARY_WAVE,
+    INTERRUPTED,
+    final_status,
+    stop_reason,
+    wave_budget,
+)
 from orchestrator.domain.states import (
     HAS_DATABASE,
     OPERATOR,
@@ -21,6 +32,7 @@ from orchestrator.domain.states import (
     due_transition,
     refusal,
 )
+from orchestrator.domain.statuses import BackupStatus, RolloutStatus, TenantMigration
 
 NOW = datetime(2026, 12, 1, 12, tzinfo=UTC)
 S = TenantState
@@ -119,3 +131,59 @@ def test_has_database() -> None:
     assert set(PRUNABLE) == set(HAS_DATABASE) - {S.cancelled}
     # the graph agrees: what erase, delete and purge take away is exactly a database
     assert set(HAS_DATABASE) == {s for s in ALL if refusal(Op.erase, s) is None} - {S.deleted}
+
+
+# -- statuses ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("table", "column", "words"), [
+    ("tenants", "state", TenantState),
+    ("backups", "status", BackupStatus),
+    ("rollouts", "status", RolloutStatus),
+    ("rollout_tenants", "status", TenantMigration),
+])
+def test_the_catalog_accepts_exactly_the_enums_words(table: str, column: str,
+                                                     words: type[enum.StrEnum]) -> None:
+    """The models' CHECK constraints are built from the enums; the migrations wrote
+    them once, by hand: both must say the same."""
+    from orchestrator.adapters.catalog.models import Base
+
+    (check,) = [c for c in Base.metadata.tables[table].constraints
+                if isinstance(c, CheckConstraint) and column in str(c.sqltext)]
+    expected = f"{column} IN ({','.join(repr(w.value) for w in words)})"
+    assert str(check.sqltext) == expected
+    migrations = Path(__file__).resolve().parent.parent / "migrations" / "catalog" / "versions"
+    assert any(expected in p.read_text() for p in migrations.glob("*.py")), expected
+
+
+def test_statuses_print_and_serialise_as_their_words() -> None:
+    assert json.dumps({"status": BackupStatus.completed}) == '{"status": "completed"}'
+    assert f"{RolloutStatus.stopped:9}|" == "stopped  |"
+    assert TenantMigration.failed == "failed" and {"failed": 1}[TenantMigration.failed] == 1
+
+
+# -- the rollout's stop rule -----------------------------------------------------------------
+
+
+def test_stop_rule() -> None:
+    assert wave_budget(CANARY_WAVE, 5) == 0 and wave_budget(1, 5) == 5
+    assert stop_reason(CANARY_WAVE, 1, 1, 10) == "canary failed"
+    assert stop_reason(CANARY_WAVE, 0, 0, 0) is None
+    # a later wave: failures within the budget go on, one more stops
+    assert stop_reason(2, 3, 3, 3) is None
+    assert stop_reason(2, 4, 1, 3) == "failure budget exceeded (4 failed, 3 allowed)"
+    assert stop_reason(2, 0, 0, 3, interrupted=True) == INTERRUPTED
+    # a spent budget is the reason even when interrupted as well
+    assert stop_reason(2, 4, 0, 3, interrupted=True).startswith("failure budget")  # type: ignore[union-attr]
+
+
+def test_final_status() -> None:
+    P, R, OK, F = (TenantMigration.pending, TenantMigration.running, TenantMigration.ok,
+                   TenantMigration.failed)
+    assert final_status(INTERRUPTED, {OK: 1}) == RolloutStatus.interrupted
+    assert final_status("canary failed", {F: 1}) == RolloutStatus.stopped
+    assert final_status(None, {OK: 2, P: 1}) == RolloutStatus.running
+    assert final_status(None, {OK: 2, R: 1}) == RolloutStatus.running
+    assert final_status(None, {OK: 2, F: 1}) == RolloutStatus.failed
+    assert final_status(None, {"ok": 2, "skipped": 1}) == RolloutStatus.completed
+    assert final_status(None, {}) == RolloutStatus.completed

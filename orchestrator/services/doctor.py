@@ -56,6 +56,7 @@ from orchestrator.domain.errors import (
 from orchestrator.domain.names import TenantNames, catalog_mismatch, tenant_lock, tenant_names
 from orchestrator.domain.retention_plan import DELETE, PURGE, TenantFact, tenant_action
 from orchestrator.domain.states import HAS_DATABASE
+from orchestrator.domain.statuses import BackupStatus
 
 if TYPE_CHECKING:
     from orchestrator.api import Fleet
@@ -641,7 +642,7 @@ def check_grants(f: Facts) -> Iterator[Finding]:
 def check_backups(f: Facts) -> Iterator[Finding]:
     latest: dict[int, BackupRow] = {}
     for b in f.backups:
-        if b.status == "completed" and b.finished_at is not None and (
+        if b.status == BackupStatus.completed and b.finished_at is not None and (
                 b.tenant_id not in latest
                 or b.finished_at > latest[b.tenant_id].finished_at):  # type: ignore[operator]
             latest[b.tenant_id] = b
@@ -656,12 +657,12 @@ def check_backups(f: Facts) -> Iterator[Finding]:
                      f"tenantctl backup run {t.slug} (tenantctl doctor --fix)",
                      fix="backup", slug=t.slug)
     for b in f.backups:
-        if b.status == "running" and not b.alive:
+        if b.status == BackupStatus.running and not b.alive:
             yield _f(WARNING, "backup-interrupted", f"backup {b.id}",
                      f"of {b.slug}: left running by a process that died",
                      "tenantctl doctor --fix (aborts the partial upload, marks it failed)",
                      fix="reap_backups")
-        elif b.status == "running" and f.now - b.started_at > STUCK_BACKUP:
+        elif b.status == BackupStatus.running and f.now - b.started_at > STUCK_BACKUP:
             yield _f(WARNING, "backup-slow", f"backup {b.id}",
                      f"of {b.slug}: running since {b.started_at.isoformat(timespec='minutes')}",
                      "check the process that runs it")
@@ -674,7 +675,7 @@ def check_store(f: Facts) -> Iterator[Finding]:
     tenant_state = {t.id: t.state for t in f.tenants}
     known: dict[str, set[str]] = defaultdict(set)
     for b in f.backups:
-        if b.status in ("completed", "running"):
+        if b.status in (BackupStatus.completed, BackupStatus.running):
             known[b.region].update((b.object_key, b.manifest_key))
     for region, st in sorted(f.stores.items()):
         if st.keys is None:
@@ -700,7 +701,7 @@ def check_store(f: Facts) -> Iterator[Finding]:
                          "an object no completed backup in the catalog knows",
                          "tenantctl doctor --fix (deletes it, after asking)",
                          fix="delete_object", destructive=True, region=region, key=key)
-    writing = {b.object_key for b in f.backups if b.status == "running" and b.alive}
+    writing = {b.object_key for b in f.backups if b.status == BackupStatus.running and b.alive}
     for region, st in sorted(f.stores.items()):
         for name, key, since in st.unfinished:
             if key not in writing and f.now - since > STUCK_BACKUP:
@@ -712,7 +713,7 @@ def check_store(f: Facts) -> Iterator[Finding]:
                          region=region, name=name)
     for b in f.backups:
         home_store = f.stores.get(b.region)
-        if b.status != "completed" or home_store is None or home_store.keys is None:
+        if b.status != BackupStatus.completed or home_store is None or home_store.keys is None:
             continue
         missing = [k for k in (b.object_key, b.manifest_key) if k not in home_store.keys]
         if missing:
@@ -999,7 +1000,7 @@ def gather(fleet: Fleet, region: str | None = None, now: datetime | None = None)
     now = now or clock.utcnow()
     with fleet.catalog.session() as s:
         tq = select(Tenant).options(selectinload(Tenant.credential))
-        bq = select(Backup).where(Backup.status.in_(("completed", "running")))
+        bq = select(Backup).where(Backup.status.in_((BackupStatus.completed, BackupStatus.running)))
         sq = select(Server)
         if region is not None:
             tq, bq, sq = (tq.where(Tenant.region == region), bq.where(Backup.region == region),
@@ -1033,7 +1034,7 @@ def gather(fleet: Fleet, region: str | None = None, now: datetime | None = None)
     # tenants a step may be working on right now: is a process holding their lock?
     provisioning = [t.slug for t in tenants if t.state == TenantState.provisioning
                     or (t.state in HAS_DATABASE and (t.step is not None or t.id in destroyed))]
-    running = [b.id for b in backups if b.status == "running"]
+    running = [b.id for b in backups if b.status == BackupStatus.running]
     busy = _locked_elsewhere(fleet, [tenant_lock(x) for x in provisioning]
                              + [_alive(x) for x in running])
     jobs: list[Callable[[], None]] = []
@@ -1159,8 +1160,8 @@ def _fix_reap(fleet: Fleet, x: Finding) -> str:
 def _fix_forget_backup(fleet: Fleet, x: Finding) -> str:
     with fleet.catalog.session() as s, s.begin():
         s.execute(update(Backup).where(Backup.id == x.arg("backup_id"), Backup.status ==
-                                       "completed").values(
-            status="failed", error="object or manifest gone from the store (doctor)"))
+                                       BackupStatus.completed).values(
+            status=BackupStatus.failed, error="object or manifest gone from the store (doctor)"))
     if not x.arg("live"):
         return "marked failed"
     return "marked failed; " + _fix_backup(fleet, x)

@@ -28,6 +28,7 @@ from orchestrator.domain import states
 from orchestrator.domain.errors import InvalidInput, TenantctlError, first_line
 from orchestrator.domain.names import tenant_names
 from orchestrator.domain.states import Op
+from orchestrator.domain.statuses import BackupStatus
 from orchestrator.services import access
 from orchestrator.services.provisioning import holding_tenant
 
@@ -149,7 +150,8 @@ def _backed_up_since(fleet: Fleet, tenant: Tenant, since: datetime | None) -> bo
     reap_dead(fleet, tenant.slug)
     with fleet.catalog.session() as s:
         return s.scalar(select(Backup.id).where(
-            Backup.tenant_id == tenant.id, Backup.status.in_(("completed", "running")),
+            Backup.tenant_id == tenant.id,
+            Backup.status.in_((BackupStatus.completed, BackupStatus.running)),
             Backup.started_at >= since).limit(1)) is not None
 
 

@@ -29,6 +29,7 @@ from orchestrator.adapters.catalog.models import (
 )
 from orchestrator.domain.errors import TenantctlError, first_line
 from orchestrator.domain.states import HAS_DATABASE
+from orchestrator.domain.statuses import BackupStatus
 
 if TYPE_CHECKING:
     from orchestrator.api import Fleet
@@ -179,7 +180,7 @@ def check_region(fleet: Fleet, tenants: list[Tenant], backups: list[Backup],
             if home is not None and home != region:
                 offenders[slug] = f"backup object {key} in the {region} store, not {home}"
     for b in backups:
-        if b.status == "completed" and (b.region != region_of.get(b.slug)
+        if b.status == BackupStatus.completed and (b.region != region_of.get(b.slug)
                                         or b.store_url != stores.get(b.region)):
             offenders[b.slug] = f"backup {b.id} recorded outside its region's store"
     return Promise("region", "Every tenant's data and backups only in its chosen region",
@@ -187,7 +188,7 @@ def check_region(fleet: Fleet, tenants: list[Tenant], backups: list[Backup],
                    [f"{sum(t.state in HAS_DATABASE for t in tenants)} databases on servers "
                     "of their region", f"{sum(map(len, listed.values()))} objects listed in "
                     f"{len(stores)} region stores",
-                    f"{sum(b.status == 'completed' for b in backups)} completed backups "
+                    f"{sum(b.status == BackupStatus.completed for b in backups)} completed backups "
                     "recorded in their region's store"], _fail(offenders)), listed  # type: ignore[return-value]
 
 
@@ -199,7 +200,7 @@ def check_backups(fleet: Fleet, tenants: list[Tenant], backups: list[Backup],
     interval = timedelta(hours=fleet.cfg.backup_interval_hours)
     latest: dict[int, Backup] = {}
     for b in backups:
-        if b.status == "completed" and b.finished_at is not None and (
+        if b.status == BackupStatus.completed and b.finished_at is not None and (
                 b.tenant_id not in latest or b.finished_at > latest[b.tenant_id].finished_at):  # type: ignore[operator]
             latest[b.tenant_id] = b
     offenders: dict[str, str] = {}
@@ -301,7 +302,8 @@ def build(fleet: Fleet, now: datetime | None = None) -> dict[str, Any]:
     now = now or clock.utcnow()
     with fleet.catalog.session() as s:
         tenants = list(s.scalars(select(Tenant).order_by(Tenant.slug)))
-        backups = list(s.scalars(select(Backup).where(Backup.status == "completed")))
+        backups = list(s.scalars(select(Backup).where(
+            Backup.status == BackupStatus.completed)))
         grants = list(s.scalars(select(SupportGrant)))
         server_region = dict(s.execute(select(Server.name, Server.region)).all())
     region, listed = check_region(fleet, tenants, backups, server_region)

@@ -54,6 +54,7 @@ from orchestrator.domain.retention_plan import (
     tenant_action,
 )
 from orchestrator.domain.states import Op
+from orchestrator.domain.statuses import BackupStatus
 from orchestrator.services.provisioning import holding_tenant
 
 if TYPE_CHECKING:
@@ -314,7 +315,7 @@ def _verified_final_backup(fleet: Fleet, tenant: Tenant) -> int:
     reuses it."""
     if tenant.final_backup_id is not None:
         row = pipeline.get_backup(fleet, tenant.final_backup_id)
-        if row.status == "completed" and row.verified_at is not None:
+        if row.status == BackupStatus.completed and row.verified_at is not None:
             return row.id
     backup_id = pipeline.run_backup(fleet, tenant.slug, kind="final").id
     with fleet.catalog.session() as s, s.begin():
@@ -363,8 +364,8 @@ def _delete_all_backups(fleet: Fleet, tenant: Tenant) -> int:
             removed += 1
     with fleet.catalog.session() as s, s.begin():
         s.execute(update(Backup).where(Backup.tenant_id == tenant.id,
-                                       Backup.status != "deleted")
-                  .values(status="deleted"))
+                                       Backup.status != BackupStatus.deleted)
+                  .values(status=BackupStatus.deleted))
     return removed
 
 
