@@ -33,6 +33,15 @@ from orchestrator.domain.states import (
     refusal,
 )
 from orchestrator.domain.statuses import BackupStatus, RolloutStatus, TenantMigration
+from orchestrator.domain.timeliness import (
+    GRACE,
+    backup_overdue,
+    backup_since,
+    is_overdue,
+    latest_backup_age,
+    latest_completed,
+    overdue_transition,
+)
 
 NOW = datetime(2026, 12, 1, 12, tzinfo=UTC)
 S = TenantState
@@ -187,3 +196,54 @@ def test_final_status() -> None:
     assert final_status(None, {OK: 2, F: 1}) == RolloutStatus.failed
     assert final_status(None, {"ok": 2, "skipped": 1}) == RolloutStatus.completed
     assert final_status(None, {}) == RolloutStatus.completed
+
+
+# -- overdue and the latest backup's age -------------------------------------------------------
+
+
+def test_overdue_means_more_than_the_grace_after_the_date() -> None:
+    hour = timedelta(hours=1)
+    assert not is_overdue(NOW - hour, NOW)  # exactly an hour late: not yet
+    assert is_overdue(NOW - hour - timedelta(microseconds=1), NOW)
+    assert not is_overdue(NOW + timedelta(days=1), NOW)
+
+
+def test_overdue_transitions_and_the_legal_hold_exemption() -> None:
+    late, fresh = NOW - timedelta(hours=2), NOW - timedelta(minutes=10)
+    assert overdue_transition("cancelled", late, None, False, NOW) == (Op.delete, late)
+    assert overdue_transition("deleted", None, late, False, NOW) == (Op.purge, late)
+    assert overdue_transition("cancelled", fresh, None, False, NOW) is None  # grace
+    assert overdue_transition("cancelled", late, None, True, NOW) is None  # legal hold
+    assert overdue_transition("active", late, late, False, NOW) is None
+    assert overdue_transition("purged", late, late, False, NOW) is None
+
+
+class _B:
+    def __init__(self, id: int, tenant_id: int, status: str, finished_at: datetime | None):
+        self.id, self.tenant_id, self.status, self.finished_at = id, tenant_id, status, \
+            finished_at
+
+
+def test_latest_completed_backup_per_tenant() -> None:
+    h = timedelta(hours=1)
+    backups = [_B(1, 7, "completed", NOW - 5 * h), _B(2, 7, "completed", NOW - 2 * h),
+               _B(3, 7, "failed", NOW - h), _B(4, 7, "running", None),
+               _B(5, 8, "deleted", NOW - h), _B(6, 9, "completed", NOW - 9 * h),
+               _B(7, 7, "completed", NOW - 3 * h)]  # finished earlier, listed later
+    latest = latest_completed(backups)
+    assert {t: b.id for t, b in latest.items()} == {7: 2, 9: 6}
+
+
+def test_latest_backup_age_counts_from_activation_when_never_backed_up() -> None:
+    created, activated, backed_up = (NOW - timedelta(days=3), NOW - timedelta(days=2),
+                                     NOW - timedelta(hours=5))
+    assert latest_backup_age(backed_up, activated, created, NOW) == timedelta(hours=5)
+    assert latest_backup_age(None, activated, created, NOW) == timedelta(days=2)
+    assert latest_backup_age(None, None, created, NOW) == timedelta(days=3)
+    assert backup_since(None, activated, created) == activated
+
+
+def test_a_backup_is_overdue_an_interval_and_the_grace_after_the_latest() -> None:
+    day = timedelta(days=1)
+    assert not backup_overdue(NOW - day - GRACE, day, NOW)
+    assert backup_overdue(NOW - day - GRACE - timedelta(seconds=1), day, NOW)

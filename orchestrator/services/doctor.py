@@ -54,16 +54,22 @@ from orchestrator.domain.errors import (
     first_line,
 )
 from orchestrator.domain.names import TenantNames, catalog_mismatch, tenant_lock, tenant_names
-from orchestrator.domain.retention_plan import DELETE, PURGE, TenantFact, tenant_action
+from orchestrator.domain.retention_plan import DELETE, PURGE
 from orchestrator.domain.states import HAS_DATABASE
 from orchestrator.domain.statuses import BackupStatus
+from orchestrator.domain.timeliness import (
+    backup_overdue,
+    backup_since,
+    is_overdue,
+    latest_completed,
+    overdue_transition,
+)
 
 if TYPE_CHECKING:
     from orchestrator.api import Fleet
 
 ERROR, WARNING, INFO = "error", "warning", "info"
 SEVERITY_ORDER = {ERROR: 0, WARNING: 1, INFO: 2}
-GRACE = timedelta(hours=1)  # a scheduler tick late is not yet a problem
 STUCK_BACKUP = timedelta(hours=6)
 # what a tenant's objects on a server look like; anything else is not ours to judge
 TENANT_DB = re.compile(r"^tenant_[a-z][a-z0-9_]*$")
@@ -640,18 +646,13 @@ def check_grants(f: Facts) -> Iterator[Finding]:
 
 
 def check_backups(f: Facts) -> Iterator[Finding]:
-    latest: dict[int, BackupRow] = {}
-    for b in f.backups:
-        if b.status == BackupStatus.completed and b.finished_at is not None and (
-                b.tenant_id not in latest
-                or b.finished_at > latest[b.tenant_id].finished_at):  # type: ignore[operator]
-            latest[b.tenant_id] = b
+    latest = latest_completed(f.backups)
     for t in f.tenants:
         if t.state != TenantState.active:
             continue
         last = latest.get(t.id)
-        since = (last.finished_at if last else None) or t.activated_at or t.created_at
-        if f.now - since > f.backup_interval + GRACE:
+        since = backup_since(last.finished_at if last else None, t.activated_at, t.created_at)
+        if backup_overdue(since, f.backup_interval, f.now):
             yield _f(ERROR, "backup-overdue", t.slug,
                      f"no successful backup since {since.isoformat(timespec='minutes')}",
                      f"tenantctl backup run {t.slug} (tenantctl doctor --fix)",
@@ -753,18 +754,17 @@ def check_revisions(f: Facts) -> Iterator[Finding]:
 
 def check_retention(f: Facts) -> Iterator[Finding]:
     for t in f.tenants:
-        action = tenant_action(TenantFact(t.slug, t.state, t.hold_until, t.purge_after,
-                                          t.legal_hold, t.legal_hold_reason), f.now - GRACE)
-        if action is None or action.kind not in (DELETE, PURGE):
+        late = overdue_transition(t.state, t.hold_until, t.purge_after, t.legal_hold, f.now)
+        if late is None:
             continue
-        what = "deletion" if action.kind == DELETE else "purge"
+        kind, due_at = str(late[0]), late[1]
+        what = "deletion" if kind == DELETE else "purge"
         yield _f(ERROR, f"{what}-overdue", t.slug,
-                 f"{what} was due {action.due_at.isoformat(timespec='minutes')}"
-                 if action.due_at else f"{what} overdue",
-                 f"tenantctl retention run --only {action.kind} (tenantctl doctor --fix, "
-                 "after asking)", fix=action.kind, destructive=True, slug=t.slug)
+                 f"{what} was due {due_at.isoformat(timespec='minutes')}",
+                 f"tenantctl retention run --only {kind} (tenantctl doctor --fix, "
+                 "after asking)", fix=kind, destructive=True, slug=t.slug)
     for role, (_db, expires) in sorted(f.grants.items()):
-        if expires < f.now - GRACE:
+        if is_overdue(expires, f.now):
             yield _f(WARNING, "grant-expired", role,
                      f"support access past its end ({expires.isoformat(timespec='minutes')})",
                      "tenantctl retention run --only access (tenantctl doctor --fix)",

@@ -28,13 +28,20 @@ from orchestrator.adapters.catalog.models import (
     TenantState,
 )
 from orchestrator.domain.errors import TenantctlError, first_line
-from orchestrator.domain.states import HAS_DATABASE
+from orchestrator.domain.states import HAS_DATABASE, Op
 from orchestrator.domain.statuses import BackupStatus
+from orchestrator.domain.timeliness import (
+    backup_overdue,
+    backup_since,
+    is_overdue,
+    latest_backup_age,
+    latest_completed,
+    overdue_transition,
+)
 
 if TYPE_CHECKING:
     from orchestrator.api import Fleet
 
-GRACE = timedelta(hours=1)
 # the audit action that must exist for a tenant in each state
 STATE_AUDIT = {
     TenantState.active: ("tenant.provision.start",),
@@ -198,26 +205,23 @@ def check_region(fleet: Fleet, tenants: list[Tenant], backups: list[Backup],
 def check_backups(fleet: Fleet, tenants: list[Tenant], backups: list[Backup],
                   listed: dict[str, set[str]], now: datetime) -> Promise:
     interval = timedelta(hours=fleet.cfg.backup_interval_hours)
-    latest: dict[int, Backup] = {}
-    for b in backups:
-        if b.status == BackupStatus.completed and b.finished_at is not None and (
-                b.tenant_id not in latest or b.finished_at > latest[b.tenant_id].finished_at):  # type: ignore[operator]
-            latest[b.tenant_id] = b
+    latest = latest_completed(backups)
     offenders: dict[str, str] = {}
     oldest: timedelta | None = None  # over the tenants that have a completed backup
     active = [t for t in tenants if t.state == TenantState.active]
     never = sum(t.id not in latest for t in active)
     for t in active:
         found = latest.get(t.id)
-        since = (found.finished_at if found else None) or t.activated_at or t.created_at
-        age = now - since
+        last = found.finished_at if found else None
+        since = backup_since(last, t.activated_at, t.created_at)
+        age = latest_backup_age(last, t.activated_at, t.created_at, now)
         if found is None:
-            if age > interval + GRACE:
+            if backup_overdue(since, interval, now):
                 offenders[t.slug] = f"no backup since it became active {_ago(age)}"
             continue
         b = found
         oldest = age if oldest is None or age > oldest else oldest
-        if age > interval + GRACE:
+        if backup_overdue(since, interval, now):
             offenders[t.slug] = f"latest backup {b.id} is {_ago(age)} old"
         keys = listed.get(t.region, set())
         if b.object_key not in keys or b.manifest_key not in keys:
@@ -246,17 +250,15 @@ def _ago(delta: timedelta) -> str:
 
 def check_timeliness(tenants: list[Tenant], grants: list[SupportGrant], now: datetime
                      ) -> Promise:
-    late = now - GRACE
     offenders: dict[str, str] = {}
     for t in tenants:
-        if t.legal_hold:
-            continue
-        if t.state == TenantState.cancelled and t.hold_until and t.hold_until < late:
-            offenders[t.slug] = f"hold ended {t.hold_until.isoformat()}, not deleted"
-        if t.state == TenantState.deleted and t.purge_after and t.purge_after < late:
-            offenders[t.slug] = f"purge due {t.purge_after.isoformat()}, not purged"
+        late = overdue_transition(t.state, t.hold_until, t.purge_after, t.legal_hold, now)
+        if late is not None and late[0] == Op.delete:
+            offenders[t.slug] = f"hold ended {late[1].isoformat()}, not deleted"
+        elif late is not None:
+            offenders[t.slug] = f"purge due {late[1].isoformat()}, not purged"
     for g in grants:
-        if g.dropped_at is None and g.expires_at < late:
+        if g.dropped_at is None and is_overdue(g.expires_at, now):
             offenders[g.slug] = f"support grant {g.id} past its TTL ({g.expires_at.isoformat()})"
     holds = sum(1 for t in tenants if t.legal_hold)
     return Promise("timeliness", "No hold past its end, no deletion or purge overdue, no "
@@ -284,8 +286,8 @@ def check_audit(fleet: Fleet, tenants: list[Tenant], now: datetime) -> Promise:
         needed = STATE_AUDIT.get(TenantState(t.state))
         if needed and not any((t.slug, a) in seen for a in needed):
             offenders[t.slug] = f"{t.state}, but no {' or '.join(needed)} in the audit log"
-    cutoff = now - timedelta(days=fleet.cfg.lifecycle.audit_days)
-    if oldest is not None and oldest < cutoff - GRACE:
+    keep = timedelta(days=fleet.cfg.lifecycle.audit_days)
+    if oldest is not None and is_overdue(oldest + keep, now):  # its purge was due
         offenders["audit log"] = f"records from {oldest.date()} kept past " \
                                  f"{fleet.cfg.lifecycle.audit_days} days"
     return Promise("audit", "An audit record for every state change; nothing older than "

@@ -55,6 +55,7 @@ from orchestrator.domain.retention_plan import (
 )
 from orchestrator.domain.states import Op
 from orchestrator.domain.statuses import BackupStatus
+from orchestrator.domain.timeliness import overdue_transition
 from orchestrator.services.provisioning import holding_tenant
 
 if TYPE_CHECKING:
@@ -64,7 +65,6 @@ LOCK = "retention"
 JOBS = ("delete", "purge", "prune", "audit", "access")
 _JOB_OF = {DELETE: "delete", PURGE: "purge", PRUNE: "prune", AUDIT: "audit",
            BLOCKED: "delete", EXPIRE_GRANT: "access"}
-OVERDUE_AFTER = timedelta(hours=1)
 
 
 class RetentionError(TenantctlError):
@@ -387,26 +387,28 @@ def purge_audit(fleet: Fleet, now: datetime) -> str:
 
 
 def status(fleet: Fleet, now: datetime, limit: int = 10) -> dict[str, Any]:
-    """Tenants per state, the next deletions and purges, and what is overdue (a
-    date passed more than an hour ago and the action not done): monitoring alerts
-    on the latter."""
-    late = now - OVERDUE_AFTER
+    """Tenants per state, the next deletions and purges, and what is overdue
+    (timeliness.overdue_transition: a date passed more than an hour ago and the
+    action not done): monitoring alerts on the latter."""
 
-    def rows(state: str, col: Any, where: Any, n: int | None) -> list[dict[str, Any]]:
+    def rows(state: str, col: Any, where: Any, n: int | None, overdue: bool = False
+             ) -> list[dict[str, Any]]:
         q = (select(Tenant.slug, Tenant.region, col, Tenant.legal_hold,
-                    Tenant.legal_hold_reason)
+                    Tenant.legal_hold_reason, Tenant.hold_until, Tenant.purge_after)
              .where(Tenant.state == state, where).order_by(col))
         with fleet.catalog.session() as s:
             found = s.execute(q.limit(n) if n else q).all()
         return [{"tenant": r[0], "region": r[1], "due_at": r[2].isoformat(),
-                 "legal_hold": r[3], "legal_hold_reason": r[4]} for r in found]
+                 "legal_hold": r[3], "legal_hold_reason": r[4]} for r in found
+                if not overdue or overdue_transition(state, r[5], r[6], r[3], now)]
 
     with fleet.catalog.session() as s:
         counts = dict(s.execute(select(Tenant.state, func.count()).group_by(Tenant.state)).all())
-    overdue_del = [r for r in rows(TenantState.cancelled, Tenant.hold_until,
-                                   Tenant.hold_until < late, None) if not r["legal_hold"]]
-    overdue_purge = [r for r in rows(TenantState.deleted, Tenant.purge_after,
-                                     Tenant.purge_after < late, None) if not r["legal_hold"]]
+    # read among the due ones (partial indexes), judged by the one rule
+    overdue_del = rows(TenantState.cancelled, Tenant.hold_until, Tenant.hold_until <= now,
+                       None, overdue=True)
+    overdue_purge = rows(TenantState.deleted, Tenant.purge_after, Tenant.purge_after <= now,
+                         None, overdue=True)
     return {
         "now": now.isoformat(),
         "states": {st.value: counts.get(st.value, 0) for st in TenantState},
