@@ -65,13 +65,23 @@ def is_due(slug: str, last_backup: datetime | None, now: datetime,
     return last_backup is None or last_backup < last_slot(slug, now, schedule)
 
 
+def prune_horizon(now: datetime, policy: RetentionPolicy) -> datetime:
+    """Backups finished after this are kept whatever else the policy says (so a
+    caller need not even read them; the tenant's newest decides the floor)."""
+    return now - timedelta(days=policy.keep_days)
+
+
 def retention(backups: list[BackupFact], now: datetime, policy: RetentionPolicy
               ) -> list[Verdict]:
-    """Keep or prune each completed backup of live tenants (one report for all)."""
+    """Keep or prune each completed backup of live tenants (one report for all): the
+    one prune rule, whichever command prunes. The backups handed in are those of
+    tenants whose backups are pruned at all (not cancelled: a hold keeps every
+    backup until the purge; not under legal hold)."""
     by_tenant: dict[str, list[BackupFact]] = {}
     for b in backups:
         by_tenant.setdefault(b.tenant, []).append(b)
     out: list[Verdict] = []
+    horizon = prune_horizon(now, policy)
     for tenant, items in sorted(by_tenant.items()):
         items.sort(key=lambda b: b.finished_at, reverse=True)
         weekly_kept: set[int] = set()
@@ -80,7 +90,7 @@ def retention(backups: list[BackupFact], now: datetime, policy: RetentionPolicy
             week = int(age.total_seconds() // (7 * 86400))
             if b is items[0]:
                 out.append(Verdict(b.id, tenant, True, "newest backup (floor)"))
-            elif age <= timedelta(days=policy.keep_days):
+            elif b.finished_at >= horizon:
                 out.append(Verdict(b.id, tenant, True, f"within {policy.keep_days} days"))
             elif week < policy.keep_weeks and week not in weekly_kept:
                 weekly_kept.add(week)

@@ -29,7 +29,15 @@ import pyrage
 from psycopg import sql
 from sqlalchemy import func, select, update
 
-from backups.policy import BackupFact, RetentionPolicy, Schedule, Verdict, is_due, retention
+from backups.policy import (
+    BackupFact,
+    RetentionPolicy,
+    Schedule,
+    Verdict,
+    is_due,
+    prune_horizon,
+    retention,
+)
 from backups.stores import ObjectMissing, ObjectStore, ObjectWriter, open_store
 from orchestrator.adapters.catalog.db import with_dbname
 from orchestrator.adapters.catalog.models import Backup, Tenant, TenantKey, TenantState
@@ -619,13 +627,13 @@ def due_tenants(fleet: Fleet, now: datetime | None = None) -> list[str]:
     return [t.slug for t in tenants if is_due(t.slug, last.get(t.id), now, schedule)]
 
 
-def prune_facts(fleet: Fleet, now: datetime, policy: Any) -> list[Any]:
-    """The completed backups the policy could prune: those of live tenants (not
-    cancelled: a hold keeps every backup until the purge; not under legal hold)
-    older than keep_days, plus each such tenant's newest backup, which decides
-    the floor. Backups inside keep_days are kept whatever
-    happens and are not read, so the cost follows the old backups, not the fleet."""
-    cutoff = now - timedelta(days=policy.keep_days)
+def prune_facts(fleet: Fleet, now: datetime, policy: RetentionPolicy) -> list[BackupFact]:
+    """What the policy needs to judge, and no more: the completed backups it could
+    prune (those of tenants whose backups are pruned at all, PRUNABLE and not under
+    legal hold) from before ``prune_horizon``, plus each such tenant's newest backup,
+    which decides the floor. Backups after the horizon are kept whatever happens and
+    are not read, so the cost follows the old backups, not the fleet's history."""
+    cutoff = prune_horizon(now, policy)
     with fleet.catalog.session() as s:
         old = (select(Backup.id, Backup.slug, Backup.finished_at, Backup.tenant_id)
                .join(Tenant, Tenant.id == Backup.tenant_id)
@@ -644,36 +652,17 @@ def prune_facts(fleet: Fleet, now: datetime, policy: Any) -> list[Any]:
     return [BackupFact(i, slug, at) for i, slug, at in {r[0]: r for r in rows}.values()]
 
 
-_PRUNE_SQL = """
-WITH old AS (  -- past keep_days, with a newer backup (so not the floor)
-    SELECT b.id, b.slug, b.tenant_id, b.finished_at,
-           floor(extract(epoch FROM (%(now)s - b.finished_at)) / 604800)::int AS week
-    FROM backups b JOIN tenants t ON t.id = b.tenant_id
-    WHERE b.status = 'completed' AND b.finished_at < %(cutoff)s
-      AND t.state = ANY(%(states)s) AND NOT t.legal_hold
-      AND EXISTS (SELECT 1 FROM backups n WHERE n.tenant_id = b.tenant_id
-                  AND n.status = 'completed' AND n.finished_at > b.finished_at)
-), ranked AS (
-    SELECT old.*, row_number() OVER (PARTITION BY tenant_id, week
-                                     ORDER BY finished_at DESC) AS nth
-    FROM old
-)
-SELECT id, slug FROM ranked WHERE NOT (week < %(weeks)s AND nth = 1) ORDER BY slug, id
-"""
+def prune_policy(fleet: Fleet) -> RetentionPolicy:
+    return RetentionPolicy(fleet.cfg.backup_keep_days, fleet.cfg.backup_keep_weeks)
 
 
-def prune_candidates(fleet: Fleet, now: datetime, policy: Any) -> list[Any]:
-    """The backups ``backups.policy.retention`` would prune, computed in the catalog
-    (same rules; a test holds the two equal) so that planning ships only what
-    is to be pruned, not every old backup of the fleet."""
-    params = {"now": now, "cutoff": now - timedelta(days=policy.keep_days),
-              "states": [str(s) for s in PRUNABLE], "weeks": policy.keep_weeks}
-    with fleet.catalog.engine.connect() as conn:
-        raw = conn.connection.driver_connection
-        assert isinstance(raw, psycopg.Connection)
-        rows = raw.execute(_PRUNE_SQL, params).fetchall()
-        conn.rollback()
-    return [Verdict(i, slug, False, "beyond the retention policy") for i, slug in rows]
+def prune_verdicts(fleet: Fleet, now: datetime, policy: RetentionPolicy | None = None
+                   ) -> list[Verdict]:
+    """The retention policy's report (backups.policy.retention, the one prune rule)
+    on the backups it has to judge: keep or prune, and why. `backup prune` and
+    `retention run` both decide with it (the configured policy unless one is given)."""
+    policy = policy or prune_policy(fleet)
+    return retention(prune_facts(fleet, now, policy), now, policy)
 
 
 def delete_backup(fleet: Fleet, backup_id: int, *, reason: str) -> None:
@@ -692,11 +681,11 @@ def delete_backup(fleet: Fleet, backup_id: int, *, reason: str) -> None:
 
 def prune(fleet: Fleet, *, dry_run: bool, now: datetime | None = None) -> list[dict[str, Any]]:
     """Apply the retention policy to live tenants' backups: a report of every backup
-    it had to judge (keep/prune, why); unless dry_run, delete what is pruned."""
+    it had to judge (keep/prune, why); unless dry_run, delete what is pruned (with
+    delete_backup, as retention's prune steps do)."""
     now = now or datetime.now(UTC)
-    policy = RetentionPolicy(fleet.cfg.backup_keep_days, fleet.cfg.backup_keep_weeks)
     report = []
-    for v in retention(prune_facts(fleet, now, policy), now, policy):
+    for v in prune_verdicts(fleet, now):
         report.append({"id": v.backup_id, "tenant": v.tenant,
                        "action": "keep" if v.keep else "prune", "reason": v.reason})
         if not v.keep and not dry_run:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import CheckConstraint
 
+from backups.policy import BackupFact, RetentionPolicy, prune_horizon, retention
 from orchestrator.domain import states
 from orchestrator.domain.errors import Conflict
 from orchestrator.domain.rollout_plan import (
@@ -247,3 +248,44 @@ def test_a_backup_is_overdue_an_interval_and_the_grace_after_the_latest() -> Non
     day = timedelta(days=1)
     assert not backup_overdue(NOW - day - GRACE, day, NOW)
     assert backup_overdue(NOW - day - GRACE - timedelta(seconds=1), day, NOW)
+
+
+# -- the prune rule ------------------------------------------------------------------------
+
+
+def test_prune_decisions_name_their_reason() -> None:
+    day = timedelta(days=1)
+    facts = [BackupFact(1, "a", NOW - 70 * day), BackupFact(2, "a", NOW - 20 * day),
+             BackupFact(3, "a", NOW - 19 * day), BackupFact(4, "a", NOW - 2 * day),
+             BackupFact(5, "b", NOW - 400 * day)]
+    verdicts = {v.backup_id: (v.keep, v.reason) for v in retention(facts, NOW,
+                                                                    RetentionPolicy(7, 4))}
+    assert verdicts == {4: (True, "newest backup (floor)"),
+                        3: (True, "newest of week 3"),
+                        2: (False, "beyond the retention policy"),
+                        1: (False, "beyond the retention policy"),
+                        5: (True, "newest backup (floor)")}
+    assert prune_horizon(NOW, RetentionPolicy(7, 4)) == NOW - 7 * day
+
+
+@pytest.mark.parametrize("policy", [RetentionPolicy(7, 4), RetentionPolicy(3, 2),
+                                    RetentionPolicy(1, 0), RetentionPolicy(0, 1)])
+def test_judging_only_what_prune_facts_reads_prunes_the_same(policy: RetentionPolicy) -> None:
+    """backups.service.prune_facts reads only the backups from before the horizon plus
+    each tenant's newest: the policy must prune the same ones as if it saw them all."""
+    import random
+
+    rng = random.Random(11)
+    facts = [BackupFact(i, f"t{rng.randrange(30)}",
+                        NOW - timedelta(hours=rng.uniform(0, 80 * 24))) for i in range(600)]
+    horizon = prune_horizon(NOW, policy)
+    newest: dict[str, BackupFact] = {}
+    for b in facts:
+        if b.tenant not in newest or b.finished_at > newest[b.tenant].finished_at:
+            newest[b.tenant] = b
+    old = [b for b in facts if b.finished_at < horizon]
+    with_old = {b.tenant for b in old}
+    narrowed = list({b.id: b for b in old + [newest[t] for t in with_old]}.values())
+    pruned = {v.backup_id for v in retention(facts, NOW, policy) if not v.keep}
+    assert pruned == {v.backup_id for v in retention(narrowed, NOW, policy) if not v.keep}
+    assert pruned

@@ -24,7 +24,6 @@ from psycopg import sql
 from sqlalchemy import delete, func, select, update
 
 from backups import service as pipeline
-from backups.policy import RetentionPolicy
 from backups.stores import open_store
 from orchestrator.adapters.catalog.audit import reason_text
 from orchestrator.adapters.catalog.models import (
@@ -91,8 +90,7 @@ def make_plan(fleet: Fleet, now: datetime, jobs: tuple[str, ...] = JOBS) -> list
     tenants = due_tenant_facts(fleet, now) if {"delete", "purge"} & set(jobs) else []
     verdicts = []
     if "prune" in jobs:
-        policy = RetentionPolicy(fleet.cfg.backup_keep_days, fleet.cfg.backup_keep_weeks)
-        verdicts = pipeline.prune_candidates(fleet, now, policy)
+        verdicts = pipeline.prune_verdicts(fleet, now)  # the plan keeps the prunes
     audit_cutoff = now - timedelta(days=lc.audit_days)
     expired = 0
     if "audit" in jobs:
