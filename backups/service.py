@@ -30,7 +30,6 @@ from psycopg import sql
 from sqlalchemy import func, select, update
 
 from backups.policy import (
-    BackupFact,
     RetentionPolicy,
     Schedule,
     Verdict,
@@ -627,42 +626,58 @@ def due_tenants(fleet: Fleet, now: datetime | None = None) -> list[str]:
     return [t.slug for t in tenants if is_due(t.slug, last.get(t.id), now, schedule)]
 
 
-def prune_facts(fleet: Fleet, now: datetime, policy: RetentionPolicy) -> list[BackupFact]:
-    """What the policy needs to judge, and no more: the completed backups it could
-    prune (those of tenants whose backups are pruned at all, PRUNABLE and not under
-    legal hold) from before ``prune_horizon``, plus each such tenant's newest backup,
-    which decides the floor. Backups after the horizon are kept whatever happens and
-    are not read, so the cost follows the old backups, not the fleet's history."""
-    cutoff = prune_horizon(now, policy)
-    with fleet.catalog.session() as s:
-        old = (select(Backup.id, Backup.slug, Backup.finished_at, Backup.tenant_id)
-               .join(Tenant, Tenant.id == Backup.tenant_id)
-               .where(Backup.status == BackupStatus.completed, Backup.finished_at < cutoff,
-                      Tenant.state.in_(PRUNABLE), Tenant.legal_hold.is_(False))
-               .subquery())
-        rows = list(s.execute(select(old.c.id, old.c.slug, old.c.finished_at)))
-        ranked = (select(Backup.id, Backup.slug, Backup.finished_at,
-                         func.row_number().over(partition_by=Backup.tenant_id,
-                                                order_by=Backup.finished_at.desc()).label("n"))
-                  .where(Backup.status == BackupStatus.completed,
-                         Backup.tenant_id.in_(select(old.c.tenant_id)))
-                  .subquery())
-        rows += s.execute(select(ranked.c.id, ranked.c.slug, ranked.c.finished_at)
-                          .where(ranked.c.n == 1))
-    return [BackupFact(i, slug, at) for i, slug, at in {r[0]: r for r in rows}.values()]
+# What the prune policy needs to judge, and no more: the completed backups it could
+# prune, those of tenants whose backups are pruned at all (PRUNABLE, not under legal
+# hold) from before the policy's horizon, plus each such tenant's newest backup, which
+# decides the floor (one index probe per tenant). Backups after the horizon are kept
+# whatever happens and are not read, so the cost follows the old backups.
+_PRUNE_FACTS_SQL = f"""
+WITH old AS (
+    SELECT b.id, b.slug, b.finished_at, b.tenant_id
+    FROM backups b JOIN tenants t ON t.id = b.tenant_id
+    WHERE b.status = '{BackupStatus.completed}' AND b.finished_at < %(horizon)s
+      AND t.state = ANY(%(states)s) AND NOT t.legal_hold
+)
+SELECT id, slug, finished_at FROM old
+UNION ALL
+SELECT n.id, n.slug, n.finished_at
+FROM (SELECT DISTINCT tenant_id FROM old) o
+CROSS JOIN LATERAL (
+    SELECT id, slug, finished_at FROM backups
+    WHERE tenant_id = o.tenant_id AND status = '{BackupStatus.completed}'
+    ORDER BY finished_at DESC LIMIT 1) n
+WHERE n.finished_at >= %(horizon)s  -- an older newest is in old already
+"""
+
+
+def prune_facts(fleet: Fleet, now: datetime, policy: RetentionPolicy
+                ) -> list[tuple[int, str, datetime]]:
+    """The backups the policy judges (see _PRUNE_FACTS_SQL) as (id, tenant,
+    finished_at), read in one round trip and left as the driver's tuples (a prune
+    may read a few per tenant of the fleet)."""
+    params = {"horizon": prune_horizon(now, policy), "states": [str(s) for s in PRUNABLE]}
+    with fleet.catalog.engine.connect() as conn:
+        raw = conn.connection.driver_connection
+        assert isinstance(raw, psycopg.Connection)
+        with raw.cursor(binary=True) as cur:
+            rows: list[tuple[int, str, datetime]] = cur.execute(_PRUNE_FACTS_SQL,
+                                                                params).fetchall()
+        conn.rollback()
+    return rows
 
 
 def prune_policy(fleet: Fleet) -> RetentionPolicy:
     return RetentionPolicy(fleet.cfg.backup_keep_days, fleet.cfg.backup_keep_weeks)
 
 
-def prune_verdicts(fleet: Fleet, now: datetime, policy: RetentionPolicy | None = None
-                   ) -> list[Verdict]:
+def prune_verdicts(fleet: Fleet, now: datetime, policy: RetentionPolicy | None = None,
+                   *, report_kept: bool = True) -> list[Verdict]:
     """The retention policy's report (backups.policy.retention, the one prune rule)
-    on the backups it has to judge: keep or prune, and why. `backup prune` and
-    `retention run` both decide with it (the configured policy unless one is given)."""
+    on the backups it has to judge: keep or prune, and why (only the prunes
+    unless report_kept). `backup prune` and `retention run` both decide with it
+    (the configured policy unless one is given)."""
     policy = policy or prune_policy(fleet)
-    return retention(prune_facts(fleet, now, policy), now, policy)
+    return retention(prune_facts(fleet, now, policy), now, policy, report_kept=report_kept)
 
 
 def delete_backup(fleet: Fleet, backup_id: int, *, reason: str) -> None:

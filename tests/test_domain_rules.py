@@ -289,3 +289,6 @@ def test_judging_only_what_prune_facts_reads_prunes_the_same(policy: RetentionPo
     pruned = {v.backup_id for v in retention(facts, NOW, policy) if not v.keep}
     assert pruned == {v.backup_id for v in retention(narrowed, NOW, policy) if not v.keep}
     assert pruned
+    # what a planner asks for: the same prunes, without the report of what is kept
+    assert retention(narrowed, NOW, policy, report_kept=False) == \
+        [v for v in retention(narrowed, NOW, policy) if not v.keep]

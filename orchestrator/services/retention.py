@@ -90,7 +90,7 @@ def make_plan(fleet: Fleet, now: datetime, jobs: tuple[str, ...] = JOBS) -> list
     tenants = due_tenant_facts(fleet, now) if {"delete", "purge"} & set(jobs) else []
     verdicts = []
     if "prune" in jobs:
-        verdicts = pipeline.prune_verdicts(fleet, now)  # the plan keeps the prunes
+        verdicts = pipeline.prune_verdicts(fleet, now, report_kept=False)
     audit_cutoff = now - timedelta(days=lc.audit_days)
     expired = 0
     if "audit" in jobs:
