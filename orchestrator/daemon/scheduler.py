@@ -47,7 +47,6 @@ from apscheduler.triggers.interval import IntervalTrigger
 from sqlalchemy import func, select
 
 from backups import service as pipeline
-from backups.service import BACKUPABLE
 from orchestrator.adapters.catalog.db import lock_key, redact
 from orchestrator.adapters.catalog.models import Backup, SupportGrant, Tenant
 from orchestrator.adapters.clock import utcnow
@@ -55,6 +54,9 @@ from orchestrator.config import SchedulerConfig
 from orchestrator.domain.errors import Conflict, InvalidInput, first_line
 from orchestrator.domain.errors import Conflict as TenantChanged
 from orchestrator.domain.jobs import SCHEDULED, STEPS_OF, parse_scheduled
+from orchestrator.domain.states import HAS_DATABASE
+from orchestrator.domain.statuses import BackupStatus
+from orchestrator.domain.timeliness import latest_backup_age
 from orchestrator.services import retention
 
 if TYPE_CHECKING:
@@ -268,17 +270,21 @@ class Metrics:
 
 
 def read_fleet_gauges(fleet: Deps, now: datetime) -> FleetGauges:
-    """A few aggregate queries on the catalog."""
+    """A few queries on the catalog (each tenant's latest backup age is the
+    domain's latest_backup_age)."""
     st = retention.status(fleet, now, limit=1)
     last = (select(Backup.tenant_id, func.max(Backup.finished_at).label("at"))
-            .where(Backup.status == "completed").group_by(Backup.tenant_id).subquery())
-    since = func.min(func.coalesce(last.c.at, Tenant.activated_at, Tenant.created_at))
+            .where(Backup.status == BackupStatus.completed).group_by(Backup.tenant_id)
+            .subquery())
     with fleet.catalog.session() as s:
-        rows = s.execute(select(Tenant.region, since)
+        rows = s.execute(select(Tenant.region, last.c.at, Tenant.activated_at,
+                                Tenant.created_at)
                          .outerjoin(last, last.c.tenant_id == Tenant.id)
-                         .where(Tenant.state.in_(BACKUPABLE))
-                         .group_by(Tenant.region)).all()
-    ages = {region: max(0.0, (now - at).total_seconds()) for region, at in rows if at}
+                         .where(Tenant.state.in_(HAS_DATABASE))).all()
+    ages: dict[str, float] = {}
+    for region, at, activated_at, created_at in rows:  # the oldest per region
+        age = latest_backup_age(at, activated_at, created_at, now).total_seconds()
+        ages[region] = max(ages.get(region, 0.0), age)
     return FleetGauges(tenants=dict(st["states"]), oldest_backup_age=ages,
                        overdue_deletions=len(st["overdue"]["deletions"]),
                        overdue_purges=len(st["overdue"]["purges"]),

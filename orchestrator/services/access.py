@@ -28,12 +28,12 @@ from orchestrator.adapters.crypto.tenant_keys import new_password
 from orchestrator.adapters.postgres import admin as pgserver
 from orchestrator.domain.durations import parse_duration
 from orchestrator.domain.errors import Conflict, InvalidInput, NotFound, TenantctlError, first_line
+from orchestrator.domain.states import HAS_DATABASE
 
 if TYPE_CHECKING:
     from orchestrator.bootstrap import Deps
 
 MAX_TTL = timedelta(days=7)
-GRANTABLE = (TenantState.active, TenantState.suspended, TenantState.cancelled)
 
 
 def parse_ttl(text: str, what: str = "ttl") -> timedelta:
@@ -69,7 +69,7 @@ def grant(fleet: Deps, slug: str, *, to: str, ttl: timedelta, reason: str,
     if not reason:
         raise InvalidInput("--reason is required (it is audited)")
     tenant = fleet.get_tenant(slug)
-    if tenant.state not in GRANTABLE:
+    if tenant.state not in HAS_DATABASE:
         raise Conflict(f"tenant {slug!r} is {tenant.state}: it has no database to grant")
     if not read_only and tenant.state != TenantState.active:
         # a hold (or a suspension) keeps the data as it was: nobody writes to it

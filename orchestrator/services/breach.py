@@ -10,15 +10,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from orchestrator.adapters.catalog.models import TenantState
 from orchestrator.adapters.postgres import admin as pgserver
 from orchestrator.domain.errors import TenantctlError, first_line
+from orchestrator.domain.states import HAS_DATABASE
 from orchestrator.services import credentials
 
 if TYPE_CHECKING:
     from orchestrator.bootstrap import Deps
-
-ROTATABLE = (TenantState.active, TenantState.suspended, TenantState.cancelled)
 
 
 @dataclass
@@ -42,7 +40,7 @@ def rotate_all(fleet: Deps, *, region: str | None = None, concurrency: int = 4,
     applies. With kill_sessions, sessions opened with the old password end."""
     if region is not None:
         fleet.cfg.region(region)  # unknown region: one-line error, nothing done
-    tenants = [t for t in fleet.tenants(region) if t.state in ROTATABLE]
+    tenants = [t for t in fleet.tenants(region) if t.state in HAS_DATABASE]
     results: list[RotationResult] = []
     lock = threading.Lock()
 

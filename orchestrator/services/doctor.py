@@ -38,7 +38,6 @@ from orchestrator.adapters.catalog.db import lock_key, with_dbname
 from orchestrator.adapters.catalog.locks import holding_tenant
 from orchestrator.adapters.catalog.models import (
     CANCELLING,
-    MIGRATABLE,
     PLACED_STATES,
     Backup,
     Server,
@@ -68,7 +67,16 @@ from orchestrator.domain.names import (
     tenant_lock,
     tenant_names,
 )
-from orchestrator.domain.retention_plan import DELETE, PURGE, TenantFact, tenant_action
+from orchestrator.domain.retention_plan import DELETE, PURGE
+from orchestrator.domain.states import HAS_DATABASE
+from orchestrator.domain.statuses import BackupStatus
+from orchestrator.domain.timeliness import (
+    backup_overdue,
+    backup_since,
+    is_overdue,
+    latest_completed,
+    overdue_transition,
+)
 from orchestrator.services import access, provisioning, retention, templates
 from orchestrator.services.access import role_name, settings_changed
 
@@ -77,9 +85,7 @@ if TYPE_CHECKING:
 
 ERROR, WARNING, INFO = "error", "warning", "info"
 SEVERITY_ORDER = {ERROR: 0, WARNING: 1, INFO: 2}
-GRACE = timedelta(hours=1)  # a scheduler tick late is not yet a problem
 STUCK_BACKUP = timedelta(hours=6)
-LIVE = (TenantState.active, TenantState.suspended, TenantState.cancelled)
 # what a tenant's objects on a server look like; anything else is not ours to judge
 TENANT_DB = re.compile(r"^tenant_[a-z][a-z0-9_]*$")
 TENANT_ROLE = re.compile(r"^(tenant|owner)_[a-z][a-z0-9_]*$")
@@ -400,7 +406,7 @@ def check_role_bounds(f: Facts) -> Iterator[Finding]:
     tenantctl puts them back), and still logs in with the password tenantctl holds."""
     for t in f.tenants:
         c = _cluster(f, t.server)
-        if c is None or t.state not in LIVE or t.busy or _names(t.slug) is None:
+        if c is None or t.state not in HAS_DATABASE or t.busy or _names(t.slug) is None:
             continue
         if t.slug in f.dead_logins:
             yield _f(ERROR, "login-password-changed", t.slug,
@@ -447,7 +453,7 @@ def check_tenant_objects(f: Facts) -> Iterator[Finding]:
                          f"tenantctl tenant create {t.slug} --region {t.region}",
                          fix="provision", slug=t.slug, region=t.region)
             continue
-        if t.state not in LIVE:
+        if t.state not in HAS_DATABASE:
             continue
         db = c.databases.get(t.database)
         if db is None:
@@ -596,7 +602,7 @@ def check_large_objects(f: Facts) -> Iterator[Finding]:
     for t in f.tenants:
         c = _cluster(f, t.server)
         names = _names(t.slug)
-        if c is None or t.state not in LIVE or names is None:
+        if c is None or t.state not in HAS_DATABASE or names is None:
             continue
         owners = c.large_objects.get(names.database, {})
         login = c.roles.get(names.login_role)
@@ -651,29 +657,24 @@ def check_grants(f: Facts) -> Iterator[Finding]:
 
 
 def check_backups(f: Facts) -> Iterator[Finding]:
-    latest: dict[int, BackupRow] = {}
-    for b in f.backups:
-        if b.status == "completed" and b.finished_at is not None and (
-                b.tenant_id not in latest
-                or b.finished_at > latest[b.tenant_id].finished_at):  # type: ignore[operator]
-            latest[b.tenant_id] = b
+    latest = latest_completed(f.backups)
     for t in f.tenants:
         if t.state != TenantState.active:
             continue
         last = latest.get(t.id)
-        since = (last.finished_at if last else None) or t.activated_at or t.created_at
-        if f.now - since > f.backup_interval + GRACE:
+        since = backup_since(last.finished_at if last else None, t.activated_at, t.created_at)
+        if backup_overdue(since, f.backup_interval, f.now):
             yield _f(ERROR, "backup-overdue", t.slug,
                      f"no successful backup since {since.isoformat(timespec='minutes')}",
                      f"tenantctl backup run {t.slug} (tenantctl doctor --fix)",
                      fix="backup", slug=t.slug)
     for b in f.backups:
-        if b.status == "running" and not b.alive:
+        if b.status == BackupStatus.running and not b.alive:
             yield _f(WARNING, "backup-interrupted", f"backup {b.id}",
                      f"of {b.slug}: left running by a process that died",
                      "tenantctl doctor --fix (aborts the partial upload, marks it failed)",
                      fix="reap_backups")
-        elif b.status == "running" and f.now - b.started_at > STUCK_BACKUP:
+        elif b.status == BackupStatus.running and f.now - b.started_at > STUCK_BACKUP:
             yield _f(WARNING, "backup-slow", f"backup {b.id}",
                      f"of {b.slug}: running since {b.started_at.isoformat(timespec='minutes')}",
                      "check the process that runs it")
@@ -686,7 +687,7 @@ def check_store(f: Facts) -> Iterator[Finding]:
     tenant_state = {t.id: t.state for t in f.tenants}
     known: dict[str, set[str]] = defaultdict(set)
     for b in f.backups:
-        if b.status in ("completed", "running"):
+        if b.status in (BackupStatus.completed, BackupStatus.running):
             known[b.region].update((b.object_key, b.manifest_key))
     for region, st in sorted(f.stores.items()):
         if st.keys is None:
@@ -712,7 +713,7 @@ def check_store(f: Facts) -> Iterator[Finding]:
                          "an object no completed backup in the catalog knows",
                          "tenantctl doctor --fix (deletes it, after asking)",
                          fix="delete_object", destructive=True, region=region, key=key)
-    writing = {b.object_key for b in f.backups if b.status == "running" and b.alive}
+    writing = {b.object_key for b in f.backups if b.status == BackupStatus.running and b.alive}
     for region, st in sorted(f.stores.items()):
         for name, key, since in st.unfinished:
             if key not in writing and f.now - since > STUCK_BACKUP:
@@ -724,12 +725,12 @@ def check_store(f: Facts) -> Iterator[Finding]:
                          region=region, name=name)
     for b in f.backups:
         home_store = f.stores.get(b.region)
-        if b.status != "completed" or home_store is None or home_store.keys is None:
+        if b.status != BackupStatus.completed or home_store is None or home_store.keys is None:
             continue
         missing = [k for k in (b.object_key, b.manifest_key) if k not in home_store.keys]
         if missing:
             what = "object" if b.object_key in missing else "manifest"
-            live = tenant_state.get(b.tenant_id) in LIVE
+            live = tenant_state.get(b.tenant_id) in HAS_DATABASE
             yield _f(ERROR, "backup-missing-object", f"backup {b.id}",
                      f"of {b.slug}: its {what} is gone from the {b.region} store",
                      "tenantctl doctor --fix (marks it failed"
@@ -739,7 +740,7 @@ def check_store(f: Facts) -> Iterator[Finding]:
 
 def check_revisions(f: Facts) -> Iterator[Finding]:
     for t in f.tenants:
-        if t.state not in MIGRATABLE:
+        if t.state not in HAS_DATABASE:
             continue
         if t.migration_error:
             yield _f(ERROR, "migration-failed", t.slug,
@@ -764,18 +765,17 @@ def check_revisions(f: Facts) -> Iterator[Finding]:
 
 def check_retention(f: Facts) -> Iterator[Finding]:
     for t in f.tenants:
-        action = tenant_action(TenantFact(t.slug, t.state, t.hold_until, t.purge_after,
-                                          t.legal_hold, t.legal_hold_reason), f.now - GRACE)
-        if action is None or action.kind not in (DELETE, PURGE):
+        late = overdue_transition(t.state, t.hold_until, t.purge_after, t.legal_hold, f.now)
+        if late is None:
             continue
-        what = "deletion" if action.kind == DELETE else "purge"
+        kind, due_at = str(late[0]), late[1]
+        what = "deletion" if kind == DELETE else "purge"
         yield _f(ERROR, f"{what}-overdue", t.slug,
-                 f"{what} was due {action.due_at.isoformat(timespec='minutes')}"
-                 if action.due_at else f"{what} overdue",
-                 f"tenantctl retention run --only {action.kind} (tenantctl doctor --fix, "
-                 "after asking)", fix=action.kind, destructive=True, slug=t.slug)
+                 f"{what} was due {due_at.isoformat(timespec='minutes')}",
+                 f"tenantctl retention run --only {kind} (tenantctl doctor --fix, "
+                 "after asking)", fix=kind, destructive=True, slug=t.slug)
     for role, (_db, expires) in sorted(f.grants.items()):
-        if expires < f.now - GRACE:
+        if is_overdue(expires, f.now):
             yield _f(WARNING, "grant-expired", role,
                      f"support access past its end ({expires.isoformat(timespec='minutes')})",
                      "tenantctl retention run --only access (tenantctl doctor --fix)",
@@ -785,7 +785,7 @@ def check_retention(f: Facts) -> Iterator[Finding]:
 def check_transitions(f: Facts) -> Iterator[Finding]:
     """Lifecycle transitions that a crash stopped half-way, with no process on them."""
     for t in f.tenants:
-        if t.busy or t.state not in LIVE:
+        if t.busy or t.state not in HAS_DATABASE:
             continue
         if t.key_destroyed:
             yield _f(ERROR, "erase-unfinished", t.slug,
@@ -949,7 +949,7 @@ def _settle_marks(fleet: Deps, tenants: list[Tenant], clusters: dict[str, Cluste
     and the locks of those a migration holds right now (marked, not yet recorded)."""
     def differs(t: Tenant) -> bool:
         found = _mark(clusters.get(server_cluster.get(t.server, "")), t.database)
-        return t.state in MIGRATABLE and found is not None and found[0] \
+        return t.state in HAS_DATABASE and found is not None and found[0] \
             and found[1] != t.revision
 
     differ = [t for t in tenants if differs(t)]
@@ -1002,7 +1002,7 @@ def gather(fleet: Deps, region: str | None = None, now: datetime | None = None) 
     now = now or clock.utcnow()
     with fleet.catalog.session() as s:
         tq = select(Tenant).options(selectinload(Tenant.credential))
-        bq = select(Backup).where(Backup.status.in_(("completed", "running")))
+        bq = select(Backup).where(Backup.status.in_((BackupStatus.completed, BackupStatus.running)))
         sq = select(Server)
         if region is not None:
             tq, bq, sq = (tq.where(Tenant.region == region), bq.where(Backup.region == region),
@@ -1035,8 +1035,8 @@ def gather(fleet: Deps, region: str | None = None, now: datetime | None = None) 
               if region is None or r.name == region}
     # tenants a step may be working on right now: is a process holding their lock?
     provisioning = [t.slug for t in tenants if t.state == TenantState.provisioning
-                    or (t.state in LIVE and (t.step is not None or t.id in destroyed))]
-    running = [b.id for b in backups if b.status == "running"]
+                    or (t.state in HAS_DATABASE and (t.step is not None or t.id in destroyed))]
+    running = [b.id for b in backups if b.status == BackupStatus.running]
     busy = _locked_elsewhere(fleet, [tenant_lock(x) for x in provisioning]
                              + [_alive(x) for x in running])
     jobs: list[Callable[[], None]] = []
@@ -1158,8 +1158,8 @@ def _fix_reap(fleet: Deps, x: Finding) -> str:
 def _fix_forget_backup(fleet: Deps, x: Finding) -> str:
     with fleet.catalog.session() as s, s.begin():
         s.execute(update(Backup).where(Backup.id == x.arg("backup_id"), Backup.status ==
-                                       "completed").values(
-            status="failed", error="object or manifest gone from the store (doctor)"))
+                                       BackupStatus.completed).values(
+            status=BackupStatus.failed, error="object or manifest gone from the store (doctor)"))
     if not x.arg("live"):
         return "marked failed"
     return "marked failed; " + _fix_backup(fleet, x)

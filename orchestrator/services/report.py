@@ -28,13 +28,21 @@ from orchestrator.adapters.catalog.models import (
     TenantState,
 )
 from orchestrator.domain.errors import TenantctlError, first_line
+from orchestrator.domain.states import HAS_DATABASE, Op
+from orchestrator.domain.statuses import BackupStatus
+from orchestrator.domain.timeliness import (
+    backup_overdue,
+    backup_since,
+    is_overdue,
+    latest_backup_age,
+    latest_completed,
+    overdue_transition,
+)
 from orchestrator.services import credentials
 
 if TYPE_CHECKING:
     from orchestrator.bootstrap import Deps
 
-LIVE = (TenantState.active, TenantState.suspended, TenantState.cancelled)
-GRACE = timedelta(hours=1)
 # the audit action that must exist for a tenant in each state
 STATE_AUDIT = {
     TenantState.active: ("tenant.provision.start",),
@@ -67,7 +75,7 @@ def _fail(offenders: dict[str, str]) -> list[str]:
 
 def check_isolation(fleet: Deps, tenants: list[Tenant]) -> Promise:
     offenders: dict[str, str] = {}
-    live = [t for t in tenants if t.state in LIVE]
+    live = [t for t in tenants if t.state in HAS_DATABASE]
     by_server: dict[str, list[Tenant]] = {}
     for t in live:
         by_server.setdefault(t.server, []).append(t)
@@ -164,7 +172,7 @@ def check_region(fleet: Deps, tenants: list[Tenant], backups: list[Backup],
     offenders: dict[str, str] = {}
     region_of = {t.slug: t.region for t in tenants}
     for t in tenants:
-        if t.state in LIVE and server_region.get(t.server) != t.region:
+        if t.state in HAS_DATABASE and server_region.get(t.server) != t.region:
             offenders[t.slug] = f"database on {t.server} outside {t.region}"
     stores = {name: rc.backup_store for name, rc in fleet.cfg.regions.items()}
     listed: dict[str, set[str]] = {}
@@ -180,15 +188,15 @@ def check_region(fleet: Deps, tenants: list[Tenant], backups: list[Backup],
             if home is not None and home != region:
                 offenders[slug] = f"backup object {key} in the {region} store, not {home}"
     for b in backups:
-        if b.status == "completed" and (b.region != region_of.get(b.slug)
+        if b.status == BackupStatus.completed and (b.region != region_of.get(b.slug)
                                         or b.store_url != stores.get(b.region)):
             offenders[b.slug] = f"backup {b.id} recorded outside its region's store"
     return Promise("region", "Every tenant's data and backups only in its chosen region",
                    not offenders,
-                   [f"{sum(t.state in LIVE for t in tenants)} databases on servers of their "
-                    "region", f"{sum(map(len, listed.values()))} objects listed in "
+                   [f"{sum(t.state in HAS_DATABASE for t in tenants)} databases on servers "
+                    "of their region", f"{sum(map(len, listed.values()))} objects listed in "
                     f"{len(stores)} region stores",
-                    f"{sum(b.status == 'completed' for b in backups)} completed backups "
+                    f"{sum(b.status == BackupStatus.completed for b in backups)} completed backups "
                     "recorded in their region's store"], _fail(offenders)), listed  # type: ignore[return-value]
 
 
@@ -198,26 +206,23 @@ def check_region(fleet: Deps, tenants: list[Tenant], backups: list[Backup],
 def check_backups(fleet: Deps, tenants: list[Tenant], backups: list[Backup],
                   listed: dict[str, set[str]], now: datetime) -> Promise:
     interval = timedelta(hours=fleet.cfg.backup_interval_hours)
-    latest: dict[int, Backup] = {}
-    for b in backups:
-        if b.status == "completed" and b.finished_at is not None and (
-                b.tenant_id not in latest or b.finished_at > latest[b.tenant_id].finished_at):  # type: ignore[operator]
-            latest[b.tenant_id] = b
+    latest = latest_completed(backups)
     offenders: dict[str, str] = {}
     oldest: timedelta | None = None  # over the tenants that have a completed backup
     active = [t for t in tenants if t.state == TenantState.active]
     never = sum(t.id not in latest for t in active)
     for t in active:
         found = latest.get(t.id)
-        since = (found.finished_at if found else None) or t.activated_at or t.created_at
-        age = now - since
+        last = found.finished_at if found else None
+        since = backup_since(last, t.activated_at, t.created_at)
+        age = latest_backup_age(last, t.activated_at, t.created_at, now)
         if found is None:
-            if age > interval + GRACE:
+            if backup_overdue(since, interval, now):
                 offenders[t.slug] = f"no backup since it became active {_ago(age)}"
             continue
         b = found
         oldest = age if oldest is None or age > oldest else oldest
-        if age > interval + GRACE:
+        if backup_overdue(since, interval, now):
             offenders[t.slug] = f"latest backup {b.id} is {_ago(age)} old"
         keys = listed.get(t.region, set())
         if b.object_key not in keys or b.manifest_key not in keys:
@@ -246,17 +251,15 @@ def _ago(delta: timedelta) -> str:
 
 def check_timeliness(tenants: list[Tenant], grants: list[SupportGrant], now: datetime
                      ) -> Promise:
-    late = now - GRACE
     offenders: dict[str, str] = {}
     for t in tenants:
-        if t.legal_hold:
-            continue
-        if t.state == TenantState.cancelled and t.hold_until and t.hold_until < late:
-            offenders[t.slug] = f"hold ended {t.hold_until.isoformat()}, not deleted"
-        if t.state == TenantState.deleted and t.purge_after and t.purge_after < late:
-            offenders[t.slug] = f"purge due {t.purge_after.isoformat()}, not purged"
+        late = overdue_transition(t.state, t.hold_until, t.purge_after, t.legal_hold, now)
+        if late is not None and late[0] == Op.delete:
+            offenders[t.slug] = f"hold ended {late[1].isoformat()}, not deleted"
+        elif late is not None:
+            offenders[t.slug] = f"purge due {late[1].isoformat()}, not purged"
     for g in grants:
-        if g.dropped_at is None and g.expires_at < late:
+        if g.dropped_at is None and is_overdue(g.expires_at, now):
             offenders[g.slug] = f"support grant {g.id} past its TTL ({g.expires_at.isoformat()})"
     holds = sum(1 for t in tenants if t.legal_hold)
     return Promise("timeliness", "No hold past its end, no deletion or purge overdue, no "
@@ -284,8 +287,8 @@ def check_audit(fleet: Deps, tenants: list[Tenant], now: datetime) -> Promise:
         needed = STATE_AUDIT.get(TenantState(t.state))
         if needed and not any((t.slug, a) in seen for a in needed):
             offenders[t.slug] = f"{t.state}, but no {' or '.join(needed)} in the audit log"
-    cutoff = now - timedelta(days=fleet.cfg.lifecycle.audit_days)
-    if oldest is not None and oldest < cutoff - GRACE:
+    keep = timedelta(days=fleet.cfg.lifecycle.audit_days)
+    if oldest is not None and is_overdue(oldest + keep, now):  # its purge was due
         offenders["audit log"] = f"records from {oldest.date()} kept past " \
                                  f"{fleet.cfg.lifecycle.audit_days} days"
     return Promise("audit", "An audit record for every state change; nothing older than "
@@ -302,7 +305,8 @@ def build(fleet: Deps, now: datetime | None = None) -> dict[str, Any]:
     now = now or clock.utcnow()
     with fleet.catalog.session() as s:
         tenants = list(s.scalars(select(Tenant).order_by(Tenant.slug)))
-        backups = list(s.scalars(select(Backup).where(Backup.status == "completed")))
+        backups = list(s.scalars(select(Backup).where(
+            Backup.status == BackupStatus.completed)))
         grants = list(s.scalars(select(SupportGrant)))
         server_region = dict(s.execute(select(Server.name, Server.region)).all())
     region, listed = check_region(fleet, tenants, backups, server_region)

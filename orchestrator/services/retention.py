@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import delete, func, select, update
 
 from backups import service as pipeline
-from backups.policy import RetentionPolicy
 from backups.stores import open_store
 from orchestrator.adapters.catalog.audit import reason_text
 from orchestrator.adapters.catalog.locks import holding_tenant
@@ -37,7 +36,8 @@ from orchestrator.adapters.catalog.models import (
 )
 from orchestrator.adapters.faults import checkpoint
 from orchestrator.adapters.postgres import admin as pgserver
-from orchestrator.domain.errors import Conflict, ExitCode, InvalidInput, TenantctlError, first_line
+from orchestrator.domain import states
+from orchestrator.domain.errors import ExitCode, InvalidInput, TenantctlError, first_line
 from orchestrator.domain.jobs import STEPS, Job, parse_steps
 from orchestrator.domain.names import tenant_names
 from orchestrator.domain.retention_plan import (
@@ -54,6 +54,9 @@ from orchestrator.domain.retention_plan import (
     step_of,
     tenant_action,
 )
+from orchestrator.domain.states import Op
+from orchestrator.domain.statuses import BackupStatus
+from orchestrator.domain.timeliness import overdue_transition
 from orchestrator.services import access
 
 if TYPE_CHECKING:
@@ -61,7 +64,6 @@ if TYPE_CHECKING:
 
 LOCK = "retention"
 JOBS = STEPS  # every step of a run (orchestrator.domain.jobs)
-OVERDUE_AFTER = timedelta(hours=1)
 
 
 class RetentionError(TenantctlError):
@@ -75,11 +77,11 @@ def due_tenant_facts(fleet: Deps, now: datetime) -> list[TenantFact]:
     """Only tenants whose hold or purge date has passed (partial indexes)."""
     cols = (Tenant.slug, Tenant.state, Tenant.hold_until, Tenant.purge_after,
             Tenant.legal_hold, Tenant.legal_hold_reason)
+    rows: list[Any] = []
     with fleet.catalog.session() as s:
-        rows = list(s.execute(select(*cols).where(
-            Tenant.state == TenantState.cancelled, Tenant.hold_until <= now)))
-        rows += s.execute(select(*cols).where(
-            Tenant.state == TenantState.deleted, Tenant.purge_after <= now))
+        for t in states.TIMED.values():  # the graph's timed transitions, due by now
+            rows += s.execute(select(*cols).where(Tenant.state == t.source,
+                                                  getattr(Tenant, t.due) <= now))
     return [TenantFact(*r) for r in rows]
 
 
@@ -90,8 +92,7 @@ def make_plan(fleet: Deps, now: datetime, jobs: Iterable[str] = JOBS) -> list[Ac
     tenants = due_tenant_facts(fleet, now) if {Job.delete, Job.purge} & set(jobs) else []
     verdicts = []
     if Job.prune in jobs:
-        policy = RetentionPolicy(fleet.cfg.backup_keep_days, fleet.cfg.backup_keep_weeks)
-        verdicts = pipeline.prune_candidates(fleet, now, policy)
+        verdicts = pipeline.prune_verdicts(fleet, now, report_kept=False)
     audit_cutoff = now - timedelta(days=lc.audit_days)
     expired = 0
     if Job.audit_purge in jobs:
@@ -241,7 +242,7 @@ def delete_tenant(fleet: Deps, slug: str, now: datetime) -> tuple[str, str]:
         purge_after = now + timedelta(days=fleet.cfg.lifecycle.purge_days)
         with fleet.catalog.session() as s, s.begin():
             s.execute(update(Tenant).where(Tenant.id == tenant.id).values(
-                state=TenantState.deleted, deleted_at=now, purge_after=purge_after,
+                state=states.target(Op.delete), deleted_at=now, purge_after=purge_after,
                 final_backup_id=backup_id))
             s.execute(delete(TenantCredential).where(TenantCredential.tenant_id == tenant.id))
             fleet.catalog.audit("tenant.delete", session=s, tenant=slug, region=tenant.region,
@@ -266,10 +267,6 @@ def _drop_database_and_roles(fleet: Deps, tenant: Tenant, step: str, now: dateti
     access.drop_tenant_grants(fleet, tenant.id, now)  # support access never outlives its tenant
 
 
-ERASABLE = (TenantState.active, TenantState.suspended, TenantState.cancelled,
-            TenantState.deleted)
-
-
 def erase_tenant(fleet: Deps, slug: str, reason: str, now: datetime) -> dict[str, Any]:
     """Erasure on request: no hold. The key is destroyed first, so from that moment
     every backup copy anywhere is unreadable; then sessions, database and roles
@@ -280,14 +277,8 @@ def erase_tenant(fleet: Deps, slug: str, reason: str, now: datetime) -> dict[str
         raise InvalidInput("--reason is required (it is audited)")
     with holding_tenant(fleet.catalog, slug):
         tenant = fleet.get_tenant(slug)
-        if tenant.state == TenantState.purged:
-            raise Conflict(f"tenant {slug!r} is already purged")
-        if tenant.state not in ERASABLE:
-            raise Conflict(f"tenant {slug!r} is {tenant.state}: finish or abandon its "
-                           "provisioning first")
-        if tenant.legal_hold:
-            raise Conflict(f"tenant {slug!r} is under legal hold "
-                           f"({tenant.legal_hold_reason}): erasure refused")
+        states.check(slug, Op.erase, tenant.state, legal_hold=tenant.legal_hold,
+                     legal_hold_reason=tenant.legal_hold_reason)
         with fleet.catalog.session() as s, s.begin():
             _destroy_key(s, tenant, now)
             fleet.catalog.audit("tenant.erase.key_destroyed", session=s, tenant=slug,
@@ -302,10 +293,10 @@ def erase_tenant(fleet: Deps, slug: str, reason: str, now: datetime) -> dict[str
         removed = _delete_all_backups(fleet, tenant)
         with fleet.catalog.session() as s, s.begin():
             s.execute(update(Tenant).where(Tenant.id == tenant.id).values(
-                state=TenantState.purged, purged_at=now))
+                state=states.target(Op.erase), purged_at=now))
             fleet.catalog.audit("tenant.erase", session=s, tenant=slug, region=tenant.region,
                                 reason=reason, objects_deleted=removed)
-    return {"tenant": slug, "state": TenantState.purged.value, "objects_deleted": removed,
+    return {"tenant": slug, "state": states.target(Op.erase).value, "objects_deleted": removed,
             "reason": reason}
 
 
@@ -315,7 +306,7 @@ def _verified_final_backup(fleet: Deps, tenant: Tenant, now: datetime) -> int:
     ``now``. A re-run after a crash reuses it."""
     if tenant.final_backup_id is not None:
         row = pipeline.get_backup(fleet, tenant.final_backup_id)
-        if row.status == "completed" and row.verified_at is not None:
+        if row.status == BackupStatus.completed and row.verified_at is not None:
             return row.id
     backup_id = pipeline.run_backup(fleet, tenant.slug, kind="final", now=now).id
     with fleet.catalog.session() as s, s.begin():
@@ -339,7 +330,7 @@ def purge_tenant(fleet: Deps, slug: str, now: datetime) -> tuple[str, str]:
             _destroy_key(s, tenant, now)
             checkpoint("retention.key_destroyed")  # a kill here rolls the txn back
             s.execute(update(Tenant).where(Tenant.id == tenant.id).values(
-                state=TenantState.purged, purged_at=now))
+                state=states.target(Op.purge), purged_at=now))
             fleet.catalog.audit("tenant.purge", session=s, tenant=slug, region=tenant.region,
                                 objects_deleted=removed)
     return "done", f"{removed} backup objects deleted, key destroyed"
@@ -364,8 +355,8 @@ def _delete_all_backups(fleet: Deps, tenant: Tenant) -> int:
             removed += 1
     with fleet.catalog.session() as s, s.begin():
         s.execute(update(Backup).where(Backup.tenant_id == tenant.id,
-                                       Backup.status != "deleted")
-                  .values(status="deleted"))
+                                       Backup.status != BackupStatus.deleted)
+                  .values(status=BackupStatus.deleted))
     return removed
 
 
@@ -387,26 +378,28 @@ def purge_audit(fleet: Deps, now: datetime) -> str:
 
 
 def status(fleet: Deps, now: datetime, limit: int = 10) -> dict[str, Any]:
-    """Tenants per state, the next deletions and purges, and what is overdue (a
-    date passed more than an hour ago and the action not done): monitoring alerts
-    on the latter."""
-    late = now - OVERDUE_AFTER
+    """Tenants per state, the next deletions and purges, and what is overdue
+    (timeliness.overdue_transition: a date passed more than an hour ago and the
+    action not done): monitoring alerts on the latter."""
 
-    def rows(state: str, col: Any, where: Any, n: int | None) -> list[dict[str, Any]]:
+    def rows(state: str, col: Any, where: Any, n: int | None, overdue: bool = False
+             ) -> list[dict[str, Any]]:
         q = (select(Tenant.slug, Tenant.region, col, Tenant.legal_hold,
-                    Tenant.legal_hold_reason)
+                    Tenant.legal_hold_reason, Tenant.hold_until, Tenant.purge_after)
              .where(Tenant.state == state, where).order_by(col))
         with fleet.catalog.session() as s:
             found = s.execute(q.limit(n) if n else q).all()
         return [{"tenant": r[0], "region": r[1], "due_at": r[2].isoformat(),
-                 "legal_hold": r[3], "legal_hold_reason": r[4]} for r in found]
+                 "legal_hold": r[3], "legal_hold_reason": r[4]} for r in found
+                if not overdue or overdue_transition(state, r[5], r[6], r[3], now)]
 
     with fleet.catalog.session() as s:
         counts = dict(s.execute(select(Tenant.state, func.count()).group_by(Tenant.state)).all())
-    overdue_del = [r for r in rows(TenantState.cancelled, Tenant.hold_until,
-                                   Tenant.hold_until < late, None) if not r["legal_hold"]]
-    overdue_purge = [r for r in rows(TenantState.deleted, Tenant.purge_after,
-                                     Tenant.purge_after < late, None) if not r["legal_hold"]]
+    # read among the due ones (partial indexes), judged by the one rule
+    overdue_del = rows(TenantState.cancelled, Tenant.hold_until, Tenant.hold_until <= now,
+                       None, overdue=True)
+    overdue_purge = rows(TenantState.deleted, Tenant.purge_after, Tenant.purge_after <= now,
+                         None, overdue=True)
     return {
         "now": now.isoformat(),
         "states": {st.value: counts.get(st.value, 0) for st in TenantState},
