@@ -19,7 +19,7 @@ from orchestrator.adapters.catalog.db import with_dbname
 from orchestrator.adapters.catalog.models import Tenant, TenantState
 from orchestrator.adapters.faults import checkpoint
 from orchestrator.adapters.postgres import admin as pgserver
-from orchestrator.devfleet.localfleet import pg_tool
+from orchestrator.adapters.postgres.pgtools import pg_tool
 from orchestrator.domain.errors import Conflict, TenantctlError, first_line
 from orchestrator.domain.names import tenant_lock, tenant_names, validate_slug
 from orchestrator.services.provisioning import holding_tenant

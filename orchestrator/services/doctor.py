@@ -1321,7 +1321,7 @@ def dump_orphan(fleet: Fleet, server: str, database: str, region: str) -> str:
     from backups.service import dump_encrypt_upload
     from backups.stores import open_store
     from orchestrator.adapters.catalog.db import with_dbname
-    from orchestrator.devfleet.localfleet import pg_tool
+    from orchestrator.adapters.postgres.pgtools import pg_tool
 
     store = open_store(fleet.cfg.region(region).backup_store)
     identity = pyrage.x25519.Identity.generate()

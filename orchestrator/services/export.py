@@ -27,7 +27,7 @@ from orchestrator.adapters.catalog.db import with_dbname
 from orchestrator.adapters.catalog.models import TenantState
 from orchestrator.adapters.postgres import admin as pgserver
 from orchestrator.adapters.postgres.admin import libpq_env
-from orchestrator.devfleet.localfleet import pg_tool
+from orchestrator.adapters.postgres.pgtools import pg_tool
 from orchestrator.domain.errors import Conflict, InvalidInput, TenantctlError, first_line
 from orchestrator.services.lifecycle import audited
 
