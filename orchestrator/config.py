@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from orchestrator.domain.bounds import TenantBounds
 from orchestrator.domain.errors import ConfigError
 
 CONFIG_ENV = "TENANTCTL_CONFIG"
@@ -78,30 +79,6 @@ _DURATION_RE = re.compile(r"(0|[1-9][0-9]{0,8}(ms|s|min|h|d))", re.ASCII)
 _SIZE_RE = re.compile(r"(-1|[1-9][0-9]{0,8}(kB|MB|GB|TB))", re.ASCII)
 _UNITS = {"ms": 1, "s": 1000, "min": 60_000, "h": 3_600_000, "d": 86_400_000,
           "kB": 1, "MB": 1024, "GB": 1024**2, "TB": 1024**3}
-
-
-@dataclass(frozen=True)
-class TenantBounds:
-    """What one tenant's login role may take of its server, applied at provisioning
-    and re-applied by `doctor --fix`. ``connection_limit`` and ``temp_file_limit``
-    are hard (a tenant cannot change them); the others are its sessions' defaults,
-    which a session may SET otherwise. Values are Postgres setting strings, stored
-    verbatim in pg_db_role_setting (that is how doctor compares them)."""
-
-    connection_limit: int = 20
-    support_connection_limit: int = 5
-    statement_timeout: str = "5min"
-    idle_in_transaction_session_timeout: str = "5min"
-    temp_file_limit: str = "1GB"
-    work_mem: str = "16MB"
-
-    @property
-    def role_settings(self) -> dict[str, str]:
-        """The login role's settings (ALTER ROLE … SET), by parameter name."""
-        return {"statement_timeout": self.statement_timeout,
-                "idle_in_transaction_session_timeout":
-                    self.idle_in_transaction_session_timeout,
-                "temp_file_limit": self.temp_file_limit, "work_mem": self.work_mem}
 
 
 @dataclass(frozen=True)
