@@ -82,6 +82,8 @@ class BackupRow:
     started_at: datetime
     finished_at: datetime | None
     alive: bool = False  # a live process holds its lock
+    key_id: str | None = None  # the tenant key it is encrypted to (read by the report)
+    store_url: str | None = None  # the store it was written to (read by the report)
 
 
 @dataclass(frozen=True)
