@@ -65,7 +65,8 @@ class ServerIsolation:
     databases: dict[str, bool] | None = None  # database -> PUBLIC may connect
     # login role -> (SUPERUSER, CREATEDB, CREATEROLE, BYPASSRLS)
     roles: dict[str, tuple[bool, ...]] | None = None
-    reaches: list[tuple[str, str]] | None = None  # (login role, another database) it may
+    # (login role, another database of the server it may connect to)
+    reaches: list[tuple[str, str]] | None = None
     error: str | None = None
     probe: Probe | None = None
 

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 
 
 def tenant_row(t: Tenant) -> TenantRow:
+    """A catalog row as the plain data doctor's rules and the promises read."""
     return TenantRow(t.id, t.slug, t.region, t.server, t.database, t.login_role,
                      t.owner_role, t.state, t.revision, t.migration_error, t.legal_hold,
                      t.legal_hold_reason, t.hold_until, t.purge_after, t.activated_at,
