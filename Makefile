@@ -1,6 +1,7 @@
 # Two entry points that work on a fresh machine with only Python >= 3.11 and make:
 #   make quickstart   set up a virtualenv, start the embedded two-region fleet, demo tenants
-#   make test         set up a virtualenv, lint, type-check and run the test suite
+#   make test         set up a virtualenv, lint, type-check, check the import contracts and
+#                     run the test suite
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -20,6 +21,7 @@ quickstart: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy orchestrator cli tenant_schema backups bench
+	$(BIN)/lint-imports --no-logo --no-cache  # the layer contracts: pyproject.toml [tool.importlinter]
 
 test: lint
 	$(BIN)/pytest -q

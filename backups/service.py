@@ -20,8 +20,9 @@ import os
 import subprocess
 import tempfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import IO, TYPE_CHECKING, Any, BinaryIO
 
 import psycopg
@@ -31,6 +32,7 @@ from sqlalchemy import func, select, update
 
 from backups.policy import BackupFact, RetentionPolicy, Schedule, Verdict, is_due, retention
 from backups.stores import ObjectMissing, ObjectStore, ObjectWriter, open_store
+from orchestrator.adapters import clock
 from orchestrator.adapters.catalog.db import with_dbname
 from orchestrator.adapters.catalog.models import Backup, Tenant, TenantKey, TenantState
 from orchestrator.adapters.crypto import tenant_keys as keys
@@ -42,7 +44,7 @@ from orchestrator.domain.errors import Conflict, NotFound, TenantctlError, first
 from orchestrator.domain.names import tenant_lock, tenant_names
 
 if TYPE_CHECKING:
-    from orchestrator.api import Fleet
+    from orchestrator.bootstrap import Deps
 
 BACKUPABLE = (TenantState.active, TenantState.suspended, TenantState.cancelled)
 PRUNABLE = (TenantState.active, TenantState.suspended)
@@ -138,47 +140,49 @@ def _tool_version(tool: str) -> str:
                           check=True, env=child_env()).stdout.strip()
 
 
-def _store_for(fleet: Fleet, region: str) -> ObjectStore:
+def _store_for(fleet: Deps, region: str) -> ObjectStore:
     return open_store(fleet.cfg.region(region).backup_store)
 
 
-def run_backup(fleet: Fleet, slug: str, *, kind: str = "manual") -> BackupResult:
+def run_backup(fleet: Deps, slug: str, *, kind: str = "manual",
+               now: datetime | None = None) -> BackupResult:
     """Dump, encrypt and upload one tenant; the manifest goes last, then the catalog
     row becomes completed. On any failure the partial object is aborted and the
-    row says failed, with the reason."""
+    row says failed, with the reason. ``now`` (a retention run's) stamps every
+    time it writes; without it the clock is read as each step happens."""
     tenant = fleet.get_tenant(slug)
     if tenant.state not in BACKUPABLE:
         raise Conflict(f"tenant {slug!r} is {tenant.state}: nothing to back up")
-    reap_dead(fleet, slug)  # whatever command comes next finishes off a crashed one
+    reap_dead(fleet, slug, now)  # whatever command comes next finishes off a crashed one
     if tenant.state == TenantState.cancelled:
         hold_large_objects(fleet, slug)
     store = _store_for(fleet, tenant.region)  # the tenant's own region, never another
     pg_dump = pg_tool(fleet.cfg, "pg_dump")
     dump_version = _tool_version(pg_dump)
+    started = now or clock.utcnow()
     with fleet.catalog.session() as s, s.begin():
-        key = keys.ensure_key(fleet, s, tenant.id, slug)
+        key = keys.ensure_key(fleet.master_key, s, tenant.id, slug)
         recipient, key_id = key.recipient, key.key_id
         row = Backup(tenant_id=tenant.id, slug=slug, region=tenant.region,
                      store_url=store.url, object_key="", manifest_key="", kind=kind,
                      status="running", key_id=key_id, revision=tenant.revision,
-                     pg_dump_version=dump_version)
+                     pg_dump_version=dump_version, started_at=started)
         s.add(row)
         s.flush()
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        stamp = started.strftime("%Y%m%dT%H%M%SZ")
         row.object_key = f"tenants/{slug}/{row.id:010d}-{stamp}.dump.age"
         row.manifest_key = f"tenants/{slug}/{row.id:010d}-{stamp}.manifest.json"
         backup_id, object_key, manifest_key = row.id, row.object_key, row.manifest_key
-        started = datetime.now(UTC)
 
     dsn = with_dbname(fleet.cfg.server(tenant.server).admin_dsn, tenant.database)
     # Held while this process works on the backup: a row 'running' whose lock is
     # free belongs to a dead process (see reap_dead).
     with fleet.catalog.advisory_lock(_alive(backup_id), wait=True):
         return _run_locked(fleet, tenant, backup_id, dsn, pg_dump, dump_version, recipient,
-                           key_id, store, object_key, manifest_key, started, kind)
+                           key_id, store, object_key, manifest_key, started, kind, now)
 
 
-def hold_large_objects(fleet: Fleet, slug: str) -> None:
+def hold_large_objects(fleet: Deps, slug: str) -> None:
     """During the hold, large objects the login role made since it began (creating
     one needs no privilege) become read-only like the rest. Under the tenant's lock
     and only if it is still cancelled (a reactivation meanwhile wins); skipped when
@@ -200,10 +204,10 @@ def _alive(backup_id: int) -> str:
     return f"backup:{backup_id}"
 
 
-def _run_locked(fleet: Fleet, tenant: Any, backup_id: int, dsn: str, pg_dump: str,
+def _run_locked(fleet: Deps, tenant: Any, backup_id: int, dsn: str, pg_dump: str,
                 dump_version: str, recipient: str, key_id: str, store: ObjectStore,
-                object_key: str, manifest_key: str, started: datetime, kind: str
-                ) -> BackupResult:
+                object_key: str, manifest_key: str, started: datetime, kind: str,
+                now: datetime | None) -> BackupResult:
     slug = tenant.slug
     try:
         with fleet.server_connection(tenant.server) as conn:
@@ -221,7 +225,7 @@ def _run_locked(fleet: Fleet, tenant: Any, backup_id: int, dsn: str, pg_dump: st
             size, sha = dump_encrypt_upload(pg_dump, dsn, snapshot_id, recipient, store,
                                              object_key, lock_wait=wait)
         checkpoint("backup.uploaded")
-        finished = datetime.now(UTC)
+        finished = now or clock.utcnow()
         manifest = {
             "format": "tenantctl-backup/1", "backup_id": backup_id, "tenant": slug,
             "region": tenant.region, "server": tenant.server,
@@ -237,7 +241,8 @@ def _run_locked(fleet: Fleet, tenant: Any, backup_id: int, dsn: str, pg_dump: st
         error = first_line(exc)
         if is_lock_timeout(error):
             error += lock_holders_text(fleet, tenant.server, tenant.database)
-        _finish(fleet, backup_id, status="failed", error=error)
+        _finish(fleet, backup_id, status="failed", error=error,
+                finished_at=now or clock.utcnow())
         fleet.catalog.audit("backup.run", tenant=slug, region=tenant.region,
                             outcome="failed", backup=backup_id, error=error)
         if isinstance(exc, TenantctlError) and not is_lock_timeout(error):
@@ -259,7 +264,7 @@ def is_lock_timeout(error: str) -> bool:
     return any(text in error for text in _LOCK_TIMEOUTS)
 
 
-def lock_holders_text(fleet: Fleet, server: str, database: str) -> str:
+def lock_holders_text(fleet: Deps, server: str, database: str) -> str:
     """'; locked by pid … (role …, idle in transaction since …)': who holds the lock
     a wait in ``database`` timed out on, read as the admin, for the error."""
     try:
@@ -273,8 +278,8 @@ def lock_holders_text(fleet: Fleet, server: str, database: str) -> str:
         f"locked by {', '.join(holders)}"
 
 
-def _finish(fleet: Fleet, backup_id: int, **values: Any) -> None:
-    values.setdefault("finished_at", datetime.now(UTC))
+def _finish(fleet: Deps, backup_id: int, **values: Any) -> None:
+    values.setdefault("finished_at", clock.utcnow())
     with fleet.catalog.session() as s, s.begin():
         s.execute(update(Backup).where(Backup.id == backup_id).values(**values))
 
@@ -341,7 +346,7 @@ def dump_encrypt_upload(pg_dump: str, dsn: str, snapshot_id: str | None, recipie
 # -- reading a backup back -------------------------------------------------------------
 
 
-def get_backup(fleet: Fleet, backup_id: int) -> Backup:
+def get_backup(fleet: Deps, backup_id: int) -> Backup:
     with fleet.catalog.session() as s:
         row = s.get(Backup, backup_id)
     if row is None:
@@ -349,7 +354,7 @@ def get_backup(fleet: Fleet, backup_id: int) -> Backup:
     return row
 
 
-def latest_backup(fleet: Fleet, slug: str) -> Backup:
+def latest_backup(fleet: Deps, slug: str) -> Backup:
     tenant = fleet.get_tenant(slug)
     with fleet.catalog.session() as s:
         row = s.scalars(select(Backup).where(Backup.tenant_id == tenant.id,
@@ -360,7 +365,7 @@ def latest_backup(fleet: Fleet, slug: str) -> Backup:
     return row
 
 
-def check_restorable(fleet: Fleet, row: Backup) -> tuple[ObjectStore, dict[str, Any]]:
+def check_restorable(fleet: Deps, row: Backup) -> tuple[ObjectStore, dict[str, Any]]:
     """A backup is offered for restore only if the catalog says completed, the
     manifest exists and agrees with the catalog, and it sits in the store of the
     tenant's region."""
@@ -407,7 +412,7 @@ class _UntilClosed(io.RawIOBase):
         return len(b)
 
 
-def stream_plaintext(fleet: Fleet, row: Backup, consumer_argv: list[str],
+def stream_plaintext(fleet: Deps, row: Backup, consumer_argv: list[str],
                      env: dict[str, str], *, whole_input: bool = True
                      ) -> subprocess.CompletedProcess[bytes]:
     """Fetch, check and decrypt a backup into the stdin of ``consumer_argv``
@@ -420,7 +425,7 @@ def stream_plaintext(fleet: Fleet, row: Backup, consumer_argv: list[str],
         key = s.get(TenantKey, row.tenant_id)
     if key is None:
         raise BackupError(f"backup {row.id}: the tenant has no key")
-    identity = keys.identity(fleet, key, row.slug)
+    identity = keys.identity(fleet.master_key, key, row.slug)
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(consumer_argv, stdin=subprocess.PIPE, stdout=out, stderr=err,
                                 env=env)
@@ -450,8 +455,9 @@ def stream_plaintext(fleet: Fleet, row: Backup, consumer_argv: list[str],
         return subprocess.CompletedProcess(consumer_argv, code, out.read(), err.read())
 
 
-def verify_backup(fleet: Fleet, backup_id: int) -> dict[str, Any]:
-    """Manifest, checksum, decryption and `pg_restore --list` of one backup."""
+def verify_backup(fleet: Deps, backup_id: int, now: datetime | None = None) -> dict[str, Any]:
+    """Manifest, checksum, decryption and `pg_restore --list` of one backup;
+    verified at ``now`` (a retention run's), else when it ends."""
     row = get_backup(fleet, backup_id)
     pg_restore = pg_tool(fleet.cfg, "pg_restore")
     # pg_restore --list reads the table of contents and exits: let it, and check the
@@ -464,17 +470,15 @@ def verify_backup(fleet: Fleet, backup_id: int) -> dict[str, Any]:
                           f"{lines[-1] if lines else done.returncode}")
     entries = sum(1 for ln in done.stdout.decode(errors="replace").splitlines()
                   if ln and not ln.startswith(";"))
-    _finish(fleet, row.id, verified_at=datetime.now(UTC), finished_at=row.finished_at)
+    _finish(fleet, row.id, verified_at=now or clock.utcnow(), finished_at=row.finished_at)
     fleet.catalog.audit("backup.verify", tenant=row.slug, region=row.region, backup=row.id)
     return {"id": row.id, "tenant": row.slug, "ok": True, "size": row.size,
             "sha256": row.sha256, "toc_entries": entries}
 
 
-def run_many(fleet: Fleet, slugs: list[str], concurrency: int,
+def run_many(fleet: Deps, slugs: list[str], concurrency: int,
              on_done: Any = None, kind: str = "manual") -> list[BackupResult]:
     """Back up many tenants; one tenant's failure never stops the others."""
-    from concurrent.futures import ThreadPoolExecutor
-
     results: list[BackupResult] = []
     lock = threading.Lock()
     catalog_gone = threading.Event()
@@ -502,7 +506,7 @@ def run_many(fleet: Fleet, slugs: list[str], concurrency: int,
     return sorted(results, key=lambda r: r.tenant)
 
 
-def _catalog_answers(fleet: Fleet) -> bool:
+def _catalog_answers(fleet: Deps) -> bool:
     try:
         fleet.catalog.current()
         return True
@@ -510,7 +514,7 @@ def _catalog_answers(fleet: Fleet) -> bool:
         return False
 
 
-def reap_dead(fleet: Fleet, slug: str | None = None) -> int:
+def reap_dead(fleet: Deps, slug: str | None = None, now: datetime | None = None) -> int:
     """Backups left 'running' by a process that died: abort their partial upload
     (no orphan multipart upload, no partial file), mark them failed."""
     q = select(Backup).where(Backup.status == "running")
@@ -529,12 +533,13 @@ def reap_dead(fleet: Fleet, slug: str | None = None) -> int:
                 store.delete(row.object_key)
             if row.manifest_key:
                 store.delete(row.manifest_key)
-            _finish(fleet, row.id, status="failed", error="interrupted: the process died")
+            _finish(fleet, row.id, status="failed", error="interrupted: the process died",
+                    finished_at=now or clock.utcnow())
             reaped += 1
     return reaped
 
 
-def restore_test(fleet: Fleet, backup_id: int) -> dict[str, Any]:
+def restore_test(fleet: Deps, backup_id: int) -> dict[str, Any]:
     """Restore into a scratch database and compare row counts per table with those
     the manifest recorded from the dump's own snapshot; the scratch database is
     dropped whatever happens."""
@@ -580,18 +585,18 @@ def restore_test(fleet: Fleet, backup_id: int) -> dict[str, Any]:
         first = sorted(mismatched)[0]
         raise BackupError(f"backup {row.id}: restored row counts differ, e.g. {first}: "
                           f"expected {mismatched[first][0]}, got {mismatched[first][1]}")
-    _finish(fleet, row.id, verified_at=datetime.now(UTC), finished_at=row.finished_at)
+    _finish(fleet, row.id, verified_at=clock.utcnow(), finished_at=row.finished_at)
     fleet.catalog.audit("backup.verify", tenant=row.slug, region=row.region, backup=row.id,
                         restore_test=True)
     return {"id": row.id, "tenant": row.slug, "ok": True, "tables": len(actual),
             "rows": sum(actual.values()), "large_objects": restored_los["count"]}
 
 
-def run_due_backup(fleet: Fleet, slug: str, now: datetime | None = None) -> BackupResult:
+def run_due_backup(fleet: Deps, slug: str, now: datetime | None = None) -> BackupResult:
     """A scheduled backup, at most once per slot: two schedulers or two overlapping
     `backup run --due` that found the same tenant due back it up once. The slot
     is checked again under a per-tenant lock; whoever comes second skips."""
-    now = now or datetime.now(UTC)
+    now = now or clock.utcnow()
     schedule = Schedule(timedelta(hours=fleet.cfg.backup_interval_hours))
     with fleet.catalog.advisory_lock(f"backup-due:{slug}") as got:
         if not got:
@@ -605,9 +610,9 @@ def run_due_backup(fleet: Fleet, slug: str, now: datetime | None = None) -> Back
         return run_backup(fleet, slug, kind="scheduled")
 
 
-def due_tenants(fleet: Fleet, now: datetime | None = None) -> list[str]:
+def due_tenants(fleet: Deps, now: datetime | None = None) -> list[str]:
     """Tenants whose scheduled backup is due (see backups.policy)."""
-    now = now or datetime.now(UTC)
+    now = now or clock.utcnow()
     schedule = Schedule(timedelta(hours=fleet.cfg.backup_interval_hours))
     with fleet.catalog.session() as s:
         last = dict(s.execute(select(Backup.tenant_id, func.max(Backup.finished_at))
@@ -618,7 +623,7 @@ def due_tenants(fleet: Fleet, now: datetime | None = None) -> list[str]:
     return [t.slug for t in tenants if is_due(t.slug, last.get(t.id), now, schedule)]
 
 
-def prune_facts(fleet: Fleet, now: datetime, policy: Any) -> list[Any]:
+def prune_facts(fleet: Deps, now: datetime, policy: Any) -> list[Any]:
     """The completed backups the policy could prune: those of live tenants (not
     cancelled: a hold keeps every backup until the purge; not under legal hold)
     older than keep_days, plus each such tenant's newest backup, which decides
@@ -661,7 +666,7 @@ SELECT id, slug FROM ranked WHERE NOT (week < %(weeks)s AND nth = 1) ORDER BY sl
 """
 
 
-def prune_candidates(fleet: Fleet, now: datetime, policy: Any) -> list[Any]:
+def prune_candidates(fleet: Deps, now: datetime, policy: Any) -> list[Any]:
     """The backups ``backups.policy.retention`` would prune, computed in the catalog
     (same rules; a test holds the two equal) so that planning ships only what
     is to be pruned, not every old backup of the fleet."""
@@ -675,7 +680,7 @@ def prune_candidates(fleet: Fleet, now: datetime, policy: Any) -> list[Any]:
     return [Verdict(i, slug, False, "beyond the retention policy") for i, slug in rows]
 
 
-def delete_backup(fleet: Fleet, backup_id: int, *, reason: str) -> None:
+def delete_backup(fleet: Deps, backup_id: int, *, reason: str) -> None:
     """Remove one backup from its store (manifest first: without it the object is
     no longer offered for restore), then mark it deleted. Idempotent."""
     b = get_backup(fleet, backup_id)
@@ -689,10 +694,10 @@ def delete_backup(fleet: Fleet, backup_id: int, *, reason: str) -> None:
                         reason=reason)
 
 
-def prune(fleet: Fleet, *, dry_run: bool, now: datetime | None = None) -> list[dict[str, Any]]:
+def prune(fleet: Deps, *, dry_run: bool, now: datetime | None = None) -> list[dict[str, Any]]:
     """Apply the retention policy to live tenants' backups: a report of every backup
     it had to judge (keep/prune, why); unless dry_run, delete what is pruned."""
-    now = now or datetime.now(UTC)
+    now = now or clock.utcnow()
     policy = RetentionPolicy(fleet.cfg.backup_keep_days, fleet.cfg.backup_keep_weeks)
     report = []
     for v in retention(prune_facts(fleet, now, policy), now, policy):

@@ -331,6 +331,7 @@ class S3Store(ObjectStore):
     @property
     def client(self) -> Any:
         if self._client is None:
+            # start-up: boto3 (~0.3 s) only for an s3:// store, once it is used
             import boto3
             from botocore.config import Config as BotoConfig
 

@@ -180,8 +180,9 @@ def restore(
 ) -> None:
     """Restore a backup, as a new tenant (--as) or over its tenant (--in-place --yes).
     The backup is checked whole first; if it is not intact, nothing changes."""
-    from backups.restore import restore_as, restore_in_place
+    from backups.restore import restore_in_place
     from orchestrator.domain.errors import InvalidInput
+    from orchestrator.services.provisioning import restore_as
 
     if (as_ is None) == (not in_place):
         raise InvalidInput("give --as NEW_SLUG, or --in-place --yes")
@@ -232,8 +233,8 @@ def key_export(
     age -d -i key.txt X.dump.age."""
     from pathlib import Path
 
-    from orchestrator.adapters.crypto import tenant_keys as keys
     from orchestrator.adapters.crypto.masterkey import create_private_file
+    from orchestrator.services import credentials
 
     path = None if output == "-" else Path(output)
     fleet = open_fleet()
@@ -241,7 +242,7 @@ def key_export(
         # the file first: an existing one is refused before anything is exported
         out = None if path is None else create_private_file(path, force=force)
         try:
-            text = keys.export_identity(fleet, slug)
+            text = credentials.export_identity(fleet, slug)
         except BaseException:
             if out is not None and path is not None:
                 out.close()

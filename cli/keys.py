@@ -59,9 +59,9 @@ def rotate_master(
 ) -> None:
     """Re-wrap every tenant key and password under a new master key (all or nothing);
     then point `master_key` in the config at the new key."""
-    from orchestrator.adapters.crypto import tenant_keys as keys
     from orchestrator.adapters.crypto.masterkey import MasterKeySource, load_master_key
     from orchestrator.domain.errors import InvalidInput
+    from orchestrator.services import credentials
 
     if (new_key_file is None) == (new_key_env is None):
         raise InvalidInput("give --new-key-file or --new-key-env")
@@ -78,7 +78,7 @@ def rotate_master(
     try:
         if new.key_id == fleet.master_key.key_id:
             raise InvalidInput("the new master key is the one configured now")
-        counts = keys.rotate_master(fleet, new)
+        counts = credentials.rotate_master(fleet, new)
     finally:
         fleet.close()
     if as_json:
@@ -105,10 +105,9 @@ def drill(
     new master key. Then point `master_key` in the config at the new key."""
     import time
 
-    from orchestrator.adapters.crypto import tenant_keys as keys
     from orchestrator.adapters.crypto.masterkey import MasterKeySource, load_master_key
     from orchestrator.domain.errors import InvalidInput
-    from orchestrator.services import access, breach
+    from orchestrator.services import access, breach, credentials
 
     new = load_master_key(MasterKeySource(file=new_key_file))
     fleet = open_fleet()
@@ -131,7 +130,7 @@ def drill(
                       "done": len(revoked.revoked), "failed": sorted(revoked.failed),
                       "errors": {str(k): v for k, v in revoked.failed.items()}})
         t0 = time.perf_counter()
-        counts = keys.rotate_master(fleet, new)
+        counts = credentials.rotate_master(fleet, new)
         steps.append({"step": "re-wrap under the new master key",
                       "seconds": round(time.perf_counter() - t0, 2),
                       "done": counts["identities"] + counts["passwords"], "failed": []})

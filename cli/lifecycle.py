@@ -269,11 +269,11 @@ def audit_list(
     as_json: JsonOpt = False,
 ) -> None:
     """The audit log, newest first."""
-    from orchestrator.adapters.catalog import audit
+    from orchestrator.services import audit_log
 
     fleet = open_fleet()
     try:
-        rows = audit.events(fleet, tenant=tenant, since=since, action=action, limit=limit)
+        rows = audit_log.events(fleet, tenant=tenant, since=since, action=action, limit=limit)
     finally:
         fleet.close()
     if as_json:

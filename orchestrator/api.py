@@ -3,254 +3,31 @@
     fleet = Fleet.from_config()           # tenantctl.toml, $TENANTCTL_CONFIG, --config
     result = fleet.provision("acme", "eu-central")
     result.dsn                            # the tenant's connection string, shown once
+
+``Fleet`` is the top of the house: the dependencies every service takes
+(``orchestrator.bootstrap.Deps``) plus the use cases a caller asks for by name.
+Nothing below this module imports it.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import threading
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager
-from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING
 
-import psycopg
-from psycopg.conninfo import conninfo_to_dict
-from sqlalchemy import delete, func, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.orm import selectinload
+from orchestrator.bootstrap import TARGET_KEY, Deps, ServerInfo
+from orchestrator.config import Config
+from orchestrator.domain.names import check_integrity
+from orchestrator.domain.views import tenant_json
 
-from orchestrator.adapters.catalog.db import Catalog
-from orchestrator.adapters.catalog.models import (
-    PLACED_STATES,
-    UNSHOWN,
-    FleetSetting,
-    Server,
-    Tenant,
-    TenantCredential,
-    TenantKey,
-    TenantState,
-)
-from orchestrator.adapters.crypto import tenant_keys as keys
-from orchestrator.adapters.crypto.masterkey import MasterKey, load_master_key
-from orchestrator.adapters.faults import checkpoint
-from orchestrator.adapters.postgres import admin as pgserver
-from orchestrator.adapters.postgres import revision_files
-from orchestrator.config import Config, load_config
-from orchestrator.domain.errors import CatalogIntegrityError, Conflict, InvalidInput, NotFound
-from orchestrator.domain.names import catalog_mismatch, validate_slug
+if TYPE_CHECKING:
+    from orchestrator.services.provisioning import ProvisionResult
 
-TARGET_KEY = "target_revision"
+__all__ = ["TARGET_KEY", "Fleet", "ServerInfo", "check_integrity", "tenant_json"]
 
 
-def _iso(dt: datetime | None) -> str | None:
-    return dt.astimezone(UTC).isoformat() if dt else None
-
-
-def check_integrity(t: Tenant) -> None:
-    """Every operation on one tenant loads it through `get_tenant`, so a row whose
-    names point at another tenant's objects is stopped here, before any server
-    is touched."""
-    why = catalog_mismatch(t.slug, t.database, t.login_role, t.owner_role)
-    if why is not None:
-        raise CatalogIntegrityError(f"catalog row of tenant {t.slug!r} is inconsistent: "
-                                    f"{why}; refusing to act on it (see `tenantctl doctor`)")
-
-
-def tenant_json(t: Tenant) -> dict[str, Any]:
-    """Stable keys for `--json` and for API callers."""
-    return {
-        "slug": t.slug, "region": t.region, "server": t.server, "database": t.database,
-        "role": t.login_role, "owner_role": t.owner_role, "state": t.state,
-        "revision": t.revision, "created_at": _iso(t.created_at),
-        "activated_at": _iso(t.activated_at), "cancelled_at": _iso(t.cancelled_at),
-        "hold_until": _iso(t.hold_until), "deleted_at": _iso(t.deleted_at),
-        "purge_after": _iso(t.purge_after), "purged_at": _iso(t.purged_at),
-        "suspended_at": _iso(t.suspended_at), "legal_hold": t.legal_hold,
-        "legal_hold_reason": t.legal_hold_reason, "final_backup_id": t.final_backup_id,
-        "provisioning_step": t.step, "last_error": t.last_error,
-        "migration_error": t.migration_error,
-        "migrated_at": _iso(t.migrated_at),
-    }
-
-
-@dataclass
-class ProvisionResult:
-    tenant: dict[str, Any]
-    dsn: str
-    resumed: bool
-    via_template: bool
-
-
-@dataclass
-class ServerInfo:
-    name: str
-    region: str
-    tenants: int
-    capacity: int
-    available: bool
-    template_revision: str | None
-
-    def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
-class Fleet:
+class Fleet(Deps):
     def __init__(self, cfg: Config) -> None:
-        self.cfg = cfg
-        self.catalog = Catalog(cfg)
-        self._server_conns = pgserver.ConnectionCache()
-        self._refills: ThreadPoolExecutor | None = None
-        self._refilling: set[str] = set()
-        self._refill_lock = threading.Lock()
-        self._held: list[str] | None = None  # see refills_held
-
-    @classmethod
-    def from_config(cls, path: str | None = None) -> Fleet:
-        return cls(load_config(path))
-
-    def wait_for_refills(self) -> None:
-        """Return once the spare refills scheduled so far have finished."""
-        with self._refill_lock:
-            pool, self._refills = self._refills, None
-        if pool is not None:
-            pool.shutdown(wait=True)
-
-    def close(self) -> None:
-        self.wait_for_refills()  # let spare refills in flight finish
-        self._server_conns.close()
-        self.catalog.dispose()
-
-    @contextlib.contextmanager
-    def refills_held(self) -> Iterator[None]:
-        """Spare refills asked for inside start only when it ends: e.g. after a
-        sign-up's output, which a refill (or a crash in one) must never hold up."""
-        self._held = []
-        try:
-            yield
-        finally:
-            held, self._held = self._held, None
-            for server in dict.fromkeys(held):
-                self.refill_spares(server)
-
-    def refill_spares(self, server: str) -> None:
-        """Top the server's spare pool up in the background (off the sign-up's path);
-        ``close()`` waits for it. A failure only leaves the pool short: the next
-        sign-up clones on demand, and its refill (or `template build`) tries again."""
-        if self._held is not None:
-            self._held.append(server)
-            return
-        with self._refill_lock:
-            if server in self._refilling:
-                return
-            self._refilling.add(server)
-            if self._refills is None:
-                self._refills = ThreadPoolExecutor(max_workers=1,
-                                                   thread_name_prefix="spares")
-            self._refills.submit(self._refill, server)
-
-    def _refill(self, server: str) -> None:
-        from orchestrator.services import spares
-
-        try:
-            spares.fill(self, server)
-        except Exception:  # noqa: BLE001, S110 - see refill_spares
-            pass
-        finally:
-            with self._refill_lock:
-                self._refilling.discard(server)
-
-    def server_connection(self, server: str) -> AbstractContextManager[psycopg.Connection]:
-        """An autocommit admin connection to a server's maintenance database."""
-        return self._server_conns.connection(server, self.cfg.server(server).admin_dsn)
-
-    @functools.cached_property
-    def master_key(self) -> MasterKey:
-        return load_master_key(self.cfg.master_key)
-
-    @functools.cached_property
-    def head_revision(self) -> str | None:
-        try:
-            return revision_files.head(self.cfg.tenant_migrations)
-        except revision_files.Undecided:
-            # start-up: Alembic (~0.5 s to import) only when the files do not say
-            from orchestrator.adapters.postgres import alembic_runner as tenant_migrations
-
-            return tenant_migrations.head_revision(self.cfg.tenant_migrations)
-
-    def target_revision(self, region: str | None = None) -> str | None:
-        """The revision new tenants are created at. A rollout of the whole fleet (or
-        of one region) sets it, so tenants created during or after the rollout end
-        where the fleet is going; until the first rollout it is head."""
-        keys = [TARGET_KEY] + ([f"{TARGET_KEY}:{region}"] if region else [])
-        with self.catalog.session() as s:
-            rows = dict(s.execute(select(FleetSetting.key, FleetSetting.value)
-                                  .where(FleetSetting.key.in_(keys))).all())
-        value = rows.get(f"{TARGET_KEY}:{region}") or rows.get(TARGET_KEY)
-        if value is None:
-            return self.head_revision
-        return None if value == "base" else value
-
-    def set_target_revision(self, revision: str | None, region: str | None = None) -> None:
-        """Whole fleet: set the fleet target and drop region overrides. One region:
-        set that region's override."""
-        value = revision or "base"
-        with self.catalog.session() as s, s.begin():
-            if region is None:
-                s.execute(delete(FleetSetting).where(FleetSetting.key.like(f"{TARGET_KEY}:%")))
-                key = TARGET_KEY
-            else:
-                key = f"{TARGET_KEY}:{region}"
-            stmt = pg_insert(FleetSetting).values(key=key, value=value)
-            s.execute(stmt.on_conflict_do_update(index_elements=[FleetSetting.key],
-                                                 set_={"value": value, "updated_at": func.now()}))
-
-    # -- catalog reads ---------------------------------------------------------
-
-    def find_tenant(self, slug: str) -> Tenant | None:
-        with self.catalog.session() as s:
-            return s.scalars(select(Tenant).options(selectinload(Tenant.credential))
-                             .where(Tenant.slug == slug)).one_or_none()
-
-    def get_tenant(self, slug: str) -> Tenant:
-        validate_slug(slug)
-        tenant = self.find_tenant(slug)
-        if tenant is None:
-            raise NotFound(f"no tenant {slug!r}")
-        check_integrity(tenant)
-        return tenant
-
-    def tenants(self, region: str | None = None, state: str | None = None) -> list[Tenant]:
-        if region is not None:
-            self.cfg.region(region)
-        if state is not None and state not in TenantState.__members__:
-            raise InvalidInput(f"unknown state {state!r} (one of: "
-                           f"{', '.join(TenantState.__members__)})")
-        q = select(Tenant).order_by(Tenant.region, Tenant.slug)
-        if region:
-            q = q.where(Tenant.region == region)
-        if state:
-            q = q.where(Tenant.state == state)
-        with self.catalog.session() as s:
-            return list(s.scalars(q))
-
-    def servers(self, region: str | None = None) -> list[ServerInfo]:
-        if region is not None:
-            self.cfg.region(region)
-        with self.catalog.session() as s:
-            counts = dict(s.execute(
-                select(Tenant.server, func.count()).where(Tenant.state.in_(PLACED_STATES))
-                .group_by(Tenant.server)).all())
-            q = select(Server).order_by(Server.region, Server.name)
-            if region:
-                q = q.where(Server.region == region)
-            return [ServerInfo(sv.name, sv.region, counts.get(sv.name, 0), sv.capacity,
-                               sv.available, sv.template_revision) for sv in s.scalars(q)]
-
-    # -- provisioning ------------------------------------------------------------
+        super().__init__(cfg)
+        self.refiller = _refill
 
     def provision(self, slug: str, region: str, *, restore_from: int | None = None,
                   shown: bool = True) -> ProvisionResult:
@@ -260,84 +37,19 @@ class Fleet:
         # start-up: provisioning brings Alembic (~0.5 s); read commands never need it
         from orchestrator.services import provisioning
 
-        done = provisioning.provision(self, slug, region, restore_from=restore_from)
-        result = ProvisionResult(tenant_json(done.tenant),
-                                 self.tenant_dsn(done.tenant, done.password),
-                                 done.resumed, done.via_template)
-        if shown:
-            self.credentials_shown(slug)
-        return result
-
-    def credentials_shown(self, slug: str) -> None:
-        """The tenant's connection string reached its reader: a re-run of its create
-        now says "already exists" (`tenant credentials` shows it again)."""
-        with self.catalog.session() as s, s.begin():
-            s.execute(update(Tenant).where(Tenant.slug == slug, Tenant.step == UNSHOWN)
-                      .values(step=None))
-
-    def tenant_dsn(self, tenant: Tenant, password: str, role: str | None = None) -> str:
-        """What the tenant's application connects with: its login role (or ``role``,
-        e.g. a support grant's), its database, the server's address (and TLS mode)
-        from the admin DSN."""
-        admin = conninfo_to_dict(self.cfg.server(tenant.server).admin_dsn)
-        host, port = admin.get("host", "localhost"), admin.get("port", 5432)
-        user = role or tenant.login_role
-        dsn = f"postgresql://{user}:{password}@{host}:{port}/{tenant.database}"
-        if admin.get("sslmode"):
-            dsn += f"?sslmode={admin['sslmode']}"
-        return dsn
+        return provisioning.provision_tenant(self, slug, region, restore_from=restore_from,
+                                             shown=shown)
 
     def credentials(self, slug: str, *, rotate: bool = False) -> str:
         """The tenant's connection string; with ``rotate``, after changing the password.
         The new password is stored (wrapped) before the role gets it, so a crash in
         between leaves a pending password that the next call applies."""
-        tenant = self.get_tenant(slug)
-        if tenant.state not in (TenantState.active, TenantState.suspended,
-                                TenantState.cancelled):
-            raise Conflict(f"tenant {slug!r} is {tenant.state}: it has no usable credentials")
-        cred = tenant.credential
-        if cred is None:  # only an erasure removes it, with the key, before the database
-            with self.catalog.session() as s:
-                key = s.get(TenantKey, tenant.id)
-            raise Conflict(keys.key_destroyed(slug, key) if key is not None
-                           and key.destroyed_at is not None
-                           else f"tenant {slug!r} has no stored password")
-        from orchestrator.services import provisioning  # start-up: see provision()
+        from orchestrator.services import credentials  # start-up: as provision()
 
-        ctx = provisioning.password_context(slug)
-        if rotate:
-            return self._rotate(tenant, ctx)
-        password = self.master_key.unwrap(cred.password_wrapped, ctx).decode()
-        if cred.applied_at is None:  # a rotation that died half-way: finish it
-            return self._rotate(tenant, ctx, password)
-        self.catalog.audit("tenant.credentials.show", tenant=slug, region=tenant.region)
-        dsn = self.tenant_dsn(tenant, password)
-        if tenant.step == UNSHOWN:
-            self.credentials_shown(slug)
-        return dsn
+        return credentials.credentials(self, slug, rotate=rotate)
 
-    def _rotate(self, tenant: Tenant, ctx: str, password: str | None = None) -> str:
-        """Store the new password (wrapped) first, then give it to the role, under the
-        tenant's lock so two rotations cannot cross."""
-        from orchestrator.services import provisioning  # start-up: see provision()
 
-        slug = tenant.slug
-        with provisioning.holding_tenant(self, slug):
-            pending = password is not None
-            password = password or provisioning.new_password()
-            if not pending:
-                with self.catalog.session() as s, s.begin():
-                    master = keys.writing_key(self, s)
-                    s.execute(update(TenantCredential)
-                              .where(TenantCredential.tenant_id == tenant.id)
-                              .values(password_wrapped=master.wrap(password.encode(), ctx),
-                                      master_key_id=master.key_id, applied_at=None))
-                checkpoint("credentials.stored")
-            with self.server_connection(tenant.server) as conn:
-                pgserver.set_password(conn, tenant.login_role, password)
-            with self.catalog.session() as s, s.begin():
-                s.execute(update(TenantCredential)
-                          .where(TenantCredential.tenant_id == tenant.id)
-                          .values(applied_at=datetime.now(UTC)))
-        self.catalog.audit("tenant.credentials.rotate", tenant=slug, region=tenant.region)
-        return self.tenant_dsn(tenant, password)
+def _refill(deps: Deps, server: str) -> None:
+    from orchestrator.services import spares  # start-up: as Fleet.provision
+
+    spares.fill(deps, server)

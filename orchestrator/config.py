@@ -15,6 +15,10 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+from psycopg import ProgrammingError
+from psycopg.conninfo import conninfo_to_dict
 
 from orchestrator.domain.bounds import TenantBounds
 from orchestrator.domain.errors import ConfigError
@@ -232,9 +236,6 @@ def _check_unknown(r: _Reader, raw: dict[str, Any], prefix: str, allowed: set[st
 
 
 def _check_dsn(r: _Reader, key: str, dsn: str) -> None:
-    from psycopg import ProgrammingError
-    from psycopg.conninfo import conninfo_to_dict
-
     try:
         params = conninfo_to_dict(dsn)
     except ProgrammingError:
@@ -254,8 +255,6 @@ def _store_location(r: _Reader, key: str, url: str) -> tuple[str, ...]:
     """Where a backup store keeps its objects — (file, dirs…) or (s3, endpoint, bucket,
     prefix parts…) — refusing any URL that is not plainly one directory or one
     bucket prefix (a store opens exactly where the URL says, or not at all)."""
-    from urllib.parse import parse_qs, urlparse
-
     if not url.startswith(("file://", "s3://")):
         raise r.fail(key, "must be a file:// or s3:// URL")
     parsed = urlparse(url)

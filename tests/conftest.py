@@ -87,6 +87,17 @@ def _closed_port() -> int:
     return localfleet.free_ports(1, start=59900)[0]
 
 
+# The acceptance tier: a test that needs a live cluster (through these session
+# fixtures) is marked `pg` by itself, so `pytest -m "not pg"` runs the fast tier alone.
+PG_FIXTURES = frozenset({"test_fleet", "clean_fleet", "small_fleet"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if PG_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.pg)
+
+
 @pytest.fixture(scope="session")
 def test_fleet() -> Iterator[PgFleet]:
     # Not under pytest's tmp dirs: as root the clusters run as another OS user,

@@ -32,12 +32,10 @@ from hypothesis import strategies as st
 from sqlalchemy import select
 
 from backups import service as pipeline
-from backups.restore import restore_as
 from backups.stores import FileStore, S3Store, StoreError, _check_key, open_store
 from orchestrator.adapters import clock
 from orchestrator.adapters.catalog import audit
 from orchestrator.adapters.catalog.models import Tenant
-from orchestrator.adapters.crypto import tenant_keys as keys
 from orchestrator.api import Fleet
 from orchestrator.config import parse_config
 from orchestrator.domain.errors import ConfigError, InvalidInput, NotFound, TenantctlError
@@ -50,8 +48,9 @@ from orchestrator.domain.names import (
     validate_slug,
 )
 from orchestrator.domain.rollout_plan import parse_budget, parse_timeout, parse_waves
-from orchestrator.services import access, lifecycle, psql, retention
+from orchestrator.services import access, audit_log, credentials, lifecycle, psql, retention
 from orchestrator.services.export import export
+from orchestrator.services.provisioning import restore_as
 from tests.conftest import REPO, TENANTCTL, OwnCatalog, PgFleet, connect_as, run_cli
 
 ALL_SERVERS = ("eu-central-1", "eu-central-2", "ap-south-1")
@@ -187,7 +186,7 @@ def _entry_points(fleet: Fleet, tmp: Path) -> dict[str, Callable[[str], Any]]:
         "erase": lambda s: retention.erase_tenant(fleet, s, "request 1", now),
         "grant": lambda s: access.grant(fleet, s, to="sam", ttl=timedelta(hours=1),
                                         reason="ticket"),
-        "key_export": lambda s: keys.export_identity(fleet, s),
+        "key_export": lambda s: credentials.export_identity(fleet, s),
         "restore_as": lambda s: restore_as(fleet, -1, s),  # no such backup, ever
     }
 
@@ -663,7 +662,7 @@ def test_free_text_is_stored_as_given_or_refused(fleet: Fleet, exportable: str,
             lifecycle.legal_hold(fleet, exportable, on=False, reason="test")
         for kwargs in ({"tenant": text}, {"action": text}):
             try:
-                audit.events(fleet, limit=1, **kwargs)
+                audit_log.events(fleet, limit=1, **kwargs)
             except TenantctlError as exc:
                 one_line(exc)
         # the actor is recorded after the action: whatever it is, the record is written

@@ -15,14 +15,13 @@ import pytest
 from psycopg import sql
 from sqlalchemy import select
 
-from backups import restore
 from backups import service as pipeline
 from orchestrator.adapters import clock
 from orchestrator.adapters.catalog.models import AuditEvent
 from orchestrator.adapters.crypto.masterkey import write_key_file
 from orchestrator.api import Fleet
 from orchestrator.domain.names import tenant_names
-from orchestrator.services import access, doctor, lifecycle, retention
+from orchestrator.services import access, doctor, lifecycle, provisioning, retention
 from tests.conftest import OwnCatalog, PgFleet, connect_as, run_cli
 
 REGION, SERVER = "ap-south", "ap-south-1"
@@ -72,7 +71,7 @@ def test_tenant_large_objects_are_backed_up_and_restored(own_catalog: OwnCatalog
     assert done.status == "completed"
     tested = pipeline.restore_test(fleet, done.id)
     assert tested["large_objects"] == 1
-    copy = restore.restore_as(fleet, done.id, f"{slug}_copy")
+    copy = provisioning.restore_as(fleet, done.id, f"{slug}_copy")
     with connect_as(copy.dsn, autocommit=True) as conn:  # the copy's own login role
         assert conn.execute("SELECT lo_get(%s)", (oid,)).fetchone() == (b"invoice scan",)
         conn.execute("SELECT lo_put(%s, 0, 'I')", (oid,))  # it is the application's again

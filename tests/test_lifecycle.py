@@ -422,3 +422,60 @@ def test_lifecycle_bad_input_changes_nothing(test_fleet: PgFleet, own_catalog: O
     shown = show(test_fleet, own, slug)
     assert shown["state"] == "active" and not shown["legal_hold"]
     assert list(tmp_path.iterdir()) in ([], [tmp_path / "own.toml"])
+
+
+def test_now_reaches_every_time_retention_writes(test_fleet: PgFleet, own_catalog: OwnCatalog,
+                                                 slug: str) -> None:
+    """`retention run --now T` writes T, never the real time: the final backup
+    (started, finished, verified, its object's name and manifest), deleted_at,
+    purge_after = T + purge_days, the support grant that goes with the tenant;
+    then a purge at T2 writes purged_at and the key's destroyed_at = T2. The audit
+    log alone keeps the real time (when it happened: a --now cannot backdate it)."""
+    from datetime import UTC
+
+    from sqlalchemy import update
+
+    from orchestrator.adapters.catalog.models import SupportGrant, Tenant
+    from orchestrator.services import access, lifecycle
+
+    own = own_catalog
+    _make(own, slug)
+    lifecycle.cancel(own.fleet, slug, backup=False)
+    grant = access.grant(own.fleet, slug, to="Sam Support", ttl=timedelta(days=400),
+                         reason="ticket 7")
+    # T well in the past (acting at it needs no override), just after the hold ended
+    real = datetime.now(UTC)
+    t = real.replace(microsecond=123456) - timedelta(days=200)
+    with own.fleet.catalog.session() as s, s.begin():
+        s.execute(update(Tenant).where(Tenant.slug == slug)
+                  .values(hold_until=t - timedelta(hours=1)))
+
+    done = cli_json(test_fleet, own, "retention", "run", "--now", t.isoformat(),
+                    "--only", "delete")
+    assert [(r["action"], r["outcome"]) for r in done["results"]] == [("delete", "done")]
+    tenant = own.fleet.get_tenant(slug)
+    assert tenant.state == "deleted" and tenant.deleted_at == t
+    assert tenant.purge_after == t + timedelta(days=own.fleet.cfg.lifecycle.purge_days)
+    final = pipeline.get_backup(own.fleet, tenant.final_backup_id or 0)
+    assert final.kind == "final" and final.status == "completed"
+    assert (final.started_at, final.finished_at, final.verified_at) == (t, t, t)
+    assert t.strftime("%Y%m%dT%H%M%SZ") in final.object_key
+    manifest = json.loads(open_store(final.store_url).get_bytes(final.manifest_key))
+    assert (manifest["started_at"], manifest["finished_at"]) == (t.isoformat(),) * 2
+    with own.fleet.catalog.session() as s:
+        dropped = s.get(SupportGrant, grant["id"])
+        assert dropped is not None and dropped.dropped_at == t
+        deleted_at = s.scalar(select(AuditEvent.at).where(
+            AuditEvent.tenant == slug, AuditEvent.action == "tenant.delete"))
+    assert deleted_at is not None and deleted_at >= real - timedelta(minutes=5)
+
+    t2 = tenant.purge_after + timedelta(days=1)  # still in the past
+    purged = cli_json(test_fleet, own, "retention", "run", "--now", t2.isoformat(),
+                      "--only", "purge")
+    assert [(r["action"], r["outcome"]) for r in purged["results"]] == [("purge", "done")]
+    tenant = own.fleet.get_tenant(slug)
+    assert tenant.state == "purged" and tenant.purged_at == t2
+    assert (tenant.deleted_at, tenant.purge_after) == (t, t2 - timedelta(days=1))
+    with own.fleet.catalog.session() as s:
+        key = s.get(TenantKey, tenant.id)
+    assert key is not None and key.identity_wrapped is None and key.destroyed_at == t2

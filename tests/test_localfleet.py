@@ -17,9 +17,11 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from orchestrator.adapters.postgres import spare_pool
 from orchestrator.config import load_config
-from orchestrator.services import spares
 from tests.conftest import REPO, TENANTCTL
+
+pytestmark = pytest.mark.pg  # every test here starts clusters of its own
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +63,7 @@ def test_quickstart_from_nothing_and_again(workdir: Path) -> None:
     assert cfg.spare_databases == 2
     for sc in cfg.servers:  # each demo sign-up found its pool empty and filled it
         with psycopg.connect(sc.admin_dsn) as conn:
-            assert [s.ready for s in spares.list_spares(conn)] == [True, True]
+            assert [s.ready for s in spare_pool.list_spares(conn)] == [True, True]
 
     second = _cli(workdir, "quickstart")
     assert second.returncode == 0, second.stderr

@@ -37,9 +37,9 @@ from psycopg.conninfo import conninfo_to_dict
 from sqlalchemy import select
 
 from orchestrator.adapters.catalog.models import AuditEvent
-from orchestrator.adapters.crypto import tenant_keys as keys
 from orchestrator.adapters.crypto.masterkey import write_key_file
 from orchestrator.adapters.postgres import pgtools
+from orchestrator.services import credentials
 from tests.conftest import REPO, OwnCatalog, PgFleet, connect_as, run_cli
 
 
@@ -168,12 +168,12 @@ def test_no_secret_in_argv_output_audit_logs_or_stores(test_fleet: PgFleet, setu
         conn.execute("INSERT INTO customers (email, name) VALUES ('ann@x.test', 'Ann')")
     backup = json.loads(_cli(s, "backup", "run", source, "--json", subprocess_=True
                              ).stdout)[0]
-    cap.secret("age key", keys.export_identity(fleet, source))
+    cap.secret("age key", credentials.export_identity(fleet, source))
     _cli(s, "backup", "verify", "--latest", source, "--restore-test", "--json")
     restored = json.loads(_cli(s, "backup", "restore", str(backup["id"]), "--as", copy,
                                "--json", allowed=("password 2",)).stdout)
     cap.secret("password 2", _password(restored["dsn"]))
-    cap.secret("age key 2", keys.export_identity(fleet, copy))
+    cap.secret("age key 2", credentials.export_identity(fleet, copy))
     _cli(s, "backup", "key", "export", source, allowed=("age key",))
 
     # -- export, psql --------------------------------------------------------------

@@ -16,6 +16,7 @@ from psycopg.conninfo import make_conninfo
 
 from orchestrator.adapters.faults import InjectedFault
 from orchestrator.adapters.postgres import admin as pgserver
+from orchestrator.adapters.postgres import spare_pool
 from orchestrator.api import Fleet
 from orchestrator.config import load_config
 from orchestrator.domain.names import tenant_names
@@ -35,7 +36,7 @@ def _oids(fleet: Fleet) -> dict[str, int]:
 
 
 def _spares(fleet: Fleet) -> dict[str, int]:
-    return {n: o for n, o in _oids(fleet).items() if n.startswith(spares.SPARE_PREFIX)}
+    return {n: o for n, o in _oids(fleet).items() if n.startswith(spare_pool.SPARE_PREFIX)}
 
 
 def _roles(fleet: Fleet, *names: str) -> dict[str, int]:
@@ -44,7 +45,7 @@ def _roles(fleet: Fleet, *names: str) -> dict[str, int]:
         return {r[0]: r[1] for r in conn.execute(
             "SELECT rolname, oid::int FROM pg_roles "
             "WHERE starts_with(rolname, %s) OR rolname = ANY(%s)",
-            (spares.SPARE_PREFIX, list(names)))}
+            (spare_pool.SPARE_PREFIX, list(names)))}
 
 
 @pytest.fixture
@@ -68,7 +69,7 @@ def pooled(healthy: Fleet) -> Iterator[Fleet]:
 def test_a_sign_up_takes_a_spare_and_the_pool_refills(pooled: Fleet) -> None:
     before = _spares(pooled)
     assert len(before) == 2
-    assert all(n.startswith(spares.spare_prefix(pooled.target_revision(REGION)))
+    assert all(n.startswith(spare_pool.spare_prefix(pooled.target_revision(REGION)))
                for n in before)
     spare_roles = _roles(pooled)
     assert len(spare_roles) == 4  # an owner and a login role per spare
@@ -79,7 +80,7 @@ def test_a_sign_up_takes_a_spare_and_the_pool_refills(pooled: Fleet) -> None:
     # the tenant's database and roles ARE one spare's, renamed (same OIDs): nothing
     # was cloned, taken over or granted on the sign-up's path
     taken = next(s for s, oid in before.items() if oid == _oids(pooled)[t.database])
-    own = spares.Spare(taken).names
+    own = spare_pool.Spare(taken).names
     roles = _roles(pooled, t.owner_role, t.login_role)
     assert roles[t.owner_role] == spare_roles[own.owner_role]
     assert roles[t.login_role] == spare_roles[own.login_role]
@@ -132,7 +133,7 @@ def test_a_fill_that_died_half_way_is_never_taken_and_is_cleared(
     assert len(half) == (1 if step == "spare.cloned" else 0)
     assert len(_roles(pooled)) == 2
     with psycopg.connect(pooled.cfg.server(SERVER).admin_dsn, autocommit=True) as conn:
-        assert not spares.claim(conn, tenant_names(new_slug("sp")), "x",
+        assert not spare_pool.claim(conn, tenant_names(new_slug("sp")), "x",
                                 pooled.target_revision(REGION))
     assert spares.fill(pooled, SERVER) == 2
     assert set(_spares(pooled).values()).isdisjoint(half.values())
@@ -144,7 +145,7 @@ def test_spares_of_another_revision_are_never_used_and_get_dropped(pooled: Fleet
         for name in list(_spares(pooled)):  # as if cloned from an older template
             conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
                 sql.Identifier(name), sql.Identifier(
-                    spares.spare_prefix("0001_old") + name[-8:])))
+                    spare_pool.spare_prefix("0001_old") + name[-8:])))
     stale = _spares(pooled)
     stale_roles = _roles(pooled)
     slug = new_slug("sp")

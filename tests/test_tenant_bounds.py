@@ -28,6 +28,7 @@ import pytest
 
 from backups import service as pipeline
 from orchestrator.adapters.catalog.db import Catalog, with_dbname
+from orchestrator.adapters.postgres import spare_pool
 from orchestrator.api import Fleet
 from orchestrator.config import TenantBounds, load_config, parse_config
 from orchestrator.devfleet import localfleet
@@ -179,11 +180,11 @@ def test_a_tenant_made_from_a_spare_is_bounded(own_catalog: OwnCatalog, slug: st
         spares.fill(fleet, server)
         admin = fleet.cfg.server(server).admin_dsn
         with psycopg.connect(admin, autocommit=True) as conn:
-            (spare,) = [x for x in spares.list_spares(conn) if x.ready]
+            (spare,) = [x for x in spare_pool.list_spares(conn) if x.ready]
         fleet.provision(slug + "_s", "ap-south")
         tenant = fleet.get_tenant(slug + "_s")
         with psycopg.connect(admin, autocommit=True) as conn:
-            assert spare.database not in {x.database for x in spares.list_spares(conn)}
+            assert spare.database not in {x.database for x in spare_pool.list_spares(conn)}
         assert role_row(admin, tenant.login_role) == (9, configured(fleet.cfg.bounds))
     finally:
         fleet.close()  # waits for the refill

@@ -1,7 +1,22 @@
 """The one place that says what time it is. Tests (and an operator rehearsing a
 plan) may inject a time with `--now`, but a time in the future only plans: it
 acts only when the environment explicitly allows it, so nobody deletes or
-purges early by accident."""
+purges early by accident.
+
+Everything else asks `utcnow()` here, or better takes `now` as a parameter: a
+retention run reads the clock once and passes its `now` down, so every time it
+writes (final backup, deleted_at, purge_after, purged_at, key destroyed_at,
+grants' dropped_at) is the run's, `--now` included. tests/test_clock.py fails on
+a read of the wall clock anywhere else in orchestrator/, backups/ and cli/.
+
+Not this clock, and allowed elsewhere:
+- monotonic timers (time.monotonic, time.perf_counter) measuring durations and
+  timeouts: they say how long, never what time it is;
+- the catalog's own `now()` column defaults (created_at, updated_at, audit_log.at,
+  in adapters/catalog/models.py): when the catalog recorded a row, by its own
+  transaction time. The audit log keeps saying when an action really happened,
+  so a `--now` cannot backdate its evidence.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +34,7 @@ NOW_RANGE = (datetime(1970, 1, 1, tzinfo=UTC), datetime(9000, 1, 1, tzinfo=UTC))
 
 
 def utcnow() -> datetime:
-    return datetime.now(UTC)
+    return datetime.now(UTC)  # the one read of the wall clock
 
 
 def parse_instant(text: str, what: str = "--now") -> datetime:

@@ -10,13 +10,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from backups import service as pipeline
 from orchestrator.adapters.clock import utcnow
 from orchestrator.config import SchedulerConfig
 from orchestrator.daemon.jsonlog import JsonLog
+from orchestrator.domain.errors import Conflict as TenantChanged
 from orchestrator.domain.errors import InvalidInput, first_line
+from orchestrator.services import retention
 
 if TYPE_CHECKING:
-    from orchestrator.api import Fleet
+    from orchestrator.bootstrap import Deps
     from orchestrator.services.retention import StepResult
 
 JOBS = ("backups", "retention", "prune", "audit_purge")
@@ -64,14 +67,11 @@ class _Interrupted(Exception):
     """Raised between retention steps when the job must stop (SIGTERM, lost lead)."""
 
 
-def backups_job(fleet: Fleet, halt: threading.Event, concurrency: int,
+def backups_job(fleet: Deps, halt: threading.Event, concurrency: int,
                 log: JsonLog) -> JobOutcome:
     """Reap backups a dead process left running, then back up every due tenant,
     `concurrency` at a time. One tenant's failure never stops the others; once
     `halt` is set no new backup starts (those in flight finish)."""
-    from backups import service as pipeline
-    from orchestrator.domain.errors import Conflict as TenantChanged
-
     reaped = pipeline.reap_dead(fleet)
     slugs = pipeline.due_tenants(fleet)
     counts: Counter[str] = Counter()
@@ -105,12 +105,10 @@ def backups_job(fleet: Fleet, halt: threading.Event, concurrency: int,
     return JobOutcome(outcome, result, errors[0] if errors else None)
 
 
-def retention_job(fleet: Fleet, kinds: tuple[str, ...], halt: threading.Event,
+def retention_job(fleet: Deps, kinds: tuple[str, ...], halt: threading.Event,
                   log: JsonLog, job: str = "retention") -> JobOutcome:
     """orchestrator.services.retention.run for some of its jobs; stops between steps when
     `halt` is set (each step is idempotent: the next run finishes the rest)."""
-    from orchestrator.services import retention
-
     counts: Counter[str] = Counter()
 
     def on_step(r: StepResult) -> None:

@@ -6,8 +6,9 @@ import json
 import logging
 import sys
 import threading
-from datetime import UTC, datetime
 from typing import Any, TextIO
+
+from orchestrator.adapters.clock import utcnow
 
 
 class JsonLog:
@@ -19,7 +20,7 @@ class JsonLog:
         self._lock = threading.Lock()
 
     def emit(self, level: str, event: str, **fields: Any) -> None:
-        record = {"ts": datetime.now(UTC).isoformat(timespec="milliseconds"),
+        record = {"ts": utcnow().isoformat(timespec="milliseconds"),
                   "level": level, "event": event, **self.context, **fields}
         line = json.dumps(record, default=str, separators=(",", ":")) + "\n"
         stream = self.stream or sys.stdout

@@ -7,7 +7,6 @@ known values and ``tenantctl_up 0``."""
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -16,11 +15,15 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select
 
+from backups.service import BACKUPABLE
+from orchestrator.adapters.catalog.models import Backup, Tenant
+from orchestrator.adapters.clock import utcnow
 from orchestrator.daemon.jobs import FAILED_OUTCOMES, JOBS
 from orchestrator.domain.errors import Conflict
+from orchestrator.services import retention
 
 if TYPE_CHECKING:
-    from orchestrator.api import Fleet
+    from orchestrator.bootstrap import Deps
 
 
 @dataclass(frozen=True)
@@ -133,7 +136,7 @@ class Metrics:
             self._jobs[job] = replace(
                 s, runs=s.runs + 1, failures=s.failures + (outcome in FAILED_OUTCOMES),
                 last_duration=duration, last_outcome=outcome,
-                last_success=(at or time.time()) if outcome == "ok" else s.last_success)
+                last_success=(at or utcnow().timestamp()) if outcome == "ok" else s.last_success)
 
     def set_fleet(self, gauges: FleetGauges) -> None:
         with self._lock:
@@ -148,12 +151,8 @@ class Metrics:
             return MetricsSnapshot(self._leader, self._up, self._fleet, dict(self._jobs))
 
 
-def read_fleet_gauges(fleet: Fleet, now: datetime) -> FleetGauges:
+def read_fleet_gauges(fleet: Deps, now: datetime) -> FleetGauges:
     """A few aggregate queries on the catalog."""
-    from backups.service import BACKUPABLE
-    from orchestrator.adapters.catalog.models import Backup, Tenant
-    from orchestrator.services import retention
-
     st = retention.status(fleet, now, limit=1)
     last = (select(Backup.tenant_id, func.max(Backup.finished_at).label("at"))
             .where(Backup.status == "completed").group_by(Backup.tenant_id).subquery())

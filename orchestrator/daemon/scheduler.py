@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import threading
 import time
@@ -58,7 +59,7 @@ from orchestrator.daemon.metrics import Metrics, MetricsServer, read_fleet_gauge
 from orchestrator.domain.errors import InvalidInput, first_line
 
 if TYPE_CHECKING:
-    from orchestrator.api import Fleet
+    from orchestrator.bootstrap import Deps
 
 
 # -- the daemon ----------------------------------------------------------------------------
@@ -92,7 +93,7 @@ class SchedulerDaemon:
     """Standby until it holds the leader lock, lead until it loses it or is told
     to stop; `stop()` (or a signal, see install_signal_handlers) ends `run()`."""
 
-    def __init__(self, fleet: Fleet, options: SchedulerOptions, log: JsonLog,
+    def __init__(self, fleet: Deps, options: SchedulerOptions, log: JsonLog,
                  metrics: Metrics | None = None, metrics_server: MetricsServer | None = None,
                  lock: LeaderLock | None = None) -> None:
         self.fleet = fleet
@@ -118,12 +119,10 @@ class SchedulerDaemon:
     def install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT: stop cleanly. A second one: exit now (the next run
         reaps what is left)."""
-        import signal
-
         def handler(signum: int, frame: Any) -> None:
             self._signals += 1
             if self._signals > 1:
-                os.write(1, (json.dumps({"ts": datetime.now(UTC).isoformat(), "level": "error",
+                os.write(1, (json.dumps({"ts": utcnow().isoformat(), "level": "error",
                                          "event": "forced_stop", "signal": signum}) + "\n")
                          .encode())
                 os._exit(1)
@@ -250,7 +249,7 @@ class SchedulerDaemon:
         return BackgroundScheduler(timezone=UTC, daemon=True)
 
     def _add_jobs(self, term: _Term) -> None:
-        now = datetime.now(UTC)
+        now = utcnow()
         for job, seconds in self.options.intervals.items():
             term.scheduler.add_job(
                 self.run_job, IntervalTrigger(seconds=seconds, timezone=UTC), args=(job, term.halt),

@@ -16,6 +16,7 @@ Postgres refuses to run as root: as root we run the clusters as a system user
 from __future__ import annotations
 
 import os
+import pwd
 import secrets
 import shutil
 import socket
@@ -24,6 +25,10 @@ import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
 
 from orchestrator.adapters.crypto.masterkey import write_key_file
 from orchestrator.adapters.postgres.childenv import child_env
@@ -194,7 +199,6 @@ def _os_user() -> tuple[int, int] | None:
     """(uid, gid) to run Postgres as, or None to run as ourselves."""
     if os.geteuid() != 0:
         return None
-    import pwd
 
     try:
         entry = pwd.getpwnam(PG_OS_USER)
@@ -370,9 +374,6 @@ def _bootstrap_admin(cfg: Config, server: ServerConfig, is_catalog_host: bool) -
     with its reserved connections and the right to bound tenants' temp files. True
     when the reserve was just configured (a cluster made before it existed) and
     takes effect at the next restart."""
-    import psycopg
-    from psycopg import sql
-
     assert server.port is not None and server.data_dir is not None
     state = cfg.state_dir or server.data_dir.parent.parent
     su_password = (state / "secrets" / f"{server.name}.superuser").read_text().strip()
@@ -444,8 +445,6 @@ RESERVED_CONNECTIONS = 10
 
 
 def _catalog_port(cfg: Config) -> int | None:
-    from psycopg.conninfo import conninfo_to_dict
-
     try:
         return int(conninfo_to_dict(cfg.catalog_dsn).get("port") or 5432)
     except (ValueError, TypeError):

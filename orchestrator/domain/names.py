@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
-from orchestrator.domain.errors import InvalidInput
+from orchestrator.domain.errors import CatalogIntegrityError, InvalidInput
 
 SLUG_RE = re.compile(r"[a-z][a-z0-9_]{2,39}", re.ASCII)  # always fullmatch: `$` allows "\n"
 CATALOG_DB = "tenantctl_catalog"
@@ -73,3 +74,19 @@ def catalog_mismatch(slug: str, database: str, login_role: str, owner_role: str)
 def tenant_lock(slug: str) -> str:
     """The catalog advisory lock every command that changes the tenant holds."""
     return f"tenant:{slug}"
+
+
+def check_integrity(t: Any) -> None:
+    """Every operation on one tenant loads it through `get_tenant`, so a row whose
+    names point at another tenant's objects is stopped here, before any server
+    is touched."""
+    why = catalog_mismatch(t.slug, t.database, t.login_role, t.owner_role)
+    if why is not None:
+        raise CatalogIntegrityError(f"catalog row of tenant {t.slug!r} is inconsistent: "
+                                    f"{why}; refusing to act on it (see `tenantctl doctor`)")
+
+
+def password_context(slug: str) -> str:
+    """What a tenant's wrapped password is bound to: unwrapping it under another
+    tenant's name fails."""
+    return f"tenant:{slug}:password"

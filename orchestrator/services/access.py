@@ -25,13 +25,13 @@ from orchestrator.adapters import clock
 from orchestrator.adapters.catalog.audit import reason_text
 from orchestrator.adapters.catalog.db import actor
 from orchestrator.adapters.catalog.models import SupportGrant, TenantState
+from orchestrator.adapters.crypto.tenant_keys import new_password
 from orchestrator.adapters.postgres import admin as pgserver
 from orchestrator.domain.errors import Conflict, InvalidInput, NotFound, TenantctlError, first_line
 from orchestrator.domain.grants import settings, settings_changed
-from orchestrator.services.provisioning import new_password
 
 if TYPE_CHECKING:
-    from orchestrator.api import Fleet
+    from orchestrator.bootstrap import Deps
 
 MAX_TTL = timedelta(days=7)
 GRANTABLE = (TenantState.active, TenantState.suspended, TenantState.cancelled)
@@ -71,7 +71,7 @@ def grant_json(g: SupportGrant, now: datetime | None = None) -> dict[str, Any]:
             "revoked_at": g.revoked_at.isoformat() if g.revoked_at else None}
 
 
-def grant(fleet: Fleet, slug: str, *, to: str, ttl: timedelta, reason: str,
+def grant(fleet: Deps, slug: str, *, to: str, ttl: timedelta, reason: str,
           read_only: bool = True) -> dict[str, Any]:
     """Create the grant; returns it with the connection string (shown once)."""
     to, reason = to.strip(), reason_text(reason)
@@ -139,7 +139,7 @@ def grant(fleet: Fleet, slug: str, *, to: str, ttl: timedelta, reason: str,
     return {**data, "dsn": fleet.tenant_dsn(tenant, password, role)}
 
 
-def grants(fleet: Fleet, *, include_ended: bool = False) -> list[dict[str, Any]]:
+def grants(fleet: Deps, *, include_ended: bool = False) -> list[dict[str, Any]]:
     q = select(SupportGrant).order_by(SupportGrant.id)
     if not include_ended:
         q = q.where(SupportGrant.dropped_at.is_(None))
@@ -147,7 +147,7 @@ def grants(fleet: Fleet, *, include_ended: bool = False) -> list[dict[str, Any]]
         return [grant_json(g) for g in s.scalars(q)]
 
 
-def drop_role(fleet: Fleet, g: SupportGrant) -> None:
+def drop_role(fleet: Deps, g: SupportGrant) -> None:
     """End the role's sessions first (whatever fails after), then what it owns goes to
     the tenant's owner role, its privileges go, and the role. Idempotent; the one
     way tenantctl drops a support role."""
@@ -169,9 +169,10 @@ def drop_role(fleet: Fleet, g: SupportGrant) -> None:
                              f"failed: {first_line(exc)}") from None
 
 
-def _end(fleet: Fleet, g: SupportGrant, why: str, *, revoked: bool) -> None:
+def _end(fleet: Deps, g: SupportGrant, why: str, *, revoked: bool,
+         now: datetime | None = None) -> None:
     drop_role(fleet, g)
-    now = clock.utcnow()
+    now = now or clock.utcnow()
     values: dict[str, Any] = {"dropped_at": now}
     if revoked:
         values["revoked_at"] = now
@@ -181,7 +182,7 @@ def _end(fleet: Fleet, g: SupportGrant, why: str, *, revoked: bool) -> None:
                             to=g.grantee)
 
 
-def revoke(fleet: Fleet, grant_id: int | None = None) -> list[int]:
+def revoke(fleet: Deps, grant_id: int | None = None) -> list[int]:
     """Revoke one grant, or (None) every live one: sessions ended, role dropped."""
     q = select(SupportGrant).where(SupportGrant.dropped_at.is_(None))
     if grant_id is not None:
@@ -210,7 +211,7 @@ class RevokeAll:
     failed: dict[int, str] = field(default_factory=dict)  # grant id -> why
 
 
-def revoke_all(fleet: Fleet) -> RevokeAll:
+def revoke_all(fleet: Deps) -> RevokeAll:
     """Every live grant (breach response): one grant's failure is reported, the
     others are revoked all the same."""
     with fleet.catalog.session() as s:
@@ -226,29 +227,31 @@ def revoke_all(fleet: Fleet) -> RevokeAll:
     return result
 
 
-def live(fleet: Fleet) -> list[SupportGrant]:
+def live(fleet: Deps) -> list[SupportGrant]:
     with fleet.catalog.session() as s:
         return list(s.scalars(select(SupportGrant).where(SupportGrant.dropped_at.is_(None))))
 
 
-def expired(fleet: Fleet, now: datetime) -> list[SupportGrant]:
+def expired(fleet: Deps, now: datetime) -> list[SupportGrant]:
     with fleet.catalog.session() as s:
         return list(s.scalars(select(SupportGrant).where(
             SupportGrant.dropped_at.is_(None), SupportGrant.expires_at <= now)))
 
 
-def expire(fleet: Fleet, grant_id: int, *, tampered: str | None = None) -> str:
-    """End an expired grant, or (``tampered``: why) one whose role was changed."""
+def expire(fleet: Deps, grant_id: int, *, tampered: str | None = None,
+           now: datetime | None = None) -> str:
+    """End an expired grant, or (``tampered``: why) one whose role was changed; at
+    ``now`` when a retention run ends it."""
     with fleet.catalog.session() as s:
         g = s.get(SupportGrant, grant_id)
     if g is None or g.dropped_at is not None:
         return "already ended"
-    _end(fleet, g, "tampered" if tampered else "expire", revoked=bool(tampered))
+    _end(fleet, g, "tampered" if tampered else "expire", revoked=bool(tampered), now=now)
     return f"role {g.role_name} of {g.grantee} dropped" + (
         f" (tampered with: {tampered})" if tampered else "")
 
 
-def tampered(fleet: Fleet) -> dict[int, str]:
+def tampered(fleet: Deps) -> dict[int, str]:
     """Live grants whose role changed its own settings (a role may ALTER ROLE its own
     settings and password; only its settings can be seen by a non-superuser): grant
     id -> what changed. A server that cannot be read is skipped (doctor reports it)."""
@@ -275,7 +278,7 @@ def tampered(fleet: Fleet) -> dict[int, str]:
     return found
 
 
-def end_write_grants(fleet: Fleet, tenant_id: int) -> list[int]:
+def end_write_grants(fleet: Deps, tenant_id: int) -> list[int]:
     """The tenant's hold began: its read-write grants end (the data stays as it was
     at cancellation); read-only ones go on."""
     with fleet.catalog.session() as s:
@@ -287,8 +290,9 @@ def end_write_grants(fleet: Fleet, tenant_id: int) -> list[int]:
     return [g.id for g in rows]
 
 
-def drop_tenant_grants(fleet: Fleet, tenant_id: int) -> None:
-    """The tenant is going: its grants go with it (called with the database gone)."""
+def drop_tenant_grants(fleet: Deps, tenant_id: int, now: datetime | None = None) -> None:
+    """The tenant is going: its grants go with it (called with the database gone),
+    dropped at ``now`` (the retention run's or the erasure's)."""
     with fleet.catalog.session() as s:
         rows = list(s.scalars(select(SupportGrant).where(
             SupportGrant.tenant_id == tenant_id, SupportGrant.dropped_at.is_(None))))
@@ -296,4 +300,4 @@ def drop_tenant_grants(fleet: Fleet, tenant_id: int) -> None:
         drop_role(fleet, g)
         with fleet.catalog.session() as s, s.begin():
             s.execute(update(SupportGrant).where(SupportGrant.id == g.id)
-                      .values(dropped_at=clock.utcnow()))
+                      .values(dropped_at=now or clock.utcnow()))

@@ -13,9 +13,10 @@ from typing import TYPE_CHECKING, Any
 from orchestrator.adapters.catalog.models import TenantState
 from orchestrator.adapters.postgres import admin as pgserver
 from orchestrator.domain.errors import TenantctlError, first_line
+from orchestrator.services import credentials
 
 if TYPE_CHECKING:
-    from orchestrator.api import Fleet
+    from orchestrator.bootstrap import Deps
 
 ROTATABLE = (TenantState.active, TenantState.suspended, TenantState.cancelled)
 
@@ -32,7 +33,7 @@ class RotationResult:
         return dict(self.__dict__)
 
 
-def rotate_all(fleet: Fleet, *, region: str | None = None, concurrency: int = 4,
+def rotate_all(fleet: Deps, *, region: str | None = None, concurrency: int = 4,
                kill_sessions: bool = False,
                on_done: Callable[[RotationResult], None] | None = None
                ) -> list[RotationResult]:
@@ -48,7 +49,7 @@ def rotate_all(fleet: Fleet, *, region: str | None = None, concurrency: int = 4,
     def one(slug: str, server: str, role: str) -> None:
         t0 = time.perf_counter()
         try:
-            fleet.credentials(slug, rotate=True)
+            credentials.credentials(fleet, slug, rotate=True)
             ended = 0
             if kill_sessions:
                 with fleet.server_connection(server) as conn:

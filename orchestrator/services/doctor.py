@@ -24,13 +24,19 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+import pyrage
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 from sqlalchemy.orm import selectinload
 
+from backups.service import _alive, dump_encrypt_upload, hold_large_objects, reap_dead, run_backup
+from backups.stores import open_store
 from orchestrator.adapters import clock
+from orchestrator.adapters.catalog.db import lock_key, with_dbname
+from orchestrator.adapters.catalog.locks import holding_tenant
 from orchestrator.adapters.catalog.models import (
+    MIGRATABLE,
     Backup,
     Server,
     SupportGrant,
@@ -40,6 +46,7 @@ from orchestrator.adapters.catalog.models import (
 )
 from orchestrator.adapters.crypto import tenant_keys as keys
 from orchestrator.adapters.postgres import admin as pgserver
+from orchestrator.adapters.postgres.pgtools import pg_tool
 from orchestrator.domain.errors import (
     Conflict,
     MasterKeyError,
@@ -62,11 +69,13 @@ from orchestrator.domain.health import (
     _names,
     diagnose,
 )
-from orchestrator.domain.names import tenant_lock
+from orchestrator.domain.names import password_context, tenant_lock
 from orchestrator.domain.retention_plan import DELETE, PURGE
+from orchestrator.services import access, provisioning, retention, templates
+from orchestrator.services.access import role_name
 
 if TYPE_CHECKING:
-    from orchestrator.api import Fleet
+    from orchestrator.bootstrap import Deps
 
 
 # -- gathering ------------------------------------------------------------------------
@@ -128,7 +137,7 @@ def cluster_id(admin_dsn: str) -> str:
     return f"{d.get('hostaddr') or d.get('host') or 'local'}:{d.get('port') or 5432}"
 
 
-def _read_cluster(fleet: Fleet, server: str, facts: ClusterFacts) -> None:
+def _read_cluster(fleet: Deps, server: str, facts: ClusterFacts) -> None:
     try:
         with fleet.server_connection(server) as conn:
             for name, owner, allow, connect, comment in conn.execute(DATABASES):
@@ -157,8 +166,6 @@ def _read_cluster(fleet: Fleet, server: str, facts: ClusterFacts) -> None:
 
 
 def _read_store(url: str, facts: StoreFacts) -> None:
-    from backups.stores import open_store
-
     try:
         store = open_store(url)
         facts.keys = {o.key for o in store.objects("tenants/")}
@@ -170,13 +177,10 @@ def _read_store(url: str, facts: StoreFacts) -> None:
         facts.error = first_line(exc)
 
 
-def _locked_elsewhere(fleet: Fleet, names: list[str]) -> set[str]:
+def _locked_elsewhere(fleet: Deps, names: list[str]) -> set[str]:
     """Which of these advisory locks another session holds right now (one query)."""
     if not names:
         return set()
-    from sqlalchemy import text
-
-    from orchestrator.adapters.catalog.db import lock_key
 
     keys = {lock_key(n): n for n in names}
     with fleet.catalog.session() as s:
@@ -189,12 +193,11 @@ def _locked_elsewhere(fleet: Fleet, names: list[str]) -> set[str]:
     return {n for k, n in keys.items() if k & 0xFFFF_FFFF_FFFF_FFFF in held_keys}
 
 
-def _settle_marks(fleet: Fleet, tenants: list[Tenant], clusters: dict[str, ClusterFacts],
+def _settle_marks(fleet: Deps, tenants: list[Tenant], clusters: dict[str, ClusterFacts],
                   server_cluster: dict[str, str]) -> tuple[dict[int, str | None], set[str]]:
     """For tenants whose database's mark differs from the catalog row read before the
     servers: the catalog's revision now (a rollout may have moved both meanwhile),
     and the locks of those a migration holds right now (marked, not yet recorded)."""
-    from orchestrator.adapters.catalog.models import MIGRATABLE
     def differs(t: Tenant) -> bool:
         found = _mark(clusters.get(server_cluster.get(t.server, "")), t.database)
         return t.state in MIGRATABLE and found is not None and found[0] \
@@ -209,14 +212,12 @@ def _settle_marks(fleet: Fleet, tenants: list[Tenant], clusters: dict[str, Clust
     return now, _locked_elsewhere(fleet, [tenant_lock(t.slug) for t in differ])
 
 
-def _probe_logins(fleet: Fleet, tenants: list[Tenant], clusters: dict[str, ClusterFacts],
+def _probe_logins(fleet: Deps, tenants: list[Tenant], clusters: dict[str, ClusterFacts],
                   server_cluster: dict[str, str]) -> tuple[set[str], str | None]:
     """Log in as each tenant that may log in, with the password tenantctl holds for it
     (a tenant may change its own role's password): the slugs the server refused on
     the password, and why none were tried if so. Any other refusal (server full, the
     role at its connection limit) proves nothing and is not reported here."""
-    from orchestrator.services.provisioning import password_context
-
     def may_log_in(t: Tenant) -> bool:
         c = clusters.get(server_cluster.get(t.server, ""))
         role = c.roles.get(t.login_role) if c is not None and c.reachable else None
@@ -245,9 +246,7 @@ def _probe_logins(fleet: Fleet, tenants: list[Tenant], clusters: dict[str, Clust
     return {slug for slug, ok in works.items() if ok is False}, None
 
 
-def gather(fleet: Fleet, region: str | None = None, now: datetime | None = None) -> Facts:
-    from backups.service import _alive
-    from orchestrator.services.access import role_name
+def gather(fleet: Deps, region: str | None = None, now: datetime | None = None) -> Facts:
     cfg = fleet.cfg
     if region is not None:
         cfg.region(region)
@@ -338,7 +337,7 @@ class FixResult:
         return {**self.finding.to_json(), "outcome": self.outcome, "detail": self.detail}
 
 
-def repair(fleet: Fleet, region: str | None, confirm: Callable[[Finding], bool],
+def repair(fleet: Deps, region: str | None, confirm: Callable[[Finding], bool],
            on_result: Callable[[FixResult], None] | None = None) -> list[FixResult]:
     """Diagnose, then carry out every automatic fix, destructive ones only when
     ``confirm`` agrees; one failure never stops the others. Under a fleet-wide
@@ -352,7 +351,7 @@ def repair(fleet: Fleet, region: str | None, confirm: Callable[[Finding], bool],
 FIX_LOCK = "doctor:fix"
 
 
-def _repair(fleet: Fleet, findings: list[Finding], confirm: Callable[[Finding], bool],
+def _repair(fleet: Deps, findings: list[Finding], confirm: Callable[[Finding], bool],
             on_result: Callable[[FixResult], None] | None) -> list[FixResult]:
     results: list[FixResult] = []
     once: set[str] = set()
@@ -388,30 +387,26 @@ def _tenant_of(finding: Finding) -> str | None:
     return str(slug) if slug else None
 
 
-def _admin_exec(fleet: Fleet, server: str, stmt: sql.Composed) -> None:
+def _admin_exec(fleet: Deps, server: str, stmt: sql.Composed) -> None:
     with fleet.server_connection(server) as conn:
         conn.execute(stmt)
 
 
-def _fix_provision(fleet: Fleet, x: Finding) -> str:
+def _fix_provision(fleet: Deps, x: Finding) -> str:
     # shown to nobody yet: a re-run of the tenant's create shows its connection string
-    fleet.provision(x.arg("slug"), x.arg("region"), shown=False)
+    provisioning.provision_tenant(fleet, x.arg("slug"), x.arg("region"), shown=False)
     return "provisioning finished"
 
 
-def _fix_backup(fleet: Fleet, x: Finding) -> str:
-    from backups.service import run_backup
-
+def _fix_backup(fleet: Deps, x: Finding) -> str:
     return f"backup {run_backup(fleet, x.arg('slug'), kind='doctor').id} taken"
 
 
-def _fix_reap(fleet: Fleet, x: Finding) -> str:
-    from backups.service import reap_dead
-
+def _fix_reap(fleet: Deps, x: Finding) -> str:
     return f"{reap_dead(fleet)} interrupted backup(s) marked failed"
 
 
-def _fix_forget_backup(fleet: Fleet, x: Finding) -> str:
+def _fix_forget_backup(fleet: Deps, x: Finding) -> str:
     with fleet.catalog.session() as s, s.begin():
         s.execute(update(Backup).where(Backup.id == x.arg("backup_id"), Backup.status ==
                                        "completed").values(
@@ -421,63 +416,53 @@ def _fix_forget_backup(fleet: Fleet, x: Finding) -> str:
     return "marked failed; " + _fix_backup(fleet, x)
 
 
-def _fix_revoke_public(fleet: Fleet, x: Finding) -> str:
+def _fix_revoke_public(fleet: Deps, x: Finding) -> str:
     _admin_exec(fleet, x.arg("server"), sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC")
                 .format(sql.Identifier(x.arg("database"))))
     return "PUBLIC revoked"
 
 
-def _fix_revoke_connect(fleet: Fleet, x: Finding) -> str:
+def _fix_revoke_connect(fleet: Deps, x: Finding) -> str:
     _admin_exec(fleet, x.arg("server"), sql.SQL("REVOKE CONNECT ON DATABASE {} FROM {}")
                 .format(sql.Identifier(x.arg("database")), sql.Identifier(x.arg("role"))))
     return "CONNECT revoked"
 
 
-def _fix_strip_powers(fleet: Fleet, x: Finding) -> str:
+def _fix_strip_powers(fleet: Deps, x: Finding) -> str:
     _admin_exec(fleet, x.arg("server"), sql.SQL("ALTER ROLE {} NOCREATEDB NOCREATEROLE")
                 .format(sql.Identifier(x.arg("role"))))
     return "CREATEDB/CREATEROLE removed"
 
 
-def _fix_revoke_membership(fleet: Fleet, x: Finding) -> str:
+def _fix_revoke_membership(fleet: Deps, x: Finding) -> str:
     _admin_exec(fleet, x.arg("server"), sql.SQL("REVOKE {} FROM {}").format(
         sql.Identifier(x.arg("parent")), sql.Identifier(x.arg("role"))))
     return "membership revoked"
 
 
-def _fix_template(fleet: Fleet, x: Finding) -> str:
-    from orchestrator.services import templates
-
+def _fix_template(fleet: Deps, x: Finding) -> str:
     return f"template at {templates.build(fleet, x.arg('server'))}"
 
 
-def _fix_expire_grants(fleet: Fleet, x: Finding) -> str:
-    from orchestrator.services import access
-
+def _fix_expire_grants(fleet: Deps, x: Finding) -> str:
     ended = [access.expire(fleet, g.id) for g in access.expired(fleet, clock.utcnow())]
     ended += [access.expire(fleet, gid, tampered=why)
               for gid, why in access.tampered(fleet).items()]
     return f"{len(ended)} support grant(s) ended"
 
 
-def _fix_grant_membership(fleet: Fleet, x: Finding) -> str:
-    from orchestrator.adapters.postgres import admin as pgserver
-
+def _fix_grant_membership(fleet: Deps, x: Finding) -> str:
     with fleet.server_connection(x.arg("server")) as conn:
         conn.execute(pgserver.membership_grant(conn, x.arg("role")))
     return "membership granted"
 
 
-def _fix_hold_large_objects(fleet: Fleet, x: Finding) -> str:
-    from backups.service import hold_large_objects
-
+def _fix_hold_large_objects(fleet: Deps, x: Finding) -> str:
     hold_large_objects(fleet, x.arg("slug"))
     return "large objects taken over (read-only for the login role)"
 
 
-def _fix_retention(fleet: Fleet, x: Finding) -> str:
-    from orchestrator.services import retention
-
+def _fix_retention(fleet: Deps, x: Finding) -> str:
     step = retention.delete_tenant if x.fix == DELETE else retention.purge_tenant
     outcome, detail = step(fleet, x.arg("slug"), clock.utcnow())
     if outcome != "done":
@@ -485,30 +470,24 @@ def _fix_retention(fleet: Fleet, x: Finding) -> str:
     return detail
 
 
-def _fix_finish_erase(fleet: Fleet, x: Finding) -> str:
-    from orchestrator.services import retention
-
+def _fix_finish_erase(fleet: Deps, x: Finding) -> str:
     retention.erase_tenant(fleet, x.arg("slug"), "finishing an interrupted erasure "
                            "(doctor --fix)", clock.utcnow())
     return "erasure finished"
 
 
-def _fix_delete_object(fleet: Fleet, x: Finding) -> str:
-    from backups.stores import open_store
-
+def _fix_delete_object(fleet: Deps, x: Finding) -> str:
     open_store(fleet.cfg.region(x.arg("region")).backup_store).delete(x.arg("key"))
     return "object deleted"
 
 
-def _fix_discard_upload(fleet: Fleet, x: Finding) -> str:
-    from backups.stores import open_store
-
+def _fix_discard_upload(fleet: Deps, x: Finding) -> str:
     open_store(fleet.cfg.region(x.arg("region")).backup_store).discard_unfinished(
         x.arg("name"))
     return "unfinished upload removed"
 
 
-def _fix_bound_role(fleet: Fleet, x: Finding) -> str:
+def _fix_bound_role(fleet: Deps, x: Finding) -> str:
     bounds = fleet.cfg.bounds
     with fleet.server_connection(x.arg("server")) as conn:
         settings = pgserver.settable(conn, bounds.role_settings)
@@ -517,13 +496,11 @@ def _fix_bound_role(fleet: Fleet, x: Finding) -> str:
         ", ".join(f"{k}={v}" for k, v in sorted(settings.items()))
 
 
-def _fix_reapply_password(fleet: Fleet, x: Finding) -> str:
+def _fix_reapply_password(fleet: Deps, x: Finding) -> str:
     """The stored password, as a fresh verifier, under the tenant's lock (a rotation
     cannot cross it); a rotation left pending is `tenant credentials`' to finish."""
-    from orchestrator.services.provisioning import holding_tenant, password_context
-
     slug = x.arg("slug")
-    with holding_tenant(fleet, slug):
+    with holding_tenant(fleet.catalog, slug):
         tenant = fleet.get_tenant(slug)
         cred = tenant.credential
         if cred is None or cred.applied_at is None:
@@ -536,9 +513,7 @@ def _fix_reapply_password(fleet: Fleet, x: Finding) -> str:
     return "stored password re-applied"
 
 
-def _fix_drop_orphan_role(fleet: Fleet, x: Finding) -> str:
-    from orchestrator.adapters.postgres import admin as pgserver
-
+def _fix_drop_orphan_role(fleet: Deps, x: Finding) -> str:
     role = sql.Identifier(x.arg("role"))
     if SUPPORT_ROLE.match(x.arg("role")):  # what it made goes to the database's owner
         server = x.arg("server")
@@ -555,7 +530,7 @@ def _fix_drop_orphan_role(fleet: Fleet, x: Finding) -> str:
     return "role dropped"
 
 
-def _fix_drop_orphan_database(fleet: Fleet, x: Finding) -> str:
+def _fix_drop_orphan_database(fleet: Deps, x: Finding) -> str:
     """pg_dump the orphan, encrypted to a fresh age key whose identity goes into the
     manifest wrapped by the master key, into the region's store; drop only once
     that dump is complete."""
@@ -567,21 +542,14 @@ def _fix_drop_orphan_database(fleet: Fleet, x: Finding) -> str:
     return f"dumped to {region}:{key}, then dropped"
 
 
-def dump_orphan(fleet: Fleet, server: str, database: str, region: str) -> str:
-    import pyrage
-
-    from backups.service import dump_encrypt_upload
-    from backups.stores import open_store
-    from orchestrator.adapters.catalog.db import with_dbname
-    from orchestrator.adapters.postgres.pgtools import pg_tool
-
+def dump_orphan(fleet: Deps, server: str, database: str, region: str) -> str:
     store = open_store(fleet.cfg.region(region).backup_store)
     identity = pyrage.x25519.Identity.generate()
     stamp = clock.utcnow().strftime("%Y%m%dT%H%M%SZ")
     base = f"{ORPHAN_PREFIX}{server}/{database}-{stamp}"
     dsn = with_dbname(fleet.cfg.server(server).admin_dsn, database)
     with fleet.catalog.session() as s, s.begin():
-        master = keys.writing_key(fleet, s)  # before anything is dumped
+        master = keys.writing_key(fleet.master_key, s)  # before anything is dumped
     size, sha = dump_encrypt_upload(pg_tool(fleet.cfg, "pg_dump"), dsn, None,
                                     str(identity.to_public()), store, f"{base}.dump.age",
                                     lock_wait=fleet.cfg.lock_timeout)
@@ -594,7 +562,7 @@ def dump_orphan(fleet: Fleet, server: str, database: str, region: str) -> str:
     return f"{base}.dump.age"
 
 
-FIXES: dict[str, Callable[[Fleet, Finding], str]] = {
+FIXES: dict[str, Callable[[Deps, Finding], str]] = {
     "provision": _fix_provision, "backup": _fix_backup, "reap_backups": _fix_reap,
     "forget_backup": _fix_forget_backup, "revoke_public": _fix_revoke_public,
     "revoke_connect": _fix_revoke_connect, "strip_powers": _fix_strip_powers,
@@ -609,7 +577,7 @@ FIXES: dict[str, Callable[[Fleet, Finding], str]] = {
 ONCE = {"reap_backups", "expire_grants"}
 
 
-def run(fleet: Fleet, region: str | None = None, now: datetime | None = None
+def run(fleet: Deps, region: str | None = None, now: datetime | None = None
         ) -> list[Finding]:
     return diagnose(gather(fleet, region, now))
 

@@ -32,7 +32,7 @@ from orchestrator.domain.errors import Conflict, InvalidInput, TenantctlError, f
 from orchestrator.services.lifecycle import audited
 
 if TYPE_CHECKING:
-    from orchestrator.api import Fleet
+    from orchestrator.bootstrap import Deps
 
 FORMATS = ("sql", "csv")
 EXPORTABLE = (TenantState.active, TenantState.suspended, TenantState.cancelled)
@@ -43,7 +43,7 @@ class ExportError(TenantctlError):
 
 
 @audited("export")
-def export(fleet: Fleet, slug: str, fmt: str, output: Path, *, force: bool = False
+def export(fleet: Deps, slug: str, fmt: str, output: Path, *, force: bool = False
            ) -> dict[str, Any]:
     if fmt not in FORMATS:
         raise InvalidInput(f"unknown format {fmt!r}: use sql or csv")
@@ -95,7 +95,7 @@ def export(fleet: Fleet, slug: str, fmt: str, output: Path, *, force: bool = Fal
             "tables": tables, "not_included": left_out}
 
 
-def _sql(fleet: Fleet, dsn: str, out: Any) -> int | None:
+def _sql(fleet: Deps, dsn: str, out: Any) -> int | None:
     argv = [pg_tool(fleet.cfg, "pg_dump"), "--format=plain", "--no-owner", "--no-acl",
             f"--lock-wait-timeout={fleet.cfg.lock_timeout}"]  # a locked table: fail, not hang
     with tempfile.TemporaryFile() as err:

@@ -17,20 +17,22 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from sqlalchemy import update
+from sqlalchemy import select, update
 
+from backups import service as pipeline
+from backups.service import reap_dead
 from orchestrator.adapters import clock
 from orchestrator.adapters.catalog.audit import reason_text
-from orchestrator.adapters.catalog.models import CANCELLING, Tenant, TenantState
+from orchestrator.adapters.catalog.locks import holding_tenant
+from orchestrator.adapters.catalog.models import CANCELLING, Backup, Tenant, TenantState
 from orchestrator.adapters.faults import checkpoint
 from orchestrator.adapters.postgres import admin as pgserver
 from orchestrator.domain.errors import Conflict, InvalidInput, TenantctlError, first_line
 from orchestrator.domain.names import tenant_names
 from orchestrator.services import access
-from orchestrator.services.provisioning import holding_tenant
 
 if TYPE_CHECKING:
-    from orchestrator.api import Fleet
+    from orchestrator.bootstrap import Deps
 
 S = TenantState
 F = TypeVar("F", bound=Callable[..., Any])
@@ -70,7 +72,7 @@ class TransitionResult:
                 "backup_id": self.backup_id, "backup_error": self.backup_error}
 
 
-def _locked_tenant(fleet: Fleet, slug: str, action: str, now: datetime) -> Tenant:
+def _locked_tenant(fleet: Deps, slug: str, action: str, now: datetime) -> Tenant:
     tenant = fleet.get_tenant(slug)
     why = transition_error(action, tenant.state, tenant.hold_until, now)
     if why is not None:
@@ -78,7 +80,7 @@ def _locked_tenant(fleet: Fleet, slug: str, action: str, now: datetime) -> Tenan
     return tenant
 
 
-def _set(fleet: Fleet, tenant: Tenant, action: str, audit: dict[str, Any] | None = None,
+def _set(fleet: Deps, tenant: Tenant, action: str, audit: dict[str, Any] | None = None,
          **values: Any) -> None:
     with fleet.catalog.session() as s, s.begin():
         s.execute(update(Tenant).where(Tenant.id == tenant.id).values(**values))
@@ -93,7 +95,7 @@ def audited(action: str) -> Callable[[F], F]:
     who tried what, not only what succeeded."""
     def wrap(fn: F) -> F:
         @functools.wraps(fn)
-        def inner(fleet: Fleet, slug: str, *args: Any, **kwargs: Any) -> Any:
+        def inner(fleet: Deps, slug: str, *args: Any, **kwargs: Any) -> Any:
             try:
                 return fn(fleet, slug, *args, **kwargs)
             except TenantctlError as exc:
@@ -106,13 +108,13 @@ def audited(action: str) -> Callable[[F], F]:
 
 
 @audited("cancel")
-def cancel(fleet: Fleet, slug: str, *, now: datetime | None = None,
+def cancel(fleet: Deps, slug: str, *, now: datetime | None = None,
            backup: bool = True) -> TransitionResult:
     """Start the hold: writes stop at once (reads and export go on), the database
     stays where it is until the hold ends; then a backup of the final data."""
     now = now or clock.utcnow()
     hold_until = now + timedelta(days=fleet.cfg.lifecycle.hold_days)
-    with holding_tenant(fleet, slug):
+    with holding_tenant(fleet.catalog, slug):
         tenant = fleet.get_tenant(slug)
         # Cancelling again during the hold finishes what a crashed run left undone
         # (its backup) instead of failing: the command is idempotent.
@@ -149,8 +151,6 @@ def cancel(fleet: Fleet, slug: str, *, now: datetime | None = None,
     if again and _backed_up_since(fleet, tenant, tenant.cancelled_at):
         return result
     if backup:
-        from backups import service as pipeline
-
         try:
             result.backup_id = pipeline.run_backup(fleet, slug, kind="cancel").id
         except TenantctlError as exc:
@@ -159,14 +159,9 @@ def cancel(fleet: Fleet, slug: str, *, now: datetime | None = None,
     return result
 
 
-def _backed_up_since(fleet: Fleet, tenant: Tenant, since: datetime | None) -> bool:
+def _backed_up_since(fleet: Deps, tenant: Tenant, since: datetime | None) -> bool:
     """A backup since the cancellation, done or being done by a live process (one a
     dead process left running is reaped first): a second cancel takes none."""
-    from sqlalchemy import select
-
-    from backups.service import reap_dead
-    from orchestrator.adapters.catalog.models import Backup
-
     reap_dead(fleet, tenant.slug)
     with fleet.catalog.session() as s:
         return s.scalar(select(Backup.id).where(
@@ -175,9 +170,9 @@ def _backed_up_since(fleet: Fleet, tenant: Tenant, since: datetime | None) -> bo
 
 
 @audited("reactivate")
-def reactivate(fleet: Fleet, slug: str, *, now: datetime | None = None) -> TransitionResult:
+def reactivate(fleet: Deps, slug: str, *, now: datetime | None = None) -> TransitionResult:
     now = now or clock.utcnow()
-    with holding_tenant(fleet, slug):
+    with holding_tenant(fleet.catalog, slug):
         tenant = _locked_tenant(fleet, slug, "reactivate", now)
         names = tenant_names(slug)
         admin = fleet.cfg.server(tenant.server).admin_dsn
@@ -191,10 +186,10 @@ def reactivate(fleet: Fleet, slug: str, *, now: datetime | None = None) -> Trans
 
 
 @audited("suspend")
-def suspend(fleet: Fleet, slug: str) -> TransitionResult:
+def suspend(fleet: Deps, slug: str) -> TransitionResult:
     """Block every connection of the tenant's role (e.g. an unpaid invoice); no hold
     starts, nothing is deleted."""
-    with holding_tenant(fleet, slug):
+    with holding_tenant(fleet.catalog, slug):
         tenant = _locked_tenant(fleet, slug, "suspend", clock.utcnow())
         with fleet.server_connection(tenant.server) as conn:
             pgserver.set_login(conn, tenant.login_role, False)
@@ -203,8 +198,8 @@ def suspend(fleet: Fleet, slug: str) -> TransitionResult:
 
 
 @audited("resume")
-def resume(fleet: Fleet, slug: str) -> TransitionResult:
-    with holding_tenant(fleet, slug):
+def resume(fleet: Deps, slug: str) -> TransitionResult:
+    with holding_tenant(fleet.catalog, slug):
         tenant = _locked_tenant(fleet, slug, "resume", clock.utcnow())
         with fleet.server_connection(tenant.server) as conn:
             pgserver.set_login(conn, tenant.login_role, True)
@@ -213,7 +208,7 @@ def resume(fleet: Fleet, slug: str) -> TransitionResult:
 
 
 @audited("legal_hold")
-def legal_hold(fleet: Fleet, slug: str, *, on: bool, reason: str) -> dict[str, Any]:
+def legal_hold(fleet: Deps, slug: str, *, on: bool, reason: str) -> dict[str, Any]:
     """A legal hold blocks deletion and purge, whatever the dates say, until lifted."""
     reason = reason_text(reason)
     if not reason:
@@ -221,7 +216,7 @@ def legal_hold(fleet: Fleet, slug: str, *, on: bool, reason: str) -> dict[str, A
     tenant = fleet.get_tenant(slug)
     if tenant.state == S.purged:
         raise Conflict(f"tenant {slug!r} is purged: nothing is left to hold")
-    with holding_tenant(fleet, slug):
+    with holding_tenant(fleet.catalog, slug):
         _set(fleet, tenant, "legal_hold." + ("on" if on else "off"), {"reason": reason},
              legal_hold=on, legal_hold_reason=reason if on else None)
     return {"tenant": slug, "legal_hold": on, "reason": reason}

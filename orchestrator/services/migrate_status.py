@@ -37,7 +37,7 @@ from orchestrator.domain.errors import TenantctlError, first_line
 from orchestrator.domain.names import TEMPLATE_DB
 
 if TYPE_CHECKING:
-    from orchestrator.api import Fleet
+    from orchestrator.bootstrap import Deps
 
 # No alembic_version table (a database at base) is an error, not a NULL: probing
 # for the table first costs every read a catalog lookup.
@@ -197,7 +197,7 @@ def _with_dbname(base: str, dbname: str) -> str:
     return base + " dbname='" + dbname.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def _marked(fleet: Fleet, tenants: Sequence[Tenant], servers: Sequence[str] = ()
+def _marked(fleet: Deps, tenants: Sequence[Tenant], servers: Sequence[str] = ()
             ) -> dict[tuple[str, str], str | None]:
     """(server, database) → revision, for every tenant database marked on a server
     that answered, and each of ``servers``' template (the template is the cluster's:
@@ -227,7 +227,7 @@ def _marked(fleet: Fleet, tenants: Sequence[Tenant], servers: Sequence[str] = ()
 Revisions = tuple[list[Result], dict[str, int], list[dict[str, Any]], dict[str, str | None]]
 
 
-def read_revisions(fleet: Fleet, tenants: Sequence[Tenant], *, live: bool = False,
+def read_revisions(fleet: Deps, tenants: Sequence[Tenant], *, live: bool = False,
                    concurrency: int = 16, per_server: int = 8,
                    template_servers: Sequence[str] = ()) -> Revisions:
     """Each tenant's (revision, error), in order; how many came from each source (its
@@ -256,7 +256,7 @@ def read_revisions(fleet: Fleet, tenants: Sequence[Tenant], *, live: bool = Fals
             templates)
 
 
-def _remark(fleet: Fleet, tenants: Sequence[Tenant],
+def _remark(fleet: Deps, tenants: Sequence[Tenant],
             was: Sequence[tuple[bool, str | None]]) -> list[dict[str, Any]]:
     """Rewrite the mark of each of ``tenants`` from its database (few: tenants from
     before marks, or a mark changed by hand); ``was``: (marked, revision) before."""
@@ -277,7 +277,7 @@ def _remark(fleet: Fleet, tenants: Sequence[Tenant],
         return list(pool.map(one, tenants, was))
 
 
-def fleet_status(fleet: Fleet, region: str | None = None, *, live: bool = False,
+def fleet_status(fleet: Deps, region: str | None = None, *, live: bool = False,
                  concurrency: int = 16, per_server: int = 8) -> StatusReport:
     if region is not None:
         fleet.cfg.region(region)

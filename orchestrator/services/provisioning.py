@@ -15,12 +15,8 @@ tenant's names; the row then goes from registered straight to privileges.
 
 from __future__ import annotations
 
-import secrets
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 import sqlalchemy.exc
@@ -29,7 +25,11 @@ from sqlalchemy import func, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from backups import service as pipeline
+from backups.restore import restore_into
+from orchestrator.adapters import clock
 from orchestrator.adapters.catalog.db import server_error, with_dbname
+from orchestrator.adapters.catalog.locks import holding_tenant
 from orchestrator.adapters.catalog.models import (
     PLACED_STATES,
     UNSHOWN,
@@ -39,24 +39,37 @@ from orchestrator.adapters.catalog.models import (
     TenantState,
 )
 from orchestrator.adapters.crypto import tenant_keys as keys
+from orchestrator.adapters.crypto.tenant_keys import new_password
 from orchestrator.adapters.faults import checkpoint
 from orchestrator.adapters.postgres import admin as pgserver
 from orchestrator.adapters.postgres import alembic_runner as tenant_migrations
+from orchestrator.adapters.postgres import spare_pool
 from orchestrator.domain.errors import Conflict, ServerUnavailable, TenantctlError, first_line
 from orchestrator.domain.names import (
     TEMPLATE_DB,
     TenantNames,
+    check_integrity,
+    password_context,
     tenant_lock,
     tenant_names,
     validate_slug,
 )
 from orchestrator.domain.placement import ServerLoad, choose_server
-from orchestrator.services import spares, templates
+from orchestrator.domain.views import tenant_json
+from orchestrator.services import templates
 
 if TYPE_CHECKING:
-    from orchestrator.api import Fleet
+    from orchestrator.bootstrap import Deps
 
 STEPS = ("registered", "roles", "database", "schema", "privileges", "login")
+
+
+@dataclass
+class ProvisionResult:
+    tenant: dict[str, Any]
+    dsn: str
+    resumed: bool
+    via_template: bool
 
 
 @dataclass
@@ -67,37 +80,17 @@ class Provisioned:
     via_template: bool
 
 
-def new_password() -> str:
-    return secrets.token_urlsafe(32)  # 32 random bytes
-
-
-def password_context(slug: str) -> str:
-    return f"tenant:{slug}:password"
-
-
-@contextmanager
-def holding_tenant(fleet: Fleet, slug: str) -> Iterator[None]:
-    """The tenant's lock, taken by every command that changes the tenant; if another
-    process holds it, a Conflict at once rather than a wait."""
-    with fleet.catalog.advisory_lock(tenant_lock(slug)) as got:
-        if not got:
-            raise Conflict(f"tenant {slug!r} is being changed by another tenantctl process; "
-                           "try again when it has finished")
-        yield
-
-
-def provision(fleet: Fleet, slug: str, region: str, *, restore_from: int | None = None
+def provision(fleet: Deps, slug: str, region: str, *, restore_from: int | None = None
               ) -> Provisioned:
     """Create (or finish creating) a tenant. With ``restore_from``, its database is
     filled from that backup instead of the template."""
     validate_slug(slug)
     fleet.cfg.region(region)  # unknown region: error before anything else
     master = fleet.master_key  # a missing key fails here, before any change
-    with holding_tenant(fleet, slug):
+    with holding_tenant(fleet.catalog, slug):
         tenant = fleet.find_tenant(slug)
         resumed = tenant is not None
         if tenant is not None:
-            from orchestrator.api import check_integrity
 
             check_integrity(tenant)
             if _unshown(tenant, region, restore_from):
@@ -130,6 +123,61 @@ def provision(fleet: Fleet, slug: str, region: str, *, restore_from: int | None 
         return Provisioned(fleet.get_tenant(slug), password, resumed, via_template)
 
 
+def provision_tenant(fleet: Deps, slug: str, region: str, *,
+                     restore_from: int | None = None, shown: bool = True) -> ProvisionResult:
+    """Create (or finish creating) a tenant; the result carries its connection
+    string. With ``shown=False`` the caller calls ``credentials_shown`` once the
+    string has reached its reader; until then a re-run returns it again."""
+    done = provision(fleet, slug, region, restore_from=restore_from)
+    result = ProvisionResult(tenant_json(done.tenant),
+                             fleet.tenant_dsn(done.tenant, done.password),
+                             done.resumed, done.via_template)
+    if shown:
+        fleet.credentials_shown(slug)
+    return result
+
+
+def restore_as(fleet: Deps, backup_id: int, new_slug: str) -> ProvisionResult:
+    validate_slug(new_slug)
+    row = pipeline.get_backup(fleet, backup_id)
+    existing = fleet.find_tenant(new_slug)
+    resuming = existing is not None and existing.state == TenantState.provisioning \
+        and existing.restored_from == backup_id
+    if existing is not None and not resuming:
+        raise Conflict(f"tenant {new_slug!r} already exists")
+    pipeline.verify_backup(fleet, backup_id)  # a bad backup stops here, nothing made
+    try:
+        result = provision_tenant(fleet, new_slug, row.region, restore_from=backup_id)
+    except TenantctlError:
+        abandon(fleet, new_slug, backup_id)
+        raise
+    fleet.catalog.audit("backup.restore", tenant=new_slug, region=row.region,
+                        backup=backup_id, source=row.slug)
+    return result
+
+
+def abandon(fleet: Deps, slug: str, backup_id: int) -> None:
+    """Remove a tenant that was being made from a backup and failed: its database,
+    its roles (only if they carry our marker), its catalog rows."""
+    with fleet.catalog.advisory_lock(tenant_lock(slug)) as got:
+        if not got:
+            return
+        tenant = fleet.find_tenant(slug)
+        if tenant is None or tenant.state != TenantState.provisioning \
+                or tenant.restored_from != backup_id:
+            return
+        names = tenant_names(slug)
+        marker = pgserver.role_marker(tenant.id, slug)
+        with fleet.server_connection(tenant.server) as conn:
+            pgserver.drop_marked_tenant(conn, names, marker)
+        with fleet.catalog.session() as s, s.begin():
+            row = s.get(Tenant, tenant.id)
+            if row is not None:
+                s.delete(row)
+            fleet.catalog.audit("backup.restore", tenant=slug, region=tenant.region,
+                                session=s, outcome="abandoned", backup=backup_id)
+
+
 def _unshown(tenant: Tenant, region: str, restore_from: int | None) -> bool:
     return tenant.state == TenantState.active and tenant.step == UNSHOWN \
         and tenant.credential is not None and tenant.region == region \
@@ -149,7 +197,7 @@ def _server_loads(session: Session, region: str) -> list[ServerLoad]:
             for s in servers]
 
 
-def _register(fleet: Fleet, slug: str, region: str, password: str,
+def _register(fleet: Deps, slug: str, region: str, password: str,
               restore_from: int | None = None) -> Tenant:
     names = tenant_names(slug)
     with fleet.catalog.session() as s, s.begin():
@@ -169,7 +217,7 @@ def _register(fleet: Fleet, slug: str, region: str, password: str,
                         login_role=names.login_role, owner_role=names.owner_role,
                         state=TenantState.provisioning, step="registered",
                         restored_from=restore_from)
-        master = keys.writing_key(fleet, s)  # a stray key: refused, nothing written
+        master = keys.writing_key(fleet.master_key, s)  # a stray key: refused, nothing written
         tenant.credential = TenantCredential(
             password_wrapped=master.wrap(password.encode(), password_context(slug)),
             master_key_id=master.key_id)
@@ -185,7 +233,7 @@ def _register(fleet: Fleet, slug: str, region: str, password: str,
     return tenant
 
 
-def _progress(fleet: Fleet, tenant_id: int, **fields: object) -> None:
+def _progress(fleet: Deps, tenant_id: int, **fields: object) -> None:
     """Record a finished step. Without waiting for the WAL flush: a lost progress
     marker only makes a re-run redo an idempotent step, never skip one."""
     with fleet.catalog.session() as s, s.begin():
@@ -193,7 +241,7 @@ def _progress(fleet: Fleet, tenant_id: int, **fields: object) -> None:
         s.execute(update(Tenant).where(Tenant.id == tenant_id).values(**fields))
 
 
-def _run_steps(fleet: Fleet, tenant: Tenant, password: str) -> bool:
+def _run_steps(fleet: Deps, tenant: Tenant, password: str) -> bool:
     """Carry out the steps after ``tenant.step``. True if the database was cloned
     from the template."""
     names = tenant_names(tenant.slug)
@@ -207,7 +255,7 @@ def _run_steps(fleet: Fleet, tenant: Tenant, password: str) -> bool:
             if done < STEPS.index("roles") and _uses_spares(fleet, tenant):
                 current = "roles"
                 target = fleet.target_revision(tenant.region)
-                if spares.claim(conn, names, marker, target):  # roles to privileges at once
+                if spare_pool.claim(conn, names, marker, target):  # roles to privileges at once
                     checkpoint("provision.spare")
                     _progress(fleet, tenant.id, step="privileges", revision=target)
                     done, revision, via_template = STEPS.index("privileges"), target, True
@@ -253,7 +301,7 @@ def _run_steps(fleet: Fleet, tenant: Tenant, password: str) -> bool:
                 f"re-run `tenantctl tenant create {tenant.slug} --region {tenant.region}` "
                 "to finish") from None
         raise
-    now = datetime.now(UTC)
+    now = clock.utcnow()
     with fleet.catalog.session() as s, s.begin():
         s.execute(update(Tenant).where(Tenant.id == tenant.id).values(
             state=TenantState.active, step=UNSHOWN, revision=revision, activated_at=now,
@@ -271,13 +319,13 @@ def _run_steps(fleet: Fleet, tenant: Tenant, password: str) -> bool:
     return via_template
 
 
-def _uses_spares(fleet: Fleet, tenant: Tenant) -> bool:
+def _uses_spares(fleet: Deps, tenant: Tenant) -> bool:
     # a restore needs an empty database, not a copy of the template
     return fleet.cfg.use_template and fleet.cfg.spare_databases > 0 and \
         tenant.restored_from is None
 
 
-def _create_database(fleet: Fleet, conn: psycopg.Connection, names: TenantNames,
+def _create_database(fleet: Deps, conn: psycopg.Connection, names: TenantNames,
                      server: str, *, use_template: bool = True) -> bool:
     """Clone the server's template if it is at head (building or upgrading it first
     if needed); otherwise create an empty database for the migrations to fill."""
@@ -296,7 +344,7 @@ def _create_database(fleet: Fleet, conn: psycopg.Connection, names: TenantNames,
     return False
 
 
-def _try_build_template(fleet: Fleet, server: str, target: str | None) -> bool:
+def _try_build_template(fleet: Deps, server: str, target: str | None) -> bool:
     try:
         templates.build(fleet, server, target)
         return True
@@ -309,7 +357,7 @@ def _try_build_template(fleet: Fleet, server: str, target: str | None) -> bool:
         return False
 
 
-def _migrate_to(fleet: Fleet, tenant: Tenant, target: str | None) -> str | None:
+def _migrate_to(fleet: Deps, tenant: Tenant, target: str | None) -> str | None:
     names = tenant_names(tenant.slug)
     dsn = with_dbname(fleet.cfg.server(tenant.server).admin_dsn, names.database)
     with tenant_migrations.tenant_connection(dsn) as sconn:
@@ -317,7 +365,7 @@ def _migrate_to(fleet: Fleet, tenant: Tenant, target: str | None) -> str | None:
                                          as_role=names.owner_role)
 
 
-def _schema_and_privileges(fleet: Fleet, tenant: Tenant, done: int) -> str | None:
+def _schema_and_privileges(fleet: Deps, tenant: Tenant, done: int) -> str | None:
     """In the tenant's database, on one connection: take over the template's objects,
     migrate to head if the database is behind (as the owner role), then grant.
     On the template path all of it is a single transaction."""
@@ -338,8 +386,6 @@ def _schema_and_privileges(fleet: Fleet, tenant: Tenant, done: int) -> str | Non
                 if granted:
                     pgserver.secure_tenant_database(pconn, names)
             if restore:
-                from backups.restore import restore_into  # backups builds on us, not we on it
-
                 assert tenant.restored_from is not None
                 restore_into(fleet, tenant.restored_from, dsn, names.owner_role)
                 with sconn.begin():

@@ -17,12 +17,12 @@ from orchestrator.adapters.catalog.models import Tenant, TenantState
 from orchestrator.adapters.postgres import admin as pgserver
 from orchestrator.adapters.postgres.pgtools import pg_tool
 from orchestrator.domain.errors import Conflict
-from orchestrator.services import provisioning
+from orchestrator.domain.names import password_context
 
 if TYPE_CHECKING:
-    from orchestrator.api import Fleet
+    from orchestrator.bootstrap import Deps
 
-def psql_env(fleet: Fleet, tenant: Tenant, *, owner: bool) -> dict[str, str]:
+def psql_env(fleet: Deps, tenant: Tenant, *, owner: bool) -> dict[str, str]:
     slug = tenant.slug
     if tenant.state not in (TenantState.active, TenantState.suspended, TenantState.cancelled):
         raise Conflict(f"tenant {slug!r} is {tenant.state}: its database is not available")
@@ -37,11 +37,11 @@ def psql_env(fleet: Fleet, tenant: Tenant, *, owner: bool) -> dict[str, str]:
         env.pop("PGPASSFILE", None)
         env["PGUSER"] = tenant.login_role
         env["PGPASSWORD"] = fleet.master_key.unwrap(
-            cred.password_wrapped, provisioning.password_context(slug)).decode()
+            cred.password_wrapped, password_context(slug)).decode()
     return env
 
 
-def run(fleet: Fleet, slug: str, *, owner: bool, command: str | None) -> int:
+def run(fleet: Deps, slug: str, *, owner: bool, command: str | None) -> int:
     tenant = fleet.get_tenant(slug)
     env = psql_env(fleet, tenant, owner=owner)
     fleet.catalog.audit("tenant.psql", tenant=slug, region=tenant.region,

@@ -37,9 +37,10 @@ from orchestrator.domain.promises import (
     Promise,
     ServerIsolation,
 )
+from orchestrator.services import credentials
 
 if TYPE_CHECKING:
-    from orchestrator.api import Fleet
+    from orchestrator.bootstrap import Deps
 
 
 def tenant_row(t: Tenant) -> TenantRow:
@@ -59,13 +60,13 @@ def backup_row(b: Backup) -> BackupRow:
 # -- 1. isolation -------------------------------------------------------------------
 
 
-def check_isolation(fleet: Fleet, tenants: Sequence[TenantRow]) -> Promise:
+def check_isolation(fleet: Deps, tenants: Sequence[TenantRow]) -> Promise:
     seen = [_read_isolation(fleet, server, group)
             for server, group in promises.live_by_server(tenants).items()]
     return promises.check_isolation(tenants, seen)
 
 
-def _read_isolation(fleet: Fleet, server: str, group: list[TenantRow]) -> ServerIsolation:
+def _read_isolation(fleet: Deps, server: str, group: list[TenantRow]) -> ServerIsolation:
     seen = ServerIsolation(server)
     try:
         with fleet.server_connection(server) as conn:
@@ -101,14 +102,14 @@ def _read_isolation(fleet: Fleet, server: str, group: list[TenantRow]) -> Server
     return seen
 
 
-def _live_probe(fleet: Fleet, tenant: TenantRow, others: list[str],
+def _live_probe(fleet: Deps, tenant: TenantRow, others: list[str],
                 offenders: dict[str, str]) -> int:
     """Connect as the tenant's own role to other databases: every attempt must be
     refused for want of the privilege. First prove the credentials log in to its own
     database: a refusal for a wrong password (or a full server) says nothing about
     isolation. Returns the number of refusals that count."""
     try:
-        dsn = fleet.credentials(tenant.slug)
+        dsn = credentials.credentials(fleet, tenant.slug)
     except TenantctlError:
         return 0
     try:
@@ -136,7 +137,7 @@ def _live_probe(fleet: Fleet, tenant: TenantRow, others: list[str],
 # -- 2. region: what each region's store holds --------------------------------------
 
 
-def read_stores(fleet: Fleet) -> dict[str, StoreFacts]:
+def read_stores(fleet: Deps) -> dict[str, StoreFacts]:
     stores = {name: StoreFacts(name, rc.backup_store) for name, rc in fleet.cfg.regions.items()}
     for st in stores.values():
         try:
@@ -149,7 +150,7 @@ def read_stores(fleet: Fleet) -> dict[str, StoreFacts]:
 # -- 5. audit: what the audit log holds ------------------------------------------------
 
 
-def read_audit(fleet: Fleet) -> tuple[set[tuple[str | None, str]], datetime | None, int]:
+def read_audit(fleet: Deps) -> tuple[set[tuple[str | None, str]], datetime | None, int]:
     with fleet.catalog.session() as s:
         seen = {(r[0], r[1]) for r in s.execute(
             select(AuditEvent.tenant, AuditEvent.action).where(
@@ -163,7 +164,7 @@ def read_audit(fleet: Fleet) -> tuple[set[tuple[str | None, str]], datetime | No
 # -- the report -----------------------------------------------------------------------
 
 
-def build(fleet: Fleet, now: datetime | None = None) -> dict[str, Any]:
+def build(fleet: Deps, now: datetime | None = None) -> dict[str, Any]:
     now = now or clock.utcnow()
     with fleet.catalog.session() as s:
         tenants = [tenant_row(t) for t in s.scalars(select(Tenant).order_by(Tenant.slug))]

@@ -20,13 +20,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from psycopg import sql
 from sqlalchemy import delete, func, select, update
 
 from backups import service as pipeline
 from backups.policy import RetentionPolicy
 from backups.stores import open_store
 from orchestrator.adapters.catalog.audit import reason_text
+from orchestrator.adapters.catalog.locks import holding_tenant
 from orchestrator.adapters.catalog.models import (
     AuditEvent,
     Backup,
@@ -52,10 +52,10 @@ from orchestrator.domain.retention_plan import (
     plan,
     tenant_action,
 )
-from orchestrator.services.provisioning import holding_tenant
+from orchestrator.services import access
 
 if TYPE_CHECKING:
-    from orchestrator.api import Fleet
+    from orchestrator.bootstrap import Deps
 
 LOCK = "retention"
 JOBS = ("delete", "purge", "prune", "audit", "access")
@@ -71,7 +71,7 @@ class RetentionError(TenantctlError):
 # -- reading the facts ---------------------------------------------------------------
 
 
-def due_tenant_facts(fleet: Fleet, now: datetime) -> list[TenantFact]:
+def due_tenant_facts(fleet: Deps, now: datetime) -> list[TenantFact]:
     """Only tenants whose hold or purge date has passed (partial indexes)."""
     cols = (Tenant.slug, Tenant.state, Tenant.hold_until, Tenant.purge_after,
             Tenant.legal_hold, Tenant.legal_hold_reason)
@@ -83,7 +83,7 @@ def due_tenant_facts(fleet: Fleet, now: datetime) -> list[TenantFact]:
     return [TenantFact(*r) for r in rows]
 
 
-def make_plan(fleet: Fleet, now: datetime, jobs: tuple[str, ...] = JOBS) -> list[Action]:
+def make_plan(fleet: Deps, now: datetime, jobs: tuple[str, ...] = JOBS) -> list[Action]:
     lc = fleet.cfg.lifecycle
     tenants = due_tenant_facts(fleet, now) if {"delete", "purge"} & set(jobs) else []
     verdicts = []
@@ -98,8 +98,6 @@ def make_plan(fleet: Fleet, now: datetime, jobs: tuple[str, ...] = JOBS) -> list
                                .where(AuditEvent.at < audit_cutoff)) or 0
     grants = []
     if "access" in jobs:
-        from orchestrator.services import access
-
         grants = [GrantFact(g.id, g.slug, g.grantee, g.expires_at)
                   for g in access.expired(fleet, now)]
         # a role that changed its own settings ends now, whatever its TTL says
@@ -143,7 +141,7 @@ class RunReport:
                 "failed": len(self.failed)}
 
 
-def run(fleet: Fleet, now: datetime, *, dry_run: bool, jobs: tuple[str, ...] = JOBS,
+def run(fleet: Deps, now: datetime, *, dry_run: bool, jobs: tuple[str, ...] = JOBS,
         on_plan: Callable[[list[Action]], None] | None = None,
         on_step: Callable[[StepResult], None] | None = None) -> RunReport:
     """Plan, report the plan, then (unless dry_run) do it. Two concurrent runs never
@@ -165,7 +163,7 @@ def run(fleet: Fleet, now: datetime, *, dry_run: bool, jobs: tuple[str, ...] = J
         return report
 
 
-def _execute(fleet: Fleet, action: Action, now: datetime) -> StepResult:
+def _execute(fleet: Deps, action: Action, now: datetime) -> StepResult:
     try:
         if action.kind == BLOCKED:
             fleet.catalog.audit("retention.blocked", tenant=action.tenant,
@@ -184,12 +182,10 @@ def _execute(fleet: Fleet, action: Action, now: datetime) -> StepResult:
         if action.kind == AUDIT:
             return StepResult(action, "done", purge_audit(fleet, now))
         if action.kind == EXPIRE_GRANT:
-            from orchestrator.services import access
-
             assert action.grant_id is not None
             why = action.detail.partition("tampered with: ")[2] or None
             return StepResult(action, "done", access.expire(fleet, action.grant_id,
-                                                            tampered=why))
+                                                            tampered=why, now=now))
         raise AssertionError(action.kind)
     except Exception as exc:  # noqa: BLE001 - one step's failure never ends the run
         error = first_line(exc) if isinstance(exc, TenantctlError) else \
@@ -221,10 +217,10 @@ def _destroy_key(s: Any, tenant: Tenant, now: datetime) -> None:
     s.execute(delete(TenantCredential).where(TenantCredential.tenant_id == tenant.id))
 
 
-def delete_tenant(fleet: Fleet, slug: str, now: datetime) -> tuple[str, str]:
+def delete_tenant(fleet: Deps, slug: str, now: datetime) -> tuple[str, str]:
     """Hold ended → verified final backup → database and roles dropped → deleted.
     Every check is made again under the tenant's lock: the plan may be stale."""
-    with holding_tenant(fleet, slug):
+    with holding_tenant(fleet.catalog, slug):
         tenant = fleet.get_tenant(slug)
         if tenant.state == TenantState.deleted:
             return "skipped", "already deleted"
@@ -236,9 +232,9 @@ def delete_tenant(fleet: Fleet, slug: str, now: datetime) -> tuple[str, str]:
         # waits are bounded: a failure is this step's, with who held the lock.
         with fleet.server_connection(tenant.server) as conn:
             pgserver.terminate_other_sessions(conn, tenant_names(slug).database)
-        backup_id = _verified_final_backup(fleet, tenant)
+        backup_id = _verified_final_backup(fleet, tenant, now)
         checkpoint("retention.final_backup")
-        _drop_database_and_roles(fleet, tenant, "retention")
+        _drop_database_and_roles(fleet, tenant, "retention", now)
         checkpoint("retention.dropped_roles")
         purge_after = now + timedelta(days=fleet.cfg.lifecycle.purge_days)
         with fleet.catalog.session() as s, s.begin():
@@ -252,7 +248,7 @@ def delete_tenant(fleet: Fleet, slug: str, now: datetime) -> tuple[str, str]:
                    f"purge after {purge_after.date().isoformat()}"
 
 
-def _drop_database_and_roles(fleet: Fleet, tenant: Tenant, step: str) -> None:
+def _drop_database_and_roles(fleet: Deps, tenant: Tenant, step: str, now: datetime) -> None:
     """End the role's sessions, drop the database (only if it is ours: owned by the
     tenant's owner role) and the roles (only if they carry our marker)."""
     names = tenant_names(tenant.slug)  # from the slug, not from a catalog column
@@ -261,23 +257,18 @@ def _drop_database_and_roles(fleet: Fleet, tenant: Tenant, step: str) -> None:
         if pgserver.database_owner(conn, names.database) == names.owner_role:
             if pgserver.role_exists(conn, names.login_role):
                 pgserver.set_login(conn, names.login_role, False)
-            conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(
-                sql.Identifier(names.database)))
+            pgserver.drop_database(conn, names.database)
         checkpoint(f"{step}.dropped_database")
-        for role in (names.login_role, names.owner_role):
-            if pgserver.role_exists(conn, role) and \
-                    pgserver.role_comment(conn, role) == marker:
-                conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
-    from orchestrator.services import access
+        pgserver.drop_marked_roles(conn, names, marker)
 
-    access.drop_tenant_grants(fleet, tenant.id)  # support access never outlives its tenant
+    access.drop_tenant_grants(fleet, tenant.id, now)  # support access never outlives its tenant
 
 
 ERASABLE = (TenantState.active, TenantState.suspended, TenantState.cancelled,
             TenantState.deleted)
 
 
-def erase_tenant(fleet: Fleet, slug: str, reason: str, now: datetime) -> dict[str, Any]:
+def erase_tenant(fleet: Deps, slug: str, reason: str, now: datetime) -> dict[str, Any]:
     """Erasure on request: no hold. The key is destroyed first, so from that moment
     every backup copy anywhere is unreadable; then sessions, database and roles
     go, then the objects. A crash anywhere: running erase again (or retention,
@@ -285,7 +276,7 @@ def erase_tenant(fleet: Fleet, slug: str, reason: str, now: datetime) -> dict[st
     reason = reason_text(reason)
     if not reason:
         raise InvalidInput("--reason is required (it is audited)")
-    with holding_tenant(fleet, slug):
+    with holding_tenant(fleet.catalog, slug):
         tenant = fleet.get_tenant(slug)
         if tenant.state == TenantState.purged:
             raise Conflict(f"tenant {slug!r} is already purged")
@@ -300,7 +291,7 @@ def erase_tenant(fleet: Fleet, slug: str, reason: str, now: datetime) -> dict[st
             fleet.catalog.audit("tenant.erase.key_destroyed", session=s, tenant=slug,
                                 region=tenant.region, reason=reason)
         checkpoint("erase.key_destroyed")
-        _drop_database_and_roles(fleet, tenant, "erase")
+        _drop_database_and_roles(fleet, tenant, "erase", now)
         with fleet.catalog.session() as s, s.begin():
             s.execute(update(Tenant).where(Tenant.id == tenant.id).values(
                 state=TenantState.deleted, deleted_at=tenant.deleted_at or now,
@@ -316,25 +307,25 @@ def erase_tenant(fleet: Fleet, slug: str, reason: str, now: datetime) -> dict[st
             "reason": reason}
 
 
-def _verified_final_backup(fleet: Fleet, tenant: Tenant) -> int:
+def _verified_final_backup(fleet: Deps, tenant: Tenant, now: datetime) -> int:
     """The backup the deletion rests on: taken after writes stopped (the hold), and
-    verified (checksum, decryption, archive listing). A re-run after a crash
-    reuses it."""
+    verified (checksum, decryption, archive listing), stamped with the run's
+    ``now``. A re-run after a crash reuses it."""
     if tenant.final_backup_id is not None:
         row = pipeline.get_backup(fleet, tenant.final_backup_id)
         if row.status == "completed" and row.verified_at is not None:
             return row.id
-    backup_id = pipeline.run_backup(fleet, tenant.slug, kind="final").id
+    backup_id = pipeline.run_backup(fleet, tenant.slug, kind="final", now=now).id
     with fleet.catalog.session() as s, s.begin():
         s.execute(update(Tenant).where(Tenant.id == tenant.id)
                   .values(final_backup_id=backup_id))
-    pipeline.verify_backup(fleet, backup_id)
+    pipeline.verify_backup(fleet, backup_id, now)
     return backup_id
 
 
-def purge_tenant(fleet: Fleet, slug: str, now: datetime) -> tuple[str, str]:
+def purge_tenant(fleet: Deps, slug: str, now: datetime) -> tuple[str, str]:
     """purge_after passed → every backup object gone → key destroyed → purged."""
-    with holding_tenant(fleet, slug):
+    with holding_tenant(fleet.catalog, slug):
         tenant = fleet.get_tenant(slug)
         if tenant.state == TenantState.purged:
             return "skipped", "already purged"
@@ -352,7 +343,7 @@ def purge_tenant(fleet: Fleet, slug: str, now: datetime) -> tuple[str, str]:
     return "done", f"{removed} backup objects deleted, key destroyed"
 
 
-def _delete_all_backups(fleet: Fleet, tenant: Tenant) -> int:
+def _delete_all_backups(fleet: Deps, tenant: Tenant) -> int:
     """Every object under the tenant's prefix in its region's store (and wherever a
     catalog row says a backup was written), pending uploads aborted; then the
     rows say deleted."""
@@ -376,7 +367,7 @@ def _delete_all_backups(fleet: Fleet, tenant: Tenant) -> int:
     return removed
 
 
-def purge_audit(fleet: Fleet, now: datetime) -> str:
+def purge_audit(fleet: Deps, now: datetime) -> str:
     cutoff = now - timedelta(days=fleet.cfg.lifecycle.audit_days)
     total = 0
     while True:  # in batches: one huge DELETE would hold locks and bloat WAL at once
@@ -393,7 +384,7 @@ def purge_audit(fleet: Fleet, now: datetime) -> str:
 # -- status --------------------------------------------------------------------------
 
 
-def status(fleet: Fleet, now: datetime, limit: int = 10) -> dict[str, Any]:
+def status(fleet: Deps, now: datetime, limit: int = 10) -> dict[str, Any]:
     """Tenants per state, the next deletions and purges, and what is overdue (a
     date passed more than an hour ago and the action not done): monitoring alerts
     on the latter."""

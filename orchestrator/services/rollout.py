@@ -42,6 +42,7 @@ from sqlalchemy import func, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
+from orchestrator.adapters import clock
 from orchestrator.adapters.catalog.db import actor, lock_key, lock_key_sql, with_dbname
 from orchestrator.adapters.catalog.models import MIGRATABLE, Rollout, RolloutTenant, Tenant
 from orchestrator.adapters.faults import checkpoint
@@ -59,7 +60,7 @@ from orchestrator.domain.rollout_plan import (
 from orchestrator.services import spares, templates
 
 if TYPE_CHECKING:
-    from orchestrator.api import Fleet
+    from orchestrator.bootstrap import Deps
 
 RETRYABLE_SQLSTATES = {"55P03", "57014", "40P01"}  # lock timeout, statement timeout, deadlock
 
@@ -69,7 +70,7 @@ RETRYABLE_SQLSTATES = {"55P03", "57014", "40P01"}  # lock timeout, statement tim
 CLAIM_SQL = f"""
     WITH next AS (
         UPDATE rollout_tenants SET status = 'running', worker = %(worker)s,
-               started_at = now()
+               started_at = %(now)s
         WHERE (rollout_id, tenant_id) = (
             SELECT rollout_id, tenant_id FROM rollout_tenants
             WHERE rollout_id = %(rid)s AND wave = %(wave)s AND status = 'pending'
@@ -88,13 +89,13 @@ RECORD_SQL = """
     WITH result AS (
         UPDATE rollout_tenants SET status = %(status)s, from_revision = %(from_rev)s,
                to_revision = %(to_rev)s, attempts = %(attempts)s,
-               finished_at = CASE WHEN %(pending)s THEN NULL ELSE now() END,
+               finished_at = CASE WHEN %(pending)s THEN NULL ELSE %(now)s END,
                worker = CASE WHEN %(pending)s THEN NULL ELSE worker END,
                duration_ms = %(ms)s, error = %(error)s
         WHERE rollout_id = %(rid)s AND tenant_id = %(tid)s AND status = 'running'
           AND worker = %(worker)s
         RETURNING tenant_id)
-    UPDATE tenants SET migrated_at = now(),
+    UPDATE tenants SET migrated_at = %(now)s,
            revision = CASE WHEN %(failed)s THEN revision ELSE %(to_rev)s END,
            migration_error = CASE WHEN %(failed)s THEN %(tenant_error)s END
     WHERE id IN (SELECT tenant_id FROM result) AND NOT %(pending)s"""
@@ -188,7 +189,7 @@ def _sqlstate(exc: BaseException) -> str | None:
 
 
 class RolloutRun:
-    def __init__(self, fleet: Fleet, opts: RolloutOptions,
+    def __init__(self, fleet: Deps, opts: RolloutOptions,
                  on_event: Callable[[Event], None] | None = None,
                  stop: threading.Event | None = None) -> None:
         self.fleet = fleet
@@ -502,7 +503,7 @@ class RolloutRun:
             full = [srv for srv, n in self._inflight.items() if n >= self.opts.per_server]
             row = conn.execute(CLAIM_SQL, {"worker": self.worker, "rid": rollout_id,
                                            "wave": wave, "full": full,
-                                           "budget": budget}).fetchone()
+                                           "budget": budget, "now": clock.utcnow()}).fetchone()
             if row is None:
                 return None
             tenant_id, slug, server, planned_from, database, owner_role, state, locked = row
@@ -618,7 +619,7 @@ class RolloutRun:
             "status": r.status, "from_rev": r.from_revision, "to_rev": r.to_revision,
             "attempts": r.attempts, "ms": r.duration_ms, "error": r.error,
             "rid": rollout_id, "tid": tenant_id, "failed": failed, "pending": pending,
-            "worker": self.worker,
+            "worker": self.worker, "now": clock.utcnow(),
             "tenant_error": f"rollout {rollout_id}: {r.error}" if failed else None})
         if not pending:
             with self._results_lock:
@@ -638,7 +639,7 @@ class RolloutRun:
             else:
                 status = "failed" if counts.get("failed") else "completed"
             s.execute(update(Rollout).where(Rollout.id == rollout_id).values(
-                status=status, finished_at=None if status == "running" else func.now()))
+                status=status, finished_at=None if status == "running" else clock.utcnow()))
             self.fleet.catalog.audit("rollout.finish", session=s, rollout=rollout_id,
                                      status=status, counts=counts, reason=stopped,
                                      outcome="ok" if status == "completed" else "failed")

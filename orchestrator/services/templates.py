@@ -19,13 +19,13 @@ it to its own (correct, but a migration each time the other region signs up).
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from sqlalchemy import update
 
+from orchestrator.adapters import clock
 from orchestrator.adapters.catalog.db import with_dbname
 from orchestrator.adapters.catalog.models import Server
 from orchestrator.adapters.postgres import admin as pgserver
@@ -34,7 +34,7 @@ from orchestrator.adapters.postgres import revision_marks
 from orchestrator.domain.names import TEMPLATE_DB, TEMPLATE_OWNER
 
 if TYPE_CHECKING:
-    from orchestrator.api import Fleet
+    from orchestrator.bootstrap import Deps
 
 
 def lock_name(cluster: str) -> str:
@@ -59,7 +59,7 @@ def _address(admin_dsn: str) -> tuple[str, str]:
     return str(d.get("hostaddr") or d.get("host") or "local"), str(d.get("port") or 5432)
 
 
-def build(fleet: Fleet, server: str, target: str | None = "head") -> str | None:
+def build(fleet: Deps, server: str, target: str | None = "head") -> str | None:
     """Create, upgrade or downgrade the template of the server's cluster to
     ``target`` (None: base); returns its revision. Waits for clones in flight and
     for another build on the same cluster to finish (exclusive lock); a template
@@ -79,12 +79,12 @@ def build(fleet: Fleet, server: str, target: str | None = "head") -> str | None:
                if _address(s.admin_dsn) == _address(sc.admin_dsn)]
     with fleet.catalog.session() as s, s.begin():
         s.execute(update(Server).where(Server.name.in_(sorted({server, *sharing}))).values(
-            template_revision=revision, template_updated_at=datetime.now(UTC)))
+            template_revision=revision, template_updated_at=clock.utcnow()))
     fleet.catalog.audit("template.build", region=sc.region, server=server, revision=revision)
     return revision
 
 
-def _migrate_template(fleet: Fleet, conn: psycopg.Connection, admin_dsn: str, server: str,
+def _migrate_template(fleet: Deps, conn: psycopg.Connection, admin_dsn: str, server: str,
                       target: str | None) -> str | None:
     """Under the cluster's exclusive template lock: open the template, migrate it
     (which marks it), close it again whatever happened."""

@@ -4,16 +4,10 @@ from __future__ import annotations
 
 import re
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
-
-from sqlalchemy import select
+from typing import Any
 
 from orchestrator.adapters import clock
-from orchestrator.adapters.catalog.models import AuditEvent
 from orchestrator.domain.errors import InvalidInput, printable
-
-if TYPE_CHECKING:
-    from orchestrator.api import Fleet
 
 _SECRET_KEY = re.compile(r"password|passwd|secret|identity|private|token|credential",
                          re.IGNORECASE)
@@ -109,20 +103,3 @@ def parse_since(text: str) -> Any:
         except OverflowError:
             raise InvalidInput(f"--since {text!r} reaches back before year 1") from None
     return clock.parse_instant(text, "--since")
-
-
-def events(fleet: Fleet, *, tenant: str | None = None, since: str | None = None,
-           action: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
-    q = select(AuditEvent).order_by(AuditEvent.at.desc(), AuditEvent.id.desc()).limit(limit)
-    if tenant:
-        q = q.where(AuditEvent.tenant == storable(tenant, "--tenant"))
-    if since:
-        q = q.where(AuditEvent.at >= parse_since(since))
-    if action:
-        q = q.where(AuditEvent.action.startswith(storable(action, "--action"),
-                                                 autoescape=True))
-    with fleet.catalog.session() as s:
-        rows = list(s.scalars(q))
-    return [{"id": e.id, "at": e.at.isoformat(), "actor": e.actor, "action": e.action,
-             "tenant": e.tenant, "region": e.region, "outcome": e.outcome,
-             "detail": e.detail} for e in rows]

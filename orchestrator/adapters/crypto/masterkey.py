@@ -104,7 +104,7 @@ def _decode(text: str, where: str) -> MasterKey:
 
 
 def _kms_client(source: MasterKeySource) -> Any:
-    import boto3
+    import boto3  # start-up: boto3 (~0.3 s) only for a KMS-held key
 
     return boto3.client("kms", region_name=source.kms_region,
                         endpoint_url=source.kms_endpoint_url)

@@ -5,7 +5,7 @@ crypto-shredding: every backup copy of the tenant becomes unreadable."""
 from __future__ import annotations
 
 import hashlib
-from typing import TYPE_CHECKING
+import secrets
 
 import pyrage
 from sqlalchemy import func, select, union_all
@@ -19,10 +19,6 @@ from orchestrator.adapters.crypto.masterkey import MasterKey
 from orchestrator.domain.errors import Conflict, MasterKeyError, first_line
 from orchestrator.domain.master_keys import fleet_key_elsewhere
 from orchestrator.domain.master_keys import mixed_key_ids as mixed_key_ids  # keys.mixed_key_ids
-
-if TYPE_CHECKING:
-    from orchestrator.api import Fleet
-
 
 # the id of the master key the catalog's secrets are wrapped by: adopted from the
 # first key that wraps one, changed only by `keys rotate-master`
@@ -63,13 +59,12 @@ def catalog_view(catalog: Catalog) -> tuple[str | None, dict[str, int]] | str:
         return first_line(exc)
 
 
-def writing_key(fleet: Fleet, session: Session) -> MasterKey:
+def writing_key(master: MasterKey, session: Session) -> MasterKey:
     """The configured master key, for a secret stored in ``session``'s transaction,
     once the catalog agrees it is the fleet's: a stray key (another fleet's, a typo
     in the config) is refused before it wraps anything. A catalog that records no
     key adopts this one, unless secrets are already wrapped by others only. The row
     is read FOR SHARE: a concurrent `keys rotate-master` waits, or is waited for."""
-    master = fleet.master_key
     setting = select(FleetSetting.value).where(
         FleetSetting.key == MASTER_KEY_SETTING).with_for_update(read=True)
     current = session.scalar(setting)
@@ -84,6 +79,10 @@ def writing_key(fleet: Fleet, session: Session) -> MasterKey:
     if current != master.key_id:
         raise not_the_fleets_key(master.key_id, str(current))
     return master
+
+
+def new_password() -> str:
+    return secrets.token_urlsafe(32)  # 32 random bytes
 
 
 def identity_context(slug: str) -> str:
@@ -103,14 +102,14 @@ def new_key(master: MasterKey, tenant_id: int, slug: str) -> TenantKey:
                      master_key_id=master.key_id)
 
 
-def ensure_key(fleet: Fleet, session: Session, tenant_id: int, slug: str) -> TenantKey:
+def ensure_key(master: MasterKey, session: Session, tenant_id: int, slug: str) -> TenantKey:
     """The tenant's key, made now if the tenant predates keys. A destroyed key is
     refused: nothing is encrypted to a key whose identity is gone."""
     key = session.get(TenantKey, tenant_id)
     if key is not None and key.destroyed_at is not None:
         raise Conflict(key_destroyed(slug, key))
     if key is None:
-        key = new_key(writing_key(fleet, session), tenant_id, slug)
+        key = new_key(writing_key(master, session), tenant_id, slug)
         session.add(key)
         session.flush()
     return key
@@ -123,62 +122,9 @@ def key_destroyed(slug: str, key: TenantKey) -> str:
             "…` to finish it")
 
 
-def identity(fleet: Fleet, key: TenantKey, slug: str) -> pyrage.x25519.Identity:
+def identity(master: MasterKey, key: TenantKey, slug: str) -> pyrage.x25519.Identity:
     if key.identity_wrapped is None:
         raise MasterKeyError(f"the key of tenant {slug!r} was destroyed "
                              f"({key.destroyed_at:%Y-%m-%d}); its backups are unreadable")
-    text = fleet.master_key.unwrap(key.identity_wrapped, identity_context(slug)).decode()
+    text = master.unwrap(key.identity_wrapped, identity_context(slug)).decode()
     return pyrage.x25519.Identity.from_str(text)
-
-
-def export_identity(fleet: Fleet, slug: str) -> str:
-    """Break-glass: the tenant's age identity in clear, for `age -d -i`. Audited."""
-    from orchestrator.domain.errors import NotFound
-
-    tenant = fleet.get_tenant(slug)
-    with fleet.catalog.session() as s:
-        key = s.get(TenantKey, tenant.id)
-    if key is None:
-        raise NotFound(f"tenant {slug!r} has no backup key yet")
-    text = str(identity(fleet, key, slug))
-    fleet.catalog.audit("backup.key.export", tenant=slug, region=tenant.region,
-                        key_id=key.key_id)
-    return text
-
-
-def rotate_master(fleet: Fleet, new: MasterKey) -> dict[str, int]:
-    """Re-wrap every tenant secret (age identities, login passwords) from the
-    configured master key to ``new``, in one transaction: all or nothing. Backups
-    are untouched (they are encrypted to the tenants' keys, not the master key).
-    Values already wrapped by ``new`` (a re-run) are left as they are."""
-    from orchestrator.adapters.catalog.models import Tenant
-    from orchestrator.services.provisioning import password_context
-
-    old = fleet.master_key
-    counts = {"identities": 0, "passwords": 0, "already_rotated": 0}
-    with fleet.catalog.session() as s, s.begin():
-        slugs = dict(s.execute(select(Tenant.id, Tenant.slug)).all())
-        for key in s.scalars(select(TenantKey).where(TenantKey.identity_wrapped.is_not(None))
-                             .with_for_update()):
-            ctx = identity_context(slugs[key.tenant_id])
-            if key.master_key_id == new.key_id:
-                counts["already_rotated"] += 1
-                continue
-            key.identity_wrapped = new.wrap(old.unwrap(key.identity_wrapped or "", ctx), ctx)
-            key.master_key_id = new.key_id
-            counts["identities"] += 1
-        for cred in s.scalars(select(TenantCredential).with_for_update()):
-            ctx = password_context(slugs[cred.tenant_id])
-            if cred.master_key_id == new.key_id:
-                counts["already_rotated"] += 1
-                continue
-            cred.password_wrapped = new.wrap(old.unwrap(cred.password_wrapped, ctx), ctx)
-            cred.master_key_id = new.key_id
-            counts["passwords"] += 1
-        # from now on the new key is the fleet's: the old one wraps nothing more
-        s.execute(pg_insert(FleetSetting).values(key=MASTER_KEY_SETTING, value=new.key_id)
-                  .on_conflict_do_update(index_elements=[FleetSetting.key],
-                                         set_={"value": new.key_id}))
-        fleet.catalog.audit("keys.rotate_master", session=s, old=old.key_id,
-                            new=new.key_id, counts=counts)
-    return counts

@@ -290,6 +290,57 @@ def revoke_public(conn: psycopg.Connection, dbname: str) -> None:
     conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(Ident(dbname)))
 
 
+def set_connections(conn: psycopg.Connection, dbname: str, allow: bool) -> None:
+    conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS {}").format(
+        Ident(dbname), sql.SQL("true" if allow else "false")))
+
+
+def drop_database(conn: psycopg.Connection, dbname: str, *, if_exists: bool = False) -> None:
+    """Dropped even with sessions open (WITH FORCE ends them)."""
+    conn.execute(sql.SQL("DROP DATABASE {}{} WITH (FORCE)").format(
+        sql.SQL("IF EXISTS " if if_exists else ""), Ident(dbname)))
+
+
+def drop_marked_tenant(conn: psycopg.Connection, names: TenantNames, marker: str) -> None:
+    """Remove a tenant that was never finished: its database if its owner role owns
+    it, and its roles only if they carry ``marker`` (ours, for this tenant)."""
+    if database_owner(conn, names.database) == names.owner_role:
+        drop_database(conn, names.database)
+    drop_marked_roles(conn, names, marker)
+
+
+def drop_marked_roles(conn: psycopg.Connection, names: TenantNames, marker: str) -> None:
+    """The tenant's login and owner roles, each only if it carries ``marker``."""
+    for role in (names.login_role, names.owner_role):
+        if role_exists(conn, role) and role_comment(conn, role) == marker:
+            conn.execute(sql.SQL("DROP ROLE {}").format(Ident(role)))
+
+
+def make_side_database(conn: psycopg.Connection, names: TenantNames, side: str,
+                       leftovers: tuple[str, ...]) -> None:
+    """An empty database ``side`` owned by the tenant's owner role, closed to PUBLIC,
+    to restore into next to the live one; ``leftovers`` of a run that died (a side
+    copy, a closed live database) go first and the live database is reopened."""
+    for leftover in leftovers:
+        drop_database(conn, leftover, if_exists=True)
+    set_connections(conn, names.database, True)
+    conn.execute(sql.SQL("CREATE DATABASE {} OWNER {} TEMPLATE template0 "
+                         "ALLOW_CONNECTIONS false").format(Ident(side), Ident(names.owner_role)))
+    revoke_public(conn, side)
+    set_connections(conn, side, True)
+
+
+def swap_in(conn: psycopg.Connection, live: str, side: str, old: str) -> None:
+    """Close ``live`` and end its sessions, then, in one transaction, rename it to
+    ``old`` and ``side`` to ``live``: a reader sees one database or the other."""
+    set_connections(conn, live, False)
+    conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                 "WHERE datname = %s AND pid <> pg_backend_pid()", (live,))
+    with conn.transaction():
+        conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(Ident(live), Ident(old)))
+        conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(Ident(side), Ident(live)))
+
+
 def reassign_from_template(conn: psycopg.Connection, names: TenantNames) -> None:
     """Run in a fresh clone: everything the template owner created becomes the
     tenant owner's. (The template database itself belongs to the admin role, so

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.ddl.postgresql import PostgresqlImpl
 from alembic.runtime.environment import EnvironmentContext
@@ -240,8 +241,6 @@ def is_downgrade(script: ScriptDirectory, current: str | None, target: str) -> b
 def offline_sql(script_location: Path, current: str | None, target: str) -> str:
     """The SQL a migration from ``current`` to ``target`` would run (Alembic offline
     mode), for dry runs. Touches no database."""
-    from alembic import command
-
     out = io.StringIO()
     acfg = alembic_config(script_location, out)
     script = script_directory(script_location)

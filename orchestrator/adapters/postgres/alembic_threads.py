@@ -57,6 +57,7 @@ def install() -> None:
     with _install_lock:
         if _installed:
             return
+        # start-up: Alembic (~0.5 s) only once something migrates (catalog/db imports us)
         import alembic
         from alembic.operations.base import Operations
         from alembic.runtime.environment import EnvironmentContext

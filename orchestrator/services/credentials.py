@@ -1,0 +1,125 @@
+"""Credentials: a tenant's connection string, password rotation (one tenant), the
+master key's rotation and the break-glass export of a tenant's backup key."""
+
+from __future__ import annotations
+
+from sqlalchemy import select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+from orchestrator.adapters import clock
+from orchestrator.adapters.catalog.locks import holding_tenant
+from orchestrator.adapters.catalog.models import (
+    UNSHOWN,
+    FleetSetting,
+    Tenant,
+    TenantCredential,
+    TenantKey,
+    TenantState,
+)
+from orchestrator.adapters.crypto import tenant_keys as keys
+from orchestrator.adapters.crypto.masterkey import MasterKey
+from orchestrator.adapters.faults import checkpoint
+from orchestrator.adapters.postgres import admin as pgserver
+from orchestrator.bootstrap import Deps
+from orchestrator.domain.errors import Conflict, NotFound
+from orchestrator.domain.names import password_context
+
+
+def credentials(fleet: Deps, slug: str, *, rotate: bool = False) -> str:
+    """The tenant's connection string; with ``rotate``, after changing the password.
+    The new password is stored (wrapped) before the role gets it, so a crash in
+    between leaves a pending password that the next call applies."""
+    tenant = fleet.get_tenant(slug)
+    if tenant.state not in (TenantState.active, TenantState.suspended,
+                            TenantState.cancelled):
+        raise Conflict(f"tenant {slug!r} is {tenant.state}: it has no usable credentials")
+    cred = tenant.credential
+    if cred is None:  # only an erasure removes it, with the key, before the database
+        with fleet.catalog.session() as s:
+            key = s.get(TenantKey, tenant.id)
+        raise Conflict(keys.key_destroyed(slug, key) if key is not None
+                       and key.destroyed_at is not None
+                       else f"tenant {slug!r} has no stored password")
+    ctx = password_context(slug)
+    if rotate:
+        return _rotate(fleet, tenant, ctx)
+    password = fleet.master_key.unwrap(cred.password_wrapped, ctx).decode()
+    if cred.applied_at is None:  # a rotation that died half-way: finish it
+        return _rotate(fleet, tenant, ctx, password)
+    fleet.catalog.audit("tenant.credentials.show", tenant=slug, region=tenant.region)
+    dsn = fleet.tenant_dsn(tenant, password)
+    if tenant.step == UNSHOWN:
+        fleet.credentials_shown(slug)
+    return dsn
+
+def _rotate(fleet: Deps, tenant: Tenant, ctx: str, password: str | None = None) -> str:
+    """Store the new password (wrapped) first, then give it to the role, under the
+    tenant's lock so two rotations cannot cross."""
+    slug = tenant.slug
+    with holding_tenant(fleet.catalog, slug):
+        pending = password is not None
+        password = password or keys.new_password()
+        if not pending:
+            with fleet.catalog.session() as s, s.begin():
+                master = keys.writing_key(fleet.master_key, s)
+                s.execute(update(TenantCredential)
+                          .where(TenantCredential.tenant_id == tenant.id)
+                          .values(password_wrapped=master.wrap(password.encode(), ctx),
+                                  master_key_id=master.key_id, applied_at=None))
+            checkpoint("credentials.stored")
+        with fleet.server_connection(tenant.server) as conn:
+            pgserver.set_password(conn, tenant.login_role, password)
+        with fleet.catalog.session() as s, s.begin():
+            s.execute(update(TenantCredential)
+                      .where(TenantCredential.tenant_id == tenant.id)
+                      .values(applied_at=clock.utcnow()))
+    fleet.catalog.audit("tenant.credentials.rotate", tenant=slug, region=tenant.region)
+    return fleet.tenant_dsn(tenant, password)
+
+
+def export_identity(fleet: Deps, slug: str) -> str:
+    """Break-glass: the tenant's age identity in clear, for `age -d -i`. Audited."""
+    tenant = fleet.get_tenant(slug)
+    with fleet.catalog.session() as s:
+        key = s.get(TenantKey, tenant.id)
+    if key is None:
+        raise NotFound(f"tenant {slug!r} has no backup key yet")
+    text = str(keys.identity(fleet.master_key, key, slug))
+    fleet.catalog.audit("backup.key.export", tenant=slug, region=tenant.region,
+                        key_id=key.key_id)
+    return text
+
+
+def rotate_master(fleet: Deps, new: MasterKey) -> dict[str, int]:
+    """Re-wrap every tenant secret (age identities, login passwords) from the
+    configured master key to ``new``, in one transaction: all or nothing. Backups
+    are untouched (they are encrypted to the tenants' keys, not the master key).
+    Values already wrapped by ``new`` (a re-run) are left as they are."""
+    old = fleet.master_key
+    counts = {"identities": 0, "passwords": 0, "already_rotated": 0}
+    with fleet.catalog.session() as s, s.begin():
+        slugs = dict(s.execute(select(Tenant.id, Tenant.slug)).all())
+        for key in s.scalars(select(TenantKey).where(TenantKey.identity_wrapped.is_not(None))
+                             .with_for_update()):
+            ctx = keys.identity_context(slugs[key.tenant_id])
+            if key.master_key_id == new.key_id:
+                counts["already_rotated"] += 1
+                continue
+            key.identity_wrapped = new.wrap(old.unwrap(key.identity_wrapped or "", ctx), ctx)
+            key.master_key_id = new.key_id
+            counts["identities"] += 1
+        for cred in s.scalars(select(TenantCredential).with_for_update()):
+            ctx = password_context(slugs[cred.tenant_id])
+            if cred.master_key_id == new.key_id:
+                counts["already_rotated"] += 1
+                continue
+            cred.password_wrapped = new.wrap(old.unwrap(cred.password_wrapped, ctx), ctx)
+            cred.master_key_id = new.key_id
+            counts["passwords"] += 1
+        # from now on the new key is the fleet's: the old one wraps nothing more
+        s.execute(pg_insert(FleetSetting).values(key=keys.MASTER_KEY_SETTING, value=new.key_id)
+                  .on_conflict_do_update(index_elements=[FleetSetting.key],
+                                         set_={"value": new.key_id}))
+        fleet.catalog.audit("keys.rotate_master", session=s, old=old.key_id,
+                            new=new.key_id, counts=counts)
+    return counts
