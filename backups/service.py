@@ -40,7 +40,7 @@ from orchestrator.adapters.faults import checkpoint
 from orchestrator.adapters.postgres import admin as pgserver
 from orchestrator.adapters.postgres.childenv import child_env
 from orchestrator.adapters.postgres.pgtools import pg_tool
-from orchestrator.domain.errors import Conflict, NotFound, TenantctlError, first_line
+from orchestrator.domain.errors import Conflict, ExitCode, NotFound, TenantctlError, first_line
 from orchestrator.domain.names import tenant_lock, tenant_names
 
 if TYPE_CHECKING:
@@ -52,7 +52,7 @@ CHUNK = 1 << 20
 
 
 class BackupError(TenantctlError):
-    exit_code = 10
+    exit_code = ExitCode.DUMP_OR_RESTORE
 
 
 @dataclass
@@ -63,17 +63,6 @@ class BackupResult:
     size: int | None
     sha256: str | None
     error: str | None = None
-
-
-def backup_json(b: Backup) -> dict[str, Any]:
-    return {"id": b.id, "tenant": b.slug, "region": b.region, "status": b.status,
-            "kind": b.kind, "size": b.size, "sha256": b.sha256, "key_id": b.key_id,
-            "revision": b.revision, "server_version": b.server_version,
-            "store": b.store_url, "object": b.object_key,
-            "created_at": b.started_at.isoformat() if b.started_at else None,
-            "finished_at": b.finished_at.isoformat() if b.finished_at else None,
-            "verified_at": b.verified_at.isoformat() if b.verified_at else None,
-            "error": b.error}
 
 
 libpq_env = pgserver.libpq_env  # re-exported: restores use it too

@@ -24,11 +24,11 @@ from typing import Any, BinaryIO
 from urllib.parse import parse_qs, urlparse
 
 from orchestrator.adapters.faults import checkpoint
-from orchestrator.domain.errors import ConfigError, TenantctlError, first_line
+from orchestrator.domain.errors import ConfigError, ExitCode, TenantctlError, first_line
 
 
 class StoreError(TenantctlError):
-    exit_code = 9
+    exit_code = ExitCode.STORE_FAILED
 
 
 class ObjectMissing(StoreError):

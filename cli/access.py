@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from cli.common import ID_MAX, open_fleet, print_json, say, table
+from orchestrator.domain.errors import ExitCode
 
 access_app = typer.Typer(no_args_is_help=True,
                          help="Time-limited, audited support access to a tenant's data.")
@@ -27,7 +28,7 @@ def grant(
     string once (the password expires with the grant and is not stored)."""
     from orchestrator.services import access
 
-    delta = access.parse_ttl(ttl)
+    delta = access.parse_ttl(ttl, "--ttl")
     fleet = open_fleet()
     try:
         res = access.grant(fleet, slug, to=to, ttl=delta, reason=reason, read_only=read_only)
@@ -94,4 +95,4 @@ def revoke(
         for gid, why in failed.items():
             sys.stderr.write(f"error: grant {gid} not revoked: {why}\n")
     if failed:
-        raise typer.Exit(1)  # the others are revoked; re-run to retry these
+        raise typer.Exit(ExitCode.FAILED)  # the others are revoked; re-run to retry these

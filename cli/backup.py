@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from cli.common import ID_MAX, open_fleet, print_json, say, table
+from cli.common import ID_MAX, open_fleet, open_reads, print_json, say, table
+from orchestrator.domain.errors import ExitCode
 
 backup_app = typer.Typer(no_args_is_help=True, help="Encrypted backups in each region.")
 
@@ -49,7 +50,7 @@ def run(
             detail = f"{r.size} bytes" if r.status == "completed" else r.error
             say(f"{r.status:9} {r.tenant} backup {r.id or '-'}: {detail}")
     if any(r.status not in ("completed", "skipped") for r in results):
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.FAILED)
 
 
 def _run_with_progress(fleet, slugs, concurrency, as_json, kind):  # type: ignore[no-untyped-def]
@@ -72,20 +73,14 @@ def _run_with_progress(fleet, slugs, concurrency, as_json, kind):  # type: ignor
 def list_(slug: Annotated[str | None, typer.Argument(help="One tenant.")] = None,
           as_json: JsonOpt = False) -> None:
     """Backups in the catalog, newest first."""
-    from sqlalchemy import select
+    from orchestrator.domain.views import backup_json
 
-    from backups.service import backup_json
-    from orchestrator.adapters.catalog.models import Backup
-
-    fleet = open_fleet()
+    reads = open_reads()
     try:
-        q = select(Backup).order_by(Backup.id.desc())
-        if slug:
-            q = q.where(Backup.tenant_id == fleet.get_tenant(slug).id)
-        with fleet.catalog.session() as s:
-            rows = [backup_json(b) for b in s.scalars(q)]
+        tenant_id = reads.get_tenant(slug).id if slug else None
+        rows = [backup_json(b) for b in reads.backups(tenant_id)]
     finally:
-        fleet.close()
+        reads.close()
     if as_json:
         print_json(rows)
         return
@@ -145,7 +140,7 @@ def verify(
             say(f"backup {r.get('id', '-')} of {r.get('tenant', '?')}: "
                 + ("ok" if r["ok"] else f"FAILED: {r['error']}"))
     if not all(r["ok"] for r in reports):
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.FAILED)
 
 
 @backup_app.command("prune")

@@ -8,11 +8,10 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from cli.common import open_fleet, print_json, say
+from orchestrator.domain.errors import ExitCode
 
 if TYPE_CHECKING:
     from orchestrator.domain.health import Finding
-
-EXIT_ERRORS = 14  # something at error severity remains
 
 
 def doctor(
@@ -67,4 +66,4 @@ def doctor(
             say(f"{counts[health.ERROR]} error(s), {counts[health.WARNING]} warning(s)"
                 + ("" if fix else "; `tenantctl doctor --fix` repairs those it can"))
     if health.has_errors(findings):
-        raise typer.Exit(EXIT_ERRORS)
+        raise typer.Exit(ExitCode.DOCTOR_ERRORS)  # something at error severity remains

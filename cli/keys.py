@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from cli.common import open_fleet, print_json, say
+from orchestrator.domain.errors import ExitCode
 
 keys_app = typer.Typer(no_args_is_help=True, help="The master key that wraps tenant secrets.")
 
@@ -148,4 +149,4 @@ def drill(
                 sys.stderr.write(f"error: {st['step']}: {what}: {why}\n")
         say(f"now set master_key in the config to {new_key_file} ({new.key_id})")
     if any(st["failed"] for st in steps):
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.FAILED)

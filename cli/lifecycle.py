@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from cli.common import open_fleet, print_json, say, table
+from orchestrator.domain.errors import ExitCode
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 NowOpt = Annotated[str | None, typer.Option(
@@ -29,7 +30,7 @@ def _confirm(question: str, yes: bool) -> None:
     if not sys.stdin.isatty():
         raise InvalidInput(f"{question} — confirm with --yes (no terminal to ask on)")
     if not typer.confirm(question, default=False):
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.FAILED)
 
 
 def _print_transition(res: Any, as_json: bool) -> None:
@@ -183,20 +184,16 @@ def retention_run(
     = False,
     now: NowOpt = None,
     only: Annotated[list[str] | None, typer.Option(
-        help="Only these jobs: delete, purge, prune, audit (repeatable).")] = None,
+        help="Only these jobs: delete, purge, prune, audit, access (repeatable).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Carry out what is due: deletions after the hold, backup purges after
     purge_after, pruning, audit purge. For cron: never prompts, safe to re-run."""
     from orchestrator.adapters import clock
-    from orchestrator.domain.errors import InvalidInput
+    from orchestrator.domain.jobs import STEPS, parse_steps
     from orchestrator.services import retention
 
-    jobs = tuple(only) if only else retention.JOBS
-    unknown = set(jobs) - set(retention.JOBS)
-    if unknown:
-        raise InvalidInput(f"unknown job {sorted(unknown)[0]!r}: use "
-                           + ", ".join(retention.JOBS))
+    jobs = parse_steps(only) if only else STEPS
     at = clock.effective_now(now, acting=not dry_run)
     fleet = open_fleet()
 
@@ -255,13 +252,14 @@ def retention_status(now: NowOpt = None, as_json: JsonOpt = False) -> None:
                 for r in rows:
                     sys.stderr.write(f"overdue {kind[:-1]}: {r['tenant']} was due "
                                      f"{r['due_at']}\n")
-        raise typer.Exit(retention.RetentionError.exit_code)
+        raise typer.Exit(ExitCode.RETENTION)
 
 
 @audit_app.command("list")
 def audit_list(
     tenant: Annotated[str | None, typer.Option(help="Only this tenant.")] = None,
-    since: Annotated[str | None, typer.Option(help="ISO-8601 time, or e.g. 7d / 12h.")]
+    since: Annotated[str | None, typer.Option(
+        help="ISO-8601 time, today, yesterday, or e.g. 7d / 12h.")]
     = None,
     action: Annotated[str | None, typer.Option(help="Only actions starting with this.")]
     = None,
@@ -269,11 +267,14 @@ def audit_list(
     as_json: JsonOpt = False,
 ) -> None:
     """The audit log, newest first."""
+    from orchestrator.adapters import clock
+    from orchestrator.domain.durations import parse_since
     from orchestrator.services import audit_log
 
+    start = parse_since(since, clock.utcnow(), "--since") if since else None
     fleet = open_fleet()
     try:
-        rows = audit_log.events(fleet, tenant=tenant, since=since, action=action, limit=limit)
+        rows = audit_log.events(fleet, tenant=tenant, since=start, action=action, limit=limit)
     finally:
         fleet.close()
     if as_json:

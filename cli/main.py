@@ -1,6 +1,7 @@
 """The tenantctl CLI: parses, calls the orchestrator, renders. Nothing else.
 
-Imports of the orchestrator happen inside commands so that `--help` stays fast.
+Imports of the orchestrator happen inside commands so that `--help` stays fast
+(but for the exit-code table, orchestrator.domain.errors: pure and small).
 Expected failures (TenantctlError) become one line on stderr and a non-zero
 exit code; anything else is a bug and keeps its traceback.
 """
@@ -17,12 +18,13 @@ import typer
 
 from cli.access import access_app
 from cli.backup import backup_app
-from cli.common import State, current_config, open_fleet, print_json, say, table
+from cli.common import State, current_config, open_fleet, open_reads, print_json, say, table
 from cli.doctor import doctor
 from cli.keys import breach_app, keys_app
 from cli.lifecycle import audit_app, register_tenant_commands, retention_app
 from cli.migrate import migrate_app
 from cli.scheduler import scheduler_app
+from orchestrator.domain.errors import ExitCode
 
 if TYPE_CHECKING:
     from orchestrator.api import ProvisionResult
@@ -112,7 +114,7 @@ def _root(config: Annotated[str | None, typer.Option(
             "else OS user@host).", show_default=False)] = None) -> None:
     State.config_path = config
     if actor:
-        os.environ["TENANTCTL_ACTOR"] = actor  # read by orchestrator.catalog.actor()
+        os.environ["TENANTCTL_ACTOR"] = actor  # read by orchestrator.adapters.catalog.db.actor()
 
 
 # -- init / local / catalog / config -------------------------------------------------
@@ -196,7 +198,7 @@ def local_status(as_json: JsonOpt = False) -> None:
     table(None, ["server", "region", "port", "status", "pid", "data dir"],
            [[r.server, r.region, r.port, r.detail, r.pid, r.data_dir] for r in rows])
     if not all(r.running for r in rows):
-        raise typer.Exit(3)
+        raise typer.Exit(ExitCode.NOT_FOUND)
 
 
 @catalog_app.command("upgrade")
@@ -267,18 +269,18 @@ def config_check(as_json: JsonOpt = False) -> None:
 @region_app.command("list")
 def region_list(as_json: JsonOpt = False) -> None:
     """Regions, their servers, tenants per server and capacity."""
-    fleet = open_fleet()
+    reads = open_reads()
     try:
-        servers = fleet.servers()
+        servers = reads.servers()
     finally:
-        fleet.close()
+        reads.close()
     if as_json:
         out: dict[str, Any] = {}
         for s in servers:
             region = out.setdefault(s.region, {
                 "region": s.region,
-                "backup_store": fleet.cfg.regions[s.region].backup_store
-                if s.region in fleet.cfg.regions else None, "servers": []})
+                "backup_store": reads.cfg.regions[s.region].backup_store
+                if s.region in reads.cfg.regions else None, "servers": []})
             region["servers"].append(s.to_json())
         print_json(list(out.values()))
         return
@@ -351,13 +353,13 @@ def tenant_list(
     as_json: JsonOpt = False,
 ) -> None:
     """List tenants."""
-    from orchestrator.api import tenant_json
+    from orchestrator.domain.views import tenant_json
 
-    fleet = open_fleet()
+    reads = open_reads()
     try:
-        rows = [tenant_json(t) for t in fleet.tenants(region, state)]
+        rows = [tenant_json(t) for t in reads.tenants(region, state)]
     finally:
-        fleet.close()
+        reads.close()
     if as_json:
         print_json(rows)
         return
@@ -369,13 +371,13 @@ def tenant_list(
 @tenant_app.command("show")
 def tenant_show(slug: str, as_json: JsonOpt = False) -> None:
     """Everything the catalog knows about one tenant."""
-    from orchestrator.api import tenant_json
+    from orchestrator.domain.views import tenant_json
 
-    fleet = open_fleet()
+    reads = open_reads()
     try:
-        data = tenant_json(fleet.get_tenant(slug))
+        data = tenant_json(reads.get_tenant(slug))
     finally:
-        fleet.close()
+        reads.close()
     if as_json:
         print_json(data)
         return
@@ -460,7 +462,7 @@ def _rotate_all(region: str | None, concurrency: int, kill_sessions: bool,
         say(f"rotated {len(results) - len(failed)} tenant passwords in {elapsed}s"
             + (f", {len(failed)} failed (re-run to retry them)" if failed else ""))
     if failed:
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.FAILED)
 
 
 @tenant_app.command("psql")
@@ -479,7 +481,7 @@ def tenant_psql(
         code = psql.run(fleet, slug, owner=owner, command=command)
     finally:
         fleet.close()
-    raise typer.Exit(code)
+    raise typer.Exit(code)  # psql's own exit status, passed through
 
 
 # -- quickstart --------------------------------------------------------------------------
@@ -537,13 +539,13 @@ def report(
             for line in p["offenders"][:20]:
                 say(f"    ! {line}")
     if not data["ok"]:
-        raise typer.Exit(12)
+        raise typer.Exit(ExitCode.PROMISE_BROKEN)
 
 
 def _explained(exc: BaseException) -> str:
     """A refused password at an address where this fleet's embedded cluster is not
     running: said as what it is, another server at that address."""
-    from orchestrator.adapters.catalog.db import AUTH_FAILED
+    from orchestrator.adapters.postgres.libpq import AUTH_FAILED
     from orchestrator.domain.errors import ServerUnavailable, TenantctlError
 
     m = AUTH_FAILED.search(str(exc))
@@ -582,26 +584,28 @@ def main() -> None:
         # `error:` line with exit 2, like every other bad input.
         code = app(prog_name="tenantctl", standalone_mode=False)
         if isinstance(code, int) and code:
-            raise SystemExit(code)
+            raise SystemExit(code)  # a typer.Exit: an ExitCode, or psql's own status
     except click_errors.NoArgsIsHelpError as exc:
         sys.stdout.write((exc.ctx.get_help() if exc.ctx else "") + "\n")
-        raise SystemExit(2) from None
+        raise SystemExit(ExitCode.INVALID) from None
     except click_errors.UsageError as exc:
         where = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx else ""
-        _fail(exc.format_message().replace("\n", " ") + where, 2)
+        _fail(exc.format_message().replace("\n", " ") + where, ExitCode.INVALID)
     except typer.Abort:
-        _fail("aborted", 1)
+        _fail("aborted", ExitCode.FAILED)
     except TenantctlError as exc:
         _fail(_explained(exc), exc.exit_code)
     except KeyboardInterrupt:
-        _fail("interrupted", 130)
+        _fail("interrupted", ExitCode.INTERRUPTED)
     except Exception as exc:
         # A server or the catalog went away mid-command: say so on one line.
         import psycopg
-        import sqlalchemy.exc
 
-        if isinstance(exc, sqlalchemy.exc.OperationalError | psycopg.OperationalError):
-            _fail(f"database unavailable: {first_line(exc)}", 6)
+        # SQLAlchemy's error only if SQLAlchemy ran: a read command never imports it
+        orm = sys.modules.get("sqlalchemy.exc")
+        if isinstance(exc, psycopg.OperationalError) or (
+                orm is not None and isinstance(exc, orm.OperationalError)):
+            _fail(f"database unavailable: {first_line(exc)}", ExitCode.UNAVAILABLE)
         raise
 
 

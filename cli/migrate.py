@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from cli.common import open_fleet, print_json, say, table
+from cli.common import open_fleet, open_reads, print_json, say, table
 
 if TYPE_CHECKING:
     from orchestrator.services.rollout import Event, RolloutOptions, RolloutSummary
@@ -31,11 +31,11 @@ def status(region: Annotated[str | None, typer.Option(help="Only this region.")]
     and each server's template revision."""
     from orchestrator.services.migrate_status import fleet_status
 
-    fleet = open_fleet()
+    reads = open_reads()
     try:
-        report = fleet_status(fleet, region, live=live)
+        report = fleet_status(reads, region, live=live)
     finally:
-        fleet.close()
+        reads.close()
     if as_json:
         print_json(report.to_json())
         return

@@ -29,14 +29,13 @@ from orchestrator.adapters.catalog.models import (
     Tenant,
     TenantState,
 )
+from orchestrator.adapters.catalog.reads import TARGET_KEY
 from orchestrator.adapters.crypto.masterkey import MasterKey, load_master_key
 from orchestrator.adapters.postgres import admin as pgserver
 from orchestrator.adapters.postgres import revision_files
 from orchestrator.config import Config, load_config
 from orchestrator.domain.errors import InvalidInput, NotFound
 from orchestrator.domain.names import check_integrity, validate_slug
-
-TARGET_KEY = "target_revision"
 
 
 @dataclass
@@ -136,13 +135,7 @@ class Deps:
 
     @functools.cached_property
     def head_revision(self) -> str | None:
-        try:
-            return revision_files.head(self.cfg.tenant_migrations)
-        except revision_files.Undecided:
-            # start-up: Alembic (~0.5 s to import) only when the files do not say
-            from orchestrator.adapters.postgres import alembic_runner as tenant_migrations
-
-            return tenant_migrations.head_revision(self.cfg.tenant_migrations)
+        return revision_files.head_revision(self.cfg.tenant_migrations)
 
     def target_revision(self, region: str | None = None) -> str | None:
         """The revision new tenants are created at. A rollout of the whole fleet (or

@@ -21,6 +21,7 @@ from psycopg import ProgrammingError
 from psycopg.conninfo import conninfo_to_dict
 
 from orchestrator.domain.bounds import TenantBounds
+from orchestrator.domain.durations import BadDuration, parse_pg_duration
 from orchestrator.domain.errors import ConfigError
 
 CONFIG_ENV = "TENANTCTL_CONFIG"
@@ -79,10 +80,8 @@ class LifecycleConfig:
     audit_days: int = 365  # audit records kept
 
 
-_DURATION_RE = re.compile(r"(0|[1-9][0-9]{0,8}(ms|s|min|h|d))", re.ASCII)
 _SIZE_RE = re.compile(r"(-1|[1-9][0-9]{0,8}(kB|MB|GB|TB))", re.ASCII)
-_UNITS = {"ms": 1, "s": 1000, "min": 60_000, "h": 3_600_000, "d": 86_400_000,
-          "kB": 1, "MB": 1024, "GB": 1024**2, "TB": 1024**3}
+_UNITS = {"kB": 1, "MB": 1024, "GB": 1024**2, "TB": 1024**3}
 
 
 @dataclass(frozen=True)
@@ -286,17 +285,23 @@ def _bounds(r: _Reader, tenants: dict[str, Any]) -> TenantBounds:
                                  default=getattr(d, name))
         if values[name] > 10000:
             raise r.fail(f"tenants.{name}", "at most 10000 connections")
+    for name in ("statement_timeout", "idle_in_transaction_session_timeout"):
+        value = tenants.get(name, getattr(d, name))
+        if not isinstance(value, str):
+            raise r.fail(f"tenants.{name}", "must be a string like '5min' (ms, s, min, h, "
+                         f"d; 0: none), got {value!r}")
+        try:  # the one duration grammar, in Postgres's spelling (stored as it is)
+            values[name] = parse_pg_duration(value, f"tenants.{name}")
+        except BadDuration as exc:
+            raise r.fail(f"tenants.{name}", f"{value!r}: {exc.why}") from None
     for name, pattern, example in (
-            ("statement_timeout", _DURATION_RE, "'5min' (ms, s, min, h, d; 0: none)"),
-            ("idle_in_transaction_session_timeout", _DURATION_RE,
-             "'5min' (ms, s, min, h, d; 0: none)"),
             ("temp_file_limit", _SIZE_RE, "'1GB' (kB, MB, GB, TB; -1: none)"),
             ("work_mem", _SIZE_RE, "'16MB' (kB, MB, GB, TB)")):
         value = tenants.get(name, getattr(d, name))
         m = pattern.fullmatch(value) if isinstance(value, str) else None
         if m is None or (name == "work_mem" and value == "-1"):
             raise r.fail(f"tenants.{name}", f"must be a string like {example}, got {value!r}")
-        # in the setting's base unit (ms, kB): Postgres's own range for these
+        # in the setting's base unit (kB): Postgres's own range for these
         base = int(value.removesuffix(m.group(2) or "")) * _UNITS.get(m.group(2) or "", 1)
         if base > 2147483647 or (name == "work_mem" and base < 64):
             raise r.fail(f"tenants.{name}", f"{value!r} is out of Postgres's range for it")

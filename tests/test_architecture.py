@@ -188,7 +188,7 @@ FUNCTION_IMPORTS_ALLOWED: dict[tuple[str, str, str], str] = {
         "as Fleet.provision",
     ("orchestrator/api.py", "_refill", "orchestrator.services.spares"):
         "as Fleet.provision",
-    ("orchestrator/bootstrap.py", "Deps.head_revision",
+    ("orchestrator/adapters/postgres/revision_files.py", "head_revision",
      "orchestrator.adapters.postgres.alembic_runner"):
         "Alembic only when the revision files do not say",
     ("orchestrator/adapters/catalog/db.py", "Catalog.alembic_config", "alembic.config.Config"):

@@ -34,10 +34,10 @@ from sqlalchemy import select
 from backups import service as pipeline
 from backups.stores import FileStore, S3Store, StoreError, _check_key, open_store
 from orchestrator.adapters import clock
-from orchestrator.adapters.catalog import audit
 from orchestrator.adapters.catalog.models import Tenant
 from orchestrator.api import Fleet
 from orchestrator.config import parse_config
+from orchestrator.domain.durations import parse_pg_duration, parse_since
 from orchestrator.domain.errors import ConfigError, InvalidInput, NotFound, TenantctlError
 from orchestrator.domain.names import (
     ADMIN_ROLE,
@@ -47,7 +47,7 @@ from orchestrator.domain.names import (
     tenant_names,
     validate_slug,
 )
-from orchestrator.domain.rollout_plan import parse_budget, parse_timeout, parse_waves
+from orchestrator.domain.rollout_plan import parse_budget, parse_waves
 from orchestrator.services import access, audit_log, credentials, lifecycle, psql, retention
 from orchestrator.services.export import export
 from orchestrator.services.provisioning import restore_as
@@ -55,7 +55,7 @@ from tests.conftest import REPO, TENANTCTL, OwnCatalog, PgFleet, connect_as, run
 
 ALL_SERVERS = ("eu-central-1", "eu-central-2", "ap-south-1")
 NAMEDATALEN = 63  # Postgres silently truncates longer identifiers: two tenants could meet
-# The oracle: what a slug must look like, restated independently of orchestrator.names
+# The oracle: what a slug must look like, restated independently of orchestrator.domain.names
 # (ASCII only, the whole string — a trailing newline included).
 SLUG_ORACLE = re.compile(r"[a-z][a-z0-9_]{2,39}", re.ASCII)
 REGION_ORACLE = re.compile(r"[a-z][a-z0-9-]{1,39}", re.ASCII)
@@ -582,8 +582,9 @@ values = st.one_of(st.text(max_size=30),
 @example("0001-01-01T00:00:00+01:00")
 def test_option_parsers_return_or_refuse_in_one_line(text: str) -> None:
     parsers: list[Callable[[str], Any]] = [
-        access.parse_ttl, audit.parse_since, clock.parse_instant, parse_waves,
-        lambda s: parse_budget(s, 100), lambda s: parse_timeout("--lock-timeout", s),
+        access.parse_ttl, lambda s: parse_since(s, clock.utcnow(), "--since"),
+        clock.parse_instant, parse_waves,
+        lambda s: parse_budget(s, 100), lambda s: parse_pg_duration(s, "--lock-timeout"),
         lambda s: clock.effective_now(s, acting=False)]
     for parse in parsers:
         try:
@@ -610,9 +611,11 @@ def test_timeouts_accepted_are_timeouts_postgres_accepts(pg: psycopg.Connection)
     @example("\u0661\u0662s")
     @example("08")
     @example("010s")
+    @example("5m")
+    @example("2w")
     def attack(text: str) -> None:
         try:
-            value = parse_timeout("--lock-timeout", text)
+            value = parse_pg_duration(text, "--lock-timeout")
         except InvalidInput as exc:
             one_line(exc)
             return
@@ -621,9 +624,10 @@ def test_timeouts_accepted_are_timeouts_postgres_accepts(pg: psycopg.Connection)
             row = pg.execute("SELECT setting::bigint FROM pg_settings "
                              "WHERE name = 'lock_timeout'").fetchone()
         # and it means what the operator wrote (not, say, "010" read as octal)
-        meant = re.fullmatch(r"\s*([0-9]+)\s*(ms|s|min|h)?\s*", text, re.ASCII)
+        meant = re.fullmatch(r"\s*([0-9]+)\s*(ms|s|min|m|h|d|w)?\s*", text, re.ASCII)
         assert meant and row is not None, (text, value)
-        factor = {"ms": 1, "s": 1000, "min": 60_000, "h": 3_600_000}[meant.group(2) or "ms"]
+        factor = {"ms": 1, "s": 1000, "min": 60_000, "m": 60_000, "h": 3_600_000,
+                  "d": 86_400_000, "w": 604_800_000}[meant.group(2) or "ms"]
         assert row[0] == int(meant.group(1)) * factor, (text, value, row)
 
     attack()

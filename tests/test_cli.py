@@ -73,39 +73,53 @@ def test_catalog_not_upgraded(test_fleet: PgFleet, tmp_path: Path) -> None:
             conn.execute("DROP DATABASE tenantctl_catalog_empty WITH (FORCE)")
 
 
-# What a read command imports: Alembic (~0.5 s), pydantic (typer's coercion, ~0.15 s) and
-# typer's rich help layout are start-up costs that reading the catalog does not need.
+# What a read command imports: SQLAlchemy's ORM (~0.3 s), Alembic (~0.5 s), pydantic
+# (typer's coercion, ~0.15 s) and typer's rich help layout are start-up costs that
+# reading the catalog does not need.
 _IMPORTS_AFTER = """
 import json, sys
 from cli.main import main
 out, sys.argv = sys.argv[1], ["tenantctl", *sys.argv[2:]]
+code = 0
 try:
     main()
-except SystemExit:
-    pass
+except SystemExit as exc:
+    code = exc.code
 with open(out, "w") as f:
-    json.dump(sorted({m.split(".")[0] for m in sys.modules}), f)
+    json.dump({"modules": sorted({m.split(".")[0] for m in sys.modules}),
+               "code": code}, f)
 """
 
 
-def _imported(test_fleet: PgFleet, tmp_path: Path, *args: str) -> set[str]:
+def _imported_and_code(test_fleet: PgFleet, tmp_path: Path, *args: str
+                       ) -> tuple[set[str], object]:
     out = tmp_path / "modules.json"
     env = {k: v for k, v in os.environ.items() if k != "TYPER_USE_RICH"}
     proc = subprocess.run([sys.executable, "-c", _IMPORTS_AFTER, str(out), *args],
                           capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
     assert "Traceback" not in proc.stderr, proc.stderr
-    return set(json.loads(out.read_text()))
+    data = json.loads(out.read_text())
+    return set(data["modules"]), data["code"]
 
 
-def test_read_commands_import_no_alembic_nor_pydantic(test_fleet: PgFleet,
-                                                      tmp_path: Path) -> None:
+def _imported(test_fleet: PgFleet, tmp_path: Path, *args: str) -> set[str]:
+    return _imported_and_code(test_fleet, tmp_path, *args)[0]
+
+
+def test_read_commands_import_no_orm_alembic_nor_pydantic(test_fleet: PgFleet,
+                                                          tmp_path: Path) -> None:
     cfg = str(test_fleet.config_path)
-    for args in (["tenant", "list", "--json"], ["tenant", "show", "nosuchtenant", "--json"],
-                 ["region", "list", "--json"], ["backup", "list", "--json"],
-                 ["migrate", "status", "--json"]):
-        modules = _imported(test_fleet, tmp_path, "--config", cfg, *args)
-        assert "sqlalchemy" in modules, args  # the command did reach the catalog
-        assert not modules & {"alembic", "pydantic", "pydantic_core"}, args
+    # the exit codes say each command did reach the catalog (a missing tenant is exit 3)
+    for args, code in ((["tenant", "list", "--json"], 0),
+                       (["tenant", "show", "nosuchtenant", "--json"], 3),
+                       (["region", "list", "--json"], 0), (["backup", "list", "--json"], 0),
+                       (["backup", "list", "nosuchtenant", "--json"], 3),
+                       (["migrate", "status", "--json"], 0)):
+        modules, got = _imported_and_code(test_fleet, tmp_path, "--config", cfg, *args)
+        assert got in ((code, None) if code == 0 else (code,)), (args, got)
+        assert "psycopg" in modules, args
+        assert not modules & {"sqlalchemy", "alembic", "pydantic", "pydantic_core", "boto3",
+                              "botocore", "pyrage", "cryptography"}, args
 
 
 def test_help_imports_neither_rich_nor_the_orchestrator(test_fleet: PgFleet,

@@ -9,6 +9,7 @@ import pytest
 
 from orchestrator.adapters.crypto.masterkey import MasterKey, load_master_key, write_key_file
 from orchestrator.config import MasterKeySource, parse_config
+from orchestrator.domain.durations import parse_pg_duration
 from orchestrator.domain.errors import CapacityError, ConfigError, InvalidInput, MasterKeyError
 from orchestrator.domain.names import tenant_names, validate_slug
 from orchestrator.domain.placement import ServerLoad, choose_server
@@ -18,7 +19,6 @@ from orchestrator.domain.rollout_plan import (
     budget_exceeded,
     interleave_by_server,
     parse_budget,
-    parse_timeout,
     parse_waves,
 )
 
@@ -247,12 +247,14 @@ def test_budget() -> None:
 
 
 def test_timeouts() -> None:
-    assert parse_timeout("--lock-timeout", "2s") == "2s"
-    assert parse_timeout("--lock-timeout", "500") == "500ms"
-    assert parse_timeout("--statement-timeout", "5min") == "5min"
-    for bad in ("soon", "1d", "-5s", "5 s; DROP TABLE x"):
+    assert parse_pg_duration("2s", "--lock-timeout") == "2s"
+    assert parse_pg_duration("500", "--lock-timeout") == "500ms"
+    assert parse_pg_duration("5min", "--statement-timeout") == "5min"
+    # the one duration grammar: 1d is a day (Postgres has d), 5m is 5min
+    assert parse_pg_duration("1d", "--lock-timeout") == "1d"
+    for bad in ("soon", "1y", "-5s", "5 s; DROP TABLE x"):
         with pytest.raises(InvalidInput):
-            parse_timeout("--lock-timeout", bad)
+            parse_pg_duration(bad, "--lock-timeout")
 
 
 # -- backup schedules and retention ---------------------------------------------------

@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 from datetime import UTC, datetime, timedelta
 
+from orchestrator.domain import durations
 from orchestrator.domain.errors import InvalidInput
 
 ALLOW_ENV = "TENANTCTL_ALLOW_CLOCK_OVERRIDE"
@@ -38,16 +39,9 @@ def utcnow() -> datetime:
 
 
 def parse_instant(text: str, what: str = "--now") -> datetime:
-    """ISO-8601; a time without a zone is taken as UTC."""
-    try:
-        value = datetime.fromisoformat(text)
-    except ValueError:
-        raise InvalidInput(f"{what} {text!r} is not an ISO-8601 time "
-                           "(e.g. 2026-12-24T08:00:00Z)") from None
-    try:
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-    except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00 is in year 0 in UTC
-        raise InvalidInput(f"{what} {text!r} is out of range") from None
+    """ISO-8601; a time without a zone is taken as UTC (the one grammar:
+    orchestrator.domain.durations)."""
+    return durations.parse_instant(text, what)
 
 
 def effective_now(override: str | None, *, acting: bool) -> datetime:

@@ -10,7 +10,7 @@ import signal
 import threading
 from collections import Counter
 
-from orchestrator.domain.errors import TenantctlError
+from orchestrator.domain.errors import ExitCode, TenantctlError
 
 FAULT_ENV = "TENANTCTL_FAULT"
 MODE_ENV = "TENANTCTL_FAULT_MODE"
@@ -20,7 +20,7 @@ _lock = threading.Lock()
 
 
 class InjectedFault(TenantctlError):
-    exit_code = 99
+    exit_code = ExitCode.INJECTED_FAULT
 
 
 def checkpoint(step: str) -> None:

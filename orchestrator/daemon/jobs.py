@@ -15,17 +15,17 @@ from orchestrator.adapters.clock import utcnow
 from orchestrator.config import SchedulerConfig
 from orchestrator.daemon.jsonlog import JsonLog
 from orchestrator.domain.errors import Conflict as TenantChanged
-from orchestrator.domain.errors import InvalidInput, first_line
+from orchestrator.domain.errors import first_line
+from orchestrator.domain.jobs import SCHEDULED, STEPS_OF, parse_scheduled
 from orchestrator.services import retention
 
 if TYPE_CHECKING:
     from orchestrator.bootstrap import Deps
     from orchestrator.services.retention import StepResult
 
-JOBS = ("backups", "retention", "prune", "audit_purge")
-# what each retention-family job asks orchestrator.retention.run to do
-RETENTION_KINDS: dict[str, tuple[str, ...]] = {
-    "retention": ("access", "delete", "purge"), "prune": ("prune",), "audit_purge": ("audit",)}
+JOBS = SCHEDULED  # the job vocabulary: orchestrator.domain.jobs
+# what each retention-family job asks orchestrator.services.retention.run to do
+RETENTION_KINDS: dict[str, tuple[str, ...]] = {j: s for j, s in STEPS_OF.items() if s}
 OUTCOMES = ("ok", "partial", "failed", "skipped", "interrupted")
 FAILED_OUTCOMES = ("partial", "failed")
 
@@ -46,14 +46,7 @@ def job_intervals(sc: SchedulerConfig, override_seconds: float | None = None,
 
 def parse_jobs(text: str | None) -> tuple[str, ...]:
     """`backups,retention` → ("backups", "retention"); None → every job."""
-    if text is None:
-        return JOBS
-    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
-    unknown = [n for n in names if n not in JOBS]
-    if unknown or not names:
-        raise InvalidInput(f"--jobs: unknown job {', '.join(unknown) or '(none given)'} "
-                           f"(known: {', '.join(JOBS)})")
-    return names
+    return parse_scheduled(text, "--jobs")
 
 
 @dataclass

@@ -10,8 +10,9 @@ class TenantBounds:
     """What one tenant's login role may take of its server, applied at provisioning
     and re-applied by `doctor --fix`. ``connection_limit`` and ``temp_file_limit``
     are hard (a tenant cannot change them); the others are its sessions' defaults,
-    which a session may SET otherwise. Values are Postgres setting strings, stored
-    verbatim in pg_db_role_setting (that is how doctor compares them)."""
+    which a session may SET otherwise. Values are Postgres setting strings (durations
+    in Postgres's spelling: 5m is kept as 5min), stored verbatim in
+    pg_db_role_setting (that is how doctor compares them)."""
 
     connection_limit: int = 20
     support_connection_limit: int = 5

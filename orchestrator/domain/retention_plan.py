@@ -18,10 +18,20 @@ from datetime import datetime
 from typing import Any
 
 from backups.policy import Verdict
+from orchestrator.domain.jobs import Job
 
-DELETE, PURGE, PRUNE, AUDIT, BLOCKED = "delete", "purge", "prune", "audit_purge", "blocked"
-EXPIRE_GRANT = "expire_grant"
+# an action's kind is the retention step (orchestrator.domain.jobs) that does it,
+# or BLOCKED: a delete or purge a legal hold stops
+DELETE, PURGE, PRUNE, AUDIT = Job.delete, Job.purge, Job.prune, Job.audit_purge
+EXPIRE_GRANT = Job.expire_grant
+BLOCKED = "blocked"
 ORDER = {EXPIRE_GRANT: -1, DELETE: 0, PURGE: 1, PRUNE: 2, AUDIT: 3, BLOCKED: 4}
+
+
+def step_of(kind: str) -> Job:
+    """The retention step (`--only`) an action of this kind belongs to: a blocked one
+    to delete (as it always has, whichever of delete or purge it blocks)."""
+    return Job.delete if kind == BLOCKED else Job(kind)
 
 
 @dataclass(frozen=True)

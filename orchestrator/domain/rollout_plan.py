@@ -4,16 +4,12 @@ wave, in which order, and when the failure budget is spent."""
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from orchestrator.domain.errors import InvalidInput
 
 CANARY_WAVE = 0
-_TIMEOUT_RE = re.compile(r"([0-9]+)\s*(ms|s|min|h)?", re.ASCII)
-_TIMEOUT_MS = {"ms": 1, "s": 1000, "min": 60_000, "h": 3_600_000}
-_MAX_TIMEOUT_MS = 2**31 - 1  # Postgres keeps lock/statement timeouts as int milliseconds
 
 
 @dataclass(frozen=True)
@@ -76,17 +72,6 @@ def parse_budget(spec: str, total: int) -> int:
         return n
     except ValueError:
         raise InvalidInput(f"invalid --max-failures {spec!r}: use N or P%") from None
-
-
-def parse_timeout(name: str, spec: str) -> str:
-    """A Postgres duration we pass to SET lock_timeout / statement_timeout."""
-    m = _TIMEOUT_RE.fullmatch(spec.strip())
-    if not m:
-        raise InvalidInput(f"invalid {name} {spec!r}: use e.g. 500ms, 2s, 5min")
-    value, unit = int(m.group(1)), m.group(2) or "ms"
-    if value * _TIMEOUT_MS[unit] > _MAX_TIMEOUT_MS:  # refused by every tenant
-        raise InvalidInput(f"invalid {name} {spec!r}: at most {_MAX_TIMEOUT_MS}ms (24 days)")
-    return f"{value}{unit}"  # Postgres reads "010" as octal: no leading zeros
 
 
 def interleave_by_server(tenants: Sequence[PlanTenant]) -> list[PlanTenant]:

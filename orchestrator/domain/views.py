@@ -1,5 +1,5 @@
-"""How a tenant reads in `--json` and to API callers: stable keys over any object
-with a tenant's fields (the catalog's ORM row or a plain read row)."""
+"""How a tenant (and a backup) reads in `--json` and to API callers: stable keys
+over any object with its fields (the catalog's ORM row or a plain read row)."""
 
 from __future__ import annotations
 
@@ -26,3 +26,15 @@ def tenant_json(t: Any) -> dict[str, Any]:
         "migration_error": t.migration_error,
         "migrated_at": iso(t.migrated_at),
     }
+
+
+def backup_json(b: Any) -> dict[str, Any]:
+    """`backup list --json`: one backup row (times in the session's zone, as read)."""
+    return {"id": b.id, "tenant": b.slug, "region": b.region, "status": b.status,
+            "kind": b.kind, "size": b.size, "sha256": b.sha256, "key_id": b.key_id,
+            "revision": b.revision, "server_version": b.server_version,
+            "store": b.store_url, "object": b.object_key,
+            "created_at": b.started_at.isoformat() if b.started_at else None,
+            "finished_at": b.finished_at.isoformat() if b.finished_at else None,
+            "verified_at": b.verified_at.isoformat() if b.verified_at else None,
+            "error": b.error}

@@ -12,7 +12,6 @@ tenant drops its grants with it. The password is shown once and never stored.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -27,6 +26,7 @@ from orchestrator.adapters.catalog.db import actor
 from orchestrator.adapters.catalog.models import SupportGrant, TenantState
 from orchestrator.adapters.crypto.tenant_keys import new_password
 from orchestrator.adapters.postgres import admin as pgserver
+from orchestrator.domain.durations import parse_duration
 from orchestrator.domain.errors import Conflict, InvalidInput, NotFound, TenantctlError, first_line
 from orchestrator.domain.grants import settings, settings_changed
 
@@ -35,21 +35,11 @@ if TYPE_CHECKING:
 
 MAX_TTL = timedelta(days=7)
 GRANTABLE = (TenantState.active, TenantState.suspended, TenantState.cancelled)
-_TTL = re.compile(r"^(\d+)([smhd])$")
-_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 
 
-def parse_ttl(text: str) -> timedelta:
-    m = _TTL.match(text.strip())
-    if not m:
-        raise InvalidInput(f"--ttl {text!r}: use a number and s, m, h or d (e.g. 2h)")
-    try:
-        ttl = timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
-    except OverflowError:  # beyond timedelta's range: far more than MAX_TTL anyway
-        ttl = timedelta.max
-    if ttl <= timedelta(0) or ttl > MAX_TTL:
-        raise InvalidInput(f"--ttl must be more than 0 and at most {MAX_TTL.days} days")
-    return ttl
+def parse_ttl(text: str, what: str = "ttl") -> timedelta:
+    """How long a grant lasts: a duration of more than 0 and at most MAX_TTL."""
+    return parse_duration(text, what, positive=True, at_most=MAX_TTL)
 
 
 def role_name(grant_id: int) -> str:

@@ -28,7 +28,7 @@ from orchestrator.adapters.catalog.models import TenantState
 from orchestrator.adapters.postgres import admin as pgserver
 from orchestrator.adapters.postgres.admin import libpq_env
 from orchestrator.adapters.postgres.pgtools import pg_tool
-from orchestrator.domain.errors import Conflict, InvalidInput, TenantctlError, first_line
+from orchestrator.domain.errors import Conflict, ExitCode, InvalidInput, TenantctlError, first_line
 from orchestrator.services.lifecycle import audited
 
 if TYPE_CHECKING:
@@ -39,7 +39,7 @@ EXPORTABLE = (TenantState.active, TenantState.suspended, TenantState.cancelled)
 
 
 class ExportError(TenantctlError):
-    exit_code = 10
+    exit_code = ExitCode.DUMP_OR_RESTORE
 
 
 @audited("export")

@@ -23,21 +23,25 @@ from collections import Counter, deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import psycopg
 from psycopg import pq
 from psycopg.conninfo import make_conninfo
-from sqlalchemy import select, update
 
-from orchestrator.adapters.catalog.models import MIGRATABLE, Server, Tenant
+from orchestrator.adapters.catalog.reads import CatalogReads, TenantRow
 from orchestrator.adapters.postgres import admin as pgserver
-from orchestrator.adapters.postgres import revision_marks
+from orchestrator.adapters.postgres import revision_files, revision_marks
+from orchestrator.config import Config
 from orchestrator.domain.errors import TenantctlError, first_line
 from orchestrator.domain.names import TEMPLATE_DB
 
-if TYPE_CHECKING:
-    from orchestrator.bootstrap import Deps
+
+class Configured(Protocol):
+    """What this service needs of its caller: the configuration (the facade's Fleet,
+    or the CLI's open CatalogReads, whose catalog connection it then uses)."""
+
+    cfg: Config
 
 # No alembic_version table (a database at base) is an error, not a NULL: probing
 # for the table first costs every read a catalog lookup.
@@ -197,7 +201,7 @@ def _with_dbname(base: str, dbname: str) -> str:
     return base + " dbname='" + dbname.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def _marked(fleet: Deps, tenants: Sequence[Tenant], servers: Sequence[str] = ()
+def _marked(fleet: Configured, tenants: Sequence[TenantRow], servers: Sequence[str] = ()
             ) -> dict[tuple[str, str], str | None]:
     """(server, database) → revision, for every tenant database marked on a server
     that answered, and each of ``servers``' template (the template is the cluster's:
@@ -227,7 +231,7 @@ def _marked(fleet: Deps, tenants: Sequence[Tenant], servers: Sequence[str] = ()
 Revisions = tuple[list[Result], dict[str, int], list[dict[str, Any]], dict[str, str | None]]
 
 
-def read_revisions(fleet: Deps, tenants: Sequence[Tenant], *, live: bool = False,
+def read_revisions(fleet: Configured, tenants: Sequence[TenantRow], *, live: bool = False,
                    concurrency: int = 16, per_server: int = 8,
                    template_servers: Sequence[str] = ()) -> Revisions:
     """Each tenant's (revision, error), in order; how many came from each source (its
@@ -256,11 +260,11 @@ def read_revisions(fleet: Deps, tenants: Sequence[Tenant], *, live: bool = False
             templates)
 
 
-def _remark(fleet: Deps, tenants: Sequence[Tenant],
+def _remark(fleet: Configured, tenants: Sequence[TenantRow],
             was: Sequence[tuple[bool, str | None]]) -> list[dict[str, Any]]:
     """Rewrite the mark of each of ``tenants`` from its database (few: tenants from
     before marks, or a mark changed by hand); ``was``: (marked, revision) before."""
-    def one(t: Tenant, old: tuple[bool, str | None]) -> dict[str, Any]:
+    def one(t: TenantRow, old: tuple[bool, str | None]) -> dict[str, Any]:
         out: dict[str, Any] = {"slug": t.slug, "server": t.server, "marked": old[0],
                                "mark": old[1]}
         try:
@@ -277,24 +281,32 @@ def _remark(fleet: Deps, tenants: Sequence[Tenant],
         return list(pool.map(one, tenants, was))
 
 
-def fleet_status(fleet: Deps, region: str | None = None, *, live: bool = False,
+def fleet_status(fleet: Configured, region: str | None = None, *, live: bool = False,
                  concurrency: int = 16, per_server: int = 8) -> StatusReport:
     if region is not None:
         fleet.cfg.region(region)
-    q = select(Tenant).where(Tenant.state.in_(MIGRATABLE)).order_by(Tenant.slug)
-    if region:
-        q = q.where(Tenant.region == region)
-    with fleet.catalog.session() as s:
-        tenants = list(s.scalars(q))
-        servers = list(s.scalars(select(Server).order_by(Server.region, Server.name)))
-    servers = [sv for sv in servers if region is None or sv.region == region]
+    # the catalog through the caller's reader when it has one open (the CLI), else one
+    # for this call: plain SQL, so `migrate status` needs no SQLAlchemy
+    catalog = fleet if isinstance(fleet, CatalogReads) else CatalogReads(fleet.cfg)
+    try:
+        return _status(fleet, catalog, region, live=live, concurrency=concurrency,
+                       per_server=per_server)
+    finally:
+        if catalog is not fleet:
+            catalog.close()
+
+
+def _status(fleet: Configured, catalog: CatalogReads, region: str | None, *, live: bool,
+            concurrency: int, per_server: int) -> StatusReport:
+    tenants = catalog.migratable(region)
+    servers = catalog.servers(region)
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(read_revisions, fleet, tenants, live=live,
                               concurrency=concurrency, per_server=per_server,
                               template_servers=[sv.name for sv in servers])
-        # while the reads run: head (Alembic reads the migration scripts) and target
-        head = fleet.head_revision
-        report = StatusReport(head=head, target=fleet.target_revision(region),
+        # while the reads run: head (from the migration scripts) and target
+        head = revision_files.head_revision(fleet.cfg.tenant_migrations)
+        report = StatusReport(head=head, target=catalog.target_revision(head, region),
                               tenants=len(tenants), revisions={})
         reads, report.sources, report.remarked, templates = pending.result()
     counts: Counter[str] = Counter()
@@ -317,8 +329,5 @@ def fleet_status(fleet: Deps, region: str | None = None, *, live: bool = False,
     report.templates = [{"server": sv.name, "region": sv.region,
                          "revision": templates.get(sv.name)} for sv in servers]
     if changed:
-        with fleet.catalog.session() as s, s.begin():
-            for tenant_id, revision in changed:
-                s.execute(update(Tenant).where(Tenant.id == tenant_id)
-                          .values(revision=revision))
+        catalog.record_revisions(changed)
     return report

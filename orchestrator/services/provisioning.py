@@ -8,7 +8,7 @@ catalog does not know of. Each step checks the server before acting, so a
 re-run after a crash at any point finishes the job; the tenant's advisory lock
 keeps two processes from working on the same slug at once.
 
-With a pool of spares (``orchestrator.spares``) the roles, database, schema and
+With a pool of spares (``orchestrator.services.spares``) the roles, database, schema and
 privileges steps are one server transaction that renames a spare into the
 tenant's names; the row then goes from registered straight to privileges.
 """

@@ -15,7 +15,7 @@ Purging a deleted tenant once purge_after has passed:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -37,7 +37,8 @@ from orchestrator.adapters.catalog.models import (
 )
 from orchestrator.adapters.faults import checkpoint
 from orchestrator.adapters.postgres import admin as pgserver
-from orchestrator.domain.errors import Conflict, InvalidInput, TenantctlError, first_line
+from orchestrator.domain.errors import Conflict, ExitCode, InvalidInput, TenantctlError, first_line
+from orchestrator.domain.jobs import STEPS, Job, parse_steps
 from orchestrator.domain.names import tenant_names
 from orchestrator.domain.retention_plan import (
     AUDIT,
@@ -50,6 +51,7 @@ from orchestrator.domain.retention_plan import (
     GrantFact,
     TenantFact,
     plan,
+    step_of,
     tenant_action,
 )
 from orchestrator.services import access
@@ -58,14 +60,12 @@ if TYPE_CHECKING:
     from orchestrator.bootstrap import Deps
 
 LOCK = "retention"
-JOBS = ("delete", "purge", "prune", "audit", "access")
-_JOB_OF = {DELETE: "delete", PURGE: "purge", PRUNE: "prune", AUDIT: "audit",
-           BLOCKED: "delete", EXPIRE_GRANT: "access"}
+JOBS = STEPS  # every step of a run (orchestrator.domain.jobs)
 OVERDUE_AFTER = timedelta(hours=1)
 
 
 class RetentionError(TenantctlError):
-    exit_code = 11
+    exit_code = ExitCode.RETENTION
 
 
 # -- reading the facts ---------------------------------------------------------------
@@ -83,21 +83,23 @@ def due_tenant_facts(fleet: Deps, now: datetime) -> list[TenantFact]:
     return [TenantFact(*r) for r in rows]
 
 
-def make_plan(fleet: Deps, now: datetime, jobs: tuple[str, ...] = JOBS) -> list[Action]:
+def make_plan(fleet: Deps, now: datetime, jobs: Iterable[str] = JOBS) -> list[Action]:
+    """The plan for these steps (Job members, or `--only` spellings)."""
+    jobs = parse_steps(jobs)
     lc = fleet.cfg.lifecycle
-    tenants = due_tenant_facts(fleet, now) if {"delete", "purge"} & set(jobs) else []
+    tenants = due_tenant_facts(fleet, now) if {Job.delete, Job.purge} & set(jobs) else []
     verdicts = []
-    if "prune" in jobs:
+    if Job.prune in jobs:
         policy = RetentionPolicy(fleet.cfg.backup_keep_days, fleet.cfg.backup_keep_weeks)
         verdicts = pipeline.prune_candidates(fleet, now, policy)
     audit_cutoff = now - timedelta(days=lc.audit_days)
     expired = 0
-    if "audit" in jobs:
+    if Job.audit_purge in jobs:
         with fleet.catalog.session() as s:
             expired = s.scalar(select(func.count()).select_from(AuditEvent)
                                .where(AuditEvent.at < audit_cutoff)) or 0
     grants = []
-    if "access" in jobs:
+    if Job.expire_grant in jobs:
         grants = [GrantFact(g.id, g.slug, g.grantee, g.expires_at)
                   for g in access.expired(fleet, now)]
         # a role that changed its own settings ends now, whatever its TTL says
@@ -106,7 +108,7 @@ def make_plan(fleet: Deps, now: datetime, jobs: tuple[str, ...] = JOBS) -> list[
             grants += [GrantFact(g.id, g.slug, g.grantee, g.expires_at, changed[g.id])
                        for g in access.live(fleet) if g.id in changed]
     return [a for a in plan(tenants, verdicts, expired, audit_cutoff, now, grants)
-            if _JOB_OF[a.kind] in jobs]
+            if step_of(a.kind) in jobs]
 
 
 # -- carrying it out -----------------------------------------------------------------
@@ -141,7 +143,7 @@ class RunReport:
                 "failed": len(self.failed)}
 
 
-def run(fleet: Deps, now: datetime, *, dry_run: bool, jobs: tuple[str, ...] = JOBS,
+def run(fleet: Deps, now: datetime, *, dry_run: bool, jobs: Iterable[str] = JOBS,
         on_plan: Callable[[list[Action]], None] | None = None,
         on_step: Callable[[StepResult], None] | None = None) -> RunReport:
     """Plan, report the plan, then (unless dry_run) do it. Two concurrent runs never

@@ -47,14 +47,14 @@ from orchestrator.adapters.catalog.db import actor, lock_key, lock_key_sql, with
 from orchestrator.adapters.catalog.models import MIGRATABLE, Rollout, RolloutTenant, Tenant
 from orchestrator.adapters.faults import checkpoint
 from orchestrator.adapters.postgres import alembic_runner as tenant_migrations
-from orchestrator.domain.errors import Conflict, InvalidInput, NotFound, first_line
+from orchestrator.domain.durations import parse_pg_duration
+from orchestrator.domain.errors import Conflict, ExitCode, InvalidInput, NotFound, first_line
 from orchestrator.domain.names import catalog_mismatch, tenant_lock, validate_slug
 from orchestrator.domain.rollout_plan import (
     CANARY_WAVE,
     PlanTenant,
     assign_waves,
     parse_budget,
-    parse_timeout,
     parse_waves,
 )
 from orchestrator.services import spares, templates
@@ -169,9 +169,10 @@ class RolloutSummary:
     sql: dict[str, str] = field(default_factory=dict)
 
     @property
-    def exit_code(self) -> int:
-        return {"completed": 0, "dry-run": 0, "failed": 1, "stopped": 8,
-                "interrupted": 130}.get(self.status, 1)
+    def exit_code(self) -> ExitCode:
+        return {"completed": ExitCode.OK, "dry-run": ExitCode.OK, "failed": ExitCode.FAILED,
+                "stopped": ExitCode.ROLLOUT_STOPPED, "interrupted": ExitCode.INTERRUPTED
+                }.get(self.status, ExitCode.FAILED)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -198,8 +199,9 @@ class RolloutRun:
         self.stop = stop or threading.Event()
         self.location = fleet.cfg.tenant_migrations
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
-        self.lock_timeout = parse_timeout("--lock-timeout", opts.lock_timeout)
-        self.statement_timeout = parse_timeout("--statement-timeout", opts.statement_timeout)
+        self.lock_timeout = parse_pg_duration(opts.lock_timeout, "--lock-timeout")
+        self.statement_timeout = parse_pg_duration(opts.statement_timeout,
+                                                   "--statement-timeout")
         if not 1 <= opts.concurrency <= 64 or opts.per_server < 1 or opts.retries < 0 \
                 or opts.canary < 0:
             raise InvalidInput("--concurrency must be 1-64, --per-server at least 1, "

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import re
-from datetime import timedelta
 from typing import Any
 
-from orchestrator.adapters import clock
 from orchestrator.domain.errors import InvalidInput, printable
 
 _SECRET_KEY = re.compile(r"password|passwd|secret|identity|private|token|credential",
@@ -27,7 +25,6 @@ _SECRET_TEXT = (
     (re.compile(r"\bmd5[0-9a-f]{32}\b"), "md5[redacted]"),
 )
 MAX_REASON = 500  # characters of a --reason (one line of plain text)
-_RELATIVE = re.compile(r"^(\d+)([dhm])$")
 
 
 def redact_text(value: str) -> str:
@@ -93,13 +90,3 @@ def redact(detail: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def parse_since(text: str) -> Any:
-    m = _RELATIVE.match(text.strip())
-    if m:
-        n, unit = int(m.group(1)), m.group(2)
-        try:
-            return clock.utcnow() - timedelta(**{{"d": "days", "h": "hours",
-                                                  "m": "minutes"}[unit]: n})
-        except OverflowError:
-            raise InvalidInput(f"--since {text!r} reaches back before year 1") from None
-    return clock.parse_instant(text, "--since")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import getpass
 import hashlib
 import os
-import re
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.conninfo import conninfo_to_dict
 from sqlalchemy import Connection, Engine, create_engine, select, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import OperationalError
@@ -22,49 +21,17 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from orchestrator.adapters.catalog.audit import redact as redact_detail
 from orchestrator.adapters.catalog.models import AuditEvent, FleetSetting, Region, Server
+from orchestrator.adapters.catalog.reads import CATALOG_HEAD
 from orchestrator.adapters.postgres import alembic_threads
+from orchestrator.adapters.postgres.libpq import redact, server_error, with_dbname
 from orchestrator.config import Config
-from orchestrator.domain.errors import Conflict, ServerUnavailable, first_line, printable
+from orchestrator.domain.errors import Conflict, printable
 
 if TYPE_CHECKING:
     from alembic.config import Config as AlembicConfig
 
 FLEET_ID = "fleet_id"  # fleet_settings key of the fleet's identity
 CATALOG_MIGRATIONS = Path(__file__).resolve().parents[3] / "migrations" / "catalog"
-# The head revision of migrations/catalog, which every command checks the catalog
-# against: a constant, so that the check needs no Alembic (importing it and reading
-# the revision files cost a command ~0.5 s before its first query). Alembic is
-# imported only to migrate. tests/test_schemas.py checks this is the scripts' head.
-CATALOG_HEAD = "c0005_support_grants"
-
-
-def redact(dsn: str) -> str:
-    """A DSN fit for messages: host, port, user and database only."""
-    try:
-        d = conninfo_to_dict(dsn)
-    except psycopg.ProgrammingError:
-        return "<unparseable dsn>"
-    return f"{d.get('user', '?')}@{d.get('host', 'localhost')}:{d.get('port', 5432)}/" \
-           f"{d.get('dbname', '')}"
-
-
-AUTH_FAILED = re.compile(r'server at "([^"]+)", port (\d+) failed: FATAL:\s+password '
-                         r"authentication failed")
-
-
-def server_error(where: str, exc: BaseException) -> ServerUnavailable:
-    """One line from a psycopg/SQLAlchemy connection failure, with no secret in it.
-    A refused password is often another cluster at the address (two local fleets on
-    one machine): said as a hint (the CLI says more for an embedded cluster)."""
-    line = first_line(exc)
-    if AUTH_FAILED.search(line):
-        line += ("; if another PostgreSQL now listens at that address, it is not this "
-                 "fleet's server (`tenantctl local status`, `tenantctl doctor`)")
-    return ServerUnavailable(f"cannot reach {where}: {line}")
-
-
-def with_dbname(dsn: str, dbname: str) -> str:
-    return make_conninfo(dsn, dbname=dbname)
 
 
 def actor() -> str:

@@ -20,9 +20,9 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
-from orchestrator.adapters.catalog.db import redact, server_error, with_dbname
 from orchestrator.adapters.postgres import revision_marks
 from orchestrator.adapters.postgres.childenv import child_env
+from orchestrator.adapters.postgres.libpq import redact, server_error, with_dbname
 from orchestrator.domain.bounds import SUSET_SETTINGS
 from orchestrator.domain.errors import Conflict, first_line
 from orchestrator.domain.marks import role_marker as role_marker  # callers say pgserver.role_marker
