@@ -19,7 +19,7 @@ from orchestrator.adapters.catalog.locks import holding_tenant
 from orchestrator.adapters.catalog.models import Tenant, TenantState
 from orchestrator.adapters.faults import checkpoint
 from orchestrator.adapters.postgres import admin as pgserver
-from orchestrator.devfleet.localfleet import pg_tool
+from orchestrator.adapters.postgres.pgtools import pg_tool
 from orchestrator.domain.errors import Conflict, first_line
 from orchestrator.domain.names import tenant_names
 from orchestrator.domain.states import HAS_DATABASE

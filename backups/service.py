@@ -46,7 +46,7 @@ from orchestrator.adapters.crypto import tenant_keys as keys
 from orchestrator.adapters.faults import checkpoint
 from orchestrator.adapters.postgres import admin as pgserver
 from orchestrator.adapters.postgres.childenv import child_env
-from orchestrator.devfleet.localfleet import pg_tool
+from orchestrator.adapters.postgres.pgtools import pg_tool
 from orchestrator.domain.errors import Conflict, ExitCode, NotFound, TenantctlError, first_line
 from orchestrator.domain.names import tenant_lock, tenant_names
 from orchestrator.domain.states import HAS_DATABASE, PRUNABLE

@@ -28,6 +28,7 @@ from orchestrator.adapters.crypto.tenant_keys import new_password
 from orchestrator.adapters.postgres import admin as pgserver
 from orchestrator.domain.durations import parse_duration
 from orchestrator.domain.errors import Conflict, InvalidInput, NotFound, TenantctlError, first_line
+from orchestrator.domain.grants import settings, settings_changed
 from orchestrator.domain.states import HAS_DATABASE
 
 if TYPE_CHECKING:
@@ -134,12 +135,6 @@ def grants(fleet: Deps, *, include_ended: bool = False) -> list[dict[str, Any]]:
         q = q.where(SupportGrant.dropped_at.is_(None))
     with fleet.catalog.session() as s:
         return [grant_json(g) for g in s.scalars(q)]
-
-
-def settings(read_only: bool) -> dict[str, str]:
-    """The role settings a support role gets; any other (the role may ALTER ROLE its
-    own settings) is tampering, and ends the grant (see ``tampered``)."""
-    return {"default_transaction_read_only": "on"} if read_only else {}
 
 
 def drop_role(fleet: Deps, g: SupportGrant) -> None:
@@ -271,18 +266,6 @@ def tampered(fleet: Deps) -> dict[int, str]:
             if why is not None:
                 found[g.id] = why
     return found
-
-
-def settings_changed(config: list[str] | None, read_only: bool) -> str | None:
-    """What differs between a support role's settings (pg_roles.rolconfig) and those
-    its grant gave it; None when nothing does (or the role is gone)."""
-    if config is None:
-        return None
-    want = {f"{k}={v}" for k, v in settings(read_only).items()}
-    extra, missing = sorted(set(config) - want), sorted(want - set(config))
-    if not extra and not missing:
-        return None
-    return "; ".join([*(f"set {c}" for c in extra), *(f"removed {c}" for c in missing)])
 
 
 def end_write_grants(fleet: Deps, tenant_id: int) -> list[int]:

@@ -26,7 +26,7 @@ from psycopg import sql
 from orchestrator.adapters.catalog.db import with_dbname
 from orchestrator.adapters.postgres import admin as pgserver
 from orchestrator.adapters.postgres.admin import libpq_env
-from orchestrator.devfleet.localfleet import pg_tool
+from orchestrator.adapters.postgres.pgtools import pg_tool
 from orchestrator.domain.errors import Conflict, ExitCode, InvalidInput, TenantctlError, first_line
 from orchestrator.domain.states import HAS_DATABASE
 from orchestrator.services.lifecycle import audited

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from orchestrator.adapters.catalog.db import with_dbname
 from orchestrator.adapters.catalog.models import Tenant
 from orchestrator.adapters.postgres import admin as pgserver
-from orchestrator.devfleet.localfleet import pg_tool
+from orchestrator.adapters.postgres.pgtools import pg_tool
 from orchestrator.domain.errors import Conflict
 from orchestrator.domain.names import password_context
 from orchestrator.domain.states import HAS_DATABASE
