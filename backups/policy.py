@@ -13,8 +13,10 @@ completed backup of a tenant is always kept.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import NamedTuple
 
 
 @dataclass(frozen=True)
@@ -28,8 +30,7 @@ class RetentionPolicy:
     keep_weeks: int = 4
 
 
-@dataclass(frozen=True)
-class BackupFact:
+class BackupFact(NamedTuple):  # or any such tuple: the catalog's rows as they come
     id: int
     tenant: str
     finished_at: datetime
@@ -65,26 +66,50 @@ def is_due(slug: str, last_backup: datetime | None, now: datetime,
     return last_backup is None or last_backup < last_slot(slug, now, schedule)
 
 
-def retention(backups: list[BackupFact], now: datetime, policy: RetentionPolicy
-              ) -> list[Verdict]:
-    """Keep or prune each completed backup of live tenants (one report for all)."""
-    by_tenant: dict[str, list[BackupFact]] = {}
-    for b in backups:
-        by_tenant.setdefault(b.tenant, []).append(b)
+def prune_horizon(now: datetime, policy: RetentionPolicy) -> datetime:
+    """Backups finished after this are kept whatever else the policy says (so a
+    caller need not even read them; the tenant's newest decides the floor)."""
+    return now - timedelta(days=policy.keep_days)
+
+
+FLOOR = "newest backup (floor)"
+BEYOND = "beyond the retention policy"
+WEEK = timedelta(days=7)
+
+
+def retention(backups: Iterable[tuple[int, str, datetime]], now: datetime,
+              policy: RetentionPolicy, *, report_kept: bool = True) -> list[Verdict]:
+    """Keep or prune each completed backup (BackupFact, or any (id, tenant,
+    finished_at) tuple) of live tenants: the one prune rule, whichever command
+    prunes. The backups handed in are those of tenants whose backups are pruned at
+    all (not cancelled: a hold keeps every backup until the purge; not under legal
+    hold). One report for all; with report_kept=False only the prunes (a planner's
+    need: it judges every old backup of the fleet and acts on few)."""
+    by_tenant: dict[str, list[tuple[int, datetime]]] = {}
+    for backup_id, tenant, finished_at in backups:
+        by_tenant.setdefault(tenant, []).append((backup_id, finished_at))
     out: list[Verdict] = []
+    horizon = prune_horizon(now, policy)
+    within = f"within {policy.keep_days} days"
     for tenant, items in sorted(by_tenant.items()):
-        items.sort(key=lambda b: b.finished_at, reverse=True)
+        items.sort(key=_finished, reverse=True)  # stable: equal times keep their order
+        if report_kept:
+            out.append(Verdict(items[0][0], tenant, True, FLOOR))
         weekly_kept: set[int] = set()
-        for b in items:
-            age = now - b.finished_at
-            week = int(age.total_seconds() // (7 * 86400))
-            if b is items[0]:
-                out.append(Verdict(b.id, tenant, True, "newest backup (floor)"))
-            elif age <= timedelta(days=policy.keep_days):
-                out.append(Verdict(b.id, tenant, True, f"within {policy.keep_days} days"))
-            elif week < policy.keep_weeks and week not in weekly_kept:
+        for backup_id, finished_at in items[1:]:
+            if finished_at >= horizon:
+                if report_kept:
+                    out.append(Verdict(backup_id, tenant, True, within))
+                continue
+            week = (now - finished_at) // WEEK
+            if week < policy.keep_weeks and week not in weekly_kept:
                 weekly_kept.add(week)
-                out.append(Verdict(b.id, tenant, True, f"newest of week {week + 1}"))
+                if report_kept:
+                    out.append(Verdict(backup_id, tenant, True, f"newest of week {week + 1}"))
             else:
-                out.append(Verdict(b.id, tenant, False, "beyond the retention policy"))
+                out.append(Verdict(backup_id, tenant, False, BEYOND))
     return out
+
+
+def _finished(item: tuple[int, datetime]) -> datetime:
+    return item[1]

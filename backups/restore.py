@@ -19,9 +19,10 @@ from orchestrator.adapters.catalog.locks import holding_tenant
 from orchestrator.adapters.catalog.models import Tenant, TenantState
 from orchestrator.adapters.faults import checkpoint
 from orchestrator.adapters.postgres import admin as pgserver
-from orchestrator.devfleet.localfleet import pg_tool
+from orchestrator.adapters.postgres.pgtools import pg_tool
 from orchestrator.domain.errors import Conflict, first_line
 from orchestrator.domain.names import tenant_names
+from orchestrator.domain.states import HAS_DATABASE
 
 if TYPE_CHECKING:
     from orchestrator.bootstrap import Deps
@@ -49,7 +50,7 @@ def restore_in_place(fleet: Deps, backup_id: int) -> dict[str, object]:
     swap, the live database is untouched (and open)."""
     row = pipeline.get_backup(fleet, backup_id)
     tenant = fleet.get_tenant(row.slug)
-    if tenant.state not in pipeline.BACKUPABLE:
+    if tenant.state not in HAS_DATABASE:
         raise Conflict(f"tenant {row.slug!r} is {tenant.state}: nothing to restore into")
     pipeline.verify_backup(fleet, backup_id)  # a bad backup stops here, nothing touched
     names = tenant_names(row.slug)

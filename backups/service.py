@@ -30,7 +30,14 @@ import pyrage
 from psycopg import sql
 from sqlalchemy import func, select, update
 
-from backups.policy import BackupFact, RetentionPolicy, Schedule, Verdict, is_due, retention
+from backups.policy import (
+    RetentionPolicy,
+    Schedule,
+    Verdict,
+    is_due,
+    prune_horizon,
+    retention,
+)
 from backups.stores import ObjectMissing, ObjectStore, ObjectWriter, open_store
 from orchestrator.adapters import clock
 from orchestrator.adapters.catalog.db import with_dbname
@@ -39,15 +46,15 @@ from orchestrator.adapters.crypto import tenant_keys as keys
 from orchestrator.adapters.faults import checkpoint
 from orchestrator.adapters.postgres import admin as pgserver
 from orchestrator.adapters.postgres.childenv import child_env
-from orchestrator.devfleet.localfleet import pg_tool
+from orchestrator.adapters.postgres.pgtools import pg_tool
 from orchestrator.domain.errors import Conflict, ExitCode, NotFound, TenantctlError, first_line
 from orchestrator.domain.names import tenant_lock, tenant_names
+from orchestrator.domain.states import HAS_DATABASE, PRUNABLE
+from orchestrator.domain.statuses import BACKUP_SKIPPED, BackupStatus
 
 if TYPE_CHECKING:
     from orchestrator.bootstrap import Deps
 
-BACKUPABLE = (TenantState.active, TenantState.suspended, TenantState.cancelled)
-PRUNABLE = (TenantState.active, TenantState.suspended)
 CHUNK = 1 << 20
 
 
@@ -140,7 +147,7 @@ def run_backup(fleet: Deps, slug: str, *, kind: str = "manual",
     row says failed, with the reason. ``now`` (a retention run's) stamps every
     time it writes; without it the clock is read as each step happens."""
     tenant = fleet.get_tenant(slug)
-    if tenant.state not in BACKUPABLE:
+    if tenant.state not in HAS_DATABASE:
         raise Conflict(f"tenant {slug!r} is {tenant.state}: nothing to back up")
     reap_dead(fleet, slug, now)  # whatever command comes next finishes off a crashed one
     if tenant.state == TenantState.cancelled:
@@ -154,7 +161,7 @@ def run_backup(fleet: Deps, slug: str, *, kind: str = "manual",
         recipient, key_id = key.recipient, key.key_id
         row = Backup(tenant_id=tenant.id, slug=slug, region=tenant.region,
                      store_url=store.url, object_key="", manifest_key="", kind=kind,
-                     status="running", key_id=key_id, revision=tenant.revision,
+                     status=BackupStatus.running, key_id=key_id, revision=tenant.revision,
                      pg_dump_version=dump_version, started_at=started)
         s.add(row)
         s.flush()
@@ -230,18 +237,18 @@ def _run_locked(fleet: Deps, tenant: Any, backup_id: int, dsn: str, pg_dump: str
         error = first_line(exc)
         if is_lock_timeout(error):
             error += lock_holders_text(fleet, tenant.server, tenant.database)
-        _finish(fleet, backup_id, status="failed", error=error,
+        _finish(fleet, backup_id, status=BackupStatus.failed, error=error,
                 finished_at=now or clock.utcnow())
         fleet.catalog.audit("backup.run", tenant=slug, region=tenant.region,
                             outcome="failed", backup=backup_id, error=error)
         if isinstance(exc, TenantctlError) and not is_lock_timeout(error):
             raise
         raise BackupError(f"backup of {slug!r} failed: {error}") from None
-    _finish(fleet, backup_id, status="completed", size=size, sha256=sha,
+    _finish(fleet, backup_id, status=BackupStatus.completed, size=size, sha256=sha,
             server_version=server_version, finished_at=finished)
     fleet.catalog.audit("backup.run", tenant=slug, region=tenant.region, backup=backup_id,
                         size=size, kind=kind)
-    return BackupResult(backup_id, slug, "completed", size, sha)
+    return BackupResult(backup_id, slug, BackupStatus.completed, size, sha)
 
 
 _LOCK_TIMEOUTS = ("canceling statement due to lock timeout", "could not obtain lock")
@@ -347,7 +354,7 @@ def latest_backup(fleet: Deps, slug: str) -> Backup:
     tenant = fleet.get_tenant(slug)
     with fleet.catalog.session() as s:
         row = s.scalars(select(Backup).where(Backup.tenant_id == tenant.id,
-                                             Backup.status == "completed")
+                                             Backup.status == BackupStatus.completed)
                         .order_by(Backup.id.desc()).limit(1)).one_or_none()
     if row is None:
         raise NotFound(f"tenant {slug!r} has no completed backup")
@@ -358,7 +365,7 @@ def check_restorable(fleet: Deps, row: Backup) -> tuple[ObjectStore, dict[str, A
     """A backup is offered for restore only if the catalog says completed, the
     manifest exists and agrees with the catalog, and it sits in the store of the
     tenant's region."""
-    if row.status != "completed":
+    if row.status != BackupStatus.completed:
         raise BackupError(f"backup {row.id} is {row.status}, not restorable")
     store = _store_for(fleet, row.region)
     if store.url != row.store_url:
@@ -483,7 +490,7 @@ def run_many(fleet: Deps, slugs: list[str], concurrency: int,
                 # nothing can be recorded without the catalog: the run ends, one error
                 catalog_gone.set()
                 raise
-            r = BackupResult(0, slug, "failed", None, None,
+            r = BackupResult(0, slug, BackupStatus.failed, None, None,
                              str(exc) if isinstance(exc, TenantctlError) else first_line(exc))
         with lock:
             results.append(r)
@@ -506,7 +513,7 @@ def _catalog_answers(fleet: Deps) -> bool:
 def reap_dead(fleet: Deps, slug: str | None = None, now: datetime | None = None) -> int:
     """Backups left 'running' by a process that died: abort their partial upload
     (no orphan multipart upload, no partial file), mark them failed."""
-    q = select(Backup).where(Backup.status == "running")
+    q = select(Backup).where(Backup.status == BackupStatus.running)
     if slug is not None:
         q = q.where(Backup.slug == slug)
     with fleet.catalog.session() as s:
@@ -522,8 +529,8 @@ def reap_dead(fleet: Deps, slug: str | None = None, now: datetime | None = None)
                 store.delete(row.object_key)
             if row.manifest_key:
                 store.delete(row.manifest_key)
-            _finish(fleet, row.id, status="failed", error="interrupted: the process died",
-                    finished_at=now or clock.utcnow())
+            _finish(fleet, row.id, status=BackupStatus.failed,
+                    error="interrupted: the process died", finished_at=now or clock.utcnow())
             reaped += 1
     return reaped
 
@@ -589,13 +596,13 @@ def run_due_backup(fleet: Deps, slug: str, now: datetime | None = None) -> Backu
     schedule = Schedule(timedelta(hours=fleet.cfg.backup_interval_hours))
     with fleet.catalog.advisory_lock(f"backup-due:{slug}") as got:
         if not got:
-            return BackupResult(0, slug, "skipped", None, None,
+            return BackupResult(0, slug, BACKUP_SKIPPED, None, None,
                                 "another process is backing it up")
         with fleet.catalog.session() as s:
             last = s.scalar(select(func.max(Backup.finished_at)).where(
-                Backup.slug == slug, Backup.status == "completed"))
+                Backup.slug == slug, Backup.status == BackupStatus.completed))
         if not is_due(slug, last, now, schedule):
-            return BackupResult(0, slug, "skipped", None, None, "no longer due")
+            return BackupResult(0, slug, BACKUP_SKIPPED, None, None, "no longer due")
         return run_backup(fleet, slug, kind="scheduled")
 
 
@@ -605,91 +612,88 @@ def due_tenants(fleet: Deps, now: datetime | None = None) -> list[str]:
     schedule = Schedule(timedelta(hours=fleet.cfg.backup_interval_hours))
     with fleet.catalog.session() as s:
         last = dict(s.execute(select(Backup.tenant_id, func.max(Backup.finished_at))
-                              .where(Backup.status == "completed")
+                              .where(Backup.status == BackupStatus.completed)
                               .group_by(Backup.tenant_id)).all())
-        tenants = list(s.scalars(select(Tenant).where(Tenant.state.in_(BACKUPABLE))
+        tenants = list(s.scalars(select(Tenant).where(Tenant.state.in_(HAS_DATABASE))
                                  .order_by(Tenant.slug)))
     return [t.slug for t in tenants if is_due(t.slug, last.get(t.id), now, schedule)]
 
 
-def prune_facts(fleet: Deps, now: datetime, policy: Any) -> list[Any]:
-    """The completed backups the policy could prune: those of live tenants (not
-    cancelled: a hold keeps every backup until the purge; not under legal hold)
-    older than keep_days, plus each such tenant's newest backup, which decides
-    the floor. Backups inside keep_days are kept whatever
-    happens and are not read, so the cost follows the old backups, not the fleet."""
-    cutoff = now - timedelta(days=policy.keep_days)
-    with fleet.catalog.session() as s:
-        old = (select(Backup.id, Backup.slug, Backup.finished_at, Backup.tenant_id)
-               .join(Tenant, Tenant.id == Backup.tenant_id)
-               .where(Backup.status == "completed", Backup.finished_at < cutoff,
-                      Tenant.state.in_(PRUNABLE), Tenant.legal_hold.is_(False))
-               .subquery())
-        rows = list(s.execute(select(old.c.id, old.c.slug, old.c.finished_at)))
-        ranked = (select(Backup.id, Backup.slug, Backup.finished_at,
-                         func.row_number().over(partition_by=Backup.tenant_id,
-                                                order_by=Backup.finished_at.desc()).label("n"))
-                  .where(Backup.status == "completed",
-                         Backup.tenant_id.in_(select(old.c.tenant_id)))
-                  .subquery())
-        rows += s.execute(select(ranked.c.id, ranked.c.slug, ranked.c.finished_at)
-                          .where(ranked.c.n == 1))
-    return [BackupFact(i, slug, at) for i, slug, at in {r[0]: r for r in rows}.values()]
-
-
-_PRUNE_SQL = """
-WITH old AS (  -- past keep_days, with a newer backup (so not the floor)
-    SELECT b.id, b.slug, b.tenant_id, b.finished_at,
-           floor(extract(epoch FROM (%(now)s - b.finished_at)) / 604800)::int AS week
+# What the prune policy needs to judge, and no more: the completed backups it could
+# prune, those of tenants whose backups are pruned at all (PRUNABLE, not under legal
+# hold) from before the policy's horizon, plus each such tenant's newest backup, which
+# decides the floor (one index probe per tenant). Backups after the horizon are kept
+# whatever happens and are not read, so the cost follows the old backups.
+_PRUNE_FACTS_SQL = f"""
+WITH old AS (
+    SELECT b.id, b.slug, b.finished_at, b.tenant_id
     FROM backups b JOIN tenants t ON t.id = b.tenant_id
-    WHERE b.status = 'completed' AND b.finished_at < %(cutoff)s
+    WHERE b.status = '{BackupStatus.completed}' AND b.finished_at < %(horizon)s
       AND t.state = ANY(%(states)s) AND NOT t.legal_hold
-      AND EXISTS (SELECT 1 FROM backups n WHERE n.tenant_id = b.tenant_id
-                  AND n.status = 'completed' AND n.finished_at > b.finished_at)
-), ranked AS (
-    SELECT old.*, row_number() OVER (PARTITION BY tenant_id, week
-                                     ORDER BY finished_at DESC) AS nth
-    FROM old
 )
-SELECT id, slug FROM ranked WHERE NOT (week < %(weeks)s AND nth = 1) ORDER BY slug, id
+SELECT id, slug, finished_at FROM old
+UNION ALL
+SELECT n.id, n.slug, n.finished_at
+FROM (SELECT DISTINCT tenant_id FROM old) o
+CROSS JOIN LATERAL (
+    SELECT id, slug, finished_at FROM backups
+    WHERE tenant_id = o.tenant_id AND status = '{BackupStatus.completed}'
+    ORDER BY finished_at DESC LIMIT 1) n
+WHERE n.finished_at >= %(horizon)s  -- an older newest is in old already
 """
 
 
-def prune_candidates(fleet: Deps, now: datetime, policy: Any) -> list[Any]:
-    """The backups ``backups.policy.retention`` would prune, computed in the catalog
-    (same rules; a test holds the two equal) so that planning ships only what
-    is to be pruned, not every old backup of the fleet."""
-    params = {"now": now, "cutoff": now - timedelta(days=policy.keep_days),
-              "states": [str(s) for s in PRUNABLE], "weeks": policy.keep_weeks}
+def prune_facts(fleet: Deps, now: datetime, policy: RetentionPolicy
+                ) -> list[tuple[int, str, datetime]]:
+    """The backups the policy judges (see _PRUNE_FACTS_SQL) as (id, tenant,
+    finished_at), read in one round trip and left as the driver's tuples (a prune
+    may read a few per tenant of the fleet)."""
+    params = {"horizon": prune_horizon(now, policy), "states": [str(s) for s in PRUNABLE]}
     with fleet.catalog.engine.connect() as conn:
         raw = conn.connection.driver_connection
         assert isinstance(raw, psycopg.Connection)
-        rows = raw.execute(_PRUNE_SQL, params).fetchall()
+        with raw.cursor(binary=True) as cur:
+            rows: list[tuple[int, str, datetime]] = cur.execute(_PRUNE_FACTS_SQL,
+                                                                params).fetchall()
         conn.rollback()
-    return [Verdict(i, slug, False, "beyond the retention policy") for i, slug in rows]
+    return rows
+
+
+def prune_policy(fleet: Deps) -> RetentionPolicy:
+    return RetentionPolicy(fleet.cfg.backup_keep_days, fleet.cfg.backup_keep_weeks)
+
+
+def prune_verdicts(fleet: Deps, now: datetime, policy: RetentionPolicy | None = None,
+                   *, report_kept: bool = True) -> list[Verdict]:
+    """The retention policy's report (backups.policy.retention, the one prune rule)
+    on the backups it has to judge: keep or prune, and why (only the prunes
+    unless report_kept). `backup prune` and `retention run` both decide with it
+    (the configured policy unless one is given)."""
+    policy = policy or prune_policy(fleet)
+    return retention(prune_facts(fleet, now, policy), now, policy, report_kept=report_kept)
 
 
 def delete_backup(fleet: Deps, backup_id: int, *, reason: str) -> None:
     """Remove one backup from its store (manifest first: without it the object is
     no longer offered for restore), then mark it deleted. Idempotent."""
     b = get_backup(fleet, backup_id)
-    if b.status == "deleted":
+    if b.status == BackupStatus.deleted:
         return
     store = open_store(b.store_url)
     store.delete(b.manifest_key)
     store.delete(b.object_key)
-    _finish(fleet, b.id, status="deleted", finished_at=b.finished_at)
+    _finish(fleet, b.id, status=BackupStatus.deleted, finished_at=b.finished_at)
     fleet.catalog.audit("backup.prune", tenant=b.slug, region=b.region, backup=b.id,
                         reason=reason)
 
 
 def prune(fleet: Deps, *, dry_run: bool, now: datetime | None = None) -> list[dict[str, Any]]:
     """Apply the retention policy to live tenants' backups: a report of every backup
-    it had to judge (keep/prune, why); unless dry_run, delete what is pruned."""
+    it had to judge (keep/prune, why); unless dry_run, delete what is pruned (with
+    delete_backup, as retention's prune steps do)."""
     now = now or clock.utcnow()
-    policy = RetentionPolicy(fleet.cfg.backup_keep_days, fleet.cfg.backup_keep_weeks)
     report = []
-    for v in retention(prune_facts(fleet, now, policy), now, policy):
+    for v in prune_verdicts(fleet, now):
         report.append({"id": v.backup_id, "tenant": v.tenant,
                        "action": "keep" if v.keep else "prune", "reason": v.reason})
         if not v.keep and not dry_run:
@@ -719,5 +723,5 @@ class PipelineJobs:
     def reap_dead(self, slug: str, now: datetime | None = None) -> int:
         return reap_dead(self._fleet, slug, now)
 
-    def prune_candidates(self, now: datetime, policy: RetentionPolicy) -> list[Verdict]:
-        return prune_candidates(self._fleet, now, policy)
+    def prune_verdicts(self, now: datetime) -> list[Verdict]:
+        return prune_verdicts(self._fleet, now, report_kept=False)

@@ -58,9 +58,9 @@ from backups.service import compression_arg, libpq_env  # noqa: E402
 from bench import common  # noqa: E402
 from orchestrator.adapters.catalog.db import with_dbname  # noqa: E402
 from orchestrator.adapters.catalog.models import Tenant  # noqa: E402
+from orchestrator.adapters.postgres.pgtools import pg_tool  # noqa: E402
 from orchestrator.api import Fleet  # noqa: E402
 from orchestrator.config import Config, load_config  # noqa: E402
-from orchestrator.devfleet.localfleet import pg_tool  # noqa: E402
 from orchestrator.domain.names import tenant_names  # noqa: E402
 
 REGION, SERVER = "eu-central", "bench-eu"

@@ -28,6 +28,8 @@ def run(
     """Dump, encrypt (to the tenant's own key) and upload to the region's store."""
     from backups import service as pipeline
     from orchestrator.domain.errors import InvalidInput
+    from orchestrator.domain.states import HAS_DATABASE
+    from orchestrator.domain.statuses import BACKUP_SKIPPED, BackupStatus
 
     if sum((bool(slug), all_, due)) != 1:
         raise InvalidInput("give one tenant, --all or --due")
@@ -38,7 +40,7 @@ def run(
             results = [pipeline.run_backup(fleet, slug)]
         else:
             slugs = pipeline.due_tenants(fleet) if due else \
-                [t.slug for t in fleet.tenants() if t.state in pipeline.BACKUPABLE]
+                [t.slug for t in fleet.tenants() if t.state in HAS_DATABASE]
             results = _run_with_progress(fleet, slugs, concurrency, as_json,
                                          "scheduled" if due else "manual")
     finally:
@@ -47,9 +49,9 @@ def run(
         print_json([r.__dict__ for r in results])
     else:
         for r in results:
-            detail = f"{r.size} bytes" if r.status == "completed" else r.error
+            detail = f"{r.size} bytes" if r.status == BackupStatus.completed else r.error
             say(f"{r.status:9} {r.tenant} backup {r.id or '-'}: {detail}")
-    if any(r.status not in ("completed", "skipped") for r in results):
+    if any(r.status not in (BackupStatus.completed, BACKUP_SKIPPED) for r in results):
         raise typer.Exit(ExitCode.FAILED)
 
 
@@ -104,6 +106,7 @@ def verify(
     """Fetch, check the manifest and checksum, decrypt, and `pg_restore --list`."""
     from backups import service as pipeline
     from orchestrator.domain.errors import InvalidInput, TenantctlError
+    from orchestrator.domain.states import HAS_DATABASE
 
     if sum((backup_id is not None, latest is not None, all_)) != 1:
         raise InvalidInput("give a backup id, --latest TENANT or --all")
@@ -117,7 +120,7 @@ def verify(
         else:
             targets = []
             for t in fleet.tenants():
-                if t.state in pipeline.BACKUPABLE:
+                if t.state in HAS_DATABASE:
                     try:
                         targets.append(pipeline.latest_backup(fleet, t.slug).id)
                     except TenantctlError as exc:

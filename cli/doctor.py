@@ -11,7 +11,8 @@ from cli.common import open_fleet, print_json, say
 from orchestrator.domain.errors import ExitCode
 
 if TYPE_CHECKING:
-    from orchestrator.services.doctor import Finding
+    from orchestrator.domain.health import Finding
+
 
 def doctor(
     region: Annotated[str | None, typer.Option(help="Only this region's servers, "
@@ -25,6 +26,7 @@ def doctor(
     """Compare the catalog with every server and store: orphans, missing objects,
     privileges, backups, revisions, overdue retention, unreachable or full servers.
     Exit 14 when anything at error severity is found (after --fix: remains)."""
+    from orchestrator.domain import health
     from orchestrator.services import doctor as doc
 
     fleet = open_fleet()
@@ -50,18 +52,18 @@ def doctor(
     finally:
         fleet.close()
     if as_json:
-        print_json({"ok": not doc.has_errors(findings),
+        print_json({"ok": not health.has_errors(findings),
                     "findings": [x.to_json() for x in findings],
                     "fixes": [r.to_json() for r in fixes]})
     else:
         for x in findings:
             say(f"{x.severity.upper():<7} {x.code}  {x.subject}: {x.message}")
             say(f"        -> {x.remedy}")
-        counts = {s: sum(x.severity == s for x in findings) for s in (doc.ERROR, doc.WARNING)}
+        counts = {s: sum(x.severity == s for x in findings) for s in (health.ERROR, health.WARNING)}
         if not any(counts.values()):
             say("healthy: catalog, servers and stores agree")
         else:
-            say(f"{counts[doc.ERROR]} error(s), {counts[doc.WARNING]} warning(s)"
+            say(f"{counts[health.ERROR]} error(s), {counts[health.WARNING]} warning(s)"
                 + ("" if fix else "; `tenantctl doctor --fix` repairs those it can"))
-    if doc.has_errors(findings):
+    if health.has_errors(findings):
         raise typer.Exit(ExitCode.DOCTOR_ERRORS)  # something at error severity remains

@@ -432,6 +432,7 @@ def _rotate_all(region: str | None, concurrency: int, kill_sessions: bool,
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn
 
+    from orchestrator.domain.states import HAS_DATABASE
     from orchestrator.services import breach
 
     fleet = open_fleet()
@@ -441,7 +442,7 @@ def _rotate_all(region: str | None, concurrency: int, kill_sessions: bool,
         if console.is_terminal and not as_json:
             with Progress(TextColumn("rotating"), BarColumn(), TextColumn(
                     "{task.completed}/{task.total}"), console=console) as progress:
-                total = sum(t.state in breach.ROTATABLE for t in fleet.tenants(region))
+                total = sum(t.state in HAS_DATABASE for t in fleet.tenants(region))
                 task = progress.add_task("rotate", total=total)
                 results = breach.rotate_all(fleet, region=region, concurrency=concurrency,
                                             kill_sessions=kill_sessions,

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from cli.common import open_fleet, open_reads, print_json, say, table
+from orchestrator.domain.statuses import ROLLOUT_DRY_RUN, TenantMigration
 
 if TYPE_CHECKING:
     from orchestrator.services.rollout import Event, RolloutOptions, RolloutSummary
@@ -172,7 +173,7 @@ class _Renderer:
             self.counts[r.status] = self.counts.get(r.status, 0) + 1
             if self.progress is not None:
                 self.progress.update(self.task, advance=1, **self._fields())
-            if r.status == "failed" or not self.live:
+            if r.status == TenantMigration.failed or not self.live:
                 arrow = f"{r.from_revision or 'base'} -> {r.to_revision or 'base'}"
                 detail = f": {r.error}" if r.error else ""
                 self._line(f"{r.status:7} {r.slug} {arrow} ({r.duration_ms} ms, "
@@ -181,7 +182,8 @@ class _Renderer:
             self._line(e.message)
 
     def _fields(self) -> dict[str, int]:
-        return {k: self.counts.get(k, 0) for k in ("ok", "failed", "skipped")}
+        return {k: self.counts.get(k, 0) for k in (TenantMigration.ok, TenantMigration.failed,
+                                                   TenantMigration.skipped)}
 
     def _start_wave(self, wave: int, size: int) -> None:
         self.close()
@@ -210,7 +212,7 @@ class _Renderer:
         if self.as_json:
             print_json(s.to_json())
             return
-        if s.status == "dry-run":
+        if s.status == ROLLOUT_DRY_RUN:
             for i, wave in enumerate(s.waves):
                 if wave:
                     say(f"{'canary' if i == 0 else f'wave {i}'}: {', '.join(wave)}")

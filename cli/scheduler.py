@@ -34,6 +34,9 @@ def run(
     Several instances may run: one leads (a catalog advisory lock), the others wait
     as standbys and take over when it dies. JSON log lines on stdout; SIGTERM stops
     it cleanly (exit 0)."""
+    from orchestrator.daemon import jobs as daemon_jobs
+    from orchestrator.daemon import jsonlog
+    from orchestrator.daemon import metrics as daemon_metrics
     from orchestrator.daemon import scheduler as sch
     from orchestrator.domain.errors import InvalidInput
 
@@ -45,20 +48,21 @@ def run(
         raise InvalidInput("--backup-concurrency must be at least 1")
     if metrics_port is not None and not 0 <= metrics_port <= 65535:
         raise InvalidInput("--metrics-port must be between 0 and 65535")
-    selected = sch.parse_jobs(jobs)
+    selected = daemon_jobs.parse_jobs(jobs)
 
     fleet = open_fleet()
     server = None
     try:
         options = sch.SchedulerOptions(
-            intervals=sch.job_intervals(fleet.cfg.scheduler, interval_seconds, selected),
+            intervals=daemon_jobs.job_intervals(fleet.cfg.scheduler, interval_seconds, selected),
             standby_poll=standby_poll, heartbeat=min(2.0, standby_poll),
             backup_concurrency=backup_concurrency)
-        log = sch.JsonLog(instance=sch.instance_name())
-        metrics = sch.Metrics(selected)
+        log = jsonlog.JsonLog(instance=sch.instance_name())
+        metrics = daemon_metrics.Metrics(selected)
         if metrics_port is not None:
-            server = sch.MetricsServer(metrics_host, metrics_port,
-                                       lambda: sch.render_metrics(metrics.snapshot()))
+            server = daemon_metrics.MetricsServer(
+                metrics_host, metrics_port,
+                lambda: daemon_metrics.render_metrics(metrics.snapshot()))
         daemon = sch.SchedulerDaemon(fleet, options, log, metrics, server)
         daemon.install_signal_handlers()
         daemon.run()

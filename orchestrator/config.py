@@ -20,6 +20,7 @@ from urllib.parse import parse_qs, urlparse
 from psycopg import ProgrammingError
 from psycopg.conninfo import conninfo_to_dict
 
+from orchestrator.domain.bounds import TenantBounds
 from orchestrator.domain.durations import BadDuration, parse_pg_duration
 from orchestrator.domain.errors import ConfigError
 
@@ -81,31 +82,6 @@ class LifecycleConfig:
 
 _SIZE_RE = re.compile(r"(-1|[1-9][0-9]{0,8}(kB|MB|GB|TB))", re.ASCII)
 _UNITS = {"kB": 1, "MB": 1024, "GB": 1024**2, "TB": 1024**3}
-
-
-@dataclass(frozen=True)
-class TenantBounds:
-    """What one tenant's login role may take of its server, applied at provisioning
-    and re-applied by `doctor --fix`. ``connection_limit`` and ``temp_file_limit``
-    are hard (a tenant cannot change them); the others are its sessions' defaults,
-    which a session may SET otherwise. Values are Postgres setting strings (durations
-    in Postgres's spelling: 5m is kept as 5min), stored verbatim in
-    pg_db_role_setting (that is how doctor compares them)."""
-
-    connection_limit: int = 20
-    support_connection_limit: int = 5
-    statement_timeout: str = "5min"
-    idle_in_transaction_session_timeout: str = "5min"
-    temp_file_limit: str = "1GB"
-    work_mem: str = "16MB"
-
-    @property
-    def role_settings(self) -> dict[str, str]:
-        """The login role's settings (ALTER ROLE … SET), by parameter name."""
-        return {"statement_timeout": self.statement_timeout,
-                "idle_in_transaction_session_timeout":
-                    self.idle_in_transaction_session_timeout,
-                "temp_file_limit": self.temp_file_limit, "work_mem": self.work_mem}
 
 
 @dataclass(frozen=True)

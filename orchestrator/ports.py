@@ -18,7 +18,7 @@ from contextlib import AbstractContextManager
 from datetime import datetime
 from typing import Any, Protocol
 
-from backups.policy import RetentionPolicy, Verdict
+from backups.policy import Verdict
 from orchestrator.domain.errors import TenantctlError
 from orchestrator.domain.names import TenantNames
 
@@ -127,18 +127,18 @@ class TenantRepository(Protocol):
         (``names.check_integrity``); NotFound when there is none."""
         ...
 
-    def due(self, now: datetime) -> list[TenantRecord]:
-        """Cancelled tenants whose hold has ended and deleted ones whose purge date
-        has passed at ``now`` (read through partial indexes: what is due only)."""
+    def due(self, state: str, column: str, now: datetime) -> list[TenantRecord]:
+        """Tenants in ``state`` whose date ``column`` (hold_until or purge_after) is at
+        or before ``now``, earliest first (read through partial indexes: what is due
+        only)."""
+        ...
+
+    def dated(self, state: str, column: str, *, limit: int | None = None
+              ) -> list[TenantRecord]:
+        """Tenants in ``state`` with ``column`` set, earliest first, at most ``limit``."""
         ...
 
     def count_by_state(self) -> dict[str, int]: ...
-
-    def dated(self, state: str, column: str, *, before: datetime | None = None,
-              limit: int | None = None) -> list[TenantRecord]:
-        """Tenants in ``state`` with ``column`` (hold_until or purge_after) set, and
-        earlier than ``before`` if given, earliest first, at most ``limit``."""
-        ...
 
 
 class BackupRepository(Protocol):
@@ -340,7 +340,10 @@ class BackupJobs(Protocol):
         """Backups a dead process left running: marked failed, objects aborted."""
         ...
 
-    def prune_candidates(self, now: datetime, policy: RetentionPolicy) -> list[Verdict]: ...
+    def prune_verdicts(self, now: datetime) -> list[Verdict]:
+        """The backups the configured retention policy prunes at ``now`` (the prunes
+        only)."""
+        ...
 
 
 class Clock(Protocol):

@@ -19,9 +19,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from backups.policy import RetentionPolicy, Verdict
+from backups.policy import Verdict
 from orchestrator.adapters.catalog.audit import redact
-from orchestrator.adapters.postgres.admin import role_marker
 from orchestrator.bootstrap import Deps
 from orchestrator.config import (
     Config,
@@ -31,6 +30,7 @@ from orchestrator.config import (
     ServerConfig,
 )
 from orchestrator.domain.errors import Conflict, NotFound, TenantctlError
+from orchestrator.domain.marks import role_marker
 from orchestrator.domain.names import TenantNames, check_integrity, tenant_names, validate_slug
 from orchestrator.ports import BackupRecord, GrantRecord, ServerOperationFailed, TenantRecord
 
@@ -175,12 +175,8 @@ class FakeTenants:
         check_integrity(found[0])
         return _copy(found[0])
 
-    def due(self, now: datetime) -> list[TenantRecord]:
-        ts = self._db.t.tenants.values()
-        return [_copy(t) for t in ts if t.state == "cancelled" and t.hold_until is not None
-                and t.hold_until <= now] + \
-            [_copy(t) for t in ts if t.state == "deleted" and t.purge_after is not None
-             and t.purge_after <= now]
+    def due(self, state: str, column: str, now: datetime) -> list[TenantRecord]:
+        return [t for t in self.dated(state, column) if getattr(t, column) <= now]
 
     def count_by_state(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -188,11 +184,11 @@ class FakeTenants:
             counts[t.state] = counts.get(t.state, 0) + 1
         return counts
 
-    def dated(self, state: str, column: str, *, before: datetime | None = None,
-              limit: int | None = None) -> list[TenantRecord]:
+    def dated(self, state: str, column: str, *, limit: int | None = None
+              ) -> list[TenantRecord]:
+        assert column in ("hold_until", "purge_after"), column
         rows = [t for t in self._db.t.tenants.values() if t.state == state
-                and getattr(t, column) is not None
-                and (before is None or getattr(t, column) < before)]
+                and getattr(t, column) is not None]
         rows.sort(key=lambda t: getattr(t, column))
         return [_copy(t) for t in (rows[:limit] if limit else rows)]
 
@@ -588,7 +584,7 @@ class FakeBackupJobs:
             b.status, b.finished_at = "failed", now or self.clock.now()
         return len(dead)
 
-    def prune_candidates(self, now: datetime, policy: RetentionPolicy) -> list[Verdict]:
+    def prune_verdicts(self, now: datetime) -> list[Verdict]:
         return list(self.verdicts)
 
 

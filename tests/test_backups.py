@@ -262,7 +262,7 @@ def test_stock_age_tool_and_pg_restore_read_a_backup(fleet: Fleet, test_fleet: P
     """The break-glass runbook: export the identity, then age -d | pg_restore."""
     import subprocess
 
-    from orchestrator.devfleet.localfleet import pg_tool
+    from orchestrator.adapters.postgres.pgtools import pg_tool
 
     _tenant_with_data(fleet, slug, "ap-south")
     row = pipeline.get_backup(fleet, pipeline.run_backup(fleet, slug).id)

@@ -6,9 +6,8 @@ from __future__ import annotations
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
-from orchestrator.adapters.postgres import revision_marks
-from orchestrator.adapters.postgres.admin import role_marker
-from orchestrator.services.doctor import (
+from orchestrator.domain import marks as revision_marks
+from orchestrator.domain.health import (
     ClusterFacts,
     Database,
     Facts,
@@ -17,6 +16,7 @@ from orchestrator.services.doctor import (
     TenantRow,
     diagnose,
 )
+from orchestrator.domain.marks import role_marker
 
 NOW = datetime(2026, 11, 23, 12, tzinfo=UTC)
 

@@ -12,7 +12,8 @@ from datetime import timedelta
 
 import psycopg
 
-from orchestrator.daemon.scheduler import JsonLog, SchedulerDaemon, SchedulerOptions
+from orchestrator.daemon.jsonlog import JsonLog
+from orchestrator.daemon.scheduler import SchedulerDaemon, SchedulerOptions
 from orchestrator.services import access
 from tests.conftest import OwnCatalog, connect_as
 

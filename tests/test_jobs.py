@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from orchestrator.daemon import scheduler
+from orchestrator.daemon import jobs as daemon_jobs
 from orchestrator.domain import retention_plan as rp
 from orchestrator.domain.errors import InvalidInput
 from orchestrator.domain.jobs import (
@@ -27,7 +27,7 @@ NOW = datetime(2026, 3, 10, tzinfo=UTC)
 def test_the_names_outputs_have_always_used() -> None:
     assert [j.value for j in Job] == ["backups", "retention", "expire_grant", "delete",
                                       "purge", "prune", "audit_purge"]
-    assert SCHEDULED == ("backups", "retention", "prune", "audit_purge") == scheduler.JOBS
+    assert SCHEDULED == ("backups", "retention", "prune", "audit_purge") == daemon_jobs.JOBS
     assert json.dumps({Job.audit_purge: [Job.expire_grant]}) == \
         '{"audit_purge": ["expire_grant"]}'
     assert f"retention.{Job.audit_purge}" == "retention.audit_purge"  # audit action names
@@ -51,7 +51,7 @@ def test_retention_only_keeps_its_spellings_and_takes_the_plan_names() -> None:
 def test_scheduler_jobs() -> None:
     assert parse_scheduled(None, "--jobs") == SCHEDULED
     assert parse_scheduled(" prune, backups,prune", "--jobs") == (Job.prune, Job.backups)
-    assert scheduler.parse_jobs("audit_purge") == (Job.audit_purge,)
+    assert daemon_jobs.parse_jobs("audit_purge") == (Job.audit_purge,)
     for text, message in [
             ("backups,nope", "--jobs: unknown job nope (known: backups, retention, prune, "
                              "audit_purge)"),
@@ -69,7 +69,7 @@ def test_every_scheduled_job_runs_steps_a_retention_run_knows() -> None:
     assert STEPS_OF[Job.backups] == ()
     covered = [s for j in SCHEDULED for s in STEPS_OF[j]]
     assert sorted(covered) == sorted(STEPS)  # each step in exactly one scheduled job
-    assert scheduler.RETENTION_KINDS == {"retention": ("expire_grant", "delete", "purge"),
+    assert daemon_jobs.RETENTION_KINDS == {"retention": ("expire_grant", "delete", "purge"),
                                          "prune": ("prune",), "audit_purge": ("audit_purge",)}
 
 

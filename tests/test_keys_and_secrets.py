@@ -22,6 +22,7 @@ from orchestrator.adapters.catalog.models import AuditEvent, FleetSetting, Tenan
 from orchestrator.adapters.crypto import tenant_keys as keys
 from orchestrator.adapters.crypto.masterkey import load_master_key, write_key_file
 from orchestrator.adapters.postgres import admin as pgserver
+from orchestrator.adapters.postgres import pgtools
 from orchestrator.adapters.postgres.childenv import ALLOWED, ALLOWED_PREFIXES, child_env
 from orchestrator.config import MasterKeySource
 from orchestrator.devfleet import localfleet
@@ -77,7 +78,7 @@ class EnvKeyed:
 def _env_wrappers(wrap_dir: Path, log: Path) -> None:
     """A wrapper per client tool: record the environment it was given (exactly: the
     shell's own /proc environ, before the shell adds anything), then exec the tool."""
-    real = localfleet.embedded_bin_dir()
+    real = pgtools.embedded_bin_dir()
     wrap_dir.mkdir()
     for tool in sorted(real.iterdir()):
         if not (tool.is_file() and os.access(tool, os.X_OK)):

@@ -293,9 +293,10 @@ def test_audit_records_actor(test_fleet: PgFleet, own_catalog: OwnCatalog, slug:
     assert any(r["action"] == "tenant.provision.start" and r["tenant"] == slug for r in rows)
 
 
-def test_prune_in_sql_matches_the_policy(own_catalog: OwnCatalog) -> None:
-    """Retention planning prunes with a query; backups.policy.retention is the rule.
-    Random fleets of backups: both must choose the same backups."""
+def test_prune_reads_what_the_policy_needs(own_catalog: OwnCatalog) -> None:
+    """Both prune commands judge the backups prune_facts reads (a narrowed query);
+    backups.policy.retention is the rule. Random fleets of backups: judging what
+    the query read must choose the same backups as judging every backup."""
     import random
     from datetime import UTC
 
@@ -329,11 +330,9 @@ def test_prune_in_sql_matches_the_policy(own_catalog: OwnCatalog) -> None:
             "AND t.state IN ('active', 'suspended')")]
     for policy in (RetentionPolicy(7, 4), RetentionPolicy(3, 2), RetentionPolicy(1, 0)):
         expected = {v.backup_id for v in retention(facts, now, policy) if not v.keep}
-        got = {v.backup_id for v in pipeline.prune_candidates(fleet, now, policy)}
+        got = {v.backup_id for v in pipeline.prune_verdicts(fleet, now, policy)
+               if not v.keep}
         assert got == expected and expected
-        narrowed = {v.backup_id for v in retention(pipeline.prune_facts(fleet, now, policy),
-                                                   now, policy) if not v.keep}
-        assert narrowed == expected
 
 
 def test_erase_on_request(test_fleet: PgFleet, own_catalog: OwnCatalog, slug: str) -> None:

@@ -11,7 +11,6 @@ import subprocess
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from types import SimpleNamespace
 
 import psycopg
 from psycopg import sql
@@ -22,6 +21,7 @@ from orchestrator.adapters.catalog.db import Catalog, with_dbname
 from orchestrator.adapters.catalog.models import Backup, Tenant
 from orchestrator.api import Fleet
 from orchestrator.config import load_config
+from orchestrator.domain import promises
 from orchestrator.services import doctor, lifecycle, report, retention, spares
 from tests.conftest import REPO, TENANTCTL, OwnCatalog, PgFleet, connect_as, run_cli
 
@@ -258,16 +258,17 @@ def test_create_killed_in_the_spare_refill_has_shown_its_connection_string(
 
 def test_report_says_there_is_no_backup_rather_than_an_age_of_zero() -> None:
     now = datetime.now(UTC)
-    fake = SimpleNamespace(cfg=SimpleNamespace(backup_interval_hours=24))
     new = Tenant(id=1, slug="new", region="eu-central", state="active", activated_at=now)
-    promise = report.check_backups(fake, [new], [], {}, now)  # type: ignore[arg-type]
+    promise = promises.check_backups([report.tenant_row(new)], [], {}, now, 24)
     assert "no active tenant has a completed backup yet" in promise.evidence
     assert not any("0.0 h" in line for line in promise.evidence)
     old = Tenant(id=2, slug="old", region="eu-central", state="active",
                  activated_at=now - timedelta(hours=30))
     done = Backup(id=7, tenant_id=2, status="completed", key_id="k",
                   finished_at=now - timedelta(hours=5), object_key="o", manifest_key="m")
-    promise = report.check_backups(fake, [new, old], [done], {"eu-central": {"o", "m"}}, now)  # type: ignore[arg-type]
+    promise = promises.check_backups([report.tenant_row(t) for t in (new, old)],
+                                     [report.backup_row(done)], {"eu-central": {"o", "m"}},
+                                     now, 24)
     assert "age of the oldest latest backup: 5.0 h" in promise.evidence
     assert "1 active tenant(s) without a completed backup yet" in promise.evidence
 

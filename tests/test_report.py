@@ -1,12 +1,13 @@
 """`tenantctl report`: passes on a healthy fleet; each promise fails, naming the
-tenant, when the test breaks it."""
+tenant, when the test breaks it. The promises themselves are judged over plain
+data (domain/promises.py), checked at the end of this file without a database."""
 
 from __future__ import annotations
 
 import json
 import shutil
 import subprocess
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -17,6 +18,9 @@ from sqlalchemy import func, update
 
 from backups import service as pipeline
 from orchestrator.adapters.catalog.models import Tenant
+from orchestrator.domain import promises
+from orchestrator.domain.health import BackupRow, StoreFacts, TenantRow
+from orchestrator.domain.promises import GrantRow
 from tests.conftest import OwnCatalog, PgFleet, run_cli
 
 
@@ -110,3 +114,118 @@ def test_report_html_renders_in_headless_chromium(tmp_path: Path) -> None:
                            f"--screenshot={shot}", page.as_uri()], capture_output=True,
                           timeout=120)
     assert done.returncode == 0 and shot.stat().st_size > 1000, done.stderr
+
+
+# -- the promises are judged over plain data: no Postgres below ----------------------------
+
+NOW = datetime(2026, 11, 23, 12, tzinfo=UTC)
+
+
+def _tenant(i: int, slug: str, *, state: str = "active", region: str = "eu",
+            server: str = "s1", **kw: object) -> TenantRow:
+    base = dict(id=i, slug=slug, region=region, server=server, database=f"tenant_{slug}",
+                login_role=f"tenant_{slug}", owner_role=f"owner_{slug}", state=state,
+                revision="r1", migration_error=None, legal_hold=False, legal_hold_reason=None,
+                hold_until=None, purge_after=None, activated_at=NOW - timedelta(days=30),
+                created_at=NOW - timedelta(days=30))
+    base.update(kw)
+    return TenantRow(**base)  # type: ignore[arg-type]
+
+
+def _backup(i: int, t: TenantRow, *, age: timedelta, store: str = "file:///eu",
+            key_id: str | None = "k1") -> BackupRow:
+    return BackupRow(i, t.id, t.slug, t.region, f"tenants/{t.slug}/{i}.dump.age",
+                     f"tenants/{t.slug}/{i}.manifest.json", "completed", NOW - age,
+                     NOW - age, key_id=key_id, store_url=store)
+
+
+def test_timeliness_exempts_legal_holds_and_allows_an_hour_of_grace() -> None:
+    tenants = [
+        _tenant(1, "late", state="cancelled", hold_until=NOW - timedelta(hours=2)),
+        _tenant(2, "fresh", state="cancelled", hold_until=NOW - timedelta(minutes=10)),
+        _tenant(3, "held", state="cancelled", hold_until=NOW - timedelta(days=9),
+                legal_hold=True, legal_hold_reason="court"),
+        _tenant(4, "unpurged", state="deleted", purge_after=NOW - timedelta(hours=3)),
+    ]
+    grants = [GrantRow(7, "held", NOW - timedelta(hours=2), None),
+              GrantRow(8, "late", NOW - timedelta(hours=2), NOW - timedelta(hours=1))]
+    p = promises.check_timeliness(tenants, grants, NOW)
+    assert not p.ok
+    assert [line.split(":")[0] for line in p.offenders] == ["held", "late", "unpurged"]
+    assert "support grant 7 past its TTL" in p.offenders[0]
+    assert p.evidence == ["3 tenants in hold", "1 deleted tenants awaiting purge",
+                          "1 live support grants", "1 tenants under legal hold (exempt)"]
+
+
+def test_region_names_data_outside_its_region_and_a_store_that_cannot_be_listed() -> None:
+    a, b = _tenant(1, "alpha"), _tenant(2, "bravo", region="ap", server="s1")
+    stores = {"eu": StoreFacts("eu", "file:///eu",
+                               keys={"tenants/alpha/1.dump.age", "tenants/bravo/2.dump.age"}),
+              "ap": StoreFacts("ap", "file:///ap", error="connection refused")}
+    backups = [_backup(1, a, age=timedelta(hours=1), store="file:///elsewhere")]
+    p, listed = promises.check_region([a, b], backups, {"s1": "eu"}, stores)
+    assert listed == {"eu": stores["eu"].keys, "ap": set()}
+    assert p.offenders == ["alpha: backup 1 recorded outside its region's store",
+                           "bravo: backup object tenants/bravo/2.dump.age in the eu store, "
+                           "not ap", "store of ap: connection refused"]
+    assert "2 objects listed in 2 region stores" in p.evidence
+
+
+def test_backups_overdue_missing_from_the_store_or_not_encrypted() -> None:
+    ok, late, gone, plain = (_tenant(i, s) for i, s in
+                             enumerate(("okay", "late", "gone", "plain"), 1))
+    backups = [_backup(1, ok, age=timedelta(hours=2)), _backup(2, late, age=timedelta(hours=26)),
+               _backup(3, gone, age=timedelta(hours=2)),
+               _backup(4, plain, age=timedelta(hours=2), key_id=None)]
+    listed = {"eu": {k for b in backups if b.id != 3 for k in (b.object_key, b.manifest_key)}}
+    p = promises.check_backups([ok, late, gone, plain], backups, listed, NOW, 24)
+    assert p.offenders == [
+        "gone: latest backup 3: object or manifest missing from the store",
+        "late: latest backup 2 is 26.0 h old",
+        "plain: latest backup 4 is not encrypted to a tenant key"]
+    assert "age of the oldest latest backup: 26.0 h" in p.evidence
+
+
+def test_isolation_judges_what_each_server_said_and_what_the_probe_found() -> None:
+    pub, strong, lost, reach = (_tenant(i, s) for i, s in
+                                enumerate(("pub", "strong", "lost", "reach"), 1))
+    other = _tenant(5, "other", server="s2")
+    seen = [promises.ServerIsolation(
+                "s1", databases={"tenant_pub": True, "tenant_strong": False,
+                                 "tenant_reach": False, "postgres": False},
+                roles={"tenant_pub": (False,) * 4, "tenant_strong": (False, True, False, False),
+                       "tenant_reach": (False,) * 4},
+                reaches=[("tenant_reach", "postgres")],
+                probe=promises.Probe("pub", 3)),
+            promises.ServerIsolation("s2", error="cannot connect")]
+    p = promises.check_isolation([pub, strong, lost, reach, other], seen)
+    assert p.offenders == ["lost: database tenant_lost missing on s1",
+                           "pub: PUBLIC may connect to its database",
+                           "reach: its role may connect to postgres",
+                           "server s2: cannot connect",
+                           "strong: its role has SUPERUSER/CREATEDB/CREATEROLE/BYPASSRLS"]
+    assert p.evidence[:2] == ["5 live tenants on 2 servers",
+                              "12 role/database pairs checked in the catalogs of the servers"]
+    clean = promises.check_isolation([reach], [promises.ServerIsolation(
+        "s1", databases={"tenant_reach": False, "postgres": False},
+        roles={"tenant_reach": (False,) * 4}, reaches=[],
+        probe=promises.Probe("reach", 1))])
+    assert clean.ok and clean.evidence[2] == \
+        "1 live connection attempts to other databases, all refused"
+    probed = promises.check_isolation([reach], [promises.ServerIsolation(
+        "s1", databases={"tenant_reach": False}, roles={"tenant_reach": (False,) * 4},
+        reaches=[], probe=promises.Probe("reach", 0, "live probe: its role connected to x"))])
+    assert probed.offenders == ["reach: live probe: its role connected to x"]
+
+
+def test_audit_wants_a_record_per_state_and_nothing_past_its_age() -> None:
+    tenants = [_tenant(1, "seen"), _tenant(2, "unseen", state="suspended"),
+               _tenant(3, "erased", state="deleted")]
+    seen: set[tuple[str | None, str]] = {("seen", "tenant.provision.start"),
+                                         ("unseen", "tenant.provision.start"),
+                                         ("erased", "tenant.erase.key_destroyed")}
+    p = promises.check_audit(tenants, seen, NOW - timedelta(days=400), 9, 365, NOW)
+    assert p.offenders == [f"audit log: records from {(NOW - timedelta(days=400)).date()} "
+                           "kept past 365 days",
+                           "unseen: suspended, but no tenant.suspend in the audit log"]
+    assert promises.check_audit(tenants[:1], seen, NOW - timedelta(days=365), 9, 365, NOW).ok

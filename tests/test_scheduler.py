@@ -26,15 +26,13 @@ from orchestrator.adapters.catalog.db import lock_key
 from orchestrator.adapters.catalog.models import Backup
 from orchestrator.api import Fleet
 from orchestrator.config import SchedulerConfig
-from orchestrator.daemon.scheduler import (
-    LEADER_LOCK,
+from orchestrator.daemon.jobs import job_intervals, job_lock, parse_jobs
+from orchestrator.daemon.leader import LEADER_LOCK
+from orchestrator.daemon.metrics import (
     FleetGauges,
     JobStats,
     Metrics,
     MetricsSnapshot,
-    job_intervals,
-    job_lock,
-    parse_jobs,
     render_metrics,
 )
 from tests.conftest import REPO, TENANTCTL, PgFleet
@@ -297,7 +295,8 @@ def test_one_tenant_failing_never_stops_the_job_or_the_daemon(
 def test_jobs_stop_between_tenants_once_halted(fleet: Fleet, slug: str) -> None:
     """What SIGTERM and a lost lock do to a job in flight: no new tenant/step
     starts (in-process, against the real catalog)."""
-    from orchestrator.daemon.scheduler import JsonLog, backups_job, retention_job
+    from orchestrator.daemon.jobs import backups_job, retention_job
+    from orchestrator.daemon.jsonlog import JsonLog
 
     fleet.provision(slug, "eu-central")
     halt = threading.Event()
@@ -320,12 +319,9 @@ def test_catalog_down_standby_waits_and_metrics_still_answer(test_fleet: PgFleet
     import io
 
     from orchestrator.adapters.catalog.db import with_dbname
-    from orchestrator.daemon.scheduler import (
-        JsonLog,
-        MetricsServer,
-        SchedulerDaemon,
-        SchedulerOptions,
-    )
+    from orchestrator.daemon.jsonlog import JsonLog
+    from orchestrator.daemon.metrics import MetricsServer
+    from orchestrator.daemon.scheduler import SchedulerDaemon, SchedulerOptions
     from orchestrator.devfleet import localfleet
 
     port = localfleet.free_ports(1, start=59800)[0]

@@ -38,7 +38,7 @@ from sqlalchemy import select
 
 from orchestrator.adapters.catalog.models import AuditEvent
 from orchestrator.adapters.crypto.masterkey import write_key_file
-from orchestrator.devfleet import localfleet
+from orchestrator.adapters.postgres import pgtools
 from orchestrator.services import credentials
 from tests.conftest import REPO, OwnCatalog, PgFleet, connect_as, run_cli
 
@@ -70,7 +70,7 @@ class Capture:
 
 def _wrappers(wrap_dir: Path, log: Path) -> None:
     """A wrapper per client tool: append the argv, then exec the real binary."""
-    real = localfleet.embedded_bin_dir()
+    real = pgtools.embedded_bin_dir()
     wrap_dir.mkdir()
     for tool in sorted(real.iterdir()):
         if not (tool.is_file() and os.access(tool, os.X_OK)):

@@ -241,7 +241,7 @@ def test_a_tenant_that_changes_its_password_and_settings_is_found_and_repaired(
     dsn = fleet.provision(slug, "eu-central").dsn
     tenant = fleet.get_tenant(slug)
     admin = fleet.cfg.server(tenant.server).admin_dsn
-    assert report.check_isolation(fleet, [tenant]).ok
+    assert report.check_isolation(fleet, [report.tenant_row(tenant)]).ok
     with connect_as(dsn, autocommit=True) as conn:
         role = tenant.login_role
         conn.execute(f"ALTER ROLE {role} SET statement_timeout = 0")
@@ -253,7 +253,7 @@ def test_a_tenant_that_changes_its_password_and_settings_is_found_and_repaired(
         connect_as(dsn).close()
 
     # the report's live probe no longer calls refusals isolation
-    isolation = report.check_isolation(fleet, [tenant])
+    isolation = report.check_isolation(fleet, [report.tenant_row(tenant)])
     assert not isolation.ok
     assert any("cannot log in to its own database" in line for line in isolation.offenders)
 
@@ -271,7 +271,7 @@ def test_a_tenant_that_changes_its_password_and_settings_is_found_and_repaired(
             ("5min",)
     assert role_row(admin, tenant.login_role) == (DEFAULTS.connection_limit,
                                                   configured(DEFAULTS))
-    assert report.check_isolation(fleet, [tenant]).ok
+    assert report.check_isolation(fleet, [report.tenant_row(tenant)]).ok
 
 
 def test_doctor_fix_bounds_a_tenant_made_before_the_bounds(healthy: Fleet, slug: str) -> None:

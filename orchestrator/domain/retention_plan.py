@@ -19,6 +19,7 @@ from typing import Any
 
 from backups.policy import Verdict
 from orchestrator.domain.jobs import Job
+from orchestrator.domain.states import due_transition
 
 # an action's kind is the retention step (orchestrator.domain.jobs) that does it,
 # or BLOCKED: a delete or purge a legal hold stops
@@ -26,6 +27,8 @@ DELETE, PURGE, PRUNE, AUDIT = Job.delete, Job.purge, Job.prune, Job.audit_purge
 EXPIRE_GRANT = Job.expire_grant
 BLOCKED = "blocked"
 ORDER = {EXPIRE_GRANT: -1, DELETE: 0, PURGE: 1, PRUNE: 2, AUDIT: 3, BLOCKED: 4}
+WHAT = {DELETE: "hold ended: final backup, drop database and role",
+        PURGE: "purge due: delete every backup, destroy key"}
 
 
 def step_of(kind: str) -> Job:
@@ -67,13 +70,12 @@ class Action:
 
 def tenant_action(t: TenantFact, now: datetime) -> Action | None:
     """The timed transition due for one tenant, if any (a blocked one when a legal
-    hold stops it)."""
-    if t.state == "cancelled" and t.hold_until is not None and t.hold_until <= now:
-        kind, due, what = DELETE, t.hold_until, "hold ended: final backup, drop database and role"
-    elif t.state == "deleted" and t.purge_after is not None and t.purge_after <= now:
-        kind, due, what = PURGE, t.purge_after, "purge due: delete every backup, destroy key"
-    else:
+    hold stops it); which one is due is the state graph's rule (states.TIMED)."""
+    found = due_transition(t.state, t.hold_until, t.purge_after, now)
+    if found is None:
         return None
+    kind, due = Job(str(found[0])), found[1]
+    what = WHAT[kind]
     if t.legal_hold:
         return Action(BLOCKED, t.slug, due,
                       f"{kind} blocked by legal hold: {t.legal_hold_reason or 'no reason given'}")

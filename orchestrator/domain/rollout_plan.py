@@ -1,13 +1,14 @@
 """Rollout planning: pure functions over plain data. Which tenants go in which
-wave, in which order, and when the failure budget is spent."""
+wave, in which order, and when the rollout stops (the failure budget, the canary)."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from orchestrator.domain.errors import InvalidInput
+from orchestrator.domain.statuses import RolloutStatus, TenantMigration
 
 CANARY_WAVE = 0
 
@@ -105,5 +106,44 @@ def assign_waves(tenants: Sequence[PlanTenant], canary: int, waves: Sequence[Wav
     return out
 
 
+# The stop rule: after each wave (and before each claim, see services/rollout.py's
+# CLAIM_SQL, which fences on the same comparison) the rollout asks whether to go on.
+
+# the stop reason of a rollout told to stop (its status says so too)
+INTERRUPTED = "interrupted"
+
+
 def budget_exceeded(failures: int, allowed: int) -> bool:
     return failures > allowed
+
+
+def wave_budget(wave: int, allowed: int) -> int:
+    """The failures a wave may reach and still claim tenants: none in the canary."""
+    return 0 if wave == CANARY_WAVE else allowed
+
+
+def stop_reason(wave: int, failed: int, failed_in_wave: int, allowed: int,
+                interrupted: bool = False) -> str | None:
+    """Why the rollout stops after ``wave`` (None: it goes on). ``failed`` counts the
+    whole rollout's failures, ``failed_in_wave`` this wave's."""
+    if wave == CANARY_WAVE and failed_in_wave:
+        return "canary failed"
+    if budget_exceeded(failed, allowed):
+        return f"failure budget exceeded ({failed} failed, {allowed} allowed)"
+    if interrupted:
+        return INTERRUPTED
+    return None
+
+
+def final_status(stopped: str | None, counts: Mapping[str, int]) -> RolloutStatus:
+    """The rollout's status once this process is done with it, from why it stopped
+    (if it did) and its tenants' statuses; ``running`` while another process still
+    has tenants of it pending or in flight."""
+    if stopped == INTERRUPTED:
+        return RolloutStatus.interrupted
+    if stopped:
+        return RolloutStatus.stopped
+    if counts.get(TenantMigration.pending) or counts.get(TenantMigration.running):
+        return RolloutStatus.running
+    return RolloutStatus.failed if counts.get(TenantMigration.failed) else \
+        RolloutStatus.completed

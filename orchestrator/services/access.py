@@ -20,15 +20,15 @@ from orchestrator.adapters.catalog.audit import reason_text
 from orchestrator.adapters.crypto.tenant_keys import new_password
 from orchestrator.domain.durations import parse_duration
 from orchestrator.domain.errors import Conflict, InvalidInput, NotFound, TenantctlError, first_line
+from orchestrator.domain.grants import settings, settings_changed
 from orchestrator.domain.names import tenant_names
-from orchestrator.domain.states import TenantState
+from orchestrator.domain.states import HAS_DATABASE, TenantState
 from orchestrator.ports import GrantRecord, ServerOperationFailed
 
 if TYPE_CHECKING:
     from orchestrator.bootstrap import Deps
 
 MAX_TTL = timedelta(days=7)
-GRANTABLE = (TenantState.active, TenantState.suspended, TenantState.cancelled)
 
 
 def parse_ttl(text: str, what: str = "ttl") -> timedelta:
@@ -63,7 +63,7 @@ def grant(fleet: Deps, slug: str, *, to: str, ttl: timedelta, reason: str,
     if not reason:
         raise InvalidInput("--reason is required (it is audited)")
     tenant = fleet.records.tenants.get(slug)
-    if tenant.state not in GRANTABLE:
+    if tenant.state not in HAS_DATABASE:
         raise Conflict(f"tenant {slug!r} is {tenant.state}: it has no database to grant")
     if not read_only and tenant.state != TenantState.active:
         # a hold (or a suspension) keeps the data as it was: nobody writes to it
@@ -94,12 +94,6 @@ def grant(fleet: Deps, slug: str, *, to: str, ttl: timedelta, reason: str,
 def grants(fleet: Deps, *, include_ended: bool = False) -> list[dict[str, Any]]:
     now = fleet.clock.now()
     return [grant_json(g, now) for g in fleet.records.grants.listed(include_ended=include_ended)]
-
-
-def settings(read_only: bool) -> dict[str, str]:
-    """The role settings a support role gets; any other (the role may ALTER ROLE its
-    own settings) is tampering, and ends the grant (see ``tampered``)."""
-    return {"default_transaction_read_only": "on"} if read_only else {}
 
 
 def drop_role(fleet: Deps, g: GrantRecord) -> None:
@@ -208,18 +202,6 @@ def tampered(fleet: Deps) -> dict[int, str]:
             if why is not None:
                 found[g.id] = why
     return found
-
-
-def settings_changed(config: list[str] | None, read_only: bool) -> str | None:
-    """What differs between a support role's settings (pg_roles.rolconfig) and those
-    its grant gave it; None when nothing does (or the role is gone)."""
-    if config is None:
-        return None
-    want = {f"{k}={v}" for k, v in settings(read_only).items()}
-    extra, missing = sorted(set(config) - want), sorted(want - set(config))
-    if not extra and not missing:
-        return None
-    return "; ".join([*(f"set {c}" for c in extra), *(f"removed {c}" for c in missing)])
 
 
 def end_write_grants(fleet: Deps, tenant_id: int) -> list[int]:

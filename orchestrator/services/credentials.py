@@ -14,7 +14,6 @@ from orchestrator.adapters.catalog.models import (
     Tenant,
     TenantCredential,
     TenantKey,
-    TenantState,
 )
 from orchestrator.adapters.crypto import tenant_keys as keys
 from orchestrator.adapters.crypto.masterkey import MasterKey
@@ -23,6 +22,7 @@ from orchestrator.adapters.postgres import admin as pgserver
 from orchestrator.bootstrap import Deps
 from orchestrator.domain.errors import Conflict, NotFound
 from orchestrator.domain.names import password_context
+from orchestrator.domain.states import HAS_DATABASE
 
 
 def credentials(fleet: Deps, slug: str, *, rotate: bool = False) -> str:
@@ -30,8 +30,7 @@ def credentials(fleet: Deps, slug: str, *, rotate: bool = False) -> str:
     The new password is stored (wrapped) before the role gets it, so a crash in
     between leaves a pending password that the next call applies."""
     tenant = fleet.get_tenant(slug)
-    if tenant.state not in (TenantState.active, TenantState.suspended,
-                            TenantState.cancelled):
+    if tenant.state not in HAS_DATABASE:
         raise Conflict(f"tenant {slug!r} is {tenant.state}: it has no usable credentials")
     cred = tenant.credential
     if cred is None:  # only an erasure removes it, with the key, before the database

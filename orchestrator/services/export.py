@@ -24,18 +24,17 @@ import psycopg
 from psycopg import sql
 
 from orchestrator.adapters.catalog.db import with_dbname
-from orchestrator.adapters.catalog.models import TenantState
 from orchestrator.adapters.postgres import admin as pgserver
 from orchestrator.adapters.postgres.admin import libpq_env
-from orchestrator.devfleet.localfleet import pg_tool
+from orchestrator.adapters.postgres.pgtools import pg_tool
 from orchestrator.domain.errors import Conflict, ExitCode, InvalidInput, TenantctlError, first_line
+from orchestrator.domain.states import HAS_DATABASE
 from orchestrator.services.lifecycle import audited
 
 if TYPE_CHECKING:
     from orchestrator.bootstrap import Deps
 
 FORMATS = ("sql", "csv")
-EXPORTABLE = (TenantState.active, TenantState.suspended, TenantState.cancelled)
 
 
 class ExportError(TenantctlError):
@@ -48,7 +47,7 @@ def export(fleet: Deps, slug: str, fmt: str, output: Path, *, force: bool = Fals
     if fmt not in FORMATS:
         raise InvalidInput(f"unknown format {fmt!r}: use sql or csv")
     tenant = fleet.get_tenant(slug)
-    if tenant.state not in EXPORTABLE:
+    if tenant.state not in HAS_DATABASE:
         raise Conflict(f"tenant {slug!r} is {tenant.state}: its database is gone, nothing "
                        "to export")
     output = output.expanduser().absolute()

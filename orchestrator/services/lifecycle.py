@@ -2,7 +2,7 @@
 reactivate, suspend, resume, legal hold. The timed ones (hold expired →
 deleted → purged) belong to retention.
 
-Each transition: check it is allowed (a pure function over the state), take
+Each transition: check it is allowed (domain.states, the one state graph), take
 the tenant's lock, change the server (privileges, LOGIN), then the catalog,
 audited. The server change is idempotent, so a crash between the two is
 finished by running the same command again.
@@ -20,36 +20,18 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from orchestrator.adapters.catalog.audit import reason_text
 from orchestrator.adapters.catalog.locks import holding_tenant
 from orchestrator.adapters.faults import checkpoint
-from orchestrator.domain.errors import Conflict, InvalidInput, TenantctlError, first_line
+from orchestrator.domain import states
+from orchestrator.domain.errors import InvalidInput, TenantctlError, first_line
 from orchestrator.domain.names import tenant_names
-from orchestrator.domain.states import CANCELLING, TenantState
+from orchestrator.domain.states import CANCELLING, Op
+from orchestrator.domain.statuses import BackupStatus
 from orchestrator.ports import TenantRecord
 from orchestrator.services import access
 
 if TYPE_CHECKING:
     from orchestrator.bootstrap import Deps
 
-S = TenantState
 F = TypeVar("F", bound=Callable[..., Any])
-# action → states it may start from
-ALLOWED: dict[str, tuple[str, ...]] = {
-    "cancel": (S.active, S.suspended),
-    "reactivate": (S.cancelled,),
-    "suspend": (S.active,),
-    "resume": (S.suspended,),
-}
-
-
-def transition_error(action: str, state: str, hold_until: datetime | None,
-                     now: datetime) -> str | None:
-    """Why ``action`` may not happen now, or None when it may."""
-    if state not in ALLOWED[action]:
-        allowed = " or ".join(ALLOWED[action])
-        return f"is {state}; {action} needs it {allowed}"
-    if action == "reactivate" and hold_until is not None and now >= hold_until:
-        return (f"its hold ended at {hold_until.isoformat()}; it can no longer be "
-                "reactivated (its database is due for deletion)")
-    return None
 
 
 @dataclass
@@ -69,9 +51,7 @@ class TransitionResult:
 
 def _locked_tenant(fleet: Deps, slug: str, action: str, now: datetime) -> TenantRecord:
     tenant = fleet.records.tenants.get(slug)
-    why = transition_error(action, tenant.state, tenant.hold_until, now)
-    if why is not None:
-        raise Conflict(f"tenant {slug!r} {why}")
+    states.check(slug, Op(action), tenant.state, now=now, hold_until=tenant.hold_until)
     return tenant
 
 
@@ -113,8 +93,7 @@ def cancel(fleet: Deps, slug: str, *, now: datetime | None = None,
         tenant = fleet.records.tenants.get(slug)
         # Cancelling again during the hold finishes what a crashed run left undone
         # (its backup) instead of failing: the command is idempotent.
-        again = tenant.state == S.cancelled and tenant.hold_until is not None \
-            and now < tenant.hold_until
+        again = states.cancel_retry(tenant.state, tenant.hold_until, now)
         if not again:
             tenant = _locked_tenant(fleet, slug, "cancel", now)
             with fleet.records.transaction() as tx:
@@ -124,7 +103,7 @@ def cancel(fleet: Deps, slug: str, *, now: datetime | None = None,
             checkpoint("cancel.restricted")
             # a suspended one may export
             fleet.admin.set_login(tenant.server, names.login_role, True)
-            _set(fleet, tenant, "cancel", state=S.cancelled, cancelled_at=now,
+            _set(fleet, tenant, "cancel", state=states.target(Op.cancel), cancelled_at=now,
                  hold_until=hold_until, suspended_at=None, step=None)
             checkpoint("cancel.state")
         else:
@@ -137,7 +116,7 @@ def cancel(fleet: Deps, slug: str, *, now: datetime | None = None,
                                        database=held.database, wait=True)
         # a support role allowed to write (granted while active) would write on
         access.end_write_grants(fleet, tenant.id)
-    result = TransitionResult(slug, "cancel", S.cancelled, hold_until)
+    result = TransitionResult(slug, "cancel", states.target(Op.cancel), hold_until)
     if again and _backed_up_since(fleet, tenant, tenant.cancelled_at):
         return result
     if backup:
@@ -153,7 +132,8 @@ def _backed_up_since(fleet: Deps, tenant: TenantRecord, since: datetime | None) 
     """A backup since the cancellation, done or being done by a live process (one a
     dead process left running is reaped first): a second cancel takes none."""
     fleet.backup_jobs.reap_dead(tenant.slug)
-    return fleet.records.backups.any_since(tenant.id, since, ("completed", "running"))
+    return fleet.records.backups.any_since(
+        tenant.id, since, (BackupStatus.completed, BackupStatus.running))
 
 
 @audited("reactivate")
@@ -164,8 +144,9 @@ def reactivate(fleet: Deps, slug: str, *, now: datetime | None = None) -> Transi
         names = tenant_names(slug)
         fleet.admin.secure_tenant_database(tenant.server, names)  # gives the writes back
         fleet.admin.set_login(tenant.server, names.login_role, True)
-        _set(fleet, tenant, "reactivate", state=S.active, cancelled_at=None, hold_until=None)
-    return TransitionResult(slug, "reactivate", S.active)
+        _set(fleet, tenant, "reactivate", state=states.target(Op.reactivate),
+             cancelled_at=None, hold_until=None)
+    return TransitionResult(slug, "reactivate", states.target(Op.reactivate))
 
 
 @audited("suspend")
@@ -176,8 +157,8 @@ def suspend(fleet: Deps, slug: str) -> TransitionResult:
     with holding_tenant(fleet.records, slug):
         tenant = _locked_tenant(fleet, slug, "suspend", now)
         fleet.admin.set_login(tenant.server, tenant.login_role, False)
-        _set(fleet, tenant, "suspend", state=S.suspended, suspended_at=now)
-    return TransitionResult(slug, "suspend", S.suspended)
+        _set(fleet, tenant, "suspend", state=states.target(Op.suspend), suspended_at=now)
+    return TransitionResult(slug, "suspend", states.target(Op.suspend))
 
 
 @audited("resume")
@@ -185,8 +166,8 @@ def resume(fleet: Deps, slug: str) -> TransitionResult:
     with holding_tenant(fleet.records, slug):
         tenant = _locked_tenant(fleet, slug, "resume", fleet.clock.now())
         fleet.admin.set_login(tenant.server, tenant.login_role, True)
-        _set(fleet, tenant, "resume", state=S.active, suspended_at=None)
-    return TransitionResult(slug, "resume", S.active)
+        _set(fleet, tenant, "resume", state=states.target(Op.resume), suspended_at=None)
+    return TransitionResult(slug, "resume", states.target(Op.resume))
 
 
 @audited("legal_hold")
@@ -196,8 +177,7 @@ def legal_hold(fleet: Deps, slug: str, *, on: bool, reason: str) -> dict[str, An
     if not reason:
         raise InvalidInput("--reason is required: say why (it is audited)")
     tenant = fleet.records.tenants.get(slug)
-    if tenant.state == S.purged:
-        raise Conflict(f"tenant {slug!r} is purged: nothing is left to hold")
+    states.check(slug, Op.legal_hold, tenant.state)
     with holding_tenant(fleet.records, slug):
         _set(fleet, tenant, "legal_hold." + ("on" if on else "off"), {"reason": reason},
              legal_hold=on, legal_hold_reason=reason if on else None)

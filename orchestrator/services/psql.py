@@ -13,18 +13,19 @@ import subprocess
 from typing import TYPE_CHECKING
 
 from orchestrator.adapters.catalog.db import with_dbname
-from orchestrator.adapters.catalog.models import Tenant, TenantState
+from orchestrator.adapters.catalog.models import Tenant
 from orchestrator.adapters.postgres import admin as pgserver
-from orchestrator.devfleet.localfleet import pg_tool
+from orchestrator.adapters.postgres.pgtools import pg_tool
 from orchestrator.domain.errors import Conflict
 from orchestrator.domain.names import password_context
+from orchestrator.domain.states import HAS_DATABASE
 
 if TYPE_CHECKING:
     from orchestrator.bootstrap import Deps
 
 def psql_env(fleet: Deps, tenant: Tenant, *, owner: bool) -> dict[str, str]:
     slug = tenant.slug
-    if tenant.state not in (TenantState.active, TenantState.suspended, TenantState.cancelled):
+    if tenant.state not in HAS_DATABASE:
         raise Conflict(f"tenant {slug!r} is {tenant.state}: its database is not available")
     env = pgserver.libpq_env(with_dbname(fleet.cfg.server(tenant.server).admin_dsn,
                                          tenant.database))

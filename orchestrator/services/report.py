@@ -2,15 +2,15 @@
 policy, each with pass/fail, the evidence, and the tenants that break it.
 
 Gathering reads the catalog, every server and every region's store once;
-judging is a set of pure functions over what was gathered. Evidence is what a
-reviewer can check by hand (counts, ages, names), never a secret.
+judging is a set of pure functions over what was gathered (domain/promises.py).
+Evidence is what a reviewer can check by hand (counts, ages, names), never a secret.
 """
 
 from __future__ import annotations
 
 import html
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from collections.abc import Sequence
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -27,103 +27,83 @@ from orchestrator.adapters.catalog.models import (
     Tenant,
     TenantState,
 )
+from orchestrator.domain import promises
 from orchestrator.domain.errors import TenantctlError, first_line
+from orchestrator.domain.health import BackupRow, StoreFacts, TenantRow
+from orchestrator.domain.promises import (
+    STATE_AUDIT,
+    GrantRow,
+    Probe,
+    Promise,
+    ServerIsolation,
+)
+from orchestrator.domain.statuses import BackupStatus
 from orchestrator.services import credentials
 
 if TYPE_CHECKING:
     from orchestrator.bootstrap import Deps
 
-LIVE = (TenantState.active, TenantState.suspended, TenantState.cancelled)
-GRACE = timedelta(hours=1)
-# the audit action that must exist for a tenant in each state
-STATE_AUDIT = {
-    TenantState.active: ("tenant.provision.start",),
-    TenantState.suspended: ("tenant.suspend",),
-    TenantState.cancelled: ("tenant.cancel",),
-    TenantState.deleted: ("tenant.delete", "tenant.erase.key_destroyed"),
-    TenantState.purged: ("tenant.purge", "tenant.erase"),
-}
+
+def tenant_row(t: Tenant) -> TenantRow:
+    """A catalog row as the plain data doctor's rules and the promises read."""
+    return TenantRow(t.id, t.slug, t.region, t.server, t.database, t.login_role,
+                     t.owner_role, t.state, t.revision, t.migration_error, t.legal_hold,
+                     t.legal_hold_reason, t.hold_until, t.purge_after, t.activated_at,
+                     t.created_at)
 
 
-@dataclass
-class Promise:
-    key: str
-    title: str
-    ok: bool
-    evidence: list[str]
-    offenders: list[str] = field(default_factory=list)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"promise": self.key, "title": self.title, "ok": self.ok,
-                "evidence": self.evidence, "offenders": self.offenders}
-
-
-def _fail(offenders: dict[str, str]) -> list[str]:
-    return [f"{t}: {why}" for t, why in sorted(offenders.items())]
+def backup_row(b: Backup) -> BackupRow:
+    return BackupRow(b.id, b.tenant_id, b.slug, b.region, b.object_key, b.manifest_key,
+                     b.status, b.started_at, b.finished_at, key_id=b.key_id,
+                     store_url=b.store_url)
 
 
 # -- 1. isolation -------------------------------------------------------------------
 
 
-def check_isolation(fleet: Deps, tenants: list[Tenant]) -> Promise:
-    offenders: dict[str, str] = {}
-    live = [t for t in tenants if t.state in LIVE]
-    by_server: dict[str, list[Tenant]] = {}
-    for t in live:
-        by_server.setdefault(t.server, []).append(t)
-    checked_pairs = sampled = 0
-    for server, group in sorted(by_server.items()):
-        try:
-            with fleet.server_connection(server) as conn:
-                rows = conn.execute(
-                    "SELECT datname, has_database_privilege('public', datname, 'CONNECT'), "
-                    "datallowconn FROM pg_database WHERE datallowconn OR datname LIKE "
-                    "'tenant%%'").fetchall()
-                dbs = {r[0]: r[1] for r in rows}
-                # a closed database refuses everyone before asking for the privilege
-                open_dbs = [r[0] for r in rows if r[2]]
-                roles = {r[0]: r[1:] for r in conn.execute(
-                    "SELECT rolname, rolsuper, rolcreatedb, rolcreaterole, rolbypassrls "
-                    "FROM pg_roles WHERE rolname = ANY(%s)", ([t.login_role for t in group],))}
-                for t in group:
-                    if t.database not in dbs:
-                        offenders[t.slug] = f"database {t.database} missing on {server}"
-                        continue
-                    if dbs[t.database]:
-                        offenders[t.slug] = "PUBLIC may connect to its database"
-                    attrs = roles.get(t.login_role)
-                    if attrs is None:
-                        offenders[t.slug] = f"role {t.login_role} missing"
-                    elif any(attrs):
-                        offenders[t.slug] = "its role has SUPERUSER/CREATEDB/CREATEROLE/BYPASSRLS"
-                # every tenant role against every other database of the server
-                rows = conn.execute(
-                    "SELECT r.rolname, d.datname FROM pg_roles r CROSS JOIN pg_database d "
-                    "WHERE r.rolname = ANY(%s) AND d.datname <> r.rolname AND d.datallowconn "
-                    "AND has_database_privilege(r.rolname, d.datname, 'CONNECT')",
-                    ([t.login_role for t in group],)).fetchall()
-                checked_pairs += len(group) * max(len(dbs) - 1, 0)
-                for role, db in rows:
-                    offenders[role.removeprefix("tenant_")] = f"its role may connect to {db}"
-        except TenantctlError as exc:
-            offenders[f"server {server}"] = first_line(exc)
-            continue
-        # a tenant that may log in (a suspended one may not: its refusals prove nothing)
-        prober = next((t for t in group if t.state != TenantState.suspended), None)
-        if prober is not None:
-            sampled += _live_probe(fleet, prober,
-                                   [d for d in open_dbs if d != prober.database][:3],
-                                   offenders)
-    return Promise("isolation", "Every tenant in its own database; its role reaches no other; "
-                   "PUBLIC revoked", not offenders,
-                   [f"{len(live)} live tenants on {len(by_server)} servers",
-                    f"{checked_pairs} role/database pairs checked in the catalogs of the "
-                    "servers", f"{sampled} live connection attempts to other databases, "
-                    "all refused" if not offenders else "live probe: see offenders"],
-                   _fail(offenders))
+def check_isolation(fleet: Deps, tenants: Sequence[TenantRow]) -> Promise:
+    seen = [_read_isolation(fleet, server, group)
+            for server, group in promises.live_by_server(tenants).items()]
+    return promises.check_isolation(tenants, seen)
 
 
-def _live_probe(fleet: Deps, tenant: Tenant, others: list[str],
+def _read_isolation(fleet: Deps, server: str, group: list[TenantRow]) -> ServerIsolation:
+    seen = ServerIsolation(server)
+    try:
+        with fleet.server_connection(server) as conn:
+            rows = conn.execute(
+                "SELECT datname, has_database_privilege('public', datname, 'CONNECT'), "
+                "datallowconn FROM pg_database WHERE datallowconn OR datname LIKE "
+                "'tenant%%'").fetchall()
+            dbs = {r[0]: r[1] for r in rows}
+            # a closed database refuses everyone before asking for the privilege
+            open_dbs = [r[0] for r in rows if r[2]]
+            roles = {r[0]: r[1:] for r in conn.execute(
+                "SELECT rolname, rolsuper, rolcreatedb, rolcreaterole, rolbypassrls "
+                "FROM pg_roles WHERE rolname = ANY(%s)", ([t.login_role for t in group],))}
+            seen.databases, seen.roles = dbs, roles
+            # every tenant role against every other database of the server
+            rows = conn.execute(
+                "SELECT r.rolname, d.datname FROM pg_roles r CROSS JOIN pg_database d "
+                "WHERE r.rolname = ANY(%s) AND d.datname <> r.rolname AND d.datallowconn "
+                "AND has_database_privilege(r.rolname, d.datname, 'CONNECT')",
+                ([t.login_role for t in group],)).fetchall()
+            seen.reaches = [(role, db) for role, db in rows]
+    except TenantctlError as exc:
+        seen.error = first_line(exc)
+        return seen
+    # a tenant that may log in (a suspended one may not: its refusals prove nothing)
+    prober = next((t for t in group if t.state != TenantState.suspended), None)
+    if prober is not None:
+        offenders: dict[str, str] = {}
+        refused = _live_probe(fleet, prober,
+                              [d for d in open_dbs if d != prober.database][:3],
+                              offenders)
+        seen.probe = Probe(prober.slug, refused, offenders.get(prober.slug))
+    return seen
+
+
+def _live_probe(fleet: Deps, tenant: TenantRow, others: list[str],
                 offenders: dict[str, str]) -> int:
     """Connect as the tenant's own role to other databases: every attempt must be
     refused for want of the privilege. First prove the credentials log in to its own
@@ -155,123 +135,23 @@ def _live_probe(fleet: Deps, tenant: Tenant, others: list[str],
     return refused
 
 
-# -- 2. region -----------------------------------------------------------------------
+# -- 2. region: what each region's store holds --------------------------------------
 
 
-def check_region(fleet: Deps, tenants: list[Tenant], backups: list[Backup],
-                 server_region: dict[str, str]) -> tuple[Promise, dict[str, set[str]]]:
-    """Also returns what each region's store holds, for the backup check."""
-    offenders: dict[str, str] = {}
-    region_of = {t.slug: t.region for t in tenants}
-    for t in tenants:
-        if t.state in LIVE and server_region.get(t.server) != t.region:
-            offenders[t.slug] = f"database on {t.server} outside {t.region}"
-    stores = {name: rc.backup_store for name, rc in fleet.cfg.regions.items()}
-    listed: dict[str, set[str]] = {}
-    for region, url in stores.items():
+def read_stores(fleet: Deps) -> dict[str, StoreFacts]:
+    stores = {name: StoreFacts(name, rc.backup_store) for name, rc in fleet.cfg.regions.items()}
+    for st in stores.values():
         try:
-            listed[region] = {o.key for o in open_store(url).objects("tenants/")}
+            st.keys = {o.key for o in open_store(st.url).objects("tenants/")}
         except TenantctlError as exc:
-            offenders[f"store of {region}"] = first_line(exc)
-            listed[region] = set()
-        for key in listed[region]:
-            slug = key.split("/")[1] if key.count("/") >= 2 else ""
-            home = region_of.get(slug)
-            if home is not None and home != region:
-                offenders[slug] = f"backup object {key} in the {region} store, not {home}"
-    for b in backups:
-        if b.status == "completed" and (b.region != region_of.get(b.slug)
-                                        or b.store_url != stores.get(b.region)):
-            offenders[b.slug] = f"backup {b.id} recorded outside its region's store"
-    return Promise("region", "Every tenant's data and backups only in its chosen region",
-                   not offenders,
-                   [f"{sum(t.state in LIVE for t in tenants)} databases on servers of their "
-                    "region", f"{sum(map(len, listed.values()))} objects listed in "
-                    f"{len(stores)} region stores",
-                    f"{sum(b.status == 'completed' for b in backups)} completed backups "
-                    "recorded in their region's store"], _fail(offenders)), listed  # type: ignore[return-value]
+            st.error = first_line(exc)
+    return stores
 
 
-# -- 3. backups -----------------------------------------------------------------------
+# -- 5. audit: what the audit log holds ------------------------------------------------
 
 
-def check_backups(fleet: Deps, tenants: list[Tenant], backups: list[Backup],
-                  listed: dict[str, set[str]], now: datetime) -> Promise:
-    interval = timedelta(hours=fleet.cfg.backup_interval_hours)
-    latest: dict[int, Backup] = {}
-    for b in backups:
-        if b.status == "completed" and b.finished_at is not None and (
-                b.tenant_id not in latest or b.finished_at > latest[b.tenant_id].finished_at):  # type: ignore[operator]
-            latest[b.tenant_id] = b
-    offenders: dict[str, str] = {}
-    oldest: timedelta | None = None  # over the tenants that have a completed backup
-    active = [t for t in tenants if t.state == TenantState.active]
-    never = sum(t.id not in latest for t in active)
-    for t in active:
-        found = latest.get(t.id)
-        since = (found.finished_at if found else None) or t.activated_at or t.created_at
-        age = now - since
-        if found is None:
-            if age > interval + GRACE:
-                offenders[t.slug] = f"no backup since it became active {_ago(age)}"
-            continue
-        b = found
-        oldest = age if oldest is None or age > oldest else oldest
-        if age > interval + GRACE:
-            offenders[t.slug] = f"latest backup {b.id} is {_ago(age)} old"
-        keys = listed.get(t.region, set())
-        if b.object_key not in keys or b.manifest_key not in keys:
-            offenders[t.slug] = f"latest backup {b.id}: object or manifest missing from the store"
-        elif b.key_id is None:
-            offenders[t.slug] = f"latest backup {b.id} is not encrypted to a tenant key"
-    return Promise("backups", "Every active tenant has a successful encrypted backup within "
-                   "its schedule", not offenders,
-                   [f"{len(active)} active tenants, schedule every "
-                    f"{fleet.cfg.backup_interval_hours} h",
-                    f"age of the oldest latest backup: {_ago(oldest)}" if oldest is not None
-                    else "no active tenant has a completed backup yet",
-                    *([f"{never} active tenant(s) without a completed backup yet"]
-                      if never and oldest is not None else []),
-                    "every backup is age-encrypted to its tenant's own key"],
-                   _fail(offenders))
-
-
-def _ago(delta: timedelta) -> str:
-    hours = delta.total_seconds() / 3600
-    return f"{hours / 24:.1f} days" if hours >= 48 else f"{hours:.1f} h"
-
-
-# -- 4. timeliness --------------------------------------------------------------------
-
-
-def check_timeliness(tenants: list[Tenant], grants: list[SupportGrant], now: datetime
-                     ) -> Promise:
-    late = now - GRACE
-    offenders: dict[str, str] = {}
-    for t in tenants:
-        if t.legal_hold:
-            continue
-        if t.state == TenantState.cancelled and t.hold_until and t.hold_until < late:
-            offenders[t.slug] = f"hold ended {t.hold_until.isoformat()}, not deleted"
-        if t.state == TenantState.deleted and t.purge_after and t.purge_after < late:
-            offenders[t.slug] = f"purge due {t.purge_after.isoformat()}, not purged"
-    for g in grants:
-        if g.dropped_at is None and g.expires_at < late:
-            offenders[g.slug] = f"support grant {g.id} past its TTL ({g.expires_at.isoformat()})"
-    holds = sum(1 for t in tenants if t.legal_hold)
-    return Promise("timeliness", "No hold past its end, no deletion or purge overdue, no "
-                   "support grant past its TTL", not offenders,
-                   [f"{sum(t.state == TenantState.cancelled for t in tenants)} tenants in hold",
-                    f"{sum(t.state == TenantState.deleted for t in tenants)} deleted tenants "
-                    "awaiting purge", f"{len([g for g in grants if g.dropped_at is None])} "
-                    "live support grants", f"{holds} tenants under legal hold (exempt)"],
-                   _fail(offenders))
-
-
-# -- 5. audit -------------------------------------------------------------------------
-
-
-def check_audit(fleet: Deps, tenants: list[Tenant], now: datetime) -> Promise:
+def read_audit(fleet: Deps) -> tuple[set[tuple[str | None, str]], datetime | None, int]:
     with fleet.catalog.session() as s:
         seen = {(r[0], r[1]) for r in s.execute(
             select(AuditEvent.tenant, AuditEvent.action).where(
@@ -279,20 +159,7 @@ def check_audit(fleet: Deps, tenants: list[Tenant], now: datetime) -> Promise:
                 AuditEvent.outcome == "ok").distinct())}
         oldest = s.scalar(select(func.min(AuditEvent.at)))
         total = s.scalar(select(func.count()).select_from(AuditEvent)) or 0
-    offenders: dict[str, str] = {}
-    for t in tenants:
-        needed = STATE_AUDIT.get(TenantState(t.state))
-        if needed and not any((t.slug, a) in seen for a in needed):
-            offenders[t.slug] = f"{t.state}, but no {' or '.join(needed)} in the audit log"
-    cutoff = now - timedelta(days=fleet.cfg.lifecycle.audit_days)
-    if oldest is not None and oldest < cutoff - GRACE:
-        offenders["audit log"] = f"records from {oldest.date()} kept past " \
-                                 f"{fleet.cfg.lifecycle.audit_days} days"
-    return Promise("audit", "An audit record for every state change; nothing older than "
-                   f"{fleet.cfg.lifecycle.audit_days} days", not offenders,
-                   [f"{total} audit records", f"oldest: {oldest.isoformat() if oldest else 'none'}",
-                    f"{len(tenants)} tenants' states matched to their audit records"],
-                   _fail(offenders))
+    return seen, oldest, total
 
 
 # -- the report -----------------------------------------------------------------------
@@ -301,16 +168,23 @@ def check_audit(fleet: Deps, tenants: list[Tenant], now: datetime) -> Promise:
 def build(fleet: Deps, now: datetime | None = None) -> dict[str, Any]:
     now = now or clock.utcnow()
     with fleet.catalog.session() as s:
-        tenants = list(s.scalars(select(Tenant).order_by(Tenant.slug)))
-        backups = list(s.scalars(select(Backup).where(Backup.status == "completed")))
-        grants = list(s.scalars(select(SupportGrant)))
+        tenants = [tenant_row(t) for t in s.scalars(select(Tenant).order_by(Tenant.slug))]
+        backups = [backup_row(b) for b in s.scalars(
+            select(Backup).where(Backup.status == BackupStatus.completed))]
+        grants = [GrantRow(g.id, g.slug, g.expires_at, g.dropped_at)
+                  for g in s.scalars(select(SupportGrant))]
         server_region = dict(s.execute(select(Server.name, Server.region)).all())
-    region, listed = check_region(fleet, tenants, backups, server_region)
-    promises = [check_isolation(fleet, tenants), region,
-                check_backups(fleet, tenants, backups, listed, now),
-                check_timeliness(tenants, grants, now), check_audit(fleet, tenants, now)]
-    return {"generated_at": now.isoformat(), "ok": all(p.ok for p in promises),
-            "promises": [p.to_json() for p in promises]}
+    region, listed = promises.check_region(tenants, backups, server_region, read_stores(fleet))
+    isolation = check_isolation(fleet, tenants)
+    seen, oldest, total = read_audit(fleet)
+    checked = [isolation, region,
+               promises.check_backups(tenants, backups, listed, now,
+                                      fleet.cfg.backup_interval_hours),
+               promises.check_timeliness(tenants, grants, now),
+               promises.check_audit(tenants, seen, oldest, total,
+                                    fleet.cfg.lifecycle.audit_days, now)]
+    return {"generated_at": now.isoformat(), "ok": all(p.ok for p in checked),
+            "promises": [p.to_json() for p in checked]}
 
 
 def render_html(report: dict[str, Any]) -> str:

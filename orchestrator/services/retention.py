@@ -20,13 +20,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from backups.policy import RetentionPolicy
 from orchestrator.adapters.catalog.audit import reason_text
 from orchestrator.adapters.catalog.locks import holding_tenant
 from orchestrator.adapters.faults import checkpoint
-from orchestrator.adapters.postgres.admin import role_marker
-from orchestrator.domain.errors import Conflict, ExitCode, InvalidInput, TenantctlError, first_line
+from orchestrator.domain import states
+from orchestrator.domain.errors import ExitCode, InvalidInput, TenantctlError, first_line
 from orchestrator.domain.jobs import STEPS, Job, parse_steps
+from orchestrator.domain.marks import role_marker
 from orchestrator.domain.names import tenant_names
 from orchestrator.domain.retention_plan import (
     AUDIT,
@@ -42,7 +42,9 @@ from orchestrator.domain.retention_plan import (
     step_of,
     tenant_action,
 )
-from orchestrator.domain.states import TenantState
+from orchestrator.domain.states import Op, TenantState
+from orchestrator.domain.statuses import BackupStatus
+from orchestrator.domain.timeliness import overdue_transition
 from orchestrator.ports import CatalogWrites, TenantRecord
 from orchestrator.services import access
 
@@ -51,8 +53,7 @@ if TYPE_CHECKING:
 
 LOCK = "retention"
 JOBS = STEPS  # every step of a run (orchestrator.domain.jobs)
-OVERDUE_AFTER = timedelta(hours=1)
-AUDIT_BATCH = 10_000
+AUDIT_BATCH = 10_000  # audit records deleted per transaction
 
 
 class RetentionError(TenantctlError):
@@ -64,7 +65,8 @@ class RetentionError(TenantctlError):
 
 def due_tenant_facts(fleet: Deps, now: datetime) -> list[TenantFact]:
     """Only tenants whose hold or purge date has passed (partial indexes)."""
-    return [_fact(t) for t in fleet.records.tenants.due(now)]
+    return [_fact(t) for timed in states.TIMED.values()  # the graph's timed transitions
+            for t in fleet.records.tenants.due(timed.source, timed.due, now)]
 
 
 def _fact(t: TenantRecord) -> TenantFact:
@@ -79,8 +81,7 @@ def make_plan(fleet: Deps, now: datetime, jobs: Iterable[str] = JOBS) -> list[Ac
     tenants = due_tenant_facts(fleet, now) if {Job.delete, Job.purge} & set(jobs) else []
     verdicts = []
     if Job.prune in jobs:
-        policy = RetentionPolicy(fleet.cfg.backup_keep_days, fleet.cfg.backup_keep_weeks)
-        verdicts = fleet.backup_jobs.prune_candidates(now, policy)
+        verdicts = fleet.backup_jobs.prune_verdicts(now)
     audit_cutoff = now - timedelta(days=lc.audit_days)
     expired = 0
     if Job.audit_purge in jobs:
@@ -223,7 +224,7 @@ def delete_tenant(fleet: Deps, slug: str, now: datetime) -> tuple[str, str]:
         checkpoint("retention.dropped_roles")
         purge_after = now + timedelta(days=fleet.cfg.lifecycle.purge_days)
         with fleet.records.transaction() as tx:
-            tx.update_tenant(tenant.id, state=TenantState.deleted, deleted_at=now,
+            tx.update_tenant(tenant.id, state=states.target(Op.delete), deleted_at=now,
                              purge_after=purge_after, final_backup_id=backup_id)
             tx.delete_credential(tenant.id)
             tx.audit("tenant.delete", tenant=slug, region=tenant.region,
@@ -249,10 +250,6 @@ def _drop_database_and_roles(fleet: Deps, tenant: TenantRecord, step: str,
     access.drop_tenant_grants(fleet, tenant.id, now)  # support access never outlives its tenant
 
 
-ERASABLE = (TenantState.active, TenantState.suspended, TenantState.cancelled,
-            TenantState.deleted)
-
-
 def erase_tenant(fleet: Deps, slug: str, reason: str, now: datetime) -> dict[str, Any]:
     """Erasure on request: no hold. The key is destroyed first, so from that moment
     every backup copy anywhere is unreadable; then sessions, database and roles
@@ -263,14 +260,8 @@ def erase_tenant(fleet: Deps, slug: str, reason: str, now: datetime) -> dict[str
         raise InvalidInput("--reason is required (it is audited)")
     with holding_tenant(fleet.records, slug):
         tenant = fleet.records.tenants.get(slug)
-        if tenant.state == TenantState.purged:
-            raise Conflict(f"tenant {slug!r} is already purged")
-        if tenant.state not in ERASABLE:
-            raise Conflict(f"tenant {slug!r} is {tenant.state}: finish or abandon its "
-                           "provisioning first")
-        if tenant.legal_hold:
-            raise Conflict(f"tenant {slug!r} is under legal hold "
-                           f"({tenant.legal_hold_reason}): erasure refused")
+        states.check(slug, Op.erase, tenant.state, legal_hold=tenant.legal_hold,
+                     legal_hold_reason=tenant.legal_hold_reason)
         with fleet.records.transaction() as tx:
             _destroy_key(tx, tenant, now)
             tx.audit("tenant.erase.key_destroyed", tenant=slug, region=tenant.region,
@@ -283,10 +274,10 @@ def erase_tenant(fleet: Deps, slug: str, reason: str, now: datetime) -> dict[str
         checkpoint("erase.dropped")
         removed = _delete_all_backups(fleet, tenant)
         with fleet.records.transaction() as tx:
-            tx.update_tenant(tenant.id, state=TenantState.purged, purged_at=now)
+            tx.update_tenant(tenant.id, state=states.target(Op.erase), purged_at=now)
             tx.audit("tenant.erase", tenant=slug, region=tenant.region, reason=reason,
                      objects_deleted=removed)
-    return {"tenant": slug, "state": TenantState.purged.value, "objects_deleted": removed,
+    return {"tenant": slug, "state": states.target(Op.erase).value, "objects_deleted": removed,
             "reason": reason}
 
 
@@ -296,7 +287,7 @@ def _verified_final_backup(fleet: Deps, tenant: TenantRecord, now: datetime) -> 
     ``now``. A re-run after a crash reuses it."""
     if tenant.final_backup_id is not None:
         row = fleet.backup_jobs.get(tenant.final_backup_id)
-        if row.status == "completed" and row.verified_at is not None:
+        if row.status == BackupStatus.completed and row.verified_at is not None:
             return row.id
     backup_id = fleet.backup_jobs.run(tenant.slug, kind="final", now=now)
     with fleet.records.transaction() as tx:
@@ -318,7 +309,7 @@ def purge_tenant(fleet: Deps, slug: str, now: datetime) -> tuple[str, str]:
         with fleet.records.transaction() as tx:
             _destroy_key(tx, tenant, now)
             checkpoint("retention.key_destroyed")  # a kill here rolls the txn back
-            tx.update_tenant(tenant.id, state=TenantState.purged, purged_at=now)
+            tx.update_tenant(tenant.id, state=states.target(Op.purge), purged_at=now)
             tx.audit("tenant.purge", tenant=slug, region=tenant.region,
                      objects_deleted=removed)
     return "done", f"{removed} backup objects deleted, key destroyed"
@@ -361,28 +352,30 @@ def purge_audit(fleet: Deps, now: datetime) -> str:
 
 
 def status(fleet: Deps, now: datetime, limit: int = 10) -> dict[str, Any]:
-    """Tenants per state, the next deletions and purges, and what is overdue (a
-    date passed more than an hour ago and the action not done): monitoring alerts
-    on the latter."""
-    late = now - OVERDUE_AFTER
+    """Tenants per state, the next deletions and purges, and what is overdue
+    (timeliness.overdue_transition: a date passed more than an hour ago and the
+    action not done): monitoring alerts on the latter."""
 
-    def rows(state: str, col: str, *, before: datetime | None = None,
-             n: int | None = None) -> list[dict[str, Any]]:
-        found = fleet.records.tenants.dated(state, col, before=before, limit=n)
-        return [{"tenant": t.slug, "region": t.region, "due_at": getattr(t, col).isoformat(),
-                 "legal_hold": t.legal_hold, "legal_hold_reason": t.legal_hold_reason}
-                for t in found]
+    def row(t: TenantRecord, col: str) -> dict[str, Any]:
+        return {"tenant": t.slug, "region": t.region, "due_at": getattr(t, col).isoformat(),
+                "legal_hold": t.legal_hold, "legal_hold_reason": t.legal_hold_reason}
+
+    def overdue(state: str, col: str) -> list[dict[str, Any]]:
+        # read among the due ones (partial indexes), judged by the one rule
+        return [row(t, col) for t in fleet.records.tenants.due(state, col, now)
+                if overdue_transition(state, t.hold_until, t.purge_after, t.legal_hold, now)]
+
+    def upcoming(state: str, col: str) -> list[dict[str, Any]]:
+        return [row(t, col) for t in fleet.records.tenants.dated(state, col, limit=limit)]
 
     counts = fleet.records.tenants.count_by_state()
-    overdue_del = [r for r in rows(TenantState.cancelled, "hold_until", before=late)
-                   if not r["legal_hold"]]
-    overdue_purge = [r for r in rows(TenantState.deleted, "purge_after", before=late)
-                     if not r["legal_hold"]]
+    overdue_del = overdue(TenantState.cancelled, "hold_until")
+    overdue_purge = overdue(TenantState.deleted, "purge_after")
     return {
         "now": now.isoformat(),
         "states": {st.value: counts.get(st.value, 0) for st in TenantState},
-        "next_deletions": rows(TenantState.cancelled, "hold_until", n=limit),
-        "next_purges": rows(TenantState.deleted, "purge_after", n=limit),
+        "next_deletions": upcoming(TenantState.cancelled, "hold_until"),
+        "next_purges": upcoming(TenantState.deleted, "purge_after"),
         "overdue": {"deletions": overdue_del, "purges": overdue_purge},
         "overdue_count": len(overdue_del) + len(overdue_purge),
     }

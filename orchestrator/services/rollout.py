@@ -44,7 +44,7 @@ from sqlalchemy.orm import Session
 
 from orchestrator.adapters import clock
 from orchestrator.adapters.catalog.db import actor, lock_key, lock_key_sql, with_dbname
-from orchestrator.adapters.catalog.models import MIGRATABLE, Rollout, RolloutTenant, Tenant
+from orchestrator.adapters.catalog.models import Rollout, RolloutTenant, Tenant
 from orchestrator.adapters.faults import checkpoint
 from orchestrator.adapters.postgres import alembic_runner as tenant_migrations
 from orchestrator.domain.durations import parse_pg_duration
@@ -52,11 +52,17 @@ from orchestrator.domain.errors import Conflict, ExitCode, InvalidInput, NotFoun
 from orchestrator.domain.names import catalog_mismatch, tenant_lock, validate_slug
 from orchestrator.domain.rollout_plan import (
     CANARY_WAVE,
+    INTERRUPTED,
     PlanTenant,
     assign_waves,
+    final_status,
     parse_budget,
     parse_waves,
+    stop_reason,
+    wave_budget,
 )
+from orchestrator.domain.states import HAS_DATABASE
+from orchestrator.domain.statuses import ROLLOUT_DRY_RUN, RolloutStatus, TenantMigration
 from orchestrator.services import spares, templates
 
 if TYPE_CHECKING:
@@ -69,14 +75,17 @@ RETRYABLE_SQLSTATES = {"55P03", "57014", "40P01"}  # lock timeout, statement tim
 # once; the session-level lock stays until unlocked or the connection dies).
 CLAIM_SQL = f"""
     WITH next AS (
-        UPDATE rollout_tenants SET status = 'running', worker = %(worker)s,
+        UPDATE rollout_tenants SET status = '{TenantMigration.running}', worker = %(worker)s,
                started_at = %(now)s
         WHERE (rollout_id, tenant_id) = (
             SELECT rollout_id, tenant_id FROM rollout_tenants
-            WHERE rollout_id = %(rid)s AND wave = %(wave)s AND status = 'pending'
+            WHERE rollout_id = %(rid)s AND wave = %(wave)s
+              AND status = '{TenantMigration.pending}'
               AND NOT (server = ANY(%(full)s::text[]))
+              -- not rollout_plan.budget_exceeded(failed, budget), fenced in the claim
               AND (SELECT count(*) FROM rollout_tenants
-                   WHERE rollout_id = %(rid)s AND status = 'failed') <= %(budget)s
+                   WHERE rollout_id = %(rid)s
+                     AND status = '{TenantMigration.failed}') <= %(budget)s
             ORDER BY seq LIMIT 1 FOR UPDATE SKIP LOCKED)
         RETURNING tenant_id, slug, server, from_revision)
     SELECT next.tenant_id, next.slug, next.server, next.from_revision,
@@ -85,14 +94,15 @@ CLAIM_SQL = f"""
     FROM next LEFT JOIN tenants t ON t.id = next.tenant_id"""
 
 # A tenant's result, and its last known revision when it has one.
-RECORD_SQL = """
+RECORD_SQL = f"""
     WITH result AS (
         UPDATE rollout_tenants SET status = %(status)s, from_revision = %(from_rev)s,
                to_revision = %(to_rev)s, attempts = %(attempts)s,
                finished_at = CASE WHEN %(pending)s THEN NULL ELSE %(now)s END,
                worker = CASE WHEN %(pending)s THEN NULL ELSE worker END,
                duration_ms = %(ms)s, error = %(error)s
-        WHERE rollout_id = %(rid)s AND tenant_id = %(tid)s AND status = 'running'
+        WHERE rollout_id = %(rid)s AND tenant_id = %(tid)s
+          AND status = '{TenantMigration.running}'
           AND worker = %(worker)s
         RETURNING tenant_id)
     UPDATE tenants SET migrated_at = %(now)s,
@@ -170,8 +180,9 @@ class RolloutSummary:
 
     @property
     def exit_code(self) -> ExitCode:
-        return {"completed": ExitCode.OK, "dry-run": ExitCode.OK, "failed": ExitCode.FAILED,
-                "stopped": ExitCode.ROLLOUT_STOPPED, "interrupted": ExitCode.INTERRUPTED
+        return {RolloutStatus.completed: ExitCode.OK, ROLLOUT_DRY_RUN: ExitCode.OK,
+                RolloutStatus.failed: ExitCode.FAILED, RolloutStatus.stopped:
+                ExitCode.ROLLOUT_STOPPED, RolloutStatus.interrupted: ExitCode.INTERRUPTED
                 }.get(self.status, ExitCode.FAILED)
 
     def to_json(self) -> dict[str, Any]:
@@ -227,7 +238,7 @@ class RolloutRun:
     def scope(self) -> list[PlanTenant]:
         """Tenants in scope, with their last known revision (pure data from here on)."""
         opts = self.opts
-        q = select(Tenant).where(Tenant.state.in_(MIGRATABLE))
+        q = select(Tenant).where(Tenant.state.in_(HAS_DATABASE))
         if opts.region:
             self.fleet.cfg.region(opts.region)
             q = q.where(Tenant.region == opts.region)
@@ -263,7 +274,7 @@ class RolloutRun:
             current = None if src == "base" else src
             sql[f"{src} -> {self.target_name}"] = tenant_migrations.offline_sql(
                 self.location, current, self.target_name)
-        return RolloutSummary(None, self.target, "dry-run",
+        return RolloutSummary(None, self.target, ROLLOUT_DRY_RUN,
                               [[t.slug for t in w] for w in waves], sql=sql,
                               counts={"tenants": sum(len(w) for w in waves)})
 
@@ -310,7 +321,7 @@ class RolloutRun:
                 if sweep:
                     stopped = self._run_wave(rollout_id, sweep, allowed)
         if self.stop.is_set() and not stopped:
-            stopped = "interrupted"
+            stopped = INTERRUPTED
         return self._finish(rollout_id, waves, stopped, template_report)
 
     def _move_target(self, bg: ThreadPoolExecutor) -> Future[dict[str, str]]:
@@ -345,7 +356,7 @@ class RolloutRun:
         says. Two rollouts to the same target may run at once (the same command
         attaches to the same rollout; another scope converges on the same revision)."""
         others = s.execute(select(Rollout.id, Rollout.target, Rollout.actor).where(
-            Rollout.status.in_(("running", "interrupted")),
+            Rollout.status.in_((RolloutStatus.running, RolloutStatus.interrupted)),
             Rollout.target != self.target_name).order_by(Rollout.id)).all()
         for rollout_id, target, who in others:
             # free: nobody runs it (held until this transaction ends, so nobody can
@@ -365,20 +376,22 @@ class RolloutRun:
             s.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": lock_key("rollout:start")})
             self._refuse_other_target(s)
             existing = s.scalars(select(Rollout).where(
-                Rollout.key == key, Rollout.status.in_(("running", "interrupted")))
+                Rollout.key == key,
+                Rollout.status.in_((RolloutStatus.running, RolloutStatus.interrupted)))
                 .order_by(Rollout.id.desc()).limit(1)).one_or_none()
             if existing is not None:
-                existing.status = "running"
+                existing.status = RolloutStatus.running
                 self._running.enter_context(self._hold_running(existing.id))
                 return existing.id, False
-            rollout = Rollout(key=key, target=self.target_name, status="running",
+            rollout = Rollout(key=key, target=self.target_name, status=RolloutStatus.running,
                               actor=actor(), options=asdict(self.opts))
             s.add(rollout)
             s.flush()
             self._running.enter_context(self._hold_running(rollout.id))
             rows = [{"rollout_id": rollout.id, "tenant_id": t.tenant_id, "slug": t.slug,
                      "server": t.server, "wave": wave, "from_revision": t.revision,
-                     "status": "skipped" if t.revision == self.target else "pending",
+                     "status": TenantMigration.skipped if t.revision == self.target
+                     else TenantMigration.pending,
                      "to_revision": t.revision if t.revision == self.target else None,
                      "error": "already at target" if t.revision == self.target else None}
                     for wave, members in enumerate(waves) for t in members]
@@ -423,7 +436,8 @@ class RolloutRun:
         Postgres when its session ends)."""
         with self.fleet.catalog.session() as s:
             workers = set(s.scalars(select(RolloutTenant.worker).where(
-                RolloutTenant.rollout_id == rollout_id, RolloutTenant.status == "running",
+                RolloutTenant.rollout_id == rollout_id,
+                RolloutTenant.status == TenantMigration.running,
                 RolloutTenant.worker != self.worker).distinct()))
         for worker in workers:
             if worker is None:
@@ -434,14 +448,14 @@ class RolloutRun:
                         s.execute(update(RolloutTenant).where(
                             RolloutTenant.rollout_id == rollout_id,
                             RolloutTenant.worker == worker,
-                            RolloutTenant.status == "running").values(
-                                status="pending", worker=None))
+                            RolloutTenant.status == TenantMigration.running).values(
+                                status=TenantMigration.pending, worker=None))
 
     def _sweep(self, rollout_id: int, wave: int) -> int | None:
         """Tenants in scope that the plan did not know (created just before the
         target moved) and that are not at the target: one more wave."""
         known = select(RolloutTenant.tenant_id).where(RolloutTenant.rollout_id == rollout_id)
-        q = select(Tenant).where(Tenant.state.in_(MIGRATABLE), Tenant.id.not_in(known))
+        q = select(Tenant).where(Tenant.state.in_(HAS_DATABASE), Tenant.id.not_in(known))
         if self.opts.region:
             q = q.where(Tenant.region == self.opts.region)
         with self.fleet.catalog.session() as s, s.begin():
@@ -459,8 +473,8 @@ class RolloutRun:
     # -- waves and workers -----------------------------------------------------------------
 
     def _run_wave(self, rollout_id: int, wave: int, allowed: int) -> str | None:
-        size = self._count(rollout_id, wave=wave, status="pending")
-        budget = 0 if wave == CANARY_WAVE else allowed
+        size = self._count(rollout_id, wave=wave, status=TenantMigration.pending)
+        budget = wave_budget(wave, allowed)
         if size:
             self.on_event(Event("wave", wave=wave, size=size))
             workers = max(1, min(self.opts.concurrency, size))
@@ -470,19 +484,16 @@ class RolloutRun:
                     f.result()
         # Barrier, even when this process found nothing to do: other processes may
         # still be finishing tenants of this wave; rows of dead ones are reaped.
-        while self._count(rollout_id, wave=wave, status="running") and not self.stop.is_set():
+        while self._count(rollout_id, wave=wave, status=TenantMigration.running) \
+                and not self.stop.is_set():
             time.sleep(0.2)
             self._reset_stale(rollout_id)
-            if self._count(rollout_id, wave=wave, status="pending") and not self.stop.is_set():
+            if self._count(rollout_id, wave=wave, status=TenantMigration.pending) \
+                    and not self.stop.is_set():
                 return self._run_wave(rollout_id, wave, allowed)
-        failed = self._count(rollout_id, status="failed")
-        if wave == CANARY_WAVE and self._count(rollout_id, wave=wave, status="failed"):
-            return "canary failed"
-        if failed > allowed:
-            return f"failure budget exceeded ({failed} failed, {allowed} allowed)"
-        if self.stop.is_set():
-            return "interrupted"
-        return None
+        return stop_reason(wave, self._count(rollout_id, status=TenantMigration.failed),
+                           self._count(rollout_id, wave=wave, status=TenantMigration.failed),
+                           allowed, self.stop.is_set())
 
     def _count(self, rollout_id: int, *, wave: int | None = None,
                status: str | None = None) -> int:
@@ -526,14 +537,16 @@ class RolloutRun:
                 if claimed is None:
                     with self._claim_lock:
                         busy = any(self._inflight.values())
-                    if busy and self._count(rollout_id, wave=wave, status="pending"):
+                    if busy and self._count(rollout_id, wave=wave,
+                                            status=TenantMigration.pending):
                         time.sleep(0.02)  # what is left sits on servers at their cap
                         continue
                     return
                 try:
                     result = self._migrate_one(conn, rollout_id, claimed, wave)
                 except Exception as exc:  # noqa: BLE001 - one tenant never stops the others
-                    result = TenantResult(claimed.slug, claimed.server, wave, "failed",
+                    result = TenantResult(claimed.slug, claimed.server, wave,
+                                          TenantMigration.failed,
                                           claimed.planned_from, claimed.planned_from, 1, 0,
                                           f"{type(exc).__name__}: {first_line(exc)}")
                     self._record(conn, rollout_id, claimed.tenant_id, result)
@@ -561,13 +574,13 @@ class RolloutRun:
             return r
 
         if claim.database is None or claim.owner_role is None or \
-                claim.state not in MIGRATABLE:
-            return done("skipped", planned_from, planned_from, 0,
+                claim.state not in HAS_DATABASE:
+            return done(TenantMigration.skipped, planned_from, planned_from, 0,
                         f"tenant is {claim.state or 'gone'}")
         # the claim carries no login role: only the names a migration uses are checked
         if (why := catalog_mismatch(slug, claim.database, f"tenant_{slug}",
                                     claim.owner_role)) is not None:
-            return done("failed", planned_from, planned_from, 0,
+            return done(TenantMigration.failed, planned_from, planned_from, 0,
                         f"catalog row inconsistent: {why}; not touched")
         dsn = with_dbname(self.fleet.cfg.server(server).admin_dsn, claim.database)
         owner = claim.owner_role
@@ -577,7 +590,7 @@ class RolloutRun:
         for attempt in range(1, self.opts.retries + 2):
             if self.stop.is_set() and attempt > 1:
                 # stopped while backing off: not this tenant's failure; a re-run retries
-                return done("pending", planned_from, None, attempt - 1, None)
+                return done(TenantMigration.pending, planned_from, None, attempt - 1, None)
             if attempt > 1:
                 locked = bool(conn.execute("SELECT pg_try_advisory_lock(%s)",
                                            (key,)).fetchone()[0])  # type: ignore[index]
@@ -589,17 +602,17 @@ class RolloutRun:
                         before, after = tenant_migrations.migrate_from(
                             tconn, self.location, self.target_name, as_role=None)
                     # at target already: a re-run after a crash, or done elsewhere
-                    status = "ok" if before != after or planned_from != after else \
-                        "skipped"
+                    status = TenantMigration.ok if before != after or planned_from != after \
+                        else TenantMigration.skipped
                     return done(status, before if before != after else planned_from,
                                 after, attempt)
                 except (sqlalchemy.exc.DBAPIError, psycopg.Error) as exc:
                     last_error = first_line(exc)
                     if _sqlstate(exc) not in RETRYABLE_SQLSTATES:
-                        return done("failed", planned_from, planned_from, attempt,
-                                    last_error)
+                        return done(TenantMigration.failed, planned_from, planned_from,
+                                    attempt, last_error)
                 except Exception as exc:  # noqa: BLE001 - e.g. a bug in a revision file
-                    return done("failed", planned_from, planned_from, attempt,
+                    return done(TenantMigration.failed, planned_from, planned_from, attempt,
                                 f"{type(exc).__name__}: {first_line(exc)}")
                 conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
             else:
@@ -607,7 +620,7 @@ class RolloutRun:
             if attempt <= self.opts.retries:
                 # exponential backoff with jitter: 0.2 s, 0.4 s, 0.8 s, ...
                 time.sleep(0.2 * 2 ** (attempt - 1) * (0.5 + random.random()))
-        return done("failed", planned_from, planned_from, self.opts.retries + 1,
+        return done(TenantMigration.failed, planned_from, planned_from, self.opts.retries + 1,
                     f"gave up after {self.opts.retries + 1} attempts: {last_error}")
 
     def _record(self, conn: psycopg.Connection, rollout_id: int, tenant_id: int,
@@ -615,8 +628,8 @@ class RolloutRun:
         """The tenant's result and its last known revision, in one round trip. Fenced
         on this worker still holding the row: if the row was reaped and redone by
         another process meanwhile, this result is stale and is dropped."""
-        failed = r.status == "failed"
-        pending = r.status == "pending"
+        failed = r.status == TenantMigration.failed
+        pending = r.status == TenantMigration.pending
         conn.execute(RECORD_SQL, {
             "status": r.status, "from_rev": r.from_revision, "to_rev": r.to_revision,
             "attempts": r.attempts, "ms": r.duration_ms, "error": r.error,
@@ -632,25 +645,21 @@ class RolloutRun:
         with self.fleet.catalog.session() as s, s.begin():
             counts = dict(s.execute(select(RolloutTenant.status, func.count()).where(
                 RolloutTenant.rollout_id == rollout_id).group_by(RolloutTenant.status)).all())
-            if stopped == "interrupted":
-                status = "interrupted"
-            elif stopped:
-                status = "stopped"
-            elif counts.get("pending") or counts.get("running"):
-                status = "running"  # another process is still at it
-            else:
-                status = "failed" if counts.get("failed") else "completed"
+            status = final_status(stopped, counts)  # running: another process is at it
             s.execute(update(Rollout).where(Rollout.id == rollout_id).values(
-                status=status, finished_at=None if status == "running" else clock.utcnow()))
+                status=status,
+                finished_at=None if status == RolloutStatus.running else clock.utcnow()))
             self.fleet.catalog.audit("rollout.finish", session=s, rollout=rollout_id,
                                      status=status, counts=counts, reason=stopped,
-                                     outcome="ok" if status == "completed" else "failed")
-        if status == "running":
-            status = "completed" if not counts.get("failed") else "failed"
+                                     outcome="ok" if status == RolloutStatus.completed
+                                     else "failed")
+        if status == RolloutStatus.running:
+            status = RolloutStatus.failed if counts.get(TenantMigration.failed) else \
+                RolloutStatus.completed
         with self._results_lock:
             results = sorted(self._results, key=lambda r: (r.wave, r.slug))
         return RolloutSummary(rollout_id, self.target, status,
                               [[t.slug for t in w] for w in waves], counts=counts,
                               results=results,
-                              stopped_reason=None if stopped == "interrupted" else stopped,
+                              stopped_reason=None if stopped == INTERRUPTED else stopped,
                               templates=template_report)

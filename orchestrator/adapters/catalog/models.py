@@ -6,6 +6,7 @@ suite checks that these models and the revisions agree.
 
 from __future__ import annotations
 
+import enum
 from datetime import datetime
 from typing import Any
 
@@ -29,11 +30,18 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from orchestrator.domain.states import (  # noqa: F401 - re-exported for the catalog's users
     CANCELLING,
-    MIGRATABLE,
     PLACED_STATES,
     UNSHOWN,
     TenantState,
 )
+from orchestrator.domain.statuses import BackupStatus, RolloutStatus, TenantMigration
+
+
+def one_of(column: str, values: type[enum.StrEnum]) -> str:
+    """A CHECK constraint's SQL: ``column`` holds one of the enum's words (the same
+    text the catalog's migrations wrote)."""
+    return f"{column} IN ({','.join(repr(str(v)) for v in values)})"
+
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -120,9 +128,7 @@ class Tenant(Base):
         back_populates="tenant", cascade="all, delete-orphan")
 
     __table_args__ = (
-        CheckConstraint(
-            "state IN ('provisioning','active','suspended','cancelled','deleted','purged')",
-            name="state_known"),
+        CheckConstraint(one_of("state", TenantState), name="state_known"),
         # retention planning reads only the due rows, whatever the fleet's size
         Index("ix_tenants_hold_due", "hold_until",
               postgresql_where=text("state = 'cancelled'")),
@@ -190,8 +196,7 @@ class Rollout(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     __table_args__ = (
-        CheckConstraint("status IN ('running','completed','failed','stopped','interrupted')",
-                        name="status_known"),
+        CheckConstraint(one_of("status", RolloutStatus), name="status_known"),
     )
 
 
@@ -219,8 +224,7 @@ class RolloutTenant(Base):
     error: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (
-        CheckConstraint("status IN ('pending','running','ok','skipped','failed')",
-                        name="status_known"),
+        CheckConstraint(one_of("status", TenantMigration), name="status_known"),
         Index("ix_rollout_tenants_claim", "rollout_id", "wave", "status", "seq"),
     )
 
@@ -269,8 +273,7 @@ class Backup(Base):
     error: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (
-        CheckConstraint("status IN ('running','completed','failed','deleted')",
-                        name="status_known"),
+        CheckConstraint(one_of("status", BackupStatus), name="status_known"),
         Index("ix_backups_tenant_finished", "tenant_id", "finished_at",
               postgresql_where=text("status = 'completed'")),
     )

@@ -26,7 +26,7 @@ from orchestrator.adapters.postgres.libpq import redact, server_error
 from orchestrator.config import Config
 from orchestrator.domain.errors import Conflict, InvalidInput, NotFound
 from orchestrator.domain.names import check_integrity, validate_slug
-from orchestrator.domain.states import MIGRATABLE, PLACED_STATES, TenantState
+from orchestrator.domain.states import HAS_DATABASE, PLACED_STATES, TenantState
 
 # The head revision of migrations/catalog, which every command checks the catalog
 # against: a constant, so that the check needs no Alembic (importing it and reading
@@ -206,7 +206,7 @@ class CatalogReads:
     def migratable(self, region: str | None = None) -> list[TenantRow]:
         """The tenants `migrate status` reads (a database to migrate), by slug."""
         return self._tenants("state = ANY(%s) AND (%s::text IS NULL OR region = %s)",
-                             ([str(s) for s in MIGRATABLE], region, region), "slug")
+                             ([str(s) for s in HAS_DATABASE], region, region), "slug")
 
     def record_revisions(self, changed: Sequence[tuple[int, str | None]]) -> None:
         """Set the catalog's last known revision of tenants (id, revision), in one

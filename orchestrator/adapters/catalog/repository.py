@@ -20,14 +20,20 @@ from orchestrator.adapters.catalog.models import (
     Tenant,
     TenantCredential,
     TenantKey,
-    TenantState,
 )
 from orchestrator.domain.errors import InvalidInput, NotFound
 from orchestrator.domain.names import check_integrity, validate_slug
+from orchestrator.domain.statuses import BackupStatus
 from orchestrator.ports import BackupRecord, GrantRecord, TenantRecord
 
-# the columns ``TenantRepository.dated`` may order by
+# the dates ``TenantRepository.due`` and ``dated`` read by
 _DATED = {"hold_until": Tenant.hold_until, "purge_after": Tenant.purge_after}
+
+
+def _dated(column: str) -> Any:
+    if column not in _DATED:
+        raise InvalidInput(f"no dated column {column!r}")
+    return _DATED[column]
 
 
 class SqlTenants:
@@ -43,30 +49,24 @@ class SqlTenants:
         check_integrity(tenant)
         return tenant
 
-    def due(self, now: datetime) -> list[TenantRecord]:
-        # two queries, each answered by its partial index (see models.Tenant)
+    def due(self, state: str, column: str, now: datetime) -> list[TenantRecord]:
+        # answered by the column's partial index (see models.Tenant)
+        col = _dated(column)
         with self._catalog.session() as s:
-            rows: list[TenantRecord] = list(s.scalars(select(Tenant).where(
-                Tenant.state == TenantState.cancelled, Tenant.hold_until <= now)))
-            rows += s.scalars(select(Tenant).where(
-                Tenant.state == TenantState.deleted, Tenant.purge_after <= now))
-        return rows
+            return list(s.scalars(select(Tenant).where(Tenant.state == state, col <= now)
+                                  .order_by(col)))
+
+    def dated(self, state: str, column: str, *, limit: int | None = None
+              ) -> list[TenantRecord]:
+        col = _dated(column)
+        q = select(Tenant).where(Tenant.state == state, col.is_not(None)).order_by(col)
+        with self._catalog.session() as s:
+            return list(s.scalars(q.limit(limit) if limit else q))
 
     def count_by_state(self) -> dict[str, int]:
         with self._catalog.session() as s:
             return {state: n for state, n in s.execute(
                 select(Tenant.state, func.count()).group_by(Tenant.state)).all()}
-
-    def dated(self, state: str, column: str, *, before: datetime | None = None,
-              limit: int | None = None) -> list[TenantRecord]:
-        if column not in _DATED:
-            raise InvalidInput(f"no dated column {column!r}")
-        col = _DATED[column]
-        q = select(Tenant).where(Tenant.state == state,
-                                 col.is_not(None) if before is None else col < before)
-        q = q.order_by(col)
-        with self._catalog.session() as s:
-            return list(s.scalars(q.limit(limit) if limit else q))
 
 
 class SqlBackups:
@@ -131,8 +131,8 @@ class SqlWrites:
 
     def mark_backups_deleted(self, tenant_id: int) -> None:
         self._s.execute(update(Backup).where(Backup.tenant_id == tenant_id,
-                                             Backup.status != "deleted")
-                        .values(status="deleted"))
+                                             Backup.status != BackupStatus.deleted)
+                        .values(status=BackupStatus.deleted))
 
     def add_grant(self, *, tenant_id: int, slug: str, server: str, grantee: str,
                   reason: str, read_only: bool, expires_at: datetime) -> int:

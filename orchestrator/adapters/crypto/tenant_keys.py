@@ -17,6 +17,8 @@ from orchestrator.adapters.catalog.db import Catalog
 from orchestrator.adapters.catalog.models import FleetSetting, TenantCredential, TenantKey
 from orchestrator.adapters.crypto.masterkey import MasterKey
 from orchestrator.domain.errors import Conflict, MasterKeyError, first_line
+from orchestrator.domain.master_keys import fleet_key_elsewhere
+from orchestrator.domain.master_keys import mixed_key_ids as mixed_key_ids  # keys.mixed_key_ids
 
 # the id of the master key the catalog's secrets are wrapped by: adopted from the
 # first key that wraps one, changed only by `keys rotate-master`
@@ -38,27 +40,6 @@ def catalog_key_id(session: Session) -> str | None:
     """The fleet's master key id as the catalog records it (None: not yet adopted)."""
     return session.scalar(select(FleetSetting.value)
                           .where(FleetSetting.key == MASTER_KEY_SETTING))
-
-
-def fleet_key_elsewhere(configured: str, recorded: str | None,
-                        wrapped: dict[str, int]) -> str | None:
-    """The fleet's master key id when the ``configured`` one is not it, else None:
-    the id the catalog records, or (none recorded yet) the one wrapping most of the
-    stored secrets when none is wrapped by ``configured``."""
-    if recorded is not None:
-        return recorded if recorded != configured else None
-    if wrapped and configured not in wrapped:
-        return max(sorted(wrapped), key=lambda k: wrapped[k])
-    return None
-
-
-def mixed_key_ids(wrapped: dict[str, int]) -> str | None:
-    """A one-line description when stored secrets are wrapped by more than one key."""
-    if len(wrapped) < 2:
-        return None
-    ids = ", ".join(f"{k} ({n})" for k, n in sorted(wrapped.items(), key=lambda kv: -kv[1]))
-    return (f"stored secrets are wrapped by {len(wrapped)} master keys: {ids}; "
-            "`keys rotate-master` cannot re-wrap them all with one key")
 
 
 def not_the_fleets_key(configured: str, catalog: str) -> MasterKeyError:

@@ -23,7 +23,9 @@ from psycopg.conninfo import conninfo_to_dict
 from orchestrator.adapters.postgres import revision_marks
 from orchestrator.adapters.postgres.childenv import child_env
 from orchestrator.adapters.postgres.libpq import redact, server_error, with_dbname
+from orchestrator.domain.bounds import SUSET_SETTINGS
 from orchestrator.domain.errors import Conflict, first_line
+from orchestrator.domain.marks import role_marker as role_marker  # callers say pgserver.role_marker
 from orchestrator.domain.names import TEMPLATE_DB, TEMPLATE_OWNER, TenantNames
 
 Ident = sql.Identifier
@@ -220,12 +222,6 @@ def mark_fleet(conn: psycopg.Connection, fleet_id: str) -> str:
     except psycopg.errors.DuplicateObject:
         pass  # marked by a concurrent run: read what it wrote
     return server_fleet_id(conn) or fleet_id
-
-
-def role_marker(tenant_id: int, slug: str) -> str:
-    """Written as the role's COMMENT in the same transaction that creates it: proof
-    that a role found after a crash is ours and not a stranger's of the same name."""
-    return f"tenantctl tenant {slug} #{tenant_id}"
 
 
 def membership_grant(conn: psycopg.Connection, role: str) -> sql.Composed:
@@ -481,12 +477,6 @@ def restrict_to_reads(conn: psycopg.Connection, names: TenantNames,
         sql.SQL("ALTER DEFAULT PRIVILEGES FOR ROLE {} IN SCHEMA public "
                 "REVOKE USAGE, UPDATE ON SEQUENCES FROM {}").format(owner, login),
     ]))
-
-
-# Role settings a session cannot SET itself (PGC_SUSET): a bound, not a default. The
-# admin (not a superuser) may store them for a role only with SET on the parameter,
-# granted by a superuser (Postgres >= 15): without it they are left out, and doctor says so.
-SUSET_SETTINGS = frozenset({"temp_file_limit"})
 
 
 def can_set_parameter(conn: psycopg.Connection, name: str) -> bool:

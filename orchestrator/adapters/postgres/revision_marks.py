@@ -26,20 +26,7 @@ from collections.abc import Iterable
 import psycopg
 from psycopg import sql
 
-PREFIX = "tenantctl revision: "
-BASE = "base"  # Alembic's own word for "no revision"; never a revision id
-
-
-def mark(revision: str | None) -> str:
-    return PREFIX + (revision or BASE)
-
-
-def parse(comment: str | None) -> tuple[bool, str | None]:
-    """(is a mark, the revision it names; None for base)."""
-    if comment is None or not comment.startswith(PREFIX):
-        return False, None
-    revision = comment.removeprefix(PREFIX)
-    return True, None if revision == BASE else revision
+from orchestrator.domain.marks import BASE, PREFIX, mark, parse
 
 
 def publish(conn: psycopg.Connection, revision: str | None) -> None:
