@@ -548,12 +548,7 @@ def restore_test(fleet: Deps, backup_id: int) -> dict[str, Any]:
     scratch = f"tenantctl_verify_{row.id}"
     admin = fleet.cfg.server(tenant.server).admin_dsn
     with fleet.server_connection(tenant.server) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-            sql.Identifier(scratch)))
-        conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(
-            sql.Identifier(scratch)))
-        conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(
-            sql.Identifier(scratch)))
+        pgserver.make_scratch_database(conn, scratch)
     try:
         dsn = with_dbname(admin, scratch)
         argv = [pg_tool(fleet.cfg, "pg_restore"), "--no-owner", "--no-acl",
@@ -568,8 +563,7 @@ def restore_test(fleet: Deps, backup_id: int) -> dict[str, Any]:
             restored_los = large_objects_digest(check)
     finally:
         with fleet.server_connection(tenant.server) as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                sql.Identifier(scratch)))
+            pgserver.drop_database(conn, scratch, if_exists=True)
     if manifest.get("large_objects") not in (None, restored_los):
         raise BackupError(f"backup {row.id}: restored large objects differ: expected "
                           f"{manifest['large_objects']['count']} (md5 "
