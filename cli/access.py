@@ -28,7 +28,7 @@ def grant(
     string once (the password expires with the grant and is not stored)."""
     from orchestrator.services import access
 
-    delta = access.parse_ttl(ttl, "--ttl")
+    delta = access.parse_ttl(ttl, "ttl")
     fleet = open_fleet()
     try:
         res = access.grant(fleet, slug, to=to, ttl=delta, reason=reason, read_only=read_only)

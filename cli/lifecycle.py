@@ -271,7 +271,7 @@ def audit_list(
     from orchestrator.domain.durations import parse_since
     from orchestrator.services import audit_log
 
-    start = parse_since(since, clock.utcnow(), "--since") if since else None
+    start = parse_since(since, clock.utcnow(), "since") if since else None
     fleet = open_fleet()
     try:
         rows = audit_log.events(fleet, tenant=tenant, since=start, action=action, limit=limit)

@@ -543,12 +543,20 @@ def report(
         raise typer.Exit(ExitCode.PROMISE_BROKEN)
 
 
+def cli_name(field: str) -> str:
+    """How the CLI names an input an error is about: a parameter (``lock_timeout``)
+    is its option (``--lock-timeout``); a config key (``tenants.x``) stays itself."""
+    return "--" + field.replace("_", "-") if field.isidentifier() else field
+
+
 def _explained(exc: BaseException) -> str:
     """A refused password at an address where this fleet's embedded cluster is not
     running: said as what it is, another server at that address."""
     from orchestrator.adapters.postgres.libpq import AUTH_FAILED
     from orchestrator.domain.errors import ServerUnavailable, TenantctlError
 
+    if isinstance(exc, TenantctlError) and exc.field is not None:
+        return exc.shown(cli_name(exc.field))
     m = AUTH_FAILED.search(str(exc))
     if not isinstance(exc, ServerUnavailable) or m is None:
         return str(exc)

@@ -83,8 +83,8 @@ def test_read_only_grants_go_to_every_tenant_with_a_database(world: World, state
 
 
 @pytest.mark.parametrize("to, reason, message", [
-    ("", "r", "--to must name the person"), ("x" * 201, "r", "--to must name the person"),
-    ("sam\x1b[2J", "r", "--to must name the person"), ("sam", " ", "--reason is required"),
+    ("", "r", "to must name the person"), ("x" * 201, "r", "to must name the person"),
+    ("sam\x1b[2J", "r", "to must name the person"), ("sam", " ", "reason is required"),
 ])
 def test_who_and_why_are_required(world: World, to: str, reason: str, message: str) -> None:
     world.tenant("acme")

@@ -280,7 +280,7 @@ def test_a_legal_hold_goes_on_and_off_with_a_reason(world: World, state: str) ->
 
 
 @pytest.mark.parametrize("reason, error, message", [
-    ("", InvalidInput, "--reason is required"),
+    ("", InvalidInput, "reason is required"),
     ("a\nb", InvalidInput, "control characters"),
 ])
 def test_a_legal_hold_needs_a_reason(world: World, reason: str, error: type[Exception],

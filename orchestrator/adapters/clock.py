@@ -24,7 +24,7 @@ import os
 from datetime import UTC, datetime, timedelta
 
 from orchestrator.domain import durations
-from orchestrator.domain.errors import InvalidInput
+from orchestrator.domain.errors import FIELD, InvalidInput
 
 ALLOW_ENV = "TENANTCTL_ALLOW_CLOCK_OVERRIDE"
 # clocks of two hosts differ a little; a minute ahead is not "the future"
@@ -38,7 +38,7 @@ def utcnow() -> datetime:
     return datetime.now(UTC)  # the one read of the wall clock
 
 
-def parse_instant(text: str, what: str = "--now") -> datetime:
+def parse_instant(text: str, what: str = "now") -> datetime:
     """ISO-8601; a time without a zone is taken as UTC (the one grammar:
     orchestrator.domain.durations)."""
     return durations.parse_instant(text, what)
@@ -52,11 +52,12 @@ def effective_now(override: str | None, *, acting: bool) -> datetime:
         return real
     now = parse_instant(override)
     if not NOW_RANGE[0] <= now < NOW_RANGE[1]:
-        raise InvalidInput(f"--now {override!r} is out of range (from "
-                           f"{NOW_RANGE[0].year} to before {NOW_RANGE[1].year})")
+        raise InvalidInput(f"{FIELD} {override!r} is out of range (from "
+                           f"{NOW_RANGE[0].year} to before {NOW_RANGE[1].year})", field="now")
     if acting and now > real + SKEW and os.environ.get(ALLOW_ENV) != "1":
-        raise InvalidInput(f"--now {now.isoformat()} is in the future: it may only plan "
-                           f"(--dry-run); set {ALLOW_ENV}=1 to act at it (tests only)")
+        raise InvalidInput(f"{FIELD} {now.isoformat()} is in the future: it may only plan "
+                           f"(--dry-run); set {ALLOW_ENV}=1 to act at it (tests only)",
+                           field="now")
     return now
 
 

@@ -46,7 +46,7 @@ def job_intervals(sc: SchedulerConfig, override_seconds: float | None = None,
 
 def parse_jobs(text: str | None) -> tuple[str, ...]:
     """`backups,retention` → ("backups", "retention"); None → every job."""
-    return parse_scheduled(text, "--jobs")
+    return parse_scheduled(text, "jobs")
 
 
 @dataclass

@@ -13,7 +13,8 @@ goes to Postgres (a timeout). `--since` also takes `today`, `yesterday` (the sta
 of that UTC day) and an ISO-8601 time.
 
 Pure: `now` is a parameter. Every refusal is one InvalidInput line naming the field
-the caller passes as ``what`` (a CLI layer passes its flag, a config reader its key).
+the caller passes as ``what`` (a parameter's name, which the CLI shows as its flag,
+or a config key).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from orchestrator.domain.errors import InvalidInput
+from orchestrator.domain.errors import FIELD, InvalidInput
 
 # the unit's length in milliseconds
 UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "min": 60_000, "h": 3_600_000,
@@ -40,7 +41,7 @@ class BadDuration(InvalidInput):
     field (a config reader words its own error around it)."""
 
     def __init__(self, what: str, text: str, why: str) -> None:
-        super().__init__(f"invalid {what} {text!r}: {why}")
+        super().__init__(f"invalid {FIELD} {text!r}: {why}", field=what)
         self.why = why
 
 
@@ -115,12 +116,12 @@ def parse_instant(text: str, what: str) -> datetime:
     try:
         value = datetime.fromisoformat(text)
     except ValueError:
-        raise InvalidInput(f"{what} {text!r} is not an ISO-8601 time "
-                           "(e.g. 2026-12-24T08:00:00Z)") from None
+        raise InvalidInput(f"{FIELD} {text!r} is not an ISO-8601 time "
+                           "(e.g. 2026-12-24T08:00:00Z)", field=what) from None
     try:
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
     except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00 is in year 0 in UTC
-        raise InvalidInput(f"{what} {text!r} is out of range") from None
+        raise InvalidInput(f"{FIELD} {text!r} is out of range", field=what) from None
 
 
 def parse_since(text: str, now: datetime, what: str) -> datetime:

@@ -75,15 +75,34 @@ def printable(text: str) -> str:
                    for c in text)
 
 
+FIELD = "{field}"  # where a message names the input it is about
+
+
 class TenantctlError(Exception):
-    """Base for failures an operator can act on; the message is the whole story."""
+    """Base for failures an operator can act on; the message is the whole story.
+
+    A message about one input names it by its field (``field="reason"``, the
+    parameter's name, written ``{field}`` in the message); whoever shows it may
+    name it its own way (the CLI says ``--reason``), so the domain never quotes a
+    CLI flag."""
 
     exit_code: ExitCode = ExitCode.FAILED
 
-    def __str__(self) -> str:
+    def __init__(self, *args: object, field: str | None = None) -> None:
+        super().__init__(*args)
+        self.field = field
+
+    def shown(self, name: str | None = None) -> str:
+        """The message, its field named ``name`` (default: the field itself)."""
+        text = super().__str__()
+        if self.field is not None:
+            text = text.replace(FIELD, name or self.field)
         # Messages quote user input (a path, a config key, a name): whatever that
         # holds, the message stays one printable line — no newline, no escape code.
-        return printable(super().__str__())
+        return printable(text)
+
+    def __str__(self) -> str:
+        return self.shown()
 
 
 class ConfigError(TenantctlError):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable
 
-from orchestrator.domain.errors import InvalidInput
+from orchestrator.domain.errors import FIELD, InvalidInput
 
 
 class Job(enum.StrEnum):
@@ -58,6 +58,6 @@ def parse_scheduled(text: str | None, what: str) -> tuple[Job, ...]:
     names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
     unknown = [n for n in names if n not in SCHEDULED]
     if unknown or not names:
-        raise InvalidInput(f"{what}: unknown job {', '.join(unknown) or '(none given)'} "
-                           f"(known: {', '.join(SCHEDULED)})")
+        raise InvalidInput(f"{FIELD}: unknown job {', '.join(unknown) or '(none given)'} "
+                           f"(known: {', '.join(SCHEDULED)})", field=what)
     return tuple(Job(n) for n in names)

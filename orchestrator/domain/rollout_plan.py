@@ -7,7 +7,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from orchestrator.domain.errors import InvalidInput
+from orchestrator.domain.errors import FIELD, InvalidInput
 from orchestrator.domain.statuses import RolloutStatus, TenantMigration
 
 CANARY_WAVE = 0
@@ -53,8 +53,8 @@ def parse_waves(spec: str) -> list[WaveStep]:
                     raise ValueError
                 steps.append(WaveStep(count=n))
         except ValueError:
-            raise InvalidInput(f"invalid --waves {spec!r}: use counts and percentages, "
-                               "e.g. 1,10%,100%") from None
+            raise InvalidInput(f"invalid {FIELD} {spec!r}: use counts and percentages, "
+                               "e.g. 1,10%,100%", field="waves") from None
     return steps
 
 
@@ -72,7 +72,8 @@ def parse_budget(spec: str, total: int) -> int:
             raise ValueError
         return n
     except ValueError:
-        raise InvalidInput(f"invalid --max-failures {spec!r}: use N or P%") from None
+        raise InvalidInput(f"invalid {FIELD} {spec!r}: use N or P%",
+                           field="max_failures") from None
 
 
 def interleave_by_server(tenants: Sequence[PlanTenant]) -> list[PlanTenant]:

@@ -19,7 +19,14 @@ from typing import TYPE_CHECKING, Any
 from orchestrator.adapters.catalog.audit import reason_text
 from orchestrator.adapters.crypto.tenant_keys import new_password
 from orchestrator.domain.durations import parse_duration
-from orchestrator.domain.errors import Conflict, InvalidInput, NotFound, TenantctlError, first_line
+from orchestrator.domain.errors import (
+    FIELD,
+    Conflict,
+    InvalidInput,
+    NotFound,
+    TenantctlError,
+    first_line,
+)
 from orchestrator.domain.grants import settings, settings_changed
 from orchestrator.domain.names import tenant_names
 from orchestrator.domain.states import HAS_DATABASE, TenantState
@@ -59,9 +66,10 @@ def grant(fleet: Deps, slug: str, *, to: str, ttl: timedelta, reason: str,
     """Create the grant; returns it with the connection string (shown once)."""
     to, reason = to.strip(), reason_text(reason)
     if not to or len(to) > 200 or not to.isprintable():
-        raise InvalidInput("--to must name the person (printable, at most 200 characters)")
+        raise InvalidInput(f"{FIELD} must name the person (printable, at most 200 "
+                           "characters)", field="to")
     if not reason:
-        raise InvalidInput("--reason is required (it is audited)")
+        raise InvalidInput(f"{FIELD} is required (it is audited)", field="reason")
     tenant = fleet.records.tenants.get(slug)
     if tenant.state not in HAS_DATABASE:
         raise Conflict(f"tenant {slug!r} is {tenant.state}: it has no database to grant")

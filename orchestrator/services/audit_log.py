@@ -16,11 +16,11 @@ def events(fleet: Deps, *, tenant: str | None = None, since: datetime | None = N
            action: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
     q = select(AuditEvent).order_by(AuditEvent.at.desc(), AuditEvent.id.desc()).limit(limit)
     if tenant:
-        q = q.where(AuditEvent.tenant == storable(tenant, "--tenant"))
+        q = q.where(AuditEvent.tenant == storable(tenant, "tenant"))
     if since:
         q = q.where(AuditEvent.at >= since)
     if action:
-        q = q.where(AuditEvent.action.startswith(storable(action, "--action"),
+        q = q.where(AuditEvent.action.startswith(storable(action, "action"),
                                                  autoescape=True))
     with fleet.catalog.session() as s:
         rows = list(s.scalars(q))

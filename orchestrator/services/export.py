@@ -27,7 +27,14 @@ from orchestrator.adapters.catalog.db import with_dbname
 from orchestrator.adapters.postgres import admin as pgserver
 from orchestrator.adapters.postgres.admin import libpq_env
 from orchestrator.adapters.postgres.pgtools import pg_tool
-from orchestrator.domain.errors import Conflict, ExitCode, InvalidInput, TenantctlError, first_line
+from orchestrator.domain.errors import (
+    FIELD,
+    Conflict,
+    ExitCode,
+    InvalidInput,
+    TenantctlError,
+    first_line,
+)
 from orchestrator.domain.states import HAS_DATABASE
 from orchestrator.services.lifecycle import audited
 
@@ -56,7 +63,8 @@ def export(fleet: Deps, slug: str, fmt: str, output: Path, *, force: bool = Fals
         if output.is_dir():  # --force would not help: a directory is never replaced
             raise InvalidInput(f"{output} is a directory")
         if output.exists() and not force:
-            raise Conflict(f"{output} already exists (use --force to replace it)")
+            raise Conflict(f"{output} already exists (use {FIELD} to replace it)",
+                           field="force")
         if not output.parent.is_dir():
             raise InvalidInput(f"directory {output.parent} does not exist")
         # the temporary name stays short: a long (valid) output name must still fit

@@ -21,7 +21,7 @@ from orchestrator.adapters.catalog.audit import reason_text
 from orchestrator.adapters.catalog.locks import holding_tenant
 from orchestrator.adapters.faults import checkpoint
 from orchestrator.domain import states
-from orchestrator.domain.errors import InvalidInput, TenantctlError, first_line
+from orchestrator.domain.errors import FIELD, InvalidInput, TenantctlError, first_line
 from orchestrator.domain.names import tenant_names
 from orchestrator.domain.states import CANCELLING, Op
 from orchestrator.domain.statuses import BackupStatus
@@ -175,7 +175,7 @@ def legal_hold(fleet: Deps, slug: str, *, on: bool, reason: str) -> dict[str, An
     """A legal hold blocks deletion and purge, whatever the dates say, until lifted."""
     reason = reason_text(reason)
     if not reason:
-        raise InvalidInput("--reason is required: say why (it is audited)")
+        raise InvalidInput(f"{FIELD} is required: say why (it is audited)", field="reason")
     tenant = fleet.records.tenants.get(slug)
     states.check(slug, Op.legal_hold, tenant.state)
     with holding_tenant(fleet.records, slug):

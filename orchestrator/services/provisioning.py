@@ -44,7 +44,13 @@ from orchestrator.adapters.faults import checkpoint
 from orchestrator.adapters.postgres import admin as pgserver
 from orchestrator.adapters.postgres import alembic_runner as tenant_migrations
 from orchestrator.adapters.postgres import spare_pool
-from orchestrator.domain.errors import Conflict, ServerUnavailable, TenantctlError, first_line
+from orchestrator.domain.errors import (
+    FIELD,
+    Conflict,
+    ServerUnavailable,
+    TenantctlError,
+    first_line,
+)
 from orchestrator.domain.names import (
     TEMPLATE_DB,
     TenantNames,
@@ -111,8 +117,8 @@ def provision(fleet: Deps, slug: str, region: str, *, restore_from: int | None =
                                + "; finish it the same way")
             if tenant.region != region:
                 raise Conflict(f"tenant {slug!r} is being provisioned in region "
-                               f"{tenant.region}, not {region}; re-run with --region "
-                               f"{tenant.region} to finish it")
+                               f"{tenant.region}, not {region}; re-run with {FIELD} "
+                               f"{tenant.region} to finish it", field="region")
             password = master.unwrap(tenant.credential.password_wrapped,  # type: ignore[union-attr]
                                      password_context(slug)).decode()
         else:

@@ -24,7 +24,7 @@ from orchestrator.adapters.catalog.audit import reason_text
 from orchestrator.adapters.catalog.locks import holding_tenant
 from orchestrator.adapters.faults import checkpoint
 from orchestrator.domain import states
-from orchestrator.domain.errors import ExitCode, InvalidInput, TenantctlError, first_line
+from orchestrator.domain.errors import FIELD, ExitCode, InvalidInput, TenantctlError, first_line
 from orchestrator.domain.jobs import STEPS, Job, parse_steps
 from orchestrator.domain.marks import role_marker
 from orchestrator.domain.names import tenant_names
@@ -257,7 +257,7 @@ def erase_tenant(fleet: Deps, slug: str, reason: str, now: datetime) -> dict[str
     which sees a deleted tenant whose purge is due now) finishes it."""
     reason = reason_text(reason)
     if not reason:
-        raise InvalidInput("--reason is required (it is audited)")
+        raise InvalidInput(f"{FIELD} is required (it is audited)", field="reason")
     with holding_tenant(fleet.records, slug):
         tenant = fleet.records.tenants.get(slug)
         states.check(slug, Op.erase, tenant.state, legal_hold=tenant.legal_hold,

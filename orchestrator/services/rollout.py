@@ -48,7 +48,7 @@ from orchestrator.adapters.catalog.models import Rollout, RolloutTenant, Tenant
 from orchestrator.adapters.faults import checkpoint
 from orchestrator.adapters.postgres import alembic_runner as tenant_migrations
 from orchestrator.domain.durations import parse_pg_duration
-from orchestrator.domain.errors import Conflict, ExitCode, InvalidInput, NotFound, first_line
+from orchestrator.domain.errors import FIELD, Conflict, ExitCode, InvalidInput, NotFound, first_line
 from orchestrator.domain.names import catalog_mismatch, tenant_lock, validate_slug
 from orchestrator.domain.rollout_plan import (
     CANARY_WAVE,
@@ -210,13 +210,15 @@ class RolloutRun:
         self.stop = stop or threading.Event()
         self.location = fleet.cfg.tenant_migrations
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
-        self.lock_timeout = parse_pg_duration(opts.lock_timeout, "--lock-timeout")
+        self.lock_timeout = parse_pg_duration(opts.lock_timeout, "lock_timeout")
         self.statement_timeout = parse_pg_duration(opts.statement_timeout,
-                                                   "--statement-timeout")
-        if not 1 <= opts.concurrency <= 64 or opts.per_server < 1 or opts.retries < 0 \
-                or opts.canary < 0:
-            raise InvalidInput("--concurrency must be 1-64, --per-server at least 1, "
-                               "--retries and --canary at least 0")
+                                                   "statement_timeout")
+        for name, ok, must in (("concurrency", 1 <= opts.concurrency <= 64, "be 1-64"),
+                               ("per_server", opts.per_server >= 1, "be at least 1"),
+                               ("retries", opts.retries >= 0, "be at least 0"),
+                               ("canary", opts.canary >= 0, "be at least 0")):
+            if not ok:
+                raise InvalidInput(f"{FIELD} must {must}", field=name)
         self.wave_steps = parse_waves(opts.waves)
         parse_budget(opts.max_failures, 100)  # syntax now; the number needs the plan
         if opts.region:

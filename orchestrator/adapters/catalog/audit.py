@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from orchestrator.domain.errors import InvalidInput, printable
+from orchestrator.domain.errors import FIELD, InvalidInput, printable
 
 _SECRET_KEY = re.compile(r"password|passwd|secret|identity|private|token|credential",
                          re.IGNORECASE)
@@ -39,16 +39,17 @@ def redact_text(value: str) -> str:
     return value
 
 
-def reason_text(value: str, what: str = "--reason") -> str:
+def reason_text(value: str, what: str = "reason") -> str:
     """A reason bound for the catalog and for terminals (`tenant show`, `access
     list`): at most MAX_REASON characters of one printable line, refused otherwise
     (never echoed: it may be long, or hold escape sequences)."""
     if len(value) > MAX_REASON:
-        raise InvalidInput(f"{what} is {len(value)} characters long: at most {MAX_REASON}")
+        raise InvalidInput(f"{FIELD} is {len(value)} characters long: at most {MAX_REASON}",
+                           field=what)
     value = storable(value, what).strip()
     if not value.isprintable():
-        raise InvalidInput(f"{what} holds control characters (a newline, a tab or a "
-                           "terminal escape): give one line of plain text")
+        raise InvalidInput(f"{FIELD} holds control characters (a newline, a tab or a "
+                           "terminal escape): give one line of plain text", field=what)
     return value
 
 
@@ -57,8 +58,8 @@ def storable(value: str, what: str) -> str:
     holds no NUL byte and only valid UTF-8 (argv bytes that are not UTF-8 reach
     Python as lone surrogates). Refused in one line, before anything changes."""
     if "\x00" in value or not _encodable(value):
-        raise InvalidInput(f"{what} {printable(value)!r} is not storable text "
-                           "(NUL byte or invalid UTF-8)")
+        raise InvalidInput(f"{FIELD} {printable(value)!r} is not storable text "
+                           "(NUL byte or invalid UTF-8)", field=what)
     return value
 
 

@@ -25,7 +25,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from orchestrator.config import MasterKeySource
-from orchestrator.domain.errors import Conflict, InvalidInput, MasterKeyError, first_line
+from orchestrator.domain.errors import FIELD, Conflict, InvalidInput, MasterKeyError, first_line
 
 KEY_BYTES = 32
 
@@ -87,7 +87,7 @@ def create_private_file(path: Path, *, force: bool = False) -> TextIO:
             path.unlink()
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
-        raise Conflict(f"{path} already exists; --force replaces it") from None
+        raise Conflict(f"{path} already exists; {FIELD} replaces it", field="force") from None
     except OSError as exc:
         raise InvalidInput(f"cannot create {path}: {exc.strerror}") from None
     return os.fdopen(fd, "w")
