@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import signal
-import sys
 import threading
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from cli.common import open_fleet, open_reads, print_json, say, table
+from cli.common import open_fleet, open_reads
+from cli.output import err, plain, print_json, say, table
 from orchestrator.domain.statuses import ROLLOUT_DRY_RUN, TenantMigration
 
 if TYPE_CHECKING:
@@ -128,7 +128,7 @@ def _run(opts: RolloutOptions, as_json: bool) -> None:
 
     def on_signal(signum: int, _frame: object) -> None:
         if not stop.is_set():
-            sys.stderr.write("stopping: no new tenant starts; waiting for those in flight\n")
+            err("stopping: no new tenant starts; waiting for those in flight")
         stop.set()
 
     for sig in previous:
@@ -218,7 +218,7 @@ class _Renderer:
                     say(f"{'canary' if i == 0 else f'wave {i}'}: {', '.join(wave)}")
             for pair, text in s.sql.items():
                 say(f"-- SQL for {pair}")
-                sys.stdout.write(text)
+                plain(text, end="")
             return
         counts = ", ".join(f"{k} {v}" for k, v in sorted(s.counts.items()))
         reason = f" ({s.stopped_reason})" if s.stopped_reason else ""
