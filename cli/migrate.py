@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from cli.common import open_fleet, open_reads
-from cli.output import err, plain, print_json, say, table
+from cli.output import console, err, plain, print_json, say, table
 from orchestrator.domain.statuses import ROLLOUT_DRY_RUN, TenantMigration
 
 if TYPE_CHECKING:
@@ -150,20 +150,16 @@ class _Renderer:
     but the final JSON on stdout with --json (progress then goes to stderr)."""
 
     def __init__(self, as_json: bool) -> None:
-        from rich.console import Console
-
         self.as_json = as_json
-        self.console = Console(stderr=as_json)
+        self.console = console(stderr=as_json)
         self.live = self.console.is_terminal and not as_json
         self.progress: Any = None
         self.task: Any = None
         self.counts: dict[str, int] = {}
 
     def _line(self, text: str) -> None:
-        if self.progress is not None:
-            self.progress.console.print(text, highlight=False)
-        else:
-            self.console.print(text, highlight=False)
+        # the bar draws on this console too: a line printed on it lands above the bar
+        say(text, self.console)
 
     def event(self, e: Event) -> None:
         if e.kind == "wave":
