@@ -116,7 +116,7 @@ def _root(config: Annotated[str | None, typer.Option(
 # -- entry point -------------------------------------------------------------------------
 
 
-def _fail(message: str, code: int) -> NoReturn:
+def _fail(message: str, code: ExitCode) -> NoReturn:
     err(f"error: {message}")
     sys.stdout.flush()
     raise SystemExit(code)
