@@ -548,12 +548,7 @@ def restore_test(fleet: Deps, backup_id: int) -> dict[str, Any]:
     scratch = f"tenantctl_verify_{row.id}"
     admin = fleet.cfg.server(tenant.server).admin_dsn
     with fleet.server_connection(tenant.server) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-            sql.Identifier(scratch)))
-        conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(
-            sql.Identifier(scratch)))
-        conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(
-            sql.Identifier(scratch)))
+        pgserver.make_scratch_database(conn, scratch)
     try:
         dsn = with_dbname(admin, scratch)
         argv = [pg_tool(fleet.cfg, "pg_restore"), "--no-owner", "--no-acl",
@@ -568,8 +563,7 @@ def restore_test(fleet: Deps, backup_id: int) -> dict[str, Any]:
             restored_los = large_objects_digest(check)
     finally:
         with fleet.server_connection(tenant.server) as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                sql.Identifier(scratch)))
+            pgserver.drop_database(conn, scratch, if_exists=True)
     if manifest.get("large_objects") not in (None, restored_los):
         raise BackupError(f"backup {row.id}: restored large objects differ: expected "
                           f"{manifest['large_objects']['count']} (md5 "
@@ -699,3 +693,29 @@ def prune(fleet: Deps, *, dry_run: bool, now: datetime | None = None) -> list[di
         if not v.keep and not dry_run:
             delete_backup(fleet, v.backup_id, reason=v.reason)
     return report
+
+
+class PipelineJobs:
+    """``orchestrator.ports.BackupJobs``: this module's entry points, as lifecycle and
+    retention call them (each looked up when called: tests may patch one)."""
+
+    def __init__(self, fleet: Deps) -> None:
+        self._fleet = fleet
+
+    def run(self, slug: str, *, kind: str, now: datetime | None = None) -> int:
+        return run_backup(self._fleet, slug, kind=kind, now=now).id
+
+    def verify(self, backup_id: int, now: datetime | None = None) -> None:
+        verify_backup(self._fleet, backup_id, now)
+
+    def get(self, backup_id: int) -> Backup:
+        return get_backup(self._fleet, backup_id)
+
+    def delete(self, backup_id: int, *, reason: str) -> None:
+        delete_backup(self._fleet, backup_id, reason=reason)
+
+    def reap_dead(self, slug: str, now: datetime | None = None) -> int:
+        return reap_dead(self._fleet, slug, now)
+
+    def prune_verdicts(self, now: datetime) -> list[Verdict]:
+        return prune_verdicts(self._fleet, now, report_kept=False)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from orchestrator import ports
 from orchestrator.bootstrap import TARGET_KEY, Deps, ServerInfo
 from orchestrator.config import Config
 from orchestrator.domain.names import check_integrity
@@ -39,6 +40,11 @@ class Fleet(Deps):
 
         return provisioning.provision_tenant(self, slug, region, restore_from=restore_from,
                                              shown=shown)
+
+    def pipeline_jobs(self) -> ports.BackupJobs:
+        from backups.service import PipelineJobs  # start-up: only commands that back up
+
+        return PipelineJobs(self)
 
     def credentials(self, slug: str, *, rotate: bool = False) -> str:
         """The tenant's connection string; with ``rotate``, after changing the password.

@@ -19,6 +19,8 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import selectinload
 
+from backups.stores import open_store
+from orchestrator import ports
 from orchestrator.adapters import clock
 from orchestrator.adapters.catalog.db import Catalog
 from orchestrator.adapters.catalog.models import (
@@ -30,9 +32,12 @@ from orchestrator.adapters.catalog.models import (
     TenantState,
 )
 from orchestrator.adapters.catalog.reads import TARGET_KEY
+from orchestrator.adapters.catalog.repository import SqlCatalog
+from orchestrator.adapters.clock import SystemClock
 from orchestrator.adapters.crypto.masterkey import MasterKey, load_master_key
 from orchestrator.adapters.postgres import admin as pgserver
 from orchestrator.adapters.postgres import revision_files
+from orchestrator.adapters.postgres.server_admin import PgServerAdmin
 from orchestrator.config import Config, load_config
 from orchestrator.domain.errors import InvalidInput, NotFound
 from orchestrator.domain.names import check_integrity, validate_slug
@@ -55,12 +60,27 @@ class Deps:
     """What every service takes: the configuration and the adapters built from it
     (catalog, server connections, master key), with the catalog reads services
     share. Built once per process (``Deps.from_config``); ``orchestrator.api.Fleet``
-    is this plus the use cases, for callers of the Python API."""
+    is this plus the use cases, for callers of the Python API.
 
-    def __init__(self, cfg: Config) -> None:
+    The ports (``orchestrator.ports``) the lifecycle, retention and access services
+    go through: ``records`` (the catalog's repositories, transactions, locks,
+    audit), ``admin`` (statements on the servers), ``open_store`` (object stores),
+    ``backup_jobs`` (the backup pipeline's entry points) and ``clock``. Each is the
+    real adapter unless given (the fast test tier gives in-memory ones)."""
+
+    def __init__(self, cfg: Config, *, records: ports.CatalogPort | None = None,
+                 admin: ports.ServerAdmin | None = None,
+                 open_store: ports.StoreOpener | None = None,
+                 backup_jobs: ports.BackupJobs | None = None,
+                 clock: ports.Clock | None = None) -> None:
         self.cfg = cfg
         self.catalog = Catalog(cfg)
         self._server_conns = pgserver.ConnectionCache()
+        self.records: ports.CatalogPort = records or SqlCatalog(self.catalog)
+        self.admin: ports.ServerAdmin = admin or PgServerAdmin(cfg, self.server_connection)
+        self.open_store: ports.StoreOpener = open_store or _open_store
+        self._backup_jobs = backup_jobs
+        self.clock: ports.Clock = clock or SystemClock()
         self._refills: ThreadPoolExecutor | None = None
         self._refilling: set[str] = set()
         self._refill_lock = threading.Lock()
@@ -68,6 +88,18 @@ class Deps:
         # what tops a server's spare pool up: set by the facade (the spares service
         # sits above this module); None makes refill_spares a no-op
         self.refiller: Callable[[Deps, str], None] | None = None
+
+    @property
+    def backup_jobs(self) -> ports.BackupJobs:
+        if self._backup_jobs is None:
+            self._backup_jobs = self.pipeline_jobs()
+        return self._backup_jobs
+
+    def pipeline_jobs(self) -> ports.BackupJobs:
+        """The backup pipeline's entry points: a service, which this module may not
+        import; the facade (``orchestrator.api.Fleet``) wires them."""
+        raise RuntimeError("no backup pipeline wired: build an orchestrator.api.Fleet, "
+                           "or pass backup_jobs to Deps")
 
     @classmethod
     def from_config(cls, path: str | None = None) -> Self:
@@ -214,7 +246,8 @@ class Deps:
             s.execute(update(Tenant).where(Tenant.slug == slug, Tenant.step == UNSHOWN)
                       .values(step=None))
 
-    def tenant_dsn(self, tenant: Tenant, password: str, role: str | None = None) -> str:
+    def tenant_dsn(self, tenant: ports.TenantRecord, password: str, role: str | None = None
+                   ) -> str:
         """What the tenant's application connects with: its login role (or ``role``,
         e.g. a support grant's), its database, the server's address (and TLS mode)
         from the admin DSN."""
@@ -225,3 +258,7 @@ class Deps:
         if admin.get("sslmode"):
             dsn += f"?sslmode={admin['sslmode']}"
         return dsn
+
+
+def _open_store(url: str) -> ports.ObjectStore:
+    return open_store(url)

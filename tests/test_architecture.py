@@ -188,6 +188,8 @@ FUNCTION_IMPORTS_ALLOWED: dict[tuple[str, str, str], str] = {
         "as Fleet.provision",
     ("orchestrator/api.py", "_refill", "orchestrator.services.spares"):
         "as Fleet.provision",
+    ("orchestrator/api.py", "Fleet.pipeline_jobs", "backups.service.PipelineJobs"):
+        "the backup pipeline (pyrage, pg tools) only for commands that back up",
     ("orchestrator/adapters/postgres/revision_files.py", "head_revision",
      "orchestrator.adapters.postgres.alembic_runner"):
         "Alembic only when the revision files do not say",

@@ -58,3 +58,10 @@ def effective_now(override: str | None, *, acting: bool) -> datetime:
         raise InvalidInput(f"--now {now.isoformat()} is in the future: it may only plan "
                            f"(--dry-run); set {ALLOW_ENV}=1 to act at it (tests only)")
     return now
+
+
+class SystemClock:
+    """``ports.Clock`` on the wall clock."""
+
+    def now(self) -> datetime:
+        return utcnow()

@@ -1,5 +1,6 @@
 """Breach response: rotate every tenant's password fleet-wide, one tenant's
-failure never stopping the others, with per-tenant timings for the drill report."""
+failure never stopping the others, with per-tenant timings for the drill report;
+and the drill itself (passwords, support grants, master key), timed step by step."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from orchestrator.adapters.crypto.masterkey import MasterKey
 from orchestrator.adapters.postgres import admin as pgserver
-from orchestrator.domain.errors import TenantctlError, first_line
+from orchestrator.domain.errors import InvalidInput, TenantctlError, first_line
 from orchestrator.domain.states import HAS_DATABASE
-from orchestrator.services import credentials
+from orchestrator.services import access, credentials
 
 if TYPE_CHECKING:
     from orchestrator.bootstrap import Deps
@@ -68,3 +70,35 @@ def rotate_all(fleet: Deps, *, region: str | None = None, concurrency: int = 4,
                         failed=[r.tenant for r in results if not r.ok],
                         kill_sessions=kill_sessions)
     return sorted(results, key=lambda r: r.tenant)
+
+
+def drill(fleet: Deps, new: MasterKey, *, kill_sessions: bool = False,
+          concurrency: int = 4) -> list[dict[str, Any]]:
+    """The whole breach response, each step timed: every tenant password rotated,
+    every support grant revoked, every tenant secret re-wrapped under ``new``; then
+    one audit record of it. A step's failures are reported in its entry and never
+    stop the next step (the master key is re-wrapped whatever else failed)."""
+    if new.key_id == fleet.master_key.key_id:
+        raise InvalidInput("the new master key is the one configured now")
+    steps: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    results = rotate_all(fleet, concurrency=concurrency, kill_sessions=kill_sessions)
+    steps.append({"step": "rotate tenant passwords", "seconds":
+                  round(time.perf_counter() - t0, 2),
+                  "done": sum(r.ok for r in results),
+                  "failed": [r.tenant for r in results if not r.ok]})
+    t0 = time.perf_counter()
+    # one grant that cannot be revoked is reported; the master key is re-wrapped
+    revoked = access.revoke_all(fleet)
+    steps.append({"step": "revoke support grants",
+                  "seconds": round(time.perf_counter() - t0, 2),
+                  "done": len(revoked.revoked), "failed": sorted(revoked.failed),
+                  "errors": {str(k): v for k, v in revoked.failed.items()}})
+    t0 = time.perf_counter()
+    counts = credentials.rotate_master(fleet, new)
+    steps.append({"step": "re-wrap under the new master key",
+                  "seconds": round(time.perf_counter() - t0, 2),
+                  "done": counts["identities"] + counts["passwords"], "failed": []})
+    fleet.catalog.audit("breach.drill", steps=steps, new_master_key_id=new.key_id)
+    return steps
+

@@ -25,7 +25,6 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import pyrage
-from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 from sqlalchemy import select, text, update
 from sqlalchemy.orm import selectinload
@@ -388,9 +387,9 @@ def _tenant_of(finding: Finding) -> str | None:
     return str(slug) if slug else None
 
 
-def _admin_exec(fleet: Deps, server: str, stmt: sql.Composed) -> None:
+def _admin(fleet: Deps, server: str, op: Callable[..., None], *args: str) -> None:
     with fleet.server_connection(server) as conn:
-        conn.execute(stmt)
+        op(conn, *args)
 
 
 def _fix_provision(fleet: Deps, x: Finding) -> str:
@@ -418,26 +417,22 @@ def _fix_forget_backup(fleet: Deps, x: Finding) -> str:
 
 
 def _fix_revoke_public(fleet: Deps, x: Finding) -> str:
-    _admin_exec(fleet, x.arg("server"), sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC")
-                .format(sql.Identifier(x.arg("database"))))
+    _admin(fleet, x.arg("server"), pgserver.revoke_public, x.arg("database"))
     return "PUBLIC revoked"
 
 
 def _fix_revoke_connect(fleet: Deps, x: Finding) -> str:
-    _admin_exec(fleet, x.arg("server"), sql.SQL("REVOKE CONNECT ON DATABASE {} FROM {}")
-                .format(sql.Identifier(x.arg("database")), sql.Identifier(x.arg("role"))))
+    _admin(fleet, x.arg("server"), pgserver.revoke_connect, x.arg("database"), x.arg("role"))
     return "CONNECT revoked"
 
 
 def _fix_strip_powers(fleet: Deps, x: Finding) -> str:
-    _admin_exec(fleet, x.arg("server"), sql.SQL("ALTER ROLE {} NOCREATEDB NOCREATEROLE")
-                .format(sql.Identifier(x.arg("role"))))
+    _admin(fleet, x.arg("server"), pgserver.strip_role_powers, x.arg("role"))
     return "CREATEDB/CREATEROLE removed"
 
 
 def _fix_revoke_membership(fleet: Deps, x: Finding) -> str:
-    _admin_exec(fleet, x.arg("server"), sql.SQL("REVOKE {} FROM {}").format(
-        sql.Identifier(x.arg("parent")), sql.Identifier(x.arg("role"))))
+    _admin(fleet, x.arg("server"), pgserver.revoke_membership, x.arg("parent"), x.arg("role"))
     return "membership revoked"
 
 
@@ -515,7 +510,6 @@ def _fix_reapply_password(fleet: Deps, x: Finding) -> str:
 
 
 def _fix_drop_orphan_role(fleet: Deps, x: Finding) -> str:
-    role = sql.Identifier(x.arg("role"))
     if SUPPORT_ROLE.match(x.arg("role")):  # what it made goes to the database's owner
         server = x.arg("server")
         with fleet.server_connection(server) as conn:
@@ -527,7 +521,7 @@ def _fix_drop_orphan_role(fleet: Deps, x: Finding) -> str:
         return "role dropped (what it owned handed to the database's owner)"
     # DROP ROLE refuses while the role owns anything or holds privileges somewhere
     # else than this database: then the remedy stays manual, nothing is forced.
-    _admin_exec(fleet, x.arg("server"), sql.SQL("DROP ROLE {}").format(role))
+    _admin(fleet, x.arg("server"), pgserver.drop_role, x.arg("role"))
     return "role dropped"
 
 
@@ -538,8 +532,7 @@ def _fix_drop_orphan_database(fleet: Deps, x: Finding) -> str:
     server, database = x.arg("server"), x.arg("database")
     region = fleet.cfg.server(server).region
     key = dump_orphan(fleet, server, database, region)
-    _admin_exec(fleet, server, sql.SQL("DROP DATABASE {} WITH (FORCE)")
-                .format(sql.Identifier(database)))
+    _admin(fleet, server, pgserver.drop_database, database)
     return f"dumped to {region}:{key}, then dropped"
 
 

@@ -17,21 +17,15 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from sqlalchemy import select, update
-
-from backups import service as pipeline
-from backups.service import reap_dead
-from orchestrator.adapters import clock
 from orchestrator.adapters.catalog.audit import reason_text
 from orchestrator.adapters.catalog.locks import holding_tenant
-from orchestrator.adapters.catalog.models import CANCELLING, Backup, Tenant
 from orchestrator.adapters.faults import checkpoint
-from orchestrator.adapters.postgres import admin as pgserver
 from orchestrator.domain import states
 from orchestrator.domain.errors import InvalidInput, TenantctlError, first_line
 from orchestrator.domain.names import tenant_names
-from orchestrator.domain.states import Op
+from orchestrator.domain.states import CANCELLING, Op
 from orchestrator.domain.statuses import BackupStatus
+from orchestrator.ports import TenantRecord
 from orchestrator.services import access
 
 if TYPE_CHECKING:
@@ -55,20 +49,20 @@ class TransitionResult:
                 "backup_id": self.backup_id, "backup_error": self.backup_error}
 
 
-def _locked_tenant(fleet: Deps, slug: str, action: str, now: datetime) -> Tenant:
-    tenant = fleet.get_tenant(slug)
+def _locked_tenant(fleet: Deps, slug: str, action: str, now: datetime) -> TenantRecord:
+    tenant = fleet.records.tenants.get(slug)
     states.check(slug, Op(action), tenant.state, now=now, hold_until=tenant.hold_until)
     return tenant
 
 
-def _set(fleet: Deps, tenant: Tenant, action: str, audit: dict[str, Any] | None = None,
+def _set(fleet: Deps, tenant: TenantRecord, action: str, audit: dict[str, Any] | None = None,
          **values: Any) -> None:
-    with fleet.catalog.session() as s, s.begin():
-        s.execute(update(Tenant).where(Tenant.id == tenant.id).values(**values))
+    with fleet.records.transaction() as tx:
+        tx.update_tenant(tenant.id, **values)
         detail = {k: (v.isoformat() if isinstance(v, datetime) else v)
                   for k, v in values.items()}
-        fleet.catalog.audit(f"tenant.{action}", session=s, tenant=tenant.slug,
-                            region=tenant.region, **{**detail, **(audit or {})})
+        tx.audit(f"tenant.{action}", tenant=tenant.slug, region=tenant.region,
+                 **{**detail, **(audit or {})})
 
 
 def audited(action: str) -> Callable[[F], F]:
@@ -81,7 +75,7 @@ def audited(action: str) -> Callable[[F], F]:
                 return fn(fleet, slug, *args, **kwargs)
             except TenantctlError as exc:
                 with contextlib.suppress(Exception):  # the catalog may be what failed
-                    fleet.catalog.audit(f"tenant.{action}", tenant=slug, outcome="refused",
+                    fleet.records.audit(f"tenant.{action}", tenant=slug, outcome="refused",
                                         error=first_line(exc))
                 raise
         return inner  # type: ignore[return-value]
@@ -93,26 +87,22 @@ def cancel(fleet: Deps, slug: str, *, now: datetime | None = None,
            backup: bool = True) -> TransitionResult:
     """Start the hold: writes stop at once (reads and export go on), the database
     stays where it is until the hold ends; then a backup of the final data."""
-    now = now or clock.utcnow()
+    now = now or fleet.clock.now()
     hold_until = now + timedelta(days=fleet.cfg.lifecycle.hold_days)
-    with holding_tenant(fleet.catalog, slug):
-        tenant = fleet.get_tenant(slug)
+    with holding_tenant(fleet.records, slug):
+        tenant = fleet.records.tenants.get(slug)
         # Cancelling again during the hold finishes what a crashed run left undone
         # (its backup) instead of failing: the command is idempotent.
         again = states.cancel_retry(tenant.state, tenant.hold_until, now)
         if not again:
             tenant = _locked_tenant(fleet, slug, "cancel", now)
-            with fleet.catalog.session() as s, s.begin():
-                s.execute(update(Tenant).where(Tenant.id == tenant.id).values(
-                    step=CANCELLING))
+            with fleet.records.transaction() as tx:
+                tx.update_tenant(tenant.id, step=CANCELLING)
             names = tenant_names(slug)
-            admin = fleet.cfg.server(tenant.server).admin_dsn
-            with pgserver.connect(admin, tenant.database, server=tenant.server,
-                                  lock_timeout=fleet.cfg.lock_timeout) as conn:
-                pgserver.restrict_to_reads(conn, names)
+            fleet.admin.restrict_to_reads(tenant.server, names)
             checkpoint("cancel.restricted")
-            with fleet.server_connection(tenant.server) as conn:
-                pgserver.set_login(conn, names.login_role, True)  # a suspended one may export
+            # a suspended one may export
+            fleet.admin.set_login(tenant.server, names.login_role, True)
             _set(fleet, tenant, "cancel", state=states.target(Op.cancel), cancelled_at=now,
                  hold_until=hold_until, suspended_at=None, step=None)
             checkpoint("cancel.state")
@@ -122,9 +112,8 @@ def cancel(fleet: Deps, slug: str, *, now: datetime | None = None,
         # that would block the backup) or writes about to commit: end them. A new
         # session can only read now, and reading blocks no backup.
         held = tenant_names(slug)
-        with fleet.server_connection(tenant.server) as conn:
-            pgserver.terminate_sessions(conn, role=held.login_role, database=held.database,
-                                        wait=True)
+        fleet.admin.terminate_sessions(tenant.server, role=held.login_role,
+                                       database=held.database, wait=True)
         # a support role allowed to write (granted while active) would write on
         access.end_write_grants(fleet, tenant.id)
     result = TransitionResult(slug, "cancel", states.target(Op.cancel), hold_until)
@@ -132,36 +121,29 @@ def cancel(fleet: Deps, slug: str, *, now: datetime | None = None,
         return result
     if backup:
         try:
-            result.backup_id = pipeline.run_backup(fleet, slug, kind="cancel").id
+            result.backup_id = fleet.backup_jobs.run(slug, kind="cancel")
         except TenantctlError as exc:
             # the cancellation stands; deletion takes its own verified backup anyway
             result.backup_error = first_line(exc)
     return result
 
 
-def _backed_up_since(fleet: Deps, tenant: Tenant, since: datetime | None) -> bool:
+def _backed_up_since(fleet: Deps, tenant: TenantRecord, since: datetime | None) -> bool:
     """A backup since the cancellation, done or being done by a live process (one a
     dead process left running is reaped first): a second cancel takes none."""
-    reap_dead(fleet, tenant.slug)
-    with fleet.catalog.session() as s:
-        return s.scalar(select(Backup.id).where(
-            Backup.tenant_id == tenant.id,
-            Backup.status.in_((BackupStatus.completed, BackupStatus.running)),
-            Backup.started_at >= since).limit(1)) is not None
+    fleet.backup_jobs.reap_dead(tenant.slug)
+    return fleet.records.backups.any_since(
+        tenant.id, since, (BackupStatus.completed, BackupStatus.running))
 
 
 @audited("reactivate")
 def reactivate(fleet: Deps, slug: str, *, now: datetime | None = None) -> TransitionResult:
-    now = now or clock.utcnow()
-    with holding_tenant(fleet.catalog, slug):
+    now = now or fleet.clock.now()
+    with holding_tenant(fleet.records, slug):
         tenant = _locked_tenant(fleet, slug, "reactivate", now)
         names = tenant_names(slug)
-        admin = fleet.cfg.server(tenant.server).admin_dsn
-        with pgserver.connect(admin, tenant.database, server=tenant.server,
-                              lock_timeout=fleet.cfg.lock_timeout) as conn:
-            pgserver.secure_tenant_database(conn, names)  # gives the writes back
-        with fleet.server_connection(tenant.server) as conn:
-            pgserver.set_login(conn, names.login_role, True)
+        fleet.admin.secure_tenant_database(tenant.server, names)  # gives the writes back
+        fleet.admin.set_login(tenant.server, names.login_role, True)
         _set(fleet, tenant, "reactivate", state=states.target(Op.reactivate),
              cancelled_at=None, hold_until=None)
     return TransitionResult(slug, "reactivate", states.target(Op.reactivate))
@@ -171,20 +153,19 @@ def reactivate(fleet: Deps, slug: str, *, now: datetime | None = None) -> Transi
 def suspend(fleet: Deps, slug: str) -> TransitionResult:
     """Block every connection of the tenant's role (e.g. an unpaid invoice); no hold
     starts, nothing is deleted."""
-    with holding_tenant(fleet.catalog, slug):
-        tenant = _locked_tenant(fleet, slug, "suspend", clock.utcnow())
-        with fleet.server_connection(tenant.server) as conn:
-            pgserver.set_login(conn, tenant.login_role, False)
-        _set(fleet, tenant, "suspend", state=states.target(Op.suspend), suspended_at=clock.utcnow())
+    now = fleet.clock.now()
+    with holding_tenant(fleet.records, slug):
+        tenant = _locked_tenant(fleet, slug, "suspend", now)
+        fleet.admin.set_login(tenant.server, tenant.login_role, False)
+        _set(fleet, tenant, "suspend", state=states.target(Op.suspend), suspended_at=now)
     return TransitionResult(slug, "suspend", states.target(Op.suspend))
 
 
 @audited("resume")
 def resume(fleet: Deps, slug: str) -> TransitionResult:
-    with holding_tenant(fleet.catalog, slug):
-        tenant = _locked_tenant(fleet, slug, "resume", clock.utcnow())
-        with fleet.server_connection(tenant.server) as conn:
-            pgserver.set_login(conn, tenant.login_role, True)
+    with holding_tenant(fleet.records, slug):
+        tenant = _locked_tenant(fleet, slug, "resume", fleet.clock.now())
+        fleet.admin.set_login(tenant.server, tenant.login_role, True)
         _set(fleet, tenant, "resume", state=states.target(Op.resume), suspended_at=None)
     return TransitionResult(slug, "resume", states.target(Op.resume))
 
@@ -195,9 +176,9 @@ def legal_hold(fleet: Deps, slug: str, *, on: bool, reason: str) -> dict[str, An
     reason = reason_text(reason)
     if not reason:
         raise InvalidInput("--reason is required: say why (it is audited)")
-    tenant = fleet.get_tenant(slug)
+    tenant = fleet.records.tenants.get(slug)
     states.check(slug, Op.legal_hold, tenant.state)
-    with holding_tenant(fleet.catalog, slug):
+    with holding_tenant(fleet.records, slug):
         _set(fleet, tenant, "legal_hold." + ("on" if on else "off"), {"reason": reason},
              legal_hold=on, legal_hold_reason=reason if on else None)
     return {"tenant": slug, "legal_hold": on, "reason": reason}

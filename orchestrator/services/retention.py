@@ -20,25 +20,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import delete, func, select, update
-
-from backups import service as pipeline
-from backups.stores import open_store
 from orchestrator.adapters.catalog.audit import reason_text
 from orchestrator.adapters.catalog.locks import holding_tenant
-from orchestrator.adapters.catalog.models import (
-    AuditEvent,
-    Backup,
-    Tenant,
-    TenantCredential,
-    TenantKey,
-    TenantState,
-)
 from orchestrator.adapters.faults import checkpoint
-from orchestrator.adapters.postgres import admin as pgserver
 from orchestrator.domain import states
 from orchestrator.domain.errors import ExitCode, InvalidInput, TenantctlError, first_line
 from orchestrator.domain.jobs import STEPS, Job, parse_steps
+from orchestrator.domain.marks import role_marker
 from orchestrator.domain.names import tenant_names
 from orchestrator.domain.retention_plan import (
     AUDIT,
@@ -54,9 +42,10 @@ from orchestrator.domain.retention_plan import (
     step_of,
     tenant_action,
 )
-from orchestrator.domain.states import Op
+from orchestrator.domain.states import Op, TenantState
 from orchestrator.domain.statuses import BackupStatus
 from orchestrator.domain.timeliness import overdue_transition
+from orchestrator.ports import CatalogWrites, TenantRecord
 from orchestrator.services import access
 
 if TYPE_CHECKING:
@@ -64,6 +53,7 @@ if TYPE_CHECKING:
 
 LOCK = "retention"
 JOBS = STEPS  # every step of a run (orchestrator.domain.jobs)
+AUDIT_BATCH = 10_000  # audit records deleted per transaction
 
 
 class RetentionError(TenantctlError):
@@ -75,14 +65,13 @@ class RetentionError(TenantctlError):
 
 def due_tenant_facts(fleet: Deps, now: datetime) -> list[TenantFact]:
     """Only tenants whose hold or purge date has passed (partial indexes)."""
-    cols = (Tenant.slug, Tenant.state, Tenant.hold_until, Tenant.purge_after,
-            Tenant.legal_hold, Tenant.legal_hold_reason)
-    rows: list[Any] = []
-    with fleet.catalog.session() as s:
-        for t in states.TIMED.values():  # the graph's timed transitions, due by now
-            rows += s.execute(select(*cols).where(Tenant.state == t.source,
-                                                  getattr(Tenant, t.due) <= now))
-    return [TenantFact(*r) for r in rows]
+    return [_fact(t) for timed in states.TIMED.values()  # the graph's timed transitions
+            for t in fleet.records.tenants.due(timed.source, timed.due, now)]
+
+
+def _fact(t: TenantRecord) -> TenantFact:
+    return TenantFact(t.slug, t.state, t.hold_until, t.purge_after, t.legal_hold,
+                      t.legal_hold_reason)
 
 
 def make_plan(fleet: Deps, now: datetime, jobs: Iterable[str] = JOBS) -> list[Action]:
@@ -92,13 +81,11 @@ def make_plan(fleet: Deps, now: datetime, jobs: Iterable[str] = JOBS) -> list[Ac
     tenants = due_tenant_facts(fleet, now) if {Job.delete, Job.purge} & set(jobs) else []
     verdicts = []
     if Job.prune in jobs:
-        verdicts = pipeline.prune_verdicts(fleet, now, report_kept=False)
+        verdicts = fleet.backup_jobs.prune_verdicts(now)
     audit_cutoff = now - timedelta(days=lc.audit_days)
     expired = 0
     if Job.audit_purge in jobs:
-        with fleet.catalog.session() as s:
-            expired = s.scalar(select(func.count()).select_from(AuditEvent)
-                               .where(AuditEvent.at < audit_cutoff)) or 0
+        expired = fleet.records.audit_count_before(audit_cutoff)
     grants = []
     if Job.expire_grant in jobs:
         grants = [GrantFact(g.id, g.slug, g.grantee, g.expires_at)
@@ -149,7 +136,7 @@ def run(fleet: Deps, now: datetime, *, dry_run: bool, jobs: Iterable[str] = JOBS
         on_step: Callable[[StepResult], None] | None = None) -> RunReport:
     """Plan, report the plan, then (unless dry_run) do it. Two concurrent runs never
     both act: the second one finds the lock taken and does nothing."""
-    with fleet.catalog.advisory_lock(LOCK) as got:
+    with fleet.records.advisory_lock(LOCK) as got:
         if not got:
             return RunReport(now, dry_run, [], skipped="another retention run is in progress")
         actions = make_plan(fleet, now, jobs)
@@ -169,7 +156,7 @@ def run(fleet: Deps, now: datetime, *, dry_run: bool, jobs: Iterable[str] = JOBS
 def _execute(fleet: Deps, action: Action, now: datetime) -> StepResult:
     try:
         if action.kind == BLOCKED:
-            fleet.catalog.audit("retention.blocked", tenant=action.tenant,
+            fleet.records.audit("retention.blocked", tenant=action.tenant,
                                 outcome="blocked", detail=action.detail)
             return StepResult(action, "blocked", action.detail)
         if action.kind == DELETE:
@@ -180,7 +167,7 @@ def _execute(fleet: Deps, action: Action, now: datetime) -> StepResult:
             return StepResult(action, *purge_tenant(fleet, action.tenant, now))
         if action.kind == PRUNE:
             assert action.backup_id is not None
-            pipeline.delete_backup(fleet, action.backup_id, reason=action.detail)
+            fleet.backup_jobs.delete(action.backup_id, reason=action.detail)
             return StepResult(action, "done", f"backup {action.backup_id} pruned")
         if action.kind == AUDIT:
             return StepResult(action, "done", purge_audit(fleet, now))
@@ -194,17 +181,15 @@ def _execute(fleet: Deps, action: Action, now: datetime) -> StepResult:
         error = first_line(exc) if isinstance(exc, TenantctlError) else \
             f"unexpected {type(exc).__name__}: {first_line(exc)}"
         with contextlib.suppress(Exception):  # the catalog may be what failed
-            fleet.catalog.audit(f"retention.{action.kind}", tenant=action.tenant,
+            fleet.records.audit(f"retention.{action.kind}", tenant=action.tenant,
                                 outcome="failed", error=error)
         return StepResult(action, "failed", error)
 
 
-def _recheck(tenant: Tenant, kind: str, now: datetime) -> tuple[str, str] | None:
+def _recheck(tenant: TenantRecord, kind: str, now: datetime) -> tuple[str, str] | None:
     """Under the tenant's lock, ask the planner's own rule again (the plan may be
     stale): None when ``kind`` is still due, else the outcome to report."""
-    action = tenant_action(TenantFact(tenant.slug, tenant.state, tenant.hold_until,
-                                      tenant.purge_after, tenant.legal_hold,
-                                      tenant.legal_hold_reason), now)
+    action = tenant_action(_fact(tenant), now)
     if action is not None and action.kind == BLOCKED:
         return "blocked", action.detail
     if action is None or action.kind != kind:
@@ -212,19 +197,18 @@ def _recheck(tenant: Tenant, kind: str, now: datetime) -> tuple[str, str] | None
     return None
 
 
-def _destroy_key(s: Any, tenant: Tenant, now: datetime) -> None:
+def _destroy_key(tx: CatalogWrites, tenant: TenantRecord, now: datetime) -> None:
     """Crypto-shredding: the wrapped identity and the password go; the public half
     stays (it names which key the old backups were written to)."""
-    s.execute(update(TenantKey).where(TenantKey.tenant_id == tenant.id).values(
-        identity_wrapped=None, master_key_id=None, destroyed_at=now))
-    s.execute(delete(TenantCredential).where(TenantCredential.tenant_id == tenant.id))
+    tx.destroy_key(tenant.id, now)
+    tx.delete_credential(tenant.id)
 
 
 def delete_tenant(fleet: Deps, slug: str, now: datetime) -> tuple[str, str]:
     """Hold ended → verified final backup → database and roles dropped → deleted.
     Every check is made again under the tenant's lock: the plan may be stale."""
-    with holding_tenant(fleet.catalog, slug):
-        tenant = fleet.get_tenant(slug)
+    with holding_tenant(fleet.records, slug):
+        tenant = fleet.records.tenants.get(slug)
         if tenant.state == TenantState.deleted:
             return "skipped", "already deleted"
         if (stale := _recheck(tenant, DELETE, now)) is not None:
@@ -233,36 +217,35 @@ def delete_tenant(fleet: Deps, slug: str, now: datetime) -> tuple[str, str]:
         # a lock would block the final backup; the login role can only read, so a
         # session opened since cannot block it again), and the backup's own lock
         # waits are bounded: a failure is this step's, with who held the lock.
-        with fleet.server_connection(tenant.server) as conn:
-            pgserver.terminate_other_sessions(conn, tenant_names(slug).database)
+        fleet.admin.terminate_other_sessions(tenant.server, tenant_names(slug).database)
         backup_id = _verified_final_backup(fleet, tenant, now)
         checkpoint("retention.final_backup")
         _drop_database_and_roles(fleet, tenant, "retention", now)
         checkpoint("retention.dropped_roles")
         purge_after = now + timedelta(days=fleet.cfg.lifecycle.purge_days)
-        with fleet.catalog.session() as s, s.begin():
-            s.execute(update(Tenant).where(Tenant.id == tenant.id).values(
-                state=states.target(Op.delete), deleted_at=now, purge_after=purge_after,
-                final_backup_id=backup_id))
-            s.execute(delete(TenantCredential).where(TenantCredential.tenant_id == tenant.id))
-            fleet.catalog.audit("tenant.delete", session=s, tenant=slug, region=tenant.region,
-                                final_backup=backup_id, purge_after=purge_after.isoformat())
+        with fleet.records.transaction() as tx:
+            tx.update_tenant(tenant.id, state=states.target(Op.delete), deleted_at=now,
+                             purge_after=purge_after, final_backup_id=backup_id)
+            tx.delete_credential(tenant.id)
+            tx.audit("tenant.delete", tenant=slug, region=tenant.region,
+                     final_backup=backup_id, purge_after=purge_after.isoformat())
     return "done", f"database and role dropped; final backup {backup_id}; " \
                    f"purge after {purge_after.date().isoformat()}"
 
 
-def _drop_database_and_roles(fleet: Deps, tenant: Tenant, step: str, now: datetime) -> None:
+def _drop_database_and_roles(fleet: Deps, tenant: TenantRecord, step: str,
+                             now: datetime) -> None:
     """End the role's sessions, drop the database (only if it is ours: owned by the
     tenant's owner role) and the roles (only if they carry our marker)."""
     names = tenant_names(tenant.slug)  # from the slug, not from a catalog column
-    marker = pgserver.role_marker(tenant.id, tenant.slug)
-    with fleet.server_connection(tenant.server) as conn:
-        if pgserver.database_owner(conn, names.database) == names.owner_role:
-            if pgserver.role_exists(conn, names.login_role):
-                pgserver.set_login(conn, names.login_role, False)
-            pgserver.drop_database(conn, names.database)
-        checkpoint(f"{step}.dropped_database")
-        pgserver.drop_marked_roles(conn, names, marker)
+    marker = role_marker(tenant.id, tenant.slug)
+    server, admin = tenant.server, fleet.admin
+    if admin.database_owner(server, names.database) == names.owner_role:
+        if admin.role_exists(server, names.login_role):
+            admin.set_login(server, names.login_role, False)
+        admin.drop_database(server, names.database)
+    checkpoint(f"{step}.dropped_database")
+    admin.drop_marked_roles(server, names, marker)
 
     access.drop_tenant_grants(fleet, tenant.id, now)  # support access never outlives its tenant
 
@@ -275,88 +258,81 @@ def erase_tenant(fleet: Deps, slug: str, reason: str, now: datetime) -> dict[str
     reason = reason_text(reason)
     if not reason:
         raise InvalidInput("--reason is required (it is audited)")
-    with holding_tenant(fleet.catalog, slug):
-        tenant = fleet.get_tenant(slug)
+    with holding_tenant(fleet.records, slug):
+        tenant = fleet.records.tenants.get(slug)
         states.check(slug, Op.erase, tenant.state, legal_hold=tenant.legal_hold,
                      legal_hold_reason=tenant.legal_hold_reason)
-        with fleet.catalog.session() as s, s.begin():
-            _destroy_key(s, tenant, now)
-            fleet.catalog.audit("tenant.erase.key_destroyed", session=s, tenant=slug,
-                                region=tenant.region, reason=reason)
+        with fleet.records.transaction() as tx:
+            _destroy_key(tx, tenant, now)
+            tx.audit("tenant.erase.key_destroyed", tenant=slug, region=tenant.region,
+                     reason=reason)
         checkpoint("erase.key_destroyed")
         _drop_database_and_roles(fleet, tenant, "erase", now)
-        with fleet.catalog.session() as s, s.begin():
-            s.execute(update(Tenant).where(Tenant.id == tenant.id).values(
-                state=TenantState.deleted, deleted_at=tenant.deleted_at or now,
-                purge_after=now))
+        with fleet.records.transaction() as tx:
+            tx.update_tenant(tenant.id, state=TenantState.deleted,
+                             deleted_at=tenant.deleted_at or now, purge_after=now)
         checkpoint("erase.dropped")
         removed = _delete_all_backups(fleet, tenant)
-        with fleet.catalog.session() as s, s.begin():
-            s.execute(update(Tenant).where(Tenant.id == tenant.id).values(
-                state=states.target(Op.erase), purged_at=now))
-            fleet.catalog.audit("tenant.erase", session=s, tenant=slug, region=tenant.region,
-                                reason=reason, objects_deleted=removed)
+        with fleet.records.transaction() as tx:
+            tx.update_tenant(tenant.id, state=states.target(Op.erase), purged_at=now)
+            tx.audit("tenant.erase", tenant=slug, region=tenant.region, reason=reason,
+                     objects_deleted=removed)
     return {"tenant": slug, "state": states.target(Op.erase).value, "objects_deleted": removed,
             "reason": reason}
 
 
-def _verified_final_backup(fleet: Deps, tenant: Tenant, now: datetime) -> int:
+def _verified_final_backup(fleet: Deps, tenant: TenantRecord, now: datetime) -> int:
     """The backup the deletion rests on: taken after writes stopped (the hold), and
     verified (checksum, decryption, archive listing), stamped with the run's
     ``now``. A re-run after a crash reuses it."""
     if tenant.final_backup_id is not None:
-        row = pipeline.get_backup(fleet, tenant.final_backup_id)
+        row = fleet.backup_jobs.get(tenant.final_backup_id)
         if row.status == BackupStatus.completed and row.verified_at is not None:
             return row.id
-    backup_id = pipeline.run_backup(fleet, tenant.slug, kind="final", now=now).id
-    with fleet.catalog.session() as s, s.begin():
-        s.execute(update(Tenant).where(Tenant.id == tenant.id)
-                  .values(final_backup_id=backup_id))
-    pipeline.verify_backup(fleet, backup_id, now)
+    backup_id = fleet.backup_jobs.run(tenant.slug, kind="final", now=now)
+    with fleet.records.transaction() as tx:
+        tx.update_tenant(tenant.id, final_backup_id=backup_id)
+    fleet.backup_jobs.verify(backup_id, now)
     return backup_id
 
 
 def purge_tenant(fleet: Deps, slug: str, now: datetime) -> tuple[str, str]:
     """purge_after passed → every backup object gone → key destroyed → purged."""
-    with holding_tenant(fleet.catalog, slug):
-        tenant = fleet.get_tenant(slug)
+    with holding_tenant(fleet.records, slug):
+        tenant = fleet.records.tenants.get(slug)
         if tenant.state == TenantState.purged:
             return "skipped", "already purged"
         if (stale := _recheck(tenant, PURGE, now)) is not None:
             return stale
         removed = _delete_all_backups(fleet, tenant)
         checkpoint("retention.backups_deleted")
-        with fleet.catalog.session() as s, s.begin():
-            _destroy_key(s, tenant, now)
+        with fleet.records.transaction() as tx:
+            _destroy_key(tx, tenant, now)
             checkpoint("retention.key_destroyed")  # a kill here rolls the txn back
-            s.execute(update(Tenant).where(Tenant.id == tenant.id).values(
-                state=states.target(Op.purge), purged_at=now))
-            fleet.catalog.audit("tenant.purge", session=s, tenant=slug, region=tenant.region,
-                                objects_deleted=removed)
+            tx.update_tenant(tenant.id, state=states.target(Op.purge), purged_at=now)
+            tx.audit("tenant.purge", tenant=slug, region=tenant.region,
+                     objects_deleted=removed)
     return "done", f"{removed} backup objects deleted, key destroyed"
 
 
-def _delete_all_backups(fleet: Deps, tenant: Tenant) -> int:
+def _delete_all_backups(fleet: Deps, tenant: TenantRecord) -> int:
     """Every object under the tenant's prefix in its region's store (and wherever a
     catalog row says a backup was written), pending uploads aborted; then the
     rows say deleted."""
-    with fleet.catalog.session() as s:
-        rows = list(s.scalars(select(Backup).where(Backup.tenant_id == tenant.id)))
+    rows = fleet.records.backups.of_tenant(tenant.id)
     prefix = f"tenants/{tenant.slug}/"
     removed = 0
     for url in dict.fromkeys([fleet.cfg.region(tenant.region).backup_store,
                               *(r.store_url for r in rows)]):
-        store = open_store(url)
+        store = fleet.open_store(url)
         for b in rows:
             if b.store_url == url and b.object_key:
                 store.abort_uploads(b.object_key)
         for obj in list(store.objects(prefix)):
             store.delete(obj.key)
             removed += 1
-    with fleet.catalog.session() as s, s.begin():
-        s.execute(update(Backup).where(Backup.tenant_id == tenant.id,
-                                       Backup.status != BackupStatus.deleted)
-                  .values(status=BackupStatus.deleted))
+    with fleet.records.transaction() as tx:
+        tx.mark_backups_deleted(tenant.id)
     return removed
 
 
@@ -364,13 +340,11 @@ def purge_audit(fleet: Deps, now: datetime) -> str:
     cutoff = now - timedelta(days=fleet.cfg.lifecycle.audit_days)
     total = 0
     while True:  # in batches: one huge DELETE would hold locks and bloat WAL at once
-        with fleet.catalog.session() as s, s.begin():
-            ids = select(AuditEvent.id).where(AuditEvent.at < cutoff).limit(10_000)
-            n = s.execute(delete(AuditEvent).where(AuditEvent.id.in_(ids))).rowcount  # type: ignore[attr-defined]
+        n = fleet.records.purge_audit_before(cutoff, AUDIT_BATCH)
         total += n
-        if n < 10_000:
+        if n < AUDIT_BATCH:
             break
-    fleet.catalog.audit("audit.purge", deleted=total, before=cutoff.isoformat())
+    fleet.records.audit("audit.purge", deleted=total, before=cutoff.isoformat())
     return f"{total} audit records older than {cutoff.date().isoformat()} deleted"
 
 
@@ -382,31 +356,26 @@ def status(fleet: Deps, now: datetime, limit: int = 10) -> dict[str, Any]:
     (timeliness.overdue_transition: a date passed more than an hour ago and the
     action not done): monitoring alerts on the latter."""
 
-    def rows(state: str, col: Any, where: Any, n: int | None, overdue: bool = False
-             ) -> list[dict[str, Any]]:
-        q = (select(Tenant.slug, Tenant.region, col, Tenant.legal_hold,
-                    Tenant.legal_hold_reason, Tenant.hold_until, Tenant.purge_after)
-             .where(Tenant.state == state, where).order_by(col))
-        with fleet.catalog.session() as s:
-            found = s.execute(q.limit(n) if n else q).all()
-        return [{"tenant": r[0], "region": r[1], "due_at": r[2].isoformat(),
-                 "legal_hold": r[3], "legal_hold_reason": r[4]} for r in found
-                if not overdue or overdue_transition(state, r[5], r[6], r[3], now)]
+    def row(t: TenantRecord, col: str) -> dict[str, Any]:
+        return {"tenant": t.slug, "region": t.region, "due_at": getattr(t, col).isoformat(),
+                "legal_hold": t.legal_hold, "legal_hold_reason": t.legal_hold_reason}
 
-    with fleet.catalog.session() as s:
-        counts = dict(s.execute(select(Tenant.state, func.count()).group_by(Tenant.state)).all())
-    # read among the due ones (partial indexes), judged by the one rule
-    overdue_del = rows(TenantState.cancelled, Tenant.hold_until, Tenant.hold_until <= now,
-                       None, overdue=True)
-    overdue_purge = rows(TenantState.deleted, Tenant.purge_after, Tenant.purge_after <= now,
-                         None, overdue=True)
+    def overdue(state: str, col: str) -> list[dict[str, Any]]:
+        # read among the due ones (partial indexes), judged by the one rule
+        return [row(t, col) for t in fleet.records.tenants.due(state, col, now)
+                if overdue_transition(state, t.hold_until, t.purge_after, t.legal_hold, now)]
+
+    def upcoming(state: str, col: str) -> list[dict[str, Any]]:
+        return [row(t, col) for t in fleet.records.tenants.dated(state, col, limit=limit)]
+
+    counts = fleet.records.tenants.count_by_state()
+    overdue_del = overdue(TenantState.cancelled, "hold_until")
+    overdue_purge = overdue(TenantState.deleted, "purge_after")
     return {
         "now": now.isoformat(),
         "states": {st.value: counts.get(st.value, 0) for st in TenantState},
-        "next_deletions": rows(TenantState.cancelled, Tenant.hold_until,
-                               Tenant.hold_until.is_not(None), limit),
-        "next_purges": rows(TenantState.deleted, Tenant.purge_after,
-                            Tenant.purge_after.is_not(None), limit),
+        "next_deletions": upcoming(TenantState.cancelled, "hold_until"),
+        "next_purges": upcoming(TenantState.deleted, "purge_after"),
         "overdue": {"deletions": overdue_del, "purges": overdue_purge},
         "overdue_count": len(overdue_del) + len(overdue_purge),
     }

@@ -5,13 +5,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from orchestrator.adapters.catalog.db import Catalog
 from orchestrator.domain.errors import Conflict
 from orchestrator.domain.names import tenant_lock
+from orchestrator.ports import Locks
 
 
 @contextmanager
-def holding_tenant(catalog: Catalog, slug: str) -> Iterator[None]:
+def holding_tenant(catalog: Locks, slug: str) -> Iterator[None]:
     """The tenant's lock, taken by every command that changes the tenant; if another
     process holds it, a Conflict at once rather than a wait."""
     with catalog.advisory_lock(tenant_lock(slug)) as got:

@@ -341,6 +341,33 @@ def swap_in(conn: psycopg.Connection, live: str, side: str, old: str) -> None:
         conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(Ident(side), Ident(live)))
 
 
+def revoke_connect(conn: psycopg.Connection, dbname: str, role: str) -> None:
+    conn.execute(sql.SQL("REVOKE CONNECT ON DATABASE {} FROM {}").format(
+        Ident(dbname), Ident(role)))
+
+
+def strip_role_powers(conn: psycopg.Connection, role: str) -> None:
+    conn.execute(sql.SQL("ALTER ROLE {} NOCREATEDB NOCREATEROLE").format(Ident(role)))
+
+
+def revoke_membership(conn: psycopg.Connection, parent: str, role: str) -> None:
+    conn.execute(sql.SQL("REVOKE {} FROM {}").format(Ident(parent), Ident(role)))
+
+
+def drop_role(conn: psycopg.Connection, role: str) -> None:
+    """DROP ROLE as it is: refused while the role owns anything or holds privileges
+    elsewhere (then the remedy stays manual; nothing is forced)."""
+    conn.execute(sql.SQL("DROP ROLE {}").format(Ident(role)))
+
+
+def make_scratch_database(conn: psycopg.Connection, dbname: str) -> None:
+    """An empty database only the admin may use, for a test restore (a leftover of
+    a run that died goes first)."""
+    drop_database(conn, dbname, if_exists=True)
+    conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(Ident(dbname)))
+    revoke_public(conn, dbname)
+
+
 def reassign_from_template(conn: psycopg.Connection, names: TenantNames) -> None:
     """Run in a fresh clone: everything the template owner created becomes the
     tenant owner's. (The template database itself belongs to the admin role, so

@@ -1,0 +1,350 @@
+"""Ports: what the lifecycle, retention and access services need from the world, as
+``typing.Protocol``s. Adapters implement them (``adapters/catalog/repository.py``,
+``adapters/postgres/server_admin.py``, ``backups/stores.py``, ``adapters/clock.py``;
+the backup pipeline's entry points in ``backups/service.py``); ``bootstrap.Deps``
+carries one of each; the fast test tier (``tests/fakes.py``) carries in-memory ones.
+
+Small on purpose: a method is here because one of those services calls it. Records
+are read-only views with the catalog's column names, so the SQLAlchemy rows (and
+plain frozen rows) satisfy them as they are.
+
+Below the adapters: this module imports only the domain.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterator, Sequence
+from contextlib import AbstractContextManager
+from datetime import datetime
+from typing import Any, Protocol
+
+from backups.policy import Verdict
+from orchestrator.domain.errors import TenantctlError
+from orchestrator.domain.names import TenantNames
+
+# -- records -------------------------------------------------------------------------
+
+
+class TenantRecord(Protocol):
+    """A row of ``tenants`` as the services read it."""
+
+    @property
+    def id(self) -> int: ...
+    @property
+    def slug(self) -> str: ...
+    @property
+    def region(self) -> str: ...
+    @property
+    def server(self) -> str: ...
+    @property
+    def database(self) -> str: ...
+    @property
+    def login_role(self) -> str: ...
+    @property
+    def owner_role(self) -> str: ...
+    @property
+    def state(self) -> str: ...
+    @property
+    def step(self) -> str | None: ...
+    @property
+    def cancelled_at(self) -> datetime | None: ...
+    @property
+    def hold_until(self) -> datetime | None: ...
+    @property
+    def suspended_at(self) -> datetime | None: ...
+    @property
+    def deleted_at(self) -> datetime | None: ...
+    @property
+    def purge_after(self) -> datetime | None: ...
+    @property
+    def purged_at(self) -> datetime | None: ...
+    @property
+    def legal_hold(self) -> bool: ...
+    @property
+    def legal_hold_reason(self) -> str | None: ...
+    @property
+    def final_backup_id(self) -> int | None: ...
+
+
+class BackupRecord(Protocol):
+    """A row of ``backups`` as the services read it."""
+
+    @property
+    def id(self) -> int: ...
+    @property
+    def tenant_id(self) -> int: ...
+    @property
+    def store_url(self) -> str: ...
+    @property
+    def object_key(self) -> str: ...
+    @property
+    def kind(self) -> str: ...
+    @property
+    def status(self) -> str: ...
+    @property
+    def started_at(self) -> datetime: ...
+    @property
+    def verified_at(self) -> datetime | None: ...
+
+
+class GrantRecord(Protocol):
+    """A row of ``support_grants``."""
+
+    @property
+    def id(self) -> int: ...
+    @property
+    def tenant_id(self) -> int: ...
+    @property
+    def slug(self) -> str: ...
+    @property
+    def server(self) -> str: ...
+    @property
+    def role_name(self) -> str: ...
+    @property
+    def grantee(self) -> str: ...
+    @property
+    def reason(self) -> str: ...
+    @property
+    def read_only(self) -> bool: ...
+    @property
+    def actor(self) -> str: ...
+    @property
+    def created_at(self) -> datetime: ...
+    @property
+    def expires_at(self) -> datetime: ...
+    @property
+    def revoked_at(self) -> datetime | None: ...
+    @property
+    def dropped_at(self) -> datetime | None: ...
+
+
+# -- the catalog ---------------------------------------------------------------------
+
+
+class TenantRepository(Protocol):
+    def get(self, slug: str) -> TenantRecord:
+        """The tenant, its slug validated and its row checked for integrity
+        (``names.check_integrity``); NotFound when there is none."""
+        ...
+
+    def due(self, state: str, column: str, now: datetime) -> list[TenantRecord]:
+        """Tenants in ``state`` whose date ``column`` (hold_until or purge_after) is at
+        or before ``now``, earliest first (read through partial indexes: what is due
+        only)."""
+        ...
+
+    def dated(self, state: str, column: str, *, limit: int | None = None
+              ) -> list[TenantRecord]:
+        """Tenants in ``state`` with ``column`` set, earliest first, at most ``limit``."""
+        ...
+
+    def count_by_state(self) -> dict[str, int]: ...
+
+
+class BackupRepository(Protocol):
+    def of_tenant(self, tenant_id: int) -> list[BackupRecord]: ...
+
+    def any_since(self, tenant_id: int, since: datetime | None,
+                  statuses: Collection[str]) -> bool:
+        """Whether a backup of the tenant in one of ``statuses`` started at or after
+        ``since``."""
+        ...
+
+
+class GrantRepository(Protocol):
+    def get(self, grant_id: int) -> GrantRecord | None: ...
+
+    def listed(self, *, include_ended: bool = False) -> list[GrantRecord]:
+        """Every grant (or only live ones: role not dropped yet), by id."""
+        ...
+
+    def live(self, *, tenant_id: int | None = None, read_write: bool | None = None,
+             expired_at: datetime | None = None) -> list[GrantRecord]:
+        """Grants whose role is not dropped yet; of one tenant, only read-write ones
+        (``read_write=True``), only those expired at ``expired_at`` if given; by id."""
+        ...
+
+
+class CatalogWrites(Protocol):
+    """The writes of one catalog transaction: all of them, or (an exception, or the
+    process killed inside the block) none."""
+
+    def update_tenant(self, tenant_id: int, **values: Any) -> None: ...
+
+    def delete_credential(self, tenant_id: int) -> None: ...
+
+    def destroy_key(self, tenant_id: int, now: datetime) -> None:
+        """Crypto-shredding: the wrapped identity goes (its public half stays: it names
+        the key old backups were written to), stamped destroyed at ``now``."""
+        ...
+
+    def mark_backups_deleted(self, tenant_id: int) -> None:
+        """Every backup row of the tenant not yet deleted says deleted."""
+        ...
+
+    def add_grant(self, *, tenant_id: int, slug: str, server: str, grantee: str,
+                  reason: str, read_only: bool, expires_at: datetime) -> int:
+        """A new support grant (its role name still empty); its id."""
+        ...
+
+    def update_grant(self, grant_id: int, **values: Any) -> None: ...
+
+    def audit(self, action: str, *, tenant: str | None = None, region: str | None = None,
+              outcome: str = "ok", **detail: Any) -> None: ...
+
+
+class Locks(Protocol):
+    def advisory_lock(self, name: str, *, shared: bool = False, wait: bool = False
+                      ) -> AbstractContextManager[bool]:
+        """A lock held for the block (dies with the process); yields whether it was
+        acquired (always True with ``wait``)."""
+        ...
+
+
+class CatalogPort(Locks, Protocol):
+    """The catalog: repositories, transactions, locks, the audit log."""
+
+    @property
+    def tenants(self) -> TenantRepository: ...
+    @property
+    def backups(self) -> BackupRepository: ...
+    @property
+    def grants(self) -> GrantRepository: ...
+
+    def transaction(self) -> AbstractContextManager[CatalogWrites]: ...
+
+    def audit(self, action: str, *, tenant: str | None = None, region: str | None = None,
+              outcome: str = "ok", **detail: Any) -> None:
+        """One audit record, in a transaction of its own."""
+        ...
+
+    def audit_count_before(self, cutoff: datetime) -> int: ...
+
+    def purge_audit_before(self, cutoff: datetime, batch: int) -> int:
+        """Delete at most ``batch`` audit records older than ``cutoff`` (one
+        transaction); how many went."""
+        ...
+
+
+# -- server administration -----------------------------------------------------------
+
+
+class ServerOperationFailed(TenantctlError):
+    """A statement on a server failed (the adapter's error, in one line)."""
+
+
+class ServerAdmin(Protocol):
+    """Every statement the services run on a tenant's server. Identifiers come from
+    ``names`` (derived from a slug) or from catalog ids, never from user input."""
+
+    # a tenant's database and roles
+    def restrict_to_reads(self, server: str, names: TenantNames) -> None:
+        """The login role keeps reading and loses every write (the hold)."""
+        ...
+
+    def secure_tenant_database(self, server: str, names: TenantNames) -> None:
+        """PUBLIC locked out, the login role's writes given (back)."""
+        ...
+
+    def set_login(self, server: str, role: str, allowed: bool) -> None:
+        """LOGIN or NOLOGIN; NOLOGIN also ends the role's sessions."""
+        ...
+
+    def terminate_sessions(self, server: str, *, role: str | None = None,
+                           database: str | None = None, wait: bool = False) -> int: ...
+
+    def terminate_other_sessions(self, server: str, database: str) -> int:
+        """Every session in ``database`` but tenantctl's own, waited for."""
+        ...
+
+    def database_owner(self, server: str, database: str) -> str | None: ...
+
+    def role_exists(self, server: str, role: str) -> bool: ...
+
+    def role_comment(self, server: str, role: str) -> str | None:
+        """The role's comment (our marker), None without one or without the role;
+        a failure raises ServerOperationFailed."""
+        ...
+
+    def drop_database(self, server: str, database: str) -> None: ...
+
+    def drop_marked_roles(self, server: str, names: TenantNames, marker: str) -> None:
+        """The tenant's login and owner roles, each only if it carries ``marker``."""
+        ...
+
+    # support roles
+    def create_support_role(self, server: str, names: TenantNames, role: str, password: str,
+                            *, comment: str, connection_limit: int, valid_until: datetime,
+                            settings: dict[str, str], read_only: bool) -> None:
+        """A login role that may read (or write, not ``read_only``) the tenant's
+        tables, its password expiring at ``valid_until``, marked with ``comment``."""
+        ...
+
+    def lock_out_role(self, server: str, role: str) -> None:
+        """NOLOGIN, then its sessions ended and waited for; failures raise
+        ServerOperationFailed."""
+        ...
+
+    def drop_role_everywhere(self, server: str, role: str) -> None:
+        """What it owns to each database's owner, its privileges, then the role;
+        failures raise ServerOperationFailed."""
+        ...
+
+    def role_settings(self, server: str, roles: Sequence[str]) -> dict[str, list[str]]:
+        """Each existing role's settings (rolconfig and per-database ones); failures
+        raise ServerOperationFailed."""
+        ...
+
+
+# -- object stores, backups, clock ---------------------------------------------------
+
+
+class StoredObject(Protocol):
+    @property
+    def key(self) -> str: ...
+
+
+class ObjectStore(Protocol):
+    """The part of ``backups.stores.ObjectStore`` the services use."""
+
+    url: str
+
+    def objects(self, prefix: str = "") -> Iterator[StoredObject]: ...
+
+    def delete(self, key: str) -> None: ...
+
+    def abort_uploads(self, key: str) -> int: ...
+
+
+class StoreOpener(Protocol):
+    def __call__(self, url: str) -> ObjectStore: ...
+
+
+class BackupJobs(Protocol):
+    """The backup pipeline's entry points that lifecycle and retention call."""
+
+    def run(self, slug: str, *, kind: str, now: datetime | None = None) -> int:
+        """Take a backup; its id."""
+        ...
+
+    def verify(self, backup_id: int, now: datetime | None = None) -> None:
+        """Check it can be restored (checksum, decryption, archive listing); raises
+        when it cannot. Stamped verified at ``now`` if given."""
+        ...
+
+    def get(self, backup_id: int) -> BackupRecord: ...
+
+    def delete(self, backup_id: int, *, reason: str) -> None: ...
+
+    def reap_dead(self, slug: str, now: datetime | None = None) -> int:
+        """Backups a dead process left running: marked failed, objects aborted."""
+        ...
+
+    def prune_verdicts(self, now: datetime) -> list[Verdict]:
+        """The backups the configured retention policy prunes at ``now`` (the prunes
+        only)."""
+        ...
+
+
+class Clock(Protocol):
+    def now(self) -> datetime: ...
