@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Annotated
 
 import typer
 
-from cli.common import ID_MAX, open_fleet, print_json, say, table
+from cli.common import ID_MAX, open_fleet
+from cli.output import err, plain, print_json, say, table
 from orchestrator.domain.errors import ExitCode
 
 access_app = typer.Typer(no_args_is_help=True,
@@ -40,7 +40,7 @@ def grant(
     say(f"grant {res['id']}: {res['to']} may {'read' if read_only else 'read and write'} "
         f"{slug} until {res['expires_at']}")
     say("connection string (shown once):")
-    sys.stdout.write(res["dsn"] + "\n")
+    plain(res["dsn"])
 
 
 @access_app.command("list")
@@ -93,6 +93,6 @@ def revoke(
     else:
         say(f"revoked {len(ended)} grant(s)" + (f": {ended}" if ended else ""))
         for gid, why in failed.items():
-            sys.stderr.write(f"error: grant {gid} not revoked: {why}\n")
+            err(f"error: grant {gid} not revoked: {why}")
     if failed:
         raise typer.Exit(ExitCode.FAILED)  # the others are revoked; re-run to retry these

@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from cli.common import ID_MAX, open_fleet, open_reads, print_json, say, table
+from cli.common import ID_MAX, open_fleet, open_reads
+from cli.output import plain, print_json, progress_bar, say, table
 from orchestrator.domain.errors import ExitCode
 
 backup_app = typer.Typer(no_args_is_help=True, help="Encrypted backups in each region.")
@@ -56,19 +57,15 @@ def run(
 
 
 def _run_with_progress(fleet, slugs, concurrency, as_json, kind):  # type: ignore[no-untyped-def]
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
     from backups import service as pipeline
 
-    console = Console(stderr=True)
-    if not console.is_terminal or as_json:
+    bar = progress_bar("backups", as_json, time_left=True)
+    if bar is None:
         return pipeline.run_many(fleet, slugs, concurrency, kind=kind)
-    with Progress(TextColumn("backups"), BarColumn(), TextColumn("{task.completed}/"
-                  "{task.total}"), TimeRemainingColumn(), console=console) as progress:
-        task = progress.add_task("backups", total=len(slugs))
+    with bar:
+        task = bar.add_task("backups", total=len(slugs))
         return pipeline.run_many(fleet, slugs, concurrency,
-                                 on_done=lambda r: progress.advance(task), kind=kind)
+                                 on_done=lambda r: bar.advance(task), kind=kind)
 
 
 @backup_app.command("list")
@@ -211,7 +208,7 @@ def restore(
     say(f"restored backup {backup_id} as tenant {t['slug']} in {t['region']} on "
         f"{t['server']} (revision {t['revision']})")
     say("connection string (shown once):")
-    print(res.dsn)
+    plain(res.dsn)
 
 
 key_app = typer.Typer(no_args_is_help=True, help="Tenant backup keys.")
@@ -249,7 +246,7 @@ def key_export(
     finally:
         fleet.close()
     if out is None:
-        print(text)
+        plain(text)
         return
     with out:
         out.write(text + "\n")

@@ -1,10 +1,11 @@
-"""Helpers shared by the CLI modules: the config/fleet of this invocation, output."""
+"""What the CLI modules share: the config, fleet and catalog reader of this invocation
+(output is cli/output.py)."""
 
 from __future__ import annotations
 
-import json
-import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated
+
+import typer
 
 if TYPE_CHECKING:
     from orchestrator.adapters.catalog.reads import CatalogReads
@@ -14,6 +15,10 @@ if TYPE_CHECKING:
 
 # catalog ids are bigints: a larger number is refused as bad input (exit 2), not sent
 ID_MAX = 2**63 - 1
+
+
+# most commands' --json (a few groups word their help otherwise, and keep it)
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 
 class State:
@@ -50,43 +55,3 @@ def open_reads() -> CatalogReads:
         reads.close()
         raise
     return reads
-
-
-def print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
-
-
-def console() -> Any:
-    from rich.console import Console
-
-    # what we print holds user input (paths, reasons, names): shown as typed, never
-    # read as rich markup (a "[/x]" in a path would crash after the work was done)
-    return Console(markup=False)
-
-
-def no_controls(text: str) -> str:
-    """``text`` with control and format characters (an escape sequence that sets the
-    terminal title or clears the screen, a BEL, a bidi override) shown escaped, as
-    Python would write them; anything else, a path's odd byte included, as it is."""
-    if text.isprintable():
-        return text
-    import unicodedata
-
-    return "".join(c.encode("unicode_escape").decode()
-                   if unicodedata.category(c) in ("Cc", "Cf") else c for c in text)
-
-
-def say(line: str) -> None:
-    # stored text (a reason, a name) may hold a terminal escape: shown escaped
-    console().print("\n".join(no_controls(x) for x in line.split("\n")), highlight=False)
-
-
-def table(title: str | None, columns: list[str], rows: list[list[Any]]) -> None:
-    from rich.table import Table
-
-    table = Table(title=title, title_justify="left")
-    for c in columns:
-        table.add_column(c)
-    for r in rows:
-        table.add_row(*["" if v is None else no_controls(str(v)) for v in r])
-    console().print(table)

@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from cli.common import open_fleet, print_json, say
+from cli.common import open_fleet
+from cli.output import print_json, say
 from orchestrator.domain.errors import ExitCode
 
 if TYPE_CHECKING:

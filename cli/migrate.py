@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import signal
-import sys
 import threading
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from cli.common import open_fleet, open_reads, print_json, say, table
+from cli.common import open_fleet, open_reads
+from cli.output import console, err, plain, print_json, say, table
 from orchestrator.domain.statuses import ROLLOUT_DRY_RUN, TenantMigration
 
 if TYPE_CHECKING:
@@ -128,7 +128,7 @@ def _run(opts: RolloutOptions, as_json: bool) -> None:
 
     def on_signal(signum: int, _frame: object) -> None:
         if not stop.is_set():
-            sys.stderr.write("stopping: no new tenant starts; waiting for those in flight\n")
+            err("stopping: no new tenant starts; waiting for those in flight")
         stop.set()
 
     for sig in previous:
@@ -150,20 +150,16 @@ class _Renderer:
     but the final JSON on stdout with --json (progress then goes to stderr)."""
 
     def __init__(self, as_json: bool) -> None:
-        from rich.console import Console
-
         self.as_json = as_json
-        self.console = Console(stderr=as_json)
+        self.console = console(stderr=as_json)
         self.live = self.console.is_terminal and not as_json
         self.progress: Any = None
         self.task: Any = None
         self.counts: dict[str, int] = {}
 
     def _line(self, text: str) -> None:
-        if self.progress is not None:
-            self.progress.console.print(text, highlight=False)
-        else:
-            self.console.print(text, highlight=False)
+        # the bar draws on this console too: a line printed on it lands above the bar
+        say(text, self.console)
 
     def event(self, e: Event) -> None:
         if e.kind == "wave":
@@ -218,7 +214,7 @@ class _Renderer:
                     say(f"{'canary' if i == 0 else f'wave {i}'}: {', '.join(wave)}")
             for pair, text in s.sql.items():
                 say(f"-- SQL for {pair}")
-                sys.stdout.write(text)
+                plain(text, end="")
             return
         counts = ", ".join(f"{k} {v}" for k, v in sorted(s.counts.items()))
         reason = f" ({s.stopped_reason})" if s.stopped_reason else ""

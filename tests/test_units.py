@@ -451,3 +451,22 @@ def test_revision_files_undecided_leaves_it_to_alembic(tmp_path: Path) -> None:
     ):
         with pytest.raises(revision_files.Undecided):
             revision_files.head(location)
+
+
+# -- CLI rendering ---------------------------------------------------------------
+
+
+def test_rollout_lines_are_shown_as_typed(capsys: pytest.CaptureFixture[str]) -> None:
+    """A rollout's lines carry server text (an error, redacted by the audit rules):
+    shown through cli/output as every other line, never read as rich markup (which
+    dropped a "[redacted]" and crashed on a "[/x]") and with escapes shown escaped."""
+    from cli.migrate import _Renderer
+    from orchestrator.services.rollout import Event
+
+    for as_json in (False, True):
+        _Renderer(as_json).event(Event(
+            "plan", message="password '[redacted]' failed at [/x] \x1b]0;title\x07"))
+        out, err = capsys.readouterr()
+        line = err if as_json else out  # with --json, stdout holds the JSON only
+        assert line == "password '[redacted]' failed at [/x] \\x1b]0;title\\x07\n", line
+        assert (out if as_json else err) == ""

@@ -1,0 +1,106 @@
+"""`tenantctl local …`, `init --local` and `quickstart`: the embedded fleet on this
+machine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from cli.catalog import upgrade_catalog
+from cli.common import JsonOpt, State, current_config
+from cli.output import print_json, say, table
+from cli.region import region_list
+from cli.tenant import tenant_list
+from orchestrator.domain.errors import ExitCode
+
+if TYPE_CHECKING:
+    from orchestrator.config import Config
+
+local_app = typer.Typer(no_args_is_help=True, help="Run the embedded local fleet.")
+
+
+
+# `init` and `quickstart` are root commands (cli/main.py registers them)
+
+
+def init(
+    local: Annotated[bool, typer.Option("--local", help="Write a config for the embedded "
+                                        "two-region fleet on this machine.")] = False,
+    state_dir: Annotated[Path, typer.Option(help="Where data dirs, keys and backups go.")]
+    = Path(".tenantctl"),
+    force: Annotated[bool, typer.Option(help="Rewrite an existing config (keeps keys).")]
+    = False,
+) -> None:
+    """Write a tenantctl.toml (only --local for now), start it and upgrade the catalog."""
+    from orchestrator.config import find_config_path
+    from orchestrator.devfleet import localfleet
+    from orchestrator.domain.errors import InvalidInput
+
+    if not local:
+        raise InvalidInput("only `tenantctl init --local` exists; for production write "
+                           "tenantctl.toml yourself (see README) or use ansible/")
+    path = find_config_path(State.config_path)
+    res = localfleet.init_local(path, state_dir, force=force)
+    say(f"{'wrote' if res.created else 'kept existing'} {res.config_path}")
+    cfg = _config_at(path)
+    for line in localfleet.up(cfg):
+        say(line)
+    upgrade_catalog(cfg)
+
+
+def _config_at(path: Path) -> Config:
+    from orchestrator.config import load_config
+
+    return load_config(path)
+
+
+@local_app.command("up")
+def local_up() -> None:
+    """Start the local clusters (initialising them on first use)."""
+    from orchestrator.devfleet import localfleet
+
+    for line in localfleet.up(current_config()):
+        say(line)
+
+
+@local_app.command("down")
+def local_down() -> None:
+    """Stop the local clusters."""
+    from orchestrator.devfleet import localfleet
+
+    for line in localfleet.down(current_config()):
+        say(line)
+
+
+@local_app.command("status")
+def local_status(as_json: JsonOpt = False) -> None:
+    """Show whether each local cluster runs."""
+    from orchestrator.devfleet import localfleet
+
+    rows = localfleet.status(current_config())
+    if as_json:
+        print_json([{"server": r.server, "region": r.region, "port": r.port,
+                      "data_dir": str(r.data_dir), "running": r.running, "pid": r.pid,
+                      "status": r.detail} for r in rows])
+        return
+    table(None, ["server", "region", "port", "status", "pid", "data dir"],
+           [[r.server, r.region, r.port, r.detail, r.pid, r.data_dir] for r in rows])
+    if not all(r.running for r in rows):
+        raise typer.Exit(ExitCode.NOT_FOUND)
+
+
+def quickstart(state_dir: Annotated[Path, typer.Option(help="State directory.")]
+               = Path(".tenantctl")) -> None:
+    """Set up the embedded two-region fleet, a demo tenant per region, and show it."""
+    from orchestrator.config import find_config_path
+    from orchestrator.devfleet import quickstart as qs
+
+    path = find_config_path(State.config_path)
+    for line in qs.run(path, state_dir):
+        say(line)
+    State.config_path = str(path)
+    region_list()
+    tenant_list()
+    say(f"\nnext: `tenantctl --config {path} tenant create acme --region eu-central`")

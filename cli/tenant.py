@@ -1,0 +1,358 @@
+"""`tenantctl tenant …`: a tenant's lifecycle (cancel, reactivate, suspend, resume,
+legal hold, erase, export), then create, inspect, connect."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from cli.common import JsonOpt, open_fleet, open_reads
+from cli.output import plain, print_json, progress_bar, say, table
+from orchestrator.domain.errors import ExitCode
+
+if TYPE_CHECKING:
+    from orchestrator.api import ProvisionResult
+
+tenant_app = typer.Typer(no_args_is_help=True, help="Tenants: create, inspect, connect.")
+
+# the lifecycle commands' help has always said it shorter
+BareJsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+
+
+def _confirm(question: str, yes: bool) -> None:
+    from orchestrator.domain.errors import InvalidInput
+
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise InvalidInput(f"{question} — confirm with --yes (no terminal to ask on)")
+    if not typer.confirm(question, default=False):
+        raise typer.Exit(ExitCode.FAILED)
+
+
+def _print_transition(res: Any, as_json: bool) -> None:
+    if as_json:
+        print_json(res.to_json())
+        return
+    line = f"tenant {res.tenant}: {res.action} → {res.state}"
+    if res.hold_until is not None:
+        line += f" (hold until {res.hold_until.isoformat()})"
+    say(line)
+    if res.backup_id is not None:
+        say(f"backup {res.backup_id} taken")
+
+
+def _transition(action: str, slug: str, as_json: bool) -> None:
+    """reactivate / suspend / resume: the same shape, one orchestrator call each."""
+    from orchestrator.services import lifecycle
+
+    fleet = open_fleet()
+    try:
+        res = getattr(lifecycle, action)(fleet, slug)
+    finally:
+        fleet.close()
+    _print_transition(res, as_json)
+
+
+# -- lifecycle ---------------------------------------------------------------------------
+
+
+@tenant_app.command("cancel")
+def cancel(slug: str, yes: Annotated[bool, typer.Option("--yes", help="Do not ask.")]
+           = False, as_json: BareJsonOpt = False) -> None:
+    """Cancel: writes stop now, data stays readable and exportable for the hold
+    (30 days by default), then retention deletes the database. Takes a backup."""
+    from backups.service import BackupError
+    from orchestrator.services import lifecycle
+
+    fleet = open_fleet()
+    try:
+        tenant = fleet.get_tenant(slug)
+        _confirm(f"Cancel tenant {slug!r} ({tenant.region})? Its database is deleted "
+                 f"{fleet.cfg.lifecycle.hold_days} days from now unless reactivated.", yes)
+        res = lifecycle.cancel(fleet, slug)
+    finally:
+        fleet.close()
+    _print_transition(res, as_json)
+    if res.backup_error:
+        raise BackupError(f"tenant {slug!r} is cancelled, but its backup failed: "
+                          f"{res.backup_error}; run `tenantctl backup run {slug}`")
+
+
+@tenant_app.command("reactivate")
+def reactivate(slug: str, as_json: BareJsonOpt = False) -> None:
+    """Undo a cancellation during the hold: active again, writes allowed."""
+    _transition("reactivate", slug, as_json)
+
+
+@tenant_app.command("suspend")
+def suspend(slug: str, as_json: BareJsonOpt = False) -> None:
+    """Block the tenant's connections (open sessions are ended); no hold starts."""
+    _transition("suspend", slug, as_json)
+
+
+@tenant_app.command("resume")
+def resume(slug: str, as_json: BareJsonOpt = False) -> None:
+    """Allow a suspended tenant's connections again."""
+    _transition("resume", slug, as_json)
+
+
+@tenant_app.command("legal-hold")
+def legal_hold(
+    slug: str,
+    on: Annotated[bool | None, typer.Option("--on/--off", help="Place or lift it.",
+                                            show_default=False)] = None,
+    reason: Annotated[str, typer.Option(help="Why (audited).")] = "",
+    as_json: BareJsonOpt = False,
+) -> None:
+    """Block deletion and purge of a tenant, whatever the dates, until lifted."""
+    from orchestrator.domain.errors import InvalidInput
+    from orchestrator.services import lifecycle
+
+    if on is None:
+        raise InvalidInput("say --on or --off")
+    fleet = open_fleet()
+    try:
+        res = lifecycle.legal_hold(fleet, slug, on=on, reason=reason)
+    finally:
+        fleet.close()
+    if as_json:
+        print_json(res)
+    else:
+        say(f"tenant {slug}: legal hold {'on' if on else 'off'} ({reason})")
+
+
+@tenant_app.command("erase")
+def erase(
+    slug: str,
+    reason: Annotated[str, typer.Option(help="The request being honoured (audited).")]
+    = "",
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask.")] = False,
+    as_json: BareJsonOpt = False,
+) -> None:
+    """Erasure on request: no hold. Destroys the tenant's key at once (every backup
+    copy becomes unreadable), drops its database and role, deletes its backups."""
+    from orchestrator.adapters import clock
+    from orchestrator.adapters.catalog.audit import reason_text
+    from orchestrator.domain.errors import InvalidInput
+    from orchestrator.services import retention
+
+    if not reason_text(reason):
+        raise InvalidInput("--reason is required (it is audited)")
+    if not yes:
+        _confirm(f"Erase tenant {slug!r} now, with every backup? This cannot be undone.",
+                 False)
+        typed = typer.prompt("Type the tenant's slug to confirm")
+        if typed != slug:
+            raise InvalidInput("the slug typed does not match: nothing erased")
+    fleet = open_fleet()
+    try:
+        res = retention.erase_tenant(fleet, slug, reason, clock.utcnow())
+    finally:
+        fleet.close()
+    if as_json:
+        print_json(res)
+    else:
+        say(f"tenant {slug} erased: key destroyed, database and role dropped, "
+            f"{res['objects_deleted']} backup objects deleted")
+
+
+@tenant_app.command("export")
+def export(
+    slug: str,
+    fmt: Annotated[str, typer.Option("--format", help="sql (a pg_dump script) or csv "
+                                     "(a zip, one CSV per table).")],
+    output: Annotated[Path, typer.Option(help="File to write.")],
+    force: Annotated[bool, typer.Option(help="Replace an existing file.")] = False,
+    as_json: BareJsonOpt = False,
+) -> None:
+    """Export a tenant's data (active, suspended, or cancelled and in its hold)."""
+    from orchestrator.services.export import export as do_export
+
+    fleet = open_fleet()
+    try:
+        res = do_export(fleet, slug, fmt, output, force=force)
+    finally:
+        fleet.close()
+    if as_json:
+        print_json(res)
+    else:
+        say(f"exported {slug} to {res['output']} ({res['size']} bytes)")
+        if res["not_included"].get("large_objects"):
+            say(f"not included: {res['not_included']['large_objects']} large "
+                "object(s) (CSV has no form for them; --format sql includes them)")
+
+
+# -- create, inspect, connect -----------------------------------------------------------
+
+
+@tenant_app.command("create")
+def tenant_create(
+    slug: str,
+    region: Annotated[str, typer.Option(help="Where the tenant's data lives.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Provision a tenant: dedicated database and roles in REGION. Re-run to finish an
+    interrupted create. Prints the tenant's connection string once."""
+    fleet = open_fleet()
+    try:
+        # the output first, then the spare pool's refill: a refill (or a crash in it)
+        # never stands between the sign-up and its connection string
+        with fleet.refills_held():
+            res = fleet.provision(slug, region, shown=False)
+            _show_created(res, as_json)
+            sys.stdout.flush()
+            fleet.credentials_shown(slug)  # until here, a re-run shows it again
+    finally:
+        fleet.close()
+
+
+def _show_created(res: ProvisionResult, as_json: bool) -> None:
+    if as_json:
+        print_json({**res.tenant, "dsn": res.dsn, "resumed": res.resumed,
+                     "via_template": res.via_template})
+        return
+    t = res.tenant
+    verb = "finished provisioning" if res.resumed else "created"
+    say(f"{verb} tenant {t['slug']} in {t['region']} on {t['server']} "
+         f"(revision {t['revision']})")
+    say("connection string (shown once; `tenantctl tenant credentials` shows it again):")
+    plain(res.dsn)
+
+
+@tenant_app.command("list")
+def tenant_list(
+    region: Annotated[str | None, typer.Option(help="Only this region.")] = None,
+    state: Annotated[str | None, typer.Option(help="Only this state.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List tenants."""
+    from orchestrator.domain.views import tenant_json
+
+    reads = open_reads()
+    try:
+        rows = [tenant_json(t) for t in reads.tenants(region, state)]
+    finally:
+        reads.close()
+    if as_json:
+        print_json(rows)
+        return
+    table(None, ["slug", "region", "server", "state", "revision", "created"],
+           [[r["slug"], r["region"], r["server"], r["state"], r["revision"],
+             (r["created_at"] or "")[:19]] for r in rows])
+
+
+@tenant_app.command("show")
+def tenant_show(slug: str, as_json: JsonOpt = False) -> None:
+    """Everything the catalog knows about one tenant."""
+    from orchestrator.domain.views import tenant_json
+
+    reads = open_reads()
+    try:
+        data = tenant_json(reads.get_tenant(slug))
+    finally:
+        reads.close()
+    if as_json:
+        print_json(data)
+        return
+    table(f"tenant {slug}", ["field", "value"], [[k, v] for k, v in data.items()])
+
+
+@tenant_app.command("credentials")
+def tenant_credentials(
+    slug: Annotated[str | None, typer.Argument(show_default=False)] = None,
+    rotate: Annotated[bool, typer.Option(help="Set a new password first.")] = False,
+    all_: Annotated[bool, typer.Option("--all", help="With --rotate: every tenant "
+                                       "(breach response).")] = False,
+    region: Annotated[str | None, typer.Option(help="With --all: only this region.")]
+    = None,
+    concurrency: Annotated[int, typer.Option(min=1, help="With --all.")] = 4,
+    kill_sessions: Annotated[bool, typer.Option(help="End sessions opened with the old "
+                                                "password.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show the tenant's connection string (audited), or rotate its password; with
+    --rotate --all, every tenant's (the report never contains the passwords)."""
+    from orchestrator.domain.errors import InvalidInput
+
+    if all_:
+        if slug or not rotate:
+            raise InvalidInput("--all goes with --rotate and no slug")
+        _rotate_all(region, concurrency, kill_sessions, as_json)
+        return
+    if not slug:
+        raise InvalidInput("give a tenant, or --rotate --all")
+    fleet = open_fleet()
+    try:
+        dsn = fleet.credentials(slug, rotate=rotate)
+        if kill_sessions and rotate:
+            from orchestrator.adapters.postgres import admin as pgserver
+
+            t = fleet.get_tenant(slug)
+            with fleet.server_connection(t.server) as conn:
+                pgserver.terminate_sessions(conn, role=t.login_role)
+    finally:
+        fleet.close()
+    if as_json:
+        print_json({"slug": slug, "dsn": dsn, "rotated": rotate})
+    else:
+        plain(dsn)
+
+
+def _rotate_all(region: str | None, concurrency: int, kill_sessions: bool,
+                as_json: bool) -> None:
+    import time
+
+    from orchestrator.domain.states import HAS_DATABASE
+    from orchestrator.services import breach
+
+    fleet = open_fleet()
+    t0 = time.perf_counter()
+    try:
+        bar = progress_bar("rotating", as_json)
+        if bar is not None:
+            with bar:
+                total = sum(t.state in HAS_DATABASE for t in fleet.tenants(region))
+                task = bar.add_task("rotate", total=total)
+                results = breach.rotate_all(fleet, region=region, concurrency=concurrency,
+                                            kill_sessions=kill_sessions,
+                                            on_done=lambda r: bar.advance(task))
+        else:
+            results = breach.rotate_all(fleet, region=region, concurrency=concurrency,
+                                        kill_sessions=kill_sessions)
+    finally:
+        fleet.close()
+    failed = [r for r in results if not r.ok]
+    elapsed = round(time.perf_counter() - t0, 2)
+    if as_json:
+        print_json({"rotated": len(results) - len(failed), "failed": len(failed),
+                    "seconds": elapsed, "tenants": [r.to_json() for r in results]})
+    else:
+        for r in failed:
+            say(f"failed  {r.tenant}: {r.error}")
+        say(f"rotated {len(results) - len(failed)} tenant passwords in {elapsed}s"
+            + (f", {len(failed)} failed (re-run to retry them)" if failed else ""))
+    if failed:
+        raise typer.Exit(ExitCode.FAILED)
+
+
+@tenant_app.command("psql")
+def tenant_psql(
+    slug: str,
+    owner: Annotated[bool, typer.Option(help="Connect as the owner role (DDL rights).")]
+    = False,
+    command: Annotated[str | None, typer.Option("-c", "--command",
+                                                help="Run one command and exit.")] = None,
+) -> None:
+    """Open psql on the tenant's database as its login role (audited)."""
+    from orchestrator.services import psql
+
+    fleet = open_fleet()
+    try:
+        code = psql.run(fleet, slug, owner=owner, command=command)
+    finally:
+        fleet.close()
+    raise typer.Exit(code)  # psql's own exit status, passed through
