@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from cli.common import JsonOpt, current_config
+from cli.common import JsonOpt, State, current_config
 from cli.output import print_json, say
 
 if TYPE_CHECKING:
@@ -20,7 +20,7 @@ def upgrade_catalog(cfg: Config) -> dict[str, Any]:
     from orchestrator.adapters.catalog.db import Catalog
     from orchestrator.adapters.postgres import fleet_identity
 
-    catalog = Catalog(cfg)
+    catalog = Catalog(cfg, actor=State.actor)
     try:
         before, after = catalog.upgrade()
         changes = catalog.sync_topology()

@@ -23,6 +23,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a t
 
 class State:
     config_path: str | None = None
+    actor: str | None = None  # --actor, for the audit log (passed to the catalog)
 
 
 def current_config() -> Config:
@@ -34,7 +35,7 @@ def current_config() -> Config:
 def open_fleet() -> Fleet:
     from orchestrator.api import Fleet
 
-    fleet = Fleet(current_config())
+    fleet = Fleet(current_config(), actor=State.actor)
     try:
         fleet.catalog.require_current()  # a clear error instead of "relation does not exist"
     except BaseException:

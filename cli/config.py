@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cli.common import JsonOpt, current_config
+from cli.common import JsonOpt, State, current_config
 from cli.output import err, print_json, say
 
 config_app = typer.Typer(no_args_is_help=True, help="The tenantctl.toml file.")
@@ -24,7 +24,7 @@ def config_check(as_json: JsonOpt = False) -> None:
 
     cfg = current_config()
     key = load_master_key(cfg.master_key)
-    catalog = Catalog(cfg)
+    catalog = Catalog(cfg, actor=State.actor)
     try:
         view = keys.catalog_view(catalog)
         foreign = [] if isinstance(view, str) else \

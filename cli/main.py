@@ -109,8 +109,7 @@ def _root(config: Annotated[str | None, typer.Option(
             "--actor", help="Who is acting, for the audit log (default: $TENANTCTL_ACTOR, "
             "else OS user@host).", show_default=False)] = None) -> None:
     State.config_path = config
-    if actor:
-        os.environ["TENANTCTL_ACTOR"] = actor  # read by orchestrator.adapters.catalog.db.actor()
+    State.actor = actor
 
 
 # -- entry point -------------------------------------------------------------------------

@@ -26,8 +26,8 @@ __all__ = ["TARGET_KEY", "Fleet", "ServerInfo", "check_integrity", "tenant_json"
 
 
 class Fleet(Deps):
-    def __init__(self, cfg: Config) -> None:
-        super().__init__(cfg)
+    def __init__(self, cfg: Config, *, actor: str | None = None) -> None:
+        super().__init__(cfg, actor=actor)
         self.refiller = _refill
 
     def provision(self, slug: str, region: str, *, restore_from: int | None = None,

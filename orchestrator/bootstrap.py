@@ -72,9 +72,9 @@ class Deps:
                  admin: ports.ServerAdmin | None = None,
                  open_store: ports.StoreOpener | None = None,
                  backup_jobs: ports.BackupJobs | None = None,
-                 clock: ports.Clock | None = None) -> None:
+                 clock: ports.Clock | None = None, actor: str | None = None) -> None:
         self.cfg = cfg
-        self.catalog = Catalog(cfg)
+        self.catalog = Catalog(cfg, actor=actor)
         self._server_conns = pgserver.ConnectionCache()
         self.records: ports.CatalogPort = records or SqlCatalog(self.catalog)
         self.admin: ports.ServerAdmin = admin or PgServerAdmin(cfg, self.server_connection)

@@ -43,7 +43,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
 from orchestrator.adapters import clock
-from orchestrator.adapters.catalog.db import actor, lock_key, lock_key_sql, with_dbname
+from orchestrator.adapters.catalog.db import lock_key, lock_key_sql, with_dbname
 from orchestrator.adapters.catalog.models import Rollout, RolloutTenant, Tenant
 from orchestrator.adapters.faults import checkpoint
 from orchestrator.adapters.postgres import alembic_runner as tenant_migrations
@@ -386,7 +386,7 @@ class RolloutRun:
                 self._running.enter_context(self._hold_running(existing.id))
                 return existing.id, False
             rollout = Rollout(key=key, target=self.target_name, status=RolloutStatus.running,
-                              actor=actor(), options=asdict(self.opts))
+                              actor=self.fleet.catalog.actor, options=asdict(self.opts))
             s.add(rollout)
             s.flush()
             self._running.enter_context(self._hold_running(rollout.id))

@@ -34,8 +34,13 @@ FLEET_ID = "fleet_id"  # fleet_settings key of the fleet's identity
 CATALOG_MIGRATIONS = Path(__file__).resolve().parents[3] / "migrations" / "catalog"
 
 
-def actor() -> str:
-    who = os.environ.get("TENANTCTL_ACTOR")
+ACTOR_ENV = "TENANTCTL_ACTOR"
+
+
+def default_actor(who: str | None = None) -> str:
+    """Who the audit log says acted: ``who`` if given (the CLI's --actor), else
+    $TENANTCTL_ACTOR, else the OS user@host."""
+    who = who or os.environ.get(ACTOR_ENV)
     if not who:
         try:
             user = getpass.getuser()
@@ -48,9 +53,10 @@ def actor() -> str:
 
 
 class Catalog:
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, *, actor: str | None = None) -> None:
         self.cfg = cfg
         self.dsn = cfg.catalog_dsn
+        self.actor = default_actor(actor)  # for every audit record this catalog writes
         self._engine: Engine | None = None
         self._sessions: sessionmaker[Session] | None = None
 
@@ -213,7 +219,7 @@ class Catalog:
 
     def audit(self, action: str, *, tenant: str | None = None, region: str | None = None,
               outcome: str = "ok", session: Session | None = None, **detail: Any) -> None:
-        event = AuditEvent(actor=actor(), action=action, tenant=tenant, region=region,
+        event = AuditEvent(actor=self.actor, action=action, tenant=tenant, region=region,
                            outcome=outcome, detail=redact_detail(detail))
         if session is not None:
             session.add(event)

@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
-from orchestrator.adapters.catalog.db import Catalog, actor
+from orchestrator.adapters.catalog.db import Catalog
 from orchestrator.adapters.catalog.models import (
     AuditEvent,
     Backup,
@@ -137,8 +137,8 @@ class SqlWrites:
     def add_grant(self, *, tenant_id: int, slug: str, server: str, grantee: str,
                   reason: str, read_only: bool, expires_at: datetime) -> int:
         g = SupportGrant(tenant_id=tenant_id, slug=slug, server=server, role_name="",
-                         grantee=grantee, reason=reason, read_only=read_only, actor=actor(),
-                         expires_at=expires_at)
+                         grantee=grantee, reason=reason, read_only=read_only,
+                         actor=self._catalog.actor, expires_at=expires_at)
         self._s.add(g)
         self._s.flush()
         return g.id
