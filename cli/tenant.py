@@ -287,13 +287,7 @@ def tenant_credentials(
         raise InvalidInput("give a tenant, or --rotate --all")
     fleet = open_fleet()
     try:
-        dsn = fleet.credentials(slug, rotate=rotate)
-        if kill_sessions and rotate:
-            from orchestrator.adapters.postgres import admin as pgserver
-
-            t = fleet.get_tenant(slug)
-            with fleet.server_connection(t.server) as conn:
-                pgserver.terminate_sessions(conn, role=t.login_role)
+        dsn = fleet.credentials(slug, rotate=rotate, kill_sessions=kill_sessions)
     finally:
         fleet.close()
     if as_json:

@@ -180,6 +180,25 @@ def test_fleet_wide_rotation_reports_failures_and_converges(
         connect_as(own.fleet.credentials(s)).close()
 
 
+def test_one_tenant_rotation_can_end_the_old_sessions(
+        test_fleet: PgFleet, own_catalog: OwnCatalog, slug: str) -> None:
+    own = own_catalog
+    old = _tenant(own, slug)
+    kept, ended = connect_as(old, autocommit=True), connect_as(old, autocommit=True)
+    proc = run_cli(test_fleet, "tenant", "credentials", slug, "--rotate", "--json",
+                   config=own.config_path)
+    assert proc.returncode == 0, proc.stderr
+    kept.execute("SELECT 1")  # without --kill-sessions an open session stays
+    kept.close()
+    proc = run_cli(test_fleet, "tenant", "credentials", slug, "--rotate", "--kill-sessions",
+                   "--json", config=own.config_path)
+    assert proc.returncode == 0, proc.stderr
+    with pytest.raises(psycopg.OperationalError):  # ended by the rotation
+        ended.execute("SELECT 1")
+    ended.close()
+    connect_as(json.loads(proc.stdout)["dsn"]).close()
+
+
 def test_breach_drill_times_every_step(test_fleet: PgFleet, own_catalog: OwnCatalog,
                                        slug: str, tmp_path: object) -> None:
     from pathlib import Path

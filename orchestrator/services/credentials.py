@@ -25,8 +25,10 @@ from orchestrator.domain.names import password_context
 from orchestrator.domain.states import HAS_DATABASE
 
 
-def credentials(fleet: Deps, slug: str, *, rotate: bool = False) -> str:
-    """The tenant's connection string; with ``rotate``, after changing the password.
+def credentials(fleet: Deps, slug: str, *, rotate: bool = False,
+                kill_sessions: bool = False) -> str:
+    """The tenant's connection string; with ``rotate``, after changing the password
+    (and, with ``kill_sessions``, ending the sessions opened with the old one).
     The new password is stored (wrapped) before the role gets it, so a crash in
     between leaves a pending password that the next call applies."""
     tenant = fleet.get_tenant(slug)
@@ -41,7 +43,11 @@ def credentials(fleet: Deps, slug: str, *, rotate: bool = False) -> str:
                        else f"tenant {slug!r} has no stored password")
     ctx = password_context(slug)
     if rotate:
-        return _rotate(fleet, tenant, ctx)
+        dsn = _rotate(fleet, tenant, ctx)
+        if kill_sessions:
+            with fleet.server_connection(tenant.server) as conn:
+                pgserver.terminate_sessions(conn, role=tenant.login_role)
+        return dsn
     password = fleet.master_key.unwrap(cred.password_wrapped, ctx).decode()
     if cred.applied_at is None:  # a rotation that died half-way: finish it
         return _rotate(fleet, tenant, ctx, password)
@@ -50,6 +56,7 @@ def credentials(fleet: Deps, slug: str, *, rotate: bool = False) -> str:
     if tenant.step == UNSHOWN:
         fleet.credentials_shown(slug)
     return dsn
+
 
 def _rotate(fleet: Deps, tenant: Tenant, ctx: str, password: str | None = None) -> str:
     """Store the new password (wrapped) first, then give it to the role, under the
