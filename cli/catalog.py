@@ -15,19 +15,10 @@ if TYPE_CHECKING:
 catalog_app = typer.Typer(no_args_is_help=True, help="The orchestrator's own database.")
 
 
-
 def upgrade_catalog(cfg: Config) -> dict[str, Any]:
-    from orchestrator.adapters.catalog.db import Catalog
-    from orchestrator.adapters.postgres import fleet_identity
+    from orchestrator.services import fleet_setup
 
-    catalog = Catalog(cfg, actor=State.actor)
-    try:
-        before, after = catalog.upgrade()
-        changes = catalog.sync_topology()
-        changes += fleet_identity.ensure(cfg, catalog)
-    finally:
-        catalog.dispose()
-    return {"from": before, "to": after, "topology": changes}
+    return fleet_setup.upgrade_catalog(cfg, State.actor)
 
 
 @catalog_app.command("upgrade")
