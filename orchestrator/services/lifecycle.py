@@ -94,8 +94,8 @@ def cancel(fleet: Deps, slug: str, *, now: datetime | None = None,
         # Cancelling again during the hold finishes what a crashed run left undone
         # (its backup) instead of failing: the command is idempotent.
         again = states.cancel_retry(tenant.state, tenant.hold_until, now)
-        if not again:
-            tenant = _locked_tenant(fleet, slug, "cancel", now)
+        if not again:  # the row read under the lock above: not read a second time
+            states.check(slug, Op.cancel, tenant.state, now=now, hold_until=tenant.hold_until)
             with fleet.records.transaction() as tx:
                 tx.update_tenant(tenant.id, step=CANCELLING)
             names = tenant_names(slug)
