@@ -11,15 +11,18 @@ import shutil
 import subprocess
 from datetime import UTC, datetime, timedelta
 from html.parser import HTMLParser
+from importlib import metadata
 from pathlib import Path
 
 import psycopg
 import pytest
 from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
 from sqlalchemy import func, update
 
 from backups import service as pipeline
 from orchestrator.adapters.catalog.models import Tenant
+from orchestrator.adapters.postgres import fleet_identity
 from orchestrator.domain import promises
 from orchestrator.domain.health import BackupRow, StoreFacts, TenantRow
 from orchestrator.domain.promises import GrantRow
@@ -56,6 +59,10 @@ def test_report_passes_then_names_each_broken_promise(test_fleet: PgFleet,
         if k != "late":
             pipeline.run_backup(own.fleet, s)
     own.fleet.credentials(names["obj"])  # the live probe needs a password
+    # the fleet id the report names: the servers' own, as `catalog upgrade` adopts it
+    marks = [m for m in fleet_identity.server_marks(own.fleet.cfg).values()
+             if isinstance(m, str)]
+    fleet_id = own.fleet.catalog.adopt_fleet_id(marks[0] if marks else "0123456789abcdef")
     code, data = _report(test_fleet, own, "--html", str(tmp_path / "ok.html"))
     assert code == 0 and data["ok"], json.dumps(data, indent=1)
     assert {p["promise"] for p in data["promises"]} == {
@@ -79,7 +86,9 @@ def test_report_passes_then_names_each_broken_promise(test_fleet: PgFleet,
         s.execute(update(Tenant).where(Tenant.slug == names["late"])
                   .values(hold_until=func.now() - timedelta(days=2)))
 
-    code, data = _report(test_fleet, own, "--html", str(tmp_path / "bad.html"))
+    proc = run_cli(test_fleet, "report", "--json", "--html", str(tmp_path / "bad.html"),
+                   config=own.config_path)
+    code, data = proc.returncode, json.loads(proc.stdout)
     assert code == 12 and not data["ok"]
     assert names["obj"] in _offenders(data, "backups")
     assert names["moved"] in _offenders(data, "region")
@@ -87,11 +96,53 @@ def test_report_passes_then_names_each_broken_promise(test_fleet: PgFleet,
     assert names["public"] in _offenders(data, "isolation")
     assert names["late"] in _offenders(data, "timeliness")
     assert _offenders(data, "audit") == ""
+    assert re.fullmatch(r"1/5 promises kept; broken: isolation \(\d offenders?\), region "
+                        r"\(\d offenders?\), backups \(\d offenders?\), timeliness "
+                        r"\(1 offender\)", data["summary"]), data["summary"]
+    catalog = conninfo_to_dict(own.fleet.cfg.catalog_dsn)
+    assert data["fleet"]["catalog"].endswith(f":{catalog.get('port', 5432)}/"
+                                             f"{catalog['dbname']}")
+    assert data["fleet"]["fleet_id"] == fleet_id
+    assert data["tenantctl_version"] == metadata.version("tenantctl")
+    datetime.fromisoformat(data["generated_at"])  # whole seconds, with its zone
+    assert "." not in data["generated_at"] and data["generated_at"].endswith("+00:00")
+
+    # each offender's remedy is doctor's for the same finding
+    (late,) = [f for p in data["promises"] for f in p["failures"]
+               if f["subject"] == names["late"] and p["promise"] == "timeliness"]
+    doctor = run_cli(test_fleet, "doctor", "--json", config=own.config_path)
+    (finding,) = [x for x in json.loads(doctor.stdout)["findings"]
+                  if x["subject"] == names["late"] and x["code"] == late["code"]]
+    assert late["code"] == "deletion-overdue" and late["remedy"] == finding["remedy"]
+    reach = [f for p in data["promises"] for f in p["failures"]
+             if f["problem"] == f"its role may connect to tenant_{names['public']} (PUBLIC may)"]
+    assert reach and all(f["code"] == "public-connect" for f in reach)
+
     page = (tmp_path / "bad.html").read_text()
     parser = _Tags()
     parser.feed(page)
-    assert parser.tags.count("section") == 5 and "<script" not in page
-    assert "FAIL" in page and names["late"] in page
+    scripts, body = _embedded(page)
+    assert parser.tags.count("section") == 5 and scripts == 1
+    assert json.loads(body) == data  # the page carries what --json printed
+    assert "FAIL" in page and names["late"] in page and html.escape(data["summary"]) in page
+    assert html.escape(late["remedy"]) in page
+
+    # the terminal: the summary first, which fleet, a remedy under each offender
+    # (wide: wrapping of piped lines is cli/output.py's concern, not the report's)
+    text = run_cli(test_fleet, "report", config=own.config_path, env={"COLUMNS": "500"})
+    assert text.returncode == 12, text.stderr
+    lines = text.stdout.splitlines()
+    assert lines[0].startswith("1/5 promises kept; broken: isolation (")
+    assert lines[1].startswith(f"fleet {fleet_id}, catalog "
+                               f"{data['fleet']['catalog']}, tenantctl ")
+    assert f"    ! {names['late']}: hold ended " in text.stdout
+    assert f"      remedy: {late['remedy']}" in text.stdout
+    # the catalog's password (in its passfile: a DSN may not hold one) is nowhere
+    passfile = catalog.get("passfile")
+    secrets = [line.rsplit(":", 1)[1] for line in Path(passfile).read_text().splitlines()
+               if line.strip()] if passfile else []
+    for out in (proc.stdout, proc.stderr, page, text.stdout, text.stderr):
+        assert "passfile" not in out and not any(pw in out for pw in secrets)
     with psycopg.connect(test_fleet.admin_dsn(t.server), autocommit=True) as conn:
         conn.execute(sql.SQL("REVOKE CONNECT ON DATABASE {} FROM PUBLIC").format(
             sql.Identifier(t.database)))
