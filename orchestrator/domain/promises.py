@@ -65,7 +65,7 @@ class Offences(dict[str, Failure]):
     def add(self, subject: str, problem: str, code: str, **args: object) -> None:
         self[subject] = Failure(subject, problem, code, remedy(code, slug=subject, **args))
 
-    def sorted(self) -> list[Failure]:
+    def in_order(self) -> list[Failure]:
         return [self[k] for k in sorted(self)]
 
 
@@ -196,7 +196,7 @@ def check_isolation(tenants: Sequence[TenantRow], seen: Sequence[ServerIsolation
                     "the servers", f"{plural(sampled, 'live connection attempt')} to other "
                     f"databases, {'refused' if sampled == 1 else 'all refused'}"
                     if not off else "live probe: see offenders"],
-                   off.sorted())
+                   off.in_order())
 
 
 # -- 2. region -----------------------------------------------------------------------
@@ -238,7 +238,7 @@ def check_region(tenants: Sequence[TenantRow], backups: Sequence[BackupRow],
                     f"{plural(sum(map(len, listed.values())), 'object')} listed in "
                     f"{plural(len(stores), 'region store')}",
                     f"{plural(completed, 'completed backup')} recorded in their region's "
-                    "store"], off.sorted()), listed
+                    "store"], off.in_order()), listed
 
 
 # -- 3. backups -----------------------------------------------------------------------
@@ -283,7 +283,7 @@ def check_backups(tenants: Sequence[TenantRow], backups: Sequence[BackupRow],
                     *([f"{plural(never, 'active tenant')} without a completed backup yet"]
                       if never and oldest is not None else []),
                     "every backup is age-encrypted to its tenant's own key"],
-                   off.sorted())
+                   off.in_order())
 
 
 def _ago(delta: timedelta) -> str:
@@ -319,7 +319,7 @@ def check_timeliness(tenants: Sequence[TenantRow], grants: Sequence[GrantRow], n
                     f"{plural(deleted, 'deleted tenant')} awaiting purge",
                     plural(live_grants, "live support grant"),
                     f"{plural(holds, 'tenant')} under legal hold (exempt)"],
-                   off.sorted())
+                   off.in_order())
 
 
 # -- 5. audit -------------------------------------------------------------------------
@@ -346,4 +346,4 @@ def check_audit(tenants: Sequence[TenantRow], seen: set[tuple[str | None, str]],
                     f"oldest: {human_time(oldest, now) if oldest else 'none'}",
                     f"{plural(len(tenants), STATE_NOUN, STATES_NOUN)} matched to their "
                     "audit records"],
-                   off.sorted())
+                   off.in_order())
