@@ -202,6 +202,13 @@ def _seed(own: OwnCatalog, job: str, started: datetime) -> None:
                      (job, started, started + timedelta(seconds=1)))
 
 
+def _metric_value(text: str, sample: str) -> float | None:
+    for line in text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.split()[-1])
+    return None
+
+
 def _at(iso: str) -> datetime:
     return datetime.fromisoformat(iso)
 
@@ -280,6 +287,13 @@ def test_failover_keeps_the_cadence_and_the_endpoint_reports_it(
         < timedelta(seconds=2), took
     assert abs(_at(took["next_runs"]["prune"]) - (now + timedelta(minutes=59))) \
         < timedelta(seconds=5), took
+    # the last successes the catalog recorded, though this instance ran nothing
+    text = _get(b.base_url + "/metrics")[2]
+    seeded = {job: _metric_value(text, "tenantctl_job_last_success_timestamp_seconds"
+                                 f'{{job="{job}"}}') for job in ("prune", "audit_purge")}
+    assert seeded["prune"] == pytest.approx((now - timedelta(seconds=59)).timestamp(), abs=1)
+    assert seeded["audit_purge"] is not None and \
+        seeded["audit_purge"] >= purge_run[0].timestamp(), text
     time.sleep(4)  # several polls of the new leader: it runs neither job
     assert not b.events("job"), b.describe()
     assert b.proc.poll() is None

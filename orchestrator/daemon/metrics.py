@@ -244,6 +244,14 @@ class Metrics:
                 last_success=(at or utcnow().timestamp()) if outcome == "ok" else s.last_success)
         self._runs.labels(job).observe(duration)
 
+    def seed_last_success(self, job: str, at: float) -> None:
+        """The last success the catalog recorded (by any instance), unless this one
+        knows a later one."""
+        with self._lock:
+            s = self._jobs.get(job, JobStats())
+            if s.last_success is None or s.last_success < at:
+                self._jobs[job] = replace(s, last_success=at)
+
     def set_fleet(self, gauges: FleetGauges) -> None:
         with self._lock:
             self._fleet, self._up = gauges, True

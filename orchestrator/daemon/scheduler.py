@@ -264,7 +264,10 @@ class SchedulerDaemon:
             last = {}
         planned: dict[str, str] = {}
         for job, seconds in self.options.intervals.items():
-            at = next_run_at(last.get(job), timedelta(seconds=seconds), now)
+            run = last.get(job)
+            if run is not None and run.outcome == "ok":  # last success survives failover
+                self.metrics.seed_last_success(job, run.finished_at.timestamp())
+            at = next_run_at(run.started_at if run else None, timedelta(seconds=seconds), now)
             planned[job] = at.isoformat(timespec="seconds")
             term.scheduler.add_job(
                 self.run_job, IntervalTrigger(seconds=seconds, timezone=UTC), args=(job, term.halt),

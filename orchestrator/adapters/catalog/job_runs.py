@@ -4,6 +4,7 @@ run, read by a new leader to schedule from, written after each run."""
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
 
@@ -16,12 +17,20 @@ if TYPE_CHECKING:
     from orchestrator.adapters.catalog.db import Catalog
 
 
-def last_runs(catalog: Catalog, jobs: Iterable[str]) -> dict[str, datetime]:
-    """job -> start of its last counted run (jobs never run are absent)."""
+@dataclass(frozen=True)
+class JobRun:
+    started_at: datetime
+    finished_at: datetime
+    outcome: str
+
+
+def last_runs(catalog: Catalog, jobs: Iterable[str]) -> dict[str, JobRun]:
+    """job -> its last counted run (jobs never run are absent)."""
     with catalog.session() as s:
-        rows = s.execute(select(SchedulerJob.job, SchedulerJob.last_started_at)
+        rows = s.execute(select(SchedulerJob.job, SchedulerJob.last_started_at,
+                                SchedulerJob.last_finished_at, SchedulerJob.last_outcome)
                          .where(SchedulerJob.job.in_(list(jobs)))).all()
-    return {job: at for job, at in rows}
+    return {job: JobRun(started, finished, outcome) for job, started, finished, outcome in rows}
 
 
 def record_run(catalog: Catalog, job: str, started_at: datetime, finished_at: datetime,
