@@ -13,6 +13,7 @@ import signal
 import subprocess
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -330,7 +331,7 @@ def test_catalog_down_standby_waits_and_metrics_still_answer(test_fleet: PgFleet
     down = Fleet(cfg)
     out = io.StringIO()
     metrics = Metrics(["retention"])
-    server = MetricsServer("127.0.0.1", 0, lambda: render_metrics(metrics.snapshot()))
+    server = MetricsServer("127.0.0.1", 0, metrics.render, metrics.health)
     daemon = SchedulerDaemon(down, SchedulerOptions({"retention": 1.0}, standby_poll=0.3,
                                                     metrics_refresh=0.3),
                              JsonLog(stream=out), metrics, server)
@@ -350,6 +351,12 @@ def test_catalog_down_standby_waits_and_metrics_still_answer(test_fleet: PgFleet
         assert "tenantctl_up 0.0" in text.splitlines()
         assert "tenantctl_scheduler_leader 0.0" in text.splitlines()
         assert not logged("leader") and not logged("job")
+        # /healthz: the loop is alive, the catalog is not: 503, and it says which
+        with pytest.raises(urllib.error.HTTPError) as unhealthy:
+            urllib.request.urlopen(f"http://{server.address}/healthz", timeout=5)
+        assert unhealthy.value.code == 503
+        verdict = json.loads(unhealthy.value.read())
+        assert verdict["loop_alive"] is True and verdict["catalog_reachable"] is False
     finally:
         daemon.stop()
         runner.join(timeout=30)
