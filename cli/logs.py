@@ -43,6 +43,9 @@ def configure(level: str | None, fmt: str | None) -> None:
     from orchestrator.domain.errors import InvalidInput
 
     global _log
+    _log = None
+    _Options.level = _Options.fmt = _Options.error = None  # nothing of an earlier call
+    _Options.configured = False
     if level is not None and level.lower() not in LEVELS:
         raise InvalidInput(f"--log-level: unknown level {level!r} "
                            f"(use {', '.join(LEVELS)}; or ${LEVEL_ENV})")
@@ -52,8 +55,6 @@ def configure(level: str | None, fmt: str | None) -> None:
     _Options.level = level.lower() if level else None
     _Options.fmt = fmt.lower() if fmt else None
     _Options.configured = True
-    _Options.error = None
-    _log = None
 
 
 def level_or(default: str) -> str:
