@@ -391,3 +391,23 @@ def test_a_cron_command_logs_like_the_daemon(test_fleet: Any, fleet: Any, slug: 
     events = [ln.split()[2] for ln in text.stderr.splitlines()]
     assert events == ["backup", "command"], text.stderr
     assert f"tenant={slug}" in text.stderr.splitlines()[0]
+
+
+def test_only_a_finished_run_moves_the_cadence(own_catalog: OwnCatalog) -> None:
+    """An interrupted run (SIGTERM, lost lead) is not recorded: the next leader
+    finishes that job at once. A finished one is, by its start."""
+    from orchestrator.daemon.jsonlog import JsonLog
+    from orchestrator.daemon.scheduler import SchedulerDaemon, SchedulerOptions
+
+    own = own_catalog
+    with open(os.devnull, "w") as devnull:
+        daemon = SchedulerDaemon(own.fleet, SchedulerOptions({"prune": 3600.0}),
+                                 JsonLog(stream=devnull))
+        halted = threading.Event()
+        halted.set()
+        assert daemon.run_job("prune", halted).outcome == "interrupted"
+        assert "prune" not in _cadence(own)
+        before = datetime.now(UTC)
+        assert daemon.run_job("prune", threading.Event()).outcome == "ok"
+    started, outcome = _cadence(own)["prune"]
+    assert outcome == "ok" and before - timedelta(seconds=1) <= started <= datetime.now(UTC)
