@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from cli import logs
 from cli.common import ID_MAX, open_fleet, open_reads
 from cli.output import plain, print_json, progress_bar, say, table
 from orchestrator.domain.errors import ExitCode
@@ -46,6 +47,8 @@ def run(
                                          "scheduled" if due else "manual")
     finally:
         fleet.close()
+    for r in results:
+        logs.backup_result(r)
     if as_json:
         print_json([r.__dict__ for r in results])
     else:

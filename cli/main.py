@@ -17,6 +17,7 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 
+from cli import logs
 from cli.access import access_app
 from cli.audit import audit_app
 from cli.backup import backup_app
@@ -107,16 +108,26 @@ def _root(config: Annotated[str | None, typer.Option(
         show_default=False)] = None,
         actor: Annotated[str | None, typer.Option(
             "--actor", help="Who is acting, for the audit log (default: $TENANTCTL_ACTOR, "
-            "else OS user@host).", show_default=False)] = None) -> None:
+            "else OS user@host).", show_default=False)] = None,
+        log_level: Annotated[str | None, typer.Option(
+            "--log-level", envvar=logs.LEVEL_ENV, show_default=False,
+            help="Log lines on stderr at this level and above: debug, info, warning "
+            "(default; the scheduler: info) or error.")] = None,
+        log_format: Annotated[str | None, typer.Option(
+            "--log-format", envvar=logs.FORMAT_ENV, show_default=False,
+            help="text (default) or json (the scheduler's default: JSON lines on "
+            "stdout).")] = None) -> None:
     State.config_path = config
     State.actor = actor
+    logs.configure(log_level, log_format)
 
 
 # -- entry point -------------------------------------------------------------------------
 
 
 def _fail(message: str, code: ExitCode) -> NoReturn:
-    err(f"error: {message}")
+    if not logs.failed(message):  # with --log-format json: the `command` line says it
+        err(f"error: {message}")
     sys.stdout.flush()
     raise SystemExit(code)
 
@@ -151,6 +162,7 @@ def _explained(exc: BaseException) -> str:
             "clusters, `tenantctl local status` shows them")
 
 
+@logs.logged_command(lambda: app)
 def main() -> None:
     import logging
 

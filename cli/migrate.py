@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from cli import logs
 from cli.common import open_fleet, open_reads
 from cli.output import console, err, plain, print_json, say, table
 from orchestrator.domain.statuses import ROLLOUT_DRY_RUN, TenantMigration
@@ -162,6 +163,7 @@ class _Renderer:
         say(text, self.console)
 
     def event(self, e: Event) -> None:
+        logs.rollout_event(e)
         if e.kind == "wave":
             self._start_wave(e.wave, e.size)
         elif e.kind == "tenant" and e.result is not None:

@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 import typer
 
+from cli import logs
 from cli.common import open_fleet
 from cli.output import err, print_json, say, table
 from orchestrator.domain.errors import ExitCode
@@ -47,6 +48,7 @@ def retention_run(
             say(f"  {a.describe()}")
 
     def show_step(r: Any) -> None:
+        logs.retention_step(r)
         if not as_json:
             say(f"{r.outcome}: {r.action.describe()} — {r.message}")
 

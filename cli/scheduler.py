@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from cli import logs
 from cli.common import open_fleet
 
 scheduler_app = typer.Typer(no_args_is_help=True,
@@ -15,8 +16,9 @@ scheduler_app = typer.Typer(no_args_is_help=True,
 @scheduler_app.command("run")
 def run(
     metrics_port: Annotated[int | None, typer.Option(
-        help="Serve Prometheus metrics on this port (GET /metrics; 0: any free port, "
-        "logged in the `started` line).", show_default=False)] = None,
+        help="Serve Prometheus metrics on this port (GET /metrics, and GET /healthz: 200 "
+        "or 503; 0: any free port, logged in the `started` line).",
+        show_default=False)] = None,
     metrics_host: Annotated[str, typer.Option(help="Address the metrics endpoint "
                                               "binds to.")] = "127.0.0.1",
     standby_poll: Annotated[float, typer.Option(
@@ -30,10 +32,11 @@ def run(
         "audit_purge (default: all).", show_default=False)] = None,
 ) -> None:
     """Run due backups, retention (deletions and purges), backup pruning and the audit
-    purge on the intervals of the config's scheduler table, each once at start.
+    purge on the intervals of the config's scheduler table. Each job's last run is kept
+    in the catalog: a restart or a new leader runs at once only the jobs that are due.
     Several instances may run: one leads (a catalog advisory lock), the others wait
-    as standbys and take over when it dies. JSON log lines on stdout; SIGTERM stops
-    it cleanly (exit 0)."""
+    as standbys and take over when it dies. Log lines on stdout (JSON and info unless
+    --log-format/--log-level say otherwise); SIGTERM stops it cleanly (exit 0)."""
     from orchestrator.daemon import jobs as daemon_jobs
     from orchestrator.daemon import jsonlog
     from orchestrator.daemon import metrics as daemon_metrics
@@ -57,12 +60,16 @@ def run(
             intervals=daemon_jobs.job_intervals(fleet.cfg.scheduler, interval_seconds, selected),
             standby_poll=standby_poll, heartbeat=min(2.0, standby_poll),
             backup_concurrency=backup_concurrency)
-        log = jsonlog.JsonLog(instance=sch.instance_name())
-        metrics = daemon_metrics.Metrics(selected)
+        # the daemon's lines are its output: stdout, info and json unless told otherwise
+        log = jsonlog.JsonLog(level=logs.level_or("info"), fmt=logs.format_or("json"),
+                              instance=sch.instance_name())
+        # /healthz: the loop ticks every 0.2 s, but a standby's try for the lock may
+        # wait out a connect timeout; the catalog gauges are re-read every 15 s
+        metrics = daemon_metrics.Metrics(selected, loop_max=max(60.0, 3 * standby_poll),
+                                         refresh_max=max(60.0, 4 * options.metrics_refresh))
         if metrics_port is not None:
-            server = daemon_metrics.MetricsServer(
-                metrics_host, metrics_port,
-                lambda: daemon_metrics.render_metrics(metrics.snapshot()))
+            server = daemon_metrics.MetricsServer(metrics_host, metrics_port, metrics.render,
+                                                  metrics.health)
         daemon = sch.SchedulerDaemon(fleet, options, log, metrics, server)
         daemon.install_signal_handlers()
         daemon.run()

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -283,7 +284,7 @@ def test_one_tenant_failing_never_stops_the_job_or_the_daemon(
     assert counts["failed"] >= 1 and counts["completed"] >= 2, d.describe()
     assert counts["completed"] + counts["failed"] + counts["skipped"] == counts["due"]
     assert [f for f in d.events("backup_failed") if "injected fault" in f["error"]]
-    text = wait_for(lambda: (t := d.scrape()) and 'tenantctl_job_failures_total{job="backups"} 1'
+    text = wait_for(lambda: (t := d.scrape()) and 'tenantctl_job_failures_total{job="backups"} 1.0'
                     in t and t, 30, "the failure counted", d)
     assert (_metric(text, 'tenantctl_job_runs_total{job="backups"}') or 0) >= 1
     # the next run backs up the one that failed, and the daemon is still up
@@ -330,7 +331,7 @@ def test_catalog_down_standby_waits_and_metrics_still_answer(test_fleet: PgFleet
     down = Fleet(cfg)
     out = io.StringIO()
     metrics = Metrics(["retention"])
-    server = MetricsServer("127.0.0.1", 0, lambda: render_metrics(metrics.snapshot()))
+    server = MetricsServer("127.0.0.1", 0, metrics.render, metrics.health)
     daemon = SchedulerDaemon(down, SchedulerOptions({"retention": 1.0}, standby_poll=0.3,
                                                     metrics_refresh=0.3),
                              JsonLog(stream=out), metrics, server)
@@ -347,9 +348,15 @@ def test_catalog_down_standby_waits_and_metrics_still_answer(test_fleet: PgFleet
         with urllib.request.urlopen(f"http://{server.address}/metrics", timeout=5) as resp:
             text = resp.read().decode()
         assert resp.status == 200
-        assert "tenantctl_up 0" in text.splitlines()
-        assert "tenantctl_scheduler_leader 0" in text.splitlines()
+        assert "tenantctl_up 0.0" in text.splitlines()
+        assert "tenantctl_scheduler_leader 0.0" in text.splitlines()
         assert not logged("leader") and not logged("job")
+        # /healthz: the loop is alive, the catalog is not: 503, and it says which
+        with pytest.raises(urllib.error.HTTPError) as unhealthy:
+            urllib.request.urlopen(f"http://{server.address}/healthz", timeout=5)
+        assert unhealthy.value.code == 503
+        verdict = json.loads(unhealthy.value.read())
+        assert verdict["loop_alive"] is True and verdict["catalog_reachable"] is False
     finally:
         daemon.stop()
         runner.join(timeout=30)
@@ -398,17 +405,17 @@ def test_render_metrics_text_format() -> None:
     text = render_metrics(snap)
     lines = text.splitlines()
     assert text.endswith("\n")
-    assert "tenantctl_up 1" in lines and "tenantctl_scheduler_leader 1" in lines
-    assert 'tenantctl_tenants{state="active"} 3' in lines
-    assert 'tenantctl_tenants{state="deleted"} 0' in lines
+    assert "tenantctl_up 1.0" in lines and "tenantctl_scheduler_leader 1.0" in lines
+    assert 'tenantctl_tenants{state="active"} 3.0' in lines
+    assert 'tenantctl_tenants{state="deleted"} 0.0' in lines
     assert 'tenantctl_oldest_latest_backup_age_seconds{region="eu-central"} 90.5' in lines
-    assert 'tenantctl_oldest_latest_backup_age_seconds{region="we\\"ird\\\\"} 1' in lines
-    assert "tenantctl_overdue_deletions 2" in lines and "tenantctl_overdue_purges 0" in lines
+    assert 'tenantctl_oldest_latest_backup_age_seconds{region="we\\"ird\\\\"} 1.0' in lines
+    assert "tenantctl_overdue_deletions 2.0" in lines and "tenantctl_overdue_purges 0.0" in lines
     assert 'tenantctl_job_duration_seconds{job="backups"} 1.25' in lines
     assert not any(ln.startswith('tenantctl_job_duration_seconds{job="prune"}') for ln in lines)
-    assert 'tenantctl_job_runs_total{job="backups"} 4' in lines
-    assert 'tenantctl_job_runs_total{job="prune"} 0' in lines
-    assert 'tenantctl_job_failures_total{job="backups"} 1' in lines
+    assert 'tenantctl_job_runs_total{job="backups"} 4.0' in lines
+    assert 'tenantctl_job_runs_total{job="prune"} 0.0' in lines
+    assert 'tenantctl_job_failures_total{job="backups"} 1.0' in lines
     assert "# TYPE tenantctl_job_runs_total counter" in lines
     assert "# TYPE tenantctl_tenants gauge" in lines
     # every sample belongs to a family declared just before it
@@ -421,8 +428,8 @@ def test_render_metrics_text_format() -> None:
 
     # the catalog down and never read: still a valid answer, up 0, no fleet gauges
     down = render_metrics(MetricsSnapshot(leader=False, up=False, fleet=None, jobs={}))
-    assert "tenantctl_up 0" in down.splitlines()
-    assert "tenantctl_scheduler_leader 0" in down.splitlines()
+    assert "tenantctl_up 0.0" in down.splitlines()
+    assert "tenantctl_scheduler_leader 0.0" in down.splitlines()
     assert "tenantctl_tenants" not in down
 
 

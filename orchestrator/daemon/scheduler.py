@@ -35,7 +35,7 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -43,6 +43,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 from sqlalchemy import func, select
 
+from orchestrator.adapters.catalog import job_runs
 from orchestrator.adapters.catalog.db import redact
 from orchestrator.adapters.catalog.models import SupportGrant
 from orchestrator.adapters.clock import utcnow
@@ -57,6 +58,7 @@ from orchestrator.daemon.jsonlog import JsonLog, route_apscheduler_logs
 from orchestrator.daemon.leader import LeaderLock
 from orchestrator.daemon.metrics import Metrics, MetricsServer, read_fleet_gauges
 from orchestrator.domain.errors import InvalidInput, first_line
+from orchestrator.domain.jobs import COUNTED_OUTCOMES, next_run_at
 
 if TYPE_CHECKING:
     from orchestrator.bootstrap import Deps
@@ -135,6 +137,7 @@ class SchedulerDaemon:
         """Sleep up to `seconds`; False if a stop was requested meanwhile."""
         deadline = time.monotonic() + seconds
         while not self._stop_requested:
+            self.metrics.beat()  # /healthz: the loop is alive
             left = deadline - time.monotonic()
             if left <= 0:
                 return True
@@ -193,10 +196,10 @@ class SchedulerDaemon:
 
     def _lead(self) -> None:
         term = _Term(self._new_scheduler())
-        self._add_jobs(term)
+        planned = self._add_jobs(term)
         term.scheduler.start()
         self.metrics.set_leader(True)
-        self.log.info("leader", jobs=sorted(self.options.intervals))
+        self.log.info("leader", jobs=sorted(self.options.intervals), next_runs=planned)
         polled = time.monotonic()
         try:
             while self._sleep(self.options.heartbeat):
@@ -248,13 +251,29 @@ class SchedulerDaemon:
     def _new_scheduler(self) -> BackgroundScheduler:
         return BackgroundScheduler(timezone=UTC, daemon=True)
 
-    def _add_jobs(self, term: _Term) -> None:
+    def _add_jobs(self, term: _Term) -> dict[str, str]:
+        """Each job from its persisted cadence: a job that ran within its interval
+        (before a restart, or on the old leader) waits for the rest of it; one never
+        run, or overdue, runs now. Returns job -> next run (ISO), for the log."""
         now = utcnow()
+        try:
+            last = job_runs.last_runs(self.fleet.catalog, self.options.intervals)
+        except Exception as exc:  # noqa: BLE001 - unknown cadence: run now, as before
+            self.log.warning("schedule_read_failed", error=first_line(exc),
+                             detail="every job runs now")
+            last = {}
+        planned: dict[str, str] = {}
         for job, seconds in self.options.intervals.items():
+            run = last.get(job)
+            if run is not None and run.outcome == "ok":  # last success survives failover
+                self.metrics.seed_last_success(job, run.finished_at.timestamp())
+            at = next_run_at(run.started_at if run else None, timedelta(seconds=seconds), now)
+            planned[job] = at.isoformat(timespec="seconds")
             term.scheduler.add_job(
                 self.run_job, IntervalTrigger(seconds=seconds, timezone=UTC), args=(job, term.halt),
                 id=job, name=job, max_instances=1, coalesce=True,
-                misfire_grace_time=max(1, int(seconds)), next_run_time=now)
+                misfire_grace_time=max(1, int(seconds)), next_run_time=at)
+        return planned
 
     # -- one job run ------------------------------------------------------------------------
 
@@ -277,8 +296,9 @@ class SchedulerDaemon:
         """Run one job under its catalog lock; never raises. Logs one `job` line and
         records metrics."""
         started = time.monotonic()
+        started_at = utcnow()
         if job == "retention":
-            self._retention_started = utcnow()
+            self._retention_started = started_at
         with self._running_lock:
             self._running.add(job)
         try:
@@ -292,6 +312,8 @@ class SchedulerDaemon:
                 self._running.discard(job)
         duration = time.monotonic() - started
         self.metrics.record_job(job, duration, result.outcome)
+        if result.outcome in COUNTED_OUTCOMES:
+            self._record_run(job, started_at, result.outcome)
         level = "error" if result.outcome == "failed" else \
             "warning" if result.outcome == "partial" else "info"
         self.log.emit(level, "job", job=job, outcome=result.outcome,
@@ -299,6 +321,13 @@ class SchedulerDaemon:
                       error=result.error)
         self._refresh_now.set()
         return result
+
+    def _record_run(self, job: str, started_at: datetime, outcome: str) -> None:
+        try:
+            job_runs.record_run(self.fleet.catalog, job, started_at, utcnow(), outcome,
+                                instance_name())
+        except Exception as exc:  # noqa: BLE001 - the next leader then runs it sooner
+            self.log.warning("schedule_record_failed", job=job, error=first_line(exc))
 
     # -- metrics refresh -----------------------------------------------------------------------
 

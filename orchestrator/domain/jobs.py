@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable
+from datetime import datetime, timedelta
 
 from orchestrator.domain.errors import FIELD, InvalidInput
 
@@ -61,3 +62,21 @@ def parse_scheduled(text: str | None, what: str) -> tuple[Job, ...]:
         raise InvalidInput(f"{FIELD}: unknown job {', '.join(unknown) or '(none given)'} "
                            f"(known: {', '.join(SCHEDULED)})", field=what)
     return tuple(Job(n) for n in names)
+
+
+# -- the persisted cadence ---------------------------------------------------------------
+
+# A run that ended so counts for the cadence; an interrupted one (SIGTERM, lost lead,
+# a crash: never recorded) does not, so the next leader finishes it at once. A run
+# skipped because another instance still held the job is that instance's to record.
+COUNTED_OUTCOMES = ("ok", "partial", "failed")
+
+
+def next_run_at(last_run: datetime | None, interval: timedelta, now: datetime) -> datetime:
+    """When a job runs next, from the start of its last counted run (persisted in the
+    catalog): never run, or overdue → now; ran within its interval → last run +
+    interval. A last run in the future (another host's clock ahead) waits at most
+    one interval from now."""
+    if last_run is None:
+        return now
+    return max(now, min(last_run + interval, now + interval))

@@ -305,3 +305,16 @@ class SupportGrant(Base):
         Index("ix_support_grants_live", "expires_at",
               postgresql_where=text("dropped_at IS NULL")),
     )
+
+
+class SchedulerJob(Base):
+    """The scheduler's cadence: each job's last counted run (domain/jobs.py
+    next_run_at), so a new leader schedules it from there."""
+
+    __tablename__ = "scheduler_jobs"
+
+    job: Mapped[str] = mapped_column(String(40), primary_key=True)
+    last_started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_finished_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_outcome: Mapped[str] = mapped_column(String(20))
+    instance: Mapped[str] = mapped_column(String(300))
