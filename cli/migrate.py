@@ -52,7 +52,8 @@ def status(region: Annotated[str | None, typer.Option(help="Only this region.")]
     if structured(out):
         emit(report.to_json(), out)
         return
-    say(f"head {report.head}, fleet target {report.target}, {report.tenants} tenants "
+    say(f"head {report.head}, fleet target {report.target}, {report.tenants} "
+        f"tenant{'s' * (report.tenants != 1)} "
         f"({report.sources.get('mark', 0)} from their marks, "
         f"{report.sources.get('live', 0)} read live)")
     table("revisions", ["revision", "tenants"],

@@ -88,10 +88,12 @@ def _table(title: str | None, columns: list[str], whole: set[int],
     # the end); a column that may wrap keeps five characters at least
     natural = sum(w + 3 for w in widths) + 1
     if not out.is_terminal:
-        out = console(width=max(natural, cell_len(title or "")))  # nothing wraps
+        out = console(width=natural)  # nothing wraps
     keep = sum(w if i in whole else min(w, 5) for i, w in enumerate(widths)) \
         + 3 * len(widths) + 1 <= out.width
-    t = Table(title=title, title_justify="left")
+    if title:  # a line of its own: not padded to the table's width, not wrapped to it
+        say(title, out)
+    t = Table()
     for i, c in enumerate(columns):
         # no_wrap keeps a whole column out of rich's shrinking; fold, not "…", for
         # any cell that still meets the edge
