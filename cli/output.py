@@ -118,20 +118,26 @@ class Format(StrEnum):
 
 
 # `-o` as kubectl; the long name is --output-format because --output FILE already
-# names a file (tenant export, backup key export keeps its own `-o FILE`)
-FormatOpt = Annotated[Format | None, typer.Option(
-    "--output-format", "-o", case_sensitive=False, show_default=False,
+# names a file (tenant export; backup key export keeps its own `-o FILE`). A plain
+# str checked by output_format(), not an Enum parameter: typer coerces an Enum through
+# pydantic, whose import the read commands do without (cli/main.py _plain_params)
+FormatOpt = Annotated[str | None, typer.Option(
+    "--output-format", "-o", metavar="[table|wide|json|yaml]", show_default=False,
     help="table (default), wide (more columns, full times), json or yaml. "
     "--json is -o json.")]
 
 
-def output_format(fmt: Format | None, as_json: bool) -> Format:
+def output_format(fmt: str | None, as_json: bool) -> Format:
     """The format asked for by ``-o`` and ``--json`` (its alias): table by default."""
-    if as_json and fmt not in (None, Format.json):
-        from orchestrator.domain.errors import InvalidInput
+    from orchestrator.domain.errors import InvalidInput
 
-        raise InvalidInput(f"--json and -o {fmt.value} disagree: give one")
-    return Format.json if as_json else fmt or Format.table
+    try:
+        chosen = None if fmt is None else Format(fmt.lower())
+    except ValueError:
+        raise InvalidInput(f"-o {fmt!r}: use table, wide, json or yaml") from None
+    if as_json and chosen not in (None, Format.json):
+        raise InvalidInput(f"--json and -o {fmt} disagree: give one")
+    return Format.json if as_json else chosen or Format.table
 
 
 def structured(fmt: Format) -> bool:

@@ -65,6 +65,9 @@ def test_empty_lists_and_sections_say_none(test_fleet: PgFleet,
     assert "next deletions: none" in shown and "next purges: none" in shown
     assert formats_agree(test_fleet, own, "tenant", "list") == []
     assert formats_agree(test_fleet, own, "backup", "list") == []
+    bad = cli(test_fleet, own, "tenant", "list", "-o", "xml")
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr == "error: -o 'xml': use table, wide, json or yaml\n"
 
 
 def test_long_values_print_whole_on_one_line_when_piped(

@@ -47,10 +47,12 @@ def test_human_size(n: int | None, shown: str) -> None:
 def test_json_is_the_alias_of_o_json_and_disagreement_is_refused() -> None:
     assert output_format(None, False) == Format.table
     assert output_format(None, True) == Format.json
-    assert output_format(Format.json, True) == Format.json
-    assert output_format(Format.wide, False) == Format.wide
+    assert output_format("json", True) == Format.json
+    assert output_format("WIDE", False) == Format.wide
     with pytest.raises(InvalidInput, match="--json and -o yaml"):
-        output_format(Format.yaml, True)
+        output_format("yaml", True)
+    with pytest.raises(InvalidInput, match="-o 'xml': use table, wide, json or yaml"):
+        output_format("xml", False)
 
 
 ROWS = [{"slug": SLUG, "server": SERVER, "state": "active", "revision": REVISION,
