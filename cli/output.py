@@ -123,6 +123,7 @@ class Format(StrEnum):
 # pydantic, whose import the read commands do without (cli/main.py _plain_params)
 FormatOpt = Annotated[str | None, typer.Option(
     "--output-format", "-o", metavar="[table|wide|json|yaml]", show_default=False,
+    autocompletion=lambda: [f.value for f in Format],
     help="table (default), wide (more columns, full times), json or yaml. "
     "--json is -o json.")]
 
