@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from tests.conftest import REPO, TENANTCTL, OwnCatalog, PgFleet, run_cli
+from tests.conftest import REPO, TENANTCTL, OwnCatalog, PgFleet, connect_as, run_cli
 
 NARROW = {"COLUMNS": "80"}
 
@@ -113,6 +113,9 @@ def test_dash_is_stdout_for_every_output_file(test_fleet: PgFleet, own_catalog: 
                                               slug: str) -> None:
     own = own_catalog
     own.fleet.provision(slug, "ap-south")
+    with connect_as(own.fleet.credentials(slug), autocommit=True) as conn:
+        conn.execute("INSERT INTO customers (email, name) SELECT 'c' || i || '@example.com', "
+                     "repeat('n', 200) FROM generate_series(1, 10000) AS i")  # > a pipe's buffer
     assert not (REPO / "-").exists()
     proc = cli(test_fleet, own, "tenant", "export", slug, "--format", "sql", "--output", "-")
     assert proc.returncode == 0, proc.stderr
@@ -129,6 +132,17 @@ def test_dash_is_stdout_for_every_output_file(test_fleet: PgFleet, own_catalog: 
     assert [e["detail"]["output"] for e in exports] == ["-", "-"]
     assert {e["detail"]["size"] for e in exports} == {len(zipped.stdout),
                                                      len(proc.stdout.encode())}
+
+    # the reader goes away early (`| head`): one line on stderr, no traceback
+    with subprocess.Popen([*TENANTCTL, "--config", str(own.config_path), "tenant", "export",
+                           slug, "--format", "sql", "--output", "-"], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, cwd=REPO) as early:
+        assert early.stdout is not None and early.stderr is not None
+        assert early.stdout.read(10) == b"--\n-- Post"
+        early.stdout.close()
+        said = early.stderr.read().decode()
+    assert early.returncode == 10 and "Traceback" not in said, said
+    assert said.startswith("error: cannot write to stdout") and said.count("\n") == 1, said
 
     both = cli(test_fleet, own, "tenant", "export", slug, "--format", "sql", "--output", "-",
                "--json")
