@@ -618,37 +618,59 @@ def due_tenants(fleet: Deps, now: datetime | None = None) -> list[str]:
 # hold) from before the policy's horizon, plus each such tenant's newest backup, which
 # decides the floor (one index probe per tenant). Backups after the horizon are kept
 # whatever happens and are not read, so the cost follows the old backups.
-_PRUNE_FACTS_SQL = f"""
-WITH old AS (
+_OLD_SQL = f"""
+old AS (
     SELECT b.id, b.slug, b.finished_at, b.tenant_id
     FROM backups b JOIN tenants t ON t.id = b.tenant_id
     WHERE b.status = '{BackupStatus.completed}' AND b.finished_at < %(horizon)s
       AND t.state = ANY(%(states)s) AND NOT t.legal_hold
-)
-SELECT id, slug, finished_at FROM old
+)"""
+_FACTS_OF = f"""
+SELECT id, slug, finished_at FROM {{judged}}
 UNION ALL
 SELECT n.id, n.slug, n.finished_at
-FROM (SELECT DISTINCT tenant_id FROM old) o
+FROM (SELECT DISTINCT tenant_id FROM {{judged}}) o
 CROSS JOIN LATERAL (
     SELECT id, slug, finished_at FROM backups
     WHERE tenant_id = o.tenant_id AND status = '{BackupStatus.completed}'
     ORDER BY finished_at DESC LIMIT 1) n
-WHERE n.finished_at >= %(horizon)s  -- an older newest is in old already
+WHERE n.finished_at >= %(horizon)s  -- an older newest is in the judged rows already
 """
+_PRUNE_FACTS_SQL = "WITH" + _OLD_SQL + _FACTS_OF.format(judged="old")
+# A planner wants the prunes only: in a steady fleet every old backup is the only one
+# of its week within keep_weeks, and such a tenant has nothing to prune (policy.
+# retention keeps the newest of each week < keep_weeks). So only tenants with an old
+# backup beyond keep_weeks or two in one week are read. The week is policy.retention's
+# (now - finished_at) // 7 days, in exact integer microseconds (extract() is numeric).
+_PRUNE_CANDIDATES_SQL = "WITH" + _OLD_SQL + """,
+weeks AS (
+    SELECT *, div(extract(epoch FROM (%(now)s - finished_at)) * 1000000,
+                  604800000000) AS week
+    FROM old
+),
+judged AS (
+    SELECT id, slug, finished_at, tenant_id FROM weeks
+    WHERE tenant_id IN (SELECT tenant_id FROM weeks GROUP BY tenant_id
+                        HAVING count(*) > count(DISTINCT week)
+                                          FILTER (WHERE week < %(keep_weeks)s))
+)""" + _FACTS_OF.format(judged="judged")
 
 
-def prune_facts(fleet: Deps, now: datetime, policy: RetentionPolicy
-                ) -> list[tuple[int, str, datetime]]:
+def prune_facts(fleet: Deps, now: datetime, policy: RetentionPolicy, *,
+                candidates_only: bool = False) -> list[tuple[int, str, datetime]]:
     """The backups the policy judges (see _PRUNE_FACTS_SQL) as (id, tenant,
     finished_at), read in one round trip and left as the driver's tuples (a prune
-    may read a few per tenant of the fleet)."""
-    params = {"horizon": prune_horizon(now, policy), "states": [str(s) for s in PRUNABLE]}
+    may read a few per tenant of the fleet). candidates_only: only those of tenants
+    that may have something to prune (_PRUNE_CANDIDATES_SQL), for a caller that
+    reports the prunes alone."""
+    params = {"horizon": prune_horizon(now, policy), "states": [str(s) for s in PRUNABLE],
+              "now": now, "keep_weeks": policy.keep_weeks}
+    query = _PRUNE_CANDIDATES_SQL if candidates_only else _PRUNE_FACTS_SQL
     with fleet.catalog.engine.connect() as conn:
         raw = conn.connection.driver_connection
         assert isinstance(raw, psycopg.Connection)
         with raw.cursor(binary=True) as cur:
-            rows: list[tuple[int, str, datetime]] = cur.execute(_PRUNE_FACTS_SQL,
-                                                                params).fetchall()
+            rows: list[tuple[int, str, datetime]] = cur.execute(query, params).fetchall()
         conn.rollback()
     return rows
 
@@ -661,10 +683,12 @@ def prune_verdicts(fleet: Deps, now: datetime, policy: RetentionPolicy | None = 
                    *, report_kept: bool = True) -> list[Verdict]:
     """The retention policy's report (backups.policy.retention, the one prune rule)
     on the backups it has to judge: keep or prune, and why (only the prunes
-    unless report_kept). `backup prune` and `retention run` both decide with it
-    (the configured policy unless one is given)."""
+    unless report_kept, read for the tenants that may have some). `backup prune`
+    and `retention run` both decide with it (the configured policy unless one is
+    given)."""
     policy = policy or prune_policy(fleet)
-    return retention(prune_facts(fleet, now, policy), now, policy, report_kept=report_kept)
+    facts = prune_facts(fleet, now, policy, candidates_only=not report_kept)
+    return retention(facts, now, policy, report_kept=report_kept)
 
 
 def delete_backup(fleet: Deps, backup_id: int, *, reason: str) -> None:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -38,11 +39,28 @@ def report(
     elif as_json:
         print_json(data)
     else:
-        for p in data["promises"]:
-            say(f"{'PASS' if p['ok'] else 'FAIL'}  {p['title']}")
-            for line in p["evidence"]:
-                say(f"      {line}")
-            for line in p["offenders"][:20]:
-                say(f"    ! {line}")
+        render_text(data)
     if not data["ok"]:
         raise typer.Exit(ExitCode.PROMISE_BROKEN)
+
+
+def render_text(data: dict[str, Any]) -> None:
+    """The summary first, then which fleet, then each promise with its evidence and up
+    to 20 offenders, each followed by its remedy."""
+    from orchestrator.domain.humanize import plural, utc_minute
+
+    fleet = data["fleet"]
+    say(data["summary"])
+    say(f"fleet {fleet['fleet_id'] or '(no id yet)'}, catalog {fleet['catalog']}, "
+        f"tenantctl {data['tenantctl_version']}, "
+        f"{utc_minute(datetime.fromisoformat(data['generated_at']))}")
+    for p in data["promises"]:
+        say(f"{'PASS' if p['ok'] else 'FAIL'}  {p['title']}")
+        for line in p["evidence"]:
+            say(f"      {line}")
+        for f in p["failures"][:20]:
+            say(f"    ! {f['subject']}: {f['problem']}")
+            say(f"      remedy: {f['remedy']}")
+        if len(p["failures"]) > 20:
+            say(f"    … and {plural(len(p['failures']) - 20, 'more offender')} "
+                "(--json or --html for all)")

@@ -294,9 +294,11 @@ def test_audit_records_actor(test_fleet: PgFleet, own_catalog: OwnCatalog, slug:
 
 
 def test_prune_reads_what_the_policy_needs(own_catalog: OwnCatalog) -> None:
-    """Both prune commands judge the backups prune_facts reads (a narrowed query);
-    backups.policy.retention is the rule. Random fleets of backups: judging what
-    the query read must choose the same backups as judging every backup."""
+    """Both prune commands judge the backups prune_facts reads (a narrowed query;
+    narrower still for the planner, which reads only tenants that may have a
+    prune); backups.policy.retention is the rule. Random fleets of backups, some
+    on a week's edge to the microsecond: judging what the query read must choose
+    the same backups as judging every backup."""
     import random
     from datetime import UTC
 
@@ -318,12 +320,32 @@ def test_prune_reads_what_the_policy_needs(own_catalog: OwnCatalog) -> None:
             assert row is not None
             for _ in range(rng.randrange(0, 16)):
                 age = timedelta(hours=rng.uniform(0, 60 * 24))
+                if rng.random() < 0.3:  # on a week's edge, where SQL and Python could part
+                    age = timedelta(weeks=rng.randrange(1, 9),
+                                    microseconds=rng.choice([-1, 0, 1]))
                 conn.execute(
                     "INSERT INTO backups (tenant_id, slug, region, store_url, object_key, "
                     "manifest_key, status, started_at, finished_at) VALUES "
                     "(%s, %s, 'ap-south', 'file:///x', 'o', 'm', %s, %s, %s)",
                     (row[0], f"syn{i}", rng.choice(["completed"] * 5 + ["failed"]),
                      now - age, now - age))
+        # two old backups in one week, the newer on the week's edge (exactly on it, a
+        # microsecond inside it): only the microsecond decides that the older is pruned
+        edges = {"synedge": (timedelta(weeks=2), timedelta(weeks=2, days=1)),
+                 "synedge2": (timedelta(weeks=2, microseconds=-1),
+                              timedelta(weeks=1, days=1))}
+        for edge, ages in edges.items():
+            row = conn.execute(
+                "INSERT INTO tenants (slug, region, server, database, login_role, owner_role,"
+                " state) VALUES (%s, 'ap-south', %s, 'x', 'x', 'x', 'active') "
+                "RETURNING id", (edge, server[0])).fetchone()
+            assert row is not None
+            for age in (timedelta(hours=1), *ages):
+                conn.execute(
+                    "INSERT INTO backups (tenant_id, slug, region, store_url, object_key, "
+                    "manifest_key, status, started_at, finished_at) VALUES "
+                    "(%s, %s, 'ap-south', 'file:///x', 'o', 'm', 'completed', %s, %s)",
+                    (row[0], edge, now - age, now - age))
         facts = [BackupFact(*r) for r in conn.execute(
             "SELECT b.id, b.slug, b.finished_at FROM backups b JOIN tenants t "
             "ON t.id = b.tenant_id WHERE b.status = 'completed' AND NOT t.legal_hold "
@@ -333,6 +355,10 @@ def test_prune_reads_what_the_policy_needs(own_catalog: OwnCatalog) -> None:
         got = {v.backup_id for v in pipeline.prune_verdicts(fleet, now, policy)
                if not v.keep}
         assert got == expected and expected
+        # the planner's read skips tenants with nothing to prune: never one with a prune
+        planned = pipeline.prune_verdicts(fleet, now, policy, report_kept=False)
+        assert {v.backup_id for v in planned} == expected
+        assert all(not v.keep for v in planned)
 
 
 def test_erase_on_request(test_fleet: PgFleet, own_catalog: OwnCatalog, slug: str) -> None:

@@ -270,7 +270,7 @@ def test_report_says_there_is_no_backup_rather_than_an_age_of_zero() -> None:
                                      [report.backup_row(done)], {"eu-central": {"o", "m"}},
                                      now, 24)
     assert "age of the oldest latest backup: 5.0 h" in promise.evidence
-    assert "1 active tenant(s) without a completed backup yet" in promise.evidence
+    assert "1 active tenant without a completed backup yet" in promise.evidence
 
 
 def test_catalog_gone_during_backup_run_all_is_one_error(

@@ -23,6 +23,7 @@ from orchestrator.domain.grants import settings_changed
 from orchestrator.domain.marks import role_marker
 from orchestrator.domain.master_keys import fleet_key_elsewhere, mixed_key_ids
 from orchestrator.domain.names import TenantNames, catalog_mismatch, tenant_names
+from orchestrator.domain.remedies import SUPERUSER_ONLY, remedy
 from orchestrator.domain.retention_plan import DELETE
 from orchestrator.domain.states import (
     CANCELLING,
@@ -237,8 +238,7 @@ def check_catalog_rows(f: Facts) -> Iterator[Finding]:
         if t.state in PLACED_STATES and server is not None and server[0] != t.region:
             yield _f(ERROR, "tenant-outside-region", t.slug,
                      f"placed on {t.server}, a server of {server[0]}, but its region is "
-                     f"{t.region}", "move it back with a backup and `tenantctl backup "
-                     "restore --as` in its region; correct the row by hand")
+                     f"{t.region}", remedy("tenant-outside-region"))
 
 
 def check_master_key(f: Facts) -> Iterator[Finding]:
@@ -294,8 +294,7 @@ def check_servers(f: Facts) -> Iterator[Finding]:
         names = ", ".join(cluster.servers)
         if not cluster.reachable:
             yield _f(ERROR, "server-unreachable", names, f"cannot connect: {cluster.error}",
-                     "check the server and the admin DSN in tenantctl.toml "
-                     "(`tenantctl local status` for the embedded fleet)")
+                     remedy("server-unreachable"))
         elif cluster.max_connections and cluster.connections >= 0.9 * (
                 cluster.max_connections - cluster.reserved_connections
                 - cluster.superuser_reserved):
@@ -370,7 +369,7 @@ def check_role_bounds(f: Facts) -> Iterator[Finding]:
             yield _f(ERROR, "login-password-changed", t.slug,
                      f"{t.login_role} no longer logs in with the password tenantctl holds "
                      "(changed with ALTER ROLE … PASSWORD?): its connection string is dead",
-                     "tenantctl doctor --fix (gives the role its stored password back)",
+                     remedy("login-password-changed"),
                      fix="reapply_password", slug=t.slug)
         r = c.roles.get(t.login_role)
         if r is None or r.connection_limit is None or r.settings is None:
@@ -417,8 +416,7 @@ def check_tenant_objects(f: Facts) -> Iterator[Finding]:
         if db is None:
             yield _f(ERROR, "database-missing", t.slug,
                      f"database {t.database} is missing on {t.server}",
-                     f"restore it: tenantctl backup list {t.slug}, then "
-                     f"tenantctl backup restore <id> --as <new slug>")
+                     remedy("database-missing", slug=t.slug))
         elif db.owner != t.owner_role:
             yield _f(ERROR, "database-foreign-owner", t.slug,
                      f"database {t.database} is owned by {db.owner}, not {t.owner_role}",
@@ -429,9 +427,7 @@ def check_tenant_objects(f: Facts) -> Iterator[Finding]:
             r = c.roles.get(role)
             if r is None:
                 yield _f(ERROR, "role-missing", t.slug, f"role {role} is missing on {t.server}",
-                         f"tenantctl tenant credentials {t.slug} --rotate recreates nothing: "
-                         "recreate the role by hand, then re-grant with `tenantctl doctor "
-                         "--fix`")
+                         remedy("role-missing", slug=t.slug))
             elif r.comment != marker:
                 yield _f(ERROR, "role-not-ours", t.slug,
                          f"role {role} does not carry this tenant's marker",
@@ -517,7 +513,7 @@ def check_privileges(f: Facts) -> Iterator[Finding]:
             if "PUBLIC" in db.connect and (name in tenant_dbs or TENANT_DB.match(name)):
                 yield _f(ERROR, "public-connect", f"{server}/{name}",
                          "PUBLIC may connect to a tenant database",
-                         f"REVOKE ALL ON DATABASE {name} FROM PUBLIC (tenantctl doctor --fix)",
+                         remedy("public-connect", database=name),
                          fix="revoke_public", server=server, database=name)
             for grantee in sorted(db.connect - {"PUBLIC"}):
                 home = own.get(grantee)
@@ -528,8 +524,8 @@ def check_privileges(f: Facts) -> Iterator[Finding]:
                 if home != name:
                     yield _f(ERROR, "role-reaches-other-database", f"{server}/{grantee}",
                              f"may connect to {name}, not its own database",
-                             f"REVOKE CONNECT ON DATABASE {name} FROM {grantee} "
-                             "(tenantctl doctor --fix)", fix="revoke_connect", server=server,
+                             remedy("role-reaches-other-database", database=name,
+                                    role=grantee), fix="revoke_connect", server=server,
                              database=name, role=grantee)
         for name, r in sorted(c.roles.items()):
             if name not in own and not SUPPORT_ROLE.match(name):
@@ -539,11 +535,10 @@ def check_privileges(f: Facts) -> Iterator[Finding]:
                                       ("BYPASSRLS", r.bypassrls),
                                       ("REPLICATION", r.replication)) if on]
             if powers:
-                fixable = not {"SUPERUSER", "BYPASSRLS", "REPLICATION"} & set(powers)
+                fixable = not SUPERUSER_ONLY & set(powers)
                 yield _f(ERROR, "role-powers", f"{server}/{name}",
                          f"a tenant role with {', '.join(powers)}",
-                         f"ALTER ROLE {name} " + " ".join(f"NO{p}" for p in powers)
-                         + ("" if fixable else " (as a superuser)"),
+                         remedy("role-powers", role=name, powers=powers),
                          fix="strip_powers" if fixable else None, server=server, role=name)
             for parent in sorted(r.member_of):
                 yield _f(ERROR, "role-membership", f"{server}/{name}",
@@ -624,7 +619,7 @@ def check_backups(f: Facts) -> Iterator[Finding]:
         if backup_overdue(since, f.backup_interval, f.now):
             yield _f(ERROR, "backup-overdue", t.slug,
                      f"no successful backup since {since.isoformat(timespec='minutes')}",
-                     f"tenantctl backup run {t.slug} (tenantctl doctor --fix)",
+                     remedy("backup-overdue", slug=t.slug),
                      fix="backup", slug=t.slug)
     for b in f.backups:
         if b.status == BackupStatus.running and not b.alive:
@@ -650,7 +645,7 @@ def check_store(f: Facts) -> Iterator[Finding]:
     for region, st in sorted(f.stores.items()):
         if st.keys is None:
             yield _f(ERROR, "store-unreachable", f"store of {region}",
-                     f"cannot list {st.url}: {st.error}", "check the store and its credentials")
+                     f"cannot list {st.url}: {st.error}", remedy("store-unreachable"))
             continue
         for key in sorted(st.keys):
             if key.startswith(ORPHAN_PREFIX):
@@ -664,7 +659,7 @@ def check_store(f: Facts) -> Iterator[Finding]:
             if home is not None and home != region:
                 yield _f(ERROR, "backup-outside-region", f"{region}:{key}",
                          f"an object of tenant {slug} (region {home}) in the {region} store",
-                         "tenantctl doctor --fix (deletes this copy, after asking)",
+                         remedy("backup-outside-region"),
                          fix="delete_object", destructive=True, region=region, key=key)
             elif key not in known[region]:
                 yield _f(WARNING, "orphan-object", f"{region}:{key}",
@@ -691,8 +686,7 @@ def check_store(f: Facts) -> Iterator[Finding]:
             live = tenant_state.get(b.tenant_id) in HAS_DATABASE
             yield _f(ERROR, "backup-missing-object", f"backup {b.id}",
                      f"of {b.slug}: its {what} is gone from the {b.region} store",
-                     "tenantctl doctor --fix (marks it failed"
-                     + (", takes a new backup)" if live else ")"),
+                     remedy("backup-missing-object", live=live),
                      fix="forget_backup", backup_id=b.id, slug=b.slug, live=live)
 
 
@@ -730,13 +724,13 @@ def check_retention(f: Facts) -> Iterator[Finding]:
         what = "deletion" if kind == DELETE else "purge"
         yield _f(ERROR, f"{what}-overdue", t.slug,
                  f"{what} was due {due_at.isoformat(timespec='minutes')}",
-                 f"tenantctl retention run --only {kind} (tenantctl doctor --fix, "
-                 "after asking)", fix=kind, destructive=True, slug=t.slug)
+                 remedy(f"{what}-overdue", kind=kind), fix=kind, destructive=True,
+                 slug=t.slug)
     for role, (_db, expires) in sorted(f.grants.items()):
         if is_overdue(expires, f.now):
             yield _f(WARNING, "grant-expired", role,
                      f"support access past its end ({expires.isoformat(timespec='minutes')})",
-                     "tenantctl retention run --only access (tenantctl doctor --fix)",
+                     remedy("grant-expired"),
                      fix="expire_grants")
 
 

@@ -9,8 +9,11 @@ Evidence is what a reviewer can check by hand (counts, ages, names), never a sec
 from __future__ import annotations
 
 import html
+import json
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import datetime
+from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -27,9 +30,11 @@ from orchestrator.adapters.catalog.models import (
     Tenant,
     TenantState,
 )
+from orchestrator.adapters.postgres.libpq import redact
 from orchestrator.domain import promises
 from orchestrator.domain.errors import TenantctlError, first_line
 from orchestrator.domain.health import BackupRow, StoreFacts, TenantRow
+from orchestrator.domain.humanize import utc_minute
 from orchestrator.domain.promises import (
     STATE_AUDIT,
     GrantRow,
@@ -95,44 +100,41 @@ def _read_isolation(fleet: Deps, server: str, group: list[TenantRow]) -> ServerI
     # a tenant that may log in (a suspended one may not: its refusals prove nothing)
     prober = next((t for t in group if t.state != TenantState.suspended), None)
     if prober is not None:
-        offenders: dict[str, str] = {}
-        refused = _live_probe(fleet, prober,
-                              [d for d in open_dbs if d != prober.database][:3],
-                              offenders)
-        seen.probe = Probe(prober.slug, refused, offenders.get(prober.slug))
+        seen.probe = _live_probe(fleet, prober,
+                                 [d for d in open_dbs if d != prober.database][:3])
     return seen
 
 
-def _live_probe(fleet: Deps, tenant: TenantRow, others: list[str],
-                offenders: dict[str, str]) -> int:
+def _live_probe(fleet: Deps, tenant: TenantRow, others: list[str]) -> Probe:
     """Connect as the tenant's own role to other databases: every attempt must be
     refused for want of the privilege. First prove the credentials log in to its own
     database: a refusal for a wrong password (or a full server) says nothing about
-    isolation. Returns the number of refusals that count."""
+    isolation. Counts the refusals that count; keeps the last offence."""
     try:
         dsn = credentials.credentials(fleet, tenant.slug)
     except TenantctlError:
-        return 0
+        return Probe(tenant.slug, 0)
     try:
         psycopg.connect(dsn, connect_timeout=5).close()
     except psycopg.OperationalError as exc:
-        offenders[tenant.slug] = ("live probe: cannot log in to its own database with the "
-                                  f"credentials tenantctl holds ({first_line(exc)}); "
-                                  "nothing proven (tenantctl doctor)")
-        return 0
-    refused = 0
+        return Probe(tenant.slug, 0, "live probe: cannot log in to its own database with "
+                     f"the credentials tenantctl holds ({first_line(exc)}); nothing proven",
+                     "login-password-changed")
+    probe = Probe(tenant.slug, 0)
     for db in others:
         try:
             psycopg.connect(make_conninfo(dsn, dbname=db), connect_timeout=5).close()
         except psycopg.OperationalError as exc:
             if "permission denied for database" in str(exc):
-                refused += 1
+                probe = replace(probe, refused=probe.refused + 1)
             else:
-                offenders[tenant.slug] = f"live probe: refused by {db} for another reason " \
-                    f"than privilege ({first_line(exc)}); nothing proven"
+                probe = replace(probe, offence=f"live probe: refused by {db} for another "
+                                f"reason than privilege ({first_line(exc)}); nothing proven",
+                                code="probe-inconclusive", database=db)
             continue
-        offenders[tenant.slug] = f"live probe: its role connected to {db}"
-    return refused
+        probe = replace(probe, offence=f"live probe: its role connected to {db}",
+                        code="role-reaches-other-database", database=db)
+    return probe
 
 
 # -- 2. region: what each region's store holds --------------------------------------
@@ -165,6 +167,20 @@ def read_audit(fleet: Deps) -> tuple[set[tuple[str | None, str]], datetime | Non
 # -- the report -----------------------------------------------------------------------
 
 
+def tenantctl_version() -> str:
+    """The installed package's version (its metadata, not a constant to keep in step)."""
+    try:
+        return metadata.version("tenantctl")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def fleet_identity(fleet: Deps) -> dict[str, str | None]:
+    """Which fleet the report is of: its catalog (user, host, port, database: never a
+    password) and the fleet id its servers are marked with."""
+    return {"catalog": redact(fleet.cfg.catalog_dsn), "fleet_id": fleet.catalog.fleet_id()}
+
+
 def build(fleet: Deps, now: datetime | None = None) -> dict[str, Any]:
     now = now or clock.utcnow()
     with fleet.catalog.session() as s:
@@ -183,27 +199,67 @@ def build(fleet: Deps, now: datetime | None = None) -> dict[str, Any]:
                promises.check_timeliness(tenants, grants, now),
                promises.check_audit(tenants, seen, oldest, total,
                                     fleet.cfg.lifecycle.audit_days, now)]
-    return {"generated_at": now.isoformat(), "ok": all(p.ok for p in checked),
-            "promises": [p.to_json() for p in checked]}
+    return assemble(checked, now, fleet_identity(fleet), tenantctl_version())
+
+
+def assemble(checked: Sequence[Promise], now: datetime, fleet: dict[str, str | None],
+             version: str) -> dict[str, Any]:
+    """The report as `report --json` prints it (and the HTML page embeds)."""
+    return {"summary": promises.summary(checked), "ok": all(p.ok for p in checked),
+            "generated_at": now.isoformat(timespec="seconds"), "tenantctl_version": version,
+            "fleet": fleet, "promises": [p.to_json() for p in checked]}
+
+
+def script_json(report: dict[str, Any]) -> str:
+    """The report as `report --json` prints it, made safe inside a <script> element:
+    "<", ">" and "&" only occur inside JSON strings, where \\u003c and the like parse
+    back to the same characters, so no "</script>" or "<!--" in a tenant's data can
+    end the element or change how it is read."""
+    return (json.dumps(report, indent=2, default=str).replace("<", "\\u003c")
+            .replace(">", "\\u003e").replace("&", "\\u0026"))
+
+
+_STYLE = ("body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;color:#222}"
+          "section{border:1px solid #ccc;border-radius:6px;padding:0 1rem;margin:1rem 0}"
+          ".pass h2 span,.summary.pass{color:#176b2c}.fail h2 span,.summary.fail{color:#b00020}"
+          ".summary{font-size:1.3rem;font-weight:600}h3{font-size:.9rem;margin-bottom:.2rem}"
+          "dl{display:grid;grid-template-columns:max-content 1fr;gap:.1rem 1rem;color:#555}"
+          "dd{margin:0}table{border-collapse:collapse;width:100%;margin-bottom:1rem}"
+          "td,th{text-align:left;vertical-align:top;padding:.2rem .4rem;"
+          "border-bottom:1px solid #eee}code{font-size:.85rem;overflow-wrap:anywhere}")
+
+
+def _failures(p: dict[str, Any]) -> str:
+    e = html.escape
+    if not p["failures"]:
+        return "<p>none</p>"
+    rows = "".join(f"<tr><td>{e(f['subject'])}</td><td>{e(f['problem'])}</td>"
+                   f"<td><code>{e(f['remedy'])}</code></td></tr>" for f in p["failures"])
+    return f"<table><tr><th>Offender</th><th>Problem</th><th>Remedy</th></tr>{rows}</table>"
 
 
 def render_html(report: dict[str, Any]) -> str:
-    """One self-contained page (inline CSS, no scripts, nothing fetched)."""
+    """One self-contained page (inline CSS, nothing fetched) with the JSON of
+    `report --json` in a data block; its policy lets no script run."""
     e = html.escape
     rows = []
     for p in report["promises"]:
         status = "PASS" if p["ok"] else "FAIL"
         evidence = "".join(f"<li>{e(x)}</li>" for x in p["evidence"])
-        offenders = "".join(f"<li>{e(x)}</li>" for x in p["offenders"]) or "<li>none</li>"
         rows.append(f'<section class="{status.lower()}"><h2><span>{status}</span> '
                     f"{e(p['title'])}</h2><h3>Evidence</h3><ul>{evidence}</ul>"
-                    f"<h3>Offending tenants</h3><ul>{offenders}</ul></section>")
-    overall = "all promises kept" if report["ok"] else "promises broken"
+                    f"<h3>Offenders</h3>{_failures(p)}</section>")
+    fleet = report["fleet"]
+    generated = utc_minute(datetime.fromisoformat(report["generated_at"]))
+    identity = "".join(f"<dt>{e(k)}</dt><dd>{e(v)}</dd>" for k, v in (
+        ("Fleet", fleet["fleet_id"] or "(no fleet id yet: tenantctl catalog upgrade)"),
+        ("Catalog", fleet["catalog"]), ("tenantctl", report["tenantctl_version"]),
+        ("Generated", generated)))
     return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
-            "<title>tenantctl promise report</title><style>"
-            "body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;"
-            "color:#222}section{border:1px solid #ccc;border-radius:6px;padding:0 1rem;"
-            "margin:1rem 0}.pass h2 span{color:#176b2c}.fail h2 span{color:#b00020}"
-            "h3{font-size:.9rem;margin-bottom:.2rem}</style></head><body>"
-            f"<h1>tenantctl promise report: {e(overall)}</h1>"
-            f"<p>Generated {e(report['generated_at'])}</p>{''.join(rows)}</body></html>\n")
+            "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; "
+            "style-src 'unsafe-inline'\"><title>tenantctl promise report</title>"
+            f"<style>{_STYLE}</style></head><body><h1>tenantctl promise report</h1>"
+            f'<p id="summary" class="summary {"pass" if report["ok"] else "fail"}">'
+            f"{e(report['summary'])}</p><dl>{identity}</dl>{''.join(rows)}"
+            '<script type="application/json" id="tenantctl-report">'
+            f"{script_json(report)}</script></body></html>\n")
