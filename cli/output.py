@@ -181,20 +181,14 @@ def _instant(value: datetime | str) -> datetime:
 
 
 def age(value: datetime | str | None, now: datetime) -> str:
-    """How long ago (``5m``, ``3h``, ``2d``) or, for a time to come, how long until
-    (``in 3h``): the coarsest unit that keeps two significant ranks, as kubectl."""
+    """How long ago (``5m``, ``3h``, ``2d``: the report's grammar, domain/humanize.py)
+    or, for a time to come, how long until (``in 3h``)."""
+    from orchestrator.domain import humanize
+
     if value is None:
         return "-"
-    seconds = int((now - _instant(value)).total_seconds())
-    future, seconds = seconds < 0, abs(seconds)
-    for limit, unit, size in ((120, "s", 1), (120 * 60, "m", 60), (48 * 3600, "h", 3600),
-                              (730 * 86400, "d", 86400)):
-        if seconds < limit:
-            text = f"{seconds // size}{unit}"
-            break
-    else:
-        text = f"{seconds // (365 * 86400)}y"
-    return f"in {text}" if future else text
+    delta = now - _instant(value)
+    return humanize.age(delta) if delta.total_seconds() >= 0 else f"in {humanize.age(delta)}"
 
 
 def iso_time(value: datetime | str | None) -> str:
@@ -269,9 +263,10 @@ def fields(title: str | None, record: Mapping[str, Any], cols: list[Col], fmt: F
 
     def shown(c: Col) -> str:
         value = c.value(record)
-        if c.kind == "time" and fmt == Format.table:  # one record: the time and its age
-            when = age(value, now)
-            return f"{iso_time(value)} ({when if when.startswith('in ') else when + ' ago'})"
+        if c.kind == "time" and fmt == Format.table and value is not None:
+            from orchestrator.domain.humanize import human_time
+
+            return human_time(_instant(value), now)  # one record: the time and its age
         return cell(value, c.kind, fmt, now)
 
     _table(title, ["field", "value"], {1},

@@ -21,9 +21,9 @@ REVISION = "0006_customer_email_ci"
 
 
 @pytest.mark.parametrize(("delta", "shown"), [
-    (timedelta(seconds=5), "5s"), (timedelta(seconds=119), "119s"),
+    (timedelta(seconds=5), "5s"), (timedelta(seconds=119), "1m"),
     (timedelta(minutes=5), "5m"), (timedelta(hours=3), "3h"), (timedelta(hours=47), "47h"),
-    (timedelta(days=2), "2d"), (timedelta(days=400), "400d"), (timedelta(days=800), "2y"),
+    (timedelta(days=2), "2d"), (timedelta(days=800), "800d"),
     (-timedelta(hours=3), "in 3h"), (-timedelta(days=29, hours=1), "in 29d"),
 ])
 def test_age(delta: timedelta, shown: str) -> None:
@@ -170,7 +170,7 @@ def test_fields_show_what_holds_something(piped: None,
     assert len(body) == 3, out  # slug, legal_hold, created_at: nothing empty
     assert "False" not in out and "None" not in out
     assert re.search(r"legal_hold\s+│ no\b", out)
-    assert "2026-01-08T12:00:00+00:00 (2d ago)" in out
+    assert "2026-01-08 12:00 UTC (2d ago)" in out  # as the report says a time
 
 
 def test_a_piped_message_is_one_line_at_80_columns(piped: None,
