@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from cli.common import ID_MAX, open_fleet
-from cli.output import err, plain, print_json, say, table
+from cli.output import Col, FormatOpt, err, output_format, plain, print_json, records, say
 from orchestrator.domain.errors import ExitCode
 
 access_app = typer.Typer(no_args_is_help=True,
@@ -47,21 +47,28 @@ def grant(
 def list_(
     all_: Annotated[bool, typer.Option("--all", help="Include ended grants.")] = False,
     as_json: Annotated[bool, typer.Option("--json")] = False,
+    fmt: FormatOpt = None,
 ) -> None:
     """Support grants (live ones, or all)."""
     from orchestrator.services import access
 
+    out = output_format(fmt, as_json)
     fleet = open_fleet()
     try:
         rows = access.grants(fleet, include_ended=all_)
     finally:
         fleet.close()
-    if as_json:
-        print_json(rows)
-        return
-    table(None, ["id", "tenant", "to", "mode", "expires", "status", "reason"],
-          [[r["id"], r["tenant"], r["to"], "read-only" if r["read_only"] else "read-write",
-            r["expires_at"][:19], r["status"], r["reason"]] for r in rows])
+    records(rows, GRANT_COLUMNS, out, empty="no support grants")
+
+
+GRANT_COLUMNS = [
+    Col("id", "id", whole=True), Col("tenant", "tenant", whole=True),
+    Col("to", "to", whole=True),
+    Col("mode", lambda r: "read-only" if r["read_only"] else "read-write"),
+    Col("role", "role", whole=True, wide=True), Col("granted by", "granted_by", wide=True),
+    Col("created", "created_at", "time", wide=True),
+    Col("expires", "expires_at", "time"), Col("status", "status"), Col("reason", "reason"),
+]
 
 
 @access_app.command("revoke")

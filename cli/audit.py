@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from cli.common import open_fleet
-from cli.output import print_json, table
+from cli.output import Col, FormatOpt, output_format, records
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 audit_app = typer.Typer(no_args_is_help=True, help="Who did what, when.")
@@ -23,21 +23,27 @@ def audit_list(
     = None,
     limit: Annotated[int, typer.Option(min=1)] = 200,
     as_json: JsonOpt = False,
+    fmt: FormatOpt = None,
 ) -> None:
     """The audit log, newest first."""
     from orchestrator.adapters import clock
     from orchestrator.domain.durations import parse_since
     from orchestrator.services import audit_log
 
+    out = output_format(fmt, as_json)
     start = parse_since(since, clock.utcnow(), "since") if since else None
     fleet = open_fleet()
     try:
         rows = audit_log.events(fleet, tenant=tenant, since=start, action=action, limit=limit)
     finally:
         fleet.close()
-    if as_json:
-        print_json(rows)
-        return
-    table(None, ["at", "actor", "action", "tenant", "outcome", "detail"],
-          [[r["at"][:19], r["actor"], r["action"], r["tenant"], r["outcome"],
-            ", ".join(f"{k}={v}" for k, v in r["detail"].items())] for r in rows])
+    records(rows, AUDIT_COLUMNS, out, empty="no audit events")
+
+
+AUDIT_COLUMNS = [
+    Col("id", "id", whole=True, wide=True), Col("at", "at", "time"),
+    Col("actor", "actor", whole=True), Col("action", "action", whole=True),
+    Col("tenant", "tenant", whole=True), Col("region", "region", whole=True, wide=True),
+    Col("outcome", "outcome"),
+    Col("detail", lambda r: ", ".join(f"{k}={v}" for k, v in (r["detail"] or {}).items())),
+]

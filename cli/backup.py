@@ -9,7 +9,18 @@ import typer
 
 from cli import logs
 from cli.common import ID_MAX, open_fleet, open_reads
-from cli.output import plain, print_json, progress_bar, say, table
+from cli.output import (
+    Col,
+    FormatOpt,
+    human_size,
+    is_stdout,
+    output_format,
+    plain,
+    print_json,
+    progress_bar,
+    records,
+    say,
+)
 from orchestrator.domain.errors import ExitCode
 
 backup_app = typer.Typer(no_args_is_help=True, help="Encrypted backups in each region.")
@@ -53,7 +64,7 @@ def run(
         print_json([r.__dict__ for r in results])
     else:
         for r in results:
-            detail = f"{r.size} bytes" if r.status == BackupStatus.completed else r.error
+            detail = human_size(r.size) if r.status == BackupStatus.completed else r.error
             say(f"{r.status:9} {r.tenant} backup {r.id or '-'}: {detail}")
     if any(r.status not in (BackupStatus.completed, BACKUP_SKIPPED) for r in results):
         raise typer.Exit(ExitCode.FAILED)
@@ -73,22 +84,29 @@ def _run_with_progress(fleet, slugs, concurrency, as_json, kind):  # type: ignor
 
 @backup_app.command("list")
 def list_(slug: Annotated[str | None, typer.Argument(help="One tenant.")] = None,
-          as_json: JsonOpt = False) -> None:
+          as_json: JsonOpt = False, fmt: FormatOpt = None) -> None:
     """Backups in the catalog, newest first."""
     from orchestrator.domain.views import backup_json
 
+    out = output_format(fmt, as_json)
     reads = open_reads()
     try:
         tenant_id = reads.get_tenant(slug).id if slug else None
         rows = [backup_json(b) for b in reads.backups(tenant_id)]
     finally:
         reads.close()
-    if as_json:
-        print_json(rows)
-        return
-    table(None, ["id", "tenant", "region", "status", "size", "created", "verified"],
-          [[r["id"], r["tenant"], r["region"], r["status"], r["size"],
-            (r["created_at"] or "")[:19], (r["verified_at"] or "")[:19]] for r in rows])
+    records(rows, BACKUP_COLUMNS, out, empty="no backups")
+
+
+# `backup list`: sizes for people (bytes in JSON); the region is the tenant's (-o wide)
+BACKUP_COLUMNS = [
+    Col("id", "id", whole=True), Col("tenant", "tenant", whole=True),
+    Col("region", "region", whole=True, wide=True), Col("status", "status"),
+    Col("kind", "kind", wide=True), Col("size", "size", "size"),
+    Col("created", "created_at", "time"), Col("finished", "finished_at", "time", wide=True),
+    Col("verified", "verified_at", "time"),
+    Col("revision", "revision", whole=True, wide=True), Col("error", "error", wide=True),
+]
 
 
 @backup_app.command("verify")
@@ -148,21 +166,20 @@ def verify(
 
 @backup_app.command("prune")
 def prune(dry_run: Annotated[bool, typer.Option(help="Report only.")] = False,
-          as_json: JsonOpt = False) -> None:
+          as_json: JsonOpt = False, fmt: FormatOpt = None) -> None:
     """Apply the retention policy to active tenants' backups (never the newest one)."""
     from backups import service as pipeline
 
+    out = output_format(fmt, as_json)
     fleet = open_fleet()
     try:
         report = pipeline.prune(fleet, dry_run=dry_run)
     finally:
         fleet.close()
-    if as_json:
-        print_json(report)
-        return
-    table("dry run: nothing deleted" if dry_run else None, ["backup", "tenant", "action",
-                                                           "reason"],
-          [[r["id"], r["tenant"], r["action"], r["reason"]] for r in report])
+    records(report, [Col("backup", "id", whole=True), Col("tenant", "tenant", whole=True),
+                     Col("action", "action", whole=True), Col("reason", "reason")], out,
+            title="dry run: nothing deleted" if dry_run else None,
+            empty="dry run: nothing to prune" if dry_run else "nothing to prune")
 
 
 @backup_app.command("restore")
@@ -234,7 +251,7 @@ def key_export(
     from orchestrator.adapters.crypto.masterkey import create_private_file
     from orchestrator.services import credentials
 
-    path = None if output == "-" else Path(output)
+    path = None if is_stdout(output) else Path(output)
     fleet = open_fleet()
     try:
         # the file first: an existing one is refused before anything is exported

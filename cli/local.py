@@ -10,7 +10,7 @@ import typer
 
 from cli.catalog import upgrade_catalog
 from cli.common import JsonOpt, State, current_config
-from cli.output import print_json, say, table
+from cli.output import Col, FormatOpt, output_format, records, say, structured
 from cli.region import region_list
 from cli.tenant import tenant_list
 from orchestrator.domain.errors import ExitCode
@@ -75,19 +75,19 @@ def local_down() -> None:
 
 
 @local_app.command("status")
-def local_status(as_json: JsonOpt = False) -> None:
+def local_status(as_json: JsonOpt = False, fmt: FormatOpt = None) -> None:
     """Show whether each local cluster runs."""
     from orchestrator.devfleet import localfleet
 
+    out = output_format(fmt, as_json)
     rows = localfleet.status(current_config())
-    if as_json:
-        print_json([{"server": r.server, "region": r.region, "port": r.port,
-                      "data_dir": str(r.data_dir), "running": r.running, "pid": r.pid,
-                      "status": r.detail} for r in rows])
-        return
-    table(None, ["server", "region", "port", "status", "pid", "data dir"],
-           [[r.server, r.region, r.port, r.detail, r.pid, r.data_dir] for r in rows])
-    if not all(r.running for r in rows):
+    records([{"server": r.server, "region": r.region, "port": r.port,
+              "data_dir": str(r.data_dir), "running": r.running, "pid": r.pid,
+              "status": r.detail} for r in rows],
+            [Col("server", "server", whole=True), Col("region", "region", whole=True),
+             Col("port", "port", whole=True), Col("status", "status"), Col("pid", "pid"),
+             Col("data dir", "data_dir", whole=True)], out, empty="no local servers")
+    if not structured(out) and not all(r.running for r in rows):  # JSON: as before, 0
         raise typer.Exit(ExitCode.NOT_FOUND)
 
 

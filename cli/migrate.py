@@ -10,7 +10,18 @@ import typer
 
 from cli import logs
 from cli.common import open_fleet, open_reads
-from cli.output import console, err, plain, print_json, say, table
+from cli.output import (
+    FormatOpt,
+    console,
+    emit,
+    err,
+    output_format,
+    plain,
+    print_json,
+    say,
+    structured,
+    table,
+)
 from orchestrator.domain.statuses import ROLLOUT_DRY_RUN, TenantMigration
 
 if TYPE_CHECKING:
@@ -28,39 +39,45 @@ def status(region: Annotated[str | None, typer.Option(help="Only this region.")]
                "--live", help="Connect to every tenant database and read its "
                "alembic_version, instead of the revision each database is marked "
                "with on its server; rewrite any mark that disagrees.")] = False,
-           as_json: JsonOpt = False) -> None:
+           as_json: JsonOpt = False, fmt: FormatOpt = None) -> None:
     """How many tenants sit at each revision, who is behind, who failed and why,
     and each server's template revision."""
     from orchestrator.services.migrate_status import fleet_status
 
+    out = output_format(fmt, as_json)
     reads = open_reads()
     try:
         report = fleet_status(reads, region, live=live)
     finally:
         reads.close()
-    if as_json:
-        print_json(report.to_json())
+    if structured(out):
+        emit(report.to_json(), out)
         return
-    say(f"head {report.head}, fleet target {report.target}, {report.tenants} tenants "
+    say(f"head {report.head}, fleet target {report.target}, {report.tenants} "
+        f"tenant{'s' * (report.tenants != 1)} "
         f"({report.sources.get('mark', 0)} from their marks, "
         f"{report.sources.get('live', 0)} read live)")
     table("revisions", ["revision", "tenants"],
-             [[rev, n] for rev, n in report.revisions.items()])
+          [[rev, n] for rev, n in report.revisions.items()], whole={0})
     if report.behind:
         table("behind head", ["tenant", "region", "server", "revision"],
-                 [[b["slug"], b["region"], b["server"], b["revision"]] for b in report.behind])
+              [[b["slug"], b["region"], b["server"], b["revision"]] for b in report.behind],
+              whole={0, 1, 2, 3})
     if report.failed:
         table("last migration failed", ["tenant", "revision", "error"],
-                 [[f["slug"], f["revision"], f["error"]] for f in report.failed])
+              [[f["slug"], f["revision"], f["error"]] for f in report.failed], whole={0, 1})
     if report.unreachable:
         table("unreachable", ["tenant", "server", "error"],
-                 [[u["slug"], u["server"], u["error"]] for u in report.unreachable])
+              [[u["slug"], u["server"], u["error"]] for u in report.unreachable],
+              whole={0, 1})
     if report.remarked:
         table("revision marks rewritten", ["tenant", "server", "was", "now"],
               [[r["slug"], r["server"], (r["mark"] or "base") if r["marked"] else "-",
-                r.get("revision") or r.get("error") or "base"] for r in report.remarked])
+                r.get("revision") or r.get("error") or "base"] for r in report.remarked],
+              whole={0, 1, 2})
     table("templates", ["server", "region", "revision"],
-             [[t["server"], t["region"], t["revision"] or "-"] for t in report.templates])
+          [[t["server"], t["region"], t["revision"] or "-"] for t in report.templates],
+          whole={0, 1, 2})
 
 
 @migrate_app.command("rollout")

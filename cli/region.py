@@ -7,21 +7,22 @@ from typing import Any
 import typer
 
 from cli.common import JsonOpt, open_reads
-from cli.output import print_json, table
+from cli.output import Col, FormatOpt, emit, output_format, records, structured
 
 region_app = typer.Typer(no_args_is_help=True, help="Regions and their servers.")
 
 
 
 @region_app.command("list")
-def region_list(as_json: JsonOpt = False) -> None:
+def region_list(as_json: JsonOpt = False, fmt: FormatOpt = None) -> None:
     """Regions, their servers, tenants per server and capacity."""
+    out_fmt = output_format(fmt, as_json)
     reads = open_reads()
     try:
         servers = reads.servers()
     finally:
         reads.close()
-    if as_json:
+    if structured(out_fmt):
         out: dict[str, Any] = {}
         for s in servers:
             region = out.setdefault(s.region, {
@@ -29,8 +30,12 @@ def region_list(as_json: JsonOpt = False) -> None:
                 "backup_store": reads.cfg.regions[s.region].backup_store
                 if s.region in reads.cfg.regions else None, "servers": []})
             region["servers"].append(s.to_json())
-        print_json(list(out.values()))
+        emit(list(out.values()), out_fmt)
         return
-    table(None, ["region", "server", "tenants", "capacity", "accepting", "template"],
-           [[s.region, s.name, s.tenants, s.capacity, "yes" if s.available else "no",
-             s.template_revision or "-"] for s in servers])
+    records([{"region": s.region, "server": s.name, "tenants": s.tenants,
+              "capacity": s.capacity, "accepting": s.available,
+              "template": s.template_revision} for s in servers],
+            [Col("region", "region", whole=True), Col("server", "server", whole=True),
+             Col("tenants", "tenants"), Col("capacity", "capacity"),
+             Col("accepting", "accepting", "yesno"),
+             Col("template", "template", whole=True)], out_fmt, empty="no servers")

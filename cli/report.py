@@ -9,27 +9,34 @@ from typing import Annotated, Any
 import typer
 
 from cli.common import JsonOpt, open_fleet
-from cli.output import print_json, say
+from cli.output import is_stdout, print_json, say, write_text_to
 from orchestrator.domain.errors import ExitCode
 
 
 def report(
     html: Annotated[Path | None, typer.Option("--html", help="Also write a self-contained "
-                                              "HTML page here.")] = None,
+                                              "HTML page here (- is stdout: then only "
+                                              "the page is printed).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Check the fleet against the promises of the privacy policy: isolation, region,
     backups, timeliness, audit. Exit 12 when any promise is broken."""
+    from orchestrator.domain.errors import InvalidInput
     from orchestrator.services import report as rep
 
+    page_on_stdout = is_stdout(html)
+    if page_on_stdout and as_json:
+        raise InvalidInput("--html - and --json both write to stdout: give one")
     fleet = open_fleet()
     try:
         data = rep.build(fleet)
     finally:
         fleet.close()
     if html is not None:
-        html.write_text(rep.render_html(data), encoding="utf-8")
-    if as_json:
+        write_text_to(html, rep.render_html(data))
+    if page_on_stdout:
+        pass  # the page is the output; the exit code still says whether promises hold
+    elif as_json:
         print_json(data)
     else:
         render_text(data)

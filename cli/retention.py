@@ -8,7 +8,20 @@ import typer
 
 from cli import logs
 from cli.common import open_fleet
-from cli.output import err, print_json, say, table
+from cli.output import (
+    Col,
+    Format,
+    FormatOpt,
+    age,
+    emit,
+    err,
+    output_format,
+    print_json,
+    records,
+    say,
+    structured,
+    table,
+)
 from orchestrator.domain.errors import ExitCode
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
@@ -67,12 +80,15 @@ def retention_run(
 
 
 @retention_app.command("status")
-def retention_status(now: NowOpt = None, as_json: JsonOpt = False) -> None:
+def retention_status(now: NowOpt = None, as_json: JsonOpt = False,
+                     fmt: FormatOpt = None) -> None:
     """Tenants per state, the next deletions and purges, and anything overdue (exit 11
     when something is overdue, for monitoring)."""
     from orchestrator.adapters import clock
     from orchestrator.services import retention
 
+    out = output_format(fmt, as_json)
+    as_json = structured(out)
     at = clock.effective_now(now, acting=False)
     fleet = open_fleet()
     try:
@@ -80,15 +96,19 @@ def retention_status(now: NowOpt = None, as_json: JsonOpt = False) -> None:
     finally:
         fleet.close()
     if as_json:
-        print_json(data)
+        emit(data, out)
     else:
         table("tenants per state", ["state", "tenants"], [[k, v] for k, v in
                                                           data["states"].items()])
         for title, key in (("next deletions", "next_deletions"),
                            ("next purges", "next_purges")):
-            table(title, ["tenant", "region", "due", "legal hold"],
-                  [[r["tenant"], r["region"], r["due_at"],
-                    r["legal_hold_reason"] if r["legal_hold"] else ""] for r in data[key]])
+            # due: "in 3d" against the time planned at (--now), not the wall clock
+            records(data[key], [
+                Col("tenant", "tenant", whole=True), Col("region", "region", whole=True),
+                Col("due", lambda r: r["due_at"] if out == Format.wide
+                    else age(r["due_at"], at)),
+                Col("legal hold", lambda r: (r["legal_hold_reason"] or "yes")
+                    if r["legal_hold"] else "")], out, title=title)
     if data["overdue_count"]:
         if not as_json:
             for kind, rows in data["overdue"].items():

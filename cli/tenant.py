@@ -10,7 +10,21 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from cli.common import JsonOpt, open_fleet, open_reads
-from cli.output import plain, print_json, progress_bar, say, table
+from cli.output import (
+    Col,
+    FormatOpt,
+    binary_stdout,
+    err,
+    fields,
+    human_size,
+    is_stdout,
+    output_format,
+    plain,
+    print_json,
+    progress_bar,
+    records,
+    say,
+)
 from orchestrator.domain.errors import ExitCode
 
 if TYPE_CHECKING:
@@ -165,25 +179,33 @@ def export(
     slug: str,
     fmt: Annotated[str, typer.Option("--format", help="sql (a pg_dump script) or csv "
                                      "(a zip, one CSV per table).")],
-    output: Annotated[Path, typer.Option(help="File to write.")],
+    output: Annotated[Path, typer.Option(help="File to write; - is stdout.")],
     force: Annotated[bool, typer.Option(help="Replace an existing file.")] = False,
     as_json: BareJsonOpt = False,
 ) -> None:
     """Export a tenant's data (active, suspended, or cancelled and in its hold)."""
+    from orchestrator.domain.errors import InvalidInput
     from orchestrator.services.export import export as do_export
 
+    to_stdout = is_stdout(output)
+    if to_stdout and as_json:
+        raise InvalidInput("--output - and --json both write to stdout: give one")
     fleet = open_fleet()
     try:
-        res = do_export(fleet, slug, fmt, output, force=force)
+        res = do_export(fleet, slug, fmt, binary_stdout() if to_stdout else output,
+                        force=force)
     finally:
         fleet.close()
     if as_json:
         print_json(res)
-    else:
-        say(f"exported {slug} to {res['output']} ({res['size']} bytes)")
-        if res["not_included"].get("large_objects"):
-            say(f"not included: {res['not_included']['large_objects']} large "
-                "object(s) (CSV has no form for them; --format sql includes them)")
+        return
+    # with --output - the data is stdout: what is said about it goes beside, on stderr
+    tell = err if to_stdout else say
+    tell(f"exported {slug} to {'stdout' if to_stdout else res['output']} "
+         f"({human_size(res['size'])})")
+    if res["not_included"].get("large_objects"):
+        tell(f"not included: {res['not_included']['large_objects']} large "
+             "object(s) (CSV has no form for them; --format sql includes them)")
 
 
 # -- create, inspect, connect -----------------------------------------------------------
@@ -228,37 +250,47 @@ def tenant_list(
     region: Annotated[str | None, typer.Option(help="Only this region.")] = None,
     state: Annotated[str | None, typer.Option(help="Only this state.")] = None,
     as_json: JsonOpt = False,
+    fmt: FormatOpt = None,
 ) -> None:
     """List tenants."""
     from orchestrator.domain.views import tenant_json
 
+    out = output_format(fmt, as_json)
     reads = open_reads()
     try:
         rows = [tenant_json(t) for t in reads.tenants(region, state)]
     finally:
         reads.close()
-    if as_json:
-        print_json(rows)
-        return
-    table(None, ["slug", "region", "server", "state", "revision", "created"],
-           [[r["slug"], r["region"], r["server"], r["state"], r["revision"],
-             (r["created_at"] or "")[:19]] for r in rows])
+    records(rows, TENANT_COLUMNS, out, empty="no tenants")
+
+
+# `tenant list`: what people grep for whole; the region is the server's (-o wide)
+TENANT_COLUMNS = [
+    Col("slug", "slug", whole=True), Col("region", "region", whole=True, wide=True),
+    Col("server", "server", whole=True), Col("state", "state"),
+    Col("revision", "revision", whole=True), Col("created", "created_at", "time"),
+    Col("database", "database", whole=True, wide=True),
+    Col("legal hold", "legal_hold", "yesno", wide=True),
+    Col("hold until", "hold_until", "time", wide=True),
+]
 
 
 @tenant_app.command("show")
-def tenant_show(slug: str, as_json: JsonOpt = False) -> None:
+def tenant_show(slug: str, as_json: JsonOpt = False, fmt: FormatOpt = None) -> None:
     """Everything the catalog knows about one tenant."""
     from orchestrator.domain.views import tenant_json
 
+    out = output_format(fmt, as_json)
     reads = open_reads()
     try:
         data = tenant_json(reads.get_tenant(slug))
     finally:
         reads.close()
-    if as_json:
-        print_json(data)
-        return
-    table(f"tenant {slug}", ["field", "value"], [[k, v] for k, v in data.items()])
+    # every key of the JSON, in its order; the table leaves out the empty ones
+    fields(f"tenant {slug}", data,
+           [Col(k, k, "time" if k.endswith("_at") or k in ("hold_until", "purge_after")
+                else "yesno" if isinstance(v, bool) else "text") for k, v in data.items()],
+           out)
 
 
 @tenant_app.command("credentials")

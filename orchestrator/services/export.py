@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import psycopg
 from psycopg import sql
@@ -49,16 +50,30 @@ class ExportError(TenantctlError):
 
 
 @audited("export")
-def export(fleet: Deps, slug: str, fmt: str, output: Path, *, force: bool = False
-           ) -> dict[str, Any]:
+def export(fleet: Deps, slug: str, fmt: str, output: Path | BinaryIO, *,
+           force: bool = False) -> dict[str, Any]:
+    """Export into the file ``output``, or onto the stream ``output`` (stdout for
+    `--output -`: written as it comes; a failure then leaves what was written)."""
     if fmt not in FORMATS:
         raise InvalidInput(f"unknown format {fmt!r}: use sql or csv")
     tenant = fleet.get_tenant(slug)
     if tenant.state not in HAS_DATABASE:
         raise Conflict(f"tenant {slug!r} is {tenant.state}: its database is gone, nothing "
                        "to export")
-    output = output.expanduser().absolute()
     dsn = with_dbname(fleet.cfg.server(tenant.server).admin_dsn, tenant.database)
+    if not isinstance(output, Path):
+        stream = _Counted(output)
+        try:
+            tables, left_out = _write(fleet, dsn, fmt, stream)
+            stream.flush()
+        except BaseException as exc:
+            _lock_error(fleet, tenant, slug, exc)
+            if isinstance(exc, OSError):  # the reader went away (a closed pipe), …
+                raise ExportError(f"cannot write to stdout: {exc.strerror or exc}"
+                                  ) from None
+            raise
+        return _done(fleet, tenant, fmt, "-", stream.size, tables, left_out)
+    output = output.expanduser().absolute()
     try:  # OSError: a name too long, a permission; ValueError: a NUL byte, not encodable
         if output.is_dir():  # --force would not help: a directory is never replaced
             raise InvalidInput(f"{output} is a directory")
@@ -76,8 +91,7 @@ def export(fleet: Deps, slug: str, fmt: str, output: Path, *, force: bool = Fals
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as out:
-            tables, left_out = (_sql(fleet, dsn, out), {}) if fmt == "sql" \
-                else _csv(dsn, out, fleet.cfg.lock_timeout)
+            tables, left_out = _write(fleet, dsn, fmt, out)
             out.flush()
             os.fsync(out.fileno())
         tmp.replace(output)
@@ -86,27 +100,69 @@ def export(fleet: Deps, slug: str, fmt: str, output: Path, *, force: bool = Fals
             tmp.unlink()
         if isinstance(exc, OSError):  # a full disk, a name too long for the rename, …
             raise ExportError(f"cannot write {output}: {exc.strerror or exc}") from None
-        if isinstance(exc, psycopg.errors.LockNotAvailable) or \
-                isinstance(exc, ExportError) and "could not obtain lock" in str(exc):
-            # a wait that reached tenants.lock_wait_seconds: say who holds the lock
-            with fleet.server_connection(tenant.server) as conn:
-                holders = pgserver.lock_holders(conn, tenant.database)
-            raise ExportError(f"export of {slug!r} failed: {first_line(exc)}; locked by "
-                              f"{', '.join(holders) or 'a session that has gone since'}"
-                              ) from None
+        _lock_error(fleet, tenant, slug, exc)
         raise
-    size = output.stat().st_size
-    fleet.catalog.audit("tenant.export", tenant=slug, region=tenant.region, format=fmt,
-                        output=str(output), size=size, not_included=left_out or None)
-    return {"tenant": slug, "format": fmt, "output": str(output), "size": size,
+    return _done(fleet, tenant, fmt, str(output), output.stat().st_size, tables, left_out)
+
+
+def _write(fleet: Deps, dsn: str, fmt: str, out: Any) -> tuple[int | None, dict[str, int]]:
+    return (_sql(fleet, dsn, out), {}) if fmt == "sql" \
+        else _csv(dsn, out, fleet.cfg.lock_timeout)
+
+
+def _lock_error(fleet: Deps, tenant: Any, slug: str, exc: BaseException) -> None:
+    """A wait that reached tenants.lock_wait_seconds: raised again saying who holds
+    the lock (anything else: nothing, the caller raises it)."""
+    if isinstance(exc, psycopg.errors.LockNotAvailable) or \
+            isinstance(exc, ExportError) and "could not obtain lock" in str(exc):
+        with fleet.server_connection(tenant.server) as conn:
+            holders = pgserver.lock_holders(conn, tenant.database)
+        raise ExportError(f"export of {slug!r} failed: {first_line(exc)}; locked by "
+                          f"{', '.join(holders) or 'a session that has gone since'}"
+                          ) from None
+
+
+def _done(fleet: Deps, tenant: Any, fmt: str, output: str, size: int,
+          tables: int | None, left_out: dict[str, int]) -> dict[str, Any]:
+    fleet.catalog.audit("tenant.export", tenant=tenant.slug, region=tenant.region,
+                        format=fmt, output=output, size=size, not_included=left_out or None)
+    return {"tenant": tenant.slug, "format": fmt, "output": output, "size": size,
             "tables": tables, "not_included": left_out}
+
+
+class _Counted:
+    """A write-only stream that counts what passes (a pipe cannot say its size).
+    No tell(): zipfile then writes as to a pipe, without seeking back."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self.raw, self.size = raw, 0
+
+    def write(self, data: bytes) -> int:
+        self.raw.write(data)
+        self.size += len(data)
+        return len(data)
+
+    def flush(self) -> None:
+        self.raw.flush()
 
 
 def _sql(fleet: Deps, dsn: str, out: Any) -> int | None:
     argv = [pg_tool(fleet.cfg, "pg_dump"), "--format=plain", "--no-owner", "--no-acl",
             f"--lock-wait-timeout={fleet.cfg.lock_timeout}"]  # a locked table: fail, not hang
     with tempfile.TemporaryFile() as err:
-        done = subprocess.run(argv, stdout=out, stderr=err, env=libpq_env(dsn))
+        if isinstance(out, _Counted):  # a stream: the dump passes through, counted
+            with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err,
+                                  env=libpq_env(dsn)) as proc:
+                assert proc.stdout is not None
+                try:
+                    shutil.copyfileobj(proc.stdout, out, 1 << 20)
+                except BaseException:
+                    proc.kill()
+                    raise
+            done: subprocess.CompletedProcess[bytes] = subprocess.CompletedProcess(
+                argv, proc.returncode)
+        else:
+            done = subprocess.run(argv, stdout=out, stderr=err, env=libpq_env(dsn))
         if done.returncode != 0:
             err.seek(0)
             said = pgserver.tool_error(err.read().decode(errors="replace"))
