@@ -32,16 +32,18 @@ def drill(
     new master key. Then point `master_key` in the config at the new key. It is
     real, not a simulation: it asks first, or needs --yes."""
     from orchestrator.adapters.crypto.masterkey import MasterKeySource, load_master_key
+    from orchestrator.domain.guardrails import plural
     from orchestrator.services import breach
 
     new = load_master_key(MasterKeySource(file=new_key_file))
     fleet = open_fleet()
     try:
         plan = breach.drill_plan(fleet, new)
-        summary = (f"{plan['passwords']} tenant passwords rotated"
+        summary = (f"{plural(plan['passwords'], 'tenant password')} rotated"
                    + (" (their sessions ended)" if kill_sessions else "")
-                   + f", {plan['grants']} support grants revoked, {plan['identities']} "
-                   f"tenant keys and {plan['passwords_wrapped']} passwords re-wrapped from "
+                   + f", {plural(plan['grants'], 'support grant')} revoked, "
+                   f"{plural(plan['identities'], 'tenant key')} and "
+                   f"{plural(plan['passwords_wrapped'], 'password')} re-wrapped from "
                    f"master key {plan['master_key_id']} to {new.key_id}")
         if dry_run:
             if as_json:

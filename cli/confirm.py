@@ -27,8 +27,7 @@ def confirm(question: str, yes: bool, *, summary: str = "",
     if yes:
         return
     if not sys.stdin.isatty():
-        what = f"{summary}: " if summary else ""
-        raise InvalidInput(f"{what}{question.rstrip('?')} — confirm with --yes (no "
+        raise InvalidInput(f"{summary or question.rstrip('?')} — confirm with --yes (no "
                            "terminal to ask on); nothing changed")
     for line in details or ([summary] if summary else []):
         typer.echo(line, err=True)

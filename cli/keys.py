@@ -65,6 +65,7 @@ def rotate_master(
     then point `master_key` in the config at the new key. Asks first, or needs --yes."""
     from orchestrator.adapters.crypto.masterkey import MasterKeySource, load_master_key
     from orchestrator.domain.errors import InvalidInput
+    from orchestrator.domain.guardrails import plural
     from orchestrator.services import credentials
 
     if (new_key_file is None) == (new_key_env is None):
@@ -83,8 +84,9 @@ def rotate_master(
         if new.key_id == fleet.master_key.key_id:
             raise InvalidInput("the new master key is the one configured now")
         plan = credentials.rotate_master_plan(fleet, new)
-        summary = (f"{plan['identities']} tenant keys and {plan['passwords']} passwords "
-                   f"re-wrapped from master key {fleet.master_key.key_id} to {new.key_id}, "
+        summary = (f"{plural(plan['identities'], 'tenant key')} and "
+                   f"{plural(plan['passwords'], 'password')} re-wrapped from master key "
+                   f"{fleet.master_key.key_id} to {new.key_id}, "
                    "which becomes the fleet's (the config must then name it)")
         if dry_run:
             if as_json:

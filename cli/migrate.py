@@ -234,9 +234,9 @@ class _Renderer:
                 say(f"-- SQL for {pair}")
                 plain(annotate(text), end="")
             if s.risk is not None and s.risk.needs_confirmation:
-                for line in s.risk.lines():
-                    say(line)
-                say("a real run asks for confirmation (a terminal, or --yes)")
+                for line in s.risk.lines():  # never wrapped: grep and copy them
+                    plain(line)
+                plain("a real run asks for confirmation (a terminal, or --yes)")
             return
         counts = ", ".join(f"{k} {v}" for k, v in sorted(s.counts.items()))
         reason = f" ({s.stopped_reason})" if s.stopped_reason else ""

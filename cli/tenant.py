@@ -304,6 +304,7 @@ def _rotate_all(region: str | None, concurrency: int, kill_sessions: bool,
     import time
 
     from cli.confirm import confirm
+    from orchestrator.domain.guardrails import plural
     from orchestrator.services import breach
 
     fleet = open_fleet()
@@ -311,8 +312,8 @@ def _rotate_all(region: str | None, concurrency: int, kill_sessions: bool,
     try:
         targets = breach.rotation_targets(fleet, region)
         where = f"in region {region}" if region else "in every region"
-        summary = (f"{len(targets)} tenant password{'s' * (len(targets) != 1)} {where} "
-                   "rotated (applications need the new connection strings)"
+        summary = (f"{plural(len(targets), 'tenant password')} {where} rotated "
+                   "(applications need the new connection strings)"
                    + ("; their open sessions ended" if kill_sessions else ""))
         if dry_run:
             if as_json:

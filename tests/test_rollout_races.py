@@ -254,7 +254,7 @@ def test_a_crashed_rollout_does_not_block_the_next(
         fleet.provision(t, "eu-central")
     crashed = subprocess.run(
         [*TENANTCTL, "--config", str(own.config_path), "migrate", "rollout", "--to", OLD,
-         "--concurrency", "1"],
+         "--concurrency", "1", "--yes"],
         capture_output=True, text=True, timeout=WAIT,
         env={**os.environ, "TENANTCTL_FAULT": "rollout.tenant_done"})
     assert crashed.returncode == -9, crashed.stdout + crashed.stderr

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestrator.domain.destructive_sql import Finding, summarize, unique
+from orchestrator.domain.destructive_sql import DATA_LOSS, Finding, summarize, unique
 
 
 def plural(n: int, word: str) -> str:
@@ -108,7 +108,7 @@ class RolloutRisk:
                        f"{rev(move.current)} → {rev(move.new)}"
                        f"{' (downgrade)' if move.downgrade else ''}; the templates on "
                        f"{plural(move.servers, 'server')} follow")
-        for f in self.findings:
+        for f in sorted(self.findings, key=lambda f: f.kind not in DATA_LOSS):
             out.append(f"  !! {f.describe()}")
         if self.findings:
             out.append(f"destructive: {summarize(self.findings, names=0)}")
