@@ -8,7 +8,7 @@ import pytest
 
 from orchestrator.adapters.postgres import alembic_runner
 from orchestrator.domain.destructive_sql import MARK, annotate, classify, summarize
-from orchestrator.domain.guardrails import MigrationStep, RolloutRisk, TargetMove
+from orchestrator.domain.guardrails import MigrationStep, RolloutRisk, TargetMove, steps_of
 
 TENANT_MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations" / "tenant"
 
@@ -163,3 +163,20 @@ def test_rollout_risk_words_and_decision() -> None:
                                               tuple(classify("TRUNCATE cache"))),))
     assert wipe.needs_confirmation and not wipe.downgrade
     assert wipe.headline() == "1 tenant, upgrade 0006 → 0007, 1 TRUNCATE (cache)"
+
+
+def test_a_revision_the_files_do_not_know_is_reported_not_judged() -> None:
+    """Tenants marked with a newer deploy's revision: no SQL to judge (the run fails
+    them untouched), so they alone ask nothing; leaving an unknown target is down."""
+    assert alembic_runner.known_revision(TENANT_MIGRATIONS, "0005_reorder_level")
+    assert alembic_runner.known_revision(TENANT_MIGRATIONS, None)
+    assert not alembic_runner.known_revision(TENANT_MIGRATIONS, "0099_from_the_future")
+    steps = steps_of([("0004", 3), ("0099", 2), ("0006", 1)], "0006", {"0004": False},
+                     {"0004": []}, unknown={"0099"})
+    risk = RolloutRisk("0006", steps, at_target=1)
+    assert not risk.needs_confirmation
+    assert risk.headline() == "5 tenants, upgrade 0004 → 0006 (3), 2 at unknown revision 0099"
+    assert "  ? 2 tenants at 0099, a revision the migration files do not know: they " \
+        "fail, untouched" in risk.lines()
+    moved = RolloutRisk("0006", steps, TargetMove(None, "0099", "0006", True, 1))
+    assert moved.needs_confirmation

@@ -29,6 +29,7 @@ class MigrationStep:
     tenants: int
     downgrade: bool
     findings: tuple[Finding, ...] = ()
+    unknown: bool = False  # a revision the migration files do not know: no SQL, fails
 
     @property
     def arrow(self) -> str:
@@ -81,12 +82,14 @@ class RolloutRisk:
         """One line: ``7 tenants, downgrade 0006_… → 0004_…, 1 DROP COLUMN (…)``."""
         parts = [plural(self.tenants, "tenant")]
         for down in (True, False):
-            steps = [s for s in self.steps if s.downgrade == down]
+            steps = [s for s in self.steps if s.downgrade == down and not s.unknown]
             if steps:
                 sources = "/".join(rev(s.source) for s in steps)
                 parts.append(f"{'downgrade' if down else 'upgrade'} {sources} → "
                              f"{rev(self.target)}" + (f" ({sum(s.tenants for s in steps)})"
                                                       if len(self.steps) > 1 else ""))
+        for s in (s for s in self.steps if s.unknown):
+            parts.append(f"{s.tenants} at unknown revision {rev(s.source)}")
         move = self.target_move
         if move is not None and move.current != move.new:
             parts.append(f"{move.scope} {'downgrade ' if move.downgrade else ''}"
@@ -100,6 +103,10 @@ class RolloutRisk:
         out = [f"plan: migrate {plural(self.tenants, 'tenant')} to {rev(self.target)}"
                + (f" ({self.at_target} already there)" if self.at_target else "")]
         for s in self.steps:
+            if s.unknown:
+                out.append(f"  ? {plural(s.tenants, 'tenant')} at {rev(s.source)}, a "
+                           "revision the migration files do not know: they fail, untouched")
+                continue
             out.append(f"  {'-' if s.downgrade else '~'} {plural(s.tenants, 'tenant')} "
                        f"{s.arrow}{' (downgrade)' if s.downgrade else ''}")
         move = self.target_move
@@ -120,7 +127,7 @@ class RolloutRisk:
             "tenants": self.tenants, "target": self.target, "downgrade": self.downgrade,
             "needs_confirmation": self.needs_confirmation, "summary": self.headline(),
             "steps": [{"from": s.source, "to": s.target, "tenants": s.tenants,
-                       "downgrade": s.downgrade} for s in self.steps],
+                       "downgrade": s.downgrade, "unknown": s.unknown} for s in self.steps],
             "target_move": None if move is None else {
                 "region": move.region, "from": move.current, "to": move.new,
                 "downgrade": move.downgrade, "servers": move.servers},
@@ -130,8 +137,10 @@ class RolloutRisk:
 
 def steps_of(sources: Sequence[tuple[str | None, int]], target: str | None,
              downgrades: dict[str | None, bool],
-             findings: dict[str | None, list[Finding]]) -> tuple[MigrationStep, ...]:
+             findings: dict[str | None, list[Finding]],
+             unknown: set[str | None] | frozenset[str | None] = frozenset()
+             ) -> tuple[MigrationStep, ...]:
     """One step per source revision (tenants at the target are no step)."""
     return tuple(MigrationStep(src, target, n, downgrades.get(src, False),
-                               tuple(findings.get(src, ())))
+                               tuple(findings.get(src, ())), src in unknown)
                  for src, n in sources if src != target and n)

@@ -289,11 +289,13 @@ class RolloutRun:
         return self._risk(waves, self._offline_sql(waves))
 
     def _offline_sql(self, waves: list[list[PlanTenant]]) -> dict[str | None, str]:
-        """Per source revision (None: base) not at the target, the SQL it runs."""
+        """Per source revision (None: base) not at the target, the SQL it runs. A
+        revision these files do not know (a newer deploy's) has none: its tenants
+        fail in the run, untouched."""
         sources = sorted({t.revision for w in waves for t in w if t.revision != self.target},
                          key=lambda r: r or "base")
         return {src: tenant_migrations.offline_sql(self.location, src, self.target_name)
-                for src in sources}
+                for src in sources if tenant_migrations.known_revision(self.location, src)}
 
     def _risk(self, waves: list[list[PlanTenant]], sql: dict[str | None, str]
               ) -> RolloutRisk:
@@ -304,16 +306,18 @@ class RolloutRun:
         steps = steps_of(sorted(counts.items(), key=lambda kv: kv[0] or "base"), self.target,
                          {src: tenant_migrations.is_downgrade(script, src, self.target_name)
                           for src in sql},
-                         {src: classify(text) for src, text in sql.items()})
+                         {src: classify(text) for src, text in sql.items()},
+                         unknown={src for src in counts if src != self.target
+                                  and src not in sql})
         move = None
         if self.opts.whole_scope:
             current = self.fleet.target_revision(self.opts.region)
             servers = [sc for sc in self.fleet.cfg.servers
                        if self.opts.region is None or sc.region == self.opts.region]
-            move = TargetMove(self.opts.region, current, self.target,
-                              tenant_migrations.is_downgrade(script, current,
-                                                             self.target_name),
-                              len(servers))
+            # a target these files do not know is a newer deploy's: leaving it is down
+            down = not tenant_migrations.known_revision(self.location, current) or \
+                tenant_migrations.is_downgrade(script, current, self.target_name)
+            move = TargetMove(self.opts.region, current, self.target, down, len(servers))
         return RolloutRisk(self.target, steps, move, at_target=counts.get(self.target, 0))
 
     # -- the run ------------------------------------------------------------------------
