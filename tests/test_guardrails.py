@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
-from orchestrator.adapters.catalog.models import Rollout, TenantCredential
+from orchestrator.adapters.catalog.models import Rollout, Tenant, TenantCredential
 from orchestrator.adapters.crypto import tenant_keys as keys
 from orchestrator.adapters.crypto.masterkey import write_key_file
 from orchestrator.adapters.postgres import admin as pgserver
@@ -136,6 +136,16 @@ def test_downgrade_rollout_refused_without_terminal_or_yes(
     assert one.returncode == 0 and mark_and_version(own.fleet, slugs[0]) == (OLD, OLD)
     assert cli(own, "migrate", "tenant", slugs[0], "--json").returncode == 0
     assert mark_and_version(own.fleet, slugs[0]) == (HEAD, HEAD)
+    # a catalog revision the files do not know (a newer deploy's): nothing to judge,
+    # no question; the run reads the database's own revision
+    with own.fleet.catalog.session() as s, s.begin():
+        s.execute(update(Tenant).where(Tenant.slug == slugs[1]).values(
+            revision="0099_from_the_future"))
+    dry = cli(own, "migrate", "rollout", "--tenants", slugs[1], "--dry-run")
+    assert dry.returncode == 0 and "Traceback" not in dry.stderr, dry.stderr
+    run = cli(own, "migrate", "rollout", "--tenants", slugs[1], "--json")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert mark_and_version(own.fleet, slugs[1]) == (HEAD, HEAD)
 
 
 def test_a_no_at_the_terminal_changes_nothing(
