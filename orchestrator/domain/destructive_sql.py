@@ -231,6 +231,8 @@ def _drop(toks: Sequence[_Tok]) -> list[tuple[str, str]]:
     kind = next((k for k in _DROP_KINDS if words[:len(k)] == k), words[:1] or ["?"])
     i = _skip(toks, 1 + len(kind), "IF EXISTS", "CONCURRENTLY")
     label = "DROP " + " ".join(kind)
+    if kind == ["OWNED"]:  # DROP OWNED BY role, …: every object those roles own
+        return [(label, ", ".join(_names_list(toks, _skip(toks, i, "BY"))))]
     names = _names_list(toks, i) or [""]
     if kind in (["TRIGGER"], ["RULE"], ["POLICY"]):  # DROP TRIGGER t ON table
         on = next((j for j in range(i, len(toks)) if toks[j].kw == "ON"), None)
