@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Annotated
 
 import typer
@@ -201,11 +200,11 @@ def restore(
 
     if (as_ is None) == (not in_place):
         raise InvalidInput("give --as NEW_SLUG, or --in-place --yes")
-    if in_place and not yes:
-        if not sys.stdin.isatty():
-            raise InvalidInput("--in-place replaces the tenant's data: add --yes")
-        typer.confirm(f"replace the database of backup {backup_id}'s tenant with it?",
-                      abort=True)
+    if in_place:
+        from cli.confirm import confirm
+
+        confirm(f"Replace the database of backup {backup_id}'s tenant with it?", yes,
+                summary="--in-place replaces the tenant's data")
     fleet = open_fleet()
     try:
         if in_place:

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from cli.common import open_fleet
+from cli.confirm import YesOpt, confirm
 from cli.output import print_json, say
 
 keys_app = typer.Typer(no_args_is_help=True, help="The master key that wraps tenant secrets.")
@@ -55,12 +56,16 @@ def rotate_master(
         help="Rotate to a KMS-envelope master key: KMS decrypts --new-key-file.")] = None,
     new_kms_region: Annotated[str | None, typer.Option()] = None,
     new_kms_endpoint_url: Annotated[str | None, typer.Option()] = None,
+    dry_run: Annotated[bool, typer.Option(help="Count what would be re-wrapped; change "
+                                          "nothing.")] = False,
+    yes: YesOpt = False,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Re-wrap every tenant key and password under a new master key (all or nothing);
-    then point `master_key` in the config at the new key."""
+    then point `master_key` in the config at the new key. Asks first, or needs --yes."""
     from orchestrator.adapters.crypto.masterkey import MasterKeySource, load_master_key
     from orchestrator.domain.errors import InvalidInput
+    from orchestrator.domain.guardrails import plural
     from orchestrator.services import credentials
 
     if (new_key_file is None) == (new_key_env is None):
@@ -78,6 +83,19 @@ def rotate_master(
     try:
         if new.key_id == fleet.master_key.key_id:
             raise InvalidInput("the new master key is the one configured now")
+        plan = credentials.rotate_master_plan(fleet, new)
+        summary = (f"{plural(plan['identities'], 'tenant key')} and "
+                   f"{plural(plan['passwords'], 'password')} re-wrapped from master key "
+                   f"{fleet.master_key.key_id} to {new.key_id}, "
+                   "which becomes the fleet's (the config must then name it)")
+        if dry_run:
+            if as_json:
+                print_json({"dry_run": True, "master_key_id": fleet.master_key.key_id,
+                            "new_master_key_id": new.key_id, **plan})
+            else:
+                say(f"dry run, nothing changed: {summary}")
+            return
+        confirm("Rotate the master key?", yes, summary=summary)
         counts = credentials.rotate_master(fleet, new)
     finally:
         fleet.close()

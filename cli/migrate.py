@@ -10,6 +10,7 @@ import typer
 
 from cli import logs
 from cli.common import open_fleet, open_reads
+from cli.confirm import YesOpt, confirm
 from cli.output import (
     FormatOpt,
     console,
@@ -22,6 +23,7 @@ from cli.output import (
     structured,
     table,
 )
+from orchestrator.domain.destructive_sql import annotate
 from orchestrator.domain.statuses import ROLLOUT_DRY_RUN, TenantMigration
 
 if TYPE_CHECKING:
@@ -99,13 +101,15 @@ def rollout(
     statement_timeout: Annotated[str, typer.Option(help="Per statement limit.")] = "5min",
     retries: Annotated[int, typer.Option(help="Retries after a lock or statement "
                                          "timeout.")] = 3,
-    dry_run: Annotated[bool, typer.Option(help="Print the plan and the SQL; touch no "
-                                          "tenant.")] = False,
+    dry_run: Annotated[bool, typer.Option(help="Print the plan and the SQL (destructive "
+                                          "statements marked); touch no tenant.")] = False,
+    yes: YesOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Migrate every tenant in scope to a revision: canary, waves, failure budget.
     Re-running the same command resumes it; on several machines at once, they
-    divide the work."""
+    divide the work. A downgrade, or SQL that drops, truncates or rewrites data,
+    asks first (or needs --yes)."""
     from orchestrator.services.rollout import RolloutOptions
 
     opts = RolloutOptions(
@@ -113,7 +117,7 @@ def rollout(
         concurrency=concurrency, per_server=per_server, canary=canary, waves=waves,
         max_failures=max_failures, lock_timeout=lock_timeout,
         statement_timeout=statement_timeout, retries=retries, dry_run=dry_run)
-    _run(opts, as_json)
+    _run(opts, as_json, yes)
 
 
 @migrate_app.command("tenant")
@@ -123,25 +127,40 @@ def tenant(
     lock_timeout: Annotated[str, typer.Option(help="Wait for a table lock.")] = "2s",
     statement_timeout: Annotated[str, typer.Option(help="Per statement limit.")] = "5min",
     retries: Annotated[int, typer.Option(help="Retries after a timeout.")] = 3,
-    dry_run: Annotated[bool, typer.Option(help="Print the SQL only.")] = False,
+    dry_run: Annotated[bool, typer.Option(help="Print the SQL only (destructive "
+                                          "statements marked).")] = False,
+    yes: YesOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Migrate one tenant (same machinery as a rollout; the fleet target is unchanged)."""
+    """Migrate one tenant (same machinery as a rollout; the fleet target is unchanged).
+    A downgrade or destructive SQL asks first (or needs --yes)."""
     from orchestrator.services.rollout import RolloutOptions
 
     opts = RolloutOptions(to=to, tenants=[slug], concurrency=1, per_server=1,
                           max_failures="100%", lock_timeout=lock_timeout,
                           statement_timeout=statement_timeout, retries=retries,
                           dry_run=dry_run)
-    _run(opts, as_json)
+    _run(opts, as_json, yes)
 
 
-def _run(opts: RolloutOptions, as_json: bool) -> None:
+def _run(opts: RolloutOptions, as_json: bool, yes: bool = False) -> None:
     from orchestrator.services.rollout import RolloutRun
 
     stop = threading.Event()
-    renderer = _Renderer(as_json)
     fleet = open_fleet()
+    try:
+        run = RolloutRun(fleet, opts, stop=stop)
+        if not opts.dry_run:
+            # before the first write: no rollout row, target, template or tenant yet
+            risk = run.preview()
+            if risk.needs_confirmation:
+                confirm("Apply this rollout?", yes, summary=risk.headline(),
+                        details=risk.lines())
+    except BaseException:
+        fleet.close()
+        raise
+    renderer = _Renderer(as_json)
+    run.on_event = renderer.event
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -152,7 +171,6 @@ def _run(opts: RolloutOptions, as_json: bool) -> None:
     for sig in previous:
         signal.signal(sig, on_signal)
     try:
-        run = RolloutRun(fleet, opts, renderer.event, stop)
         summary = run.run()
     finally:
         renderer.close()
@@ -233,7 +251,11 @@ class _Renderer:
                     say(f"{'canary' if i == 0 else f'wave {i}'}: {', '.join(wave)}")
             for pair, text in s.sql.items():
                 say(f"-- SQL for {pair}")
-                plain(text, end="")
+                plain(annotate(text), end="")
+            if s.risk is not None and s.risk.needs_confirmation:
+                for line in s.risk.lines():  # never wrapped: grep and copy them
+                    plain(line)
+                plain("a real run asks for confirmation (a terminal, or --yes)")
             return
         counts = ", ".join(f"{k} {v}" for k, v in sorted(s.counts.items()))
         reason = f" ({s.stopped_reason})" if s.stopped_reason else ""

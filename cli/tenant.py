@@ -37,14 +37,9 @@ BareJsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 
 def _confirm(question: str, yes: bool) -> None:
-    from orchestrator.domain.errors import InvalidInput
+    from cli.confirm import confirm
 
-    if yes:
-        return
-    if not sys.stdin.isatty():
-        raise InvalidInput(f"{question} — confirm with --yes (no terminal to ask on)")
-    if not typer.confirm(question, default=False):
-        raise typer.Exit(ExitCode.FAILED)
+    confirm(question, yes)
 
 
 def _print_transition(res: Any, as_json: bool) -> None:
@@ -304,17 +299,25 @@ def tenant_credentials(
     concurrency: Annotated[int, typer.Option(min=1, help="With --all.")] = 4,
     kill_sessions: Annotated[bool, typer.Option(help="End sessions opened with the old "
                                                 "password.")] = False,
+    dry_run: Annotated[bool, typer.Option(help="With --all: list the tenants whose "
+                                          "password would change; change nothing.")]
+    = False,
+    yes: Annotated[bool, typer.Option("--yes", help="With --all: do not ask (needed "
+                                      "without a terminal).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Show the tenant's connection string (audited), or rotate its password; with
-    --rotate --all, every tenant's (the report never contains the passwords)."""
+    --rotate --all, every tenant's (the report never contains the passwords): it asks
+    first, or needs --yes."""
     from orchestrator.domain.errors import InvalidInput
 
     if all_:
         if slug or not rotate:
             raise InvalidInput("--all goes with --rotate and no slug")
-        _rotate_all(region, concurrency, kill_sessions, as_json)
+        _rotate_all(region, concurrency, kill_sessions, as_json, dry_run=dry_run, yes=yes)
         return
+    if dry_run or yes:
+        raise InvalidInput("--dry-run and --yes go with --rotate --all")
     if not slug:
         raise InvalidInput("give a tenant, or --rotate --all")
     fleet = open_fleet()
@@ -329,20 +332,36 @@ def tenant_credentials(
 
 
 def _rotate_all(region: str | None, concurrency: int, kill_sessions: bool,
-                as_json: bool) -> None:
+                as_json: bool, *, dry_run: bool = False, yes: bool = False) -> None:
     import time
 
-    from orchestrator.domain.states import HAS_DATABASE
+    from cli.confirm import confirm
+    from orchestrator.domain.guardrails import plural
     from orchestrator.services import breach
 
     fleet = open_fleet()
     t0 = time.perf_counter()
     try:
+        targets = breach.rotation_targets(fleet, region)
+        where = f"in region {region}" if region else "in every region"
+        summary = (f"{plural(len(targets), 'tenant password')} {where} rotated "
+                   "(applications need the new connection strings)"
+                   + ("; their open sessions ended" if kill_sessions else ""))
+        if dry_run:
+            if as_json:
+                print_json({"dry_run": True, "would_rotate": len(targets),
+                            "kill_sessions": kill_sessions,
+                            "tenants": [t.slug for t in targets]})
+            else:
+                say(f"dry run, nothing changed: {summary}")
+                for t in targets:
+                    say(f"  {t.slug} ({t.region})")
+            return
+        confirm("Rotate these passwords?", yes, summary=summary)
         bar = progress_bar("rotating", as_json)
         if bar is not None:
             with bar:
-                total = sum(t.state in HAS_DATABASE for t in fleet.tenants(region))
-                task = bar.add_task("rotate", total=total)
+                task = bar.add_task("rotate", total=len(targets))
                 results = breach.rotate_all(fleet, region=region, concurrency=concurrency,
                                             kill_sessions=kill_sessions,
                                             on_done=lambda r: bar.advance(task))

@@ -155,7 +155,7 @@ def test_fleet_wide_rotation_reports_failures_and_converges(
     session = connect_as(old[slugs[0]], autocommit=True)
     # the second tenant's rotation fails after its new password is stored
     proc = run_cli(test_fleet, "tenant", "credentials", "--rotate", "--all", "--concurrency",
-                   "1", "--kill-sessions", "--json", config=own.config_path,
+                   "1", "--kill-sessions", "--json", "--yes", config=own.config_path,
                    env={"TENANTCTL_FAULT": "credentials.stored:2",
                         "TENANTCTL_FAULT_MODE": "raise"})
     assert proc.returncode == 1
@@ -172,7 +172,7 @@ def test_fleet_wide_rotation_reports_failures_and_converges(
             connect_as(old[s]).close()
         connect_as(own.fleet.credentials(s)).close()
     again = run_cli(test_fleet, "tenant", "credentials", "--rotate", "--all", "--json",
-                    config=own.config_path)
+                    "--yes", config=own.config_path)
     assert again.returncode == 0, again.stderr
     for s in slugs:
         with pytest.raises(psycopg.OperationalError):
@@ -214,7 +214,8 @@ def test_breach_drill_times_every_step(test_fleet: PgFleet, own_catalog: OwnCata
     assert isinstance(g, dict)
     new_key = Path(str(tmp_path)) / "new.key"
     write_key_file(new_key)
-    report = cli_json(test_fleet, own, "breach", "drill", "--new-key-file", str(new_key))
+    report = cli_json(test_fleet, own, "breach", "drill", "--new-key-file", str(new_key),
+                      "--yes")
     assert isinstance(report, dict)
     assert [s["step"] for s in report["steps"]] == [
         "rotate tenant passwords", "revoke support grants", "re-wrap under the new master key"]

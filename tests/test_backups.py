@@ -331,7 +331,7 @@ def test_master_key_rotation_keeps_backups_readable(test_fleet: PgFleet, tmp_pat
             f'kms_key_id = "{key_id}"\nkms_data_key_file = "{new_key}"\n'
             f'kms_region = "eu-central-1"\nkms_endpoint_url = "{endpoint}"'))
     proc = run_cli(test_fleet, "keys", "rotate-master", "--new-key-file", str(new_key),
-                   *kms_args, "--json", config=old_cfg)
+                   *kms_args, "--json", "--yes", config=old_cfg)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["identities"] >= 1
     fleet = Fleet(load_config(new_cfg))

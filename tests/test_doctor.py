@@ -222,7 +222,8 @@ def test_tampered_catalog_row_is_refused_before_anything_is_touched(
             assert proc.stderr.startswith("error: catalog row of tenant") and \
                 len(proc.stderr.strip().splitlines()) == 1
         # a migration is a one-tenant rollout: that tenant fails, untouched
-        proc = cli(clean_fleet, "migrate", "tenant", x, "--to", "0001_catalog")
+        proc = cli(clean_fleet, "migrate", "tenant", x, "--to", "0001_catalog",
+                   "--yes")
         assert proc.returncode != 0 and "catalog row inconsistent" in proc.stdout
         assert ("migration-failed", x) in codes(report(clean_fleet)[1])
         # the deletion is due, yet refused; nothing dropped, no backup taken

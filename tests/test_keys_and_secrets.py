@@ -248,7 +248,8 @@ def test_mixed_key_ids_are_reported_and_the_remedy_works(
     assert found.returncode == 14 and mixed, found.stdout
     # the remedy doctor gives: the stray key configured for one rotate to the fleet's
     fixed = run_cli(test_fleet, "keys", "rotate-master", "--new-key-file",
-                    str(test_fleet.state_dir / "master.key"), "--json", config=stray_cfg)
+                    str(test_fleet.state_dir / "master.key"), "--json", "--yes",
+                    config=stray_cfg)
     assert fixed.returncode == 0, fixed.stderr
     assert json.loads(fixed.stdout)["identities"] == 1
     with own.fleet.catalog.session() as s:
@@ -266,7 +267,7 @@ def test_rotate_master_makes_the_new_key_the_fleets(
     new_cfg, new = _stray_config(own, test_fleet, tmp_path)
     new_id = load_master_key(MasterKeySource(file=new)).key_id
     rotated = run_cli(test_fleet, "keys", "rotate-master", "--new-key-file", str(new),
-                      config=own.config_path)
+                      "--yes", config=own.config_path)
     assert rotated.returncode == 0, rotated.stderr
     # the old key is now the stray one: it wraps nothing more
     _one_line_error(run_cli(test_fleet, "tenant", "create", f"{slug}_x", "--region",

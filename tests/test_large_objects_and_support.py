@@ -154,7 +154,7 @@ def test_revoke_all_and_the_drill_go_past_a_grant_that_fails(
     new_key = tmp_path / "new.key"
     write_key_file(new_key)
     drill = run_cli(test_fleet, "breach", "drill", "--new-key-file", str(new_key), "--json",
-                    config=own.config_path)
+                    "--yes", config=own.config_path)
     assert drill.returncode == 1, drill.stderr
     steps = {s["step"]: s for s in json.loads(drill.stdout)["steps"]}
     assert steps["revoke support grants"]["failed"] == [stuck["id"]]

@@ -55,7 +55,7 @@ def _rollout(test_fleet: PgFleet, *args: str, env: dict[str, str] | None = None
 
 def _reset(test_fleet: PgFleet, slugs: list[str], revision: str) -> None:
     proc = _rollout(test_fleet, "--tenants", ",".join(slugs), "--to", revision,
-                    "--max-failures", "100%", "--concurrency", "8")
+                    "--max-failures", "100%", "--concurrency", "8", "--yes")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert set(_live(test_fleet, slugs).values()) == {revision}
 
@@ -98,7 +98,8 @@ def _json(proc: subprocess.CompletedProcess[str]) -> dict:  # type: ignore[type-
 
 def test_downgrade_then_rollout_to_head(test_fleet: PgFleet, tenants: list[str]) -> None:
     _reset(test_fleet, tenants, HEAD)
-    down = _rollout(test_fleet, "--tenants", ",".join(tenants), "--to", OLD, "--json")
+    down = _rollout(test_fleet, "--tenants", ",".join(tenants), "--to", OLD, "--json",
+                    "--yes")
     assert down.returncode == 0, down.stderr
     assert _json(down)["counts"] == {"ok": N_TENANTS}
     assert set(_live(test_fleet, tenants).values()) == {OLD}
@@ -265,7 +266,7 @@ def test_dry_run_changes_nothing(fleet: Fleet, test_fleet: PgFleet,
 def test_tenant_created_mid_rollout_ends_at_target(fleet: Fleet, test_fleet: PgFleet,
                                                    tenants: list[str], slug: str) -> None:
     # the whole fleet to OLD, so new tenants are created at OLD ...
-    down = _rollout(test_fleet, "--to", OLD, "--max-failures", "100%")
+    down = _rollout(test_fleet, "--to", OLD, "--max-failures", "100%", "--yes")
     assert down.returncode == 0, down.stdout + down.stderr
     assert fleet.target_revision() == OLD
     # ... then to head, slowly, and a tenant is created while it runs

@@ -230,7 +230,7 @@ def test_second_rollout_to_another_target_is_refused_while_one_runs(
         assert f"rollout {running.id} to {OLD}" in lines[0]
         assert fleet.target_revision() == HEAD  # the refused one changed nothing
         # the same target may run alongside (the same command joins the same rollout)
-        same = _rollout_cli(own, test_fleet, "--to", OLD, "--json")
+        same = _rollout_cli(own, test_fleet, "--to", OLD, "--json", "--yes")  # a downgrade
         assert same.returncode == 0, same.stdout + same.stderr
     finally:
         go.set()
@@ -254,7 +254,7 @@ def test_a_crashed_rollout_does_not_block_the_next(
         fleet.provision(t, "eu-central")
     crashed = subprocess.run(
         [*TENANTCTL, "--config", str(own.config_path), "migrate", "rollout", "--to", OLD,
-         "--concurrency", "1"],
+         "--concurrency", "1", "--yes"],
         capture_output=True, text=True, timeout=WAIT,
         env={**os.environ, "TENANTCTL_FAULT": "rollout.tenant_done"})
     assert crashed.returncode == -9, crashed.stdout + crashed.stderr

@@ -217,7 +217,7 @@ def test_no_secret_in_argv_output_audit_logs_or_stores(test_fleet: PgFleet, setu
                    allowed=("password 3",))
     cap.secret("password 3", _password(json.loads(rotated.stdout)["dsn"]))
     _cli(s, "tenant", "credentials", "--rotate", "--all", "--region", "ap-south",
-         "--kill-sessions", "--json")
+         "--kill-sessions", "--json", "--yes")
     cap.secret("password 4", _password(fleet.credentials(source)))
     cap.secret("password 5", _password(fleet.credentials(copy)))
 
@@ -257,7 +257,7 @@ def test_no_secret_in_argv_output_audit_logs_or_stores(test_fleet: PgFleet, setu
     new_key = s.work / "new.key"
     write_key_file(new_key)
     cap.secret("new master key", new_key.read_text().strip())
-    _cli(s, "keys", "rotate-master", "--new-key-file", str(new_key), "--json")
+    _cli(s, "keys", "rotate-master", "--new-key-file", str(new_key), "--json", "--yes")
     rotated_cfg = s.work / "rotated.toml"
     rotated_cfg.write_text(s.config.read_text().replace(
         str(test_fleet.state_dir / "master.key"), str(new_key)))

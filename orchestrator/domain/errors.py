@@ -34,7 +34,9 @@ class ExitCode(IntEnum):
 MEANING = {
     ExitCode.FAILED: "other expected failure (e.g. a provisioning step failed; re-run to "
                      "finish)",
-    ExitCode.INVALID: "invalid input or config (bad slug, unknown region, config error)",
+    ExitCode.INVALID: "invalid input or config (bad slug, unknown region, config error), "
+                      "or a confirmation needed with no terminal to ask on (add --yes): "
+                      "nothing changed",
     ExitCode.NOT_FOUND: "not found (no such tenant); `local status` when a cluster is down",
     ExitCode.CONFLICT: "conflict (tenant exists, another process works on it, a foreign "
                        "role of that name, a rollout to another target is running)",

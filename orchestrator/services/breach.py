@@ -33,6 +33,13 @@ class RotationResult:
         return dict(self.__dict__)
 
 
+def rotation_targets(fleet: Deps, region: str | None = None) -> list[Any]:
+    """The tenants rotate_all(region) rotates: every one with a database."""
+    if region is not None:
+        fleet.cfg.region(region)  # unknown region: one-line error, nothing done
+    return [t for t in fleet.tenants(region) if t.state in HAS_DATABASE]
+
+
 def rotate_all(fleet: Deps, *, region: str | None = None, concurrency: int = 4,
                kill_sessions: bool = False,
                on_done: Callable[[RotationResult], None] | None = None
@@ -40,9 +47,7 @@ def rotate_all(fleet: Deps, *, region: str | None = None, concurrency: int = 4,
     """A new password for every tenant role (of a region): stored wrapped first,
     then set on the role, so a crash leaves a pending password the next call
     applies. With kill_sessions, sessions opened with the old password end."""
-    if region is not None:
-        fleet.cfg.region(region)  # unknown region: one-line error, nothing done
-    tenants = [t for t in fleet.tenants(region) if t.state in HAS_DATABASE]
+    tenants = rotation_targets(fleet, region)
     results: list[RotationResult] = []
     lock = threading.Lock()
 
@@ -70,6 +75,18 @@ def rotate_all(fleet: Deps, *, region: str | None = None, concurrency: int = 4,
                         failed=[r.tenant for r in results if not r.ok],
                         kill_sessions=kill_sessions)
     return sorted(results, key=lambda r: r.tenant)
+
+
+def drill_plan(fleet: Deps, new: MasterKey) -> dict[str, Any]:
+    """What drill(new) would change, counted, nothing changed: for its confirmation
+    and --dry-run."""
+    if new.key_id == fleet.master_key.key_id:
+        raise InvalidInput("the new master key is the one configured now")
+    wraps = credentials.rotate_master_plan(fleet, new)
+    return {"passwords": len(rotation_targets(fleet)), "grants": len(access.live(fleet)),
+            "master_key_id": fleet.master_key.key_id, "new_master_key_id": new.key_id,
+            "identities": wraps["identities"], "passwords_wrapped": wraps["passwords"],
+            "already_rotated": wraps["already_rotated"]}
 
 
 def drill(fleet: Deps, new: MasterKey, *, kill_sessions: bool = False,

@@ -3,7 +3,9 @@ master key's rotation and the break-glass export of a tenant's backup key."""
 
 from __future__ import annotations
 
-from sqlalchemy import select, update
+from typing import Any
+
+from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from orchestrator.adapters import clock
@@ -94,6 +96,22 @@ def export_identity(fleet: Deps, slug: str) -> str:
     fleet.catalog.audit("backup.key.export", tenant=slug, region=tenant.region,
                         key_id=key.key_id)
     return text
+
+
+def rotate_master_plan(fleet: Deps, new: MasterKey) -> dict[str, int]:
+    """What rotate_master(new) would re-wrap, counted, nothing changed: for its
+    confirmation and --dry-run."""
+    with fleet.catalog.session() as s:
+        def count(model: type[TenantKey] | type[TenantCredential], *where: Any) -> int:
+            return s.scalar(select(func.count()).select_from(model).where(*where)) or 0
+
+        stale_key = TenantKey.master_key_id.is_distinct_from(new.key_id)
+        stale_cred = TenantCredential.master_key_id.is_distinct_from(new.key_id)
+        identities = count(TenantKey, TenantKey.identity_wrapped.is_not(None), stale_key)
+        passwords = count(TenantCredential, stale_cred)
+        done = count(TenantKey, TenantKey.identity_wrapped.is_not(None), ~stale_key) + \
+            count(TenantCredential, ~stale_cred)
+    return {"identities": identities, "passwords": passwords, "already_rotated": done}
 
 
 def rotate_master(fleet: Deps, new: MasterKey) -> dict[str, int]:

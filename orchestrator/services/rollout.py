@@ -47,8 +47,10 @@ from orchestrator.adapters.catalog.db import lock_key, lock_key_sql, with_dbname
 from orchestrator.adapters.catalog.models import Rollout, RolloutTenant, Tenant
 from orchestrator.adapters.faults import checkpoint
 from orchestrator.adapters.postgres import alembic_runner as tenant_migrations
+from orchestrator.domain.destructive_sql import classify
 from orchestrator.domain.durations import parse_pg_duration
 from orchestrator.domain.errors import FIELD, Conflict, ExitCode, InvalidInput, NotFound, first_line
+from orchestrator.domain.guardrails import RolloutRisk, TargetMove, steps_of
 from orchestrator.domain.names import catalog_mismatch, tenant_lock, validate_slug
 from orchestrator.domain.rollout_plan import (
     CANARY_WAVE,
@@ -177,6 +179,7 @@ class RolloutSummary:
     stopped_reason: str | None = None
     templates: dict[str, str] = field(default_factory=dict)
     sql: dict[str, str] = field(default_factory=dict)
+    risk: RolloutRisk | None = None  # dry runs: what a real run would ask to confirm
 
     @property
     def exit_code(self) -> ExitCode:
@@ -192,6 +195,7 @@ class RolloutSummary:
             "waves": self.waves, "templates": self.templates,
             "results": [asdict(r) for r in self.results],
             **({"sql": self.sql} if self.sql else {}),
+            **({"guard": self.risk.to_json()} if self.risk is not None else {}),
         }
 
 
@@ -269,16 +273,52 @@ class RolloutRun:
 
     def dry_run(self) -> RolloutSummary:
         waves = self.plan()
-        sources = sorted({t.revision or "base" for w in waves for t in w
-                          if t.revision != self.target}, key=str)
-        sql = {}
-        for src in sources:
-            current = None if src == "base" else src
-            sql[f"{src} -> {self.target_name}"] = tenant_migrations.offline_sql(
-                self.location, current, self.target_name)
+        sql = self._offline_sql(waves)
         return RolloutSummary(None, self.target, ROLLOUT_DRY_RUN,
-                              [[t.slug for t in w] for w in waves], sql=sql,
-                              counts={"tenants": sum(len(w) for w in waves)})
+                              [[t.slug for t in w] for w in waves],
+                              sql={f"{src or 'base'} -> {self.target_name}": text
+                                   for src, text in sql.items()},
+                              counts={"tenants": sum(len(w) for w in waves)},
+                              risk=self._risk(waves, sql))
+
+    def preview(self) -> RolloutRisk:
+        """What a run would do, judged on the same offline SQL the dry run prints:
+        the CLI asks for a confirmation when it goes down or destroys anything.
+        Reads only (the plan, the fleet target); writes nothing."""
+        waves = self.plan()
+        return self._risk(waves, self._offline_sql(waves))
+
+    def _offline_sql(self, waves: list[list[PlanTenant]]) -> dict[str | None, str]:
+        """Per source revision (None: base) not at the target, the SQL it runs. A
+        revision these files do not know (a newer deploy's) has none: its tenants
+        fail in the run, untouched."""
+        sources = sorted({t.revision for w in waves for t in w if t.revision != self.target},
+                         key=lambda r: r or "base")
+        return {src: tenant_migrations.offline_sql(self.location, src, self.target_name)
+                for src in sources if tenant_migrations.known_revision(self.location, src)}
+
+    def _risk(self, waves: list[list[PlanTenant]], sql: dict[str | None, str]
+              ) -> RolloutRisk:
+        script = tenant_migrations.script_directory(self.location)
+        counts: dict[str | None, int] = {}
+        for t in (t for w in waves for t in w):
+            counts[t.revision] = counts.get(t.revision, 0) + 1
+        steps = steps_of(sorted(counts.items(), key=lambda kv: kv[0] or "base"), self.target,
+                         {src: tenant_migrations.is_downgrade(script, src, self.target_name)
+                          for src in sql},
+                         {src: classify(text) for src, text in sql.items()},
+                         unknown={src for src in counts if src != self.target
+                                  and src not in sql})
+        move = None
+        if self.opts.whole_scope:
+            current = self.fleet.target_revision(self.opts.region)
+            servers = [sc for sc in self.fleet.cfg.servers
+                       if self.opts.region is None or sc.region == self.opts.region]
+            # a target these files do not know is a newer deploy's: leaving it is down
+            down = not tenant_migrations.known_revision(self.location, current) or \
+                tenant_migrations.is_downgrade(script, current, self.target_name)
+            move = TargetMove(self.opts.region, current, self.target, down, len(servers))
+        return RolloutRisk(self.target, steps, move, at_target=counts.get(self.target, 0))
 
     # -- the run ------------------------------------------------------------------------
 

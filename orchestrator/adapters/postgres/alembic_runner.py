@@ -96,6 +96,17 @@ def resolve_revision(script_location: Path, target: str) -> str | None:
     return rev.revision
 
 
+def known_revision(script_location: Path, revision: str | None) -> bool:
+    """Whether ``revision`` (None: base) is in these revision files: a database marked
+    with one that is not (a newer deploy's) cannot be planned, only failed."""
+    if revision is None:
+        return True
+    try:
+        return script_directory(script_location).get_revision(revision) is not None
+    except Exception:  # noqa: BLE001 - Alembic raises several kinds for "no such revision"
+        return False
+
+
 def _connect() -> psycopg.Connection:
     return psycopg.connect(_target_dsn.get(), connect_timeout=10,
                            application_name="tenantctl-migrate")
