@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from cli.common import open_fleet, open_reads
-from cli.output import console, err, plain, print_json, say, table
+from cli.output import console, err, no_controls, plain, print_json, say, table
 from orchestrator.domain.statuses import ROLLOUT_DRY_RUN, TenantMigration
 
 if TYPE_CHECKING:
@@ -278,14 +278,19 @@ def history(as_json: JsonOpt = False) -> None:
         f"fleet target {found.fleet_target or 'base'}"
         + (f" (region targets: {overrides})" if overrides else "")
         + f", {found.tenants} tenants")
-    rows = []
-    for r in found.revisions:
+    # newest first, as `git log`; one line per revision and its message beneath, so
+    # that neither an id nor a message is ever cut
+    for r in reversed(found.revisions):
         notes = (["head"] if r["head"] else []) + \
             (["fleet target"] if r["fleet_target"] else []) + \
             [f"target of {region}" for region in r["region_targets"]]
-        rows.append([r["id"], ", ".join(r["parents"]) or "-", r["message"], r["tenants"],
-                     ", ".join(r["templates"]) or "-", ", ".join(notes)])
-    table("revisions", ["revision", "parent", "message", "tenants", "templates", ""], rows)
+        parents = ", ".join(r["parents"]) or "base"
+        line = (f"{r['id']} <- {parents}" + (f" ({', '.join(notes)})" if notes else "")
+                + f": {r['tenants']} tenant{'s' * (r['tenants'] != 1)}")
+        if r["templates"]:
+            line += f"; template of {', '.join(r['templates'])}"
+        _line(line)
+        _line(f"    {r['message']}")
     for rev, n in found.elsewhere.items():
         say(f"{n} tenant{'s' * (n != 1)} at {rev} (not a revision of the migration files)")
     if found.unreadable:
@@ -342,15 +347,24 @@ def rollout_show(rollout_id: Annotated[int, typer.Argument(metavar="ID")],
     if as_json:
         print_json(found)
         return
-    say(f"rollout {found['id']}: {found['status']}, {', '.join(found['from']) or '-'} -> "
-        f"{found['to']}, started {_when(found['started_at'])} by {found['actor']}, "
-        f"finished {_when(found['finished_at']) or '-'}; {_counts(found['counts'])}")
-    table("tenants", ["tenant", "wave", "status", "from", "to", "attempts", "ms", "error"],
-          [[t["slug"], "canary" if t["wave"] == 0 else t["wave"], t["status"], t["from"],
-            t["to"] or "-", t["attempts"], t["duration_ms"], t["error"]]
-           for t in found["tenants"]])
+    _line(f"rollout {found['id']}: {found['status']}, {', '.join(found['from']) or '-'} -> "
+          f"{found['to']}, started {_when(found['started_at'])} by {found['actor']}, "
+          f"finished {_when(found['finished_at']) or '-'}; {_counts(found['counts'])}")
+    # one line per tenant, as `migrate rollout` prints them: whole, for grep
+    for t in found["tenants"]:
+        wave = "canary" if t["wave"] == 0 else f"wave {t['wave']}"
+        took = f", {t['duration_ms']} ms" if t["duration_ms"] is not None else ""
+        error = f": {t['error']}" if t["error"] else ""
+        _line(f"{t['status']:7} {t['slug']} {t['from']} -> {t['to'] or '?'} ({wave}, "
+              f"{t['attempts']} attempt{'s' * (t['attempts'] != 1)}{took}){error}")
     for error, n in found["errors"].items():
-        say(f"{n} × {error}")
+        _line(f"{n} × {error}")
+
+
+def _line(text: str) -> None:
+    """A line of a listing, never wrapped (a revision id or an error cut in two
+    breaks grep and copy-paste); stored text is shown with its controls escaped."""
+    plain(no_controls(text))
 
 
 def _when(iso: str | None) -> str:

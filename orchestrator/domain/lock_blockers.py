@@ -116,7 +116,8 @@ def redact_query(sql: str, limit: int = QUERY_CHARS) -> str:
         else:
             out.append(c)
             i += 1
-    text = " ".join("".join(out).split())
+    # a quoted identifier is copied as written: it may hold a newline or an escape
+    text = " ".join("".join(c if c.isprintable() else " " for c in "".join(out)).split())
     return text if len(text) <= limit else text[:limit - 1].rstrip() + "…"
 
 
