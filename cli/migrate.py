@@ -306,7 +306,8 @@ migrate_app.add_typer(rollouts_app, name="rollouts")
 
 @rollouts_app.callback()
 def rollouts(ctx: typer.Context,
-             limit: Annotated[int, typer.Option(help="How many, newest first (1-1000).")] = 20,
+             limit: Annotated[str, typer.Option(help="How many, newest first (1-1000).")]
+             = "20",
              as_json: JsonOpt = False) -> None:
     """Past rollouts: id, status, when, who, from and to which revision, tenants by
     outcome."""
@@ -333,7 +334,7 @@ def rollouts(ctx: typer.Context,
 
 
 @rollouts_app.command("show")
-def rollout_show(rollout_id: Annotated[int, typer.Argument(metavar="ID")],
+def rollout_show(rollout_id: Annotated[str, typer.Argument(metavar="ID")],
                  as_json: JsonOpt = False) -> None:
     """One rollout: its options, and every tenant's outcome (wave, from, to, attempts,
     time, error)."""

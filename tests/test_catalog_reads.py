@@ -115,7 +115,9 @@ def test_read_commands_when_the_catalog_is_down(test_fleet: PgFleet, tmp_path: A
     down.write_text(text.replace(dsn, f'dsn = "host=127.0.0.1 port={_closed_port()} '
                                       'user=tenantctl_admin dbname=tenantctl_catalog"'))
     for args in (["tenant", "list"], ["tenant", "show", "acme"], ["region", "list"],
-                 ["backup", "list"], ["migrate", "status", "--json"]):
+                 ["backup", "list"], ["migrate", "status", "--json"],
+                 ["migrate", "history"], ["migrate", "rollouts"],
+                 ["migrate", "rollouts", "show", "1"]):
         proc = run_cli(test_fleet, *args, config=down)
         assert proc.returncode == 6, (args, proc.stderr)
         assert proc.stderr.startswith("error: cannot reach the catalog at tenantctl_admin@"

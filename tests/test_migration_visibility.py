@@ -156,7 +156,10 @@ def test_status_check_history_and_rollouts(test_fleet: PgFleet, own_catalog: Own
     assert huge.returncode == ExitCode.NOT_FOUND, huge.stderr
     bad = _cli(test_fleet, own, "migrate", "rollouts", "--limit", "0")
     assert bad.returncode == ExitCode.INVALID and "--limit must be 1-1000" in bad.stderr
-    assert "Traceback" not in missing.stderr + huge.stderr + bad.stderr
+    word = _cli(test_fleet, own, "migrate", "rollouts", "show", "latest")
+    assert word.returncode == ExitCode.INVALID
+    assert word.stderr.strip() == "error: a rollout id must be a whole number, not 'latest'"
+    assert "Traceback" not in missing.stderr + huge.stderr + bad.stderr + word.stderr
 
     # fixed: everyone current, the check passes again
     _poison(fleet, b, on=False)
