@@ -65,6 +65,11 @@ def test_reads_render_as_the_orm_rows(fleet: Fleet, slug: str) -> None:
         for region in (None, "eu-central"):
             assert reads.target_revision(fleet.head_revision, region) == \
                 fleet.target_revision(region)
+        # the targets `migrate status` judges each tenant by: the same answers
+        fleet_target, region_targets = reads.targets(fleet.head_revision)
+        for region in (None, *fleet.cfg.regions):
+            assert fleet.target_revision(region) == (
+                region_targets.get(region, fleet_target) if region else fleet_target)
 
         # the same refusals, in the same words, as the ORM path
         refusals: list[tuple[Callable[[], Any], Callable[[], Any], type[Exception]]] = [
