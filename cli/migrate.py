@@ -71,7 +71,7 @@ def status(region: Annotated[str | None, typer.Option(help="Only this region.")]
         table("not at their target", ["tenant", "region", "revision", "target"],
               [[o["slug"], o["region"], o["revision"] or "base", o["target"] or "base"]
                for o in report.off_target])
-    say(report.check.line())
+    _line(report.check.line())  # whole, for a monitor's grep
     _exit_checked(report.check, check)
 
 
@@ -326,11 +326,8 @@ def rollouts(ctx: typer.Context,
     if not found:
         say("no rollouts yet")
         return
-    table("rollouts", ["id", "status", "started", "finished", "actor", "from", "to",
-                       "tenants"],
-          [[r["id"], r["status"], _when(r["started_at"]), _when(r["finished_at"]),
-            r["actor"], ", ".join(r["from"]) or "-", r["to"], _counts(r["counts"])]
-           for r in found])
+    for r in found:  # a line each, whole (a table cuts revision ids at 80 columns)
+        _line(_rollout_line(r))
 
 
 @rollouts_app.command("show")
@@ -348,9 +345,7 @@ def rollout_show(rollout_id: Annotated[str, typer.Argument(metavar="ID")],
     if as_json:
         print_json(found)
         return
-    _line(f"rollout {found['id']}: {found['status']}, {', '.join(found['from']) or '-'} -> "
-          f"{found['to']}, started {_when(found['started_at'])} by {found['actor']}, "
-          f"finished {_when(found['finished_at']) or '-'}; {_counts(found['counts'])}")
+    _line(_rollout_line(found))
     # one line per tenant, as `migrate rollout` prints them: whole, for grep
     for t in found["tenants"]:
         wave = "canary" if t["wave"] == 0 else f"wave {t['wave']}"
@@ -360,6 +355,12 @@ def rollout_show(rollout_id: Annotated[str, typer.Argument(metavar="ID")],
               f"{t['attempts']} attempt{'s' * (t['attempts'] != 1)}{took}){error}")
     for error, n in found["errors"].items():
         _line(f"{n} × {error}")
+
+
+def _rollout_line(r: dict[str, Any]) -> str:
+    return (f"rollout {r['id']}: {r['status']}, {', '.join(r['from']) or '-'} -> {r['to']}; "
+            f"{_counts(r['counts'])} (started {_when(r['started_at'])} by {r['actor']}"
+            + (f", finished {_when(r['finished_at'])})" if r["finished_at"] else ")"))
 
 
 def _line(text: str) -> None:

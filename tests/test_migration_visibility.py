@@ -141,7 +141,9 @@ def test_status_check_history_and_rollouts(test_fleet: PgFleet, own_catalog: Own
     assert "unique" in outcome[b]["error"] or "duplicate" in outcome[b]["error"]
     assert shown["errors"] == {outcome[b]["error"]: 1}
     human = _cli(test_fleet, own, "migrate", "rollouts")
-    assert human.returncode == 0 and str(rollout_id) in human.stdout
+    assert human.returncode == 0, human.stderr
+    assert human.stdout.startswith(f"rollout {rollout_id}: failed, {OLD} -> {HEAD}; "
+                                   "failed 1, ok 1 (started ")
     human = _cli(test_fleet, own, "migrate", "rollouts", "show", str(rollout_id))
     assert human.returncode == 0, human.stderr
     assert f"ok      {a} {OLD} -> {HEAD} (wave 1, 1 attempt, " in human.stdout
