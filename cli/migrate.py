@@ -306,7 +306,8 @@ migrate_app.add_typer(rollouts_app, name="rollouts")
 
 @rollouts_app.callback()
 def rollouts(ctx: typer.Context,
-             limit: Annotated[str, typer.Option(help="How many, newest first (1-1000).")]
+             limit: Annotated[str, typer.Option(metavar="N",
+                                                help="How many, newest first (1-1000).")]
              = "20",
              as_json: JsonOpt = False) -> None:
     """Past rollouts: id, status, when, who, from and to which revision, tenants by
@@ -346,6 +347,10 @@ def rollout_show(rollout_id: Annotated[str, typer.Argument(metavar="ID")],
         print_json(found)
         return
     _line(_rollout_line(found))
+    options = {k: v for k, v in found["options"].items()
+               if not (v is None or v is False or v == [] or v == "")}  # 0 stays
+    _line("options: " + ", ".join(f"{k} {','.join(v) if isinstance(v, list) else v}"
+                                  for k, v in sorted(options.items())))
     # one line per tenant, as `migrate rollout` prints them: whole, for grep
     for t in found["tenants"]:
         wave = "canary" if t["wave"] == 0 else f"wave {t['wave']}"

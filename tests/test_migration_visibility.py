@@ -149,6 +149,8 @@ def test_status_check_history_and_rollouts(test_fleet: PgFleet, own_catalog: Own
     assert f"ok      {a} {OLD} -> {HEAD} (wave 1, 1 attempt, " in human.stdout
     assert f"failed  {b} {OLD} -> {OLD} (wave 1, 1 attempt, " in human.stdout
     assert f"rollout {rollout_id}: failed, {OLD} -> {HEAD}" in human.stdout
+    assert "options: canary 0, concurrency 8, lock_timeout 2s, max_failures 100%, " \
+        "per_server 4, retries 3, statement_timeout 5min, to head, waves 100%\n" in human.stdout
 
     # bad input: one line, its exit code
     missing = _cli(test_fleet, own, "migrate", "rollouts", "show", "999999")
