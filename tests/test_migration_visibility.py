@@ -24,8 +24,9 @@ OLD = "0004_order_status_idx"
 HEAD = "0006_customer_email_ci"
 
 
-def _cli(test_fleet: PgFleet, own: OwnCatalog, *args: str) -> subprocess.CompletedProcess[str]:
-    return run_cli(test_fleet, *args, config=own.config_path)
+def _cli(test_fleet: PgFleet, own: OwnCatalog, *args: str,
+         env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return run_cli(test_fleet, *args, config=own.config_path, env=env)
 
 
 def _json(proc: subprocess.CompletedProcess[str]) -> Any:
@@ -194,8 +195,10 @@ def test_lock_timeout_names_the_blocking_session(test_fleet: PgFleet, own_catalo
         pid = holder.info.backend_pid
         proc = _cli(test_fleet, own, "migrate", "rollout", "--lock-timeout", "300ms",
                     "--retries", "1", "--max-failures", "100%", "--json")
+        # rollout's progress lines go through rich, which wraps them at 80 columns
+        # when piped: wide enough here that the names asserted on stay on one line
         human = _cli(test_fleet, own, "migrate", "tenant", slug, "--lock-timeout", "300ms",
-                     "--retries", "0")
+                     "--retries", "0", env={"COLUMNS": "500"})
     finally:
         holder.close()
     assert proc.returncode == ExitCode.FAILED, proc.stderr
