@@ -16,6 +16,7 @@ from cli.output import (
     console,
     emit,
     err,
+    no_controls,
     output_format,
     plain,
     print_json,
@@ -27,6 +28,7 @@ from orchestrator.domain.destructive_sql import annotate
 from orchestrator.domain.statuses import ROLLOUT_DRY_RUN, TenantMigration
 
 if TYPE_CHECKING:
+    from orchestrator.domain.revisions import Check
     from orchestrator.services.rollout import Event, RolloutOptions, RolloutSummary
 
 migrate_app = typer.Typer(no_args_is_help=True,
@@ -41,9 +43,14 @@ def status(region: Annotated[str | None, typer.Option(help="Only this region.")]
                "--live", help="Connect to every tenant database and read its "
                "alembic_version, instead of the revision each database is marked "
                "with on its server; rewrite any mark that disagrees.")] = False,
+           check: Annotated[bool, typer.Option(
+               "--check", help="For CI and monitoring: exit 15 when a tenant's last "
+               "migration failed, a tenant is not at its target revision, or its "
+               "revision could not be read (else 0).")] = False,
            as_json: JsonOpt = False, fmt: FormatOpt = None) -> None:
     """How many tenants sit at each revision, who is behind, who failed and why,
-    and each server's template revision."""
+    and each server's template revision. Tenants without a database (provisioning,
+    deleted, purged) are not counted."""
     from orchestrator.services.migrate_status import fleet_status
 
     out = output_format(fmt, as_json)
@@ -54,6 +61,7 @@ def status(region: Annotated[str | None, typer.Option(help="Only this region.")]
         reads.close()
     if structured(out):
         emit(report.to_json(), out)
+        _exit_checked(report.check, check)
         return
     say(f"head {report.head}, fleet target {report.target}, {report.tenants} "
         f"tenant{'s' * (report.tenants != 1)} "
@@ -80,6 +88,18 @@ def status(region: Annotated[str | None, typer.Option(help="Only this region.")]
     table("templates", ["server", "region", "revision"],
           [[t["server"], t["region"], t["revision"] or "-"] for t in report.templates],
           whole={0, 1, 2})
+    if report.off_target:
+        table("not at their target", ["tenant", "region", "revision", "target"],
+              [[o["slug"], o["region"], o["revision"] or "base", o["target"] or "base"]
+               for o in report.off_target], whole={0, 1, 2, 3})
+    _line(report.check.line())  # whole, for a monitor's grep
+    _exit_checked(report.check, check)
+
+
+def _exit_checked(found: Check, check: bool) -> None:
+    """`--check`: the check's exit code; without it, status exits 0 whatever it found."""
+    if check and not found.ok:
+        raise typer.Exit(found.exit_code)
 
 
 @migrate_app.command("rollout")
@@ -243,7 +263,7 @@ class _Renderer:
 
     def summary(self, s: RolloutSummary) -> None:
         if self.as_json:
-            print_json(s.to_json())
+            print_json({**s.to_json(), "next_step": _next_step(s)})
             return
         if s.status == ROLLOUT_DRY_RUN:
             for i, wave in enumerate(s.waves):
@@ -260,3 +280,146 @@ class _Renderer:
         counts = ", ".join(f"{k} {v}" for k, v in sorted(s.counts.items()))
         reason = f" ({s.stopped_reason})" if s.stopped_reason else ""
         say(f"rollout {s.rollout_id} to {s.target or 'base'}: {s.status}{reason}; {counts}")
+        if (step := _next_step(s)) is not None:
+            say(step)
+
+
+def _next_step(s: RolloutSummary) -> str | None:
+    """After a rollout that left work: whether re-running resumes it or starts a new
+    one, and that a lock's holder must go first when one blocked a tenant."""
+    from orchestrator.domain.lock_blockers import next_step
+
+    if s.status == ROLLOUT_DRY_RUN:
+        return None
+    failed = [r for r in s.results if r.status == TenantMigration.failed]
+    return next_step(s.status, s.rollout_id, s.counts.get(TenantMigration.failed, 0),
+                     sum(1 for r in failed if r.blocked_by is not None))
+
+
+# -- history and past rollouts (read commands: the psycopg-only catalog reader) ----------
+
+
+@migrate_app.command("history")
+def history(as_json: JsonOpt = False) -> None:
+    """The tenant schema's revisions, first to head(s): parent, message, which is the
+    fleet target (and any region's), how many tenants and which templates are at
+    each (read as `migrate status` reads them)."""
+    from orchestrator.services.migrate_history import migrate_history
+
+    reads = open_reads()
+    try:
+        found = migrate_history(reads)
+    finally:
+        reads.close()
+    if as_json:
+        print_json(found.to_json())
+        return
+    overrides = ", ".join(f"{region}: {rev or 'base'}"
+                          for region, rev in sorted(found.region_targets.items()))
+    say(f"head{'s' * (len(found.heads) != 1)} {', '.join(found.heads) or 'none'}, "
+        f"fleet target {found.fleet_target or 'base'}"
+        + (f" (region targets: {overrides})" if overrides else "")
+        + f", {found.tenants} tenants")
+    # newest first, as `git log`; one line per revision and its message beneath, so
+    # that neither an id nor a message is ever cut
+    for r in reversed(found.revisions):
+        notes = (["head"] if r["head"] else []) + \
+            (["fleet target"] if r["fleet_target"] else []) + \
+            [f"target of {region}" for region in r["region_targets"]]
+        parents = ", ".join(r["parents"]) or "base"
+        line = (f"{r['id']} <- {parents}" + (f" ({', '.join(notes)})" if notes else "")
+                + f": {r['tenants']} tenant{'s' * (r['tenants'] != 1)}")
+        if r["templates"]:
+            line += f"; template of {', '.join(r['templates'])}"
+        _line(line)
+        _line(f"    {r['message']}")
+    for rev, n in found.elsewhere.items():
+        say(f"{n} tenant{'s' * (n != 1)} at {rev} (not a revision of the migration files)")
+    if found.unreadable:
+        say(f"{found.unreadable} tenant{'s' * (found.unreadable != 1)} could not be read "
+            "(`migrate status` lists them)")
+
+
+rollouts_app = typer.Typer(invoke_without_command=True,
+                           help="Past rollouts, from the catalog (newest first); "
+                           "`show ID` for one rollout's tenants.")
+migrate_app.add_typer(rollouts_app, name="rollouts")
+
+
+@rollouts_app.callback()
+def rollouts(ctx: typer.Context,
+             limit: Annotated[str, typer.Option(metavar="N",
+                                                help="How many, newest first (1-1000).")]
+             = "20",
+             as_json: JsonOpt = False) -> None:
+    """Past rollouts: id, status, when, who, from and to which revision, tenants by
+    outcome."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from orchestrator.services.rollout_history import list_rollouts
+
+    reads = open_reads()
+    try:
+        found = [r.to_json() for r in list_rollouts(reads, limit)]
+    finally:
+        reads.close()
+    if as_json:
+        print_json(found)
+        return
+    if not found:
+        say("no rollouts yet")
+        return
+    for r in found:  # a line each, whole (a table cuts revision ids at 80 columns)
+        _line(_rollout_line(r))
+
+
+@rollouts_app.command("show")
+def rollout_show(rollout_id: Annotated[str, typer.Argument(metavar="ID")],
+                 as_json: JsonOpt = False) -> None:
+    """One rollout: its options, and every tenant's outcome (wave, from, to, attempts,
+    time, error)."""
+    from orchestrator.services.rollout_history import show_rollout
+
+    reads = open_reads()
+    try:
+        found = show_rollout(reads, rollout_id).to_json()
+    finally:
+        reads.close()
+    if as_json:
+        print_json(found)
+        return
+    _line(_rollout_line(found))
+    options = {k: v for k, v in found["options"].items()
+               if not (v is None or v is False or v == [] or v == "")}  # 0 stays
+    _line("options: " + ", ".join(f"{k} {','.join(v) if isinstance(v, list) else v}"
+                                  for k, v in sorted(options.items())))
+    # one line per tenant, as `migrate rollout` prints them: whole, for grep
+    for t in found["tenants"]:
+        wave = "canary" if t["wave"] == 0 else f"wave {t['wave']}"
+        took = f", {t['duration_ms']} ms" if t["duration_ms"] is not None else ""
+        error = f": {t['error']}" if t["error"] else ""
+        _line(f"{t['status']:7} {t['slug']} {t['from']} -> {t['to'] or '?'} ({wave}, "
+              f"{t['attempts']} attempt{'s' * (t['attempts'] != 1)}{took}){error}")
+    for error, n in found["errors"].items():
+        _line(f"{n} × {error}")
+
+
+def _rollout_line(r: dict[str, Any]) -> str:
+    return (f"rollout {r['id']}: {r['status']}, {', '.join(r['from']) or '-'} -> {r['to']}; "
+            f"{_counts(r['counts'])} (started {_when(r['started_at'])} by {r['actor']}"
+            + (f", finished {_when(r['finished_at'])})" if r["finished_at"] else ")"))
+
+
+def _line(text: str) -> None:
+    """A line of a listing, never wrapped (a revision id or an error cut in two
+    breaks grep and copy-paste); stored text is shown with its controls escaped."""
+    plain(no_controls(text))
+
+
+def _when(iso: str | None) -> str:
+    """An ISO time to the second, for a table."""
+    return iso[:19].replace("T", " ") if iso else ""
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in counts.items()) or "none"

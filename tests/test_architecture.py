@@ -193,6 +193,9 @@ FUNCTION_IMPORTS_ALLOWED: dict[tuple[str, str, str], str] = {
     ("orchestrator/adapters/postgres/revision_files.py", "head_revision",
      "orchestrator.adapters.postgres.alembic_runner"):
         "Alembic only when the revision files do not say",
+    ("orchestrator/adapters/postgres/revision_files.py", "revisions",
+     "orchestrator.adapters.postgres.alembic_runner"):
+        "Alembic only when the revision files do not say",
     ("orchestrator/adapters/catalog/db.py", "Catalog.alembic_config", "alembic.config.Config"):
         "Alembic only to migrate the catalog",
     ("orchestrator/adapters/catalog/db.py", "Catalog.upgrade", "alembic.command"):

@@ -65,6 +65,11 @@ def test_reads_render_as_the_orm_rows(fleet: Fleet, slug: str) -> None:
         for region in (None, "eu-central"):
             assert reads.target_revision(fleet.head_revision, region) == \
                 fleet.target_revision(region)
+        # the targets `migrate status` judges each tenant by: the same answers
+        fleet_target, region_targets = reads.targets(fleet.head_revision)
+        for region in (None, *fleet.cfg.regions):
+            assert fleet.target_revision(region) == (
+                region_targets.get(region, fleet_target) if region else fleet_target)
 
         # the same refusals, in the same words, as the ORM path
         refusals: list[tuple[Callable[[], Any], Callable[[], Any], type[Exception]]] = [
@@ -115,7 +120,9 @@ def test_read_commands_when_the_catalog_is_down(test_fleet: PgFleet, tmp_path: A
     down.write_text(text.replace(dsn, f'dsn = "host=127.0.0.1 port={_closed_port()} '
                                       'user=tenantctl_admin dbname=tenantctl_catalog"'))
     for args in (["tenant", "list"], ["tenant", "show", "acme"], ["region", "list"],
-                 ["backup", "list"], ["migrate", "status", "--json"]):
+                 ["backup", "list"], ["migrate", "status", "--json"],
+                 ["migrate", "history"], ["migrate", "rollouts"],
+                 ["migrate", "rollouts", "show", "1"]):
         proc = run_cli(test_fleet, *args, config=down)
         assert proc.returncode == 6, (args, proc.stderr)
         assert proc.stderr.startswith("error: cannot reach the catalog at tenantctl_admin@"

@@ -114,7 +114,10 @@ def test_read_commands_import_no_orm_alembic_nor_pydantic(test_fleet: PgFleet,
                        (["tenant", "show", "nosuchtenant", "--json"], 3),
                        (["region", "list", "--json"], 0), (["backup", "list", "--json"], 0),
                        (["backup", "list", "nosuchtenant", "--json"], 3),
-                       (["migrate", "status", "--json"], 0)):
+                       (["migrate", "status", "--json"], 0),
+                       (["migrate", "history", "--json"], 0),
+                       (["migrate", "rollouts", "--json"], 0),
+                       (["migrate", "rollouts", "show", "999999999", "--json"], 3)):
         modules, got = _imported_and_code(test_fleet, tmp_path, "--config", cfg, *args)
         assert got in ((code, None) if code == 0 else (code,)), (args, got)
         assert "psycopg" in modules, args

@@ -26,6 +26,7 @@ class ExitCode(IntEnum):
     PROMISE_BROKEN = 12
     CATALOG_INTEGRITY = 13
     DOCTOR_ERRORS = 14
+    MIGRATIONS_NOT_CURRENT = 15
     INJECTED_FAULT = 99  # tests only: a fault injected with $TENANTCTL_FAULT
     INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
@@ -56,6 +57,9 @@ MEANING = {
                                 "any server is touched",
     ExitCode.DOCTOR_ERRORS: "`doctor`: something at error severity was found (after "
                             "`--fix`: remains)",
+    ExitCode.MIGRATIONS_NOT_CURRENT: "`migrate status --check`: a tenant's last migration "
+                                     "failed, a tenant is not at its target revision, or "
+                                     "its revision could not be read",
     ExitCode.INTERRUPTED: "a rollout interrupted (Ctrl-C / SIGTERM): tenants in flight "
                           "finished, none started",
 }

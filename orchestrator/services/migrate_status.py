@@ -35,6 +35,7 @@ from orchestrator.adapters.postgres import revision_files, revision_marks
 from orchestrator.config import Config
 from orchestrator.domain.errors import TenantctlError, first_line
 from orchestrator.domain.names import TEMPLATE_DB
+from orchestrator.domain.revisions import Check, check, target_of
 
 
 class Configured(Protocol):
@@ -62,9 +63,14 @@ class StatusReport:
     # how each revision was learnt: from the database's mark, or by connecting to it
     sources: dict[str, int] = field(default_factory=dict)
     remarked: list[dict[str, Any]] = field(default_factory=list)  # marks rewritten
+    # not at their target (the region's, else the fleet's): behind it, or above it
+    # after a downgrade that failed for them
+    off_target: list[dict[str, Any]] = field(default_factory=list)
+    region_targets: dict[str, str | None] = field(default_factory=dict)
+    check: Check = field(default_factory=Check)  # what `--check` exits with
 
     def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return {**self.__dict__, "check": self.check.to_json()}
 
 
 Result = tuple[str | None, str | None]  # (revision, error); revision None is base
@@ -306,8 +312,10 @@ def _status(fleet: Configured, catalog: CatalogReads, region: str | None, *, liv
                               template_servers=[sv.name for sv in servers])
         # while the reads run: head (from the migration scripts) and target
         head = revision_files.head_revision(fleet.cfg.tenant_migrations)
-        report = StatusReport(head=head, target=catalog.target_revision(head, region),
-                              tenants=len(tenants), revisions={})
+        fleet_target, region_targets = catalog.targets(head)
+        report = StatusReport(head=head, tenants=len(tenants), revisions={},
+                              target=target_of(region, fleet_target, region_targets)
+                              if region else fleet_target, region_targets=region_targets)
         reads, report.sources, report.remarked, templates = pending.result()
     counts: Counter[str] = Counter()
     changed: list[tuple[int, str | None]] = []
@@ -322,10 +330,15 @@ def _status(fleet: Configured, catalog: CatalogReads, region: str | None, *, liv
             changed.append((t.id, revision))
         if revision != head:
             report.behind.append({**where, "revision": revision})
+        target = target_of(t.region, fleet_target, region_targets)
+        if revision != target:
+            report.off_target.append({**where, "revision": revision, "target": target})
         if t.migration_error:
             report.failed.append({**where, "revision": revision, "error": t.migration_error,
                                   "at": t.migrated_at.isoformat() if t.migrated_at else None})
     report.revisions = dict(sorted(counts.items()))
+    report.check = check(len(report.failed), len(report.off_target),
+                         len(report.unreachable))
     report.templates = [{"server": sv.name, "region": sv.region,
                          "revision": templates.get(sv.name)} for sv in servers]
     if changed:

@@ -47,8 +47,10 @@ from orchestrator.adapters.catalog.db import lock_key, lock_key_sql, with_dbname
 from orchestrator.adapters.catalog.models import Rollout, RolloutTenant, Tenant
 from orchestrator.adapters.faults import checkpoint
 from orchestrator.adapters.postgres import alembic_runner as tenant_migrations
+from orchestrator.adapters.postgres.lock_watch import LockWatch
+from orchestrator.domain import lock_blockers
 from orchestrator.domain.destructive_sql import classify
-from orchestrator.domain.durations import parse_pg_duration
+from orchestrator.domain.durations import parse, parse_pg_duration
 from orchestrator.domain.errors import FIELD, Conflict, ExitCode, InvalidInput, NotFound, first_line
 from orchestrator.domain.guardrails import RolloutRisk, TargetMove, steps_of
 from orchestrator.domain.names import catalog_mismatch, tenant_lock, validate_slug
@@ -71,6 +73,7 @@ if TYPE_CHECKING:
     from orchestrator.bootstrap import Deps
 
 RETRYABLE_SQLSTATES = {"55P03", "57014", "40P01"}  # lock timeout, statement timeout, deadlock
+LOCK_NOT_AVAILABLE = "55P03"
 
 # Claim the next pending row of a wave and try the claimed tenant's lock, in one
 # statement on the worker's own connection (autocommit: the row update commits at
@@ -145,6 +148,8 @@ class TenantResult:
     attempts: int
     duration_ms: int
     error: str | None = None
+    # a lock timeout: who held the lock (redacted; [] when not seen); else None
+    blocked_by: list[dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)
@@ -234,6 +239,10 @@ class RolloutRun:
         self._results_lock = threading.Lock()
         # this rollout's liveness lock, from its registration to its final status
         self._running = ExitStack()
+        # who blocks a migration waiting on a lock (none to watch without a timeout)
+        lock_ms = parse(opts.lock_timeout, "lock_timeout", bare_ms=True).milliseconds
+        self._lock_watch = LockWatch(lambda server: fleet.cfg.server(server).admin_dsn,
+                                     lock_ms / 1000) if lock_ms else None
 
     @property
     def target_name(self) -> str:
@@ -329,6 +338,8 @@ class RolloutRun:
             return self._run()
         finally:
             self._running.close()
+            if self._lock_watch is not None:
+                self._lock_watch.close()
 
     def _run(self) -> RolloutSummary:
         waves = self.plan()  # validates everything before the first write
@@ -609,9 +620,10 @@ class RolloutRun:
         slug, server, planned_from = claim.slug, claim.server, claim.planned_from
 
         def done(status: str, before: str | None, after: str | None, attempts: int,
-                 error: str | None = None) -> TenantResult:
+                 error: str | None = None, blocked: list[dict[str, Any]] | None = None
+                 ) -> TenantResult:
             r = TenantResult(slug, server, wave, status, before, after, attempts,
-                             int((time.monotonic() - started) * 1000), error)
+                             int((time.monotonic() - started) * 1000), error, blocked)
             self._record(conn, rollout_id, claim.tenant_id, r)
             return r
 
@@ -628,6 +640,7 @@ class RolloutRun:
         owner = claim.owner_role
         key = lock_key(tenant_lock(slug))
         last_error = "never started"
+        blocked_by: list[dict[str, Any]] | None = None  # of the last lock timeout
         locked = claim.locked
         for attempt in range(1, self.opts.retries + 2):
             if self.stop.is_set() and attempt > 1:
@@ -637,10 +650,12 @@ class RolloutRun:
                 locked = bool(conn.execute("SELECT pg_try_advisory_lock(%s)",
                                            (key,)).fetchone()[0])  # type: ignore[index]
             if locked:
+                watched: list[lock_blockers.Blocker] = []
                 try:
                     with tenant_migrations.tenant_connection(
                             dsn, role=owner, lock_timeout=self.lock_timeout,
-                            statement_timeout=self.statement_timeout) as tconn:
+                            statement_timeout=self.statement_timeout) as tconn, \
+                            self._watching(server, tconn, watched):
                         before, after = tenant_migrations.migrate_from(
                             tconn, self.location, self.target_name, as_role=None)
                     # at target already: a re-run after a crash, or done elsewhere
@@ -649,21 +664,41 @@ class RolloutRun:
                     return done(status, before if before != after else planned_from,
                                 after, attempt)
                 except (sqlalchemy.exc.DBAPIError, psycopg.Error) as exc:
-                    last_error = first_line(exc)
+                    last_error, blocked_by = first_line(exc), None
+                    if _sqlstate(exc) == LOCK_NOT_AVAILABLE:
+                        # name who held the lock, as seen while the migration waited
+                        last_error += "; " + lock_blockers.describe(watched)
+                        blocked_by = [b.shown() for b in watched]
                     if _sqlstate(exc) not in RETRYABLE_SQLSTATES:
                         return done(TenantMigration.failed, planned_from, planned_from,
-                                    attempt, last_error)
+                                    attempt, last_error, blocked_by)
                 except Exception as exc:  # noqa: BLE001 - e.g. a bug in a revision file
                     return done(TenantMigration.failed, planned_from, planned_from, attempt,
                                 f"{type(exc).__name__}: {first_line(exc)}")
                 conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
             else:
-                last_error = "tenant locked by another operation"
+                last_error, blocked_by = "tenant locked by another operation", None
             if attempt <= self.opts.retries:
                 # exponential backoff with jitter: 0.2 s, 0.4 s, 0.8 s, ...
                 time.sleep(0.2 * 2 ** (attempt - 1) * (0.5 + random.random()))
         return done(TenantMigration.failed, planned_from, planned_from, self.opts.retries + 1,
-                    f"gave up after {self.opts.retries + 1} attempts: {last_error}")
+                    f"gave up after {self.opts.retries + 1} attempts: {last_error}",
+                    blocked_by)
+
+    @contextmanager
+    def _watching(self, server: str, tconn: sqlalchemy.Connection,
+                  into: list[lock_blockers.Blocker]
+                  ) -> Iterator[None]:
+        """While the block runs, ``into`` holds who blocked the migration's backend
+        when last seen waiting on a lock (see adapters/postgres/lock_watch.py)."""
+        if self._lock_watch is None:
+            yield
+            return
+        with self._lock_watch.watching(server, tenant_migrations.backend_pid(tconn)) as w:
+            try:
+                yield
+            finally:
+                into[:] = w.blockers
 
     def _record(self, conn: psycopg.Connection, rollout_id: int, tenant_id: int,
                 r: TenantResult) -> None:

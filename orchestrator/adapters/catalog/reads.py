@@ -108,6 +108,60 @@ class ServerRow:
         return dataclasses.asdict(self)
 
 
+@dataclass(frozen=True)
+class RolloutRow:
+    """A row of ``rollouts`` with its tenants counted by status and the revisions
+    they came from (None: base)."""
+
+    id: int
+    target: str | None
+    status: str
+    actor: str
+    options: dict[str, Any]
+    created_at: datetime
+    finished_at: datetime | None
+    counts: dict[str, int]
+    from_revisions: list[str | None]
+
+
+@dataclass(frozen=True)
+class RolloutTenantRow:
+    """A row of ``rollout_tenants``: one tenant's place and outcome in a rollout."""
+
+    slug: str
+    server: str
+    wave: int
+    seq: int
+    status: str
+    from_revision: str | None
+    to_revision: str | None
+    attempts: int
+    worker: str | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    duration_ms: int | None
+    error: str | None
+
+
+# each rollout with its tenants counted by status and their source revisions
+ROLLOUTS_SQL = """
+    SELECT r.id, r.target, r.status, r.actor, r.options, r.created_at, r.finished_at,
+           coalesce(c.counts, '{}'::jsonb) AS counts,
+           coalesce(f.sources, '{}') AS from_revisions
+    FROM rollouts r
+    LEFT JOIN LATERAL (
+        SELECT jsonb_object_agg(status, n) AS counts
+        FROM (SELECT status, count(*) AS n FROM rollout_tenants
+              WHERE rollout_id = r.id GROUP BY status) s) c ON true
+    LEFT JOIN LATERAL (
+        SELECT array_agg(DISTINCT from_revision ORDER BY from_revision NULLS FIRST)
+               AS sources
+        FROM rollout_tenants WHERE rollout_id = r.id) f ON true
+    WHERE (%s::bigint IS NULL OR r.id = %s)
+    ORDER BY r.id DESC
+    LIMIT %s"""
+
+
 Row = TypeVar("Row")
 
 
@@ -236,6 +290,37 @@ class CatalogReads:
         return self._rows(BackupRow, sql.SQL(
             "SELECT {} FROM backups WHERE (%s::bigint IS NULL OR tenant_id = %s) "
             "ORDER BY id DESC").format(_columns(BackupRow)), (tenant_id, tenant_id))
+
+    def targets(self, head: str | None) -> tuple[str | None, dict[str, str | None]]:
+        """The fleet's target revision (``head`` until a rollout sets one) and each
+        region's override of it, by region; "base" is None. One query."""
+        rows: list[tuple[str, str]] = self._connection().execute(
+            "SELECT key, value FROM fleet_settings WHERE key = %s OR key LIKE %s",
+            (TARGET_KEY, TARGET_KEY + ":%")).fetchall()
+        fleet, regions = head, {}
+        for key, value in rows:
+            if not value:
+                continue
+            revision = None if value == "base" else value
+            if key == TARGET_KEY:
+                fleet = revision
+            else:
+                regions[key.removeprefix(TARGET_KEY + ":")] = revision
+        return fleet, regions
+
+    def rollouts(self, limit: int) -> list[RolloutRow]:
+        """The last ``limit`` rollouts, newest first."""
+        return self._rows(RolloutRow, sql.SQL(ROLLOUTS_SQL), (None, None, limit))
+
+    def rollout(self, rollout_id: int) -> RolloutRow | None:
+        rows = self._rows(RolloutRow, sql.SQL(ROLLOUTS_SQL), (rollout_id, rollout_id, 1))
+        return rows[0] if rows else None
+
+    def rollout_tenants(self, rollout_id: int) -> list[RolloutTenantRow]:
+        """A rollout's tenants, in the order it planned them (canary first)."""
+        return self._rows(RolloutTenantRow, sql.SQL(
+            "SELECT {} FROM rollout_tenants WHERE rollout_id = %s ORDER BY wave, seq")
+            .format(_columns(RolloutTenantRow)), (rollout_id,))
 
     def target_revision(self, head: str | None, region: str | None = None) -> str | None:
         """As Fleet.target_revision: the region's override, else the fleet's target,

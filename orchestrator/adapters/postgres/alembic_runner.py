@@ -31,6 +31,7 @@ from sqlalchemy.pool import NullPool
 
 from orchestrator.adapters.postgres import alembic_threads, revision_marks
 from orchestrator.domain.errors import InvalidInput
+from orchestrator.domain.revisions import Revision
 
 alembic_threads.install()  # before any revision file is imported
 
@@ -79,6 +80,16 @@ def script_directory(script_location: Path) -> ScriptDirectory:
 
 def head_revision(script_location: Path) -> str | None:
     return script_directory(script_location).get_current_head()
+
+
+def revisions(script_location: Path) -> list[Revision]:
+    """Every revision (id, parents, message), as Alembic reads the files."""
+    out = []
+    for script in script_directory(script_location).walk_revisions():
+        down = script.down_revision
+        parents = (down,) if isinstance(down, str) else tuple(down or ())
+        out.append(Revision(script.revision, parents, " ".join((script.doc or "").split())))
+    return out
 
 
 def resolve_revision(script_location: Path, target: str) -> str | None:
@@ -146,6 +157,13 @@ def tenant_connection(dsn: str, *, role: str | None = None, lock_timeout: str | 
             yield conn
     finally:
         _target_dsn.reset(token)
+
+
+def backend_pid(conn: Connection) -> int:
+    """The server process of ``conn`` (libpq knows it: no round trip)."""
+    pconn = conn.connection.driver_connection
+    assert isinstance(pconn, psycopg.Connection)
+    return pconn.info.backend_pid
 
 
 def current_revision(conn: Connection) -> str | None:
