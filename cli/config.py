@@ -14,7 +14,8 @@ config_app = typer.Typer(no_args_is_help=True, help="The tenantctl.toml file.")
 def config_check(as_json: JsonOpt = False) -> None:
     """Validate the config file, that the master key is readable and (when the
     catalog can be reached) that it is the fleet's (exit 7 if not), and that no
-    configured server is another fleet's (exit 6)."""
+    configured server is another fleet's (exit 6). Says where the file was found
+    (and where it was looked for) and which keys came from the environment."""
     from orchestrator.services import fleet_setup
 
     cfg = current_config()
@@ -25,5 +26,10 @@ def config_check(as_json: JsonOpt = False) -> None:
     else:
         say(f"{cfg.path}: ok ({len(cfg.regions)} regions, {len(cfg.servers)} servers, "
             f"master key {summary['master_key_id']}: {catalog_note})")
+        lookup = summary["lookup"]
+        if lookup is not None:
+            say(f"found by {lookup['source']} (looked at: {', '.join(lookup['tried'])})")
+        for o in summary["from_environment"]:
+            say(f"{o['key']} from ${o['variable']}: {o['value']}")
     if mixed is not None:
         err(f"warning: {mixed} (see `tenantctl doctor`)")
