@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import typer
 
 from cli.common import JsonOpt, State, current_config
 from cli.output import err, print_json, say
+
+if TYPE_CHECKING:
+    from orchestrator.config import Config
 
 config_app = typer.Typer(no_args_is_help=True, help="The tenantctl.toml file.")
 
@@ -19,7 +24,9 @@ def config_check(as_json: JsonOpt = False) -> None:
     from orchestrator.services import fleet_setup
 
     cfg = current_config()
+    ports = _local_ports(cfg)
     summary = fleet_setup.check_config(cfg, State.actor)
+    summary["local_ports"] = ports
     mixed, catalog_note = summary["mixed_master_keys"], summary["master_key"]
     if as_json:
         print_json(summary)
@@ -28,8 +35,17 @@ def config_check(as_json: JsonOpt = False) -> None:
             f"master key {summary['master_key_id']}: {catalog_note})")
         lookup = summary["lookup"]
         if lookup is not None:
-            say(f"found by {lookup['source']} (looked at: {', '.join(lookup['tried'])})")
+            say(f"found by {lookup['found_by']}; looked at: {', '.join(lookup['tried'])}")
         for o in summary["from_environment"]:
             say(f"{o['key']} from ${o['variable']}: {o['value']}")
     if mixed is not None:
         err(f"warning: {mixed} (see `tenantctl doctor`)")
+
+
+def _local_ports(cfg: Config) -> list[str]:
+    """Embedded clusters whose port is not the config's (warned on stderr)."""
+    if not any(s.data_dir is not None for s in cfg.servers):
+        return []
+    from cli.local import warn_local_ports
+
+    return warn_local_ports(cfg)

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from cli.common import open_fleet
+from cli.common import current_config, open_fleet
 from cli.complete import complete_regions
 from cli.output import print_json, say
 from orchestrator.domain.errors import ExitCode
@@ -32,6 +32,11 @@ def doctor(
     from orchestrator.domain import health
     from orchestrator.services import doctor as doc
 
+    cfg = current_config()
+    if any(s.data_dir is not None for s in cfg.servers):
+        from cli.local import warn_local_ports
+
+        warn_local_ports(cfg)  # an edited port explains the unreachable servers below
     fleet = open_fleet()
     try:
         fixes: list[doc.FixResult] = []

@@ -158,12 +158,22 @@ SYSTEM_CONFIG = Path("/etc/tenantctl") / DEFAULT_CONFIG_NAME
 @dataclass(frozen=True)
 class ConfigLookup:
     """The outcome of the config lookup: the path chosen (None: none exists), what
-    chose it (``--config``, ``$TENANTCTL_CONFIG``, ``./tenantctl.toml``, ``xdg``,
-    ``system``) and every candidate looked at, in order."""
+    chose it (a key of LOOKUP_SOURCES) and every candidate looked at, in order."""
 
     path: Path | None
     source: str
     tried: tuple[Path, ...]
+
+    @property
+    def described(self) -> str:
+        return LOOKUP_SOURCES[self.source]
+
+
+LOOKUP_SOURCES = {"flag": "--config", "env": f"${CONFIG_ENV}",
+                  "cwd": "the current directory",
+                  "xdg": "the user's config directory ($XDG_CONFIG_HOME, else ~/.config)",
+                  "system": "the system's config directory (/etc/tenantctl)",
+                  "none": "nothing (no file found)"}
 
 
 def xdg_config_home(env: Mapping[str, str]) -> Path | None:
@@ -182,10 +192,10 @@ def lookup_config_path(flag: str | os.PathLike[str] | None, env: Mapping[str, st
     or not) → the first existing of ./tenantctl.toml, the XDG one and the system
     one."""
     if flag:
-        return ConfigLookup(Path(flag), "--config", (Path(flag),))
+        return ConfigLookup(Path(flag), "flag", (Path(flag),))
     if env.get(CONFIG_ENV):
-        return ConfigLookup(Path(env[CONFIG_ENV]), f"${CONFIG_ENV}", (Path(env[CONFIG_ENV]),))
-    candidates = [(f"./{DEFAULT_CONFIG_NAME}", cwd / DEFAULT_CONFIG_NAME)]
+        return ConfigLookup(Path(env[CONFIG_ENV]), "env", (Path(env[CONFIG_ENV]),))
+    candidates = [("cwd", cwd / DEFAULT_CONFIG_NAME)]
     xdg = xdg_config_home(env)
     if xdg is not None:
         candidates.append(("xdg", xdg / "tenantctl" / DEFAULT_CONFIG_NAME))
@@ -211,7 +221,7 @@ def find_config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
 def _not_found(lookup: ConfigLookup) -> ConfigError:
     if lookup.path is not None:  # named by --config or $TENANTCTL_CONFIG
         return ConfigError(f"{lookup.path}: config file not found (named by "
-                           f"{lookup.source})")
+                           f"{lookup.described})")
     return ConfigError(
         "config file not found (looked in: " + ", ".join(map(str, lookup.tried))
         + f"); run `tenantctl init --local`, or pass --config / set ${CONFIG_ENV}")

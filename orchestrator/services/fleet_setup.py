@@ -66,7 +66,7 @@ def config_origin(cfg: Config) -> dict[str, Any]:
     lookup = cfg.lookup
     return {
         "lookup": None if lookup is None else {
-            "source": lookup.source, "path": str(lookup.path),
+            "source": lookup.source, "found_by": lookup.described, "path": str(lookup.path),
             "tried": [str(p) for p in lookup.tried]},
         "from_environment": [
             {"variable": o.variable, "key": o.key,
