@@ -89,6 +89,23 @@ def slugs(ctx: Any) -> list[str]:
     return [] if worker.is_alive() else list(found)
 
 
+def complete_jobs(incomplete: str) -> list[str]:
+    """`scheduler run --jobs backups,re` → backups,retention: the comma list's last
+    name, among the jobs not named yet."""
+    from orchestrator.domain.jobs import SCHEDULED
+
+    done, comma, last = incomplete.rpartition(",")
+    named = set(done.split(","))
+    return [f"{done}{comma}{job.value}" for job in SCHEDULED
+            if job.value.startswith(last) and job.value not in named]
+
+
+def complete_states(incomplete: str) -> list[str]:
+    from orchestrator.domain.states import TenantState
+
+    return [s for s in TenantState.__members__ if s.startswith(incomplete)]
+
+
 complete_regions = _quiet(regions)
 complete_servers = _quiet(servers)
 complete_revisions = _quiet(revisions)

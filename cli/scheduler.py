@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from cli.common import open_fleet
+from cli.complete import complete_jobs
 
 scheduler_app = typer.Typer(no_args_is_help=True,
                             help="The scheduler daemon: due backups, retention, pruning.")
@@ -27,7 +28,8 @@ def run(
     backup_concurrency: Annotated[int, typer.Option(help="Backups in flight.")] = 2,
     jobs: Annotated[str | None, typer.Option(
         help="Only these jobs: a comma-separated subset of backups,retention,prune,"
-        "audit_purge (default: all).", show_default=False)] = None,
+        "audit_purge (default: all).", show_default=False,
+        autocompletion=complete_jobs)] = None,
 ) -> None:
     """Run due backups, retention (deletions and purges), backup pruning and the audit
     purge on the intervals of the config's scheduler table, each once at start.

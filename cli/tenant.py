@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import typer
 
 from cli.common import JsonOpt, open_fleet, open_reads
-from cli.complete import SlugArg, complete_regions
+from cli.complete import SlugArg, complete_regions, complete_states
 from cli.output import plain, print_json, progress_bar, say, table
 from orchestrator.domain.errors import ExitCode
 
@@ -229,7 +229,8 @@ def _show_created(res: ProvisionResult, as_json: bool) -> None:
 def tenant_list(
     region: Annotated[str | None, typer.Option(help="Only this region.",
                                                   autocompletion=complete_regions)] = None,
-    state: Annotated[str | None, typer.Option(help="Only this state.")] = None,
+    state: Annotated[str | None, typer.Option(help="Only this state.",
+                                                 autocompletion=complete_states)] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """List tenants."""

@@ -329,6 +329,10 @@ def test_completion_from_the_config_and_never_an_error(tmp_path: Path) -> None:
                    complete.complete_revisions):
             assert fn(bad, "") == []
     assert complete.complete_slugs(ctx, "") == []  # the catalog at port 1 refuses
+    assert complete.complete_jobs("backups,re") == ["backups,retention"]
+    assert complete.complete_jobs("prune,") == ["prune,backups", "prune,retention",
+                                                "prune,audit_purge"]
+    assert complete.complete_states("ca") == ["cancelled"]
 
 
 def test_slug_completion_is_time_boxed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
