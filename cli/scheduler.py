@@ -20,11 +20,13 @@ def run(
         "logged in the `started` line).", show_default=False)] = None,
     metrics_host: Annotated[str, typer.Option(help="Address the metrics endpoint "
                                               "binds to.")] = "127.0.0.1",
-    standby_poll: Annotated[float, typer.Option(
-        help="Seconds between a standby's attempts to take the lead.")] = 10.0,
-    interval_seconds: Annotated[float | None, typer.Option(
+    standby_poll: Annotated[str, typer.Option(
+        help="How often a standby tries to take the lead: seconds, or a duration "
+        "(500ms, 10s, 1m).")] = "10",
+    interval_seconds: Annotated[str | None, typer.Option(
         help="Run every job this often instead of the intervals of the config's "
-        "scheduler table (tests, drills).", show_default=False)] = None,
+        "scheduler table (tests, drills): seconds, or a duration (90s, 5m).",
+        show_default=False)] = None,
     backup_concurrency: Annotated[int, typer.Option(help="Backups in flight.")] = 2,
     jobs: Annotated[str | None, typer.Option(
         help="Only these jobs: a comma-separated subset of backups,retention,prune,"
@@ -36,16 +38,18 @@ def run(
     Several instances may run: one leads (a catalog advisory lock), the others wait
     as standbys and take over when it dies. JSON log lines on stdout; SIGTERM stops
     it cleanly (exit 0)."""
+    from datetime import timedelta
+
     from orchestrator.daemon import jobs as daemon_jobs
     from orchestrator.daemon import jsonlog
     from orchestrator.daemon import metrics as daemon_metrics
     from orchestrator.daemon import scheduler as sch
+    from orchestrator.domain.durations import parse_seconds
     from orchestrator.domain.errors import InvalidInput
 
-    if standby_poll <= 0 or standby_poll > 60:
-        raise InvalidInput("--standby-poll must be between 0 and 60 seconds")
-    if interval_seconds is not None and interval_seconds <= 0:
-        raise InvalidInput("--interval-seconds must be positive")
+    poll = parse_seconds(standby_poll, "standby_poll", at_most=timedelta(seconds=60))
+    every = parse_seconds(interval_seconds, "interval_seconds") \
+        if interval_seconds is not None else None
     if backup_concurrency < 1:
         raise InvalidInput("--backup-concurrency must be at least 1")
     if metrics_port is not None and not 0 <= metrics_port <= 65535:
@@ -56,8 +60,8 @@ def run(
     server = None
     try:
         options = sch.SchedulerOptions(
-            intervals=daemon_jobs.job_intervals(fleet.cfg.scheduler, interval_seconds, selected),
-            standby_poll=standby_poll, heartbeat=min(2.0, standby_poll),
+            intervals=daemon_jobs.job_intervals(fleet.cfg.scheduler, every, selected),
+            standby_poll=poll, heartbeat=min(2.0, poll),
             backup_concurrency=backup_concurrency)
         log = jsonlog.JsonLog(instance=sch.instance_name())
         metrics = daemon_metrics.Metrics(selected)

@@ -316,6 +316,23 @@ def test_since_yesterday_is_taken_by_audit_list(tmp_path: Path, monkeypatch: pyt
     assert error("last week").startswith("error: invalid --since 'last week'")
 
 
+def test_seconds_options_take_the_duration_grammar() -> None:
+    from datetime import timedelta
+
+    from orchestrator.domain.durations import BadDuration, parse_seconds
+
+    minute = timedelta(minutes=1)
+    assert parse_seconds("10", "x") == 10.0 and parse_seconds("0.5", "x") == 0.5
+    assert parse_seconds("500ms", "x") == 0.5 and parse_seconds("2m", "x") == 120.0
+    assert parse_seconds("1m", "x", at_most=minute) == 60.0
+    for bad, why in [("0", "must be more than 0 and at most 1 minute"),
+                     ("61s", "must be more than 0 and at most 1 minute"),
+                     ("soon", "use a number and a unit"), ("-1", "use a number and a unit")]:
+        with pytest.raises(BadDuration) as err:
+            parse_seconds(bad, "standby_poll", at_most=minute)
+        assert why in str(err.value) and err.value.field == "standby_poll"
+
+
 # -- completion -------------------------------------------------------------------------
 
 
