@@ -218,6 +218,15 @@ def find_config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
     return Path.cwd() / DEFAULT_CONFIG_NAME
 
 
+def _present(path: Path) -> bool:
+    """Exists, or cannot be looked at (e.g. /etc/tenantctl is root's only): chosen,
+    so that reading it says why it cannot be read."""
+    try:
+        return path.exists()
+    except OSError:
+        return True
+
+
 def _not_found(lookup: ConfigLookup) -> ConfigError:
     if lookup.path is not None:  # named by --config or $TENANTCTL_CONFIG
         return ConfigError(f"{lookup.path}: config file not found (named by "
@@ -230,9 +239,9 @@ def _not_found(lookup: ConfigLookup) -> ConfigError:
 def load_config(explicit: str | os.PathLike[str] | None = None,
                 env: Mapping[str, str] | None = None) -> Config:
     env = os.environ if env is None else env
-    lookup = lookup_config_path(explicit, env, Path.cwd(), Path.exists)
+    lookup = lookup_config_path(explicit, env, Path.cwd(), _present)
     path = lookup.path
-    if path is None or not path.exists():
+    if path is None or not _present(path):
         raise _not_found(lookup)
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))

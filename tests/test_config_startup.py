@@ -133,6 +133,15 @@ def test_not_found_lists_where_it_looked_and_xdg_is_found_from_anywhere(
     _one_line_error(named, 2, f"{tmp_path}/no.toml: config file not found (named by --config)")
 
 
+def test_a_candidate_that_cannot_be_looked_at_is_chosen_and_said(tmp_path: Path) -> None:
+    # e.g. /etc/tenantctl readable by root only: stat fails with another error than
+    # "no such file"; the lookup stops there and the read says why (no traceback)
+    unreadable = tmp_path / ("x" * 300) / "tenantctl.toml"  # ENAMETOOLONG
+    with pytest.raises(ConfigError) as err:
+        load_config(unreadable, {})
+    assert str(err.value).startswith(f"{unreadable}: cannot read: ")
+
+
 # -- environment overrides --------------------------------------------------------------
 
 
