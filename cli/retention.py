@@ -17,7 +17,6 @@ NowOpt = Annotated[str | None, typer.Option(
     "with --dry-run).", show_default=False)]
 
 
-
 class RetentionStep(enum.StrEnum):
     """`--only`'s choices: orchestrator.domain.jobs.STEP_SPELLINGS."""
 

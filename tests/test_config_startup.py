@@ -440,6 +440,10 @@ def test_no_help_shows_a_type_for_a_flag(monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 def test_fixed_values_are_choices() -> None:
+    from cli.retention import RetentionStep
+    from orchestrator.domain.jobs import STEP_SPELLINGS
+
+    assert [s.value for s in RetentionStep] == list(STEP_SPELLINGS)  # one vocabulary
     runner = CliRunner()
     export = runner.invoke(app, ["tenant", "export", "--help"]).output
     assert "<sql|csv>" in export
