@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from cli.common import ID_MAX, open_fleet
+from cli.complete import SlugArg
 from cli.output import Col, FormatOpt, err, output_format, plain, print_json, records, say
 from orchestrator.domain.errors import ExitCode
 
@@ -16,7 +17,7 @@ access_app = typer.Typer(no_args_is_help=True,
 
 @access_app.command("grant")
 def grant(
-    slug: str,
+    slug: SlugArg,
     to: Annotated[str, typer.Option("--to", help="Who gets access (audited).")],
     ttl: Annotated[str, typer.Option(help="How long: e.g. 30m, 2h, 1d (at most 7d).")],
     reason: Annotated[str, typer.Option(help="The approval / ticket (audited).")],

@@ -8,6 +8,7 @@ import typer
 
 from cli import logs
 from cli.common import ID_MAX, open_fleet, open_reads
+from cli.complete import SlugArg, complete_slugs
 from cli.output import (
     Col,
     FormatOpt,
@@ -29,7 +30,8 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tab
 
 @backup_app.command("run")
 def run(
-    slug: Annotated[str | None, typer.Argument(help="One tenant.")] = None,
+    slug: Annotated[str | None, typer.Argument(
+        help="One tenant.", autocompletion=complete_slugs)] = None,
     all_: Annotated[bool, typer.Option("--all", help="Every tenant with a database.")]
     = False,
     due: Annotated[bool, typer.Option("--due", help="The tenants whose scheduled backup "
@@ -82,7 +84,8 @@ def _run_with_progress(fleet, slugs, concurrency, as_json, kind):  # type: ignor
 
 
 @backup_app.command("list")
-def list_(slug: Annotated[str | None, typer.Argument(help="One tenant.")] = None,
+def list_(slug: Annotated[str | None, typer.Argument(
+        help="One tenant.", autocompletion=complete_slugs)] = None,
           as_json: JsonOpt = False, fmt: FormatOpt = None) -> None:
     """Backups in the catalog, newest first."""
     from orchestrator.domain.views import backup_json
@@ -112,7 +115,8 @@ BACKUP_COLUMNS = [
 def verify(
     backup_id: Annotated[int | None, typer.Argument(help="Backup id.", min=1, max=ID_MAX)
                          ] = None,
-    latest: Annotated[str | None, typer.Option(help="The latest backup of this tenant.")]
+    latest: Annotated[str | None, typer.Option(help="The latest backup of this tenant.",
+                                                        autocompletion=complete_slugs)]
     = None,
     all_: Annotated[bool, typer.Option("--all", help="The latest backup of every tenant.")]
     = False,
@@ -236,7 +240,7 @@ backup_app.add_typer(key_app, name="key")
 
 @key_app.command("export")
 def key_export(
-    slug: str,
+    slug: SlugArg,
     output: Annotated[str, typer.Option("--output", "-o", help="Write it to this new "
                                         "file (mode 0600); - is stdout.")] = "-",
     force: Annotated[bool, typer.Option("--force", help="Replace an existing "

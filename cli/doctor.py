@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from cli.common import open_fleet
+from cli.common import current_config, open_fleet
+from cli.complete import complete_regions
 from cli.output import print_json, say
 from orchestrator.domain.errors import ExitCode
 
@@ -17,7 +18,8 @@ if TYPE_CHECKING:
 
 def doctor(
     region: Annotated[str | None, typer.Option(help="Only this region's servers, "
-                                               "tenants and store.")] = None,
+                                               "tenants and store.",
+                                               autocompletion=complete_regions)] = None,
     fix: Annotated[bool, typer.Option("--fix", help="Repair what can be repaired; asks "
                                       "before anything destructive.")] = False,
     yes: Annotated[bool, typer.Option("--yes", help="With --fix: do the destructive "
@@ -30,6 +32,11 @@ def doctor(
     from orchestrator.domain import health
     from orchestrator.services import doctor as doc
 
+    cfg = current_config()
+    if any(s.data_dir is not None for s in cfg.servers):
+        from cli.local import warn_local_ports
+
+        warn_local_ports(cfg)  # an edited port explains the unreachable servers below
     fleet = open_fleet()
     try:
         fixes: list[doc.FixResult] = []

@@ -10,7 +10,7 @@ import typer
 
 from cli.catalog import upgrade_catalog
 from cli.common import JsonOpt, State, current_config
-from cli.output import Col, FormatOpt, output_format, records, say, structured
+from cli.output import Col, FormatOpt, err, output_format, records, say, structured
 from cli.region import region_list
 from cli.tenant import tenant_list
 from orchestrator.domain.errors import ExitCode
@@ -32,6 +32,12 @@ def init(
     = Path(".tenantctl"),
     force: Annotated[bool, typer.Option(help="Rewrite an existing config (keeps keys).")]
     = False,
+    base_port: Annotated[int | None, typer.Option(
+        help="The first cluster's port; the next region's is the next port (default: the "
+        "first free from 55432).", show_default=False)] = None,
+    no_start: Annotated[bool, typer.Option(
+        "--no-start", help="Only write the config, keys and passfile; start nothing "
+        "(`tenantctl local up` and `tenantctl catalog upgrade` later).")] = False,
 ) -> None:
     """Write a tenantctl.toml (only --local for now), start it and upgrade the catalog."""
     from orchestrator.config import find_config_path
@@ -42,9 +48,14 @@ def init(
         raise InvalidInput("only `tenantctl init --local` exists; for production write "
                            "tenantctl.toml yourself (see README) or use ansible/")
     path = find_config_path(State.config_path)
-    res = localfleet.init_local(path, state_dir, force=force)
+    res = localfleet.init_local(path, state_dir, force=force, base_port=base_port)
     say(f"{'wrote' if res.created else 'kept existing'} {res.config_path}")
     cfg = _config_at(path)
+    if no_start:
+        ports = ", ".join(f"{s.name} on {s.port}" for s in localfleet.local_servers(cfg))
+        say(f"not started ({ports}); next: `tenantctl --config {res.config_path} local up` "
+            "then `catalog upgrade`")
+        return
     for line in localfleet.up(cfg):
         say(line)
     upgrade_catalog(cfg)
@@ -63,6 +74,17 @@ def local_up() -> None:
 
     for line in localfleet.up(current_config()):
         say(line)
+
+
+def warn_local_ports(cfg: Config) -> list[str]:
+    """The embedded clusters whose port is not the config's, each said on stderr
+    (`config check`, `doctor`, `local status`); [] for a fleet with none."""
+    from orchestrator.devfleet import localfleet
+
+    problems = localfleet.port_problems(cfg)
+    for line in problems:
+        err(f"warning: {line}")
+    return problems
 
 
 @local_app.command("down")

@@ -26,6 +26,7 @@ from cli.catalog import catalog_app
 from cli.common import State, current_config
 from cli.config import config_app
 from cli.doctor import doctor
+from cli.help import add_examples, flags_without_type, print_version
 from cli.keys import keys_app
 from cli.local import init, local_app, quickstart
 from cli.migrate import migrate_app
@@ -80,6 +81,7 @@ def _plain_params() -> None:
 
 
 _plain_params()
+flags_without_type()
 if "TYPER_USE_RICH" not in os.environ:
     # `--help` in click's plain layout: typer's rich layout imports rich, markdown-it
     # and pygments first (half of the ~0.25 s a `--help` took). TYPER_USE_RICH=1 (typer's
@@ -87,7 +89,7 @@ if "TYPER_USE_RICH" not in os.environ:
     typer.core.HAS_RICH = False
 
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+app = typer.Typer(no_args_is_help=True, add_completion=True, pretty_exceptions_enable=False,
                   help="Database-per-tenant provisioning and operations for PostgreSQL.")
 # `--help` lists the commands, then the groups, each in the order registered here
 for command in (doctor, init, quickstart, report):
@@ -100,12 +102,17 @@ for group, name in [(local_app, "local"), (catalog_app, "catalog"), (config_app,
                     (scheduler_app, "scheduler"), (access_app, "access"),
                     (breach_app, "breach")]:
     app.add_typer(group, name=name)
+add_examples(app)  # the `Examples:` epilog of every command (cli/help.py)
 
 
 @app.callback()
 def _root(config: Annotated[str | None, typer.Option(
-        "--config", "-C", help="Config file (default: $TENANTCTL_CONFIG or ./tenantctl.toml)",
-        show_default=False)] = None,
+        "--config", "-C", help="Config file (default: $TENANTCTL_CONFIG, else the first of "
+        "./tenantctl.toml, $XDG_CONFIG_HOME/tenantctl/tenantctl.toml, "
+        "/etc/tenantctl/tenantctl.toml).", show_default=False)] = None,
+        version: Annotated[bool, typer.Option(
+            "--version", help="Print tenantctl's version and exit.", is_eager=True,
+            callback=print_version)] = False,
         actor: Annotated[str | None, typer.Option(
             "--actor", help="Who is acting, for the audit log (default: $TENANTCTL_ACTOR, "
             "else OS user@host).", show_default=False)] = None,

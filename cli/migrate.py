@@ -10,6 +10,7 @@ import typer
 
 from cli import logs
 from cli.common import open_fleet, open_reads
+from cli.complete import SlugArg, complete_regions, complete_revisions
 from cli.confirm import YesOpt, confirm
 from cli.output import (
     FormatOpt,
@@ -38,7 +39,8 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tab
 
 
 @migrate_app.command("status")
-def status(region: Annotated[str | None, typer.Option(help="Only this region.")] = None,
+def status(region: Annotated[str | None, typer.Option(
+        help="Only this region.", autocompletion=complete_regions)] = None,
            live: Annotated[bool, typer.Option(
                "--live", help="Connect to every tenant database and read its "
                "alembic_version, instead of the revision each database is marked "
@@ -104,8 +106,10 @@ def _exit_checked(found: Check, check: bool) -> None:
 
 @migrate_app.command("rollout")
 def rollout(
-    to: Annotated[str, typer.Option("--to", help="Target revision, or head.")] = "head",
-    region: Annotated[str | None, typer.Option(help="Only this region.")] = None,
+    to: Annotated[str, typer.Option("--to", help="Target revision, or head.",
+                                    autocompletion=complete_revisions)] = "head",
+    region: Annotated[str | None, typer.Option(
+        help="Only this region.", autocompletion=complete_regions)] = None,
     tenants: Annotated[str | None, typer.Option(help="Only these tenants: a,b,c.")] = None,
     concurrency: Annotated[int, typer.Option(help="Tenants in flight in this process.")] = 8,
     per_server: Annotated[int, typer.Option(
@@ -142,8 +146,9 @@ def rollout(
 
 @migrate_app.command("tenant")
 def tenant(
-    slug: str,
-    to: Annotated[str, typer.Option("--to", help="Target revision, or head.")] = "head",
+    slug: SlugArg,
+    to: Annotated[str, typer.Option("--to", help="Target revision, or head.",
+                                    autocompletion=complete_revisions)] = "head",
     lock_timeout: Annotated[str, typer.Option(help="Wait for a table lock.")] = "2s",
     statement_timeout: Annotated[str, typer.Option(help="Per statement limit.")] = "5min",
     retries: Annotated[int, typer.Option(help="Retries after a timeout.")] = 3,

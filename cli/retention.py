@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from typing import Annotated, Any
 
 import typer
@@ -29,6 +30,17 @@ NowOpt = Annotated[str | None, typer.Option(
     "--now", help="Plan as if it were this ISO-8601 time (a future time only plans, "
     "with --dry-run).", show_default=False)]
 
+
+class RetentionStep(enum.StrEnum):
+    """`--only`'s choices: orchestrator.domain.jobs.STEP_SPELLINGS."""
+
+    delete = "delete"
+    purge = "purge"
+    prune = "prune"
+    audit = "audit"
+    access = "access"
+
+
 retention_app = typer.Typer(no_args_is_help=True,
                             help="Holds, deletions, backup purges: on time, never early.")
 
@@ -38,8 +50,8 @@ def retention_run(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan, do nothing.")]
     = False,
     now: NowOpt = None,
-    only: Annotated[list[str] | None, typer.Option(
-        help="Only these jobs: delete, purge, prune, audit, access (repeatable).")] = None,
+    only: Annotated[list[RetentionStep] | None,
+                    typer.Option(help="Only these jobs (repeatable).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Carry out what is due: deletions after the hold, backup purges after
@@ -48,7 +60,7 @@ def retention_run(
     from orchestrator.domain.jobs import STEPS, parse_steps
     from orchestrator.services import retention
 
-    jobs = parse_steps(only) if only else STEPS
+    jobs = parse_steps(o.value for o in only) if only else STEPS
     at = clock.effective_now(now, acting=not dry_run)
     fleet = open_fleet()
 

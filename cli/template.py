@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from cli.common import open_fleet
+from cli.complete import complete_servers
 from cli.output import say
 
 template_app = typer.Typer(no_args_is_help=True, help="Per-server template databases.")
@@ -14,7 +15,8 @@ template_app = typer.Typer(no_args_is_help=True, help="Per-server template datab
 
 @template_app.command("build")
 def template_build(server: Annotated[str | None, typer.Option(
-        help="One server (default: every server).")] = None) -> None:
+        help="One server (default: every server).",
+        autocompletion=complete_servers)] = None) -> None:
     """Create or upgrade each server's template database to the fleet's target
     revision (head until a rollout sets it), then fill its pool of spare clones
     (tenants.spare_databases)."""

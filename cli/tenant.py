@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 
 from cli.common import JsonOpt, open_fleet, open_reads
+from cli.complete import SlugArg, complete_regions, complete_states
 from cli.output import (
     Col,
     FormatOpt,
@@ -70,7 +71,7 @@ def _transition(action: str, slug: str, as_json: bool) -> None:
 
 
 @tenant_app.command("cancel")
-def cancel(slug: str, yes: Annotated[bool, typer.Option("--yes", help="Do not ask.")]
+def cancel(slug: SlugArg, yes: Annotated[bool, typer.Option("--yes", help="Do not ask.")]
            = False, as_json: BareJsonOpt = False) -> None:
     """Cancel: writes stop now, data stays readable and exportable for the hold
     (30 days by default), then retention deletes the database. Takes a backup."""
@@ -92,26 +93,26 @@ def cancel(slug: str, yes: Annotated[bool, typer.Option("--yes", help="Do not as
 
 
 @tenant_app.command("reactivate")
-def reactivate(slug: str, as_json: BareJsonOpt = False) -> None:
+def reactivate(slug: SlugArg, as_json: BareJsonOpt = False) -> None:
     """Undo a cancellation during the hold: active again, writes allowed."""
     _transition("reactivate", slug, as_json)
 
 
 @tenant_app.command("suspend")
-def suspend(slug: str, as_json: BareJsonOpt = False) -> None:
+def suspend(slug: SlugArg, as_json: BareJsonOpt = False) -> None:
     """Block the tenant's connections (open sessions are ended); no hold starts."""
     _transition("suspend", slug, as_json)
 
 
 @tenant_app.command("resume")
-def resume(slug: str, as_json: BareJsonOpt = False) -> None:
+def resume(slug: SlugArg, as_json: BareJsonOpt = False) -> None:
     """Allow a suspended tenant's connections again."""
     _transition("resume", slug, as_json)
 
 
 @tenant_app.command("legal-hold")
 def legal_hold(
-    slug: str,
+    slug: SlugArg,
     on: Annotated[bool | None, typer.Option("--on/--off", help="Place or lift it.",
                                             show_default=False)] = None,
     reason: Annotated[str, typer.Option(help="Why (audited).")] = "",
@@ -136,7 +137,7 @@ def legal_hold(
 
 @tenant_app.command("erase")
 def erase(
-    slug: str,
+    slug: SlugArg,
     reason: Annotated[str, typer.Option(help="The request being honoured (audited).")]
     = "",
     yes: Annotated[bool, typer.Option("--yes", help="Do not ask.")] = False,
@@ -171,9 +172,9 @@ def erase(
 
 @tenant_app.command("export")
 def export(
-    slug: str,
-    fmt: Annotated[str, typer.Option("--format", help="sql (a pg_dump script) or csv "
-                                     "(a zip, one CSV per table).")],
+    slug: SlugArg,
+    fmt: Annotated[Literal["sql", "csv"], typer.Option(
+        "--format", help="sql (a pg_dump script) or csv (a zip, one CSV per table).")],
     output: Annotated[Path, typer.Option(help="File to write; - is stdout.")],
     force: Annotated[bool, typer.Option(help="Replace an existing file.")] = False,
     as_json: BareJsonOpt = False,
@@ -209,7 +210,8 @@ def export(
 @tenant_app.command("create")
 def tenant_create(
     slug: str,
-    region: Annotated[str, typer.Option(help="Where the tenant's data lives.")],
+    region: Annotated[str, typer.Option(help="Where the tenant's data lives.",
+                                         autocompletion=complete_regions)],
     as_json: JsonOpt = False,
 ) -> None:
     """Provision a tenant: dedicated database and roles in REGION. Re-run to finish an
@@ -242,8 +244,10 @@ def _show_created(res: ProvisionResult, as_json: bool) -> None:
 
 @tenant_app.command("list")
 def tenant_list(
-    region: Annotated[str | None, typer.Option(help="Only this region.")] = None,
-    state: Annotated[str | None, typer.Option(help="Only this state.")] = None,
+    region: Annotated[str | None, typer.Option(help="Only this region.",
+                                                  autocompletion=complete_regions)] = None,
+    state: Annotated[str | None, typer.Option(help="Only this state.",
+                                                 autocompletion=complete_states)] = None,
     as_json: JsonOpt = False,
     fmt: FormatOpt = None,
 ) -> None:
@@ -271,7 +275,7 @@ TENANT_COLUMNS = [
 
 
 @tenant_app.command("show")
-def tenant_show(slug: str, as_json: JsonOpt = False, fmt: FormatOpt = None) -> None:
+def tenant_show(slug: SlugArg, as_json: JsonOpt = False, fmt: FormatOpt = None) -> None:
     """Everything the catalog knows about one tenant."""
     from orchestrator.domain.views import tenant_json
 
@@ -294,7 +298,8 @@ def tenant_credentials(
     rotate: Annotated[bool, typer.Option(help="Set a new password first.")] = False,
     all_: Annotated[bool, typer.Option("--all", help="With --rotate: every tenant "
                                        "(breach response).")] = False,
-    region: Annotated[str | None, typer.Option(help="With --all: only this region.")]
+    region: Annotated[str | None, typer.Option(help="With --all: only this region.",
+                                                  autocompletion=complete_regions)]
     = None,
     concurrency: Annotated[int, typer.Option(min=1, help="With --all.")] = 4,
     kill_sessions: Annotated[bool, typer.Option(help="End sessions opened with the old "
@@ -386,7 +391,7 @@ def _rotate_all(region: str | None, concurrency: int, kill_sessions: bool,
 
 @tenant_app.command("psql")
 def tenant_psql(
-    slug: str,
+    slug: SlugArg,
     owner: Annotated[bool, typer.Option(help="Connect as the owner role (DDL rights).")]
     = False,
     command: Annotated[str | None, typer.Option("-c", "--command",

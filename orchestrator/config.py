@@ -1,7 +1,10 @@
 """tenantctl.toml: loading and validation.
 
-The file is found via ``--config``, ``$TENANTCTL_CONFIG`` or ``./tenantctl.toml``.
-Every error names the file, the key and what is wrong, in one line.
+The file is found (`lookup_config_path`, pure) via ``--config``, then
+``$TENANTCTL_CONFIG``, then the first that exists of ``./tenantctl.toml``,
+``$XDG_CONFIG_HOME/tenantctl/tenantctl.toml`` (default ``~/.config``) and
+``/etc/tenantctl/tenantctl.toml``. Secrets and DSNs can come from the environment
+instead (`env_overrides`). Every error names the file, the key and what is wrong, in one line.
 Relative paths in the file are resolved against the file's own directory, so a
 config keeps working whatever the operator's current directory is.
 """
@@ -12,6 +15,7 @@ import dataclasses
 import os
 import re
 import tomllib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,6 +119,9 @@ class Config:
     bounds: TenantBounds = TenantBounds()
     state_dir: Path | None = None
     pg_bin_dir: Path | None = None
+    # how the file was found (for `config check`) and which keys the environment set
+    lookup: ConfigLookup | None = None
+    from_env: tuple[EnvOverride, ...] = ()
 
     @property
     def servers(self) -> list[ServerConfig]:
@@ -144,7 +151,65 @@ def builtin_migrations_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "migrations" / "tenant"
 
 
+# where the file is looked for, in order, after --config and $TENANTCTL_CONFIG
+SYSTEM_CONFIG = Path("/etc/tenantctl") / DEFAULT_CONFIG_NAME
+
+
+@dataclass(frozen=True)
+class ConfigLookup:
+    """The outcome of the config lookup: the path chosen (None: none exists), what
+    chose it (a key of LOOKUP_SOURCES) and every candidate looked at, in order."""
+
+    path: Path | None
+    source: str
+    tried: tuple[Path, ...]
+
+    @property
+    def described(self) -> str:
+        return LOOKUP_SOURCES[self.source]
+
+
+LOOKUP_SOURCES = {"flag": "--config", "env": f"${CONFIG_ENV}",
+                  "cwd": "the current directory",
+                  "xdg": "the user's config directory ($XDG_CONFIG_HOME, else ~/.config)",
+                  "system": "the system's config directory (/etc/tenantctl)",
+                  "none": "nothing (no file found)"}
+
+
+def xdg_config_home(env: Mapping[str, str]) -> Path | None:
+    """$XDG_CONFIG_HOME, else ~/.config; a relative XDG_CONFIG_HOME is ignored, as the
+    XDG spec says."""
+    xdg = env.get("XDG_CONFIG_HOME", "")
+    if xdg and Path(xdg).is_absolute():
+        return Path(xdg)
+    home = env.get("HOME", "")
+    return Path(home) / ".config" if home else None
+
+
+def lookup_config_path(flag: str | os.PathLike[str] | None, env: Mapping[str, str],
+                       cwd: Path, exists: Callable[[Path], bool]) -> ConfigLookup:
+    """Pure: ``--config`` → ``$TENANTCTL_CONFIG`` (either is taken as given, existing
+    or not) → the first existing of ./tenantctl.toml, the XDG one and the system
+    one."""
+    if flag:
+        return ConfigLookup(Path(flag), "flag", (Path(flag),))
+    if env.get(CONFIG_ENV):
+        return ConfigLookup(Path(env[CONFIG_ENV]), "env", (Path(env[CONFIG_ENV]),))
+    candidates = [("cwd", cwd / DEFAULT_CONFIG_NAME)]
+    xdg = xdg_config_home(env)
+    if xdg is not None:
+        candidates.append(("xdg", xdg / "tenantctl" / DEFAULT_CONFIG_NAME))
+    candidates.append(("system", SYSTEM_CONFIG))
+    tried = tuple(path for _, path in candidates)
+    for source, path in candidates:
+        if exists(path):
+            return ConfigLookup(path, source, tried)
+    return ConfigLookup(None, "none", tried)
+
+
 def find_config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """Where `init --local` and `quickstart` write (and then read) a config:
+    --config, $TENANTCTL_CONFIG, else ./tenantctl.toml."""
     if explicit:
         return Path(explicit)
     env = os.environ.get(CONFIG_ENV)
@@ -153,13 +218,31 @@ def find_config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
     return Path.cwd() / DEFAULT_CONFIG_NAME
 
 
-def load_config(explicit: str | os.PathLike[str] | None = None) -> Config:
-    path = find_config_path(explicit)
-    if not path.exists():
-        raise ConfigError(
-            f"{path}: config file not found (run `tenantctl init --local`, "
-            f"or pass --config / set ${CONFIG_ENV})"
-        )
+def _present(path: Path) -> bool:
+    """Exists, or cannot be looked at (e.g. /etc/tenantctl is root's only): chosen,
+    so that reading it says why it cannot be read."""
+    try:
+        return path.exists()
+    except OSError:
+        return True
+
+
+def _not_found(lookup: ConfigLookup) -> ConfigError:
+    if lookup.path is not None:  # named by --config or $TENANTCTL_CONFIG
+        return ConfigError(f"{lookup.path}: config file not found (named by "
+                           f"{lookup.described})")
+    return ConfigError(
+        "config file not found (looked in: " + ", ".join(map(str, lookup.tried))
+        + f"); run `tenantctl init --local`, or pass --config / set ${CONFIG_ENV}")
+
+
+def load_config(explicit: str | os.PathLike[str] | None = None,
+                env: Mapping[str, str] | None = None) -> Config:
+    env = os.environ if env is None else env
+    lookup = lookup_config_path(explicit, env, Path.cwd(), _present)
+    path = lookup.path
+    if path is None or not _present(path):
+        raise _not_found(lookup)
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
@@ -169,7 +252,67 @@ def load_config(explicit: str | os.PathLike[str] | None = None) -> Config:
                           ) from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-    return parse_config(raw, path.resolve())
+    overrides = env_overrides(env)
+    cfg = parse_config(raw, path.resolve(), overrides)
+    named = {s.name.upper().replace("-", "_"): s.name for s in cfg.servers}
+    placed = tuple(o if o.server is None else dataclasses.replace(
+        o, key=f"servers.{named[o.server]}.admin_dsn") for o in overrides)
+    return dataclasses.replace(cfg, lookup=lookup, from_env=placed)
+
+
+# -- environment overrides -----------------------------------------------------------
+#
+#   TENANTCTL_CATALOG_DSN              catalog.dsn
+#   TENANTCTL_MASTER_KEY_FILE          master_key.file (replaces env / kms_key_id)
+#   TENANTCTL_SERVER_<NAME>_ADMIN_DSN  regions.*.servers[name=NAME].admin_dsn, where
+#                                      <NAME> is the server's name upper-cased with
+#                                      '-' as '_' (eu-central-1: EU_CENTRAL_1)
+#
+# A DSN from the environment may carry a password (the environment is where secrets
+# go); the file's may not. Nothing prints one: `config check` names the variable and
+# shows the DSN redacted.
+
+ENV_PREFIX = "TENANTCTL_"
+CATALOG_DSN_ENV = "TENANTCTL_CATALOG_DSN"
+MASTER_KEY_FILE_ENV = "TENANTCTL_MASTER_KEY_FILE"
+_SERVER_DSN_ENV = re.compile(r"TENANTCTL_SERVER_([A-Z0-9_]+)_ADMIN_DSN", re.ASCII)
+
+
+@dataclass(frozen=True)
+class EnvOverride:
+    variable: str  # TENANTCTL_CATALOG_DSN
+    key: str  # catalog.dsn, master_key.file, servers.NAME.admin_dsn
+    value: str  # never printed: may hold a password
+    server: str | None = None  # the upper-cased server name of a server's admin_dsn
+
+
+def server_env_name(server: str) -> str:
+    return f"TENANTCTL_SERVER_{server.upper().replace('-', '_')}_ADMIN_DSN"
+
+
+def env_overrides(env: Mapping[str, str]) -> list[EnvOverride]:
+    """The overrides set in ``env`` (an empty value counts as unset), sorted by
+    variable."""
+    out = []
+    for var in sorted(env):
+        value = env[var]
+        if not var.startswith(ENV_PREFIX) or not value:
+            continue
+        if var == CATALOG_DSN_ENV:
+            out.append(EnvOverride(var, "catalog.dsn", value))
+        elif var == MASTER_KEY_FILE_ENV:
+            out.append(EnvOverride(var, "master_key.file", value))
+        elif (m := _SERVER_DSN_ENV.fullmatch(var)) is not None:
+            out.append(EnvOverride(var, "admin_dsn", value, server=m.group(1)))
+    return out
+
+
+def _check_env_dsn(var: str, dsn: str) -> None:
+    try:
+        conninfo_to_dict(dsn)
+    except ProgrammingError:  # its message could quote the DSN: never shown
+        raise ConfigError(f"${var}: not a valid libpq connection string or "
+                          "postgresql:// URL") from None
 
 
 class _Reader:
@@ -309,19 +452,38 @@ def _bounds(r: _Reader, tenants: dict[str, Any]) -> TenantBounds:
     return TenantBounds(**values)
 
 
-def parse_config(raw: dict[str, Any], path: Path) -> Config:
+def parse_config(raw: dict[str, Any], path: Path, overrides: list[EnvOverride] | None = None
+                 ) -> Config:
+    """The config of ``raw`` (the file's TOML) with the environment's ``overrides`` in
+    place: a key the environment sets may be absent from the file; when present, the
+    file's value is still checked (the file stays valid without the environment)."""
     r = _Reader(path)
+    by_key = {o.key: o for o in overrides or () if o.server is None}
+    by_server = {o.server: o for o in overrides or () if o.server is not None}
+    for o in overrides or ():
+        if o.key != "master_key.file":
+            _check_env_dsn(o.variable, o.value)
+    env_named: dict[str, str] = {}  # upper-cased server name -> server name
     _check_unknown(r, raw, "", {"state_dir", "pg_bin_dir", "catalog", "master_key",
                                 "tenants", "regions", "backups", "lifecycle",
                                 "scheduler"})
 
-    catalog = r.table(raw, "catalog", "catalog")
+    env_catalog = by_key.get("catalog.dsn")
+    catalog = r.table(raw, "catalog", "catalog", required=env_catalog is None)
     _check_unknown(r, catalog, "catalog", {"dsn"})
-    catalog_dsn = r.string(catalog, "catalog.dsn", "dsn")
+    catalog_dsn = r.string(catalog, "catalog.dsn", "dsn", required=env_catalog is None)
+    if catalog_dsn is not None:
+        _check_dsn(r, "catalog.dsn", catalog_dsn)
+    if env_catalog is not None:
+        catalog_dsn = env_catalog.value
     assert catalog_dsn is not None
-    _check_dsn(r, "catalog.dsn", catalog_dsn)
 
-    mk = r.table(raw, "master_key", "master_key")
+    env_key_file = by_key.get("master_key.file")
+    mk = r.table(raw, "master_key", "master_key", required=env_key_file is None)
+    if env_key_file is not None:  # the environment's key file replaces any source
+        mk = {k: v for k, v in mk.items() if k not in (
+            "file", "env", "kms_key_id", "kms_data_key_file", "kms_region",
+            "kms_endpoint_url")} | {"file": env_key_file.value}
     if "key" in mk or "value" in mk:
         raise r.fail("master_key", "the key itself never goes in the config")
     _check_unknown(r, mk, "master_key", {"file", "env", "kms_key_id", "kms_data_key_file",
@@ -429,9 +591,18 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
             if sname in seen_servers:
                 raise r.fail(f"{skey}.name", f"server {sname!r} is defined twice")
             seen_servers.add(sname)
-            dsn = r.string(sraw, f"{skey}.admin_dsn", "admin_dsn")
+            upper = sname.upper().replace("-", "_")
+            if upper in env_named and any(o.server == upper for o in overrides or ()):
+                raise r.fail(f"{skey}.name", f"${server_env_name(sname)} would name both "
+                             f"{env_named[upper]!r} and {sname!r}: rename one")
+            env_named[upper] = sname
+            env_dsn = by_server.pop(upper, None)
+            dsn = r.string(sraw, f"{skey}.admin_dsn", "admin_dsn", required=env_dsn is None)
+            if dsn is not None:
+                _check_dsn(r, f"{skey}.admin_dsn", dsn)
+            if env_dsn is not None:
+                dsn = env_dsn.value
             assert dsn is not None
-            _check_dsn(r, f"{skey}.admin_dsn", dsn)
             capacity = r.integer(sraw, f"{skey}.capacity", "capacity", default=500)
             data_dir = r.string(sraw, f"{skey}.data_dir", "data_dir", required=False)
             port = sraw.get("port")
@@ -443,6 +614,9 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
             ))
         regions[rname] = RegionConfig(name=rname, backup_store=store, servers=tuple(servers))
 
+    for o in by_server.values():
+        raise ConfigError(f"${o.variable}: no server of {path} is named so (servers: "
+                          f"{', '.join(sorted(seen_servers))})")
     state_dir = r.string(raw, "state_dir", "state_dir", required=False)
     pg_bin_dir = r.string(raw, "pg_bin_dir", "pg_bin_dir", required=False)
     return Config(

@@ -191,3 +191,52 @@ def test_local_fleet_as_a_normal_user() -> None:
     finally:
         as_user("local", "down")
         shutil.rmtree(home, ignore_errors=True)
+
+
+def test_an_edited_port_is_said_then_applied_by_local_up() -> None:
+    """`init --local --base-port N --no-start`, then `local up`; the operator edits a
+    server's port: a running cluster is refused with the next step, a stopped one
+    is moved, and tenants on it are reachable at the new port."""
+    from orchestrator.devfleet import localfleet
+
+    home = Path(tempfile.mkdtemp(prefix="tenantctl-port-", dir="/tmp"))
+    os.chmod(home, 0o755)
+    base = next(p for p in range(57100, 60000, 11)
+                if all(localfleet._port_free(q) for q in (p, p + 1, p + 5)))
+    try:
+        init = _cli(home, "init", "--local", "--base-port", str(base), "--no-start")
+        assert init.returncode == 0 and "not started" in init.stdout, init.stderr
+        assert not (home / ".tenantctl" / "pg").exists() or \
+            not any((home / ".tenantctl" / "pg").iterdir())
+        up = _cli(home, "local", "up")
+        assert up.returncode == 0 and f"started on 127.0.0.1:{base + 1}" in up.stdout, up.stderr
+        assert _cli(home, "catalog", "upgrade").returncode == 0
+        created = _cli(home, "tenant", "create", "porty", "--region", "ap-south")
+        assert created.returncode == 0, created.stderr
+
+        config = home / "tenantctl.toml"
+        config.write_text(config.read_text().replace(f":{base + 1}/", f":{base + 5}/")
+                          .replace(f"port = {base + 1}", f"port = {base + 5}"))
+        refused = _cli(home, "local", "up")
+        assert refused.returncode == 2, refused.stderr
+        assert f"error: ap-south-1 runs on port {base + 1} but tenantctl.toml says " \
+               f"{base + 5}: `tenantctl local down`, then `tenantctl local up`" in refused.stderr
+        check = _cli(home, "config", "check")
+        assert f"warning: ap-south-1 runs on port {base + 1}" in check.stderr
+        assert _cli(home, "local", "down").returncode == 0
+        moved = _cli(home, "local", "up")
+        assert moved.returncode == 0, moved.stderr
+        assert f"ap-south-1: moved from port {base + 1} to {base + 5}" in moved.stdout
+        status = json.loads(_cli(home, "local", "status", "--json").stdout)
+        assert [(s["port"], s["status"]) for s in status] == [
+            (base, "running"), (base + 5, "running")]
+        shown = _cli(home, "tenant", "credentials", "porty")
+        assert shown.returncode == 0, shown.stderr
+        dsn = shown.stdout.strip().splitlines()[-1]
+        assert f":{base + 5}/" in dsn
+        with psycopg.connect(dsn, connect_timeout=5) as conn:
+            assert conn.execute("SELECT current_user").fetchone() == ("tenant_porty",)
+        assert _cli(home, "config", "check").stderr == ""
+    finally:
+        _cli(home, "local", "down")
+        shutil.rmtree(home, ignore_errors=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 import secrets
 import shutil
 import socket
@@ -34,7 +35,12 @@ from orchestrator.adapters.crypto.masterkey import write_key_file
 from orchestrator.adapters.postgres.childenv import child_env
 from orchestrator.adapters.postgres.pgtools import pg_bin_dir, pg_tool
 from orchestrator.config import Config, ServerConfig
-from orchestrator.domain.errors import ConfigError, ServerUnavailable, TenantctlError
+from orchestrator.domain.errors import (
+    ConfigError,
+    InvalidInput,
+    ServerUnavailable,
+    TenantctlError,
+)
 from orchestrator.domain.names import ADMIN_ROLE, CATALOG_DB
 
 PG_OS_USER = "tenantctl_pg"
@@ -149,19 +155,37 @@ class InitResult:
     created: bool
 
 
-def init_local(config_path: Path, state_dir: Path, *, force: bool = False) -> InitResult:
+def chosen_ports(base_port: int, count: int) -> list[int]:
+    """``--base-port N``: exactly N, N+1, …, each free now (a port taken later is
+    said by `local up`, which cannot bind it)."""
+    if not 1024 <= base_port <= 65535 - count + 1:
+        raise InvalidInput(f"--base-port must be between 1024 and {65535 - count + 1}, "
+                           f"got {base_port}")
+    ports = list(range(base_port, base_port + count))
+    for port in ports:
+        if not _port_free(port):
+            raise InvalidInput(f"--base-port {base_port}: port {port} is in use on "
+                               "127.0.0.1; choose another base port")
+    return ports
+
+
+def init_local(config_path: Path, state_dir: Path, *, force: bool = False,
+               base_port: int | None = None) -> InitResult:
     """Write the local fleet's config, master key and admin passwords. Idempotent:
-    an existing config is kept (``force`` rewrites it, keeping keys and passwords)."""
+    an existing config is kept (``force`` rewrites it, keeping keys and passwords).
+    Ports: ``base_port`` and the next ones, else the first free from 55432."""
     config_path = config_path.resolve()
     state_dir = state_dir.resolve()
     if config_path.exists() and not force:
         return InitResult(config_path, created=False)
+    ports_list = chosen_ports(base_port, len(LOCAL_REGIONS)) if base_port is not None \
+        else free_ports(len(LOCAL_REGIONS))
     state_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(state_dir, 0o755)  # the Postgres OS user must traverse it when we are root
     key_file = state_dir / "master.key"
     if not key_file.exists():
         write_key_file(key_file)
-    ports = dict(zip(LOCAL_REGIONS, free_ports(len(LOCAL_REGIONS)), strict=True))
+    ports = dict(zip(LOCAL_REGIONS, ports_list, strict=True))
     pgpass = state_dir / "pgpass"
     for region in LOCAL_REGIONS:
         ensure_pgpass_entry(pgpass, ports[region], ADMIN_ROLE, secrets.token_urlsafe(32))
@@ -284,6 +308,89 @@ def not_ours_at(cfg: Config, port: int) -> str | None:
             return f"this fleet's cluster for it, in {sc.data_dir}, listens on {listening}"
         return None
     return None
+
+
+def conf_port(data_dir: Path) -> int | None:
+    """The port a cluster's own configuration names (the last `port =` of
+    postgresql.conf, or postgresql.auto.conf's), None if it names none."""
+    port = None
+    for name in ("postgresql.conf", "postgresql.auto.conf"):
+        try:
+            text = (data_dir / name).read_text(errors="replace")
+        except OSError:
+            continue
+        for m in _CONF_PORT.finditer(text):
+            port = int(m.group(1))
+    return port
+
+
+_CONF_PORT = re.compile(r"^\s*port\s*=\s*'?([0-9]{1,5})'?", re.M)
+
+
+def running_port(data_dir: Path) -> int | None:
+    """The port a running cluster listens on (postmaster.pid's 4th line)."""
+    if _running_pid(data_dir) is None:
+        return None
+    try:
+        return int((data_dir / "postmaster.pid").read_text().splitlines()[3])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def port_drift(configured: int, conf: int | None, running: int | None) -> str | None:
+    """Why a cluster's port is not the config's (pure): it runs elsewhere, or its own
+    configuration names another port (`local up` moves a stopped cluster), or None."""
+    if running is not None and running != configured:
+        return (f"runs on port {running} but tenantctl.toml says {configured}: "
+                "`tenantctl local down`, then `tenantctl local up` moves it to "
+                f"{configured}")
+    if running is None and conf is not None and conf != configured:
+        return (f"is configured for port {conf} but tenantctl.toml says {configured}: "
+                f"`tenantctl local up` moves it to {configured}")
+    return None
+
+
+def port_problems(cfg: Config) -> list[str]:
+    """One line per local cluster whose port is not the config's, and a catalog DSN
+    that names a local cluster's old port."""
+    out = []
+    catalog_port = _catalog_port(cfg)
+    ports = {s.port for s in cfg.servers if s.data_dir is not None}
+    for server in cfg.servers:
+        if server.data_dir is None or server.port is None or \
+                not (server.data_dir / "PG_VERSION").exists():
+            continue
+        conf = conf_port(server.data_dir)
+        why = port_drift(server.port, conf, running_port(server.data_dir))
+        if why is not None:
+            out.append(f"{server.name} {why}")
+        if catalog_port is not None and catalog_port not in ports and \
+                catalog_port == conf:
+            out.append(f"catalog.dsn names port {catalog_port}, {server.name}'s old port: "
+                       f"set it to {server.port} as well")
+    return out
+
+
+def _move_port(cfg: Config, server: ServerConfig) -> str | None:
+    """A stopped cluster whose own configuration names another port than the
+    config's: it is moved to the config's port (postgresql.conf, and the admin's
+    password in the passfile under the new port). Returns what was done."""
+    assert server.data_dir is not None and server.port is not None
+    old = conf_port(server.data_dir)
+    if old is None or old == server.port:
+        return None
+    state = cfg.state_dir or server.data_dir.parent.parent
+    pgpass = state / "pgpass"
+    password = read_pgpass_password(pgpass, old, ADMIN_ROLE)
+    if password is not None and read_pgpass_password(pgpass, server.port, ADMIN_ROLE) is None:
+        ensure_pgpass_entry(pgpass, server.port, ADMIN_ROLE, password)
+    auto = server.data_dir / "postgresql.auto.conf"
+    if auto.exists() and _CONF_PORT.search(auto.read_text(errors="replace")):
+        raise ConfigError(f"{auto} sets port (ALTER SYSTEM): remove that line to let "
+                          f"tenantctl move {server.name} to {server.port}")
+    with (server.data_dir / "postgresql.conf").open("a") as f:  # the last one wins
+        f.write(f"\n# tenantctl local up: moved from port {old}\nport = {server.port}\n")
+    return f"{server.name}: moved from port {old} to {server.port} (tenantctl.toml)"
 
 
 def _log_tail(data_dir: Path) -> str:
@@ -465,7 +572,13 @@ def up(cfg: Config) -> Iterator[str]:
             _initdb(cfg, server, owner)
             yield f"{server.name}: initialised {server.data_dir}"
         started = _running_pid(server.data_dir) is None
+        listening = running_port(server.data_dir)
+        if listening is not None and listening != server.port:
+            raise ConfigError(f"{server.name} {port_drift(server.port or 0, None, listening)}")
         if started:
+            moved = _move_port(cfg, server)
+            if moved is not None:
+                yield moved
             if clear_stale_pidfile(server.data_dir):
                 yield f"{server.name}: removed stale postmaster.pid"
             _start(cfg, server, owner)
@@ -517,6 +630,12 @@ def status(cfg: Config) -> list[ClusterStatus]:
             detail = "stopped"
         else:
             detail = "running"
+        conf = conf_port(server.data_dir)
+        listening = running_port(server.data_dir)
+        if listening is not None and listening != server.port:
+            detail += f" on port {listening}, not the config's (`local down`, then `local up`)"
+        elif pid is None and conf is not None and conf != server.port:
+            detail += f" (its port is {conf}: `local up` moves it to the config's)"
         out.append(ClusterStatus(server.name, server.region, server.port, server.data_dir,
                                  pid is not None, pid, detail))
     return out

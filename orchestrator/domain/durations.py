@@ -1,6 +1,7 @@
 """Durations and times as an operator writes them: one grammar for every CLI option
 and config value that takes one (`access grant --ttl`, `migrate rollout
---lock-timeout/--statement-timeout`, `audit list --since`, the config's
+--lock-timeout/--statement-timeout`, `audit list --since`, `scheduler run
+--standby-poll/--interval-seconds` (where a bare number is seconds), the config's
 `tenants.statement_timeout` and `tenants.idle_in_transaction_session_timeout`).
 
     duration := digits [blanks] unit          e.g. 500ms, 90s, 5m, 5min, 2h, 7d, 1w
@@ -100,6 +101,21 @@ def parse_duration(text: str, what: str, *, at_most: timedelta | None = None,
     if value == timedelta.max:
         raise BadDuration(what, text, "is out of range")
     return value
+
+
+_SECONDS = re.compile(r"[0-9]{1,9}(\.[0-9]{1,6})?", re.ASCII)
+
+
+def parse_seconds(text: str, what: str, *, at_most: timedelta | None = None) -> float:
+    """A positive wait in seconds for an option named in seconds (`--standby-poll`,
+    `--interval-seconds`): a bare number is seconds (decimals allowed, as these
+    options always took), anything else the duration grammar (500ms, 90s, 5m)."""
+    value = timedelta(seconds=float(text.strip())) if _SECONDS.fullmatch(text.strip()) \
+        else parse_duration(text, what)
+    if value <= timedelta(0) or (at_most is not None and value > at_most):
+        bound = f" and at most {describe(at_most)}" if at_most is not None else ""
+        raise BadDuration(what, text, f"must be more than 0{bound}")
+    return value.total_seconds()
 
 
 def parse_pg_duration(text: str, what: str) -> str:

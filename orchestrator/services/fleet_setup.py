@@ -10,6 +10,7 @@ from orchestrator.adapters.catalog.db import Catalog
 from orchestrator.adapters.crypto import tenant_keys as keys
 from orchestrator.adapters.crypto.masterkey import load_master_key
 from orchestrator.adapters.postgres import fleet_identity
+from orchestrator.adapters.postgres.libpq import redact
 from orchestrator.config import Config
 from orchestrator.domain.errors import ServerUnavailable
 
@@ -56,4 +57,18 @@ def check_config(cfg: Config, actor: str | None = None) -> dict[str, Any]:
         r.name: {"backup_store": r.backup_store, "servers": [s.name for s in r.servers]}
         for r in cfg.regions.values()}, "master_key_id": key.key_id,
         "master_key": catalog_note, "mixed_master_keys": mixed,
-        "tenant_migrations": str(cfg.tenant_migrations)}
+        "tenant_migrations": str(cfg.tenant_migrations), **config_origin(cfg)}
+
+
+def config_origin(cfg: Config) -> dict[str, Any]:
+    """How the config was found and which keys the environment set, the values shown
+    without a secret (a DSN as user@host:port/db)."""
+    lookup = cfg.lookup
+    return {
+        "lookup": None if lookup is None else {
+            "source": lookup.source, "found_by": lookup.described, "path": str(lookup.path),
+            "tried": [str(p) for p in lookup.tried]},
+        "from_environment": [
+            {"variable": o.variable, "key": o.key,
+             "value": o.value if o.key == "master_key.file" else redact(o.value)}
+            for o in cfg.from_env]}

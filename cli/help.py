@@ -1,0 +1,134 @@
+"""Help text helpers: the `Examples:` epilog every command carries, and a typer fix
+so that flags show no value type in `--help`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def examples(*commands: str) -> str:
+    """An epilog listing example invocations, kept as written (``\\b`` stops click
+    from re-wrapping the paragraph)."""
+    return "\b\nExamples:\n" + "\n".join(f"  {c}" for c in commands)
+
+
+def flags_without_type() -> None:
+    """typer 0.29's rich help prints every option's value type, flags included
+    (`--yes <bool>`), though a flag takes no value. A flag's type column is left
+    empty; other options keep theirs. tests/test_help.py checks the result."""
+    try:
+        from typer.core import TyperOption
+    except ImportError:  # pragma: no cover - typer without it: nothing to fix
+        return
+    original = TyperOption.display_type_rich
+    if getattr(original, "flags_fixed", False):
+        return
+
+    def display_type_rich(self: TyperOption, ctx: object) -> str | None:
+        if self.is_flag and self.metavar is None:
+            return None
+        return original(self, ctx)  # type: ignore[arg-type]
+
+    display_type_rich.flags_fixed = True  # type: ignore[attr-defined]
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+def print_version(value: bool) -> None:
+    """`tenantctl --version`: the installed package's version (its metadata)."""
+    if not value:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    import typer
+
+    try:
+        found = version("tenantctl")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        found = "unknown (not installed)"
+    typer.echo(f"tenantctl {found}")
+    raise typer.Exit()
+
+
+# Every command's examples, by command path. A command may carry its own epilog
+# instead (epilog= on its decorator); tests/test_help.py requires one or the other.
+EXAMPLES: dict[str, tuple[str, ...]] = {
+    "doctor": ("tenantctl doctor", "tenantctl doctor --region eu-central --json",
+               "tenantctl doctor --fix"),
+    "init": ("tenantctl init --local",
+             "tenantctl init --local --base-port 56000 --no-start"),
+    "quickstart": ("tenantctl quickstart", "tenantctl quickstart --state-dir /tmp/fleet"),
+    "report": ("tenantctl report", "tenantctl report --html promises.html"),
+    "local up": ("tenantctl local up",),
+    "local down": ("tenantctl local down",),
+    "local status": ("tenantctl local status", "tenantctl local status --json"),
+    "catalog upgrade": ("tenantctl catalog upgrade",),
+    "config check": ("tenantctl config check",
+                     "TENANTCTL_CATALOG_DSN=postgresql://admin@db1/tenantctl_catalog "
+                     "tenantctl config check --json"),
+    "region list": ("tenantctl region list", "tenantctl region list --json"),
+    "tenant cancel": ("tenantctl tenant cancel acme", "tenantctl tenant cancel acme --yes"),
+    "tenant reactivate": ("tenantctl tenant reactivate acme",),
+    "tenant suspend": ("tenantctl tenant suspend acme",),
+    "tenant resume": ("tenantctl tenant resume acme",),
+    "tenant legal-hold": ("tenantctl tenant legal-hold acme --on --reason 'case 42'",
+                          "tenantctl tenant legal-hold acme --off --reason 'case closed'"),
+    "tenant erase": ("tenantctl tenant erase acme --reason 'GDPR request 1234'",),
+    "tenant export": ("tenantctl tenant export acme --format sql --output acme.sql",
+                      "tenantctl tenant export acme --format csv --output acme.zip"),
+    "tenant create": ("tenantctl tenant create acme --region eu-central",),
+    "tenant list": ("tenantctl tenant list", "tenantctl tenant list --region eu-central "
+                    "--state active --json"),
+    "tenant show": ("tenantctl tenant show acme", "tenantctl tenant show acme --json"),
+    "tenant credentials": ("tenantctl tenant credentials acme",
+                           "tenantctl tenant credentials acme --rotate",
+                           "tenantctl tenant credentials --rotate --all --kill-sessions"),
+    "tenant psql": ("tenantctl tenant psql acme", "tenantctl tenant psql acme -c 'select 1'"),
+    "template build": ("tenantctl template build",
+                       "tenantctl template build --server eu-central-1"),
+    "migrate status": ("tenantctl migrate status", "tenantctl migrate status --live --json"),
+    "migrate rollout": ("tenantctl migrate rollout --dry-run",
+                        "tenantctl migrate rollout --canary 2 --waves 1,10%,100%",
+                        "tenantctl migrate rollout --to 0005_reorder_level --region ap-south"),
+    "migrate tenant": ("tenantctl migrate tenant acme",
+                       "tenantctl migrate tenant acme --to 0004_order_status_idx --dry-run"),
+    "backup run": ("tenantctl backup run acme", "tenantctl backup run --due  # from cron",
+                   "tenantctl backup run --all --concurrency 8"),
+    "backup list": ("tenantctl backup list", "tenantctl backup list acme --json"),
+    "backup verify": ("tenantctl backup verify 42", "tenantctl backup verify --latest acme "
+                      "--restore-test", "tenantctl backup verify --all"),
+    "backup prune": ("tenantctl backup prune --dry-run", "tenantctl backup prune"),
+    "backup restore": ("tenantctl backup restore 42 --as acme-copy",
+                       "tenantctl backup restore 42 --in-place --yes"),
+    "backup key export": ("tenantctl backup key export acme --output acme.agekey",),
+    "keys generate": ("tenantctl keys generate /etc/tenantctl/master.key",),
+    "keys rotate-master": ("tenantctl keys rotate-master --new-key-file new-master.key",),
+    "retention run": ("tenantctl retention run --dry-run",
+                      "tenantctl retention run --only delete --only purge"),
+    "retention status": ("tenantctl retention status",
+                         "tenantctl retention status --now 2027-01-31T00:00:00Z --json"),
+    "audit list": ("tenantctl audit list --since yesterday",
+                   "tenantctl audit list --tenant acme --since 7d --action tenant.",
+                   "tenantctl audit list --since 2026-12-01 --json"),
+    "scheduler run": ("tenantctl scheduler run --metrics-port 9187",
+                      "tenantctl scheduler run --jobs backups,retention"),
+    "access grant": ("tenantctl access grant acme --to alice@example.com --ttl 2h "
+                     "--reason 'TICKET-123'",),
+    "access list": ("tenantctl access list", "tenantctl access list --all --json"),
+    "access revoke": ("tenantctl access revoke 7", "tenantctl access revoke --all"),
+    "breach drill": ("tenantctl breach drill --new-key-file new-master.key",),
+}
+
+
+def add_examples(app: object) -> None:
+    """Give each registered command of ``app`` (typer.Typer) its `Examples:` epilog
+    from EXAMPLES, unless it has an epilog already."""
+    def walk(typer_app: Any, prefix: str) -> None:
+        for info in typer_app.registered_commands:
+            name = info.name or info.callback.__name__.lower().replace("_", "-")
+            path = f"{prefix}{name}"
+            if info.epilog is None and path in EXAMPLES:
+                info.epilog = examples(*EXAMPLES[path])
+        for group in typer_app.registered_groups:
+            walk(group.typer_instance, f"{prefix}{group.name} ")
+
+    walk(app, "")
