@@ -12,6 +12,7 @@ from cli import logs
 from cli.common import open_fleet, open_reads
 from cli.complete import SlugArg, complete_regions, complete_revisions
 from cli.confirm import YesOpt, confirm
+from cli.help import examples
 from cli.output import (
     FormatOpt,
     console,
@@ -346,6 +347,8 @@ def history(as_json: JsonOpt = False) -> None:
 
 
 rollouts_app = typer.Typer(invoke_without_command=True,
+                           epilog=examples("tenantctl migrate rollouts",
+                                           "tenantctl migrate rollouts --limit 5 --json"),
                            help="Past rollouts, from the catalog (newest first); "
                            "`show ID` for one rollout's tenants.")
 migrate_app.add_typer(rollouts_app, name="rollouts")
