@@ -134,7 +134,8 @@ def test_kill_mid_s3_upload_leaves_no_orphan_upload(test_fleet: PgFleet, tmp_pat
     url = f"s3://{bucket}/tenantctl?endpoint_url={moto_endpoint}&region=eu-central-1"
     eu_store = f'file://{test_fleet.state_dir / "backups" / "eu-central"}'
     cfg_path = tmp_path / "s3.toml"
-    cfg_path.write_text(test_fleet.config_path.read_text().replace(eu_store, url, 1))
+    cfg_path.write_text(test_fleet.config_path.read_text().replace(eu_store, url, 1)
+                        + '\n[backups]\ns3_part_size = "5MiB"\n')
     store = open_store(url)
     store.client.create_bucket(  # type: ignore[attr-defined]
         Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": "eu-central-1"})
@@ -142,7 +143,7 @@ def test_kill_mid_s3_upload_leaves_no_orphan_upload(test_fleet: PgFleet, tmp_pat
     try:
         _tenant_with_data(fleet, slug, "eu-central")
         with connect_as(fleet.credentials(slug), autocommit=True) as conn:
-            # ~25 MB of poorly compressible text: the dump spans several 8 MiB parts
+            # ~25 MB of poorly compressible text: the dump spans several 5 MiB parts
             conn.execute("INSERT INTO customers (email, name) SELECT md5(g::text) || '@x.test',"
                          " md5(random()::text) || md5(random()::text) || md5(random()::text)"
                          " FROM generate_series(1, 200000) g")
