@@ -44,6 +44,7 @@ Prints one JSON object. MB here means MiB (2**20 bytes).
 from __future__ import annotations
 
 import argparse
+import logging
 import json
 import os
 import shutil
@@ -308,6 +309,7 @@ def s3_configs(cfg: Config, state: Path, part_size: str, concurrency: int
 
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
                       AWS_DEFAULT_REGION="eu-central-1")  # the children inherit them
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # a line per request otherwise
     port = localfleet.free_ports(1, start=58700)[0]
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
