@@ -260,7 +260,8 @@ def test_restore_of_tampered_backup_creates_nothing(fleet: Fleet, test_fleet: Pg
                     reason="the stock `age` tool is not installed (.ci/run installs it)")
 def test_stock_age_tool_and_pg_restore_read_a_backup(fleet: Fleet, test_fleet: PgFleet,
                                                      slug: str, tmp_path: Path) -> None:
-    """The break-glass runbook: export the identity, then age -d | pg_restore."""
+    """The break-glass runbook: export the identity, download the object (still
+    encrypted), then age -d | pg_restore."""
     import subprocess
 
     from orchestrator.adapters.postgres.pgtools import pg_tool
@@ -274,7 +275,11 @@ def test_stock_age_tool_and_pg_restore_read_a_backup(fleet: Fleet, test_fleet: P
     key_file = tmp_path / "key.txt"
     key_file.write_text(identity + "\n")
     key_file.chmod(0o600)
-    age = subprocess.run(["age", "-d", "-i", str(key_file), str(_object_path(fleet, row))],
+    downloaded = tmp_path / "backup.dump.age"
+    got = run_cli(test_fleet, "backup", "download", str(row.id), "--output", str(downloaded))
+    assert got.returncode == 0, got.stderr
+    assert downloaded.read_bytes() == _object_path(fleet, row).read_bytes()
+    age = subprocess.run(["age", "-d", "-i", str(key_file), str(downloaded)],
                          capture_output=True, check=True)
     listing = subprocess.run([pg_tool(fleet.cfg, "pg_restore"), "--list"], input=age.stdout,
                              capture_output=True, check=True)
