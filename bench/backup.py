@@ -44,8 +44,8 @@ Prints one JSON object. MB here means MiB (2**20 bytes).
 from __future__ import annotations
 
 import argparse
-import logging
 import json
+import logging
 import os
 import shutil
 import statistics
