@@ -189,7 +189,7 @@ def download(
     from pathlib import Path
 
     from backups import service as pipeline
-    from orchestrator.domain.errors import Conflict, InvalidInput
+    from orchestrator.domain.errors import Conflict, InvalidInput, TenantctlError
 
     if output == "-":
         if as_json:
@@ -200,6 +200,12 @@ def download(
         fleet = open_fleet()
         try:
             pipeline.download_backup(fleet, backup_id, sys.stdout.buffer)
+        except BrokenPipeError:
+            # the reader went away (`| head`): say so once, and let nothing flush
+            # into the closed pipe at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise TenantctlError("stdout was closed before the whole backup was "
+                                 "written") from None
         finally:
             fleet.close()
         return

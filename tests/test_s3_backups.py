@@ -244,3 +244,19 @@ def test_one_backup_shows_bytes_and_throughput_on_a_terminal_only(
     piped = run_cli(test_fleet, "backup", "run", slug)
     assert piped.returncode == 0, piped.stderr
     assert "/s" not in piped.stderr and "\x1b" not in piped.stderr  # no bar, no escapes
+
+
+def test_download_into_a_pipe_closed_early_is_one_line(fleet: Fleet, test_fleet: PgFleet,
+                                                       slug: str) -> None:
+    fleet.provision(slug, "ap-south")
+    _fill(fleet, slug, 20_000)
+    row = pipeline.get_backup(fleet, pipeline.run_backup(fleet, slug).id)
+    assert row.size is not None and row.size > 1 << 20  # more than a pipe holds
+    proc = subprocess.run(
+        f"{' '.join(TENANTCTL)} --config {test_fleet.config_path} backup download {row.id} "
+        "--output - | head -c 10 > /dev/null; echo \"${PIPESTATUS[0]}\" >&2",
+        shell=True, executable="/bin/bash", capture_output=True, text=True, cwd=REPO,
+        timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1] == str(int(ExitCode.FAILED)), proc.stderr
+    assert lines[:-1] == ["error: stdout was closed before the whole backup was written"]
