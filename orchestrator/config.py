@@ -107,7 +107,7 @@ class S3UploadConfig:
     (memory is about part_size x (max_concurrency + 2)), and the storage class and
     server-side encryption every object is written with."""
 
-    part_size: int = 16 * MIB
+    part_size: int = 8 * MIB
     max_concurrency: int = 4
     storage_class: str | None = None
     sse: str | None = None
