@@ -217,27 +217,28 @@ def download(
     # written beside the target and renamed into place once checked: a failed or
     # interrupted download leaves no file that looks like a backup
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except OSError as exc:
-        raise InvalidInput(f"cannot create {path}: {exc.strerror}") from None
     fleet = open_fleet()
     try:
-        with os.fdopen(fd, "wb") as out:
-            report = pipeline.download_backup(fleet, backup_id, out)
-            os.fsync(out.fileno())
-        if force:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)  # fails if the file appeared meanwhile: no overwrite
-            except FileExistsError:
-                raise Conflict(f"{path} already exists; --force replaces it") from None
-            tmp.unlink()
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as exc:
+            raise InvalidInput(f"cannot create {path}: {exc.strerror}") from None
+        try:
+            with os.fdopen(fd, "wb") as out:
+                report = pipeline.download_backup(fleet, backup_id, out)
+                os.fsync(out.fileno())
+            if force:
+                os.replace(tmp, path)
+            else:
+                try:
+                    os.link(tmp, path)  # fails if the file appeared meanwhile
+                except FileExistsError:
+                    raise Conflict(f"{path} already exists; --force replaces it") from None
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
     finally:
         fleet.close()
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
     if as_json:
         print_json({**report, "output": str(path)})
     else:

@@ -185,6 +185,10 @@ def test_download_to_stdout_or_a_new_file(fleet: Fleet, test_fleet: PgFleet, slu
     missing = run_cli(test_fleet, "backup", "download", "999999999", "--output",
                       str(tmp_path / "x.age"))
     assert missing.returncode == ExitCode.NOT_FOUND and not (tmp_path / "x.age").exists()
+    nowhere = run_cli(test_fleet, "backup", "download", str(row.id), "--output",
+                      str(tmp_path / "no-such-dir" / "x.age"))
+    assert nowhere.returncode == ExitCode.INVALID and "cannot create" in nowhere.stderr
+    assert len(nowhere.stderr.strip().splitlines()) == 1
     assert [p.name for p in tmp_path.iterdir()] == ["copy.age"]
 
 
