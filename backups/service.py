@@ -20,6 +20,7 @@ import os
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -76,12 +77,15 @@ libpq_env = pgserver.libpq_env  # re-exported: restores use it too
 
 
 class _Hashing(io.RawIOBase):
-    """Passes writes through to an object writer, counting and hashing them."""
+    """Passes writes through to an object writer, counting and hashing them (and
+    telling ``progress`` the count)."""
 
-    def __init__(self, target: ObjectWriter) -> None:
+    def __init__(self, target: ObjectWriter,
+                 progress: Callable[[int], None] | None = None) -> None:
         self.target = target
         self.sha = hashlib.sha256()
         self.size = 0
+        self.progress = progress
 
     def writable(self) -> bool:
         return True
@@ -90,6 +94,8 @@ class _Hashing(io.RawIOBase):
         self.sha.update(b)
         self.size += len(b)
         self.target.write(b)
+        if self.progress is not None:
+            self.progress(self.size)
         checkpoint("backup.chunk")  # crash tests: die mid-upload
         return len(b)
 
@@ -137,15 +143,17 @@ def _tool_version(tool: str) -> str:
 
 
 def _store_for(fleet: Deps, region: str) -> ObjectStore:
-    return open_store(fleet.cfg.region(region).backup_store)
+    return open_store(fleet.cfg.region(region).backup_store, fleet.cfg.s3)
 
 
 def run_backup(fleet: Deps, slug: str, *, kind: str = "manual",
-               now: datetime | None = None) -> BackupResult:
+               now: datetime | None = None,
+               progress: Callable[[int], None] | None = None) -> BackupResult:
     """Dump, encrypt and upload one tenant; the manifest goes last, then the catalog
     row becomes completed. On any failure the partial object is aborted and the
     row says failed, with the reason. ``now`` (a retention run's) stamps every
-    time it writes; without it the clock is read as each step happens."""
+    time it writes; without it the clock is read as each step happens.
+    ``progress`` is called with the bytes streamed to the store so far."""
     tenant = fleet.get_tenant(slug)
     if tenant.state not in HAS_DATABASE:
         raise Conflict(f"tenant {slug!r} is {tenant.state}: nothing to back up")
@@ -175,7 +183,8 @@ def run_backup(fleet: Deps, slug: str, *, kind: str = "manual",
     # free belongs to a dead process (see reap_dead).
     with fleet.catalog.advisory_lock(_alive(backup_id), wait=True):
         return _run_locked(fleet, tenant, backup_id, dsn, pg_dump, dump_version, recipient,
-                           key_id, store, object_key, manifest_key, started, kind, now)
+                           key_id, store, object_key, manifest_key, started, kind, now,
+                           progress)
 
 
 def hold_large_objects(fleet: Deps, slug: str) -> None:
@@ -203,7 +212,8 @@ def _alive(backup_id: int) -> str:
 def _run_locked(fleet: Deps, tenant: Any, backup_id: int, dsn: str, pg_dump: str,
                 dump_version: str, recipient: str, key_id: str, store: ObjectStore,
                 object_key: str, manifest_key: str, started: datetime, kind: str,
-                now: datetime | None) -> BackupResult:
+                now: datetime | None, progress: Callable[[int], None] | None = None
+                ) -> BackupResult:
     slug = tenant.slug
     try:
         with fleet.server_connection(tenant.server) as conn:
@@ -218,8 +228,13 @@ def _run_locked(fleet: Deps, tenant: Any, backup_id: int, dsn: str, pg_dump: str
             snapshot_id = str(snap.execute("SELECT pg_export_snapshot()").fetchone()[0])  # type: ignore[index]
             row_counts = table_row_counts(snap)
             large_objects = large_objects_digest(snap)
+            # an upper bound of the dump's size in practice (compressed, no indexes):
+            # an S3 upload sizes its parts from it
+            db_size = int(snap.execute("SELECT pg_database_size(current_database())"
+                                       ).fetchone()[0])  # type: ignore[index]
             size, sha = dump_encrypt_upload(pg_dump, dsn, snapshot_id, recipient, store,
-                                             object_key, lock_wait=wait)
+                                             object_key, lock_wait=wait,
+                                             expected_size=db_size, progress=progress)
         checkpoint("backup.uploaded")
         finished = now or clock.utcnow()
         manifest = {
@@ -303,21 +318,24 @@ def large_objects_digest(conn: psycopg.Connection) -> dict[str, Any]:
 
 
 def dump_encrypt_upload(pg_dump: str, dsn: str, snapshot_id: str | None, recipient: str,
-                        store: ObjectStore, object_key: str, *, lock_wait: str | None = None
-                        ) -> tuple[int, str]:
+                        store: ObjectStore, object_key: str, *, lock_wait: str | None = None,
+                        expected_size: int | None = None,
+                        progress: Callable[[int], None] | None = None) -> tuple[int, str]:
     """pg_dump → age (to ``recipient``) → the store, streamed; (size, sha256) of the
     encrypted object, committed only once pg_dump has succeeded. ``lock_wait``
-    bounds pg_dump's wait for its table locks (a Postgres duration)."""
+    bounds pg_dump's wait for its table locks (a Postgres duration);
+    ``expected_size`` is a rough size of the object, if known."""
     argv = [pg_dump, "--format=custom", compression_arg(pg_dump), "--no-owner", "--no-acl"]
     if lock_wait is not None:
         argv.append(f"--lock-wait-timeout={lock_wait}")
     if snapshot_id is not None:
         argv.append(f"--snapshot={snapshot_id}")
-    with tempfile.TemporaryFile() as errors, store.writer(object_key) as writer:
+    with tempfile.TemporaryFile() as errors, \
+            store.writer(object_key, expected_size=expected_size) as writer:
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=errors,
                                 env=libpq_env(dsn))
         assert proc.stdout is not None
-        sink = _Hashing(writer)
+        sink = _Hashing(writer, progress)
         try:
             pyrage.encrypt_io(io.BufferedReader(proc.stdout, CHUNK),  # type: ignore[type-var,arg-type]
                               sink,  # type: ignore[arg-type]
@@ -384,6 +402,29 @@ def check_restorable(fleet: Deps, row: Backup) -> tuple[ObjectStore, dict[str, A
             raise BackupError(f"backup {row.id}: manifest {field} is "
                               f"{manifest.get(field)!r}, catalog says {expected!r}")
     return store, manifest
+
+
+def download_backup(fleet: Deps, backup_id: int, sink: BinaryIO) -> dict[str, Any]:
+    """Copy a backup's object, still encrypted, into ``sink`` (break-glass: the stock
+    `age` decrypts it with the tenant's exported key). Only a backup offered for
+    restore (completed, its manifest agreeing with the catalog); the bytes are
+    counted and hashed on the way and must match the manifest's size and sha256,
+    else BackupError (the caller discards what it wrote). Audited."""
+    row = get_backup(fleet, backup_id)
+    store, manifest = check_restorable(fleet, row)
+    with store.reader(row.object_key) as raw:
+        source = _HashingReader(raw)
+        while chunk := source.read(CHUNK):
+            sink.write(chunk)
+    sink.flush()
+    for field, actual in (("size", source.size), ("sha256", source.sha.hexdigest())):
+        expected = manifest.get(field)
+        if expected is not None and expected != actual:
+            raise BackupError(f"backup {row.id}: downloaded {field} {actual} differs from "
+                              f"the manifest's {expected}: not the object that was written")
+    fleet.catalog.audit("backup.download", tenant=row.slug, region=row.region, backup=row.id)
+    return {"id": row.id, "tenant": row.slug, "object": row.object_key, "size": source.size,
+            "sha256": source.sha.hexdigest(), "key_id": row.key_id}
 
 
 class _UntilClosed(io.RawIOBase):

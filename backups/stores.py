@@ -13,8 +13,10 @@ import contextlib
 import io
 import os
 import re
+import threading
 import uuid
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -24,6 +26,7 @@ from typing import Any, BinaryIO
 from urllib.parse import parse_qs, urlparse
 
 from orchestrator.adapters.faults import checkpoint
+from orchestrator.config import MIB, S3_MAX_PART_SIZE, S3UploadConfig
 from orchestrator.domain.errors import ConfigError, ExitCode, TenantctlError, first_line
 
 
@@ -80,7 +83,9 @@ class ObjectStore(ABC):
     url: str
 
     @abstractmethod
-    def writer(self, key: str) -> ObjectWriter: ...
+    def writer(self, key: str, expected_size: int | None = None) -> ObjectWriter:
+        """``expected_size``: about how big the object will be, if known (an S3
+        upload picks its part size from it)."""
 
     @abstractmethod
     def reader(self, key: str) -> BinaryIO: ...
@@ -188,7 +193,7 @@ class FileStore(ObjectStore):
     def _path(self, key: str) -> Path:
         return self.root / _check_key(key)
 
-    def writer(self, key: str) -> ObjectWriter:
+    def writer(self, key: str, expected_size: int | None = None) -> ObjectWriter:
         try:
             return _FileWriter(self._path(key), f"{self.url}: {key}")
         except OSError as exc:
@@ -249,71 +254,185 @@ class FileStore(ObjectStore):
 
 # -- s3:// ------------------------------------------------------------------------------
 
-PART_SIZE = 8 * 1024 * 1024  # S3's minimum is 5 MiB for all parts but the last
+MAX_PARTS = 10_000  # S3's limit per multipart upload
+# the share of MAX_PARTS a dump of the expected size may use: the estimate (the
+# database's size) is rough, and an upload that reaches part 10,001 fails
+_PARTS_BUDGET = 9_000
+
+
+def part_size_for(configured: int, expected_size: int | None) -> int:
+    """The part size of an upload: the configured one, raised (to a whole MiB, at
+    most S3's 5 GiB) when an object of ``expected_size`` bytes would need more than
+    _PARTS_BUDGET parts of it."""
+    if not expected_size:
+        return configured
+    needed = -(-expected_size // _PARTS_BUDGET)
+    needed = -(-needed // MIB) * MIB
+    return min(max(configured, needed), S3_MAX_PART_SIZE)
+
+
+class _Pipe(io.RawIOBase):
+    """A bounded, thread-safe byte pipe: the writer pushes what pg_dump | age
+    produces, the transfer manager's submission thread reads it part by part
+    (``read(n)`` blocks for n bytes or the end, as a file would: a short read
+    would make a short part). At most ``limit`` bytes wait in it."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.chunks: deque[bytes] = deque()
+        self.buffered = 0
+        self.cond = threading.Condition()
+        self.eof = False
+        self.broken = False  # the reader is gone (the transfer ended) or abort()
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def put(self, data: bytes) -> bool:
+        """False when nobody will read it any more."""
+        with self.cond:
+            while self.buffered >= self.limit and not self.broken:
+                self.cond.wait()
+            if self.broken:
+                return False
+            self.chunks.append(data)
+            self.buffered += len(data)
+            self.cond.notify_all()
+            return True
+
+    def finish(self) -> None:
+        with self.cond:
+            self.eof = True
+            self.cond.notify_all()
+
+    def break_(self) -> None:
+        with self.cond:
+            self.broken = True
+            self.chunks.clear()
+            self.buffered = 0
+            self.cond.notify_all()
+
+    def read(self, n: int | None = -1) -> bytes:
+        want = n if n is not None and n >= 0 else 1 << 62
+        out: list[bytes] = []
+        got = 0
+        with self.cond:
+            while got < want:
+                while not self.chunks and not self.eof and not self.broken:
+                    self.cond.wait()
+                if self.broken:  # never a short object: the upload fails instead
+                    raise StoreError("upload aborted")
+                if not self.chunks:
+                    break  # the end
+                chunk = self.chunks.popleft()
+                if len(chunk) > want - got:
+                    self.chunks.appendleft(chunk[want - got:])
+                    chunk = chunk[:want - got]
+                out.append(chunk)
+                got += len(chunk)
+                self.buffered -= len(chunk)
+                self.cond.notify_all()
+        return b"".join(out)
+
+    def readinto(self, b: Any) -> int:
+        data = self.read(len(b))
+        b[:len(data)] = data
+        return len(data)
+
+
+class _EndsPipe:
+    """An s3transfer subscriber (duck-typed: only ``on_done`` is looked up): when the
+    transfer ends, a writer waiting for room in the pipe learns it."""
+
+    def __init__(self, pipe: _Pipe) -> None:
+        self.pipe = pipe
+
+    def on_done(self, future: Any, **kwargs: Any) -> None:
+        self.pipe.break_()
 
 
 class _S3Writer(ObjectWriter):
-    def __init__(self, store: S3Store, key: str) -> None:
+    """Streams into boto3's managed transfer (s3transfer): parts of ``part_size``,
+    up to ``max_concurrency`` of them uploading at once while the next is read.
+    Memory: about part_size x (max_concurrency + 2), whatever the object's size.
+    An upload that fails or is aborted is aborted on S3 (s3transfer's own cleanup,
+    then a sweep of the key's open uploads)."""
+
+    def __init__(self, store: S3Store, key: str, part_size: int) -> None:
+        # start-up: boto3 only for an s3:// store, once it uploads
+        from boto3.s3.transfer import TransferConfig, create_transfer_manager
+
         self.store, self.key = store, key
-        self.buf = bytearray()
-        self.upload_id: str | None = None
-        self.parts: list[dict[str, Any]] = []
+        concurrency = store.upload.max_concurrency
+        config = TransferConfig(multipart_threshold=part_size, multipart_chunksize=part_size,
+                                max_concurrency=concurrency, use_threads=True,
+                                preferred_transfer_client="classic")
+        # parts read and not yet sent: bounds the memory (s3transfer's default is 10)
+        config.max_in_memory_upload_chunks = concurrency
+        self.pipe = _Pipe(limit=min(part_size, 4 * MIB))
+        self.manager = create_transfer_manager(store.client, config)
+        self.future = self.manager.upload(self.pipe, store.bucket, key,
+                                          extra_args=store.extra_args(),
+                                          subscribers=[_EndsPipe(self.pipe)])
         self.done = False
 
-    def write(self, b: Any) -> int:
-        self.buf += b
-        while len(self.buf) >= PART_SIZE:
-            self._flush_part(bytes(self.buf[:PART_SIZE]))
-            del self.buf[:PART_SIZE]
-        return len(b)
-
-    def _flush_part(self, data: bytes) -> None:
-        s3 = self.store.client
-        if self.upload_id is None:
-            self.upload_id = s3.create_multipart_upload(
-                Bucket=self.store.bucket, Key=self.key)["UploadId"]
-        number = len(self.parts) + 1
+    def _failure(self) -> BaseException:
+        """What ended the transfer, as it should reach the caller: our own errors
+        (an injected fault) as they are, the rest as a StoreError."""
         try:
-            resp = s3.upload_part(Bucket=self.store.bucket, Key=self.key, PartNumber=number,
-                                  UploadId=self.upload_id, Body=data)
-        except Exception as exc:
+            self.future.result()
+        except TenantctlError as exc:
+            return exc
+        except Exception as exc:  # noqa: BLE001 - boto's and s3transfer's, whatever they are
             self.error = self.store.error(f"upload of {self.key} failed", exc)
-            raise self.error from None
-        self.parts.append({"PartNumber": number, "ETag": resp["ETag"]})
-        checkpoint("s3.part")  # crash tests: die with a multipart upload open
+            return self.error
+        self.error = StoreError(f"{self.store.url}: upload of {self.key} ended early")
+        return self.error
+
+    def write(self, b: Any) -> int:
+        data = bytes(b)  # a copy: the caller may reuse its buffer
+        if not self.pipe.put(data):
+            failure = self._failure()
+            self.abort()
+            raise failure
+        return len(data)
 
     def commit(self) -> None:
-        s3 = self.store.client
+        self.pipe.finish()
         try:
-            if self.upload_id is None:  # small object: one PUT
-                s3.put_object(Bucket=self.store.bucket, Key=self.key, Body=bytes(self.buf))
-            else:
-                if self.buf:
-                    self._flush_part(bytes(self.buf))
-                s3.complete_multipart_upload(
-                    Bucket=self.store.bucket, Key=self.key, UploadId=self.upload_id,
-                    MultipartUpload={"Parts": self.parts})
-        except Exception as exc:
+            self.future.result()
+        except Exception:
+            failure = self._failure()
             self.abort()
-            raise self.store.error(f"upload of {self.key} failed", exc) from None
-        self.buf.clear()
+            raise failure from None
+        self.manager.shutdown()
         self.done = True
 
     def abort(self) -> None:
-        self.buf.clear()
-        if self.upload_id is not None and not self.done:
-            try:
-                self.store.client.abort_multipart_upload(
-                    Bucket=self.store.bucket, Key=self.key, UploadId=self.upload_id)
-            finally:
-                self.upload_id = None
+        if self.done:
+            return
+        self.done = True
+        self.future.cancel()
+        self.pipe.break_()
+        with contextlib.suppress(Exception):
+            self.future.result()
+        self.manager.shutdown()
+        # s3transfer aborts the multipart upload it began, but only logs a failure
+        # to: sweep the key, so an abort leaves no open upload behind
+        with contextlib.suppress(Exception):
+            self.store.abort_uploads(self.key, full=True)
 
 
 class S3Store(ObjectStore):
     """``s3://bucket/prefix[?endpoint_url=…&region=…]``; credentials come from the
-    usual AWS chain (environment, profile, instance role), never the URL."""
+    usual AWS chain (environment, profile, instance role), never the URL. How it
+    uploads (part size, parallel parts, storage class, encryption) is the
+    config's [backups] s3_* (``upload``)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, upload: S3UploadConfig | None = None) -> None:
         parsed = urlparse(url)
         if not parsed.netloc:
             raise ConfigError(f"{url}: an s3:// store needs a bucket")
@@ -326,6 +445,8 @@ class S3Store(ObjectStore):
             raise ConfigError(f"{url}: unknown option(s) {', '.join(sorted(unknown))}")
         self.endpoint_url = query.get("endpoint_url")
         self.region = query.get("region")
+        self.upload = upload or S3UploadConfig()
+        self.page_size: int | None = None  # listings: S3's own (1000) unless set
         self._client: Any = None
 
     @property
@@ -338,18 +459,49 @@ class S3Store(ObjectStore):
             self._client = boto3.client(
                 "s3", endpoint_url=self.endpoint_url, region_name=self.region,
                 config=BotoConfig(retries={"max_attempts": 8, "mode": "standard"},
-                                  connect_timeout=10, read_timeout=60))
+                                  connect_timeout=10, read_timeout=60,
+                                  # the parallel parts each need a connection
+                                  max_pool_connections=max(10, self.upload.max_concurrency
+                                                           + 2)))
+            # crash tests: die with a multipart upload open (after a part is stored)
+            self._client.meta.events.register("after-call.s3.UploadPart", _part_stored)
         return self._client
 
     def error(self, what: str, exc: BaseException) -> StoreError:
         return StoreError(f"{self.url}: {what}: {first_line(exc)}")
 
+    def extra_args(self) -> dict[str, str]:
+        """The storage class and server-side encryption of every object written."""
+        args = {}
+        if self.upload.storage_class:
+            args["StorageClass"] = self.upload.storage_class
+        if self.upload.sse:
+            args["ServerSideEncryption"] = self.upload.sse
+        if self.upload.sse_kms_key_id:
+            args["SSEKMSKeyId"] = self.upload.sse_kms_key_id
+        return args
+
     def _key(self, key: str) -> str:
         _check_key(key)
         return f"{self.prefix}/{key}" if self.prefix else key
 
-    def writer(self, key: str) -> ObjectWriter:
-        return _S3Writer(self, self._key(key))
+    def _pages(self, operation: str, **kwargs: Any) -> Iterator[dict[str, Any]]:
+        paging = {"PageSize": self.page_size} if self.page_size else {}
+        return self.client.get_paginator(operation).paginate(  # type: ignore[no-any-return]
+            Bucket=self.bucket, PaginationConfig=paging, **kwargs)
+
+    def writer(self, key: str, expected_size: int | None = None) -> ObjectWriter:
+        return _S3Writer(self, self._key(key),
+                         part_size_for(self.upload.part_size, expected_size))
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        """A small object (a manifest): one PUT."""
+        full = self._key(key)
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=full, Body=data,
+                                   **self.extra_args())
+        except Exception as exc:
+            raise self.error(f"upload of {full} failed", exc) from None
 
     def reader(self, key: str) -> BinaryIO:
         try:
@@ -370,9 +522,7 @@ class S3Store(ObjectStore):
     def objects(self, prefix: str = "") -> Iterator[ObjectInfo]:
         strip = f"{self.prefix}/" if self.prefix else ""
         try:
-            pages = self.client.get_paginator("list_objects_v2").paginate(
-                Bucket=self.bucket, Prefix=strip + prefix)
-            for page in pages:
+            for page in self._pages("list_objects_v2", Prefix=strip + prefix):
                 for obj in page.get("Contents", []):
                     yield ObjectInfo(obj["Key"][len(strip):], int(obj["Size"]))
         except StoreError:
@@ -380,25 +530,32 @@ class S3Store(ObjectStore):
         except Exception as exc:
             raise self.error("cannot list objects", exc) from None
 
-    def abort_uploads(self, key: str) -> int:
-        """Abort multipart uploads of ``key`` left by a process that died."""
-        full = self._key(key)
-        resp = self.client.list_multipart_uploads(Bucket=self.bucket, Prefix=full)
+    def _uploads(self, prefix: str) -> Iterator[dict[str, Any]]:
+        """Open multipart uploads under ``prefix`` (a full key prefix), every page."""
+        try:
+            for page in self._pages("list_multipart_uploads", Prefix=prefix):
+                yield from page.get("Uploads", [])
+        except Exception as exc:
+            raise self.error("cannot list uploads", exc) from None
+
+    def abort_uploads(self, key: str, *, full: bool = False) -> int:
+        """Abort multipart uploads of ``key`` left by a process that died
+        (``full``: ``key`` has the store's prefix already)."""
+        full_key = key if full else self._key(key)
         n = 0
-        for u in resp.get("Uploads", []):
-            if u["Key"] == full:
-                self.client.abort_multipart_upload(Bucket=self.bucket, Key=full,
-                                                   UploadId=u["UploadId"])
+        for u in list(self._uploads(full_key)):
+            if u["Key"] == full_key:
+                try:
+                    self.client.abort_multipart_upload(Bucket=self.bucket, Key=full_key,
+                                                       UploadId=u["UploadId"])
+                except Exception as exc:
+                    raise self.error(f"cannot abort the upload of {key}", exc) from None
                 n += 1
         return n
 
     def unfinished(self) -> Iterator[Unfinished]:
         strip = f"{self.prefix}/" if self.prefix else ""
-        try:
-            resp = self.client.list_multipart_uploads(Bucket=self.bucket, Prefix=strip)
-        except Exception as exc:
-            raise self.error("cannot list uploads", exc) from None
-        for u in resp.get("Uploads", []):
+        for u in self._uploads(strip):
             yield Unfinished(u["Key"][len(strip):], u["Key"][len(strip):], u["Initiated"])
 
     def discard_unfinished(self, name: str) -> None:
@@ -406,14 +563,19 @@ class S3Store(ObjectStore):
 
     def pending_uploads(self) -> list[str]:
         """Multipart uploads begun and neither completed nor aborted (should be none)."""
-        resp = self.client.list_multipart_uploads(Bucket=self.bucket)
-        return [u["Key"] for u in resp.get("Uploads", [])]
+        return [u["Key"] for u in self._uploads("")]
 
 
-def open_store(url: str) -> ObjectStore:
+def _part_stored(**_: Any) -> None:
+    checkpoint("s3.part")
+
+
+def open_store(url: str, upload: S3UploadConfig | None = None) -> ObjectStore:
+    """The store at ``url``; ``upload`` (the config's [backups] s3_*) says how an
+    s3:// store writes (its defaults otherwise: enough to list, read and delete)."""
     parsed = urlparse(url)
     if parsed.scheme == "file":
         return FileStore(url, Path(parsed.path))
     if parsed.scheme == "s3":
-        return S3Store(url)
+        return S3Store(url, upload)
     raise ConfigError(f"{url}: unsupported backup store (use file:// or s3://)")

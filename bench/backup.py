@@ -3,6 +3,8 @@ process, and `backup run --all` over many small tenants.
 
     python bench/backup.py [--size-gb 1.0] [--repeats 3] [--small-tenants 500]
                            [--concurrency 1,8] [--data-dir /tmp] [--keep]
+                           [--s3-part-size 8MiB] [--s3-max-concurrency 4]
+                           [--no-s3] [--no-restore]
 
 On one fresh embedded cluster (one region):
 - `backup run --all --json` over `--small-tenants` freshly provisioned tenants,
@@ -15,7 +17,13 @@ On one fresh embedded cluster (one region):
 - backup: the literal limit, `pg_dump --format=custom <the pipeline's own
   compression> --no-owner --no-acl > /dev/null`, against the pipeline as an
   operator runs it, `tenantctl backup run big --json` (dump → age → store,
-  manifest, catalog), alternately `--repeats` times each. Throughput is
+  manifest, catalog), alternately `--repeats` times each; and, in the same
+  loop, the same command with the region's store on S3 (moto's HTTP server in
+  this process, as the tests use it), once with `--s3-max-concurrency` parallel
+  parts of `--s3-part-size` and once with one part at a time. The S3 path's
+  ratio to raw pg_dump is set against the file store path's ratio from the same
+  run (the acceptance: S3 with parallel parts no slower than the file store).
+  Throughput is
   pg_database_size per wall second; the peak RSS is the VmHWM of the tenantctl
   process (sampled from /proc every 20 ms) and, separately, of its pg_dump;
 - restore: `pg_restore --no-owner --no-acl --single-transaction --exit-on-error`
@@ -37,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import statistics
@@ -289,7 +298,61 @@ def summary(seconds: list[float], size: int) -> dict[str, object]:
             "median_mb_per_s": round(size / MB / statistics.median(seconds), 1)}
 
 
-def bench_backup(cfg: Config, size: int, repeats: int) -> tuple[dict[str, object], int]:
+def s3_configs(cfg: Config, state: Path, part_size: str, concurrency: int
+               ) -> tuple[Any, dict[str, Path]]:
+    """moto's S3 server (in this process, as the tests run it) and configs whose
+    region store is a bucket there: parallel parts, and one part at a time."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from orchestrator.devfleet import localfleet
+
+    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
+                      AWS_DEFAULT_REGION="eu-central-1")  # the children inherit them
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # a line per request otherwise
+    port = localfleet.free_ports(1, start=58700)[0]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="eu-central-1")
+    text = cfg.path.read_text()
+    file_store = f'file://{state / "backups" / REGION}'
+    assert file_store in text
+    configs = {}
+    for name, parts in (("parallel", concurrency), ("sequential", 1)):
+        bucket = f"bench-{name}"
+        s3.create_bucket(Bucket=bucket,
+                         CreateBucketConfiguration={"LocationConstraint": "eu-central-1"})
+        path = state / f"s3-{name}.toml"
+        path.write_text(text.replace(
+            file_store, f"s3://{bucket}/b?endpoint_url={endpoint}&region=eu-central-1")
+            + f'\n[backups]\ns3_part_size = "{part_size}"\ns3_max_concurrency = {parts}\n')
+        configs[name] = path
+    return server, configs
+
+
+def _s3_parts(cfg_path: Path, backup_id: int) -> int:
+    """How many parts the backup's object has (its ETag's -N; 1 for a single PUT),
+    then the object is deleted (moto keeps objects in memory)."""
+    from backups.stores import S3Store, open_store
+
+    fleet = Fleet(load_config(cfg_path))
+    try:
+        from backups import service as pipeline
+
+        row = pipeline.get_backup(fleet, backup_id)
+        store = open_store(row.store_url)
+        assert isinstance(store, S3Store)
+        etag = store.client.head_object(Bucket=store.bucket,
+                                        Key=store._key(row.object_key))["ETag"].strip('"')
+        store.delete(row.object_key)
+    finally:
+        fleet.close()
+    return int(etag.rsplit("-", 1)[1]) if "-" in etag else 1
+
+
+def bench_backup(cfg: Config, size: int, repeats: int,
+                 s3: dict[str, Path] | None = None) -> tuple[dict[str, object], int]:
     pg_dump = pg_tool(cfg, "pg_dump")
     raw_argv = [pg_dump, "--format=custom", compression_arg(pg_dump), "--no-owner",
                 "--no-acl"]
@@ -301,6 +364,9 @@ def bench_backup(cfg: Config, size: int, repeats: int) -> tuple[dict[str, object
     raw_rss: list[int] = []
     ckpts = {"raw": 0, "pipeline": 0}
     backup_id, object_size = 0, 0
+    s3_s: dict[str, list[float]] = {name: [] for name in s3 or {}}
+    s3_rss: dict[str, list[int]] = {name: [] for name in s3 or {}}
+    s3_parts: dict[str, int] = {}
     for i in range(repeats):
         before = checkpoints(cfg)
         with open(os.devnull, "wb") as devnull:
@@ -317,12 +383,34 @@ def bench_backup(cfg: Config, size: int, repeats: int) -> tuple[dict[str, object
         rss.append(pipe.peak_rss_kb)
         dump_rss.append(pipe.children_peak_kb.get("pg_dump", 0))
         backup_id, object_size = int(result["id"]), int(result["size"])
+        for name, s3_cfg in (s3 or {}).items():
+            run = run_watched([tenantctl(cfg)[0], "--config", str(s3_cfg),
+                               "backup", "run", BIG, "--json"])
+            s3_s[name].append(run.seconds)
+            s3_rss[name].append(run.peak_rss_kb)
+            s3_parts[name] = _s3_parts(s3_cfg, int(check(run, f"backup run (S3, {name})")
+                                                   [0]["id"]))
         print(f"backup {i + 1}/{repeats}: raw {raw.seconds:.1f}s, pipeline "
-              f"{pipe.seconds:.1f}s, rss {pipe.peak_rss_kb / 1024:.0f} MB", file=sys.stderr)
+              f"{pipe.seconds:.1f}s, rss {pipe.peak_rss_kb / 1024:.0f} MB"
+              + "".join(f", s3 {name} {v[-1]:.1f}s" for name, v in s3_s.items()),
+              file=sys.stderr)
     raw_sum, pipe_sum = summary(raw_s, size), summary(pipe_s, size)
     ratio_best = min(raw_s) / min(pipe_s)
     ratio_median = statistics.median(raw_s) / statistics.median(pipe_s)
     peak = max(rss) / 1024
+    s3_out: dict[str, object] = {}
+    for name, seconds in s3_s.items():
+        ratio = min(raw_s) / min(seconds)
+        s3_out[f"s3_{name}_parts_backup_run_cli"] = {
+            **summary(seconds, size), "parts": s3_parts[name],
+            "peak_rss_mb": round(max(s3_rss[name]) / 1024, 1),
+            "ratio_vs_raw_best": round(ratio, 3),
+            "ratio_over_file_store_ratio": round(ratio / ratio_best, 3)}
+    if s3_s:
+        s3_ratio = min(raw_s) / min(s3_s["parallel"])
+        s3_out["targets_s3"] = {
+            # "no slower than the file store path", within the runs' own noise (5%)
+            "s3_parallel_parts_ratio_ge_0.95x_file_store_ratio": s3_ratio >= 0.95 * ratio_best}
     return {
         "raw_pg_dump_to_devnull": {**raw_sum, "peak_rss_mb": round(max(raw_rss) / 1024, 1)},
         "pipeline_backup_run_cli": {**pipe_sum, "encrypted_object_bytes": object_size,
@@ -334,7 +422,9 @@ def bench_backup(cfg: Config, size: int, repeats: int) -> tuple[dict[str, object
         "ratio_pipeline_vs_raw_median": round(ratio_median, 3),
         "checkpoints_during_timing": ckpts,
         "targets": {"throughput_ge_0.85x_raw_pg_dump": ratio_best >= 0.85,
-                    "peak_rss_le_150mb": peak <= 150},
+                    "peak_rss_le_150mb": peak <= 150,
+                    **s3_out.pop("targets_s3", {})},  # type: ignore[dict-item]
+        **s3_out,
     }, backup_id
 
 
@@ -470,6 +560,12 @@ def main() -> None:
                     help="where the cluster and the file store live (must be on real disk, "
                          "not tmpfs, and traversable by other users)")
     ap.add_argument("--keep", action="store_true", help="keep the state directory")
+    ap.add_argument("--s3-part-size", default="8MiB",
+                    help="[backups] s3_part_size of the S3 runs (5MiB or more)")
+    ap.add_argument("--s3-max-concurrency", type=int, default=4,
+                    help="[backups] s3_max_concurrency of the parallel S3 run")
+    ap.add_argument("--no-s3", action="store_true", help="skip the S3 (moto) runs")
+    ap.add_argument("--no-restore", action="store_true", help="skip the restore part")
     args = ap.parse_args()
 
     state = common.new_state(args.data_dir)
@@ -477,6 +573,7 @@ def main() -> None:
     fstype = subprocess.run(["df", "--output=fstype", str(state)], capture_output=True,
                             text=True).stdout.split()[-1]
     cfg: Config | None = None
+    moto: Any = None
     out: dict[str, object] = {"benchmark": "backup", "size_gb_requested": args.size_gb,
                               "repeats": args.repeats, "data_dir": args.data_dir,
                               "data_dir_fstype": fstype, "cpus": os.cpu_count(),
@@ -489,17 +586,18 @@ def main() -> None:
                                         text=True).stdout.strip()
         out["compression_arg"] = compression_arg(pg_dump)
 
-        t0 = time.perf_counter()
-        provision_many(fleet, args.small_tenants)
-        out["setup_provision_small_s"] = round(time.perf_counter() - t0, 1)
-        runs = {}
-        for c in (int(x) for x in args.concurrency.split(",")):
-            runs[f"concurrency_{c}"] = run_all(cfg, args.small_tenants, c)
-            print(f"run --all at {c}: {runs[f'concurrency_{c}']}", file=sys.stderr)
-        out["backup_run_all_small_tenants"] = {"tenants": args.small_tenants, **runs}
-        one = [run_watched(tenantctl(cfg, "backup", "run", "small_0000", "--json")).seconds
-               for _ in range(3)]
-        out["cli_backup_run_one_small_tenant_s"] = round(min(one), 2)
+        if args.small_tenants:
+            t0 = time.perf_counter()
+            provision_many(fleet, args.small_tenants)
+            out["setup_provision_small_s"] = round(time.perf_counter() - t0, 1)
+            runs = {}
+            for c in (int(x) for x in args.concurrency.split(",")):
+                runs[f"concurrency_{c}"] = run_all(cfg, args.small_tenants, c)
+                print(f"run --all at {c}: {runs[f'concurrency_{c}']}", file=sys.stderr)
+            out["backup_run_all_small_tenants"] = {"tenants": args.small_tenants, **runs}
+            one = [run_watched(tenantctl(cfg, "backup", "run", "small_0000", "--json")
+                               ).seconds for _ in range(3)]
+            out["cli_backup_run_one_small_tenant_s"] = round(min(one), 2)
 
         t0 = time.perf_counter()
         fleet.provision(BIG, REGION)
@@ -508,13 +606,22 @@ def main() -> None:
         print(f"filled: {out['database']}", file=sys.stderr)
         size = int(out["database"]["bytes"])  # type: ignore[index]
 
-        backup, backup_id = bench_backup(cfg, size, args.repeats)
+        s3 = None
+        if not args.no_s3:
+            moto, s3 = s3_configs(cfg, state, args.s3_part_size, args.s3_max_concurrency)
+            out["s3"] = {"server": "moto (in the benchmark's process)",
+                         "part_size": args.s3_part_size,
+                         "max_concurrency": args.s3_max_concurrency}
+        backup, backup_id = bench_backup(cfg, size, args.repeats, s3)
         out["backup"] = backup
-        out["restore"] = bench_restore(fleet, cfg, state, size, backup_id, args.repeats)
-        out["targets"] = {**backup["targets"],  # type: ignore[dict-item]
-                          **out["restore"]["targets"]}  # type: ignore[index]
+        out["targets"] = dict(backup["targets"])  # type: ignore[call-overload]
+        if not args.no_restore:
+            out["restore"] = bench_restore(fleet, cfg, state, size, backup_id, args.repeats)
+            out["targets"].update(out["restore"]["targets"])  # type: ignore[attr-defined,index]
         fleet.close()
     finally:
+        if moto is not None:
+            moto.stop()
         if cfg is not None:
             common.stop(cfg)
         if args.keep:

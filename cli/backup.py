@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated
 
 import typer
@@ -51,7 +52,7 @@ def run(
     try:
         pipeline.reap_dead(fleet)  # finish off what a crashed run left
         if slug:
-            results = [pipeline.run_backup(fleet, slug)]
+            results = [_run_one_with_progress(fleet, slug, as_json)]
         else:
             slugs = pipeline.due_tenants(fleet) if due else \
                 [t.slug for t in fleet.tenants() if t.state in HAS_DATABASE]
@@ -81,6 +82,32 @@ def _run_with_progress(fleet, slugs, concurrency, as_json, kind):  # type: ignor
         task = bar.add_task("backups", total=len(slugs))
         return pipeline.run_many(fleet, slugs, concurrency,
                                  on_done=lambda r: bar.advance(task), kind=kind)
+
+
+def _run_one_with_progress(fleet, slug, as_json):  # type: ignore[no-untyped-def]
+    """One backup; on a terminal (stderr), the bytes streamed to the store and the
+    throughput as they go. Nothing when stderr is piped or the output is JSON."""
+    from rich.console import Console
+    from rich.progress import (
+        FileSizeColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TransferSpeedColumn,
+    )
+
+    from backups import service as pipeline
+
+    stderr = Console(stderr=True)
+    if as_json or not stderr.is_terminal:
+        return pipeline.run_backup(fleet, slug)
+    bar = Progress(SpinnerColumn(), TextColumn(f"backup {slug}"), FileSizeColumn(),
+                   TransferSpeedColumn(), TimeElapsedColumn(), console=stderr)
+    with bar:
+        task = bar.add_task("backup", total=None)
+        return pipeline.run_backup(fleet, slug,
+                                   progress=lambda n: bar.update(task, completed=n))
 
 
 @backup_app.command("list")
@@ -165,6 +192,83 @@ def verify(
                 + ("ok" if r["ok"] else f"FAILED: {r['error']}"))
     if not all(r["ok"] for r in reports):
         raise typer.Exit(ExitCode.FAILED)
+
+
+@backup_app.command("download")
+def download(
+    backup_id: Annotated[int, typer.Argument(help="Backup id (see `backup list`).", min=1,
+                                             max=ID_MAX)],
+    output: Annotated[str, typer.Option("--output", help="A new file to write the "
+                                        "encrypted object to; - is stdout.")],
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --output "
+                                        "file.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Break-glass: copy a backup's object, still encrypted (age), out of its store;
+    its size and sha256 are checked against the manifest. With the tenant's key
+    (`backup key export`), the stock tools read it:
+    age -d -i key.txt FILE | pg_restore --list."""
+    import contextlib
+    import os
+    import uuid
+    from pathlib import Path
+
+    from backups import service as pipeline
+    from orchestrator.domain.errors import Conflict, InvalidInput, TenantctlError
+
+    if output == "-":
+        if as_json:
+            raise InvalidInput("--json needs --output FILE: stdout carries the backup")
+        if sys.stdout.isatty():
+            raise InvalidInput("--output -: stdout is a terminal; redirect it, or give a "
+                               "file")
+        fleet = open_fleet()
+        try:
+            pipeline.download_backup(fleet, backup_id, sys.stdout.buffer)
+        except BrokenPipeError:
+            # the reader went away (`| head`): say so once, and let nothing flush
+            # into the closed pipe at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise TenantctlError("stdout was closed before the whole backup was "
+                                 "written") from None
+        finally:
+            fleet.close()
+        return
+    path = Path(output)
+    if path.is_dir():
+        raise InvalidInput(f"--output {path} is a directory")
+    if (path.exists() or path.is_symlink()) and not force:
+        raise Conflict(f"{path} already exists; --force replaces it")
+    # written beside the target and renamed into place once checked: a failed or
+    # interrupted download leaves no file that looks like a backup
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
+    fleet = open_fleet()
+    try:
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as exc:
+            raise InvalidInput(f"cannot create {path}: {exc.strerror}") from None
+        try:
+            with os.fdopen(fd, "wb") as out:
+                report = pipeline.download_backup(fleet, backup_id, out)
+                os.fsync(out.fileno())
+            if force:
+                os.replace(tmp, path)
+            else:
+                try:
+                    os.link(tmp, path)  # fails if the file appeared meanwhile
+                except FileExistsError:
+                    raise Conflict(f"{path} already exists; --force replaces it") from None
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+    finally:
+        fleet.close()
+    if as_json:
+        print_json({**report, "output": str(path)})
+    else:
+        say(f"wrote backup {backup_id} of {report['tenant']} ({report['size']} bytes, "
+            f"sha256 {report['sha256']}, encrypted) to {path}")
 
 
 @backup_app.command("prune")

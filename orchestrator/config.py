@@ -88,6 +88,36 @@ _SIZE_RE = re.compile(r"(-1|[1-9][0-9]{0,8}(kB|MB|GB|TB))", re.ASCII)
 _UNITS = {"kB": 1, "MB": 1024, "GB": 1024**2, "TB": 1024**3}
 
 
+MIB = 1 << 20
+# S3's own limits: every part but the last at least 5 MiB, at most 5 GiB
+S3_MIN_PART_SIZE = 5 * MIB
+S3_MAX_PART_SIZE = 5 * 1024 * MIB
+# the classes an object can be read back from at once (verify, restore-test and restore
+# read every backup; GLACIER and DEEP_ARCHIVE would need a restore request first)
+S3_STORAGE_CLASSES = ("STANDARD", "STANDARD_IA", "ONEZONE_IA", "INTELLIGENT_TIERING",
+                      "GLACIER_IR", "REDUCED_REDUNDANCY")
+S3_SSE = ("AES256", "aws:kms")
+_BYTES_RE = re.compile(r"([1-9][0-9]{0,6})\s*(KiB|MiB|GiB)", re.ASCII)
+_BYTE_UNITS = {"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
+_S3_UPLOAD_KEYS = {"s3_part_size", "s3_max_concurrency", "s3_storage_class", "s3_sse",
+                   "s3_sse_kms_key_id"}
+
+
+@dataclass(frozen=True)
+class S3UploadConfig:
+    """How backups are written to s3:// stores ([backups] s3_*): boto3's managed
+    transfer, parts of ``part_size`` (raised automatically for a big database so
+    a dump stays under S3's 10,000 parts), ``max_concurrency`` parts in flight
+    (memory is about part_size x (max_concurrency + 2)), and the storage class and
+    server-side encryption every object is written with."""
+
+    part_size: int = 8 * MIB
+    max_concurrency: int = 4
+    storage_class: str | None = None
+    sse: str | None = None
+    sse_kms_key_id: str | None = None
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     """How often `tenantctl scheduler run` runs each job, in minutes."""
@@ -116,6 +146,7 @@ class Config:
     backup_keep_weeks: int = 4
     lifecycle: LifecycleConfig = LifecycleConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
+    s3: S3UploadConfig = S3UploadConfig()
     bounds: TenantBounds = TenantBounds()
     state_dir: Path | None = None
     pg_bin_dir: Path | None = None
@@ -452,6 +483,35 @@ def _bounds(r: _Reader, tenants: dict[str, Any]) -> TenantBounds:
     return TenantBounds(**values)
 
 
+def _s3_upload(r: _Reader, backups: dict[str, Any]) -> S3UploadConfig:
+    d = S3UploadConfig()
+    part = backups.get("s3_part_size", f"{d.part_size // MIB}MiB")
+    m = _BYTES_RE.fullmatch(part) if isinstance(part, str) else None
+    if m is None:
+        raise r.fail("backups.s3_part_size", f"must be a size like '64MiB' (KiB, MiB, GiB), "
+                     f"got {part!r}")
+    part_size = int(m.group(1)) * _BYTE_UNITS[m.group(2)]
+    if not S3_MIN_PART_SIZE <= part_size <= S3_MAX_PART_SIZE:
+        raise r.fail("backups.s3_part_size", f"{part!r} is outside S3's part sizes "
+                     "(5MiB to 5GiB)")
+    concurrency = r.integer(backups, "backups.s3_max_concurrency", "s3_max_concurrency",
+                            default=d.max_concurrency, maximum=64)
+    storage_class = r.string(backups, "backups.s3_storage_class", "s3_storage_class",
+                             required=False)
+    if storage_class is not None and storage_class not in S3_STORAGE_CLASSES:
+        raise r.fail("backups.s3_storage_class", f"{storage_class!r} is not one of "
+                     f"{', '.join(S3_STORAGE_CLASSES)} (backups must be readable at once)")
+    sse = r.string(backups, "backups.s3_sse", "s3_sse", required=False)
+    if sse is not None and sse not in S3_SSE:
+        raise r.fail("backups.s3_sse", f"must be AES256 or aws:kms, got {sse!r}")
+    kms_key = r.string(backups, "backups.s3_sse_kms_key_id", "s3_sse_kms_key_id",
+                       required=False)
+    if kms_key is not None and sse != "aws:kms":
+        raise r.fail("backups.s3_sse_kms_key_id", 'needs s3_sse = "aws:kms"')
+    return S3UploadConfig(part_size=part_size, max_concurrency=concurrency,
+                          storage_class=storage_class, sse=sse, sse_kms_key_id=kms_key)
+
+
 def parse_config(raw: dict[str, Any], path: Path, overrides: list[EnvOverride] | None = None
                  ) -> Config:
     """The config of ``raw`` (the file's TOML) with the environment's ``overrides`` in
@@ -528,13 +588,16 @@ def parse_config(raw: dict[str, Any], path: Path, overrides: list[EnvOverride] |
     bounds = _bounds(r, tenants)
 
     backups = r.table(raw, "backups", "backups", required=False)
-    _check_unknown(r, backups, "backups", {"interval_hours", "keep_days", "keep_weeks"})
+    _check_unknown(r, backups, "backups", {"interval_hours", "keep_days", "keep_weeks",
+                                           *_S3_UPLOAD_KEYS})
     interval_hours = r.integer(backups, "backups.interval_hours", "interval_hours", default=24,
                                maximum=MAX_DAYS * 24)
     keep_days = r.integer(backups, "backups.keep_days", "keep_days", default=7,
                           maximum=MAX_DAYS)
     keep_weeks = r.integer(backups, "backups.keep_weeks", "keep_weeks", default=4, minimum=0,
                            maximum=MAX_DAYS // 7)
+
+    s3_upload = _s3_upload(r, backups)
 
     lc = r.table(raw, "lifecycle", "lifecycle", required=False)
     _check_unknown(r, lc, "lifecycle", {"hold_days", "purge_days", "audit_days"})
@@ -633,6 +696,7 @@ def parse_config(raw: dict[str, Any], path: Path, overrides: list[EnvOverride] |
         backup_keep_weeks=keep_weeks,
         lifecycle=lifecycle,
         scheduler=scheduler,
+        s3=s3_upload,
         bounds=bounds,
         state_dir=r.resolve(state_dir) if state_dir else None,
         pg_bin_dir=r.resolve(pg_bin_dir) if pg_bin_dir else None,

@@ -134,7 +134,8 @@ def test_kill_mid_s3_upload_leaves_no_orphan_upload(test_fleet: PgFleet, tmp_pat
     url = f"s3://{bucket}/tenantctl?endpoint_url={moto_endpoint}&region=eu-central-1"
     eu_store = f'file://{test_fleet.state_dir / "backups" / "eu-central"}'
     cfg_path = tmp_path / "s3.toml"
-    cfg_path.write_text(test_fleet.config_path.read_text().replace(eu_store, url, 1))
+    cfg_path.write_text(test_fleet.config_path.read_text().replace(eu_store, url, 1)
+                        + '\n[backups]\ns3_part_size = "5MiB"\n')
     store = open_store(url)
     store.client.create_bucket(  # type: ignore[attr-defined]
         Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": "eu-central-1"})
@@ -142,7 +143,7 @@ def test_kill_mid_s3_upload_leaves_no_orphan_upload(test_fleet: PgFleet, tmp_pat
     try:
         _tenant_with_data(fleet, slug, "eu-central")
         with connect_as(fleet.credentials(slug), autocommit=True) as conn:
-            # ~25 MB of poorly compressible text: the dump spans several 8 MiB parts
+            # ~25 MB of poorly compressible text: the dump spans several 5 MiB parts
             conn.execute("INSERT INTO customers (email, name) SELECT md5(g::text) || '@x.test',"
                          " md5(random()::text) || md5(random()::text) || md5(random()::text)"
                          " FROM generate_series(1, 200000) g")
@@ -259,7 +260,8 @@ def test_restore_of_tampered_backup_creates_nothing(fleet: Fleet, test_fleet: Pg
                     reason="the stock `age` tool is not installed (.ci/run installs it)")
 def test_stock_age_tool_and_pg_restore_read_a_backup(fleet: Fleet, test_fleet: PgFleet,
                                                      slug: str, tmp_path: Path) -> None:
-    """The break-glass runbook: export the identity, then age -d | pg_restore."""
+    """The break-glass runbook: export the identity, download the object (still
+    encrypted), then age -d | pg_restore."""
     import subprocess
 
     from orchestrator.adapters.postgres.pgtools import pg_tool
@@ -273,7 +275,11 @@ def test_stock_age_tool_and_pg_restore_read_a_backup(fleet: Fleet, test_fleet: P
     key_file = tmp_path / "key.txt"
     key_file.write_text(identity + "\n")
     key_file.chmod(0o600)
-    age = subprocess.run(["age", "-d", "-i", str(key_file), str(_object_path(fleet, row))],
+    downloaded = tmp_path / "backup.dump.age"
+    got = run_cli(test_fleet, "backup", "download", str(row.id), "--output", str(downloaded))
+    assert got.returncode == 0, got.stderr
+    assert downloaded.read_bytes() == _object_path(fleet, row).read_bytes()
+    age = subprocess.run(["age", "-d", "-i", str(key_file), str(downloaded)],
                          capture_output=True, check=True)
     listing = subprocess.run([pg_tool(fleet.cfg, "pg_restore"), "--list"], input=age.stdout,
                              capture_output=True, check=True)

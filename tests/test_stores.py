@@ -7,11 +7,16 @@ import hashlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from backups.stores import PART_SIZE, FileStore, ObjectStore, S3Store, StoreError, open_store
+from backups.stores import FileStore, ObjectStore, S3Store, StoreError, open_store
+from orchestrator.config import S3_MIN_PART_SIZE, S3UploadConfig
 from orchestrator.devfleet import localfleet
+
+PART_SIZE = S3_MIN_PART_SIZE  # the smallest S3 takes: several parts from little data
+SMALL_PARTS = S3UploadConfig(part_size=PART_SIZE, max_concurrency=3)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +47,8 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> ObjectStore:
         return open_store(f"file://{tmp_path / 'store'}")
     endpoint = request.getfixturevalue("moto_endpoint")
     bucket = f"b{os.urandom(4).hex()}"
-    s3 = open_store(f"s3://{bucket}/backups?endpoint_url={endpoint}&region=eu-central-1")
+    s3 = open_store(f"s3://{bucket}/backups?endpoint_url={endpoint}&region=eu-central-1",
+                    SMALL_PARTS)
     assert isinstance(s3, S3Store)
     s3.client.create_bucket(Bucket=bucket,
                             CreateBucketConfiguration={"LocationConstraint": "eu-central-1"})
@@ -81,7 +87,7 @@ def test_failure_mid_upload_leaves_nothing(store: ObjectStore) -> None:
     with pytest.raises(RuntimeError), store.writer("tenants/acme/2.dump.age") as w:
         for i, chunk in enumerate(_chunks(PART_SIZE * 2)):
             w.write(chunk)
-            if i == 12:  # past the first part: a multipart upload is open on S3
+            if i == 7:  # past the first part: a multipart upload is open on S3
                 raise RuntimeError("pg_dump died")
     assert list(store.objects()) == []
     if isinstance(store, S3Store):
@@ -141,7 +147,8 @@ def test_s3_retries_5xx_and_resets_then_succeeds(moto_endpoint: str) -> None:
     from botocore.exceptions import ConnectionClosedError
 
     bucket = f"b{os.urandom(4).hex()}"
-    s3 = open_store(f"s3://{bucket}?endpoint_url={moto_endpoint}&region=eu-central-1")
+    s3 = open_store(f"s3://{bucket}?endpoint_url={moto_endpoint}&region=eu-central-1",
+                    SMALL_PARTS)
     assert isinstance(s3, S3Store)
     s3.client.create_bucket(Bucket=bucket,
                             CreateBucketConfiguration={"LocationConstraint": "eu-central-1"})
@@ -158,7 +165,8 @@ def test_s3_retries_5xx_and_resets_then_succeeds(moto_endpoint: str) -> None:
 
 def test_s3_persistent_failure_is_clean(moto_endpoint: str) -> None:
     bucket = f"b{os.urandom(4).hex()}"
-    s3 = open_store(f"s3://{bucket}?endpoint_url={moto_endpoint}&region=eu-central-1")
+    s3 = open_store(f"s3://{bucket}?endpoint_url={moto_endpoint}&region=eu-central-1",
+                    SMALL_PARTS)
     assert isinstance(s3, S3Store)
     s3.client.create_bucket(Bucket=bucket,
                             CreateBucketConfiguration={"LocationConstraint": "eu-central-1"})
@@ -170,3 +178,136 @@ def test_s3_persistent_failure_is_clean(moto_endpoint: str) -> None:
         w.commit()
     assert list(s3.objects()) == []
     assert s3.pending_uploads() == []  # the multipart upload was aborted
+
+
+# -- the managed transfer: part size, parallel parts, listings, storage settings -----------
+
+
+def _bucket(endpoint: str, upload: S3UploadConfig | None = SMALL_PARTS,
+            prefix: str = "") -> S3Store:
+    bucket = f"b{os.urandom(4).hex()}"
+    s3 = open_store(f"s3://{bucket}/{prefix}?endpoint_url={endpoint}&region=eu-central-1",
+                    upload)
+    assert isinstance(s3, S3Store)
+    s3.client.create_bucket(Bucket=bucket,
+                            CreateBucketConfiguration={"LocationConstraint": "eu-central-1"})
+    return s3
+
+
+def test_part_size_grows_with_the_expected_size() -> None:
+    from backups.stores import MAX_PARTS, part_size_for
+    from orchestrator.config import MIB, S3_MAX_PART_SIZE
+
+    assert part_size_for(16 * MIB, None) == 16 * MIB
+    assert part_size_for(16 * MIB, 10 << 30) == 16 * MIB  # 10 GiB: 640 parts
+    for expected in (500 << 30, 1 << 40, (1 << 40) + 12345):  # 500 GiB, 1 TiB and a bit
+        size = part_size_for(16 * MIB, expected)
+        assert size % MIB == 0 and size > 16 * MIB
+        assert -(-expected // size) <= MAX_PARTS * 0.9  # room for a rough estimate
+    assert part_size_for(16 * MIB, 100 << 40) == S3_MAX_PART_SIZE  # S3's own ceiling
+
+
+def test_parts_go_in_parallel_and_number_as_configured(moto_endpoint: str) -> None:
+    """Two parts are in flight at once (each waits at a barrier for the other: a
+    sequential upload times out there), and the object has as many parts as the
+    configured part size makes (its ETag's -N)."""
+    import threading
+
+    s3 = _bucket(moto_endpoint)
+    barrier = threading.Barrier(2, timeout=20)
+    seen: list[int] = []
+
+    def meet(params: dict[str, object], **_: object) -> None:
+        seen.append(int(params["PartNumber"]))  # type: ignore[call-overload]
+        if params["PartNumber"] in (1, 2):
+            barrier.wait()
+
+    s3.client.meta.events.register("before-parameter-build.s3.UploadPart", meet)
+    total = PART_SIZE * 3 + 4321
+    with s3.writer("tenants/acme/p.dump.age") as w:
+        for chunk in _chunks(total):
+            w.write(chunk)
+        w.commit()
+    assert sorted(seen) == [1, 2, 3, 4]
+    head = s3.client.head_object(Bucket=s3.bucket, Key="tenants/acme/p.dump.age")
+    assert head["ContentLength"] == total and head["ETag"].strip('"').endswith("-4")
+    assert s3.pending_uploads() == []
+
+
+def test_a_failing_transfer_stops_the_writer_and_leaves_nothing(moto_endpoint: str) -> None:
+    """Parts that keep failing end the transfer while the dump still streams: the
+    next write raises (instead of waiting for room forever); no upload stays open."""
+    s3 = _bucket(moto_endpoint)
+    _inject(s3, "UploadPart", [500] * 200)
+    with pytest.raises(StoreError, match="upload of .* failed"), \
+            s3.writer("tenants/acme/5.dump.age") as w:
+        for chunk in _chunks(PART_SIZE * 20):
+            w.write(chunk)
+        w.commit()
+    assert list(s3.objects()) == []
+    assert s3.pending_uploads() == []
+
+
+def test_fault_point_after_a_part(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The crash tests' `s3.part` still fires once a part is stored (here as an
+    exception: the same place the SIGKILL of the crash tests hits)."""
+    from orchestrator.adapters.faults import InjectedFault
+
+    s3 = _bucket(moto_endpoint)
+    monkeypatch.setenv("TENANTCTL_FAULT", "s3.part")
+    monkeypatch.setenv("TENANTCTL_FAULT_MODE", "raise")
+    with pytest.raises(InjectedFault), s3.writer("tenants/acme/6.dump.age") as w:
+        for chunk in _chunks(PART_SIZE * 3):
+            w.write(chunk)
+        w.commit()
+    assert list(s3.objects()) == [] and s3.pending_uploads() == []
+
+
+def test_listings_follow_every_page(moto_endpoint: str) -> None:
+    """Listings go through boto's paginators: S3 pages at 1000 keys, here at 2."""
+    s3 = _bucket(moto_endpoint, prefix="eu")
+    s3.page_size = 2
+    listed: list[dict[str, object]] = []
+
+    def record(params: dict[str, object], model: Any, **_: object) -> None:
+        listed.append({"op": model.name, **params})
+
+    for op in ("ListObjectsV2", "ListMultipartUploads"):
+        s3.client.meta.events.register(f"before-parameter-build.s3.{op}", record)
+    for i in range(7):
+        s3.put_bytes(f"tenants/acme/{i}.json", b"{}")
+    for i in range(5):  # uploads a dead process left open
+        s3.client.create_multipart_upload(Bucket=s3.bucket, Key=f"eu/tenants/acme/{i}.age")
+    assert [o.key for o in s3.objects("tenants/")] == [f"tenants/acme/{i}.json"
+                                                       for i in range(7)]
+    pages = [c for c in listed if c["op"] == "ListObjectsV2"]
+    assert len(pages) == 4 and all(c["MaxKeys"] == 2 for c in pages)
+    assert len(list(s3.unfinished())) == 5 and len(s3.pending_uploads()) == 5
+    # (moto answers every upload on one page whatever MaxUploads says: the request
+    # is what can be checked)
+    assert all(c["MaxUploads"] == 2 for c in listed if c["op"] == "ListMultipartUploads")
+    s3.discard_unfinished("tenants/acme/3.age")
+    assert sorted(u.key for u in s3.unfinished()) == [
+        f"tenants/acme/{i}.age" for i in (0, 1, 2, 4)]
+
+
+@pytest.mark.parametrize("size", [1000, PART_SIZE * 2 + 10])  # one PUT; multipart
+def test_storage_class_and_encryption_reach_every_object(moto_endpoint: str,
+                                                         size: int) -> None:
+    upload = S3UploadConfig(part_size=PART_SIZE, storage_class="STANDARD_IA",
+                            sse="aws:kms", sse_kms_key_id="alias/tenantctl-backups")
+    s3 = _bucket(moto_endpoint, upload)
+    with s3.writer("tenants/acme/7.dump.age") as w:
+        for chunk in _chunks(size):
+            w.write(chunk)
+        w.commit()
+    s3.put_bytes("tenants/acme/7.manifest.json", b"{}")
+    for key in ("tenants/acme/7.dump.age", "tenants/acme/7.manifest.json"):
+        head = s3.client.head_object(Bucket=s3.bucket, Key=key)
+        assert head["StorageClass"] == "STANDARD_IA", key
+        assert head["ServerSideEncryption"] == "aws:kms", key
+        assert head["SSEKMSKeyId"].endswith("alias/tenantctl-backups"), key
+    aes = _bucket(moto_endpoint, S3UploadConfig(part_size=PART_SIZE, sse="AES256"))
+    aes.put_bytes("m.json", b"{}")
+    head = aes.client.head_object(Bucket=aes.bucket, Key="m.json")
+    assert head["ServerSideEncryption"] == "AES256" and "StorageClass" not in head

@@ -537,7 +537,7 @@ def _fix_drop_orphan_database(fleet: Deps, x: Finding) -> str:
 
 
 def dump_orphan(fleet: Deps, server: str, database: str, region: str) -> str:
-    store = open_store(fleet.cfg.region(region).backup_store)
+    store = open_store(fleet.cfg.region(region).backup_store, fleet.cfg.s3)
     identity = pyrage.x25519.Identity.generate()
     stamp = clock.utcnow().strftime("%Y%m%dT%H%M%SZ")
     base = f"{ORPHAN_PREFIX}{server}/{database}-{stamp}"
