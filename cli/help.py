@@ -98,6 +98,9 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
     "backup run": ("tenantctl backup run acme", "tenantctl backup run --due  # from cron",
                    "tenantctl backup run --all --concurrency 8"),
     "backup list": ("tenantctl backup list", "tenantctl backup list acme --json"),
+    "backup download": ("tenantctl backup download 42 --output acme.dump.age",
+                        "tenantctl backup download 42 --output - | age -d -i key.txt "
+                        "| pg_restore --list"),
     "backup verify": ("tenantctl backup verify 42", "tenantctl backup verify --latest acme "
                       "--restore-test", "tenantctl backup verify --all"),
     "backup prune": ("tenantctl backup prune --dry-run", "tenantctl backup prune"),

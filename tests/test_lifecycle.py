@@ -422,10 +422,11 @@ def test_retention_prunes_and_purges_old_audit(test_fleet: PgFleet, own_catalog:
     (["tenant", "cancel", "nosuchtenant", "--yes"], 3, "nosuchtenant"),
     (["tenant", "legal-hold", "{slug}", "--reason", "x"], 2, "--on or --off"),
     (["tenant", "legal-hold", "{slug}", "--on"], 2, "--reason is required"),
-    (["tenant", "export", "{slug}", "--format", "xml", "--output", "{tmp}/x"], 2, "sql or csv"),
+    (["tenant", "export", "{slug}", "--format", "xml", "--output", "{tmp}/x"], 2,
+     "is not one of 'sql', 'csv'"),
     (["tenant", "export", "{slug}", "--format", "sql", "--output", "{tmp}/no/x.sql"], 2,
      "does not exist"),
-    (["retention", "run", "--only", "everything"], 2, "unknown job"),
+    (["retention", "run", "--only", "everything"], 2, "'everything' is not one of 'delete'"),
     (["audit", "list", "--since", "last week"], 2, "ISO-8601"),
     (["tenant", "erase", "{slug}", "--reason", "r"], 2, "--yes"),
 ])
