@@ -389,10 +389,18 @@ def test_slug_completion_is_time_boxed(tmp_path: Path, monkeypatch: pytest.Monke
 
 
 def test_shell_completion_script() -> None:
-    proc = subprocess.run([*TENANTCTL, "--show-completion", "bash"], capture_output=True,
-                          text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
-                          timeout=60)
+    """The bash script, and a completion through it. Asked for by the completion
+    protocol's variable, not `--show-completion`: that one detects the parent
+    process's shell (bash, zsh or fish here; `sh` when run under `sh -c`, so a test
+    relying on it passed or failed by who started pytest)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(TENANTCTL, capture_output=True, text=True, timeout=60,
+                          env={**env, "_TENANTCTL_COMPLETE": "source_bash"})
     assert proc.returncode == 0 and "_TENANTCTL_COMPLETE" in proc.stdout, proc.stderr
+    done = subprocess.run(TENANTCTL, capture_output=True, text=True, timeout=60,
+                          env={**env, "_TENANTCTL_COMPLETE": "complete_bash",
+                               "COMP_WORDS": "tenantctl mig", "COMP_CWORD": "1"})
+    assert done.returncode == 0 and done.stdout.split() == ["migrate"], done.stderr
 
 
 # -- help: examples, no <bool>, choices -------------------------------------------------
