@@ -12,6 +12,7 @@ statement_timeout still succeeding (tenantctl's work is not the tenant's)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from dataclasses import replace
@@ -167,9 +168,10 @@ ROOMY = TenantBounds(connection_limit=5, statement_timeout="0", temp_file_limit=
                      work_mem="8MB")
 
 
-def run_cli_with(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def run_cli_with(config: Path, *args: str, env: dict[str, str] | None = None
+                 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*TENANTCTL, "--config", str(config), *args], capture_output=True,
-                          text=True, cwd=REPO, timeout=120)
+                          text=True, cwd=REPO, timeout=120, env={**os.environ, **(env or {})})
 
 
 def _with_plans(own: OwnCatalog, extra_tenants: str = "", plans: str = PLANS) -> Path:
@@ -276,6 +278,20 @@ def test_a_role_that_differs_from_its_plan_is_found_and_fixed_by_doctor(
     assert res.returncode == 0 and "plan roomy" in res.stdout, res
     assert role_row(admin, role) == (5, configured(ROOMY))
     assert json.loads(_ok(run_cli_with(config, "doctor", "--json")))["findings"] == []
+
+    # a set-plan that dies between the role and the catalog: the catalog still says
+    # roomy, doctor finds the role on tiny's bounds and --fix puts roomy's back
+    res = run_cli_with(config, "tenant", "set-plan", slug, "tiny",
+                       env={"TENANTCTL_FAULT": "set_plan.applied"})
+    assert res.returncode < 0, res  # killed
+    assert role_row(admin, role)[0] == 2
+    shown = json.loads(_ok(run_cli_with(config, "tenant", "show", slug, "--json")))
+    assert shown["plan"] == "roomy"
+    found = json.loads(run_cli_with(config, "doctor", "--json").stdout)["findings"]
+    assert [x["code"] for x in found] == ["role-bounds-differ"], found
+    _ok(run_cli_with(config, "doctor", "--fix"))
+    assert role_row(admin, role) == (5, configured(ROOMY))
+
     # the clean fleet's own config has no roomy: back to the default plan
     _ok(run_cli_with(config, "tenant", "set-plan", slug, "default"))
     assert role_row(admin, role) == (TenantBounds().connection_limit,
