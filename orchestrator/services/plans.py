@@ -18,6 +18,8 @@ from orchestrator.domain.errors import Conflict
 from orchestrator.domain.states import HAS_DATABASE, TenantState
 
 if TYPE_CHECKING:
+    import psycopg
+
     from orchestrator.bootstrap import Deps
 
 
@@ -40,10 +42,15 @@ def apply_plan(deps: Deps, server: str, role: str, plan: Plan) -> dict[str, str]
     """The plan's CONNECTION LIMIT and role settings on ``role`` (exactly those: any
     other setting the role carries is reset). Settings the admin may not store
     (temp_file_limit without SET on it) are left out, as doctor reports."""
-    bounds = plan.bounds
     with deps.server_connection(server) as conn:
-        settings = pgserver.settable(conn, bounds.role_settings)
-        pgserver.bound_role(conn, role, bounds.connection_limit, settings)
+        return apply_plan_on(conn, role, plan)
+
+
+def apply_plan_on(conn: psycopg.Connection, role: str, plan: Plan) -> dict[str, str]:
+    """``apply_plan`` over an admin connection the caller holds (provisioning's)."""
+    bounds = plan.bounds
+    settings = pgserver.settable(conn, bounds.role_settings)
+    pgserver.bound_role(conn, role, bounds.connection_limit, settings)
     return {"connection_limit": str(bounds.connection_limit), **settings}
 
 

@@ -62,7 +62,7 @@ from orchestrator.domain.names import (
 )
 from orchestrator.domain.placement import ServerLoad, choose_server
 from orchestrator.domain.views import tenant_json
-from orchestrator.services import templates
+from orchestrator.services import plans, templates
 
 if TYPE_CHECKING:
     from orchestrator.bootstrap import Deps
@@ -297,9 +297,7 @@ def _run_steps(fleet: Deps, tenant: Tenant, password: str) -> bool:
             current = "login"
             # bounded by its plan before it can log in, whichever way its roles were
             # made (a claimed spare's too: spares get their plan here, at the claim)
-            bounds = fleet.cfg.plan(tenant.plan).bounds
-            pgserver.bound_role(conn, names.login_role, bounds.connection_limit,
-                                pgserver.settable(conn, bounds.role_settings))
+            plans.apply_plan_on(conn, names.login_role, fleet.cfg.plan(tenant.plan))
             pgserver.enable_login(conn, names.login_role, password)
             checkpoint("provision.login")
     except Exception as exc:
