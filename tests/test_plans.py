@@ -357,6 +357,7 @@ def test_a_migration_longer_than_the_plans_statement_timeout_succeeds(
     config = _with_plans(own_catalog, extra_tenants=f'migrations = "{migrations}"\n'
                          'default_plan = "tiny"\n')
     text = config.read_text()
+    assert "use_template = true" in text  # off: each database migrated on its own
     config.write_text(text.replace("use_template = true", "use_template = false"))
     created = json.loads(_ok(_cli(test_fleet, config, "tenant", "create", slug,
                                   "--region", "eu-central", "--json")))
