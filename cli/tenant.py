@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import typer
 
 from cli.common import JsonOpt, open_fleet, open_reads
-from cli.complete import SlugArg, complete_regions, complete_states
+from cli.complete import SlugArg, complete_plans, complete_regions, complete_states
 from cli.output import (
     Col,
     FormatOpt,
@@ -215,7 +215,7 @@ def tenant_create(
     as_json: JsonOpt = False,
     plan: Annotated[str | None, typer.Option(
         help="Its plan ([plans.NAME]: connection limit, timeouts, …); default: "
-             "[tenants] default_plan.")] = None,
+             "[tenants] default_plan.", autocompletion=complete_plans)] = None,
 ) -> None:
     """Provision a tenant: dedicated database and roles in REGION. Re-run to finish an
     interrupted create. Prints the tenant's connection string once."""
@@ -297,7 +297,11 @@ def tenant_show(slug: SlugArg, as_json: JsonOpt = False, fmt: FormatOpt = None) 
 
 
 @tenant_app.command("set-plan")
-def tenant_set_plan(slug: SlugArg, plan: str, as_json: JsonOpt = False) -> None:
+def tenant_set_plan(
+    slug: SlugArg,
+    plan: Annotated[str, typer.Argument(autocompletion=complete_plans, show_default=False)],
+    as_json: JsonOpt = False,
+) -> None:
     """Move a tenant to PLAN ([plans.NAME] in tenantctl.toml): its login role gets the
     plan's connection limit and settings at once (sessions already open keep theirs
     until they reconnect). Audited."""
