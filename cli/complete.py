@@ -55,6 +55,11 @@ def regions(ctx: Any) -> list[str]:
     return sorted(cfg.regions) if cfg else []
 
 
+def plans(ctx: Any) -> list[str]:
+    cfg = _config(ctx)
+    return sorted(cfg.plans) if cfg else []
+
+
 def servers(ctx: Any) -> list[str]:
     cfg = _config(ctx)
     return sorted(s.name for s in cfg.servers) if cfg else []
@@ -120,6 +125,7 @@ complete_regions = _quiet(regions)
 complete_servers = _quiet(servers)
 complete_revisions = _quiet(revisions)
 complete_slugs = _quiet(slugs)
+complete_plans = _quiet(plans)
 
 # parameter types that complete themselves, for the command modules
 SlugArg = Annotated[str, typer.Argument(autocompletion=complete_slugs, show_default=False)]

@@ -75,7 +75,10 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
     "tenant erase": ("tenantctl tenant erase acme --reason 'GDPR request 1234'",),
     "tenant export": ("tenantctl tenant export acme --format sql --output acme.sql",
                       "tenantctl tenant export acme --format csv --output acme.zip"),
-    "tenant create": ("tenantctl tenant create acme --region eu-central",),
+    "tenant create": ("tenantctl tenant create acme --region eu-central",
+                      "tenantctl tenant create acme --region eu-central --plan pro"),
+    "tenant set-plan": ("tenantctl tenant set-plan acme pro",
+                        "tenantctl tenant set-plan acme basic --json"),
     "tenant list": ("tenantctl tenant list", "tenantctl tenant list --region eu-central "
                     "--state active --json"),
     "tenant show": ("tenantctl tenant show acme", "tenantctl tenant show acme --json"),

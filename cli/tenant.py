@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import typer
 
 from cli.common import JsonOpt, open_fleet, open_reads
-from cli.complete import SlugArg, complete_regions, complete_states
+from cli.complete import SlugArg, complete_plans, complete_regions, complete_states
 from cli.output import (
     Col,
     FormatOpt,
@@ -213,6 +213,9 @@ def tenant_create(
     region: Annotated[str, typer.Option(help="Where the tenant's data lives.",
                                          autocompletion=complete_regions)],
     as_json: JsonOpt = False,
+    plan: Annotated[str | None, typer.Option(
+        help="Its plan ([plans.NAME]: connection limit, timeouts, …); default: "
+             "[tenants] default_plan.", autocompletion=complete_plans)] = None,
 ) -> None:
     """Provision a tenant: dedicated database and roles in REGION. Re-run to finish an
     interrupted create. Prints the tenant's connection string once."""
@@ -221,7 +224,7 @@ def tenant_create(
         # the output first, then the spare pool's refill: a refill (or a crash in it)
         # never stands between the sign-up and its connection string
         with fleet.refills_held():
-            res = fleet.provision(slug, region, shown=False)
+            res = fleet.provision(slug, region, shown=False, plan=plan)
             _show_created(res, as_json)
             sys.stdout.flush()
             fleet.credentials_shown(slug)  # until here, a re-run shows it again
@@ -267,7 +270,8 @@ def tenant_list(
 TENANT_COLUMNS = [
     Col("slug", "slug", whole=True), Col("region", "region", whole=True, wide=True),
     Col("server", "server", whole=True), Col("state", "state"),
-    Col("revision", "revision", whole=True), Col("created", "created_at", "time"),
+    Col("revision", "revision", whole=True), Col("plan", "plan", whole=True),
+    Col("created", "created_at", "time"),
     Col("database", "database", whole=True, wide=True),
     Col("legal hold", "legal_hold", "yesno", wide=True),
     Col("hold until", "hold_until", "time", wide=True),
@@ -290,6 +294,34 @@ def tenant_show(slug: SlugArg, as_json: JsonOpt = False, fmt: FormatOpt = None) 
            [Col(k, k, "time" if k.endswith("_at") or k in ("hold_until", "purge_after")
                 else "yesno" if isinstance(v, bool) else "text") for k, v in data.items()],
            out)
+
+
+@tenant_app.command("set-plan")
+def tenant_set_plan(
+    slug: SlugArg,
+    plan: Annotated[str, typer.Argument(autocompletion=complete_plans, show_default=False)],
+    as_json: JsonOpt = False,
+) -> None:
+    """Move a tenant to PLAN ([plans.NAME] in tenantctl.toml): its login role gets the
+    plan's connection limit and settings at once (sessions already open keep theirs
+    until they reconnect). Audited."""
+    from orchestrator.services import plans
+
+    fleet = open_fleet()
+    try:
+        res = plans.set_plan(fleet, slug, plan)
+    finally:
+        fleet.close()
+    if as_json:
+        print_json(res.to_json())
+        return
+    verb = "moved to" if res.plan.name != res.previous else "kept on"
+    say(f"tenant {slug}: {verb} plan {res.plan.name}"
+        + (f" (was {res.previous})" if res.plan.name != res.previous else ""))
+    if res.applied is None:
+        say("its login role gets the plan when its provisioning finishes")
+    else:
+        say("login role: " + ", ".join(f"{k}={v}" for k, v in res.applied.items()))
 
 
 @tenant_app.command("credentials")

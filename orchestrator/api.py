@@ -31,7 +31,7 @@ class Fleet(Deps):
         self.refiller = _refill
 
     def provision(self, slug: str, region: str, *, restore_from: int | None = None,
-                  shown: bool = True) -> ProvisionResult:
+                  shown: bool = True, plan: str | None = None) -> ProvisionResult:
         """Create (or finish creating) a tenant; the result carries its connection
         string. With ``shown=False`` the caller calls ``credentials_shown`` once the
         string has reached its reader; until then a re-run returns it again."""
@@ -39,7 +39,7 @@ class Fleet(Deps):
         from orchestrator.services import provisioning
 
         return provisioning.provision_tenant(self, slug, region, restore_from=restore_from,
-                                             shown=shown)
+                                             shown=shown, plan=plan)
 
     def pipeline_jobs(self) -> ports.BackupJobs:
         from backups.service import PipelineJobs  # start-up: only commands that back up

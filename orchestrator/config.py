@@ -24,9 +24,9 @@ from urllib.parse import parse_qs, urlparse
 from psycopg import ProgrammingError
 from psycopg.conninfo import conninfo_to_dict
 
-from orchestrator.domain.bounds import TenantBounds
+from orchestrator.domain.bounds import DEFAULT_PLAN, Plan, TenantBounds
 from orchestrator.domain.durations import BadDuration, parse_pg_duration
-from orchestrator.domain.errors import ConfigError
+from orchestrator.domain.errors import ConfigError, InvalidInput
 
 CONFIG_ENV = "TENANTCTL_CONFIG"
 DEFAULT_CONFIG_NAME = "tenantctl.toml"
@@ -148,6 +148,10 @@ class Config:
     scheduler: SchedulerConfig = SchedulerConfig()
     s3: S3UploadConfig = S3UploadConfig()
     bounds: TenantBounds = TenantBounds()
+    # [plans.NAME], always with "default" (see _plans); new tenants get default_plan
+    plans: dict[str, Plan] = dataclasses.field(
+        default_factory=lambda: {DEFAULT_PLAN: Plan(DEFAULT_PLAN)})
+    default_plan: str = DEFAULT_PLAN
     state_dir: Path | None = None
     pg_bin_dir: Path | None = None
     # how the file was found (for `config check`) and which keys the environment set
@@ -170,6 +174,14 @@ class Config:
         except KeyError:
             known = ", ".join(sorted(self.regions)) or "none"
             raise ConfigError(f"unknown region {name!r} (known: {known})") from None
+
+    def plan(self, name: str) -> Plan:
+        """The plan called ``name``; an unknown one: a one-line error."""
+        try:
+            return self.plans[name]
+        except KeyError:
+            raise InvalidInput(f"unknown plan {name!r} (plans: "
+                               f"{', '.join(sorted(self.plans))})") from None
 
     @property
     def lock_timeout(self) -> str:
@@ -451,36 +463,78 @@ def _store_location(r: _Reader, key: str, url: str) -> tuple[str, ...]:
     return ("s3", options.get("endpoint_url", [""])[-1], parsed.netloc, *parts)
 
 
-def _bounds(r: _Reader, tenants: dict[str, Any]) -> TenantBounds:
-    d = TenantBounds()
+def _bounds(r: _Reader, tenants: dict[str, Any], where: str = "tenants",
+            d: TenantBounds | None = None) -> TenantBounds:
+    """The bounds in table ``where`` (keys it leaves out: ``d``'s, else the defaults)."""
+    d = d or TenantBounds()
     values: dict[str, Any] = {}
     for name in ("connection_limit", "support_connection_limit"):
-        values[name] = r.integer(tenants, f"tenants.{name}", name,
+        values[name] = r.integer(tenants, f"{where}.{name}", name,
                                  default=getattr(d, name))
         if values[name] > 10000:
-            raise r.fail(f"tenants.{name}", "at most 10000 connections")
+            raise r.fail(f"{where}.{name}", "at most 10000 connections")
     for name in ("statement_timeout", "idle_in_transaction_session_timeout"):
         value = tenants.get(name, getattr(d, name))
         if not isinstance(value, str):
-            raise r.fail(f"tenants.{name}", "must be a string like '5min' (ms, s, min, h, "
+            raise r.fail(f"{where}.{name}", "must be a string like '5min' (ms, s, min, h, "
                          f"d; 0: none), got {value!r}")
         try:  # the one duration grammar, in Postgres's spelling (stored as it is)
-            values[name] = parse_pg_duration(value, f"tenants.{name}")
+            values[name] = parse_pg_duration(value, f"{where}.{name}")
         except BadDuration as exc:
-            raise r.fail(f"tenants.{name}", f"{value!r}: {exc.why}") from None
+            raise r.fail(f"{where}.{name}", f"{value!r}: {exc.why}") from None
     for name, pattern, example in (
             ("temp_file_limit", _SIZE_RE, "'1GB' (kB, MB, GB, TB; -1: none)"),
             ("work_mem", _SIZE_RE, "'16MB' (kB, MB, GB, TB)")):
         value = tenants.get(name, getattr(d, name))
         m = pattern.fullmatch(value) if isinstance(value, str) else None
         if m is None or (name == "work_mem" and value == "-1"):
-            raise r.fail(f"tenants.{name}", f"must be a string like {example}, got {value!r}")
+            raise r.fail(f"{where}.{name}", f"must be a string like {example}, got {value!r}")
         # in the setting's base unit (kB): Postgres's own range for these
         base = int(value.removesuffix(m.group(2) or "")) * _UNITS.get(m.group(2) or "", 1)
         if base > 2147483647 or (name == "work_mem" and base < 64):
-            raise r.fail(f"tenants.{name}", f"{value!r} is out of Postgres's range for it")
+            raise r.fail(f"{where}.{name}", f"{value!r} is out of Postgres's range for it")
         values[name] = value
     return TenantBounds(**values)
+
+
+_PLAN_RE = re.compile(r"[a-z][a-z0-9_-]{0,39}", re.ASCII)
+_PLAN_BOUNDS = ("connection_limit", "statement_timeout",
+                "idle_in_transaction_session_timeout", "temp_file_limit", "work_mem")
+_QUOTA_RE = re.compile(r"([1-9][0-9]{0,5})(kB|MB|GB|TB)", re.ASCII)
+
+
+def _plans(r: _Reader, raw: dict[str, Any], tenants: dict[str, Any],
+           bounds: TenantBounds) -> tuple[dict[str, Plan], str]:
+    """[plans.NAME] and [tenants] default_plan. The implicit plan "default" is
+    [tenants]' bounds; the keys a plan leaves out are [tenants]' (so are "default"'s,
+    when it is written out)."""
+    table = r.table(raw, "plans", "plans", required=False)
+    plans = {DEFAULT_PLAN: Plan(DEFAULT_PLAN, bounds)}
+    for name, praw in table.items():
+        key = f"plans.{name}"
+        if not _PLAN_RE.fullmatch(name):
+            raise r.fail(key, "plan names are lower-case letters, digits, '-' and '_' "
+                         "(at most 40)")
+        if not isinstance(praw, dict):
+            raise r.fail(key, "must be a table")
+        _check_unknown(r, praw, key, {*_PLAN_BOUNDS, "storage_quota", "pool_size"})
+        quota = praw.get("storage_quota")
+        quota_bytes = None
+        if quota is not None:
+            m = _QUOTA_RE.fullmatch(quota) if isinstance(quota, str) else None
+            if m is None:
+                raise r.fail(f"{key}.storage_quota", "must be a size like '10GB' (kB, MB, "
+                             f"GB, TB), got {quota!r}")
+            quota_bytes = int(m.group(1)) * _UNITS[m.group(2)] * 1024
+        pool = None
+        if "pool_size" in praw:
+            pool = r.integer(praw, f"{key}.pool_size", "pool_size", maximum=10000)
+        plans[name] = Plan(name, _bounds(r, praw, key, bounds), quota_bytes, pool)
+    default = tenants.get("default_plan", DEFAULT_PLAN)
+    if not isinstance(default, str) or default not in plans:
+        raise r.fail("tenants.default_plan", f"{default!r} is not a plan (plans: "
+                     f"{', '.join(sorted(plans))})")
+    return plans, default
 
 
 def _s3_upload(r: _Reader, backups: dict[str, Any]) -> S3UploadConfig:
@@ -526,7 +580,7 @@ def parse_config(raw: dict[str, Any], path: Path, overrides: list[EnvOverride] |
     env_named: dict[str, str] = {}  # upper-cased server name -> server name
     _check_unknown(r, raw, "", {"state_dir", "pg_bin_dir", "catalog", "master_key",
                                 "tenants", "regions", "backups", "lifecycle",
-                                "scheduler"})
+                                "scheduler", "plans"})
 
     env_catalog = by_key.get("catalog.dsn")
     catalog = r.table(raw, "catalog", "catalog", required=env_catalog is None)
@@ -564,7 +618,7 @@ def parse_config(raw: dict[str, Any], path: Path, overrides: list[EnvOverride] |
 
     tenants = r.table(raw, "tenants", "tenants", required=False)
     _check_unknown(r, tenants, "tenants", {"migrations", "use_template", "spare_databases",
-                                           "lock_wait_seconds",
+                                           "lock_wait_seconds", "default_plan",
                                            *(f.name for f in dataclasses.fields(TenantBounds))})
     migrations = r.string(tenants, "tenants.migrations", "migrations", required=False)
     if migrations in (None, BUILTIN_MIGRATIONS):
@@ -586,6 +640,7 @@ def parse_config(raw: dict[str, Any], path: Path, overrides: list[EnvOverride] |
         raise r.fail("tenants.lock_wait_seconds", "at most 3600 (an hour)")
 
     bounds = _bounds(r, tenants)
+    plans, default_plan = _plans(r, raw, tenants, bounds)
 
     backups = r.table(raw, "backups", "backups", required=False)
     _check_unknown(r, backups, "backups", {"interval_hours", "keep_days", "keep_weeks",
@@ -698,6 +753,8 @@ def parse_config(raw: dict[str, Any], path: Path, overrides: list[EnvOverride] |
         scheduler=scheduler,
         s3=s3_upload,
         bounds=bounds,
+        plans=plans,
+        default_plan=default_plan,
         state_dir=r.resolve(state_dir) if state_dir else None,
         pg_bin_dir=r.resolve(pg_bin_dir) if pg_bin_dir else None,
     )

@@ -34,3 +34,26 @@ class TenantBounds:
 # admin (not a superuser) may store them for a role only with SET on the parameter,
 # granted by a superuser (Postgres >= 15): without it they are left out, and doctor says so.
 SUSET_SETTINGS = frozenset({"temp_file_limit"})
+
+
+# the plan every tenant has unless given another: derived from [tenants]' bounds
+# (connection_limit, statement_timeout, ...) unless [plans.default] is written out, so
+# a config without [plans] keeps its tenants exactly as bounded as before
+DEFAULT_PLAN = "default"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A named set of per-tenant limits ([plans.NAME]): the login role's bounds, and
+    a storage quota and pool size (recorded and shown; not enforced here)."""
+
+    name: str
+    bounds: TenantBounds = TenantBounds()
+    storage_quota: int | None = None  # bytes
+    pool_size: int | None = None
+
+    def to_json(self) -> dict[str, object]:
+        b = self.bounds
+        return {"name": self.name, "connection_limit": b.connection_limit,
+                **b.role_settings, "storage_quota": self.storage_quota,
+                "pool_size": self.pool_size}

@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from orchestrator.domain import marks
-from orchestrator.domain.bounds import SUSET_SETTINGS, TenantBounds
+from orchestrator.domain.bounds import DEFAULT_PLAN, SUSET_SETTINGS, TenantBounds
 from orchestrator.domain.errors import InvalidInput
 from orchestrator.domain.grants import settings_changed
 from orchestrator.domain.marks import role_marker
@@ -75,6 +75,7 @@ class TenantRow:
     busy: bool = False  # another process holds its lock (provisioning in flight)
     step: str | None = None  # a step in flight (provisioning, or lifecycle.CANCELLING)
     key_destroyed: bool = False  # an erasure destroyed its key
+    plan: str = DEFAULT_PLAN  # its [plans.NAME]
 
 
 @dataclass(frozen=True)
@@ -171,6 +172,8 @@ class Facts:
     wrapped_key_ids: dict[str, int] = field(default_factory=dict)
     fleet_id: str | None = None  # the catalog's fleet identity (None: not made yet)
     bounds: TenantBounds = TenantBounds()
+    # each plan's bounds, by name (empty: every tenant is held to ``bounds``)
+    plans: dict[str, TenantBounds] = field(default_factory=dict)
     # tenants whose stored password no longer logs in (the role's was changed)
     dead_logins: frozenset[str] = frozenset()
     logins_unchecked: str | None = None  # why the stored passwords were not tried
@@ -344,7 +347,8 @@ def _check_reserve(f: Facts, c: ClusterFacts, names: str) -> Iterator[Finding]:
                  "restart the server (tenantctl local down, then up)"
                  if c.reserve_pending and c.admin_reserved
                  else RESERVE_REMEDY.format(admin=c.admin or "<admin role>"))
-    if not c.admin_bounds_temp and f.bounds.temp_file_limit != "-1":
+    if not c.admin_bounds_temp and any(b.temp_file_limit != "-1"
+                                       for b in (f.bounds, *f.plans.values())):
         yield _f(WARNING, "server-temp-file-limit-unbounded", names,
                  f"{c.admin or 'the admin'} may not set temp_file_limit (superuser-only): "
                  "tenants' temporary files are unbounded here",
@@ -352,15 +356,22 @@ def _check_reserve(f: Facts, c: ClusterFacts, names: str) -> Iterator[Finding]:
                  f"{c.admin or '<admin role>'} (Postgres >= 15), then tenantctl doctor --fix")
 
 
-def expected_settings(f: Facts, c: ClusterFacts) -> frozenset[str]:
-    return frozenset(f"{k}={v}" for k, v in f.bounds.role_settings.items()
+def expected_settings(bounds: TenantBounds, c: ClusterFacts) -> frozenset[str]:
+    return frozenset(f"{k}={v}" for k, v in bounds.role_settings.items()
                      if c.admin_bounds_temp or k not in SUSET_SETTINGS)
 
 
+def plan_bounds(f: Facts, t: TenantRow) -> TenantBounds | None:
+    """The bounds of the tenant's plan; None: the config has no such plan."""
+    if not f.plans:
+        return f.bounds
+    return f.plans.get(t.plan)
+
+
 def check_role_bounds(f: Facts) -> Iterator[Finding]:
-    """A tenant's login role has the configured CONNECTION LIMIT and exactly the
-    configured role settings (a tenant may change its own settings and password;
-    tenantctl puts them back), and still logs in with the password tenantctl holds."""
+    """A tenant's login role has its plan's CONNECTION LIMIT and exactly its plan's
+    role settings (a tenant may change its own settings and password; tenantctl puts
+    them back), and still logs in with the password tenantctl holds."""
     for t in f.tenants:
         c = _cluster(f, t.server)
         if c is None or t.state not in HAS_DATABASE or t.busy or _names(t.slug) is None:
@@ -371,14 +382,20 @@ def check_role_bounds(f: Facts) -> Iterator[Finding]:
                      "(changed with ALTER ROLE … PASSWORD?): its connection string is dead",
                      remedy("login-password-changed"),
                      fix="reapply_password", slug=t.slug)
+        bounds = plan_bounds(f, t)
+        if bounds is None:
+            yield _f(WARNING, "plan-unknown", t.slug,
+                     f"its plan {t.plan!r} is not in the config: its limits are not "
+                     "checked", remedy("plan-unknown"))
+            continue
         r = c.roles.get(t.login_role)
         if r is None or r.connection_limit is None or r.settings is None:
             continue
         wrong = []
-        if r.connection_limit != f.bounds.connection_limit:
+        if r.connection_limit != bounds.connection_limit:
             wrong.append(f"connection limit {r.connection_limit} (want "
-                         f"{f.bounds.connection_limit})")
-        want, have = expected_settings(f, c), r.settings
+                         f"{bounds.connection_limit})")
+        want, have = expected_settings(bounds, c), r.settings
         if not c.admin_bounds_temp:  # what the admin may not set, it does not judge
             have = frozenset(x for x in have if x.split("=", 1)[0].rsplit(":", 1)[-1]
                              not in SUSET_SETTINGS)
@@ -387,9 +404,10 @@ def check_role_bounds(f: Facts) -> Iterator[Finding]:
             wrong += [f"has {x}" for x in extra] + [f"lacks {x}" for x in missing]
         if wrong:
             yield _f(WARNING, "role-bounds-differ", t.slug,
-                     f"{t.login_role}: {', '.join(wrong)}",
-                     "tenantctl doctor --fix (re-applies the configured bounds)",
-                     fix="bound_role", server=t.server, role=t.login_role, slug=t.slug)
+                     f"{t.login_role} differs from plan {t.plan}: {', '.join(wrong)}",
+                     "tenantctl doctor --fix (re-applies the plan's bounds)",
+                     fix="bound_role", server=t.server, role=t.login_role, slug=t.slug,
+                     plan=t.plan)
 
 
 def _cluster(f: Facts, server: str) -> ClusterFacts | None:

@@ -49,6 +49,8 @@ REMEDIES: dict[str, Callable[..., str]] = {
     "role-powers": _role_powers,
     "login-password-changed": "tenantctl doctor --fix (gives the role its stored "
                               "password back)".format,
+    "plan-unknown": "add the plan back as [plans.NAME] in tenantctl.toml, or "
+                    "tenantctl tenant set-plan SLUG PLAN".format,
     "backup-overdue": "tenantctl backup run {slug} (tenantctl doctor --fix)".format,
     "backup-missing-object": _backup_missing_object,
     "store-unreachable": "check the store and its credentials".format,

@@ -70,7 +70,7 @@ from orchestrator.domain.names import password_context, tenant_lock
 from orchestrator.domain.retention_plan import DELETE, PURGE
 from orchestrator.domain.states import HAS_DATABASE
 from orchestrator.domain.statuses import BackupStatus
-from orchestrator.services import access, provisioning, retention, templates
+from orchestrator.services import access, plans, provisioning, retention, templates
 from orchestrator.services.access import role_name
 
 if TYPE_CHECKING:
@@ -311,7 +311,8 @@ def gather(fleet: Deps, region: str | None = None, now: datetime | None = None) 
                            t.legal_hold, t.legal_hold_reason, t.hold_until, t.purge_after,
                            t.activated_at, t.created_at,
                            busy=tenant_lock(t.slug) in busy, step=t.step,
-                           key_destroyed=t.id in destroyed) for t in tenants],
+                           key_destroyed=t.id in destroyed, plan=t.plan)
+                 for t in tenants],
         backups=[BackupRow(b.id, b.tenant_id, b.slug, b.region, b.object_key, b.manifest_key,
                            b.status, b.started_at, b.finished_at, alive=_alive(b.id) in busy)
                  for b in backups],
@@ -319,7 +320,8 @@ def gather(fleet: Deps, region: str | None = None, now: datetime | None = None) 
         grants={role_name(gid): (db, exp) for gid, exp, db, _ro in grant_rows},
         scoped_region=region, master_key_id=configured_key, key_error=key_error,
         catalog_key_id=recorded_key, wrapped_key_ids=wrapped,
-        fleet_id=fleet.catalog.fleet_id(), bounds=cfg.bounds, dead_logins=frozenset(dead),
+        fleet_id=fleet.catalog.fleet_id(), bounds=cfg.bounds,
+        plans={name: p.bounds for name, p in cfg.plans.items()}, dead_logins=frozenset(dead),
         logins_unchecked=unchecked,
         grant_ids={role_name(gid): (gid, ro) for gid, _exp, _db, ro in grant_rows})
 
@@ -484,12 +486,11 @@ def _fix_discard_upload(fleet: Deps, x: Finding) -> str:
 
 
 def _fix_bound_role(fleet: Deps, x: Finding) -> str:
-    bounds = fleet.cfg.bounds
-    with fleet.server_connection(x.arg("server")) as conn:
-        settings = pgserver.settable(conn, bounds.role_settings)
-        pgserver.bound_role(conn, x.arg("role"), bounds.connection_limit, settings)
-    return f"connection limit {bounds.connection_limit}, settings " + \
-        ", ".join(f"{k}={v}" for k, v in sorted(settings.items()))
+    applied = plans.apply_plan(fleet, x.arg("server"), x.arg("role"),
+                               fleet.cfg.plan(x.arg("plan")))
+    limit = applied.pop("connection_limit")
+    return f"plan {x.arg('plan')}: connection limit {limit}, settings " + \
+        ", ".join(f"{k}={v}" for k, v in sorted(applied.items()))
 
 
 def _fix_reapply_password(fleet: Deps, x: Finding) -> str:

@@ -62,7 +62,7 @@ from orchestrator.domain.names import (
 )
 from orchestrator.domain.placement import ServerLoad, choose_server
 from orchestrator.domain.views import tenant_json
-from orchestrator.services import templates
+from orchestrator.services import plans, templates
 
 if TYPE_CHECKING:
     from orchestrator.bootstrap import Deps
@@ -86,12 +86,15 @@ class Provisioned:
     via_template: bool
 
 
-def provision(fleet: Deps, slug: str, region: str, *, restore_from: int | None = None
-              ) -> Provisioned:
+def provision(fleet: Deps, slug: str, region: str, *, restore_from: int | None = None,
+              plan: str | None = None) -> Provisioned:
     """Create (or finish creating) a tenant. With ``restore_from``, its database is
-    filled from that backup instead of the template."""
+    filled from that backup instead of the template. ``plan``: its [plans.NAME]
+    (default: the config's default plan)."""
     validate_slug(slug)
     fleet.cfg.region(region)  # unknown region: error before anything else
+    if plan is not None:
+        fleet.cfg.plan(plan)  # unknown plan: likewise
     master = fleet.master_key  # a missing key fails here, before any change
     with holding_tenant(fleet.catalog, slug):
         tenant = fleet.find_tenant(slug)
@@ -119,22 +122,28 @@ def provision(fleet: Deps, slug: str, region: str, *, restore_from: int | None =
                 raise Conflict(f"tenant {slug!r} is being provisioned in region "
                                f"{tenant.region}, not {region}; re-run with {FIELD} "
                                f"{tenant.region} to finish it", field="region")
+            if plan is not None and tenant.plan != plan:
+                raise Conflict(f"tenant {slug!r} is being provisioned with plan "
+                               f"{tenant.plan}, not {plan}; re-run with {FIELD} "
+                               f"{tenant.plan} (or without it) to finish it", field="plan")
             password = master.unwrap(tenant.credential.password_wrapped,  # type: ignore[union-attr]
                                      password_context(slug)).decode()
         else:
             password = new_password()
-            tenant = _register(fleet, slug, region, password, restore_from)
+            tenant = _register(fleet, slug, region, password, restore_from,
+                               plan or fleet.cfg.default_plan)
             checkpoint("provision.registered")
         via_template = _run_steps(fleet, tenant, password)
         return Provisioned(fleet.get_tenant(slug), password, resumed, via_template)
 
 
 def provision_tenant(fleet: Deps, slug: str, region: str, *,
-                     restore_from: int | None = None, shown: bool = True) -> ProvisionResult:
+                     restore_from: int | None = None, shown: bool = True,
+                     plan: str | None = None) -> ProvisionResult:
     """Create (or finish creating) a tenant; the result carries its connection
     string. With ``shown=False`` the caller calls ``credentials_shown`` once the
     string has reached its reader; until then a re-run returns it again."""
-    done = provision(fleet, slug, region, restore_from=restore_from)
+    done = provision(fleet, slug, region, restore_from=restore_from, plan=plan)
     result = ProvisionResult(tenant_json(done.tenant),
                              fleet.tenant_dsn(done.tenant, done.password),
                              done.resumed, done.via_template)
@@ -204,7 +213,7 @@ def _server_loads(session: Session, region: str) -> list[ServerLoad]:
 
 
 def _register(fleet: Deps, slug: str, region: str, password: str,
-              restore_from: int | None = None) -> Tenant:
+              restore_from: int | None = None, plan: str | None = None) -> Tenant:
     names = tenant_names(slug)
     with fleet.catalog.session() as s, s.begin():
         loads = _server_loads(s, region)
@@ -222,7 +231,7 @@ def _register(fleet: Deps, slug: str, region: str, password: str,
         tenant = Tenant(slug=slug, region=region, server=server, database=names.database,
                         login_role=names.login_role, owner_role=names.owner_role,
                         state=TenantState.provisioning, step="registered",
-                        restored_from=restore_from)
+                        restored_from=restore_from, plan=plan or fleet.cfg.default_plan)
         master = keys.writing_key(fleet.master_key, s)  # a stray key: refused, nothing written
         tenant.credential = TenantCredential(
             password_wrapped=master.wrap(password.encode(), password_context(slug)),
@@ -235,7 +244,7 @@ def _register(fleet: Deps, slug: str, region: str, password: str,
         # the tenant's own backup key, from the first moment the tenant exists
         s.add(keys.new_key(master, tenant.id, slug))
         fleet.catalog.audit("tenant.provision.start", tenant=slug, region=region,
-                            session=s, server=server)
+                            session=s, server=server, plan=tenant.plan)
     return tenant
 
 
@@ -286,11 +295,9 @@ def _run_steps(fleet: Deps, tenant: Tenant, password: str) -> bool:
                 current = "schema"
                 revision = _migrate_to(fleet, tenant, target)
             current = "login"
-            # bounded before it can log in, whichever way its roles were made (a
-            # claimed spare's too)
-            bounds = fleet.cfg.bounds
-            pgserver.bound_role(conn, names.login_role, bounds.connection_limit,
-                                pgserver.settable(conn, bounds.role_settings))
+            # bounded by its plan before it can log in, whichever way its roles were
+            # made (a claimed spare's too: spares get their plan here, at the claim)
+            plans.apply_plan_on(conn, names.login_role, fleet.cfg.plan(tenant.plan))
             pgserver.enable_login(conn, names.login_role, password)
             checkpoint("provision.login")
     except Exception as exc:

@@ -123,6 +123,8 @@ class Tenant(Base):
     final_backup_id: Mapped[int | None] = mapped_column(BigInteger)
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now(), onupdate=func.now())
+    # the [plans.NAME] its login role is held to ("default": [tenants]' bounds)
+    plan: Mapped[str] = mapped_column(String(40), server_default="default")
 
     credential: Mapped[TenantCredential | None] = relationship(
         back_populates="tenant", cascade="all, delete-orphan")

@@ -1,0 +1,79 @@
+"""Plans ([plans.NAME] in tenantctl.toml): which one a tenant is on, and moving it to
+another (`tenant set-plan`). The login role is held to its plan's bounds at
+provisioning (services/provisioning.py, the login step) and by `doctor --fix`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import update
+
+from orchestrator.adapters.catalog.locks import holding_tenant
+from orchestrator.adapters.catalog.models import Tenant
+from orchestrator.adapters.faults import checkpoint
+from orchestrator.adapters.postgres import admin as pgserver
+from orchestrator.domain.bounds import Plan
+from orchestrator.domain.errors import Conflict
+from orchestrator.domain.states import HAS_DATABASE, TenantState
+
+if TYPE_CHECKING:
+    import psycopg
+
+    from orchestrator.bootstrap import Deps
+
+
+@dataclass(frozen=True)
+class PlanChange:
+    slug: str
+    plan: Plan
+    previous: str
+    # what the login role was given now; None: the role is not live yet (a tenant being
+    # provisioned gets its plan at the login step)
+    applied: dict[str, str] | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"slug": self.slug, "plan": self.plan.name, "previous": self.previous,
+                "changed": self.plan.name != self.previous, "limits": self.plan.to_json(),
+                "applied": self.applied}
+
+
+def apply_plan(deps: Deps, server: str, role: str, plan: Plan) -> dict[str, str]:
+    """The plan's CONNECTION LIMIT and role settings on ``role`` (exactly those: any
+    other setting the role carries is reset). Settings the admin may not store
+    (temp_file_limit without SET on it) are left out, as doctor reports."""
+    with deps.server_connection(server) as conn:
+        return apply_plan_on(conn, role, plan)
+
+
+def apply_plan_on(conn: psycopg.Connection, role: str, plan: Plan) -> dict[str, str]:
+    """``apply_plan`` over an admin connection the caller holds (provisioning's)."""
+    bounds = plan.bounds
+    settings = pgserver.settable(conn, bounds.role_settings)
+    pgserver.bound_role(conn, role, bounds.connection_limit, settings)
+    return {"connection_limit": str(bounds.connection_limit), **settings}
+
+
+def set_plan(deps: Deps, slug: str, name: str) -> PlanChange:
+    """Move a tenant to plan ``name``, at once. An unknown plan, or a tenant without a
+    database, is refused before anything changes. The role first, then the catalog:
+    a crash between them leaves a role doctor finds differing from its recorded plan
+    (and `doctor --fix` puts back)."""
+    plan = deps.cfg.plan(name)
+    with holding_tenant(deps.catalog, slug):
+        tenant = deps.get_tenant(slug)
+        previous = tenant.plan
+        if tenant.state in HAS_DATABASE:
+            applied: dict[str, str] | None = apply_plan(deps, tenant.server,
+                                                        tenant.login_role, plan)
+        elif tenant.state == TenantState.provisioning:
+            applied = None
+        else:
+            raise Conflict(f"tenant {slug!r} is {tenant.state}: it has no role to hold "
+                           "to a plan")
+        checkpoint("set_plan.applied")
+        with deps.catalog.session() as s, s.begin():
+            s.execute(update(Tenant).where(Tenant.id == tenant.id).values(plan=plan.name))
+            deps.catalog.audit("tenant.set-plan", tenant=slug, region=tenant.region,
+                               session=s, plan=plan.name, previous=previous)
+    return PlanChange(slug, plan, previous, applied)
