@@ -38,7 +38,8 @@ class _ShowByDefault(TyperGroup):
 
 
 usage_app = typer.Typer(cls=_ShowByDefault, help="Usage metering: per-tenant storage, "
-                        "connections, transactions and rows, per period.")
+                        "connections, transactions and rows, per hour. `tenantctl usage "
+                        "[SLUG] [options]` is `tenantctl usage show`.")
 
 SinceOpt = Annotated[str, typer.Option(
     help="From this time on: a duration back (7d, 12h), today, yesterday or ISO-8601.")]

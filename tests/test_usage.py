@@ -171,6 +171,10 @@ def test_a_down_server_fails_its_own_tenants_only(test_fleet: PgFleet,
     own = own_catalog
     own.fleet.provision(slug, "eu-central")
     own.fleet.provision(f"{slug}_ap", "ap-south")
+    own.fleet.provision(f"{slug}_gone", "eu-central")  # its database dropped behind our back
+    gone = own.fleet.get_tenant(f"{slug}_gone")
+    with psycopg.connect(test_fleet.admin_dsn(gone.server), autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE "{gone.database}" WITH (FORCE)')
     closed = localfleet.free_ports(1, start=59700)[0]
     down = {"TENANTCTL_SERVER_AP_SOUTH_1_ADMIN_DSN":
             f"postgresql://{ADMIN_ROLE}@127.0.0.1:{closed}/postgres"}
@@ -178,11 +182,14 @@ def test_a_down_server_fails_its_own_tenants_only(test_fleet: PgFleet,
     assert _sample(result, slug)["status"] == "ok"
     failed = _sample(result, f"{slug}_ap")
     assert failed["status"] == "failed" and "ap-south-1" in failed["error"]
+    missing = _sample(result, f"{slug}_gone")
+    assert missing["status"] == "failed" and "not found" in missing["error"]
     assert {s["server"]: s["status"] for s in result["servers"]} == {
-        own.fleet.get_tenant(slug).server: "ok", "ap-south-1": "failed"}
+        own.fleet.get_tenant(slug).server: "ok", gone.server: "ok", "ap-south-1": "failed"}
     plain = run_cli(test_fleet, "usage", "collect", config=own.config_path, env=down)
     assert plain.returncode == 1 and "Traceback" not in plain.stderr
     assert "failed: server ap-south-1" in plain.stderr and "collected 1 tenant" in plain.stdout
+    assert f"failed: {slug}_gone: database {gone.database} not found" in plain.stderr
     with own.fleet.catalog.session() as s:
         stored = {r.slug for r in s.query(UsageSample)}
     assert stored == {slug}  # the failed tenant has no made-up sample
