@@ -155,3 +155,33 @@ def test_usage_config() -> None:
                          ("nope = 1", "usage.nope: unknown key")]:
         with pytest.raises(ConfigError, match=message):
             _cfg(f"[usage]\n{bad}\n")
+
+
+def test_metrics_show_the_top_n_per_server_and_per_tenant_series_only_when_asked() -> None:
+    from orchestrator.daemon.metrics import FleetGauges, MetricsSnapshot, render_metrics
+    from orchestrator.services.usage import UsageGauges
+
+    tots = [u.Totals(f"t{i:03}", "s1", storage_bytes=1000 + i, transactions=i)
+            for i in range(200)]
+    top = u.top_per_server(tots, 3)
+    sums = {k: dict(v) for k, v in u.server_sums(tots).items()}
+
+    def render(per_tenant: bool) -> list[str]:
+        gauges = UsageGauges(top, sums, tots if per_tenant else None)
+        text = render_metrics(MetricsSnapshot(True, True, FleetGauges(
+            {"active": 200}, {}, 0, 0, 1.0, usage=gauges)))
+        return [ln for ln in text.splitlines() if ln.startswith("tenantctl_usage_")]
+
+    lines = render(False)
+    storage = [ln for ln in lines if ln.startswith("tenantctl_usage_top_storage_bytes{")]
+    assert storage == [
+        'tenantctl_usage_top_storage_bytes{rank="1",server="s1",tenant="t199"} 1199.0',
+        'tenantctl_usage_top_storage_bytes{rank="2",server="s1",tenant="t198"} 1198.0',
+        'tenantctl_usage_top_storage_bytes{rank="3",server="s1",tenant="t197"} 1197.0']
+    # bounded: top-N per metric plus one sum per metric, whatever the tenants' number
+    assert len(lines) <= 5 * (3 + 1)
+    assert not any(ln.startswith("tenantctl_usage_tenant_") for ln in lines)
+    assert f'tenantctl_usage_server_storage_bytes{{server="s1"}} {float(sum(range(1000, 1200)))}' \
+        in lines
+    every = [ln for ln in render(True) if ln.startswith("tenantctl_usage_tenant_storage_bytes")]
+    assert len(every) == 200

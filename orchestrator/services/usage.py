@@ -77,7 +77,8 @@ def _read_server(deps: Deps, server: str, databases: list[str]
         with deps.server_connection(server) as conn:
             return read_database_stats(conn, databases, deps.cfg.usage.statement_timeout)
     except Exception as exc:  # noqa: BLE001 - one server is its own tenants' failure
-        return f"server {server}: {first_line(exc)}"
+        line = first_line(exc)
+        return line if f"server {server}" in line else f"server {server}: {line}"
 
 
 def collect(deps: Deps, now: datetime, *, purge: bool = True) -> CollectResult:
