@@ -185,3 +185,31 @@ def test_metrics_show_the_top_n_per_server_and_per_tenant_series_only_when_asked
         in lines
     every = [ln for ln in render(True) if ln.startswith("tenantctl_usage_tenant_storage_bytes")]
     assert len(every) == 200
+
+
+def test_usage_without_a_subcommand_is_usage_show(tmp_path: Path) -> None:
+    """`tenantctl usage [SLUG] [options]` goes to `usage show`; bad input is refused
+    before any config is read (there is none here)."""
+    import os
+    import subprocess
+    import sys
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "cli", "--config",
+                               str(tmp_path / "none.toml"), "usage", *args],
+                              capture_output=True, text=True, timeout=60,
+                              cwd=Path(__file__).resolve().parent.parent,
+                              env={**os.environ, "TENANTCTL_CONFIG": ""})
+
+    for args in (("--since", "whenever"), ("acme", "--since", "whenever"),
+                 ("show", "--since", "whenever")):
+        proc = cli(*args)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.startswith("error: invalid --since 'whenever'"), proc.stderr
+    group = cli("--help")
+    assert group.returncode == 0 and "collect" in group.stdout and "export" in group.stdout
+    assert "Examples:" in cli("acme", "--help").stdout  # show's own help
+    missing = cli("export", "--since", "1d")
+    assert missing.returncode == 2 and "--output" in missing.stderr
+    nofile = cli("collect")
+    assert nofile.returncode == 2 and "config file not found" in nofile.stderr
