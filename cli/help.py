@@ -125,6 +125,14 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
                      "--reason 'TICKET-123'",),
     "access list": ("tenantctl access list", "tenantctl access list --all --json"),
     "access revoke": ("tenantctl access revoke 7", "tenantctl access revoke --all"),
+    "usage show": ("tenantctl usage show  # also: tenantctl usage",
+                   "tenantctl usage acme --since 30d",
+                   "tenantctl usage --since yesterday -o json"),
+    "usage collect": ("tenantctl usage collect  # from cron, e.g. hourly",
+                      "tenantctl usage collect --json"),
+    "usage export": ("tenantctl usage export --since 2026-11-01 --until 2026-12-01 "
+                     "--output november.csv",
+                     "tenantctl usage export --since 7d --tenant acme --output -"),
     "breach drill": ("tenantctl breach drill --new-key-file new-master.key",),
 }
 

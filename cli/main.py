@@ -37,6 +37,7 @@ from cli.retention import retention_app
 from cli.scheduler import scheduler_app
 from cli.template import template_app
 from cli.tenant import tenant_app
+from cli.usage import usage_app
 from orchestrator.domain.errors import ExitCode
 
 
@@ -100,7 +101,7 @@ for group, name in [(local_app, "local"), (catalog_app, "catalog"), (config_app,
                     (backup_app, "backup"), (keys_app, "keys"),
                     (retention_app, "retention"), (audit_app, "audit"),
                     (scheduler_app, "scheduler"), (access_app, "access"),
-                    (breach_app, "breach")]:
+                    (breach_app, "breach"), (usage_app, "usage")]:
     app.add_typer(group, name=name)
 add_examples(app)  # the `Examples:` epilog of every command (cli/help.py)
 

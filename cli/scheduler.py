@@ -11,7 +11,7 @@ from cli.common import open_fleet
 from cli.complete import complete_jobs
 
 scheduler_app = typer.Typer(no_args_is_help=True,
-                            help="The scheduler daemon: due backups, retention, pruning.")
+                            help="The scheduler daemon: due backups, retention, pruning, usage.")
 
 
 @scheduler_app.command("run")
@@ -32,15 +32,16 @@ def run(
     backup_concurrency: Annotated[int, typer.Option(help="Backups in flight.")] = 2,
     jobs: Annotated[str | None, typer.Option(
         help="Only these jobs: a comma-separated subset of backups,retention,prune,"
-        "audit_purge (default: all).", show_default=False,
+        "audit_purge,usage (default: all).", show_default=False,
         autocompletion=complete_jobs)] = None,
 ) -> None:
-    """Run due backups, retention (deletions and purges), backup pruning and the audit
-    purge on the intervals of the config's scheduler table. Each job's last run is kept
-    in the catalog: a restart or a new leader runs at once only the jobs that are due.
-    Several instances may run: one leads (a catalog advisory lock), the others wait
-    as standbys and take over when it dies. Log lines on stdout (JSON and info unless
-    --log-format/--log-level say otherwise); SIGTERM stops it cleanly (exit 0)."""
+    """Run due backups, retention (deletions and purges), backup pruning, the audit
+    purge and usage metering on the intervals of the config's scheduler table. Each
+    job's last run is kept in the catalog: a restart or a new leader runs at once only
+    the jobs that are due. Several instances may run: one leads (a catalog advisory
+    lock), the others wait as standbys and take over when it dies. Log lines on
+    stdout (JSON and info unless --log-format/--log-level say otherwise); SIGTERM
+    stops it cleanly (exit 0)."""
     from datetime import timedelta
 
     from orchestrator.daemon import jobs as daemon_jobs

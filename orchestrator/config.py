@@ -126,6 +126,19 @@ class SchedulerConfig:
     retention_minutes: int = 10
     prune_minutes: int = 60
     audit_purge_minutes: int = 1440
+    usage_minutes: int = 60
+
+
+@dataclass(frozen=True)
+class UsageConfig:
+    """Usage metering ([usage]): how long samples are kept, how long a server's one
+    usage query may run, and what the metrics endpoint shows of it (the top
+    ``top`` tenants of each server; every tenant only with ``per_tenant_metrics``)."""
+
+    keep_days: int = 400
+    statement_timeout: str = "30s"
+    top: int = 5
+    per_tenant_metrics: bool = False
 
 
 @dataclass(frozen=True)
@@ -147,6 +160,7 @@ class Config:
     lifecycle: LifecycleConfig = LifecycleConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     s3: S3UploadConfig = S3UploadConfig()
+    usage: UsageConfig = UsageConfig()
     bounds: TenantBounds = TenantBounds()
     # [plans.NAME], always with "default" (see _plans); new tenants get default_plan
     plans: dict[str, Plan] = dataclasses.field(
@@ -566,6 +580,27 @@ def _s3_upload(r: _Reader, backups: dict[str, Any]) -> S3UploadConfig:
                           storage_class=storage_class, sse=sse, sse_kms_key_id=kms_key)
 
 
+def _usage(r: _Reader, usage: dict[str, Any]) -> UsageConfig:
+    d = UsageConfig()
+    _check_unknown(r, usage, "usage", {f.name for f in dataclasses.fields(UsageConfig)})
+    timeout = usage.get("statement_timeout", d.statement_timeout)
+    if not isinstance(timeout, str):
+        raise r.fail("usage.statement_timeout", f"must be a string like '30s', got {timeout!r}")
+    try:
+        timeout = parse_pg_duration(timeout, "usage.statement_timeout")
+    except BadDuration as exc:
+        raise r.fail("usage.statement_timeout", f"{timeout!r}: {exc.why}") from None
+    if timeout == "0":  # the one bound on a server's usage query: never none
+        raise r.fail("usage.statement_timeout", "must be more than 0")
+    return UsageConfig(
+        keep_days=r.integer(usage, "usage.keep_days", "keep_days", default=d.keep_days,
+                            maximum=MAX_DAYS),
+        statement_timeout=timeout,
+        top=r.integer(usage, "usage.top", "top", default=d.top, maximum=100),
+        per_tenant_metrics=r.boolean(usage, "usage.per_tenant_metrics", "per_tenant_metrics",
+                                     d.per_tenant_metrics))
+
+
 def parse_config(raw: dict[str, Any], path: Path, overrides: list[EnvOverride] | None = None
                  ) -> Config:
     """The config of ``raw`` (the file's TOML) with the environment's ``overrides`` in
@@ -580,7 +615,7 @@ def parse_config(raw: dict[str, Any], path: Path, overrides: list[EnvOverride] |
     env_named: dict[str, str] = {}  # upper-cased server name -> server name
     _check_unknown(r, raw, "", {"state_dir", "pg_bin_dir", "catalog", "master_key",
                                 "tenants", "regions", "backups", "lifecycle",
-                                "scheduler", "plans"})
+                                "scheduler", "plans", "usage"})
 
     env_catalog = by_key.get("catalog.dsn")
     catalog = r.table(raw, "catalog", "catalog", required=env_catalog is None)
@@ -671,6 +706,8 @@ def parse_config(raw: dict[str, Any], path: Path, overrides: list[EnvOverride] |
                         maximum=MAX_DAYS * 24 * 60)
         for name, default in jobs.items()})
 
+    usage = _usage(r, r.table(raw, "usage", "usage", required=False))
+
     regions_raw = r.table(raw, "regions", "regions")
     if not regions_raw:
         raise r.fail("regions", "at least one region is required")
@@ -752,6 +789,7 @@ def parse_config(raw: dict[str, Any], path: Path, overrides: list[EnvOverride] |
         lifecycle=lifecycle,
         scheduler=scheduler,
         s3=s3_upload,
+        usage=usage,
         bounds=bounds,
         plans=plans,
         default_plan=default_plan,

@@ -370,7 +370,7 @@ def test_completion_from_the_config_and_never_an_error(tmp_path: Path) -> None:
     assert complete.complete_slugs(ctx, "") == []  # the catalog at port 1 refuses
     assert complete.complete_jobs("backups,re") == ["backups,retention"]
     assert complete.complete_jobs("prune,") == ["prune,backups", "prune,retention",
-                                                "prune,audit_purge"]
+                                                "prune,audit_purge", "prune,usage"]
     assert complete.complete_states("ca") == ["cancelled"]
 
 

@@ -26,8 +26,9 @@ NOW = datetime(2026, 3, 10, tzinfo=UTC)
 
 def test_the_names_outputs_have_always_used() -> None:
     assert [j.value for j in Job] == ["backups", "retention", "expire_grant", "delete",
-                                      "purge", "prune", "audit_purge"]
-    assert SCHEDULED == ("backups", "retention", "prune", "audit_purge") == daemon_jobs.JOBS
+                                      "purge", "prune", "audit_purge", "usage"]
+    assert SCHEDULED == ("backups", "retention", "prune", "audit_purge", "usage") == \
+        daemon_jobs.JOBS
     assert json.dumps({Job.audit_purge: [Job.expire_grant]}) == \
         '{"audit_purge": ["expire_grant"]}'
     assert f"retention.{Job.audit_purge}" == "retention.audit_purge"  # audit action names
@@ -54,11 +55,11 @@ def test_scheduler_jobs() -> None:
     assert daemon_jobs.parse_jobs("audit_purge") == (Job.audit_purge,)
     for text, message in [
             ("backups,nope", "--jobs: unknown job nope (known: backups, retention, prune, "
-                             "audit_purge)"),
+                             "audit_purge, usage)"),
             (" , ", "--jobs: unknown job (none given) (known: backups, retention, prune, "
-                    "audit_purge)"),
+                    "audit_purge, usage)"),
             ("delete", "--jobs: unknown job delete (known: backups, retention, prune, "
-                       "audit_purge)")]:
+                       "audit_purge, usage)")]:
         with pytest.raises(InvalidInput) as err:
             parse_scheduled(text, "--jobs")
         assert str(err.value) == message
@@ -66,7 +67,7 @@ def test_scheduler_jobs() -> None:
 
 def test_every_scheduled_job_runs_steps_a_retention_run_knows() -> None:
     assert set(STEPS_OF) == set(SCHEDULED)
-    assert STEPS_OF[Job.backups] == ()
+    assert STEPS_OF[Job.backups] == STEPS_OF[Job.usage] == ()
     covered = [s for j in SCHEDULED for s in STEPS_OF[j]]
     assert sorted(covered) == sorted(STEPS)  # each step in exactly one scheduled job
     assert daemon_jobs.RETENTION_KINDS == {"retention": ("expire_grant", "delete", "purge"),

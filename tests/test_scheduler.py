@@ -159,14 +159,15 @@ def test_one_leader_standby_takes_over_and_sigterm_stops_cleanly(
     assert not standby.has("leader") and not standby.has("job"), standby.describe()
     assert len(leader.events("leader")) == 1
     jobs = {ln["job"] for ln in leader.events("job")}
-    assert jobs <= {"backups", "retention", "prune", "audit_purge"}
+    assert jobs <= {"backups", "retention", "prune", "audit_purge", "usage"}
     for ln in leader.events("job"):
         assert {"ts", "level", "duration_ms", "outcome", "counts", "error"} <= set(ln)
         assert ln["outcome"] != "failed", leader.describe()
     # the first backups run takes every due tenant of the session (other test
     # modules' too): give it time
     wait_for(lambda: {ln["job"] for ln in leader.events("job")} >= {
-        "backups", "retention", "prune", "audit_purge"}, 240, "every job once", leader)
+        "backups", "retention", "prune", "audit_purge", "usage"}, 240, "every job once",
+        leader)
     assert _backed_up(fleet, slug), leader.describe()
 
     leader.proc.send_signal(signal.SIGKILL)
@@ -449,11 +450,11 @@ def test_metrics_registry_counts_failures_and_keeps_last_values() -> None:
 
 def test_intervals_and_job_selection() -> None:
     sc = SchedulerConfig(backups_minutes=15, retention_minutes=10, prune_minutes=60,
-                         audit_purge_minutes=1440)
+                         audit_purge_minutes=1440, usage_minutes=30)
     assert job_intervals(sc) == {"backups": 900.0, "retention": 600.0, "prune": 3600.0,
-                                 "audit_purge": 86400.0}
+                                 "audit_purge": 86400.0, "usage": 1800.0}
     assert job_intervals(sc, 2, ("prune",)) == {"prune": 2.0}
-    assert parse_jobs(None) == ("backups", "retention", "prune", "audit_purge")
+    assert parse_jobs(None) == ("backups", "retention", "prune", "audit_purge", "usage")
     assert parse_jobs("prune, backups,prune") == ("prune", "backups")
     from orchestrator.domain.errors import InvalidInput
 

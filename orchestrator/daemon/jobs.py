@@ -1,4 +1,4 @@
-"""The scheduler's jobs (backups, retention, prune, audit purge): their names and
+"""The scheduler's jobs (backups, retention, prune, audit purge, usage): their names and
 intervals, and one run of each, which stops at its next tenant/step once told to."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from orchestrator.daemon.jsonlog import JsonLog
 from orchestrator.domain.errors import Conflict as TenantChanged
 from orchestrator.domain.errors import first_line
 from orchestrator.domain.jobs import SCHEDULED, STEPS_OF, parse_scheduled
-from orchestrator.services import retention
+from orchestrator.services import retention, usage
 
 if TYPE_CHECKING:
     from orchestrator.bootstrap import Deps
@@ -39,7 +39,8 @@ def job_intervals(sc: SchedulerConfig, override_seconds: float | None = None,
     """Seconds between runs of each job: the [scheduler] table (minutes), or one
     override for all (tests, drills)."""
     minutes = {"backups": sc.backups_minutes, "retention": sc.retention_minutes,
-               "prune": sc.prune_minutes, "audit_purge": sc.audit_purge_minutes}
+               "prune": sc.prune_minutes, "audit_purge": sc.audit_purge_minutes,
+               "usage": sc.usage_minutes}
     return {j: float(override_seconds) if override_seconds else minutes[j] * 60.0
             for j in jobs}
 
@@ -126,3 +127,23 @@ def retention_job(fleet: Deps, kinds: tuple[str, ...], halt: threading.Event,
         return JobOutcome("partial", result,
                           f"{failed[0].action.describe()}: {failed[0].message}")
     return JobOutcome("ok", result)
+
+
+def usage_job(fleet: Deps, halt: threading.Event, log: JsonLog) -> JobOutcome:
+    """One `usage collect`: a server that cannot be read fails its tenants only
+    (outcome partial); another collection in progress (cron's) makes it skipped."""
+    if halt.is_set():
+        return JobOutcome("interrupted")
+    try:
+        result = usage.collect(fleet, utcnow())
+    except TenantChanged as exc:  # another collection holds the usage lock
+        return JobOutcome("skipped", {}, first_line(exc))
+    for server, error in sorted(result.servers.items()):
+        if error:
+            log.warning("usage_server_failed", server=server, error=error)
+    counts = {"collected": len(result.tenants) - len(result.failed),
+              "failed": len(result.failed), "purged": result.purged}
+    if result.failed:
+        t = result.failed[0]
+        return JobOutcome("partial", counts, f"{t.slug}: {t.error}")
+    return JobOutcome("ok", counts)

@@ -37,6 +37,8 @@ from orchestrator.domain.states import HAS_DATABASE
 from orchestrator.domain.statuses import BackupStatus
 from orchestrator.domain.timeliness import latest_backup_age
 from orchestrator.services import retention
+from orchestrator.services.usage import UsageGauges
+from orchestrator.services.usage import gauges as usage_gauges
 
 if TYPE_CHECKING:
     from orchestrator.bootstrap import Deps
@@ -77,6 +79,8 @@ class FleetGauges:
     behind_target: Mapping[str, int] = field(default_factory=dict)
     # region -> tenants whose last migration failed (migration_error set)
     migration_failed: Mapping[str, int] = field(default_factory=dict)
+    # usage metering over the last day (services/usage.py gauges)
+    usage: UsageGauges | None = None
 
 
 @dataclass(frozen=True)
@@ -152,6 +156,8 @@ def _families(snap: MetricsSnapshot) -> Iterator[Metric]:
         yield gauge("tenantctl_tenants_migration_failed", "Per region, tenants whose last "
                     "migration failed.", ["region"],
                     [([r], n) for r, n in sorted(f.migration_failed.items())])
+        if f.usage is not None:
+            yield from _usage_families(f.usage, gauge)
     jobs = sorted(snap.jobs.items())
     yield gauge("tenantctl_job_duration_seconds", "Duration of the job's last run.", ["job"],
                 [([j], s.last_duration) for j, s in jobs if s.last_duration is not None])
@@ -163,6 +169,35 @@ def _families(snap: MetricsSnapshot) -> Iterator[Metric]:
     yield gauge("tenantctl_job_last_success_timestamp_seconds",
                 "When the job last finished with outcome ok.", ["job"],
                 [([j], s.last_success) for j, s in jobs if s.last_success is not None])
+
+
+# usage metric -> (gauge name suffix, what it is over the last day)
+USAGE_GAUGES = {"storage_bytes": ("storage_bytes", "last storage size in bytes"),
+                "connections_peak": ("connections_peak", "peak of connections"),
+                "transactions": ("transactions", "transactions (commits and rollbacks)"),
+                "rows_written": ("rows_written", "rows inserted, updated and deleted"),
+                "rows_read": ("rows_read", "rows read by scans")}
+
+
+def _usage_families(u: UsageGauges, gauge: Callable[..., GaugeMetricFamily]
+                    ) -> Iterator[Metric]:
+    """Per server: its top tenants by each metric (rank and slug as labels: at most
+    [usage] top series per server and metric, whatever the fleet's size) and the
+    sums; one series per tenant only with [usage] per_tenant_metrics."""
+    for metric, (name, what) in USAGE_GAUGES.items():
+        yield gauge(f"tenantctl_usage_top_{name}",
+                    f"Per server, the top tenants by {what} over the last day "
+                    "(rank 1 = the largest).", ["server", "rank", "tenant"],
+                    [([r.server, str(r.rank), r.slug], r.value) for r in u.top
+                     if r.metric == metric])
+        yield gauge(f"tenantctl_usage_server_{name}",
+                    f"Per server, its tenants' {what} over the last day, summed.",
+                    ["server"], [([sv], sums[metric]) for sv, sums in sorted(u.servers.items())])
+        if u.tenants is not None:
+            yield gauge(f"tenantctl_usage_tenant_{name}",
+                        f"Per tenant, its {what} over the last day ([usage] "
+                        "per_tenant_metrics).", ["server", "tenant"],
+                        [([t.server, t.slug], getattr(t, metric) or 0) for t in u.tenants])
 
 
 class _SnapshotCollector:
@@ -316,7 +351,8 @@ def read_fleet_gauges(fleet: Deps, now: datetime) -> FleetGauges:
                        overdue_deletions=len(st["overdue"]["deletions"]),
                        overdue_purges=len(st["overdue"]["purges"]),
                        refreshed_at=now.timestamp(), servers=servers,
-                       behind_target=behind, migration_failed=failed)
+                       behind_target=behind, migration_failed=failed,
+                       usage=usage_gauges(fleet, now))
 
 
 class _MetricsHandler(BaseHTTPRequestHandler):

@@ -53,6 +53,7 @@ from orchestrator.daemon.jobs import (
     backups_job,
     job_lock,
     retention_job,
+    usage_job,
 )
 from orchestrator.daemon.jsonlog import JsonLog, route_apscheduler_logs
 from orchestrator.daemon.leader import LeaderLock
@@ -280,6 +281,8 @@ class SchedulerDaemon:
     def job_body(self, job: str, halt: threading.Event) -> JobOutcome:
         if job == "backups":
             return backups_job(self.fleet, halt, self.options.backup_concurrency, self.log)
+        if job == "usage":
+            return usage_job(self.fleet, halt, self.log)
         if job in RETENTION_KINDS:
             # retention.run takes one catalog lock for all three: run them in turn
             # here rather than have two of them find it taken and skip

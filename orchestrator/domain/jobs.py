@@ -25,6 +25,7 @@ class Job(enum.StrEnum):
     purge = "purge"  # the backups and key of deleted tenants past purge_after
     prune = "prune"  # backups the keep policy no longer keeps
     audit_purge = "audit_purge"  # audit records older than audit_days
+    usage = "usage"  # usage metering: a sample of every tenant database (services/usage.py)
 
 
 # `retention run --only`: its steps, by the spellings the option has always taken
@@ -34,9 +35,10 @@ STEP_SPELLINGS: dict[str, Job] = {"delete": Job.delete, "purge": Job.purge,
 STEPS: tuple[Job, ...] = tuple(STEP_SPELLINGS.values())
 
 # `scheduler run --jobs`: what the daemon runs, and the retention steps each runs
-SCHEDULED: tuple[Job, ...] = (Job.backups, Job.retention, Job.prune, Job.audit_purge)
+SCHEDULED: tuple[Job, ...] = (Job.backups, Job.retention, Job.prune, Job.audit_purge,
+                              Job.usage)
 STEPS_OF: dict[Job, tuple[Job, ...]] = {
-    Job.backups: (),
+    Job.backups: (), Job.usage: (),
     # one job for the three dated promises: they share the hold/purge clock
     Job.retention: (Job.expire_grant, Job.delete, Job.purge),
     Job.prune: (Job.prune,), Job.audit_purge: (Job.audit_purge,)}

@@ -320,3 +320,42 @@ class SchedulerJob(Base):
     last_finished_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     last_outcome: Mapped[str] = mapped_column(String(20))
     instance: Mapped[str] = mapped_column(String(300))
+
+
+class UsageSample(Base):
+    """One tenant's usage in one period (orchestrator/domain/usage.py): the metered
+    deltas summed over the period's collections, the peaks seen, and the raw
+    pg_stat_database counters (with what identifies their series) of its last
+    collection, which the next collection's delta is taken from."""
+
+    __tablename__ = "usage_samples"
+
+    tenant_id: Mapped[int] = mapped_column(
+        ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
+    period_start: Mapped[datetime] = mapped_column(DateTime(timezone=True), primary_key=True)
+    slug: Mapped[str] = mapped_column(String(40))
+    server: Mapped[str] = mapped_column(String(63))
+    collected_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    samples: Mapped[int] = mapped_column(Integer)
+    storage_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    storage_bytes_peak: Mapped[int | None] = mapped_column(BigInteger)
+    connections: Mapped[int] = mapped_column(Integer)
+    connections_peak: Mapped[int] = mapped_column(Integer)
+    transactions: Mapped[int] = mapped_column(BigInteger)
+    rows_written: Mapped[int] = mapped_column(BigInteger)
+    rows_read: Mapped[int] = mapped_column(BigInteger)
+    # the last collection's raw counters and their series
+    datid: Mapped[int] = mapped_column(BigInteger)
+    stats_reset: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    xact_commit: Mapped[int] = mapped_column(BigInteger)
+    xact_rollback: Mapped[int] = mapped_column(BigInteger)
+    tup_inserted: Mapped[int] = mapped_column(BigInteger)
+    tup_updated: Mapped[int] = mapped_column(BigInteger)
+    tup_deleted: Mapped[int] = mapped_column(BigInteger)
+    tup_returned: Mapped[int] = mapped_column(BigInteger)
+    tup_fetched: Mapped[int] = mapped_column(BigInteger)
+
+    __table_args__ = (
+        # the retention purge and the period queries (totals, export, metrics)
+        Index("ix_usage_samples_period_start", "period_start"),
+    )
