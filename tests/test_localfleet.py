@@ -71,6 +71,9 @@ def test_quickstart_from_nothing_and_again(workdir: Path) -> None:
     assert "already running" in second.stdout
     tenants = json.loads(_cli(workdir, "tenant", "list", "--json").stdout)
     assert sorted(t["slug"] for t in tenants) == ["demo_ap", "demo_eu"]
+    # the fleet has its identity, as after `catalog upgrade`: the report names it
+    report = json.loads(_cli(workdir, "report", "--json").stdout)
+    assert report["fleet"]["fleet_id"], report["fleet"]
 
 
 def test_local_status_down_up(workdir: Path) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import psycopg
 
 from orchestrator.adapters.catalog.models import TenantState
+from orchestrator.adapters.postgres import fleet_identity
 from orchestrator.api import Fleet
 from orchestrator.config import load_config
 from orchestrator.devfleet import localfleet
@@ -52,6 +53,8 @@ def run(config_path: Path, state_dir: Path) -> Iterator[str]:
         before, after = fleet.catalog.upgrade()
         yield f"catalog at {after}" + (f" (was {before or 'empty'})" if before != after else "")
         yield from fleet.catalog.sync_topology()
+        # as `catalog upgrade` does: the fleet's id on the catalog and every server
+        yield from fleet_identity.ensure(cfg, fleet.catalog)
         for region, slug in DEMO_TENANTS.items():
             if region not in cfg.regions:
                 continue
