@@ -100,32 +100,35 @@ def test_usage_numbers_match_what_postgres_reports(test_fleet: PgFleet,
     server, db = tenant.server, tenant.database
     dsn = own.fleet.credentials(slug)
     _flush_sessions(test_fleet, server, db)
-    base = _settled_written(test_fleet, server, db)
+    # Postgres's own counters, read just before and just after each collection: the
+    # sample must lie between them. Not an exact count: autovacuum's ANALYZE of the
+    # rows written below adds a few pg_statistic rows whenever it comes by.
+    before1 = _settled_written(test_fleet, server, db)
     size_before = _stat(test_fleet, server, db)[2]
     first = cli_json(test_fleet, own, "usage", "collect")
-    size_after = _stat(test_fleet, server, db)[2]
+    after1, _, size_after = _stat(test_fleet, server, db)
     s1 = _sample(first, slug)
     assert s1["status"] == "ok" and first["failed"] == 0
     assert size_before <= s1["storage_bytes"] <= size_after  # pg_database_size's
-    assert s1["rows_written"] == base  # the first sample: since the counters started
+    assert before1 <= s1["rows_written"] <= after1  # the first: since the counters started
 
     _write(dsn, N)
-    # at least our rows: a late-flushed session of the tenant's own provisioning (its
-    # DDL counts as rows written too) was seen to add a few; the sample must match
-    # what Postgres reports, whatever wrote it
-    written = _settled_written(test_fleet, server, db, base + N)
-    assert written >= base + N
+    before2 = _settled_written(test_fleet, server, db, before1 + N)
     with connect_as(dsn) as held:  # one connection open while the second sample runs
         held.execute("SELECT 1")
+        size_before = _stat(test_fleet, server, db)[2]
         second = cli_json(test_fleet, own, "usage", "collect")
+        after2, _, size_after = _stat(test_fleet, server, db)
     s2 = _sample(second, slug)
-    assert s2["rows_written"] == written - base  # exactly Postgres's count in between
+    assert N <= before2 - after1 <= s2["rows_written"] <= after2 - before1
     assert s2["transactions"] >= 1 and s2["rows_read"] >= N
     assert s2["connections"] == 1
-    assert s2["storage_bytes"] == _stat(test_fleet, server, db)[2]
+    assert size_before <= s2["storage_bytes"] <= size_after
     third = cli_json(test_fleet, own, "usage", "collect")
+    after3 = _stat(test_fleet, server, db)[0]
     s3 = _sample(third, slug)
-    assert s3["connections"] == 0 and s3["rows_written"] == 0
+    assert s3["connections"] == 0 and 0 <= s3["rows_written"] <= after3 - before2
+    written = s1["rows_written"] + s2["rows_written"] + s3["rows_written"]
 
     shown = cli_json(test_fleet, own, "usage", slug, "--since", "1d")
     (tot,) = shown["tenants"]
@@ -172,9 +175,12 @@ def test_a_stats_reset_gives_the_new_counts_never_a_negative_delta(
     with _superuser(test_fleet, server, db) as su:
         su.execute("SELECT pg_stat_reset()")
     _write(dsn, 7)
-    assert _settled_written(test_fleet, server, db, 7) == 7  # the counter started again
+    # the counter started again (from 0: our 7, and maybe autovacuum's ANALYZE rows)
+    restarted = _settled_written(test_fleet, server, db, 7)
+    assert restarted < N
     after = _sample(cli_json(test_fleet, own, "usage", "collect"), slug)
-    assert after["rows_written"] == 7
+    # the new count itself, not new - old (which would be negative)
+    assert restarted <= after["rows_written"] <= _stat(test_fleet, server, db)[0]
     assert min(after["transactions"], after["rows_read"]) >= 0
     with own.fleet.catalog.session() as s:
         row = s.query(UsageSample).filter_by(slug=slug).order_by(
