@@ -37,15 +37,11 @@ def print_version(value: bool) -> None:
     """`tenantctl --version`: the installed package's version (its metadata)."""
     if not value:
         return
-    from importlib.metadata import PackageNotFoundError, version
-
     import typer
 
-    try:
-        found = version("tenantctl")
-    except PackageNotFoundError:  # run from a checkout that was never installed
-        found = "unknown (not installed)"
-    typer.echo(f"tenantctl {found}")
+    from orchestrator.adapters.package import installed_version
+
+    typer.echo(f"tenantctl {installed_version()}")
     raise typer.Exit()
 
 

@@ -256,11 +256,11 @@ def test_failover_keeps_the_cadence_and_the_endpoint_reports_it(
             "tenantctl_job_run_duration_seconds_bucket",
             "tenantctl_server_capacity", "tenantctl_server_tenants",
             "tenantctl_tenants_behind_target", "tenantctl_tenants_migration_failed"} <= names
-    from orchestrator.daemon.metrics import build_version
+    from orchestrator.adapters.package import installed_version
 
     assert [ln for ln in lines if ln.startswith("tenantctl_build_info{")
-            and f'version="{build_version()}"' in ln and ln.endswith(" 1.0")]
-    assert build_version() != "unknown"
+            and f'version="{installed_version()}"' in ln and ln.endswith(" 1.0")]
+    assert installed_version() != "unknown"
     assert "# TYPE tenantctl_job_run_duration_seconds histogram" in lines
     buckets = [ln for ln in lines
                if ln.startswith('tenantctl_job_run_duration_seconds_bucket{job="audit_purge"')]

@@ -15,7 +15,6 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
@@ -31,6 +30,7 @@ from sqlalchemy import func, select
 
 from orchestrator.adapters.catalog.models import Backup, Tenant
 from orchestrator.adapters.clock import utcnow
+from orchestrator.adapters.package import installed_version
 from orchestrator.daemon.jobs import FAILED_OUTCOMES, JOBS
 from orchestrator.domain.errors import Conflict
 from orchestrator.domain.states import HAS_DATABASE
@@ -94,13 +94,6 @@ class MetricsSnapshot:
 # seconds: a job is a retention pass over a few rows or backups of a whole fleet
 JOB_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0,
                14400.0, float("inf"))
-
-
-def build_version() -> str:
-    try:
-        return metadata.version("tenantctl")
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def _families(snap: MetricsSnapshot) -> Iterator[Metric]:
@@ -254,7 +247,7 @@ class Metrics:
         PlatformCollector(registry=self.registry)
         info = Gauge("tenantctl_build_info", "The running tenantctl: version and Python.",
                      ["version", "python"], registry=self.registry)
-        info.labels(build_version(), ".".join(map(str, sys.version_info[:3]))).set(1)
+        info.labels(installed_version(), ".".join(map(str, sys.version_info[:3]))).set(1)
         self._runs = Histogram("tenantctl_job_run_duration_seconds",
                                "Durations of the job's runs by this instance.", ["job"],
                                buckets=JOB_BUCKETS, registry=self.registry)

@@ -13,7 +13,6 @@ import json
 from collections.abc import Sequence
 from dataclasses import replace
 from datetime import datetime
-from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -30,6 +29,7 @@ from orchestrator.adapters.catalog.models import (
     Tenant,
     TenantState,
 )
+from orchestrator.adapters.package import installed_version
 from orchestrator.adapters.postgres.libpq import redact
 from orchestrator.domain import promises
 from orchestrator.domain.errors import TenantctlError, first_line
@@ -167,14 +167,6 @@ def read_audit(fleet: Deps) -> tuple[set[tuple[str | None, str]], datetime | Non
 # -- the report -----------------------------------------------------------------------
 
 
-def tenantctl_version() -> str:
-    """The installed package's version (its metadata, not a constant to keep in step)."""
-    try:
-        return metadata.version("tenantctl")
-    except metadata.PackageNotFoundError:
-        return "unknown"
-
-
 def fleet_identity(fleet: Deps) -> dict[str, str | None]:
     """Which fleet the report is of: its catalog (user, host, port, database: never a
     password) and the fleet id its servers are marked with."""
@@ -199,7 +191,7 @@ def build(fleet: Deps, now: datetime | None = None) -> dict[str, Any]:
                promises.check_timeliness(tenants, grants, now),
                promises.check_audit(tenants, seen, oldest, total,
                                     fleet.cfg.lifecycle.audit_days, now)]
-    return assemble(checked, now, fleet_identity(fleet), tenantctl_version())
+    return assemble(checked, now, fleet_identity(fleet), installed_version())
 
 
 def assemble(checked: Sequence[Promise], now: datetime, fleet: dict[str, str | None],
