@@ -119,6 +119,14 @@ def test_unknown_store_scheme() -> None:
         open_store("s3://bucket/p?colour=blue")
 
 
+def _no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    """boto's retries as configured (every attempt is still made), without the
+    exponential waits between them: seconds per test in the fast tier."""
+    from botocore.retries.standard import ExponentialBackoff
+
+    monkeypatch.setattr(ExponentialBackoff, "delay_amount", lambda self, context: 0.0)
+
+
 def _inject(s3: S3Store, operation: str, failures: list[BaseException | int]) -> list[int]:
     """Make the next calls of an S3 operation fail: an int is an HTTP status the
     fake server answers, an exception is raised as if the connection broke."""
@@ -163,7 +171,9 @@ def test_s3_retries_5xx_and_resets_then_succeeds(moto_endpoint: str) -> None:
     assert s3.pending_uploads() == []
 
 
-def test_s3_persistent_failure_is_clean(moto_endpoint: str) -> None:
+def test_s3_persistent_failure_is_clean(moto_endpoint: str,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    _no_backoff(monkeypatch)
     bucket = f"b{os.urandom(4).hex()}"
     s3 = open_store(f"s3://{bucket}?endpoint_url={moto_endpoint}&region=eu-central-1",
                     SMALL_PARTS)
@@ -234,9 +244,11 @@ def test_parts_go_in_parallel_and_number_as_configured(moto_endpoint: str) -> No
     assert s3.pending_uploads() == []
 
 
-def test_a_failing_transfer_stops_the_writer_and_leaves_nothing(moto_endpoint: str) -> None:
+def test_a_failing_transfer_stops_the_writer_and_leaves_nothing(
+        moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Parts that keep failing end the transfer while the dump still streams: the
     next write raises (instead of waiting for room forever); no upload stays open."""
+    _no_backoff(monkeypatch)
     s3 = _bucket(moto_endpoint)
     _inject(s3, "UploadPart", [500] * 200)
     with pytest.raises(StoreError, match="upload of .* failed"), \
