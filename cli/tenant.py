@@ -314,6 +314,8 @@ def tenant_set_plan(
         fleet.close()
     if as_json:
         print_json(res.to_json())
+        if res.quota is not None and res.quota.failed:
+            raise typer.Exit(ExitCode.FAILED)
         return
     verb = "moved to" if res.plan.name != res.previous else "kept on"
     say(f"tenant {slug}: {verb} plan {res.plan.name}"
@@ -322,6 +324,13 @@ def tenant_set_plan(
         say("its login role gets the plan when its provisioning finishes")
     else:
         say("login role: " + ", ".join(f"{k}={v}" for k, v in res.applied.items()))
+    if res.quota is not None and res.quota.outcome in ("enforced", "released", "over",
+                                                       "warning"):
+        say(f"storage quota {res.quota.outcome}: {res.quota.reason}")
+    if res.quota is not None and res.quota.failed:
+        err(f"storage quota not applied: {res.quota.reason} (the next `tenantctl usage "
+            "collect` retries)")
+        raise typer.Exit(ExitCode.FAILED)
 
 
 @tenant_app.command("credentials")
