@@ -283,3 +283,39 @@ def test_sync_writes_puts_the_role_back_as_the_catalog_says(world: World) -> Non
 
 
 GB = 1 << 30
+
+
+# -- doctor's drift rule -----------------------------------------------------------------
+
+
+def _doctor(*, state: str = "active", over_quota: bool = False,
+            temporary: frozenset[str] | None, step: str | None = None
+            ) -> set[tuple[str, str]]:
+    from orchestrator.domain.health import diagnose
+    from tests.test_doctor_rules import cluster_with, facts, tenant
+
+    t = tenant(1, "acme", state=state, over_quota=over_quota, step=step)
+    c = cluster_with(t)
+    c.databases["tenant_acme"] = dataclasses.replace(c.databases["tenant_acme"],
+                                                     temporary=temporary)
+    found = diagnose(facts([t], {"h:1": c}, {"s1": "h:1"}))
+    return {(x.code, x.fix or "") for x in found if x.code.startswith("writes-")}
+
+
+WRITES, NO_WRITES = frozenset({"tenant_acme", "owner_acme"}), frozenset({"owner_acme"})
+
+
+def test_doctor_finds_the_writes_differing_from_the_flag() -> None:
+    assert _doctor(temporary=WRITES) == set()
+    assert _doctor(temporary=NO_WRITES) == {("writes-revoked", "sync_writes")}
+    assert _doctor(over_quota=True, temporary=NO_WRITES) == set()
+    assert _doctor(over_quota=True, temporary=WRITES) == {("writes-not-revoked",
+                                                          "sync_writes")}
+    assert _doctor(state="suspended", over_quota=True, temporary=WRITES) == {
+        ("writes-not-revoked", "sync_writes")}
+    assert _doctor(state="cancelled", temporary=NO_WRITES) == set()
+    assert _doctor(state="cancelled", temporary=WRITES) == {("writes-not-revoked",
+                                                             "sync_writes")}
+    # not judged: a cancellation half-way (its own finding), or the grants not read
+    assert _doctor(step=CANCELLING, temporary=NO_WRITES) == set()
+    assert _doctor(temporary=None) == set()

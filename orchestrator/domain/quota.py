@@ -106,6 +106,18 @@ def writes_expected(state: str, step: str | None, over_quota: bool) -> bool | No
     return None
 
 
+def storage_view(size: int | None, measured_at: str | None, quota: int | None,
+                 warning: float = DEFAULT_WARNING) -> dict[str, object]:
+    """`tenant show`'s storage keys: the last measured size (`usage collect`), the
+    plan's quota, the share of it used (percent) and where that stands."""
+    share = used_share(size, quota)
+    at = level(size, quota, warning)
+    return {"storage_bytes": size, "storage_measured_at": measured_at,
+            "storage_quota": quota,
+            "storage_used_percent": None if share is None else round(100 * share, 1),
+            "quota_status": None if at is None else str(at)}
+
+
 def check_warning(value: object) -> float | None:
     """``value`` as a warning share (0 < w <= 1), or None when it is not one."""
     if isinstance(value, bool) or not isinstance(value, int | float):

@@ -260,6 +260,13 @@ class CatalogReads:
         check_integrity(tenant)
         return tenant
 
+    def latest_size(self, tenant_id: int) -> tuple[int | None, datetime] | None:
+        """The tenant's last measured size and when (`usage collect`); None: never."""
+        row = self._connection().execute(
+            "SELECT storage_bytes, collected_at FROM usage_samples WHERE tenant_id = %s "
+            "ORDER BY period_start DESC LIMIT 1", (tenant_id,)).fetchone()
+        return None if row is None else (row[0], row[1])
+
     def migratable(self, region: str | None = None) -> list[TenantRow]:
         """The tenants `migrate status` reads (a database to migrate), by slug."""
         return self._tenants("state = ANY(%s) AND (%s::text IS NULL OR region = %s)",
