@@ -282,10 +282,8 @@ TENANT_COLUMNS = [
 @tenant_app.command("show")
 def tenant_show(slug: SlugArg, as_json: JsonOpt = False, fmt: FormatOpt = None) -> None:
     """Everything the catalog knows about one tenant."""
-    from orchestrator.domain.views import tenant_json
-
     from orchestrator.domain.quota import storage_view
-    from orchestrator.domain.views import iso
+    from orchestrator.domain.views import iso, tenant_json
 
     out = output_format(fmt, as_json)
     reads = open_reads()
