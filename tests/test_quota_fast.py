@@ -319,3 +319,34 @@ def test_doctor_finds_the_writes_differing_from_the_flag() -> None:
     # not judged: a cancellation half-way (its own finding), or the grants not read
     assert _doctor(step=CANCELLING, temporary=NO_WRITES) == set()
     assert _doctor(temporary=None) == set()
+
+
+# -- what show, the report and the metrics say ----------------------------------------
+
+
+def test_storage_view() -> None:
+    from orchestrator.domain.quota import storage_view
+
+    assert storage_view(9 * MB, "t", 10 * MB, 0.8) == {
+        "storage_bytes": 9 * MB, "storage_measured_at": "t", "storage_quota": 10 * MB,
+        "storage_used_percent": 90.0, "quota_status": "warning"}
+    assert storage_view(None, None, 10 * MB)["quota_status"] is None
+    assert storage_view(5 * MB, "t", None)["storage_used_percent"] is None
+
+
+def test_summary_and_server_counts() -> None:
+    from orchestrator.domain.quota import Standing, server_counts, summarize
+
+    rows = [Standing("big", "s1", "active", True, 12 * MB, 10 * MB),
+            Standing("held", "s1", "cancelled", False, 11 * MB, 10 * MB),
+            Standing("near", "s2", "active", False, 9 * MB, 10 * MB),
+            Standing("fine", "s2", "active", False, 1 * MB, 10 * MB),
+            Standing("free", "s2", "active", False, 90 * MB, None),
+            # flagged, then moved to a plan without a quota: over until released
+            Standing("gone", "s2", "active", True, 90 * MB, None)]
+    s = summarize(rows, 0.8)
+    assert s["with_quota"] == 4
+    assert [r["slug"] for r in s["over"]] == ["big", "held", "gone"]
+    assert [(r["slug"], r["used_percent"]) for r in s["warning"]] == [("near", 90.0)]
+    assert server_counts(rows, 0.8) == {("s1", "over"): 2, ("s2", "warning"): 1,
+                                        ("s2", "over"): 1}

@@ -13,7 +13,9 @@ quota releases it).
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from orchestrator.domain.states import CANCELLING, TenantState
 
@@ -116,6 +118,53 @@ def storage_view(size: int | None, measured_at: str | None, quota: int | None,
             "storage_quota": quota,
             "storage_used_percent": None if share is None else round(100 * share, 1),
             "quota_status": None if at is None else str(at)}
+
+
+@dataclass(frozen=True)
+class Standing:
+    """A tenant with a database as the report and the metrics read it: its plan's
+    quota and its last measured size."""
+
+    slug: str
+    server: str
+    state: str
+    over_quota: bool
+    size: int | None
+    quota: int | None
+
+    def status(self, warning: float) -> QuotaLevel | None:
+        """over when flagged (or measured past it on hold), else where the last size
+        stands; None without a quota (and not flagged)."""
+        at = level(self.size, self.quota, warning)
+        return QuotaLevel.over if self.over_quota else at
+
+
+def summarize(rows: Iterable[Standing], warning: float) -> dict[str, Any]:
+    """The report's storage section: how many tenants have a quota, and those over it
+    or at the warning share of it (largest share first)."""
+    rows = list(rows)
+    def item(r: Standing) -> dict[str, Any]:
+        share = used_share(r.size, r.quota)
+        return {"slug": r.slug, "server": r.server, "state": r.state, "size": r.size,
+                "quota": r.quota, "over_quota": r.over_quota,
+                "used_percent": None if share is None else round(100 * share, 1)}
+    def by_share(r: Standing) -> tuple[float, str]:
+        return (-(used_share(r.size, r.quota) or 0.0), r.slug)
+    over = sorted((r for r in rows if r.status(warning) == QuotaLevel.over), key=by_share)
+    warn = sorted((r for r in rows if r.status(warning) == QuotaLevel.warning), key=by_share)
+    return {"quota_warning": warning, "with_quota": sum(r.quota is not None for r in rows),
+            "over": [item(r) for r in over], "warning": [item(r) for r in warn]}
+
+
+def server_counts(rows: Iterable[Standing], warning: float) -> dict[tuple[str, str], int]:
+    """(server, over|warning) -> tenants: the metrics' bounded per-server gauge."""
+    out: dict[tuple[str, str], int] = {}
+    for r in rows:
+        at = r.status(warning)
+        if at in (QuotaLevel.over, QuotaLevel.warning):
+            key = (r.server, str(at))
+            out[key] = out.get(key, 0) + 1
+    return out
 
 
 def check_warning(value: object) -> float | None:

@@ -14,11 +14,18 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from orchestrator.adapters.catalog import usage as usage_store
 from orchestrator.adapters.catalog.locks import holding_tenant
 from orchestrator.adapters.faults import checkpoint
 from orchestrator.domain.errors import first_line
 from orchestrator.domain.names import tenant_names
-from orchestrator.domain.quota import QuotaAction, QuotaDecision, decide, writes_expected
+from orchestrator.domain.quota import (
+    QuotaAction,
+    QuotaDecision,
+    Standing,
+    decide,
+    writes_expected,
+)
 
 if TYPE_CHECKING:
     from orchestrator.bootstrap import Deps
@@ -136,3 +143,15 @@ def sync_writes(deps: Deps, slug: str) -> str:
         deps.admin.restrict_to_reads(t.server, names)
         return "writes revoked (" + ("over its storage quota" if t.over_quota
                                      else f"{t.state}") + ")"
+
+
+def standings(deps: Deps) -> list[Standing]:
+    """Every tenant with a database, its plan's quota and its last measured size (one
+    catalog query): what the report and the metrics say of quotas."""
+    out = []
+    for t in usage_store.metered_tenants(deps.catalog):
+        plan = deps.cfg.plans.get(t.plan)
+        out.append(Standing(t.slug, t.server, t.state, t.over_quota,
+                            t.last_usage.storage_bytes if t.last_usage else None,
+                            plan.storage_quota if plan else None))
+    return out
