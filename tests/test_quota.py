@@ -286,3 +286,23 @@ def test_doctor_finds_and_fixes_writes_that_differ_from_the_flag(
         # has no quota (the writes come back)
         out = _json(test_fleet, config, "tenant", "set-plan", slug, "default")
         assert out["quota"]["outcome"] in ("released", "ok"), out
+
+
+def test_restore_as_keeps_the_source_tenants_plan(
+        test_fleet: PgFleet, own_catalog: OwnCatalog, slug: str) -> None:
+    config = _config(own_catalog)
+    _json(test_fleet, config, "tenant", "create", slug, "--region", "eu-central",
+          "--plan", "small")
+    (backup,) = _json(test_fleet, config, "backup", "run", slug)
+    copy = _json(test_fleet, config, "backup", "restore", str(backup["id"]), "--as",
+                 f"{slug}_c")
+    assert copy["plan"] == "small", copy
+    assert _json(test_fleet, config, "tenant", "show", f"{slug}_c")["plan"] == "small"
+    # through the Python API: set_plan on the facade
+    fleet = Fleet(load_config(config))
+    try:
+        change = fleet.set_plan(f"{slug}_c", "roomy")
+    finally:
+        fleet.close()
+    assert (change.plan.name, change.previous) == ("roomy", "small")
+    assert _json(test_fleet, config, "tenant", "show", f"{slug}_c")["plan"] == "roomy"
