@@ -350,3 +350,16 @@ def test_summary_and_server_counts() -> None:
     assert [(r["slug"], r["used_percent"]) for r in s["warning"]] == [("near", 90.0)]
     assert server_counts(rows, 0.8) == {("s1", "over"): 2, ("s2", "warning"): 1,
                                         ("s2", "over"): 1}
+
+
+def test_a_deleted_tenant_is_over_no_quota(world: World) -> None:
+    from orchestrator.services import retention
+
+    world.tenant("acme", plan="small")
+    quota.judge(world.deps, [_measured(world, "acme", 11 * MB)], NOW)
+    lifecycle.cancel(world.deps, "acme", now=NOW, backup=False)
+    world.backup("acme", at=NOW + timedelta(hours=1))
+    outcome, _ = retention.delete_tenant(world.deps, "acme", NOW + timedelta(days=31))
+    assert outcome == "done"
+    row = world.catalog.row("acme")
+    assert (row.state, row.over_quota, row.over_quota_since) == ("deleted", False, None)
