@@ -305,16 +305,23 @@ def test_postgres_server_role_real_run(ansible_cluster: AnsibleCluster, test_fle
         with pytest.raises(psycopg.OperationalError, match="no encryption"):
             connect_as(dsns["ans_alpha"].replace("sslmode=require", "sslmode=disable")).close()
 
-        # The admin role: CREATEDB and CREATEROLE, not a superuser; the tuning applied.
+        # The admin role: CREATEDB, CREATEROLE and REPLICATION (tenant moves), not a
+        # superuser; the tuning applied, logical WAL for moves included.
         with connect_as(admin_dsn, autocommit=True) as conn:
             row = conn.execute(
                 "SELECT rolsuper, rolcreatedb, rolcreaterole, rolreplication, rolbypassrls "
                 "FROM pg_roles WHERE rolname = current_user").fetchone()
-            assert row == (False, True, True, False, False)
+            assert row == (False, True, True, True, False)
             settings = dict(conn.execute(
                 "SELECT name, setting FROM pg_settings WHERE name IN ('shared_buffers', "
                 "'max_connections', 'autovacuum_naptime', 'password_encryption', 'ssl', "
-                "'port')").fetchall())
+                "'port', 'wal_level', 'max_replication_slots', 'max_wal_senders')"
+            ).fetchall())
+            assert (settings["wal_level"], settings["max_replication_slots"],
+                    settings["max_wal_senders"]) == ("logical", "20", "20")
+            if conn.info.server_version >= 160000:
+                assert conn.execute("SELECT pg_has_role('pg_create_subscription', 'USAGE')"
+                                    ).fetchone() == (True,)
         expected_mb = max(min(int(cluster.memtotal_mb * 0.01), 16384), 128)
         assert int(settings["shared_buffers"]) * 8 // 1024 == expected_mb  # 8 kB pages
         assert settings["max_connections"] == "100"

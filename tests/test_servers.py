@@ -1,0 +1,129 @@
+"""Servers on real clusters: a local fleet of two embedded clusters per region
+(`init --local --servers-per-region 2`), what they offer tenant moves (logical WAL,
+the admin's REPLICATION), `config check` and `doctor` saying when a server cannot,
+the accepting flag honoured by placement, and `server retire`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from orchestrator.config import Config, load_config
+from orchestrator.devfleet import localfleet
+from tests.conftest import REPO, TENANTCTL
+
+pytestmark = pytest.mark.pg  # the module starts four clusters of its own
+
+
+@dataclass
+class Fleet2:
+    home: Path
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in os.environ.items() if k != "TENANTCTL_CONFIG"}
+        env["PYTHONPATH"] = str(REPO)
+        return subprocess.run([*TENANTCTL, *args], cwd=self.home, capture_output=True,
+                              text=True, env=env, timeout=300)
+
+    def config(self) -> Config:
+        return load_config(self.home / "tenantctl.toml")
+
+    def admin(self, server: str) -> psycopg.Connection:
+        return psycopg.connect(self.config().server(server).admin_dsn, autocommit=True,
+                               connect_timeout=5)
+
+    def superuser(self, server: str) -> psycopg.Connection:
+        sc = self.config().server(server)
+        password = (self.home / ".tenantctl" / "secrets" / f"{server}.superuser"
+                    ).read_text().strip()
+        return psycopg.connect(host="127.0.0.1", port=sc.port, user=localfleet.SUPERUSER,
+                               password=password, dbname="postgres", autocommit=True,
+                               connect_timeout=5)
+
+
+@pytest.fixture(scope="module")
+def fleet2() -> Iterator[Fleet2]:
+    home = Path(tempfile.mkdtemp(prefix="tenantctl-servers-", dir="/tmp"))
+    os.chmod(home, 0o755)
+    f = Fleet2(home)
+    base = next(p for p in range(58300, 60000, 7)
+                if all(localfleet._port_free(q) for q in range(p, p + 4)))
+    try:
+        init = f.cli("init", "--local", "--servers-per-region", "2", "--base-port", str(base))
+        assert init.returncode == 0, init.stderr + init.stdout
+        yield f
+    finally:
+        f.cli("local", "down")
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def test_two_clusters_per_region_with_logical_wal(fleet2: Fleet2) -> None:
+    status = json.loads(fleet2.cli("local", "status", "--json").stdout)
+    assert [(s["server"], s["region"], s["running"]) for s in status] == [
+        ("eu-central-1", "eu-central", True), ("eu-central-2", "eu-central", True),
+        ("ap-south-1", "ap-south", True), ("ap-south-2", "ap-south", True)]
+    assert len({s["port"] for s in status}) == 4
+    for slug in ("spread_a", "spread_b"):
+        created = fleet2.cli("tenant", "create", slug, "--region", "eu-central")
+        assert created.returncode == 0, created.stderr
+    shown = [json.loads(fleet2.cli("tenant", "show", slug, "--json").stdout)
+             for slug in ("spread_a", "spread_b")]
+    assert sorted(t["server"] for t in shown) == ["eu-central-1", "eu-central-2"]
+    for s in status:
+        with fleet2.admin(s["server"]) as conn:
+            assert conn.execute("SHOW wal_level").fetchone() == ("logical",)
+            assert int(conn.execute("SHOW max_replication_slots").fetchone()[0]) >= 10
+            assert conn.execute(
+                "SELECT rolsuper, rolreplication, pg_has_role('pg_create_subscription', "
+                "'USAGE') FROM pg_roles WHERE rolname = current_user").fetchone() == (
+                False, True, True)
+    check = fleet2.cli("config", "check", "--json")
+    assert check.returncode == 0, check.stderr
+    assert all(v == {"ready": True, "why": []}
+               for v in json.loads(check.stdout)["logical_moves"].values())
+
+
+def test_config_check_and_doctor_say_when_a_server_cannot_move_logically(
+        fleet2: Fleet2) -> None:
+    with fleet2.superuser("ap-south-2") as conn:
+        conn.execute("ALTER ROLE tenantctl_admin NOREPLICATION")
+    try:
+        check = fleet2.cli("config", "check")
+        assert check.returncode == 0, check.stderr
+        assert "note: ap-south-2 cannot move tenants by logical replication (the admin " \
+               "role lacks REPLICATION): its moves use pg_dump" in check.stdout
+        assert "eu-central-1 cannot" not in check.stdout
+        doctor = fleet2.cli("doctor", "--json")
+        assert doctor.returncode == 0, doctor.stderr  # information, not an error
+        found = [x for x in json.loads(doctor.stdout)["findings"]
+                 if x["code"] == "server-no-logical-moves"]
+        assert [(x["severity"], x["subject"]) for x in found] == [("info", "ap-south-2")]
+        assert "REPLICATION" in found[0]["message"] and "pg_dump" in found[0]["message"]
+        assert "ALTER ROLE tenantctl_admin REPLICATION" in found[0]["remedy"]
+    finally:
+        assert fleet2.cli("local", "up").returncode == 0  # gives REPLICATION back
+    again = json.loads(fleet2.cli("config", "check", "--json").stdout)
+    assert again["logical_moves"]["ap-south-2"] == {"ready": True, "why": []}
+
+
+def test_a_cluster_made_before_moves_gets_logical_wal_at_local_up(fleet2: Fleet2) -> None:
+    with fleet2.superuser("ap-south-2") as conn:
+        conn.execute("ALTER SYSTEM SET wal_level = minimal")
+        conn.execute("ALTER SYSTEM SET max_wal_senders = 0")
+    assert fleet2.cli("local", "down").returncode == 0
+    up = fleet2.cli("local", "up")
+    assert up.returncode == 0, up.stderr
+    assert "ap-south-2: restarted to turn on logical WAL for tenant moves" in up.stdout
+    assert "eu-central-1: restarted" not in up.stdout
+    with fleet2.admin("ap-south-2") as conn:
+        assert conn.execute("SHOW wal_level").fetchone() == ("logical",)
+        assert conn.execute("SHOW max_wal_senders").fetchone() == ("20",)
