@@ -127,3 +127,41 @@ def test_a_cluster_made_before_moves_gets_logical_wal_at_local_up(fleet2: Fleet2
     with fleet2.admin("ap-south-2") as conn:
         assert conn.execute("SHOW wal_level").fetchone() == ("logical",)
         assert conn.execute("SHOW max_wal_senders").fetchone() == ("20",)
+
+
+def _catalog(fleet2: Fleet2) -> psycopg.Connection:
+    return psycopg.connect(fleet2.config().catalog_dsn, autocommit=True, connect_timeout=5)
+
+
+def test_placement_skips_a_server_not_accepting_and_region_list_says_so(
+        fleet2: Fleet2) -> None:
+    with _catalog(fleet2) as conn:
+        conn.execute("UPDATE servers SET accepting = false WHERE name = 'ap-south-1'")
+    try:
+        for slug in ("acc_a", "acc_b", "acc_c"):
+            created = fleet2.cli("tenant", "create", slug, "--region", "ap-south")
+            assert created.returncode == 0, created.stderr
+            shown = json.loads(fleet2.cli("tenant", "show", slug, "--json").stdout)
+            assert shown["server"] == "ap-south-2"
+        listed = fleet2.cli("region", "list")
+        row = next(ln for ln in listed.stdout.splitlines() if "ap-south-1" in ln)
+        assert "no (drained)" in row
+        servers = {s["name"]: s for r in json.loads(fleet2.cli("region", "list", "--json")
+                                                    .stdout) for s in r["servers"]}
+        assert (servers["ap-south-1"]["accepting"], servers["ap-south-2"]["accepting"]) == \
+            (False, True)
+        assert servers["ap-south-1"]["available"] and servers["ap-south-1"]["retired_at"] \
+            is None
+        # the config's sync (catalog upgrade) leaves a drained server drained
+        assert fleet2.cli("catalog", "upgrade").returncode == 0
+        with _catalog(fleet2) as conn:
+            assert conn.execute("SELECT accepting FROM servers WHERE name = 'ap-south-1'"
+                                ).fetchone() == (False,)
+        with _catalog(fleet2) as conn:
+            conn.execute("UPDATE servers SET accepting = false WHERE name = 'ap-south-2'")
+        refused = fleet2.cli("tenant", "create", "acc_none", "--region", "ap-south")
+        assert refused.returncode == 5, refused.stderr
+        assert "region 'ap-south' has no server accepting new tenants" in refused.stderr
+    finally:
+        with _catalog(fleet2) as conn:
+            conn.execute("UPDATE servers SET accepting = true WHERE region = 'ap-south'")
