@@ -165,3 +165,85 @@ def test_placement_skips_a_server_not_accepting_and_region_list_says_so(
     finally:
         with _catalog(fleet2) as conn:
             conn.execute("UPDATE servers SET accepting = true WHERE region = 'ap-south'")
+
+
+def test_drain_and_rebalance_plans_and_refusals_through_the_cli(fleet2: Fleet2) -> None:
+    for slug in ("dr_a", "dr_b"):
+        assert fleet2.cli("tenant", "create", slug, "--region", "eu-central").returncode == 0
+    on = {t["slug"]: t["server"] for t in json.loads(
+        fleet2.cli("tenant", "list", "--region", "eu-central", "--json").stdout)}
+    source = on["dr_a"]
+    other = next(s for s in ("eu-central-1", "eu-central-2") if s != source)
+    dry = fleet2.cli("server", "drain", source, "--dry-run", "--json")
+    assert dry.returncode == 0, dry.stderr
+    plan = json.loads(dry.stdout)
+    leaving = sorted(slug for slug, server in on.items() if server == source)
+    assert sorted(m["tenant"] for m in plan["planned"]) == leaving
+    assert {m["to"] for m in plan["planned"]} == {other} and plan["dry_run"]
+    text = fleet2.cli("server", "drain", source, "--dry-run")
+    assert f"would drain {source} (eu-central): {len(leaving)} tenant(s) to move" in \
+        text.stdout and f"  dr_a: {source} -> {other}" in text.stdout
+    # without tenant moves in this build: one line, nothing changed
+    refused = fleet2.cli("server", "drain", source, "--yes")
+    assert refused.returncode == 1
+    assert refused.stderr.strip().splitlines() == [
+        "error: tenant moves are not available in this build"]
+    with _catalog(fleet2) as conn:
+        assert conn.execute("SELECT accepting FROM servers WHERE name = %s",
+                            (source,)).fetchone() == (True,)
+    rebalance = fleet2.cli("region", "rebalance", "eu-central", "--dry-run", "--json")
+    assert rebalance.returncode == 0, rebalance.stderr
+    doc = json.loads(rebalance.stdout)
+    assert doc["region"] == "eu-central" and doc["dry_run"] and sum(doc["before"].values()) \
+        == len(on)
+    # the region lacks room: a clear refusal, exit 5, nothing changed
+    with _catalog(fleet2) as conn:
+        conn.execute("UPDATE servers SET capacity = %s WHERE name = %s",
+                     (sum(s == other for s in on.values()) or 1, other))
+    try:
+        full = fleet2.cli("server", "drain", source, "--yes")
+        assert full.returncode == 5, full.stderr
+        assert f"region 'eu-central' lacks room to drain {source}" in full.stderr
+    finally:
+        assert fleet2.cli("catalog", "upgrade").returncode == 0  # the config's capacity
+    for args, code, says in (
+            (("server", "drain", "nowhere-9", "--dry-run"), 3, "no server 'nowhere-9'"),
+            (("server", "drain", source, "--concurrency", "0"), 2,
+             "--concurrency must be at least 1"),
+            (("region", "rebalance", "mars", "--dry-run"), 2, "mars"),
+            (("server", "retire", "nowhere-9"), 3, "no server 'nowhere-9'")):
+        proc = fleet2.cli(*args)
+        assert proc.returncode == code, (args, proc.stderr)
+        assert says in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, args
+
+
+def test_retire_refuses_a_server_with_tenants_and_retires_an_empty_one(
+        fleet2: Fleet2) -> None:
+    assert fleet2.cli("tenant", "create", "ret_a", "--region", "eu-central").returncode == 0
+    server = json.loads(fleet2.cli("tenant", "show", "ret_a", "--json").stdout)["server"]
+    refused = fleet2.cli("server", "retire", server)
+    assert refused.returncode == 4, refused.stderr
+    assert f"error: server {server} still holds" in refused.stderr
+    assert f"`tenantctl server drain {server}` first" in refused.stderr
+    with _catalog(fleet2) as conn:
+        assert conn.execute("SELECT accepting, retired_at FROM servers WHERE name = %s",
+                            (server,)).fetchone() == (True, None)
+        # ap-south-1 holds no tenant (placement gave ap-south's to ap-south-2)
+        assert conn.execute("SELECT count(*) FROM tenants WHERE server = 'ap-south-1' AND "
+                            "state NOT IN ('deleted', 'purged')").fetchone() == (0,)
+    retired = fleet2.cli("server", "retire", "ap-south-1", "--json")
+    assert retired.returncode == 0, retired.stderr
+    assert json.loads(retired.stdout)["changed"] is True
+    again = fleet2.cli("server", "retire", "ap-south-1")
+    assert again.returncode == 0 and "already retired" in again.stdout
+    row = next(ln for ln in fleet2.cli("region", "list").stdout.splitlines()
+               if "ap-south-1" in ln)
+    assert "no (retired)" in row
+    created = fleet2.cli("tenant", "create", "ret_b", "--region", "ap-south")
+    assert created.returncode == 0, created.stderr
+    assert json.loads(fleet2.cli("tenant", "show", "ret_b", "--json").stdout)["server"] == \
+        "ap-south-2"
+    assert fleet2.cli("server", "accept", "ap-south-1").returncode == 4  # retired stays so
+    audit = fleet2.cli("audit", "list", "--action", "server.", "--json")
+    assert audit.returncode == 0, audit.stderr
+    assert "server.retire" in {e["action"] for e in json.loads(audit.stdout)}
