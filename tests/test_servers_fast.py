@@ -4,6 +4,7 @@ services over the fakes with a fake mover (orchestrator/services/servers.py)."""
 
 from __future__ import annotations
 
+import sys
 import threading
 import tomllib
 from dataclasses import dataclass
@@ -422,3 +423,22 @@ def test_rebalance_moves_within_the_region_only() -> None:
     assert all(kw["server"].startswith("eu-central") for _, kw in mover.calls)
     # balanced now: nothing to do
     assert svc.rebalance(w.deps, "eu-central", mover=mover).plan.moves == ()
+
+
+def test_the_cli_mover_is_move_tenant_or_one_line_without_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import types
+
+    from cli import server as cli_server
+
+    monkeypatch.setitem(sys.modules, "orchestrator.services.move", None)  # not in this build
+    with pytest.raises(TenantctlError) as caught:
+        cli_server._mover()
+    assert str(caught.value) == "tenant moves are not available in this build"
+    fake = types.ModuleType("orchestrator.services.move")
+
+    def move_tenant(*_: Any, **__: Any) -> None: ...
+
+    fake.move_tenant = move_tenant  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "orchestrator.services.move", fake)
+    assert cli_server._mover() is move_tenant
