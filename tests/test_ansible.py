@@ -341,9 +341,20 @@ def test_postgres_server_role_real_run(ansible_cluster: AnsibleCluster, test_fle
         with connect_as(dsns["ans_alpha"]) as conn:
             assert conn.execute("SHOW temp_file_limit").fetchone() == ("1GB",)
         res = _tenantctl(config, "doctor", "--json")
-        reserve = [x for x in json.loads(res.stdout)["findings"]
-                   if x["code"] == "server-reserve-missing"]
+        findings = json.loads(res.stdout)["findings"]
+        reserve = [x for x in findings if x["code"] == "server-reserve-missing"]
         assert (reserve == []) == (version >= 160000), reserve
+        # the role set up logical WAL and the admin's REPLICATION: before 16 only the
+        # version keeps tenant moves from the logical method, and doctor says so
+        logical = [x for x in findings if x["code"] == "server-no-logical-moves"]
+        assert (logical == []) == (version >= 160000), logical
+        if logical:
+            assert logical[0]["severity"] == "info"
+            assert f"(Postgres {version // 10000} < 16)" in logical[0]["message"]
+        check = _tenantctl(config, "config", "check", "--json")
+        assert check.returncode == 0, check.stderr
+        assert [v["ready"] for v in json.loads(check.stdout)["logical_moves"].values()] == \
+            [version >= 160000]
     finally:
         with psycopg.connect(test_fleet.admin_dsn("eu-central-1"), autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{catalog_db}" WITH (FORCE)')
