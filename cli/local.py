@@ -54,6 +54,9 @@ def init(
     res = localfleet.init_local(path, state_dir, force=force, base_port=base_port,
                                 servers_per_region=servers_per_region)
     say(f"{'wrote' if res.created else 'kept existing'} {res.config_path}")
+    if not res.created and servers_per_region != 1:
+        say(f"note: --servers-per-region {servers_per_region} applies to a new config "
+            "(--force rewrites it)")
     cfg = _config_at(path)
     if no_start:
         ports = ", ".join(f"{s.name} on {s.port}" for s in localfleet.local_servers(cfg))
