@@ -81,7 +81,7 @@ def test_two_clusters_per_region_with_logical_wal(fleet2: Fleet2) -> None:
     for s in status:
         with fleet2.admin(s["server"]) as conn:
             assert conn.execute("SHOW wal_level").fetchone() == ("logical",)
-            assert int(conn.execute("SHOW max_replication_slots").fetchone()[0]) >= 10
+            assert int(conn.execute("SHOW max_replication_slots").fetchone()[0]) >= 10  # type: ignore[index]
             assert conn.execute(
                 "SELECT rolsuper, rolreplication, pg_has_role('pg_create_subscription', "
                 "'USAGE') FROM pg_roles WHERE rolname = current_user").fetchone() == (
@@ -247,3 +247,62 @@ def test_retire_refuses_a_server_with_tenants_and_retires_an_empty_one(
     audit = fleet2.cli("audit", "list", "--action", "server.", "--json")
     assert audit.returncode == 0, audit.stderr
     assert "server.retire" in {e["action"] for e in json.loads(audit.stdout)}
+
+
+def test_drain_on_the_real_catalog_with_a_catalog_only_mover(fleet2: Fleet2) -> None:
+    """The drain's catalog side on the real catalog: server rows, placed tenants, the
+    region's lock across processes, the accepting flag, the audit. The mover only
+    points the row at the target, as a cutover does (moving the data is `tenant
+    move`'s, tested with it); so this runs last, on the module's own fleet."""
+    from dataclasses import dataclass as dc
+
+    from sqlalchemy import update
+
+    from orchestrator.adapters.catalog.models import Tenant
+    from orchestrator.api import Fleet
+    from orchestrator.services import servers
+
+    @dc
+    class Done:
+        slug: str
+
+        def to_json(self) -> dict[str, str]:
+            return {"tenant": self.slug}
+
+    def repoint(deps: Fleet, slug: str, *, server: str, reason: str) -> Done:
+        with deps.catalog.session() as s, s.begin():
+            s.execute(update(Tenant).where(Tenant.slug == slug).values(server=server))
+        return Done(slug)
+
+    for slug in ("cat_a", "cat_b", "cat_c"):
+        assert fleet2.cli("tenant", "create", slug, "--region", "eu-central").returncode == 0
+    fleet = Fleet(fleet2.config())
+    try:
+        with fleet.records.advisory_lock("server-moves:eu-central") as got:
+            assert got
+            held = fleet2.cli("server", "drain", "eu-central-1", "--dry-run")
+            assert held.returncode == 4, held.stderr
+            assert "a drain or rebalance of region 'eu-central' is already running" in \
+                held.stderr
+        on_it = [t.slug for t in fleet.tenants("eu-central") if t.server == "eu-central-1"
+                 and t.state != "purged"]
+        result = servers.drain(fleet, "eu-central-1", mover=repoint, concurrency=2)
+    finally:
+        fleet.close()
+    assert result.ok and result.remaining == 0
+    assert sorted(r.slug for r in result.results) == sorted(on_it)
+    listed = fleet2.cli("region", "list")
+    row = next(ln for ln in listed.stdout.splitlines() if "eu-central-1" in ln)
+    assert "no (drained)" in row
+    created = fleet2.cli("tenant", "create", "cat_d", "--region", "eu-central")
+    assert json.loads(fleet2.cli("tenant", "show", "cat_d", "--json").stdout)["server"] == \
+        "eu-central-2"
+    assert created.returncode == 0
+    actions = [e["action"] for e in json.loads(
+        fleet2.cli("audit", "list", "--action", "server.", "--json").stdout)]
+    assert "server.drain.start" in actions and "server.drain" in actions
+    accepted = fleet2.cli("server", "accept", "eu-central-1")
+    assert accepted.returncode == 0 and "takes new tenants again" in accepted.stdout
+    with _catalog(fleet2) as conn:
+        assert conn.execute("SELECT accepting FROM servers WHERE name = 'eu-central-1'"
+                            ).fetchone() == (True,)
