@@ -38,6 +38,10 @@ def config_check(as_json: JsonOpt = False) -> None:
             say(f"found by {lookup['found_by']}; looked at: {', '.join(lookup['tried'])}")
         for o in summary["from_environment"]:
             say(f"{o['key']} from ${o['variable']}: {o['value']}")
+        for server, logical in summary["logical_moves"].items():
+            if logical["ready"] is False:
+                say(f"note: {server} cannot move tenants by logical replication "
+                    f"({'; '.join(logical['why'])}): its moves use pg_dump")
     if mixed is not None:
         err(f"warning: {mixed} (see `tenantctl doctor`)")
 

@@ -33,11 +33,14 @@ def init(
     force: Annotated[bool, typer.Option(help="Rewrite an existing config (keeps keys).")]
     = False,
     base_port: Annotated[int | None, typer.Option(
-        help="The first cluster's port; the next region's is the next port (default: the "
+        help="The first cluster's port; the next clusters' are the next ports (default: the "
         "first free from 55432).", show_default=False)] = None,
     no_start: Annotated[bool, typer.Option(
         "--no-start", help="Only write the config, keys and passfile; start nothing "
         "(`tenantctl local up` and `tenantctl catalog upgrade` later).")] = False,
+    servers_per_region: Annotated[int, typer.Option(
+        "--servers-per-region", help="Embedded clusters per region (each a server: "
+        "<region>-1, <region>-2 ...), to try drains, rebalances and moves.")] = 1,
 ) -> None:
     """Write a tenantctl.toml (only --local for now), start it and upgrade the catalog."""
     from orchestrator.config import find_config_path
@@ -48,8 +51,12 @@ def init(
         raise InvalidInput("only `tenantctl init --local` exists; for production write "
                            "tenantctl.toml yourself (see README) or use ansible/")
     path = find_config_path(State.config_path)
-    res = localfleet.init_local(path, state_dir, force=force, base_port=base_port)
+    res = localfleet.init_local(path, state_dir, force=force, base_port=base_port,
+                                servers_per_region=servers_per_region)
     say(f"{'wrote' if res.created else 'kept existing'} {res.config_path}")
+    if not res.created and servers_per_region != 1:
+        say(f"note: --servers-per-region {servers_per_region} applies to a new config "
+            "(--force rewrites it)")
     cfg = _config_at(path)
     if no_start:
         ports = ", ".join(f"{s.name} on {s.port}" for s in localfleet.local_servers(cfg))
@@ -114,13 +121,16 @@ def local_status(as_json: JsonOpt = False, fmt: FormatOpt = None) -> None:
 
 
 def quickstart(state_dir: Annotated[Path, typer.Option(help="State directory.")]
-               = Path(".tenantctl")) -> None:
+               = Path(".tenantctl"),
+               servers_per_region: Annotated[int, typer.Option(
+                   "--servers-per-region", help="Embedded clusters per region (for a new "
+                   "config; an existing one is kept).")] = 1) -> None:
     """Set up the embedded two-region fleet, a demo tenant per region, and show it."""
     from orchestrator.config import find_config_path
     from orchestrator.devfleet import quickstart as qs
 
     path = find_config_path(State.config_path)
-    for line in qs.run(path, state_dir):
+    for line in qs.run(path, state_dir, servers_per_region=servers_per_region):
         say(line)
     State.config_path = str(path)
     region_list()

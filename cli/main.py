@@ -35,6 +35,7 @@ from cli.region import region_app
 from cli.report import report
 from cli.retention import retention_app
 from cli.scheduler import scheduler_app
+from cli.server import server_app
 from cli.template import template_app
 from cli.tenant import tenant_app
 from cli.usage import usage_app
@@ -96,7 +97,7 @@ app = typer.Typer(no_args_is_help=True, add_completion=True, pretty_exceptions_e
 for command in (doctor, init, quickstart, report):
     app.command()(command)
 for group, name in [(local_app, "local"), (catalog_app, "catalog"), (config_app, "config"),
-                    (region_app, "region"), (tenant_app, "tenant"),
+                    (region_app, "region"), (server_app, "server"), (tenant_app, "tenant"),
                     (template_app, "template"), (migrate_app, "migrate"),
                     (backup_app, "backup"), (keys_app, "keys"),
                     (retention_app, "retention"), (audit_app, "audit"),

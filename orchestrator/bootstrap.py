@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Self
 
 import psycopg
@@ -49,11 +50,17 @@ class ServerInfo:
     region: str
     tenants: int
     capacity: int
-    available: bool
+    available: bool  # in the config
     template_revision: str | None
+    accepting: bool  # not drained nor retired
+    retired_at: datetime | None
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+    @property
+    def takes_tenants(self) -> bool:
+        return self.available and self.accepting
 
 
 class Deps:
@@ -237,7 +244,8 @@ class Deps:
             if region:
                 q = q.where(Server.region == region)
             return [ServerInfo(sv.name, sv.region, counts.get(sv.name, 0), sv.capacity,
-                               sv.available, sv.template_revision) for sv in s.scalars(q)]
+                               sv.available, sv.template_revision, sv.accepting,
+                               sv.retired_at) for sv in s.scalars(q)]
 
     def credentials_shown(self, slug: str) -> None:
         """The tenant's connection string reached its reader: a re-run of its create

@@ -124,6 +124,24 @@ class GrantRecord(Protocol):
     def dropped_at(self) -> datetime | None: ...
 
 
+class ServerRecord(Protocol):
+    """A row of ``servers``: ``available`` is the config's say (in it or not),
+    ``accepting`` the operator's (false once drained or retired)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def region(self) -> str: ...
+    @property
+    def capacity(self) -> int: ...
+    @property
+    def available(self) -> bool: ...
+    @property
+    def accepting(self) -> bool: ...
+    @property
+    def retired_at(self) -> datetime | None: ...
+
+
 # -- the catalog ---------------------------------------------------------------------
 
 
@@ -171,6 +189,21 @@ class GrantRepository(Protocol):
         ...
 
 
+class ServerRepository(Protocol):
+    def get(self, name: str) -> ServerRecord:
+        """The server; NotFound when the catalog has none of that name."""
+        ...
+
+    def in_region(self, region: str) -> list[ServerRecord]:
+        """The region's servers, by name."""
+        ...
+
+    def placed(self, region: str) -> list[TenantRecord]:
+        """The region's tenants that hold a place on a server (``PLACED_STATES``),
+        by slug."""
+        ...
+
+
 class CatalogWrites(Protocol):
     """The writes of one catalog transaction: all of them, or (an exception, or the
     process killed inside the block) none."""
@@ -195,6 +228,8 @@ class CatalogWrites(Protocol):
 
     def update_grant(self, grant_id: int, **values: Any) -> None: ...
 
+    def update_server(self, name: str, **values: Any) -> None: ...
+
     def audit(self, action: str, *, tenant: str | None = None, region: str | None = None,
               outcome: str = "ok", **detail: Any) -> None: ...
 
@@ -216,6 +251,8 @@ class CatalogPort(Locks, Protocol):
     def backups(self) -> BackupRepository: ...
     @property
     def grants(self) -> GrantRepository: ...
+    @property
+    def servers(self) -> ServerRepository: ...
 
     def transaction(self) -> AbstractContextManager[CatalogWrites]: ...
 

@@ -32,7 +32,13 @@ from orchestrator.config import (
 from orchestrator.domain.errors import Conflict, NotFound, TenantctlError
 from orchestrator.domain.marks import role_marker
 from orchestrator.domain.names import TenantNames, check_integrity, tenant_names, validate_slug
-from orchestrator.ports import BackupRecord, GrantRecord, ServerOperationFailed, TenantRecord
+from orchestrator.ports import (
+    BackupRecord,
+    GrantRecord,
+    ServerOperationFailed,
+    ServerRecord,
+    TenantRecord,
+)
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 REGIONS = {"eu-central": ("eu-central-1", "eu-central-2"), "ap-south": ("ap-south-1",)}
@@ -135,6 +141,16 @@ class FakeGrant:
 
 
 @dataclass
+class FakeServerRow:
+    name: str
+    region: str
+    capacity: int = 100
+    available: bool = True
+    accepting: bool = True
+    retired_at: datetime | None = None
+
+
+@dataclass
 class FakeAudit:
     action: str
     tenant: str | None
@@ -152,6 +168,7 @@ class _Tables:
     credentials: dict[int, str] = field(default_factory=dict)
     backups: dict[int, FakeBackup] = field(default_factory=dict)
     grants: dict[int, FakeGrant] = field(default_factory=dict)
+    servers: dict[str, FakeServerRow] = field(default_factory=dict)
     audit: list[FakeAudit] = field(default_factory=list)
 
 
@@ -231,6 +248,28 @@ class FakeGrants:
                 and (expired_at is None or g.expires_at <= expired_at)]
 
 
+PLACED = ("provisioning", "active", "suspended", "cancelled")
+
+
+class FakeServers:
+    def __init__(self, db: FakeCatalog) -> None:
+        self._db = db
+
+    def get(self, name: str) -> ServerRecord:
+        found = self._db.t.servers.get(name)
+        if found is None:
+            raise NotFound(f"no server {name!r}")
+        return _copy(found)  # type: ignore[no-any-return]
+
+    def in_region(self, region: str) -> list[ServerRecord]:
+        return [_copy(sv) for _, sv in sorted(self._db.t.servers.items())
+                if sv.region == region]
+
+    def placed(self, region: str) -> list[TenantRecord]:
+        return [_copy(t) for t in sorted(self._db.t.tenants.values(), key=lambda t: t.slug)
+                if t.region == region and t.state in PLACED]
+
+
 class FakeWrites:
     def __init__(self, db: FakeCatalog) -> None:
         self._db = db
@@ -265,6 +304,10 @@ class FakeWrites:
         if grant_id in self._db.t.grants:
             _set(self._db.t.grants[grant_id], values)
 
+    def update_server(self, name: str, **values: Any) -> None:
+        if name in self._db.t.servers:
+            _set(self._db.t.servers[name], values)
+
     def audit(self, action: str, *, tenant: str | None = None, region: str | None = None,
               outcome: str = "ok", **detail: Any) -> None:
         self._db.t.audit.append(FakeAudit(action, tenant, region, outcome, redact(detail),
@@ -284,6 +327,7 @@ class FakeCatalog:
         self.fail_audit = False
         self._tenants, self._backups = FakeTenants(self), FakeBackupRows(self)
         self._grants = FakeGrants(self)
+        self._servers = FakeServers(self)
 
     @property
     def tenants(self) -> FakeTenants:
@@ -296,6 +340,10 @@ class FakeCatalog:
     @property
     def grants(self) -> FakeGrants:
         return self._grants
+
+    @property
+    def servers(self) -> FakeServers:
+        return self._servers
 
     @contextmanager
     def transaction(self) -> Iterator[FakeWrites]:
@@ -601,6 +649,8 @@ class World:
         self.cfg = cfg or fake_config()
         self.clock = FakeClock()
         self.catalog = FakeCatalog(FakeClock(T0))
+        for sc in self.cfg.servers:  # as `catalog upgrade` syncs them
+            self.catalog.t.servers[sc.name] = FakeServerRow(sc.name, sc.region, sc.capacity)
         self.admin = FakeServerAdmin()
         self.stores = FakeStores()
         self.jobs = FakeBackupJobs(self.catalog, self.stores, self.cfg, self.clock)

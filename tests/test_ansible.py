@@ -324,16 +324,23 @@ def test_postgres_server_role_real_run(ansible_cluster: AnsibleCluster, test_fle
         with pytest.raises(psycopg.OperationalError, match="no encryption"):
             connect_as(dsns["ans_alpha"].replace("sslmode=require", "sslmode=disable")).close()
 
-        # The admin role: CREATEDB and CREATEROLE, not a superuser; the tuning applied.
+        # The admin role: CREATEDB, CREATEROLE and REPLICATION (tenant moves), not a
+        # superuser; the tuning applied, logical WAL for moves included.
         with connect_as(admin_dsn, autocommit=True) as conn:
             row = conn.execute(
                 "SELECT rolsuper, rolcreatedb, rolcreaterole, rolreplication, rolbypassrls "
                 "FROM pg_roles WHERE rolname = current_user").fetchone()
-            assert row == (False, True, True, False, False)
+            assert row == (False, True, True, True, False)
             settings = dict(conn.execute(
                 "SELECT name, setting FROM pg_settings WHERE name IN ('shared_buffers', "
                 "'max_connections', 'autovacuum_naptime', 'password_encryption', 'ssl', "
-                "'port')").fetchall())
+                "'port', 'wal_level', 'max_replication_slots', 'max_wal_senders')"
+            ).fetchall())
+            assert (settings["wal_level"], settings["max_replication_slots"],
+                    settings["max_wal_senders"]) == ("logical", "20", "20")
+            if conn.info.server_version >= 160000:
+                assert conn.execute("SELECT pg_has_role('pg_create_subscription', 'USAGE')"
+                                    ).fetchone() == (True,)
         expected_mb = max(min(int(cluster.memtotal_mb * 0.01), 16384), 128)
         assert int(settings["shared_buffers"]) * 8 // 1024 == expected_mb  # 8 kB pages
         assert settings["max_connections"] == "100"
@@ -353,9 +360,20 @@ def test_postgres_server_role_real_run(ansible_cluster: AnsibleCluster, test_fle
         with connect_as(dsns["ans_alpha"]) as conn:
             assert conn.execute("SHOW temp_file_limit").fetchone() == ("1GB",)
         res = _tenantctl(config, "doctor", "--json")
-        reserve = [x for x in json.loads(res.stdout)["findings"]
-                   if x["code"] == "server-reserve-missing"]
+        findings = json.loads(res.stdout)["findings"]
+        reserve = [x for x in findings if x["code"] == "server-reserve-missing"]
         assert (reserve == []) == (version >= 160000), reserve
+        # the role set up logical WAL and the admin's REPLICATION: before 16 only the
+        # version keeps tenant moves from the logical method, and doctor says so
+        logical = [x for x in findings if x["code"] == "server-no-logical-moves"]
+        assert (logical == []) == (version >= 160000), logical
+        if logical:
+            assert logical[0]["severity"] == "info"
+            assert f"(Postgres {version // 10000} < 16)" in logical[0]["message"]
+        check = _tenantctl(config, "config", "check", "--json")
+        assert check.returncode == 0, check.stderr
+        assert [v["ready"] for v in json.loads(check.stdout)["logical_moves"].values()] == \
+            [version >= 160000]
     finally:
         with psycopg.connect(test_fleet.admin_dsn("eu-central-1"), autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{catalog_db}" WITH (FORCE)')

@@ -51,6 +51,20 @@ def test_placement_full_region_is_an_error() -> None:
         choose_server("r", [ServerLoad("a", 10, 10), ServerLoad("b", 10, 10)])
 
 
+def test_placement_full_region_counts_only_accepting_servers() -> None:
+    loads = [ServerLoad("a", 10, 10), ServerLoad("drained", 0, 50, available=False)]
+    with pytest.raises(CapacityError, match=r"region 'r' is full \(10/10 tenants on 1 "
+                       "server\\(s\\) accepting"):
+        choose_server("r", loads)
+
+
+def test_placement_region_without_an_accepting_server() -> None:
+    loads = [ServerLoad("a", 0, 10, available=False), ServerLoad("b", 0, 10, available=False)]
+    with pytest.raises(CapacityError, match="region 'r' has no server accepting new tenants "
+                       r"\(a, b: drained, retired"):
+        choose_server("r", loads)
+
+
 def test_placement_region_without_servers() -> None:
     with pytest.raises(CapacityError, match="no servers"):
         choose_server("r", [])

@@ -346,7 +346,7 @@ def read_fleet_gauges(fleet: Deps, now: datetime) -> FleetGauges:
             behind[region] = behind.get(region, 0) + n
         if has_failed:
             failed[region] = failed.get(region, 0) + n
-    servers = tuple(ServerGauge(sv.name, sv.region, sv.capacity, sv.tenants, sv.available)
+    servers = tuple(ServerGauge(sv.name, sv.region, sv.capacity, sv.tenants, sv.takes_tenants)
                     for sv in fleet.servers())
     return FleetGauges(tenants=dict(st["states"]), oldest_backup_age=ages,
                        overdue_deletions=len(st["overdue"]["deletions"]),

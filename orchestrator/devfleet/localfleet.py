@@ -106,14 +106,24 @@ def read_pgpass_password(pgpass: Path, port: int, user: str) -> str | None:
     return None
 
 
-def render_local_config(state_dir: Path, ports: dict[str, int], capacity: int = 1000) -> str:
-    """The tenantctl.toml of a local fleet: one embedded cluster per region.
+def local_server_names(servers_per_region: int = 1) -> list[tuple[str, str]]:
+    """(server, region) of a local fleet, in port order: ``<region>-1`` .. ``-N``."""
+    return [(f"{region}-{i}", region) for region in LOCAL_REGIONS
+            for i in range(1, servers_per_region + 1)]
 
-    The catalog lives on the first region's cluster, in its own database that no
-    tenant role can connect to.
+
+def render_local_config(state_dir: Path, ports: dict[str, int], capacity: int = 1000) -> str:
+    """The tenantctl.toml of a local fleet: one embedded cluster per server (``ports``:
+    server name -> port; ``<region>-<n>``, see local_server_names).
+
+    The catalog lives on the first region's first cluster, in its own database that
+    no tenant role can connect to.
     """
     pgpass = state_dir / "pgpass"
-    first = LOCAL_REGIONS[0]
+    by_region: dict[str, list[str]] = {}
+    for server in ports:
+        by_region.setdefault(server.rsplit("-", 1)[0], []).append(server)
+    first = by_region[LOCAL_REGIONS[0]][0]
     lines = [
         "# Written by `tenantctl init --local`: an embedded two-region fleet on this machine.",
         "# Passwords live in the passfile the DSNs name; the master key in its own file.",
@@ -132,20 +142,23 @@ def render_local_config(state_dir: Path, ports: dict[str, int], capacity: int = 
         "spare_databases = 2      # sign-ups made ahead per server: a sign-up is a rename",
     ]
     for region in LOCAL_REGIONS:
-        server = f"{region}-1"
-        port = ports[region]
         lines += [
             "",
             f"[regions.{region}]",
             f'backup_store = "file://{state_dir / "backups" / region}"',
-            "",
-            f"[[regions.{region}.servers]]",
-            f'name = "{server}"',
-            f'admin_dsn = "postgresql://{ADMIN_ROLE}@127.0.0.1:{port}/postgres?passfile={pgpass}"',
-            f"capacity = {capacity}",
-            f'data_dir = "{state_dir / "pg" / server}"',
-            f"port = {port}",
         ]
+        for server in by_region.get(region, []):
+            port = ports[server]
+            lines += [
+                "",
+                f"[[regions.{region}.servers]]",
+                f'name = "{server}"',
+                f'admin_dsn = "postgresql://{ADMIN_ROLE}@127.0.0.1:{port}/postgres'
+                f'?passfile={pgpass}"',
+                f"capacity = {capacity}",
+                f'data_dir = "{state_dir / "pg" / server}"',
+                f"port = {port}",
+            ]
     return "\n".join(lines) + "\n"
 
 
@@ -169,26 +182,41 @@ def chosen_ports(base_port: int, count: int) -> list[int]:
     return ports
 
 
+MAX_SERVERS_PER_REGION = 8
+
+
+def check_servers_per_region(n: int) -> int:
+    if not 1 <= n <= MAX_SERVERS_PER_REGION:
+        raise InvalidInput(f"{{field}} must be between 1 and {MAX_SERVERS_PER_REGION}, "
+                           f"got {n}", field="servers_per_region")
+    return n
+
+
 def init_local(config_path: Path, state_dir: Path, *, force: bool = False,
-               base_port: int | None = None) -> InitResult:
+               base_port: int | None = None, servers_per_region: int = 1) -> InitResult:
     """Write the local fleet's config, master key and admin passwords. Idempotent:
     an existing config is kept (``force`` rewrites it, keeping keys and passwords).
+    ``servers_per_region`` embedded clusters in each region (``<region>-1`` ..).
     Ports: ``base_port`` and the next ones, else the first free from 55432."""
+    check_servers_per_region(servers_per_region)
     config_path = config_path.resolve()
     state_dir = state_dir.resolve()
     if config_path.exists() and not force:
         return InitResult(config_path, created=False)
-    ports_list = chosen_ports(base_port, len(LOCAL_REGIONS)) if base_port is not None \
-        else free_ports(len(LOCAL_REGIONS))
+    servers = local_server_names(servers_per_region)
+    ports_list = chosen_ports(base_port, len(servers)) if base_port is not None \
+        else free_ports(len(servers))
     state_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(state_dir, 0o755)  # the Postgres OS user must traverse it when we are root
     key_file = state_dir / "master.key"
     if not key_file.exists():
         write_key_file(key_file)
-    ports = dict(zip(LOCAL_REGIONS, ports_list, strict=True))
+    ports = dict(zip([name for name, _ in servers], ports_list, strict=True))
     pgpass = state_dir / "pgpass"
+    for server, _region in servers:
+        if read_pgpass_password(pgpass, ports[server], ADMIN_ROLE) is None:
+            ensure_pgpass_entry(pgpass, ports[server], ADMIN_ROLE, secrets.token_urlsafe(32))
     for region in LOCAL_REGIONS:
-        ensure_pgpass_entry(pgpass, ports[region], ADMIN_ROLE, secrets.token_urlsafe(32))
         (state_dir / "backups" / region).mkdir(parents=True, exist_ok=True)
     (state_dir / "pg").mkdir(exist_ok=True)
     tmp = config_path.with_suffix(".toml.tmp")
@@ -448,11 +476,11 @@ def _initdb(cfg: Config, server: ServerConfig, owner: tuple[int, int] | None) ->
             f"reserved_connections = {RESERVED_CONNECTIONS}\n"
             "password_encryption = 'scram-sha-256'\n"
             "log_min_messages = warning\n"
-            # Many small databases, cloned often. A local cluster has no replica and
-            # no WAL archive (backups are pg_dump), so minimal WAL is enough: a
-            # clone then writes no WAL for the copied pages. fsync stays on.
-            "wal_level = minimal\n"
-            "max_wal_senders = 0\n"
+            # Tenant moves (logical method) publish from here and subscribe there:
+            # logical WAL, and a slot and a sender per move in flight (plus a
+            # table-sync slot each while the copy runs). A clone then writes WAL
+            # for its pages, the price of moves on a laptop. fsync stays on.
+            + "".join(f"{k} = {v}\n" for k, v in LOGICAL_SETTINGS.items()) +
             "wal_buffers = 64MB\n"
             "shared_buffers = 256MB\n"
             "max_wal_size = 4GB\n"
@@ -476,11 +504,31 @@ def _start(cfg: Config, server: ServerConfig, owner: tuple[int, int] | None) -> 
         raise ServerUnavailable(f"could not start {server.name}: {tail}")
 
 
-def _bootstrap_admin(cfg: Config, server: ServerConfig, is_catalog_host: bool) -> bool:
+def _set_logical(conn: psycopg.Connection) -> bool:
+    """A cluster made before moves existed (wal_level minimal): the logical settings
+    through ALTER SYSTEM (they beat postgresql.conf). True when one waits for a
+    restart."""
+    current: dict[str, str] = dict(conn.execute(
+        "SELECT name, setting FROM pg_settings WHERE name = ANY(%s)",
+        (list(LOGICAL_SETTINGS),)).fetchall())
+    pending = conn.execute("SELECT pending_restart FROM pg_settings "
+                           "WHERE name = 'wal_level'").fetchone()
+    if current.get("wal_level") == "logical":
+        return False
+    if not (pending and pending[0]):
+        for name, value in LOGICAL_SETTINGS.items():
+            if name == "wal_level" or int(current.get(name, "0")) < int(value):
+                conn.execute(sql.SQL("ALTER SYSTEM SET {} = {}").format(
+                    sql.Identifier(name), sql.Literal(value)))
+    return True
+
+
+def _bootstrap_admin(cfg: Config, server: ServerConfig, is_catalog_host: bool) -> list[str]:
     """Create the non-superuser admin role (and the catalog database) if missing,
-    with its reserved connections and the right to bound tenants' temp files. True
-    when the reserve was just configured (a cluster made before it existed) and
-    takes effect at the next restart."""
+    with its reserved connections, the right to bound tenants' temp files and what
+    tenant moves need (REPLICATION, pg_create_subscription, logical WAL). What
+    was just configured and takes effect at the next restart (a cluster made
+    before it existed), [] when nothing waits for one."""
     assert server.port is not None and server.data_dir is not None
     state = cfg.state_dir or server.data_dir.parent.parent
     su_password = (state / "secrets" / f"{server.name}.superuser").read_text().strip()
@@ -502,18 +550,23 @@ def _bootstrap_admin(cfg: Config, server: ServerConfig, is_catalog_host: bool) -
         exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s",
                               (ADMIN_ROLE,)).fetchone()
         verb = "ALTER" if exists else "CREATE"
+        # REPLICATION: a tenant move's subscription on the target connects back to
+        # the source as the admin (its publication side needs a replication role).
         conn.execute(sql.SQL(
-            "{} ROLE {} LOGIN CREATEDB CREATEROLE NOSUPERUSER NOREPLICATION NOBYPASSRLS "
+            "{} ROLE {} LOGIN CREATEDB CREATEROLE NOSUPERUSER REPLICATION NOBYPASSRLS "
             "PASSWORD {}").format(sql.SQL(verb), sql.Identifier(ADMIN_ROLE),
                                   sql.Literal(verifier)))
         # Ending a tenant's sessions (in-place restore, holds, DROP … FORCE) needs
         # pg_signal_backend: it cannot signal superusers, only ordinary roles.
         conn.execute(sql.SQL("GRANT pg_signal_backend TO {}").format(
             sql.Identifier(ADMIN_ROLE)))
-        restart = False
+        restart: list[str] = []
         if conn.info.server_version >= 160000:
             # connection slots kept for the admin when tenants fill the server
             conn.execute(sql.SQL("GRANT pg_use_reserved_connections TO {}").format(
+                sql.Identifier(ADMIN_ROLE)))
+            # a non-superuser may CREATE SUBSCRIPTION (a tenant move's target side)
+            conn.execute(sql.SQL("GRANT pg_create_subscription TO {}").format(
                 sql.Identifier(ADMIN_ROLE)))
             row = conn.execute("SELECT setting::int, pending_restart FROM pg_settings "
                                "WHERE name = 'reserved_connections'").fetchone()
@@ -521,7 +574,9 @@ def _bootstrap_admin(cfg: Config, server: ServerConfig, is_catalog_host: bool) -
                 if not row[1]:
                     conn.execute(sql.SQL("ALTER SYSTEM SET reserved_connections = {}")
                                  .format(sql.Literal(RESERVED_CONNECTIONS)))
-                restart = True
+                restart.append(f"reserve {RESERVED_CONNECTIONS} connections for the admin")
+        if _set_logical(conn):
+            restart.append("turn on logical WAL for tenant moves")
         if conn.info.server_version >= 150000:
             # temp_file_limit is superuser-only (a hard bound on a tenant's role):
             # the admin may set it on tenant roles only with this
@@ -549,6 +604,15 @@ def _bootstrap_admin(cfg: Config, server: ServerConfig, is_catalog_host: bool) -
 
 ADMIN_SCRAM_ITERATIONS = 256
 RESERVED_CONNECTIONS = 10
+# What the logical move method needs of a cluster (wal_level needs a restart);
+# room for drains at concurrency 4 and more with their table-sync workers.
+LOGICAL_SETTINGS = {
+    "wal_level": "logical",
+    "max_wal_senders": "20",
+    "max_replication_slots": "20",
+    "max_logical_replication_workers": "12",
+    "max_worker_processes": "20",
+}
 
 
 def _catalog_port(cfg: Config) -> int | None:
@@ -585,17 +649,17 @@ def up(cfg: Config) -> Iterator[str]:
             yield f"{server.name}: started on 127.0.0.1:{server.port}"
         else:
             yield f"{server.name}: already running on 127.0.0.1:{server.port}"
-        if _bootstrap_admin(cfg, server, is_catalog_host=server.port == catalog_port):
-            # a cluster made before the admin had a reserve: it needs a restart, done
-            # here only if this command just started it (nobody is using it yet)
+        pending = _bootstrap_admin(cfg, server, is_catalog_host=server.port == catalog_port)
+        if pending:
+            # a cluster made before these settings: it needs a restart, done here
+            # only if this command just started it (nobody is using it yet)
             if started:
                 _stop(cfg, server, owner)
                 _start(cfg, server, owner)
-                yield f"{server.name}: restarted to reserve {RESERVED_CONNECTIONS} " \
-                      "connections for the admin"
+                yield f"{server.name}: restarted to {' and '.join(pending)}"
             else:
-                yield f"{server.name}: {RESERVED_CONNECTIONS} connections reserved for the " \
-                      "admin from the next restart (tenantctl local down, then up)"
+                yield f"{server.name}: will {' and '.join(pending)} at the next restart " \
+                      "(tenantctl local down, then up)"
 
 
 def _stop(cfg: Config, server: ServerConfig, owner: tuple[int, int] | None) -> None:

@@ -42,8 +42,10 @@ def write_sample_rows(dsn: str) -> int:
     return int(row[0]) if row else 0
 
 
-def run(config_path: Path, state_dir: Path) -> Iterator[str]:
-    result = localfleet.init_local(config_path, state_dir)
+def run(config_path: Path, state_dir: Path, *, servers_per_region: int = 1
+        ) -> Iterator[str]:
+    result = localfleet.init_local(config_path, state_dir,
+                                   servers_per_region=servers_per_region)
     yield (f"wrote {result.config_path}" if result.created
            else f"using existing {result.config_path}")
     cfg = load_config(config_path)

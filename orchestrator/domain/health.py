@@ -25,6 +25,7 @@ from orchestrator.domain.master_keys import fleet_key_elsewhere, mixed_key_ids
 from orchestrator.domain.names import TenantNames, catalog_mismatch, tenant_names
 from orchestrator.domain.quota import writes_expected
 from orchestrator.domain.remedies import SUPERUSER_ONLY, remedy
+from orchestrator.domain.replication import LOGICAL_REMEDY, LogicalReadiness
 from orchestrator.domain.retention_plan import DELETE
 from orchestrator.domain.states import (
     CANCELLING,
@@ -143,6 +144,7 @@ class ClusterFacts:
     admin_bounds_temp: bool = True  # the admin may set temp_file_limit on roles
     # database -> owner role -> how many large objects it owns there
     large_objects: dict[str, dict[str, int]] = field(default_factory=dict)
+    logical: LogicalReadiness | None = None  # None: not read
 
 
 @dataclass
@@ -313,6 +315,7 @@ def check_servers(f: Facts) -> Iterator[Finding]:
                      "see which roles hold them in pg_stat_activity")
         if cluster.reachable:
             yield from _check_reserve(f, cluster, names)
+            yield from _check_logical(cluster, names)
     for name, (_region, capacity, _tpl) in sorted(f.servers.items()):
         if placed[name] > capacity:
             yield _f(WARNING, "server-over-capacity", name,
@@ -359,6 +362,14 @@ def _check_reserve(f: Facts, c: ClusterFacts, names: str) -> Iterator[Finding]:
                  "tenants' temporary files are unbounded here",
                  f"as a superuser: GRANT SET ON PARAMETER temp_file_limit TO "
                  f"{c.admin or '<admin role>'} (Postgres >= 15), then tenantctl doctor --fix")
+
+
+def _check_logical(c: ClusterFacts, names: str) -> Iterator[Finding]:
+    """A server that cannot take part in a logical tenant move: information, not a
+    fault (its tenants move with pg_dump, pausing writes for the copy)."""
+    if c.logical is not None and not c.logical.ready:
+        yield _f(INFO, "server-no-logical-moves", names, c.logical.describe(),
+                 LOGICAL_REMEDY.format(admin=c.admin or "<admin role>"))
 
 
 def expected_settings(bounds: TenantBounds, c: ClusterFacts) -> frozenset[str]:

@@ -12,7 +12,9 @@ class ServerLoad:
     name: str
     tenants: int  # tenants that hold a place: every state but purged/deleted
     capacity: int
-    available: bool = True  # false when the server is marked drained or unreachable
+    # false when the server takes no new tenants: out of the config, drained or
+    # retired (catalog), or unreachable
+    available: bool = True
 
 
 def choose_server(region: str, loads: list[ServerLoad]) -> str:
@@ -25,9 +27,14 @@ def choose_server(region: str, loads: list[ServerLoad]) -> str:
     if not candidates:
         if not loads:
             raise CapacityError(f"region {region!r} has no servers")
-        used = sum(s.tenants for s in loads)
-        cap = sum(s.capacity for s in loads)
+        if not any(s.available for s in loads):
+            raise CapacityError(f"region {region!r} has no server accepting new tenants "
+                                f"({', '.join(s.name for s in loads)}: drained, retired, "
+                                "out of the config or unreachable)")
+        open_ = [s for s in loads if s.available]
+        used = sum(s.tenants for s in open_)
+        cap = sum(s.capacity for s in open_)
         raise CapacityError(f"region {region!r} is full ({used}/{cap} tenants on "
-                            f"{len(loads)} server(s))")
+                            f"{len(open_)} server(s) accepting new tenants)")
     best = min(candidates, key=lambda s: (s.tenants / s.capacity, s.tenants, s.name))
     return best.name

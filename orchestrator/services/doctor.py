@@ -156,6 +156,7 @@ def _read_cluster(fleet: Deps, server: str, facts: ClusterFacts) -> None:
                  facts.reserve_pending, facts.superuser_reserved,
                  facts.admin_reserved) = reserve
             facts.admin_bounds_temp = pgserver.can_set_parameter(conn, "temp_file_limit")
+            facts.logical = pgserver.logical_readiness(conn)
             for dbname, owner, n in conn.execute(LARGE_OBJECTS):
                 facts.large_objects.setdefault(dbname, {})[owner] = int(n)
             row = conn.execute(CONNECTIONS).fetchone()

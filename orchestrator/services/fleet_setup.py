@@ -9,10 +9,11 @@ from typing import Any
 from orchestrator.adapters.catalog.db import Catalog
 from orchestrator.adapters.crypto import tenant_keys as keys
 from orchestrator.adapters.crypto.masterkey import load_master_key
+from orchestrator.adapters.postgres import admin as pgserver
 from orchestrator.adapters.postgres import fleet_identity
 from orchestrator.adapters.postgres.libpq import redact
 from orchestrator.config import Config
-from orchestrator.domain.errors import ServerUnavailable
+from orchestrator.domain.errors import ServerUnavailable, TenantctlError, first_line
 
 
 def upgrade_catalog(cfg: Config, actor: str | None = None) -> dict[str, Any]:
@@ -57,7 +58,24 @@ def check_config(cfg: Config, actor: str | None = None) -> dict[str, Any]:
         r.name: {"backup_store": r.backup_store, "servers": [s.name for s in r.servers]}
         for r in cfg.regions.values()}, "master_key_id": key.key_id,
         "master_key": catalog_note, "mixed_master_keys": mixed,
-        "tenant_migrations": str(cfg.tenant_migrations), **config_origin(cfg)}
+        "tenant_migrations": str(cfg.tenant_migrations),
+        "logical_moves": logical_moves(cfg), **config_origin(cfg)}
+
+
+def logical_moves(cfg: Config) -> dict[str, dict[str, Any]]:
+    """Per configured server: whether tenant moves may use logical replication
+    there, and why not (a note, not an error: such moves use pg_dump). A server that
+    cannot be reached is said so, ``ready`` None."""
+    out: dict[str, dict[str, Any]] = {}
+    for sc in cfg.servers:
+        try:
+            with pgserver.connect(sc.admin_dsn, server=sc.name) as conn:
+                readiness = pgserver.logical_readiness(conn)
+        except TenantctlError as exc:
+            out[sc.name] = {"ready": None, "why": [f"not reached: {first_line(exc)}"]}
+            continue
+        out[sc.name] = {"ready": readiness.ready, "why": readiness.blockers()}
+    return out
 
 
 def config_origin(cfg: Config) -> dict[str, Any]:

@@ -218,8 +218,9 @@ def _server_loads(session: Session, region: str) -> list[ServerLoad]:
         select(Tenant.server, func.count()).where(Tenant.region == region,
                                                   Tenant.state.in_(PLACED_STATES))
         .group_by(Tenant.server)).all())
-    return [ServerLoad(s.name, counts.get(s.name, 0), s.capacity, s.available)
-            for s in servers]
+    # a server out of the config, drained or retired takes no new tenant
+    return [ServerLoad(s.name, counts.get(s.name, 0), s.capacity,
+                       s.available and s.accepting) for s in servers]
 
 
 def _register(fleet: Deps, slug: str, region: str, password: str,

@@ -76,8 +76,12 @@ class Server(Base):
     name: Mapped[str] = mapped_column(String(63), primary_key=True)
     region: Mapped[str] = mapped_column(ForeignKey("regions.name"), index=True)
     capacity: Mapped[int] = mapped_column(Integer)
-    # false when removed from the config or drained: no new tenants go there
+    # false when removed from the config: no new tenants go there
     available: Mapped[bool] = mapped_column(Boolean, server_default="true")
+    # false while drained or once retired (`server drain/retire`): no new tenants go
+    # there either; kept apart from ``available``, which the config sets
+    accepting: Mapped[bool] = mapped_column(Boolean, server_default="true")
+    retired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # revision the template database is at; NULL while there is no usable template
     template_revision: Mapped[str | None] = mapped_column(String(64))
     template_updated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -32,7 +32,7 @@ from orchestrator.domain.states import HAS_DATABASE, PLACED_STATES, TenantState
 # against: a constant, so that the check needs no Alembic (importing it and reading
 # the revision files cost a command ~0.5 s before its first query). Alembic is
 # imported only to migrate. tests/test_units.py checks this is the scripts' head.
-CATALOG_HEAD = "c0009_quota"
+CATALOG_HEAD = "c0011_servers"
 TARGET_KEY = "target_revision"  # fleet_settings key of the fleet's target revision
 
 
@@ -104,11 +104,17 @@ class ServerRow:
     region: str
     tenants: int
     capacity: int
-    available: bool
+    available: bool  # in the config
     template_revision: str | None
+    accepting: bool  # not drained nor retired
+    retired_at: datetime | None
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def takes_tenants(self) -> bool:
+        return self.available and self.accepting
 
 
 @dataclass(frozen=True)
@@ -289,7 +295,8 @@ class CatalogReads:
             self.cfg.region(region)
         return self._rows(ServerRow, sql.SQL(
             "SELECT s.name, s.region, coalesce(c.n, 0)::int AS tenants, s.capacity, "
-            "s.available, s.template_revision FROM servers s LEFT JOIN "
+            "s.available, s.template_revision, s.accepting, s.retired_at "
+            "FROM servers s LEFT JOIN "
             "(SELECT server, count(*) AS n FROM tenants WHERE state = ANY(%s) "
             "GROUP BY server) c ON c.server = s.name "
             "WHERE (%s::text IS NULL OR s.region = %s) ORDER BY s.region, s.name"),

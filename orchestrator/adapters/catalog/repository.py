@@ -14,8 +14,10 @@ from sqlalchemy.orm import Session
 
 from orchestrator.adapters.catalog.db import Catalog
 from orchestrator.adapters.catalog.models import (
+    PLACED_STATES,
     AuditEvent,
     Backup,
+    Server,
     SupportGrant,
     Tenant,
     TenantCredential,
@@ -24,7 +26,7 @@ from orchestrator.adapters.catalog.models import (
 from orchestrator.domain.errors import InvalidInput, NotFound
 from orchestrator.domain.names import check_integrity, validate_slug
 from orchestrator.domain.statuses import BackupStatus
-from orchestrator.ports import BackupRecord, GrantRecord, TenantRecord
+from orchestrator.ports import BackupRecord, GrantRecord, ServerRecord, TenantRecord
 
 # the dates ``TenantRepository.due`` and ``dated`` read by
 _DATED = {"hold_until": Tenant.hold_until, "purge_after": Tenant.purge_after}
@@ -113,6 +115,29 @@ class SqlGrants:
             return list(s.scalars(q.order_by(SupportGrant.id)))
 
 
+class SqlServers:
+    def __init__(self, catalog: Catalog) -> None:
+        self._catalog = catalog
+
+    def get(self, name: str) -> ServerRecord:
+        with self._catalog.session() as s:
+            server = s.get(Server, name)
+        if server is None:
+            raise NotFound(f"no server {name!r}")
+        return server
+
+    def in_region(self, region: str) -> list[ServerRecord]:
+        with self._catalog.session() as s:
+            return list(s.scalars(select(Server).where(Server.region == region)
+                                  .order_by(Server.name)))
+
+    def placed(self, region: str) -> list[TenantRecord]:
+        with self._catalog.session() as s:
+            return list(s.scalars(select(Tenant).where(
+                Tenant.region == region, Tenant.state.in_(PLACED_STATES))
+                .order_by(Tenant.slug)))
+
+
 class SqlWrites:
     """One session's writes; committed by ``SqlCatalog.transaction`` as one."""
 
@@ -147,6 +172,9 @@ class SqlWrites:
         self._s.execute(update(SupportGrant).where(SupportGrant.id == grant_id)
                         .values(**values))
 
+    def update_server(self, name: str, **values: Any) -> None:
+        self._s.execute(update(Server).where(Server.name == name).values(**values))
+
     def audit(self, action: str, *, tenant: str | None = None, region: str | None = None,
               outcome: str = "ok", **detail: Any) -> None:
         self._catalog.audit(action, tenant=tenant, region=region, outcome=outcome,
@@ -161,6 +189,7 @@ class SqlCatalog:
         self._tenants = SqlTenants(catalog)
         self._backups = SqlBackups(catalog)
         self._grants = SqlGrants(catalog)
+        self._servers = SqlServers(catalog)
 
     @property
     def tenants(self) -> SqlTenants:
@@ -173,6 +202,10 @@ class SqlCatalog:
     @property
     def grants(self) -> SqlGrants:
         return self._grants
+
+    @property
+    def servers(self) -> SqlServers:
+        return self._servers
 
     @contextmanager
     def transaction(self) -> Iterator[SqlWrites]:

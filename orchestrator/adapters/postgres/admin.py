@@ -27,6 +27,7 @@ from orchestrator.domain.bounds import SUSET_SETTINGS
 from orchestrator.domain.errors import Conflict, first_line
 from orchestrator.domain.marks import role_marker as role_marker  # callers say pgserver.role_marker
 from orchestrator.domain.names import TEMPLATE_DB, TEMPLATE_OWNER, TenantNames
+from orchestrator.domain.replication import LogicalReadiness
 
 Ident = sql.Identifier
 DML = sql.SQL("SELECT, INSERT, UPDATE, DELETE")
@@ -514,6 +515,24 @@ def can_set_parameter(conn: psycopg.Connection, name: str) -> bool:
         row = conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user"
                            ).fetchone()
     return bool(row and row[0])
+
+
+_LOGICAL_READINESS = """
+SELECT current_setting('server_version_num')::int, current_setting('wal_level'),
+       coalesce((SELECT rolreplication FROM pg_roles WHERE rolname = current_user), false),
+       CASE WHEN to_regrole('pg_create_subscription') IS NULL THEN false
+            ELSE pg_has_role(to_regrole('pg_create_subscription'), 'USAGE') END,
+       current_setting('max_replication_slots')::int,
+       current_setting('max_wal_senders')::int,
+       coalesce((SELECT pending_restart FROM pg_settings WHERE name = 'wal_level'), false)
+"""
+
+
+def logical_readiness(conn: psycopg.Connection) -> LogicalReadiness:
+    """What the server and its admin role offer the logical move method (one query)."""
+    row = conn.execute(_LOGICAL_READINESS).fetchone()
+    assert row is not None
+    return LogicalReadiness(*row)
 
 
 def settable(conn: psycopg.Connection, settings: dict[str, str]) -> dict[str, str]:

@@ -1,0 +1,156 @@
+"""Which tenants move where when a server is drained or a region rebalanced. Pure:
+plain data in, a plan out; no I/O, no clock. Moves never leave the region.
+
+Both planners count tenants that hold a place (every state but deleted/purged,
+as placement does) and choose targets as placement does: by fill ratio, then
+count, then name, so a plan is deterministic. A tenant that cannot move now (being
+provisioned) still counts on its server but is never planned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from orchestrator.domain.errors import CapacityError, NotFound
+from orchestrator.domain.placement import ServerLoad
+
+# a region is balanced when its fullest server holds at most this times the mean
+BALANCE_FACTOR = 1.2
+
+
+@dataclass(frozen=True)
+class PlacedTenant:
+    slug: str
+    server: str
+    movable: bool = True  # false while being provisioned (a move would refuse it)
+    size: int = 0  # bytes if known: among equals, the smaller moves first
+
+
+@dataclass(frozen=True)
+class PlannedMove:
+    slug: str
+    source: str
+    target: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"tenant": self.slug, "from": self.source, "to": self.target}
+
+
+@dataclass(frozen=True)
+class DrainPlan:
+    server: str
+    region: str
+    moves: tuple[PlannedMove, ...]
+    unmovable: tuple[str, ...] = ()  # on the server, not movable now (provisioning)
+    after: dict[str, int] = field(default_factory=dict)  # tenants per target afterwards
+
+    def to_json(self) -> dict[str, Any]:
+        return {"server": self.server, "region": self.region,
+                "moves": [m.to_json() for m in self.moves],
+                "unmovable": list(self.unmovable), "after": dict(self.after)}
+
+
+@dataclass(frozen=True)
+class RebalancePlan:
+    region: str
+    mean: float
+    limit: float  # BALANCE_FACTOR × mean: what the fullest server may hold
+    before: dict[str, int]
+    after: dict[str, int]
+    moves: tuple[PlannedMove, ...]
+
+    @property
+    def balanced(self) -> bool:
+        """The fullest server within the limit once the moves are done (whole tenants
+        may make that impossible: 3 tenants on 2 servers end 2/1)."""
+        return not self.after or max(self.after.values()) <= self.limit
+
+    def to_json(self) -> dict[str, Any]:
+        return {"region": self.region, "mean": round(self.mean, 2),
+                "limit": round(self.limit, 2), "before": dict(self.before),
+                "after": dict(self.after), "balanced": self.balanced,
+                "moves": [m.to_json() for m in self.moves]}
+
+
+def _fill_key(counts: dict[str, int], capacity: dict[str, int]
+              ) -> Callable[[str], tuple[float, int, str]]:
+    """Placement's order: fill ratio, then count, then name."""
+    return lambda name: (counts[name] / capacity[name], counts[name], name)
+
+
+def _order(tenants: Sequence[PlacedTenant]) -> list[PlacedTenant]:
+    """The order tenants are taken in: smallest first (less to copy), then by slug."""
+    return sorted(tenants, key=lambda t: (t.size, t.slug))
+
+
+def drain_plan(region: str, server: str, servers: Sequence[ServerLoad],
+               tenants: Sequence[PlacedTenant]) -> DrainPlan:
+    """Every movable tenant of ``server`` to the least-filled other servers of the
+    region that take tenants (``available``), without going over any capacity.
+    CapacityError, saying how much room is missing, when the region lacks room."""
+    by_name = {s.name: s for s in servers}
+    if server not in by_name:
+        raise NotFound(f"no server {server!r} in region {region!r}")
+    leaving = _order([t for t in tenants if t.server == server and t.movable])
+    unmovable = tuple(sorted(t.slug for t in tenants if t.server == server and not t.movable))
+    targets = [s for s in servers if s.name != server and s.available]
+    counts = {s.name: s.tenants for s in targets}
+    capacity = {s.name: s.capacity for s in targets}
+    room = sum(max(0, capacity[n] - counts[n]) for n in counts)
+    if len(leaving) > room:
+        where = ", ".join(f"{s.name} {s.tenants}/{s.capacity}" for s in targets) \
+            or "no other server accepting tenants"
+        raise CapacityError(
+            f"region {region!r} lacks room to drain {server}: {len(leaving)} tenant(s) to "
+            f"move, {room} place(s) free on the other servers ({where}); add a server "
+            "to the region or raise a capacity first")
+    key = _fill_key(counts, capacity)
+    moves = []
+    for t in leaving:
+        target = min((n for n in counts if counts[n] < capacity[n]), key=key)
+        counts[target] += 1
+        moves.append(PlannedMove(t.slug, server, target))
+    return DrainPlan(server, region, tuple(moves), unmovable,
+                     {n: counts[n] for n in sorted(counts)})
+
+
+def rebalance_plan(region: str, servers: Sequence[ServerLoad],
+                   tenants: Sequence[PlacedTenant],
+                   factor: float = BALANCE_FACTOR) -> RebalancePlan:
+    """The fewest moves that bring the region's fullest server to at most ``factor``
+    × the mean tenant count (or as close as whole tenants allow), each from the
+    fullest server to the emptiest one with room. Only servers that take tenants
+    (``available``) take part: a drained server is `server drain`'s business.
+
+    Each move lowers the excess over the limit by one, so the number of moves is
+    the total excess: no plan does it in fewer.
+    """
+    part = sorted((s for s in servers if s.available), key=lambda s: s.name)
+    counts = {s.name: s.tenants for s in part}
+    capacity = {s.name: s.capacity for s in part}
+    before = dict(counts)
+    mean = sum(counts.values()) / len(counts) if counts else 0.0
+    limit = factor * mean
+    pool = {n: _order([t for t in tenants if t.server == n and t.movable]) for n in counts}
+    moves: list[PlannedMove] = []
+    while counts:
+        # the fullest server that still has a movable tenant (ties: by name)
+        sources = [n for n in counts if pool[n]]
+        if not sources:
+            break
+        source = min(sources, key=lambda n: (-counts[n], n))
+        if counts[source] <= limit:
+            break
+        free = [n for n in counts if n != source and counts[n] < capacity[n]]
+        if not free:
+            break
+        target = min(free, key=lambda n: (counts[n], counts[n] / capacity[n], n))
+        if counts[target] + 1 >= counts[source]:
+            break  # would only swap which server is fullest
+        tenant = pool[source].pop(0)
+        counts[source] -= 1
+        counts[target] += 1
+        moves.append(PlannedMove(tenant.slug, source, target))
+    return RebalancePlan(region, mean, limit, before, counts, tuple(moves))
