@@ -186,6 +186,10 @@ FUNCTION_IMPORTS_ALLOWED: dict[tuple[str, str, str], str] = {
         "Alembic (~0.5 s) only for commands that create tenants",
     ("orchestrator/api.py", "Fleet.credentials", "orchestrator.services.credentials"):
         "as Fleet.provision",
+    ("orchestrator/api.py", "Fleet.move", "orchestrator.services.move"):
+        "as Fleet.provision",
+    ("orchestrator/api.py", "Fleet.abort_move", "orchestrator.services.move"):
+        "as Fleet.provision",
     ("orchestrator/api.py", "_refill", "orchestrator.services.spares"):
         "as Fleet.provision",
     ("orchestrator/api.py", "Fleet.pipeline_jobs", "backups.service.PipelineJobs"):

@@ -340,9 +340,9 @@ def test_move_refused_while_a_backup_runs_and_rollout_waits(fleet: Fleet, slug: 
         bid = row.id
     try:
         # its process is alive (holds the backup's lock): the move is refused
-        with fleet.catalog.advisory_lock(f"backup:{bid}", wait=True):
-            with pytest.raises(Conflict, match="backup of tenant"):
-                move_service.move_tenant(fleet, slug, server=target)
+        with fleet.catalog.advisory_lock(f"backup:{bid}", wait=True), \
+                pytest.raises(Conflict, match="backup of tenant"):
+            move_service.move_tenant(fleet, slug, server=target)
     finally:
         with fleet.catalog.session() as s, s.begin():
             s.query(Backup).filter(Backup.id == bid).delete()

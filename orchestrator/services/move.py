@@ -25,7 +25,6 @@ orchestrator/domain/moves.py.
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -153,8 +152,8 @@ def move_tenant(deps: Deps, slug: str, *, server: str | None = None,
             if (server is not None and server != row.to_server) or \
                     (server is None and region is not None and region != row.to_region):
                 raise Conflict(f"tenant {slug!r} has an unfinished move to {row.to_server} "
-                               f"({row.to_region}), not {wanted}: re-run it with --server "
-                               f"{row.to_server}, or undo it with --abort")
+                               f"({row.to_region}), not {wanted}: finish that move (to "
+                               f"{row.to_server}) or abort it first")
             if dry_run:
                 return _result(row, tenant, resumed=True, dry_run=True)
             _say(progress, f"resuming move {row.id} of {slug} at step {row.step}")
@@ -304,7 +303,7 @@ def _refuse_if_backing_up(deps: Deps, tenant: Tenant) -> None:
 def _record(deps: Deps, row: TenantMove, step: str, **values: Any) -> None:
     with deps.catalog.session() as s, s.begin():
         s.execute(update(TenantMove).where(TenantMove.id == row.id)
-                  .values(step=step, updated_at=func.now(), **values))
+                  .values(step=step, updated_at=deps.clock.now(), **values))
     row.step = step
     for k, v in values.items():
         setattr(row, k, v)
@@ -313,7 +312,8 @@ def _record(deps: Deps, row: TenantMove, step: str, **values: Any) -> None:
 def _finish(deps: Deps, row: TenantMove, outcome: str, error: str | None = None) -> None:
     with deps.catalog.session() as s, s.begin():
         s.execute(update(TenantMove).where(TenantMove.id == row.id).values(
-            outcome=outcome, finished_at=func.now(), updated_at=func.now(), error=error,
+            outcome=outcome, finished_at=deps.clock.now(), updated_at=deps.clock.now(),
+            error=error,
             **({"step": "done"} if outcome == MoveOutcome.done else {})))
 
 
@@ -374,7 +374,7 @@ def _copy(deps: Deps, tenant: Tenant, row: TenantMove, progress: Progress | None
     _record(deps, row, "target")
 
     _say(progress, f"paused: {tenant.slug} is read-only on {row.from_server}")
-    paused_at = row.checks.get("paused_at") or time.time()
+    paused_at = row.checks.get("paused_at") or deps.clock.now().isoformat()
     deps.admin.restrict_to_reads(tenant.server, names)
     deps.admin.terminate_sessions(tenant.server, role=names.login_role,
                                   database=names.database, wait=True)
@@ -428,7 +428,7 @@ def _cutover(deps: Deps, tenant: Tenant, row: TenantMove, progress: Progress | N
         s.execute(update(Tenant).where(Tenant.id == tenant.id, Tenant.server == row.from_server)
                   .values(server=row.to_server, region=row.to_region))
         s.execute(update(TenantMove).where(TenantMove.id == row.id)
-                  .values(step=moves.CUTOVER, updated_at=func.now()))
+                  .values(step=moves.CUTOVER, updated_at=deps.clock.now()))
         deps.catalog.audit("tenant.move.cutover", session=s, tenant=tenant.slug,
                            region=row.to_region, move=row.id, from_server=row.from_server,
                            to_server=row.to_server, from_region=row.from_region)
@@ -445,7 +445,8 @@ def _open_target(deps: Deps, tenant: Tenant, row: TenantMove) -> None:
     deps.admin.set_login(row.to_server, names.login_role, allowed)
     if row.write_pause_ms is None:
         paused_at = row.checks.get("paused_at")
-        pause_ms = int((time.time() - paused_at) * 1000) if paused_at else 0
+        pause_ms = int((deps.clock.now() - datetime.fromisoformat(paused_at))
+                       .total_seconds() * 1000) if paused_at else 0
         with deps.catalog.session() as s, s.begin():
             s.execute(update(TenantMove).where(TenantMove.id == row.id)
                       .values(write_pause_ms=pause_ms))
