@@ -99,7 +99,8 @@ def test_dump_move_keeps_every_commit_and_the_password(fleet: Fleet, test_fleet:
     time.sleep(0.5)
     lines: list[str] = []
     try:
-        res = move_service.move_tenant(fleet, slug, server=target, progress=lines.append)
+        res = move_service.move_tenant(fleet, slug, server=target, method="dump",
+                                       progress=lines.append)
         time.sleep(0.5)  # the writer reconnects to the new host
     finally:
         writer.stop.set()
@@ -146,8 +147,8 @@ def test_refusals_change_nothing(fleet: Fleet, test_fleet: PgFleet, slug: str) -
         ([], ExitCode.INVALID, "--server"),
         (["--server", "ap-south-1"], ExitCode.INVALID, "--reason"),
         (["--region", "ap-south"], ExitCode.INVALID, "--reason"),
-        (["--server", _other(fleet, slug), "--method", "logical"], ExitCode.INVALID,
-         "--method logical is not possible"),
+        (["--server", "ap-south-1", "--reason", "x", "--method", "logical"],
+         ExitCode.INVALID, "--method logical is not possible"),
         (["--server", "down-1", "--reason", "x"], ExitCode.UNAVAILABLE, "down-1"),
         (["--abort"], ExitCode.NOT_FOUND, "no unfinished move"),
     ]
@@ -194,7 +195,7 @@ def test_corrupted_copy_is_refused_and_undone(fleet: Fleet, test_fleet: PgFleet,
 
     monkeypatch.setattr(move_copy, "dump_restore", corrupting)
     with pytest.raises(move_service.MoveChecksFailed, match="customers: same row count"):
-        move_service.move_tenant(fleet, slug, server=target)
+        move_service.move_tenant(fleet, slug, server=target, method="dump")
     assert fleet.get_tenant(slug).server == source
     dbs, roles = server_objects(test_fleet, target)
     assert f"tenant_{slug}" not in dbs and f"tenant_{slug}" not in roles
@@ -214,7 +215,7 @@ def test_states_travel_with_the_tenant(fleet: Fleet, slug: str) -> None:
     lifecycle.cancel(fleet, cancelled, backup=False)
     lifecycle.suspend(fleet, suspended)
     for s in (cancelled, suspended):
-        move_service.move_tenant(fleet, s, server=_other(fleet, s))
+        move_service.move_tenant(fleet, s, server=_other(fleet, s), method="dump")
     assert fleet.get_tenant(cancelled).state == "cancelled"
     new_dsn = fleet.credentials(cancelled)
     assert new_dsn != dsn
@@ -282,7 +283,7 @@ def test_killed_before_the_cutover_then_finished_or_aborted(
         fleet: Fleet, test_fleet: PgFleet, slug: str, fault: str) -> None:
     dsn = _tenant_with_data(fleet, slug)
     source, target = fleet.get_tenant(slug).server, _other(fleet, slug)
-    args = ("tenant", "move", slug, "--server", target, "--yes")
+    args = ("tenant", "move", slug, "--server", target, "--yes", "--method", "dump")
     proc = run_cli(test_fleet, *args, env={"TENANTCTL_FAULT": fault})
     assert proc.returncode == -9, proc.stderr
     assert fleet.get_tenant(slug).server == source
@@ -315,7 +316,7 @@ def test_killed_after_the_cutover_then_finished(fleet: Fleet, test_fleet: PgFlee
     _tenant_with_data(fleet, slug)
     source, target = fleet.get_tenant(slug).server, _other(fleet, slug)
     proc = run_cli(test_fleet, "tenant", "move", slug, "--server", target, "--yes",
-                   env={"TENANTCTL_FAULT": fault})
+                   "--method", "dump", env={"TENANTCTL_FAULT": fault})
     assert proc.returncode == -9
     assert fleet.get_tenant(slug).server == target  # the catalog points there already
     proc = run_cli(test_fleet, "tenant", "move", slug, "--abort", "--yes")
@@ -349,5 +350,108 @@ def test_move_refused_while_a_backup_runs_and_rollout_waits(fleet: Fleet, slug: 
     assert move_service.moves_of(fleet, slug) == []
     with pytest.raises(InvalidInput):
         move_service.move_tenant(fleet, slug)
-    move_service.move_tenant(fleet, slug, server=target)
+    move_service.move_tenant(fleet, slug, server=target, method="dump")
     assert fleet.get_tenant(slug).server == target
+
+
+# -- the logical method: the eu-central clusters set up for it (as the local fleet
+# and the Ansible role do) -----------------------------------------------------------
+
+LOGICAL_SERVERS = ("eu-central-1", "eu-central-2")
+
+
+@pytest.fixture(scope="module")
+def logical_ready(test_fleet: PgFleet) -> None:
+    """wal_level = logical (a restart) and the admin role's REPLICATION and
+    pg_create_subscription on both eu-central clusters, as their superuser."""
+    from orchestrator.devfleet import localfleet
+
+    if test_fleet.external:
+        pytest.skip("needs the embedded clusters' superuser")
+    cfg = test_fleet.config()
+    owner = localfleet._os_user()
+    for name in LOGICAL_SERVERS:
+        server = cfg.server(name)
+        su = (test_fleet.state_dir / "secrets" / f"{name}.superuser").read_text().strip()
+        with psycopg.connect(host="127.0.0.1", port=server.port, user="postgres",
+                             password=su, dbname="postgres", autocommit=True) as conn:
+            restart = conn.execute("SHOW wal_level").fetchone() != ("logical",)
+            if restart:
+                conn.execute("ALTER SYSTEM SET wal_level = logical")
+                conn.execute("ALTER SYSTEM SET max_wal_senders = 10")
+                conn.execute("ALTER SYSTEM SET max_replication_slots = 10")
+            conn.execute("ALTER ROLE tenantctl_admin REPLICATION")
+            conn.execute("GRANT pg_create_subscription TO tenantctl_admin")
+        if restart:
+            localfleet._stop(cfg, server, owner)
+            localfleet._start(cfg, server, owner)
+
+
+def _replication_leftovers(test_fleet: PgFleet, tenant_id: int) -> list[str]:
+    name = f"tctl_move_{tenant_id}"
+    found = []
+    for server in LOGICAL_SERVERS:
+        with psycopg.connect(test_fleet.admin_dsn(server), autocommit=True) as conn:
+            for what, q in (("slot", "SELECT 1 FROM pg_replication_slots WHERE slot_name = %s"),
+                            ("subscription", "SELECT 1 FROM pg_subscription WHERE subname = %s"),
+                            ("role", "SELECT 1 FROM pg_roles WHERE rolname = %s")):
+                if conn.execute(q, (name,)).fetchone():
+                    found.append(f"{what} on {server}")
+    return found
+
+
+def test_logical_move_pauses_writes_for_seconds(fleet: Fleet, test_fleet: PgFleet, slug: str,
+                                                logical_ready: None) -> None:
+    _tenant_with_data(fleet, slug)
+    source, target = fleet.get_tenant(slug).server, _other(fleet, slug)
+    plan = move_service.move_tenant(fleet, slug, server=target, dry_run=True)
+    assert plan.method == "logical", plan.plan
+    writer = Writer(fleet, slug)
+    writer.start()
+    time.sleep(0.5)
+    try:
+        res = move_service.move_tenant(fleet, slug, server=target)
+        time.sleep(0.5)
+    finally:
+        writer.stop.set()
+        writer.join(10)
+    assert res.method == "logical" and res.outcome == "done"
+    assert res.write_pause_s < 5, res.write_pause_s
+    assert writer.longest_gap < 10, writer.longest_gap
+    with connect_as(fleet.credentials(slug), autocommit=True) as conn:
+        names = {r[0] for r in conn.execute("SELECT name FROM suppliers")}
+        conn.execute("INSERT INTO suppliers (name) VALUES ('after')")  # sequence copied
+        big = conn.execute("SELECT length(address) FROM warehouses WHERE code = 'W2'"
+                           ).fetchone()
+    assert set(writer.acked) <= names and len(writer.acked) > 10
+    assert big == (len(BIG) + 1,)
+    assert _replication_leftovers(test_fleet, fleet.get_tenant(slug).id) == []
+    dbs, roles = server_objects(test_fleet, source)
+    assert f"tenant_{slug}" not in dbs and f"owner_{slug}" not in roles
+
+
+def test_logical_killed_while_replicating_then_aborted_or_finished(
+        fleet: Fleet, test_fleet: PgFleet, slug: str, logical_ready: None) -> None:
+    for n, fault in enumerate(("move.synced", "move.replicating")):
+        s = f"{slug}{n}"
+        dsn = _tenant_with_data(fleet, s)
+        source, target = fleet.get_tenant(s).server, _other(fleet, s)
+        tid = fleet.get_tenant(s).id
+        args = ("tenant", "move", s, "--server", target, "--yes", "--method", "logical")
+        proc = run_cli(test_fleet, *args, env={"TENANTCTL_FAULT": fault})
+        assert proc.returncode == -9, proc.stderr
+        assert "slot on " + source in _replication_leftovers(test_fleet, tid)
+        if fault == "move.synced":
+            proc = run_cli(test_fleet, "tenant", "move", s, "--abort", "--yes")
+            assert proc.returncode == 0, proc.stderr
+            assert fleet.get_tenant(s).server == source
+            with connect_as(dsn, autocommit=True) as conn:
+                conn.execute("INSERT INTO suppliers (name) VALUES ('writes again')")
+        else:
+            proc = run_cli(test_fleet, *args)
+            assert proc.returncode == 0, proc.stderr
+            assert fleet.get_tenant(s).server == target
+            assert _count(fleet.credentials(s), "customers") == 300
+        assert _replication_leftovers(test_fleet, tid) == []
+        dbs, _ = server_objects(test_fleet, target if fault == "move.synced" else source)
+        assert f"tenant_{s}" not in dbs

@@ -25,12 +25,14 @@ orchestrator/domain/moves.py.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from sqlalchemy import func, select, update
 
 from orchestrator.adapters.catalog.audit import reason_text
@@ -44,6 +46,7 @@ from orchestrator.adapters.catalog.models import (
     Tenant,
     TenantMove,
 )
+from orchestrator.adapters.crypto.tenant_keys import new_password
 from orchestrator.adapters.faults import checkpoint
 from orchestrator.adapters.postgres import admin as pgserver
 from orchestrator.adapters.postgres import move_copy
@@ -59,7 +62,7 @@ from orchestrator.domain.errors import (
     first_line,
 )
 from orchestrator.domain.moves import MoveMethod, MoveOutcome, MovePlan, ServerFacts, TenantFacts
-from orchestrator.domain.names import password_context, tenant_names
+from orchestrator.domain.names import move_object_name, password_context, tenant_names
 from orchestrator.domain.states import TenantState
 from orchestrator.domain.statuses import BackupStatus
 from orchestrator.services import plans
@@ -67,9 +70,11 @@ from orchestrator.services import plans
 if TYPE_CHECKING:
     from orchestrator.bootstrap import Deps
 
-# The logical method (publication + subscription) is not carried out by this build
-# yet: every move is a dump (domain/moves.choose_method says so in its reason).
-LOGICAL_AVAILABLE = False
+LOGICAL_AVAILABLE = True
+# the logical method pauses writes once the subscription is this close to the source
+LAG_TO_PAUSE = 16 * 1024 * 1024
+CATCH_UP_S = 60.0  # after the pause: the last changes reach the target within this
+POLL_S = 0.1
 
 
 class MoveChecksFailed(TenantctlError):
@@ -364,6 +369,9 @@ def _copy(deps: Deps, tenant: Tenant, row: TenantMove, progress: Progress | None
     left on the target is thrown away first)."""
     names = tenant_names(tenant.slug)
     marker = pgserver.role_marker(tenant.id, tenant.slug)
+    logical = row.method == MoveMethod.logical
+    if logical:
+        _drop_replication(deps, tenant, row)  # a crashed attempt's publication, slot ...
     _say(progress, f"target: roles and an empty database on {row.to_server}")
     with deps.server_connection(row.to_server) as conn:
         pgserver.ensure_roles(conn, names, marker)  # NOLOGIN until the cutover
@@ -373,6 +381,11 @@ def _copy(deps: Deps, tenant: Tenant, row: TenantMove, progress: Progress | None
     checkpoint("move.target")
     _record(deps, row, "target")
 
+    source_dsn = _dsn(deps, row.from_server, names.database)
+    target_dsn = _dsn(deps, row.to_server, names.database)
+    if logical:
+        _replicate(deps, tenant, row, source_dsn, target_dsn, progress)
+
     _say(progress, f"paused: {tenant.slug} is read-only on {row.from_server}")
     paused_at = row.checks.get("paused_at") or deps.clock.now().isoformat()
     deps.admin.restrict_to_reads(tenant.server, names)
@@ -381,13 +394,14 @@ def _copy(deps: Deps, tenant: Tenant, row: TenantMove, progress: Progress | None
     checkpoint("move.paused")
     _record(deps, row, "paused", checks={**row.checks, "paused_at": paused_at})
 
-    source_dsn = _dsn(deps, row.from_server, names.database)
-    target_dsn = _dsn(deps, row.to_server, names.database)
-    _say(progress, f"copying {tenant.slug}: pg_dump | pg_restore")
-    copied = move_copy.dump_restore(
-        pg_tool(deps.cfg, "pg_dump"), pg_tool(deps.cfg, "pg_restore"), source_dsn,
-        target_dsn, names.owner_role, lock_wait=deps.cfg.lock_timeout,
-        chunk_hook=lambda: checkpoint("move.copy_chunk"))
+    if logical:
+        copied = _catch_up(deps, tenant, row, source_dsn, target_dsn, progress)
+    else:
+        _say(progress, f"copying {tenant.slug}: pg_dump | pg_restore")
+        copied = move_copy.dump_restore(
+            pg_tool(deps.cfg, "pg_dump"), pg_tool(deps.cfg, "pg_restore"), source_dsn,
+            target_dsn, names.owner_role, lock_wait=deps.cfg.lock_timeout,
+            chunk_hook=lambda: checkpoint("move.copy_chunk"))
     _prepare_target(deps, tenant, row, target_dsn)
     checkpoint("move.copied")
     _record(deps, row, "copied", bytes_copied=copied)
@@ -403,6 +417,105 @@ def _copy(deps: Deps, tenant: Tenant, row: TenantMove, progress: Progress | None
                                f"{row.from_server}")
     checkpoint("move.checked")
     _record(deps, row, "checked", checks={**row.checks, **moves.checks_json(source)})
+
+
+def _replicate(deps: Deps, tenant: Tenant, row: TenantMove, source_dsn: str,
+               target_dsn: str, progress: Progress | None) -> None:
+    """The logical method's copy while the tenant still writes: the schema (pg_dump
+    --schema-only), a publication of its tables on the source (owned by its owner
+    role), a subscription on the target (initial copy, then streaming); returns
+    once every table is copied and the lag is small."""
+    names = tenant_names(tenant.slug)
+    name = move_object_name(tenant.id)
+    _say(progress, f"schema: copying {tenant.slug}'s schema to {row.to_server}")
+    move_copy.dump_restore(pg_tool(deps.cfg, "pg_dump"), pg_tool(deps.cfg, "pg_restore"),
+                           source_dsn, target_dsn, names.owner_role,
+                           lock_wait=deps.cfg.lock_timeout, schema_only=True)
+    password = new_password()  # the temporary replication role's, for this run only
+    with pgserver.connect(source_dsn, server=row.from_server,
+                          lock_timeout=deps.cfg.lock_timeout) as sconn, \
+            deps.server_connection(row.from_server) as aconn:
+        move_copy.create_publisher(sconn, aconn, name, names.owner_role, names.database,
+                                   password)
+    admin = conninfo_to_dict(deps.cfg.server(row.from_server).admin_dsn)
+    conninfo = make_conninfo("", **{k: v for k, v in admin.items() if k in (
+        "host", "port", "sslmode", "sslrootcert")}, user=name, password=password,
+        dbname=names.database)
+    with pgserver.connect(target_dsn, server=row.to_server) as tconn:
+        move_copy.create_subscription(tconn, name, conninfo)
+    checkpoint("move.replicating")
+    _record(deps, row, "replicating")
+    _say(progress, "replicating: initial copy, then streaming")
+    size = 0
+    with pgserver.connect(source_dsn, server=row.from_server) as sconn:
+        size = move_copy.database_size(sconn)
+    # bounded: a copy that makes no headway within this (5 MB/s at the least) fails
+    deadline = time.monotonic() + 120 + size / (5 * 1024 * 1024)
+    with pgserver.connect(target_dsn, server=row.to_server) as tconn, \
+            deps.server_connection(row.from_server) as aconn:
+        while True:
+            if move_copy.tables_not_ready(tconn, name) == 0:
+                lag = move_copy.slot_lag(aconn, name)
+                if lag is not None and lag < LAG_TO_PAUSE:
+                    break
+            if time.monotonic() > deadline:
+                raise TenantctlError(f"the subscription of {tenant.slug!r} on "
+                                     f"{row.to_server} did not catch up in time")
+            time.sleep(POLL_S)
+    checkpoint("move.synced")
+    _record(deps, row, "synced")
+
+
+def _catch_up(deps: Deps, tenant: Tenant, row: TenantMove, source_dsn: str,
+              target_dsn: str, progress: Progress | None) -> int:
+    """Writes are paused: the subscription confirms the source's current position
+    (every commit before the pause), then the sequences are copied (logical
+    replication does not carry them). Returns the bytes the copy holds."""
+    name = move_object_name(tenant.id)
+    _say(progress, "catching up with the source's last commits")
+    with deps.server_connection(row.from_server) as aconn:
+        lsn = move_copy.current_lsn(aconn)
+        deadline = time.monotonic() + CATCH_UP_S
+        while (lag := move_copy.slot_lag(aconn, name, lsn)) is None or lag > 0:
+            if lag is None:
+                raise TenantctlError(f"the replication slot {name} on {row.from_server} "
+                                     "is gone")
+            if time.monotonic() > deadline:
+                raise TenantctlError(f"the subscription of {tenant.slug!r} did not catch "
+                                     f"up within {CATCH_UP_S:.0f} s of the pause")
+            time.sleep(POLL_S / 2)
+    with pgserver.connect(source_dsn, server=row.from_server) as sconn, \
+            pgserver.connect(target_dsn, server=row.to_server) as tconn:
+        move_copy.set_sequences(tconn, move_copy.sequence_values(sconn))
+        return move_copy.database_size(sconn)
+
+
+def _drop_replication(deps: Deps, tenant: Tenant, row: TenantMove) -> None:
+    """The logical method's objects, wherever they are: the subscription (in the
+    tenant's database on the target; its slot goes with it), the publication, a
+    slot left behind and the temporary role on the source. Idempotent."""
+    names = tenant_names(tenant.slug)
+    name = move_object_name(tenant.id)
+    with deps.server_connection(row.to_server) as conn:
+        has_target = pgserver.database_owner(conn, names.database) == names.owner_role
+    if has_target:
+        with pgserver.connect(_dsn(deps, row.to_server, names.database),
+                              server=row.to_server) as tconn:
+            try:
+                move_copy.drop_subscription(tconn, name)
+            except psycopg.OperationalError:  # the source cannot be reached: slot later
+                move_copy.drop_subscription(tconn, name, keep_slot=True)
+    with deps.server_connection(row.from_server) as conn:
+        has_source = pgserver.database_owner(conn, names.database) == names.owner_role
+    if has_source:
+        with pgserver.connect(_dsn(deps, row.from_server, names.database),
+                              server=row.from_server) as sconn:
+            move_copy.drop_publication(sconn, name, names.owner_role)
+    with deps.server_connection(row.from_server) as conn:
+        move_copy.drop_slot(conn, name)
+        pgserver.drop_role_everywhere(conn, deps.cfg.server(row.from_server).admin_dsn,
+                                      name, server=row.from_server,
+                                      lock_timeout=deps.cfg.lock_timeout)
 
 
 def _prepare_target(deps: Deps, tenant: Tenant, row: TenantMove, target_dsn: str) -> None:
@@ -457,6 +570,8 @@ def _drop_source(deps: Deps, tenant: Tenant, row: TenantMove, progress: Progress
                  ) -> None:
     names = tenant_names(tenant.slug)
     marker = pgserver.role_marker(tenant.id, tenant.slug)
+    if row.method == MoveMethod.logical:
+        _drop_replication(deps, tenant, row)  # the source cannot be dropped with its slot
     _say(progress, f"dropping the source database on {row.from_server}")
     with deps.server_connection(row.from_server) as conn:
         if pgserver.database_owner(conn, names.database) == names.owner_role:
@@ -521,6 +636,8 @@ def _undo(deps: Deps, tenant: Tenant, row: TenantMove, progress: Progress | None
     names = tenant_names(tenant.slug)
     marker = pgserver.role_marker(tenant.id, tenant.slug)
     _say(progress, f"undoing: dropping the copy on {row.to_server}")
+    if row.method == MoveMethod.logical:
+        _drop_replication(deps, tenant, row)
     with deps.server_connection(row.to_server) as conn:
         pgserver.drop_marked_tenant(conn, names, marker)
     checkpoint("move.undo_target_dropped")

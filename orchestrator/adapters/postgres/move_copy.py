@@ -141,7 +141,7 @@ def checks(dsn: str) -> dict[str, Any]:
 
 
 def dump_restore(pg_dump: str, pg_restore: str, source_dsn: str, target_dsn: str,
-                 owner_role: str, *, lock_wait: str | None = None,
+                 owner_role: str, *, lock_wait: str | None = None, schema_only: bool = False,
                  progress: Callable[[int], None] | None = None,
                  chunk_hook: Callable[[], None] | None = None) -> int:
     """`pg_dump` of the source straight into `pg_restore` on the target, in one
@@ -149,6 +149,8 @@ def dump_restore(pg_dump: str, pg_restore: str, source_dsn: str, target_dsn: str
     bytes pass through this process (counted) and never touch disk. Returns the
     bytes copied."""
     dump_argv = [pg_dump, "--format=custom", "--compress=0", "--no-owner", "--no-acl"]
+    if schema_only:
+        dump_argv.append("--schema-only")
     if lock_wait is not None:
         dump_argv.append(f"--lock-wait-timeout={lock_wait}")
     restore_argv = [pg_restore, "--no-owner", "--no-acl", f"--role={owner_role}",
@@ -197,3 +199,105 @@ def dump_restore(pg_dump: str, pg_restore: str, source_dsn: str, target_dsn: str
             raise CopyFailed(f"pg_restore failed: {said or restore_code}")
     return copied
 
+
+
+# -- logical replication (publication on the source, subscription on the target) -----
+
+
+def public_tables(conn: psycopg.Connection) -> list[str]:
+    return [r[0] for r in conn.execute(
+        "SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY 1")]
+
+
+def create_publisher(conn: psycopg.Connection, admin_conn: psycopg.Connection, name: str,
+                     owner_role: str, database: str, password: str) -> None:
+    """On the source: a temporary login role ``name`` (REPLICATION, CONNECT on the
+    tenant's database, SELECT on its tables; its password a SCRAM verifier made
+    here) and a publication ``name`` of every table of the public schema, owned by
+    the tenant's owner role (FOR TABLE needs no superuser). ``conn``: in the
+    tenant's database; ``admin_conn``: the maintenance database. Idempotent."""
+    ident = sql.Identifier(name)
+    verifier = admin_conn.pgconn.encrypt_password(password.encode(), name.encode(),
+                                                  b"scram-sha-256").decode()
+    exists = admin_conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (name,)
+                                ).fetchone()
+    admin_conn.execute(sql.SQL("{} ROLE {} LOGIN REPLICATION NOINHERIT PASSWORD {}").format(
+        sql.SQL("ALTER" if exists else "CREATE"), ident, sql.Literal(verifier)))
+    admin_conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(
+        sql.Identifier(database), ident))
+    tables = public_tables(conn)
+    with conn.transaction():
+        conn.execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(owner_role)))
+        conn.execute(sql.SQL("GRANT USAGE ON SCHEMA public TO {}").format(ident))
+        conn.execute(sql.SQL("GRANT SELECT ON ALL TABLES IN SCHEMA public TO {}").format(ident))
+        conn.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(ident))
+        conn.execute(sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(
+            ident, sql.SQL(", ").join(sql.Identifier("public", t) for t in tables)))
+
+
+def subscription_exists(conn: psycopg.Connection, name: str) -> bool:
+    return conn.execute("SELECT 1 FROM pg_subscription WHERE subname = %s", (name,)
+                        ).fetchone() is not None
+
+
+def create_subscription(conn: psycopg.Connection, name: str, conninfo: str) -> None:
+    """On the target, in the tenant's new database: the subscription (initial copy,
+    then streaming), which makes its slot on the source. The connection string
+    holds the temporary role's password: a non-superuser's subscription must."""
+    if subscription_exists(conn, name):
+        return
+    conn.execute(sql.SQL("CREATE SUBSCRIPTION {} CONNECTION {} PUBLICATION {} "
+                         "WITH (copy_data = true)").format(
+        sql.Identifier(name), sql.Literal(conninfo), sql.Identifier(name)))
+
+
+def tables_not_ready(conn: psycopg.Connection, name: str) -> int:
+    """Tables of the subscription whose initial copy has not finished."""
+    row = conn.execute(
+        "SELECT count(*) FROM pg_subscription_rel r JOIN pg_subscription s ON "
+        "s.oid = r.srsubid WHERE s.subname = %s AND r.srsubstate NOT IN ('r', 's')",
+        (name,)).fetchone()
+    return int(row[0]) if row else 0
+
+
+def slot_lag(conn: psycopg.Connection, name: str, upto: str | None = None) -> int | None:
+    """Bytes of WAL the subscription's slot has not confirmed (up to ``upto``, an LSN,
+    else the current one); None when there is no such slot."""
+    row = conn.execute(
+        "SELECT pg_wal_lsn_diff(coalesce(%s::pg_lsn, pg_current_wal_lsn()), "
+        "confirmed_flush_lsn) FROM pg_replication_slots WHERE slot_name = %s",
+        (upto, name)).fetchone()
+    return None if row is None or row[0] is None else max(0, int(row[0]))
+
+
+def current_lsn(conn: psycopg.Connection) -> str:
+    row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def drop_subscription(conn: psycopg.Connection, name: str, *, keep_slot: bool = False
+                      ) -> None:
+    """Drop the subscription (and, through it, its slot on the source; with
+    ``keep_slot``, when the source cannot be reached, the slot is left for
+    ``drop_slot``)."""
+    if not subscription_exists(conn, name):
+        return
+    ident = sql.Identifier(name)
+    conn.execute(sql.SQL("ALTER SUBSCRIPTION {} DISABLE").format(ident))
+    if keep_slot:
+        conn.execute(sql.SQL("ALTER SUBSCRIPTION {} SET (slot_name = NONE)").format(ident))
+    conn.execute(sql.SQL("DROP SUBSCRIPTION {}").format(ident))
+
+
+def drop_slot(conn: psycopg.Connection, name: str) -> bool:
+    """Drop the replication slot ``name`` if it exists and nobody uses it."""
+    row = conn.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                       "WHERE slot_name = %s AND NOT active", (name,)).fetchone()
+    return row is not None
+
+
+def drop_publication(conn: psycopg.Connection, name: str, owner_role: str) -> None:
+    with conn.transaction():
+        conn.execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(owner_role)))
+        conn.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(name)))
