@@ -455,3 +455,37 @@ def test_logical_killed_while_replicating_then_aborted_or_finished(
         assert _replication_leftovers(test_fleet, tid) == []
         dbs, _ = server_objects(test_fleet, target if fault == "move.synced" else source)
         assert f"tenant_{s}" not in dbs
+
+
+def test_doctor_reports_and_fixes_stalled_moves_and_leftover_slots(
+        fleet: Fleet, test_fleet: PgFleet, slug: str, logical_ready: None) -> None:
+    from orchestrator.services import doctor
+
+    def mine(findings: list[Any], subjects: set[str]) -> list[Any]:
+        return [x for x in findings if x.subject in subjects]
+
+    _tenant_with_data(fleet, slug)
+    source, target = fleet.get_tenant(slug).server, _other(fleet, slug)
+    tid = fleet.get_tenant(slug).id
+    proc = run_cli(test_fleet, "tenant", "move", slug, "--server", target, "--yes",
+                   "--method", "logical", env={"TENANTCTL_FAULT": "move.synced"})
+    assert proc.returncode == -9
+    # a slot nobody accounts for (a move whose catalog row is gone)
+    with psycopg.connect(test_fleet.admin_dsn(source, f"tenant_{slug}"),
+                         autocommit=True) as conn:
+        conn.execute("SELECT pg_create_logical_replication_slot('tctl_move_999999', "
+                     "'pgoutput')")
+    stray = f"{source}/tctl_move_999999"
+    found = mine(doctor.run(fleet), {slug, stray})
+    codes = {(x.code, x.subject, x.severity) for x in found}
+    assert codes == {("move-stalled", slug, "warning"), ("move-leftover", stray, "error")}
+    # the copy on the target is the move's, not an orphan
+    assert not [x for x in doctor.run(fleet) if x.code == "orphan-database"
+                and slug in x.subject]
+    for x in found:
+        doctor.FIXES[x.fix](fleet, x)
+    assert mine(doctor.run(fleet), {slug, stray}) == []
+    assert _replication_leftovers(test_fleet, tid) == []
+    assert fleet.get_tenant(slug).server == source
+    with connect_as(fleet.credentials(slug), autocommit=True) as conn:
+        conn.execute("INSERT INTO suppliers (name) VALUES ('writes again')")
