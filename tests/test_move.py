@@ -489,3 +489,43 @@ def test_doctor_reports_and_fixes_stalled_moves_and_leftover_slots(
     assert fleet.get_tenant(slug).server == source
     with connect_as(fleet.credentials(slug), autocommit=True) as conn:
         conn.execute("INSERT INTO suppliers (name) VALUES ('writes again')")
+
+
+def test_rollout_during_a_move_waits_or_fails_then_finds_the_new_server(
+        fleet: Fleet, slug: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rollout of a tenant being moved cannot take its lock (the schema stays as
+    the move copies it); afterwards it migrates the tenant where it now lives."""
+    from orchestrator.services.rollout import RolloutOptions, RolloutRun
+
+    old_revision = "0005_reorder_level"
+    _tenant_with_data(fleet, slug)
+    RolloutRun(fleet, RolloutOptions(to=old_revision, tenants=[slug], concurrency=1,
+                                     per_server=1, max_failures="100%")).run()
+    assert fleet.get_tenant(slug).revision == old_revision
+    target = _other(fleet, slug)
+    real = move_copy.dump_restore
+    copying = threading.Event()
+
+    def slow(*args: Any, **kw: Any) -> int:
+        copying.set()
+        time.sleep(4)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(move_copy, "dump_restore", slow)
+    mover = threading.Thread(target=lambda: move_service.move_tenant(
+        fleet, slug, server=target, method="dump"))
+    mover.start()
+    assert copying.wait(30)
+    during = RolloutRun(fleet, RolloutOptions(to="head", tenants=[slug], concurrency=1,
+                                              per_server=1, max_failures="100%",
+                                              retries=0)).run()
+    mover.join(60)
+    [r] = during.results
+    assert r.status == "failed" and "locked" in (r.error or "")
+    t = fleet.get_tenant(slug)
+    assert t.server == target and t.revision == old_revision
+    after = RolloutRun(fleet, RolloutOptions(to="head", tenants=[slug], concurrency=1,
+                                             per_server=1, max_failures="100%")).run()
+    [r] = after.results
+    assert r.status == "ok" and r.server == target, r
+    assert fleet.get_tenant(slug).revision == fleet.head_revision
