@@ -48,7 +48,7 @@ from orchestrator.adapters.catalog.models import (
     TenantMove,
 )
 from orchestrator.adapters.crypto.tenant_keys import new_password
-from orchestrator.adapters.faults import checkpoint
+from orchestrator.adapters.faults import InjectedFault, checkpoint
 from orchestrator.adapters.postgres import admin as pgserver
 from orchestrator.adapters.postgres import move_copy
 from orchestrator.adapters.postgres.pgtools import pg_tool
@@ -334,7 +334,9 @@ def _run(deps: Deps, tenant: Tenant, row: TenantMove, progress: Progress | None,
         try:
             _copy(deps, tenant, row, progress)
         except BaseException as exc:
-            if isinstance(exc, TenantctlError | psycopg.Error):
+            # a failure is undone at once; an injected fault stands for a crash
+            if isinstance(exc, TenantctlError | psycopg.Error) and \
+                    not isinstance(exc, InjectedFault):
                 # the tenant must not stay paused for a move that cannot finish
                 msg = first_line(exc)
                 with contextlib.suppress(Exception):
