@@ -42,12 +42,13 @@ from backups.policy import (
 from backups.stores import ObjectMissing, ObjectStore, ObjectWriter, open_store
 from orchestrator.adapters import clock
 from orchestrator.adapters.catalog.db import with_dbname
-from orchestrator.adapters.catalog.models import Backup, Tenant, TenantKey, TenantState
+from orchestrator.adapters.catalog.models import Backup, Tenant, TenantKey, TenantMove, TenantState
 from orchestrator.adapters.crypto import tenant_keys as keys
 from orchestrator.adapters.faults import checkpoint
 from orchestrator.adapters.postgres import admin as pgserver
 from orchestrator.adapters.postgres.childenv import child_env
 from orchestrator.adapters.postgres.pgtools import pg_tool
+from orchestrator.domain import moves
 from orchestrator.domain.errors import Conflict, ExitCode, NotFound, TenantctlError, first_line
 from orchestrator.domain.names import tenant_lock, tenant_names
 from orchestrator.domain.states import HAS_DATABASE, PRUNABLE
@@ -177,6 +178,7 @@ def run_backup(fleet: Deps, slug: str, *, kind: str = "manual",
         row.object_key = f"tenants/{slug}/{row.id:010d}-{stamp}.dump.age"
         row.manifest_key = f"tenants/{slug}/{row.id:010d}-{stamp}.manifest.json"
         backup_id, object_key, manifest_key = row.id, row.object_key, row.manifest_key
+    _refuse_while_moving(fleet, tenant.id, slug, backup_id)
 
     dsn = with_dbname(fleet.cfg.server(tenant.server).admin_dsn, tenant.database)
     # Held while this process works on the backup: a row 'running' whose lock is
@@ -185,6 +187,21 @@ def run_backup(fleet: Deps, slug: str, *, kind: str = "manual",
         return _run_locked(fleet, tenant, backup_id, dsn, pg_dump, dump_version, recipient,
                            key_id, store, object_key, manifest_key, started, kind, now,
                            progress)
+
+
+def _refuse_while_moving(fleet: Deps, tenant_id: int, slug: str, backup_id: int) -> None:
+    """A move that has not cut over drops the database being dumped, or is copying
+    it: no backup then (a region move's own backup comes after its cutover). Checked
+    after this backup's row is committed, as the move checks for running backups
+    after its own: whichever comes second sees the other."""
+    with fleet.catalog.session() as s:
+        steps = list(s.scalars(select(TenantMove.step).where(
+            TenantMove.tenant_id == tenant_id, TenantMove.finished_at.is_(None))))
+    if any(not moves.cut_over(step) for step in steps):
+        _finish(fleet, backup_id, status=BackupStatus.failed,
+                error="the tenant is being moved", finished_at=clock.utcnow())
+        raise Conflict(f"tenant {slug!r} is being moved to another server: back it up "
+                       "when the move has finished")
 
 
 def hold_large_objects(fleet: Deps, slug: str) -> None:

@@ -77,6 +77,10 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
     "tenant resume": ("tenantctl tenant resume acme",),
     "tenant legal-hold": ("tenantctl tenant legal-hold acme --on --reason 'case 42'",
                           "tenantctl tenant legal-hold acme --off --reason 'case closed'"),
+    "tenant move": ("tenantctl tenant move acme --server eu-central-2 --dry-run",
+                    "tenantctl tenant move acme --region ap-south --reason 'customer asked' "
+                    "--yes --json",
+                    "tenantctl tenant move acme --abort"),
     "tenant erase": ("tenantctl tenant erase acme --reason 'GDPR request 1234'",),
     "tenant export": ("tenantctl tenant export acme --format sql --output acme.sql",
                       "tenantctl tenant export acme --format csv --output acme.zip"),

@@ -10,7 +10,13 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import typer
 
 from cli.common import JsonOpt, open_fleet, open_reads
-from cli.complete import SlugArg, complete_plans, complete_regions, complete_states
+from cli.complete import (
+    SlugArg,
+    complete_plans,
+    complete_regions,
+    complete_servers,
+    complete_states,
+)
 from cli.output import (
     Col,
     FormatOpt,
@@ -458,3 +464,102 @@ def tenant_psql(
     finally:
         fleet.close()
     raise typer.Exit(code)  # psql's own exit status, passed through
+
+
+# -- move -----------------------------------------------------------------------------
+
+
+@tenant_app.command("move")
+def tenant_move(
+    slug: SlugArg,
+    server: Annotated[str | None, typer.Option(
+        help="The server to move it to (same region, or another with --reason).",
+        autocompletion=complete_servers)] = None,
+    region: Annotated[str | None, typer.Option(
+        help="Move it to this region's least-filled server (needs --reason).",
+        autocompletion=complete_regions)] = None,
+    reason: Annotated[str, typer.Option(help="Why (audited; required to leave the "
+                                        "tenant's region).")] = "",
+    method: Annotated[Literal["logical", "dump"] | None, typer.Option(
+        help="How to copy (default: logical when both servers can, else dump).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (method, "
+                                          "size, expected write pause); change nothing.")]
+    = False,
+    show_dsn: Annotated[bool, typer.Option("--show-dsn", help="Print the tenant's new "
+                                           "connection string (audited).")] = False,
+    abort: Annotated[bool, typer.Option("--abort", help="Undo an unfinished move that "
+                                        "has not cut over.")] = False,
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask.")] = False,
+    as_json: BareJsonOpt = False,
+) -> None:
+    """Move a tenant to another server or region: a copy (pg_dump | pg_restore, or
+    logical replication), checks, one cutover; writes pause while it copies. Re-run
+    to finish an interrupted move, or --abort it. The application's connection
+    string changes host and port only; the password stays."""
+    from orchestrator.domain.errors import InvalidInput
+
+    if abort and (server or region or dry_run or method):
+        raise InvalidInput("--abort takes the tenant alone")
+    progress = None if as_json else err
+    fleet = open_fleet()
+    try:
+        if abort:
+            _confirm(f"Abort the move of {slug!r}? Its copy on the target is dropped; it "
+                     "writes again where it is.", yes)
+            res = fleet.abort_move(slug)
+        else:
+            plan = fleet.move(slug, server=server, region=region, reason=reason or None,
+                              method=method, dry_run=True)
+            if dry_run:
+                _print_move(plan, as_json, None)
+                return
+            p = plan.plan or {}
+            what = (f"Move tenant {slug!r} from {plan.old_server} ({plan.old_region}) to "
+                    f"{plan.new_server} ({plan.new_region}) by {plan.method}")
+            detail = (f"{human_size(p.get('size_bytes', 0))}, writes paused about "
+                      f"{plan.write_pause_s:.0f} s" if p else "resuming an unfinished move")
+            if plan.old_region != plan.new_region:
+                detail += (f"; afterwards every backup of it in {plan.old_region} is "
+                           "deleted")
+            from cli.confirm import confirm
+
+            confirm(f"{what}?", yes, summary=f"{what} ({detail})")
+            res = fleet.move(slug, server=server, region=region, reason=reason or None,
+                             method=method, progress=progress)
+        dsn = fleet.credentials(slug) if show_dsn and not abort else None
+    finally:
+        fleet.close()
+    _print_move(res, as_json, dsn)
+
+
+def _print_move(res: Any, as_json: bool, dsn: str | None) -> None:
+    if as_json:
+        print_json(res.to_json(dsn))
+        return
+    if res.dry_run:
+        p = res.plan or {}
+        say(f"plan: move {res.tenant} {res.old_server} ({res.old_region}) → "
+            f"{res.new_server} ({res.new_region}) by {res.method}"
+            + (f" ({p.get('method_reason')})" if p.get("method_reason") else ""))
+        if p:
+            say(f"size {human_size(p['size_bytes'])}, expected write pause about "
+                f"{p['expected_pause_s']} s; steps: {', '.join(p['steps'])}")
+        else:
+            say(f"an unfinished move (id {res.move_id}) would be finished")
+        return
+    if res.outcome == "aborted":
+        say(f"move {res.move_id} of {res.tenant} aborted: it stays on {res.old_server}")
+        return
+    checks = res.checks
+    say(f"moved {res.tenant}: {res.old_server} ({res.old_region}) → {res.new_server} "
+        f"({res.new_region}) by {res.method}, {human_size(res.bytes_copied)} copied, "
+        f"writes paused {res.write_pause_s:.1f} s")
+    if checks:
+        say(f"checks: {checks.get('tables', 0)} tables, {checks.get('rows', 0)} rows, "
+            f"{checks.get('sequences', 0)} sequences, {checks.get('large_objects', 0)} "
+            "large objects: source and copy agree")
+    if res.backup_id is not None:
+        say(f"backup {res.backup_id} taken and verified in {res.new_region}; "
+            f"{res.old_objects_deleted} object(s) deleted from the {res.old_region} store")
+    if dsn is not None:
+        say(dsn)

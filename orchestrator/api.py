@@ -20,6 +20,9 @@ from orchestrator.domain.names import check_integrity
 from orchestrator.domain.views import tenant_json
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from orchestrator.services.move import MoveResult
     from orchestrator.services.plans import PlanChange
     from orchestrator.services.provisioning import ProvisionResult
 
@@ -64,6 +67,24 @@ class Fleet(Deps):
 
         return credentials.credentials(self, slug, rotate=rotate,
                                        kill_sessions=kill_sessions)
+
+    def move(self, slug: str, *, server: str | None = None, region: str | None = None,
+             reason: str | None = None, method: str | None = None, dry_run: bool = False,
+             progress: Callable[[str], None] | None = None) -> MoveResult:
+        """Move (or finish moving) a tenant to ``server``, or to the least-filled server
+        of ``region`` ("change my data region": ``reason`` is required and audited).
+        The application's connection string changes host and port only; the
+        password stays. ``dry_run``: the plan, nothing changed."""
+        from orchestrator.services import move  # start-up: as provision()
+
+        return move.move_tenant(self, slug, server=server, region=region, reason=reason,
+                                method=method, dry_run=dry_run, progress=progress)
+
+    def abort_move(self, slug: str) -> MoveResult:
+        """Undo an unfinished move that has not cut over."""
+        from orchestrator.services import move  # start-up: as provision()
+
+        return move.abort_move(self, slug)
 
 
 def _refill(deps: Deps, server: str) -> None:

@@ -188,6 +188,10 @@ FUNCTION_IMPORTS_ALLOWED: dict[tuple[str, str, str], str] = {
         "as Fleet.provision",
     ("orchestrator/api.py", "Fleet.set_plan", "orchestrator.services.plans"):
         "as Fleet.provision",
+    ("orchestrator/api.py", "Fleet.move", "orchestrator.services.move"):
+        "as Fleet.provision",
+    ("orchestrator/api.py", "Fleet.abort_move", "orchestrator.services.move"):
+        "as Fleet.provision",
     ("orchestrator/api.py", "_refill", "orchestrator.services.spares"):
         "as Fleet.provision",
     ("orchestrator/api.py", "Fleet.pipeline_jobs", "backups.service.PipelineJobs"):

@@ -197,6 +197,29 @@ def purge(fleet: Fleet) -> Scenario:
                     check, env=CLOCK_ENV)
 
 
+def move(fleet: Fleet) -> Scenario:
+    """A region move (the clean fleet has one cluster per region), with a backup in
+    the old region that must be gone from its store afterwards."""
+    slug = fleet.provision(new_slug(), "eu-central").tenant["slug"]
+    with admin_db(fleet, slug) as conn:
+        conn.execute("INSERT INTO customers (name, email) VALUES ('kept', 'k@example.com')")
+    run_backup(fleet, slug)
+
+    def check(fleet: Fleet) -> None:
+        _active(slug)(fleet)
+        t = fleet.get_tenant(slug)
+        assert (t.region, t.server) == ("ap-south", "ap-south-1")
+        with admin_db(fleet, slug) as conn:
+            assert conn.execute("SELECT count(*) FROM customers WHERE name = 'kept'"
+                                ).fetchone() == (1,)
+        with fleet.catalog.session() as s:
+            live = {b.region for b in s.scalars(select(Backup).where(
+                Backup.slug == slug, Backup.status == "completed"))}
+        assert live == {"ap-south"}
+    return Scenario(["tenant", "move", slug, "--region", "ap-south", "--reason", "crash suite",
+                     "--yes"], check, ctx={"slug": slug})
+
+
 CASES: list[tuple[Callable[[Fleet], Scenario], str]] = [
     *[(provision, f"provision.{s}") for s in
       ("registered", "roles", "database", "schema", "privileges", "login")],
@@ -210,9 +233,12 @@ CASES: list[tuple[Callable[[Fleet], Scenario], str]] = [
                             "retention.dropped_database", "retention.dropped_roles")],
     *[(purge, s) for s in ("retention.backups_deleted", "retention.key_destroyed")],
     *[(erase, s) for s in ("erase.key_destroyed", "erase.dropped")],
+    *[(move, f"move.{s}") for s in ("planned", "target", "paused", "copy_chunk", "copied",
+                                    "checked", "cutover", "source_database_dropped",
+                                    "source_dropped", "backed_up", "old_backup_deleted")],
 ]
 # what doctor says while a step is left half-done (and no process is on it)
-FOUND_AFTER_KILL = {"cancel.restricted": "cancel-unfinished",
+FOUND_AFTER_KILL = {"cancel.restricted": "cancel-unfinished", "move.checked": "move-stalled",
                     "erase.key_destroyed": "erase-unfinished"}
 
 

@@ -22,7 +22,13 @@ from orchestrator.domain.errors import InvalidInput
 from orchestrator.domain.grants import settings_changed
 from orchestrator.domain.marks import role_marker
 from orchestrator.domain.master_keys import fleet_key_elsewhere, mixed_key_ids
-from orchestrator.domain.names import TenantNames, catalog_mismatch, tenant_names
+from orchestrator.domain.moves import cut_over
+from orchestrator.domain.names import (
+    MOVE_OBJECT_PREFIX,
+    TenantNames,
+    catalog_mismatch,
+    tenant_names,
+)
 from orchestrator.domain.quota import writes_expected
 from orchestrator.domain.remedies import SUPERUSER_ONLY, remedy
 from orchestrator.domain.replication import LOGICAL_REMEDY, LogicalReadiness
@@ -124,6 +130,17 @@ class Role:
     admin_reads: bool = True  # the admin has its privileges (reads what it owns)
 
 
+@dataclass(frozen=True)
+class MoveRow:
+    """An unfinished tenant move (orchestrator/services/move.py)."""
+    tenant_id: int
+    slug: str
+    from_server: str
+    to_server: str
+    step: str
+    busy: bool = False  # a live process holds the tenant's lock
+
+
 @dataclass
 class ClusterFacts:
     """One Postgres cluster; several configured servers may point at it."""
@@ -145,6 +162,8 @@ class ClusterFacts:
     # database -> owner role -> how many large objects it owns there
     large_objects: dict[str, dict[str, int]] = field(default_factory=dict)
     logical: LogicalReadiness | None = None  # None: not read
+    # a logical move's objects (MOVE_OBJECT_PREFIX): (kind, name, database or "")
+    move_objects: set[tuple[str, str, str]] = field(default_factory=set)
 
 
 @dataclass
@@ -185,6 +204,7 @@ class Facts:
     dead_logins: frozenset[str] = frozenset()
     logins_unchecked: str | None = None  # why the stored passwords were not tried
     grant_ids: dict[str, tuple[int, bool]] = field(default_factory=dict)  # -> (id, read-only)
+    moves: list[MoveRow] = field(default_factory=list)  # unfinished tenant moves
 
 
 # -- findings -------------------------------------------------------------------------
@@ -224,7 +244,8 @@ def diagnose(f: Facts) -> list[Finding]:
     for check in (check_catalog_rows, check_servers, check_tenant_objects, check_orphans,
                   check_privileges, check_role_bounds, check_large_objects, check_backups,
                   check_store, check_revisions, check_retention, check_transitions,
-                  check_master_key, check_fleet_identity, check_grants, check_writes):
+                  check_master_key, check_fleet_identity, check_grants, check_writes,
+                  check_moves):
         out.extend(check(f))
     return sorted(out, key=lambda x: (SEVERITY_ORDER[x.severity], x.code, x.subject))
 
@@ -482,6 +503,13 @@ def _known_objects(f: Facts) -> dict[str, tuple[set[str], set[str]]]:
         dbs, roles = known[f.server_cluster[t.server]]
         dbs.add(names.database)
         roles.update((names.login_role, names.owner_role))
+    # an unfinished move's copy on its target is the move's (finished or aborted by it)
+    for m in f.moves:
+        names = _names(m.slug)
+        if names is not None and m.to_server in f.server_cluster:
+            dbs, roles = known[f.server_cluster[m.to_server]]
+            dbs.add(names.database)
+            roles.update((names.login_role, names.owner_role))
     return known
 
 
@@ -837,3 +865,39 @@ def check_writes(f: Facts) -> Iterator[Finding]:
                      f"{why}, but its login role can still write",
                      "tenantctl doctor --fix (revokes them; reads go on)",
                      fix="sync_writes", slug=t.slug)
+
+
+def check_moves(f: Facts) -> Iterator[Finding]:
+    """A move no process is working on (a crash), and a logical move's replication
+    objects that no unfinished move accounts for: an abandoned slot keeps WAL on its
+    server until the disk is full."""
+    for m in f.moves:
+        if m.busy:
+            continue
+        if cut_over(m.step):
+            yield _f(WARNING, "move-stalled", m.slug,
+                     f"its move to {m.to_server} stopped after the cutover (step {m.step})",
+                     f"tenantctl tenant move {m.slug} --server {m.to_server} (finishes it)",
+                     fix="finish_move", slug=m.slug, server=m.to_server)
+        else:
+            yield _f(WARNING, "move-stalled", m.slug,
+                     f"its move to {m.to_server} stopped at step {m.step}; it may be "
+                     f"read-only on {m.from_server} meanwhile",
+                     f"tenantctl tenant move {m.slug} --server {m.to_server} to finish it, "
+                     f"or tenantctl tenant move {m.slug} --abort (doctor --fix aborts it, "
+                     "after asking)", fix="abort_move", destructive=True, slug=m.slug)
+    moving = {m.tenant_id for m in f.moves}
+    for _cid, c in sorted(f.clusters.items()):
+        if not c.reachable:
+            continue
+        for kind, name, database in sorted(c.move_objects):
+            suffix = name[len(MOVE_OBJECT_PREFIX):]
+            if suffix.isdigit() and int(suffix) in moving:
+                continue
+            where = f" in {database}" if database else ""
+            yield _f(ERROR if kind == "slot" else WARNING, "move-leftover",
+                     f"{c.servers[0]}/{name}",
+                     f"a {kind}{where} of a tenant move that no unfinished move accounts for"
+                     + (": it holds WAL until dropped" if kind == "slot" else ""),
+                     "tenantctl doctor --fix (drops it)", fix="drop_move_leftover",
+                     server=c.servers[0], kind=kind, name=name, database=database)

@@ -90,3 +90,13 @@ def password_context(slug: str) -> str:
     """What a tenant's wrapped password is bound to: unwrapping it under another
     tenant's name fails."""
     return f"tenant:{slug}:password"
+
+
+def move_object_name(tenant_id: int) -> str:
+    """The publication, subscription and replication slot (and the temporary
+    replication role) of a logical move of the tenant: one name, found by doctor
+    by its prefix."""
+    return f"{MOVE_OBJECT_PREFIX}{tenant_id}"
+
+
+MOVE_OBJECT_PREFIX = "tctl_move_"

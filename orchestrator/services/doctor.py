@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+import psycopg
 import pyrage
 from psycopg.conninfo import conninfo_to_dict
 from sqlalchemy import select, text, update
@@ -40,10 +41,12 @@ from orchestrator.adapters.catalog.models import (
     SupportGrant,
     Tenant,
     TenantKey,
+    TenantMove,
     TenantState,
 )
 from orchestrator.adapters.crypto import tenant_keys as keys
 from orchestrator.adapters.postgres import admin as pgserver
+from orchestrator.adapters.postgres import move_copy
 from orchestrator.adapters.postgres.pgtools import pg_tool
 from orchestrator.domain.errors import (
     Conflict,
@@ -59,6 +62,7 @@ from orchestrator.domain.health import (
     Database,
     Facts,
     Finding,
+    MoveRow,
     Role,
     StoreFacts,
     TenantRow,
@@ -70,7 +74,7 @@ from orchestrator.domain.names import password_context, tenant_lock
 from orchestrator.domain.retention_plan import DELETE, PURGE
 from orchestrator.domain.states import HAS_DATABASE
 from orchestrator.domain.statuses import BackupStatus
-from orchestrator.services import access, plans, provisioning, quota, retention, templates
+from orchestrator.services import access, move, plans, provisioning, quota, retention, templates
 from orchestrator.services.access import role_name
 
 if TYPE_CHECKING:
@@ -139,6 +143,19 @@ def cluster_id(admin_dsn: str) -> str:
     return f"{d.get('hostaddr') or d.get('host') or 'local'}:{d.get('port') or 5432}"
 
 
+# a logical move's objects (domain/names.move_object_name): slots, subscriptions (in
+# which database) and temporary roles, cluster-wide
+MOVE_OBJECTS = r"""
+SELECT 'slot', slot_name::text, NULL FROM pg_replication_slots
+ WHERE slot_name LIKE 'tctl\_move\_%'
+UNION ALL
+SELECT 'subscription', s.subname::text, d.datname::text FROM pg_subscription s
+  JOIN pg_database d ON d.oid = s.subdbid WHERE s.subname LIKE 'tctl\_move\_%'
+UNION ALL
+SELECT 'role', rolname::text, NULL FROM pg_roles WHERE rolname LIKE 'tctl\_move\_%'
+"""
+
+
 def _read_cluster(fleet: Deps, server: str, facts: ClusterFacts) -> None:
     try:
         with fleet.server_connection(server) as conn:
@@ -163,6 +180,7 @@ def _read_cluster(fleet: Deps, server: str, facts: ClusterFacts) -> None:
             if row:
                 facts.connections, facts.max_connections = int(row[0]), int(row[1])
             facts.fleet_mark = pgserver.server_fleet_id(conn)
+            facts.move_objects = {(k, n, d or "") for k, n, d in conn.execute(MOVE_OBJECTS)}
     except TenantctlError as exc:
         facts.reachable, facts.error = False, first_line(exc)
     except Exception as exc:  # noqa: BLE001 - a server error is a finding, not a crash
@@ -292,6 +310,9 @@ def gather(fleet: Deps, region: str | None = None, now: datetime | None = None) 
     # tenants a step may be working on right now: is a process holding their lock?
     provisioning = [t.slug for t in tenants if t.state == TenantState.provisioning
                     or (t.state in HAS_DATABASE and (t.step is not None or t.id in destroyed))]
+    with fleet.catalog.session() as s:
+        move_rows = list(s.scalars(select(TenantMove).where(TenantMove.finished_at.is_(None))))
+    provisioning += [m.slug for m in move_rows]
     running = [b.id for b in backups if b.status == BackupStatus.running]
     busy = _locked_elsewhere(fleet, [tenant_lock(x) for x in provisioning]
                              + [_alive(x) for x in running])
@@ -329,7 +350,9 @@ def gather(fleet: Deps, region: str | None = None, now: datetime | None = None) 
         fleet_id=fleet.catalog.fleet_id(), bounds=cfg.bounds,
         plans={name: p.bounds for name, p in cfg.plans.items()}, dead_logins=frozenset(dead),
         logins_unchecked=unchecked,
-        grant_ids={role_name(gid): (gid, ro) for gid, _exp, _db, ro in grant_rows})
+        grant_ids={role_name(gid): (gid, ro) for gid, _exp, _db, ro in grant_rows},
+        moves=[MoveRow(m.tenant_id, m.slug, m.from_server, m.to_server, m.step,
+                       busy=tenant_lock(m.slug) in busy) for m in move_rows])
 
 
 # -- repairing ------------------------------------------------------------------------
@@ -567,6 +590,36 @@ def dump_orphan(fleet: Deps, server: str, database: str, region: str) -> str:
     return f"{base}.dump.age"
 
 
+def _fix_finish_move(fleet: Deps, x: Finding) -> str:
+    res = move.move_tenant(fleet, x.arg("slug"), server=x.arg("server"))
+    return f"move finished: on {res.new_server}"
+
+
+def _fix_abort_move(fleet: Deps, x: Finding) -> str:
+    res = move.abort_move(fleet, x.arg("slug"))
+    return f"move aborted: it stays on {res.old_server}"
+
+
+def _fix_drop_move_leftover(fleet: Deps, x: Finding) -> str:
+    server, kind, name = x.arg("server"), x.arg("kind"), x.arg("name")
+    if kind == "subscription":
+        with pgserver.connect(fleet.cfg.server(server).admin_dsn, x.arg("database"),
+                              server=server) as conn:
+            try:
+                move_copy.drop_subscription(conn, name)
+            except psycopg.OperationalError:  # its publisher is gone: its slot too
+                move_copy.drop_subscription(conn, name, keep_slot=True)
+    else:
+        with fleet.server_connection(server) as conn:
+            if kind == "slot":
+                move_copy.drop_slot(conn, name)
+            else:
+                pgserver.drop_role_everywhere(conn, fleet.cfg.server(server).admin_dsn, name,
+                                              server=server,
+                                              lock_timeout=fleet.cfg.lock_timeout)
+    return f"{kind} {name} dropped"
+
+
 FIXES: dict[str, Callable[[Deps, Finding], str]] = {
     "provision": _fix_provision, "backup": _fix_backup, "reap_backups": _fix_reap,
     "forget_backup": _fix_forget_backup, "revoke_public": _fix_revoke_public,
@@ -579,6 +632,8 @@ FIXES: dict[str, Callable[[Deps, Finding], str]] = {
     "reapply_password": _fix_reapply_password,
     "grant_membership": _fix_grant_membership, "hold_large_objects": _fix_hold_large_objects,
     "sync_writes": _fix_sync_writes,
+    "finish_move": _fix_finish_move, "abort_move": _fix_abort_move,
+    "drop_move_leftover": _fix_drop_move_leftover,
 }
 ONCE = {"reap_backups", "expire_grants"}
 

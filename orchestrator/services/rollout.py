@@ -93,7 +93,7 @@ CLAIM_SQL = f"""
                      AND status = '{TenantMigration.failed}') <= %(budget)s
             ORDER BY seq LIMIT 1 FOR UPDATE SKIP LOCKED)
         RETURNING tenant_id, slug, server, from_revision)
-    SELECT next.tenant_id, next.slug, next.server, next.from_revision,
+    SELECT next.tenant_id, next.slug, coalesce(t.server, next.server), next.from_revision,
            t.database, t.owner_role, t.state,
            pg_try_advisory_lock({lock_key_sql("'tenant:' || next.slug")})
     FROM next LEFT JOIN tenants t ON t.id = next.tenant_id"""

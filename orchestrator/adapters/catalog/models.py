@@ -28,6 +28,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from orchestrator.domain.moves import MoveMethod, MoveOutcome
 from orchestrator.domain.states import (  # noqa: F401 - re-exported for the catalog's users
     CANCELLING,
     PLACED_STATES,
@@ -366,4 +367,40 @@ class UsageSample(Base):
     __table_args__ = (
         # the retention purge and the period queries (totals, export, metrics)
         Index("ix_usage_samples_period_start", "period_start"),
+    )
+
+
+class TenantMove(Base):
+    """One move of a tenant to another server (and maybe region): its recorded step
+    machine while it runs (orchestrator/domain/moves.py STEPS), its history after.
+    At most one unfinished move per tenant."""
+
+    __tablename__ = "tenant_moves"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(
+        ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    slug: Mapped[str] = mapped_column(String(40))
+    from_server: Mapped[str] = mapped_column(String(63))
+    to_server: Mapped[str] = mapped_column(String(63))
+    from_region: Mapped[str] = mapped_column(String(40))
+    to_region: Mapped[str] = mapped_column(String(40))
+    method: Mapped[str] = mapped_column(String(20))
+    reason: Mapped[str | None] = mapped_column(Text)
+    step: Mapped[str] = mapped_column(String(40))
+    outcome: Mapped[str] = mapped_column(String(20), server_default="running")
+    actor: Mapped[str] = mapped_column(String(200))
+    bytes_copied: Mapped[int | None] = mapped_column(BigInteger)
+    write_pause_ms: Mapped[int | None] = mapped_column(Integer)
+    checks: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default="{}")
+    error: Mapped[str | None] = mapped_column(Text)
+    started_at: Mapped[datetime] = _now()
+    updated_at: Mapped[datetime] = _now()
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        CheckConstraint(one_of("outcome", MoveOutcome), name="outcome_known"),
+        CheckConstraint(one_of("method", MoveMethod), name="method_known"),
+        Index("uq_tenant_moves_unfinished", "tenant_id", unique=True,
+              postgresql_where=text("finished_at IS NULL")),
     )

@@ -1,0 +1,303 @@
+"""What a tenant move reads and runs on the servers: the facts the planner needs
+(size, large objects, tables without a key, whether a server can replicate),
+the checks compared before a cutover (row counts, per-table checksums, sequence
+values, large objects), the sequences' copy, and `pg_dump | pg_restore` between
+two servers, streamed through this process (no plaintext on disk; each tool
+gets its server's credentials through its environment, never argv)."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from orchestrator.adapters.postgres.admin import libpq_env, tool_error
+from orchestrator.domain.errors import ExitCode, TenantctlError
+from orchestrator.domain.moves import TableSum
+
+CHUNK = 1 << 20
+
+
+class CopyFailed(TenantctlError):
+    """pg_dump or pg_restore of a move failed (the move stops before its cutover)."""
+
+    exit_code = ExitCode.DUMP_OR_RESTORE
+
+
+# -- facts ----------------------------------------------------------------------------
+
+
+def database_size(conn: psycopg.Connection) -> int:
+    row = conn.execute("SELECT pg_database_size(current_database())").fetchone()
+    return int(row[0]) if row else 0
+
+
+def large_objects_count(conn: psycopg.Connection) -> int:
+    row = conn.execute("SELECT count(*) FROM pg_largeobject_metadata").fetchone()
+    return int(row[0]) if row else 0
+
+
+def tables_without_key(conn: psycopg.Connection) -> list[str]:
+    """Tables of the public schema whose updates logical replication could not carry:
+    no primary key and no other replica identity."""
+    return [r[0] for r in conn.execute(
+        "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p') AND ("
+        "  (c.relreplident = 'd' AND NOT EXISTS (SELECT FROM pg_index i WHERE "
+        "   i.indrelid = c.oid AND i.indisprimary)) OR c.relreplident = 'n') "
+        "ORDER BY 1")]
+
+
+def logical_readiness(conn: psycopg.Connection) -> str | None:
+    """Why this server cannot take part in a logical move (None: it can): wal_level,
+    free replication slots and WAL senders, the admin role's REPLICATION attribute
+    and its pg_create_subscription membership."""
+    settings: dict[str, str] = dict(conn.execute(
+        "SELECT name, setting FROM pg_settings WHERE name IN "
+        "('wal_level', 'max_replication_slots', 'max_wal_senders')").fetchall())
+    if settings.get("wal_level") != "logical":
+        return f"wal_level is {settings.get('wal_level')}, not logical"
+    if int(settings.get("max_replication_slots", 0)) < 2:
+        return "max_replication_slots is below 2"
+    if int(settings.get("max_wal_senders", 0)) < 2:
+        return "max_wal_senders is below 2"
+    row = conn.execute(
+        "SELECT rolreplication, rolsuper, pg_has_role(current_user, 'pg_create_subscription',"
+        " 'USAGE') FROM pg_roles WHERE rolname = current_user").fetchone()
+    if row is None or not (row[0] or row[1]):
+        return "the admin role lacks the REPLICATION attribute"
+    if not (row[1] or row[2]):
+        return "the admin role is not a member of pg_create_subscription"
+    return None
+
+
+# -- checks ---------------------------------------------------------------------------
+
+# Order-independent digest of a table's rows: the sum of a 64-bit hash of each row's
+# text (hashtextextended: several times cheaper than md5, and the checks run while
+# writes are paused), so no sort and no string the size of the table.
+_TABLE_SUM = sql.SQL(
+    "SELECT count(*), coalesce(sum(hashtextextended(t::text, 0)::numeric), 0)::text "
+    "FROM public.{} t")
+
+
+def table_sums(conn: psycopg.Connection) -> dict[str, TableSum]:
+    tables = [r[0] for r in conn.execute(
+        "SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY 1")]
+    out = {}
+    for table in tables:
+        row = conn.execute(_TABLE_SUM.format(sql.Identifier(table))).fetchone()
+        assert row is not None
+        out[table] = TableSum(int(row[0]), str(row[1]))
+    return out
+
+
+def sequence_values(conn: psycopg.Connection) -> dict[str, tuple[int, bool]]:
+    names = [r[0] for r in conn.execute(
+        "SELECT sequencename FROM pg_sequences WHERE schemaname = 'public' ORDER BY 1")]
+    out = {}
+    for name in names:
+        row = conn.execute(sql.SQL("SELECT last_value, is_called FROM public.{}").format(
+            sql.Identifier(name))).fetchone()
+        assert row is not None
+        out[name] = (int(row[0]), bool(row[1]))
+    return out
+
+
+def set_sequences(conn: psycopg.Connection, values: dict[str, tuple[int, bool]]) -> None:
+    """Each sequence of the copy where the source's is (logical replication does not
+    carry them)."""
+    for name, (last, called) in values.items():
+        conn.execute("SELECT setval(%s::regclass, %s, %s)",
+                     (sql.Identifier("public", name).as_string(conn), last, called))
+
+
+def large_objects_digest(conn: psycopg.Connection) -> dict[str, Any]:
+    row = conn.execute("SELECT count(*), coalesce(md5(string_agg(m.oid::text || ':' || "
+                       "md5(lo_get(m.oid)), ',' ORDER BY m.oid)), '') "
+                       "FROM pg_largeobject_metadata m").fetchone()
+    assert row is not None
+    return {"count": int(row[0]), "md5": row[1]}
+
+
+def checks(dsn: str) -> dict[str, Any]:
+    """The checks of the database behind ``dsn``, read in one snapshot."""
+    with psycopg.connect(dsn, autocommit=False, connect_timeout=10,
+                         application_name="tenantctl") as conn:
+        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        conn.read_only = True
+        out = {"tables": table_sums(conn), "sequences": sequence_values(conn),
+               "large_objects": large_objects_digest(conn)}
+        conn.rollback()
+    return out
+
+
+# -- the copy -------------------------------------------------------------------------
+
+
+def dump_restore(pg_dump: str, pg_restore: str, source_dsn: str, target_dsn: str,
+                 owner_role: str, *, lock_wait: str | None = None, schema_only: bool = False,
+                 progress: Callable[[int], None] | None = None,
+                 chunk_hook: Callable[[], None] | None = None) -> int:
+    """`pg_dump` of the source straight into `pg_restore` on the target, in one
+    transaction there (all or nothing), every object owned by ``owner_role``. The
+    bytes pass through this process (counted) and never touch disk. Returns the
+    bytes copied."""
+    dump_argv = [pg_dump, "--format=custom", "--compress=0", "--no-owner", "--no-acl"]
+    if schema_only:
+        dump_argv.append("--schema-only")
+    if lock_wait is not None:
+        dump_argv.append(f"--lock-wait-timeout={lock_wait}")
+    restore_argv = [pg_restore, "--no-owner", "--no-acl", f"--role={owner_role}",
+                    "--single-transaction", "--exit-on-error", "--dbname",
+                    str(psycopg.conninfo.conninfo_to_dict(target_dsn).get("dbname"))]
+    copied = 0
+    with tempfile.TemporaryFile() as dump_err, tempfile.TemporaryFile() as restore_err:
+        dump = subprocess.Popen(dump_argv, stdout=subprocess.PIPE, stderr=dump_err,
+                                env=libpq_env(source_dsn))
+        restore = subprocess.Popen(restore_argv, stdin=subprocess.PIPE,
+                                   stdout=subprocess.DEVNULL, stderr=restore_err,
+                                   env=libpq_env(target_dsn))
+        assert dump.stdout is not None and restore.stdin is not None
+        broken = False
+        try:
+            while chunk := dump.stdout.read(CHUNK):
+                try:
+                    restore.stdin.write(chunk)
+                except BrokenPipeError:
+                    broken = True
+                    break
+                copied += len(chunk)
+                if progress is not None:
+                    progress(copied)
+                if chunk_hook is not None:
+                    chunk_hook()
+        except BaseException:
+            dump.kill()
+            restore.kill()
+            raise
+        finally:
+            dump.stdout.close()
+            if not broken:
+                with contextlib.suppress(BrokenPipeError):
+                    restore.stdin.close()
+        if broken:
+            dump.kill()
+        dump_code, restore_code = dump.wait(), restore.wait()
+        if dump_code != 0 and not broken:
+            dump_err.seek(0)
+            said = tool_error(dump_err.read().decode(errors="replace"))
+            raise CopyFailed(f"pg_dump failed: {said or dump_code}")
+        if restore_code != 0:
+            restore_err.seek(0)
+            said = tool_error(restore_err.read().decode(errors="replace"))
+            raise CopyFailed(f"pg_restore failed: {said or restore_code}")
+    return copied
+
+
+
+# -- logical replication (publication on the source, subscription on the target) -----
+
+
+def public_tables(conn: psycopg.Connection) -> list[str]:
+    return [r[0] for r in conn.execute(
+        "SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY 1")]
+
+
+def create_publisher(conn: psycopg.Connection, admin_conn: psycopg.Connection, name: str,
+                     owner_role: str, database: str, password: str) -> None:
+    """On the source: a temporary login role ``name`` (REPLICATION, CONNECT on the
+    tenant's database, SELECT on its tables; its password a SCRAM verifier made
+    here) and a publication ``name`` of every table of the public schema, owned by
+    the tenant's owner role (FOR TABLE needs no superuser). ``conn``: in the
+    tenant's database; ``admin_conn``: the maintenance database. Idempotent."""
+    ident = sql.Identifier(name)
+    verifier = admin_conn.pgconn.encrypt_password(password.encode(), name.encode(),
+                                                  b"scram-sha-256").decode()
+    exists = admin_conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (name,)
+                                ).fetchone()
+    admin_conn.execute(sql.SQL("{} ROLE {} LOGIN REPLICATION NOINHERIT PASSWORD {}").format(
+        sql.SQL("ALTER" if exists else "CREATE"), ident, sql.Literal(verifier)))
+    admin_conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(
+        sql.Identifier(database), ident))
+    tables = public_tables(conn)
+    with conn.transaction():
+        conn.execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(owner_role)))
+        conn.execute(sql.SQL("GRANT USAGE ON SCHEMA public TO {}").format(ident))
+        conn.execute(sql.SQL("GRANT SELECT ON ALL TABLES IN SCHEMA public TO {}").format(ident))
+        conn.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(ident))
+        conn.execute(sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(
+            ident, sql.SQL(", ").join(sql.Identifier("public", t) for t in tables)))
+
+
+def subscription_exists(conn: psycopg.Connection, name: str) -> bool:
+    return conn.execute("SELECT 1 FROM pg_subscription WHERE subname = %s", (name,)
+                        ).fetchone() is not None
+
+
+def create_subscription(conn: psycopg.Connection, name: str, conninfo: str) -> None:
+    """On the target, in the tenant's new database: the subscription (initial copy,
+    then streaming), which makes its slot on the source. The connection string
+    holds the temporary role's password: a non-superuser's subscription must."""
+    if subscription_exists(conn, name):
+        return
+    conn.execute(sql.SQL("CREATE SUBSCRIPTION {} CONNECTION {} PUBLICATION {} "
+                         "WITH (copy_data = true)").format(
+        sql.Identifier(name), sql.Literal(conninfo), sql.Identifier(name)))
+
+
+def tables_not_ready(conn: psycopg.Connection, name: str) -> int:
+    """Tables of the subscription whose initial copy has not finished."""
+    row = conn.execute(
+        "SELECT count(*) FROM pg_subscription_rel r JOIN pg_subscription s ON "
+        "s.oid = r.srsubid WHERE s.subname = %s AND r.srsubstate NOT IN ('r', 's')",
+        (name,)).fetchone()
+    return int(row[0]) if row else 0
+
+
+def slot_lag(conn: psycopg.Connection, name: str, upto: str | None = None) -> int | None:
+    """Bytes of WAL the subscription's slot has not confirmed (up to ``upto``, an LSN,
+    else the current one); None when there is no such slot."""
+    row = conn.execute(
+        "SELECT pg_wal_lsn_diff(coalesce(%s::pg_lsn, pg_current_wal_lsn()), "
+        "confirmed_flush_lsn) FROM pg_replication_slots WHERE slot_name = %s",
+        (upto, name)).fetchone()
+    return None if row is None or row[0] is None else max(0, int(row[0]))
+
+
+def current_lsn(conn: psycopg.Connection) -> str:
+    row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def drop_subscription(conn: psycopg.Connection, name: str, *, keep_slot: bool = False
+                      ) -> None:
+    """Drop the subscription (and, through it, its slot on the source; with
+    ``keep_slot``, when the source cannot be reached, the slot is left for
+    ``drop_slot``)."""
+    if not subscription_exists(conn, name):
+        return
+    ident = sql.Identifier(name)
+    conn.execute(sql.SQL("ALTER SUBSCRIPTION {} DISABLE").format(ident))
+    if keep_slot:
+        conn.execute(sql.SQL("ALTER SUBSCRIPTION {} SET (slot_name = NONE)").format(ident))
+    conn.execute(sql.SQL("DROP SUBSCRIPTION {}").format(ident))
+
+
+def drop_slot(conn: psycopg.Connection, name: str) -> bool:
+    """Drop the replication slot ``name`` if it exists and nobody uses it."""
+    row = conn.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                       "WHERE slot_name = %s AND NOT active", (name,)).fetchone()
+    return row is not None
+
+
+def drop_publication(conn: psycopg.Connection, name: str, owner_role: str) -> None:
+    with conn.transaction():
+        conn.execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(owner_role)))
+        conn.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(name)))
