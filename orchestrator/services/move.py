@@ -238,7 +238,9 @@ def _plan(deps: Deps, tenant: Tenant, server: str | None, region: str | None,
         counts = dict(s.execute(select(Tenant.server, func.count())
                                 .where(Tenant.state.in_(PLACED_STATES))
                                 .group_by(Tenant.server)).all())
-        available = dict(s.execute(select(Server.name, Server.available)).all())
+        # a target must be in the config and accepting (not drained or retired)
+        available = {name: bool(avail and accepting) for name, avail, accepting in s.execute(
+            select(Server.name, Server.available, Server.accepting)).all()}
         grants = s.scalar(select(func.count()).select_from(SupportGrant).where(
             SupportGrant.tenant_id == tenant.id, SupportGrant.dropped_at.is_(None))) or 0
     facts = TenantFacts(tenant.slug, tenant.state, tenant.server, tenant.region, tenant.step,

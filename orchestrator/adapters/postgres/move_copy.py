@@ -17,6 +17,7 @@ import psycopg
 from psycopg import sql
 
 from orchestrator.adapters.postgres.admin import libpq_env, tool_error
+from orchestrator.adapters.postgres.admin import logical_readiness as admin_logical_readiness
 from orchestrator.domain.errors import ExitCode, TenantctlError
 from orchestrator.domain.moves import TableSum
 
@@ -54,26 +55,10 @@ def tables_without_key(conn: psycopg.Connection) -> list[str]:
 
 
 def logical_readiness(conn: psycopg.Connection) -> str | None:
-    """Why this server cannot take part in a logical move (None: it can): wal_level,
-    free replication slots and WAL senders, the admin role's REPLICATION attribute
-    and its pg_create_subscription membership."""
-    settings: dict[str, str] = dict(conn.execute(
-        "SELECT name, setting FROM pg_settings WHERE name IN "
-        "('wal_level', 'max_replication_slots', 'max_wal_senders')").fetchall())
-    if settings.get("wal_level") != "logical":
-        return f"wal_level is {settings.get('wal_level')}, not logical"
-    if int(settings.get("max_replication_slots", 0)) < 2:
-        return "max_replication_slots is below 2"
-    if int(settings.get("max_wal_senders", 0)) < 2:
-        return "max_wal_senders is below 2"
-    row = conn.execute(
-        "SELECT rolreplication, rolsuper, pg_has_role(current_user, 'pg_create_subscription',"
-        " 'USAGE') FROM pg_roles WHERE rolname = current_user").fetchone()
-    if row is None or not (row[0] or row[1]):
-        return "the admin role lacks the REPLICATION attribute"
-    if not (row[1] or row[2]):
-        return "the admin role is not a member of pg_create_subscription"
-    return None
+    """Why this server cannot take part in a logical move (None: it can): one reading
+    (admin.logical_readiness), the same that `config check` and `doctor` judge by."""
+    why = admin_logical_readiness(conn).blockers()
+    return "; ".join(why) if why else None
 
 
 # -- checks ---------------------------------------------------------------------------
