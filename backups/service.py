@@ -255,14 +255,14 @@ def _run_locked(fleet: Deps, tenant: Any, backup_id: int, dsn: str, pg_dump: str
         _finish(fleet, backup_id, status=BackupStatus.failed, error=error,
                 finished_at=now or clock.utcnow())
         fleet.catalog.audit("backup.run", tenant=slug, region=tenant.region,
-                            outcome="failed", backup=backup_id, error=error)
+                            outcome="failed", at=now, backup=backup_id, error=error)
         if isinstance(exc, TenantctlError) and not is_lock_timeout(error):
             raise
         raise BackupError(f"backup of {slug!r} failed: {error}") from None
     _finish(fleet, backup_id, status=BackupStatus.completed, size=size, sha256=sha,
             server_version=server_version, finished_at=finished)
-    fleet.catalog.audit("backup.run", tenant=slug, region=tenant.region, backup=backup_id,
-                        size=size, kind=kind)
+    fleet.catalog.audit("backup.run", tenant=slug, region=tenant.region, at=now,
+                        backup=backup_id, size=size, kind=kind)
     return BackupResult(backup_id, slug, BackupStatus.completed, size, sha)
 
 
@@ -508,7 +508,8 @@ def verify_backup(fleet: Deps, backup_id: int, now: datetime | None = None) -> d
     entries = sum(1 for ln in done.stdout.decode(errors="replace").splitlines()
                   if ln and not ln.startswith(";"))
     _finish(fleet, row.id, verified_at=now or clock.utcnow(), finished_at=row.finished_at)
-    fleet.catalog.audit("backup.verify", tenant=row.slug, region=row.region, backup=row.id)
+    fleet.catalog.audit("backup.verify", tenant=row.slug, region=row.region, at=now,
+                        backup=row.id)
     return {"id": row.id, "tenant": row.slug, "ok": True, "size": row.size,
             "sha256": row.sha256, "toc_entries": entries}
 
@@ -732,9 +733,11 @@ def prune_verdicts(fleet: Deps, now: datetime, policy: RetentionPolicy | None = 
     return retention(facts, now, policy, report_kept=report_kept)
 
 
-def delete_backup(fleet: Deps, backup_id: int, *, reason: str) -> None:
+def delete_backup(fleet: Deps, backup_id: int, *, reason: str,
+                  now: datetime | None = None) -> None:
     """Remove one backup from its store (manifest first: without it the object is
-    no longer offered for restore), then mark it deleted. Idempotent."""
+    no longer offered for restore), then mark it deleted, audited at ``now`` (the
+    prune's) if given. Idempotent."""
     b = get_backup(fleet, backup_id)
     if b.status == BackupStatus.deleted:
         return
@@ -742,8 +745,8 @@ def delete_backup(fleet: Deps, backup_id: int, *, reason: str) -> None:
     store.delete(b.manifest_key)
     store.delete(b.object_key)
     _finish(fleet, b.id, status=BackupStatus.deleted, finished_at=b.finished_at)
-    fleet.catalog.audit("backup.prune", tenant=b.slug, region=b.region, backup=b.id,
-                        reason=reason)
+    fleet.catalog.audit("backup.prune", tenant=b.slug, region=b.region, at=now,
+                        backup=b.id, reason=reason)
 
 
 def prune(fleet: Deps, *, dry_run: bool, now: datetime | None = None) -> list[dict[str, Any]]:
@@ -756,7 +759,7 @@ def prune(fleet: Deps, *, dry_run: bool, now: datetime | None = None) -> list[di
         report.append({"id": v.backup_id, "tenant": v.tenant,
                        "action": "keep" if v.keep else "prune", "reason": v.reason})
         if not v.keep and not dry_run:
-            delete_backup(fleet, v.backup_id, reason=v.reason)
+            delete_backup(fleet, v.backup_id, reason=v.reason, now=now)
     return report
 
 
@@ -776,8 +779,8 @@ class PipelineJobs:
     def get(self, backup_id: int) -> Backup:
         return get_backup(self._fleet, backup_id)
 
-    def delete(self, backup_id: int, *, reason: str) -> None:
-        delete_backup(self._fleet, backup_id, reason=reason)
+    def delete(self, backup_id: int, *, reason: str, now: datetime | None = None) -> None:
+        delete_backup(self._fleet, backup_id, reason=reason, now=now)
 
     def reap_dead(self, slug: str, now: datetime | None = None) -> int:
         return reap_dead(self._fleet, slug, now)

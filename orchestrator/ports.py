@@ -190,7 +190,10 @@ class CatalogWrites(Protocol):
     def update_grant(self, grant_id: int, **values: Any) -> None: ...
 
     def audit(self, action: str, *, tenant: str | None = None, region: str | None = None,
-              outcome: str = "ok", **detail: Any) -> None: ...
+              outcome: str = "ok", at: datetime | None = None, **detail: Any) -> None:
+        """One audit record, at ``at`` (a run's ``now``) or else when the catalog
+        records it."""
+        ...
 
 
 class Locks(Protocol):
@@ -214,8 +217,9 @@ class CatalogPort(Locks, Protocol):
     def transaction(self) -> AbstractContextManager[CatalogWrites]: ...
 
     def audit(self, action: str, *, tenant: str | None = None, region: str | None = None,
-              outcome: str = "ok", **detail: Any) -> None:
-        """One audit record, in a transaction of its own."""
+              outcome: str = "ok", at: datetime | None = None, **detail: Any) -> None:
+        """One audit record, in a transaction of its own; at ``at`` (a run's ``now``)
+        or else when the catalog records it."""
         ...
 
     def audit_count_before(self, cutoff: datetime) -> int: ...
@@ -334,7 +338,9 @@ class BackupJobs(Protocol):
 
     def get(self, backup_id: int) -> BackupRecord: ...
 
-    def delete(self, backup_id: int, *, reason: str) -> None: ...
+    def delete(self, backup_id: int, *, reason: str, now: datetime | None = None) -> None:
+        """Its objects deleted, its row marked deleted, audited at ``now`` if given."""
+        ...
 
     def reap_dead(self, slug: str, now: datetime | None = None) -> int:
         """Backups a dead process left running: marked failed, objects aborted."""

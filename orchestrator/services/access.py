@@ -125,13 +125,14 @@ def drop_role(fleet: Deps, g: GrantRecord) -> None:
 def _end(fleet: Deps, g: GrantRecord, why: str, *, revoked: bool,
          now: datetime | None = None) -> None:
     drop_role(fleet, g)
-    now = now or fleet.clock.now()
-    values: dict[str, Any] = {"dropped_at": now}
+    at = now or fleet.clock.now()
+    values: dict[str, Any] = {"dropped_at": at}
     if revoked:
-        values["revoked_at"] = now
+        values["revoked_at"] = at
     with fleet.records.transaction() as tx:
         tx.update_grant(g.id, **values)
-        tx.audit(f"access.{why}", tenant=g.slug, grant=g.id, to=g.grantee)
+        # a run's ``now`` (retention's expiry) also dates the record
+        tx.audit(f"access.{why}", tenant=g.slug, at=now, grant=g.id, to=g.grantee)
 
 
 def revoke(fleet: Deps, grant_id: int | None = None) -> list[int]:
