@@ -46,8 +46,6 @@ from orchestrator.adapters.catalog.models import Backup, Tenant, TenantKey, Tena
 from orchestrator.adapters.crypto import tenant_keys as keys
 from orchestrator.adapters.faults import checkpoint
 from orchestrator.adapters.postgres import admin as pgserver
-from orchestrator.adapters.postgres.childenv import child_env
-from orchestrator.adapters.postgres.pgtools import pg_tool
 from orchestrator.domain.errors import Conflict, ExitCode, NotFound, TenantctlError, first_line
 from orchestrator.domain.names import tenant_lock, tenant_names
 from orchestrator.domain.states import HAS_DATABASE, PRUNABLE
@@ -136,12 +134,6 @@ def compression_arg(pg_dump: str) -> str:
     return "--compress=6"
 
 
-@functools.cache
-def _tool_version(tool: str) -> str:
-    return subprocess.run([tool, "--version"], capture_output=True, text=True,
-                          check=True, env=child_env()).stdout.strip()
-
-
 def _store_for(fleet: Deps, region: str) -> ObjectStore:
     return open_store(fleet.cfg.region(region).backup_store, fleet.cfg.s3)
 
@@ -161,8 +153,8 @@ def run_backup(fleet: Deps, slug: str, *, kind: str = "manual",
     if tenant.state == TenantState.cancelled:
         hold_large_objects(fleet, slug)
     store = _store_for(fleet, tenant.region)  # the tenant's own region, never another
-    pg_dump = pg_tool(fleet.cfg, "pg_dump")
-    dump_version = _tool_version(pg_dump)
+    pg_dump = fleet.pg_tools.path("pg_dump")
+    dump_version = fleet.pg_tools.version("pg_dump")
     started = now or clock.utcnow()
     with fleet.catalog.session() as s, s.begin():
         key = keys.ensure_key(fleet.master_key, s, tenant.id, slug)
@@ -496,7 +488,7 @@ def verify_backup(fleet: Deps, backup_id: int, now: datetime | None = None) -> d
     """Manifest, checksum, decryption and `pg_restore --list` of one backup;
     verified at ``now`` (a retention run's), else when it ends."""
     row = get_backup(fleet, backup_id)
-    pg_restore = pg_tool(fleet.cfg, "pg_restore")
+    pg_restore = fleet.pg_tools.path("pg_restore")
     # pg_restore --list reads the table of contents and exits: let it, and check the
     # rest of the object all the same
     done = stream_plaintext(fleet, row, [pg_restore, "--list"], libpq_env(""),
@@ -593,7 +585,7 @@ def restore_test(fleet: Deps, backup_id: int) -> dict[str, Any]:
         pgserver.make_scratch_database(conn, scratch)
     try:
         dsn = with_dbname(admin, scratch)
-        argv = [pg_tool(fleet.cfg, "pg_restore"), "--no-owner", "--no-acl",
+        argv = [fleet.pg_tools.path("pg_restore"), "--no-owner", "--no-acl",
                 "--single-transaction", "--exit-on-error", f"--dbname={scratch}"]
         done = stream_plaintext(fleet, row, argv, libpq_env(dsn))
         if done.returncode != 0:

@@ -354,3 +354,18 @@ class BackupJobs(Protocol):
 
 class Clock(Protocol):
     def now(self) -> datetime: ...
+
+
+# -- Postgres client tools -----------------------------------------------------------
+
+
+class PgTools(Protocol):
+    """The Postgres client binaries the services run (pg_dump, pg_restore, psql)."""
+
+    def path(self, name: str) -> str:
+        """The binary ``name``'s path; ConfigError when it is not there."""
+        ...
+
+    def version(self, name: str) -> str:
+        """Its ``--version`` line (as a backup's manifest records it)."""
+        ...

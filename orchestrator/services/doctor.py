@@ -44,7 +44,6 @@ from orchestrator.adapters.catalog.models import (
 )
 from orchestrator.adapters.crypto import tenant_keys as keys
 from orchestrator.adapters.postgres import admin as pgserver
-from orchestrator.adapters.postgres.pgtools import pg_tool
 from orchestrator.domain.errors import (
     Conflict,
     MasterKeyError,
@@ -545,7 +544,7 @@ def dump_orphan(fleet: Deps, server: str, database: str, region: str) -> str:
     dsn = with_dbname(fleet.cfg.server(server).admin_dsn, database)
     with fleet.catalog.session() as s, s.begin():
         master = keys.writing_key(fleet.master_key, s)  # before anything is dumped
-    size, sha = dump_encrypt_upload(pg_tool(fleet.cfg, "pg_dump"), dsn, None,
+    size, sha = dump_encrypt_upload(fleet.pg_tools.path("pg_dump"), dsn, None,
                                     str(identity.to_public()), store, f"{base}.dump.age",
                                     lock_wait=fleet.cfg.lock_timeout)
     wrapped = master.wrap(str(identity).encode(), f"orphan:{base}")

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING
 from orchestrator.adapters.catalog.db import with_dbname
 from orchestrator.adapters.catalog.models import Tenant
 from orchestrator.adapters.postgres import admin as pgserver
-from orchestrator.adapters.postgres.pgtools import pg_tool
 from orchestrator.domain.errors import Conflict
 from orchestrator.domain.names import password_context
 from orchestrator.domain.states import HAS_DATABASE
@@ -48,7 +47,7 @@ def run(fleet: Deps, slug: str, *, owner: bool, command: str | None) -> int:
     fleet.catalog.audit("tenant.psql", tenant=slug, region=tenant.region,
                         role="owner" if owner else "login",
                         command=command if command is not None else "(interactive)")
-    argv = [pg_tool(fleet.cfg, "psql"), "-X", "-v", "ON_ERROR_STOP=1"]
+    argv = [fleet.pg_tools.path("psql"), "-X", "-v", "ON_ERROR_STOP=1"]
     if command is not None:
         argv += ["-c", command]
     with pgserver.passfile_env(env) as env:
