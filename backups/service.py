@@ -43,7 +43,6 @@ from backups.stores import ObjectMissing, ObjectStore, ObjectWriter, open_store
 from orchestrator.adapters import clock
 from orchestrator.adapters.catalog.db import with_dbname
 from orchestrator.adapters.catalog.models import Backup, Tenant, TenantKey, TenantState
-from orchestrator.adapters.crypto import tenant_keys as keys
 from orchestrator.adapters.faults import checkpoint
 from orchestrator.adapters.postgres import admin as pgserver
 from orchestrator.domain.errors import Conflict, ExitCode, NotFound, TenantctlError, first_line
@@ -157,7 +156,7 @@ def run_backup(fleet: Deps, slug: str, *, kind: str = "manual",
     dump_version = fleet.pg_tools.version("pg_dump")
     started = now or clock.utcnow()
     with fleet.catalog.session() as s, s.begin():
-        key = keys.ensure_key(fleet.master_key, s, tenant.id, slug)
+        key = fleet.keys.ensure_key(s, tenant.id, slug)
         recipient, key_id = key.recipient, key.key_id
         row = Backup(tenant_id=tenant.id, slug=slug, region=tenant.region,
                      store_url=store.url, object_key="", manifest_key="", kind=kind,
@@ -454,7 +453,7 @@ def stream_plaintext(fleet: Deps, row: Backup, consumer_argv: list[str],
         key = s.get(TenantKey, row.tenant_id)
     if key is None:
         raise BackupError(f"backup {row.id}: the tenant has no key")
-    identity = keys.identity(fleet.master_key, key, row.slug)
+    identity = fleet.keys.identity(key, row.slug)
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(consumer_argv, stdin=subprocess.PIPE, stdout=out, stderr=err,
                                 env=env)

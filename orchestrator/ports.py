@@ -369,3 +369,72 @@ class PgTools(Protocol):
     def version(self, name: str) -> str:
         """Its ``--version`` line (as a backup's manifest records it)."""
         ...
+
+
+# -- the key vault -------------------------------------------------------------------
+
+
+class SecretWrapper(Protocol):
+    """A master key: wraps the secrets the catalog stores, each bound to a context
+    (``tenant:<slug>:password``)."""
+
+    @property
+    def key_id(self) -> str: ...
+
+    def wrap(self, plaintext: bytes, context: str) -> str: ...
+
+    def unwrap(self, wrapped: str, context: str) -> bytes: ...
+
+
+class TenantKeyRecord(Protocol):
+    """A row of ``tenant_keys``: the tenant's age key, its identity wrapped."""
+
+    @property
+    def key_id(self) -> str: ...
+    @property
+    def recipient(self) -> str: ...
+    @property
+    def identity_wrapped(self) -> str | None: ...
+    @property
+    def destroyed_at(self) -> datetime | None: ...
+
+
+class KeyVault(Protocol):
+    """The configured master key and the tenant keys it wraps. The methods given a
+    ``session`` read or write the catalog in the caller's transaction (a SQLAlchemy
+    session: the services that call them still speak it)."""
+
+    @property
+    def master(self) -> SecretWrapper:
+        """The configured master key, loaded on first use (MasterKeyError when it
+        cannot be)."""
+        ...
+
+    def new_password(self) -> str:
+        """A fresh random password (a tenant's, a support grant's)."""
+        ...
+
+    def writing_key(self, session: Any) -> SecretWrapper:
+        """The master key, once the catalog agrees it is the fleet's (a stray one is
+        refused before it wraps anything)."""
+        ...
+
+    def new_key(self, master: SecretWrapper, tenant_id: int, slug: str) -> Any:
+        """A new age key for the tenant: the ``tenant_keys`` row to add."""
+        ...
+
+    def ensure_key(self, session: Any, tenant_id: int, slug: str) -> TenantKeyRecord:
+        """The tenant's key, made now if it predates keys; a destroyed one refused."""
+        ...
+
+    def identity(self, key: TenantKeyRecord, slug: str) -> Any:
+        """The tenant's age identity (a ``pyrage`` identity), unwrapped."""
+        ...
+
+    def catalog_key_id(self, session: Any) -> str | None:
+        """The fleet's master key id as the catalog records it."""
+        ...
+
+    def wrapped_key_ids(self, session: Any) -> dict[str, int]:
+        """How many stored secrets each master key id wraps."""
+        ...

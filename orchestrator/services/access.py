@@ -17,7 +17,6 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.adapters.catalog.audit import reason_text
-from orchestrator.adapters.crypto.tenant_keys import new_password
 from orchestrator.domain.durations import parse_duration
 from orchestrator.domain.errors import (
     FIELD,
@@ -86,7 +85,7 @@ def grant(fleet: Deps, slug: str, *, to: str, ttl: timedelta, reason: str,
                                 expires_at=expires)
         role = role_name(grant_id)
         tx.update_grant(grant_id, role_name=role)
-    password = new_password()
+    password = fleet.keys.new_password()
     fleet.admin.create_support_role(
         tenant.server, tenant_names(slug), role, password, comment=_marker(grant_id, slug),
         connection_limit=fleet.cfg.bounds.support_connection_limit, valid_until=expires,

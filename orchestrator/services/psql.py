@@ -36,7 +36,7 @@ def psql_env(fleet: Deps, tenant: Tenant, *, owner: bool) -> dict[str, str]:
         assert cred is not None
         env.pop("PGPASSFILE", None)
         env["PGUSER"] = tenant.login_role
-        env["PGPASSWORD"] = fleet.master_key.unwrap(
+        env["PGPASSWORD"] = fleet.keys.master.unwrap(
             cred.password_wrapped, password_context(slug)).decode()
     return env
 
