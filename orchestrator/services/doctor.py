@@ -449,7 +449,7 @@ def _fix_expire_grants(fleet: Deps, x: Finding) -> str:
 
 def _fix_grant_membership(fleet: Deps, x: Finding) -> str:
     with fleet.server_connection(x.arg("server")) as conn:
-        conn.execute(pgserver.membership_grant(conn, x.arg("role")))
+        pgserver.grant_membership(conn, x.arg("role"))
     return "membership granted"
 
 
