@@ -1,8 +1,11 @@
-"""Ports: what the lifecycle, retention and access services need from the world, as
-``typing.Protocol``s. Adapters implement them (``adapters/catalog/repository.py``,
-``adapters/postgres/server_admin.py``, ``backups/stores.py``, ``adapters/clock.py``;
-the backup pipeline's entry points in ``backups/service.py``); ``bootstrap.Deps``
-carries one of each; the fast test tier (``tests/fakes.py``) carries in-memory ones.
+"""Ports: what the services need from the world, as ``typing.Protocol``s: the catalog,
+server administration, object stores, the backup pipeline's entry points and the
+clock (what lifecycle, retention and access use), the Postgres client tools and the
+key vault (every service). Adapters implement them (``adapters/catalog/repository.py``,
+``adapters/postgres/server_admin.py``, ``backups/stores.py``, ``adapters/clock.py``,
+``adapters/postgres/pgtools.py``, ``adapters/crypto/tenant_keys.py``; the backup
+pipeline's entry points in ``backups/service.py``); ``bootstrap.Deps`` carries one
+of each; the fast test tier (``tests/fakes.py``) carries in-memory ones.
 
 Small on purpose: a method is here because one of those services calls it. Records
 are read-only views with the catalog's column names, so the SQLAlchemy rows (and
