@@ -19,7 +19,6 @@ from orchestrator.adapters.catalog.locks import holding_tenant
 from orchestrator.adapters.catalog.models import Tenant, TenantState
 from orchestrator.adapters.faults import checkpoint
 from orchestrator.adapters.postgres import admin as pgserver
-from orchestrator.adapters.postgres.pgtools import pg_tool
 from orchestrator.domain.errors import Conflict, first_line
 from orchestrator.domain.names import tenant_names
 from orchestrator.domain.states import HAS_DATABASE
@@ -33,7 +32,7 @@ def restore_into(fleet: Deps, backup_id: int, dsn: str, owner_role: str) -> None
     owned by ``owner_role``, all or nothing."""
     row = pipeline.get_backup(fleet, backup_id)
     dbname = str(conninfo_to_dict(dsn).get("dbname"))
-    argv = [pg_tool(fleet.cfg, "pg_restore"), "--no-owner", "--no-acl",
+    argv = [fleet.pg_tools.path("pg_restore"), "--no-owner", "--no-acl",
             f"--role={owner_role}", "--single-transaction", "--exit-on-error",
             f"--dbname={dbname}"]
     done = pipeline.stream_plaintext(fleet, row, argv, pipeline.libpq_env(dsn))

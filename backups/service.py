@@ -43,11 +43,8 @@ from backups.stores import ObjectMissing, ObjectStore, ObjectWriter, open_store
 from orchestrator.adapters import clock
 from orchestrator.adapters.catalog.db import with_dbname
 from orchestrator.adapters.catalog.models import Backup, Tenant, TenantKey, TenantMove, TenantState
-from orchestrator.adapters.crypto import tenant_keys as keys
 from orchestrator.adapters.faults import checkpoint
 from orchestrator.adapters.postgres import admin as pgserver
-from orchestrator.adapters.postgres.childenv import child_env
-from orchestrator.adapters.postgres.pgtools import pg_tool
 from orchestrator.domain import moves
 from orchestrator.domain.errors import Conflict, ExitCode, NotFound, TenantctlError, first_line
 from orchestrator.domain.names import tenant_lock, tenant_names
@@ -137,12 +134,6 @@ def compression_arg(pg_dump: str) -> str:
     return "--compress=6"
 
 
-@functools.cache
-def _tool_version(tool: str) -> str:
-    return subprocess.run([tool, "--version"], capture_output=True, text=True,
-                          check=True, env=child_env()).stdout.strip()
-
-
 def _store_for(fleet: Deps, region: str) -> ObjectStore:
     return open_store(fleet.cfg.region(region).backup_store, fleet.cfg.s3)
 
@@ -162,11 +153,11 @@ def run_backup(fleet: Deps, slug: str, *, kind: str = "manual",
     if tenant.state == TenantState.cancelled:
         hold_large_objects(fleet, slug)
     store = _store_for(fleet, tenant.region)  # the tenant's own region, never another
-    pg_dump = pg_tool(fleet.cfg, "pg_dump")
-    dump_version = _tool_version(pg_dump)
+    pg_dump = fleet.pg_tools.path("pg_dump")
+    dump_version = fleet.pg_tools.version("pg_dump")
     started = now or clock.utcnow()
     with fleet.catalog.session() as s, s.begin():
-        key = keys.ensure_key(fleet.master_key, s, tenant.id, slug)
+        key = fleet.keys.ensure_key(s, tenant.id, slug)
         recipient, key_id = key.recipient, key.key_id
         row = Backup(tenant_id=tenant.id, slug=slug, region=tenant.region,
                      store_url=store.url, object_key="", manifest_key="", kind=kind,
@@ -272,14 +263,14 @@ def _run_locked(fleet: Deps, tenant: Any, backup_id: int, dsn: str, pg_dump: str
         _finish(fleet, backup_id, status=BackupStatus.failed, error=error,
                 finished_at=now or clock.utcnow())
         fleet.catalog.audit("backup.run", tenant=slug, region=tenant.region,
-                            outcome="failed", backup=backup_id, error=error)
+                            outcome="failed", at=now, backup=backup_id, error=error)
         if isinstance(exc, TenantctlError) and not is_lock_timeout(error):
             raise
         raise BackupError(f"backup of {slug!r} failed: {error}") from None
     _finish(fleet, backup_id, status=BackupStatus.completed, size=size, sha256=sha,
             server_version=server_version, finished_at=finished)
-    fleet.catalog.audit("backup.run", tenant=slug, region=tenant.region, backup=backup_id,
-                        size=size, kind=kind)
+    fleet.catalog.audit("backup.run", tenant=slug, region=tenant.region, at=now,
+                        backup=backup_id, size=size, kind=kind)
     return BackupResult(backup_id, slug, BackupStatus.completed, size, sha)
 
 
@@ -479,7 +470,7 @@ def stream_plaintext(fleet: Deps, row: Backup, consumer_argv: list[str],
         key = s.get(TenantKey, row.tenant_id)
     if key is None:
         raise BackupError(f"backup {row.id}: the tenant has no key")
-    identity = keys.identity(fleet.master_key, key, row.slug)
+    identity = fleet.keys.identity(key, row.slug)
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(consumer_argv, stdin=subprocess.PIPE, stdout=out, stderr=err,
                                 env=env)
@@ -513,7 +504,7 @@ def verify_backup(fleet: Deps, backup_id: int, now: datetime | None = None) -> d
     """Manifest, checksum, decryption and `pg_restore --list` of one backup;
     verified at ``now`` (a retention run's), else when it ends."""
     row = get_backup(fleet, backup_id)
-    pg_restore = pg_tool(fleet.cfg, "pg_restore")
+    pg_restore = fleet.pg_tools.path("pg_restore")
     # pg_restore --list reads the table of contents and exits: let it, and check the
     # rest of the object all the same
     done = stream_plaintext(fleet, row, [pg_restore, "--list"], libpq_env(""),
@@ -525,7 +516,8 @@ def verify_backup(fleet: Deps, backup_id: int, now: datetime | None = None) -> d
     entries = sum(1 for ln in done.stdout.decode(errors="replace").splitlines()
                   if ln and not ln.startswith(";"))
     _finish(fleet, row.id, verified_at=now or clock.utcnow(), finished_at=row.finished_at)
-    fleet.catalog.audit("backup.verify", tenant=row.slug, region=row.region, backup=row.id)
+    fleet.catalog.audit("backup.verify", tenant=row.slug, region=row.region, at=now,
+                        backup=row.id)
     return {"id": row.id, "tenant": row.slug, "ok": True, "size": row.size,
             "sha256": row.sha256, "toc_entries": entries}
 
@@ -609,7 +601,7 @@ def restore_test(fleet: Deps, backup_id: int) -> dict[str, Any]:
         pgserver.make_scratch_database(conn, scratch)
     try:
         dsn = with_dbname(admin, scratch)
-        argv = [pg_tool(fleet.cfg, "pg_restore"), "--no-owner", "--no-acl",
+        argv = [fleet.pg_tools.path("pg_restore"), "--no-owner", "--no-acl",
                 "--single-transaction", "--exit-on-error", f"--dbname={scratch}"]
         done = stream_plaintext(fleet, row, argv, libpq_env(dsn))
         if done.returncode != 0:
@@ -749,9 +741,11 @@ def prune_verdicts(fleet: Deps, now: datetime, policy: RetentionPolicy | None = 
     return retention(facts, now, policy, report_kept=report_kept)
 
 
-def delete_backup(fleet: Deps, backup_id: int, *, reason: str) -> None:
+def delete_backup(fleet: Deps, backup_id: int, *, reason: str,
+                  now: datetime | None = None) -> None:
     """Remove one backup from its store (manifest first: without it the object is
-    no longer offered for restore), then mark it deleted. Idempotent."""
+    no longer offered for restore), then mark it deleted, audited at ``now`` (the
+    prune's) if given. Idempotent."""
     b = get_backup(fleet, backup_id)
     if b.status == BackupStatus.deleted:
         return
@@ -759,8 +753,8 @@ def delete_backup(fleet: Deps, backup_id: int, *, reason: str) -> None:
     store.delete(b.manifest_key)
     store.delete(b.object_key)
     _finish(fleet, b.id, status=BackupStatus.deleted, finished_at=b.finished_at)
-    fleet.catalog.audit("backup.prune", tenant=b.slug, region=b.region, backup=b.id,
-                        reason=reason)
+    fleet.catalog.audit("backup.prune", tenant=b.slug, region=b.region, at=now,
+                        backup=b.id, reason=reason)
 
 
 def prune(fleet: Deps, *, dry_run: bool, now: datetime | None = None) -> list[dict[str, Any]]:
@@ -773,7 +767,7 @@ def prune(fleet: Deps, *, dry_run: bool, now: datetime | None = None) -> list[di
         report.append({"id": v.backup_id, "tenant": v.tenant,
                        "action": "keep" if v.keep else "prune", "reason": v.reason})
         if not v.keep and not dry_run:
-            delete_backup(fleet, v.backup_id, reason=v.reason)
+            delete_backup(fleet, v.backup_id, reason=v.reason, now=now)
     return report
 
 
@@ -793,8 +787,8 @@ class PipelineJobs:
     def get(self, backup_id: int) -> Backup:
         return get_backup(self._fleet, backup_id)
 
-    def delete(self, backup_id: int, *, reason: str) -> None:
-        delete_backup(self._fleet, backup_id, reason=reason)
+    def delete(self, backup_id: int, *, reason: str, now: datetime | None = None) -> None:
+        delete_backup(self._fleet, backup_id, reason=reason, now=now)
 
     def reap_dead(self, slug: str, now: datetime | None = None) -> int:
         return reap_dead(self._fleet, slug, now)

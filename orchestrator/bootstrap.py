@@ -36,8 +36,10 @@ from orchestrator.adapters.catalog.reads import TARGET_KEY
 from orchestrator.adapters.catalog.repository import SqlCatalog
 from orchestrator.adapters.clock import SystemClock
 from orchestrator.adapters.crypto.masterkey import MasterKey, load_master_key
+from orchestrator.adapters.crypto.tenant_keys import CatalogKeyVault
 from orchestrator.adapters.postgres import admin as pgserver
 from orchestrator.adapters.postgres import revision_files
+from orchestrator.adapters.postgres.pgtools import ConfiguredPgTools
 from orchestrator.adapters.postgres.server_admin import PgServerAdmin
 from orchestrator.config import Config, load_config
 from orchestrator.domain.errors import InvalidInput, NotFound
@@ -72,14 +74,17 @@ class Deps:
     The ports (``orchestrator.ports``) the lifecycle, retention and access services
     go through: ``records`` (the catalog's repositories, transactions, locks,
     audit), ``admin`` (statements on the servers), ``open_store`` (object stores),
-    ``backup_jobs`` (the backup pipeline's entry points) and ``clock``. Each is the
-    real adapter unless given (the fast test tier gives in-memory ones)."""
+    ``backup_jobs`` (the backup pipeline's entry points), ``clock``, ``pg_tools``
+    (pg_dump, pg_restore, psql) and ``keys`` (the key vault: master key, tenant
+    keys). Each is the real adapter unless given (the fast test tier gives
+    in-memory ones)."""
 
     def __init__(self, cfg: Config, *, records: ports.CatalogPort | None = None,
                  admin: ports.ServerAdmin | None = None,
                  open_store: ports.StoreOpener | None = None,
                  backup_jobs: ports.BackupJobs | None = None,
-                 clock: ports.Clock | None = None, actor: str | None = None) -> None:
+                 clock: ports.Clock | None = None, pg_tools: ports.PgTools | None = None,
+                 keys: ports.KeyVault | None = None, actor: str | None = None) -> None:
         self.cfg = cfg
         self.catalog = Catalog(cfg, actor=actor)
         self._server_conns = pgserver.ConnectionCache()
@@ -88,6 +93,10 @@ class Deps:
         self.open_store: ports.StoreOpener = open_store or _open_store
         self._backup_jobs = backup_jobs
         self.clock: ports.Clock = clock or SystemClock()
+        self.pg_tools: ports.PgTools = pg_tools or ConfiguredPgTools(cfg)
+        # the master key is read when first needed (a command that needs none runs
+        # without it), from ``master_key`` below
+        self.keys: ports.KeyVault = keys or CatalogKeyVault(lambda: self.master_key)
         self._refills: ThreadPoolExecutor | None = None
         self._refilling: set[str] = set()
         self._refill_lock = threading.Lock()

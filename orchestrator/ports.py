@@ -1,8 +1,11 @@
-"""Ports: what the lifecycle, retention and access services need from the world, as
-``typing.Protocol``s. Adapters implement them (``adapters/catalog/repository.py``,
-``adapters/postgres/server_admin.py``, ``backups/stores.py``, ``adapters/clock.py``;
-the backup pipeline's entry points in ``backups/service.py``); ``bootstrap.Deps``
-carries one of each; the fast test tier (``tests/fakes.py``) carries in-memory ones.
+"""Ports: what the services need from the world, as ``typing.Protocol``s: the catalog,
+server administration, object stores, the backup pipeline's entry points and the
+clock (what lifecycle, retention and access use), the Postgres client tools and the
+key vault (every service). Adapters implement them (``adapters/catalog/repository.py``,
+``adapters/postgres/server_admin.py``, ``backups/stores.py``, ``adapters/clock.py``,
+``adapters/postgres/pgtools.py``, ``adapters/crypto/tenant_keys.py``; the backup
+pipeline's entry points in ``backups/service.py``); ``bootstrap.Deps`` carries one
+of each; the fast test tier (``tests/fakes.py``) carries in-memory ones.
 
 Small on purpose: a method is here because one of those services calls it. Records
 are read-only views with the catalog's column names, so the SQLAlchemy rows (and
@@ -231,7 +234,10 @@ class CatalogWrites(Protocol):
     def update_server(self, name: str, **values: Any) -> None: ...
 
     def audit(self, action: str, *, tenant: str | None = None, region: str | None = None,
-              outcome: str = "ok", **detail: Any) -> None: ...
+              outcome: str = "ok", at: datetime | None = None, **detail: Any) -> None:
+        """One audit record, at ``at`` (a run's ``now``) or else when the catalog
+        records it."""
+        ...
 
 
 class Locks(Protocol):
@@ -257,8 +263,9 @@ class CatalogPort(Locks, Protocol):
     def transaction(self) -> AbstractContextManager[CatalogWrites]: ...
 
     def audit(self, action: str, *, tenant: str | None = None, region: str | None = None,
-              outcome: str = "ok", **detail: Any) -> None:
-        """One audit record, in a transaction of its own."""
+              outcome: str = "ok", at: datetime | None = None, **detail: Any) -> None:
+        """One audit record, in a transaction of its own; at ``at`` (a run's ``now``)
+        or else when the catalog records it."""
         ...
 
     def audit_count_before(self, cutoff: datetime) -> int: ...
@@ -377,7 +384,9 @@ class BackupJobs(Protocol):
 
     def get(self, backup_id: int) -> BackupRecord: ...
 
-    def delete(self, backup_id: int, *, reason: str) -> None: ...
+    def delete(self, backup_id: int, *, reason: str, now: datetime | None = None) -> None:
+        """Its objects deleted, its row marked deleted, audited at ``now`` if given."""
+        ...
 
     def reap_dead(self, slug: str, now: datetime | None = None) -> int:
         """Backups a dead process left running: marked failed, objects aborted."""
@@ -391,3 +400,87 @@ class BackupJobs(Protocol):
 
 class Clock(Protocol):
     def now(self) -> datetime: ...
+
+
+# -- Postgres client tools -----------------------------------------------------------
+
+
+class PgTools(Protocol):
+    """The Postgres client binaries the services run (pg_dump, pg_restore, psql)."""
+
+    def path(self, name: str) -> str:
+        """The binary ``name``'s path; ConfigError when it is not there."""
+        ...
+
+    def version(self, name: str) -> str:
+        """Its ``--version`` line (as a backup's manifest records it)."""
+        ...
+
+
+# -- the key vault -------------------------------------------------------------------
+
+
+class SecretWrapper(Protocol):
+    """A master key: wraps the secrets the catalog stores, each bound to a context
+    (``tenant:<slug>:password``)."""
+
+    @property
+    def key_id(self) -> str: ...
+
+    def wrap(self, plaintext: bytes, context: str) -> str: ...
+
+    def unwrap(self, wrapped: str, context: str) -> bytes: ...
+
+
+class TenantKeyRecord(Protocol):
+    """A row of ``tenant_keys``: the tenant's age key, its identity wrapped."""
+
+    @property
+    def key_id(self) -> str: ...
+    @property
+    def recipient(self) -> str: ...
+    @property
+    def identity_wrapped(self) -> str | None: ...
+    @property
+    def destroyed_at(self) -> datetime | None: ...
+
+
+class KeyVault(Protocol):
+    """The configured master key and the tenant keys it wraps. The methods given a
+    ``session`` read or write the catalog in the caller's transaction (a SQLAlchemy
+    session: the services that call them still speak it)."""
+
+    @property
+    def master(self) -> SecretWrapper:
+        """The configured master key, loaded on first use (MasterKeyError when it
+        cannot be)."""
+        ...
+
+    def new_password(self) -> str:
+        """A fresh random password (a tenant's, a support grant's)."""
+        ...
+
+    def writing_key(self, session: Any) -> SecretWrapper:
+        """The master key, once the catalog agrees it is the fleet's (a stray one is
+        refused before it wraps anything)."""
+        ...
+
+    def new_key(self, master: SecretWrapper, tenant_id: int, slug: str) -> Any:
+        """A new age key for the tenant: the ``tenant_keys`` row to add."""
+        ...
+
+    def ensure_key(self, session: Any, tenant_id: int, slug: str) -> TenantKeyRecord:
+        """The tenant's key, made now if it predates keys; a destroyed one refused."""
+        ...
+
+    def identity(self, key: TenantKeyRecord, slug: str) -> Any:
+        """The tenant's age identity (a ``pyrage`` identity), unwrapped."""
+        ...
+
+    def catalog_key_id(self, session: Any) -> str | None:
+        """The fleet's master key id as the catalog records it."""
+        ...
+
+    def wrapped_key_ids(self, session: Any) -> dict[str, int]:
+        """How many stored secrets each master key id wraps."""
+        ...

@@ -98,6 +98,7 @@ class FakeTenant:
     plan: str = "default"
     over_quota: bool = False
     over_quota_since: datetime | None = None
+    updated_at: datetime | None = None
 
 
 @dataclass
@@ -309,9 +310,9 @@ class FakeWrites:
             _set(self._db.t.servers[name], values)
 
     def audit(self, action: str, *, tenant: str | None = None, region: str | None = None,
-              outcome: str = "ok", **detail: Any) -> None:
+              outcome: str = "ok", at: datetime | None = None, **detail: Any) -> None:
         self._db.t.audit.append(FakeAudit(action, tenant, region, outcome, redact(detail),
-                                          self._db.clock.now()))
+                                          at or self._db.clock.now()))
 
 
 class FakeCatalog:
@@ -369,11 +370,11 @@ class FakeCatalog:
             self.held.discard(name)
 
     def audit(self, action: str, *, tenant: str | None = None, region: str | None = None,
-              outcome: str = "ok", **detail: Any) -> None:
+              outcome: str = "ok", at: datetime | None = None, **detail: Any) -> None:
         if self.fail_audit:
             raise TenantctlError("the catalog is gone")
         with self.transaction() as tx:
-            tx.audit(action, tenant=tenant, region=region, outcome=outcome, **detail)
+            tx.audit(action, tenant=tenant, region=region, outcome=outcome, at=at, **detail)
 
     def audit_count_before(self, cutoff: datetime) -> int:
         return sum(1 for e in self.t.audit if e.at < cutoff)
@@ -607,6 +608,8 @@ class FakeBackupJobs:
         store = self.stores(url)
         store.data[row.object_key] = b"dump"
         store.data[row.manifest_key] = b"{}"
+        self.catalog.audit("backup.run", tenant=slug, region=tenant.region, backup=bid,
+                           kind=kind, at=now)
         return bid
 
     def verify(self, backup_id: int, now: datetime | None = None) -> None:
@@ -614,18 +617,24 @@ class FakeBackupJobs:
         if row.slug in self.fail_verify:
             raise TenantctlError(f"backup {backup_id}: checksum mismatch")
         row.verified_at = now or self.clock.now()
+        self.catalog.audit("backup.verify", tenant=row.slug, region=row.region,
+                           backup=backup_id, at=now)
 
     def get(self, backup_id: int) -> FakeBackup:
         if backup_id not in self.catalog.t.backups:
             raise NotFound(f"no backup {backup_id}")
         return _copy(self.catalog.t.backups[backup_id])
 
-    def delete(self, backup_id: int, *, reason: str) -> None:
+    def delete(self, backup_id: int, *, reason: str, now: datetime | None = None) -> None:
         row = self.catalog.t.backups[backup_id]
+        if row.status == "deleted":
+            return
         store = self.stores(row.store_url)
         store.delete(row.manifest_key)
         store.delete(row.object_key)
         row.status = "deleted"
+        self.catalog.audit("backup.prune", tenant=row.slug, region=row.region,
+                           backup=row.id, reason=reason, at=now)
 
     def reap_dead(self, slug: str, now: datetime | None = None) -> int:
         self.reaped.append(slug)

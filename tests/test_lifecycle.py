@@ -449,8 +449,8 @@ def test_now_reaches_every_time_retention_writes(test_fleet: PgFleet, own_catalo
     """`retention run --now T` writes T, never the real time: the final backup
     (started, finished, verified, its object's name and manifest), deleted_at,
     purge_after = T + purge_days, the support grant that goes with the tenant;
-    then a purge at T2 writes purged_at and the key's destroyed_at = T2. The audit
-    log alone keeps the real time (when it happened: a --now cannot backdate it)."""
+    then a purge at T2 writes purged_at and the key's destroyed_at = T2; the audit
+    records of each run are at its T."""
     from datetime import UTC
 
     from sqlalchemy import update
@@ -487,7 +487,7 @@ def test_now_reaches_every_time_retention_writes(test_fleet: PgFleet, own_catalo
         assert dropped is not None and dropped.dropped_at == t
         deleted_at = s.scalar(select(AuditEvent.at).where(
             AuditEvent.tenant == slug, AuditEvent.action == "tenant.delete"))
-    assert deleted_at is not None and deleted_at >= real - timedelta(minutes=5)
+    assert deleted_at == t
 
     t2 = tenant.purge_after + timedelta(days=1)  # still in the past
     purged = cli_json(test_fleet, own, "retention", "run", "--now", t2.isoformat(),
@@ -499,3 +499,42 @@ def test_now_reaches_every_time_retention_writes(test_fleet: PgFleet, own_catalo
     with own.fleet.catalog.session() as s:
         key = s.get(TenantKey, tenant.id)
     assert key is not None and key.identity_wrapped is None and key.destroyed_at == t2
+    with own.fleet.catalog.session() as s:
+        purged_at = s.scalar(select(AuditEvent.at).where(
+            AuditEvent.tenant == slug, AuditEvent.action == "tenant.purge"))
+    assert purged_at == t2
+
+
+def test_a_far_future_now_dates_every_audit_record_of_the_run(
+        test_fleet: PgFleet, own_catalog: OwnCatalog, slug: str) -> None:
+    """`retention run --now <far future>` (acting, with the override): every audit
+    record the run writes is at that time, none at the real time: the support
+    grant's expiry, the final backup's run and verification, the deletion, a prune
+    (the backup pipeline's own records)."""
+    from datetime import UTC
+
+    from orchestrator.services import access, lifecycle
+
+    own = own_catalog
+    far = datetime(2999, 1, 1, 12, 0, tzinfo=UTC)
+    _make(own, slug)
+    lifecycle.cancel(own.fleet, slug, backup=False)
+    access.grant(own.fleet, slug, to="Sam Support", ttl=timedelta(days=1), reason="ticket 8")
+    kept = f"{slug}k"
+    own.fleet.provision(kept, "ap-south")
+    pipeline.run_backup(own.fleet, kept)
+    pipeline.run_backup(own.fleet, kept)
+    with own.fleet.catalog.session() as s:
+        before = s.scalar(select(func.max(AuditEvent.id))) or 0
+
+    done = retention(test_fleet, own, far, "--only", "access", "--only", "delete",
+                     "--only", "prune")
+    assert {(r["action"], r["outcome"]) for r in done["results"]} == {
+        ("expire_grant", "done"), ("delete", "done"), ("prune", "done")}, done
+    with own.fleet.catalog.session() as s:
+        written = s.execute(select(AuditEvent.action, AuditEvent.tenant, AuditEvent.at)
+                            .where(AuditEvent.id > before)).all()
+    assert {(a, t) for a, t, _ in written} >= {
+        ("access.expire", slug), ("backup.run", slug), ("backup.verify", slug),
+        ("tenant.delete", slug), ("backup.prune", kept)}
+    assert [(a, at) for a, _, at in written if at != far] == []

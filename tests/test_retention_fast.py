@@ -265,17 +265,45 @@ def test_a_legal_hold_blocks_whatever_the_dates_say(world: World, stage: str) ->
 
 
 def test_now_is_every_time_a_run_writes(world: World) -> None:
-    """The clock is ten years behind the run's `now`: any time it wrote that is not
-    `now` (or a date from it) came from the clock."""
+    """The clock is ten years behind the run's `now`, the catalog's own (audit
+    records given no time) at T0: any time it wrote that is not `now` (or a date
+    from it) came from a clock. Every audit record a run writes is at its `now`:
+    each step's, the backup pipeline's (final backup, verification, prune), access
+    expiry's, a blocked step's, a failed step's and the audit purge's."""
     cancelled(world, "acme")
     g = world.grant("acme", expires_at=DAY31 + timedelta(days=1))
     expired = world.grant("acme", expires_at=DAY31 - timedelta(days=1))
+    cancelled(world, "held")
+    lifecycle.legal_hold(world.deps, "held", on=True, reason="case 42")
+    cancelled(world, "broke")
+    world.jobs.fail_run.add("broke")
+    world.tenant("kept")
+    old, _ = world.backup("kept"), world.backup("kept")
+    world.jobs.verdicts = [Verdict(old.id, "kept", False, "beyond the retention policy")]
+    world.catalog.t.audit.append(FakeAudit("tenant.old", None, None, "ok", {},
+                                           DAY31 - timedelta(days=400)))
+    seen = {id(e) for e in world.catalog.t.audit}  # the audit purge takes some away
+
+    def since_last() -> list[FakeAudit]:
+        new = [e for e in world.catalog.t.audit if id(e) not in seen]
+        seen.update(id(e) for e in new)
+        return new
+
     run(world, DAY31)
+    first = since_last()
+    world.jobs.verdicts = []
     run(world, PURGE_AT)
+    second = since_last()
+    assert {e.action for e in first} >= {
+        "access.expire", "backup.run", "backup.verify", "tenant.delete", "backup.prune",
+        "retention.blocked", "retention.delete", "audit.purge"}
+    assert {e.action for e in second} >= {"tenant.purge", "retention.blocked"}
+    assert [(e.action, e.at) for e in first if e.at != DAY31] == []
+    assert [(e.action, e.at) for e in second if e.at != PURGE_AT] == []
     row = world.catalog.row("acme")
     final = world.catalog.t.backups[row.final_backup_id or 0]
-    assert (row.deleted_at, row.purge_after, row.purged_at) == \
-        (DAY31, DAY31 + timedelta(days=90), PURGE_AT)
+    assert (row.deleted_at, row.purge_after, row.purged_at, row.updated_at) == \
+        (DAY31, DAY31 + timedelta(days=90), PURGE_AT, PURGE_AT)
     assert (final.started_at, final.finished_at, final.verified_at) == (DAY31, DAY31, DAY31)
     assert world.catalog.t.keys[row.id].destroyed_at == PURGE_AT
     grants = world.catalog.t.grants

@@ -6,16 +6,17 @@ purges early by accident.
 Everything else asks `utcnow()` here, or better takes `now` as a parameter: a
 retention run reads the clock once and passes its `now` down, so every time it
 writes (final backup, deleted_at, purge_after, purged_at, key destroyed_at,
-grants' dropped_at) is the run's, `--now` included. tests/test_clock.py fails on
-a read of the wall clock anywhere else in orchestrator/, backups/ and cli/.
+grants' dropped_at, the tenant's updated_at, and the `at` of every audit record
+it writes, the backup pipeline's and access expiry's included) is the run's,
+`--now` included. tests/test_clock.py fails on a read of the wall clock anywhere
+else in orchestrator/, backups/ and cli/.
 
 Not this clock, and allowed elsewhere:
 - monotonic timers (time.monotonic, time.perf_counter) measuring durations and
   timeouts: they say how long, never what time it is;
 - the catalog's own `now()` column defaults (created_at, updated_at, audit_log.at,
   in adapters/catalog/models.py): when the catalog recorded a row, by its own
-  transaction time. The audit log keeps saying when an action really happened,
-  so a `--now` cannot backdate its evidence.
+  transaction time, for writes that are given no `now`.
 """
 
 from __future__ import annotations

@@ -3,6 +3,26 @@ key ids wrap the stored secrets (plain data in, no I/O)."""
 
 from __future__ import annotations
 
+from datetime import datetime
+
+# the fleet_settings key of the id of the master key the catalog's secrets are
+# wrapped by: adopted from the first key that wraps one, changed only by
+# `keys rotate-master`
+MASTER_KEY_SETTING = "master_key_id"
+
+
+def identity_context(slug: str) -> str:
+    """What a tenant's wrapped age identity is bound to (as ``names.password_context``
+    its password)."""
+    return f"tenant:{slug}:age-identity"
+
+
+def key_destroyed(slug: str, destroyed_at: datetime | None) -> str:
+    """The one-line refusal for a tenant whose key an unfinished erasure destroyed."""
+    return (f"the key of tenant {slug!r} was destroyed ({destroyed_at:%Y-%m-%d}) by an "
+            f"erasure that did not finish: re-run `tenantctl tenant erase {slug} --reason "
+            "…` to finish it")
+
 
 def fleet_key_elsewhere(configured: str, recorded: str | None,
                         wrapped: dict[str, int]) -> str | None:

@@ -17,7 +17,6 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.adapters.catalog.audit import reason_text
-from orchestrator.adapters.crypto.tenant_keys import new_password
 from orchestrator.domain.durations import parse_duration
 from orchestrator.domain.errors import (
     FIELD,
@@ -86,7 +85,7 @@ def grant(fleet: Deps, slug: str, *, to: str, ttl: timedelta, reason: str,
                                 expires_at=expires)
         role = role_name(grant_id)
         tx.update_grant(grant_id, role_name=role)
-    password = new_password()
+    password = fleet.keys.new_password()
     fleet.admin.create_support_role(
         tenant.server, tenant_names(slug), role, password, comment=_marker(grant_id, slug),
         connection_limit=fleet.cfg.bounds.support_connection_limit, valid_until=expires,
@@ -125,13 +124,14 @@ def drop_role(fleet: Deps, g: GrantRecord) -> None:
 def _end(fleet: Deps, g: GrantRecord, why: str, *, revoked: bool,
          now: datetime | None = None) -> None:
     drop_role(fleet, g)
-    now = now or fleet.clock.now()
-    values: dict[str, Any] = {"dropped_at": now}
+    at = now or fleet.clock.now()
+    values: dict[str, Any] = {"dropped_at": at}
     if revoked:
-        values["revoked_at"] = now
+        values["revoked_at"] = at
     with fleet.records.transaction() as tx:
         tx.update_grant(g.id, **values)
-        tx.audit(f"access.{why}", tenant=g.slug, grant=g.id, to=g.grantee)
+        # a run's ``now`` (retention's expiry) also dates the record
+        tx.audit(f"access.{why}", tenant=g.slug, at=now, grant=g.id, to=g.grantee)
 
 
 def revoke(fleet: Deps, grant_id: int | None = None) -> list[int]:

@@ -11,10 +11,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from orchestrator.adapters.crypto.masterkey import MasterKey
 from orchestrator.adapters.postgres import admin as pgserver
 from orchestrator.domain.errors import InvalidInput, TenantctlError, first_line
 from orchestrator.domain.states import HAS_DATABASE
+from orchestrator.ports import SecretWrapper
 from orchestrator.services import access, credentials
 
 if TYPE_CHECKING:
@@ -77,25 +77,25 @@ def rotate_all(fleet: Deps, *, region: str | None = None, concurrency: int = 4,
     return sorted(results, key=lambda r: r.tenant)
 
 
-def drill_plan(fleet: Deps, new: MasterKey) -> dict[str, Any]:
+def drill_plan(fleet: Deps, new: SecretWrapper) -> dict[str, Any]:
     """What drill(new) would change, counted, nothing changed: for its confirmation
     and --dry-run."""
-    if new.key_id == fleet.master_key.key_id:
+    if new.key_id == fleet.keys.master.key_id:
         raise InvalidInput("the new master key is the one configured now")
     wraps = credentials.rotate_master_plan(fleet, new)
     return {"passwords": len(rotation_targets(fleet)), "grants": len(access.live(fleet)),
-            "master_key_id": fleet.master_key.key_id, "new_master_key_id": new.key_id,
+            "master_key_id": fleet.keys.master.key_id, "new_master_key_id": new.key_id,
             "identities": wraps["identities"], "passwords_wrapped": wraps["passwords"],
             "already_rotated": wraps["already_rotated"]}
 
 
-def drill(fleet: Deps, new: MasterKey, *, kill_sessions: bool = False,
+def drill(fleet: Deps, new: SecretWrapper, *, kill_sessions: bool = False,
           concurrency: int = 4) -> list[dict[str, Any]]:
     """The whole breach response, each step timed: every tenant password rotated,
     every support grant revoked, every tenant secret re-wrapped under ``new``; then
     one audit record of it. A step's failures are reported in its entry and never
     stop the next step (the master key is re-wrapped whatever else failed)."""
-    if new.key_id == fleet.master_key.key_id:
+    if new.key_id == fleet.keys.master.key_id:
         raise InvalidInput("the new master key is the one configured now")
     steps: list[dict[str, Any]] = []
     t0 = time.perf_counter()

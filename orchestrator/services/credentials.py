@@ -17,14 +17,14 @@ from orchestrator.adapters.catalog.models import (
     TenantCredential,
     TenantKey,
 )
-from orchestrator.adapters.crypto import tenant_keys as keys
-from orchestrator.adapters.crypto.masterkey import MasterKey
 from orchestrator.adapters.faults import checkpoint
 from orchestrator.adapters.postgres import admin as pgserver
 from orchestrator.bootstrap import Deps
 from orchestrator.domain.errors import Conflict, NotFound
+from orchestrator.domain.master_keys import MASTER_KEY_SETTING, identity_context, key_destroyed
 from orchestrator.domain.names import password_context
 from orchestrator.domain.states import HAS_DATABASE
+from orchestrator.ports import SecretWrapper
 
 
 def credentials(fleet: Deps, slug: str, *, rotate: bool = False,
@@ -40,7 +40,7 @@ def credentials(fleet: Deps, slug: str, *, rotate: bool = False,
     if cred is None:  # only an erasure removes it, with the key, before the database
         with fleet.catalog.session() as s:
             key = s.get(TenantKey, tenant.id)
-        raise Conflict(keys.key_destroyed(slug, key) if key is not None
+        raise Conflict(key_destroyed(slug, key.destroyed_at) if key is not None
                        and key.destroyed_at is not None
                        else f"tenant {slug!r} has no stored password")
     ctx = password_context(slug)
@@ -50,7 +50,7 @@ def credentials(fleet: Deps, slug: str, *, rotate: bool = False,
             with fleet.server_connection(tenant.server) as conn:
                 pgserver.terminate_sessions(conn, role=tenant.login_role)
         return dsn
-    password = fleet.master_key.unwrap(cred.password_wrapped, ctx).decode()
+    password = fleet.keys.master.unwrap(cred.password_wrapped, ctx).decode()
     if cred.applied_at is None:  # a rotation that died half-way: finish it
         return _rotate(fleet, tenant, ctx, password)
     fleet.catalog.audit("tenant.credentials.show", tenant=slug, region=tenant.region)
@@ -66,10 +66,10 @@ def _rotate(fleet: Deps, tenant: Tenant, ctx: str, password: str | None = None) 
     slug = tenant.slug
     with holding_tenant(fleet.catalog, slug):
         pending = password is not None
-        password = password or keys.new_password()
+        password = password or fleet.keys.new_password()
         if not pending:
             with fleet.catalog.session() as s, s.begin():
-                master = keys.writing_key(fleet.master_key, s)
+                master = fleet.keys.writing_key(s)
                 s.execute(update(TenantCredential)
                           .where(TenantCredential.tenant_id == tenant.id)
                           .values(password_wrapped=master.wrap(password.encode(), ctx),
@@ -92,13 +92,13 @@ def export_identity(fleet: Deps, slug: str) -> str:
         key = s.get(TenantKey, tenant.id)
     if key is None:
         raise NotFound(f"tenant {slug!r} has no backup key yet")
-    text = str(keys.identity(fleet.master_key, key, slug))
+    text = str(fleet.keys.identity(key, slug))
     fleet.catalog.audit("backup.key.export", tenant=slug, region=tenant.region,
                         key_id=key.key_id)
     return text
 
 
-def rotate_master_plan(fleet: Deps, new: MasterKey) -> dict[str, int]:
+def rotate_master_plan(fleet: Deps, new: SecretWrapper) -> dict[str, int]:
     """What rotate_master(new) would re-wrap, counted, nothing changed: for its
     confirmation and --dry-run."""
     with fleet.catalog.session() as s:
@@ -114,18 +114,18 @@ def rotate_master_plan(fleet: Deps, new: MasterKey) -> dict[str, int]:
     return {"identities": identities, "passwords": passwords, "already_rotated": done}
 
 
-def rotate_master(fleet: Deps, new: MasterKey) -> dict[str, int]:
+def rotate_master(fleet: Deps, new: SecretWrapper) -> dict[str, int]:
     """Re-wrap every tenant secret (age identities, login passwords) from the
     configured master key to ``new``, in one transaction: all or nothing. Backups
     are untouched (they are encrypted to the tenants' keys, not the master key).
     Values already wrapped by ``new`` (a re-run) are left as they are."""
-    old = fleet.master_key
+    old = fleet.keys.master
     counts = {"identities": 0, "passwords": 0, "already_rotated": 0}
     with fleet.catalog.session() as s, s.begin():
         slugs = dict(s.execute(select(Tenant.id, Tenant.slug)).all())
         for key in s.scalars(select(TenantKey).where(TenantKey.identity_wrapped.is_not(None))
                              .with_for_update()):
-            ctx = keys.identity_context(slugs[key.tenant_id])
+            ctx = identity_context(slugs[key.tenant_id])
             if key.master_key_id == new.key_id:
                 counts["already_rotated"] += 1
                 continue
@@ -141,7 +141,7 @@ def rotate_master(fleet: Deps, new: MasterKey) -> dict[str, int]:
             cred.master_key_id = new.key_id
             counts["passwords"] += 1
         # from now on the new key is the fleet's: the old one wraps nothing more
-        s.execute(pg_insert(FleetSetting).values(key=keys.MASTER_KEY_SETTING, value=new.key_id)
+        s.execute(pg_insert(FleetSetting).values(key=MASTER_KEY_SETTING, value=new.key_id)
                   .on_conflict_do_update(index_elements=[FleetSetting.key],
                                          set_={"value": new.key_id}))
         fleet.catalog.audit("keys.rotate_master", session=s, old=old.key_id,

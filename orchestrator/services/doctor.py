@@ -44,10 +44,8 @@ from orchestrator.adapters.catalog.models import (
     TenantMove,
     TenantState,
 )
-from orchestrator.adapters.crypto import tenant_keys as keys
 from orchestrator.adapters.postgres import admin as pgserver
 from orchestrator.adapters.postgres import move_copy
-from orchestrator.adapters.postgres.pgtools import pg_tool
 from orchestrator.domain.errors import (
     Conflict,
     MasterKeyError,
@@ -251,7 +249,7 @@ def _probe_logins(fleet: Deps, tenants: list[Tenant], clusters: dict[str, Cluste
     if not candidates:
         return set(), None
     try:
-        master = fleet.master_key
+        master = fleet.keys.master
     except TenantctlError as exc:
         return set(), first_line(exc)
     dsns = {}
@@ -292,9 +290,9 @@ def gather(fleet: Deps, region: str | None = None, now: datetime | None = None) 
                    SupportGrant.read_only)
             .join(Tenant, Tenant.id == SupportGrant.tenant_id)
             .where(SupportGrant.dropped_at.is_(None))))
-        recorded_key, wrapped = keys.catalog_key_id(s), keys.wrapped_key_ids(s)
+        recorded_key, wrapped = fleet.keys.catalog_key_id(s), fleet.keys.wrapped_key_ids(s)
     try:
-        configured_key: str | None = fleet.master_key.key_id
+        configured_key: str | None = fleet.keys.master.key_id
         key_error = None
     except MasterKeyError as exc:
         configured_key, key_error = None, str(exc)
@@ -480,7 +478,7 @@ def _fix_expire_grants(fleet: Deps, x: Finding) -> str:
 
 def _fix_grant_membership(fleet: Deps, x: Finding) -> str:
     with fleet.server_connection(x.arg("server")) as conn:
-        conn.execute(pgserver.membership_grant(conn, x.arg("role")))
+        pgserver.grant_membership(conn, x.arg("role"))
     return "membership granted"
 
 
@@ -536,7 +534,7 @@ def _fix_reapply_password(fleet: Deps, x: Finding) -> str:
         if cred is None or cred.applied_at is None:
             raise Conflict(f"a password rotation of {slug!r} is pending: run "
                            f"`tenantctl tenant credentials {slug}` to finish it")
-        password = fleet.master_key.unwrap(cred.password_wrapped,
+        password = fleet.keys.master.unwrap(cred.password_wrapped,
                                            password_context(slug)).decode()
         with fleet.server_connection(tenant.server) as conn:
             pgserver.set_password(conn, tenant.login_role, password)
@@ -577,8 +575,8 @@ def dump_orphan(fleet: Deps, server: str, database: str, region: str) -> str:
     base = f"{ORPHAN_PREFIX}{server}/{database}-{stamp}"
     dsn = with_dbname(fleet.cfg.server(server).admin_dsn, database)
     with fleet.catalog.session() as s, s.begin():
-        master = keys.writing_key(fleet.master_key, s)  # before anything is dumped
-    size, sha = dump_encrypt_upload(pg_tool(fleet.cfg, "pg_dump"), dsn, None,
+        master = fleet.keys.writing_key(s)  # before anything is dumped
+    size, sha = dump_encrypt_upload(fleet.pg_tools.path("pg_dump"), dsn, None,
                                     str(identity.to_public()), store, f"{base}.dump.age",
                                     lock_wait=fleet.cfg.lock_timeout)
     wrapped = master.wrap(str(identity).encode(), f"orphan:{base}")

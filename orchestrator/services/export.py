@@ -27,7 +27,6 @@ from psycopg import sql
 from orchestrator.adapters.catalog.db import with_dbname
 from orchestrator.adapters.postgres import admin as pgserver
 from orchestrator.adapters.postgres.admin import libpq_env
-from orchestrator.adapters.postgres.pgtools import pg_tool
 from orchestrator.domain.errors import (
     FIELD,
     Conflict,
@@ -147,7 +146,7 @@ class _Counted:
 
 
 def _sql(fleet: Deps, dsn: str, out: Any) -> int | None:
-    argv = [pg_tool(fleet.cfg, "pg_dump"), "--format=plain", "--no-owner", "--no-acl",
+    argv = [fleet.pg_tools.path("pg_dump"), "--format=plain", "--no-owner", "--no-acl",
             f"--lock-wait-timeout={fleet.cfg.lock_timeout}"]  # a locked table: fail, not hang
     with tempfile.TemporaryFile() as err:
         if isinstance(out, _Counted):  # a stream: the dump passes through, counted

@@ -47,11 +47,9 @@ from orchestrator.adapters.catalog.models import (
     Tenant,
     TenantMove,
 )
-from orchestrator.adapters.crypto.tenant_keys import new_password
 from orchestrator.adapters.faults import InjectedFault, checkpoint
 from orchestrator.adapters.postgres import admin as pgserver
 from orchestrator.adapters.postgres import move_copy
-from orchestrator.adapters.postgres.pgtools import pg_tool
 from orchestrator.domain import moves
 from orchestrator.domain.errors import (
     FIELD,
@@ -404,7 +402,7 @@ def _copy(deps: Deps, tenant: Tenant, row: TenantMove, progress: Progress | None
     else:
         _say(progress, f"copying {tenant.slug}: pg_dump | pg_restore")
         copied = move_copy.dump_restore(
-            pg_tool(deps.cfg, "pg_dump"), pg_tool(deps.cfg, "pg_restore"), source_dsn,
+            deps.pg_tools.path("pg_dump"), deps.pg_tools.path("pg_restore"), source_dsn,
             target_dsn, names.owner_role, lock_wait=deps.cfg.lock_timeout,
             chunk_hook=lambda: checkpoint("move.copy_chunk"))
     _prepare_target(deps, tenant, row, target_dsn)
@@ -435,10 +433,10 @@ def _replicate(deps: Deps, tenant: Tenant, row: TenantMove, source_dsn: str,
     names = tenant_names(tenant.slug)
     name = move_object_name(tenant.id)
     _say(progress, f"schema: copying {tenant.slug}'s schema to {row.to_server}")
-    move_copy.dump_restore(pg_tool(deps.cfg, "pg_dump"), pg_tool(deps.cfg, "pg_restore"),
+    move_copy.dump_restore(deps.pg_tools.path("pg_dump"), deps.pg_tools.path("pg_restore"),
                            source_dsn, target_dsn, names.owner_role,
                            lock_wait=deps.cfg.lock_timeout, schema_only=True)
-    password = new_password()  # the temporary replication role's, for this run only
+    password = deps.keys.new_password()  # the temporary replication role's, for this run only
     with pgserver.connect(source_dsn, server=row.from_server,
                           lock_timeout=deps.cfg.lock_timeout) as sconn, \
             deps.server_connection(row.from_server) as aconn:
@@ -535,7 +533,7 @@ def _prepare_target(deps: Deps, tenant: Tenant, row: TenantMove, target_dsn: str
         if tenant.state == TenantState.cancelled:  # on hold: it stays read-only
             pgserver.restrict_to_reads(conn, names)
     assert tenant.credential is not None
-    password = deps.master_key.unwrap(tenant.credential.password_wrapped,
+    password = deps.keys.master.unwrap(tenant.credential.password_wrapped,
                                       password_context(tenant.slug)).decode()
     with deps.server_connection(row.to_server) as conn:
         plans.apply_plan_on(conn, names.login_role, deps.cfg.plan(tenant.plan))

@@ -38,8 +38,6 @@ from orchestrator.adapters.catalog.models import (
     TenantCredential,
     TenantState,
 )
-from orchestrator.adapters.crypto import tenant_keys as keys
-from orchestrator.adapters.crypto.tenant_keys import new_password
 from orchestrator.adapters.faults import checkpoint
 from orchestrator.adapters.postgres import admin as pgserver
 from orchestrator.adapters.postgres import alembic_runner as tenant_migrations
@@ -95,7 +93,7 @@ def provision(fleet: Deps, slug: str, region: str, *, restore_from: int | None =
     fleet.cfg.region(region)  # unknown region: error before anything else
     if plan is not None:
         fleet.cfg.plan(plan)  # unknown plan: likewise
-    master = fleet.master_key  # a missing key fails here, before any change
+    master = fleet.keys.master  # a missing key fails here, before any change
     with holding_tenant(fleet.catalog, slug):
         tenant = fleet.find_tenant(slug)
         resumed = tenant is not None
@@ -129,7 +127,7 @@ def provision(fleet: Deps, slug: str, region: str, *, restore_from: int | None =
             password = master.unwrap(tenant.credential.password_wrapped,  # type: ignore[union-attr]
                                      password_context(slug)).decode()
         else:
-            password = new_password()
+            password = fleet.keys.new_password()
             tenant = _register(fleet, slug, region, password, restore_from,
                                plan or fleet.cfg.default_plan)
             checkpoint("provision.registered")
@@ -243,7 +241,7 @@ def _register(fleet: Deps, slug: str, region: str, password: str,
                         login_role=names.login_role, owner_role=names.owner_role,
                         state=TenantState.provisioning, step="registered",
                         restored_from=restore_from, plan=plan or fleet.cfg.default_plan)
-        master = keys.writing_key(fleet.master_key, s)  # a stray key: refused, nothing written
+        master = fleet.keys.writing_key(s)  # a stray key: refused, nothing written
         tenant.credential = TenantCredential(
             password_wrapped=master.wrap(password.encode(), password_context(slug)),
             master_key_id=master.key_id)
@@ -253,7 +251,7 @@ def _register(fleet: Deps, slug: str, region: str, password: str,
         except IntegrityError:
             raise Conflict(f"tenant {slug!r} already exists") from None
         # the tenant's own backup key, from the first moment the tenant exists
-        s.add(keys.new_key(master, tenant.id, slug))
+        s.add(fleet.keys.new_key(master, tenant.id, slug))
         fleet.catalog.audit("tenant.provision.start", tenant=slug, region=region,
                             session=s, server=server, plan=tenant.plan)
     return tenant

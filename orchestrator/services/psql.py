@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING
 from orchestrator.adapters.catalog.db import with_dbname
 from orchestrator.adapters.catalog.models import Tenant
 from orchestrator.adapters.postgres import admin as pgserver
-from orchestrator.adapters.postgres.pgtools import pg_tool
 from orchestrator.domain.errors import Conflict
 from orchestrator.domain.names import password_context
 from orchestrator.domain.states import HAS_DATABASE
@@ -37,7 +36,7 @@ def psql_env(fleet: Deps, tenant: Tenant, *, owner: bool) -> dict[str, str]:
         assert cred is not None
         env.pop("PGPASSFILE", None)
         env["PGUSER"] = tenant.login_role
-        env["PGPASSWORD"] = fleet.master_key.unwrap(
+        env["PGPASSWORD"] = fleet.keys.master.unwrap(
             cred.password_wrapped, password_context(slug)).decode()
     return env
 
@@ -48,7 +47,7 @@ def run(fleet: Deps, slug: str, *, owner: bool, command: str | None) -> int:
     fleet.catalog.audit("tenant.psql", tenant=slug, region=tenant.region,
                         role="owner" if owner else "login",
                         command=command if command is not None else "(interactive)")
-    argv = [pg_tool(fleet.cfg, "psql"), "-X", "-v", "ON_ERROR_STOP=1"]
+    argv = [fleet.pg_tools.path("psql"), "-X", "-v", "ON_ERROR_STOP=1"]
     if command is not None:
         argv += ["-c", command]
     with pgserver.passfile_env(env) as env:

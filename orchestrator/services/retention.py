@@ -157,7 +157,7 @@ def _execute(fleet: Deps, action: Action, now: datetime) -> StepResult:
     try:
         if action.kind == BLOCKED:
             fleet.records.audit("retention.blocked", tenant=action.tenant,
-                                outcome="blocked", detail=action.detail)
+                                outcome="blocked", at=now, detail=action.detail)
             return StepResult(action, "blocked", action.detail)
         if action.kind == DELETE:
             assert action.tenant is not None
@@ -167,7 +167,7 @@ def _execute(fleet: Deps, action: Action, now: datetime) -> StepResult:
             return StepResult(action, *purge_tenant(fleet, action.tenant, now))
         if action.kind == PRUNE:
             assert action.backup_id is not None
-            fleet.backup_jobs.delete(action.backup_id, reason=action.detail)
+            fleet.backup_jobs.delete(action.backup_id, reason=action.detail, now=now)
             return StepResult(action, "done", f"backup {action.backup_id} pruned")
         if action.kind == AUDIT:
             return StepResult(action, "done", purge_audit(fleet, now))
@@ -182,7 +182,7 @@ def _execute(fleet: Deps, action: Action, now: datetime) -> StepResult:
             f"unexpected {type(exc).__name__}: {first_line(exc)}"
         with contextlib.suppress(Exception):  # the catalog may be what failed
             fleet.records.audit(f"retention.{action.kind}", tenant=action.tenant,
-                                outcome="failed", error=error)
+                                outcome="failed", at=now, error=error)
         return StepResult(action, "failed", error)
 
 
@@ -227,9 +227,10 @@ def delete_tenant(fleet: Deps, slug: str, now: datetime) -> tuple[str, str]:
             # its database gone, it can be over no storage quota
             tx.update_tenant(tenant.id, state=states.target(Op.delete), deleted_at=now,
                              purge_after=purge_after, final_backup_id=backup_id,
-                             over_quota=False, over_quota_since=None)
+                             over_quota=False, over_quota_since=None,
+                             updated_at=now)
             tx.delete_credential(tenant.id)
-            tx.audit("tenant.delete", tenant=slug, region=tenant.region,
+            tx.audit("tenant.delete", tenant=slug, region=tenant.region, at=now,
                      final_backup=backup_id, purge_after=purge_after.isoformat())
     return "done", f"database and role dropped; final backup {backup_id}; " \
                    f"purge after {purge_after.date().isoformat()}"
@@ -267,19 +268,21 @@ def erase_tenant(fleet: Deps, slug: str, reason: str, now: datetime) -> dict[str
         with fleet.records.transaction() as tx:
             _destroy_key(tx, tenant, now)
             tx.audit("tenant.erase.key_destroyed", tenant=slug, region=tenant.region,
-                     reason=reason)
+                     at=now, reason=reason)
         checkpoint("erase.key_destroyed")
         _drop_database_and_roles(fleet, tenant, "erase", now)
         with fleet.records.transaction() as tx:
             tx.update_tenant(tenant.id, state=TenantState.deleted,
                              deleted_at=tenant.deleted_at or now, purge_after=now,
-                             over_quota=False, over_quota_since=None)
+                             over_quota=False, over_quota_since=None,
+                             updated_at=now)
         checkpoint("erase.dropped")
         removed = _delete_all_backups(fleet, tenant)
         with fleet.records.transaction() as tx:
-            tx.update_tenant(tenant.id, state=states.target(Op.erase), purged_at=now)
-            tx.audit("tenant.erase", tenant=slug, region=tenant.region, reason=reason,
-                     objects_deleted=removed)
+            tx.update_tenant(tenant.id, state=states.target(Op.erase), purged_at=now,
+                             updated_at=now)
+            tx.audit("tenant.erase", tenant=slug, region=tenant.region, at=now,
+                     reason=reason, objects_deleted=removed)
     return {"tenant": slug, "state": states.target(Op.erase).value, "objects_deleted": removed,
             "reason": reason}
 
@@ -294,7 +297,7 @@ def _verified_final_backup(fleet: Deps, tenant: TenantRecord, now: datetime) -> 
             return row.id
     backup_id = fleet.backup_jobs.run(tenant.slug, kind="final", now=now)
     with fleet.records.transaction() as tx:
-        tx.update_tenant(tenant.id, final_backup_id=backup_id)
+        tx.update_tenant(tenant.id, final_backup_id=backup_id, updated_at=now)
     fleet.backup_jobs.verify(backup_id, now)
     return backup_id
 
@@ -312,8 +315,9 @@ def purge_tenant(fleet: Deps, slug: str, now: datetime) -> tuple[str, str]:
         with fleet.records.transaction() as tx:
             _destroy_key(tx, tenant, now)
             checkpoint("retention.key_destroyed")  # a kill here rolls the txn back
-            tx.update_tenant(tenant.id, state=states.target(Op.purge), purged_at=now)
-            tx.audit("tenant.purge", tenant=slug, region=tenant.region,
+            tx.update_tenant(tenant.id, state=states.target(Op.purge), purged_at=now,
+                             updated_at=now)
+            tx.audit("tenant.purge", tenant=slug, region=tenant.region, at=now,
                      objects_deleted=removed)
     return "done", f"{removed} backup objects deleted, key destroyed"
 
@@ -347,7 +351,7 @@ def purge_audit(fleet: Deps, now: datetime) -> str:
         total += n
         if n < AUDIT_BATCH:
             break
-    fleet.records.audit("audit.purge", deleted=total, before=cutoff.isoformat())
+    fleet.records.audit("audit.purge", at=now, deleted=total, before=cutoff.isoformat())
     return f"{total} audit records older than {cutoff.date().isoformat()} deleted"
 
 

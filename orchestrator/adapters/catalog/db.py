@@ -8,6 +8,7 @@ import os
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -218,9 +219,14 @@ class Catalog:
     # -- audit -----------------------------------------------------------------
 
     def audit(self, action: str, *, tenant: str | None = None, region: str | None = None,
-              outcome: str = "ok", session: Session | None = None, **detail: Any) -> None:
+              outcome: str = "ok", session: Session | None = None,
+              at: datetime | None = None, **detail: Any) -> None:
+        """One audit record (in ``session``'s transaction, else one of its own), at
+        ``at`` (a run's ``now``: `retention run --now`) or else when the catalog records it."""
         event = AuditEvent(actor=self.actor, action=action, tenant=tenant, region=region,
                            outcome=outcome, detail=redact_detail(detail))
+        if at is not None:
+            event.at = at
         if session is not None:
             session.add(event)
             return

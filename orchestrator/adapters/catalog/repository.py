@@ -176,9 +176,9 @@ class SqlWrites:
         self._s.execute(update(Server).where(Server.name == name).values(**values))
 
     def audit(self, action: str, *, tenant: str | None = None, region: str | None = None,
-              outcome: str = "ok", **detail: Any) -> None:
+              outcome: str = "ok", at: datetime | None = None, **detail: Any) -> None:
         self._catalog.audit(action, tenant=tenant, region=region, outcome=outcome,
-                            session=self._s, **detail)
+                            session=self._s, at=at, **detail)
 
 
 class SqlCatalog:
@@ -217,8 +217,9 @@ class SqlCatalog:
         return self._catalog.advisory_lock(name, shared=shared, wait=wait)
 
     def audit(self, action: str, *, tenant: str | None = None, region: str | None = None,
-              outcome: str = "ok", **detail: Any) -> None:
-        self._catalog.audit(action, tenant=tenant, region=region, outcome=outcome, **detail)
+              outcome: str = "ok", at: datetime | None = None, **detail: Any) -> None:
+        self._catalog.audit(action, tenant=tenant, region=region, outcome=outcome, at=at,
+                            **detail)
 
     def audit_count_before(self, cutoff: datetime) -> int:
         with self._catalog.session() as s:

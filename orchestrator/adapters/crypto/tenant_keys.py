@@ -1,11 +1,15 @@
 """Per-tenant age keys. The public half (recipient) encrypts backups; the private
 half (identity) is stored only wrapped by the master key, and destroying it is
-crypto-shredding: every backup copy of the tenant becomes unreadable."""
+crypto-shredding: every backup copy of the tenant becomes unreadable.
+``CatalogKeyVault`` is the key vault port (``ports.KeyVault``, ``deps.keys``) over
+these functions and the configured master key."""
 
 from __future__ import annotations
 
 import hashlib
 import secrets
+from collections.abc import Callable
+from typing import Any
 
 import pyrage
 from sqlalchemy import func, select, union_all
@@ -15,14 +19,13 @@ from sqlalchemy.orm import Session
 
 from orchestrator.adapters.catalog.db import Catalog
 from orchestrator.adapters.catalog.models import FleetSetting, TenantCredential, TenantKey
-from orchestrator.adapters.crypto.masterkey import MasterKey
+from orchestrator.domain import master_keys
 from orchestrator.domain.errors import Conflict, MasterKeyError, first_line
+from orchestrator.domain.master_keys import MASTER_KEY_SETTING as MASTER_KEY_SETTING
 from orchestrator.domain.master_keys import fleet_key_elsewhere
+from orchestrator.domain.master_keys import identity_context as identity_context
 from orchestrator.domain.master_keys import mixed_key_ids as mixed_key_ids  # keys.mixed_key_ids
-
-# the id of the master key the catalog's secrets are wrapped by: adopted from the
-# first key that wraps one, changed only by `keys rotate-master`
-MASTER_KEY_SETTING = "master_key_id"
+from orchestrator.ports import SecretWrapper
 
 
 def wrapped_key_ids(session: Session) -> dict[str, int]:
@@ -59,7 +62,7 @@ def catalog_view(catalog: Catalog) -> tuple[str | None, dict[str, int]] | str:
         return first_line(exc)
 
 
-def writing_key(master: MasterKey, session: Session) -> MasterKey:
+def writing_key(master: SecretWrapper, session: Session) -> SecretWrapper:
     """The configured master key, for a secret stored in ``session``'s transaction,
     once the catalog agrees it is the fleet's: a stray key (another fleet's, a typo
     in the config) is refused before it wraps anything. A catalog that records no
@@ -85,15 +88,11 @@ def new_password() -> str:
     return secrets.token_urlsafe(32)  # 32 random bytes
 
 
-def identity_context(slug: str) -> str:
-    return f"tenant:{slug}:age-identity"
-
-
 def key_id(recipient: str) -> str:
     return hashlib.sha256(recipient.encode()).hexdigest()[:16]
 
 
-def new_key(master: MasterKey, tenant_id: int, slug: str) -> TenantKey:
+def new_key(master: SecretWrapper, tenant_id: int, slug: str) -> TenantKey:
     identity = pyrage.x25519.Identity.generate()
     recipient = str(identity.to_public())
     return TenantKey(tenant_id=tenant_id, key_id=key_id(recipient), recipient=recipient,
@@ -102,7 +101,8 @@ def new_key(master: MasterKey, tenant_id: int, slug: str) -> TenantKey:
                      master_key_id=master.key_id)
 
 
-def ensure_key(master: MasterKey, session: Session, tenant_id: int, slug: str) -> TenantKey:
+def ensure_key(master: SecretWrapper, session: Session, tenant_id: int, slug: str
+               ) -> TenantKey:
     """The tenant's key, made now if the tenant predates keys. A destroyed key is
     refused: nothing is encrypted to a key whose identity is gone."""
     key = session.get(TenantKey, tenant_id)
@@ -117,14 +117,46 @@ def ensure_key(master: MasterKey, session: Session, tenant_id: int, slug: str) -
 
 def key_destroyed(slug: str, key: TenantKey) -> str:
     """The one-line refusal for a tenant whose key an unfinished erasure destroyed."""
-    return (f"the key of tenant {slug!r} was destroyed ({key.destroyed_at:%Y-%m-%d}) by an "
-            f"erasure that did not finish: re-run `tenantctl tenant erase {slug} --reason "
-            "…` to finish it")
+    return master_keys.key_destroyed(slug, key.destroyed_at)
 
 
-def identity(master: MasterKey, key: TenantKey, slug: str) -> pyrage.x25519.Identity:
+def identity(master: SecretWrapper, key: Any, slug: str) -> pyrage.x25519.Identity:
     if key.identity_wrapped is None:
         raise MasterKeyError(f"the key of tenant {slug!r} was destroyed "
                              f"({key.destroyed_at:%Y-%m-%d}); its backups are unreadable")
     text = master.unwrap(key.identity_wrapped, identity_context(slug)).decode()
     return pyrage.x25519.Identity.from_str(text)
+
+
+class CatalogKeyVault:
+    """``ports.KeyVault``: the configured master key (loaded by ``load`` when first
+    needed: a missing key fails only what needs it) and the tenant keys the catalog
+    stores wrapped by it."""
+
+    def __init__(self, load: Callable[[], SecretWrapper]) -> None:
+        self._load = load
+
+    @property
+    def master(self) -> SecretWrapper:
+        return self._load()
+
+    def new_password(self) -> str:
+        return new_password()
+
+    def writing_key(self, session: Session) -> SecretWrapper:
+        return writing_key(self.master, session)
+
+    def new_key(self, master: SecretWrapper, tenant_id: int, slug: str) -> TenantKey:
+        return new_key(master, tenant_id, slug)
+
+    def ensure_key(self, session: Session, tenant_id: int, slug: str) -> TenantKey:
+        return ensure_key(self.master, session, tenant_id, slug)
+
+    def identity(self, key: Any, slug: str) -> pyrage.x25519.Identity:
+        return identity(self.master, key, slug)
+
+    def catalog_key_id(self, session: Session) -> str | None:
+        return catalog_key_id(session)
+
+    def wrapped_key_ids(self, session: Session) -> dict[str, int]:
+        return wrapped_key_ids(session)

@@ -237,7 +237,8 @@ def membership_grant(conn: psycopg.Connection, role: str) -> sql.Composed:
     return stmt.format(Ident(role))
 
 
-def _grant_membership(conn: psycopg.Connection, role: str) -> None:
+def grant_membership(conn: psycopg.Connection, role: str) -> None:
+    """Run ``membership_grant`` (doctor's repair, provisioning, the template)."""
     conn.execute(membership_grant(conn, role))
 
 
@@ -255,10 +256,10 @@ def ensure_roles(conn: psycopg.Connection, names: TenantNames, marker: str) -> N
                 "CREATE ROLE {} NOLOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION "
                 "NOBYPASSRLS NOINHERIT; COMMENT ON ROLE {} IS {}").format(
                     Ident(role), Ident(role), sql.Literal(marker)))
-        _grant_membership(conn, names.owner_role)
+        grant_membership(conn, names.owner_role)
         # the login role may own large objects (creating one needs no privilege):
         # the admin, which dumps the database, must be able to read them
-        _grant_membership(conn, names.login_role)
+        grant_membership(conn, names.login_role)
 
 
 def ensure_database(conn: psycopg.Connection, names: TenantNames, *,
@@ -719,7 +720,7 @@ def cluster_identity(conn: psycopg.Connection) -> str:
 def ensure_template_owner(conn: psycopg.Connection) -> None:
     if not role_exists(conn, TEMPLATE_OWNER):
         conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN NOINHERIT").format(Ident(TEMPLATE_OWNER)))
-    _grant_membership(conn, TEMPLATE_OWNER)
+    grant_membership(conn, TEMPLATE_OWNER)
 
 
 def ensure_template_database(conn: psycopg.Connection) -> bool:
