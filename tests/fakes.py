@@ -160,6 +160,12 @@ class FakeAudit:
     detail: dict[str, Any]
     at: datetime
     actor: str = "tester"
+    recorded_at: datetime | None = None  # the real time it was written; None: ``at``
+
+
+def _purgeable(e: FakeAudit, cutoff: datetime) -> bool:
+    """As the catalog's purge: about and written before the cutoff."""
+    return e.at < cutoff and (e.recorded_at or e.at) < cutoff
 
 
 @dataclass
@@ -311,8 +317,9 @@ class FakeWrites:
 
     def audit(self, action: str, *, tenant: str | None = None, region: str | None = None,
               outcome: str = "ok", at: datetime | None = None, **detail: Any) -> None:
+        real = self._db.clock.now()
         self._db.t.audit.append(FakeAudit(action, tenant, region, outcome, redact(detail),
-                                          at or self._db.clock.now()))
+                                          at or real, recorded_at=real))
 
 
 class FakeCatalog:
@@ -377,10 +384,10 @@ class FakeCatalog:
             tx.audit(action, tenant=tenant, region=region, outcome=outcome, at=at, **detail)
 
     def audit_count_before(self, cutoff: datetime) -> int:
-        return sum(1 for e in self.t.audit if e.at < cutoff)
+        return sum(1 for e in self.t.audit if _purgeable(e, cutoff))
 
     def purge_audit_before(self, cutoff: datetime, batch: int) -> int:
-        old = [e for e in self.t.audit if e.at < cutoff][:batch]
+        old = [e for e in self.t.audit if _purgeable(e, cutoff)][:batch]
         self.t.audit = [e for e in self.t.audit if not any(e is o for o in old)]
         return len(old)
 

@@ -405,6 +405,10 @@ def test_retention_prunes_and_purges_old_audit(test_fleet: PgFleet, own_catalog:
         s.execute(update(Backup).where(Backup.id == ids[0])
                   .values(finished_at=now - timedelta(days=60)))
         s.add(AuditEvent(actor="old", action="tenant.old", tenant=slug,
+                         at=now - timedelta(days=400), recorded_at=now - timedelta(days=400)))
+        # about 400 days ago but written today (a run at a past --now): kept, so no
+        # --now can date evidence into the purge window
+        s.add(AuditEvent(actor="backdated", action="tenant.delete", tenant=slug,
                          at=now - timedelta(days=400)))
     report = cli_json(test_fleet, own, "retention", "run", "--only", "prune", "--only",
                       "audit")
@@ -415,6 +419,8 @@ def test_retention_prunes_and_purges_old_audit(test_fleet: PgFleet, own_catalog:
     with own.fleet.catalog.session() as s:
         assert s.scalar(select(func.count()).select_from(AuditEvent)
                         .where(AuditEvent.actor == "old")) == 0
+        assert s.scalar(select(func.count()).select_from(AuditEvent)
+                        .where(AuditEvent.actor == "backdated")) == 1
     assert len(_objects(own, slug)) == 4  # two backups left, each with its manifest
 
 

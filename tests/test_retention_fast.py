@@ -379,6 +379,21 @@ def test_old_audit_records_are_purged_in_batches(world: World,
     assert world.catalog.t.audit[-1].detail == {"deleted": 3, "before": cutoff.isoformat()}
 
 
+def test_a_record_dated_back_by_a_past_now_is_not_purged_before_its_time(world: World) -> None:
+    """A run at a past --now dates its records at that now; the purge judges them by
+    the real time they were written too, so a past --now cannot purge its own evidence."""
+    real = T0 + timedelta(days=1)
+    world.catalog.t.audit.append(FakeAudit("tenant.delete", "acme", None, "ok", {},
+                                           T0 - timedelta(days=400), recorded_at=real))
+    world.catalog.t.audit.append(FakeAudit("tenant.old", None, None, "ok", {},
+                                           T0 - timedelta(days=400)))
+    [result] = run(world, T0 + timedelta(days=2), "audit").results
+    assert result.message.startswith("1 audit records older than")
+    assert [e.action for e in world.catalog.t.audit] == ["tenant.delete", "audit.purge"]
+    [result] = run(world, real + timedelta(days=366), "audit").results
+    assert result.message.startswith("1 audit records older than")
+
+
 def test_expired_and_tampered_grants_end_first(world: World) -> None:
     world.tenant("acme")
     cancelled(world, "beta")

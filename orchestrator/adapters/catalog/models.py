@@ -170,6 +170,10 @@ class AuditEvent(Base):
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now(),
                                          nullable=False, index=True)
+    # the real time it was written (``at`` may be a retention run's --now): the audit
+    # purge needs both old, so a past --now cannot date evidence into the purge window
+    recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True),
+                                                  server_default=func.now(), nullable=False)
     actor: Mapped[str] = mapped_column(String(200))
     action: Mapped[str] = mapped_column(String(60), index=True)
     tenant: Mapped[str | None] = mapped_column(String(40), index=True)

@@ -32,7 +32,7 @@ from orchestrator.domain.states import HAS_DATABASE, PLACED_STATES, TenantState
 # against: a constant, so that the check needs no Alembic (importing it and reading
 # the revision files cost a command ~0.5 s before its first query). Alembic is
 # imported only to migrate. tests/test_units.py checks this is the scripts' head.
-CATALOG_HEAD = "c0010_moves"
+CATALOG_HEAD = "c0014_audit_recorded_at"
 TARGET_KEY = "target_revision"  # fleet_settings key of the fleet's target revision
 
 

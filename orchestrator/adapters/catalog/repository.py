@@ -224,10 +224,12 @@ class SqlCatalog:
     def audit_count_before(self, cutoff: datetime) -> int:
         with self._catalog.session() as s:
             return s.scalar(select(func.count()).select_from(AuditEvent)
-                            .where(AuditEvent.at < cutoff)) or 0
+                            .where(AuditEvent.at < cutoff,
+                                   AuditEvent.recorded_at < cutoff)) or 0
 
     def purge_audit_before(self, cutoff: datetime, batch: int) -> int:
         with self._catalog.session() as s, s.begin():
-            ids = select(AuditEvent.id).where(AuditEvent.at < cutoff).limit(batch)
+            ids = select(AuditEvent.id).where(AuditEvent.at < cutoff,
+                                              AuditEvent.recorded_at < cutoff).limit(batch)
             result = s.execute(delete(AuditEvent).where(AuditEvent.id.in_(ids)))
             return int(result.rowcount)  # type: ignore[attr-defined]
