@@ -368,20 +368,34 @@ class _S3Writer(ObjectWriter):
     then a sweep of the key's open uploads)."""
 
     def __init__(self, store: S3Store, key: str, part_size: int) -> None:
+        self.store, self.key, self.part_size = store, key, part_size
+        self.pipe = _Pipe(limit=min(part_size, 4 * MIB))
+        self.manager: Any = None
+        self.future: Any = None  # the transfer: begun by the first write (or commit)
+        self.done = False
+
+    def _begin(self) -> None:
+        """Begin the transfer once there is something to send, not when the writer
+        is made: the caller starts its producer (pg_dump) meanwhile, while the
+        client is still being made (S3Store.prepare)."""
+        store = self.store
         TransferConfig, create_transfer_manager = store._transfer_api()  # noqa: N806
-        self.store, self.key = store, key
+        try:
+            client = store.client
+        except Exception as exc:  # a malformed endpoint, say: the store's failure
+            self.error = store.error(f"upload of {self.key} failed", exc)
+            raise self.error from None
         concurrency = store.upload.max_concurrency
-        config = TransferConfig(multipart_threshold=part_size, multipart_chunksize=part_size,
+        config = TransferConfig(multipart_threshold=self.part_size,
+                                multipart_chunksize=self.part_size,
                                 max_concurrency=concurrency, use_threads=True,
                                 preferred_transfer_client="classic")
         # parts read and not yet sent: bounds the memory (s3transfer's default is 10)
         config.max_in_memory_upload_chunks = concurrency
-        self.pipe = _Pipe(limit=min(part_size, 4 * MIB))
-        self.manager = create_transfer_manager(store.client, config)
-        self.future = self.manager.upload(self.pipe, store.bucket, key,
+        self.manager = create_transfer_manager(client, config)
+        self.future = self.manager.upload(self.pipe, store.bucket, self.key,
                                           extra_args=store.extra_args(),
                                           subscribers=[_EndsPipe(self.pipe)])
-        self.done = False
 
     def _failure(self) -> BaseException:
         """What ended the transfer, as it should reach the caller: our own errors
@@ -397,6 +411,8 @@ class _S3Writer(ObjectWriter):
         return self.error
 
     def write(self, b: Any) -> int:
+        if self.future is None:
+            self._begin()
         data = bytes(b)  # a copy: the caller may reuse its buffer
         if not self.pipe.put(data):
             failure = self._failure()
@@ -405,6 +421,8 @@ class _S3Writer(ObjectWriter):
         return len(data)
 
     def commit(self) -> None:
+        if self.future is None:
+            self._begin()  # an empty object
         self.pipe.finish()
         try:
             self.future.result()
@@ -419,6 +437,9 @@ class _S3Writer(ObjectWriter):
         if self.done:
             return
         self.done = True
+        if self.future is None:
+            self.pipe.break_()
+            return  # nothing begun on S3
         self.future.cancel()
         self.pipe.break_()
         with contextlib.suppress(Exception):
