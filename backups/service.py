@@ -149,10 +149,11 @@ def run_backup(fleet: Deps, slug: str, *, kind: str = "manual",
     tenant = fleet.get_tenant(slug)
     if tenant.state not in HAS_DATABASE:
         raise Conflict(f"tenant {slug!r} is {tenant.state}: nothing to back up")
+    store = _store_for(fleet, tenant.region)  # the tenant's own region, never another
+    store.prepare()  # (an S3 client, made while the steps up to pg_dump run)
     reap_dead(fleet, slug, now)  # whatever command comes next finishes off a crashed one
     if tenant.state == TenantState.cancelled:
         hold_large_objects(fleet, slug)
-    store = _store_for(fleet, tenant.region)  # the tenant's own region, never another
     pg_dump = fleet.pg_tools.path("pg_dump")
     dump_version = fleet.pg_tools.version("pg_dump")
     started = now or clock.utcnow()

@@ -108,6 +108,12 @@ class ObjectStore(ABC):
         """Remove one of ``unfinished()``."""
         raise StoreError(f"{self.url}: no unfinished upload {name!r}")
 
+    def prepare(self) -> None:
+        """Get ready to write: a caller that will write soon calls this first, so
+        what the store sets up (an S3 client) is made while the caller does other
+        work. Never fails: a failure shows when the store is used."""
+        return None  # a file store has nothing to set up
+
     def exists(self, key: str) -> bool:
         return any(o.key == key for o in self.objects(key))
 
@@ -362,22 +368,34 @@ class _S3Writer(ObjectWriter):
     then a sweep of the key's open uploads)."""
 
     def __init__(self, store: S3Store, key: str, part_size: int) -> None:
-        # start-up: boto3 only for an s3:// store, once it uploads
-        from boto3.s3.transfer import TransferConfig, create_transfer_manager
+        self.store, self.key, self.part_size = store, key, part_size
+        self.pipe = _Pipe(limit=min(part_size, 4 * MIB))
+        self.manager: Any = None
+        self.future: Any = None  # the transfer: begun by the first write (or commit)
+        self.done = False
 
-        self.store, self.key = store, key
+    def _begin(self) -> None:
+        """Begin the transfer once there is something to send, not when the writer
+        is made: the caller starts its producer (pg_dump) meanwhile, while the
+        client is still being made (S3Store.prepare)."""
+        store = self.store
+        TransferConfig, create_transfer_manager = store._transfer_api()  # noqa: N806
+        try:
+            client = store.client
+        except Exception as exc:  # a malformed endpoint, say: the store's failure
+            self.error = store.error(f"upload of {self.key} failed", exc)
+            raise self.error from None
         concurrency = store.upload.max_concurrency
-        config = TransferConfig(multipart_threshold=part_size, multipart_chunksize=part_size,
+        config = TransferConfig(multipart_threshold=self.part_size,
+                                multipart_chunksize=self.part_size,
                                 max_concurrency=concurrency, use_threads=True,
                                 preferred_transfer_client="classic")
         # parts read and not yet sent: bounds the memory (s3transfer's default is 10)
         config.max_in_memory_upload_chunks = concurrency
-        self.pipe = _Pipe(limit=min(part_size, 4 * MIB))
-        self.manager = create_transfer_manager(store.client, config)
-        self.future = self.manager.upload(self.pipe, store.bucket, key,
+        self.manager = create_transfer_manager(client, config)
+        self.future = self.manager.upload(self.pipe, store.bucket, self.key,
                                           extra_args=store.extra_args(),
                                           subscribers=[_EndsPipe(self.pipe)])
-        self.done = False
 
     def _failure(self) -> BaseException:
         """What ended the transfer, as it should reach the caller: our own errors
@@ -393,6 +411,8 @@ class _S3Writer(ObjectWriter):
         return self.error
 
     def write(self, b: Any) -> int:
+        if self.future is None:
+            self._begin()
         data = bytes(b)  # a copy: the caller may reuse its buffer
         if not self.pipe.put(data):
             failure = self._failure()
@@ -401,6 +421,8 @@ class _S3Writer(ObjectWriter):
         return len(data)
 
     def commit(self) -> None:
+        if self.future is None:
+            self._begin()  # an empty object
         self.pipe.finish()
         try:
             self.future.result()
@@ -415,6 +437,9 @@ class _S3Writer(ObjectWriter):
         if self.done:
             return
         self.done = True
+        if self.future is None:
+            self.pipe.break_()
+            return  # nothing begun on S3
         self.future.cancel()
         self.pipe.break_()
         with contextlib.suppress(Exception):
@@ -448,24 +473,53 @@ class S3Store(ObjectStore):
         self.upload = upload or S3UploadConfig()
         self.page_size: int | None = None  # listings: S3's own (1000) unless set
         self._client: Any = None
+        self._client_lock = threading.Lock()
+        self._preparing: threading.Thread | None = None
+
+    def prepare(self) -> None:
+        """Import boto3 and make the client (~0.5-1 s of CPU, serial before the
+        first upload otherwise) in a thread, while the caller takes its snapshot."""
+        if self._client is None and self._preparing is None:
+            self._preparing = threading.Thread(target=self._prepare, name="s3-prepare")
+            self._preparing.start()
+
+    def _prepare(self) -> None:
+        with contextlib.suppress(Exception):  # the caller's own use raises it again
+            self._transfer_api()
+            _ = self.client
+
+    @staticmethod
+    def _transfer_api() -> tuple[Any, Any]:
+        """boto3's managed transfer: (TransferConfig, create_transfer_manager)."""
+        # start-up: boto3 only for an s3:// store, once it uploads
+        from boto3.s3.transfer import TransferConfig, create_transfer_manager
+
+        return TransferConfig, create_transfer_manager
 
     @property
     def client(self) -> Any:
-        if self._client is None:
-            # start-up: boto3 (~0.3 s) only for an s3:// store, once it is used
-            import boto3
-            from botocore.config import Config as BotoConfig
-
-            self._client = boto3.client(
-                "s3", endpoint_url=self.endpoint_url, region_name=self.region,
-                config=BotoConfig(retries={"max_attempts": 8, "mode": "standard"},
-                                  connect_timeout=10, read_timeout=60,
-                                  # the parallel parts each need a connection
-                                  max_pool_connections=max(10, self.upload.max_concurrency
-                                                           + 2)))
-            # crash tests: die with a multipart upload open (after a part is stored)
-            self._client.meta.events.register("after-call.s3.UploadPart", _part_stored)
+        with self._client_lock:  # prepare()'s thread may be making it
+            if self._client is None:
+                self._client = self._new_client()
         return self._client
+
+    def _new_client(self) -> Any:
+        # start-up: boto3 (~0.3 s) only for an s3:// store, once it is used
+        import boto3
+        from botocore.config import Config as BotoConfig
+
+        # a session of its own: prepare() makes the client in another thread, and
+        # boto3's default session is not thread-safe
+        client = boto3.session.Session().client(
+            "s3", endpoint_url=self.endpoint_url, region_name=self.region,
+            config=BotoConfig(retries={"max_attempts": 8, "mode": "standard"},
+                              connect_timeout=10, read_timeout=60,
+                              # the parallel parts each need a connection
+                              max_pool_connections=max(10, self.upload.max_concurrency
+                                                       + 2)))
+        # crash tests: die with a multipart upload open (after a part is stored)
+        client.meta.events.register("after-call.s3.UploadPart", _part_stored)
+        return client
 
     def error(self, what: str, exc: BaseException) -> StoreError:
         return StoreError(f"{self.url}: {what}: {first_line(exc)}")

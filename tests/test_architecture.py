@@ -214,12 +214,12 @@ FUNCTION_IMPORTS_ALLOWED: dict[tuple[str, str, str], str] = {
      "alembic.runtime.environment.EnvironmentContext"): "as above",
     ("orchestrator/adapters/crypto/masterkey.py", "_kms_client", "boto3"):
         "boto3 (~0.3 s) only for a KMS-held master key",
-    ("backups/stores.py", "S3Store.client", "boto3"): "boto3 only for an s3:// store",
-    ("backups/stores.py", "S3Store.client", "botocore.config.Config"): "as above",
-    ("backups/stores.py", "_S3Writer.__init__", "boto3.s3.transfer.TransferConfig"):
+    ("backups/stores.py", "S3Store._new_client", "boto3"): "boto3 only for an s3:// store",
+    ("backups/stores.py", "S3Store._new_client", "botocore.config.Config"): "as above",
+    ("backups/stores.py", "S3Store._transfer_api", "boto3.s3.transfer.TransferConfig"):
         "as above",
-    ("backups/stores.py", "_S3Writer.__init__", "boto3.s3.transfer.create_transfer_manager"):
-        "as above",
+    ("backups/stores.py", "S3Store._transfer_api",
+     "boto3.s3.transfer.create_transfer_manager"): "as above",
 }
 
 

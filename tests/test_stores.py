@@ -323,3 +323,46 @@ def test_storage_class_and_encryption_reach_every_object(moto_endpoint: str,
     aes.put_bytes("m.json", b"{}")
     head = aes.client.head_object(Bucket=aes.bucket, Key="m.json")
     assert head["ServerSideEncryption"] == "AES256" and "StorageClass" not in head
+
+
+# -- start-up off the critical path -----------------------------------------------------
+
+
+def test_prepare_makes_the_client_in_a_thread_and_never_fails() -> None:
+    """prepare() makes the client in a thread (run_backup calls it before its
+    snapshot); the client property hands out that one. Nothing is contacted."""
+    s3 = open_store("s3://bucket?endpoint_url=http://127.0.0.1:1&region=eu-central-1")
+    assert isinstance(s3, S3Store)
+    s3.prepare()
+    thread = s3._preparing
+    assert thread is not None
+    thread.join(60)
+    made = s3._client
+    assert made is not None and s3.client is made
+    s3.prepare()  # made already: no second thread
+    assert s3._preparing is thread
+    bad = S3Store("s3://bucket?endpoint_url=not-a-url&region=eu-central-1")
+    bad.prepare()  # the failure is the caller's own use's to raise
+    assert bad._preparing is not None
+    bad._preparing.join(60)
+    with pytest.raises(ValueError):
+        _ = bad.client
+
+
+def test_s3_writer_begins_the_upload_on_its_first_write(moto_endpoint: str) -> None:
+    """A writer is made without the client (run_backup starts pg_dump meanwhile),
+    and one aborted before any write sends nothing to S3; a commit without a write
+    stores an empty object."""
+    s3 = _bucket(moto_endpoint)
+    sent: list[str] = []
+    s3.client.meta.events.register("before-send.s3",
+                                   lambda request, **_: sent.append(request.method))
+    with pytest.raises(RuntimeError), s3.writer("tenants/acme/8.dump.age"):
+        raise RuntimeError("pg_dump did not start")
+    assert sent == [] and s3.pending_uploads() == []
+    fresh = S3Store(s3.url, SMALL_PARTS)  # its client not made yet
+    fresh.writer("tenants/acme/8.dump.age").abort()
+    assert fresh._client is None  # the writer did not wait for it
+    with s3.writer("tenants/acme/9.dump.age") as w:
+        w.commit()
+    assert [(o.key, o.size) for o in s3.objects("tenants/")] == [("tenants/acme/9.dump.age", 0)]
