@@ -18,6 +18,7 @@ from typing import Any
 
 from orchestrator.domain import marks
 from orchestrator.domain.bounds import DEFAULT_PLAN, SUSET_SETTINGS, TenantBounds
+from orchestrator.domain.budget import ServerBudget
 from orchestrator.domain.errors import InvalidInput
 from orchestrator.domain.grants import settings_changed
 from orchestrator.domain.marks import role_marker
@@ -178,6 +179,8 @@ class Facts:
     dead_logins: frozenset[str] = frozenset()
     logins_unchecked: str | None = None  # why the stored passwords were not tried
     grant_ids: dict[str, tuple[int, bool]] = field(default_factory=dict)  # -> (id, read-only)
+    # each server's connection budget, against the max_connections read now
+    budgets: dict[str, ServerBudget] = field(default_factory=dict)
 
 
 # -- findings -------------------------------------------------------------------------
@@ -308,6 +311,22 @@ def check_servers(f: Facts) -> Iterator[Finding]:
                      "see which roles hold them in pg_stat_activity")
         if cluster.reachable:
             yield from _check_reserve(f, cluster, names)
+    for name, b in sorted(f.budgets.items()):
+        if b.enforced and b.over:
+            yield _f(WARNING, "server-over-budget", name,
+                     f"its tenants may hold {b.used} connections, over its connection "
+                     f"budget of {b.total} (max_connections {b.max_connections} less a "
+                     f"reserve of {b.reserve}"
+                     + (f", connection_budget {b.configured}" if b.configured != "auto"
+                        else "") + "): no new tenant or larger plan goes there",
+                     f"raise max_connections on {name}, or move tenants to smaller plans "
+                     "(tenantctl tenant set-plan) or to another server")
+        if b.too_large:
+            yield _f(WARNING, "server-budget-too-large", name,
+                     f"connection_budget {b.configured} is more than max_connections "
+                     f"{b.max_connections} less the reserve of {b.reserve}: "
+                     f"{b.total} is used", f"lower regions.*.servers '{name}' "
+                     "connection_budget in tenantctl.toml (or raise max_connections)")
     for name, (_region, capacity, _tpl) in sorted(f.servers.items()):
         if placed[name] > capacity:
             yield _f(WARNING, "server-over-capacity", name,

@@ -18,7 +18,8 @@ Three parts, as everywhere in tenantctl:
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -35,6 +36,7 @@ from orchestrator.adapters import clock
 from orchestrator.adapters.catalog.db import lock_key, with_dbname
 from orchestrator.adapters.catalog.locks import holding_tenant
 from orchestrator.adapters.catalog.models import (
+    PLACED_STATES,
     Backup,
     Server,
     SupportGrant,
@@ -45,6 +47,7 @@ from orchestrator.adapters.catalog.models import (
 from orchestrator.adapters.crypto import tenant_keys as keys
 from orchestrator.adapters.postgres import admin as pgserver
 from orchestrator.adapters.postgres.pgtools import pg_tool
+from orchestrator.domain.budget import ServerBudget
 from orchestrator.domain.errors import (
     Conflict,
     MasterKeyError,
@@ -71,10 +74,12 @@ from orchestrator.domain.retention_plan import DELETE, PURGE
 from orchestrator.domain.states import HAS_DATABASE
 from orchestrator.domain.statuses import BackupStatus
 from orchestrator.services import access, plans, provisioning, retention, templates
+from orchestrator.services import budget as budgets
 from orchestrator.services.access import role_name
 
 if TYPE_CHECKING:
     from orchestrator.bootstrap import Deps
+    from orchestrator.config import Config
 
 
 # -- gathering ------------------------------------------------------------------------
@@ -323,7 +328,26 @@ def gather(fleet: Deps, region: str | None = None, now: datetime | None = None) 
         fleet_id=fleet.catalog.fleet_id(), bounds=cfg.bounds,
         plans={name: p.bounds for name, p in cfg.plans.items()}, dead_logins=frozenset(dead),
         logins_unchecked=unchecked,
-        grant_ids={role_name(gid): (gid, ro) for gid, _exp, _db, ro in grant_rows})
+        grant_ids={role_name(gid): (gid, ro) for gid, _exp, _db, ro in grant_rows},
+        budgets=_budgets(cfg, tenants, servers, server_cluster, clusters))
+
+
+def _budgets(cfg: Config, tenants: Iterable[Tenant], servers: Iterable[str],
+             server_cluster: dict[str, str], clusters: dict[str, ClusterFacts]
+             ) -> dict[str, ServerBudget]:
+    """Each configured server's budget, against the max_connections just read."""
+    placed: dict[str, Counter[str]] = defaultdict(Counter)
+    for t in tenants:
+        if t.state in PLACED_STATES:
+            placed[t.server][t.plan] += 1
+    out = {}
+    for name in servers:
+        c = clusters.get(server_cluster.get(name, ""))
+        if c is None or not any(s.name == name for s in cfg.servers):
+            continue
+        maximum = c.max_connections if c.reachable and c.max_connections else None
+        out[name] = budgets.server_budget(cfg, name, placed[name].items(), maximum)
+    return out
 
 
 # -- repairing ------------------------------------------------------------------------

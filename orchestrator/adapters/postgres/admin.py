@@ -102,6 +102,13 @@ def open_connection(admin_dsn: str, dbname: str | None = None, *, server: str = 
         raise server_error(f"server {server or redact(dsn)}", exc) from None
 
 
+def max_connections(conn: psycopg.Connection) -> int:
+    """The server's max_connections (what a connection budget is cut from)."""
+    row = conn.execute("SELECT current_setting('max_connections')::int").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
 @contextmanager
 def connect(admin_dsn: str, dbname: str | None = None, *, server: str = "",
             autocommit: bool = True, lock_timeout: str | None = None
