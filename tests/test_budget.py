@@ -5,7 +5,8 @@ overrun the server's budget (role and catalog unchanged), `region list` shows ea
 server's used/total budget (text and JSON), and `doctor` reports a server over its
 budget once its budget shrinks under what its tenants hold.
 
-The test clusters have max_connections = 300; a private catalog sees only this test's
+The test clusters have max_connections = 300, of which 13 are the server's
+(superuser_reserved_connections 3, reserved_connections 10); a private catalog sees only this test's
 tenants, so the budgets start empty."""
 
 from __future__ import annotations
@@ -97,12 +98,13 @@ def test_placement_create_and_set_plan_stay_within_the_budget(
     servers = _servers(test_fleet, config)
     assert servers["eu-central-1"]["connection_budget"] == {
         "used": 20, "total": 30, "enforced": True, "configured": 30, "reserve": 10,
-        "max_connections": 300, "pooled": False}
+        "max_connections": 300, "server_reserved": 13, "pooled": False}
     assert servers["eu-central-2"]["connection_budget"]["used"] == 25
-    # a server without connection_budget: shown against max_connections - reserve
+    # a server without connection_budget: shown against max_connections less the
+    # server's reserved slots and the reserve
     assert servers["ap-south-1"]["connection_budget"] == {
-        "used": 0, "total": 290, "enforced": False, "configured": None, "reserve": 10,
-        "max_connections": 300, "pooled": False}
+        "used": 0, "total": 277, "enforced": False, "configured": None, "reserve": 10,
+        "max_connections": 300, "server_reserved": 13, "pooled": False}
     # an unreachable server: its total is unknown, the command still answers
     assert servers["down-1"]["connection_budget"]["total"] is None
     table = _ok(cli("region", "list"))

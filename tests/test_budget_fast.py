@@ -37,8 +37,11 @@ def test_a_tenant_costs_its_connection_limit_and_its_pool_behind_a_pooler() -> N
     assert used(PLANS, "default", [("small", 3), ("big", 1), ("gone", 1)], False) == 75
 
 
-def test_the_budget_is_max_connections_less_the_reserve_or_less() -> None:
+def test_the_budget_is_max_connections_less_the_reserves_or_less() -> None:
     assert ceiling(100, 10) == 90 and ceiling(5, 10) == 0
+    # the slots the server keeps from ordinary roles are not the tenants' either
+    assert ceiling(100, 10, server_reserved=13) == 77
+    assert ServerBudget("s", 0, 10, "auto", 100, server_reserved=13).total == 77
     auto = ServerBudget("s", used=50, reserve=10, configured="auto", max_connections=100)
     assert (auto.total, auto.remaining, auto.enforced, auto.over) == (90, 40, True, False)
     explicit = replace(auto, configured=60)
@@ -70,7 +73,8 @@ def test_what_fits_and_the_one_line_refusal() -> None:
     with pytest.raises(CapacityError, match="budget is unknown"):
         refuse_plan(unknown, "small", 5)
     assert b.to_json() == {"used": 80, "total": 90, "enforced": True, "configured": "auto",
-                           "reserve": 10, "max_connections": 100, "pooled": False}
+                           "reserve": 10, "max_connections": 100, "server_reserved": 0,
+                           "pooled": False}
 
 
 def test_placement_skips_a_server_whose_budget_cannot_take_the_plan() -> None:

@@ -1,7 +1,9 @@
 """A server's connection budget: how many connections its tenants may hold in all.
 
-A server's budget is at most ``max_connections - connection_reserve`` (the reserve is
-tenantctl's and the superusers'); ``connection_budget = N`` sets it lower. A tenant
+A server's budget is at most its max_connections less the slots the server itself
+keeps from ordinary roles (superuser_reserved_connections + reserved_connections)
+and less ``connection_reserve`` (tenantctl's own work: backups, migrations, the
+daemon, which use ordinary slots too); ``connection_budget = N`` sets it lower. A tenant
 costs its plan's connection limit (its direct connections) plus, on a server with a
 pooler, its plan's pool size (the pooler's connections to the server on its behalf).
 The sum of the costs of the tenants placed on a server never exceeds the budget when
@@ -38,9 +40,10 @@ def used(plans: Mapping[str, Plan], default: str, placed: Iterable[tuple[str, in
     return sum(cost_of(plans, default, plan, pooled) * n for plan, n in placed)
 
 
-def ceiling(max_connections: int, reserve: int) -> int:
-    """The most a budget may be on a server: its max_connections less the reserve."""
-    return max(0, max_connections - reserve)
+def ceiling(max_connections: int, reserve: int, server_reserved: int = 0) -> int:
+    """The most a budget may be on a server: its max_connections less the server's
+    reserved slots and tenantctl's reserve."""
+    return max(0, max_connections - server_reserved - reserve)
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,13 @@ class ServerBudget:
     configured: int | str | None  # connection_budget: N, "auto", or None (not enforced)
     max_connections: int | None = None  # None: not read (the server was unreachable)
     pooled: bool = False
+    # superuser_reserved_connections + reserved_connections, read with max_connections
+    server_reserved: int = 0
+
+    @property
+    def ceiling(self) -> int | None:
+        return None if self.max_connections is None \
+            else ceiling(self.max_connections, self.reserve, self.server_reserved)
 
     @property
     def enforced(self) -> bool:
@@ -63,8 +73,7 @@ class ServerBudget:
         """The budget: N (never above the ceiling), or the ceiling for "auto" and for a
         server that does not enforce one (shown, not enforced); None when it depends on
         a max_connections not read."""
-        top = None if self.max_connections is None \
-            else ceiling(self.max_connections, self.reserve)
+        top = self.ceiling
         if isinstance(self.configured, int):
             return self.configured if top is None else min(self.configured, top)
         return top
@@ -79,9 +88,9 @@ class ServerBudget:
 
     @property
     def too_large(self) -> bool:
-        """A configured N above max_connections - reserve (capped to that, and said)."""
-        return isinstance(self.configured, int) and self.max_connections is not None \
-            and self.configured > ceiling(self.max_connections, self.reserve)
+        """A configured N above the ceiling (capped to it, and said)."""
+        top = self.ceiling
+        return isinstance(self.configured, int) and top is not None and self.configured > top
 
     def fits(self, cost: int, freed: int = 0) -> bool:
         """Whether a tenant costing ``cost`` may be added (``freed``: what the same
@@ -95,7 +104,8 @@ class ServerBudget:
     def to_json(self) -> dict[str, Any]:
         return {"used": self.used, "total": self.total, "enforced": self.enforced,
                 "configured": self.configured, "reserve": self.reserve,
-                "max_connections": self.max_connections, "pooled": self.pooled}
+                "max_connections": self.max_connections,
+                "server_reserved": self.server_reserved, "pooled": self.pooled}
 
     def text(self) -> str:
         """``used/total`` as `region list` shows it (``?`` for a total not read)."""

@@ -315,8 +315,9 @@ def check_servers(f: Facts) -> Iterator[Finding]:
         if b.enforced and b.over:
             yield _f(WARNING, "server-over-budget", name,
                      f"its tenants may hold {b.used} connections, over its connection "
-                     f"budget of {b.total} (max_connections {b.max_connections} less a "
-                     f"reserve of {b.reserve}"
+                     f"budget of {b.total} (max_connections {b.max_connections} less "
+                     f"{b.server_reserved} reserved by the server and a reserve of "
+                     f"{b.reserve}"
                      + (f", connection_budget {b.configured}" if b.configured != "auto"
                         else "") + "): no new tenant or larger plan goes there",
                      f"raise max_connections on {name}, or move tenants to smaller plans "
@@ -324,9 +325,10 @@ def check_servers(f: Facts) -> Iterator[Finding]:
         if b.too_large:
             yield _f(WARNING, "server-budget-too-large", name,
                      f"connection_budget {b.configured} is more than max_connections "
-                     f"{b.max_connections} less the reserve of {b.reserve}: "
-                     f"{b.total} is used", f"lower regions.*.servers '{name}' "
-                     "connection_budget in tenantctl.toml (or raise max_connections)")
+                     f"{b.max_connections} less {b.server_reserved} reserved by the "
+                     f"server and a reserve of {b.reserve}: {b.total} is used",
+                     f"lower regions.*.servers '{name}' connection_budget in tenantctl.toml "
+                     "(or raise max_connections)")
     for name, (_region, capacity, _tpl) in sorted(f.servers.items()):
         if placed[name] > capacity:
             yield _f(WARNING, "server-over-capacity", name,

@@ -18,14 +18,15 @@ from orchestrator.domain.errors import TenantctlError
 
 
 def server_budget(cfg: Config, server: str, placed: Iterable[tuple[str, int]],
-                  max_connections: int | None) -> ServerBudget:
+                  slots: tuple[int, int] | None) -> ServerBudget:
     """``server``'s budget, given its tenants as (plan name, count) and its
-    max_connections (None: not read)."""
+    (max_connections, slots it reserves) as read (None: not read)."""
     sc = cfg.server(server)
     pooled = sc.pooler is not None
+    maximum, reserved = slots if slots is not None else (None, 0)
     return ServerBudget(server, rule.used(cfg.plans, cfg.default_plan, placed, pooled),
-                        sc.connection_reserve, sc.connection_budget, max_connections,
-                        pooled)
+                        sc.connection_reserve, sc.connection_budget, maximum, pooled,
+                        reserved)
 
 
 def tenant_cost(cfg: Config, server: str, plan: str) -> int:
@@ -34,21 +35,22 @@ def tenant_cost(cfg: Config, server: str, plan: str) -> int:
                         cfg.server(server).pooler is not None)
 
 
-def read_max_connections(cfg: Config, server: str) -> int | None:
-    """The server's max_connections, None if it cannot be reached now."""
+def read_slots(cfg: Config, server: str) -> tuple[int, int] | None:
+    """The server's (max_connections, slots it reserves), None if it cannot be reached
+    now."""
     try:
         with pgserver.connect(cfg.server(server).admin_dsn, server=server) as conn:
-            return pgserver.max_connections(conn)
+            return pgserver.connection_slots(conn)
     except (TenantctlError, psycopg.Error):
         return None
 
 
 def read_budgets(cfg: Config, placed: Mapping[str, Iterable[tuple[str, int]]],
                  servers: Iterable[str]) -> dict[str, ServerBudget]:
-    """Each of ``servers``' budget, reading max_connections from all of them at once
-    (an unreachable one has an unknown total, not an error)."""
+    """Each of ``servers``' budget, reading their connection slots all at once (an
+    unreachable one has an unknown total, not an error)."""
     names = [s for s in servers if any(c.name == s for c in cfg.servers)]
     with ThreadPoolExecutor(max_workers=max(1, min(8, len(names)))) as pool:
-        maxima = dict(zip(names, pool.map(lambda s: read_max_connections(cfg, s), names),
+        maxima = dict(zip(names, pool.map(lambda s: read_slots(cfg, s), names),
                           strict=True))
     return {s: server_budget(cfg, s, placed.get(s, ()), maxima[s]) for s in names}

@@ -345,8 +345,9 @@ def _budgets(cfg: Config, tenants: Iterable[Tenant], servers: Iterable[str],
         c = clusters.get(server_cluster.get(name, ""))
         if c is None or not any(s.name == name for s in cfg.servers):
             continue
-        maximum = c.max_connections if c.reachable and c.max_connections else None
-        out[name] = budgets.server_budget(cfg, name, placed[name].items(), maximum)
+        slots = (c.max_connections, c.superuser_reserved + c.reserved_connections) \
+            if c.reachable and c.max_connections else None
+        out[name] = budgets.server_budget(cfg, name, placed[name].items(), slots)
     return out
 
 

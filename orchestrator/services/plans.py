@@ -94,7 +94,7 @@ def _check_budget(deps: Deps, s: Session, server: str, previous: str, plan: Plan
         Tenant.server == server, Tenant.state.in_(PLACED_STATES))
         .group_by(Tenant.plan)).all()
     with deps.server_connection(server) as conn:
-        maximum = pgserver.max_connections(conn)
-    have = budgets.server_budget(deps.cfg, server, [(p, n) for p, n in placed], maximum)
+        slots = pgserver.connection_slots(conn)
+    have = budgets.server_budget(deps.cfg, server, [(p, n) for p, n in placed], slots)
     refuse_plan(have, plan.name, budgets.tenant_cost(deps.cfg, server, plan.name),
                 freed=budgets.tenant_cost(deps.cfg, server, previous))

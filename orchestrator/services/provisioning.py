@@ -235,7 +235,7 @@ def _place(fleet: Deps, session: Session, region: str, plan: str) -> str:
                 if not enforced or load.budget_left is not None:
                     return server
                 left = budgets.server_budget(fleet.cfg, server, placed.get(server, ()),
-                                             pgserver.max_connections(conn)).remaining
+                                             pgserver.connection_slots(conn)).remaining
             # read now: choose again with what it has left (it may still be the one)
             loads = [replace(ld, budget_left=left) if ld.name == server else ld
                      for ld in loads]
