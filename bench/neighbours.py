@@ -61,6 +61,7 @@ import psycopg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import common  # noqa: E402
+from bench import usage as usage_bench  # noqa: E402
 from orchestrator.api import Fleet  # noqa: E402
 from orchestrator.config import load_config  # noqa: E402
 from orchestrator.devfleet import localfleet  # noqa: E402
@@ -291,8 +292,7 @@ def neighbours_bench(data_dir: str, seconds: float, n_neighbours: int, abusers: 
             fleet.close()
         without = phase(dsns, abuser_dsn, seconds, abusers, admin)
     finally:
-        common.stop(cfg)
-        shutil.rmtree(state, ignore_errors=True)
+        usage_bench.stop_patiently(cfg, state)
     p99_with, p99_without = with_plans["neighbour_p99_ms"], without["neighbour_p99_ms"]
     return {
         "max_connections": MAX_CONNECTIONS, "neighbours": n_neighbours,
@@ -337,10 +337,9 @@ def main() -> None:
     out: dict[str, Any] = {"benchmark": "neighbours"}
     out["noisy_neighbour"] = neighbours_bench(args.data_dir, args.seconds, args.neighbours,
                                               args.abusers)
+    print(json.dumps(out["noisy_neighbour"]), file=sys.stderr, flush=True)  # kept if later fail
     if not args.skip_usage:
-        from bench import usage
-
-        out["usage_collect"] = usage.run(args.usage_tenants, args.usage_tenants, 1,
+        out["usage_collect"] = usage_bench.run(args.usage_tenants, args.usage_tenants, 1,
                                          args.data_dir)
     if not args.skip_pooler:
         out["pooler"] = pooler(args.data_dir, args.seconds)
