@@ -232,8 +232,6 @@ def phase(neighbour_dsns: list[str], abuser_dsn: str, seconds: float, abusers: i
         "neighbour_too_many_clients": refusals["too_many_clients"]
         + refusals["slots_reserved"],
         "neighbour_refusals": refusals,
-        "neighbour_own_limit_retries": refusals["own_limit"],
-        "neighbour_other_errors": refusals["other"],
         "neighbour_ops_given_up": sum(n.gave_up for n in neighbours),
         "abuser": dict(sorted(counts.items())),
         "abuser_connections_peak": abuser_peak,
