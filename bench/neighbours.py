@@ -33,7 +33,9 @@ takes slots for a moment; the reserve is what absorbs that.
 ``p99_ratio_without_vs_with`` compares the phases (goal: no exhaustion refusals
 with plans).
 
-(b) ``usage collect`` over 1,000 tenants (bench/usage.py's run; ``--skip-usage``).
+(b) ``usage collect`` over 1,000 tenants (bench/usage.py's run; ``--skip-usage``;
+``--usage-databases 100`` puts them on 100 real databases: making 1,000 took this
+busy machine's disk over 40 minutes).
 (c) With PgBouncer and bench/neighbours_pool.py present: its ``run(...)`` under
 "pooler" (``--skip-pooler``).
 
@@ -256,10 +258,14 @@ def neighbours_bench(data_dir: str, seconds: float, n_neighbours: int, abusers: 
     cfg = load_config(budgeted)
     (server,) = cfg.servers
     assert server.data_dir is not None
-    localfleet._initdb(cfg, server, localfleet._os_user())
-    with (server.data_dir / "postgresql.conf").open("a") as f:
-        f.write(f"\nmax_connections = {MAX_CONNECTIONS}\n")
-    cfg = common.start(budgeted)
+    try:
+        localfleet._initdb(cfg, server, localfleet._os_user())
+        with (server.data_dir / "postgresql.conf").open("a") as f:
+            f.write(f"\nmax_connections = {MAX_CONNECTIONS}\n")
+        cfg = common.start(budgeted)
+    except BaseException:
+        usage_bench.stop_patiently(cfg, state)  # whatever started, and the state dir
+        raise
     try:
         fleet = Fleet(cfg)
         try:
@@ -328,6 +334,8 @@ def main() -> None:
     ap.add_argument("--abusers", type=int, default=4,
                     help="the abuser's threads opening connections in a loop")
     ap.add_argument("--usage-tenants", type=int, default=1000)
+    ap.add_argument("--usage-databases", type=int, default=1000,
+                    help="real databases behind the usage tenants (fewer: shared)")
     ap.add_argument("--skip-usage", action="store_true")
     ap.add_argument("--skip-pooler", action="store_true")
     ap.add_argument("--data-dir", default="/var/tmp")
@@ -337,8 +345,8 @@ def main() -> None:
                                               args.abusers)
     print(json.dumps(out["noisy_neighbour"]), file=sys.stderr, flush=True)  # kept if later fail
     if not args.skip_usage:
-        out["usage_collect"] = usage_bench.run(args.usage_tenants, args.usage_tenants, 1,
-                                         args.data_dir)
+        out["usage_collect"] = usage_bench.run(args.usage_tenants, args.usage_databases, 3,
+                                               args.data_dir)
     if not args.skip_pooler:
         out["pooler"] = pooler(args.data_dir, args.seconds)
     print(json.dumps(out, indent=2))
