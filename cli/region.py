@@ -21,13 +21,18 @@ region_app = typer.Typer(no_args_is_help=True, help="Regions and their servers."
 
 @region_app.command("list")
 def region_list(as_json: JsonOpt = False, fmt: FormatOpt = None) -> None:
-    """Regions, their servers, tenants per server and capacity."""
+    """Regions, their servers, tenants per server and capacity, and each server's
+    connection budget (used/total; max_connections is read from each server)."""
+    from orchestrator.services.budget import read_budgets
+
     out_fmt = output_format(fmt, as_json)
     reads = open_reads()
     try:
         servers = reads.servers()
+        placed = reads.placed_plans()
     finally:
         reads.close()
+    budgets = read_budgets(reads.cfg, placed, [s.name for s in servers])
     if structured(out_fmt):
         out: dict[str, Any] = {}
         for s in servers:
@@ -35,16 +40,21 @@ def region_list(as_json: JsonOpt = False, fmt: FormatOpt = None) -> None:
                 "region": s.region,
                 "backup_store": reads.cfg.regions[s.region].backup_store
                 if s.region in reads.cfg.regions else None, "servers": []})
-            region["servers"].append(s.to_json())
+            b = budgets.get(s.name)
+            region["servers"].append({**s.to_json(),
+                                      "connection_budget": b.to_json() if b else None})
         emit(list(out.values()), out_fmt)
         return
     records([{"region": s.region, "server": s.name, "tenants": s.tenants,
               "capacity": s.capacity, "accepting": _accepting(s),
-              "template": s.template_revision} for s in servers],
+              "template": s.template_revision,
+              "budget": budgets[s.name].text() if s.name in budgets else None}
+             for s in servers],
             [Col("region", "region", whole=True), Col("server", "server", whole=True),
              Col("tenants", "tenants"), Col("capacity", "capacity"),
              Col("accepting", "accepting"),
-             Col("template", "template", whole=True)], out_fmt, empty="no servers")
+             Col("template", "template", whole=True),
+             Col("connections", "budget", whole=True)], out_fmt, empty="no servers")
 
 
 def _accepting(s: ServerRow) -> str:

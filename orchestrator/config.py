@@ -25,6 +25,7 @@ from psycopg import ProgrammingError
 from psycopg.conninfo import conninfo_to_dict
 
 from orchestrator.domain.bounds import DEFAULT_PLAN, Plan, TenantBounds
+from orchestrator.domain.budget import AUTO, DEFAULT_RESERVE
 from orchestrator.domain.durations import BadDuration, parse_pg_duration
 from orchestrator.domain.errors import ConfigError, InvalidInput
 from orchestrator.domain.quota import DEFAULT_WARNING, check_warning
@@ -47,6 +48,14 @@ class ServerConfig:
     # Set only for servers that `tenantctl local` manages (embedded clusters).
     data_dir: Path | None = None
     port: int | None = None
+    # the connections kept out of the tenants' budget for tenantctl and superusers, and
+    # the budget: N (at most max_connections - reserve), "auto" (exactly that), or None:
+    # shown but not enforced (domain/budget.py)
+    connection_reserve: int = DEFAULT_RESERVE
+    connection_budget: int | str | None = None
+    # a pooler in front of the server (e.g. "pgbouncer"): tenants then cost their
+    # plan's pool size too
+    pooler: str | None = None
 
 
 @dataclass(frozen=True)
@@ -751,7 +760,9 @@ def parse_config(raw: dict[str, Any], path: Path, overrides: list[EnvOverride] |
             skey = f"{key}.servers[{i}]"
             if not isinstance(sraw, dict):
                 raise r.fail(skey, "must be a table")
-            _check_unknown(r, sraw, skey, {"name", "admin_dsn", "capacity", "data_dir", "port"})
+            _check_unknown(r, sraw, skey, {"name", "admin_dsn", "capacity", "data_dir", "port",
+                                           "connection_reserve", "connection_budget",
+                                           "pooler"})
             sname = r.string(sraw, f"{skey}.name", "name")
             assert sname is not None
             if not _SERVER_RE.fullmatch(sname):
@@ -776,9 +787,20 @@ def parse_config(raw: dict[str, Any], path: Path, overrides: list[EnvOverride] |
             port = sraw.get("port")
             if data_dir is not None:
                 port = r.integer(sraw, f"{skey}.port", "port", minimum=1024)
+            reserve = r.integer(sraw, f"{skey}.connection_reserve", "connection_reserve",
+                                default=DEFAULT_RESERVE, minimum=0, maximum=10000)
+            budget = sraw.get("connection_budget")
+            if isinstance(budget, str) and budget != AUTO:
+                raise r.fail(f"{skey}.connection_budget",
+                             f"must be a number of connections or \"auto\", got {budget!r}")
+            if budget != AUTO and budget is not None:
+                budget = r.integer(sraw, f"{skey}.connection_budget", "connection_budget",
+                                   maximum=262143)  # Postgres's max_connections maximum
+            pooler = r.string(sraw, f"{skey}.pooler", "pooler", required=False)
             servers.append(ServerConfig(
                 name=sname, region=rname, admin_dsn=dsn, capacity=capacity,
                 data_dir=r.resolve(data_dir) if data_dir else None, port=port,
+                connection_reserve=reserve, connection_budget=budget, pooler=pooler,
             ))
         regions[rname] = RegionConfig(name=rname, backup_store=store, servers=tuple(servers))
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from orchestrator.domain import marks
 from orchestrator.domain.bounds import DEFAULT_PLAN, SUSET_SETTINGS, TenantBounds
+from orchestrator.domain.budget import ServerBudget
 from orchestrator.domain.errors import InvalidInput
 from orchestrator.domain.grants import settings_changed
 from orchestrator.domain.marks import role_marker
@@ -205,6 +206,8 @@ class Facts:
     logins_unchecked: str | None = None  # why the stored passwords were not tried
     grant_ids: dict[str, tuple[int, bool]] = field(default_factory=dict)  # -> (id, read-only)
     moves: list[MoveRow] = field(default_factory=list)  # unfinished tenant moves
+    # each server's connection budget, against the max_connections read now
+    budgets: dict[str, ServerBudget] = field(default_factory=dict)
 
 
 # -- findings -------------------------------------------------------------------------
@@ -337,6 +340,24 @@ def check_servers(f: Facts) -> Iterator[Finding]:
         if cluster.reachable:
             yield from _check_reserve(f, cluster, names)
             yield from _check_logical(cluster, names)
+    for name, b in sorted(f.budgets.items()):
+        if b.enforced and b.over:
+            yield _f(WARNING, "server-over-budget", name,
+                     f"its tenants may hold {b.used} connections, over its connection "
+                     f"budget of {b.total} (max_connections {b.max_connections} less "
+                     f"{b.server_reserved} reserved by the server and a reserve of "
+                     f"{b.reserve}"
+                     + (f", connection_budget {b.configured}" if b.configured != "auto"
+                        else "") + "): no new tenant or larger plan goes there",
+                     f"raise max_connections on {name}, or move tenants to smaller plans "
+                     "(tenantctl tenant set-plan) or to another server")
+        if b.too_large:
+            yield _f(WARNING, "server-budget-too-large", name,
+                     f"connection_budget {b.configured} is more than max_connections "
+                     f"{b.max_connections} less {b.server_reserved} reserved by the "
+                     f"server and a reserve of {b.reserve}: {b.total} is used",
+                     f"lower regions.*.servers '{name}' connection_budget in tenantctl.toml "
+                     "(or raise max_connections)")
     for name, (_region, capacity, _tpl) in sorted(f.servers.items()):
         if placed[name] > capacity:
             yield _f(WARNING, "server-over-capacity", name,

@@ -18,7 +18,8 @@ Three parts, as everywhere in tenantctl:
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -36,6 +37,7 @@ from orchestrator.adapters import clock
 from orchestrator.adapters.catalog.db import lock_key, with_dbname
 from orchestrator.adapters.catalog.locks import holding_tenant
 from orchestrator.adapters.catalog.models import (
+    PLACED_STATES,
     Backup,
     Server,
     SupportGrant,
@@ -46,6 +48,7 @@ from orchestrator.adapters.catalog.models import (
 )
 from orchestrator.adapters.postgres import admin as pgserver
 from orchestrator.adapters.postgres import move_copy
+from orchestrator.domain.budget import ServerBudget
 from orchestrator.domain.errors import (
     Conflict,
     MasterKeyError,
@@ -73,10 +76,12 @@ from orchestrator.domain.retention_plan import DELETE, PURGE
 from orchestrator.domain.states import HAS_DATABASE
 from orchestrator.domain.statuses import BackupStatus
 from orchestrator.services import access, move, plans, provisioning, quota, retention, templates
+from orchestrator.services import budget as budgets
 from orchestrator.services.access import role_name
 
 if TYPE_CHECKING:
     from orchestrator.bootstrap import Deps
+    from orchestrator.config import Config
 
 
 # -- gathering ------------------------------------------------------------------------
@@ -350,7 +355,27 @@ def gather(fleet: Deps, region: str | None = None, now: datetime | None = None) 
         logins_unchecked=unchecked,
         grant_ids={role_name(gid): (gid, ro) for gid, _exp, _db, ro in grant_rows},
         moves=[MoveRow(m.tenant_id, m.slug, m.from_server, m.to_server, m.step,
-                       busy=tenant_lock(m.slug) in busy) for m in move_rows])
+                       busy=tenant_lock(m.slug) in busy) for m in move_rows],
+        budgets=_budgets(cfg, tenants, servers, server_cluster, clusters))
+
+
+def _budgets(cfg: Config, tenants: Iterable[Tenant], servers: Iterable[str],
+             server_cluster: dict[str, str], clusters: dict[str, ClusterFacts]
+             ) -> dict[str, ServerBudget]:
+    """Each configured server's budget, against the max_connections just read."""
+    placed: dict[str, Counter[str]] = defaultdict(Counter)
+    for t in tenants:
+        if t.state in PLACED_STATES:
+            placed[t.server][t.plan] += 1
+    out = {}
+    for name in servers:
+        c = clusters.get(server_cluster.get(name, ""))
+        if c is None or not any(s.name == name for s in cfg.servers):
+            continue
+        slots = (c.max_connections, c.superuser_reserved + c.reserved_connections) \
+            if c.reachable and c.max_connections else None
+        out[name] = budgets.server_budget(cfg, name, placed[name].items(), slots)
+    return out
 
 
 # -- repairing ------------------------------------------------------------------------

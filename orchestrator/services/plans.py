@@ -7,21 +7,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import update
+from sqlalchemy import func, select, update
 
 from orchestrator.adapters.catalog import usage as usage_store
 from orchestrator.adapters.catalog.locks import holding_tenant
-from orchestrator.adapters.catalog.models import Tenant
+from orchestrator.adapters.catalog.models import PLACED_STATES, Server, Tenant
 from orchestrator.adapters.faults import checkpoint
 from orchestrator.adapters.postgres import admin as pgserver
 from orchestrator.domain.bounds import Plan
+from orchestrator.domain.budget import refuse_plan
 from orchestrator.domain.errors import Conflict, TenantctlError, first_line
 from orchestrator.domain.states import HAS_DATABASE, TenantState
+from orchestrator.services import budget as budgets
 from orchestrator.services import quota
 from orchestrator.services.quota import QuotaOutcome
 
 if TYPE_CHECKING:
     import psycopg
+    from sqlalchemy.orm import Session
 
     from orchestrator.bootstrap import Deps
 
@@ -70,16 +73,19 @@ def set_plan(deps: Deps, slug: str, name: str) -> PlanChange:
     with holding_tenant(deps.catalog, slug):
         tenant = deps.get_tenant(slug)
         previous = tenant.plan
-        if tenant.state in HAS_DATABASE:
-            applied: dict[str, str] | None = apply_plan(deps, tenant.server,
-                                                        tenant.login_role, plan)
-        elif tenant.state == TenantState.provisioning:
-            applied = None
-        else:
+        if tenant.state not in HAS_DATABASE and tenant.state != TenantState.provisioning:
             raise Conflict(f"tenant {slug!r} is {tenant.state}: it has no role to hold "
                            "to a plan")
-        checkpoint("set_plan.applied")
+        # the server's row locked from the budget check to the plan's record: a
+        # placement or another set-plan on the server waits (as placements do)
         with deps.catalog.session() as s, s.begin():
+            s.execute(select(Server.name).where(Server.name == tenant.server)
+                      .with_for_update())
+            _check_budget(deps, s, tenant.server, previous, plan)
+            applied: dict[str, str] | None = None
+            if tenant.state in HAS_DATABASE:
+                applied = apply_plan(deps, tenant.server, tenant.login_role, plan)
+            checkpoint("set_plan.applied")
             s.execute(update(Tenant).where(Tenant.id == tenant.id).values(plan=plan.name))
             deps.catalog.audit("tenant.set-plan", tenant=slug, region=tenant.region,
                                session=s, plan=plan.name, previous=previous)
@@ -93,3 +99,18 @@ def set_plan(deps: Deps, slug: str, name: str) -> PlanChange:
             judged = QuotaOutcome(slug, "failed", size, plan.storage_quota, None,
                                   first_line(exc))
     return PlanChange(slug, plan, previous, applied, judged)
+
+
+def _check_budget(deps: Deps, s: Session, server: str, previous: str, plan: Plan) -> None:
+    """Refuse a plan that would take the tenant's server over its connection budget
+    (where the server enforces one); the tenant's present plan is freed first."""
+    if deps.cfg.server(server).connection_budget is None:
+        return
+    placed = s.execute(select(Tenant.plan, func.count()).where(
+        Tenant.server == server, Tenant.state.in_(PLACED_STATES))
+        .group_by(Tenant.plan)).all()
+    with deps.server_connection(server) as conn:
+        slots = pgserver.connection_slots(conn)
+    have = budgets.server_budget(deps.cfg, server, [(p, n) for p, n in placed], slots)
+    refuse_plan(have, plan.name, budgets.tenant_cost(deps.cfg, server, plan.name),
+                freed=budgets.tenant_cost(deps.cfg, server, previous))

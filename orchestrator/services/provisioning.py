@@ -15,7 +15,7 @@ tenant's names; the row then goes from registered straight to privileges.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -60,6 +60,7 @@ from orchestrator.domain.names import (
 )
 from orchestrator.domain.placement import ServerLoad, choose_server
 from orchestrator.domain.views import tenant_json
+from orchestrator.services import budget as budgets
 from orchestrator.services import plans, templates
 
 if TYPE_CHECKING:
@@ -207,36 +208,60 @@ def _unshown(tenant: Tenant, region: str, restore_from: int | None) -> bool:
         and tenant.restored_from == restore_from
 
 
-def _server_loads(session: Session, region: str) -> list[ServerLoad]:
+def _server_loads(fleet: Deps, session: Session, region: str, plan: str
+                  ) -> tuple[list[ServerLoad], dict[str, list[tuple[str, int]]]]:
+    """The region's servers' loads for a new tenant of ``plan`` (budgets not read
+    yet), and each server's placed tenants by plan."""
     # Lock the region's server rows: concurrent placements in one region queue
-    # here, so two of them never take the last place on a server.
+    # here, so two of them never take the last place (or connections) on a server.
     servers = session.scalars(select(Server).where(Server.region == region)
                               .order_by(Server.name).with_for_update()).all()
-    counts = dict(session.execute(
-        select(Tenant.server, func.count()).where(Tenant.region == region,
-                                                  Tenant.state.in_(PLACED_STATES))
-        .group_by(Tenant.server)).all())
-    # a server out of the config, drained or retired takes no new tenant
-    return [ServerLoad(s.name, counts.get(s.name, 0), s.capacity,
-                       s.available and s.accepting) for s in servers]
+    placed: dict[str, list[tuple[str, int]]] = {}
+    for server, tplan, n in session.execute(
+            select(Tenant.server, Tenant.plan, func.count()).where(
+                Tenant.region == region, Tenant.state.in_(PLACED_STATES))
+            .group_by(Tenant.server, Tenant.plan)).all():
+        placed.setdefault(server, []).append((tplan, n))
+    known = {s.name for s in fleet.cfg.servers}
+    return [ServerLoad(s.name, sum(n for _, n in placed.get(s.name, ())), s.capacity,
+                       # a server out of the config, drained or retired takes no new tenant
+                       s.available and s.accepting and s.name in known,
+                       cost=budgets.tenant_cost(fleet.cfg, s.name, plan)
+                       if s.name in known else 0)
+            for s in servers], placed
+
+
+def _place(fleet: Deps, session: Session, region: str, plan: str) -> str:
+    """Choose the tenant's server: room in tenants and, where the server enforces a
+    connection budget, in connections (its max_connections read as it is tried)."""
+    loads, placed = _server_loads(fleet, session, region, plan)
+    while True:
+        server = choose_server(region, loads, plan)
+        load = next(ld for ld in loads if ld.name == server)
+        enforced = fleet.cfg.server(server).connection_budget is not None
+        try:
+            with fleet.server_connection(server) as conn:
+                if not enforced or load.budget_left is not None:
+                    return server
+                left = budgets.server_budget(fleet.cfg, server, placed.get(server, ()),
+                                             pgserver.connection_slots(conn)).remaining
+            # read now: choose again with what it has left (it may still be the one)
+            loads = [replace(ld, budget_left=left) if ld.name == server else ld
+                     for ld in loads]
+        except ServerUnavailable:
+            # Try the next server of the region; if none is left, say why.
+            loads = [replace(ld, available=False) if ld.name == server else ld
+                     for ld in loads]
+            if not any(ld.has_room for ld in loads):
+                raise
 
 
 def _register(fleet: Deps, slug: str, region: str, password: str,
               restore_from: int | None = None, plan: str | None = None) -> Tenant:
     names = tenant_names(slug)
+    plan = plan or fleet.cfg.default_plan
     with fleet.catalog.session() as s, s.begin():
-        loads = _server_loads(s, region)
-        while True:
-            server = choose_server(region, loads)
-            try:
-                with fleet.server_connection(server):
-                    break
-            except ServerUnavailable:
-                # Try the next server of the region; if none is left, say why.
-                loads = [ld if ld.name != server else ServerLoad(
-                    ld.name, ld.tenants, ld.capacity, available=False) for ld in loads]
-                if not any(ld.available and ld.tenants < ld.capacity for ld in loads):
-                    raise
+        server = _place(fleet, s, region, plan)
         tenant = Tenant(slug=slug, region=region, server=server, database=names.database,
                         login_role=names.login_role, owner_role=names.owner_role,
                         state=TenantState.provisioning, step="registered",

@@ -302,6 +302,17 @@ class CatalogReads:
             "WHERE (%s::text IS NULL OR s.region = %s) ORDER BY s.region, s.name"),
             ([str(s) for s in PLACED_STATES], region, region))
 
+    def placed_plans(self) -> dict[str, list[tuple[str, int]]]:
+        """Per server, its placed tenants counted by plan (what its connection budget
+        is spent on)."""
+        out: dict[str, list[tuple[str, int]]] = {}
+        for server, plan, n in self._connection().execute(
+                "SELECT server, plan, count(*)::int FROM tenants WHERE state = ANY(%s) "
+                "GROUP BY server, plan ORDER BY server, plan",
+                ([str(s) for s in PLACED_STATES],)).fetchall():
+            out.setdefault(server, []).append((plan, n))
+        return out
+
     def backups(self, tenant_id: int | None = None) -> list[BackupRow]:
         """Backups in the catalog (of one tenant, by id), newest first."""
         return self._rows(BackupRow, sql.SQL(

@@ -103,6 +103,19 @@ def open_connection(admin_dsn: str, dbname: str | None = None, *, server: str = 
         raise server_error(f"server {server or redact(dsn)}", exc) from None
 
 
+def connection_slots(conn: psycopg.Connection) -> tuple[int, int]:
+    """The server's max_connections, and how many of them it keeps from ordinary
+    roles (superuser_reserved_connections, and reserved_connections from Postgres 16):
+    what a connection budget is cut from."""
+    row = conn.execute(
+        "SELECT current_setting('max_connections')::int, "
+        "current_setting('superuser_reserved_connections')::int + coalesce("
+        "(SELECT setting::int FROM pg_settings WHERE name = 'reserved_connections'), 0)"
+    ).fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])
+
+
 @contextmanager
 def connect(admin_dsn: str, dbname: str | None = None, *, server: str = "",
             autocommit: bool = True, lock_timeout: str | None = None
