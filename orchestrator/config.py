@@ -27,6 +27,7 @@ from psycopg.conninfo import conninfo_to_dict
 from orchestrator.domain.bounds import DEFAULT_PLAN, Plan, TenantBounds
 from orchestrator.domain.durations import BadDuration, parse_pg_duration
 from orchestrator.domain.errors import ConfigError, InvalidInput
+from orchestrator.domain.pooler import POOLERS
 
 CONFIG_ENV = "TENANTCTL_CONFIG"
 DEFAULT_CONFIG_NAME = "tenantctl.toml"
@@ -46,6 +47,23 @@ class ServerConfig:
     # Set only for servers that `tenantctl local` manages (embedded clusters).
     data_dir: Path | None = None
     port: int | None = None
+    pooler: PoolerConfig | None = None
+
+
+@dataclass(frozen=True)
+class PoolerConfig:
+    """A connection pooler in front of one server (``pooler = "pgbouncer"`` and the
+    ``pooler_*`` keys of its [[servers]] entry): where clients (and tenantctl's
+    admin console session) reach it, the directory tenantctl writes its database
+    list and auth file into (PgBouncer's ini includes them), and the admin console
+    login (its password in a file of its own, never in the config)."""
+
+    kind: str
+    host: str
+    port: int
+    dir: Path
+    admin_user: str = "tenantctl_pooler"
+    admin_password_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -601,6 +619,34 @@ def _usage(r: _Reader, usage: dict[str, Any]) -> UsageConfig:
                                      d.per_tenant_metrics))
 
 
+_POOLER_KEYS = {"pooler", "pooler_host", "pooler_port", "pooler_dir", "pooler_admin_user",
+                "pooler_admin_password_file"}
+_ROLE_RE = re.compile(r"[a-z_][a-z0-9_]{0,62}", re.ASCII)
+
+
+def _pooler(r: _Reader, sraw: dict[str, Any], skey: str) -> PoolerConfig | None:
+    """A server's pooler keys; without ``pooler`` none of the others may be set."""
+    kind = sraw.get("pooler")
+    if kind is None:
+        for k in sorted(_POOLER_KEYS & set(sraw)):
+            raise r.fail(f"{skey}.{k}", 'needs pooler = "pgbouncer"')
+        return None
+    if kind not in POOLERS:
+        raise r.fail(f"{skey}.pooler", f"unknown pooler {kind!r} (known: "
+                     f"{', '.join(POOLERS)})")
+    host = r.string(sraw, f"{skey}.pooler_host", "pooler_host")
+    port = r.integer(sraw, f"{skey}.pooler_port", "pooler_port", maximum=65535)
+    pdir = r.string(sraw, f"{skey}.pooler_dir", "pooler_dir")
+    user = r.string(sraw, f"{skey}.pooler_admin_user", "pooler_admin_user",
+                    required=False) or PoolerConfig.admin_user
+    if not _ROLE_RE.fullmatch(user):
+        raise r.fail(f"{skey}.pooler_admin_user", "lower-case letters, digits and '_'")
+    pw_file = r.string(sraw, f"{skey}.pooler_admin_password_file",
+                       "pooler_admin_password_file")
+    assert host is not None and pdir is not None and pw_file is not None
+    return PoolerConfig(kind, host, port, r.resolve(pdir), user, r.resolve(pw_file))
+
+
 def parse_config(raw: dict[str, Any], path: Path, overrides: list[EnvOverride] | None = None
                  ) -> Config:
     """The config of ``raw`` (the file's TOML) with the environment's ``overrides`` in
@@ -613,6 +659,7 @@ def parse_config(raw: dict[str, Any], path: Path, overrides: list[EnvOverride] |
         if o.key != "master_key.file":
             _check_env_dsn(o.variable, o.value)
     env_named: dict[str, str] = {}  # upper-cased server name -> server name
+    pooler_dirs: dict[Path, str] = {}
     _check_unknown(r, raw, "", {"state_dir", "pg_bin_dir", "catalog", "master_key",
                                 "tenants", "regions", "backups", "lifecycle",
                                 "scheduler", "plans", "usage"})
@@ -738,7 +785,8 @@ def parse_config(raw: dict[str, Any], path: Path, overrides: list[EnvOverride] |
             skey = f"{key}.servers[{i}]"
             if not isinstance(sraw, dict):
                 raise r.fail(skey, "must be a table")
-            _check_unknown(r, sraw, skey, {"name", "admin_dsn", "capacity", "data_dir", "port"})
+            _check_unknown(r, sraw, skey, {"name", "admin_dsn", "capacity", "data_dir", "port",
+                                           *_POOLER_KEYS})
             sname = r.string(sraw, f"{skey}.name", "name")
             assert sname is not None
             if not _SERVER_RE.fullmatch(sname):
@@ -763,9 +811,16 @@ def parse_config(raw: dict[str, Any], path: Path, overrides: list[EnvOverride] |
             port = sraw.get("port")
             if data_dir is not None:
                 port = r.integer(sraw, f"{skey}.port", "port", minimum=1024)
+            pooler = _pooler(r, sraw, skey)
+            if pooler is not None:
+                if pooler.dir in pooler_dirs:
+                    raise r.fail(f"{skey}.pooler_dir", f"{pooler.dir} is also server "
+                                 f"{pooler_dirs[pooler.dir]}'s: one directory per pooler")
+                pooler_dirs[pooler.dir] = sname
             servers.append(ServerConfig(
                 name=sname, region=rname, admin_dsn=dsn, capacity=capacity,
                 data_dir=r.resolve(data_dir) if data_dir else None, port=port,
+                pooler=pooler,
             ))
         regions[rname] = RegionConfig(name=rname, backup_store=store, servers=tuple(servers))
 

@@ -239,7 +239,7 @@ def _probe_logins(fleet: Deps, tenants: list[Tenant], clusters: dict[str, Cluste
                                      password_context(t.slug)).decode()
         except TenantctlError:
             continue  # a key problem: not this check's to report
-        dsns[t.slug] = fleet.tenant_dsn(t, password)
+        dsns[t.slug] = fleet.tenant_dsn(t, password, direct=True)
     with ThreadPoolExecutor(max_workers=max(1, min(8, len(dsns)))) as pool:
         works = dict(zip(dsns, pool.map(pgserver.role_works, dsns.values()), strict=True))
     return {slug for slug, ok in works.items() if ok is False}, None

@@ -16,6 +16,7 @@ from orchestrator.adapters.postgres import admin as pgserver
 from orchestrator.domain.bounds import Plan
 from orchestrator.domain.errors import Conflict
 from orchestrator.domain.states import HAS_DATABASE, TenantState
+from orchestrator.services import pooler
 
 if TYPE_CHECKING:
     import psycopg
@@ -76,4 +77,6 @@ def set_plan(deps: Deps, slug: str, name: str) -> PlanChange:
             s.execute(update(Tenant).where(Tenant.id == tenant.id).values(plan=plan.name))
             deps.catalog.audit("tenant.set-plan", tenant=slug, region=tenant.region,
                                session=s, plan=plan.name, previous=previous)
+        if tenant.state in HAS_DATABASE:  # the pool size of the pooler's entry
+            pooler.refresh(deps, tenant.server, changed=slug)
     return PlanChange(slug, plan, previous, applied)
