@@ -35,6 +35,9 @@ def init(
     base_port: Annotated[int | None, typer.Option(
         help="The first cluster's port; the next region's is the next port (default: the "
         "first free from 55432).", show_default=False)] = None,
+    pooler: Annotated[bool | None, typer.Option(
+        "--pooler/--no-pooler", help="A PgBouncer beside each cluster (default: when "
+        "pgbouncer is installed).", show_default=False)] = None,
     no_start: Annotated[bool, typer.Option(
         "--no-start", help="Only write the config, keys and passfile; start nothing "
         "(`tenantctl local up` and `tenantctl catalog upgrade` later).")] = False,
@@ -48,7 +51,8 @@ def init(
         raise InvalidInput("only `tenantctl init --local` exists; for production write "
                            "tenantctl.toml yourself (see README) or use ansible/")
     path = find_config_path(State.config_path)
-    res = localfleet.init_local(path, state_dir, force=force, base_port=base_port)
+    res = localfleet.init_local(path, state_dir, force=force, base_port=base_port,
+                                pooler=pooler)
     say(f"{'wrote' if res.created else 'kept existing'} {res.config_path}")
     cfg = _config_at(path)
     if no_start:

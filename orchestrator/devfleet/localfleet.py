@@ -202,15 +202,15 @@ def init_local(config_path: Path, state_dir: Path, *, force: bool = False,
         return InitResult(config_path, created=False)
     if pooler is None:
         pooler = pgbouncer_binary() is not None
-    count = len(LOCAL_REGIONS) * (2 if pooler else 1)
-    ports_list = chosen_ports(base_port, count) if base_port is not None \
-        else free_ports(count)
+    n = len(LOCAL_REGIONS)
+    ports_list = chosen_ports(base_port, n) if base_port is not None else free_ports(n)
+    if pooler:  # the poolers: the first free ports after the clusters'
+        ports_list += free_ports(n, start=max(ports_list) + 1)
     state_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(state_dir, 0o755)  # the Postgres OS user must traverse it when we are root
     key_file = state_dir / "master.key"
     if not key_file.exists():
         write_key_file(key_file)
-    n = len(LOCAL_REGIONS)
     ports = dict(zip(LOCAL_REGIONS, ports_list[:n], strict=True))
     pooler_ports = dict(zip(LOCAL_REGIONS, ports_list[n:], strict=True)) if pooler else None
     if pooler:

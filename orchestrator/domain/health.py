@@ -118,6 +118,18 @@ class Role:
     admin_reads: bool = True  # the admin has its privileges (reads what it owns)
 
 
+@dataclass(frozen=True)
+class PoolerFact:
+    """A server's pooler as doctor found it: does its admin console answer, and
+    which of its files differ from what the catalog says."""
+
+    server: str
+    where: str  # host:port
+    up: bool
+    down_reason: str | None
+    stale: tuple[str, ...] = ()
+
+
 @dataclass
 class ClusterFacts:
     """One Postgres cluster; several configured servers may point at it."""
@@ -178,6 +190,7 @@ class Facts:
     dead_logins: frozenset[str] = frozenset()
     logins_unchecked: str | None = None  # why the stored passwords were not tried
     grant_ids: dict[str, tuple[int, bool]] = field(default_factory=dict)  # -> (id, read-only)
+    poolers: dict[str, PoolerFact] = field(default_factory=dict)  # by server
 
 
 # -- findings -------------------------------------------------------------------------
@@ -217,7 +230,7 @@ def diagnose(f: Facts) -> list[Finding]:
     for check in (check_catalog_rows, check_servers, check_tenant_objects, check_orphans,
                   check_privileges, check_role_bounds, check_large_objects, check_backups,
                   check_store, check_revisions, check_retention, check_transitions,
-                  check_master_key, check_fleet_identity, check_grants):
+                  check_master_key, check_fleet_identity, check_grants, check_poolers):
         out.extend(check(f))
     return sorted(out, key=lambda x: (SEVERITY_ORDER[x.severity], x.code, x.subject))
 
@@ -795,3 +808,17 @@ def _check_mark(f: Facts, t: TenantRow) -> Iterator[Finding]:
                  f"its database is marked {revision or 'base'}, the catalog says "
                  f"{t.revision or 'base'}",
                  "tenantctl migrate status --live (reads the database, corrects both)")
+
+
+def check_poolers(f: Facts) -> Iterator[Finding]:
+    """A pooler down refuses every client of its server's pooled connection strings;
+    files out of step with the catalog admit a suspended tenant, or refuse a new one
+    or a rotated password."""
+    for name, p in sorted(f.poolers.items()):
+        if not p.up:
+            yield _f(ERROR, "pooler-down", name, f"pooler at {p.where} does not answer: "
+                     f"{p.down_reason}", remedy("pooler-down", where=p.where))
+        if p.stale:
+            yield _f(WARNING, "pooler-stale", name, f"pooler files differ from the catalog: "
+                     f"{', '.join(p.stale)}", remedy("pooler-stale", server=name),
+                     fix="sync_pooler", server=name)

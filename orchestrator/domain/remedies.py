@@ -59,6 +59,10 @@ REMEDIES: dict[str, Callable[..., str]] = {
     "deletion-overdue": _retention_overdue,
     "purge-overdue": _retention_overdue,
     "grant-expired": "tenantctl retention run --only access (tenantctl doctor --fix)".format,
+    "pooler-down": "start the pooler ({where}; `tenantctl local up` for the embedded "
+                   "fleet), then tenantctl doctor --fix (writes its files, RELOAD)".format,
+    "pooler-stale": "tenantctl doctor --fix (or tenantctl pooler sync {server}): writes "
+                    "its files from the catalog, RELOAD".format,
     # found only by the report (domain/promises.py)
     "backup-not-encrypted": "tenantctl backup run {slug} (a new backup, encrypted to its "
                             "tenant's key)".format,

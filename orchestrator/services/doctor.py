@@ -59,6 +59,7 @@ from orchestrator.domain.health import (
     Database,
     Facts,
     Finding,
+    PoolerFact,
     Role,
     StoreFacts,
     TenantRow,
@@ -70,7 +71,7 @@ from orchestrator.domain.names import password_context, tenant_lock
 from orchestrator.domain.retention_plan import DELETE, PURGE
 from orchestrator.domain.states import HAS_DATABASE
 from orchestrator.domain.statuses import BackupStatus
-from orchestrator.services import access, plans, provisioning, retention, templates
+from orchestrator.services import access, plans, pooler, provisioning, retention, templates
 from orchestrator.services.access import role_name
 
 if TYPE_CHECKING:
@@ -323,7 +324,16 @@ def gather(fleet: Deps, region: str | None = None, now: datetime | None = None) 
         fleet_id=fleet.catalog.fleet_id(), bounds=cfg.bounds,
         plans={name: p.bounds for name, p in cfg.plans.items()}, dead_logins=frozenset(dead),
         logins_unchecked=unchecked,
-        grant_ids={role_name(gid): (gid, ro) for gid, _exp, _db, ro in grant_rows})
+        grant_ids={role_name(gid): (gid, ro) for gid, _exp, _db, ro in grant_rows},
+        poolers=_poolers(fleet, [n for n, sc in configured.items() if sc.pooler is not None]))
+
+
+def _poolers(fleet: Deps, servers: list[str]) -> dict[str, PoolerFact]:
+    out = {}
+    for name in servers:
+        h = pooler.check(fleet, name)
+        out[name] = PoolerFact(name, h.pooler, h.up, h.down_reason, tuple(h.stale))
+    return out
 
 
 # -- repairing ------------------------------------------------------------------------
@@ -493,6 +503,13 @@ def _fix_bound_role(fleet: Deps, x: Finding) -> str:
         ", ".join(f"{k}={v}" for k, v in sorted(applied.items()))
 
 
+def _fix_sync_pooler(fleet: Deps, x: Finding) -> str:
+    res = pooler.sync(fleet, x.arg("server"))
+    if res.warning is not None:
+        raise Conflict(res.warning)
+    return f"pooler files written ({res.tenants} tenant database(s) listed), RELOAD done"
+
+
 def _fix_reapply_password(fleet: Deps, x: Finding) -> str:
     """The stored password, as a fresh verifier, under the tenant's lock (a rotation
     cannot cross it); a rotation left pending is `tenant credentials`' to finish."""
@@ -566,7 +583,7 @@ FIXES: dict[str, Callable[[Deps, Finding], str]] = {
     "delete_object": _fix_delete_object, "drop_orphan_role": _fix_drop_orphan_role,
     "drop_orphan_database": _fix_drop_orphan_database, "discard_upload": _fix_discard_upload,
     "finish_erase": _fix_finish_erase, "bound_role": _fix_bound_role,
-    "reapply_password": _fix_reapply_password,
+    "reapply_password": _fix_reapply_password, "sync_pooler": _fix_sync_pooler,
     "grant_membership": _fix_grant_membership, "hold_large_objects": _fix_hold_large_objects,
 }
 ONCE = {"reap_backups", "expire_grants"}
