@@ -125,8 +125,8 @@ def test_tenant_connects_through_the_pooler_with_its_own_password(
     wrong = dsn.replace(_password(dsn), "not-the-password")
     assert "SASL authentication failed" in _refused(wrong)  # PgBouncer's words
     listed = (server.pooler.dir / DATABASES_FILE).read_text()
-    assert ("tenant_poolacme = host=127.0.0.1 port=%d dbname=tenant_poolacme "
-            "pool_size=3 max_db_connections=3" % server.port) in listed
+    assert (f"tenant_poolacme = host=127.0.0.1 port={server.port} dbname=tenant_poolacme "
+            "pool_size=3 max_db_connections=3") in listed
     # `tenant credentials` hands out the pooled string, --direct the server's
     shown = pooled.cli("tenant", "credentials", "poolacme")
     assert shown.returncode == 0 and shown.stdout.strip() == dsn, shown.stderr
