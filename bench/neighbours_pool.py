@@ -60,6 +60,9 @@ from orchestrator.domain.pooler import (  # noqa: E402
 
 QUERY = "SELECT count(*) FROM pg_class WHERE relkind = 'r'"  # small, a few ms at most
 CONNECT_TIMEOUT = 10
+# PgBouncer closes a server connection idle this long (its janitor runs every ~1/3 s):
+# a tenant's pool holds one only while it has work
+IDLE_S = 0.5
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -95,7 +98,7 @@ def _setup(state: Path, max_connections: int) -> tuple[Any, Any]:
     assert server.pooler is not None
     ini = server.pooler.dir / "pgbouncer.ini"
     pgbouncer.write_private(ini, localfleet.render_pgbouncer_ini(server.pooler)
-                            + "server_idle_timeout = 1\nmax_client_conn = 10000\n")
+                            + f"server_idle_timeout = {IDLE_S}\nmax_client_conn = 10000\n")
     pgbouncer.reload(server.pooler)
     return cfg, server
 
@@ -126,38 +129,67 @@ def _make_tenants(server: Any, count: int, pool_size: int) -> dict[str, str]:
     return passwords
 
 
-def _sequential(dsn: str, n: int) -> list[float]:
-    out = []
-    with psycopg.connect(dsn, autocommit=True, prepare_threshold=None,
-                         connect_timeout=CONNECT_TIMEOUT) as conn:
-        conn.execute(QUERY)
+def _sequential(direct_dsn: str, pooled_dsn: str, n: int) -> tuple[list[float], list[float]]:
+    """The same query on a direct and a pooled connection, alternately (whatever
+    else the machine does weighs on both alike)."""
+    out: tuple[list[float], list[float]] = ([], [])
+    with psycopg.connect(direct_dsn, autocommit=True, prepare_threshold=None,
+                         connect_timeout=CONNECT_TIMEOUT) as direct, \
+            psycopg.connect(pooled_dsn, autocommit=True, prepare_threshold=None,
+                            connect_timeout=CONNECT_TIMEOUT) as pooled:
+        for conn in (direct, pooled):
+            conn.execute(QUERY)
         for _ in range(n):
-            t = time.perf_counter()
-            conn.execute(QUERY).fetchone()
-            out.append(time.perf_counter() - t)
+            for conn, times in zip((direct, pooled), out, strict=True):
+                t = time.perf_counter()
+                conn.execute(QUERY).fetchone()
+                times.append(time.perf_counter() - t)
     return out
 
 
 async def _load(dsns: list[str], clients: int, seconds: float, think_ms: float,
-                admin_dsn: str, sample_ms: float) -> dict[str, Any]:
+                admin_dsn: str, sample_ms: float, budget: int) -> dict[str, Any]:
     latencies: list[float] = []
     refused_connect: list[str] = []
     failed_queries: list[str] = []
     samples: list[int] = []
     admin_refused = 0
     stop = asyncio.Event()
-    gate = asyncio.Semaphore(64)  # connections being opened at once
+    go = asyncio.Event()  # every client connected: the load starts
+    gate = asyncio.Semaphore(16)  # connections being opened at once
+    # A pool's first client waits for a server login (PgBouncer hands a new client
+    # the server's parameters), and a pool whose first login the server refused
+    # refuses its clients: pools are opened at most budget/2 per idle period, so the
+    # logins plus the connections not yet closed stay within the budget.
+    opening = asyncio.Semaphore(max(1, budget // 2))
+    connected: list[int] = [0]
 
-    async def client(dsn: str) -> None:
+    async def open_pool(dsn: str) -> psycopg.AsyncConnection[Any]:
+        async with opening:
+            conn = await psycopg.AsyncConnection.connect(
+                dsn, autocommit=True, prepare_threshold=None,
+                connect_timeout=CONNECT_TIMEOUT)
+            await asyncio.sleep(IDLE_S + 0.4)  # its server connection goes back
+            return conn
+
+    async def client(dsn: str, first: bool, opened: asyncio.Event) -> None:
         try:
+            if not first:
+                await opened.wait()
             async with gate:
-                conn = await asyncio.wait_for(psycopg.AsyncConnection.connect(
-                    dsn, autocommit=True, prepare_threshold=None,
-                    connect_timeout=CONNECT_TIMEOUT), CONNECT_TIMEOUT + 5)
+                conn = await asyncio.wait_for(
+                    open_pool(dsn) if first else psycopg.AsyncConnection.connect(
+                        dsn, autocommit=True, prepare_threshold=None,
+                        connect_timeout=CONNECT_TIMEOUT), 120)
         except (psycopg.Error, TimeoutError) as exc:
             refused_connect.append(str(exc).splitlines()[0] if str(exc) else "timeout")
             return
+        finally:
+            if first:
+                opened.set()
+        connected[0] += 1
         try:
+            await go.wait()
             await asyncio.sleep(random.uniform(0, think_ms / 1000))
             while not stop.is_set():
                 t = time.perf_counter()
@@ -190,8 +222,17 @@ async def _load(dsns: list[str], clients: int, seconds: float, think_ms: float,
         except (psycopg.Error, TimeoutError):
             admin_refused += 1
 
-    tasks = [asyncio.create_task(client(d)) for d in dsns for _ in range(clients)]
+    tasks = []
+    for d in dsns:
+        opened = asyncio.Event()
+        tasks += [asyncio.create_task(client(d, i == 0, opened)) for i in range(clients)]
     sample_task = asyncio.create_task(sampler())
+    ramp = time.monotonic()
+    deadline = ramp + 300  # bounded: the ramp never outlasts 5 minutes
+    while connected[0] + len(refused_connect) < len(tasks) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    ramp = time.monotonic() - ramp
+    go.set()
     started = time.monotonic()
     await asyncio.sleep(seconds)
     stop.set()
@@ -200,10 +241,11 @@ async def _load(dsns: list[str], clients: int, seconds: float, think_ms: float,
     elapsed = time.monotonic() - started
     return {"latencies": latencies, "refused_connect": refused_connect,
             "failed_queries": failed_queries, "samples": samples,
-            "admin_refused": admin_refused, "elapsed": elapsed}
+            "admin_refused": admin_refused, "elapsed": elapsed, "ramp": ramp,
+            "connected": connected[0]}
 
 
-def run(tenants: int = 500, clients: int = 4, seconds: float = 15.0, think_ms: float = 500.0,
+def run(tenants: int = 500, clients: int = 4, seconds: float = 15.0, think_ms: float = 5000.0,
         pool_size: int = 1, max_connections: int = 100, sequential: int = 300,
         data_dir: str = "/tmp") -> dict[str, Any]:
     """The benchmark; returns its JSON as a dict. Needs pgbouncer installed."""
@@ -230,10 +272,11 @@ def run(tenants: int = 500, clients: int = 4, seconds: float = 15.0, think_ms: f
             return f"postgresql://{name}:{passwords[name]}@127.0.0.1:{port}/{name}"
 
         first = next(iter(passwords))
-        direct_seq = _sequential(dsn(first, server.port), sequential)
-        pooled_seq = _sequential(dsn(first, pooler.port), sequential)
+        direct_seq, pooled_seq = _sequential(dsn(first, server.port), dsn(first, pooler.port),
+                                             sequential)
         load = asyncio.run(_load([dsn(n, pooler.port) for n in passwords], clients, seconds,
-                                 think_ms, with_dbname(server.admin_dsn, "postgres"), 100))
+                                 think_ms, with_dbname(server.admin_dsn, "postgres"), 100,
+                                 budget))
         lat = load["latencies"]
         peak = max(load["samples"], default=0)
         refused = len(load["refused_connect"]) + len(load["failed_queries"])
@@ -243,7 +286,9 @@ def run(tenants: int = 500, clients: int = 4, seconds: float = 15.0, think_ms: f
             "client_connections": tenants * clients,
             "max_connections": settings["max_connections"],
             "budget": budget, "pool_size": pool_size,
+            "pool_size_sum": pool_size * tenants,
             "setup_tenants_s": round(made, 1),
+            "connect_ramp_s": round(load["ramp"], 1), "clients_connected": load["connected"],
             "load_s": round(load["elapsed"], 1), "think_ms": think_ms,
             "queries": len(lat), "queries_per_s": round(len(lat) / load["elapsed"], 1),
             "server_connections_peak": peak,
@@ -277,7 +322,7 @@ def main() -> None:
     ap.add_argument("--tenants", type=int, default=500)
     ap.add_argument("--clients", type=int, default=4, help="Client connections per tenant.")
     ap.add_argument("--seconds", type=float, default=15.0)
-    ap.add_argument("--think-ms", type=float, default=500.0)
+    ap.add_argument("--think-ms", type=float, default=5000.0)
     ap.add_argument("--pool-size", type=int, default=1)
     ap.add_argument("--max-connections", type=int, default=100)
     ap.add_argument("--data-dir", default="/tmp")
