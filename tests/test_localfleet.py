@@ -80,13 +80,14 @@ def test_local_status_down_up(workdir: Path) -> None:
     status = json.loads(_cli(workdir, "local", "status", "--json").stdout)
     assert [s["running"] for s in status] == [True, True]
     down = _cli(workdir, "local", "down")
-    assert down.returncode == 0 and down.stdout.count("stopped") == 2, down.stderr
+    # the clusters' lines (a PgBouncer beside each, when installed, says "pooler …")
+    assert down.returncode == 0 and down.stdout.count(": stopped") == 2, down.stderr
     stopped = _cli(workdir, "local", "status")
     assert stopped.returncode == 3
     again = _cli(workdir, "local", "down")
     assert again.returncode == 0 and again.stdout.count("not running") == 2
     up = _cli(workdir, "local", "up")
-    assert up.returncode == 0 and up.stdout.count("started") == 2, up.stderr
+    assert up.returncode == 0 and up.stdout.count(": started") == 2, up.stderr
 
 
 def test_local_up_recovers_from_a_crash_and_a_stale_pidfile(workdir: Path) -> None:
