@@ -63,7 +63,8 @@ def restore_in_place(fleet: Deps, backup_id: int) -> dict[str, object]:
             restore_into(fleet, backup_id, with_dbname(admin, side), names.owner_role)
             with pgserver.connect(admin, side, server=tenant.server) as sconn:
                 pgserver.secure_tenant_database(sconn, names, side)
-                if tenant.state == TenantState.cancelled:  # still on hold: no writes
+                # still on hold, or past its storage quota: no writes
+                if tenant.state == TenantState.cancelled or tenant.over_quota:
                     pgserver.restrict_to_reads(sconn, names, side)
                 rev_row = sconn.execute(
                     "SELECT version_num FROM alembic_version").fetchone()

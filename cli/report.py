@@ -64,3 +64,10 @@ def render_text(data: dict[str, Any]) -> None:
         if len(p["failures"]) > 20:
             say(f"    … and {plural(len(p['failures']) - 20, 'more offender')} "
                 "(--json or --html for all)")
+    from orchestrator.services.report import storage_lines
+
+    lines = storage_lines(data.get("storage"))
+    if lines:
+        say(f"storage quotas: {lines[0]}")
+        for line in lines[1:21]:
+            say(f"      {line}")

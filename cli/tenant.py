@@ -272,6 +272,7 @@ TENANT_COLUMNS = [
     Col("slug", "slug", whole=True), Col("region", "region", whole=True, wide=True),
     Col("server", "server", whole=True), Col("state", "state"),
     Col("revision", "revision", whole=True), Col("plan", "plan", whole=True),
+    Col("over quota", "over_quota", "yesno", wide=True),
     Col("created", "created_at", "time"),
     Col("database", "database", whole=True, wide=True),
     Col("legal hold", "legal_hold", "yesno", wide=True),
@@ -282,17 +283,27 @@ TENANT_COLUMNS = [
 @tenant_app.command("show")
 def tenant_show(slug: SlugArg, as_json: JsonOpt = False, fmt: FormatOpt = None) -> None:
     """Everything the catalog knows about one tenant."""
-    from orchestrator.domain.views import tenant_json
+    from orchestrator.domain.quota import storage_view
+    from orchestrator.domain.views import iso, tenant_json
 
     out = output_format(fmt, as_json)
     reads = open_reads()
     try:
-        data = tenant_json(reads.get_tenant(slug))
+        tenant = reads.get_tenant(slug)
+        data = tenant_json(tenant)
+        latest = reads.latest_size(tenant.id)
     finally:
         reads.close()
+    plan = reads.cfg.plans.get(tenant.plan)
+    data.update(storage_view(latest[0] if latest else None,
+                             iso(latest[1]) if latest else None,
+                             plan.storage_quota if plan else None,
+                             reads.cfg.usage.quota_warning))
     # every key of the JSON, in its order; the table leaves out the empty ones
     fields(f"tenant {slug}", data,
-           [Col(k, k, "time" if k.endswith("_at") or k in ("hold_until", "purge_after")
+           [Col(k, k, "time" if k.endswith("_at") or k in ("hold_until", "purge_after",
+                                                         "over_quota_since")
+                else "size" if k in ("storage_bytes", "storage_quota")
                 else "yesno" if isinstance(v, bool) else "text") for k, v in data.items()],
            out)
 
@@ -315,6 +326,8 @@ def tenant_set_plan(
         fleet.close()
     if as_json:
         print_json(res.to_json())
+        if res.quota is not None and res.quota.failed:
+            raise typer.Exit(ExitCode.FAILED)
         return
     verb = "moved to" if res.plan.name != res.previous else "kept on"
     say(f"tenant {slug}: {verb} plan {res.plan.name}"
@@ -323,6 +336,13 @@ def tenant_set_plan(
         say("its login role gets the plan when its provisioning finishes")
     else:
         say("login role: " + ", ".join(f"{k}={v}" for k, v in res.applied.items()))
+    if res.quota is not None and res.quota.outcome in ("enforced", "released", "over",
+                                                       "warning"):
+        say(f"storage quota {res.quota.outcome}: {res.quota.reason}")
+    if res.quota is not None and res.quota.failed:
+        err(f"storage quota not applied: {res.quota.reason} (the next `tenantctl usage "
+            "collect` retries)")
+        raise typer.Exit(ExitCode.FAILED)
 
 
 @tenant_app.command("credentials")

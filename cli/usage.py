@@ -49,7 +49,9 @@ SinceOpt = Annotated[str, typer.Option(
 def collect(as_json: JsonOpt = False) -> None:
     """Sample every tenant database now (one query per server) and purge samples
     older than [usage] keep_days; for cron (the scheduler's `usage` job does the
-    same). Exit 1 when a server or tenant could not be read (the rest is stored)."""
+    same). A tenant past its plan's storage_quota loses its writes (reads go on), one
+    under it again gets them back. Exit 1 when a server or tenant could not be read,
+    or the quota could not be applied to one (the rest is stored)."""
     from orchestrator.adapters import clock
     from orchestrator.services import usage
 
@@ -71,7 +73,13 @@ def collect(as_json: JsonOpt = False) -> None:
         for t in result.failed:
             if not result.servers.get(t.server):
                 err(f"failed: {t.slug}: {t.error}")
-    if result.failed:
+        for q in result.quota:
+            if q.outcome in ("enforced", "released", "over", "warning", "failed"):
+                line = (f"quota {q.outcome}: {q.slug}: {q.reason}"
+                        + (f" ({human_size(q.size)} of {human_size(q.quota)})"
+                           if q.size is not None and q.quota is not None else ""))
+                (err if q.outcome == "failed" else say)(line)
+    if result.failed or result.quota_failed:
         raise typer.Exit(ExitCode.FAILED)
 
 

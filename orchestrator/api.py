@@ -20,6 +20,7 @@ from orchestrator.domain.names import check_integrity
 from orchestrator.domain.views import tenant_json
 
 if TYPE_CHECKING:
+    from orchestrator.services.plans import PlanChange
     from orchestrator.services.provisioning import ProvisionResult
 
 __all__ = ["TARGET_KEY", "Fleet", "ServerInfo", "check_integrity", "tenant_json"]
@@ -40,6 +41,14 @@ class Fleet(Deps):
 
         return provisioning.provision_tenant(self, slug, region, restore_from=restore_from,
                                              shown=shown, plan=plan)
+
+    def set_plan(self, slug: str, plan: str) -> PlanChange:
+        """Move a tenant to ``plan`` ([plans.NAME]) at once: its login role's limits,
+        and its storage quota judged again by its last measured size (writes given
+        back under a larger quota or none, revoked past a smaller one)."""
+        from orchestrator.services import plans  # start-up: as provision()
+
+        return plans.set_plan(self, slug, plan)
 
     def pipeline_jobs(self) -> ports.BackupJobs:
         from backups.service import PipelineJobs  # start-up: only commands that back up

@@ -28,6 +28,7 @@ from orchestrator.domain.bounds import DEFAULT_PLAN, Plan, TenantBounds
 from orchestrator.domain.durations import BadDuration, parse_pg_duration
 from orchestrator.domain.errors import ConfigError, InvalidInput
 from orchestrator.domain.pooler import POOLERS
+from orchestrator.domain.quota import DEFAULT_WARNING, check_warning
 
 CONFIG_ENV = "TENANTCTL_CONFIG"
 DEFAULT_CONFIG_NAME = "tenantctl.toml"
@@ -157,6 +158,9 @@ class UsageConfig:
     statement_timeout: str = "30s"
     top: int = 5
     per_tenant_metrics: bool = False
+    # the share of a plan's storage_quota at which a tenant is warned about (show,
+    # report, metrics); past the whole quota its writes are revoked
+    quota_warning: float = DEFAULT_WARNING
 
 
 @dataclass(frozen=True)
@@ -616,7 +620,16 @@ def _usage(r: _Reader, usage: dict[str, Any]) -> UsageConfig:
         statement_timeout=timeout,
         top=r.integer(usage, "usage.top", "top", default=d.top, maximum=100),
         per_tenant_metrics=r.boolean(usage, "usage.per_tenant_metrics", "per_tenant_metrics",
-                                     d.per_tenant_metrics))
+                                     d.per_tenant_metrics),
+        quota_warning=_quota_warning(r, usage.get("quota_warning", d.quota_warning)))
+
+
+def _quota_warning(r: _Reader, value: object) -> float:
+    share = check_warning(value)
+    if share is None:
+        raise r.fail("usage.quota_warning", "must be a share of the quota like 0.8 (more "
+                     f"than 0, at most 1), got {value!r}")
+    return share
 
 
 _POOLER_KEYS = {"pooler", "pooler_host", "pooler_port", "pooler_dir", "pooler_admin_user",

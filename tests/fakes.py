@@ -89,6 +89,9 @@ class FakeTenant:
     legal_hold: bool = False
     legal_hold_reason: str | None = None
     final_backup_id: int | None = None
+    plan: str = "default"
+    over_quota: bool = False
+    over_quota_since: datetime | None = None
 
 
 @dataclass

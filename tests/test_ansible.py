@@ -130,6 +130,12 @@ def test_orchestrator_role_renders_a_config_tenantctl_accepts(tmp_path: Path) ->
         "orchestrator_install_packages": False, "orchestrator_catalog_upgrade": False,
         "orchestrator_manage_scheduler": False,
         "orchestrator_bin": str(BIN / "tenantctl"),  # validates each new tenantctl.toml
+        "orchestrator_usage": {"keep_days": 90, "quota_warning": 0.9},
+        "orchestrator_scheduler_intervals": {"usage_minutes": 30},
+        "orchestrator_plans": {"small": {"storage_quota": "10GB", "connection_limit": 10,
+                                         "statement_timeout": "30s"},
+                               "large": {"storage_quota": "1TB"}},
+        "orchestrator_default_plan": "small",
     })
     args = ("-i", str(EXAMPLE_INVENTORY), "-e", f"@{extra}", "--limit", "orchestrator",
             "site.yml")
@@ -150,6 +156,19 @@ def test_orchestrator_role_renders_a_config_tenantctl_accepts(tmp_path: Path) ->
     assert json.loads(res.stdout)["regions"] == expected
 
     raw = tomllib.loads(config.read_text())
+    # usage metering and the quotas' warning share, plans, the default plan: as given,
+    # and tenantctl reads them so
+    assert raw["usage"] == {"keep_days": 90, "quota_warning": 0.9}
+    assert raw["scheduler"] == {"usage_minutes": 30}
+    assert raw["plans"] == {"small": {"storage_quota": "10GB", "connection_limit": 10,
+                                      "statement_timeout": "30s"},
+                            "large": {"storage_quota": "1TB"}}
+    assert raw["tenants"]["default_plan"] == "small"
+    from orchestrator.config import load_config
+
+    cfg = load_config(config)
+    assert (cfg.usage.quota_warning, cfg.default_plan) == (0.9, "small")
+    assert cfg.plan("small").storage_quota == 10 << 30
     eu1 = raw["regions"]["eu-central"]["servers"][0]
     assert eu1["capacity"] == 800
     assert eu1["admin_dsn"] == (f"postgresql://{ADMIN_ROLE}@10.10.1.11:5432/postgres"

@@ -186,6 +186,8 @@ FUNCTION_IMPORTS_ALLOWED: dict[tuple[str, str, str], str] = {
         "Alembic (~0.5 s) only for commands that create tenants",
     ("orchestrator/api.py", "Fleet.credentials", "orchestrator.services.credentials"):
         "as Fleet.provision",
+    ("orchestrator/api.py", "Fleet.set_plan", "orchestrator.services.plans"):
+        "as Fleet.provision",
     ("orchestrator/api.py", "_refill", "orchestrator.services.spares"):
         "as Fleet.provision",
     ("orchestrator/api.py", "Fleet.pipeline_jobs", "backups.service.PipelineJobs"):

@@ -141,9 +141,18 @@ def usage_job(fleet: Deps, halt: threading.Event, log: JsonLog) -> JobOutcome:
     for server, error in sorted(result.servers.items()):
         if error:
             log.warning("usage_server_failed", server=server, error=error)
+    for q in result.quota:
+        if q.outcome in ("enforced", "released", "failed"):
+            log.info("usage_quota", tenant=q.slug, outcome=q.outcome, size=q.size,
+                     quota=q.quota, reason=q.reason)
     counts = {"collected": len(result.tenants) - len(result.failed),
-              "failed": len(result.failed), "purged": result.purged}
+              "failed": len(result.failed), "purged": result.purged,
+              **{f"quota_{k}": sum(1 for q in result.quota if q.outcome == k)
+                 for k in ("enforced", "released", "failed")}}
     if result.failed:
         t = result.failed[0]
         return JobOutcome("partial", counts, f"{t.slug}: {t.error}")
+    if result.quota_failed:
+        q = result.quota_failed[0]
+        return JobOutcome("partial", counts, f"{q.slug}: quota: {q.reason}")
     return JobOutcome("ok", counts)

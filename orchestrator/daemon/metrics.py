@@ -33,10 +33,11 @@ from orchestrator.adapters.clock import utcnow
 from orchestrator.adapters.package import installed_version
 from orchestrator.daemon.jobs import FAILED_OUTCOMES, JOBS
 from orchestrator.domain.errors import Conflict
+from orchestrator.domain.quota import server_counts
 from orchestrator.domain.states import HAS_DATABASE
 from orchestrator.domain.statuses import BackupStatus
 from orchestrator.domain.timeliness import latest_backup_age
-from orchestrator.services import retention
+from orchestrator.services import quota, retention
 from orchestrator.services.usage import UsageGauges
 from orchestrator.services.usage import gauges as usage_gauges
 
@@ -81,6 +82,8 @@ class FleetGauges:
     migration_failed: Mapping[str, int] = field(default_factory=dict)
     # usage metering over the last day (services/usage.py gauges)
     usage: UsageGauges | None = None
+    # (server, over|warning) -> tenants over their storage quota or near it
+    quota: Mapping[tuple[str, str], int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -151,6 +154,11 @@ def _families(snap: MetricsSnapshot) -> Iterator[Metric]:
                     [([r], n) for r, n in sorted(f.migration_failed.items())])
         if f.usage is not None:
             yield from _usage_families(f.usage, gauge)
+        yield gauge("tenantctl_quota_tenants", "Per server, tenants over their plan's "
+                    "storage quota (status over: writes revoked while active) or at [usage] "
+                    "quota_warning of it (status warning), by the last `usage collect`.",
+                    ["server", "status"],
+                    [([sv, st], n) for (sv, st), n in sorted(f.quota.items())])
     jobs = sorted(snap.jobs.items())
     yield gauge("tenantctl_job_duration_seconds", "Duration of the job's last run.", ["job"],
                 [([j], s.last_duration) for j, s in jobs if s.last_duration is not None])
@@ -345,7 +353,9 @@ def read_fleet_gauges(fleet: Deps, now: datetime) -> FleetGauges:
                        overdue_purges=len(st["overdue"]["purges"]),
                        refreshed_at=now.timestamp(), servers=servers,
                        behind_target=behind, migration_failed=failed,
-                       usage=usage_gauges(fleet, now))
+                       usage=usage_gauges(fleet, now),
+                       quota=server_counts(quota.standings(fleet),
+                                           fleet.cfg.usage.quota_warning))
 
 
 class _MetricsHandler(BaseHTTPRequestHandler):

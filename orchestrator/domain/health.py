@@ -23,6 +23,7 @@ from orchestrator.domain.grants import settings_changed
 from orchestrator.domain.marks import role_marker
 from orchestrator.domain.master_keys import fleet_key_elsewhere, mixed_key_ids
 from orchestrator.domain.names import TenantNames, catalog_mismatch, tenant_names
+from orchestrator.domain.quota import writes_expected
 from orchestrator.domain.remedies import SUPERUSER_ONLY, remedy
 from orchestrator.domain.retention_plan import DELETE
 from orchestrator.domain.states import (
@@ -76,6 +77,7 @@ class TenantRow:
     step: str | None = None  # a step in flight (provisioning, or lifecycle.CANCELLING)
     key_destroyed: bool = False  # an erasure destroyed its key
     plan: str = DEFAULT_PLAN  # its [plans.NAME]
+    over_quota: bool = False  # its writes revoked for its storage quota
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,9 @@ class Database:
     allow_connections: bool
     connect: frozenset[str]  # grantees of CONNECT; "PUBLIC" for everybody
     comment: str | None = None  # a tenant database's carries its revision mark
+    # grantees of TEMPORARY: the login role holds it exactly while it may write (the
+    # hold and the quota take it with the table writes, in one statement); None: not read
+    temporary: frozenset[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -230,7 +235,8 @@ def diagnose(f: Facts) -> list[Finding]:
     for check in (check_catalog_rows, check_servers, check_tenant_objects, check_orphans,
                   check_privileges, check_role_bounds, check_large_objects, check_backups,
                   check_store, check_revisions, check_retention, check_transitions,
-                  check_master_key, check_fleet_identity, check_grants, check_poolers):
+                  check_master_key, check_fleet_identity, check_grants, check_writes,
+                  check_poolers):
         out.extend(check(f))
     return sorted(out, key=lambda x: (SEVERITY_ORDER[x.severity], x.code, x.subject))
 
@@ -808,6 +814,32 @@ def _check_mark(f: Facts, t: TenantRow) -> Iterator[Finding]:
                  f"its database is marked {revision or 'base'}, the catalog says "
                  f"{t.revision or 'base'}",
                  "tenantctl migrate status --live (reads the database, corrects both)")
+
+
+def check_writes(f: Facts) -> Iterator[Finding]:
+    """The login role may write exactly when the catalog says so: an active or
+    suspended tenant within its storage quota, never one over it or on hold (a
+    crash between the server and the catalog, or a hand-made GRANT/REVOKE)."""
+    for t in f.tenants:
+        expected = writes_expected(t.state, t.step, t.over_quota)
+        c = _cluster(f, t.server)
+        db = c.databases.get(t.database) if c is not None else None
+        if expected is None or t.busy or db is None or db.temporary is None:
+            continue
+        writes = t.login_role in db.temporary
+        if writes == expected:
+            continue
+        if expected:
+            yield _f(ERROR, "writes-revoked", t.slug,
+                     f"{t.state} and within its storage quota, but its login role "
+                     "cannot write", "tenantctl doctor --fix (gives the writes back)",
+                     fix="sync_writes", slug=t.slug)
+        else:
+            why = "over its storage quota" if t.over_quota else "on hold (cancelled)"
+            yield _f(ERROR, "writes-not-revoked", t.slug,
+                     f"{why}, but its login role can still write",
+                     "tenantctl doctor --fix (revokes them; reads go on)",
+                     fix="sync_writes", slug=t.slug)
 
 
 def check_poolers(f: Facts) -> Iterator[Finding]:

@@ -16,7 +16,8 @@ def tenant_json(t: Any) -> dict[str, Any]:
     return {
         "slug": t.slug, "region": t.region, "server": t.server, "database": t.database,
         "role": t.login_role, "owner_role": t.owner_role, "state": t.state,
-        "revision": t.revision, "plan": t.plan, "created_at": iso(t.created_at),
+        "revision": t.revision, "plan": t.plan, "over_quota": t.over_quota,
+        "over_quota_since": iso(t.over_quota_since), "created_at": iso(t.created_at),
         "activated_at": iso(t.activated_at), "cancelled_at": iso(t.cancelled_at),
         "hold_until": iso(t.hold_until), "deleted_at": iso(t.deleted_at),
         "purge_after": iso(t.purge_after), "purged_at": iso(t.purged_at),

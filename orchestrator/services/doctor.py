@@ -71,7 +71,7 @@ from orchestrator.domain.names import password_context, tenant_lock
 from orchestrator.domain.retention_plan import DELETE, PURGE
 from orchestrator.domain.states import HAS_DATABASE
 from orchestrator.domain.statuses import BackupStatus
-from orchestrator.services import access, plans, pooler, provisioning, retention, templates
+from orchestrator.services import access, plans, pooler, provisioning, quota, retention, templates
 from orchestrator.services.access import role_name
 
 if TYPE_CHECKING:
@@ -86,7 +86,10 @@ SELECT d.datname, pg_get_userbyid(d.datdba), d.datallowconn,
                                        ELSE pg_get_userbyid(a.grantee) END)
                  FROM aclexplode(coalesce(d.datacl, acldefault('d', d.datdba))) a
                  WHERE a.privilege_type = 'CONNECT'), '{}'),
-       shobj_description(d.oid, 'pg_database')
+       shobj_description(d.oid, 'pg_database'),
+       coalesce((SELECT array_agg(pg_get_userbyid(a.grantee))
+                 FROM aclexplode(coalesce(d.datacl, acldefault('d', d.datdba))) a
+                 WHERE a.privilege_type = 'TEMPORARY' AND a.grantee <> 0), '{}')
 FROM pg_database d WHERE NOT d.datistemplate
 """
 ROLES = r"""
@@ -140,8 +143,9 @@ def cluster_id(admin_dsn: str) -> str:
 def _read_cluster(fleet: Deps, server: str, facts: ClusterFacts) -> None:
     try:
         with fleet.server_connection(server) as conn:
-            for name, owner, allow, connect, comment in conn.execute(DATABASES):
-                facts.databases[name] = Database(owner, allow, frozenset(connect), comment)
+            for name, owner, allow, connect, comment, temp in conn.execute(DATABASES):
+                facts.databases[name] = Database(owner, allow, frozenset(connect), comment,
+                                                 frozenset(temp))
             for (name, su, cdb, crole, bypass, repl, comment, member_of, limit,
                  settings, reads) in conn.execute(ROLES):
                 facts.roles[name] = Role(su, cdb, crole, bypass, repl, comment,
@@ -312,7 +316,8 @@ def gather(fleet: Deps, region: str | None = None, now: datetime | None = None) 
                            t.legal_hold, t.legal_hold_reason, t.hold_until, t.purge_after,
                            t.activated_at, t.created_at,
                            busy=tenant_lock(t.slug) in busy, step=t.step,
-                           key_destroyed=t.id in destroyed, plan=t.plan)
+                           key_destroyed=t.id in destroyed, plan=t.plan,
+                           over_quota=t.over_quota)
                  for t in tenants],
         backups=[BackupRow(b.id, b.tenant_id, b.slug, b.region, b.object_key, b.manifest_key,
                            b.status, b.started_at, b.finished_at, alive=_alive(b.id) in busy)
@@ -470,6 +475,10 @@ def _fix_hold_large_objects(fleet: Deps, x: Finding) -> str:
     return "large objects taken over (read-only for the login role)"
 
 
+def _fix_sync_writes(fleet: Deps, x: Finding) -> str:
+    return quota.sync_writes(fleet, x.arg("slug"))
+
+
 def _fix_retention(fleet: Deps, x: Finding) -> str:
     step = retention.delete_tenant if x.fix == DELETE else retention.purge_tenant
     outcome, detail = step(fleet, x.arg("slug"), clock.utcnow())
@@ -585,6 +594,7 @@ FIXES: dict[str, Callable[[Deps, Finding], str]] = {
     "finish_erase": _fix_finish_erase, "bound_role": _fix_bound_role,
     "reapply_password": _fix_reapply_password, "sync_pooler": _fix_sync_pooler,
     "grant_membership": _fix_grant_membership, "hold_large_objects": _fix_hold_large_objects,
+    "sync_writes": _fix_sync_writes,
 }
 ONCE = {"reap_backups", "expire_grants"}
 

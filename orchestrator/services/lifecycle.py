@@ -143,7 +143,8 @@ def reactivate(fleet: Deps, slug: str, *, now: datetime | None = None) -> Transi
     with holding_tenant(fleet.records, slug):
         tenant = _locked_tenant(fleet, slug, "reactivate", now)
         names = tenant_names(slug)
-        fleet.admin.secure_tenant_database(tenant.server, names)  # gives the writes back
+        if not tenant.over_quota:  # else the quota keeps them until it releases it
+            fleet.admin.secure_tenant_database(tenant.server, names)  # the writes back
         fleet.admin.set_login(tenant.server, names.login_role, True)
         _set(fleet, tenant, "reactivate", state=states.target(Op.reactivate),
              cancelled_at=None, hold_until=None)

@@ -9,14 +9,16 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import update
 
+from orchestrator.adapters.catalog import usage as usage_store
 from orchestrator.adapters.catalog.locks import holding_tenant
 from orchestrator.adapters.catalog.models import Tenant
 from orchestrator.adapters.faults import checkpoint
 from orchestrator.adapters.postgres import admin as pgserver
 from orchestrator.domain.bounds import Plan
-from orchestrator.domain.errors import Conflict
+from orchestrator.domain.errors import Conflict, TenantctlError, first_line
 from orchestrator.domain.states import HAS_DATABASE, TenantState
-from orchestrator.services import pooler
+from orchestrator.services import pooler, quota
+from orchestrator.services.quota import QuotaOutcome
 
 if TYPE_CHECKING:
     import psycopg
@@ -32,11 +34,15 @@ class PlanChange:
     # what the login role was given now; None: the role is not live yet (a tenant being
     # provisioned gets its plan at the login step)
     applied: dict[str, str] | None
+    # the storage quota judged again by the new plan (its writes back under a larger
+    # quota or none); None: not judged (no database yet)
+    quota: QuotaOutcome | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"slug": self.slug, "plan": self.plan.name, "previous": self.previous,
                 "changed": self.plan.name != self.previous, "limits": self.plan.to_json(),
-                "applied": self.applied}
+                "applied": self.applied,
+                "quota": None if self.quota is None else self.quota.to_json()}
 
 
 def apply_plan(deps: Deps, server: str, role: str, plan: Plan) -> dict[str, str]:
@@ -79,4 +85,13 @@ def set_plan(deps: Deps, slug: str, name: str) -> PlanChange:
                                session=s, plan=plan.name, previous=previous)
         if tenant.state in HAS_DATABASE:  # the pool size of the pooler's entry
             pooler.refresh(deps, tenant.server, changed=slug)
-    return PlanChange(slug, plan, previous, applied)
+    judged = None
+    if applied is not None:  # by the last measured size (`usage collect`)
+        latest = usage_store.latest_size(deps.catalog, tenant.id)
+        size = latest[0] if latest else None
+        try:
+            judged = quota.apply(deps, slug, size, deps.clock.now(), trigger="set-plan")
+        except TenantctlError as exc:  # the plan stands; the next `usage collect` retries
+            judged = QuotaOutcome(slug, "failed", size, plan.storage_quota, None,
+                                  first_line(exc))
+    return PlanChange(slug, plan, previous, applied, judged)

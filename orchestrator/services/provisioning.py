@@ -169,13 +169,23 @@ def restore_as(fleet: Deps, backup_id: int, new_slug: str) -> ProvisionResult:
         raise Conflict(f"tenant {new_slug!r} already exists")
     pipeline.verify_backup(fleet, backup_id)  # a bad backup stops here, nothing made
     try:
-        result = provision_tenant(fleet, new_slug, row.region, restore_from=backup_id)
+        result = provision_tenant(fleet, new_slug, row.region, restore_from=backup_id,
+                                  plan=existing.plan if resuming and existing is not None
+                                  else _source_plan(fleet, row.slug))
     except TenantctlError:
         abandon(fleet, new_slug, backup_id)
         raise
     fleet.catalog.audit("backup.restore", tenant=new_slug, region=row.region,
                         backup=backup_id, source=row.slug)
     return result
+
+
+def _source_plan(fleet: Deps, slug: str) -> str | None:
+    """The plan of the tenant a backup was taken of, for its copy: the same limits
+    and quota (the default plan when that tenant is gone or its plan is no longer
+    configured)."""
+    source = fleet.find_tenant(slug)
+    return source.plan if source is not None and source.plan in fleet.cfg.plans else None
 
 
 def abandon(fleet: Deps, slug: str, backup_id: int) -> None:

@@ -42,8 +42,9 @@ from orchestrator.domain.promises import (
     Promise,
     ServerIsolation,
 )
+from orchestrator.domain.quota import summarize
 from orchestrator.domain.statuses import BackupStatus
-from orchestrator.services import credentials
+from orchestrator.services import credentials, quota
 
 if TYPE_CHECKING:
     from orchestrator.bootstrap import Deps
@@ -191,15 +192,35 @@ def build(fleet: Deps, now: datetime | None = None) -> dict[str, Any]:
                promises.check_timeliness(tenants, grants, now),
                promises.check_audit(tenants, seen, oldest, total,
                                     fleet.cfg.lifecycle.audit_days, now)]
-    return assemble(checked, now, fleet_identity(fleet), installed_version())
+    storage = summarize(quota.standings(fleet), fleet.cfg.usage.quota_warning)
+    return assemble(checked, now, fleet_identity(fleet), installed_version(), storage)
 
 
 def assemble(checked: Sequence[Promise], now: datetime, fleet: dict[str, str | None],
-             version: str) -> dict[str, Any]:
-    """The report as `report --json` prints it (and the HTML page embeds)."""
+             version: str, storage: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The report as `report --json` prints it (and the HTML page embeds). ``storage``:
+    the tenants over their storage quota or near it (not a promise: it breaks none)."""
     return {"summary": promises.summary(checked), "ok": all(p.ok for p in checked),
             "generated_at": now.isoformat(timespec="seconds"), "tenantctl_version": version,
-            "fleet": fleet, "promises": [p.to_json() for p in checked]}
+            "fleet": fleet, "promises": [p.to_json() for p in checked],
+            "storage": storage}
+
+
+def storage_lines(storage: dict[str, Any] | None) -> list[str]:
+    """The storage section in words (text and HTML): one line per tenant over or near
+    its quota."""
+    if not storage or not storage["with_quota"]:
+        return []
+    share = f"{storage['quota_warning']:.0%}"
+    lines = [f"{storage['with_quota']} tenant(s) on a plan with a storage quota: "
+             f"{len(storage['over'])} over it (writes revoked while active), "
+             f"{len(storage['warning'])} at {share} of it or more"]
+    for kind, rows in (("over", storage["over"]), ("near", storage["warning"])):
+        for r in rows:
+            used = "size unknown" if r["used_percent"] is None else f"{r['used_percent']}%"
+            lines.append(f"{kind}: {r['slug']} ({r['state']}, {r['server']}): {used} of "
+                         f"{r['quota']} bytes")
+    return lines
 
 
 def script_json(report: dict[str, Any]) -> str:
@@ -241,6 +262,10 @@ def render_html(report: dict[str, Any]) -> str:
         rows.append(f'<section class="{status.lower()}"><h2><span>{status}</span> '
                     f"{e(p['title'])}</h2><h3>Evidence</h3><ul>{evidence}</ul>"
                     f"<h3>Offenders</h3>{_failures(p)}</section>")
+    lines = storage_lines(report.get("storage"))
+    storage = ("<section><h2>Storage quotas</h2><ul>"
+               + "".join(f"<li>{e(x)}</li>" for x in lines) + "</ul></section>"
+               if lines else "")
     fleet = report["fleet"]
     generated = utc_minute(datetime.fromisoformat(report["generated_at"]))
     identity = "".join(f"<dt>{e(k)}</dt><dd>{e(v)}</dd>" for k, v in (
@@ -252,6 +277,6 @@ def render_html(report: dict[str, Any]) -> str:
             "style-src 'unsafe-inline'\"><title>tenantctl promise report</title>"
             f"<style>{_STYLE}</style></head><body><h1>tenantctl promise report</h1>"
             f'<p id="summary" class="summary {"pass" if report["ok"] else "fail"}">'
-            f"{e(report['summary'])}</p><dl>{identity}</dl>{''.join(rows)}"
+            f"{e(report['summary'])}</p><dl>{identity}</dl>{''.join(rows)}{storage}"
             '<script type="application/json" id="tenantctl-report">'
             f"{script_json(report)}</script></body></html>\n")

@@ -224,8 +224,10 @@ def delete_tenant(fleet: Deps, slug: str, now: datetime) -> tuple[str, str]:
         checkpoint("retention.dropped_roles")
         purge_after = now + timedelta(days=fleet.cfg.lifecycle.purge_days)
         with fleet.records.transaction() as tx:
+            # its database gone, it can be over no storage quota
             tx.update_tenant(tenant.id, state=states.target(Op.delete), deleted_at=now,
-                             purge_after=purge_after, final_backup_id=backup_id)
+                             purge_after=purge_after, final_backup_id=backup_id,
+                             over_quota=False, over_quota_since=None)
             tx.delete_credential(tenant.id)
             tx.audit("tenant.delete", tenant=slug, region=tenant.region,
                      final_backup=backup_id, purge_after=purge_after.isoformat())
@@ -271,7 +273,8 @@ def erase_tenant(fleet: Deps, slug: str, reason: str, now: datetime) -> dict[str
         _drop_database_and_roles(fleet, tenant, "erase", now)
         with fleet.records.transaction() as tx:
             tx.update_tenant(tenant.id, state=TenantState.deleted,
-                             deleted_at=tenant.deleted_at or now, purge_after=now)
+                             deleted_at=tenant.deleted_at or now, purge_after=now,
+                             over_quota=False, over_quota_since=None)
         pooler.refresh(fleet, tenant.server, changed=slug)
         checkpoint("erase.dropped")
         removed = _delete_all_backups(fleet, tenant)

@@ -22,6 +22,7 @@ from orchestrator.bootstrap import Deps
 from orchestrator.domain import usage as rules
 from orchestrator.domain.errors import Conflict, first_line
 from orchestrator.domain.names import validate_slug
+from orchestrator.services import quota as quotas
 
 LOCK = "usage-collect"
 # servers read at once: a down server costs its connect timeout, not everyone's
@@ -53,10 +54,16 @@ class CollectResult:
     servers: dict[str, str | None] = field(default_factory=dict)  # server -> error
     purged: int = 0
     seconds: float = 0.0
+    # what the storage quota did about each measured tenant (services/quota.py)
+    quota: list[quotas.QuotaOutcome] = field(default_factory=list)
 
     @property
     def failed(self) -> list[TenantSample]:
         return [t for t in self.tenants if t.status == "failed"]
+
+    @property
+    def quota_failed(self) -> list[quotas.QuotaOutcome]:
+        return [q for q in self.quota if q.failed]
 
     def to_json(self) -> dict[str, Any]:
         return {"collected_at": self.collected_at.isoformat(),
@@ -66,7 +73,10 @@ class CollectResult:
                 "seconds": round(self.seconds, 3),
                 "servers": [{"server": s, "status": "failed" if e else "ok", "error": e}
                             for s, e in sorted(self.servers.items())],
-                "tenants": [t.to_json() for t in self.tenants]}
+                "tenants": [t.to_json() for t in self.tenants],
+                # tenants on a plan with a quota, and any the quota changed or failed on
+                "quota": [q.to_json() for q in self.quota
+                          if q.quota is not None or q.outcome not in ("ok", "skipped")]}
 
 
 def _read_server(deps: Deps, server: str, databases: list[str]
@@ -102,6 +112,7 @@ def collect(deps: Deps, now: datetime, *, purge: bool = True) -> CollectResult:
                 lambda sv: _read_server(deps, sv, [t.database for t in by_server[sv]]),
                 by_server), strict=True))
         samples: list[store.NewSample] = []
+        measured: list[quotas.Measured] = []
         for server, group in by_server.items():
             stats = reads[server]
             result.servers[server] = stats if isinstance(stats, str) else None
@@ -121,10 +132,15 @@ def collect(deps: Deps, now: datetime, *, purge: bool = True) -> CollectResult:
                 usage = rules.accumulate(existing, t.last_reading, reading)
                 d = rules.delta(t.last_reading, reading)
                 samples.append(store.NewSample(t.id, t.slug, period, now, usage, reading))
+                measured.append(quotas.Measured(t.slug, t.state, t.step, t.over_quota,
+                                               t.plan, st.size))
                 result.tenants.append(TenantSample(
                     t.slug, server, "ok", None, st.size, st.connections, d.transactions,
                     d.rows_written, d.rows_read))
         store.save_samples(deps.catalog, samples)
+        # the sizes are stored first: set-plan judges by the latest one
+        result.quota = quotas.judge(deps, measured, now)
+        result.quota.sort(key=lambda q: q.slug)
         if purge:
             result.purged = store.purge_before(
                 deps.catalog, rules.retention_cutoff(now, deps.cfg.usage.keep_days))

@@ -125,6 +125,10 @@ class Tenant(Base):
         DateTime(timezone=True), server_default=func.now(), onupdate=func.now())
     # the [plans.NAME] its login role is held to ("default": [tenants]' bounds)
     plan: Mapped[str] = mapped_column(String(40), server_default="default")
+    # writes revoked for being past its plan's storage_quota (services/quota.py): a
+    # flag beside the state, so leaving it never re-opens a hold
+    over_quota: Mapped[bool] = mapped_column(Boolean, server_default="false")
+    over_quota_since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     credential: Mapped[TenantCredential | None] = relationship(
         back_populates="tenant", cascade="all, delete-orphan")

@@ -32,7 +32,7 @@ from orchestrator.domain.states import HAS_DATABASE, PLACED_STATES, TenantState
 # against: a constant, so that the check needs no Alembic (importing it and reading
 # the revision files cost a command ~0.5 s before its first query). Alembic is
 # imported only to migrate. tests/test_units.py checks this is the scripts' head.
-CATALOG_HEAD = "c0008_usage"
+CATALOG_HEAD = "c0009_quota"
 TARGET_KEY = "target_revision"  # fleet_settings key of the fleet's target revision
 
 
@@ -67,6 +67,8 @@ class TenantRow:
     final_backup_id: int | None
     updated_at: datetime
     plan: str
+    over_quota: bool
+    over_quota_since: datetime | None
 
 
 @dataclass(frozen=True)
@@ -257,6 +259,13 @@ class CatalogReads:
             raise NotFound(f"no tenant {slug!r}")
         check_integrity(tenant)
         return tenant
+
+    def latest_size(self, tenant_id: int) -> tuple[int | None, datetime] | None:
+        """The tenant's last measured size and when (`usage collect`); None: never."""
+        row = self._connection().execute(
+            "SELECT storage_bytes, collected_at FROM usage_samples WHERE tenant_id = %s "
+            "ORDER BY period_start DESC LIMIT 1", (tenant_id,)).fetchone()
+        return None if row is None else (row[0], row[1])
 
     def migratable(self, region: str | None = None) -> list[TenantRow]:
         """The tenants `migrate status` reads (a database to migrate), by slug."""

@@ -31,6 +31,10 @@ class Metered:
     slug: str
     server: str
     database: str
+    state: str = "active"
+    step: str | None = None
+    over_quota: bool = False
+    plan: str = "default"
     last_period: datetime | None = None
     last_usage: PeriodUsage | None = None
     last_reading: Reading | None = None
@@ -44,7 +48,8 @@ def metered_tenants(catalog: Catalog, slug: str | None = None) -> list[Metered]:
                    *(getattr(u, c) for c in COUNTERS), *(getattr(u, k) for k in _USAGE))
             .where(u.tenant_id == Tenant.id)
             .order_by(u.period_start.desc()).limit(1).lateral("last"))
-    q = (select(Tenant.id, Tenant.slug, Tenant.server, Tenant.database, last)
+    q = (select(Tenant.id, Tenant.slug, Tenant.server, Tenant.database, Tenant.state,
+                Tenant.step, Tenant.over_quota, Tenant.plan, last)
          .outerjoin(last, true())
          .where(Tenant.state.in_(HAS_DATABASE)).order_by(Tenant.server, Tenant.slug))
     if slug is not None:
@@ -52,15 +57,16 @@ def metered_tenants(catalog: Catalog, slug: str | None = None) -> list[Metered]:
     out = []
     with catalog.session() as s:
         for r in s.execute(q).mappings():
+            row = (r["id"], r["slug"], r["server"], r["database"], r["state"], r["step"],
+                   r["over_quota"], r["plan"])
             if r["period_start"] is None:
-                out.append(Metered(r["id"], r["slug"], r["server"], r["database"]))
+                out.append(Metered(*row))
                 continue
             reading = Reading(r["sample_server"], r["datid"], r["stats_reset"],
                               Counters(*(r[c] for c in COUNTERS)), r["storage_bytes"],
                               r["connections"])
             usage = PeriodUsage(*(r[k] for k in _USAGE))
-            out.append(Metered(r["id"], r["slug"], r["server"], r["database"],
-                               r["period_start"], usage, reading))
+            out.append(Metered(*row, r["period_start"], usage, reading))
     return out
 
 
@@ -92,6 +98,15 @@ def save_samples(catalog: Catalog, samples: Sequence[NewSample]) -> None:
     with catalog.session() as s, s.begin():
         for i in range(0, len(values), 1000):
             s.execute(stmt, values[i:i + 1000])
+
+
+def latest_size(catalog: Catalog, tenant_id: int) -> tuple[int | None, datetime] | None:
+    """The tenant's last measured size and when it was measured (None: never)."""
+    with catalog.session() as s:
+        row = s.execute(select(UsageSample.storage_bytes, UsageSample.collected_at)
+                        .where(UsageSample.tenant_id == tenant_id)
+                        .order_by(UsageSample.period_start.desc()).limit(1)).first()
+    return None if row is None else (row[0], row[1])
 
 
 def purge_before(catalog: Catalog, cutoff: datetime, batch: int = 5000) -> int:
