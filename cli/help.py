@@ -93,6 +93,7 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
     "tenant show": ("tenantctl tenant show acme", "tenantctl tenant show acme --json"),
     "tenant credentials": ("tenantctl tenant credentials acme",
                            "tenantctl tenant credentials acme --rotate",
+                           "tenantctl tenant credentials acme --direct  # not through the pooler",
                            "tenantctl tenant credentials --rotate --all --kill-sessions"),
     "tenant psql": ("tenantctl tenant psql acme", "tenantctl tenant psql acme -c 'select 1'"),
     "template build": ("tenantctl template build",
@@ -142,6 +143,8 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
     "usage export": ("tenantctl usage export --since 2026-11-01 --until 2026-12-01 "
                      "--output november.csv",
                      "tenantctl usage export --since 7d --tenant acme --output -"),
+    "pooler sync": ("tenantctl pooler sync", "tenantctl pooler sync eu-central-1 --json"),
+    "pooler status": ("tenantctl pooler status", "tenantctl pooler status --json"),
     "breach drill": ("tenantctl breach drill --new-key-file new-master.key",),
 }
 

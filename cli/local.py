@@ -35,6 +35,9 @@ def init(
     base_port: Annotated[int | None, typer.Option(
         help="The first cluster's port; the next clusters' are the next ports (default: the "
         "first free from 55432).", show_default=False)] = None,
+    pooler: Annotated[bool | None, typer.Option(
+        "--pooler/--no-pooler", help="A PgBouncer beside each cluster (default: when "
+        "pgbouncer is installed).", show_default=False)] = None,
     no_start: Annotated[bool, typer.Option(
         "--no-start", help="Only write the config, keys and passfile; start nothing "
         "(`tenantctl local up` and `tenantctl catalog upgrade` later).")] = False,
@@ -52,7 +55,7 @@ def init(
                            "tenantctl.toml yourself (see README) or use ansible/")
     path = find_config_path(State.config_path)
     res = localfleet.init_local(path, state_dir, force=force, base_port=base_port,
-                                servers_per_region=servers_per_region)
+                                servers_per_region=servers_per_region, pooler=pooler)
     say(f"{'wrote' if res.created else 'kept existing'} {res.config_path}")
     if not res.created and servers_per_region != 1:
         say(f"note: --servers-per-region {servers_per_region} applies to a new config "

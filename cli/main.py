@@ -31,6 +31,7 @@ from cli.keys import keys_app
 from cli.local import init, local_app, quickstart
 from cli.migrate import migrate_app
 from cli.output import err, plain
+from cli.pooler import pooler_app
 from cli.region import region_app
 from cli.report import report
 from cli.retention import retention_app
@@ -102,7 +103,7 @@ for group, name in [(local_app, "local"), (catalog_app, "catalog"), (config_app,
                     (backup_app, "backup"), (keys_app, "keys"),
                     (retention_app, "retention"), (audit_app, "audit"),
                     (scheduler_app, "scheduler"), (access_app, "access"),
-                    (breach_app, "breach"), (usage_app, "usage")]:
+                    (breach_app, "breach"), (usage_app, "usage"), (pooler_app, "pooler")]:
     app.add_typer(group, name=name)
 add_examples(app)  # the `Examples:` epilog of every command (cli/help.py)
 

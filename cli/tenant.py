@@ -241,7 +241,8 @@ def tenant_create(
 def _show_created(res: ProvisionResult, as_json: bool) -> None:
     if as_json:
         print_json({**res.tenant, "dsn": res.dsn, "resumed": res.resumed,
-                     "via_template": res.via_template})
+                     "via_template": res.via_template, "direct_dsn": res.direct_dsn,
+                     "warnings": res.warnings})
         return
     t = res.tenant
     verb = "finished provisioning" if res.resumed else "created"
@@ -362,6 +363,8 @@ def tenant_credentials(
     concurrency: Annotated[int, typer.Option(min=1, help="With --all.")] = 4,
     kill_sessions: Annotated[bool, typer.Option(help="End sessions opened with the old "
                                                 "password.")] = False,
+    direct: Annotated[bool, typer.Option(help="The server's own address even when a "
+                                         "pooler stands in front of it.")] = False,
     dry_run: Annotated[bool, typer.Option(help="With --all: list the tenants whose "
                                           "password would change; change nothing.")]
     = False,
@@ -385,7 +388,8 @@ def tenant_credentials(
         raise InvalidInput("give a tenant, or --rotate --all")
     fleet = open_fleet()
     try:
-        dsn = fleet.credentials(slug, rotate=rotate, kill_sessions=kill_sessions)
+        dsn = fleet.credentials(slug, rotate=rotate, kill_sessions=kill_sessions,
+                                direct=direct)
     finally:
         fleet.close()
     if as_json:

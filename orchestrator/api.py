@@ -59,14 +59,14 @@ class Fleet(Deps):
         return PipelineJobs(self)
 
     def credentials(self, slug: str, *, rotate: bool = False,
-                    kill_sessions: bool = False) -> str:
+                    kill_sessions: bool = False, direct: bool = False) -> str:
         """The tenant's connection string; with ``rotate``, after changing the password.
         The new password is stored (wrapped) before the role gets it, so a crash in
         between leaves a pending password that the next call applies."""
         from orchestrator.services import credentials  # start-up: as provision()
 
         return credentials.credentials(self, slug, rotate=rotate,
-                                       kill_sessions=kill_sessions)
+                                       kill_sessions=kill_sessions, direct=direct)
 
     def move(self, slug: str, *, server: str | None = None, region: str | None = None,
              reason: str | None = None, method: str | None = None, dry_run: bool = False,

@@ -104,6 +104,9 @@ class Deps:
         # what tops a server's spare pool up: set by the facade (the spares service
         # sits above this module); None makes refill_spares a no-op
         self.refiller: Callable[[Deps, str], None] | None = None
+        # one-line warnings of work that did not stop the command (a pooler that is
+        # down during a sign-up): the CLI and API callers show them
+        self.warnings: list[str] = []
 
     @property
     def backup_jobs(self) -> ports.BackupJobs:
@@ -263,13 +266,17 @@ class Deps:
             s.execute(update(Tenant).where(Tenant.slug == slug, Tenant.step == UNSHOWN)
                       .values(step=None))
 
-    def tenant_dsn(self, tenant: ports.TenantRecord, password: str, role: str | None = None
-                   ) -> str:
+    def tenant_dsn(self, tenant: ports.TenantRecord, password: str, role: str | None = None,
+                   *, direct: bool = False) -> str:
         """What the tenant's application connects with: its login role (or ``role``,
         e.g. a support grant's), its database, the server's address (and TLS mode)
-        from the admin DSN."""
-        admin = conninfo_to_dict(self.cfg.server(tenant.server).admin_dsn)
+        from the admin DSN; the pooler's address when the server has one (not for
+        ``role``: support grants connect directly), unless ``direct``."""
+        server = self.cfg.server(tenant.server)
+        admin = conninfo_to_dict(server.admin_dsn)
         host, port = admin.get("host", "localhost"), admin.get("port", 5432)
+        if server.pooler is not None and role is None and not direct:
+            host, port = server.pooler.host, server.pooler.port
         user = role or tenant.login_role
         dsn = f"postgresql://{user}:{password}@{host}:{port}/{tenant.database}"
         if admin.get("sslmode"):

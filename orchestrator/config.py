@@ -28,6 +28,7 @@ from orchestrator.domain.bounds import DEFAULT_PLAN, Plan, TenantBounds
 from orchestrator.domain.budget import AUTO, DEFAULT_RESERVE
 from orchestrator.domain.durations import BadDuration, parse_pg_duration
 from orchestrator.domain.errors import ConfigError, InvalidInput
+from orchestrator.domain.pooler import POOLERS
 from orchestrator.domain.quota import DEFAULT_WARNING, check_warning
 
 CONFIG_ENV = "TENANTCTL_CONFIG"
@@ -53,9 +54,25 @@ class ServerConfig:
     # shown but not enforced (domain/budget.py)
     connection_reserve: int = DEFAULT_RESERVE
     connection_budget: int | str | None = None
-    # a pooler in front of the server (e.g. "pgbouncer"): tenants then cost their
+    # a pooler in front of the server (pooler = "pgbouncer"): tenants then cost their
     # plan's pool size too
-    pooler: str | None = None
+    pooler: PoolerConfig | None = None
+
+
+@dataclass(frozen=True)
+class PoolerConfig:
+    """A connection pooler in front of one server (``pooler = "pgbouncer"`` and the
+    ``pooler_*`` keys of its [[servers]] entry): where clients (and tenantctl's
+    admin console session) reach it, the directory tenantctl writes its database
+    list and auth file into (PgBouncer's ini includes them), and the admin console
+    login (its password in a file of its own, never in the config)."""
+
+    kind: str
+    host: str
+    port: int
+    dir: Path
+    admin_user: str = "tenantctl_pooler"
+    admin_password_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -623,6 +640,34 @@ def _quota_warning(r: _Reader, value: object) -> float:
     return share
 
 
+_POOLER_KEYS = {"pooler", "pooler_host", "pooler_port", "pooler_dir", "pooler_admin_user",
+                "pooler_admin_password_file"}
+_ROLE_RE = re.compile(r"[a-z_][a-z0-9_]{0,62}", re.ASCII)
+
+
+def _pooler(r: _Reader, sraw: dict[str, Any], skey: str) -> PoolerConfig | None:
+    """A server's pooler keys; without ``pooler`` none of the others may be set."""
+    kind = sraw.get("pooler")
+    if kind is None:
+        for k in sorted(_POOLER_KEYS & set(sraw)):
+            raise r.fail(f"{skey}.{k}", 'needs pooler = "pgbouncer"')
+        return None
+    if kind not in POOLERS:
+        raise r.fail(f"{skey}.pooler", f"unknown pooler {kind!r} (known: "
+                     f"{', '.join(POOLERS)})")
+    host = r.string(sraw, f"{skey}.pooler_host", "pooler_host")
+    port = r.integer(sraw, f"{skey}.pooler_port", "pooler_port", maximum=65535)
+    pdir = r.string(sraw, f"{skey}.pooler_dir", "pooler_dir")
+    user = r.string(sraw, f"{skey}.pooler_admin_user", "pooler_admin_user",
+                    required=False) or PoolerConfig.admin_user
+    if not _ROLE_RE.fullmatch(user):
+        raise r.fail(f"{skey}.pooler_admin_user", "lower-case letters, digits and '_'")
+    pw_file = r.string(sraw, f"{skey}.pooler_admin_password_file",
+                       "pooler_admin_password_file")
+    assert host is not None and pdir is not None and pw_file is not None
+    return PoolerConfig(kind, host, port, r.resolve(pdir), user, r.resolve(pw_file))
+
+
 def parse_config(raw: dict[str, Any], path: Path, overrides: list[EnvOverride] | None = None
                  ) -> Config:
     """The config of ``raw`` (the file's TOML) with the environment's ``overrides`` in
@@ -635,6 +680,7 @@ def parse_config(raw: dict[str, Any], path: Path, overrides: list[EnvOverride] |
         if o.key != "master_key.file":
             _check_env_dsn(o.variable, o.value)
     env_named: dict[str, str] = {}  # upper-cased server name -> server name
+    pooler_dirs: dict[Path, str] = {}
     _check_unknown(r, raw, "", {"state_dir", "pg_bin_dir", "catalog", "master_key",
                                 "tenants", "regions", "backups", "lifecycle",
                                 "scheduler", "plans", "usage"})
@@ -762,7 +808,7 @@ def parse_config(raw: dict[str, Any], path: Path, overrides: list[EnvOverride] |
                 raise r.fail(skey, "must be a table")
             _check_unknown(r, sraw, skey, {"name", "admin_dsn", "capacity", "data_dir", "port",
                                            "connection_reserve", "connection_budget",
-                                           "pooler"})
+                                           *_POOLER_KEYS})
             sname = r.string(sraw, f"{skey}.name", "name")
             assert sname is not None
             if not _SERVER_RE.fullmatch(sname):
@@ -796,7 +842,12 @@ def parse_config(raw: dict[str, Any], path: Path, overrides: list[EnvOverride] |
             if budget != AUTO and budget is not None:
                 budget = r.integer(sraw, f"{skey}.connection_budget", "connection_budget",
                                    maximum=262143)  # Postgres's max_connections maximum
-            pooler = r.string(sraw, f"{skey}.pooler", "pooler", required=False)
+            pooler = _pooler(r, sraw, skey)
+            if pooler is not None:
+                if pooler.dir in pooler_dirs:
+                    raise r.fail(f"{skey}.pooler_dir", f"{pooler.dir} is also server "
+                                 f"{pooler_dirs[pooler.dir]}'s: one directory per pooler")
+                pooler_dirs[pooler.dir] = sname
             servers.append(ServerConfig(
                 name=sname, region=rname, admin_dsn=dsn, capacity=capacity,
                 data_dir=r.resolve(data_dir) if data_dir else None, port=port,

@@ -275,7 +275,7 @@ def clean_fleet() -> Iterator[CleanFleet]:
     os.chmod(state, 0o755)
     cfg: Config | None = None
     try:
-        res = localfleet.init_local(state / "tenantctl.toml", state)
+        res = localfleet.init_local(state / "tenantctl.toml", state, pooler=False)
         text = res.config_path.read_text()
         assert "\nspare_databases = 2 " in text
         res.config_path.write_text(text.replace("\nspare_databases = 2 ",

@@ -11,6 +11,7 @@ stopped and dropped afterwards whatever happens.
 from __future__ import annotations
 
 import base64
+import contextlib
 import getpass
 import grp
 import json
@@ -18,6 +19,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tomllib
@@ -114,7 +116,9 @@ def test_orchestrator_role_renders_a_config_tenantctl_accepts(tmp_path: Path) ->
     etc, state = tmp_path / "etc", tmp_path / "state"
     master_key = base64.b64encode(secrets.token_bytes(32)).decode()
     admin_password = secrets.token_urlsafe(24)
+    pooler_password = secrets.token_urlsafe(24)
     extra = _private_json(tmp_path / "vars.json", {
+        "vault_tenantctl_pooler_admin_password": pooler_password,
         "ansible_connection": "local", "ansible_python_interpreter": sys.executable,
         "ansible_become": False,
         "vault_tenantctl_admin_password": admin_password,
@@ -169,6 +173,16 @@ def test_orchestrator_role_renders_a_config_tenantctl_accepts(tmp_path: Path) ->
     assert eu1["capacity"] == 800
     assert eu1["admin_dsn"] == (f"postgresql://{ADMIN_ROLE}@10.10.1.11:5432/postgres"
                                 f"?passfile={etc}/pgpass&sslmode=require")
+    # a server with a pooler: its keys, its admin console's password in a file of its own
+    assert {k: v for k, v in eu1.items() if k.startswith("pooler")} == {
+        "pooler": "pgbouncer", "pooler_host": "10.10.1.11", "pooler_port": 6432,
+        "pooler_dir": "/var/lib/postgresql/tenantctl-pooler",
+        "pooler_admin_user": "tenantctl_pooler",
+        "pooler_admin_password_file": f"{etc}/pooler-eu-central-1.password"}
+    assert "pooler" not in raw["regions"]["eu-central"]["servers"][1]
+    pooler_file = etc / "pooler-eu-central-1.password"
+    assert pooler_file.read_text() == pooler_password + "\n"
+    assert pooler_file.stat().st_mode & 0o777 == 0o600
     assert raw["catalog"]["dsn"].startswith(f"postgresql://{ADMIN_ROLE}@10.10.1.11:5432/"
                                             "tenantctl_catalog?")
     assert raw["master_key"] == {"file": str(etc / "master.key")}
@@ -178,6 +192,7 @@ def test_orchestrator_role_renders_a_config_tenantctl_accepts(tmp_path: Path) ->
     assert f"10.20.1.11:5432:*:{ADMIN_ROLE}:{admin_password}" in (etc / "pgpass").read_text()
     for out in (first.stdout + first.stderr, config.read_text()):
         assert admin_password not in out and master_key not in out
+        assert pooler_password not in out
 
 
 # -- the postgres_server role, for real ---------------------------------------------
@@ -191,6 +206,12 @@ class AnsibleCluster:
     admin_password: str
     memtotal_mb: int
     runs: list[tuple[int, str]]  # (changed, output) of each playbook run
+    pooler_port: int = 0
+    pooler_password: str = ""
+
+    @property
+    def pooler_dir(self) -> Path:
+        return Path(f"/var/lib/postgresql/{self.name}-pooler")
 
 
 def _installed_version() -> str | None:
@@ -212,9 +233,10 @@ def ansible_cluster(tmp_path: Path) -> Iterator[AnsibleCluster]:
         pytest.skip(f"needs Debian's PostgreSQL packages and apt (missing: "
                     f"{', '.join(missing) or 'a /usr/lib/postgresql/*/bin/postgres'})")
     name = f"tctl_ansible_{uuid.uuid4().hex[:8]}"
-    port = localfleet.free_ports(1, start=57000 + secrets.randbelow(500) * 10)[0]
+    port, pooler_port = localfleet.free_ports(2, start=57000 + secrets.randbelow(500) * 10)
     cluster = AnsibleCluster(version, name, port, secrets.token_urlsafe(24),
-                             _memtotal_mb(), [])
+                             _memtotal_mb(), [], pooler_port, secrets.token_urlsafe(24))
+    pooler_conf = Path(f"/etc/pgbouncer/{name}.ini")
     python = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
     inventory = {"all": {"children": {
         "postgres_servers": {"children": {"region_ansible_test": None}},
@@ -233,10 +255,17 @@ def ansible_cluster(tmp_path: Path) -> Iterator[AnsibleCluster]:
                 "postgres_server_listen_addresses": "127.0.0.1",
                 "postgres_server_shared_buffers_ratio": 0.01,
                 "postgres_server_max_connections": 100,
+                # a PgBouncer in front, started as a daemon (no systemd here)
+                "postgres_server_pooler": True,
+                "postgres_server_pooler_port": pooler_port,
+                "postgres_server_pooler_dir": str(cluster.pooler_dir),
+                "postgres_server_pooler_conf": str(pooler_conf),
+                "postgres_server_pooler_manage": "daemon",
             }}}}}}
     (tmp_path / "inventory.yml").write_text(yaml.safe_dump(inventory))
     extra = _private_json(tmp_path / "secrets.json",
-                          {"tenantctl_admin_password": cluster.admin_password})
+                          {"tenantctl_admin_password": cluster.admin_password,
+                           "tenantctl_pooler_admin_password": cluster.pooler_password})
     args = ("-i", str(tmp_path / "inventory.yml"), "-e", f"@{extra}", "site.yml")
     try:
         for _ in range(2):
@@ -246,6 +275,12 @@ def ansible_cluster(tmp_path: Path) -> Iterator[AnsibleCluster]:
             cluster.runs.append((recap["changed"], res.stdout + res.stderr))
         yield cluster
     finally:
+        pidfile = cluster.pooler_dir / "pgbouncer.pid"
+        if pidfile.exists():
+            with contextlib.suppress(ValueError, OSError):
+                os.kill(int(pidfile.read_text().strip()), signal.SIGTERM)
+        shutil.rmtree(cluster.pooler_dir, ignore_errors=True)
+        pooler_conf.unlink(missing_ok=True)
         subprocess.run(["pg_dropcluster", "--stop", version, name], capture_output=True,
                        timeout=120)
         # pg_dropcluster removes only the files it made (not conf.d/, the certificate)
@@ -268,6 +303,7 @@ def test_postgres_server_role_real_run(ansible_cluster: AnsibleCluster, test_fle
     assert second_changed == 0, second[-6000:]  # idempotent: a second run changes nothing
     for _, out in cluster.runs:
         assert cluster.admin_password not in out
+        assert cluster.pooler_password not in out
 
     # The server as Ansible left it.
     conf_dir = Path(f"/etc/postgresql/{cluster.version}/{cluster.name}")
@@ -374,6 +410,31 @@ def test_postgres_server_role_real_run(ansible_cluster: AnsibleCluster, test_fle
         assert check.returncode == 0, check.stderr
         assert [v["ready"] for v in json.loads(check.stdout)["logical_moves"].values()] == \
             [version >= 160000]
+
+        # The role's PgBouncer: tenantctl told about it writes its files, and a tenant
+        # reaches its database through it, with its own password, over TLS both ways.
+        pooler_pw = tmp_path / "pooler.password"
+        pooler_pw.write_text(cluster.pooler_password + "\n")
+        pooler_pw.chmod(0o600)
+        pooled = tmp_path / "pooled.toml"
+        pooled.write_text(config.read_text() + "\n".join([
+            'pooler = "pgbouncer"', 'pooler_host = "127.0.0.1"',
+            f"pooler_port = {cluster.pooler_port}", f'pooler_dir = "{cluster.pooler_dir}"',
+            f'pooler_admin_password_file = "{pooler_pw}"', ""]))
+        res = _tenantctl(pooled, "tenant", "create", "ans_pooled", "--region", "ansible-test",
+                         "--json")
+        assert res.returncode == 0, res.stderr
+        created = json.loads(res.stdout)
+        assert created["warnings"] == [], created["warnings"]
+        assert f":{cluster.pooler_port}/" in created["dsn"]
+        with connect_as(created["dsn"]) as conn:
+            user, ssl = conn.execute(
+                "SELECT current_user, ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
+            ).fetchone()  # type: ignore[misc]
+            assert (user, ssl) == ("tenant_ans_pooled", True)
+            assert conn.info.pgconn.ssl_in_use  # client to PgBouncer
+        assert (cluster.pooler_dir / "userlist.txt").stat().st_uid == \
+            (cluster.pooler_dir).stat().st_uid  # PgBouncer's user (postgres) owns it
     finally:
         with psycopg.connect(test_fleet.admin_dsn("eu-central-1"), autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{catalog_db}" WITH (FORCE)')

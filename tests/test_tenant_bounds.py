@@ -309,7 +309,7 @@ def small_fleet() -> Iterator[SmallFleet]:
     os.chmod(state, 0o755)
     cfg = None
     try:
-        res = localfleet.init_local(state / "tenantctl.toml", state)
+        res = localfleet.init_local(state / "tenantctl.toml", state, pooler=False)
         text = res.config_path.read_text()
         text = text[:text.index("\n[regions.ap-south]")] + "\n"
         text = text.replace("\nspare_databases = 2 ", "\nconnection_limit = 100\n"

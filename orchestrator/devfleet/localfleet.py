@@ -20,9 +20,11 @@ import pwd
 import re
 import secrets
 import shutil
+import signal
 import socket
 import stat
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,9 +34,10 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
 from orchestrator.adapters.crypto.masterkey import write_key_file
+from orchestrator.adapters.postgres import pgbouncer
 from orchestrator.adapters.postgres.childenv import child_env
 from orchestrator.adapters.postgres.pgtools import pg_bin_dir, pg_tool
-from orchestrator.config import Config, ServerConfig
+from orchestrator.config import Config, PoolerConfig, ServerConfig
 from orchestrator.domain.errors import (
     ConfigError,
     InvalidInput,
@@ -42,6 +45,13 @@ from orchestrator.domain.errors import (
     TenantctlError,
 )
 from orchestrator.domain.names import ADMIN_ROLE, CATALOG_DB
+from orchestrator.domain.pooler import (
+    AUTH_FILE,
+    DATABASES_FILE,
+    password_verifier,
+    render_auth,
+    render_databases,
+)
 
 PG_OS_USER = "tenantctl_pg"
 SUPERUSER = "postgres"
@@ -112,9 +122,11 @@ def local_server_names(servers_per_region: int = 1) -> list[tuple[str, str]]:
             for i in range(1, servers_per_region + 1)]
 
 
-def render_local_config(state_dir: Path, ports: dict[str, int], capacity: int = 1000) -> str:
+def render_local_config(state_dir: Path, ports: dict[str, int], capacity: int = 1000,
+                        pooler_ports: dict[str, int] | None = None) -> str:
     """The tenantctl.toml of a local fleet: one embedded cluster per server (``ports``:
-    server name -> port; ``<region>-<n>``, see local_server_names).
+    server name -> port; ``<region>-<n>``, see local_server_names), and one PgBouncer
+    beside each on ``pooler_ports`` (server name -> port) when given.
 
     The catalog lives on the first region's first cluster, in its own database that
     no tenant role can connect to.
@@ -159,6 +171,14 @@ def render_local_config(state_dir: Path, ports: dict[str, int], capacity: int = 
                 f'data_dir = "{state_dir / "pg" / server}"',
                 f"port = {port}",
             ]
+            if pooler_ports:
+                lines += [
+                    'pooler = "pgbouncer"',
+                    'pooler_host = "127.0.0.1"',
+                    f"pooler_port = {pooler_ports[server]}",
+                    f'pooler_dir = "{state_dir / "pgbouncer" / server}"',
+                    f'pooler_admin_password_file = "{state_dir / "secrets" / server}.pooler"',
+                ]
     return "\n".join(lines) + "\n"
 
 
@@ -193,25 +213,39 @@ def check_servers_per_region(n: int) -> int:
 
 
 def init_local(config_path: Path, state_dir: Path, *, force: bool = False,
-               base_port: int | None = None, servers_per_region: int = 1) -> InitResult:
+               base_port: int | None = None, servers_per_region: int = 1,
+               pooler: bool | None = None) -> InitResult:
     """Write the local fleet's config, master key and admin passwords. Idempotent:
     an existing config is kept (``force`` rewrites it, keeping keys and passwords).
     ``servers_per_region`` embedded clusters in each region (``<region>-1`` ..).
-    Ports: ``base_port`` and the next ones, else the first free from 55432."""
+    Ports: ``base_port`` and the next ones, else the first free from 55432.
+    ``pooler``: a PgBouncer beside each cluster (default: when the binary is
+    installed), on the ports after the clusters'."""
     check_servers_per_region(servers_per_region)
     config_path = config_path.resolve()
     state_dir = state_dir.resolve()
     if config_path.exists() and not force:
         return InitResult(config_path, created=False)
     servers = local_server_names(servers_per_region)
-    ports_list = chosen_ports(base_port, len(servers)) if base_port is not None \
-        else free_ports(len(servers))
+    n = len(servers)
+    ports_list = chosen_ports(base_port, n) if base_port is not None else free_ports(n)
+    if pooler is None:
+        pooler = pgbouncer_binary() is not None
+    if pooler:  # the poolers: the first free ports after the clusters'
+        ports_list += free_ports(n, start=max(ports_list) + 1)
     state_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(state_dir, 0o755)  # the Postgres OS user must traverse it when we are root
     key_file = state_dir / "master.key"
     if not key_file.exists():
         write_key_file(key_file)
-    ports = dict(zip([name for name, _ in servers], ports_list, strict=True))
+    names = [name for name, _ in servers]
+    ports = dict(zip(names, ports_list[:n], strict=True))
+    pooler_ports = dict(zip(names, ports_list[n:], strict=True)) if pooler else None
+    if pooler:
+        for name in names:
+            pw = state_dir / "secrets" / f"{name}.pooler"
+            if not pw.exists():
+                _write_private(pw, secrets.token_urlsafe(32) + "\n")
     pgpass = state_dir / "pgpass"
     for server, _region in servers:
         if read_pgpass_password(pgpass, ports[server], ADMIN_ROLE) is None:
@@ -220,7 +254,7 @@ def init_local(config_path: Path, state_dir: Path, *, force: bool = False,
         (state_dir / "backups" / region).mkdir(parents=True, exist_ok=True)
     (state_dir / "pg").mkdir(exist_ok=True)
     tmp = config_path.with_suffix(".toml.tmp")
-    tmp.write_text(render_local_config(state_dir, ports))
+    tmp.write_text(render_local_config(state_dir, ports, pooler_ports=pooler_ports))
     tmp.replace(config_path)
     return InitResult(config_path, created=True)
 
@@ -660,6 +694,8 @@ def up(cfg: Config) -> Iterator[str]:
             else:
                 yield f"{server.name}: will {' and '.join(pending)} at the next restart " \
                       "(tenantctl local down, then up)"
+        if server.pooler is not None:
+            yield _start_pooler(server, owner)
 
 
 def _stop(cfg: Config, server: ServerConfig, owner: tuple[int, int] | None) -> None:
@@ -675,6 +711,8 @@ def down(cfg: Config) -> Iterator[str]:
     owner = _os_user()
     for server in local_servers(cfg):
         assert server.data_dir is not None
+        if (stopped := _stop_pooler(server)) is not None:
+            yield stopped
         if _running_pid(server.data_dir) is None:
             clear_stale_pidfile(server.data_dir)
             yield f"{server.name}: not running"
@@ -703,3 +741,112 @@ def status(cfg: Config) -> list[ClusterStatus]:
         out.append(ClusterStatus(server.name, server.region, server.port, server.data_dir,
                                  pid is not None, pid, detail))
     return out
+
+
+# ---------------------------------------------------------------------------
+# PgBouncer beside each cluster (when the binary is installed)
+
+PGBOUNCER_PATHS = ("/usr/sbin/pgbouncer", "/usr/bin/pgbouncer")
+
+
+def pgbouncer_binary() -> str | None:
+    found = shutil.which("pgbouncer")
+    if found:
+        return found
+    return next((p for p in PGBOUNCER_PATHS if os.access(p, os.X_OK)), None)
+
+
+def render_pgbouncer_ini(pooler: PoolerConfig) -> str:
+    """The ini of a local PgBouncer: its [databases] are the list tenantctl writes
+    (included), its users the auth file of SCRAM verifiers; transaction pooling (a
+    server connection serves a client for one transaction: many clients, few
+    server connections); tenantctl's admin login on the console."""
+    d = pooler.dir
+    return (
+        "; written by `tenantctl local up`\n"
+        "[databases]\n"
+        f"%include {d / DATABASES_FILE}\n"
+        "\n[pgbouncer]\n"
+        f"listen_addr = {pooler.host}\n"
+        f"listen_port = {pooler.port}\n"
+        "unix_socket_dir =\n"
+        "auth_type = scram-sha-256\n"
+        f"auth_file = {d / AUTH_FILE}\n"
+        f"admin_users = {pooler.admin_user}\n"
+        "pool_mode = transaction\n"
+        "default_pool_size = 2\n"
+        "max_client_conn = 4000\n"
+        # a client of a database at its max_db_connections waits this long, then
+        # gets an error (never the server's "too many clients")
+        "query_wait_timeout = 60\n"
+        "server_login_retry = 1\n"
+        "ignore_startup_parameters = extra_float_digits,options\n"
+        f"logfile = {d / 'pgbouncer.log'}\n"
+        f"pidfile = {d / 'pgbouncer.pid'}\n"
+    )
+
+
+def _pooler_pid(pooler: PoolerConfig) -> int | None:
+    try:
+        pid = int((pooler.dir / "pgbouncer.pid").read_text().strip())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return None
+    return pid
+
+
+def _start_pooler(server: ServerConfig, owner: tuple[int, int] | None) -> str:
+    """Start the server's PgBouncer (as the Postgres OS user when we are root: it
+    refuses root). Its files: written now only if missing (a first start); tenantctl
+    keeps them in step with the catalog from then on (`doctor --fix` re-syncs)."""
+    pooler = server.pooler
+    assert pooler is not None and pooler.admin_password_file is not None
+    binary = pgbouncer_binary()
+    if binary is None:
+        return f"{server.name}: pgbouncer is not installed; no pooler (clients connect " \
+               "directly)"
+    if _pooler_pid(pooler) is not None:
+        return f"{server.name}: pooler already running on {pooler.host}:{pooler.port}"
+    pooler.dir.mkdir(parents=True, exist_ok=True)
+    if owner is not None:
+        os.chown(pooler.dir, *owner)
+    os.chmod(pooler.dir, 0o700)
+    admin_pw = pooler.admin_password_file.read_text().strip()
+    pgbouncer.write_private(pooler.dir / "pgbouncer.ini", render_pgbouncer_ini(pooler))
+    if not (pooler.dir / AUTH_FILE).exists():
+        pgbouncer.write_private(pooler.dir / AUTH_FILE, render_auth(
+            {pooler.admin_user: password_verifier(admin_pw)}))
+    if not (pooler.dir / DATABASES_FILE).exists():
+        pgbouncer.write_private(pooler.dir / DATABASES_FILE, render_databases([]))
+    res = _run_as([binary, "-d", "-q", str(pooler.dir / "pgbouncer.ini")], owner)
+    if res.returncode != 0:
+        tail = (res.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise TenantctlError(f"could not start the pooler of {server.name}: {tail}")
+    for _ in range(50):  # bounded: 5 s
+        try:
+            pgbouncer.version(pooler)
+            break
+        except TenantctlError:
+            time.sleep(0.1)
+    else:
+        raise TenantctlError(f"the pooler of {server.name} did not answer within 5 s "
+                             f"(see {pooler.dir / 'pgbouncer.log'})")
+    return f"{server.name}: pooler started on {pooler.host}:{pooler.port}"
+
+
+def _stop_pooler(server: ServerConfig) -> str | None:
+    pooler = server.pooler
+    if pooler is None:
+        return None
+    pid = _pooler_pid(pooler)
+    if pid is None:
+        return None
+    os.kill(pid, signal.SIGTERM)
+    for _ in range(100):  # bounded: 10 s
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            return f"{server.name}: pooler stopped"
+        time.sleep(0.1)
+    os.kill(pid, signal.SIGKILL)
+    return f"{server.name}: pooler killed (it did not stop within 10 s)"

@@ -142,6 +142,18 @@ class MoveRow:
     busy: bool = False  # a live process holds the tenant's lock
 
 
+@dataclass(frozen=True)
+class PoolerFact:
+    """A server's pooler as doctor found it: does its admin console answer, and
+    which of its files differ from what the catalog says."""
+
+    server: str
+    where: str  # host:port
+    up: bool
+    down_reason: str | None
+    stale: tuple[str, ...] = ()
+
+
 @dataclass
 class ClusterFacts:
     """One Postgres cluster; several configured servers may point at it."""
@@ -208,6 +220,7 @@ class Facts:
     moves: list[MoveRow] = field(default_factory=list)  # unfinished tenant moves
     # each server's connection budget, against the max_connections read now
     budgets: dict[str, ServerBudget] = field(default_factory=dict)
+    poolers: dict[str, PoolerFact] = field(default_factory=dict)  # by server
 
 
 # -- findings -------------------------------------------------------------------------
@@ -248,7 +261,7 @@ def diagnose(f: Facts) -> list[Finding]:
                   check_privileges, check_role_bounds, check_large_objects, check_backups,
                   check_store, check_revisions, check_retention, check_transitions,
                   check_master_key, check_fleet_identity, check_grants, check_writes,
-                  check_moves):
+                  check_moves, check_poolers):
         out.extend(check(f))
     return sorted(out, key=lambda x: (SEVERITY_ORDER[x.severity], x.code, x.subject))
 
@@ -922,3 +935,17 @@ def check_moves(f: Facts) -> Iterator[Finding]:
                      + (": it holds WAL until dropped" if kind == "slot" else ""),
                      "tenantctl doctor --fix (drops it)", fix="drop_move_leftover",
                      server=c.servers[0], kind=kind, name=name, database=database)
+
+
+def check_poolers(f: Facts) -> Iterator[Finding]:
+    """A pooler down refuses every client of its server's pooled connection strings;
+    files out of step with the catalog admit a suspended tenant, or refuse a new one
+    or a rotated password."""
+    for name, p in sorted(f.poolers.items()):
+        if not p.up:
+            yield _f(ERROR, "pooler-down", name, f"pooler at {p.where} does not answer: "
+                     f"{p.down_reason}", remedy("pooler-down", where=p.where))
+        if p.stale:
+            yield _f(WARNING, "pooler-stale", name, f"pooler files differ from the catalog: "
+                     f"{', '.join(p.stale)}", remedy("pooler-stale", server=name),
+                     fix="sync_pooler", server=name)

@@ -31,6 +31,16 @@ def _retention_overdue(kind: str, **_: object) -> str:
     return f"tenantctl retention run --only {kind} (tenantctl doctor --fix, after asking)"
 
 
+def _pooler_down(where: str = "its address", **_: object) -> str:
+    return (f"start the pooler ({where}; `tenantctl local up` for the embedded fleet), "
+            "then tenantctl doctor --fix (writes its files, RELOAD)")
+
+
+def _pooler_stale(server: str = "SERVER", **_: object) -> str:
+    return (f"tenantctl doctor --fix (or tenantctl pooler sync {server}): writes its "
+            "files from the catalog, RELOAD")
+
+
 REMEDIES: dict[str, Callable[..., str]] = {
     # doctor's rules (domain/health.py)
     "server-unreachable": "check the server and the admin DSN in tenantctl.toml "
@@ -59,6 +69,8 @@ REMEDIES: dict[str, Callable[..., str]] = {
     "deletion-overdue": _retention_overdue,
     "purge-overdue": _retention_overdue,
     "grant-expired": "tenantctl retention run --only access (tenantctl doctor --fix)".format,
+    "pooler-down": _pooler_down,
+    "pooler-stale": _pooler_stale,
     # found only by the report (domain/promises.py)
     "backup-not-encrypted": "tenantctl backup run {slug} (a new backup, encrypted to its "
                             "tenant's key)".format,

@@ -25,14 +25,16 @@ from orchestrator.domain.master_keys import MASTER_KEY_SETTING, identity_context
 from orchestrator.domain.names import password_context
 from orchestrator.domain.states import HAS_DATABASE
 from orchestrator.ports import SecretWrapper
+from orchestrator.services import pooler
 
 
 def credentials(fleet: Deps, slug: str, *, rotate: bool = False,
-                kill_sessions: bool = False) -> str:
+                kill_sessions: bool = False, direct: bool = False) -> str:
     """The tenant's connection string; with ``rotate``, after changing the password
     (and, with ``kill_sessions``, ending the sessions opened with the old one).
     The new password is stored (wrapped) before the role gets it, so a crash in
-    between leaves a pending password that the next call applies."""
+    between leaves a pending password that the next call applies. ``direct``: the
+    server's address even when a pooler stands in front of it."""
     tenant = fleet.get_tenant(slug)
     if tenant.state not in HAS_DATABASE:
         raise Conflict(f"tenant {slug!r} is {tenant.state}: it has no usable credentials")
@@ -45,22 +47,23 @@ def credentials(fleet: Deps, slug: str, *, rotate: bool = False,
                        else f"tenant {slug!r} has no stored password")
     ctx = password_context(slug)
     if rotate:
-        dsn = _rotate(fleet, tenant, ctx)
+        dsn = _rotate(fleet, tenant, ctx, direct=direct)
         if kill_sessions:
             with fleet.server_connection(tenant.server) as conn:
                 pgserver.terminate_sessions(conn, role=tenant.login_role)
         return dsn
     password = fleet.keys.master.unwrap(cred.password_wrapped, ctx).decode()
     if cred.applied_at is None:  # a rotation that died half-way: finish it
-        return _rotate(fleet, tenant, ctx, password)
+        return _rotate(fleet, tenant, ctx, password, direct=direct)
     fleet.catalog.audit("tenant.credentials.show", tenant=slug, region=tenant.region)
-    dsn = fleet.tenant_dsn(tenant, password)
+    dsn = fleet.tenant_dsn(tenant, password, direct=direct)
     if tenant.step == UNSHOWN:
         fleet.credentials_shown(slug)
     return dsn
 
 
-def _rotate(fleet: Deps, tenant: Tenant, ctx: str, password: str | None = None) -> str:
+def _rotate(fleet: Deps, tenant: Tenant, ctx: str, password: str | None = None, *,
+            direct: bool = False) -> str:
     """Store the new password (wrapped) first, then give it to the role, under the
     tenant's lock so two rotations cannot cross."""
     slug = tenant.slug
@@ -81,8 +84,10 @@ def _rotate(fleet: Deps, tenant: Tenant, ctx: str, password: str | None = None) 
             s.execute(update(TenantCredential)
                       .where(TenantCredential.tenant_id == tenant.id)
                       .values(applied_at=clock.utcnow()))
+        # the pooler's auth file gets the new verifier at once (the old one refused)
+        pooler.refresh(fleet, tenant.server, changed=slug)
     fleet.catalog.audit("tenant.credentials.rotate", tenant=slug, region=tenant.region)
-    return fleet.tenant_dsn(tenant, password)
+    return fleet.tenant_dsn(tenant, password, direct=direct)
 
 
 def export_identity(fleet: Deps, slug: str) -> str:

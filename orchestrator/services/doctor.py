@@ -64,6 +64,7 @@ from orchestrator.domain.health import (
     Facts,
     Finding,
     MoveRow,
+    PoolerFact,
     Role,
     StoreFacts,
     TenantRow,
@@ -75,7 +76,16 @@ from orchestrator.domain.names import password_context, tenant_lock
 from orchestrator.domain.retention_plan import DELETE, PURGE
 from orchestrator.domain.states import HAS_DATABASE
 from orchestrator.domain.statuses import BackupStatus
-from orchestrator.services import access, move, plans, provisioning, quota, retention, templates
+from orchestrator.services import (
+    access,
+    move,
+    plans,
+    pooler,
+    provisioning,
+    quota,
+    retention,
+    templates,
+)
 from orchestrator.services import budget as budgets
 from orchestrator.services.access import role_name
 
@@ -265,7 +275,7 @@ def _probe_logins(fleet: Deps, tenants: list[Tenant], clusters: dict[str, Cluste
                                      password_context(t.slug)).decode()
         except TenantctlError:
             continue  # a key problem: not this check's to report
-        dsns[t.slug] = fleet.tenant_dsn(t, password)
+        dsns[t.slug] = fleet.tenant_dsn(t, password, direct=True)
     with ThreadPoolExecutor(max_workers=max(1, min(8, len(dsns)))) as pool:
         works = dict(zip(dsns, pool.map(pgserver.role_works, dsns.values()), strict=True))
     return {slug for slug, ok in works.items() if ok is False}, None
@@ -356,7 +366,16 @@ def gather(fleet: Deps, region: str | None = None, now: datetime | None = None) 
         grant_ids={role_name(gid): (gid, ro) for gid, _exp, _db, ro in grant_rows},
         moves=[MoveRow(m.tenant_id, m.slug, m.from_server, m.to_server, m.step,
                        busy=tenant_lock(m.slug) in busy) for m in move_rows],
-        budgets=_budgets(cfg, tenants, servers, server_cluster, clusters))
+        budgets=_budgets(cfg, tenants, servers, server_cluster, clusters),
+        poolers=_poolers(fleet, [n for n, sc in configured.items() if sc.pooler is not None]))
+
+
+def _poolers(fleet: Deps, servers: list[str]) -> dict[str, PoolerFact]:
+    out = {}
+    for name in servers:
+        h = pooler.check(fleet, name)
+        out[name] = PoolerFact(name, h.pooler, h.up, h.down_reason, tuple(h.stale))
+    return out
 
 
 def _budgets(cfg: Config, tenants: Iterable[Tenant], servers: Iterable[str],
@@ -549,6 +568,13 @@ def _fix_bound_role(fleet: Deps, x: Finding) -> str:
         ", ".join(f"{k}={v}" for k, v in sorted(applied.items()))
 
 
+def _fix_sync_pooler(fleet: Deps, x: Finding) -> str:
+    res = pooler.sync(fleet, x.arg("server"))
+    if res.warning is not None:
+        raise Conflict(res.warning)
+    return f"pooler files written ({res.tenants} tenant database(s) listed), RELOAD done"
+
+
 def _fix_reapply_password(fleet: Deps, x: Finding) -> str:
     """The stored password, as a fresh verifier, under the tenant's lock (a rotation
     cannot cross it); a rotation left pending is `tenant credentials`' to finish."""
@@ -652,7 +678,7 @@ FIXES: dict[str, Callable[[Deps, Finding], str]] = {
     "delete_object": _fix_delete_object, "drop_orphan_role": _fix_drop_orphan_role,
     "drop_orphan_database": _fix_drop_orphan_database, "discard_upload": _fix_discard_upload,
     "finish_erase": _fix_finish_erase, "bound_role": _fix_bound_role,
-    "reapply_password": _fix_reapply_password,
+    "reapply_password": _fix_reapply_password, "sync_pooler": _fix_sync_pooler,
     "grant_membership": _fix_grant_membership, "hold_large_objects": _fix_hold_large_objects,
     "sync_writes": _fix_sync_writes,
     "finish_move": _fix_finish_move, "abort_move": _fix_abort_move,

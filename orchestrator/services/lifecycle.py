@@ -26,7 +26,7 @@ from orchestrator.domain.names import tenant_names
 from orchestrator.domain.states import CANCELLING, Op
 from orchestrator.domain.statuses import BackupStatus
 from orchestrator.ports import TenantRecord
-from orchestrator.services import access
+from orchestrator.services import access, pooler
 
 if TYPE_CHECKING:
     from orchestrator.bootstrap import Deps
@@ -106,6 +106,7 @@ def cancel(fleet: Deps, slug: str, *, now: datetime | None = None,
             _set(fleet, tenant, "cancel", state=states.target(Op.cancel), cancelled_at=now,
                  hold_until=hold_until, suspended_at=None, step=None)
             checkpoint("cancel.state")
+            pooler.refresh(fleet, tenant.server, changed=slug)  # off the pooler's list
         else:
             hold_until = tenant.hold_until  # type: ignore[assignment]
         # Sessions opened before the hold may still hold locks (an idle transaction
@@ -147,6 +148,7 @@ def reactivate(fleet: Deps, slug: str, *, now: datetime | None = None) -> Transi
         fleet.admin.set_login(tenant.server, names.login_role, True)
         _set(fleet, tenant, "reactivate", state=states.target(Op.reactivate),
              cancelled_at=None, hold_until=None)
+        pooler.refresh(fleet, tenant.server, changed=slug)
     return TransitionResult(slug, "reactivate", states.target(Op.reactivate))
 
 
@@ -159,6 +161,8 @@ def suspend(fleet: Deps, slug: str) -> TransitionResult:
         tenant = _locked_tenant(fleet, slug, "suspend", now)
         fleet.admin.set_login(tenant.server, tenant.login_role, False)
         _set(fleet, tenant, "suspend", state=states.target(Op.suspend), suspended_at=now)
+        # refused at the pooler too: off its list, its pooled clients ended
+        pooler.refresh(fleet, tenant.server, changed=slug)
     return TransitionResult(slug, "suspend", states.target(Op.suspend))
 
 
@@ -168,6 +172,7 @@ def resume(fleet: Deps, slug: str) -> TransitionResult:
         tenant = _locked_tenant(fleet, slug, "resume", fleet.clock.now())
         fleet.admin.set_login(tenant.server, tenant.login_role, True)
         _set(fleet, tenant, "resume", state=states.target(Op.resume), suspended_at=None)
+        pooler.refresh(fleet, tenant.server, changed=slug)
     return TransitionResult(slug, "resume", states.target(Op.resume))
 
 

@@ -64,7 +64,7 @@ from orchestrator.domain.moves import MoveMethod, MoveOutcome, MovePlan, ServerF
 from orchestrator.domain.names import move_object_name, password_context, tenant_names
 from orchestrator.domain.states import TenantState
 from orchestrator.domain.statuses import BackupStatus
-from orchestrator.services import plans
+from orchestrator.services import plans, pooler
 
 if TYPE_CHECKING:
     from orchestrator.bootstrap import Deps
@@ -351,6 +351,11 @@ def _run(deps: Deps, tenant: Tenant, row: TenantMove, progress: Progress | None,
             raise
         _cutover(deps, tenant, row, progress)
     _open_target(deps, tenant, row)
+    # the poolers follow the catalog: listed (and its verifier) at the new server's,
+    # taken off (and its pooled sessions killed) at the old one's; a pooler that is
+    # down is a warning, never a failed move
+    pooler.refresh(deps, row.to_server, changed=tenant.slug)
+    pooler.refresh(deps, row.from_server, changed=tenant.slug)
     result: dict[str, Any] = {}
     if moves.step_index(row.step) < moves.step_index("source_dropped"):
         _drop_source(deps, tenant, row, progress)

@@ -19,7 +19,7 @@ from orchestrator.domain.budget import refuse_plan
 from orchestrator.domain.errors import Conflict, TenantctlError, first_line
 from orchestrator.domain.states import HAS_DATABASE, TenantState
 from orchestrator.services import budget as budgets
-from orchestrator.services import quota
+from orchestrator.services import pooler, quota
 from orchestrator.services.quota import QuotaOutcome
 
 if TYPE_CHECKING:
@@ -89,6 +89,8 @@ def set_plan(deps: Deps, slug: str, name: str) -> PlanChange:
             s.execute(update(Tenant).where(Tenant.id == tenant.id).values(plan=plan.name))
             deps.catalog.audit("tenant.set-plan", tenant=slug, region=tenant.region,
                                session=s, plan=plan.name, previous=previous)
+        if tenant.state in HAS_DATABASE:  # the pool size of the pooler's entry
+            pooler.refresh(deps, tenant.server, changed=slug)
     judged = None
     if applied is not None:  # by the last measured size (`usage collect`)
         latest = usage_store.latest_size(deps.catalog, tenant.id)

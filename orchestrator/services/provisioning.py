@@ -15,7 +15,7 @@ tenant's names; the row then goes from registered straight to privileges.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -61,7 +61,7 @@ from orchestrator.domain.names import (
 from orchestrator.domain.placement import ServerLoad, choose_server
 from orchestrator.domain.views import tenant_json
 from orchestrator.services import budget as budgets
-from orchestrator.services import plans, templates
+from orchestrator.services import plans, pooler, templates
 
 if TYPE_CHECKING:
     from orchestrator.bootstrap import Deps
@@ -75,6 +75,9 @@ class ProvisionResult:
     dsn: str
     resumed: bool
     via_template: bool
+    # one line each: what did not stop the sign-up (a pooler that is down)
+    warnings: list[str] = field(default_factory=list)
+    direct_dsn: str | None = None  # when ``dsn`` is the pooler's
 
 
 @dataclass
@@ -133,7 +136,10 @@ def provision(fleet: Deps, slug: str, region: str, *, restore_from: int | None =
                                plan or fleet.cfg.default_plan)
             checkpoint("provision.registered")
         via_template = _run_steps(fleet, tenant, password)
-        return Provisioned(fleet.get_tenant(slug), password, resumed, via_template)
+        done = fleet.get_tenant(slug)
+        # the pooler lists it from now on; a pooler that is down is a warning only
+        pooler.refresh(fleet, done.server, changed=slug)
+        return Provisioned(done, password, resumed, via_template)
 
 
 def provision_tenant(fleet: Deps, slug: str, region: str, *,
@@ -143,9 +149,10 @@ def provision_tenant(fleet: Deps, slug: str, region: str, *,
     string. With ``shown=False`` the caller calls ``credentials_shown`` once the
     string has reached its reader; until then a re-run returns it again."""
     done = provision(fleet, slug, region, restore_from=restore_from, plan=plan)
-    result = ProvisionResult(tenant_json(done.tenant),
-                             fleet.tenant_dsn(done.tenant, done.password),
-                             done.resumed, done.via_template)
+    dsn = fleet.tenant_dsn(done.tenant, done.password)
+    direct = fleet.tenant_dsn(done.tenant, done.password, direct=True)
+    result = ProvisionResult(tenant_json(done.tenant), dsn, done.resumed, done.via_template,
+                             list(fleet.warnings), direct if direct != dsn else None)
     if shown:
         fleet.credentials_shown(slug)
     return result

@@ -46,7 +46,7 @@ from orchestrator.domain.states import Op, TenantState
 from orchestrator.domain.statuses import BackupStatus
 from orchestrator.domain.timeliness import overdue_transition
 from orchestrator.ports import CatalogWrites, TenantRecord
-from orchestrator.services import access
+from orchestrator.services import access, pooler
 
 if TYPE_CHECKING:
     from orchestrator.bootstrap import Deps
@@ -232,6 +232,7 @@ def delete_tenant(fleet: Deps, slug: str, now: datetime) -> tuple[str, str]:
             tx.delete_credential(tenant.id)
             tx.audit("tenant.delete", tenant=slug, region=tenant.region, at=now,
                      final_backup=backup_id, purge_after=purge_after.isoformat())
+        pooler.refresh(fleet, tenant.server, changed=slug)
     return "done", f"database and role dropped; final backup {backup_id}; " \
                    f"purge after {purge_after.date().isoformat()}"
 
@@ -276,6 +277,7 @@ def erase_tenant(fleet: Deps, slug: str, reason: str, now: datetime) -> dict[str
                              deleted_at=tenant.deleted_at or now, purge_after=now,
                              over_quota=False, over_quota_since=None,
                              updated_at=now)
+        pooler.refresh(fleet, tenant.server, changed=slug)
         checkpoint("erase.dropped")
         removed = _delete_all_backups(fleet, tenant)
         with fleet.records.transaction() as tx:

@@ -27,6 +27,7 @@ from orchestrator.domain.bounds import SUSET_SETTINGS
 from orchestrator.domain.errors import Conflict, first_line
 from orchestrator.domain.marks import role_marker as role_marker  # callers say pgserver.role_marker
 from orchestrator.domain.names import TEMPLATE_DB, TEMPLATE_OWNER, TenantNames
+from orchestrator.domain.pooler import password_verifier
 from orchestrator.domain.replication import LogicalReadiness
 
 Ident = sql.Identifier
@@ -686,8 +687,9 @@ def lock_holders(conn: psycopg.Connection, database: str) -> list[str]:
 
 
 def scram_verifier(conn: psycopg.Connection, role: str, password: str) -> str:
-    return conn.pgconn.encrypt_password(
-        password.encode(), role.encode(), b"scram-sha-256").decode()
+    """The verifier tenantctl computes itself (domain.pooler): the same string goes to
+    a pooler's auth file, which PgBouncer needs to reach the server as the role."""
+    return password_verifier(password)
 
 
 def set_password(conn: psycopg.Connection, role: str, password: str) -> None:
