@@ -111,8 +111,12 @@ def test_the_servers_budget_keys() -> None:
     sc = parse_config(_cfg({}), Path("t")).server("s1")
     assert (sc.connection_reserve, sc.connection_budget, sc.pooler) == (10, None, None)
     sc = parse_config(_cfg({"connection_budget": "auto", "connection_reserve": 0,
-                            "pooler": "pgbouncer"}), Path("t")).server("s1")
-    assert (sc.connection_reserve, sc.connection_budget, sc.pooler) == (0, "auto", "pgbouncer")
+                            "pooler": "pgbouncer", "pooler_host": "127.0.0.1",
+                            "pooler_port": 6432, "pooler_dir": "/tmp/pgb",
+                            "pooler_admin_password_file": "/tmp/pgb.pw"}),
+                      Path("t")).server("s1")
+    assert (sc.connection_reserve, sc.connection_budget) == (0, "auto")
+    assert sc.pooler is not None and sc.pooler.kind == "pgbouncer"
     assert parse_config(_cfg({"connection_budget": 120}), Path("t")).server(
         "s1").connection_budget == 120
 
@@ -123,7 +127,7 @@ def test_the_servers_budget_keys() -> None:
     ({"connection_budget": 0}, "connection_budget: must be at least 1"),
     ({"connection_budget": True}, "connection_budget: must be an integer"),
     ({"connection_reserve": -1}, "connection_reserve: must be at least 0"),
-    ({"pooler": ""}, "pooler: must be a non-empty string"),
+    ({"pooler": ""}, "unknown pooler ''"),
 ])
 def test_a_bad_budget_key_is_one_line_naming_it(server: dict[str, object], says: str) -> None:
     with pytest.raises(ConfigError) as err:
