@@ -240,7 +240,7 @@ def plan_move(t: TenantFacts, source: ServerFacts, target: ServerFacts,
 @dataclass(frozen=True)
 class TableSum:
     rows: int
-    digest: str  # an order-independent digest of the rows' text
+    digest: str  # an order-independent digest of the rows (sum of 64-bit row hashes)
 
 
 def compare_checks(source: Mapping[str, Any], target: Mapping[str, Any]) -> list[str]:

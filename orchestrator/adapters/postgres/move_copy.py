@@ -63,20 +63,46 @@ def logical_readiness(conn: psycopg.Connection) -> str | None:
 
 # -- checks ---------------------------------------------------------------------------
 
-# Order-independent digest of a table's rows: the sum of a 64-bit hash of each row's
-# text (hashtextextended: several times cheaper than md5, and the checks run while
-# writes are paused), so no sort and no string the size of the table.
-_TABLE_SUM = sql.SQL(
-    "SELECT count(*), coalesce(sum(hashtextextended(t::text, 0)::numeric), 0)::text "
-    "FROM public.{} t")
+# Order-independent digest of a table's rows: the sum of a 64-bit hash of each row, so
+# no sort and no string the size of the table (the checks run while writes are paused).
+# The row is hashed by hash_record_extended: each column by its type's own hash, no
+# text conversion (several times cheaper than hashing the row's text). A type's hash
+# may equate values its text tells apart (numeric 1.0 and 1.00, float -0 and 0, case
+# under a nondeterministic collation), so only the types whose hash is of their exact
+# stored value are hashed as they are; every other column is hashed by its text, as
+# the whole row once was.
+_EXACT_HASH_TYPES = frozenset({
+    "int2", "int4", "int8", "oid", "bool", "char", "text", "varchar", "bytea", "uuid",
+    "date", "time", "timestamp", "timestamptz"})
+
+_COLUMNS = """
+SELECT a.attname, t.typname, coalesce(c.collisdeterministic, true)
+FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+LEFT JOIN pg_collation c ON c.oid = a.attcollation
+WHERE a.attrelid = %s::regclass AND a.attnum > 0 AND NOT a.attisdropped
+ORDER BY a.attnum
+"""
+
+
+def row_hash(conn: psycopg.Connection, table: str) -> sql.Composable:
+    """The expression hashing one row ``t`` of ``public.table`` (see above)."""
+    cols = []
+    for name, typ, deterministic in conn.execute(
+            _COLUMNS, (sql.Identifier("public", table).as_string(conn),)):
+        col = sql.SQL("t.{}").format(sql.Identifier(name))
+        exact = typ in _EXACT_HASH_TYPES and deterministic
+        cols.append(col if exact else sql.SQL("{}::text").format(col))
+    if not cols:
+        return sql.SQL("0")
+    return sql.SQL("hash_record_extended(ROW({}), 0)").format(sql.SQL(", ").join(cols))
 
 
 def table_sums(conn: psycopg.Connection) -> dict[str, TableSum]:
-    tables = [r[0] for r in conn.execute(
-        "SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY 1")]
     out = {}
-    for table in tables:
-        row = conn.execute(_TABLE_SUM.format(sql.Identifier(table))).fetchone()
+    for table in public_tables(conn):
+        row = conn.execute(sql.SQL(
+            "SELECT count(*), coalesce(sum({}::numeric), 0)::text FROM public.{} t").format(
+            row_hash(conn, table), sql.Identifier(table))).fetchone()
         assert row is not None
         out[table] = TableSum(int(row[0]), str(row[1]))
     return out
