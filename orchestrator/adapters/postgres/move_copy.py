@@ -8,9 +8,11 @@ gets its server's credentials through its environment, never argv)."""
 from __future__ import annotations
 
 import contextlib
+import queue
 import subprocess
 import tempfile
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import psycopg
@@ -97,15 +99,16 @@ def row_hash(conn: psycopg.Connection, table: str) -> sql.Composable:
     return sql.SQL("hash_record_extended(ROW({}), 0)").format(sql.SQL(", ").join(cols))
 
 
+def table_sum(conn: psycopg.Connection, table: str) -> TableSum:
+    row = conn.execute(sql.SQL(
+        "SELECT count(*), coalesce(sum({}::numeric), 0)::text FROM public.{} t").format(
+        row_hash(conn, table), sql.Identifier(table))).fetchone()
+    assert row is not None
+    return TableSum(int(row[0]), str(row[1]))
+
+
 def table_sums(conn: psycopg.Connection) -> dict[str, TableSum]:
-    out = {}
-    for table in public_tables(conn):
-        row = conn.execute(sql.SQL(
-            "SELECT count(*), coalesce(sum({}::numeric), 0)::text FROM public.{} t").format(
-            row_hash(conn, table), sql.Identifier(table))).fetchone()
-        assert row is not None
-        out[table] = TableSum(int(row[0]), str(row[1]))
-    return out
+    return {table: table_sum(conn, table) for table in public_tables(conn)}
 
 
 def sequence_values(conn: psycopg.Connection) -> dict[str, tuple[int, bool]]:
@@ -136,13 +139,55 @@ def large_objects_digest(conn: psycopg.Connection) -> dict[str, Any]:
     return {"count": int(row[0]), "md5": row[1]}
 
 
-def checks(dsn: str) -> dict[str, Any]:
-    """The checks of the database behind ``dsn``, read in one snapshot."""
-    with psycopg.connect(dsn, autocommit=False, connect_timeout=10,
-                         application_name="tenantctl") as conn:
-        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
-        conn.read_only = True
-        out = {"tables": table_sums(conn), "sequences": sequence_values(conn),
+CHECK_CONNECTIONS = 3  # per server: tables summed side by side (each scan may go parallel too)
+
+
+def _snapshot_conn(dsn: str, snapshot: str | None = None) -> psycopg.Connection:
+    conn = psycopg.connect(dsn, autocommit=False, connect_timeout=10,
+                           application_name="tenantctl")
+    conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+    conn.read_only = True
+    if snapshot is not None:  # the first statement of the transaction
+        conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
+    return conn
+
+
+def checks(dsn: str, connections: int = CHECK_CONNECTIONS) -> dict[str, Any]:
+    """The checks of the database behind ``dsn``, read in one snapshot: the largest
+    tables first, shared among ``connections`` sessions that all read the snapshot
+    the first one exported."""
+    with _snapshot_conn(dsn) as conn:
+        row = conn.execute("SELECT pg_export_snapshot()").fetchone()
+        assert row is not None
+        snapshot = str(row[0])
+        tables = [r[0] for r in conn.execute(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public' "
+            "ORDER BY pg_total_relation_size(format('public.%I', tablename)) DESC, 1")]
+        todo: queue.SimpleQueue[str] = queue.SimpleQueue()
+        for table in tables:
+            todo.put(table)
+        sums: dict[str, TableSum] = {}
+
+        def drain(c: psycopg.Connection) -> None:
+            while True:
+                try:
+                    table = todo.get_nowait()
+                except queue.Empty:
+                    return
+                sums[table] = table_sum(c, table)
+
+        def helper() -> None:
+            with _snapshot_conn(dsn, snapshot) as c:
+                drain(c)
+                c.rollback()
+
+        extra = min(connections, len(tables)) - 1
+        with ThreadPoolExecutor(max_workers=max(1, extra)) as pool:
+            helpers = [pool.submit(helper) for _ in range(extra)]
+            drain(conn)
+            for h in helpers:
+                h.result()  # a helper's failure fails the checks
+        out = {"tables": dict(sorted(sums.items())), "sequences": sequence_values(conn),
                "large_objects": large_objects_digest(conn)}
         conn.rollback()
     return out
