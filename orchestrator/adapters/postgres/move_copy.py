@@ -162,7 +162,7 @@ def checks(dsn: str, connections: int = CHECK_CONNECTIONS) -> dict[str, Any]:
         snapshot = str(row[0])
         tables = [r[0] for r in conn.execute(
             "SELECT tablename FROM pg_tables WHERE schemaname = 'public' "
-            "ORDER BY pg_total_relation_size(format('public.%I', tablename)) DESC, 1")]
+            "ORDER BY pg_total_relation_size(format('public.%I', tablename)::regclass) DESC, 1")]
         todo: queue.SimpleQueue[str] = queue.SimpleQueue()
         for table in tables:
             todo.put(table)
