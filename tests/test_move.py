@@ -430,6 +430,39 @@ def test_logical_move_pauses_writes_for_seconds(fleet: Fleet, test_fleet: PgFlee
     assert f"tenant_{slug}" not in dbs and f"owner_{slug}" not in roles
 
 
+@pytest.mark.parametrize("tamper", ["row", "numeric_scale"])
+def test_logical_copy_corrupted_while_streaming_is_refused(
+        fleet: Fleet, test_fleet: PgFleet, slug: str, logical_ready: None,
+        monkeypatch: pytest.MonkeyPatch, tamper: str) -> None:
+    """A change made to the copy behind the subscription's back, after the initial copy
+    and before the pause, is caught by the checks; so is one its type's hash alone
+    could not see (numeric 1.0 against 1.00: equal values, different rows)."""
+    dsn = _tenant_with_data(fleet, slug)
+    t = fleet.get_tenant(slug)
+    source, target = t.server, _other(fleet, slug)
+    with psycopg.connect(test_fleet.admin_dsn(source, t.database), autocommit=True) as conn:
+        conn.execute(f'SET ROLE "{t.owner_role}"')
+        conn.execute("CREATE TABLE ledger (id int PRIMARY KEY, amount numeric NOT NULL)")
+        conn.execute("INSERT INTO ledger VALUES (1, 1.0), (2, 2.5)")
+    real = move_service._replicate
+
+    def then_tamper(*args: Any, **kw: Any) -> None:
+        real(*args, **kw)  # the subscription streams from here on
+        with psycopg.connect(test_fleet.admin_dsn(target, t.database),
+                             autocommit=True) as conn:
+            conn.execute("UPDATE customers SET name = 'tampered' WHERE id = 7"
+                         if tamper == "row" else "UPDATE ledger SET amount = 1.00 WHERE id = 1")
+
+    monkeypatch.setattr(move_service, "_replicate", then_tamper)
+    table = "customers" if tamper == "row" else "ledger"
+    with pytest.raises(move_service.MoveChecksFailed, match=f"{table}: same row count"):
+        move_service.move_tenant(fleet, slug, server=target, method="logical")
+    assert fleet.get_tenant(slug).server == source
+    assert _replication_leftovers(test_fleet, t.id) == []
+    with connect_as(dsn, autocommit=True) as conn:  # it writes again
+        conn.execute("INSERT INTO suppliers (name) VALUES ('still here')")
+
+
 def test_logical_killed_while_replicating_then_aborted_or_finished(
         fleet: Fleet, test_fleet: PgFleet, slug: str, logical_ready: None) -> None:
     for n, fault in enumerate(("move.synced", "move.replicating")):

@@ -51,7 +51,8 @@ LOGICAL_MIN_VERSION = 160000  # a non-superuser may CREATE SUBSCRIPTION from 16
 # Rough rates for a dry run's estimate (a laptop's loopback; the figures bench/move.py
 # measures say more).
 DUMP_BYTES_PER_S = 40 * 1024 * 1024
-LOGICAL_PAUSE_S = 2.0
+LOGICAL_PAUSE_S = 0.5  # revoke, end sessions, catch up, sequences, cutover
+CHECK_BYTES_PER_S = 300 * 1024 * 1024  # the checks read every row on both sides (paused)
 
 
 def steps_for(method: str, region_move: bool) -> tuple[str, ...]:
@@ -218,9 +219,10 @@ def choose_method(t: TenantFacts, source: ServerFacts, target: ServerFacts,
 
 
 def expected_pause_s(method: str, size_bytes: int) -> float:
+    checks = size_bytes / CHECK_BYTES_PER_S
     if method == MoveMethod.logical:
-        return LOGICAL_PAUSE_S
-    return 1.0 + size_bytes / DUMP_BYTES_PER_S
+        return LOGICAL_PAUSE_S + checks
+    return 1.0 + size_bytes / DUMP_BYTES_PER_S + checks
 
 
 def plan_move(t: TenantFacts, source: ServerFacts, target: ServerFacts,
@@ -240,7 +242,7 @@ def plan_move(t: TenantFacts, source: ServerFacts, target: ServerFacts,
 @dataclass(frozen=True)
 class TableSum:
     rows: int
-    digest: str  # an order-independent digest of the rows' text
+    digest: str  # an order-independent digest of the rows (sum of 64-bit row hashes)
 
 
 def compare_checks(source: Mapping[str, Any], target: Mapping[str, Any]) -> list[str]:

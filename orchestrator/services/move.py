@@ -396,28 +396,37 @@ def _copy(deps: Deps, tenant: Tenant, row: TenantMove, progress: Progress | None
 
     _say(progress, f"paused: {tenant.slug} is read-only on {row.from_server}")
     paused_at = row.checks.get("paused_at") or deps.clock.now().isoformat()
+    # where the write pause goes (seconds per phase), kept with the move's checks
+    took: dict[str, float] = {}
+    lap = _Lap(took)
     deps.admin.restrict_to_reads(tenant.server, names)
+    lap("revoke")
     deps.admin.terminate_sessions(tenant.server, role=names.login_role,
                                   database=names.database, wait=True)
+    lap("terminate")
     checkpoint("move.paused")
     _record(deps, row, "paused", checks={**row.checks, "paused_at": paused_at})
 
     if logical:
-        copied = _catch_up(deps, tenant, row, source_dsn, target_dsn, progress)
+        copied = _catch_up(deps, tenant, row, source_dsn, target_dsn, progress, lap)
     else:
         _say(progress, f"copying {tenant.slug}: pg_dump | pg_restore")
         copied = move_copy.dump_restore(
             deps.pg_tools.path("pg_dump"), deps.pg_tools.path("pg_restore"), source_dsn,
             target_dsn, names.owner_role, lock_wait=deps.cfg.lock_timeout,
             chunk_hook=lambda: checkpoint("move.copy_chunk"))
+        lap("copy")
     _prepare_target(deps, tenant, row, target_dsn)
+    lap("prepare_target")
     checkpoint("move.copied")
     _record(deps, row, "copied", bytes_copied=copied)
 
     _say(progress, "checks: row counts, per-table checksums, sequences, large objects")
     # both sides at once: the checks run while writes are paused
     with ThreadPoolExecutor(max_workers=2) as pool:
-        source, target = pool.map(move_copy.checks, (source_dsn, target_dsn))
+        source, target = pool.map(_timed_checks, (source_dsn, target_dsn))
+    took["source_checks"], took["target_checks"] = source.pop("took"), target.pop("took")
+    lap("checks")
     differ = moves.compare_checks(source, target)
     if differ:
         raise MoveChecksFailed(f"the copy of {tenant.slug!r} on {row.to_server} does not "
@@ -426,7 +435,31 @@ def _copy(deps: Deps, tenant: Tenant, row: TenantMove, progress: Progress | None
                                + f"): no cutover, the move is undone and it stays on "
                                f"{row.from_server}")
     checkpoint("move.checked")
-    _record(deps, row, "checked", checks={**row.checks, **moves.checks_json(source)})
+    _record(deps, row, "checked", checks={**row.checks, **moves.checks_json(source),
+                                          "pause_breakdown_s": _rounded(took)})
+
+
+class _Lap:
+    """Seconds since the last lap, recorded under a phase's name."""
+
+    def __init__(self, into: dict[str, float]) -> None:
+        self.into, self.last = into, time.monotonic()
+
+    def __call__(self, phase: str) -> None:
+        now = time.monotonic()
+        self.into[phase] = self.into.get(phase, 0.0) + now - self.last
+        self.last = now
+
+
+def _rounded(took: dict[str, float]) -> dict[str, float]:
+    return {k: round(v, 3) for k, v in took.items()}
+
+
+def _timed_checks(dsn: str) -> dict[str, Any]:
+    started = time.monotonic()
+    out = move_copy.checks(dsn)
+    out["took"] = time.monotonic() - started
+    return out
 
 
 def _replicate(deps: Deps, tenant: Tenant, row: TenantMove, source_dsn: str,
@@ -477,7 +510,8 @@ def _replicate(deps: Deps, tenant: Tenant, row: TenantMove, source_dsn: str,
 
 
 def _catch_up(deps: Deps, tenant: Tenant, row: TenantMove, source_dsn: str,
-              target_dsn: str, progress: Progress | None) -> int:
+              target_dsn: str, progress: Progress | None,
+              lap: Callable[[str], None] = lambda _: None) -> int:
     """Writes are paused: the subscription confirms the source's current position
     (every commit before the pause), then the sequences are copied (logical
     replication does not carry them). Returns the bytes the copy holds."""
@@ -494,9 +528,11 @@ def _catch_up(deps: Deps, tenant: Tenant, row: TenantMove, source_dsn: str,
                 raise TenantctlError(f"the subscription of {tenant.slug!r} did not catch "
                                      f"up within {CATCH_UP_S:.0f} s of the pause")
             time.sleep(POLL_S / 2)
+    lap("catch_up")
     with pgserver.connect(source_dsn, server=row.from_server) as sconn, \
             pgserver.connect(target_dsn, server=row.to_server) as tconn:
         move_copy.set_sequences(tconn, move_copy.sequence_values(sconn))
+        lap("sequences")
         return move_copy.database_size(sconn)
 
 
@@ -669,7 +705,8 @@ def _row_json(r: TenantMove) -> dict[str, Any]:
             "finished_at": r.finished_at.isoformat() if r.finished_at else None}
 
 
-_CHECK_KEYS = ("tables", "rows", "sequences", "large_objects", "compared")
+_CHECK_KEYS = ("tables", "rows", "sequences", "large_objects", "compared",
+               "pause_breakdown_s")
 
 
 def _result(row: TenantMove, tenant: Tenant, *, resumed: bool = False, dry_run: bool = False,

@@ -8,9 +8,11 @@ gets its server's credentials through its environment, never argv)."""
 from __future__ import annotations
 
 import contextlib
+import queue
 import subprocess
 import tempfile
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import psycopg
@@ -63,23 +65,50 @@ def logical_readiness(conn: psycopg.Connection) -> str | None:
 
 # -- checks ---------------------------------------------------------------------------
 
-# Order-independent digest of a table's rows: the sum of a 64-bit hash of each row's
-# text (hashtextextended: several times cheaper than md5, and the checks run while
-# writes are paused), so no sort and no string the size of the table.
-_TABLE_SUM = sql.SQL(
-    "SELECT count(*), coalesce(sum(hashtextextended(t::text, 0)::numeric), 0)::text "
-    "FROM public.{} t")
+# Order-independent digest of a table's rows: the sum of a 64-bit hash of each row, so
+# no sort and no string the size of the table (the checks run while writes are paused).
+# The row is hashed by hash_record_extended: each column by its type's own hash, no
+# text conversion (several times cheaper than hashing the row's text). A type's hash
+# may equate values its text tells apart (numeric 1.0 and 1.00, float -0 and 0, case
+# under a nondeterministic collation), so only the types whose hash is of their exact
+# stored value are hashed as they are; every other column is hashed by its text, as
+# the whole row once was.
+_EXACT_HASH_TYPES = frozenset({
+    "int2", "int4", "int8", "oid", "bool", "char", "text", "varchar", "bytea", "uuid",
+    "date", "time", "timestamp", "timestamptz"})
+
+_COLUMNS = """
+SELECT a.attname, t.typname, coalesce(c.collisdeterministic, true)
+FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+LEFT JOIN pg_collation c ON c.oid = a.attcollation
+WHERE a.attrelid = %s::regclass AND a.attnum > 0 AND NOT a.attisdropped
+ORDER BY a.attnum
+"""
+
+
+def row_hash(conn: psycopg.Connection, table: str) -> sql.Composable:
+    """The expression hashing one row ``t`` of ``public.table`` (see above)."""
+    cols = []
+    for name, typ, deterministic in conn.execute(
+            _COLUMNS, (sql.Identifier("public", table).as_string(conn),)):
+        col = sql.SQL("t.{}").format(sql.Identifier(name))
+        exact = typ in _EXACT_HASH_TYPES and deterministic
+        cols.append(col if exact else sql.SQL("{}::text").format(col))
+    if not cols:
+        return sql.SQL("0")
+    return sql.SQL("hash_record_extended(ROW({}), 0)").format(sql.SQL(", ").join(cols))
+
+
+def table_sum(conn: psycopg.Connection, table: str) -> TableSum:
+    row = conn.execute(sql.SQL(
+        "SELECT count(*), coalesce(sum({}::numeric), 0)::text FROM public.{} t").format(
+        row_hash(conn, table), sql.Identifier(table))).fetchone()
+    assert row is not None
+    return TableSum(int(row[0]), str(row[1]))
 
 
 def table_sums(conn: psycopg.Connection) -> dict[str, TableSum]:
-    tables = [r[0] for r in conn.execute(
-        "SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY 1")]
-    out = {}
-    for table in tables:
-        row = conn.execute(_TABLE_SUM.format(sql.Identifier(table))).fetchone()
-        assert row is not None
-        out[table] = TableSum(int(row[0]), str(row[1]))
-    return out
+    return {table: table_sum(conn, table) for table in public_tables(conn)}
 
 
 def sequence_values(conn: psycopg.Connection) -> dict[str, tuple[int, bool]]:
@@ -110,13 +139,55 @@ def large_objects_digest(conn: psycopg.Connection) -> dict[str, Any]:
     return {"count": int(row[0]), "md5": row[1]}
 
 
-def checks(dsn: str) -> dict[str, Any]:
-    """The checks of the database behind ``dsn``, read in one snapshot."""
-    with psycopg.connect(dsn, autocommit=False, connect_timeout=10,
-                         application_name="tenantctl") as conn:
-        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
-        conn.read_only = True
-        out = {"tables": table_sums(conn), "sequences": sequence_values(conn),
+CHECK_CONNECTIONS = 3  # per server: tables summed side by side (each scan may go parallel too)
+
+
+def _snapshot_conn(dsn: str, snapshot: str | None = None) -> psycopg.Connection:
+    conn = psycopg.connect(dsn, autocommit=False, connect_timeout=10,
+                           application_name="tenantctl")
+    conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+    conn.read_only = True
+    if snapshot is not None:  # the first statement of the transaction
+        conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
+    return conn
+
+
+def checks(dsn: str, connections: int = CHECK_CONNECTIONS) -> dict[str, Any]:
+    """The checks of the database behind ``dsn``, read in one snapshot: the largest
+    tables first, shared among ``connections`` sessions that all read the snapshot
+    the first one exported."""
+    with _snapshot_conn(dsn) as conn:
+        row = conn.execute("SELECT pg_export_snapshot()").fetchone()
+        assert row is not None
+        snapshot = str(row[0])
+        tables = [r[0] for r in conn.execute(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public' "
+            "ORDER BY pg_total_relation_size(format('public.%I', tablename)::regclass) DESC, 1")]
+        todo: queue.SimpleQueue[str] = queue.SimpleQueue()
+        for table in tables:
+            todo.put(table)
+        sums: dict[str, TableSum] = {}
+
+        def drain(c: psycopg.Connection) -> None:
+            while True:
+                try:
+                    table = todo.get_nowait()
+                except queue.Empty:
+                    return
+                sums[table] = table_sum(c, table)
+
+        def helper() -> None:
+            with _snapshot_conn(dsn, snapshot) as c:
+                drain(c)
+                c.rollback()
+
+        extra = min(connections, len(tables)) - 1
+        with ThreadPoolExecutor(max_workers=max(1, extra)) as pool:
+            helpers = [pool.submit(helper) for _ in range(extra)]
+            drain(conn)
+            for h in helpers:
+                h.result()  # a helper's failure fails the checks
+        out = {"tables": dict(sorted(sums.items())), "sequences": sequence_values(conn),
                "large_objects": large_objects_digest(conn)}
         conn.rollback()
     return out
