@@ -197,7 +197,7 @@ def purge(fleet: Fleet) -> Scenario:
                     check, env=CLOCK_ENV)
 
 
-def move(fleet: Fleet) -> Scenario:
+def move(fleet: Fleet, method: str = "dump") -> Scenario:
     """A region move (the clean fleet has one cluster per region), with a backup in
     the old region that must be gone from its store afterwards."""
     slug = fleet.provision(new_slug(), "eu-central").tenant["slug"]
@@ -217,7 +217,12 @@ def move(fleet: Fleet) -> Scenario:
                 Backup.slug == slug, Backup.status == "completed"))}
         assert live == {"ap-south"}
     return Scenario(["tenant", "move", slug, "--region", "ap-south", "--reason", "crash suite",
-                     "--yes"], check, ctx={"slug": slug})
+                     "--method", method, "--yes"], check, ctx={"slug": slug})
+
+
+def move_logical(fleet: Fleet) -> Scenario:
+    """The same move by logical replication (every local cluster can do it)."""
+    return move(fleet, "logical")
 
 
 CASES: list[tuple[Callable[[Fleet], Scenario], str]] = [
@@ -236,9 +241,12 @@ CASES: list[tuple[Callable[[Fleet], Scenario], str]] = [
     *[(move, f"move.{s}") for s in ("planned", "target", "paused", "copy_chunk", "copied",
                                     "checked", "cutover", "source_database_dropped",
                                     "source_dropped", "backed_up", "old_backup_deleted")],
+    *[(move_logical, f"move.{s}") for s in ("replicating", "synced", "checked", "cutover",
+                                            "source_dropped")],
 ]
 # what doctor says while a step is left half-done (and no process is on it)
 FOUND_AFTER_KILL = {"cancel.restricted": "cancel-unfinished", "move.checked": "move-stalled",
+                    "move.synced": "move-stalled",
                     "erase.key_destroyed": "erase-unfinished"}
 
 

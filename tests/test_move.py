@@ -139,6 +139,10 @@ def test_dump_move_keeps_every_commit_and_the_password(fleet: Fleet, test_fleet:
 
 def test_refusals_change_nothing(fleet: Fleet, test_fleet: PgFleet, slug: str) -> None:
     fleet.provision(slug, "eu-central")
+    # a large object: logical replication does not carry them, so `--method logical`
+    # is refused and the automatic choice is dump (every test cluster could do logical)
+    with connect_as(fleet.credentials(slug), autocommit=True) as conn:
+        conn.execute("SELECT lo_from_bytea(0, 'x')")
     here = fleet.get_tenant(slug).server
     cases: list[tuple[list[str], int, str]] = [
         (["--server", here], ExitCode.INVALID, "already"),

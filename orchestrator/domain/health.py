@@ -879,11 +879,13 @@ def check_writes(f: Facts) -> Iterator[Finding]:
     """The login role may write exactly when the catalog says so: an active or
     suspended tenant within its storage quota, never one over it or on hold (a
     crash between the server and the catalog, or a hand-made GRANT/REVOKE)."""
+    moving = {m.slug for m in f.moves}  # paused by its move: check_moves speaks of it
     for t in f.tenants:
         expected = writes_expected(t.state, t.step, t.over_quota)
         c = _cluster(f, t.server)
         db = c.databases.get(t.database) if c is not None else None
-        if expected is None or t.busy or db is None or db.temporary is None:
+        if expected is None or t.busy or t.slug in moving or db is None \
+                or db.temporary is None:
             continue
         writes = t.login_role in db.temporary
         if writes == expected:
