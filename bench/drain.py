@@ -81,6 +81,7 @@ def main() -> None:
                 "tenants_per_minute": round(moved / seconds * 60, 1) if seconds else None,
                 "failed": len(result.failed),
                 "first_errors": [r.error for r in result.failed[:3]]})
+            print(json.dumps(drains[-1]), file=sys.stderr, flush=True)  # as it comes
             source, target = target, source
     finally:
         fleet.close()
