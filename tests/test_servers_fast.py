@@ -436,10 +436,16 @@ def test_plans_send_a_tenant_with_an_unfinished_move_to_its_recorded_target() ->
     assert [(m.slug, m.target) for m in pinned.moves] == [
         ("p0", "eu-central-3"), ("p1", "eu-central-2"), ("p2", "eu-central-2")]
     assert pinned.after == {"eu-central-2": 2, "eu-central-3": 1}
-    # a pin to the drained server itself, or out of the region, is no pin
+    # a pin to the drained server itself, out of the region or to a server taking no
+    # tenants is no pin (the move refuses, rather than fill a drained server)
     same = drain_plan("eu-central", "eu-central-1", loads, tenants,
                       pinned={"p0": "eu-central-1", "p1": "ap-south-1"})
     assert same.moves == plain.moves
+    drained = [ServerLoad(s.name, s.tenants, s.capacity, s.name != "eu-central-3")
+               for s in loads]
+    off = drain_plan("eu-central", "eu-central-1", drained, tenants,
+                     pinned={"p0": "eu-central-3"})
+    assert {m.target for m in off.moves} == {"eu-central-2"}
     # rebalance: the unfinished move first, even where the balance would not need it
     even, _ = _region({"eu-central-1": 2, "eu-central-2": 2})
     two_each = [PlacedTenant("a", "eu-central-1"), PlacedTenant("b", "eu-central-1"),

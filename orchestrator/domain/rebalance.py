@@ -8,7 +8,7 @@ provisioned) still counts on its server but is never planned.
 
 ``pinned`` (slug -> server) holds the tenants whose move died half-way: such a
 move can only be finished (to the server it recorded) or aborted, so a plan sends
-the tenant to that server, first, or (rebalance, target not taking part) leaves it.
+the tenant to that server, first, if it takes tenants; a drained one receives none.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def drain_plan(region: str, server: str, servers: Sequence[ServerLoad],
                pinned: Mapping[str, str] | None = None) -> DrainPlan:
     """Every movable tenant of ``server`` to the least-filled other servers of the
     region that take tenants (``available``), without going over any capacity; one
-    pinned to another server of the region (an unfinished move) to that one.
+    pinned to such a server (an unfinished move) to that one.
     CapacityError, saying how much room is missing, when the region lacks room."""
     by_name = {s.name: s for s in servers}
     if server not in by_name:
@@ -105,11 +105,12 @@ def drain_plan(region: str, server: str, servers: Sequence[ServerLoad],
     targets = [s for s in servers if s.name != server and s.available]
     counts = {s.name: s.tenants for s in targets}
     capacity = {s.name: s.capacity for s in targets}
-    fixed = {t.slug: pinned[t.slug] for t in leaving
-             if pinned.get(t.slug, server) != server and pinned[t.slug] in by_name}
-    for target in fixed.values():  # their places first (not counted if not accepting)
-        if target in counts:
-            counts[target] += 1
+    # an unfinished move to a server that takes tenants: there, and first. One to a
+    # server that takes none (drained since) is planned as any other: `tenant move`
+    # then refuses it, saying to abort that move, rather than fill a drained server
+    fixed = {t.slug: pinned[t.slug] for t in leaving if pinned.get(t.slug) in counts}
+    for target in fixed.values():
+        counts[target] += 1
     free = [t for t in leaving if t.slug not in fixed]
     room = sum(max(0, capacity[n] - counts[n]) for n in counts)
     if len(free) > room:
