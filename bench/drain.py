@@ -18,6 +18,7 @@ import json
 import shutil
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -80,6 +81,8 @@ def main() -> None:
                 "seconds": round(seconds, 1),
                 "tenants_per_minute": round(moved / seconds * 60, 1) if seconds else None,
                 "failed": len(result.failed),
+                "methods": dict(Counter(r.move["method"] for r in result.results
+                                        if r.move)),
                 "first_errors": [r.error for r in result.failed[:3]]})
             print(json.dumps(drains[-1]), file=sys.stderr, flush=True)  # as it comes
             source, target = target, source
