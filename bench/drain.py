@@ -9,8 +9,6 @@ provisioned on ``a-1`` (``a-2`` not accepting meanwhile), each with a few rows. 
 orchestrator.services.servers.drain with the real mover (`tenant move`'s service,
 as the CLI wires it). Prints JSON: per concurrency, tenants, seconds, tenants per
 minute, failures (their first errors).
-
-Needs tenant moves (orchestrator.services.move); without them it says so and exits 1.
 """
 
 from __future__ import annotations
@@ -20,6 +18,7 @@ import json
 import shutil
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -29,8 +28,8 @@ import psycopg  # noqa: E402
 from bench import common  # noqa: E402
 from orchestrator.api import Fleet  # noqa: E402
 from orchestrator.config import load_config  # noqa: E402
-from orchestrator.domain.errors import TenantctlError  # noqa: E402
 from orchestrator.services import servers  # noqa: E402
+from orchestrator.services.move import move_tenant  # noqa: E402
 
 ROWS = """
 INSERT INTO categories (name) VALUES ('Hardware');
@@ -38,12 +37,6 @@ INSERT INTO products (sku, name, category_id, unit_price)
   SELECT 'SKU-' || g, 'item ' || g, (SELECT min(id) FROM categories), g
   FROM generate_series(1, 50) g;
 """
-
-
-def _mover() -> servers.Mover:
-    from cli.server import _mover as cli_mover  # the CLI's one mover
-
-    return cli_mover()
 
 
 def _accepting(fleet: Fleet, server: str, accepting: bool) -> None:
@@ -58,11 +51,7 @@ def main() -> None:
     parser.add_argument("--data-dir", default="/tmp")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
-    try:
-        mover = _mover()
-    except TenantctlError as exc:
-        print(json.dumps({"error": str(exc)}))
-        raise SystemExit(1) from None
+    mover: servers.Mover = move_tenant  # as `server drain` moves them
 
     state = common.new_state(args.data_dir)
     p1, p2 = common.ports(state, 2)
@@ -92,7 +81,10 @@ def main() -> None:
                 "seconds": round(seconds, 1),
                 "tenants_per_minute": round(moved / seconds * 60, 1) if seconds else None,
                 "failed": len(result.failed),
+                "methods": dict(Counter(r.move["method"] for r in result.results
+                                        if r.move)),
                 "first_errors": [r.error for r in result.failed[:3]]})
+            print(json.dumps(drains[-1]), file=sys.stderr, flush=True)  # as it comes
             source, target = target, source
     finally:
         fleet.close()

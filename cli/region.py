@@ -76,7 +76,7 @@ def region_rebalance(
     yes: YesOpt = False, as_json: JsonOpt = False,
 ) -> None:
     """Move tenants between the region's servers until the fullest holds at most
-    1.2x the mean, with the fewest moves (needs tenant moves). Never across regions;
+    1.2x the mean, with the fewest moves (each by `tenant move`). Never across regions;
     drained and retired servers take no part. Exit 1 if a tenant could not move."""
     from cli.server import _check_concurrency, _mover, plan_lines, run_moves
     from orchestrator.services import servers

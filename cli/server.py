@@ -30,15 +30,9 @@ DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Show the plan; chang
 
 def _mover() -> Mover:
     """The one tenant mover drains and rebalances use: `tenant move`'s service."""
-    from orchestrator.domain.errors import TenantctlError
+    from orchestrator.services.move import move_tenant
 
-    try:
-        from orchestrator.services.move import move_tenant  # type: ignore[import-not-found,unused-ignore]
-    except ImportError as exc:
-        if exc.name not in ("orchestrator.services.move", None):
-            raise
-        raise TenantctlError("tenant moves are not available in this build") from None
-    return move_tenant  # type: ignore[no-any-return,unused-ignore]
+    return move_tenant
 
 
 def _check_concurrency(concurrency: int) -> None:
@@ -74,7 +68,7 @@ def run_moves(label: str, total: int, as_json: bool,
 def drain(name: ServerArg, concurrency: ConcurrencyOpt = 1, dry_run: DryRunOpt = False,
           yes: YesOpt = False, as_json: JsonOpt = False) -> None:
     """Stop placing tenants on NAME and move every tenant off it to the least-filled
-    other servers of its region (needs tenant moves). Resumable: run it again to
+    other servers of its region (each by `tenant move`). Resumable: run it again to
     continue. Refuses, changing nothing, when the region lacks room. Exit 1 if a
     tenant could not move (the others have)."""
     from orchestrator.services import servers

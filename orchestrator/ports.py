@@ -206,6 +206,11 @@ class ServerRepository(Protocol):
         by slug."""
         ...
 
+    def unfinished_moves(self, region: str) -> dict[str, str]:
+        """Tenants of ``region`` with an unfinished move (a row of ``tenant_moves``
+        not finished: a move that died half-way): slug -> the server it moves to."""
+        ...
+
 
 class CatalogWrites(Protocol):
     """The writes of one catalog transaction: all of them, or (an exception, or the

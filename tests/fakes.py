@@ -176,6 +176,8 @@ class _Tables:
     backups: dict[int, FakeBackup] = field(default_factory=dict)
     grants: dict[int, FakeGrant] = field(default_factory=dict)
     servers: dict[str, FakeServerRow] = field(default_factory=dict)
+    # unfinished rows of tenant_moves: slug -> (from_region, to_server)
+    moves: dict[str, tuple[str, str]] = field(default_factory=dict)
     audit: list[FakeAudit] = field(default_factory=list)
 
 
@@ -275,6 +277,10 @@ class FakeServers:
     def placed(self, region: str) -> list[TenantRecord]:
         return [_copy(t) for t in sorted(self._db.t.tenants.values(), key=lambda t: t.slug)
                 if t.region == region and t.state in PLACED]
+
+    def unfinished_moves(self, region: str) -> dict[str, str]:
+        return {slug: to for slug, (from_region, to) in sorted(self._db.t.moves.items())
+                if from_region == region}
 
 
 class FakeWrites:

@@ -28,8 +28,10 @@ pytestmark = pytest.mark.pg  # the module starts four clusters of its own
 class Fleet2:
     home: Path
 
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        env = {k: v for k, v in os.environ.items() if k != "TENANTCTL_CONFIG"}
+    def cli(self, *args: str, env: dict[str, str] | None = None
+            ) -> subprocess.CompletedProcess[str]:
+        env = {**{k: v for k, v in os.environ.items() if k != "TENANTCTL_CONFIG"},
+               **(env or {})}
         env["PYTHONPATH"] = str(REPO)
         return subprocess.run([*TENANTCTL, *args], cwd=self.home, capture_output=True,
                               text=True, env=env, timeout=300)
@@ -183,12 +185,7 @@ def test_drain_and_rebalance_plans_and_refusals_through_the_cli(fleet2: Fleet2) 
     text = fleet2.cli("server", "drain", source, "--dry-run")
     assert f"would drain {source} (eu-central): {len(leaving)} tenant(s) to move" in \
         text.stdout and f"  dr_a: {source} -> {other}" in text.stdout
-    # without tenant moves in this build: one line, nothing changed
-    refused = fleet2.cli("server", "drain", source, "--yes")
-    assert refused.returncode == 1
-    assert refused.stderr.strip().splitlines() == [
-        "error: tenant moves are not available in this build"]
-    with _catalog(fleet2) as conn:
+    with _catalog(fleet2) as conn:  # a dry run changes nothing
         assert conn.execute("SELECT accepting FROM servers WHERE name = %s",
                             (source,)).fetchone() == (True,)
     rebalance = fleet2.cli("region", "rebalance", "eu-central", "--dry-run", "--json")
@@ -249,30 +246,25 @@ def test_retire_refuses_a_server_with_tenants_and_retires_an_empty_one(
     assert "server.retire" in {e["action"] for e in json.loads(audit.stdout)}
 
 
-def test_drain_on_the_real_catalog_with_a_catalog_only_mover(fleet2: Fleet2) -> None:
-    """The drain's catalog side on the real catalog: server rows, placed tenants, the
-    region's lock across processes, the accepting flag, the audit. The mover only
-    points the row at the target, as a cutover does (moving the data is `tenant
-    move`'s, tested with it); so this runs last, on the module's own fleet."""
-    from dataclasses import dataclass as dc
+def _where(fleet2: Fleet2, region: str) -> dict[str, str]:
+    return {t["slug"]: t["server"] for t in json.loads(
+        fleet2.cli("tenant", "list", "--region", region, "--json").stdout)
+        if t["state"] not in ("deleted", "purged")}
 
-    from sqlalchemy import update
 
-    from orchestrator.adapters.catalog.models import Tenant
+def _tenant_databases(fleet2: Fleet2, server: str) -> list[str]:
+    with fleet2.admin(server) as conn:
+        return [r[0] for r in conn.execute(
+            "SELECT datname FROM pg_database WHERE datname LIKE 'tenant\\_%' ORDER BY 1")]
+
+
+def test_drain_in_the_service_with_moves_in_parallel(fleet2: Fleet2) -> None:
+    """servers.drain with `tenant move`'s service, two moves at once (each its own
+    connections and sessions): the region's lock across processes, the accepting
+    flag, the audit; every tenant's database on the other server afterwards."""
     from orchestrator.api import Fleet
     from orchestrator.services import servers
-
-    @dc
-    class Done:
-        slug: str
-
-        def to_json(self) -> dict[str, str]:
-            return {"tenant": self.slug}
-
-    def repoint(deps: Fleet, slug: str, *, server: str, reason: str) -> Done:
-        with deps.catalog.session() as s, s.begin():
-            s.execute(update(Tenant).where(Tenant.slug == slug).values(server=server))
-        return Done(slug)
+    from orchestrator.services.move import move_tenant
 
     for slug in ("cat_a", "cat_b", "cat_c"):
         assert fleet2.cli("tenant", "create", slug, "--region", "eu-central").returncode == 0
@@ -284,20 +276,27 @@ def test_drain_on_the_real_catalog_with_a_catalog_only_mover(fleet2: Fleet2) -> 
             assert held.returncode == 4, held.stderr
             assert "a drain or rebalance of region 'eu-central' is already running" in \
                 held.stderr
-        on_it = [t.slug for t in fleet.tenants("eu-central") if t.server == "eu-central-1"
-                 and t.state != "purged"]
-        result = servers.drain(fleet, "eu-central-1", mover=repoint, concurrency=2)
+        on_it = [slug for slug, server in _where(fleet2, "eu-central").items()
+                 if server == "eu-central-1"]
+        assert len(on_it) >= 3
+        result = servers.drain(fleet, "eu-central-1", mover=move_tenant, concurrency=2)
     finally:
         fleet.close()
-    assert result.ok and result.remaining == 0
+    assert result.ok and result.remaining == 0, result.to_json()
     assert sorted(r.slug for r in result.results) == sorted(on_it)
-    listed = fleet2.cli("region", "list")
-    row = next(ln for ln in listed.stdout.splitlines() if "eu-central-1" in ln)
+    assert all(r.move and r.move["new_server"] == "eu-central-2" for r in result.results)
+    assert set(_where(fleet2, "eu-central").values()) == {"eu-central-2"}
+    assert _tenant_databases(fleet2, "eu-central-1") == []
+    row = next(ln for ln in fleet2.cli("region", "list").stdout.splitlines()
+               if "eu-central-1" in ln)
     assert "no (drained)" in row
     created = fleet2.cli("tenant", "create", "cat_d", "--region", "eu-central")
+    assert created.returncode == 0
     assert json.loads(fleet2.cli("tenant", "show", "cat_d", "--json").stdout)["server"] == \
         "eu-central-2"
-    assert created.returncode == 0
+    # a drained server receives no tenant from a move (another drain, a rebalance)
+    refused = fleet2.cli("tenant", "move", "cat_d", "--server", "eu-central-1", "--yes")
+    assert refused.returncode == 4 and "not accepting" in refused.stderr, refused.stderr
     actions = [e["action"] for e in json.loads(
         fleet2.cli("audit", "list", "--action", "server.", "--json").stdout)]
     assert "server.drain.start" in actions and "server.drain" in actions
@@ -306,3 +305,126 @@ def test_drain_on_the_real_catalog_with_a_catalog_only_mover(fleet2: Fleet2) -> 
     with _catalog(fleet2) as conn:
         assert conn.execute("SELECT accepting FROM servers WHERE name = 'eu-central-1'"
                             ).fetchone() == (True,)
+
+
+def test_region_rebalance_evens_out_a_region_and_never_leaves_it(fleet2: Fleet2) -> None:
+    before = _where(fleet2, "eu-central")
+    asia = _where(fleet2, "ap-south")
+    assert set(before.values()) == {"eu-central-2"} and len(before) >= 5  # 0 on -1
+    proc = fleet2.cli("region", "rebalance", "eu-central", "--yes", "--json")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["ok"] and doc["moved"] == len(doc["moves"]) > 0
+    after = _where(fleet2, "eu-central")
+    counts = {s: list(after.values()).count(s) for s in ("eu-central-1", "eu-central-2")}
+    assert max(counts.values()) <= 1.2 * len(after) / 2, counts
+    assert counts == doc["after"]
+    assert sorted(after) == sorted(before) and _where(fleet2, "ap-south") == asia
+    assert sorted(_tenant_databases(fleet2, "eu-central-1")) == sorted(
+        f"tenant_{slug}" for slug, server in after.items() if server == "eu-central-1")
+    again = json.loads(fleet2.cli("region", "rebalance", "eu-central", "--yes",
+                                  "--json").stdout)
+    assert again["moves"] == [] and again["balanced"]
+
+
+def test_a_drain_killed_mid_move_is_finished_by_the_next_run(fleet2: Fleet2) -> None:
+    on_it = sorted(slug for slug, server in _where(fleet2, "eu-central").items()
+                   if server == "eu-central-1")
+    assert len(on_it) >= 2
+    killed = fleet2.cli("server", "drain", "eu-central-1", "--yes", "--json",
+                        env={"TENANTCTL_FAULT": "move.copied"})
+    assert killed.returncode == -9, (killed.returncode, killed.stderr)
+    with _catalog(fleet2) as conn:
+        [(slug, to)] = conn.execute("SELECT slug, to_server FROM tenant_moves "
+                                    "WHERE finished_at IS NULL").fetchall()
+    assert to == "eu-central-2" and _where(fleet2, "eu-central")[slug] == "eu-central-1"
+    done = fleet2.cli("server", "drain", "eu-central-1", "--yes", "--json")
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    assert doc["ok"] and doc["remaining"] == 0
+    resumed = {t["tenant"]: t["move"]["resumed"] for t in doc["tenants"]}
+    assert resumed[slug] is True and sorted(resumed) == on_it
+    assert sum(resumed.values()) == 1
+    with _catalog(fleet2) as conn:
+        assert conn.execute("SELECT count(*) FROM tenant_moves WHERE finished_at IS NULL"
+                            ).fetchone() == (0,)
+    assert _tenant_databases(fleet2, "eu-central-1") == []
+    assert fleet2.cli("server", "accept", "eu-central-1").returncode == 0
+
+
+def test_server_drain_moves_tenants_in_every_state_then_retire(fleet2: Fleet2) -> None:
+    """Through the CLI: active, suspended, on hold and under legal hold tenants end on
+    the region's other server, in their state, their data readable with the same
+    password; one with a live support grant is refused (its own failed result, exit
+    1) while the others move; once its grant is revoked the re-run empties the
+    server, and `server retire` succeeds."""
+    from datetime import timedelta
+
+    from psycopg.conninfo import conninfo_to_dict
+
+    from orchestrator.api import Fleet
+    from orchestrator.services import access, lifecycle
+
+    slugs = ("st_act", "st_sus", "st_held", "st_legal", "st_grant")
+    fleet = Fleet(fleet2.config())
+    try:
+        with _catalog(fleet2) as conn:  # all of them on eu-central-1
+            conn.execute("UPDATE servers SET accepting = false WHERE name = 'eu-central-2'")
+        try:
+            dsns = {}
+            for slug in slugs:
+                fleet.provision(slug, "eu-central")
+                dsns[slug] = fleet.credentials(slug)
+                with psycopg.connect(dsns[slug], autocommit=True, connect_timeout=5) as c:
+                    c.execute("INSERT INTO suppliers (name) SELECT 's' || g "
+                              "FROM generate_series(1, 25) g")
+        finally:
+            with _catalog(fleet2) as conn:
+                conn.execute("UPDATE servers SET accepting = true "
+                             "WHERE name = 'eu-central-2'")
+        assert {fleet.get_tenant(s).server for s in slugs} == {"eu-central-1"}
+        lifecycle.suspend(fleet, "st_sus")
+        lifecycle.cancel(fleet, "st_held", backup=False)
+        lifecycle.legal_hold(fleet, "st_legal", on=True, reason="case 7")
+        grant = access.grant(fleet, "st_grant", to="alice@example.com",
+                             ttl=timedelta(hours=1), reason="ticket 9")
+
+        first = fleet2.cli("server", "drain", "eu-central-1", "--yes", "--json")
+        assert first.returncode == 1, first.stderr
+        doc = json.loads(first.stdout)
+        outcome = {t["tenant"]: (t["outcome"], t["to"]) for t in doc["tenants"]}
+        assert outcome == {**{s: ("moved", "eu-central-2") for s in slugs[:4]},
+                           "st_grant": ("failed", "eu-central-2")}
+        [failed] = [t for t in doc["tenants"] if t["outcome"] == "failed"]
+        assert "live support grant" in failed["error"] and doc["remaining"] == 1
+        assert fleet.get_tenant("st_grant").server == "eu-central-1"
+        # each in its state on the other server, same password, the data there
+        states = {s: fleet.get_tenant(s).state for s in slugs[:4]}
+        assert states == {"st_act": "active", "st_sus": "suspended",
+                          "st_held": "cancelled", "st_legal": "active"}
+        assert fleet.get_tenant("st_legal").legal_hold
+        lifecycle.resume(fleet, "st_sus")
+        for slug in slugs[:4]:
+            assert fleet.get_tenant(slug).server == "eu-central-2"
+            old, new = conninfo_to_dict(dsns[slug]), conninfo_to_dict(
+                fleet.credentials(slug))
+            assert new["password"] == old["password"] and new["port"] != old["port"]
+            with psycopg.connect(fleet.credentials(slug), connect_timeout=5) as c:
+                assert c.execute("SELECT count(*) FROM suppliers").fetchone() == (25,)
+        with psycopg.connect(fleet.credentials("st_held"), autocommit=True,
+                             connect_timeout=5) as c, \
+                pytest.raises(psycopg.errors.InsufficientPrivilege):  # on hold: read-only
+            c.execute("INSERT INTO suppliers (name) VALUES ('no')")
+
+        access.revoke(fleet, grant["id"])
+    finally:
+        fleet.close()
+    second = fleet2.cli("server", "drain", "eu-central-1", "--yes", "--json")
+    assert second.returncode == 0, second.stderr
+    assert [(t["tenant"], t["outcome"]) for t in json.loads(second.stdout)["tenants"]] == \
+        [("st_grant", "moved")]
+    assert "eu-central-1" not in _where(fleet2, "eu-central").values()
+    assert _tenant_databases(fleet2, "eu-central-1") == []
+    retired = fleet2.cli("server", "retire", "eu-central-1", "--json")
+    assert retired.returncode == 0, retired.stderr
+    assert json.loads(retired.stdout)["changed"] is True

@@ -4,7 +4,6 @@ services over the fakes with a fake mover (orchestrator/services/servers.py)."""
 
 from __future__ import annotations
 
-import sys
 import threading
 import tomllib
 from dataclasses import dataclass
@@ -425,20 +424,70 @@ def test_rebalance_moves_within_the_region_only() -> None:
     assert svc.rebalance(w.deps, "eu-central", mover=mover).plan.moves == ()
 
 
-def test_the_cli_mover_is_move_tenant_or_one_line_without_it(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    import types
+def test_plans_send_a_tenant_with_an_unfinished_move_to_its_recorded_target() -> None:
+    loads, _ = _region({"eu-central-1": 3, "eu-central-2": 0, "eu-central-3": 0})
+    tenants = [PlacedTenant(f"p{i}", "eu-central-1") for i in range(3)]
+    plain = drain_plan("eu-central", "eu-central-1", loads, tenants)
+    assert [m.target for m in plain.moves] == ["eu-central-2", "eu-central-3",
+                                               "eu-central-2"]
+    # p0's move died on its way to eu-central-3: it goes there, the others around it
+    pinned = drain_plan("eu-central", "eu-central-1", loads, tenants,
+                        pinned={"p0": "eu-central-3", "elsewhere": "eu-central-2"})
+    assert [(m.slug, m.target) for m in pinned.moves] == [
+        ("p0", "eu-central-3"), ("p1", "eu-central-2"), ("p2", "eu-central-2")]
+    assert pinned.after == {"eu-central-2": 2, "eu-central-3": 1}
+    # a pin to the drained server itself, out of the region or to a server taking no
+    # tenants is no pin (the move refuses, rather than fill a drained server)
+    same = drain_plan("eu-central", "eu-central-1", loads, tenants,
+                      pinned={"p0": "eu-central-1", "p1": "ap-south-1"})
+    assert same.moves == plain.moves
+    drained = [ServerLoad(s.name, s.tenants, s.capacity, s.name != "eu-central-3")
+               for s in loads]
+    off = drain_plan("eu-central", "eu-central-1", drained, tenants,
+                     pinned={"p0": "eu-central-3"})
+    assert {m.target for m in off.moves} == {"eu-central-2"}
+    # rebalance: the unfinished move first, even where the balance would not need it
+    even, _ = _region({"eu-central-1": 2, "eu-central-2": 2})
+    two_each = [PlacedTenant("a", "eu-central-1"), PlacedTenant("b", "eu-central-1"),
+                PlacedTenant("c", "eu-central-2"), PlacedTenant("d", "eu-central-2")]
+    assert rebalance_plan("eu-central", even, two_each).moves == ()
+    plan = rebalance_plan("eu-central", even, two_each, pinned={"a": "eu-central-2"})
+    assert [m.to_json() for m in plan.moves] == [
+        {"tenant": "a", "from": "eu-central-1", "to": "eu-central-2"},
+        {"tenant": "c", "from": "eu-central-2", "to": "eu-central-1"}]  # then balanced
+    assert plan.after == {"eu-central-1": 2, "eu-central-2": 2}
+    # a pin to a server not taking part: that tenant is left out, not sent elsewhere
+    lopsided, _ = _region({"eu-central-1": 4, "eu-central-2": 0, "eu-central-3": 0},
+                          off=frozenset({"eu-central-3"}))
+    four = [PlacedTenant(f"q{i}", "eu-central-1") for i in range(4)]
+    held = rebalance_plan("eu-central", lopsided, four, pinned={"q0": "eu-central-3"})
+    assert "q0" not in {m.slug for m in held.moves} and len(held.moves) == 2
 
-    from cli import server as cli_server
 
-    monkeypatch.setitem(sys.modules, "orchestrator.services.move", None)  # not in this build
-    with pytest.raises(TenantctlError) as caught:
-        cli_server._mover()
-    assert str(caught.value) == "tenant moves are not available in this build"
-    fake = types.ModuleType("orchestrator.services.move")
+class RecordingMover(FakeMover):
+    """Refuses as `tenant move` does when a tenant's unfinished move went elsewhere."""
 
-    def move_tenant(*_: Any, **__: Any) -> None: ...
+    def __call__(self, deps: Deps, slug: str, **kw: Any) -> FakeMoveResult:
+        recorded = self.world.catalog.t.moves.get(slug)
+        if recorded is not None and recorded[1] != kw["server"]:
+            raise Conflict(f"tenant {slug!r} has an unfinished move to {recorded[1]}, "
+                           f"not {kw['server']}")
+        result = super().__call__(deps, slug, **kw)
+        self.world.catalog.t.moves.pop(slug, None)
+        return result
 
-    fake.move_tenant = move_tenant  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "orchestrator.services.move", fake)
-    assert cli_server._mover() is move_tenant
+
+def test_a_drain_rerun_finishes_a_move_that_died_half_way() -> None:
+    w = _world(extra=1)
+    for slug in ("un_a", "un_b", "un_c"):
+        w.tenant(slug, server="eu-central-1")
+    # un_a's move (by an earlier drain) died half-way, on its way to the fuller server
+    w.tenant("un_x", server="eu-central-2")
+    w.catalog.t.moves["un_a"] = ("eu-central", "eu-central-2")
+    w.catalog.t.moves["gone"] = ("ap-south", "ap-south-2")  # another region's
+    mover = RecordingMover(w)
+    result = svc.drain(w.deps, "eu-central-1", mover=mover)
+    assert result.ok and result.remaining == 0, result.to_json()
+    assert [(slug, kw["server"]) for slug, kw in mover.calls] == [
+        ("un_a", "eu-central-2"), ("un_b", "eu-central-3"), ("un_c", "eu-central-3")]
+    assert w.catalog.t.moves == {"gone": ("ap-south", "ap-south-2")}

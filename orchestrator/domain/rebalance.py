@@ -5,11 +5,15 @@ Both planners count tenants that hold a place (every state but deleted/purged,
 as placement does) and choose targets as placement does: by fill ratio, then
 count, then name, so a plan is deterministic. A tenant that cannot move now (being
 provisioned) still counts on its server but is never planned.
+
+``pinned`` (slug -> server) holds the tenants whose move died half-way: such a
+move can only be finished (to the server it recorded) or aborted, so a plan sends
+the tenant to that server, first, if it takes tenants; a drained one receives none.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,39 +90,51 @@ def _order(tenants: Sequence[PlacedTenant]) -> list[PlacedTenant]:
 
 
 def drain_plan(region: str, server: str, servers: Sequence[ServerLoad],
-               tenants: Sequence[PlacedTenant]) -> DrainPlan:
+               tenants: Sequence[PlacedTenant],
+               pinned: Mapping[str, str] | None = None) -> DrainPlan:
     """Every movable tenant of ``server`` to the least-filled other servers of the
-    region that take tenants (``available``), without going over any capacity.
+    region that take tenants (``available``), without going over any capacity; one
+    pinned to such a server (an unfinished move) to that one.
     CapacityError, saying how much room is missing, when the region lacks room."""
     by_name = {s.name: s for s in servers}
     if server not in by_name:
         raise NotFound(f"no server {server!r} in region {region!r}")
+    pinned = pinned or {}
     leaving = _order([t for t in tenants if t.server == server and t.movable])
     unmovable = tuple(sorted(t.slug for t in tenants if t.server == server and not t.movable))
     targets = [s for s in servers if s.name != server and s.available]
     counts = {s.name: s.tenants for s in targets}
     capacity = {s.name: s.capacity for s in targets}
+    # an unfinished move to a server that takes tenants: there, and first. One to a
+    # server that takes none (drained since) is planned as any other: `tenant move`
+    # then refuses it, saying to abort that move, rather than fill a drained server
+    fixed = {t.slug: pinned[t.slug] for t in leaving if pinned.get(t.slug) in counts}
+    for target in fixed.values():
+        counts[target] += 1
+    free = [t for t in leaving if t.slug not in fixed]
     room = sum(max(0, capacity[n] - counts[n]) for n in counts)
-    if len(leaving) > room:
+    if len(free) > room:
         where = ", ".join(f"{s.name} {s.tenants}/{s.capacity}" for s in targets) \
             or "no other server accepting tenants"
         raise CapacityError(
-            f"region {region!r} lacks room to drain {server}: {len(leaving)} tenant(s) to "
+            f"region {region!r} lacks room to drain {server}: {len(free)} tenant(s) to "
             f"move, {room} place(s) free on the other servers ({where}); add a server "
             "to the region or raise a capacity first")
     key = _fill_key(counts, capacity)
-    moves = []
-    for t in leaving:
+    chosen = dict(fixed)
+    for t in free:
         target = min((n for n in counts if counts[n] < capacity[n]), key=key)
         counts[target] += 1
-        moves.append(PlannedMove(t.slug, server, target))
-    return DrainPlan(server, region, tuple(moves), unmovable,
+        chosen[t.slug] = target
+    moves = tuple(PlannedMove(t.slug, server, chosen[t.slug]) for t in leaving)
+    return DrainPlan(server, region, moves, unmovable,
                      {n: counts[n] for n in sorted(counts)})
 
 
 def rebalance_plan(region: str, servers: Sequence[ServerLoad],
                    tenants: Sequence[PlacedTenant],
-                   factor: float = BALANCE_FACTOR) -> RebalancePlan:
+                   factor: float = BALANCE_FACTOR,
+                   pinned: Mapping[str, str] | None = None) -> RebalancePlan:
     """The fewest moves that bring the region's fullest server to at most ``factor``
     × the mean tenant count (or as close as whole tenants allow), each from the
     fullest server to the emptiest one with room. Only servers that take tenants
@@ -133,8 +149,17 @@ def rebalance_plan(region: str, servers: Sequence[ServerLoad],
     before = dict(counts)
     mean = sum(counts.values()) / len(counts) if counts else 0.0
     limit = factor * mean
-    pool = {n: _order([t for t in tenants if t.server == n and t.movable]) for n in counts}
+    pinned = pinned or {}
     moves: list[PlannedMove] = []
+    for t in _order(tenants):  # unfinished moves first, to where they were going
+        target = pinned.get(t.slug, t.server)
+        if t.movable and target != t.server and target in counts:
+            if t.server in counts:
+                counts[t.server] -= 1
+            counts[target] += 1
+            moves.append(PlannedMove(t.slug, t.server, target))
+    pool = {n: _order([t for t in tenants if t.server == n and t.movable
+                       and t.slug not in pinned]) for n in counts}
     while counts:
         # the fullest server that still has a movable tenant (ties: by name)
         sources = [n for n in counts if pool[n]]

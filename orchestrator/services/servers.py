@@ -5,9 +5,11 @@ moves through a *mover* passed in (``tenant move``'s service, wired by the calle
 so these loops are tested over fakes and know nothing of how a move is done.
 
 A drain is resumable: its plan is read from the catalog each time, so a second run
-moves only what is still on the server. One tenant's failure is that tenant's
-result; the others go on. A tenant in hold, suspended or under legal hold moves like
-any other (the move keeps its state); one being provisioned is left, and said so.
+moves only what is still on the server, and a tenant whose move died half-way goes
+to the server that move recorded (the only place `tenant move` will finish it).
+One tenant's failure is that tenant's result; the others go on. A tenant in hold,
+suspended or under legal hold moves like any other (the move keeps its state); one
+being provisioned is left, and said so.
 Drains and rebalances of one region take one lock: two at once would plan against
 the same free places.
 """
@@ -161,7 +163,8 @@ def plan_drain(deps: Deps, name: str) -> DrainPlan:
     server = deps.records.servers.get(name)
     servers = deps.records.servers.in_region(server.region)
     tenants = deps.records.servers.placed(server.region)
-    return drain_plan(server.region, name, _loads(servers, tenants), _placed(tenants))
+    return drain_plan(server.region, name, _loads(servers, tenants), _placed(tenants),
+                      pinned=deps.records.servers.unfinished_moves(server.region))
 
 
 def plan_rebalance(deps: Deps, region: str) -> RebalancePlan:
@@ -169,7 +172,8 @@ def plan_rebalance(deps: Deps, region: str) -> RebalancePlan:
     deps.cfg.region(region)
     servers = deps.records.servers.in_region(region)
     tenants = deps.records.servers.placed(region)
-    return rebalance_plan(region, _loads(servers, tenants), _placed(tenants))
+    return rebalance_plan(region, _loads(servers, tenants), _placed(tenants),
+                          pinned=deps.records.servers.unfinished_moves(region))
 
 
 # -- running moves ----------------------------------------------------------------------

@@ -22,6 +22,7 @@ from orchestrator.adapters.catalog.models import (
     Tenant,
     TenantCredential,
     TenantKey,
+    TenantMove,
 )
 from orchestrator.domain.errors import InvalidInput, NotFound
 from orchestrator.domain.names import check_integrity, validate_slug
@@ -136,6 +137,12 @@ class SqlServers:
             return list(s.scalars(select(Tenant).where(
                 Tenant.region == region, Tenant.state.in_(PLACED_STATES))
                 .order_by(Tenant.slug)))
+
+    def unfinished_moves(self, region: str) -> dict[str, str]:
+        with self._catalog.session() as s:
+            return {slug: to for slug, to in s.execute(
+                select(TenantMove.slug, TenantMove.to_server).where(
+                    TenantMove.from_region == region, TenantMove.finished_at.is_(None)))}
 
 
 class SqlWrites:
