@@ -1,9 +1,10 @@
 """The pooler in front of a server (PgBouncer): what it should list, computed from
 the catalog, written to its files and applied by RELOAD.
 
-Only active tenants are listed: a suspended or cancelled tenant (or one being
-provisioned, or gone) is refused at the pooler as at the server, and its client
-connections are ended (KILL) when it leaves the list. The lifecycle hooks call
+Active and cancelled tenants are listed (a cancelled tenant keeps reading, to
+export its data during its hold; the server refuses its writes): a suspended one
+(or one being provisioned, or gone) is refused at the pooler as at the server, and
+its client connections are ended (KILL) when it leaves the list. The lifecycle hooks call
 ``refresh`` after their change; a pooler that is down or files that cannot be
 written never fail the change itself: ``refresh`` returns (and logs) a warning
 line, and ``doctor`` reports the pooler until ``doctor --fix`` (``sync``) puts it
@@ -44,7 +45,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tenantctl.pooler")
 
-POOLED_STATES = (TenantState.active,)
+# who may log in at the server: a cancelled tenant reads (its export) until it is deleted
+POOLED_STATES = (TenantState.active, TenantState.cancelled)
 
 
 def _auth_entries(text: str | None) -> dict[str, str]:
