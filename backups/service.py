@@ -225,8 +225,6 @@ def _run_locked(fleet: Deps, tenant: Any, backup_id: int, dsn: str, pg_dump: str
                 ) -> BackupResult:
     slug = tenant.slug
     try:
-        with fleet.server_connection(tenant.server) as conn:
-            server_version = str(conn.execute("SHOW server_version").fetchone()[0])  # type: ignore[index]
         # One snapshot for the dump and the row counts the restore test checks. Every
         # lock wait is bounded (counts and pg_dump alike): a tenant's transaction
         # holding a table locked fails this backup instead of hanging it.
@@ -234,13 +232,12 @@ def _run_locked(fleet: Deps, tenant: Any, backup_id: int, dsn: str, pg_dump: str
         with psycopg.connect(dsn, autocommit=False, options=f"-c lock_timeout={wait}") as snap:
             snap.read_only = True
             snap.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
-            snapshot_id = str(snap.execute("SELECT pg_export_snapshot()").fetchone()[0])  # type: ignore[index]
+            # what SHOW server_version says, from the startup reply (no round trip)
+            server_version = snap.info.parameter_status("server_version") or ""
+            # a fresh backend's every round trip costs server CPU (a fleet's backups
+            # are many small ones): the snapshot and what the manifest needs, in two
+            snapshot_id, db_size, large_objects = _snapshot_facts(snap)
             row_counts = table_row_counts(snap)
-            large_objects = large_objects_digest(snap)
-            # an upper bound of the dump's size in practice (compressed, no indexes):
-            # an S3 upload sizes its parts from it
-            db_size = int(snap.execute("SELECT pg_database_size(current_database())"
-                                       ).fetchone()[0])  # type: ignore[index]
             size, sha = dump_encrypt_upload(pg_dump, dsn, snapshot_id, recipient, store,
                                              object_key, lock_wait=wait,
                                              expected_size=db_size, progress=progress)
@@ -262,16 +259,16 @@ def _run_locked(fleet: Deps, tenant: Any, backup_id: int, dsn: str, pg_dump: str
         if is_lock_timeout(error):
             error += lock_holders_text(fleet, tenant.server, tenant.database)
         _finish(fleet, backup_id, status=BackupStatus.failed, error=error,
-                finished_at=now or clock.utcnow())
-        fleet.catalog.audit("backup.run", tenant=slug, region=tenant.region,
-                            outcome="failed", at=now, backup=backup_id, error=error)
+                finished_at=now or clock.utcnow(),
+                audit=dict(tenant=slug, region=tenant.region, outcome="failed", at=now,
+                           backup=backup_id, error=error))
         if isinstance(exc, TenantctlError) and not is_lock_timeout(error):
             raise
         raise BackupError(f"backup of {slug!r} failed: {error}") from None
     _finish(fleet, backup_id, status=BackupStatus.completed, size=size, sha256=sha,
-            server_version=server_version, finished_at=finished)
-    fleet.catalog.audit("backup.run", tenant=slug, region=tenant.region, at=now,
-                        backup=backup_id, size=size, kind=kind)
+            server_version=server_version, finished_at=finished,
+            audit=dict(tenant=slug, region=tenant.region, at=now, backup=backup_id,
+                       size=size, kind=kind))
     return BackupResult(backup_id, slug, BackupStatus.completed, size, sha)
 
 
@@ -298,32 +295,53 @@ def lock_holders_text(fleet: Deps, server: str, database: str) -> str:
         f"locked by {', '.join(holders)}"
 
 
-def _finish(fleet: Deps, backup_id: int, **values: Any) -> None:
+def _finish(fleet: Deps, backup_id: int, audit: dict[str, Any] | None = None,
+            **values: Any) -> None:
+    """The backup row's final values and, with ``audit``, its audit record: one
+    catalog transaction (one commit per backup, not two)."""
     values.setdefault("finished_at", clock.utcnow())
     with fleet.catalog.session() as s, s.begin():
         s.execute(update(Backup).where(Backup.id == backup_id).values(**values))
+        if audit is not None:
+            fleet.catalog.audit("backup.run", session=s, **audit)
+
+
+_LARGE_OBJECTS_SQL = ("SELECT count(*), coalesce(md5(string_agg(m.oid::text || ':' || "
+                      "md5(lo_get(m.oid)), ',' ORDER BY m.oid)), '') "
+                      "FROM pg_largeobject_metadata m")
 
 
 def table_row_counts(conn: psycopg.Connection) -> dict[str, int]:
-    """Rows per table of the public schema, as this connection's snapshot sees them."""
+    """Rows per table of the public schema, as this connection's snapshot sees them:
+    the names, then every count in one statement (two round trips, not one per
+    table: a fleet's backups are mostly of small tenants on fresh backends)."""
     tables = [r[0] for r in conn.execute(
         "SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY 1")]
-    counts = {}
-    for table in tables:
-        row = conn.execute(sql.SQL("SELECT count(*) FROM public.{}").format(
-            sql.Identifier(table))).fetchone()
-        counts[table] = int(row[0]) if row else 0
-    return counts
+    if not tables:
+        return {}
+    counts = sql.SQL(" UNION ALL ").join(
+        sql.SQL("SELECT {}, count(*) FROM public.{}").format(sql.Literal(t), sql.Identifier(t))
+        for t in tables)
+    return {table: int(n) for table, n in conn.execute(counts)}
 
 
 def large_objects_digest(conn: psycopg.Connection) -> dict[str, Any]:
     """How many large objects this connection's snapshot sees, and a digest of their
     content (by oid): what a restore must bring back."""
-    row = conn.execute("SELECT count(*), coalesce(md5(string_agg(m.oid::text || ':' || "
-                       "md5(lo_get(m.oid)), ',' ORDER BY m.oid)), '') "
-                       "FROM pg_largeobject_metadata m").fetchone()
+    row = conn.execute(_LARGE_OBJECTS_SQL).fetchone()
     assert row is not None
     return {"count": int(row[0]), "md5": row[1]}
+
+
+def _snapshot_facts(conn: psycopg.Connection) -> tuple[str, int, dict[str, Any]]:
+    """In a new repeatable-read transaction: the exported snapshot (pg_dump takes
+    it), the database's size (an upper bound of the dump's in practice, compressed
+    and without indexes: an S3 upload sizes its parts from it) and the large
+    objects' digest, all as of that snapshot, in one round trip."""
+    row = conn.execute("SELECT pg_export_snapshot(), pg_database_size(current_database()), "
+                       f"lo.* FROM ({_LARGE_OBJECTS_SQL}) lo").fetchone()
+    assert row is not None
+    return str(row[0]), int(row[1]), {"count": int(row[2]), "md5": row[3]}
 
 
 def dump_encrypt_upload(pg_dump: str, dsn: str, snapshot_id: str | None, recipient: str,

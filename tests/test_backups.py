@@ -7,11 +7,13 @@ import json
 from pathlib import Path
 
 import pytest
+from psycopg import sql
 from sqlalchemy import select
 
 from backups import service as pipeline
 from backups.stores import open_store
-from orchestrator.adapters.catalog.models import Backup
+from orchestrator.adapters.catalog.db import with_dbname
+from orchestrator.adapters.catalog.models import AuditEvent, Backup
 from orchestrator.api import Fleet
 from orchestrator.config import load_config
 from tests.conftest import OwnCatalog, PgFleet, connect_as, mark_and_version, run_cli
@@ -376,6 +378,39 @@ def test_restore_test_compares_row_counts(fleet: Fleet, test_fleet: PgFleet, slu
     manifest = json.loads(open_store(pipeline.get_backup(fleet, backup_id).store_url)
                           .get_bytes(pipeline.get_backup(fleet, backup_id).manifest_key))
     assert manifest["row_counts"]["warehouses"] == 500
+
+
+def test_manifest_counts_every_table_as_the_dump_saw_it(fleet: Fleet, test_fleet: PgFleet,
+                                                         slug: str) -> None:
+    """The manifest's facts come from few round trips (issue 21): every table is
+    counted, a name needing quotes too, large objects are digested, the server
+    version is the server's, and the completed backup is audited with its row."""
+    _tenant_with_data(fleet, slug, "ap-south")
+    tenant = fleet.get_tenant(slug)
+    with connect_as(with_dbname(test_fleet.admin_dsn(tenant.server), tenant.database),
+                    autocommit=True) as conn:  # as a migration would, as the owner
+        conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(tenant.owner_role)))
+        conn.execute('CREATE TABLE "Odd ""name"" t" (id int)')
+        conn.execute('INSERT INTO "Odd ""name"" t" SELECT generate_series(1, 7)')
+    with connect_as(fleet.credentials(slug), autocommit=True) as conn:
+        conn.execute("SELECT lo_from_bytea(0, 'blob')")
+    result = pipeline.run_backup(fleet, slug)
+    row = pipeline.get_backup(fleet, result.id)
+    manifest = json.loads(open_store(row.store_url).get_bytes(row.manifest_key))
+    assert manifest["row_counts"]['Odd "name" t'] == 7
+    assert manifest["row_counts"]["warehouses"] == 500
+    assert manifest["row_counts"]["customers"] == 1
+    assert manifest["large_objects"]["count"] == 1 and len(manifest["large_objects"]["md5"]) == 32
+    with connect_as(test_fleet.admin_dsn(fleet.get_tenant(slug).server)) as conn:
+        shown = conn.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
+    assert manifest["server_version"] == shown == row.server_version
+    with fleet.catalog.session() as s:
+        audited = list(s.scalars(select(AuditEvent.detail).where(
+            AuditEvent.tenant == slug, AuditEvent.action == "backup.run")))
+    assert [d["backup"] for d in audited] == [result.id]
+    # the restore test reads the same counts back from a restored copy
+    proc = run_cli(test_fleet, "backup", "verify", str(result.id), "--restore-test", "--json")
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_due_and_prune(fleet: Fleet, test_fleet: PgFleet, slug: str) -> None:
