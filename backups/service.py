@@ -235,7 +235,7 @@ def _run_locked(fleet: Deps, tenant: Any, backup_id: int, dsn: str, pg_dump: str
             # what SHOW server_version says, from the startup reply (no round trip)
             server_version = snap.info.parameter_status("server_version") or ""
             # a fresh backend's every round trip costs server CPU (a fleet's backups
-            # are many small ones): the snapshot and what the manifest needs, in two
+            # are many small ones): the snapshot and what the manifest needs, in three
             snapshot_id, db_size, large_objects = _snapshot_facts(snap)
             row_counts = table_row_counts(snap)
             size, sha = dump_encrypt_upload(pg_dump, dsn, snapshot_id, recipient, store,
