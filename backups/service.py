@@ -134,6 +134,13 @@ def compression_arg(pg_dump: str) -> str:
     return "--compress=6"
 
 
+def dump_argv(pg_dump: str) -> list[str]:
+    """pg_dump as every backup runs it (output on stdout): custom format, the best
+    compression the build has, no owners or grants (a restore makes its own).
+    The benchmarks' raw baselines run the same."""
+    return [pg_dump, "--format=custom", compression_arg(pg_dump), "--no-owner", "--no-acl"]
+
+
 def _store_for(fleet: Deps, region: str) -> ObjectStore:
     return open_store(fleet.cfg.region(region).backup_store, fleet.cfg.s3)
 
@@ -352,7 +359,7 @@ def dump_encrypt_upload(pg_dump: str, dsn: str, snapshot_id: str | None, recipie
     encrypted object, committed only once pg_dump has succeeded. ``lock_wait``
     bounds pg_dump's wait for its table locks (a Postgres duration);
     ``expected_size`` is a rough size of the object, if known."""
-    argv = [pg_dump, "--format=custom", compression_arg(pg_dump), "--no-owner", "--no-acl"]
+    argv = dump_argv(pg_dump)
     if lock_wait is not None:
         argv.append(f"--lock-wait-timeout={lock_wait}")
     if snapshot_id is not None:

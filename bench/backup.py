@@ -67,7 +67,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import psycopg  # noqa: E402
 from psycopg import sql  # noqa: E402
 
-from backups.service import compression_arg, libpq_env  # noqa: E402
+from backups.service import compression_arg, dump_argv, libpq_env  # noqa: E402
 from bench import common  # noqa: E402
 from orchestrator.adapters.catalog.db import with_dbname  # noqa: E402
 from orchestrator.adapters.catalog.models import Tenant  # noqa: E402
@@ -388,8 +388,7 @@ def _s3_parts(cfg_path: Path, backup_id: int) -> int:
 def bench_backup(cfg: Config, size: int, repeats: int,
                  s3: dict[str, Path] | None = None) -> tuple[dict[str, object], int]:
     pg_dump = pg_tool(cfg, "pg_dump")
-    raw_argv = [pg_dump, "--format=custom", compression_arg(pg_dump), "--no-owner",
-                "--no-acl"]
+    raw_argv = dump_argv(pg_dump)
     env = libpq_env(tenant_dsn(cfg, BIG))
     raw_s: list[float] = []
     pipe_s: list[float] = []
@@ -512,9 +511,8 @@ def bench_restore(fleet: Fleet, cfg: Config, state: Path, size: int, backup_id: 
 
     pg_dump, pg_restore = pg_tool(cfg, "pg_dump"), pg_tool(cfg, "pg_restore")
     dump_file = state / "big.dump"  # plaintext, the benchmark's own: the raw baseline
-    subprocess.run([pg_dump, "--format=custom", compression_arg(pg_dump), "--no-owner",
-                    "--no-acl", f"--file={dump_file}"], env=libpq_env(tenant_dsn(cfg, BIG)),
-                   check=True)
+    subprocess.run([*dump_argv(pg_dump), f"--file={dump_file}"],
+                   env=libpq_env(tenant_dsn(cfg, BIG)), check=True)
     admin = cfg.server(SERVER).admin_dsn
     owner = tenant_names(BIG).owner_role
     root = str(Path(__file__).resolve().parent.parent)

@@ -12,7 +12,8 @@ pg_stat_activity; nothing else uses these clusters) are recorded:
   create` process per tenant (a sample);
 - `tenantctl migrate status` (from the revision marks; and `--live`, which
   connects to every tenant database, checked to give the same answer);
-- `tenantctl migrate rollout` of one revision (0005 → 0006) over every tenant;
+- `tenantctl migrate rollout` of one revision (0005 → 0006) over every tenant,
+  against a shell loop of `alembic upgrade` on the naive sample (run first);
 - `tenantctl backup run --all`;
 - `tenantctl doctor`;
 - `tenantctl --help` start-up (≤ 200 ms since issue 20).
@@ -201,16 +202,14 @@ def raw_dump_loop(cfg: Any, dsns: list[str]) -> dict[str, Any]:
     """The baseline of `backup run --all`: what an operator's script does, one
     `pg_dump --format=custom` (the pipeline's compression) per tenant database,
     one after another, into /dev/null (no encryption, no store, no catalog)."""
-    from backups.service import compression_arg, libpq_env
-    from orchestrator.adapters.postgres.pgtools import ConfiguredPgTools
+    from backups.service import dump_argv, libpq_env
+    from orchestrator.adapters.postgres.pgtools import pg_tool
 
-    pg_dump = ConfiguredPgTools(cfg).path("pg_dump")
-    compression_arg(pg_dump)  # its probe, untimed (the pipeline's is cached too)
+    argv = dump_argv(pg_tool(cfg, "pg_dump"))  # its compression probe, untimed
     started = time.perf_counter()
     for dsn in dsns:
-        done = subprocess.run([pg_dump, "--format=custom", compression_arg(pg_dump),
-                               "--no-owner", "--no-acl"], env=libpq_env(dsn),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        done = subprocess.run(argv, env=libpq_env(dsn), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
         if done.returncode != 0:
             raise SystemExit(f"raw pg_dump failed: {done.stderr.strip()[-300:]}")
     elapsed = time.perf_counter() - started
@@ -338,13 +337,27 @@ def main() -> None:
                   "same_answer": all(marked[k] == live[k] for k in answer),
                   "marks_rewritten": len(live["remarked"])})
 
+        # The baseline first, on the naively provisioned tenants: a shell loop of
+        # `alembic upgrade` per tenant (as bench/rollout.py). The rollout then finds
+        # them at the target already, and only claims and skips them.
+        from bench.rollout import baseline as shell_loop
+
+        fleet = Fleet(cfg)
+        loop_s = shell_loop(fleet, slugs[args.tenants - naive_n:], state, to=HEAD)
+        fleet.close()
+        loop_rate = naive_n / loop_s
         # the CLI's defaults: 8 in flight, 4 per server (on 2 cores more only queue)
         elapsed, sample, done = measured(monitor, cli(
             config, "migrate", "rollout", "--to", HEAD, "--json"))
         out["rollout"] = result(elapsed, sample, to=HEAD, exit=done.returncode,
                                 per_server_cap=4, target_s=10, met=elapsed <= 10
                                 and done.returncode == 0, tenants=args.tenants,
-                                tenants_per_s=round(args.tenants / elapsed, 1))
+                                tenants_per_s=round(args.tenants / elapsed, 1),
+                                shell_loop_baseline={
+                                    "tenants": naive_n, "seconds": round(loop_s, 2),
+                                    "tenants_per_s": round(loop_rate, 2),
+                                    "how": "one `alembic upgrade` process per tenant"},
+                                ratio_to_shell_loop=round(args.tenants / elapsed / loop_rate, 1))
 
         elapsed, sample, done = measured(monitor, cli(
             config, "backup", "run", "--all", "--concurrency", "8", "--json"))

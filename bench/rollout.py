@@ -81,8 +81,8 @@ def timed_rollout(fleet: Fleet, to: str, concurrency: int) -> tuple[float, dict[
     return elapsed, summary.counts
 
 
-def baseline(fleet: Fleet, slugs: list[str], state: Path) -> float:
-    """Seconds for a shell loop of `alembic upgrade NEW`, one subprocess per tenant."""
+def baseline(fleet: Fleet, slugs: list[str], state: Path, to: str = NEW) -> float:
+    """Seconds for a shell loop of `alembic upgrade TO`, one subprocess per tenant."""
     ini = cli_copy(fleet.cfg.tenant_migrations, state / "cli")
     lines = ["set -e"]
     for slug in slugs:
@@ -93,7 +93,7 @@ def baseline(fleet: Fleet, slugs: list[str], state: Path) -> float:
         p = conninfo_to_dict(dsn)
         url = (f"postgresql+psycopg://{p['user']}@{p['host']}:{p['port']}/{p['dbname']}"
                f"?passfile={p['passfile']}")
-        lines.append(f"'{common.alembic_cli()}' -c '{ini}' -x 'url={url}' upgrade {NEW} "
+        lines.append(f"'{common.alembic_cli()}' -c '{ini}' -x 'url={url}' upgrade {to} "
                      ">/dev/null 2>&1")
     script = state / "baseline.sh"
     script.write_text("\n".join(lines) + "\n")
