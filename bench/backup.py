@@ -315,7 +315,7 @@ def s3_configs(cfg: Config, state: Path, part_size: str, concurrency: int
                       AWS_DEFAULT_REGION="eu-central-1")  # the children inherit them
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # a line per request otherwise
     _time_store_completion()
-    port = localfleet.free_ports(1, start=58700)[0]
+    port = localfleet.free_ports(1, start=31600)[0]
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"

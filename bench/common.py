@@ -28,7 +28,7 @@ def new_state(data_dir: str) -> Path:
     return state
 
 
-def ports(state: Path, count: int, start: int = 57400) -> list[int]:
+def ports(state: Path, count: int, start: int = 27400) -> list[int]:
     found = localfleet.free_ports(count, start=start)
     for port in found:
         localfleet.ensure_pgpass_entry(state / "pgpass", port, ADMIN_ROLE, os.urandom(24).hex())

@@ -255,7 +255,7 @@ ABUSER = "abuser"
 def neighbours_bench(data_dir: str, seconds: float, n_neighbours: int, abusers: int
                      ) -> dict[str, Any]:
     state = common.new_state(data_dir)
-    (port,) = common.ports(state, 1, start=57900)
+    (port,) = common.ports(state, 1, start=27900)
     plain = common.write_config(state, [(SERVER, "eu-central", port)], local=True,
                                 name="unbudgeted")
     text = plain.read_text() + PLANS

@@ -51,7 +51,7 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
     "doctor": ("tenantctl doctor", "tenantctl doctor --region eu-central --json",
                "tenantctl doctor --fix"),
     "init": ("tenantctl init --local",
-             "tenantctl init --local --base-port 56000 --no-start",
+             "tenantctl init --local --base-port 26000 --no-start",
              "tenantctl init --local --servers-per-region 2  # to try drains and moves"),
     "quickstart": ("tenantctl quickstart", "tenantctl quickstart --state-dir /tmp/fleet",
                    "tenantctl quickstart --servers-per-region 2"),

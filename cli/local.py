@@ -34,7 +34,7 @@ def init(
     = False,
     base_port: Annotated[int | None, typer.Option(
         help="The first cluster's port; the next clusters' are the next ports (default: the "
-        "first free from 55432).", show_default=False)] = None,
+        "first free from 25432, below the ephemeral ports).", show_default=False)] = None,
     pooler: Annotated[bool | None, typer.Option(
         "--pooler/--no-pooler", help="A PgBouncer beside each cluster (default: when "
         "pgbouncer is installed).", show_default=False)] = None,
@@ -57,6 +57,8 @@ def init(
     res = localfleet.init_local(path, state_dir, force=force, base_port=base_port,
                                 servers_per_region=servers_per_region, pooler=pooler)
     say(f"{'wrote' if res.created else 'kept existing'} {res.config_path}")
+    for warning in res.warnings:
+        err(f"warning: {warning}")
     if not res.created and servers_per_region != 1:
         say(f"note: --servers-per-region {servers_per_region} applies to a new config "
             "(--force rewrites it)")

@@ -84,7 +84,7 @@ def _render(state: Path, dsns: dict[str, str], ports: dict[str, int], external: 
 
 
 def _closed_port() -> int:
-    return localfleet.free_ports(1, start=59900)[0]
+    return localfleet.free_ports(1, start=31900)[0]
 
 
 # The acceptance tier: a test that needs a live cluster (through these session
@@ -115,7 +115,7 @@ def test_fleet() -> Iterator[PgFleet]:
         else:
             pgpass = state / "pgpass"
             # a random start keeps two test sessions on one machine apart
-            start = 56400 + random.randrange(0, 2000, 10)
+            start = 26400 + random.randrange(0, 2000, 10)
             ports = dict(zip(SERVERS, localfleet.free_ports(len(SERVERS), start=start),
                              strict=True))
             for port in ports.values():

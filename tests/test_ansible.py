@@ -233,7 +233,7 @@ def ansible_cluster(tmp_path: Path) -> Iterator[AnsibleCluster]:
         pytest.skip(f"needs Debian's PostgreSQL packages and apt (missing: "
                     f"{', '.join(missing) or 'a /usr/lib/postgresql/*/bin/postgres'})")
     name = f"tctl_ansible_{uuid.uuid4().hex[:8]}"
-    port, pooler_port = localfleet.free_ports(2, start=57000 + secrets.randbelow(500) * 10)
+    port, pooler_port = localfleet.free_ports(2, start=28500 + secrets.randbelow(150) * 10)
     cluster = AnsibleCluster(version, name, port, secrets.token_urlsafe(24),
                              _memtotal_mb(), [], pooler_port, secrets.token_urlsafe(24))
     pooler_conf = Path(f"/etc/pgbouncer/{name}.ini")

@@ -254,7 +254,7 @@ def test_unreachable_server_full_server_and_region_scope(
     from orchestrator.config import load_config
     from orchestrator.devfleet import localfleet
 
-    port = localfleet.free_ports(1, start=59800)[0]
+    port = localfleet.free_ports(1, start=31800)[0]
     broken = tmp_path / "broken.toml"
     broken.write_text(clean_fleet.config_path.read_text() + (
         f'\n[regions.gone]\nbackup_store = "file://{tmp_path / "gone"}"\n\n'

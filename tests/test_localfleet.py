@@ -205,7 +205,7 @@ def test_an_edited_port_is_said_then_applied_by_local_up() -> None:
 
     home = Path(tempfile.mkdtemp(prefix="tenantctl-port-", dir="/tmp"))
     os.chmod(home, 0o755)
-    base = next(p for p in range(57100, 60000, 11)
+    base = next(p for p in range(30100, 31000, 11)
                 if all(localfleet._port_free(q) for q in (p, p + 1, p + 5)))
     try:
         init = _cli(home, "init", "--local", "--base-port", str(base), "--no-start")

@@ -11,6 +11,7 @@ import json
 import os
 import random
 import shutil
+import socket
 import stat
 import subprocess
 import tempfile
@@ -25,6 +26,7 @@ import pytest
 from orchestrator.adapters.catalog.db import Catalog
 from orchestrator.config import Config, ServerConfig, load_config
 from orchestrator.devfleet import localfleet
+from orchestrator.domain.errors import TenantctlError
 from orchestrator.domain.pooler import AUTH_FILE, DATABASES_FILE, password_verifier
 from tests.conftest import REPO, TENANTCTL
 
@@ -259,3 +261,33 @@ def test_pooler_sync_and_bad_input(pooled: PooledFleet) -> None:
     bad = pooled.cli("pooler", "sync", "nope")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
     assert "has no pooler" in bad.stderr
+
+
+def test_a_pooler_whose_port_is_taken_says_why_at_once(pooled: PooledFleet) -> None:
+    """PgBouncer -d exits 0 before its daemon binds; a daemon that cannot bind says so
+    only in its log. `local up` reads it and says why, not "did not answer within 5 s"
+    (what CI printed when an outgoing connection held a pooler's port)."""
+    cfg = pooled.cfg()
+    server = cfg.server("eu-central-1")
+    assert server.pooler is not None
+    port = server.pooler.port
+    assert localfleet._stop_pooler(server) == "eu-central-1: pooler stopped"
+    listener = socket.create_server(("127.0.0.1", 0))
+    holder = socket.socket()  # a client socket whose local end is the pooler's port
+    try:
+        holder.bind(("127.0.0.1", port))
+        holder.connect(listener.getsockname())
+        accepted, _ = listener.accept()
+        with pytest.raises(TenantctlError) as exc:
+            list(localfleet.up(cfg))
+        accepted.close()  # the far end closes first: no TIME_WAIT left on the port
+    finally:
+        holder.close()
+        listener.close()
+    said = str(exc.value)
+    assert said.startswith("the pooler of eu-central-1 could not start: cannot listen on "
+                           f"127.0.0.1:{port}: bind(): Address already in use"), said
+    assert "\n" not in said and "did not answer" not in said
+    # the port free again, `local up` starts it
+    assert "eu-central-1: pooler started on 127.0.0.1:" + str(port) in list(localfleet.up(cfg))
+    assert localfleet.pgbouncer.version(server.pooler)

@@ -326,7 +326,7 @@ def test_catalog_down_standby_waits_and_metrics_still_answer(test_fleet: PgFleet
     from orchestrator.daemon.scheduler import SchedulerDaemon, SchedulerOptions
     from orchestrator.devfleet import localfleet
 
-    port = localfleet.free_ports(1, start=59800)[0]
+    port = localfleet.free_ports(1, start=31800)[0]
     cfg = dataclasses.replace(test_fleet.config(), catalog_dsn=with_dbname(
         f"postgresql://nobody@127.0.0.1:{port}/x?connect_timeout=2", "tenantctl_catalog"))
     down = Fleet(cfg)

@@ -57,7 +57,7 @@ def fleet2() -> Iterator[Fleet2]:
     home = Path(tempfile.mkdtemp(prefix="tenantctl-servers-", dir="/tmp"))
     os.chmod(home, 0o755)
     f = Fleet2(home)
-    base = next(p for p in range(58300, 60000, 7)
+    base = next(p for p in range(29300, 30000, 7)
                 if all(localfleet._port_free(q) for q in range(p, p + 4)))
     try:
         init = f.cli("init", "--local", "--servers-per-region", "2", "--base-port", str(base))

@@ -23,7 +23,7 @@ SMALL_PARTS = S3UploadConfig(part_size=PART_SIZE, max_concurrency=3)
 def moto_endpoint() -> Iterator[str]:
     from moto.server import ThreadedMotoServer
 
-    port = localfleet.free_ports(1, start=58500)[0]
+    port = localfleet.free_ports(1, start=31500)[0]
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",

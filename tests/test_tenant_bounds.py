@@ -318,7 +318,7 @@ def small_fleet() -> Iterator[SmallFleet]:
         (old,) = [s.port for s in load_config(res.config_path).servers if s.region ==
                   "eu-central"]
         assert old is not None
-        port = localfleet.free_ports(1, start=58000 + random.randrange(0, 1000, 10))[0]
+        port = localfleet.free_ports(1, start=31000 + random.randrange(0, 400, 10))[0]
         text = text.replace(f":{old}/", f":{port}/").replace(f"port = {old}\n",
                                                               f"port = {port}\n")
         pgpass = state / "pgpass"

@@ -198,7 +198,7 @@ def test_a_down_server_fails_its_own_tenants_only(test_fleet: PgFleet,
     gone = own.fleet.get_tenant(f"{slug}_gone")
     with psycopg.connect(test_fleet.admin_dsn(gone.server), autocommit=True) as conn:
         conn.execute(f'DROP DATABASE "{gone.database}" WITH (FORCE)')
-    closed = localfleet.free_ports(1, start=59700)[0]
+    closed = localfleet.free_ports(1, start=31700)[0]
     down = {"TENANTCTL_SERVER_AP_SOUTH_1_ADMIN_DSN":
             f"postgresql://{ADMIN_ROLE}@127.0.0.1:{closed}/postgres"}
     result = cli_json(test_fleet, own, "usage", "collect", code=1, env=down)

@@ -56,7 +56,12 @@ from orchestrator.domain.pooler import (
 PG_OS_USER = "tenantctl_pg"
 SUPERUSER = "postgres"
 LOCAL_REGIONS = ("eu-central", "ap-south")
-DEFAULT_BASE_PORT = 55432
+# Below Linux's ephemeral range (32768-60999 by default): a listener's port inside it
+# can be taken by any outgoing connection's local end while the listener is down or
+# not yet started, and `local up` then cannot bind it (a pooler started seconds after
+# `init` failed exactly so, in CI).
+DEFAULT_BASE_PORT = 25432
+EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 
 
 # ---------------------------------------------------------------------------
@@ -73,16 +78,33 @@ def _port_free(port: int) -> bool:
     return True
 
 
+def ephemeral_ports(path: Path = EPHEMERAL_RANGE_FILE) -> range | None:
+    """The ports this machine gives outgoing connections (None where it does not say)."""
+    try:
+        low, high = (int(x) for x in path.read_text().split())
+    except (OSError, ValueError):
+        return None
+    return range(low, high + 1)
+
+
 def free_ports(count: int, start: int = DEFAULT_BASE_PORT) -> list[int]:
-    ports: list[int] = []
-    port = start
-    while len(ports) < count:
-        if port > 65000:
-            raise TenantctlError("no free TCP port found on 127.0.0.1")
-        if _port_free(port):
-            ports.append(port)
-        port += 1
-    return ports
+    """The first ``count`` free ports from ``start``, none in the ephemeral range (a
+    start inside it continues after it); only a machine whose ephemeral range leaves
+    no room gets ports inside it."""
+    avoid = ephemeral_ports() or range(0)
+    for skip in (avoid, range(0)):
+        ports: list[int] = []
+        port = start
+        while len(ports) < count and port <= 65000:
+            if port in skip:
+                port = skip.stop
+                continue
+            if _port_free(port):
+                ports.append(port)
+            port += 1
+        if len(ports) == count:
+            return ports
+    raise TenantctlError("no free TCP port found on 127.0.0.1")
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -186,6 +208,7 @@ def render_local_config(state_dir: Path, ports: dict[str, int], capacity: int = 
 class InitResult:
     config_path: Path
     created: bool
+    warnings: tuple[str, ...] = ()
 
 
 def chosen_ports(base_port: int, count: int) -> list[int]:
@@ -218,7 +241,8 @@ def init_local(config_path: Path, state_dir: Path, *, force: bool = False,
     """Write the local fleet's config, master key and admin passwords. Idempotent:
     an existing config is kept (``force`` rewrites it, keeping keys and passwords).
     ``servers_per_region`` embedded clusters in each region (``<region>-1`` ..).
-    Ports: ``base_port`` and the next ones, else the first free from 55432.
+    Ports: ``base_port`` and the next ones, else the first free from 25432 (see
+    DEFAULT_BASE_PORT).
     ``pooler``: a PgBouncer beside each cluster (default: when the binary is
     installed), on the ports after the clusters'."""
     check_servers_per_region(servers_per_region)
@@ -256,7 +280,19 @@ def init_local(config_path: Path, state_dir: Path, *, force: bool = False,
     tmp = config_path.with_suffix(".toml.tmp")
     tmp.write_text(render_local_config(state_dir, ports, pooler_ports=pooler_ports))
     tmp.replace(config_path)
-    return InitResult(config_path, created=True)
+    return InitResult(config_path, created=True,
+                      warnings=_ephemeral_warning(ports_list, ephemeral_ports()))
+
+
+def _ephemeral_warning(ports: list[int], ephemeral: range | None) -> tuple[str, ...]:
+    inside = [p for p in ports if ephemeral is not None and p in ephemeral]
+    if not inside or ephemeral is None:
+        return ()
+    return (f"port{'s' if len(inside) > 1 else ''} {', '.join(map(str, inside))} "
+            f"{'are' if len(inside) > 1 else 'is'} in this machine's ephemeral range "
+            f"({ephemeral.start}-{ephemeral.stop - 1}): an outgoing connection can take "
+            "one while its cluster or pooler is down, and `local up` then cannot bind "
+            f"it; a --base-port below {ephemeral.start} avoids that",)
 
 
 # ---------------------------------------------------------------------------
@@ -818,6 +854,8 @@ def _start_pooler(server: ServerConfig, owner: tuple[int, int] | None) -> str:
             {pooler.admin_user: password_verifier(admin_pw)}))
     if not (pooler.dir / DATABASES_FILE).exists():
         pgbouncer.write_private(pooler.dir / DATABASES_FILE, render_databases([]))
+    log = pooler.dir / "pgbouncer.log"
+    log_offset = log.stat().st_size if log.exists() else 0
     res = _run_as([binary, "-d", "-q", str(pooler.dir / "pgbouncer.ini")], owner)
     if res.returncode != 0:
         tail = (res.stderr.strip().splitlines() or ["(no output)"])[-1]
@@ -827,11 +865,34 @@ def _start_pooler(server: ServerConfig, owner: tuple[int, int] | None) -> str:
             pgbouncer.version(pooler)
             break
         except TenantctlError:
+            # -d: the parent exits 0 before the daemon binds; a daemon that then
+            # fails (its port taken) says why only in its log
+            if (failure := pooler_start_failure(log, log_offset)) is not None:
+                raise TenantctlError(f"the pooler of {server.name} could not start: "
+                                     f"{failure} (see {log})") from None
             time.sleep(0.1)
     else:
         raise TenantctlError(f"the pooler of {server.name} did not answer within 5 s "
-                             f"(see {pooler.dir / 'pgbouncer.log'})")
+                             f"(see {log})")
     return f"{server.name}: pooler started on {pooler.host}:{pooler.port}"
+
+
+def pooler_start_failure(log: Path, offset: int) -> str | None:
+    """What a PgBouncer that gave up at start logged after ``offset``: its warnings and
+    the fatal line, without timestamps ("cannot listen on 127.0.0.1:P: bind():
+    Address already in use; nowhere to listen on"); None while it has not given up."""
+    try:
+        with log.open("rb") as f:
+            f.seek(offset)
+            text = f.read(65536).decode(errors="replace")
+    except OSError:
+        return None
+    said = [line.split(" ", 4) for line in text.splitlines()]
+    said = [parts for parts in said if len(parts) == 5]
+    if not any(parts[4].startswith("FATAL ") for parts in said):
+        return None
+    return "; ".join(parts[4].split(" ", 1)[1] for parts in said
+                     if parts[4].startswith(("FATAL ", "WARNING ", "ERROR ")))
 
 
 def _stop_pooler(server: ServerConfig) -> str | None:
