@@ -10,9 +10,7 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
-from datetime import datetime
-from typing import Any, Self
+from typing import Self
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
@@ -33,6 +31,7 @@ from orchestrator.adapters.catalog.models import (
     TenantState,
 )
 from orchestrator.adapters.catalog.reads import TARGET_KEY
+from orchestrator.adapters.catalog.reads import ServerRow as ServerInfo  # the API's name
 from orchestrator.adapters.catalog.repository import SqlCatalog
 from orchestrator.adapters.clock import SystemClock
 from orchestrator.adapters.crypto.masterkey import MasterKey, load_master_key
@@ -44,25 +43,6 @@ from orchestrator.adapters.postgres.server_admin import PgServerAdmin
 from orchestrator.config import Config, load_config
 from orchestrator.domain.errors import InvalidInput, NotFound
 from orchestrator.domain.names import check_integrity, validate_slug
-
-
-@dataclass
-class ServerInfo:
-    name: str
-    region: str
-    tenants: int
-    capacity: int
-    available: bool  # in the config
-    template_revision: str | None
-    accepting: bool  # not drained nor retired
-    retired_at: datetime | None
-
-    def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-    @property
-    def takes_tenants(self) -> bool:
-        return self.available and self.accepting
 
 
 class Deps:
