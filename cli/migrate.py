@@ -26,7 +26,6 @@ from cli.output import (
     structured,
     table,
 )
-from orchestrator.domain.destructive_sql import annotate
 from orchestrator.domain.statuses import ROLLOUT_DRY_RUN, TenantMigration
 
 if TYPE_CHECKING:
@@ -272,6 +271,10 @@ class _Renderer:
             print_json({**s.to_json(), "next_step": _next_step(s)})
             return
         if s.status == ROLLOUT_DRY_RUN:
+            # here, not at the top: its Unicode-range regexes cost every command's
+            # start-up ~15 ms to compile, and only a dry run prints SQL
+            from orchestrator.domain.destructive_sql import annotate
+
             for i, wave in enumerate(s.waves):
                 if wave:
                     say(f"{'canary' if i == 0 else f'wave {i}'}: {', '.join(wave)}")
