@@ -343,13 +343,6 @@ def s3_configs(cfg: Config, state: Path, part_size: str, concurrency: int
 STORE_COMPLETION_S: list[float] = []
 
 
-def _own_cpu_s() -> float:
-    import resource
-
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 def _time_store_completion() -> None:
     from moto.s3.models import S3Backend
 
@@ -411,9 +404,9 @@ def bench_backup(cfg: Config, size: int, repeats: int,
         raw_s.append(raw.seconds)
         raw_rss.append(raw.peak_rss_kb)
         mid = checkpoints(cfg)
-        cpu = _own_cpu_s()
+        cpu = common.cpu_s()
         pipe = run_watched(tenantctl(cfg, "backup", "run", BIG, "--json"))
-        sampler_cpu.append(_own_cpu_s() - cpu)  # this process, no store in it
+        sampler_cpu.append(common.cpu_s() - cpu)  # this process, no store in it
         result = check(pipe, "tenantctl backup run")[0]
         ckpts["raw"] += mid - before
         ckpts["pipeline"] += checkpoints(cfg) - mid
@@ -423,12 +416,12 @@ def bench_backup(cfg: Config, size: int, repeats: int,
         backup_id, object_size = int(result["id"]), int(result["size"])
         for name, s3_cfg in (s3 or {}).items():
             completions = len(STORE_COMPLETION_S)
-            cpu = _own_cpu_s()
+            cpu = common.cpu_s()
             run = run_watched([tenantctl(cfg)[0], "--config", str(s3_cfg),
                                "backup", "run", BIG, "--json"])
             s3_s[name].append(run.seconds)
             s3_completion[name].append(sum(STORE_COMPLETION_S[completions:]))
-            s3_store_cpu[name].append(_own_cpu_s() - cpu)
+            s3_store_cpu[name].append(common.cpu_s() - cpu)
             s3_rss[name].append(run.peak_rss_kb)
             s3_parts[name] = _s3_parts(s3_cfg, int(check(run, f"backup run (S3, {name})")
                                                    [0]["id"]))

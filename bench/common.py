@@ -119,3 +119,12 @@ def stats(samples: list[float]) -> dict[str, float]:
 
 def alembic_cli() -> str:
     return str(Path(sys.executable).parent / "alembic")
+
+
+def cpu_s(children: bool = False) -> float:
+    """User + system CPU seconds so far of this process, or (``children``) of its
+    waited-for children (the measured CLI process with its pg_dumps)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime

@@ -84,13 +84,6 @@ def server_cpu(data_dirs: list[Path]) -> tuple[float, float]:
     return total / hz, kernel / hz
 
 
-def children_cpu() -> float:
-    import resource
-
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
 def machine() -> dict[str, Any]:
     """What decides these figures on a VM besides our code: huge pages for Postgres's
     shared memory (a new backend otherwise faults in every 4 kB page it touches) and
@@ -122,7 +115,7 @@ class Monitor:
 
     def start(self, pid: int) -> None:
         self._pid, self.sample = pid, Sample()
-        self._cpu_at_start = (children_cpu(), *server_cpu(self.data_dirs))
+        self._cpu_at_start = (common.cpu_s(children=True), *server_cpu(self.data_dirs))
         self._stop.clear()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
@@ -135,7 +128,7 @@ class Monitor:
             self._thread.join()
         client0, server0, kernel0 = self._cpu_at_start
         server, kernel = server_cpu(self.data_dirs)
-        self.sample.client_cpu_s = round(children_cpu() - client0, 2)
+        self.sample.client_cpu_s = round(common.cpu_s(children=True) - client0, 2)
         self.sample.server_cpu_s = round(server - server0, 2)
         self.sample.server_kernel_cpu_s = round(kernel - kernel0, 2)
         return self.sample

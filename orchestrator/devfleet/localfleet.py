@@ -285,8 +285,10 @@ def init_local(config_path: Path, state_dir: Path, *, force: bool = False,
 
 
 def _ephemeral_warning(ports: list[int], ephemeral: range | None) -> tuple[str, ...]:
-    inside = [p for p in ports if ephemeral is not None and p in ephemeral]
-    if not inside or ephemeral is None:
+    if ephemeral is None:
+        return ()
+    inside = [p for p in ports if p in ephemeral]
+    if not inside:
         return ()
     return (f"port{'s' if len(inside) > 1 else ''} {', '.join(map(str, inside))} "
             f"{'are' if len(inside) > 1 else 'is'} in this machine's ephemeral range "
